@@ -1,0 +1,44 @@
+# LightMail: `make run` starts a demo server, `make test` runs every check.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/lightmail.conf
+
+.PHONY: run test lint typecheck pytest services clean bench
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	scripts/bootstrap.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	# twistd finds plugins in twisted/plugins/ under any sys.path entry: put the
+	# source tree there, whatever editable mode setuptools chose.
+	$(BIN)/python -c 'import site, os; open(os.path.join(site.getsitepackages()[0], "lightmail-src.pth"), "w").write(os.getcwd() + "\n")'
+	$(BIN)/twistd --help | grep -q lightmail || { echo "twistd does not see the lightmail plugin" >&2; exit 1; }
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/lightmail --config $(CONFIG) demo-setup
+	exec $(BIN)/twistd --pidfile= -n lightmail --config $(CONFIG)
+
+services:
+	scripts/test-services.sh
+	scripts/test-peers.sh
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check lightmail tests twisted docs/examples $(wildcard bench/*.py)
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy lightmail
+
+pytest: $(BIN)/.installed services
+	$(BIN)/pytest
+
+test: $(BIN)/.installed services lint typecheck pytest
+
+bench: $(BIN)/.installed
+	scripts/test-peers.sh
+	$(BIN)/python bench/smtp.py --idle 1000
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

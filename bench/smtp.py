@@ -1,0 +1,214 @@
+"""SMTP receiving benchmark: LightMail against Postfix, same machine, same run.
+
+    .venv/bin/python bench/smtp.py [--quick] [--sessions 1,10,50] [--sizes 4096,102400]
+                                   [--messages N] [--idle 1000] [--json results.json]
+
+Postfix's ``smtp-source`` sends N messages to one local recipient of each server, with
+1, 10 and 50 concurrent sessions, 4 KB and 100 KB messages.  LightMail runs as
+``twistd lightmail`` with the embedded SQLite store; Postfix as a private instance with
+virtual Maildir delivery.  Both keep their durability defaults (LightMail fsyncs blob
+and commit; Postfix fsyncs queue file and Maildir file).
+
+Reported per server: messages per second *accepted* (smtp-source's wall time) and
+*delivered* (until the last message is filed in the mailbox), and their ratios; then
+LightMail's resident memory per idle connection.  A run that loses a message fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))
+
+from harness import ServerProcess, run_cli  # noqa: E402
+from postfix import PostfixInstance  # noqa: E402
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+RCPT = "rcpt@bench.test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LightMail:
+    name = "LightMail"
+
+    def __init__(self, base: Path) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        self.state = base / "state"
+        config = base / "lightmail.conf"
+        config.write_text(
+            f"[server]\nstate_dir = {self.state}\nhostname = lightmail.bench.test\n"
+            "[logging]\nlevel = info\n"
+            "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+            "max_connections = 2000\nmax_connections_per_ip = 2000\n")
+        run_cli(config, "domain", "add", "bench.test")
+        run_cli(config, "user", "add", RCPT, "--no-password")
+        self.server = ServerProcess(config)
+        self.port = self.server.ports(expected=1)["mx"]
+
+    def delivered(self) -> int:
+        db = sqlite3.connect(f"file:{self.state / 'lightmail.db'}?mode=ro", uri=True)
+        try:
+            return int(db.execute("select count(*) from messages").fetchone()[0])
+        finally:
+            db.close()
+
+    @property
+    def pid(self) -> int:
+        return self.server.proc.pid
+
+    def stop(self) -> None:
+        self.server.kill()
+
+
+class Postfix:
+    name = "Postfix"
+
+    def __init__(self, base: Path) -> None:
+        nobody = pwd.getpwnam("nobody")
+        self.maildirs = Path(tempfile.mkdtemp(prefix="lightmail-bench-maildirs-"))
+        os.chmod(self.maildirs, 0o755)
+        os.chown(self.maildirs, nobody.pw_uid, nobody.pw_gid)
+        self.port = free_port()
+        self.instance = PostfixInstance(None, self.port, main={
+            "myhostname": "postfix.bench.test",
+            "virtual_mailbox_domains": "bench.test",
+            "virtual_mailbox_base": str(self.maildirs),
+            "virtual_mailbox_maps": "static:rcpt/",        # trailing slash: Maildir
+            "virtual_uid_maps": f"static:{nobody.pw_uid}",
+            "virtual_gid_maps": f"static:{nobody.pw_gid}",
+            "virtual_transport": "virtual",
+        })
+        self.instance.start()
+
+    def delivered(self) -> int:
+        box = self.maildirs / "rcpt"
+        return sum(len(os.listdir(box / sub)) for sub in ("new", "cur")
+                   if (box / sub).is_dir())
+
+    def stop(self) -> None:
+        self.instance.stop()
+        subprocess.run(["rm", "-rf", str(self.maildirs)], check=False)
+
+
+def run_load(server: LightMail | Postfix, sessions: int, size: int, count: int) -> dict:
+    start_count = server.delivered()
+    started = time.monotonic()
+    subprocess.run([SMTP_SOURCE, "-s", str(sessions), "-m", str(count), "-l", str(size),
+                    "-f", "sender@client.test", "-t", RCPT, f"127.0.0.1:{server.port}"],
+                   check=True, timeout=600, stdout=subprocess.DEVNULL)
+    accepted = time.monotonic() - started
+    deadline = started + 600
+    while server.delivered() - start_count < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{server.name}: only {server.delivered() - start_count} of "
+                             f"{count} messages were delivered")
+        time.sleep(0.02)
+    delivered = time.monotonic() - started
+    got = server.delivered() - start_count
+    if got != count:
+        raise SystemExit(f"{server.name}: {got} messages delivered for {count} sent")
+    return {"accepted_per_s": count / accepted, "delivered_per_s": count / delivered}
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def idle_memory(server: LightMail, connections: int) -> float:
+    """KB of LightMail's RSS per idle SMTP connection (greeting read, then silence)."""
+    warm = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+    for sock in warm:
+        sock.recv(200)
+        sock.close()
+    time.sleep(1)
+    before = rss_kb(server.pid)
+    socks = [socket.create_connection(("127.0.0.1", server.port))
+             for _ in range(connections)]
+    for sock in socks:
+        sock.recv(200)
+    time.sleep(1)
+    after = rss_kb(server.pid)
+    for sock in socks:
+        sock.close()
+    return (after - before) / connections
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="1,10,50")
+    parser.add_argument("--sizes", default="4096,102400")
+    parser.add_argument("--messages", type=int, default=0,
+                        help="messages per run (default: 500 for 4 KB, 200 for 100 KB)")
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the messages")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    sessions = [int(x) for x in args.sessions.split(",")]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    base = Path(tempfile.mkdtemp(prefix="lightmail-bench-"))
+    results: list[dict] = []
+    lightmail = postfix = None
+    try:
+        lightmail, postfix = LightMail(base / "lightmail"), Postfix(base / "postfix")
+        for size in sizes:
+            for count_sessions in sessions:
+                count = args.messages or (500 if size <= 8192 else 200)
+                if args.quick:
+                    count = max(count_sessions, count // 10)
+                row = {"sessions": count_sessions, "size": size, "messages": count}
+                for server in (lightmail, postfix):
+                    row[server.name] = run_load(server, count_sessions, size, count)
+                results.append(row)
+                print_row(row)
+        idle = idle_memory(lightmail, args.idle) if args.idle else None
+    finally:
+        for server in (lightmail, postfix):
+            if server is not None:
+                server.stop()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    if idle is not None:
+        print(f"LightMail RSS per idle SMTP connection ({args.idle} connections): "
+              f"{idle:.1f} KB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": results, "idle_kb": idle}, indent=2))
+    return 0
+
+
+HEADER = (f"{'sessions':>8} {'size':>7} | {'LightMail acc/s':>15} {'dlv/s':>7} | "
+          f"{'Postfix acc/s':>13} {'dlv/s':>7} | {'ratio acc':>9} {'ratio dlv':>9}")
+
+
+def print_row(row: dict) -> None:
+    if not getattr(print_row, "started", False):
+        print(HEADER)
+        print("-" * len(HEADER))
+        print_row.started = True  # type: ignore[attr-defined]
+    lm, pf = row["LightMail"], row["Postfix"]
+    print(f"{row['sessions']:>8} {row['size'] // 1024:>6}K | "
+          f"{lm['accepted_per_s']:>15.0f} {lm['delivered_per_s']:>7.0f} | "
+          f"{pf['accepted_per_s']:>13.0f} {pf['delivered_per_s']:>7.0f} | "
+          f"{lm['accepted_per_s'] / pf['accepted_per_s']:>8.2f}x "
+          f"{lm['delivered_per_s'] / pf['delivered_per_s']:>8.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Mail address helpers shared by the protocols and the directory.
+
+Lookups are case-insensitive, as in Postfix and Dovecot: local parts and domains are
+compared lower-case, and internationalised domains as A-labels (RFC 5890).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class AddressError(ValueError):
+    """Not a usable mail address; the message says why."""
+
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case A-label form of ``domain``; AddressError if it is not a domain."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        raise AddressError("empty domain")
+    if domain.startswith("[") and domain.endswith("]"):
+        return domain  # address literal, RFC 5321 §4.1.3
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise AddressError(f"{domain!r} is not a valid domain name") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise AddressError(f"{domain!r} is not a valid domain name")
+    return ascii_domain
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part, domain) of ``address``, both normalised for lookups."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        raise AddressError(f"{address!r} is not of the form local-part@domain")
+    if len(local.encode("utf-8")) > 64:
+        raise AddressError("the local part is longer than 64 octets (RFC 5321 §4.5.3.1.1)")
+    if any(ch.isspace() or ord(ch) < 32 for ch in local):
+        raise AddressError(f"{address!r} has spaces or control characters")
+    return local.lower(), normalise_domain(domain)
+
+
+def normalise_address(address: str) -> str:
+    local, domain = split_address(address)
+    return f"{local}@{domain}"

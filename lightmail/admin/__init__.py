@@ -1,0 +1,1 @@
+"""Administration: the ``lightmail`` command (later the admin API and manhole)."""

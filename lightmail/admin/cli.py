@@ -1,0 +1,350 @@
+"""The ``lightmail`` command for administrators.
+
+    lightmail [--config PATH] check-config [PATH]
+    lightmail config-reference
+    lightmail db upgrade | current
+    lightmail domain add|remove NAME | list
+    lightmail user add ADDRESS [--password-stdin | --no-password] [--quota SIZE]
+    lightmail user passwd ADDRESS [--password-stdin] | remove ADDRESS | list [DOMAIN]
+    lightmail alias add SOURCE DESTINATION | remove SOURCE [DESTINATION] | list [DOMAIN]
+    lightmail queue list [--state STATE]
+    lightmail tls selfsigned --cert PATH --key PATH [--name NAME]
+    lightmail demo-setup          (make run: demo domain, user and certificate)
+
+The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
+``/etc/lightmail/lightmail.conf``.  Passwords are never taken as arguments (they would
+show in ``ps`` and shell history): they are prompted for, or read from standard input.
+Exit status: 0 done, 1 the request failed (message on stderr), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightmail.config import Config, ConfigError, load_config, parse_size, reference_text
+
+DEFAULT_CONFIG = "/etc/lightmail/lightmail.conf"
+DEMO_DOMAIN = "example.test"
+DEMO_USER = "demo@example.test"
+DEMO_PASSWORD = "demo-password"
+
+
+class CommandError(Exception):
+    """The request failed; the message is for the administrator."""
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("LIGHTMAIL_CONFIG") or DEFAULT_CONFIG
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from lightmail.service import validate
+    return load_config(_config_path(args), validators=validate)
+
+
+def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
+    """Run ``work(services)`` (a coroutine function) with storage up, then stop."""
+    from twisted.internet import defer, task
+
+    from lightmail.directory.sql import SQLDirectory
+    from lightmail.storage import migrate
+    from lightmail.storage.service import StorageService
+
+    config = _load(args)
+    storage = StorageService(config)
+    storage.db.start()
+    storage.io_pool.start()
+    result: list[Any] = []
+    errors: list[Exception] = []
+    try:
+        if migrate.current_revision(storage.db.engine) != migrate.head_revision():
+            migrate.upgrade(storage.db.engine)
+        directory = SQLDirectory(storage.db, config.directory.recipient_delimiter,
+                                 config.directory.default_quota)
+
+        async def main(reactor: Any) -> None:
+            from lightmail.directory.interfaces import DirectoryError
+            try:
+                result.append(await work(_Context(config, storage, directory)))
+            except (CommandError, DirectoryError) as exc:
+                errors.append(exc)
+
+        def run(reactor: Any) -> Any:
+            return defer.ensureDeferred(main(reactor))
+        try:
+            task.react(run)
+        except SystemExit as exc:
+            if exc.code:
+                raise _ReactFailed() from None
+        if errors:
+            raise errors[0]
+    finally:
+        storage.io_pool.stop()
+        storage.db.stop()
+    return result[0] if result else None
+
+
+class _ReactFailed(Exception):
+    pass
+
+
+class _Context:
+    def __init__(self, config: Config, storage: Any, directory: Any) -> None:
+        self.config = config
+        self.storage = storage
+        self.directory = directory
+
+
+def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
+    if getattr(args, "password_stdin", False):
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass(prompt)
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the two passwords differ")
+    else:
+        raise CommandError("no terminal to ask for the password: use --password-stdin "
+                           "(or --no-password)")
+    if not password:
+        raise CommandError("the password is empty")
+    return password
+
+
+# --- commands ------------------------------------------------------------------------
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.path:
+        args.config = args.path
+    config = _load(args)
+    print(f"{config.path}: OK ({len(config.listeners)} listeners: "
+          f"{', '.join(f'{x.name}={x.protocol}' for x in config.listeners) or 'none'})")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    sys.stdout.write(reference_text())
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from lightmail.storage import migrate
+    from lightmail.storage.database import create_engine
+    config = _load(args)
+    engine = create_engine(config.database_url, pool_size=1)
+    try:
+        if args.action == "upgrade":
+            before = migrate.current_revision(engine)
+            migrate.upgrade(engine)
+            after = migrate.current_revision(engine)
+            print(f"schema {before or 'empty'} -> {after}" if before != after
+                  else f"schema already at {after}")
+        else:
+            current = migrate.current_revision(engine)
+            head = migrate.head_revision()
+            print(f"schema at {current or 'nothing'} (this LightMail needs {head})")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    async def work(ctx: _Context) -> None:
+        if args.action == "add":
+            await ctx.directory.add_domain(args.name)
+            print(f"added domain {args.name}")
+        elif args.action == "remove":
+            await ctx.directory.remove_domain(args.name)
+            print(f"removed domain {args.name} with its users, aliases and mail")
+        else:
+            for name in await ctx.directory.list_domains():
+                print(name)
+    _run(args, work)
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    password = None
+    if (args.action == "add" and not args.no_password) or args.action == "passwd":
+        password = _read_password(args)
+    quota = None
+    if getattr(args, "quota", None):
+        try:
+            quota = parse_size()(args.quota, Path("."))
+        except ValueError as exc:
+            raise CommandError(f"--quota: {exc}") from None
+
+    async def work(ctx: _Context) -> None:
+        if args.action == "add":
+            user = await ctx.directory.add_user(args.address, password, quota)
+            print(f"added user {user.address}")
+        elif args.action == "passwd":
+            await ctx.directory.set_password(args.address, password)
+            print(f"password of {args.address} changed")
+        elif args.action == "remove":
+            await ctx.directory.remove_user(args.address)
+            print(f"removed user {args.address} and their mail")
+        else:
+            for user in await ctx.directory.list_users(args.domain):
+                quota_text = f"quota={user.quota_bytes}" if user.quota_bytes else "quota=none"
+                state = "" if user.enabled else " disabled"
+                print(f"{user.address}\t{quota_text}{state}")
+    _run(args, work)
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    async def work(ctx: _Context) -> None:
+        if args.action == "add":
+            await ctx.directory.add_alias(args.source, args.destination)
+            print(f"added alias {args.source} -> {args.destination}")
+        elif args.action == "remove":
+            count = await ctx.directory.remove_alias(args.source, args.destination)
+            print(f"removed {count} alias{'es' if count != 1 else ''}")
+        else:
+            for alias in await ctx.directory.list_aliases(args.domain):
+                print(f"{alias.source}\t{alias.destination}")
+    _run(args, work)
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    async def work(ctx: _Context) -> None:
+        rows = await ctx.storage.queue.list_recipients(args.state or ())
+        for row in rows:
+            error = f"\t{row['last_error']}" if row["last_error"] else ""
+            print(f"{row['queue_id']}\t{row['state']}\t{row['transport']}\t"
+                  f"<{row['mail_from']}> -> <{row['recipient']}>\t{row['size']}B\t"
+                  f"tries={row['attempts']}{error}")
+        print(f"{len(rows)} recipient{'s' if len(rows) != 1 else ''} in the queue")
+    _run(args, work)
+    return 0
+
+
+def cmd_tls(args: argparse.Namespace) -> int:
+    from lightmail.admin.certs import write_self_signed
+    write_self_signed(Path(args.cert), Path(args.key), args.name)
+    print(f"wrote a self-signed certificate for {args.name} to {args.cert} and {args.key}")
+    return 0
+
+
+def cmd_demo_setup(args: argparse.Namespace) -> int:
+    """Idempotent set-up for `make run`: demo domain, user and TLS certificate."""
+    from lightmail.admin.certs import write_self_signed
+    # Parse without the file checks: the certificate is what we are about to make.
+    config = load_config(_config_path(args))
+    for listener in config.listeners:
+        if listener.tls_cert and listener.tls_key and not listener.tls_cert.exists():
+            write_self_signed(listener.tls_cert, listener.tls_key, config.hostname)
+            print(f"wrote a self-signed demo certificate to {listener.tls_cert}")
+
+    async def work(ctx: _Context) -> None:
+        if DEMO_DOMAIN not in await ctx.directory.list_domains():
+            await ctx.directory.add_domain(DEMO_DOMAIN)
+            print(f"added demo domain {DEMO_DOMAIN}")
+        if await ctx.directory.get_user(DEMO_USER) is None:
+            await ctx.directory.add_user(DEMO_USER, DEMO_PASSWORD)
+            print(f"added demo user {DEMO_USER} (password: {DEMO_PASSWORD})")
+    _run(args, work)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightmail", description="LightMail administration")
+    parser.add_argument("--config", "-c", help=f"config file (default: $LIGHTMAIL_CONFIG "
+                        f"or {DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a config file without starting")
+    p.add_argument("path", nargs="?")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("config-reference", help="print the configuration reference (rst)")
+    p.set_defaults(func=cmd_config_reference)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["upgrade", "current"])
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("domain", help="local domains")
+    dsub = p.add_subparsers(dest="action", required=True)
+    dsub.add_parser("add").add_argument("name")
+    dsub.add_parser("remove").add_argument("name")
+    dsub.add_parser("list")
+    p.set_defaults(func=cmd_domain)
+
+    p = sub.add_parser("user", help="users (mailbox owners)")
+    usub = p.add_subparsers(dest="action", required=True)
+    a = usub.add_parser("add")
+    a.add_argument("address")
+    group = a.add_mutually_exclusive_group()
+    group.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of standard input")
+    group.add_argument("--no-password", action="store_true",
+                       help="no password login (mail is still delivered)")
+    a.add_argument("--quota", help="mailbox quota, e.g. 2G (default from the config)")
+    a = usub.add_parser("passwd")
+    a.add_argument("address")
+    a.add_argument("--password-stdin", action="store_true")
+    usub.add_parser("remove").add_argument("address")
+    usub.add_parser("list").add_argument("domain", nargs="?")
+    p.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("alias", help="aliases and catch-alls (*@domain)")
+    asub = p.add_subparsers(dest="action", required=True)
+    a = asub.add_parser("add")
+    a.add_argument("source")
+    a.add_argument("destination")
+    a = asub.add_parser("remove")
+    a.add_argument("source")
+    a.add_argument("destination", nargs="?")
+    asub.add_parser("list").add_argument("domain", nargs="?")
+    p.set_defaults(func=cmd_alias)
+
+    p = sub.add_parser("queue", help="the mail queue")
+    qsub = p.add_subparsers(dest="action", required=True)
+    a = qsub.add_parser("list")
+    a.add_argument("--state", action="append",
+                   choices=["queued", "active", "deferred", "held"])
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("tls", help="TLS certificates")
+    tsub = p.add_subparsers(dest="action", required=True)
+    a = tsub.add_parser("selfsigned")
+    a.add_argument("--cert", required=True)
+    a.add_argument("--key", required=True)
+    a.add_argument("--name", default="localhost")
+    p.set_defaults(func=cmd_tls)
+
+    p = sub.add_parser("demo-setup", help="demo domain, user and certificate (make run)")
+    p.set_defaults(func=cmd_demo_setup)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lightmail.directory.interfaces import DirectoryError
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"lightmail: {exc}", file=sys.stderr)
+        return 2
+    except (CommandError, DirectoryError) as exc:
+        print(f"lightmail: {exc}", file=sys.stderr)
+        return 1
+    except _ReactFailed:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

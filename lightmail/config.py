@@ -1,0 +1,528 @@
+"""LightMail configuration: one INI file, parsed, typed and validated up front.
+
+Why INI: mail administrators know ``key = value`` files from Postfix and Dovecot,
+Python reads them with the standard library, and every key sits on its own line so
+that an error can name the line.  Each section is a frozen dataclass below; the field
+metadata (type parser and help text) is the single source for validation, defaults and
+``docs/configuration.rst`` (``lightmail config-reference`` prints it).
+
+Relative paths are resolved against the directory that holds the config file, so the
+same file works whatever the current directory of the process is.
+
+Errors are :class:`ConfigError` and print as one line::
+
+    etc/lightmail.conf:12: [storage] sql_threads: expected a whole number, got 'many'
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import difflib
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ListenerConfig",
+    "load_config",
+    "parse_config",
+    "reference_text",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file, line, section and key."""
+
+    def __init__(
+        self,
+        message: str,
+        path: str = "<config>",
+        line: int | None = None,
+        section: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.line = line
+        self.section = section
+        self.key = key
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        what = ""
+        if self.section is not None:
+            what = f" [{self.section}]"
+            if self.key is not None:
+                what += f" {self.key}"
+        return f"{where}:{what}: {self.message}" if what else f"{where}: {self.message}"
+
+
+class _BadValue(ValueError):
+    """Raised by value parsers; the message completes 'expected ..., got ...'."""
+
+
+# --- value parsers -----------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
+               "g": 1024**3, "gb": 1024**3}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_str(raw: str, base: Path) -> str:
+    return raw
+
+
+def parse_bool(raw: str, base: Path) -> bool:
+    low = raw.lower()
+    if low in ("yes", "true", "on", "1"):
+        return True
+    if low in ("no", "false", "off", "0"):
+        return False
+    raise _BadValue(f"expected yes or no, got {raw!r}")
+
+
+def parse_int(minimum: int = 0, maximum: int | None = None) -> Callable[[str, Path], int]:
+    def parse(raw: str, base: Path) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise _BadValue(f"expected a whole number, got {raw!r}") from None
+        _check_range(value, minimum, maximum, raw)
+        return value
+
+    parse.__doc__ = _range_doc("whole number", minimum, maximum)
+    return parse
+
+
+def parse_size(minimum: int = 0, maximum: int | None = None) -> Callable[[str, Path], int]:
+    def parse(raw: str, base: Path) -> int:
+        match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise _BadValue(f"expected a size such as 512, 64K, 50M or 2G, got {raw!r}")
+        value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        _check_range(value, minimum, maximum, raw)
+        return value
+
+    parse.__doc__ = _range_doc("size in bytes (K, M, G suffixes)", minimum, maximum)
+    return parse
+
+
+def parse_duration(minimum: float = 0.0) -> Callable[[str, Path], float]:
+    def parse(raw: str, base: Path) -> float:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", raw)
+        if not match or match.group(2).lower() not in _DURATION_UNITS:
+            raise _BadValue(f"expected a duration such as 30s, 5m, 4h or 5d, got {raw!r}")
+        value = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        if value < minimum:
+            raise _BadValue(f"must be at least {minimum:g} seconds, got {raw!r}")
+        return value
+
+    parse.__doc__ = "duration (ms, s, m, h, d suffixes; plain numbers are seconds)"
+    return parse
+
+
+def parse_choice(*choices: str) -> Callable[[str, Path], str]:
+    def parse(raw: str, base: Path) -> str:
+        if raw.lower() not in choices:
+            raise _BadValue(f"expected one of {', '.join(choices)}; got {raw!r}")
+        return raw.lower()
+
+    parse.__doc__ = "one of: " + ", ".join(choices)
+    return parse
+
+
+def parse_path(raw: str, base: Path) -> Path:
+    """path (relative paths are relative to the config file's directory)"""
+    if not raw:
+        raise _BadValue("expected a path, got an empty value")
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def parse_optional_path(raw: str, base: Path) -> Path | None:
+    """path, or empty for none (relative to the config file's directory)"""
+    return parse_path(raw, base) if raw else None
+
+
+def parse_cert_pairs(raw: str, base: Path) -> tuple[tuple[Path, Path], ...]:
+    """CERT:KEY pairs, comma-separated (relative to the config file's directory)"""
+    pairs = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        cert, sep, key = item.partition(":")
+        if not sep or not cert or not key:
+            raise _BadValue(f"expected CERT:KEY pairs separated by commas, got {item!r}")
+        pairs.append((parse_path(cert, base), parse_path(key, base)))
+    return tuple(pairs)
+
+
+def parse_list(raw: str, base: Path) -> tuple[str, ...]:
+    """comma- or space-separated list"""
+    return tuple(item for item in re.split(r"[\s,]+", raw) if item)
+
+
+def _check_range(value: int, minimum: int, maximum: int | None, raw: str) -> None:
+    if value < minimum:
+        raise _BadValue(f"must be at least {minimum}, got {raw!r}")
+    if maximum is not None and value > maximum:
+        raise _BadValue(f"must be at most {maximum}, got {raw!r}")
+
+
+def _range_doc(what: str, minimum: int, maximum: int | None) -> str:
+    if maximum is None:
+        return f"{what}, at least {minimum}"
+    return f"{what}, {minimum} to {maximum}"
+
+
+parse_str.__doc__ = "text"
+parse_bool.__doc__ = "yes or no"
+
+
+def option(default: Any, parser: Callable[[str, Path], Any], help: str,
+           shown_default: str | None = None) -> Any:
+    """Declare one configuration key as a dataclass field."""
+    return field(default=default, metadata={
+        "parser": parser,
+        "help": help,
+        "shown_default": shown_default,
+    })
+
+
+# --- sections ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = option(
+        "", parse_str,
+        "Name this server uses in greetings and Received headers.",
+        shown_default="the machine's fully qualified name")
+    state_dir: Path = option(
+        Path("/var/lib/lightmail"), parse_path,
+        "Directory for the embedded database, message blobs and other state.")
+    shutdown_timeout: float = option(
+        30.0, parse_duration(minimum=0.0),
+        "How long a SIGTERM waits for in-flight transactions before closing them.")
+    node_id: str = option(
+        "", parse_str,
+        "Name of this node in the shared queue's leases; unique per running process. "
+        "A node that restarts takes back the deliveries its crashed run had leased.",
+        shown_default="the machine's host name")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = option(
+        "", parse_str,
+        "SQLAlchemy URL of the metadata database: sqlite:///PATH, "
+        "postgresql+psycopg://USER@HOST/DB or mysql+pymysql://USER@HOST/DB.",
+        shown_default="sqlite:///STATE_DIR/lightmail.db")
+    blob_dir: Path | None = option(
+        None, parse_optional_path,
+        "Directory of the content-addressed message blob store.",
+        shown_default="STATE_DIR/blobs")
+    sql_threads: int = option(
+        8, parse_int(1, 64),
+        "Size of the bounded thread pool that runs all SQL (and of the connection pool).")
+    io_threads: int = option(
+        4, parse_int(1, 64),
+        "Size of the thread pool for blob file writes, fsyncs and reads.")
+    blob_gc_grace: float = option(
+        3600.0, parse_duration(minimum=0.0),
+        "Unreferenced blobs and stray temporary files younger than this are kept "
+        "by garbage collection (protects writes still in flight).")
+    auto_upgrade: bool = option(
+        True, parse_bool,
+        "Apply pending schema migrations at start-up (otherwise run 'lightmail db upgrade').")
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    backend: str = option(
+        "sql", parse_choice("sql"),
+        "Where users, domains and aliases live (LDAP comes later).")
+    default_quota: int = option(
+        0, parse_size(),
+        "Mailbox quota for new users in bytes; 0 means unlimited.")
+    recipient_delimiter: str = option(
+        "+", parse_str,
+        "Separates a local part from its detail (user+detail@example.com); empty disables.")
+    auth_over_plaintext: bool = option(
+        False, parse_bool,
+        "Allow password authentication on connections without TLS (not for production).")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = option(
+        "text", parse_choice("text", "json"),
+        "text: one human-readable line per event; json: one JSON object per line.")
+    file: str = option(
+        "-", parse_str,
+        "Where log lines go: - for standard output, or a file path.")
+    level: str = option(
+        "info", parse_choice("debug", "info", "warn", "error"),
+        "Least severe level that is written.")
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    max_message_size: int = option(
+        50 * 1024**2, parse_size(minimum=1024),
+        "Largest message accepted, in octets (announced with SIZE, RFC 1870).")
+    max_recipients: int = option(
+        100, parse_int(1), "Most recipients per message (more get 452 4.5.3).")
+    max_line_length: int = option(
+        1000, parse_int(512, 65536),
+        "Longest command or text line in octets, CRLF included (RFC 5321 §4.5.3.1).")
+    max_errors: int = option(
+        10, parse_int(1), "Errors in one session before it is closed with 421 4.7.0.")
+    max_commands_before_auth: int = option(
+        10, parse_int(1),
+        "On submission: commands allowed before a successful AUTH.")
+    command_timeout: float = option(
+        300.0, parse_duration(minimum=1.0),
+        "Idle time allowed between commands (RFC 5321 §4.5.3.2: at least 5 minutes).")
+    data_timeout: float = option(
+        600.0, parse_duration(minimum=1.0), "Idle time allowed inside DATA or BDAT.")
+    session_timeout: float = option(
+        1800.0, parse_duration(minimum=1.0),
+        "Longest a session may last, busy or not; a transaction in progress is let finish.")
+    require_sender_match: bool = option(
+        True, parse_bool,
+        "On submission: MAIL FROM must be the user's address or one of their aliases.")
+    smtputf8: bool = option(
+        True, parse_bool, "Offer SMTPUTF8 (RFC 6531): UTF-8 addresses and headers.")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str = ""
+    protocol: str = option(
+        "", parse_str,
+        "Protocol spoken on this listener (see 'lightmail check-config' for those available).")
+    endpoint: str = option(
+        "", parse_str,
+        "Twisted strports description, e.g. tcp:2525:interface=127.0.0.1 or "
+        "unix:/run/lightmail/lmtp.sock:mode=660.")
+    tls: str = option(
+        "none", parse_choice("none", "starttls", "implicit"),
+        "none, starttls (offered after connect) or implicit (TLS from the first byte).")
+    tls_cert: Path | None = option(
+        None, parse_optional_path, "PEM certificate chain for TLS.")
+    tls_key: Path | None = option(
+        None, parse_optional_path, "PEM private key for TLS.")
+    tls_sni: tuple[tuple[Path, Path], ...] = option(
+        (), parse_cert_pairs,
+        "More certificates, picked by the name the client asks for (SNI, RFC 6066): "
+        "CERT:KEY pairs separated by commas.  tls_cert/tls_key stay the default.")
+    max_connections: int = option(
+        1000, parse_int(1), "Most simultaneous connections on this listener.")
+    max_connections_per_ip: int = option(
+        20, parse_int(1), "Most simultaneous connections from one client address.")
+
+
+SECTIONS: Mapping[str, type] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "directory": DirectoryConfig,
+    "logging": LoggingConfig,
+    "smtp": SMTPConfig,
+}
+LISTENER_PREFIX = "listener:"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: str = "<defaults>"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    listeners: tuple[ListenerConfig, ...] = ()
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.url or f"sqlite:///{self.server.state_dir / 'lightmail.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.storage.blob_dir or self.server.state_dir / "blobs"
+
+    @property
+    def hostname(self) -> str:
+        return self.server.hostname or socket.getfqdn()
+
+    @property
+    def node_id(self) -> str:
+        return self.server.node_id or socket.gethostname()
+
+
+# --- parsing -----------------------------------------------------------------------
+
+_SECTION_RE = re.compile(r"^\[(?P<name>[^\]]+)\]")
+_KEY_RE = re.compile(r"^(?P<key>[^=:\s#;][^=:]*?)\s*[=:]")
+
+
+def _line_index(text: str) -> dict[tuple[str, str | None], int]:
+    """Map (section, key) and (section, None) to 1-based line numbers."""
+    index: dict[tuple[str, str | None], int] = {}
+    section: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith(("#", ";")) or line[0].isspace():
+            continue  # blank, comment, or a continuation line
+        if match := _SECTION_RE.match(line):
+            section = match.group("name").strip()
+            index.setdefault((section, None), number)
+        elif section is not None and (match := _KEY_RE.match(line)):
+            index.setdefault((section, match.group("key").strip().lower()), number)
+    return index
+
+
+def _options(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if "parser" in f.metadata}
+
+
+def _build_section(cls: type, items: Mapping[str, str], section: str, path: str,
+                   lines: Mapping[tuple[str, str | None], int], base: Path,
+                   extra: Mapping[str, Any] | None = None) -> Any:
+    known = _options(cls)
+    values: dict[str, Any] = dict(extra or {})
+    for key, raw in items.items():
+        line = lines.get((section, key), lines.get((section, None)))
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            message = f"unknown key '{key}'"
+            if hint:
+                message += f"; did you mean '{hint[0]}'?"
+            else:
+                message += f"; known keys are: {', '.join(sorted(known))}"
+            raise ConfigError(message, path, line, section, key)
+        try:
+            values[key] = known[key].metadata["parser"](raw.strip(), base)
+        except _BadValue as exc:
+            raise ConfigError(str(exc), path, line, section, key) from None
+    return cls(**values)
+
+
+def parse_config(text: str, path: str = "<config>",
+                 validators: Callable[[Config], None] | None = None) -> Config:
+    """Parse config ``text`` read from ``path``; raise ConfigError on any problem."""
+    base = Path(path).resolve().parent if not path.startswith("<") else Path.cwd()
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False,
+        default_section="\0no-default-section")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError("a key appears before any [section] header", path,
+                          exc.lineno) from None
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError("this section appears twice", path, exc.lineno,
+                          exc.section) from None
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError("this key appears twice in the section", path, exc.lineno,
+                          exc.section, exc.option) from None
+    except configparser.ParsingError as exc:
+        lineno, bad = exc.errors[0]
+        raise ConfigError(f"cannot read line {bad!r}: expected 'key = value' or "
+                          "'[section]'", path, lineno) from None
+
+    lines = _line_index(text)
+    sections: dict[str, Any] = {}
+    listeners: list[ListenerConfig] = []
+    for name in parser.sections():
+        items = dict(parser.items(name))
+        if name in SECTIONS:
+            sections[name] = _build_section(SECTIONS[name], items, name, path, lines, base)
+        elif name.startswith(LISTENER_PREFIX) and name[len(LISTENER_PREFIX):].strip():
+            listener = _build_section(ListenerConfig, items, name, path, lines, base,
+                                      extra={"name": name[len(LISTENER_PREFIX):].strip()})
+            _check_listener(listener, path, lines)
+            listeners.append(listener)
+        else:
+            known = list(SECTIONS) + [LISTENER_PREFIX + "NAME"]
+            raise ConfigError(f"unknown section; known sections are {', '.join(known)}",
+                              path, lines.get((name, None)), name)
+    config = Config(path=path, listeners=tuple(listeners), **sections)
+    if validators is not None:
+        validators(config)
+    return config
+
+
+def _check_listener(listener: ListenerConfig, path: str,
+                    lines: Mapping[tuple[str, str | None], int]) -> None:
+    section = LISTENER_PREFIX + listener.name
+    for key in ("protocol", "endpoint"):
+        if not getattr(listener, key):
+            raise ConfigError(f"every listener needs '{key}'", path,
+                              lines.get((section, None)), section, key)
+    if listener.tls != "none":
+        for key in ("tls_cert", "tls_key"):
+            if getattr(listener, key) is None:
+                raise ConfigError(f"tls = {listener.tls} needs '{key}'", path,
+                                  lines.get((section, "tls")), section, key)
+
+
+def load_config(path: str | Path,
+                validators: Callable[[Config], None] | None = None) -> Config:
+    """Read and validate the config file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror}", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the config file is not UTF-8 text ({exc.reason})",
+                          str(path)) from None
+    return parse_config(text, str(path), validators)
+
+
+def line_of(config: Config, section: str, key: str | None = None) -> int | None:
+    """Best-effort line number of ``section``/``key`` in the file ``config`` came from."""
+    try:
+        text = Path(config.path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = _line_index(text)
+    return lines.get((section, key), lines.get((section, None)))
+
+
+def reference_text() -> str:
+    """The configuration reference in reStructuredText, generated from the schema."""
+    out = ["Configuration reference", "=======================", "",
+           ".. This file is generated by 'lightmail config-reference'; edit "
+           "lightmail/config.py instead.", ""]
+    blocks: list[tuple[str, type]] = list(SECTIONS.items())
+    blocks.append((LISTENER_PREFIX + "NAME", ListenerConfig))
+    for name, cls in blocks:
+        title = f"[{name}]"
+        out += [title, "-" * len(title), ""]
+        for key, f in _options(cls).items():
+            meta = f.metadata
+            default = meta["shown_default"]
+            if default is None:
+                default = _show(f.default)
+            out += [f"``{key}``", f"   {meta['help']}", "",
+                    f"   *Type:* {meta['parser'].__doc__}.  *Default:* ``{default}``", ""]
+    return "\n".join(out) + "\n"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, float):
+        return f"{value:g}s"
+    return str(value)

@@ -1,0 +1,1 @@
+"""Delivery agents: what the queue runner hands queued recipients to."""

@@ -1,0 +1,119 @@
+"""Interfaces of the directory: domains, users, aliases, and who may log in.
+
+Authentication itself goes through twisted.cred (see ``cred.py``): protocols ask a
+Portal for an avatar and never see password hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    address: str            # canonical localpart@domain, lower-case
+    quota_bytes: int = 0
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Alias:
+    source: str             # localpart@domain, or *@domain for the catch-all
+    destination: str
+
+
+@dataclass(frozen=True)
+class LocalTarget:
+    """A local mailbox owner that a recipient address leads to."""
+
+    user: User
+    detail: Optional[str] = None    # the part after the recipient delimiter
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where mail for one address goes: local users and/or external addresses."""
+
+    address: str
+    local: tuple[LocalTarget, ...] = ()
+    remote: tuple[str, ...] = ()
+    is_local_domain: bool = True
+
+    @property
+    def deliverable(self) -> bool:
+        return bool(self.local or self.remote)
+
+
+class DirectoryError(Exception):
+    """A directory change could not be made; the message says why, for a person."""
+
+
+class IDirectory(Interface):
+    """Domains, users and aliases, and recipient resolution."""
+
+    def add_domain(name: str) -> Deferred[None]:
+        """Add a local domain."""
+
+    def remove_domain(name: str) -> Deferred[None]:
+        """Remove a domain with its users, aliases and their mailboxes."""
+
+    def list_domains() -> Deferred[list[str]]:
+        """Local domains, sorted."""
+
+    def is_local_domain(name: str) -> Deferred[bool]:
+        """Whether mail for ``name`` is ours to deliver."""
+
+    def add_user(address: str, password: Optional[str], quota_bytes: Optional[int] = None) -> Deferred[User]:  # noqa: E501
+        """Add a user in an existing domain; None as password disables password login."""
+
+    def remove_user(address: str) -> Deferred[None]:
+        """Remove a user and their mailboxes."""
+
+    def set_password(address: str, password: str) -> Deferred[None]:
+        """Replace a user's password."""
+
+    def get_user(address: str) -> Deferred[Optional[User]]:
+        """The user with this exact address, or None."""
+
+    def list_users(domain: Optional[str] = None) -> Deferred[list[User]]:
+        """Users, in one domain or all."""
+
+    def add_alias(source: str, destination: str) -> Deferred[None]:
+        """Forward mail for ``source`` (localpart@domain or *@domain) to ``destination``."""
+
+    def remove_alias(source: str, destination: Optional[str] = None) -> Deferred[int]:
+        """Remove one alias or all with this source; fires with how many went."""
+
+    def list_aliases(domain: Optional[str] = None) -> Deferred[list[Alias]]:
+        """Aliases, in one domain or all."""
+
+    def resolve(address: str) -> Deferred[Resolution]:
+        """Expand ``address`` through users, +detail, aliases and catch-alls."""
+
+    def allowed_senders(user: User) -> Deferred[list[str]]:
+        """Addresses ``user`` may use in MAIL FROM on submission."""
+
+
+class IMailAccount(Interface):
+    """The avatar a protocol gets after authentication."""
+
+    user = Attribute("The authenticated User.")
+    directory = Attribute("The IDirectory the user lives in.")
+    mailstore = Attribute("The IMailStore that holds the user's mailboxes.")
+
+    def logout() -> None:
+        """Release whatever the session held."""
+
+
+@dataclass
+class Credentials:
+    """What a login presented, for logging without the secret."""
+
+    username: str
+    mechanism: str = "PLAIN"
+    extra: dict[str, str] = field(default_factory=dict)

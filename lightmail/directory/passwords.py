@@ -1,0 +1,46 @@
+"""Password hashing with argon2id (argon2-cffi), OWASP-recommended parameters.
+
+Hashing and verifying cost tens of milliseconds of CPU by design, so callers on the
+reactor use :func:`hash_password_async` / :func:`verify_password_async`, which run
+in a thread.
+"""
+
+from __future__ import annotations
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+
+# argon2-cffi's defaults are RFC 9106's low-memory profile (t=3, m=64 MiB, p=4).
+_hasher = PasswordHasher()
+
+# Verified against when a user does not exist, so that timing does not tell
+# whether an address has an account.
+_DUMMY_HASH = _hasher.hash("not a real password")
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(stored_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and bool(stored_hash)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def needs_rehash(stored_hash: str) -> bool:
+    try:
+        return _hasher.check_needs_rehash(stored_hash)
+    except InvalidHashError:
+        return True
+
+
+def hash_password_async(password: str) -> Deferred[str]:
+    return threads.deferToThread(hash_password, password)
+
+
+def verify_password_async(stored_hash: str | None, password: str) -> Deferred[bool]:
+    return threads.deferToThread(verify_password, stored_hash, password)

@@ -1,0 +1,349 @@
+"""The SQL directory: domains, users and aliases in the metadata database."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred, inlineCallbacks
+from zope.interface import implementer
+
+from lightmail.address import AddressError, normalise_address, normalise_domain, split_address
+from lightmail.directory.interfaces import (
+    Alias,
+    DirectoryError,
+    IDirectory,
+    LocalTarget,
+    Resolution,
+    User,
+)
+from lightmail.directory.passwords import hash_password_async
+from lightmail.storage import schema as s
+from lightmail.storage.database import Database, now_ms
+from lightmail.storage.sqlstore import release_blob_ref
+
+CATCH_ALL = "*"
+MAX_ALIAS_DEPTH = 10   # as Postfix's virtual_alias_recursion_limit (1000 is its default
+                       # for expansions; 10 levels is far beyond any real use)
+
+
+def _user(row: Any, domain: str) -> User:
+    return User(id=row.id, address=f"{row.localpart}@{domain}",
+                quota_bytes=row.quota_bytes, enabled=bool(row.enabled))
+
+
+def _domain_id(conn: Connection, domain: str) -> int:
+    row = conn.execute(sa.select(s.domains.c.id).where(s.domains.c.name == domain)).first()
+    if row is None:
+        raise DirectoryError(f"no such domain: {domain}")
+    return int(row.id)
+
+
+def _release_messages_of(conn: Connection, user_ids: sa.ColumnElement[bool]) -> None:
+    """Release the blob references of every message owned by the selected users."""
+    counts = conn.execute(
+        sa.select(s.messages.c.blob_id, sa.func.count().label("n"))
+        .join(s.mailboxes, s.mailboxes.c.id == s.messages.c.mailbox_id)
+        .where(user_ids).group_by(s.messages.c.blob_id))
+    for row in counts.all():
+        release_blob_ref(conn, row.blob_id, row.n)
+
+
+@implementer(IDirectory)
+class SQLDirectory:
+    def __init__(self, db: Database, recipient_delimiter: str = "+",
+                 default_quota: int = 0) -> None:
+        self.db = db
+        self.delimiter = recipient_delimiter
+        self.default_quota = default_quota
+
+    # -- domains ----------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> Deferred[None]:
+        domain = _checked(normalise_domain, name)
+
+        def add(conn: Connection) -> None:
+            if conn.execute(sa.select(s.domains.c.id).where(
+                    s.domains.c.name == domain)).first() is not None:
+                raise DirectoryError(f"domain {domain} exists already")
+            conn.execute(s.domains.insert().values(name=domain, created=now_ms()))
+        return self.db.write(add)
+
+    def remove_domain(self, name: str) -> Deferred[None]:
+        domain = _checked(normalise_domain, name)
+
+        def remove(conn: Connection) -> None:
+            domain_id = _domain_id(conn, domain)
+            owned = s.mailboxes.c.user_id.in_(
+                sa.select(s.users.c.id).where(s.users.c.domain_id == domain_id))
+            _release_messages_of(conn, owned)
+            # Explicit deletes rather than trusting ON DELETE CASCADE everywhere.
+            conn.execute(s.mailboxes.delete().where(owned))
+            conn.execute(s.users.delete().where(s.users.c.domain_id == domain_id))
+            conn.execute(s.aliases.delete().where(s.aliases.c.domain_id == domain_id))
+            conn.execute(s.domains.delete().where(s.domains.c.id == domain_id))
+        return self.db.write(remove)
+
+    def list_domains(self) -> Deferred[list[str]]:
+        return self.db.read(lambda conn: [row.name for row in conn.execute(
+            sa.select(s.domains.c.name).order_by(s.domains.c.name))])
+
+    def is_local_domain(self, name: str) -> Deferred[bool]:
+        try:
+            domain = normalise_domain(name)
+        except AddressError:
+            return Deferred.fromCoroutine(_false())
+        return self.db.read(lambda conn: conn.execute(sa.select(s.domains.c.id).where(
+            s.domains.c.name == domain)).first() is not None)
+
+    # -- users ------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def add_user(self, address: str, password: Optional[str],
+                 quota_bytes: Optional[int] = None) -> Any:
+        local, domain = _checked(split_address, address)
+        if self.delimiter and self.delimiter in local:
+            raise DirectoryError(f"a user name may not contain the recipient delimiter "
+                                 f"{self.delimiter!r}")
+        if local == CATCH_ALL:
+            raise DirectoryError("'*' is reserved for catch-all aliases")
+        hashed = (yield hash_password_async(password)) if password else None
+        quota = self.default_quota if quota_bytes is None else quota_bytes
+
+        def add(conn: Connection) -> User:
+            domain_id = _domain_id(conn, domain)
+            if conn.execute(sa.select(s.users.c.id).where(
+                    (s.users.c.domain_id == domain_id)
+                    & (s.users.c.localpart == local))).first() is not None:
+                raise DirectoryError(f"user {local}@{domain} exists already")
+            result = conn.execute(s.users.insert().values(
+                domain_id=domain_id, localpart=local, password_hash=hashed,
+                quota_bytes=quota, enabled=True, created=now_ms()))
+            key = result.inserted_primary_key
+            assert key is not None
+            return User(id=int(key[0]), address=f"{local}@{domain}",
+                        quota_bytes=quota)
+        return (yield self.db.write(add))
+
+    def remove_user(self, address: str) -> Deferred[None]:
+        local, domain = _checked(split_address, address)
+
+        def remove(conn: Connection) -> None:
+            row = self._user_row(conn, local, domain)
+            if row is None:
+                raise DirectoryError(f"no such user: {local}@{domain}")
+            owned = s.mailboxes.c.user_id == row.id
+            _release_messages_of(conn, owned)
+            conn.execute(s.mailboxes.delete().where(owned))
+            conn.execute(s.users.delete().where(s.users.c.id == row.id))
+        return self.db.write(remove)
+
+    @inlineCallbacks
+    def set_password(self, address: str, password: str) -> Any:
+        local, domain = _checked(split_address, address)
+        hashed = yield hash_password_async(password)
+
+        def update(conn: Connection) -> None:
+            row = self._user_row(conn, local, domain)
+            if row is None:
+                raise DirectoryError(f"no such user: {local}@{domain}")
+            conn.execute(s.users.update().where(s.users.c.id == row.id).values(
+                password_hash=hashed))
+        yield self.db.write(update)
+
+    def get_user(self, address: str) -> Deferred[Optional[User]]:
+        try:
+            local, domain = split_address(address)
+        except AddressError:
+            return Deferred.fromCoroutine(_none())
+
+        def get(conn: Connection) -> Optional[User]:
+            row = self._user_row(conn, local, domain)
+            return None if row is None else _user(row, domain)
+        return self.db.read(get)
+
+    def password_hash(self, address: str) -> Deferred[tuple[Optional[User], Optional[str]]]:
+        """The user and their stored hash, for the credentials checker only."""
+        try:
+            local, domain = split_address(address)
+        except AddressError:
+            return Deferred.fromCoroutine(_no_hash())
+
+        def get(conn: Connection) -> tuple[Optional[User], Optional[str]]:
+            row = self._user_row(conn, local, domain)
+            if row is None:
+                return None, None
+            return _user(row, domain), row.password_hash
+        return self.db.read(get)
+
+    def list_users(self, domain: Optional[str] = None) -> Deferred[list[User]]:
+        wanted = _checked(normalise_domain, domain) if domain else None
+
+        def list_(conn: Connection) -> list[User]:
+            query = (sa.select(s.users, s.domains.c.name.label("domain"))
+                     .join(s.domains, s.domains.c.id == s.users.c.domain_id)
+                     .order_by(s.domains.c.name, s.users.c.localpart))
+            if wanted:
+                _domain_id(conn, wanted)
+                query = query.where(s.domains.c.name == wanted)
+            return [_user(row, row.domain) for row in conn.execute(query)]
+        return self.db.read(list_)
+
+    @staticmethod
+    def _user_row(conn: Connection, local: str, domain: str) -> Any:
+        return conn.execute(
+            sa.select(s.users).join(s.domains, s.domains.c.id == s.users.c.domain_id)
+            .where((s.domains.c.name == domain) & (s.users.c.localpart == local))).first()
+
+    # -- aliases ----------------------------------------------------------------------
+
+    def add_alias(self, source: str, destination: str) -> Deferred[None]:
+        local, domain = _alias_source(source)
+        dest = _checked(normalise_address, destination)
+
+        def add(conn: Connection) -> None:
+            domain_id = _domain_id(conn, domain)
+            exists = conn.execute(sa.select(s.aliases.c.id).where(
+                (s.aliases.c.domain_id == domain_id) & (s.aliases.c.localpart == local)
+                & (s.aliases.c.destination == dest))).first()
+            if exists is not None:
+                raise DirectoryError(f"alias {local}@{domain} -> {dest} exists already")
+            conn.execute(s.aliases.insert().values(domain_id=domain_id, localpart=local,
+                                                   destination=dest, created=now_ms()))
+        return self.db.write(add)
+
+    def remove_alias(self, source: str, destination: Optional[str] = None) -> Deferred[int]:
+        local, domain = _alias_source(source)
+        dest = _checked(normalise_address, destination) if destination else None
+
+        def remove(conn: Connection) -> int:
+            domain_id = _domain_id(conn, domain)
+            where = (s.aliases.c.domain_id == domain_id) & (s.aliases.c.localpart == local)
+            if dest is not None:
+                where = where & (s.aliases.c.destination == dest)
+            count = conn.execute(s.aliases.delete().where(where)).rowcount
+            if not count:
+                raise DirectoryError(f"no such alias: {local}@{domain}"
+                                     + (f" -> {dest}" if dest else ""))
+            return int(count)
+        return self.db.write(remove)
+
+    def list_aliases(self, domain: Optional[str] = None) -> Deferred[list[Alias]]:
+        wanted = _checked(normalise_domain, domain) if domain else None
+
+        def list_(conn: Connection) -> list[Alias]:
+            query = (sa.select(s.aliases.c.localpart, s.aliases.c.destination,
+                               s.domains.c.name.label("domain"))
+                     .join(s.domains, s.domains.c.id == s.aliases.c.domain_id)
+                     .order_by(s.domains.c.name, s.aliases.c.localpart,
+                               s.aliases.c.destination))
+            if wanted:
+                _domain_id(conn, wanted)
+                query = query.where(s.domains.c.name == wanted)
+            return [Alias(f"{row.localpart}@{row.domain}", row.destination)
+                    for row in conn.execute(query)]
+        return self.db.read(list_)
+
+    # -- resolution -------------------------------------------------------------------
+
+    def resolve(self, address: str) -> Deferred[Resolution]:
+        return self.db.read(self.resolve_now, address)
+
+    def resolve_now(self, conn: Connection, address: str) -> Resolution:
+        """Resolve inside a read transaction (worker thread)."""
+        try:
+            start = normalise_address(address)
+        except AddressError:
+            return Resolution(address=address, is_local_domain=False)
+        local: dict[int, LocalTarget] = {}
+        remote: dict[str, None] = {}
+        _, start_domain = start.rsplit("@", 1)
+        if not self._domain_exists(conn, start_domain):
+            return Resolution(address=start, remote=(start,), is_local_domain=False)
+        pending = [(start, 0)]
+        seen: set[str] = set()
+        while pending:
+            addr, depth = pending.pop(0)
+            if addr in seen:
+                continue
+            seen.add(addr)
+            lpart, domain = addr.rsplit("@", 1)
+            if not self._domain_exists(conn, domain):
+                remote.setdefault(addr)
+                continue
+            if depth > MAX_ALIAS_DEPTH:
+                raise DirectoryError(f"alias expansion of {start} is deeper than "
+                                     f"{MAX_ALIAS_DEPTH} levels (a loop?)")
+            candidates: list[tuple[str, str | None]] = [(lpart, None)]
+            if self.delimiter and self.delimiter in lpart:
+                base, _, suffix = lpart.partition(self.delimiter)
+                candidates.append((base, suffix))
+            found = False
+            for candidate, detail in candidates:
+                row = self._user_row(conn, candidate, domain)
+                if row is not None:
+                    if row.enabled:
+                        local.setdefault(row.id, LocalTarget(_user(row, domain), detail))
+                    found = True
+                    break
+                dests = self._alias_dests(conn, candidate, domain)
+                if dests:
+                    pending.extend((dest, depth + 1) for dest in dests)
+                    found = True
+                    break
+            if not found:
+                catch_all = self._alias_dests(conn, CATCH_ALL, domain)
+                pending.extend((dest, depth + 1) for dest in catch_all)
+        return Resolution(address=start, local=tuple(local.values()),
+                          remote=tuple(remote))
+
+    @staticmethod
+    def _domain_exists(conn: Connection, domain: str) -> bool:
+        return conn.execute(sa.select(s.domains.c.id).where(
+            s.domains.c.name == domain)).first() is not None
+
+    @staticmethod
+    def _alias_dests(conn: Connection, local: str, domain: str) -> list[str]:
+        return [row.destination for row in conn.execute(
+            sa.select(s.aliases.c.destination)
+            .join(s.domains, s.domains.c.id == s.aliases.c.domain_id)
+            .where((s.domains.c.name == domain) & (s.aliases.c.localpart == local))
+            .order_by(s.aliases.c.destination))]
+
+    def allowed_senders(self, user: User) -> Deferred[list[str]]:
+        """The user's own address and every alias that leads only to them."""
+        def find(conn: Connection) -> list[str]:
+            rows = conn.execute(
+                sa.select(s.aliases.c.localpart, s.domains.c.name)
+                .join(s.domains, s.domains.c.id == s.aliases.c.domain_id)
+                .where((s.aliases.c.destination == user.address)
+                       & (s.aliases.c.localpart != CATCH_ALL)))
+            return [user.address] + sorted(f"{row.localpart}@{row.name}" for row in rows)
+        return self.db.read(find)
+
+
+def _alias_source(source: str) -> tuple[str, str]:
+    local, _, domain = source.strip().rpartition("@")
+    if local == CATCH_ALL:
+        return CATCH_ALL, _checked(normalise_domain, domain)
+    return _checked(split_address, source)
+
+
+def _checked(fn: Any, value: Any) -> Any:
+    try:
+        return fn(value)
+    except AddressError as exc:
+        raise DirectoryError(str(exc)) from None
+
+
+async def _false() -> bool:
+    return False
+
+
+async def _none() -> None:
+    return None
+
+
+async def _no_hash() -> tuple[None, None]:
+    return None, None

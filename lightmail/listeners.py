@@ -1,0 +1,223 @@
+"""Listeners: one service per configured endpoint, and what all protocol factories share.
+
+A protocol package registers a builder under its protocol name (``smtp``, ``lmtp``,
+``imap``...).  :class:`ListenerService` turns a ``[listener:NAME]`` section into a
+listening endpoint once storage is ready, wraps it in TLS for ``tls = implicit``, and
+on shutdown stops accepting, lets sessions finish their transaction, then closes them.
+
+:class:`TrackingFactory` counts connections in total and per client address, refuses
+those over the configured limits with a protocol-specific reply, and drains.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from lightmail.config import ListenerConfig
+
+if TYPE_CHECKING:
+    from lightmail.service import Services
+
+ProtocolBuilder = Callable[[ListenerConfig, "Services"], IProtocolFactory]
+
+# Protocol name -> "module:function" that builds its factory; imported on use so that
+# a deployment without IMAP never imports the IMAP code.
+_BUILDERS: dict[str, str | ProtocolBuilder] = {}
+
+
+def register_protocol(name: str, builder: str | ProtocolBuilder) -> None:
+    """Make ``protocol = name`` usable in listener sections (also for embedders)."""
+    _BUILDERS[name] = builder
+
+
+def available_protocols() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def builder_for(name: str) -> ProtocolBuilder:
+    builder = _BUILDERS[name]
+    if isinstance(builder, str):
+        module, _, attr = builder.partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        _BUILDERS[name] = builder
+    return builder  # type: ignore[return-value]
+
+
+class TrackedProtocol(Protocol):
+    """Base for LightMail protocols: registers with its factory, supports draining."""
+
+    factory: TrackingFactory
+    peer_host: str = ""
+
+    def drain(self) -> None:
+        """Finish the transaction in progress, then close (server shutting down).
+
+        Protocols override this to say goodbye in their own words (SMTP 421, IMAP BYE).
+        """
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class TrackingFactory(Factory):
+    """Counts and limits connections, and drains them on shutdown."""
+
+    log = Logger()
+    noisy = False    # no "Starting factory" lines: the listener logs what matters
+
+    def __init__(self, max_connections: int = 1000, max_per_ip: int = 20) -> None:
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.active: set[TrackedProtocol] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.draining = False
+        self._drained: list[defer.Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        host = getattr(addr, "host", "") or "local"
+        if self.draining:
+            return self.refuse(addr, "shutting down")
+        if len(self.active) >= self.max_connections:
+            self.log.warn("refused {host}: {count} connections is the limit",
+                          host=host, count=self.max_connections)
+            return self.refuse(addr, "too many connections")
+        if self.per_ip[host] >= self.max_per_ip:
+            self.log.warn("refused {host}: {count} connections from one address is the "
+                          "limit", host=host, count=self.max_per_ip)
+            return self.refuse(addr, "too many connections from your address")
+        proto = self.make_protocol(addr)
+        proto.factory = self
+        proto.peer_host = host
+        return proto
+
+    def make_protocol(self, addr: Any) -> TrackedProtocol:
+        raise NotImplementedError
+
+    def refuse(self, addr: Any, reason: str) -> Optional[Protocol]:
+        """A protocol that tells the client ``reason`` and hangs up; None just closes."""
+        return None
+
+    def connection_made(self, proto: TrackedProtocol) -> None:
+        self.active.add(proto)
+        self.per_ip[proto.peer_host] += 1
+
+    def connection_lost(self, proto: TrackedProtocol) -> None:
+        if proto in self.active:
+            self.active.discard(proto)
+            self.per_ip[proto.peer_host] -= 1
+            if self.per_ip[proto.peer_host] <= 0:
+                del self.per_ip[proto.peer_host]
+        if self.draining and not self.active:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float, clock: Any = None) -> defer.Deferred[None]:
+        """Ask every session to finish; after ``timeout`` seconds close the rest."""
+        self.draining = True
+        if not self.active:
+            return defer.succeed(None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        for proto in list(self.active):
+            proto.drain()
+
+        def force() -> None:
+            for proto in list(self.active):
+                if proto.transport is not None:
+                    proto.transport.abortConnection()  # type: ignore[attr-defined]
+        timer = clock.callLater(timeout, force)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
+
+class ListenerService(Service):
+    """Listens on one endpoint with one protocol factory."""
+
+    log = Logger()
+
+    def __init__(self, config: ListenerConfig, factory: IProtocolFactory,
+                 ready: defer.Deferred[Any] | None = None, tls_context: Any = None,
+                 shutdown_timeout: float = 30.0,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.listener = config
+        self.on_failure = on_failure
+        self.name = f"listener:{config.name}"
+        self.factory = factory
+        self.ready = ready
+        self.tls_context = tls_context
+        self.shutdown_timeout = shutdown_timeout
+        self.port: IListeningPort | None = None
+        self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        ready = self.ready if self.ready is not None else defer.succeed(None)
+        ready.addCallback(lambda _: self._listen())
+        ready.addErrback(self._not_listening)
+
+    def _listen(self) -> defer.Deferred[IListeningPort] | None:
+        if not self.running:
+            return None
+        from twisted.internet import reactor
+        endpoint = endpoints.serverFromString(reactor, self.listener.endpoint)
+        factory = self.factory
+        if self.listener.tls == "implicit":
+            factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
+        d = endpoint.listen(factory)
+        d.addCallback(self._listened)
+        d.addErrback(self._not_listening)
+        return d
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self.log.info("listening: {name} speaks {protocol}{tls} on {address}",
+                      name=self.listener.name, protocol=self.listener.protocol,
+                      tls=" over TLS" if self.listener.tls == "implicit" else "",
+                      address=describe_address(port))
+        self.listening.callback(port)
+        return port
+
+    def _not_listening(self, failure: Any) -> None:
+        self.log.critical("listener {name} ({endpoint}) could not start: {error}",
+                          name=self.listener.name, endpoint=self.listener.endpoint,
+                          error=failure.getErrorMessage())
+        if self.on_failure is not None:
+            self.on_failure(f"listener {self.listener.name} could not start")
+        if not self.listening.called:
+            self.listening.errback(failure)
+            self.listening.addErrback(lambda f: None)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.log.info("stopped listening: {name}", name=self.listener.name)
+            self.port = None
+        if isinstance(self.factory, TrackingFactory):
+            yield self.factory.drain(self.shutdown_timeout)
+
+
+def describe_address(port: IListeningPort) -> str:
+    address: Any = port.getHost()
+    if hasattr(address, "port"):
+        host = address.host
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    return str(getattr(address, "name", address))
+
+
+# The protocols LightMail ships; embedders add theirs with register_protocol().
+register_protocol("smtp", "lightmail.smtp.session:build_mx_factory")
+register_protocol("submission", "lightmail.smtp.session:build_submission_factory")

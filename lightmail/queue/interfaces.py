@@ -1,0 +1,43 @@
+"""Interfaces of the queue subsystem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from lightmail.storage.interfaces import QueueItem
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What became of one recipient: delivered, deferred (try again) or bounced."""
+
+    status: str
+    detail: str = ""
+    # True when the agent already recorded the outcome in the queue, in the same
+    # transaction as the delivery itself (local delivery on SQL does).
+    recorded: bool = False
+
+    @classmethod
+    def delivered(cls, detail: str = "") -> DeliveryResult:
+        return cls("delivered", detail)
+
+    @classmethod
+    def deferred(cls, detail: str) -> DeliveryResult:
+        return cls("deferred", detail)
+
+    @classmethod
+    def bounced(cls, detail: str) -> DeliveryResult:
+        return cls("bounced", detail)
+
+
+class IDeliveryAgent(Interface):
+    """Delivers queued recipients of one transport (local, smtp, lmtp)."""
+
+    transport = Attribute("The transport name this agent serves.")
+
+    def deliver(item: QueueItem) -> Deferred[DeliveryResult]:
+        """Deliver one recipient.  Must be idempotent: after a crash the same item
+        may be handed over again."""

@@ -1,0 +1,179 @@
+"""The queue runner: leases due recipients and hands them to delivery agents.
+
+Leases make the runner safe to crash (a dead owner's lease runs out and another takes
+the work) and, later, to run on several nodes against one database.  Temporary failures
+back off exponentially with jitter, as Postfix does (5 minutes, doubling, at most 4
+hours between tries); after ``max_lifetime`` a deferred recipient bounces.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from lightmail.logs import BoundLogger, new_id
+from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
+from lightmail.storage.interfaces import IQueueStore, QueueItem
+from lightmail.storage.queuestore import queue_id_time
+
+
+def next_attempt_ms(attempts: int, min_backoff: float, max_backoff: float,
+                    now: float | None = None) -> int:
+    """When to try again after ``attempts`` failed tries (ms since the epoch)."""
+    delay = min(max_backoff, min_backoff * (2 ** max(0, attempts - 1)))
+    delay *= random.uniform(0.9, 1.1)   # jitter: retries of a burst do not line up
+    return int(((now if now is not None else time.time()) + delay) * 1000)
+
+
+class QueueRunner(Service):
+    name = "queue"
+    log = Logger()
+
+    def __init__(self, queue: IQueueStore, ready: defer.Deferred[Any] | None = None,
+                 concurrency: int = 20, poll_interval: float = 5.0,
+                 lease_seconds: float = 600.0, min_backoff: float = 300.0,
+                 max_backoff: float = 14400.0, max_lifetime: float = 5 * 86400.0,
+                 clock: Any = None, owner: str | None = None) -> None:
+        self.queue = queue
+        self.ready = ready
+        self.agents: dict[str, IDeliveryAgent] = {}
+        # The lease owner: stable across restarts of one node (see _start_polling).
+        self.owner = owner or f"node-{new_id(10)}"
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.max_lifetime = max_lifetime
+        self.clock = clock
+        self._in_flight: set[defer.Deferred[Any]] = set()
+        self._claiming = False
+        self._again = False
+        self._poll: task.LoopingCall | None = None
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def add_agent(self, agent: IDeliveryAgent) -> None:
+        self.agents[agent.transport] = agent
+
+    def startService(self) -> None:
+        super().startService()
+        ready = self.ready if self.ready is not None else defer.succeed(None)
+        ready.addCallback(lambda _: self._start_polling())
+        ready.addErrback(lambda f: None)   # the storage service reports its failure
+
+    @defer.inlineCallbacks
+    def _start_polling(self) -> Any:
+        if not self.running:
+            return
+        released = yield self.queue.release_leases(self.owner)
+        if released:
+            self.log.info("took back {count} deliveries interrupted by a crash",
+                          count=released)
+        self._poll = task.LoopingCall(self.kick)
+        if self.clock is not None:
+            self._poll.clock = self.clock
+        self._poll.start(self.poll_interval, now=True)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        # Let deliveries in progress finish: a half-done delivery would be redone
+        # after the lease expires, which is safe but slower.
+        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
+
+    def kick(self) -> None:
+        """Look for due work now (called after an enqueue, and by the poll timer)."""
+        if not self.running or not self.agents:
+            return
+        if self._claiming:
+            self._again = True
+            return
+        room = self.concurrency - len(self._in_flight)
+        if room <= 0:
+            self._again = True
+            return
+        self._claiming = True
+        self._again = False
+        d = self.queue.claim(self.owner, list(self.agents), room, self.lease_seconds)
+        d.addCallback(self._dispatch)
+        d.addErrback(lambda f: self.log.failure("claiming queued mail failed", f))
+        d.addBoth(self._claimed)
+
+    def _claimed(self, _: Any) -> None:
+        self._claiming = False
+        if self._again:
+            self.kick()
+        elif not self._in_flight:
+            self._notify_idle()
+
+    def _dispatch(self, items: list[QueueItem]) -> None:
+        if len(items) >= self.concurrency - len(self._in_flight):
+            self._again = True
+        for item in items:
+            d = self._deliver(item)
+            self._in_flight.add(d)
+            d.addBoth(self._finished, d)
+
+    def _finished(self, _: Any, d: defer.Deferred[Any]) -> None:
+        self._in_flight.discard(d)
+        self.kick()
+        if not self._in_flight and not self._claiming:
+            self._notify_idle()
+
+    @defer.inlineCallbacks
+    def _deliver(self, item: QueueItem) -> Any:
+        log = BoundLogger(namespace="lightmail.queue", msg_id=item.queue_id)
+        agent = self.agents[item.recipient.transport]
+        try:
+            result = yield agent.deliver(item)
+        except Exception as exc:
+            log.failure("delivery to {rcpt} failed unexpectedly", rcpt=item.recipient.address)
+            result = DeliveryResult.deferred(f"4.3.0 internal error: {exc.__class__.__name__}")
+        try:
+            if result.recorded:
+                log.info("to=<{rcpt}> transport={transport} status={status} {detail}",
+                         rcpt=item.recipient.address, transport=agent.transport,
+                         status=result.status, detail=result.detail)
+            elif result.status == "delivered":
+                yield self.queue.delivered(item, self.owner)
+                log.info("to=<{rcpt}> transport={transport} status=delivered {detail}",
+                         rcpt=item.recipient.address, transport=agent.transport,
+                         detail=result.detail)
+            elif result.status == "bounced" or self._expired(item):
+                yield self.queue.bounced(item, self.owner, result.detail)
+                log.warn("to=<{rcpt}> transport={transport} status=bounced {detail}",
+                         rcpt=item.recipient.address, transport=agent.transport,
+                         detail=result.detail)
+            else:
+                when = next_attempt_ms(item.attempts + 1, self.min_backoff, self.max_backoff)
+                yield self.queue.deferred(item, self.owner, result.detail, when)
+                log.info("to=<{rcpt}> transport={transport} status=deferred {detail}",
+                         rcpt=item.recipient.address, transport=agent.transport,
+                         detail=result.detail)
+        except Exception:
+            log.failure("recording the delivery of {rcpt} failed; it will be retried",
+                        rcpt=item.recipient.address)
+
+    def _expired(self, item: QueueItem) -> bool:
+        received = queue_id_time(item.queue_id)
+        return received > 0 and time.time() - received > self.max_lifetime
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires when no claim or delivery is in progress (for tests and drains)."""
+        if not self._in_flight and not self._claiming:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _notify_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+

@@ -1,0 +1,196 @@
+"""makeService(config): the whole of LightMail as one Twisted MultiService.
+
+This is the public embedding API.  A Twisted application that wants LightMail's
+services calls :func:`makeService` with a :class:`~lightmail.config.Config` and adds
+the result to its own service tree; ``twistd lightmail`` does exactly that.  The
+:class:`Services` object it carries (``get_services(service)``) gives the embedder the
+storage, directory, queue and auth portal to use directly.
+
+Start-up order: storage (schema migrations), then directory, queue runner, and the
+listeners, which only listen once storage is ready.  Shutdown runs the other way round
+and waits for each step: stop accepting and drain sessions, let deliveries finish,
+then close the thread pools.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from lightmail import __version__
+from lightmail.config import Config, ConfigError, line_of
+from lightmail.directory.cred import make_portal
+from lightmail.directory.service import DirectoryService
+from lightmail.directory.sql import SQLDirectory
+from lightmail.listeners import ListenerService, available_protocols, builder_for
+from lightmail.logs import make_observer
+from lightmail.queue.runner import QueueRunner
+from lightmail.storage.database import DatabaseURLError, check_url
+from lightmail.storage.service import StorageService
+
+
+@dataclass
+class Services:
+    """The running parts a protocol factory (or an embedder) works with."""
+
+    config: Config
+    storage: StorageService
+    directory: SQLDirectory
+    portal: Portal
+    queue_runner: QueueRunner
+
+    @property
+    def mailstore(self) -> Any:
+        return self.storage.mailstore
+
+    @property
+    def queue(self) -> Any:
+        return self.storage.queue
+
+    @property
+    def blobs(self) -> Any:
+        return self.storage.blobs
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than one key, or code beyond the config module."""
+    if config.storage.url:
+        try:
+            check_url(config.storage.url)
+        except DatabaseURLError as exc:
+            raise ConfigError(str(exc), config.path, line_of(config, "storage", "url"),
+                              "storage", "url") from None
+    from twisted.internet import endpoints, reactor
+    names = set()
+    for listener in config.listeners:
+        section = f"listener:{listener.name}"
+        if listener.protocol not in available_protocols():
+            raise ConfigError(
+                f"unknown protocol {listener.protocol!r}; this LightMail offers "
+                f"{', '.join(available_protocols()) or 'none'}", config.path,
+                line_of(config, section, "protocol"), section, "protocol")
+        try:
+            endpoints.serverFromString(reactor, listener.endpoint)
+        except Exception as exc:
+            raise ConfigError(f"not a usable endpoint description: {exc}", config.path,
+                              line_of(config, section, "endpoint"), section,
+                              "endpoint") from None
+        # Port 0 asks for any free port: several such listeners never clash.
+        if listener.endpoint in names and not re.match(r"^\w+:0(:|$)", listener.endpoint):
+            raise ConfigError("another listener uses the same endpoint", config.path,
+                              line_of(config, section, "endpoint"), section, "endpoint")
+        names.add(listener.endpoint)
+        paths = [(key, getattr(listener, key)) for key in ("tls_cert", "tls_key")]
+        paths += [("tls_sni", path) for pair in listener.tls_sni for path in pair]
+        for key, path in paths:
+            if path is not None and not path.is_file():
+                raise ConfigError(f"no such file: {path}", config.path,
+                                  line_of(config, section, key), section, key)
+
+
+class LightMailService(MultiService):
+    """The root service: ordered shutdown, and config-driven logging under twistd."""
+
+    log = Logger()
+
+    def __init__(self, parts: Services) -> None:
+        super().__init__()
+        # Not "services": MultiService keeps its children in that attribute.
+        self.parts = parts
+        self.name = "lightmail"
+        # Under twistd a part that cannot start ends the process with status 1;
+        # an embedding application decides for itself (see ``failed``).
+        self.exit_on_failure = False
+        self.failed: defer.Deferred[str] = defer.Deferred()
+
+    def fatal(self, reason: str) -> None:
+        """A part could not start: report it, and under twistd stop with status 1."""
+        if self.failed.called:
+            return
+        self.log.critical("LightMail cannot run: {reason}", reason=reason)
+        self.failed.callback(reason)
+        if self.exit_on_failure:
+            import atexit
+            import os
+
+            from twisted.internet import reactor
+            atexit.register(os._exit, 1)   # twistd itself would exit with 0
+            if reactor.running:  # type: ignore[attr-defined]
+                reactor.stop()  # type: ignore[attr-defined]
+            else:
+                reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd makes an Application (a Componentized) for a plugin's service and asks
+        # it for an ILogObserver before it starts logging: ours follows the config.
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, make_observer(self.parts.config.logging))
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        config = self.parts.config
+        self.log.info("LightMail {version} starting as {hostname} with config {path}",
+                      version=__version__, hostname=config.hostname, path=config.path)
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        self.log.info("LightMail stopping: draining connections and deliveries")
+        # Stop children one by one, last added first: listeners, queue, storage.
+        # (MultiService would stop them all at once, closing the database under
+        # sessions that are still finishing their transaction.)
+        self.running = 0
+        for child in reversed(list(self)):
+            if child.running:
+                yield defer.maybeDeferred(child.stopService)
+        self.log.info("LightMail stopped")
+
+
+def makeService(config: Config) -> LightMailService:
+    """Build LightMail's service tree from a validated configuration."""
+    validate(config)
+    storage = StorageService(config)
+    directory = SQLDirectory(storage.db,
+                             recipient_delimiter=config.directory.recipient_delimiter,
+                             default_quota=config.directory.default_quota)
+    portal = make_portal(directory, storage.mailstore)
+    runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id)
+    services = Services(config=config, storage=storage, directory=directory, portal=portal,
+                        queue_runner=runner)
+    root = LightMailService(services)
+    storage.ready.addErrback(lambda f: root.fatal(f"storage failed: {f.getErrorMessage()}"))
+    storage.setServiceParent(root)
+    DirectoryService(directory, config.directory.backend, storage.ready).setServiceParent(root)
+    runner.setServiceParent(root)
+    for agent in _delivery_agents(services):
+        runner.add_agent(agent)
+    for listener in config.listeners:
+        factory = builder_for(listener.protocol)(listener, services)
+        tls = None
+        if listener.tls != "none":
+            from lightmail.tls import server_context
+            tls = server_context(listener)
+        ListenerService(listener, factory, ready=storage.ready, tls_context=tls,
+                        shutdown_timeout=config.server.shutdown_timeout,
+                        on_failure=root.fatal).setServiceParent(root)
+    return root
+
+
+def _delivery_agents(services: Services) -> list[Any]:
+    from lightmail.delivery.local import LocalDeliveryAgent
+    return [LocalDeliveryAgent(services.directory, services.mailstore, services.queue,
+                               services.queue_runner.owner)]
+
+
+def get_services(service: IService) -> Services:
+    """The :class:`Services` of a service tree made by :func:`makeService`."""
+    if isinstance(service, LightMailService):
+        return service.parts
+    raise TypeError("not a LightMail service tree")

@@ -1,0 +1,124 @@
+"""The SMTP handler: what the protocol asks at each step of a transaction.
+
+In the manner of aiosmtpd's ``handle_RCPT``/``handle_DATA``: the protocol parses and
+enforces limits, the handler decides.  An embedding application replaces or subclasses
+:class:`SMTPHandler` to plug in its own policy or delivery; the SPF/DKIM/DMARC policy
+chain will sit here too.  Every hook returns a Deferred (or a plain value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from lightmail.address import AddressError, normalise_address, split_address
+from lightmail.directory.interfaces import DirectoryError
+from lightmail.smtp import codes
+from lightmail.smtp.codes import Reply
+from lightmail.storage.interfaces import BlobRef, Envelope, QueueRecipient
+
+
+@dataclass
+class Session:
+    """What is known about a connection (shared with hooks, read-only for them)."""
+
+    conn_id: str
+    peer: str
+    submission: bool
+    helo: Optional[str] = None
+    esmtp: bool = False
+    tls: Optional[str] = None          # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    account: Any = None                # IMailAccount after AUTH
+
+
+@dataclass
+class Transaction:
+    """One MAIL ... DATA/BDAT transaction."""
+
+    mail_from: str
+    smtputf8: bool = False
+    body: Optional[str] = None
+    envid: Optional[str] = None
+    ret: Optional[str] = None
+    declared_size: Optional[int] = None
+    recipients: list[QueueRecipient] = field(default_factory=list)
+    rcpt_count: int = 0                # accepted RCPT commands
+
+
+class SMTPHandler:
+    log = Logger()
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    def handle_mail(self, session: Session, tx: Transaction) -> Any:
+        if not session.submission or not tx.mail_from:
+            return codes.SENDER_OK
+        if not self.services.config.smtp.require_sender_match:
+            return codes.SENDER_OK
+        d = defer.maybeDeferred(self.services.directory.allowed_senders,
+                                session.account.user)
+
+        def check(allowed: list[str]) -> Reply:
+            try:
+                sender = normalise_address(tx.mail_from)
+            except AddressError:
+                return codes.BAD_ADDRESS
+            return codes.SENDER_OK if sender in allowed else codes.SENDER_DENIED
+        return d.addCallback(check)
+
+    @defer.inlineCallbacks
+    def handle_rcpt(self, session: Session, tx: Transaction, address: str,
+                    orcpt: Optional[str], notify: Optional[str]) -> Any:
+        """Decide on one recipient: (reply, queue recipients it expands to)."""
+        try:
+            split_address(address)
+        except AddressError:
+            return codes.BAD_ADDRESS, []
+        try:
+            resolution = yield self.services.directory.resolve(address)
+        except DirectoryError as exc:
+            self.log.warn("resolving {rcpt} failed: {error}", rcpt=address, error=str(exc))
+            return codes.TEMP_FAILURE, []
+        orcpt = orcpt or f"rfc822;{address}"
+        if not resolution.is_local_domain:
+            if session.account is None:    # RFC 5321 §3.6.2: no open relay
+                return codes.RELAY_DENIED, []
+            return codes.RCPT_OK, [QueueRecipient(address, "smtp", orcpt, notify)]
+        if not resolution.deliverable:
+            return codes.NO_SUCH_USER, []
+        targets = []
+        for target in resolution.local:
+            user_local, user_domain = target.user.address.rsplit("@", 1)
+            delimiter = self.services.config.directory.recipient_delimiter
+            name = (f"{user_local}{delimiter}{target.detail}@{user_domain}"
+                    if target.detail else target.user.address)
+            targets.append(QueueRecipient(name, "local", orcpt, notify))
+        targets += [QueueRecipient(remote, "smtp", orcpt, notify)
+                    for remote in resolution.remote]
+        return codes.RCPT_OK, targets
+
+    @defer.inlineCallbacks
+    def handle_message(self, session: Session, tx: Transaction, blob: BlobRef,
+                       queue_id: str) -> Any:
+        """The content is durable in the blob store: queue it, then answer."""
+        envelope = Envelope(
+            mail_from=tx.mail_from, recipients=_unique(tx.recipients),
+            source="submission" if session.submission else "mx", envid=tx.envid,
+            ret=tx.ret, body=tx.body, smtputf8=tx.smtputf8,
+            auth_user=session.account.user.address if session.account else None,
+            client_address=session.peer, priority=1 if session.submission else 0)
+        yield self.services.queue.enqueue(envelope, blob, queue_id)
+        self.services.queue_runner.kick()
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def _unique(recipients: list[QueueRecipient]) -> list[QueueRecipient]:
+    """One queue row per final address (two aliases to one user deliver once)."""
+    seen: dict[tuple[str, str], QueueRecipient] = {}
+    for rcpt in recipients:
+        seen.setdefault((rcpt.address.lower(), rcpt.transport), rcpt)
+    return list(seen.values())

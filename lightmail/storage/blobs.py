@@ -1,0 +1,417 @@
+"""The filesystem blob store: immutable, content-addressed message blobs.
+
+Layout under the store's root::
+
+    objects/ab/cd/abcd...   one file per blob, named by the lower-case hex SHA-256
+                            of its content, fanned out by the first two byte pairs
+    tmp/                    blobs being written (same filesystem as objects/)
+
+Durability: a blob is written to a uniquely named file in ``tmp/``, fsynced, and only
+then renamed to its final name; the directory that received it is fsynced as well (and
+the fan-out directories the first time this process uses them), and only after all of
+that does :meth:`IBlobWriter.finish` fire.  Since a final path can only ever come into
+being by an atomic rename of a complete, fsynced file, a crash at any moment leaves
+either the whole blob or no blob at its name; what is left behind is a stray file in
+``tmp/``, which :meth:`FilesystemBlobStore.sweep` removes later.
+
+Content that is already stored is not written again: the temporary file is dropped and
+the existing file's mtime is refreshed, because garbage collection uses mtimes as the
+grace period that protects blobs not yet referenced from SQL.
+
+All file I/O runs on the thread pool given by the caller, never on the reactor thread;
+the ``*_now`` methods are synchronous and meant for code already on a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from lightmail.storage.interfaces import BlobMissing, BlobRef, IBlobStore, IBlobWriter
+
+__all__ = ["FLUSH_THRESHOLD", "FilesystemBlobStore", "is_blob_id"]
+
+#: Buffered octets after which a writer hands its buffer to the thread pool.
+FLUSH_THRESHOLD = 256 * 1024
+
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+_FANOUT = re.compile(r"[0-9a-f]{2}")
+
+_T = TypeVar("_T")
+
+log = Logger()
+
+
+def is_blob_id(value: object) -> bool:
+    """Whether ``value`` is a valid blob id: 64 lower-case hex digits."""
+    return isinstance(value, str) and _BLOB_ID.fullmatch(value) is not None
+
+
+def _check_id(blob_id: object) -> str:
+    if not is_blob_id(blob_id):
+        raise ValueError(f"not a blob id: {blob_id!r}")
+    return cast(str, blob_id)
+
+
+def _fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+@implementer(IBlobStore)
+class FilesystemBlobStore:
+    """Blobs as files under ``root``; see the module docstring for layout and guarantees.
+
+    ``pool`` is owned (started and stopped) by the caller; every method that returns a
+    Deferred does its file I/O there.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        pool: ThreadPool,
+        reactor: IReactorFromThreads | None = None,
+        *,
+        flush_threshold: int = FLUSH_THRESHOLD,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = cast(IReactorFromThreads, default_reactor)
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.pool = pool
+        self.reactor = reactor
+        self.flush_threshold = flush_threshold
+        # Fan-out directories whose own directory entry is known to be durable.
+        self._durable_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        # Makes "refresh the mtime of existing content" and "delete if old" atomic
+        # with respect to each other within this process.
+        self._gc_lock = threading.Lock()
+        for directory in (self.root, self.objects, self.tmp):
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(directory.parent)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def path(self, blob_id: str) -> Path:
+        """Where the blob with this id lives (pure computation, no I/O)."""
+        _check_id(blob_id)
+        return self.objects / blob_id[:2] / blob_id[2:4] / blob_id
+
+    def _defer(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    def _ensure_dirs(self, leaf: Path) -> None:
+        """Create ``objects/ab/cd`` as needed and make sure both fan-out levels' entries
+        are durable (fsync of the parent), once per directory and process."""
+        for directory in (leaf.parent, leaf):
+            with self._dirs_lock:
+                if directory in self._durable_dirs:
+                    continue
+            directory.mkdir(exist_ok=True)
+            _fsync_dir(directory.parent)
+            with self._dirs_lock:
+                self._durable_dirs.add(directory)
+
+    def _commit(self, tmp_path: str, blob_id: str, consumed: Callable[[], None]) -> bool:
+        """Move a complete, fsynced temporary file to its final name (worker thread).
+
+        Returns True if it was renamed, False if the content was there already (the
+        temporary file is then removed).  ``consumed`` is called as soon as nothing is
+        left at ``tmp_path``.
+        """
+        final = self.path(blob_id)
+        with self._gc_lock:
+            try:
+                os.utime(final)
+            except FileNotFoundError:
+                exists = False
+            else:
+                exists = True
+        if exists:
+            os.unlink(tmp_path)
+            consumed()
+            # Another writer may have renamed it an instant ago and not yet made that
+            # durable: do it here too before reporting the blob as stored.
+            self._ensure_dirs(final.parent)
+            _fsync_dir(final.parent)
+            return False
+        self._ensure_dirs(final.parent)
+        # Fresh mtime even if the last write was long ago (GC grace period).
+        os.utime(tmp_path)
+        os.rename(tmp_path, final)
+        consumed()
+        _fsync_dir(final.parent)
+        return True
+
+    # -- IBlobStore ---------------------------------------------------------------------
+
+    def writer(self) -> IBlobWriter:
+        return _BlobWriter(self)
+
+    def put(self, data: bytes) -> Deferred[BlobRef]:
+        w = self.writer()
+        w.write(data)
+        return w.finish()
+
+    def read(self, blob_id: str) -> Deferred[bytes]:
+        path = self.path(blob_id)
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise BlobMissing(f"blob {blob_id} is missing") from None
+        return self._defer(read)
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> Deferred[bytes]:
+        path = self.path(blob_id)
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range: offset {offset}, length {length}")
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(length)
+            except FileNotFoundError:
+                raise BlobMissing(f"blob {blob_id} is missing") from None
+        return self._defer(read)
+
+    def exists_now(self, blob_id: str) -> bool:
+        return self.path(blob_id).is_file()
+
+    def delete_now(self, blob_id: str, older_than: float) -> bool:
+        path = self.path(blob_id)
+        with self._gc_lock:
+            try:
+                if os.stat(path).st_mtime >= older_than:
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def sweep(self, older_than: float) -> Deferred[list[str]]:
+        return self._defer(self._sweep, older_than)
+
+    def _sweep(self, older_than: float) -> list[str]:
+        with os.scandir(self.tmp) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and \
+                            entry.stat(follow_symlinks=False).st_mtime < older_than:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+        old: list[str] = []
+        for first in self._subdirs(self.objects):
+            for second in self._subdirs(Path(first)):
+                prefix = Path(first).name + Path(second).name
+                with os.scandir(second) as entries:
+                    for entry in entries:
+                        if not (is_blob_id(entry.name) and entry.name.startswith(prefix)):
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if entry.is_file(follow_symlinks=False) and st.st_mtime < older_than:
+                            old.append(entry.name)
+        return old
+
+    @staticmethod
+    def _subdirs(directory: Path) -> list[str]:
+        try:
+            with os.scandir(directory) as entries:
+                return sorted(e.path for e in entries
+                              if _FANOUT.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+
+class _TmpFile:
+    """The temporary file of one writer.  Its methods run on the pool, one at a time."""
+
+    def __init__(self, store: FilesystemBlobStore) -> None:
+        self.store = store
+        self.fd: int | None = None
+        self.path: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.fd is not None or self.path is not None
+
+    def _append(self, chunks: list[bytes]) -> None:
+        if self.fd is None:
+            self.fd, self.path = tempfile.mkstemp(prefix="blob-", suffix=".tmp",
+                                                  dir=self.store.tmp)
+        if chunks:
+            _write_all(self.fd, b"".join(chunks))
+
+    def append(self, chunks: list[bytes]) -> None:
+        self._append(chunks)
+
+    def commit(self, chunks: list[bytes], blob_id: str) -> None:
+        self._append(chunks)
+        assert self.fd is not None and self.path is not None
+        os.fsync(self.fd)
+        fd, self.fd = self.fd, None
+        os.close(fd)
+        self.store._commit(self.path, blob_id, self._consumed)
+
+    def _consumed(self) -> None:
+        self.path = None
+
+    def discard(self) -> None:
+        """Close and remove the file; errors are ignored."""
+        fd, self.fd = self.fd, None
+        path, self.path = self.path, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+class _State(Enum):
+    OPEN = "open"
+    FINISHING = "finishing"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+@implementer(IBlobWriter)
+class _BlobWriter:
+    """Hashes and buffers on the reactor thread; the pool appends, fsyncs and renames.
+
+    At most one pool call per writer is in flight, so appends stay in order; data that
+    arrives meanwhile is buffered and goes in the next call.
+    """
+
+    def __init__(self, store: FilesystemBlobStore) -> None:
+        self._store = store
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._buf: list[bytes] = []
+        self._buflen = 0
+        self._tmp = _TmpFile(store)
+        self._state = _State.OPEN
+        self._busy = False
+        self._committing = False
+        self._error: Failure | None = None
+        self._finished: Deferred[BlobRef] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._state is not _State.OPEN:
+            raise RuntimeError(f"write to a blob writer that is {self._state.value}")
+        if not data or self._error is not None:
+            return
+        data = bytes(data)
+        self._hash.update(data)
+        self._size += len(data)
+        self._buf.append(data)
+        self._buflen += len(data)
+        self._advance()
+
+    def finish(self) -> Deferred[BlobRef]:
+        if self._state is not _State.OPEN:
+            raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
+        self._state = _State.FINISHING
+        d: Deferred[BlobRef] = Deferred()
+        self._finished = d
+        self._advance()
+        return d
+
+    def abort(self) -> None:
+        """Drop the partial blob.  A no-op once finish() has been called."""
+        if self._state is not _State.OPEN:
+            return
+        self._state = _State.ABORTED
+        self._advance()
+
+    # -- the sequencer (reactor thread) ---------------------------------------------------
+
+    def _take(self) -> list[bytes]:
+        chunks, self._buf, self._buflen = self._buf, [], 0
+        return chunks
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._busy = True
+        d = self._store._defer(fn, *args)
+        d.addCallbacks(self._done, self._failed)
+
+    def _done(self, _: None) -> None:
+        self._busy = False
+        if self._committing:
+            self._committing = False
+            self._state = _State.FINISHED
+            d, self._finished = self._finished, None
+            assert d is not None
+            d.callback(BlobRef(self._hash.hexdigest(), self._size))
+            return
+        self._advance()
+
+    def _failed(self, failure: Failure) -> None:
+        self._busy = False
+        self._committing = False
+        if self._error is None:
+            self._error = failure
+        else:
+            log.failure("discarding a blob's temporary file failed", failure)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Start the next pool call this writer needs, if any and none is running."""
+        if self._busy:
+            return
+        if self._error is not None or self._state is _State.ABORTED:
+            self._take()
+            if self._tmp.active:
+                self._submit(self._tmp.discard)
+            elif self._state is _State.FINISHING:
+                self._state = _State.FAILED
+                d, self._finished = self._finished, None
+                assert d is not None and self._error is not None
+                d.errback(self._error)
+            return
+        if self._state is _State.FINISHING:
+            self._committing = True
+            self._submit(self._tmp.commit, self._take(), self._hash.hexdigest())
+        elif self._buflen >= self._store.flush_threshold:
+            self._submit(self._tmp.append, self._take())

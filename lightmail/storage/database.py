@@ -1,0 +1,214 @@
+"""One SQL database behind a bounded thread pool.
+
+Every SQL statement LightMail runs goes through :meth:`Database.read` or
+:meth:`Database.write`, which run a function with a SQLAlchemy connection inside a
+transaction on a worker thread and hand back a Deferred.  The reactor thread never
+waits for the database.
+
+Backends: SQLite (embedded default: WAL journal, ``synchronous=FULL`` so a commit is
+on disk before it returns, write transactions begun ``IMMEDIATE`` so two writers never
+deadlock on a lock upgrade), PostgreSQL through psycopg 3 and MariaDB/MySQL through
+PyMySQL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+SUPPORTED_DRIVERS = ("sqlite", "postgresql+psycopg", "mysql+pymysql", "mariadb+pymysql")
+
+
+class DatabaseURLError(ValueError):
+    """The database URL names no backend LightMail supports."""
+
+
+def now_ms() -> int:
+    """Current time as stored in TIMESTAMP columns."""
+    return int(time.time() * 1000)
+
+
+def check_url(url: str) -> sa.URL:
+    """Parse ``url`` and check that it names a supported backend."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise DatabaseURLError(f"not a database URL: {url!r}") from None
+    if parsed.drivername not in SUPPORTED_DRIVERS:
+        raise DatabaseURLError(
+            f"unsupported database driver {parsed.drivername!r}; use sqlite:///PATH, "
+            "postgresql+psycopg://USER@HOST/DB or mysql+pymysql://USER@HOST/DB")
+    return parsed
+
+
+def create_engine(url: str, pool_size: int = 8) -> Engine:
+    """An Engine configured for LightMail's durability and concurrency needs."""
+    parsed = check_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=False,
+            connect_args={"check_same_thread": False, "timeout": 60})
+        _configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() == "mysql":
+        # READ COMMITTED: our UID allocation locks the mailbox row explicitly, and
+        # MariaDB's default REPEATABLE READ would give stale reads after the lock.
+        return sa.create_engine(
+            parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
+            pool_recycle=3600, isolation_level="READ COMMITTED",
+            connect_args={"charset": "utf8mb4"})
+    return sa.create_engine(parsed, pool_size=pool_size, max_overflow=0,
+                            pool_pre_ping=True, isolation_level="READ COMMITTED")
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so that "begin"
+        # below decides between DEFERRED (reads) and IMMEDIATE (writes).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("lightmail_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+class Database:
+    """An Engine and the bounded thread pool that is the only place SQL runs."""
+
+    log = Logger()
+
+    def __init__(self, url: str, threads: int = 8) -> None:
+        self.url = url
+        self.engine = create_engine(url, pool_size=threads)
+        self.backend = self.engine.dialect.name  # sqlite, postgresql, mysql
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="lightmail-sql")
+        self._started = False
+        self._group_pending: list[tuple[Callable[..., Any], tuple[Any, ...],
+                                        dict[str, Any], defer.Deferred[Any]]] = []
+        self._groups_running: set[defer.Deferred[Any]] = set()
+        # SQLite has one writer at a time anyway; servers can commit groups in parallel.
+        self._max_groups = 1 if self.backend == "sqlite" else max(1, threads // 2)
+
+    def start(self) -> None:
+        if not self._started:
+            self.pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self.pool.stop()
+            self._started = False
+        self.engine.dispose()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Run ``fn`` on the SQL thread pool (no connection given)."""
+        from twisted.internet import reactor
+        return threads.deferToThreadPool(reactor, self.pool, fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Run ``fn(conn, *args)`` in a read transaction on the thread pool."""
+        return self.run(self.read_now, fn, *args, **kwargs)
+
+    def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Run ``fn(conn, *args)`` in a write transaction on the thread pool.
+
+        The Deferred fires only after the transaction has committed, which on every
+        backend here means it is durable.
+        """
+        if self.backend == "sqlite":
+            # One writer at a time is all SQLite allows: queueing our writes behind
+            # each other beats contending for the lock in SQLite's sleeping busy
+            # handler (which costs milliseconds a message).
+            return self.write_grouped(fn, *args, **kwargs)
+        return self.run(self.write_now, fn, *args, **kwargs)
+
+    def write_grouped(self, fn: Callable[..., T], *args: Any,
+                      **kwargs: Any) -> defer.Deferred[T]:
+        """Like :meth:`write`, but commits together with other grouped writes.
+
+        Group commit: while one group's transaction is committing, new requests wait
+        and then go in the next group, so that under load many SMTP acceptances share
+        one commit (one fsync) and one thread hop.  Each request runs in a savepoint of
+        its own: one that fails is rolled back alone and fails only its own Deferred.
+        Each Deferred fires after the group has committed.
+        """
+        d: defer.Deferred[T] = defer.Deferred()
+        self._group_pending.append((fn, args, kwargs, d))
+        if len(self._groups_running) < self._max_groups:
+            self._start_group()
+        return d
+
+    _GROUP_MAX = 200
+
+    def _start_group(self) -> None:
+        batch = self._group_pending[:self._GROUP_MAX]
+        del self._group_pending[:self._GROUP_MAX]
+        if not batch:
+            return
+        running = self.run(self._run_group, [(fn, a, kw) for fn, a, kw, _ in batch])
+        self._groups_running.add(running)
+
+        def settled(outcome: Any) -> None:
+            self._groups_running.discard(running)
+            if isinstance(outcome, Failure):   # the commit itself failed
+                for *_, d in batch:
+                    d.errback(outcome)
+            else:
+                for (ok, value), (*_, d) in zip(outcome, batch, strict=True):
+                    if ok:
+                        d.callback(value)
+                    else:
+                        d.errback(value)
+            if self._group_pending:
+                self._start_group()
+        running.addBoth(settled)
+
+    def _run_group(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...],
+                                           dict[str, Any]]]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        with self.engine.connect() as conn:
+            conn.execution_options(lightmail_write=True)
+            with conn.begin():
+                for fn, args, kwargs in batch:
+                    try:
+                        with conn.begin_nested():
+                            results.append((True, fn(conn, *args, **kwargs)))
+                    except Exception:
+                        results.append((False, Failure()))
+        return results
+
+    # The *_now variants run in the calling thread: for worker threads, start-up
+    # code that runs before the reactor, and the command-line tool.
+    def read_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.engine.connect() as conn:
+            with conn.begin():
+                return fn(conn, *args, **kwargs)
+
+    def write_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.engine.connect() as conn:
+            conn.execution_options(lightmail_write=True)
+            with conn.begin():
+                return fn(conn, *args, **kwargs)

@@ -1,0 +1,196 @@
+"""The durable mail queue in SQL (IQueueStore).
+
+A queued message is one ``queue_messages`` row that holds a reference to its blob and
+one ``queue_recipients`` row per recipient, which carries the delivery state.  Work is
+claimed with a lease (owner + expiry) so that a crashed process's work is taken over
+when its lease runs out, and so that several nodes can share one queue: on PostgreSQL
+and MariaDB the claim uses ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite serialises
+writers anyway.  When every recipient of a message is final, the message leaves the
+queue and its blob reference is released.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from lightmail.storage import schema as s
+from lightmail.storage.database import Database, now_ms
+from lightmail.storage.interfaces import (
+    BlobRef,
+    Envelope,
+    IBlobStore,
+    IQueueStore,
+    QueueItem,
+    QueueRecipient,
+)
+from lightmail.storage.sqlstore import release_blob_ref, upsert_blob_ref
+
+_B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
+
+
+def new_queue_id() -> str:
+    """A short, unique, time-sortable queue id such as ``1R7KD3QXBN5F2G``."""
+    value = (int(time.time() * 1000) << 40) | int.from_bytes(os.urandom(5), "big")
+    out = []
+    while value:
+        value, digit = divmod(value, len(_B32))
+        out.append(_B32[digit])
+    return "".join(reversed(out))
+
+
+FINAL_STATES = ("delivered", "bounced")
+DUE_STATES = ("queued", "deferred")
+
+
+@implementer(IQueueStore)
+class SQLQueueStore:
+    def __init__(self, db: Database, blobs: IBlobStore) -> None:
+        self.db = db
+        self.blobs = blobs
+
+    def enqueue(self, envelope: Envelope, blob: BlobRef,
+                queue_id: str | None = None) -> Deferred[str]:
+        # Group commit: acceptances from many sessions share one transaction.
+        return self.db.write_grouped(self.enqueue_now, envelope, blob, queue_id)
+
+    def enqueue_now(self, conn: Connection, envelope: Envelope, blob: BlobRef,
+                    queue_id: str | None = None) -> str:
+        if not envelope.recipients:
+            raise ValueError("a queued message needs at least one recipient")
+        queue_id = queue_id or new_queue_id()
+        now = now_ms()
+        upsert_blob_ref(conn, self.blobs, blob)
+        conn.execute(s.queue_messages.insert().values(
+            id=queue_id, blob_id=blob.id, size=blob.size, mail_from=envelope.mail_from,
+            envid=envelope.envid, ret=envelope.ret, body=envelope.body,
+            smtputf8=envelope.smtputf8, source=envelope.source,
+            auth_user=envelope.auth_user, client_address=envelope.client_address,
+            priority=envelope.priority, received=now))
+        conn.execute(s.queue_recipients.insert(), [
+            {"queue_id": queue_id, "recipient": rcpt.address, "orcpt": rcpt.orcpt,
+             "notify": rcpt.notify, "state": "queued", "transport": rcpt.transport,
+             "next_attempt": now, "attempts": 0}
+            for rcpt in envelope.recipients])
+        return queue_id
+
+    def claim(self, owner: str, transports: Sequence[str], limit: int,
+              lease_seconds: float) -> Deferred[list[QueueItem]]:
+        return self.db.write(self._claim, owner, list(transports), limit, lease_seconds)
+
+    def _claim(self, conn: Connection, owner: str, transports: list[str], limit: int,
+               lease_seconds: float) -> list[QueueItem]:
+        now = now_ms()
+        r, m = s.queue_recipients, s.queue_messages
+        due = (r.c.state.in_(DUE_STATES) & (r.c.next_attempt <= now)) | (
+            (r.c.state == "active") & (r.c.lease_until < now))
+        query = (sa.select(r.c.id).where(due & r.c.transport.in_(transports))
+                 .order_by(r.c.next_attempt).limit(limit))
+        if conn.dialect.name in ("postgresql", "mysql"):
+            query = query.with_for_update(skip_locked=True)
+        ids = [row.id for row in conn.execute(query)]
+        if not ids:
+            return []
+        conn.execute(r.update().where(r.c.id.in_(ids)).values(
+            state="active", lease_owner=owner, lease_until=now + int(lease_seconds * 1000)))
+        rows = conn.execute(sa.select(r, m.c.blob_id, m.c.size, m.c.mail_from, m.c.envid,
+                                      m.c.ret, m.c.body, m.c.smtputf8, m.c.source,
+                                      m.c.auth_user, m.c.client_address, m.c.priority)
+                            .join(m, m.c.id == r.c.queue_id).where(r.c.id.in_(ids))
+                            .order_by(m.c.priority.desc(), r.c.next_attempt, r.c.id))
+        return [_item(row) for row in rows]
+
+    def delivered(self, item: QueueItem, owner: str) -> Deferred[None]:
+        return self.db.write(self.finish_now, item, owner, "delivered", None)
+
+    def bounced(self, item: QueueItem, owner: str, error: str) -> Deferred[None]:
+        return self.db.write(self.finish_now, item, owner, "bounced", error)
+
+    def finish_now(self, conn: Connection, item: QueueItem, owner: str, state: str,
+                   error: str | None) -> None:
+        """Make a recipient final, inside the caller's transaction (so that a local
+        delivery and its queue update commit together)."""
+        r = s.queue_recipients
+        conn.execute(r.update().where((r.c.id == item.recipient_id)
+                                      & (r.c.lease_owner == owner)).values(
+            state=state, last_error=error, finished=now_ms(), lease_owner=None,
+            lease_until=None, attempts=r.c.attempts + 1))
+        self._retire_if_done(conn, item.queue_id)
+
+    def deferred(self, item: QueueItem, owner: str, error: str,
+                 next_attempt: int) -> Deferred[None]:
+        def defer_(conn: Connection) -> None:
+            r = s.queue_recipients
+            conn.execute(r.update().where((r.c.id == item.recipient_id)
+                                          & (r.c.lease_owner == owner)).values(
+                state="deferred", last_error=error, next_attempt=next_attempt,
+                lease_owner=None, lease_until=None, attempts=r.c.attempts + 1))
+        return self.db.write(defer_)
+
+    def _retire_if_done(self, conn: Connection, queue_id: str) -> None:
+        r = s.queue_recipients
+        open_count = conn.execute(sa.select(sa.func.count()).select_from(r).where(
+            (r.c.queue_id == queue_id) & r.c.state.not_in(FINAL_STATES))).scalar_one()
+        if open_count:
+            return
+        blob = conn.execute(sa.select(s.queue_messages.c.blob_id).where(
+            s.queue_messages.c.id == queue_id).with_for_update()).first()
+        if blob is None:
+            return
+        conn.execute(r.delete().where(r.c.queue_id == queue_id))
+        conn.execute(s.queue_messages.delete().where(s.queue_messages.c.id == queue_id))
+        release_blob_ref(conn, blob.blob_id)
+
+    def release_leases(self, owner: str) -> Deferred[int]:
+        """Give back every lease ``owner`` holds: a node restarting after a crash
+        retries its own interrupted deliveries at once instead of waiting for the
+        leases to run out.  Fires with how many there were."""
+        def release(conn: Connection) -> int:
+            r = s.queue_recipients
+            return int(conn.execute(r.update().where(
+                (r.c.lease_owner == owner) & (r.c.state == "active")).values(
+                state="deferred", next_attempt=now_ms(), lease_owner=None,
+                lease_until=None)).rowcount)
+        return self.db.write(release)
+
+    def list_recipients(self, states: Sequence[str] = ()) -> Deferred[list[dict[str, Any]]]:
+        def list_(conn: Connection) -> list[dict[str, Any]]:
+            r, m = s.queue_recipients, s.queue_messages
+            query = (sa.select(r.c.id, r.c.queue_id, r.c.recipient, r.c.state,
+                               r.c.transport, r.c.attempts, r.c.next_attempt,
+                               r.c.last_error, m.c.mail_from, m.c.size, m.c.received)
+                     .join(m, m.c.id == r.c.queue_id).order_by(m.c.received, r.c.id))
+            if states:
+                query = query.where(r.c.state.in_(list(states)))
+            return [dict(row._mapping) for row in conn.execute(query)]
+        return self.db.read(list_)
+
+
+def _item(row: Any) -> QueueItem:
+    recipient = QueueRecipient(address=row.recipient, transport=row.transport,
+                               orcpt=row.orcpt, notify=row.notify)
+    envelope = Envelope(mail_from=row.mail_from, recipients=(recipient,), source=row.source,
+                        envid=row.envid, ret=row.ret, body=row.body,
+                        smtputf8=bool(row.smtputf8), auth_user=row.auth_user,
+                        client_address=row.client_address, priority=row.priority)
+    return QueueItem(recipient_id=row.id, queue_id=row.queue_id, recipient=recipient,
+                     mail_from=row.mail_from, blob=BlobRef(row.blob_id, row.size),
+                     attempts=row.attempts, envelope=envelope)
+
+
+def queue_id_time(queue_id: str) -> float:
+    """The Unix time a queue id was made (0.0 if it is not one of ours)."""
+    value = 0
+    for char in queue_id:
+        digit = _B32.find(char)
+        if digit < 0:
+            return 0.0
+        value = value * len(_B32) + digit
+    return (value >> 40) / 1000.0

@@ -1,0 +1,158 @@
+"""The SQL schema of LightMail's metadata, as SQLAlchemy Core tables.
+
+The tables here are the reference; Alembic migrations under ``migrations/versions``
+create them, and ``tests/test_migrations.py`` checks that the migrated database and
+these definitions agree on every backend.
+
+Message content is never stored here: ``blobs`` names immutable files in the blob
+store by SHA-256, and messages and queued mail refer to them by that id.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+# Lengths: MariaDB needs VARCHAR lengths for indexed text; 255 fits domain names and
+# local parts (RFC 5321 §4.5.3.1: 64-octet local part, 255-octet domain).
+NAME = sa.String(255)
+ADDRESS = sa.String(320)
+BLOB_ID = sa.String(64)          # hex SHA-256
+TIMESTAMP = sa.BigInteger        # milliseconds since the epoch, UTC: portable and sortable
+
+domains = sa.Table(
+    "domains", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", NAME, nullable=False, unique=True),   # lower-case A-label
+    sa.Column("created", TIMESTAMP, nullable=False),
+)
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("domain_id", sa.Integer, sa.ForeignKey("domains.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("localpart", NAME, nullable=False),            # lower-case
+    sa.Column("password_hash", sa.String(255), nullable=True),  # argon2id PHC string
+    sa.Column("quota_bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.UniqueConstraint("domain_id", "localpart"),
+)
+
+# An alias maps localpart@domain to one destination address; several rows with the
+# same source expand to several destinations.  localpart '*' is the catch-all.
+aliases = sa.Table(
+    "aliases", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("domain_id", sa.Integer, sa.ForeignKey("domains.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("localpart", NAME, nullable=False),
+    sa.Column("destination", ADDRESS, nullable=False),
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.UniqueConstraint("domain_id", "localpart", "destination"),
+)
+
+mailboxes = sa.Table(
+    "mailboxes", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.String(512), nullable=False),       # UTF-8, '/' separated
+    sa.Column("uidvalidity", sa.BigInteger, nullable=False),
+    sa.Column("uidnext", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("highestmodseq", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("special_use", sa.String(32), nullable=True),  # RFC 6154, e.g. '\\Sent'
+    sa.Column("subscribed", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.UniqueConstraint("user_id", "name"),
+)
+
+blobs = sa.Table(
+    "blobs", metadata,
+    sa.Column("id", BLOB_ID, primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    # Count of messages and queue entries that refer to this blob.  At zero the
+    # blob is garbage once it is older than the configured grace period.
+    sa.Column("refcount", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.Column("unreferenced_since", TIMESTAMP, nullable=True),
+    sa.Index(None, "refcount"),
+)
+
+messages = sa.Table(
+    "messages", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("mailbox_id", sa.Integer, sa.ForeignKey("mailboxes.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("uid", sa.BigInteger, nullable=False),
+    sa.Column("modseq", sa.BigInteger, nullable=False),
+    sa.Column("blob_id", BLOB_ID, sa.ForeignKey("blobs.id"), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("internal_date", TIMESTAMP, nullable=False),
+    sa.Column("flags", sa.Text, nullable=False, server_default=""),  # space-separated
+    # Parsed caches (JSON text) so that FETCH ENVELOPE/BODYSTRUCTURE need no blob read.
+    sa.Column("envelope", sa.Text, nullable=True),
+    sa.Column("bodystructure", sa.Text, nullable=True),
+    sa.Column("headers", sa.Text, nullable=True),
+    # The queue recipient that delivered this message, for idempotent delivery.
+    sa.Column("delivery_id", sa.String(64), nullable=True),
+    sa.UniqueConstraint("mailbox_id", "uid"),
+    sa.UniqueConstraint("mailbox_id", "delivery_id"),
+    sa.Index(None, "mailbox_id", "modseq"),
+)
+
+# Expunged UIDs with the MODSEQ of their expunge, for QRESYNC (RFC 7162 §3.2.10).
+expunged = sa.Table(
+    "expunged", metadata,
+    sa.Column("mailbox_id", sa.Integer, sa.ForeignKey("mailboxes.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("uid", sa.BigInteger, primary_key=True),
+    sa.Column("modseq", sa.BigInteger, nullable=False),
+)
+
+queue_messages = sa.Table(
+    "queue_messages", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),        # the queue id in logs
+    sa.Column("blob_id", BLOB_ID, sa.ForeignKey("blobs.id"), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mail_from", ADDRESS, nullable=False),         # '' is the null sender
+    sa.Column("envid", sa.String(100), nullable=True),       # RFC 3461 ENVID
+    sa.Column("ret", sa.String(4), nullable=True),           # RFC 3461 RET=FULL|HDRS
+    sa.Column("body", sa.String(16), nullable=True),         # 7BIT, 8BITMIME, BINARYMIME
+    sa.Column("smtputf8", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("source", sa.String(16), nullable=False),      # mx, submission, lmtp, local
+    sa.Column("auth_user", ADDRESS, nullable=True),
+    sa.Column("client_address", sa.String(64), nullable=True),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("received", TIMESTAMP, nullable=False),
+)
+
+queue_recipients = sa.Table(
+    "queue_recipients", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("queue_id", sa.String(32),
+              sa.ForeignKey("queue_messages.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("recipient", ADDRESS, nullable=False),
+    sa.Column("orcpt", sa.String(500), nullable=True),       # RFC 3461 ORCPT
+    sa.Column("notify", sa.String(32), nullable=True),       # NEVER or SUCCESS,FAILURE,DELAY
+    # queued, active, deferred, delivered, bounced, held
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("transport", sa.String(16), nullable=False),   # local, smtp, lmtp
+    sa.Column("next_attempt", TIMESTAMP, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", TIMESTAMP, nullable=True),
+    sa.Column("finished", TIMESTAMP, nullable=True),
+    sa.Index(None, "state", "next_attempt"),
+    sa.Index(None, "queue_id"),
+)
+
+QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")

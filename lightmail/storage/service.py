@@ -1,0 +1,117 @@
+"""The storage service: database, thread pools, blob store, mail and queue stores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from lightmail.config import Config
+from lightmail.storage import migrate
+from lightmail.storage.blobs import FilesystemBlobStore
+from lightmail.storage.database import Database
+from lightmail.storage.queuestore import SQLQueueStore
+from lightmail.storage.sqlstore import SQLMailStore
+
+GC_INTERVAL = 3600.0
+
+
+class StorageService(Service):
+    """Owns the SQL and disk thread pools; nothing else in LightMail makes threads
+    for storage.  ``ready`` fires once the schema is current."""
+
+    name = "storage"
+    log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.db = Database(config.database_url, threads=config.storage.sql_threads)
+        self.io_pool = ThreadPool(minthreads=1, maxthreads=config.storage.io_threads,
+                                  name="lightmail-io")
+        self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool)
+        self.mailstore = SQLMailStore(self.db, self.blobs)
+        self.queue = SQLQueueStore(self.db, self.blobs)
+        self._outcome: Any = None          # None until started: then True or a Failure
+        self._waiters: list[defer.Deferred[None]] = []
+        self._gc: task.LoopingCall | None = None
+
+    @property
+    def ready(self) -> defer.Deferred[None]:
+        """A new Deferred for each caller, fired once the schema is current (or failed).
+
+        Each caller gets its own so that one caller's callbacks - an errback that
+        handles the failure, say - never change what the next caller sees.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._outcome is None:
+            self._waiters.append(d)
+        elif self._outcome is True:
+            d.callback(None)
+        else:
+            d.errback(self._outcome)
+        return d
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if outcome is True:
+                d.callback(None)
+            else:
+                d.errback(outcome)
+
+    def startService(self) -> None:
+        super().startService()
+        self.db.start()
+        self.io_pool.start()
+        from twisted.internet import reactor
+        if self.config.storage.auto_upgrade:
+            if reactor.running:  # type: ignore[attr-defined]
+                d = self.db.run(migrate.upgrade, self.db.engine)
+            else:
+                # Before the reactor runs (twistd start-up): fail loudly right here.
+                migrate.upgrade(self.db.engine)
+                d = defer.succeed(None)
+        else:
+            d = self.db.run(self._check_schema)
+        d.addCallback(self._started)
+        d.addErrback(self._failed)
+
+    def _check_schema(self) -> None:
+        current, head = migrate.current_revision(self.db.engine), migrate.head_revision()
+        if current != head:
+            raise RuntimeError(f"the database schema is at {current or 'nothing'}, this "
+                               f"LightMail needs {head}: run 'lightmail db upgrade'")
+
+    def _started(self, _: Any) -> None:
+        self.log.info("storage ready: {backend} database, blobs in {blob_dir}",
+                      backend=self.db.backend, blob_dir=str(self.config.blob_dir))
+        self._gc = task.LoopingCall(self.collect_garbage)
+        self._gc.start(GC_INTERVAL, now=False).addErrback(
+            lambda f: self.log.failure("blob garbage collection stopped", f))
+        self._settle(True)
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("storage failed to start", failure)
+        self._settle(failure)
+
+    def collect_garbage(self) -> defer.Deferred[int]:
+        d = self.mailstore.collect_garbage(self.config.storage.blob_gc_grace)
+
+        def done(count: int) -> int:
+            if count:
+                self.log.info("garbage collection removed {count} blobs", count=count)
+            return count
+        return d.addCallback(done)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._gc is not None and self._gc.running:
+            self._gc.stop()
+        # Waits for in-flight SQL and blob writes, then closes the connections.
+        self.io_pool.stop()
+        self.db.stop()
+        return None

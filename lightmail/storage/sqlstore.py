@@ -1,0 +1,369 @@
+"""Mailboxes and messages in SQL (IMailStore), the one place UIDs and MODSEQs are made.
+
+Each change runs in one write transaction that locks the mailbox row, so UIDs and
+MODSEQs are strictly increasing per mailbox on every backend (RFC 3501 §2.3.1.1,
+RFC 7162 §3.1.1).  Listeners hear about a change only after it has committed.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from lightmail.storage import schema as s
+from lightmail.storage.database import Database, now_ms
+from lightmail.storage.interfaces import (
+    Appended,
+    BlobMissing,
+    BlobRef,
+    IBlobStore,
+    IChangeListener,
+    IMailStore,
+    Mailbox,
+    MailboxChange,
+    MailboxExists,
+    MessageInfo,
+    NoSuchMailbox,
+)
+
+
+def upsert_blob_ref(conn: Connection, blobs: IBlobStore, ref: BlobRef) -> None:
+    """Count one more reference to ``ref``, inside the caller's write transaction.
+
+    The blob must exist after the row is locked: garbage collection deletes a file only
+    while holding the row, so checking here closes the race with a concurrent GC.
+    """
+    values = {"id": ref.id, "size": ref.size, "refcount": 1, "created": now_ms(),
+              "unreferenced_since": None}
+    update = {"refcount": s.blobs.c.refcount + 1, "unreferenced_since": None}
+    dialect = conn.dialect.name
+    stmt: Any
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        stmt = pg_insert(s.blobs).values(values).on_conflict_do_update(
+            index_elements=[s.blobs.c.id], set_=update)
+    elif dialect == "mysql":
+        from sqlalchemy.dialects.mysql import insert as my_insert
+        stmt = my_insert(s.blobs).values(values)
+        stmt = stmt.on_duplicate_key_update(refcount=s.blobs.c.refcount + 1,
+                                            unreferenced_since=None)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as lite_insert
+        stmt = lite_insert(s.blobs).values(values).on_conflict_do_update(
+            index_elements=[s.blobs.c.id], set_=update)
+    conn.execute(stmt)
+    if not blobs.exists_now(ref.id):
+        raise BlobMissing(f"blob {ref.id} vanished before it was referenced")
+
+
+def release_blob_ref(conn: Connection, blob_id: str, count: int = 1) -> None:
+    """Count ``count`` fewer references, inside the caller's write transaction."""
+    conn.execute(s.blobs.update().where(s.blobs.c.id == blob_id).values(
+        refcount=s.blobs.c.refcount - count))
+    conn.execute(s.blobs.update().where(
+        (s.blobs.c.id == blob_id) & (s.blobs.c.refcount <= 0)
+        & s.blobs.c.unreferenced_since.is_(None)).values(unreferenced_since=now_ms()))
+
+
+def normalise_mailbox_name(name: str) -> str:
+    """INBOX is case-insensitive (RFC 3501 §5.1); every other name is kept as given."""
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if name[:6].upper() == "INBOX/":
+        return "INBOX/" + name[6:]
+    return name
+
+
+def _flags_text(flags: Sequence[str] | frozenset[str]) -> str:
+    return " ".join(sorted(set(flags)))
+
+
+def _flags_set(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def _mailbox(row: Any) -> Mailbox:
+    return Mailbox(id=row.id, user_id=row.user_id, name=row.name,
+                   uidvalidity=row.uidvalidity, uidnext=row.uidnext,
+                   highestmodseq=row.highestmodseq, special_use=row.special_use,
+                   subscribed=bool(row.subscribed))
+
+
+def _message(row: Any) -> MessageInfo:
+    return MessageInfo(mailbox_id=row.mailbox_id, uid=row.uid, modseq=row.modseq,
+                       blob_id=row.blob_id, size=row.size, internal_date=row.internal_date,
+                       flags=_flags_set(row.flags))
+
+
+def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
+    row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == mailbox_id)
+                       .with_for_update()).first()
+    if row is None:
+        raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
+    return row
+
+
+def _messages_by_uid(conn: Connection, mailbox_id: int, uids: Sequence[int]) -> list[Any]:
+    """The rows of the given UIDs, in UID order (the mailbox row is locked already)."""
+    return list(conn.execute(sa.select(s.messages).where(
+        (s.messages.c.mailbox_id == mailbox_id) & s.messages.c.uid.in_(list(uids)))
+        .order_by(s.messages.c.uid)))
+
+
+def new_uidvalidity(user_id: int, name: str) -> int:
+    """A UIDVALIDITY that differs for a mailbox re-created under the same name."""
+    # Seconds since 2020 keep it under 2**32 (RFC 3501 nz-number) until 2156; the
+    # low bits mix in the name so that two mailboxes made in one second differ.
+    base = int(time.time()) - 1577836800
+    return ((base << 4) | (zlib.crc32(f"{user_id}/{name}".encode()) & 0xF)) & 0xFFFFFFFF
+
+
+@implementer(IMailStore)
+class SQLMailStore:
+    log = Logger()
+
+    def __init__(self, db: Database, blobs: IBlobStore) -> None:
+        self.db = db
+        self.blobs = blobs
+        self._listeners: list[IChangeListener] = []
+
+    def add_listener(self, listener: IChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _announce(self, change: MailboxChange) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.mailbox_changed(change)
+            except Exception:
+                self.log.failure("change listener {listener!r} failed", listener=listener)
+
+    def _announcing(self, d: Deferred[Any], make: Any) -> Deferred[Any]:
+        def announce(result: Any) -> Any:
+            for change in make(result):
+                self._announce(change)
+            return result
+        return d.addCallback(announce)
+
+    # -- mailboxes ------------------------------------------------------------------
+
+    def create_mailbox(self, user_id: int, name: str,
+                       special_use: Optional[str] = None) -> Deferred[Mailbox]:
+        name = normalise_mailbox_name(name)
+        d = self.db.write(self.create_mailbox_now, user_id, name, special_use)
+        return self._announcing(d, lambda mb: [MailboxChange(user_id, mb.id, "created")])
+
+    def create_mailbox_now(self, conn: Connection, user_id: int, name: str,
+                           special_use: Optional[str] = None) -> Mailbox:
+        exists = conn.execute(sa.select(s.mailboxes.c.id).where(
+            (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
+        if exists is not None:
+            raise MailboxExists(f"mailbox {name!r} exists already")
+        result = conn.execute(s.mailboxes.insert().values(
+            user_id=user_id, name=name, uidvalidity=new_uidvalidity(user_id, name),
+            uidnext=1, highestmodseq=1, special_use=special_use, subscribed=True,
+            created=now_ms()))
+        key = result.inserted_primary_key
+        assert key is not None
+        row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == key[0])).one()
+        return _mailbox(row)
+
+    def get_mailbox(self, user_id: int, name: str) -> Deferred[Optional[Mailbox]]:
+        return self.db.read(self._get_mailbox, user_id, normalise_mailbox_name(name))
+
+    @staticmethod
+    def _get_mailbox(conn: Connection, user_id: int, name: str) -> Optional[Mailbox]:
+        row = conn.execute(sa.select(s.mailboxes).where(
+            (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
+        return None if row is None else _mailbox(row)
+
+    def get_or_create_mailbox(self, user_id: int, name: str) -> Deferred[Mailbox]:
+        """The named mailbox, created first if it is missing (INBOX on first delivery)."""
+        name = normalise_mailbox_name(name)
+
+        def get_or_create(conn: Connection) -> tuple[Mailbox, bool]:
+            found = self._get_mailbox(conn, user_id, name)
+            if found is not None:
+                return found, False
+            return self.create_mailbox_now(conn, user_id, name), True
+
+        d = self.db.write(get_or_create)
+        d = self._announcing(d, lambda res: [MailboxChange(user_id, res[0].id, "created")]
+                             if res[1] else [])
+        return d.addCallback(lambda res: res[0])
+
+    def list_mailboxes(self, user_id: int) -> Deferred[list[Mailbox]]:
+        def list_(conn: Connection) -> list[Mailbox]:
+            rows = conn.execute(sa.select(s.mailboxes).where(
+                s.mailboxes.c.user_id == user_id).order_by(s.mailboxes.c.name))
+            return [_mailbox(row) for row in rows]
+        return self.db.read(list_)
+
+    # -- messages -------------------------------------------------------------------
+
+    def append(self, mailbox_id: int, blob: BlobRef, flags: Sequence[str] = (),
+               internal_date: Optional[int] = None,
+               delivery_id: Optional[str] = None) -> Deferred[Appended]:
+        d = self.db.write(self.append_now, mailbox_id, blob, flags, internal_date,
+                          delivery_id)
+        return self._announcing(d, lambda res: [] if res[1].duplicate else [
+            MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq)]
+        ).addCallback(lambda res: res[1])
+
+    def append_now(self, conn: Connection, mailbox_id: int, blob: BlobRef,
+                   flags: Sequence[str] = (), internal_date: Optional[int] = None,
+                   delivery_id: Optional[str] = None) -> tuple[int, Appended]:
+        """Append inside the caller's transaction; returns (user id, result)."""
+        box = _lock_mailbox(conn, mailbox_id)
+        if delivery_id is not None:
+            earlier = conn.execute(sa.select(s.messages.c.uid, s.messages.c.modseq).where(
+                (s.messages.c.mailbox_id == mailbox_id)
+                & (s.messages.c.delivery_id == delivery_id))).first()
+            if earlier is not None:
+                return box.user_id, Appended(mailbox_id, box.uidvalidity, earlier.uid,
+                                             earlier.modseq, duplicate=True)
+        upsert_blob_ref(conn, self.blobs, blob)
+        uid, modseq = box.uidnext, box.highestmodseq + 1
+        conn.execute(s.messages.insert().values(
+            mailbox_id=mailbox_id, uid=uid, modseq=modseq, blob_id=blob.id, size=blob.size,
+            internal_date=internal_date if internal_date is not None else now_ms(),
+            flags=_flags_text(flags), delivery_id=delivery_id))
+        conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id).values(
+            uidnext=uid + 1, highestmodseq=modseq))
+        return box.user_id, Appended(mailbox_id, box.uidvalidity, uid, modseq)
+
+    def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
+        def list_(conn: Connection) -> list[MessageInfo]:
+            rows = conn.execute(sa.select(s.messages).where(
+                s.messages.c.mailbox_id == mailbox_id).order_by(s.messages.c.uid))
+            return [_message(row) for row in rows]
+        return self.db.read(list_)
+
+    def set_flags(self, mailbox_id: int, uids: Sequence[int], flags: Sequence[str],
+                  mode: str = "replace") -> Deferred[list[MessageInfo]]:
+        if mode not in ("replace", "add", "remove"):
+            raise ValueError(f"unknown flag mode {mode!r}")
+
+        def store(conn: Connection) -> tuple[int, list[MessageInfo]]:
+            box = _lock_mailbox(conn, mailbox_id)
+            rows = _messages_by_uid(conn, mailbox_id, uids)
+            modseq = box.highestmodseq
+            changed = []
+            for row in rows:
+                old = _flags_set(row.flags)
+                new = (frozenset(flags) if mode == "replace" else
+                       old | frozenset(flags) if mode == "add" else old - frozenset(flags))
+                if new == old:
+                    continue
+                modseq += 1
+                conn.execute(s.messages.update().where(s.messages.c.id == row.id).values(
+                    flags=_flags_text(new), modseq=modseq))
+                changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
+                                           row.size, row.internal_date, new))
+            if changed:
+                conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
+                             .values(highestmodseq=modseq))
+            return box.user_id, changed
+
+        d = self.db.write(store)
+        return self._announcing(d, lambda res: [MailboxChange(
+            res[0], mailbox_id, "flags", tuple(m.uid for m in res[1]), res[1][-1].modseq)]
+            if res[1] else []).addCallback(lambda res: res[1])
+
+    def expunge(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
+        def expunge_(conn: Connection) -> tuple[int, list[int], int]:
+            box = _lock_mailbox(conn, mailbox_id)
+            rows = _messages_by_uid(conn, mailbox_id, uids)
+            if not rows:
+                return box.user_id, [], box.highestmodseq
+            modseq = box.highestmodseq + 1
+            conn.execute(s.messages.delete().where(
+                s.messages.c.id.in_([row.id for row in rows])))
+            conn.execute(s.expunged.insert(), [
+                {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
+            for row in rows:
+                release_blob_ref(conn, row.blob_id)
+            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
+                         .values(highestmodseq=modseq))
+            return box.user_id, [row.uid for row in rows], modseq
+
+        d = self.db.write(expunge_)
+        return self._announcing(d, lambda res: [MailboxChange(
+            res[0], mailbox_id, "expunged", tuple(res[1]), res[2])] if res[1] else []
+        ).addCallback(lambda res: res[1])
+
+    # -- garbage collection ---------------------------------------------------------
+
+    def collect_garbage(self, grace_seconds: float) -> Deferred[int]:
+        """Delete unreferenced blobs older than the grace period; fires with the count."""
+        cutoff = time.time() - grace_seconds
+        cutoff_ms = int(cutoff * 1000)
+
+        def candidates(conn: Connection) -> list[str]:
+            rows = conn.execute(sa.select(s.blobs.c.id).where(
+                (s.blobs.c.refcount <= 0) & (s.blobs.c.unreferenced_since < cutoff_ms)))
+            return [row.id for row in rows]
+
+        def delete_one(conn: Connection, blob_id: str) -> bool:
+            # Row first, file second, in one transaction: a concurrent reference to
+            # the same content waits on the row and then finds the file (or not).
+            gone = conn.execute(s.blobs.delete().where(
+                (s.blobs.c.id == blob_id) & (s.blobs.c.refcount <= 0))).rowcount
+            if not gone:
+                return False
+            if not self.blobs.delete_now(blob_id, cutoff) and self.blobs.exists_now(blob_id):
+                raise _KeepBlob()   # touched inside the grace period: roll back
+            return True
+
+        def orphans(conn: Connection, ids: list[str]) -> list[str]:
+            known = {row.id for row in conn.execute(
+                sa.select(s.blobs.c.id).where(s.blobs.c.id.in_(ids)))}
+            return [blob_id for blob_id in ids if blob_id not in known]
+
+        def collect() -> int:
+            removed = 0
+            for blob_id in self.db.read_now(candidates):
+                try:
+                    removed += self.db.write_now(delete_one, blob_id)
+                except _KeepBlob:
+                    pass
+            return removed
+
+        def collect_orphans(old_ids: list[str]) -> Deferred[int]:
+            # Files with no row at all: left by a crash between the blob write and
+            # the transaction that would have referenced it.
+            def run() -> int:
+                removed = 0
+                for start in range(0, len(old_ids), 500):
+                    for blob_id in self.db.read_now(orphans, old_ids[start:start + 500]):
+                        removed += self.db.write_now(_delete_orphan, self.blobs, blob_id,
+                                                     cutoff)
+                return removed
+            return self.db.run(run)
+
+        d: Deferred[int] = self.db.run(collect)
+
+        def then_orphans(count: int) -> Deferred[int]:
+            return self.blobs.sweep(cutoff).addCallback(collect_orphans).addCallback(
+                lambda more: count + more)
+        return d.addCallback(then_orphans)
+
+
+class _KeepBlob(Exception):
+    pass
+
+
+def _delete_orphan(conn: Connection, blobs: IBlobStore, blob_id: str, cutoff: float) -> int:
+    # Lock out a concurrent first reference: it inserts the row we check for here.
+    row = conn.execute(sa.select(s.blobs.c.id).where(s.blobs.c.id == blob_id)
+                       .with_for_update()).first()
+    if row is not None:
+        return 0
+    return int(blobs.delete_now(blob_id, cutoff))

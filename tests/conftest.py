@@ -1,0 +1,123 @@
+"""Shared fixtures: real databases, a started storage stack, free ports.
+
+Storage tests that take the ``db_url`` fixture run on SQLite, PostgreSQL and MariaDB.
+The servers are the machine's (``make test`` starts them); each test gets a database
+of its own, dropped afterwards.  A server that cannot be reached fails the test with
+a message saying so: nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from twisted.python.threadpool import ThreadPool
+
+PG_ADMIN_URL = os.environ.get("LIGHTMAIL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_ADMIN_URL = os.environ.get("LIGHTMAIL_TEST_MARIADB",
+                                   "mysql+pymysql://root@127.0.0.1:3306/test")
+BACKENDS = ["sqlite", "postgresql", "mariadb"]
+
+
+def _admin_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"cannot reach the test database at {url} ({exc.orig}); "
+                    "run `make services` (part of `make test`) to start it", pytrace=False)
+    return engine
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty database, on each backend in turn."""
+    backend = request.param
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'lightmail.db'}"
+        return
+    name = f"lm_{uuid.uuid4().hex[:12]}"
+    admin_url = PG_ADMIN_URL if backend == "postgresql" else MARIADB_ADMIN_URL
+    admin = _admin_engine(admin_url)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            if backend == "postgresql":
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            else:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()
+
+
+class StorageStack:
+    """Database, blob store, mail store, queue store and directory, started."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        from lightmail.directory.sql import SQLDirectory
+        from lightmail.storage import migrate
+        from lightmail.storage.blobs import FilesystemBlobStore
+        from lightmail.storage.database import Database
+        from lightmail.storage.queuestore import SQLQueueStore
+        from lightmail.storage.sqlstore import SQLMailStore
+
+        self.url = url
+        self.db = Database(url, threads=4)
+        self.db.start()
+        self.io_pool = ThreadPool(minthreads=1, maxthreads=2, name="test-io")
+        self.io_pool.start()
+        self.blobs = FilesystemBlobStore(root / "blobs", self.io_pool)
+        migrate.upgrade(self.db.engine)
+        self.mailstore = SQLMailStore(self.db, self.blobs)
+        self.queue = SQLQueueStore(self.db, self.blobs)
+        self.directory = SQLDirectory(self.db)
+
+    def close(self) -> None:
+        self.io_pool.stop()
+        self.db.stop()
+
+
+@pytest.fixture
+def stack(db_url: str, tmp_path: Path) -> Iterator[StorageStack]:
+    """A started storage stack on each database backend."""
+    s = StorageStack(db_url, tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def sqlite_stack(tmp_path: Path) -> Iterator[StorageStack]:
+    """A started storage stack on SQLite only (for protocol tests)."""
+    s = StorageStack(f"sqlite:///{tmp_path / 'lightmail.db'}", tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for child processes that need a number)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Any:
+    """Write a config file under tmp_path and return its path."""
+    def write(text: str, name: str = "lightmail.conf") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+    return write

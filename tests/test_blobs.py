@@ -1,0 +1,508 @@
+"""The filesystem blob store: round trips, dedup, streaming, GC helpers, crash safety."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface.verify import verifyObject
+
+from lightmail.storage import blobs
+from lightmail.storage.blobs import FLUSH_THRESHOLD, FilesystemBlobStore
+from lightmail.storage.interfaces import BlobMissing, BlobRef, IBlobStore, IBlobWriter
+
+HELPER = Path(__file__).parent / "helpers" / "blob_writer_child.py"
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPool]:
+    p = ThreadPool(minthreads=1, maxthreads=4, name="test-blobs")
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path, pool: ThreadPool) -> FilesystemBlobStore:
+    return FilesystemBlobStore(tmp_path / "blobs", pool)
+
+
+class ManualPool:
+    """Stands in for the thread pool: work runs only when the test says so."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[bool, Any], None], Callable[..., Any], tuple]] = []
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None],
+                                 func: Callable[..., Any], *args: Any) -> None:
+        self.calls += 1
+        self.queue.append((on_result, func, args))
+
+    def run_all(self) -> None:
+        while self.queue:
+            on_result, func, args = self.queue.pop(0)
+            try:
+                result = func(*args)
+            except BaseException:
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+
+class ImmediateReactor:
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+@pytest.fixture
+def manual(tmp_path: Path) -> tuple[FilesystemBlobStore, ManualPool]:
+    mp = ManualPool()
+    s = FilesystemBlobStore(tmp_path / "blobs", mp,  # type: ignore[arg-type]
+                            ImmediateReactor(), flush_threshold=1000)  # type: ignore[arg-type]
+    return s, mp
+
+
+def result_of(d: defer.Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (a Failure if it failed)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+# -- interface, layout, round trips --------------------------------------------------------
+
+def test_provides_interfaces(store: FilesystemBlobStore) -> None:
+    assert verifyObject(IBlobStore, store)
+    assert verifyObject(IBlobWriter, store.writer())
+
+
+def test_layout(store: FilesystemBlobStore, tmp_path: Path) -> None:
+    blob_id = sha(b"x")
+    assert store.path(blob_id) == (tmp_path / "blobs" / "objects" / blob_id[:2]
+                                   / blob_id[2:4] / blob_id)
+    assert (tmp_path / "blobs" / "tmp").is_dir()
+
+
+@pytest_twisted.inlineCallbacks
+def test_put_read_round_trip(store: FilesystemBlobStore) -> None:
+    data = b"From: a@example.org\r\n\r\nHello.\r\n"
+    ref = yield store.put(data)
+    assert ref == BlobRef(sha(data), len(data))
+    assert store.path(ref.id).read_bytes() == data
+    assert store.exists_now(ref.id)
+    assert (yield store.read(ref.id)) == data
+    assert files_under(store.tmp) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_blob(store: FilesystemBlobStore) -> None:
+    ref = yield store.put(b"")
+    assert ref == BlobRef(sha(b""), 0)
+    assert (yield store.read(ref.id)) == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_read_range(store: FilesystemBlobStore) -> None:
+    data = bytes(range(256)) * 10
+    ref = yield store.put(data)
+    assert (yield store.read_range(ref.id, 0, 10)) == data[:10]
+    assert (yield store.read_range(ref.id, 300, 100)) == data[300:400]
+    assert (yield store.read_range(ref.id, len(data) - 5, 100)) == data[-5:]
+    assert (yield store.read_range(ref.id, len(data) + 10, 100)) == b""
+    assert (yield store.read_range(ref.id, 7, 0)) == b""
+    with pytest.raises(ValueError):
+        store.read_range(ref.id, -1, 10)
+    with pytest.raises(ValueError):
+        store.read_range(ref.id, 0, -1)
+
+
+@pytest_twisted.inlineCallbacks
+def test_missing_blob(store: FilesystemBlobStore) -> None:
+    blob_id = sha(b"never stored")
+    assert not store.exists_now(blob_id)
+    with pytest.raises(BlobMissing):
+        yield store.read(blob_id)
+    with pytest.raises(BlobMissing):
+        yield store.read_range(blob_id, 0, 10)
+
+
+BAD_IDS = [
+    "",
+    "../" * 21 + "a",
+    "../../../../../../../../etc/passwd",
+    "/" + "a" * 63,
+    "a" * 62 + "/.",
+    "aa/../" + "a" * 58,
+    "A" * 64,
+    "g" * 64,
+    "a" * 63,
+    "a" * 65,
+    "a" * 64 + "\n",
+    " " + "a" * 63,
+]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_invalid_ids_rejected(store: FilesystemBlobStore, bad: str) -> None:
+    with pytest.raises(ValueError):
+        store.path(bad)
+    with pytest.raises(ValueError):
+        store.read(bad)
+    with pytest.raises(ValueError):
+        store.read_range(bad, 0, 1)
+    with pytest.raises(ValueError):
+        store.exists_now(bad)
+    with pytest.raises(ValueError):
+        store.delete_now(bad, time.time() + 100)
+
+
+def test_non_string_id_rejected(store: FilesystemBlobStore) -> None:
+    with pytest.raises(ValueError):
+        store.path(b"a" * 64)  # type: ignore[arg-type]
+
+
+# -- dedup -------------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_dedup_keeps_one_file_and_refreshes_mtime(store: FilesystemBlobStore) -> None:
+    data = b"the same message\r\n" * 100
+    first = yield store.put(data)
+    path = store.path(first.id)
+    old = time.time() - 10_000
+    os.utime(path, (old, old))
+    second = yield store.put(data)
+    assert second == first
+    assert path.stat().st_mtime > old + 5_000
+    assert files_under(store.objects) == [path]
+    assert files_under(store.tmp) == []
+    assert path.read_bytes() == data
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_writes_of_same_content(store: FilesystemBlobStore) -> None:
+    data = os.urandom(300_000)
+    refs = yield defer.gatherResults([store.put(data) for _ in range(6)])
+    assert set(refs) == {BlobRef(sha(data), len(data))}
+    assert files_under(store.objects) == [store.path(sha(data))]
+    assert files_under(store.tmp) == []
+
+
+# -- streaming writer ----------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_writer_many_small_chunks(store: FilesystemBlobStore) -> None:
+    lines = [b"line %06d of a message body, long enough to matter\r\n" % i
+             for i in range(20_000)]                    # about 1 MB, above the threshold
+    data = b"".join(lines)
+    assert len(data) > FLUSH_THRESHOLD
+    writer = store.writer()
+    for line in lines:
+        writer.write(line)
+    ref = yield writer.finish()
+    assert ref == BlobRef(sha(data), len(data))
+    assert (yield store.read(ref.id)) == data
+    assert files_under(store.tmp) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_writer_large_blob(store: FilesystemBlobStore) -> None:
+    data = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
+    writer = store.writer()
+    rng = random.Random(8)
+    offset = 0
+    while offset < len(data):
+        step = rng.randrange(1, 100_000)
+        writer.write(data[offset:offset + step])
+        offset += step
+    ref = yield writer.finish()
+    assert ref.id == sha(data) and ref.size == len(data)
+    assert store.path(ref.id).read_bytes() == data
+    assert (yield store.read_range(ref.id, 2_000_000, 1000)) == data[2_000_000:2_001_000]
+    assert files_under(store.tmp) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_put_large_blob(store: FilesystemBlobStore) -> None:
+    data = os.urandom(1_000_000)
+    ref = yield store.put(data)
+    assert ref == BlobRef(sha(data), len(data))
+    assert (yield store.read(ref.id)) == data
+
+
+def test_small_blob_takes_one_pool_call(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    for _ in range(9):
+        writer.write(b"x" * 100)
+    assert mp.calls == 0                            # below the threshold: only buffered
+    d = writer.finish()
+    assert mp.calls == 1
+    assert files_under(s.root) == []                # no I/O until the pool runs it
+    mp.run_all()
+    assert result_of(d) == BlobRef(sha(b"x" * 900), 900)
+    assert mp.calls == 1
+    assert files_under(s.objects) == [s.path(sha(b"x" * 900))]
+
+
+def test_background_appends_are_ordered(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    rng = random.Random(3)
+    chunks = [rng.randbytes(rng.randrange(1, 700)) for _ in range(200)]
+    writer = s.writer()
+    for i, chunk in enumerate(chunks):
+        writer.write(chunk)
+        assert len(mp.queue) <= 1                   # one pool call in flight at a time
+        if i % 7 == 0:
+            mp.run_all()
+    d = writer.finish()
+    mp.run_all()
+    data = b"".join(chunks)
+    assert result_of(d) == BlobRef(sha(data), len(data))
+    assert s.path(sha(data)).read_bytes() == data
+    assert mp.calls > 10
+    assert files_under(s.tmp) == []
+
+
+def test_write_after_finish_or_abort_raises(store: FilesystemBlobStore) -> None:
+    writer = store.writer()
+    writer.write(b"a")
+    writer.finish()
+    with pytest.raises(RuntimeError):
+        writer.write(b"b")
+    with pytest.raises(RuntimeError):
+        writer.finish()
+    writer.abort()                                  # too late to abort: a no-op
+
+    writer = store.writer()
+    writer.write(b"a")
+    writer.abort()
+    with pytest.raises(RuntimeError):
+        writer.write(b"b")
+    with pytest.raises(RuntimeError):
+        writer.finish()
+
+
+def test_abort_removes_tmp(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    writer.write(b"a" * 1500)
+    mp.run_all()
+    assert len(files_under(s.tmp)) == 1             # the first append made the tmp file
+    writer.write(b"b" * 500)
+    writer.abort()
+    mp.run_all()
+    assert files_under(s.root) == []
+
+
+def test_abort_while_append_in_flight(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    writer.write(b"a" * 1500)
+    assert len(mp.queue) == 1
+    writer.abort()
+    mp.run_all()                                    # the append, then the discard
+    assert files_under(s.root) == []
+
+
+def test_abort_before_any_io(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    writer.write(b"a" * 10)
+    writer.abort()
+    mp.run_all()
+    assert mp.calls == 0 and files_under(s.root) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_abort_with_real_pool(tmp_path: Path) -> None:
+    one = ThreadPool(minthreads=1, maxthreads=1, name="test-blobs-one")
+    one.start()
+    try:
+        store = FilesystemBlobStore(tmp_path / "blobs", one)
+        writer = store.writer()
+        writer.write(os.urandom(2 * FLUSH_THRESHOLD))   # an append goes to the pool
+        writer.abort()
+        # One worker runs calls in order: the first no-op comes back after the append
+        # has, which queued the discard; the second after the discard.
+        yield threads.deferToThreadPool(store.reactor, one, lambda: None)
+        yield threads.deferToThreadPool(store.reactor, one, lambda: None)
+        assert files_under(store.root) == []
+    finally:
+        one.stop()
+
+
+def _disk_full(fd: int, data: bytes) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_background_write_error_fails_finish(
+        manual: tuple[FilesystemBlobStore, ManualPool],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s, mp = manual
+    monkeypatch.setattr(blobs, "_write_all", _disk_full)
+    writer = s.writer()
+    writer.write(b"a" * 1500)
+    mp.run_all()                                    # append fails, tmp file removed
+    assert files_under(s.root) == []
+    writer.write(b"b" * 5000)                       # dropped: the blob is lost anyway
+    d = writer.finish()
+    mp.run_all()
+    failure = result_of(d)
+    assert isinstance(failure, Failure) and failure.check(OSError)
+    assert isinstance(failure.value, OSError) and failure.value.errno == errno.ENOSPC
+    assert files_under(s.root) == []
+
+
+def test_final_write_error_fails_finish(
+        manual: tuple[FilesystemBlobStore, ManualPool],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s, mp = manual
+    monkeypatch.setattr(blobs, "_write_all", _disk_full)
+    writer = s.writer()
+    writer.write(b"a" * 10)
+    d = writer.finish()
+    mp.run_all()
+    failure = result_of(d)
+    assert isinstance(failure, Failure) and failure.check(OSError)
+    assert files_under(s.root) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_write_error_with_real_pool(store: FilesystemBlobStore,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blobs, "_write_all", _disk_full)
+    writer = store.writer()
+    writer.write(os.urandom(FLUSH_THRESHOLD + 1))
+    writer.write(b"more")
+    with pytest.raises(OSError):
+        yield writer.finish()
+    assert files_under(store.root) == []
+
+
+# -- garbage collection helpers ---------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_delete_now_respects_older_than(store: FilesystemBlobStore) -> None:
+    ref = yield store.put(b"delete me")
+    path = store.path(ref.id)
+    t0 = time.time() - 1000
+    os.utime(path, (t0, t0))
+    assert not store.delete_now(ref.id, t0 - 1)
+    assert not store.delete_now(ref.id, t0)
+    assert path.exists()
+    assert store.delete_now(ref.id, t0 + 1)
+    assert not path.exists() and not store.exists_now(ref.id)
+    assert not store.delete_now(ref.id, t0 + 1)     # missing: nothing removed
+    with pytest.raises(BlobMissing):
+        yield store.read(ref.id)
+    again = yield store.put(b"delete me")           # can be stored again
+    assert again == ref and path.exists()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sweep(store: FilesystemBlobStore) -> None:
+    now = time.time()
+    old, cutoff = now - 10_000, now - 5_000
+    old_tmp, new_tmp = store.tmp / "blob-old.tmp", store.tmp / "blob-new.tmp"
+    old_tmp.write_bytes(b"partial")
+    new_tmp.write_bytes(b"partial, still being written")
+    os.utime(old_tmp, (old, old))
+    old_ref = yield store.put(b"old blob")
+    new_ref = yield store.put(b"new blob")
+    os.utime(store.path(old_ref.id), (old, old))
+    junk = store.objects / "zz" / "junk"             # not a blob: ignored, left alone
+    junk.parent.mkdir()
+    junk.write_bytes(b"?")
+    os.utime(junk, (old, old))
+
+    found = yield store.sweep(cutoff)
+    assert found == [old_ref.id]
+    assert not old_tmp.exists() and new_tmp.exists()
+    assert store.exists_now(old_ref.id) and store.exists_now(new_ref.id)
+    assert junk.exists()
+
+    found = yield store.sweep(now + 100)
+    assert sorted(found) == sorted([old_ref.id, new_ref.id])
+    assert files_under(store.tmp) == []
+
+
+# -- crash safety ----------------------------------------------------------------------------
+
+def _run_child_and_kill(root: Path, seed: int, log: Path, delay: float) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT), env.get("PYTHONPATH", "")) if p)
+    with open(log, "ab") as stderr:
+        proc = subprocess.Popen([sys.executable, str(HELPER), str(root), str(seed)],
+                                stdout=subprocess.PIPE, stderr=stderr, env=env)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else b""
+        assert line == b"ready\n", f"the child did not start: {log.read_text()}"
+        time.sleep(delay)
+        assert proc.poll() is None, f"the child died: {log.read_text()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sigkill_never_leaves_partial_blobs(tmp_path: Path, pool: ThreadPool) -> None:
+    root = tmp_path / "crash"
+    rng = random.Random()
+    log = tmp_path / "child.log"
+    for i in range(5):
+        _run_child_and_kill(root, rng.randrange(2**32) + i, log, rng.uniform(0.05, 0.5))
+
+    objects, tmp = root / "objects", root / "tmp"
+    for path in files_under(root):
+        rel = path.relative_to(root).parts
+        assert rel[0] in ("objects", "tmp"), path
+        if rel[0] == "objects":
+            assert len(rel) == 4 and blobs.is_blob_id(rel[3]), path
+            assert rel[1] == rel[3][:2] and rel[2] == rel[3][2:4], path
+            assert sha(path.read_bytes()) == rel[3], f"partial blob visible at {path}"
+        else:
+            assert len(rel) == 2, path
+    complete = sorted(p.name for p in files_under(objects))
+
+    store = FilesystemBlobStore(root, pool)
+    found = yield store.sweep(time.time() + 3600)
+    assert sorted(found) == complete
+    assert files_under(tmp) == []
+    assert sorted(p.name for p in files_under(objects)) == complete

@@ -1,0 +1,545 @@
+"""The SMTP server against real clients over real sockets: raw commands, smtplib, swaks.
+
+The server runs in-process (``makeService`` with listeners on port 0); every client runs
+in a thread so the reactor keeps serving it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, threads
+
+from lightmail.admin.certs import write_self_signed
+from lightmail.config import parse_config
+from lightmail.service import get_services, makeService
+
+ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3} ")
+
+
+class Raw:
+    """A minimal blocking SMTP client that shows exactly what the server said."""
+
+    def __init__(self, port: int, tls: bool = False) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            sock = ctx.wrap_socket(sock)
+        self.sock = sock
+        self.file = sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def reply(self) -> list[str]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                lines.append("<closed>")
+                return lines
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return lines
+
+    def cmd(self, line: str) -> str:
+        self.send(line + "\r\n")
+        return "\n".join(self.reply())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    return threads.deferToThread(fn, *args, **kwargs)
+
+
+class Server:
+    def __init__(self, root: Any, ports: dict[str, int], tmp: Path) -> None:
+        self.root, self.ports, self.tmp = root, ports, tmp
+        self.parts = get_services(root)
+
+    @defer.inlineCallbacks
+    def queued(self) -> Any:
+        return (yield self.parts.queue.list_recipients())
+
+    @defer.inlineCallbacks
+    def inbox(self, address: str, mailbox: str = "INBOX") -> Any:
+        user = yield self.parts.directory.get_user(address)
+        box = yield self.parts.mailstore.get_mailbox(user.id, mailbox)
+        if box is None:
+            return []
+        contents = []
+        for message in (yield self.parts.mailstore.list_messages(box.id)):
+            contents.append((yield self.parts.blobs.read(message.blob_id)))
+        return contents
+
+    @defer.inlineCallbacks
+    def delivered(self, address: str, count: int, mailbox: str = "INBOX") -> Any:
+        from twisted.internet import reactor, task
+        for _ in range(200):
+            found = yield self.inbox(address, mailbox)
+            if len(found) >= count:
+                return found
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"{count} messages never reached {address}/{mailbox}")
+
+
+@defer.inlineCallbacks
+def start(tmp: Path, extra: str = "") -> Any:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    if not cert.exists():
+        write_self_signed(cert, key, "mx.example.test")
+    tls = f"tls_cert = {cert}\ntls_key = {key}\n"
+    config = parse_config(
+        f"[server]\nstate_dir = {tmp / 'state'}\nhostname = mx.example.test\n"
+        "shutdown_timeout = 2s\n"
+        "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "tls = starttls\n" + tls +
+        "[listener:submission]\nprotocol = submission\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "tls = starttls\n" + tls +
+        "[listener:submissions]\nprotocol = submission\n"
+        "endpoint = tcp:0:interface=127.0.0.1\ntls = implicit\n" + tls + extra,
+        str(tmp / "lm.conf"))
+    root = makeService(config)
+    root.startService()
+    parts = get_services(root)
+    yield parts.storage.ready
+    ports = {}
+    for name in ("mx", "submission", "submissions"):
+        port = yield root.getServiceNamed(f"listener:{name}").listening
+        ports[name] = port.getHost().port
+    d = parts.directory
+    yield d.add_domain("example.test")
+    yield d.add_user("bob@example.test", "bob-secret")
+    yield d.add_user("jörg@example.test", None)
+    yield d.add_alias("postmaster@example.test", "bob@example.test")
+    yield d.add_alias("outside@example.test", "friend@remote.example")
+    bob = yield d.get_user("bob@example.test")
+    yield parts.mailstore.get_or_create_mailbox(bob.id, "INBOX")
+    yield parts.mailstore.create_mailbox(bob.id, "lists")
+    return Server(root, ports, tmp)
+
+
+def session(port: int, *lines: str, tls: bool = False) -> list[str]:
+    client = Raw(port, tls)
+    try:
+        return [client.cmd(line) for line in lines]
+    finally:
+        client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_ehlo_offers_the_right_extensions_per_listener(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    try:
+        [mx] = yield in_thread(session, server.ports["mx"], "EHLO client.test")
+        for ext in ("PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8", "CHUNKING",
+                    "DSN", "ENHANCEDSTATUSCODES", "STARTTLS"):
+            assert f"250-{ext}" in mx or f"250 {ext}" in mx, mx
+        assert "AUTH" not in mx                      # no AUTH on the MX
+        [sub] = yield in_thread(session, server.ports["submission"], "EHLO c")
+        assert "AUTH" not in sub                     # not before TLS
+        [tls] = yield in_thread(session, server.ports["submissions"], "EHLO c", tls=True)
+        assert "250 AUTH PLAIN LOGIN" in tls and "STARTTLS" not in tls
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_reply_carries_an_enhanced_code(tmp_path: Path) -> None:
+    server = yield start(tmp_path, "[smtp]\nmax_errors = 50\n")
+    try:
+        replies = yield in_thread(
+            session, server.ports["mx"], "MAIL FROM:<a@example.org>", "HELO client.test",
+            "FROBNICATE", "RCPT TO:<bob@example.test>", "MAIL FROM:<a@example.org> BOGUS=1",
+            "MAIL FROM:a@example.org", "MAIL FROM:<a@example.org>",
+            "MAIL FROM:<a@example.org>", "RCPT TO:<nobody@example.test>",
+            "RCPT TO:<someone@remote.example>", "RCPT TO:<bob@example.test> NOTIFY=SOMETIMES",
+            "VRFY bob", "EXPN staff", "HELP", "NOOP", "RSET", "DATA", "QUIT")
+        expected = ["503 5.5.1", None, "500 5.5.2", "503 5.5.1", "555 5.5.4", "501 5.5.4",
+                    "250 2.1.0", "503 5.5.1", "550 5.1.1", "554 5.7.1", "555 5.5.4",
+                    "252 2.5.0", "502 5.5.1", "214 2.0.0", "250 2.0.0", "250 2.0.0",
+                    "503 5.5.1", "221 2.0.0"]
+        for reply, want in zip(replies, expected, strict=True):
+            if want is not None:
+                assert reply.startswith(want), (want, reply)
+                assert all(ENHANCED.match(line) for line in reply.splitlines()), reply
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_smtplib_message_is_queued_delivered_and_transparent(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    try:
+        body = (b"From: a@example.org\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\n"
+                b".leading dot\r\n..two dots\r\nend\r\n")
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=20) as smtp:
+                return smtp.sendmail("a@example.org", ["bob@example.test"], body)
+        assert (yield in_thread(send)) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert message.startswith(b"Received: from ")
+        assert b"by mx.example.test (LightMail) with ESMTP id " in message
+        assert b"for <bob@example.test>;" in message
+        assert message.endswith(body)                     # dot-unstuffed exactly
+        assert (yield server.queued()) == []
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_smtputf8_addresses_need_the_parameter(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    try:
+        # Without the SMTPUTF8 parameter a UTF-8 address is refused (RFC 6531 §3.5).
+        refused = yield in_thread(session, server.ports["mx"], "EHLO c",
+                                  "MAIL FROM:<a@example.org>", "RCPT TO:<jörg@example.test>")
+        assert refused[2].startswith("553 5.6.7")
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=20) as smtp:
+                return smtp.sendmail("ä@example.org", ["jörg@example.test"],
+                                     "Subject: grüße\r\n\r\nUTF-8 all the way\r\n".encode(),
+                                     mail_options=["SMTPUTF8"])
+        assert (yield in_thread(send)) == {}
+        [message] = yield server.delivered("jörg@example.test", 1)
+        assert b"with UTF8SMTP id" in message and "grüße".encode() in message
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_bdat_chunks_and_pipelining(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    try:
+        def run() -> list[str]:
+            client = Raw(server.ports["mx"])
+            client.cmd("EHLO client.test")
+            # Pipelined envelope and two chunks in one write (RFC 2920, RFC 3030).
+            chunk1 = b"Subject: chunked\r\n\r\nfirst part "
+            chunk2 = b"second part\r\n"
+            client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.test>\r\n"
+                        b"RCPT TO:<nobody@example.test>\r\n"
+                        + b"BDAT %d\r\n" % len(chunk1) + chunk1
+                        + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2 + b"NOOP\r\n")
+            replies = ["\n".join(client.reply()) for _ in range(6)]
+            client.close()
+            return replies
+        replies = yield in_thread(run)
+        assert [r[:9] for r in replies] == ["250 2.1.0", "250 2.1.5", "550 5.1.1",
+                                            "250 2.0.0", "250 2.0.0", "250 2.0.0"]
+        assert "octets received" in replies[3] and "queued as" in replies[4]
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert message.endswith(b"Subject: chunked\r\n\r\nfirst part second part\r\n")
+
+        def zero_last() -> list[str]:
+            client = Raw(server.ports["mx"])
+            client.cmd("EHLO c")
+            client.cmd("MAIL FROM:<a@example.org>")
+            client.cmd("RCPT TO:<bob@example.test>")
+            client.send(b"BDAT 5\r\nhello")      # the chunk follows the command at once
+            one = "\n".join(client.reply())
+            two = client.cmd("BDAT 0 LAST")
+            client.send(b"BDAT 3 LAST\r\nabc")   # no transaction any more
+            three = "\n".join(client.reply())
+            client.close()
+            return [one, two, three]
+        one, two, three = yield in_thread(zero_last)
+        assert one.startswith("250 2.0.0 5 octets") and "queued as" in two
+        assert three.startswith("503 5.5.1")
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_content_is_refused_whole(tmp_path: Path) -> None:
+    server = yield start(tmp_path, "[smtp]\nmax_message_size = 2K\n")
+    try:
+        def run(payload: bytes) -> str:
+            client = Raw(server.ports["mx"])
+            for line in ("EHLO c", "MAIL FROM:<a@example.org>", "RCPT TO:<bob@example.test>",
+                         "DATA"):
+                client.cmd(line)
+            client.send(payload)
+            reply = "\n".join(client.reply())
+            after = client.cmd("NOOP")
+            client.close()
+            return reply + "|" + after
+        bare_lf = yield in_thread(run, b"Subject: x\n\nbare\n.\r\n\r\n.\r\n")
+        assert bare_lf.startswith("550 5.5.2") and bare_lf.endswith("250 2.0.0 Ok")
+        smuggled = yield in_thread(run, b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x>\r\n.\r\n")
+        assert smuggled.startswith("550 5.5.2")
+        nul = yield in_thread(run, b"Subject: x\r\n\r\nnul\0here\r\n.\r\n")
+        assert nul.startswith("554 5.6.0")
+        big = yield in_thread(run, b"Subject: x\r\n\r\n" + b"y" * 70 + b"\r\n" * 0
+                              + (b"z" * 70 + b"\r\n") * 60 + b".\r\n")
+        assert big.startswith("552 5.3.4")
+        declared = yield in_thread(session, server.ports["mx"], "EHLO c",
+                                   "MAIL FROM:<a@example.org> SIZE=999999")
+        assert declared[1].startswith("552 5.3.4")
+        assert (yield server.queued()) == []
+        assert (yield server.inbox("bob@example.test")) == []
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_abuse_gets_answers_not_crashes(tmp_path: Path) -> None:
+    server = yield start(tmp_path, "[smtp]\nmax_recipients = 5\nmax_errors = 3\n")
+    try:
+        def long_line() -> tuple[str, str]:
+            client = Raw(server.ports["mx"])
+            client.send(b"NOOP " + b"x" * (1024 * 1024) + b"\r\n")
+            first = "\n".join(client.reply())
+            second = client.cmd("NOOP")
+            client.close()
+            return first, second
+        first, second = yield in_thread(long_line)
+        assert first.startswith("500 5.5.2 Line too long") and second.startswith("250")
+
+        def many_rcpts() -> list[str]:
+            client = Raw(server.ports["mx"])
+            client.cmd("EHLO c")
+            client.cmd("MAIL FROM:<a@example.org>")
+            client.send(b"RCPT TO:<bob@example.test>\r\n" * 1000)
+            replies = [client.reply()[0][:9] for _ in range(1000)]
+            client.close()
+            return replies
+        replies = yield in_thread(many_rcpts)
+        assert replies[:5] == ["250 2.1.5"] * 5 and set(replies[5:]) == {"452 4.5.3"}
+
+        errors = yield in_thread(session, server.ports["mx"], "X1", "X2", "X3", "X4", "NOOP")
+        assert errors[3].startswith("500 5.5.2")
+        assert errors[4].startswith("421 4.7.0 Too many errors")   # then the server hangs up
+
+        def garbage_tls() -> bytes:
+            with socket.create_connection(("127.0.0.1", server.ports["submissions"]),
+                                          timeout=10) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05garbage-not-a-handshake" * 10)
+                try:
+                    return sock.recv(100)
+                except OSError:
+                    return b""
+        yield in_thread(garbage_tls)
+
+        def hang_up_mid_data() -> None:
+            client = Raw(server.ports["mx"])
+            for line in ("EHLO c", "MAIL FROM:<a@example.org>", "RCPT TO:<bob@example.test>",
+                         "DATA"):
+                client.cmd(line)
+            client.send(b"Subject: cut\r\n\r\n" + b"half a message\r\n" * 100)
+            client.close()
+        yield in_thread(hang_up_mid_data)
+        # Still serving normally, and nothing was queued or left in the blob store.
+        ok = yield in_thread(session, server.ports["mx"], "EHLO c", "NOOP")
+        assert ok[1].startswith("250 2.0.0")
+        assert (yield server.queued()) == []
+        objects = server.tmp / "state" / "blobs" / "objects"
+        assert not any(p.is_file() for p in objects.rglob("*")) if objects.exists() else True
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_submission_needs_tls_and_auth_and_owns_its_sender(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    try:
+        plain = yield in_thread(session, server.ports["submission"], "EHLO c",
+                                "MAIL FROM:<bob@example.test>",
+                                "AUTH PLAIN AGJvYkBleGFtcGxlLnRlc3QAYm9iLXNlY3JldA==")
+        assert plain[1].startswith("530 5.7.0") and plain[2].startswith("538 5.7.11")
+
+        def submit(sender: str, rcpts: list[str], password: str = "bob-secret") -> Any:
+            with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=20) as smtp:
+                smtp.starttls(context=ssl._create_unverified_context())
+                smtp.login("bob@example.test", password)
+                return smtp.sendmail(sender, rcpts, b"Subject: submitted\r\n\r\nhi\r\n",
+                                     rcpt_options=["NOTIFY=SUCCESS,FAILURE",
+                                                   "ORCPT=rfc822;x@remote.example"])
+        with pytest.raises(smtplib.SMTPAuthenticationError) as bad:
+            yield in_thread(submit, "bob@example.test", ["bob@example.test"], "wrong")
+        assert bad.value.smtp_code == 535
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            yield in_thread(submit, "someone.else@example.test", ["bob@example.test"])
+        assert refused.value.smtp_code == 553
+        # Own address and own alias are fine; relaying works once authenticated.
+        yield in_thread(submit, "postmaster@example.test", ["x@remote.example"])
+        rows = yield server.queued()
+        assert [(r["recipient"], r["transport"]) for r in rows] == [
+            ("x@remote.example", "smtp")]
+        with server.parts.storage.db.engine.connect() as conn:
+            notify, orcpt = conn.exec_driver_sql(
+                "select notify, orcpt from queue_recipients").one()
+        assert (notify, orcpt) == ("SUCCESS,FAILURE", "rfc822;x@remote.example")
+
+        def implicit_login() -> Any:
+            ctx = ssl._create_unverified_context()
+            with smtplib.SMTP_SSL("127.0.0.1", server.ports["submissions"], timeout=20,
+                                  context=ctx) as smtp:
+                smtp.login("bob@example.test", "bob-secret")   # smtplib picks a mechanism
+                return smtp.sendmail("bob@example.test", ["bob+lists@example.test"],
+                                     b"Subject: to lists\r\n\r\nhi\r\n")
+        assert (yield in_thread(implicit_login)) == {}
+        [message] = yield server.delivered("bob@example.test", 1, "lists")
+        assert b"with ESMTPSA id" in message and b"(using TLSv1.3 with cipher" in message
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_aliases_and_dsn_parameters_reach_the_queue(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    server.parts.queue_runner.stopService()     # keep rows in the queue to look at them
+    try:
+        replies = yield in_thread(
+            session, server.ports["mx"], "EHLO c",
+            "MAIL FROM:<a@example.org> RET=HDRS ENVID=env+2B1 BODY=8BITMIME",
+            "RCPT TO:<outside@example.test> NOTIFY=NEVER",
+            "RCPT TO:<Bob+Lists@example.test> ORCPT=rfc822;bob+lists@example.test", "DATA",
+            "Subject: dsn\r\n\r\nhi\r\n.")
+        assert replies[-1].startswith("250 2.0.0 Ok: queued as")
+        with server.parts.storage.db.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "select r.recipient, r.transport, r.notify, r.orcpt, m.ret, m.envid, m.body "
+                "from queue_recipients r join queue_messages m on m.id = r.queue_id "
+                "order by r.id").all()
+        assert [tuple(row) for row in rows] == [
+            ("friend@remote.example", "smtp", "NEVER", "rfc822;outside@example.test",
+             "HDRS", "env+2B1", "8BITMIME"),
+            ("bob+lists@example.test", "local", None, "rfc822;bob+lists@example.test",
+             "HDRS", "env+2B1", "8BITMIME")]
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_swaks_tls_auth_pipelining(tmp_path: Path) -> None:
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is missing: run scripts/test-peers.sh (part of `make test`)"
+    server = yield start(tmp_path)
+    try:
+        result = yield in_thread(lambda: subprocess.run(
+            [swaks, "--server", f"127.0.0.1:{server.ports['submission']}", "--tls",
+             "--auth", "PLAIN", "--auth-user", "bob@example.test", "--auth-password",
+             "bob-secret", "--from", "bob@example.test", "--to", "bob@example.test",
+             "--pipeline", "--header", "Subject: from swaks"],
+            capture_output=True, text=True, timeout=60))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "250 2.0.0 Ok: queued as" in result.stdout
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert b"Subject: from swaks" in message
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_shutdown_says_421_to_idle_sessions(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    client = yield in_thread(Raw, server.ports["mx"])
+    yield in_thread(client.cmd, "EHLO c")
+    started = time.monotonic()
+    yield server.root.stopService()
+    goodbye = yield in_thread(client.reply)
+    client.close()
+    assert goodbye[0].startswith("421 4.3.2")
+    assert time.monotonic() - started < 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_limits_and_idle_timeout(tmp_path: Path) -> None:
+    server = yield start(tmp_path, "[smtp]\ncommand_timeout = 1s\n"
+                         "[listener:tight]\nprotocol = smtp\n"
+                         "endpoint = tcp:0:interface=127.0.0.1\nmax_connections_per_ip = 2\n")
+    try:
+        port = (yield server.root.getServiceNamed("listener:tight").listening).getHost().port
+
+        def crowd() -> list[str]:
+            first, second = Raw(port), Raw(port)
+            third = Raw(port)              # one too many from this address
+            greetings = [first.greeting[0], second.greeting[0], third.greeting[0]]
+            for client in (first, second, third):
+                client.close()
+            return greetings
+        greetings = yield in_thread(crowd)
+        assert greetings[0].startswith("220 ") and greetings[1].startswith("220 ")
+        assert greetings[2].startswith("421 4.7.0") and "too many connections" in greetings[2]
+
+        def idle() -> list[str]:
+            client = Raw(server.ports["mx"])
+            time.sleep(2)                  # say nothing for longer than command_timeout
+            reply = client.reply()
+            client.close()
+            return reply
+        assert (yield in_thread(idle))[0].startswith("421 4.4.2")
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_session_limit_and_commands_before_auth(tmp_path: Path) -> None:
+    server = yield start(tmp_path, "[smtp]\nsession_timeout = 1s\nmax_commands_before_auth = 3\n")
+    try:
+        def busy_but_too_long() -> list[str]:
+            client = Raw(server.ports["mx"])
+            replies = []
+            for _ in range(8):                 # keeps talking: idle timeout never fires
+                replies.append(client.cmd("NOOP"))
+                if replies[-1].startswith("421"):
+                    break
+                time.sleep(0.25)
+            client.close()
+            return replies
+        replies = yield in_thread(busy_but_too_long)
+        assert replies[0].startswith("250") and any(r.startswith("421") for r in replies)
+
+        chatty = yield in_thread(session, server.ports["submission"], "EHLO c", "NOOP",
+                                 "NOOP", "NOOP", "NOOP")
+        assert chatty[2].startswith("250") and chatty[3].startswith("421 4.7.0")
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sni_picks_the_certificate_for_the_name_asked(tmp_path: Path) -> None:
+    for name in ("other.test", "third.test"):
+        write_self_signed(tmp_path / f"{name}.pem", tmp_path / f"{name}.key", name)
+    server = yield start(tmp_path, "[listener:sni]\nprotocol = submission\n"
+                         "endpoint = tcp:0:interface=127.0.0.1\ntls = implicit\n"
+                         f"tls_cert = {tmp_path / 'cert.pem'}\ntls_key = {tmp_path / 'key.pem'}\n"
+                         f"tls_sni = {tmp_path}/other.test.pem:{tmp_path}/other.test.key, "
+                         f"{tmp_path}/third.test.pem:{tmp_path}/third.test.key\n")
+    try:
+        port = (yield server.root.getServiceNamed("listener:sni").listening).getHost().port
+
+        def names() -> list[str]:
+            seen = []
+            for asked in ("other.test", "third.test", "unknown.test"):
+                ctx = ssl._create_unverified_context()
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                    with ctx.wrap_socket(raw, server_hostname=asked) as sock:
+                        der = sock.getpeercert(binary_form=True)
+                from cryptography import x509
+                cert = x509.load_der_x509_certificate(der)
+                seen.append(cert.subject.rfc4514_string())
+            return seen
+        assert (yield in_thread(names)) == ["CN=other.test", "CN=third.test",
+                                            "CN=mx.example.test"]
+    finally:
+        yield server.root.stopService()

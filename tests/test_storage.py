@@ -1,0 +1,299 @@
+"""The storage suite: mailboxes, UIDs/MODSEQs, queue and blob references.
+
+Runs on SQLite, PostgreSQL and MariaDB (the ``stack`` fixture is parametrised).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+import sqlalchemy as sa
+from twisted.internet import defer
+
+from lightmail.storage import schema as s
+from lightmail.storage.interfaces import (
+    Envelope,
+    MailboxExists,
+    NoSuchMailbox,
+    QueueRecipient,
+)
+from lightmail.storage.queuestore import new_queue_id, queue_id_time
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+def refcount(stack, blob_id: str) -> int | None:
+    with stack.db.engine.connect() as conn:
+        return conn.execute(sa.select(s.blobs.c.refcount).where(
+            s.blobs.c.id == blob_id)).scalar()
+
+
+@defer.inlineCallbacks
+def make_user(stack, address: str = "bob@example.test"):
+    domain = address.split("@")[1]
+    if domain not in (yield stack.directory.list_domains()):
+        yield stack.directory.add_domain(domain)
+    user = yield stack.directory.add_user(address, None)
+    return user
+
+
+@pytest_twisted.inlineCallbacks
+def test_mailbox_create_get_list(stack) -> None:
+    user = yield make_user(stack)
+    inbox = yield stack.mailstore.create_mailbox(user.id, "inbox")
+    assert inbox.name == "INBOX" and inbox.uidnext == 1 and inbox.uidvalidity > 0
+    yield stack.mailstore.create_mailbox(user.id, "Archive/2026", "\\Archive")
+    with pytest.raises(MailboxExists):
+        yield stack.mailstore.create_mailbox(user.id, "INBOX")
+    found = yield stack.mailstore.get_mailbox(user.id, "InBoX")
+    assert found == inbox
+    names = [mb.name for mb in (yield stack.mailstore.list_mailboxes(user.id))]
+    assert names == ["Archive/2026", "INBOX"]
+    assert (yield stack.mailstore.get_mailbox(user.id, "nope")) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_append_assigns_increasing_uids_and_modseqs_under_concurrency(stack) -> None:
+    user = yield make_user(stack)
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    refs = yield defer.gatherResults(
+        [stack.blobs.put(MESSAGE + b"%d\r\n" % i) for i in range(12)])
+    results = yield defer.gatherResults(
+        [stack.mailstore.append(box.id, ref, flags=["\\Seen"]) for ref in refs])
+    assert sorted(r.uid for r in results) == list(range(1, 13))
+    assert len({r.modseq for r in results}) == 12
+    messages = yield stack.mailstore.list_messages(box.id)
+    assert [m.uid for m in messages] == list(range(1, 13))
+    assert all(m.flags == frozenset({"\\Seen"}) for m in messages)
+    box2 = yield stack.mailstore.get_mailbox(user.id, "INBOX")
+    assert box2.uidnext == 13
+    assert box2.highestmodseq == max(r.modseq for r in results)
+
+
+@pytest_twisted.inlineCallbacks
+def test_same_delivery_id_files_once(stack) -> None:
+    user = yield make_user(stack)
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    ref = yield stack.blobs.put(MESSAGE)
+    first = yield stack.mailstore.append(box.id, ref, delivery_id="q42")
+    again = yield stack.mailstore.append(box.id, ref, delivery_id="q42")
+    assert again.duplicate and (again.uid, again.modseq) == (first.uid, first.modseq)
+    assert len((yield stack.mailstore.list_messages(box.id))) == 1
+    assert refcount(stack, ref.id) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_identical_content_is_stored_once_and_counted(stack) -> None:
+    user = yield make_user(stack)
+    inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    other = yield stack.mailstore.create_mailbox(user.id, "Other")
+    ref1 = yield stack.blobs.put(MESSAGE)
+    ref2 = yield stack.blobs.put(MESSAGE)
+    assert ref1 == ref2
+    yield stack.mailstore.append(inbox.id, ref1)
+    yield stack.mailstore.append(other.id, ref2)
+    assert refcount(stack, ref1.id) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_flags_and_expunge_bump_modseq_and_release_blobs(stack) -> None:
+    user = yield make_user(stack)
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    changes = []
+    stack.mailstore.add_listener(type("L", (), {"mailbox_changed":
+                                                lambda self, c: changes.append(c)})())
+    refs = []
+    for i in range(3):
+        refs.append((yield stack.blobs.put(MESSAGE + b"%d" % i)))
+    for ref in refs:
+        yield stack.mailstore.append(box.id, ref)
+    changed = yield stack.mailstore.set_flags(box.id, [1, 2], ["\\Seen", "$Label1"], "add")
+    assert [m.uid for m in changed] == [1, 2]
+    assert changed[0].flags == frozenset({"\\Seen", "$Label1"})
+    unchanged = yield stack.mailstore.set_flags(box.id, [1], ["\\Seen"], "add")
+    assert unchanged == []
+    removed = yield stack.mailstore.set_flags(box.id, [1], ["$Label1"], "remove")
+    assert removed[0].flags == frozenset({"\\Seen"})
+    gone = yield stack.mailstore.expunge(box.id, [2, 3, 99])
+    assert gone == [2, 3]
+    left = yield stack.mailstore.list_messages(box.id)
+    assert [m.uid for m in left] == [1]
+    assert refcount(stack, refs[1].id) == 0
+    with stack.db.engine.connect() as conn:
+        expunged = conn.execute(sa.select(s.expunged.c.uid).where(
+            s.expunged.c.mailbox_id == box.id).order_by(s.expunged.c.uid)).scalars().all()
+    assert expunged == [2, 3]
+    kinds = [c.kind for c in changes]
+    assert kinds == ["appended"] * 3 + ["flags", "flags", "expunged"]
+    box_now = yield stack.mailstore.get_mailbox(user.id, "INBOX")
+    assert box_now.highestmodseq == changes[-1].modseq
+    with pytest.raises(NoSuchMailbox):
+        yield stack.mailstore.expunge(999999, [1])
+
+
+@pytest_twisted.inlineCallbacks
+def test_queue_claim_deliver_and_retire(stack) -> None:
+    ref = yield stack.blobs.put(MESSAGE)
+    envelope = Envelope(mail_from="a@example.org", recipients=[
+        QueueRecipient("bob@example.test", orcpt="rfc822;bob@example.test",
+                       notify="SUCCESS,FAILURE"),
+        QueueRecipient("carol@remote.example", transport="smtp")], envid="E1", ret="HDRS")
+    queue_id = yield stack.queue.enqueue(envelope, ref)
+    assert abs(queue_id_time(queue_id) - time.time()) < 60
+    assert refcount(stack, ref.id) == 1
+    items = yield stack.queue.claim("node-a", ["local"], 10, 60)
+    assert len(items) == 1
+    item = items[0]
+    assert item.recipient.address == "bob@example.test"
+    assert item.recipient.notify == "SUCCESS,FAILURE"
+    assert item.envelope.envid == "E1" and item.envelope.ret == "HDRS"
+    assert item.blob == ref
+    # Leased: another node gets nothing.
+    assert (yield stack.queue.claim("node-b", ["local"], 10, 60)) == []
+    yield stack.queue.delivered(item, "node-a")
+    rows = yield stack.queue.list_recipients()
+    assert [(r["recipient"], r["state"]) for r in rows] == [
+        ("bob@example.test", "delivered"), ("carol@remote.example", "queued")]
+    smtp_items = yield stack.queue.claim("node-a", ["smtp"], 10, 60)
+    yield stack.queue.bounced(smtp_items[0], "node-a", "5.1.1 no such user")
+    # All final: the message leaves the queue and drops its blob reference.
+    assert (yield stack.queue.list_recipients()) == []
+    assert refcount(stack, ref.id) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_expired_lease_is_taken_over_and_stale_owner_cannot_finish(stack) -> None:
+    ref = yield stack.blobs.put(MESSAGE)
+    yield stack.queue.enqueue(Envelope("a@example.org", [QueueRecipient("b@example.test")]),
+                              ref)
+    [item] = yield stack.queue.claim("crashed-node", ["local"], 10, 0.0)
+    time.sleep(0.01)  # the zero-length lease has run out
+    [again] = yield stack.queue.claim("node-b", ["local"], 10, 60)
+    assert again.recipient_id == item.recipient_id
+    # The crashed node's late answer changes nothing.
+    yield stack.queue.delivered(item, "crashed-node")
+    rows = yield stack.queue.list_recipients()
+    assert rows[0]["state"] == "active"
+    yield stack.queue.deferred(again, "node-b", "4.4.1 timeout", int(time.time() * 1000))
+    rows = yield stack.queue.list_recipients(["deferred"])
+    assert rows[0]["attempts"] == 1 and rows[0]["last_error"] == "4.4.1 timeout"
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_collection_removes_only_unreferenced_old_blobs(stack) -> None:
+    user = yield make_user(stack)
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    kept = yield stack.blobs.put(b"kept\r\n")
+    dropped = yield stack.blobs.put(b"dropped\r\n")
+    orphan = yield stack.blobs.put(b"never referenced\r\n")
+    yield stack.mailstore.append(box.id, kept)
+    yield stack.mailstore.append(box.id, dropped)
+    yield stack.mailstore.expunge(box.id, [2])
+    # Inside the grace period nothing goes.
+    assert (yield stack.mailstore.collect_garbage(3600)) == 0
+    assert stack.blobs.exists_now(dropped.id) and stack.blobs.exists_now(orphan.id)
+    time.sleep(0.05)
+    removed = yield stack.mailstore.collect_garbage(0)
+    assert removed == 2
+    assert stack.blobs.exists_now(kept.id)
+    assert not stack.blobs.exists_now(dropped.id)
+    assert not stack.blobs.exists_now(orphan.id)
+    assert refcount(stack, dropped.id) is None
+
+
+def test_queue_ids_are_unique_and_carry_their_time() -> None:
+    ids = [new_queue_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert all(set(id_) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for id_ in ids)
+    before = new_queue_id()
+    time.sleep(0.01)
+    after = new_queue_id()
+    assert queue_id_time(before) < queue_id_time(after)
+    assert len(before) == len(after) and before < after  # sortable as text
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_restarted_node_takes_back_its_own_leases_at_once(stack) -> None:
+    ref = yield stack.blobs.put(MESSAGE)
+    yield stack.queue.enqueue(Envelope("a@example.org", [QueueRecipient("b@example.test")]),
+                              ref)
+    [item] = yield stack.queue.claim("node-1", ["local"], 10, 3600)
+    assert (yield stack.queue.claim("node-1", ["local"], 10, 3600)) == []
+    assert (yield stack.queue.release_leases("node-2")) == 0   # not node-2's to give
+    assert (yield stack.queue.release_leases("node-1")) == 1
+    [again] = yield stack.queue.claim("node-1", ["local"], 10, 3600)
+    assert again.recipient_id == item.recipient_id
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit_isolates_a_failing_member(stack) -> None:
+    """Grouped writes commit together; one that fails rolls back alone."""
+    yield stack.directory.add_domain("example.test")
+
+    def add(conn, name: str) -> str:
+        conn.execute(s.domains.insert().values(name=name, created=0))
+        return name
+
+    def boom(conn) -> None:
+        conn.execute(s.domains.insert().values(name="half.test", created=0))
+        raise RuntimeError("this member fails")
+
+    results = yield defer.DeferredList(
+        [stack.db.write_grouped(add, f"d{i}.test") for i in range(5)]
+        + [stack.db.write_grouped(boom)]
+        + [stack.db.write_grouped(add, "example.test")]   # unique violation
+        + [stack.db.write_grouped(add, "last.test")], consumeErrors=True)
+    oks = [ok for ok, _ in results]
+    assert oks == [True] * 5 + [False, False, True]
+    assert results[5][1].check(RuntimeError)
+    names = set((yield stack.directory.list_domains()))
+    assert names == {"example.test", "last.test"} | {f"d{i}.test" for i in range(5)}
+
+
+@pytest_twisted.inlineCallbacks
+def test_local_delivery_is_one_transaction_and_exactly_once(stack) -> None:
+    from lightmail.delivery.local import LocalDeliveryAgent
+    user = yield make_user(stack, "bob@example.test")
+    yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    yield stack.mailstore.create_mailbox(user.id, "lists")
+    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
+    assert agent._one_transaction
+    ref = yield stack.blobs.put(MESSAGE)
+    yield stack.queue.enqueue(Envelope("a@example.org", [
+        QueueRecipient("bob+lists@example.test"), QueueRecipient("bob@example.test"),
+        QueueRecipient("gone@example.test")]), ref)
+    items = yield stack.queue.claim("node-1", ["local"], 10, 600)
+    results = []
+    for item in items:
+        results.append((yield agent.deliver(item)))
+    assert [r.status for r in results] == ["delivered", "delivered", "bounced"]
+    assert all(r.recorded for r in results)
+    # Handing the same item over again (a retry after a crash) files nothing more.
+    again = yield agent.deliver(items[0])
+    assert "already filed" in again.detail
+    lists = yield stack.mailstore.get_mailbox(user.id, "lists")
+    inbox = yield stack.mailstore.get_mailbox(user.id, "INBOX")
+    assert len((yield stack.mailstore.list_messages(lists.id))) == 1
+    assert len((yield stack.mailstore.list_messages(inbox.id))) == 1
+    assert (yield stack.queue.list_recipients()) == []   # all final: retired
+    assert refcount(stack, ref.id) == 2                   # the two filed copies
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_new_message_is_filed_although_row_ids_are_reused(stack) -> None:
+    """Retired queue rows are deleted and SQLite reuses their ids: delivery ids must
+    still tell a new message from a retried one (this lost mail once)."""
+    from lightmail.delivery.local import LocalDeliveryAgent
+    user = yield make_user(stack, "bob@example.test")
+    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
+    for number in range(3):
+        ref = yield stack.blobs.put(MESSAGE + b"message %d\r\n" % number)
+        yield stack.queue.enqueue(Envelope("a@example.org",
+                                           [QueueRecipient("bob@example.test")]), ref)
+        [item] = yield stack.queue.claim("node-1", ["local"], 10, 600)
+        result = yield agent.deliver(item)
+        assert "already filed" not in result.detail
+    inbox = yield stack.mailstore.get_mailbox(user.id, "INBOX")
+    assert [m.uid for m in (yield stack.mailstore.list_messages(inbox.id))] == [1, 2, 3]

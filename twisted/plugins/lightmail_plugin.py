@@ -1,0 +1,46 @@
+"""twistd plugin: ``twistd -n lightmail --config etc/lightmail.conf``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None,
+         "LightMail config file (default: $LIGHTMAIL_CONFIG or "
+         "/etc/lightmail/lightmail.conf)"],
+    ]
+
+    def postOptions(self) -> None:
+        from lightmail.config import ConfigError, load_config
+        from lightmail.service import validate
+        path = (self["config"] or os.environ.get("LIGHTMAIL_CONFIG")
+                or "/etc/lightmail/lightmail.conf")
+        try:
+            self["loaded"] = load_config(path, validators=validate)
+        except ConfigError as exc:
+            # twistd prints a UsageError as one line and exits with status 1.
+            raise usage.UsageError(str(exc)) from None
+
+
+@implementer(IServiceMaker, IPlugin)
+class LightMailServiceMaker:
+    tapname = "lightmail"
+    description = "LightMail: SMTP, submission, LMTP, IMAP and POP3 mail server."
+    options = Options
+
+    def makeService(self, options: Any) -> Any:
+        from lightmail.service import makeService
+        service = makeService(options["loaded"])
+        service.exit_on_failure = True
+        return service
+
+
+serviceMaker = LightMailServiceMaker()
