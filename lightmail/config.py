@@ -138,6 +138,15 @@ def parse_choice(*choices: str) -> Callable[[str, Path], str]:
     return parse
 
 
+def parse_expire(raw: str, base: Path) -> str:
+    """NEVER, or a whole number of days"""
+    if raw.strip().upper() == "NEVER":
+        return "NEVER"
+    if raw.strip().isdigit():
+        return str(int(raw))
+    raise _BadValue(f"expected NEVER or a number of days, got {raw!r}")
+
+
 def parse_path(raw: str, base: Path) -> Path:
     """path (relative paths are relative to the config file's directory)"""
     if not raw:
@@ -304,6 +313,39 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class LMTPConfig:
+    """LMTP (RFC 2033) shares the [smtp] limits; these options are its own."""
+
+    quota_full_tempfail: bool = option(
+        False, parse_bool,
+        "Answer a recipient over quota with 452 4.2.2 (try later) instead of 552 5.2.2 "
+        "(as Dovecot's lmtp_quota_full_tempfail).")
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    """POP3 (RFC 1939, 2449).  APOP is never offered: it needs cleartext passwords and
+    LightMail keeps only argon2 hashes."""
+
+    command_timeout: float = option(
+        600.0, parse_duration(minimum=1.0),
+        "Idle time allowed between commands (RFC 1939 §3: at least 10 minutes).")
+    max_line_length: int = option(
+        512, parse_int(255, 65536),
+        "Longest command line in octets, CRLF included (RFC 2449 §4: at least 255).")
+    max_errors: int = option(
+        10, parse_int(1), "Errors in one session before it is closed.")
+    login_delay: float = option(
+        0.0, parse_duration(minimum=0.0),
+        "Least time between two logins of a user, announced as LOGIN-DELAY (RFC 2449); "
+        "0 announces and enforces nothing.")
+    expire: str = option(
+        "NEVER", parse_expire,
+        "Retention announced as EXPIRE (RFC 2449): NEVER, or days.  LightMail itself "
+        "deletes nothing unless told.")
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str = ""
     protocol: str = option(
@@ -336,6 +378,8 @@ SECTIONS: Mapping[str, type] = {
     "directory": DirectoryConfig,
     "logging": LoggingConfig,
     "smtp": SMTPConfig,
+    "lmtp": LMTPConfig,
+    "pop3": POP3Config,
 }
 LISTENER_PREFIX = "listener:"
 
@@ -350,6 +394,8 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    lmtp: LMTPConfig = field(default_factory=LMTPConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
     listeners: tuple[ListenerConfig, ...] = ()
 
     @property

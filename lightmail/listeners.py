@@ -90,7 +90,8 @@ class TrackingFactory(Factory):
             self.log.warn("refused {host}: {count} connections is the limit",
                           host=host, count=self.max_connections)
             return self.refuse(addr, "too many connections")
-        if self.per_ip[host] >= self.max_per_ip:
+        # A Unix socket's clients all look alike ("local"): only the total counts.
+        if host != "local" and self.per_ip[host] >= self.max_per_ip:
             self.log.warn("refused {host}: {count} connections from one address is the "
                           "limit", host=host, count=self.max_per_ip)
             return self.refuse(addr, "too many connections from your address")
@@ -221,3 +222,5 @@ def describe_address(port: IListeningPort) -> str:
 # The protocols LightMail ships; embedders add theirs with register_protocol().
 register_protocol("smtp", "lightmail.smtp.session:build_mx_factory")
 register_protocol("submission", "lightmail.smtp.session:build_submission_factory")
+register_protocol("lmtp", "lightmail.lmtp.session:build_lmtp_factory")
+register_protocol("pop3", "lightmail.pop3.session:build_pop3_factory")

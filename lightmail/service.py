@@ -26,6 +26,7 @@ from twisted.python.components import Componentized
 
 from lightmail import __version__
 from lightmail.config import Config, ConfigError, line_of
+from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.cred import make_portal
 from lightmail.directory.service import DirectoryService
 from lightmail.directory.sql import SQLDirectory
@@ -45,6 +46,8 @@ class Services:
     directory: SQLDirectory
     portal: Portal
     queue_runner: QueueRunner
+    # Files messages straight into mailboxes (IMailboxDelivery): LMTP uses it.
+    local_delivery: Any = None
 
     @property
     def mailstore(self) -> Any:
@@ -169,6 +172,8 @@ def makeService(config: Config) -> LightMailService:
     storage.setServiceParent(root)
     DirectoryService(directory, config.directory.backend, storage.ready).setServiceParent(root)
     runner.setServiceParent(root)
+    services.local_delivery = LocalDeliveryAgent(services.directory, services.mailstore,
+                                                 services.queue, runner.owner)
     for agent in _delivery_agents(services):
         runner.add_agent(agent)
     for listener in config.listeners:
@@ -184,9 +189,7 @@ def makeService(config: Config) -> LightMailService:
 
 
 def _delivery_agents(services: Services) -> list[Any]:
-    from lightmail.delivery.local import LocalDeliveryAgent
-    return [LocalDeliveryAgent(services.directory, services.mailstore, services.queue,
-                               services.queue_runner.owner)]
+    return [services.local_delivery]
 
 
 def get_services(service: IService) -> Services:

@@ -126,3 +126,12 @@ def stored_messages(state: Path) -> list[tuple[str, str, bytes]]:
         db.close()
     return [(user, mailbox, (state / "blobs" / "objects" / blob_id[:2] / blob_id[2:4]
                              / blob_id).read_bytes()) for blob_id, user, mailbox in rows]
+
+
+def inbox_subjects(state: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for user, mailbox, content in stored_messages(state):
+        match = re.search(rb"Subject: (\S+)", content)
+        assert match, content[:200]
+        found.setdefault(match.group(1).decode(), []).append(f"{user}/{mailbox}")
+    return found

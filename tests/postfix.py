@@ -75,6 +75,12 @@ class PostfixInstance:
         for line in MASTER_CF.read_text().splitlines():
             if line.startswith("smtp ") and " inet " in line:
                 line = f"127.0.0.1:{smtp_port} inet n - n - - smtpd"
+            fields = line.split()
+            if line[:1].isalnum() and len(fields) >= 8 and fields[4] == "y":
+                # No chroot (Debian's default): the private queue directory holds no
+                # copy of /etc, and LMTP must reach sockets outside it.
+                fields[4] = "n"
+                line = " ".join(fields)
             lines.append(line)
         lines.extend(services)
         (self.etc / "master.cf").write_text("\n".join(lines) + "\n")

@@ -12,17 +12,8 @@ import time
 from pathlib import Path
 
 from conftest import free_port
-from harness import ServerProcess, run_cli, stored_messages
+from harness import ServerProcess, inbox_subjects, run_cli
 from postfix import PostfixInstance
-
-
-def inbox_subjects(state: Path) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for user, mailbox, content in stored_messages(state):
-        match = re.search(rb"Subject: (\S+)", content)
-        assert match, content[:200]
-        found.setdefault(match.group(1).decode(), []).append(f"{user}/{mailbox}")
-    return found
 
 
 def test_postfix_relays_into_lightmail_mailboxes(write_config, tmp_path: Path) -> None:

@@ -20,17 +20,18 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from zope.interface import implementer
 
 from lightmail.directory.interfaces import DirectoryError, IDirectory
-from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
+from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, IMailboxDelivery
 from lightmail.storage.interfaces import (
     Appended,
     BlobMissing,
+    BlobRef,
     IMailStore,
     MailboxChange,
     QueueItem,
 )
 
 
-@implementer(IDeliveryAgent)
+@implementer(IDeliveryAgent, IMailboxDelivery)
 class LocalDeliveryAgent:
     transport = "local"
 
@@ -41,23 +42,39 @@ class LocalDeliveryAgent:
         self.queue = queue
         self.owner = owner
         db = getattr(mailstore, "db", None)
+        # Directory and mail store in one database: resolve and file in one
+        # transaction.  With the queue there too, the outcome is recorded in it.
+        self._shared_db = (
+            db is not None and getattr(directory, "db", None) is db
+            and hasattr(directory, "resolve_now") and hasattr(mailstore, "append_now"))
         self._one_transaction = (
-            owner is not None and db is not None
-            and getattr(directory, "db", None) is db and getattr(queue, "db", None) is db
-            and all(hasattr(obj, name) for obj, name in (
-                (directory, "resolve_now"), (mailstore, "append_now"),
-                (queue, "finish_now"))))
+            self._shared_db and owner is not None and getattr(queue, "db", None) is db
+            and hasattr(queue, "finish_now"))
 
     def deliver(self, item: QueueItem) -> Deferred[DeliveryResult]:
         if self._one_transaction:
-            return self._deliver_in_one_transaction(item)
-        return self._deliver_step_by_step(item)
+            d = self._grouped(self._deliver_now, item)
+        else:
+            d = self._file_step_by_step(item.recipient.address, item.blob,
+                                        delivery_id(item), over_quota="deferred")
+        return d
 
-    # -- one transaction ------------------------------------------------------------
+    def deliver_to_mailbox(self, address: str, blob: BlobRef,
+                           delivery_id: str) -> Deferred[DeliveryResult]:
+        """File ``blob`` for one local address now, without the queue (LMTP does).
 
-    def _deliver_in_one_transaction(self, item: QueueItem) -> Deferred[DeliveryResult]:
+        Durable when the Deferred fires.  Over quota is a permanent failure here
+        (552 5.2.2, as Dovecot's LMTP answers by default): the sender keeps the message.
+        """
+        if self._shared_db:
+            return self._grouped(self._file_now, address, blob, delivery_id, "bounced")
+        return self._file_step_by_step(address, blob, delivery_id, over_quota="bounced")
+
+    # -- in one transaction ---------------------------------------------------------
+
+    def _grouped(self, fn: Any, *args: Any) -> Deferred[DeliveryResult]:
         d: Deferred[tuple[DeliveryResult, list[MailboxChange]]] = \
-            self.mailstore.db.write_grouped(self._deliver_now, item)  # type: ignore[attr-defined]
+            self.mailstore.db.write_grouped(fn, *args)  # type: ignore[attr-defined]
 
         def announce(outcome: tuple[DeliveryResult, list[MailboxChange]]) -> DeliveryResult:
             result, changes = outcome
@@ -73,14 +90,28 @@ class LocalDeliveryAgent:
 
     def _deliver_now(self, conn: Connection,
                      item: QueueItem) -> tuple[DeliveryResult, list[MailboxChange]]:
+        """A queued recipient: file it and record the outcome in one transaction."""
+        result, changes = self._file_now(conn, item.recipient.address, item.blob,
+                                         delivery_id(item), "deferred")
+        if result.status == "deferred":
+            return result, changes         # the runner schedules the next attempt
+        self.queue.finish_now(conn, item, self.owner, result.status,
+                              None if result.status == "delivered" else result.detail)
+        return _recorded(result), changes
+
+    def _file_now(self, conn: Connection, address: str, blob: BlobRef, delivery_id: str,
+                  over_quota: str) -> tuple[DeliveryResult, list[MailboxChange]]:
         store: Any = self.mailstore
-        resolution = self.directory.resolve_now(conn, item.recipient.address)  # type: ignore[attr-defined]
+        resolution = self.directory.resolve_now(conn, address)  # type: ignore[attr-defined]
         if not resolution.local:
-            result = DeliveryResult.bounced("5.1.1 no such local mailbox")
-            self.queue.finish_now(conn, item, self.owner, "bounced", result.detail)
-            return _recorded(result), []
-        filed, changes = [], []
+            return DeliveryResult.bounced(NO_MAILBOX), []
+        filed, full, changes = [], [], []
         for target in resolution.local:
+            if target.user.quota_bytes and (
+                    store.usage_now(conn, target.user.id) + blob.size
+                    > target.user.quota_bytes):
+                full.append(target.user.address)
+                continue
             box = None
             if target.detail:
                 box = store._get_mailbox(conn, target.user.id, target.detail)
@@ -89,40 +120,56 @@ class LocalDeliveryAgent:
             if box is None:
                 box = store.create_mailbox_now(conn, target.user.id, "INBOX")
                 changes.append(MailboxChange(target.user.id, box.id, "created"))
-            user_id, appended = store.append_now(conn, box.id, item.blob,
-                                                 delivery_id=delivery_id(item))
+            user_id, appended = store.append_now(conn, box.id, blob,
+                                                 delivery_id=delivery_id)
             if not appended.duplicate:
                 changes.append(MailboxChange(user_id, box.id, "appended", (appended.uid,),
                                              appended.modseq))
             filed.append(_filed(target.user.address, box.name, appended))
-        result = DeliveryResult.delivered("2.0.0 " + ", ".join(filed))
-        self.queue.finish_now(conn, item, self.owner, "delivered", None)
-        return _recorded(result), changes
+        return _outcome(filed, full, over_quota), changes
 
     # -- through the interfaces -----------------------------------------------------
 
     @inlineCallbacks
-    def _deliver_step_by_step(self, item: QueueItem) -> Any:
+    def _file_step_by_step(self, address: str, blob: BlobRef, delivery_id: str,
+                           over_quota: str) -> Any:
         try:
-            resolution = yield self.directory.resolve(item.recipient.address)
+            resolution = yield self.directory.resolve(address)
         except DirectoryError as exc:
             return DeliveryResult.deferred(f"4.3.0 {exc}")
         if not resolution.local:
-            return DeliveryResult.bounced("5.1.1 no such local mailbox")
-        filed = []
+            return DeliveryResult.bounced(NO_MAILBOX)
+        filed, full = [], []
         for target in resolution.local:
+            if target.user.quota_bytes:
+                used = yield self.mailstore.usage(target.user.id)
+                if used + blob.size > target.user.quota_bytes:
+                    full.append(target.user.address)
+                    continue
             mailbox = None
             if target.detail:
                 mailbox = yield self.mailstore.get_mailbox(target.user.id, target.detail)
             if mailbox is None:
                 mailbox = yield self.mailstore.get_or_create_mailbox(target.user.id, "INBOX")
             try:
-                appended = yield self.mailstore.append(
-                    mailbox.id, item.blob, delivery_id=delivery_id(item))
+                appended = yield self.mailstore.append(mailbox.id, blob,
+                                                       delivery_id=delivery_id)
             except BlobMissing as exc:
                 return DeliveryResult.deferred(f"4.3.0 {exc}")
             filed.append(_filed(target.user.address, mailbox.name, appended))
+        return _outcome(filed, full, over_quota)
+
+
+NO_MAILBOX = "5.1.1 no such local mailbox"
+
+
+def _outcome(filed: list[str], full: list[str], over_quota: str) -> DeliveryResult:
+    """Delivered when any target got it (an alias to several users delivers to those
+    with room); otherwise the mailbox is full, as a temporary or permanent failure."""
+    if filed or not full:
         return DeliveryResult.delivered("2.0.0 " + ", ".join(filed))
+    status = "4.2.2" if over_quota == "deferred" else "5.2.2"
+    return DeliveryResult(over_quota, f"{status} mailbox full: {', '.join(full)} over quota")
 
 
 def delivery_id(item: QueueItem) -> str:

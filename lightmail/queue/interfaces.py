@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from lightmail.storage.interfaces import QueueItem
+from lightmail.storage.interfaces import BlobRef, QueueItem
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,15 @@ class IDeliveryAgent(Interface):
     def deliver(item: QueueItem) -> Deferred[DeliveryResult]:
         """Deliver one recipient.  Must be idempotent: after a crash the same item
         may be handed over again."""
+
+
+class IMailboxDelivery(Interface):
+    """Files a message straight into local mailboxes, without the queue (LMTP)."""
+
+    def deliver_to_mailbox(address: str, blob: BlobRef,
+                           delivery_id: str) -> Deferred[DeliveryResult]:
+        """Deliver ``blob`` to the local mailbox(es) ``address`` leads to.
+
+        Durable when the Deferred fires with a delivered result.  The same
+        ``delivery_id`` files a message once into a mailbox, however often it is asked.
+        """

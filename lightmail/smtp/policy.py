@@ -46,6 +46,8 @@ class Transaction:
     declared_size: Optional[int] = None
     recipients: list[QueueRecipient] = field(default_factory=list)
     rcpt_count: int = 0                # accepted RCPT commands
+    # Each accepted RCPT address with what it expanded to (LMTP answers for each).
+    accepted: list[tuple[str, list[QueueRecipient]]] = field(default_factory=list)
 
 
 class SMTPHandler:

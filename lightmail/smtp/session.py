@@ -49,6 +49,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
     """One SMTP connection."""
 
     factory: SMTPFactory
+    protocol_name = "ESMTP"            # in the greeting
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.cfg = factory.services.config.smtp
@@ -86,7 +87,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                                                self._session_expired)
         self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
                       listener=self.factory.listener.name)
-        self.send(Reply(220, "", f"{self.factory.hostname} ESMTP LightMail"))
+        self.send(Reply(220, "", f"{self.factory.hostname} {self.protocol_name} LightMail"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
@@ -239,16 +240,20 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if not esmtp:
             self.send(Reply(250, "", self.factory.hostname))
             return
-        lines = [f"{self.factory.hostname} greets {arg}", "PIPELINING",
-                 f"SIZE {self.cfg.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
-                 "CHUNKING", "DSN"]
+        lines = [f"{self.factory.hostname} greets {arg}", *self.extensions()]
+        self.send(Reply(250, "", "\n".join(lines)))
+
+    def extensions(self) -> list[str]:
+        """The EHLO keywords offered now."""
+        lines = ["PIPELINING", f"SIZE {self.cfg.max_message_size}", "8BITMIME",
+                 "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"]
         if self.cfg.smtputf8:
             lines.append("SMTPUTF8")
         if self.factory.listener.tls == "starttls" and not self.session.tls:
             lines.append("STARTTLS")
         if self._auth_allowed():
             lines.append("AUTH " + " ".join(sasl.mechanisms()))
-        self.send(Reply(250, "", "\n".join(lines)))
+        return lines
 
     def _auth_allowed(self) -> bool:
         return self.session.submission and (
@@ -445,6 +450,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             reply, recipients = result
             if not reply.is_error and tx is self.tx:
                 tx.recipients.extend(recipients)
+                tx.accepted.append((address, recipients))
                 tx.rcpt_count += 1
             elif reply.is_error:
                 self.log.info("rejected RCPT TO:<{rcpt}> from <{sender}>: {code} {status} "
@@ -502,10 +508,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         # RFC 5321 §4.4; protocol names per RFC 3848 and RFC 6531 §4.3.
         assert self.tx is not None
         s = self.session
-        proto = ("UTF8SMTP" if self.tx.smtputf8 else "ESMTP" if s.esmtp else "SMTP")
-        if proto == "SMTP" and (s.tls or s.account):
-            proto = "ESMTP"
-        proto += ("S" if s.tls else "") + ("A" if s.account else "")
+        proto = self.received_protocol() + ("S" if s.tls else "") + ("A" if s.account else "")
         tls = ""
         if s.tls and ISSLTransport.providedBy(self.transport):
             try:
@@ -522,6 +525,13 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                   f"(LightMail) with {proto} id {self.queue_id}{tls}{recipient};\r\n\t"
                   f"{formatdate(localtime=False, usegmt=False)}\r\n")
         return header.encode("utf-8")
+
+    def received_protocol(self) -> str:
+        assert self.tx is not None
+        if self.tx.smtputf8:
+            return "UTF8SMTP"
+        s = self.session
+        return "ESMTP" if s.esmtp or s.tls or s.account else "SMTP"
 
     def _add_content(self, data: bytes) -> None:
         self.content_size += len(data)
@@ -605,7 +615,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.log.info("rejected message from <{sender}>: {code} {status} {text}",
                           sender=tx.mail_from, code=error.code, status=error.status,
                           text=error.text)
-            self.reply(error)
+            self.final_replies(tx, error)
             return
         queue_id, size = self.queue_id, self.content_size
         log = self.log.bind(msg_id=queue_id)
@@ -627,8 +637,12 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                          listener=self.factory.listener.name)
             if self.tx is tx:
                 self.tx = None
-            self.reply(reply)
+            self.final_replies(tx, reply)
         self._wait(accept())
+
+    def final_replies(self, tx: Transaction, reply: Reply) -> None:
+        """The answer to the end of the content: one reply (LMTP: one per recipient)."""
+        self.reply(reply)
 
     def _abort_content(self) -> None:
         if self.writer is not None:

@@ -210,6 +210,9 @@ class IMailStore(Interface):
     def expunge(mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
         """Remove messages; return the UIDs actually removed."""
 
+    def usage(user_id: int) -> Deferred[int]:
+        """Octets stored in all of a user's mailboxes (what the quota counts)."""
+
 
 class IQueueStore(Interface):
     """The durable mail queue: one row per message, one per recipient."""

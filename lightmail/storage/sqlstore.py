@@ -299,6 +299,21 @@ class SQLMailStore:
             res[0], mailbox_id, "expunged", tuple(res[1]), res[2])] if res[1] else []
         ).addCallback(lambda res: res[1])
 
+    # -- quota ----------------------------------------------------------------------
+
+    def usage(self, user_id: int) -> Deferred[int]:
+        return self.db.read(self.usage_now, user_id)
+
+    @staticmethod
+    def usage_now(conn: Connection, user_id: int) -> int:
+        """Octets in all of a user's mailboxes (what a quota counts, as RFC 9208's
+        STORAGE resource does: the size of each message, shared blobs or not)."""
+        return int(conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(s.messages.c.size), 0))
+            .select_from(s.messages.join(s.mailboxes,
+                                         s.messages.c.mailbox_id == s.mailboxes.c.id))
+            .where(s.mailboxes.c.user_id == user_id)).scalar_one())
+
     # -- garbage collection ---------------------------------------------------------
 
     def collect_garbage(self, grace_seconds: float) -> Deferred[int]:

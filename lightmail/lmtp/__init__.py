@@ -1,0 +1,1 @@
+"""LMTP (RFC 2033): local delivery for an MTA in front of LightMail (Postfix, Exim)."""

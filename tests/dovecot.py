@@ -1,0 +1,276 @@
+"""A private Dovecot instance for tests and benchmarks (Debian's dovecot-* packages).
+
+Each instance has its own config, ``base_dir`` (sockets, pid), ``state_dir``, log file,
+passwd-file and Maildirs under one temporary directory, and runs in the foreground
+(``dovecot -F -c CONFIG``) as a child process in a process group of its own, so that
+``stop()`` can take down every process it forked.  It serves LMTP (TCP and a unix
+socket), POP3 and IMAP on loopback ports picked free beforehand (Dovecot cannot
+listen on port 0 and report the port), without TLS and with cleartext logins allowed.
+
+Users are virtual (a passwd-file with ``{PLAIN}`` passwords) and all own their mail
+with one uid/gid:
+
+* run as root, Dovecot drops privileges as it does in production (login processes as
+  ``dovenull``, internal ones as ``dovecot``) and mail is owned by root
+  (``first_valid_uid = 0``), so the tests can read and clean up everything;
+* run as any other user, everything runs as that user: no chroot, and the internal
+  and login users are the caller (Dovecot's "rootless" set-up).
+
+The configuration syntax changed in Dovecot 2.4; ``dovecot --version`` decides which
+one is written.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+MODULES = Path("/usr/lib/dovecot")
+
+
+def require_dovecot() -> None:
+    missing = [str(path) for path in (Path(DOVECOT), MODULES / "lmtp", MODULES / "pop3",
+                                      MODULES / "imap") if not os.access(path, os.X_OK)]
+    if missing:
+        raise AssertionError(f"Dovecot is not installed ({', '.join(missing)} missing): "
+                             "run scripts/test-peers.sh (part of `make test`)")
+
+
+def dovecot_version() -> tuple[int, ...]:
+    """The installed Dovecot's version, e.g. (2, 3, 19, 1)."""
+    require_dovecot()
+    out = subprocess.run([DOVECOT, "--version"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    match = re.match(r"\s*(\d+(?:\.\d+)*)", out)
+    if not match:
+        raise AssertionError(f"cannot read the version in `dovecot --version`: {out!r}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (Dovecot needs a number, not 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DovecotInstance:
+    """A private Dovecot: LMTP, POP3 and IMAP on 127.0.0.1, users in a passwd-file.
+
+    ``base`` is ignored (Dovecot's unprivileged processes must reach the directory, and
+    pytest's tmp_path is private to root); the instance makes its own.  ``settings``
+    adds or overrides top-level dovecot.conf settings (in the installed version's
+    syntax); ``services`` is extra raw configuration appended at the end.
+    """
+
+    def __init__(self, base: Path | None = None, *, lmtp_port: int | None = None,
+                 pop3_port: int | None = None, imap_port: int | None = None,
+                 settings: dict[str, str] | None = None, services: str = "") -> None:
+        require_dovecot()
+        del base
+        self.version = dovecot_version()
+        self.base = Path(tempfile.mkdtemp(prefix="lightmail-dovecot-"))
+        os.chmod(self.base, 0o755)
+        self.run_dir = self.base / "run"          # base_dir: sockets, master.pid
+        self.state_dir = self.base / "state"
+        self.mail_dir = self.base / "mail"
+        for path in (self.run_dir, self.state_dir, self.mail_dir):
+            path.mkdir(mode=0o755)
+        self.config = self.base / "dovecot.conf"
+        self.passwd = self.base / "passwd"
+        self.passwd.touch(mode=0o644)
+        self.log_path = self.base / "dovecot.log"
+        self.lmtp_port = lmtp_port or free_port()
+        self.pop3_port = pop3_port or free_port()
+        self.imap_port = imap_port or free_port()
+        self.lmtp_socket = self.base / "lmtp.sock"
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.users: dict[str, str] = {}
+        self.config.write_text(self._config(settings or {}) + services)
+        self._out = (self.base / "dovecot.out").open("w")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # --- configuration ---------------------------------------------------------------
+
+    @property
+    def v24(self) -> bool:
+        return self.version >= (2, 4)
+
+    def _config(self, extra: dict[str, str]) -> str:
+        root = self.uid == 0
+        user = pwd.getpwuid(self.uid).pw_name
+        group = grp.getgrgid(self.gid).gr_name
+        settings: dict[str, str] = {}
+        if self.v24:
+            # Must come first: the syntax and storage defaults this file is written for.
+            settings["dovecot_config_version"] = "2.4.0"
+            settings["dovecot_storage_version"] = "2.4.0"
+        settings.update({
+            "base_dir": str(self.run_dir),
+            "state_dir": str(self.state_dir),
+            "instance_name": f"lightmail-test-{self.base.name}",
+            "log_path": str(self.log_path),
+            "info_log_path": str(self.log_path),
+            "protocols": "lmtp pop3 imap",
+            "listen": "127.0.0.1",
+            "ssl": "no",
+            "auth_mechanisms": "plain login",
+            "first_valid_uid": str(min(self.uid, 500)),
+            "first_valid_gid": str(min(self.gid, 1)),
+            "mail_uid": str(self.uid),
+            "mail_gid": str(self.gid),
+            "postmaster_address": "postmaster@dovecot.test",
+            "hostname": "dovecot.test",
+        })
+        maildir = str(self.mail_dir)
+        if self.v24:
+            settings["auth_allow_cleartext"] = "yes"
+            settings["mail_driver"] = "maildir"
+            settings["mail_path"] = f"{maildir}/%{{user|domain}}/%{{user|username}}/Maildir"
+        else:
+            settings["disable_plaintext_auth"] = "no"
+            settings["mail_location"] = f"maildir:{maildir}/%d/%n/Maildir"
+        if not root:
+            settings["default_login_user"] = user
+            settings["default_internal_user"] = user
+            settings["default_internal_group"] = group
+        settings.update(extra)
+        lines = [f"{key} = {value}" for key, value in settings.items()]
+        if self.v24:
+            lines += ["passdb passwd-file {", f"  passwd_file_path = {self.passwd}", "}",
+                      "userdb passwd-file {", f"  passwd_file_path = {self.passwd}", "}"]
+        else:
+            lines += ["passdb {", "  driver = passwd-file", f"  args = {self.passwd}", "}",
+                      "userdb {", "  driver = passwd-file", f"  args = {self.passwd}", "}"]
+        lines += [
+            "service lmtp {",
+            f"  inet_listener lmtp {{\n    port = {self.lmtp_port}\n  }}",
+            f"  unix_listener {self.lmtp_socket} {{\n    mode = 0666\n  }}",
+            "}",
+            "service pop3-login {",
+            f"  inet_listener pop3 {{\n    port = {self.pop3_port}\n  }}",
+            "  inet_listener pop3s {\n    port = 0\n  }",
+            "}",
+            "service imap-login {",
+            f"  inet_listener imap {{\n    port = {self.imap_port}\n  }}",
+            "  inet_listener imaps {\n    port = 0\n  }",
+            "}",
+        ]
+        if not root:
+            # Rootless: nobody to chroot or to switch to.
+            lines += ["service anvil {\n  chroot =\n}",
+                      "service pop3-login {\n  chroot =\n}",
+                      "service imap-login {\n  chroot =\n}",
+                      "service auth-worker {\n  user = $default_internal_user\n}"]
+        return "\n".join(lines) + "\n"
+
+    # --- users and mail --------------------------------------------------------------
+
+    def add_user(self, address: str, password: str) -> None:
+        """Add a virtual user (read at the next lookup: no restart needed)."""
+        if ":" in address or ":" in password or "\n" in address + password:
+            raise ValueError("':' and newlines cannot appear in a passwd-file entry")
+        local, _, domain = address.partition("@")
+        home = self.mail_dir / domain / local
+        self.users[address] = password
+        # user:password:uid:gid:(gecos):home:(shell):extra fields.  The uid and gid
+        # come from mail_uid/mail_gid: passwd-file refuses uid 0 in its own fields.
+        with self.passwd.open("a") as out:
+            out.write(f"{address}:{{PLAIN}}{password}:::{home}::\n")
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.partition("@")
+        return self.mail_dir / domain / local / "Maildir"
+
+    def messages(self, address: str) -> list[Path]:
+        """The message files in the user's INBOX (new/ and cur/)."""
+        box = self.maildir(address)
+        return sorted(path for sub in ("new", "cur") if (box / sub).is_dir()
+                      for path in (box / sub).iterdir() if path.is_file())
+
+    def count(self, address: str) -> int:
+        """How many messages the user's INBOX holds (delivered, not yet expunged)."""
+        return len(self.messages(address))
+
+    # --- process ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        check = subprocess.run([DOVECOT, "-c", str(self.config), "-n"],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode:
+            raise AssertionError(f"dovecot config check failed:\n{check.stderr}\n"
+                                 f"{self.config.read_text()}")
+        self.proc = subprocess.Popen([DOVECOT, "-F", "-c", str(self.config)],
+                                     stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        waiting: list[object] = [self.lmtp_port, self.pop3_port, self.imap_port,
+                                 self.lmtp_socket]
+        while waiting and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if self._accepts(waiting[0]):
+                waiting.pop(0)
+            else:
+                time.sleep(0.05)
+        if waiting:
+            self.stop(remove=False)
+            raise AssertionError(f"Dovecot did not start (still waiting for {waiting}):\n"
+                                 f"{self.logtext()}")
+
+    @staticmethod
+    def _accepts(where: object) -> bool:
+        try:
+            if isinstance(where, int):
+                with socket.create_connection(("127.0.0.1", where), timeout=1):
+                    return True
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1)
+                sock.connect(str(where))
+                return True
+        except OSError:
+            return False
+
+    def logtext(self) -> str:
+        self._out.flush()
+        text = ""
+        for path in (self.base / "dovecot.out", self.log_path):
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return text
+
+    def stop(self, remove: bool = True) -> None:
+        """Stop the master, then kill anything of its process group still alive."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+            self.proc = None
+        if remove:
+            self._out.close()
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> DovecotInstance:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
