@@ -48,6 +48,8 @@ class Services:
     queue_runner: QueueRunner
     # Files messages straight into mailboxes (IMailboxDelivery): LMTP uses it.
     local_delivery: Any = None
+    # Which users have a POP3 session open (lightmail.pop3.maildrop.Locks).
+    pop3_locks: Any = None
 
     @property
     def mailstore(self) -> Any:
@@ -142,6 +144,19 @@ class LightMailService(MultiService):
         self.log.info("LightMail {version} starting as {hostname} with config {path}",
                       version=__version__, hostname=config.hostname, path=config.path)
         super().startService()
+        listening = [child.listening for child in self if isinstance(child, ListenerService)]
+        ready = defer.gatherResults(listening, consumeErrors=True)
+        ready.addCallbacks(self._ready, lambda failure: None)
+
+    def _ready(self, ports: list[Any]) -> None:
+        # Said once the reactor runs: under twistd, signal handlers (Ctrl-C, SIGTERM)
+        # are in place from then on, so "ready" means ready to be stopped cleanly too.
+        from twisted.internet import reactor
+
+        def say() -> None:
+            if self.running:
+                self.log.info("LightMail ready: {count} listeners", count=len(ports))
+        reactor.callWhenRunning(say)  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

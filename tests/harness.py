@@ -89,6 +89,7 @@ class ServerProcess:
 
     def ports(self, expected: int, timeout: float = 30.0) -> dict[str, int]:
         found = self.wait_for(LISTENING.pattern, timeout, count=expected)
+        self.wait_for(r"LightMail ready", timeout)
         return {m.group("name"): int(m.group("port")) for m in found}
 
     def terminate(self, timeout: float = 30.0) -> int:

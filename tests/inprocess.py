@@ -52,6 +52,8 @@ class Raw:
         return "\n".join(self.reply())
 
     def close(self) -> None:
+        # The file from makefile() keeps the socket open until it is closed too.
+        self.file.close()
         self.sock.close()
 
 

@@ -54,7 +54,7 @@ def test_ctrl_c_stops_cleanly(write_config) -> None:
             code = server.proc.wait(30)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"SIGINT ignored; {state}; output: {server.lines}") from None
-        assert code in (0, -signal.SIGINT)
+        assert code in (0, -signal.SIGINT), server.lines
         server.wait_for(r"LightMail stopped")
     finally:
         server.kill()

@@ -1,0 +1,136 @@
+"""A POP3 maildrop: a locked snapshot of the INBOX, with deletions kept until QUIT.
+
+Protocol-independent (only IMailStore and IBlobStore), so the rules live in one
+place: message numbers are fixed for the session (RFC 1939 §5), deletions touch
+nothing until :meth:`Maildrop.commit` (the UPDATE state), and a second POP3 session
+of the same user finds the maildrop locked.  Deletions go through the mail store's
+expunge, so IMAP sessions see them as EXPUNGE like any other.
+
+UIDLs are the IMAP UID and UIDVALIDITY, formatted as Dovecot's default
+(``%08Xu%08Xv``): stable across sessions and shared with IMAP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from twisted.internet import defer
+
+from lightmail.storage.interfaces import IBlobStore, IMailStore, Mailbox, MessageInfo
+
+CHUNK = 256 * 1024
+
+
+class MaildropLocked(Exception):
+    """Another POP3 session holds this user's maildrop (RFC 2449 [IN-USE])."""
+
+
+class LoginTooSoon(Exception):
+    """The user logged in less than LOGIN-DELAY ago (RFC 2449 [LOGIN-DELAY])."""
+
+
+class Locks:
+    """Which users have a POP3 session open, and when each last logged in.
+
+    In-process: one LightMail node.  (Several nodes sharing one database would keep
+    this in Redis or the database; the interface stays the same.)
+    """
+
+    def __init__(self) -> None:
+        self.held: set[int] = set()
+        self.last_login: dict[int, float] = {}
+
+    def acquire(self, user_id: int, login_delay: float) -> None:
+        if user_id in self.held:
+            raise MaildropLocked()
+        now = time.monotonic()
+        last = self.last_login.get(user_id)
+        if login_delay and last is not None and now - last < login_delay:
+            raise LoginTooSoon()
+        self.held.add(user_id)
+        self.last_login[user_id] = now
+
+    def release(self, user_id: int) -> None:
+        self.held.discard(user_id)
+
+
+class Maildrop:
+    def __init__(self, mailbox: Mailbox, messages: list[MessageInfo], store: IMailStore,
+                 blobs: IBlobStore, locks: Locks) -> None:
+        self.mailbox = mailbox
+        self.messages = messages
+        self.store = store
+        self.blobs = blobs
+        self.locks = locks
+        self.deleted: set[int] = set()        # message numbers, 1-based
+        self.closed = False
+
+    @classmethod
+    @defer.inlineCallbacks
+    def open(cls, user_id: int, store: IMailStore, blobs: IBlobStore, locks: Locks,
+             login_delay: float = 0.0) -> Any:
+        """Lock and snapshot the user's INBOX; fails MaildropLocked or LoginTooSoon."""
+        locks.acquire(user_id, login_delay)
+        try:
+            mailbox = yield store.get_or_create_mailbox(user_id, "INBOX")
+            messages = yield store.list_messages(mailbox.id)
+        except BaseException:
+            locks.release(user_id)
+            raise
+        return cls(mailbox, messages, store, blobs, locks)
+
+    # -- what the commands ask ------------------------------------------------------
+
+    def get(self, number: int) -> Optional[MessageInfo]:
+        """Message ``number``, or None when there is none or it is marked deleted."""
+        if 1 <= number <= len(self.messages) and number not in self.deleted:
+            return self.messages[number - 1]
+        return None
+
+    def live(self) -> list[tuple[int, MessageInfo]]:
+        return [(number, message) for number, message in enumerate(self.messages, 1)
+                if number not in self.deleted]
+
+    def stat(self) -> tuple[int, int]:
+        live = self.live()
+        return len(live), sum(message.size for _, message in live)
+
+    def uidl(self, message: MessageInfo) -> str:
+        return f"{message.uid:08X}{self.mailbox.uidvalidity:08X}"
+
+    def delete(self, number: int) -> None:
+        self.deleted.add(number)
+
+    def reset(self) -> None:
+        self.deleted.clear()
+
+    async def content(self, message: MessageInfo) -> AsyncIterator[bytes]:
+        """The message in chunks, read off the reactor thread one at a time."""
+        offset = 0
+        while offset < message.size:
+            chunk = await self.blobs.read_range(message.blob_id, offset,
+                                                min(CHUNK, message.size - offset))
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
+
+    # -- the end of the session -----------------------------------------------------
+
+    @defer.inlineCallbacks
+    def commit(self) -> Any:
+        """UPDATE state: expunge what was deleted; fires with the count removed."""
+        uids = [self.messages[number - 1].uid for number in sorted(self.deleted)]
+        removed = []
+        if uids:
+            removed = yield self.store.expunge(self.mailbox.id, uids)
+        self.deleted.clear()
+        return len(removed)
+
+    def close(self) -> None:
+        """Release the lock; without commit(), nothing is deleted."""
+        if not self.closed:
+            self.closed = True
+            self.locks.release(self.mailbox.user_id)

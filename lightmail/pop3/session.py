@@ -1,0 +1,524 @@
+"""The POP3 server protocol: RFC 1939 with CAPA, RESP-CODES, PIPELINING (RFC 2449),
+AUTH through the shared SASL layer (RFC 5034), STLS (RFC 2595) and implicit TLS
+(RFC 8314, the listener's ``tls = implicit``).
+
+Not built on ``twisted.mail.pop3``: it reads whole messages into memory through
+IMailbox.getMessage, has no RESP-CODES, AUTH-RESP-CODE or SASL initial responses, and
+expects synchronous deletion.  This session streams each message from the blob store
+in chunks with flow control, and holds pipelined commands while one is answered.
+
+APOP is never offered: it needs the cleartext password, and LightMail keeps only
+argon2 hashes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lightmail import sasl
+from lightmail.config import ListenerConfig
+from lightmail.directory.interfaces import IMailAccount
+from lightmail.listeners import TrackedProtocol, TrackingFactory
+from lightmail.logs import BoundLogger, new_id
+from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
+from lightmail.storage.interfaces import MessageInfo
+
+AUTHORIZATION, TRANSACTION = "authorization", "transaction"
+
+# Commands allowed in each state (RFC 1939 §4-6; CAPA in both, RFC 2449 §5).
+COMMANDS = {
+    AUTHORIZATION: {"USER", "PASS", "AUTH", "STLS", "CAPA", "QUIT", "NOOP"},
+    TRANSACTION: {"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT", "TOP", "UIDL",
+                  "CAPA"},
+}
+
+def locks_for(services: Any) -> Locks:
+    """One lock table for every POP3 listener of one LightMail (110 and 995 alike)."""
+    if services.pop3_locks is None:
+        services.pop3_locks = Locks()
+    return services.pop3_locks  # type: ignore[no-any-return]
+
+
+@implementer(IPushProducer)
+class POP3Session(TrackedProtocol, TimeoutMixin):
+    factory: POP3Factory
+
+    def __init__(self, factory: POP3Factory) -> None:
+        self.cfg = factory.services.config.pop3
+        self.state = AUTHORIZATION
+        self.buffer = b""
+        self.busy = False
+        self.closing = False
+        self.draining = False
+        self.discarding = False
+        self.tls = factory.listener.tls == "implicit"
+        self.errors = 0
+        self.username: Optional[str] = None       # from USER, waiting for PASS
+        self.sasl: Optional[sasl.Mechanism] = None
+        self.account: Any = None
+        self.maildrop: Optional[Maildrop] = None
+        self._paused: Optional[defer.Deferred[None]] = None
+
+    # -- connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connection_made(self)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        self.log = BoundLogger(namespace="lightmail.pop3", conn_id=new_id())
+        self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
+                      listener=self.factory.listener.name)
+        self.setTimeout(self.cfg.command_timeout)
+        self.ok(f"{self.factory.hostname} POP3 LightMail ready")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.setTimeout(None)
+        self.closing = True
+        if self._paused is not None:
+            paused, self._paused = self._paused, None
+            paused.errback(reason)
+        if self.maildrop is not None:
+            # A dropped connection never reaches UPDATE: nothing is deleted.
+            self.maildrop.close()
+        self.factory.connection_lost(self)
+        self.log.info("disconnect from {peer}", peer=self.peer_host)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("timeout in {state} state", state=self.state)
+        self.close_with("-ERR Disconnected for inactivity")
+
+    def drain(self) -> None:
+        """Server shutdown: no UPDATE state, so nothing is deleted (RFC 1939 §6)."""
+        self.draining = True
+        if not self.busy:
+            self.close_with("-ERR [SYS/TEMP] Server shutting down")
+
+    # -- output ---------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def ok(self, text: str = "") -> None:
+        self.write(b"+OK" + (b" " + text.encode() if text else b"") + b"\r\n")
+
+    def err(self, text: str) -> None:
+        self.write(f"-ERR {text}\r\n".encode())
+        self.errors += 1
+        if self.errors > self.cfg.max_errors and not self.closing:
+            self.log.warn("too many errors from {peer}", peer=self.peer_host)
+            self.close_with("-ERR Too many errors, closing")
+
+    def multiline(self, first: str, lines: list[str]) -> None:
+        body = "".join(f"{line}\r\n" for line in lines)
+        self.write(f"+OK {first}\r\n{body}.\r\n".encode())
+
+    def close_with(self, line: str) -> None:
+        self.write(line.encode() + b"\r\n")
+        self.closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # flow control while a message streams out (IPushProducer)
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    # -- input ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.resetTimeout()
+        self.buffer += data
+        self.process()
+
+    def process(self) -> None:
+        limit = self.cfg.max_line_length
+        while self.buffer and not self.busy and not self.closing:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > limit:
+                    if not self.discarding:
+                        self.err("Line too long")
+                    self.discarding, self.buffer = True, b""
+                return
+            line, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
+            if self.discarding or len(line) > limit:
+                if not self.discarding:
+                    self.err("Line too long")
+                self.discarding = False
+                continue
+            text = line.rstrip(b"\r\n")
+            if self.sasl is not None:
+                self._auth_response(text)
+            else:
+                self._command(text)
+
+    def _wait(self, d: defer.Deferred[Any]) -> None:
+        """Hold pipelined input until ``d`` (which answers for itself) is done."""
+        self.busy = True
+
+        def done(_: Any) -> None:
+            self.busy = False
+            if self.draining and not self.closing:
+                self.close_with("-ERR [SYS/TEMP] Server shutting down")
+            elif self.buffer:
+                self.process()
+
+        def failed(failure: Failure) -> None:
+            if self.closing:
+                return                      # the client went away mid-answer
+            self.log.failure("internal error in {state} state", failure, state=self.state)
+            self.close_with("-ERR [SYS/TEMP] Internal error, closing")
+        d.addErrback(failed).addBoth(done)
+
+    def _command(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.err("Command is not UTF-8")
+            return
+        verb, _, arg = line.strip().partition(" ")
+        verb = verb.upper()
+        handler = getattr(self, f"pop3_{verb}", None) if verb.isalpha() else None
+        if handler is None:
+            self.err("Unknown command")
+            return
+        if verb not in COMMANDS[self.state]:
+            self.err(f"{verb} is not allowed in the {self.state.upper()} state")
+            return
+        try:
+            result = handler(arg.strip())
+        except Exception:
+            self._wait(defer.fail(Failure()))
+            return
+        if isinstance(result, defer.Deferred):
+            self._wait(result)
+
+    # -- commands in any state ------------------------------------------------------
+
+    def pop3_CAPA(self, arg: str) -> None:
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.state == AUTHORIZATION:
+            if self._auth_allowed():
+                caps += ["USER", "SASL " + " ".join(sasl.mechanisms())]
+            if self.factory.tls_context is not None and not self.tls:
+                caps.append("STLS")
+        caps.append(f"EXPIRE {self.cfg.expire}")
+        if self.cfg.login_delay:
+            caps.append(f"LOGIN-DELAY {int(self.cfg.login_delay)}")
+        caps.append("IMPLEMENTATION LightMail")
+        self.multiline("Capability list follows", caps)
+
+    def pop3_NOOP(self, arg: str) -> None:
+        self.ok()
+
+    def pop3_QUIT(self, arg: str) -> Any:
+        if self.state == AUTHORIZATION or self.maildrop is None:
+            self.close_with("+OK Bye")
+            return None
+        return defer.ensureDeferred(self._update())
+
+    async def _update(self) -> None:
+        """The UPDATE state (RFC 1939 §6): deletions happen now, and only now."""
+        assert self.maildrop is not None
+        try:
+            removed = await self.maildrop.commit()
+        except Exception:
+            self.log.failure("could not delete messages for {user}",
+                             user=self.account.user.address)
+            self.close_with("-ERR [SYS/TEMP] Deleting messages failed; nothing deleted")
+            return
+        finally:
+            self.maildrop.close()
+        self.log.info("{user} logged out, {removed} messages deleted",
+                      user=self.account.user.address, removed=removed)
+        self.close_with(f"+OK Logging out, {removed} messages deleted")
+
+    # -- AUTHORIZATION ----------------------------------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self.tls or self.factory.services.config.directory.auth_over_plaintext
+
+    def pop3_STLS(self, arg: str) -> None:
+        if self.factory.tls_context is None:
+            self.err("STLS not available")
+            return
+        if self.tls:
+            self.err("Already using TLS")
+            return
+        self.ok("Begin TLS negotiation now")
+        self.buffer = b""           # nothing sent before the handshake counts
+        self.tls = True
+        self.transport.startTLS(self.factory.tls_context)  # type: ignore[union-attr]
+
+    def pop3_USER(self, arg: str) -> None:
+        if not self._auth_allowed():
+            self.err("[AUTH] Plaintext authentication disallowed without TLS: use STLS")
+            return
+        if not arg:
+            self.err("USER needs a name")
+            return
+        self.username = arg
+        self.ok()
+
+    def pop3_PASS(self, arg: str) -> Any:
+        if self.username is None:
+            self.err("USER first")
+            return None
+        username, self.username = self.username, None
+        from twisted.cred import credentials
+        creds = credentials.UsernamePassword(username.encode(), arg.encode())
+        return self._login(creds, username)
+
+    def pop3_AUTH(self, arg: str) -> Any:
+        if not arg:
+            # Common practice (not in RFC 5034): list the mechanisms.
+            self.multiline("Mechanisms follow", sasl.mechanisms())
+            return None
+        if not self._auth_allowed():
+            self.err("[AUTH] Authentication disallowed without TLS: use STLS")
+            return None
+        name, _, initial = arg.partition(" ")
+        mechanism = sasl.new_mechanism(name)
+        if mechanism is None:
+            self.err("Unsupported authentication mechanism")
+            return None
+        try:
+            first = None
+            if initial:
+                first = b"" if initial == "=" else base64.b64decode(initial, validate=True)
+            step = mechanism.start(first)
+        except (binascii.Error, ValueError, sasl.SASLError):
+            self.err("[AUTH] Malformed authentication exchange")
+            return None
+        self.sasl = mechanism
+        return self._auth_step(step)
+
+    def _auth_response(self, raw: bytes) -> None:
+        mechanism, self.sasl = self.sasl, None
+        if raw == b"*":
+            self.err("Authentication cancelled")
+            return
+        try:
+            assert mechanism is not None
+            step = mechanism.step(base64.b64decode(raw, validate=True))
+        except (binascii.Error, ValueError, sasl.SASLError):
+            self.err("[AUTH] Malformed authentication exchange")
+            return
+        self.sasl = mechanism
+        d = self._auth_step(step)
+        if d is not None:
+            self._wait(d)
+
+    def _auth_step(self, step: sasl.Step) -> Any:
+        if step.challenge is not None:
+            self.write(b"+ " + base64.b64encode(step.challenge) + b"\r\n")
+            return None
+        self.sasl = None
+        assert step.credentials is not None
+        return self._login(step.credentials,
+                           step.credentials.username.decode("utf-8", "replace"))
+
+    @defer.inlineCallbacks
+    def _login(self, creds: Any, username: str) -> Any:
+        try:
+            result = yield self.factory.services.portal.login(creds, None, IMailAccount)
+        except Exception:
+            self.log.warn("authentication failed for {user} from {peer}", user=username,
+                          peer=self.peer_host)
+            self.err("[AUTH] Authentication failed")
+            return
+        account = result[1]
+        user = account.user
+        try:
+            self.maildrop = yield Maildrop.open(
+                user.id, account.mailstore, self.factory.services.blobs,
+                locks_for(self.factory.services), self.cfg.login_delay)
+        except MaildropLocked:
+            self.err("[IN-USE] Mailbox is locked by another POP3 session")
+            return
+        except LoginTooSoon:
+            self.err(f"[LOGIN-DELAY] Wait {int(self.cfg.login_delay)}s between logins")
+            return
+        self.account, self.state = account, TRANSACTION
+        self.log.info("{user} logged in, {count} messages", user=user.address,
+                      count=len(self.maildrop.messages))
+        if self.closing:                    # gone while we were opening: let go
+            self.maildrop.close()
+            return
+        self.ok("Logged in")
+
+    # -- TRANSACTION --------------------------------------------------------------------
+
+    def _message(self, arg: str) -> Optional[tuple[int, MessageInfo]]:
+        assert self.maildrop is not None
+        if not arg.isdigit():
+            self.err("Need a message number")
+            return None
+        message = self.maildrop.get(int(arg))
+        if message is None:
+            self.err("No such message")
+            return None
+        return int(arg), message
+
+    def pop3_STAT(self, arg: str) -> None:
+        assert self.maildrop is not None
+        count, size = self.maildrop.stat()
+        self.ok(f"{count} {size}")
+
+    def pop3_LIST(self, arg: str) -> None:
+        self._listing(arg, lambda message: str(message.size))
+
+    def pop3_UIDL(self, arg: str) -> None:
+        assert self.maildrop is not None
+        self._listing(arg, self.maildrop.uidl)
+
+    def _listing(self, arg: str, value: Any) -> None:
+        assert self.maildrop is not None
+        if arg:
+            found = self._message(arg)
+            if found is not None:
+                self.ok(f"{found[0]} {value(found[1])}")
+            return
+        live = self.maildrop.live()
+        lines = [f"{number} {value(message)}" for number, message in live]
+        self.multiline(f"{len(live)} messages", lines)
+
+    def pop3_DELE(self, arg: str) -> None:
+        assert self.maildrop is not None
+        found = self._message(arg)
+        if found is not None:
+            self.maildrop.delete(found[0])
+            self.ok(f"Message {found[0]} deleted")
+
+    def pop3_RSET(self, arg: str) -> None:
+        assert self.maildrop is not None
+        self.maildrop.reset()
+        count, size = self.maildrop.stat()
+        self.ok(f"{count} messages ({size} octets)")
+
+    def pop3_RETR(self, arg: str) -> Any:
+        found = self._message(arg)
+        if found is None:
+            return None
+        return defer.ensureDeferred(self._send(found[1], None))
+
+    def pop3_TOP(self, arg: str) -> Any:
+        parts = arg.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            self.err("TOP needs a message number and a line count")
+            return None
+        found = self._message(parts[0])
+        if found is None:
+            return None
+        return defer.ensureDeferred(self._send(found[1], int(parts[1])))
+
+    async def _send(self, message: MessageInfo, body_lines: Optional[int]) -> None:
+        """RETR (all of it) or TOP (headers and ``body_lines`` lines), dot-stuffed,
+        streamed chunk by chunk as the client takes it."""
+        assert self.maildrop is not None and self.transport is not None
+        self.ok(f"{message.size} octets")
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        try:
+            cut = _TopCut(body_lines) if body_lines is not None else None
+            at_line_start, last = True, b"\n"
+            async for chunk in self.maildrop.content(message):
+                if cut is not None:
+                    chunk = cut.take(chunk)
+                if chunk:
+                    self.write(_stuff(chunk, at_line_start))
+                    at_line_start, last = chunk.endswith(b"\n"), chunk[-1:]
+                if self.closing or (cut is not None and cut.done):
+                    break
+                if self._paused is not None:
+                    await self._paused
+            self.write((b"" if last == b"\n" else b"\r\n") + b".\r\n")
+        finally:
+            if self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
+
+def _stuff(chunk: bytes, at_line_start: bool) -> bytes:
+    """Byte-stuff lines that begin with a dot (RFC 1939 §3)."""
+    out = chunk.replace(b"\n.", b"\n..")
+    return b"." + out if at_line_start and out.startswith(b".") else out
+
+
+class _TopCut:
+    """Passes the header, the blank line and then ``lines`` body lines (TOP)."""
+
+    def __init__(self, lines: int) -> None:
+        self.left = lines
+        self.in_body = False
+        self.done = False
+        self.tail = b""          # the end of the previous chunk, to find CRLF CRLF
+
+    def take(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        start = 0
+        if not self.in_body:
+            seen = self.tail + chunk
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self.tail = seen[-3:]
+                return chunk
+            self.in_body = True
+            start = end + 4 - len(self.tail)
+        position = start
+        while self.left > 0:
+            newline = chunk.find(b"\n", position)
+            if newline < 0:
+                return chunk
+            position, self.left = newline + 1, self.left - 1
+        self.done = True
+        return chunk[:position]
+
+
+class _Refuser(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
+        self.transport.loseConnection()
+
+
+class POP3Factory(TrackingFactory):
+    def __init__(self, listener: ListenerConfig, services: Any) -> None:
+        super().__init__(listener.max_connections, listener.max_connections_per_ip)
+        self.listener = listener
+        self.services = services
+        self.hostname = services.config.hostname
+        self.tls_context = None
+        if listener.tls == "starttls":
+            from lightmail.tls import server_context
+            self.tls_context = server_context(listener)
+
+    def make_protocol(self, addr: Any) -> POP3Session:
+        return POP3Session(self)
+
+    def refuse(self, addr: Any, reason: str) -> Protocol:
+        return _Refuser()
+
+
+def build_pop3_factory(listener: ListenerConfig, services: Any) -> POP3Factory:
+    return POP3Factory(listener, services)
