@@ -147,6 +147,21 @@ def parse_expire(raw: str, base: Path) -> str:
     raise _BadValue(f"expected NEVER or a number of days, got {raw!r}")
 
 
+def parse_endpoint(raw: str, base: Path) -> str:
+    """Twisted strports description (a relative Unix socket path is relative to the
+    config file's directory)"""
+    kind, sep, rest = raw.strip().partition(":")
+    if kind == "unix" and sep:
+        first, colon, options = rest.partition(":")
+        key = ""
+        if first.startswith("address="):
+            key, first = "address=", first[len("address="):]
+        if first and not first.startswith("/"):
+            first = str((base / first).resolve())
+        return f"unix:{key}{first}{colon}{options}"
+    return raw.strip()
+
+
 def parse_path(raw: str, base: Path) -> Path:
     """path (relative paths are relative to the config file's directory)"""
     if not raw:
@@ -352,7 +367,7 @@ class ListenerConfig:
         "", parse_str,
         "Protocol spoken on this listener (see 'lightmail check-config' for those available).")
     endpoint: str = option(
-        "", parse_str,
+        "", parse_endpoint,
         "Twisted strports description, e.g. tcp:2525:interface=127.0.0.1 or "
         "unix:/run/lightmail/lmtp.sock:mode=660.")
     tls: str = option(

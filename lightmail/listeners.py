@@ -12,6 +12,7 @@ those over the configured limits with a protocol-specific reply, and drains.
 from __future__ import annotations
 
 import importlib
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
@@ -216,7 +217,8 @@ def describe_address(port: IListeningPort) -> str:
     if hasattr(address, "port"):
         host = address.host
         return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-    return str(getattr(address, "name", address))
+    name = getattr(address, "name", address)
+    return os.fsdecode(name) if isinstance(name, bytes) else str(name)
 
 
 # The protocols LightMail ships; embedders add theirs with register_protocol().

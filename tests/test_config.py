@@ -114,3 +114,15 @@ def test_reference_documents_every_key_and_is_current() -> None:
     shipped = (REPO / "docs" / "configuration.rst").read_text()
     assert shipped == text, "docs/configuration.rst is stale: run " \
         "`lightmail config-reference > docs/configuration.rst`"
+
+
+def test_unix_socket_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = parse_config(
+        "[listener:lmtp]\nprotocol = lmtp\nendpoint = unix:../var/lmtp.sock:mode=660\n"
+        "[listener:abs]\nprotocol = lmtp\nendpoint = unix:address=/run/l.sock\n"
+        "[pop3]\nexpire = 30\n", str(tmp_path / "etc" / "lightmail.conf"))
+    assert config.listeners[0].endpoint == f"unix:{tmp_path / 'var' / 'lmtp.sock'}:mode=660"
+    assert config.listeners[1].endpoint == "unix:address=/run/l.sock"
+    assert config.pop3.expire == "30"
+    with pytest.raises(ConfigError, match=r"\[pop3\] expire: expected NEVER or a number"):
+        parse_config("[pop3]\nexpire = soon\n", "x.conf")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
@@ -34,6 +35,7 @@ OVER_QUOTA_TEMP = Reply(452, "4.2.2", "Mailbox full, try again later")
 
 class LMTPServerSession(SMTPServerSession):
     protocol_name = "LMTP"
+    log_namespace = "lightmail.lmtp"
 
     def smtp_LHLO(self, arg: str) -> None:
         self._greet(arg, esmtp=True)
@@ -59,6 +61,8 @@ class LMTPServerSession(SMTPServerSession):
 
 class LMTPHandler(SMTPHandler):
     """Accepts local recipients and files the message into their mailboxes."""
+
+    log = Logger(namespace="lightmail.lmtp")
 
     @defer.inlineCallbacks
     def handle_rcpt(self, session: Session, tx: Transaction, address: str,
@@ -88,19 +92,20 @@ class LMTPHandler(SMTPHandler):
             for index, (address, _) in enumerate(tx.accepted)]
         results = yield defer.gatherResults(
             [d.addErrback(self._failed) for d in deliveries], consumeErrors=True)
-        return [self._reply(address, result, queue_id)
+        return [self._reply(address, result, queue_id, session.conn_id)
                 for (address, _), result in zip(tx.accepted, results, strict=True)]
 
     def _failed(self, failure: Any) -> None:
         self.log.failure("local delivery failed", failure)
         return None
 
-    def _reply(self, address: str, result: Any, queue_id: str) -> Reply:
+    def _reply(self, address: str, result: Any, queue_id: str, conn_id: str) -> Reply:
         if result is None:
             return codes.TEMP_FAILURE
         status, _, detail = result.detail.partition(" ")
-        self.log.info("lmtp {queue_id} to=<{rcpt}> {status}: {detail}", queue_id=queue_id,
-                      rcpt=address, status=result.status, detail=result.detail)
+        self.log.info("to=<{rcpt}> status={status} ({detail})", rcpt=address,
+                      status=result.status, detail=result.detail, conn_id=conn_id,
+                      msg_id=queue_id)
         if result.status == "delivered":
             return Reply(250, "2.0.0", f"<{address}> delivered as {queue_id}")
         if status.endswith(".2.2"):           # mailbox full

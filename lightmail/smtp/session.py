@@ -50,6 +50,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     factory: SMTPFactory
     protocol_name = "ESMTP"            # in the greeting
+    log_namespace = "lightmail.smtp"
 
     def __init__(self, factory: SMTPFactory) -> None:
         self.cfg = factory.services.config.smtp
@@ -76,7 +77,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if no_delay is not None:
             no_delay(True)
         conn_id = new_id()
-        self.log = BoundLogger(namespace="lightmail.smtp", conn_id=conn_id)
+        self.log = BoundLogger(namespace=self.log_namespace, conn_id=conn_id)
         self.session = Session(conn_id=conn_id, peer=self.peer_host,
                                submission=self.factory.submission)
         if self.factory.listener.tls == "implicit":
@@ -632,7 +633,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 reply = codes.TEMP_FAILURE
             else:
                 self.messages += 1
-                log.info("queued from=<{sender}> size={size} nrcpt={nrcpt} via {listener}",
+                log.info("accepted from=<{sender}> size={size} nrcpt={nrcpt} via {listener}",
                          sender=tx.mail_from, size=size, nrcpt=len(tx.recipients),
                          listener=self.factory.listener.name)
             if self.tx is tx:
