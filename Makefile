@@ -40,5 +40,15 @@ bench: $(BIN)/.installed
 	scripts/test-peers.sh
 	$(BIN)/python bench/smtp.py --idle 1000
 
+.PHONY: bench-lmtp bench-pop3
+
+bench-lmtp: $(BIN)/.installed
+	scripts/test-peers.sh
+	$(BIN)/python bench/lmtp.py
+
+bench-pop3: $(BIN)/.installed
+	scripts/test-peers.sh
+	$(BIN)/python bench/pop3.py
+
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -11,10 +11,12 @@ Users are virtual (a passwd-file with ``{PLAIN}`` passwords) and all own their m
 with one uid/gid:
 
 * run as root, Dovecot drops privileges as it does in production (login processes as
-  ``dovenull``, internal ones as ``dovecot``) and mail is owned by root
-  (``first_valid_uid = 0``), so the tests can read and clean up everything;
-* run as any other user, everything runs as that user: no chroot, and the internal
-  and login users are the caller (Dovecot's "rootless" set-up).
+  ``dovenull``, internal ones as ``dovecot``) and the mail belongs to ``nobody``:
+  Dovecot refuses mail access as uid 0 whatever ``first_valid_uid`` says ("Mail access
+  not allowed for root"), and root reads and removes the files anyway;
+* run as any other user, everything runs as that user, who also owns the mail: no
+  chroot, and the internal and login users are the caller (Dovecot's "rootless"
+  set-up).
 
 The configuration syntax changed in Dovecot 2.4; ``dovecot --version`` decides which
 one is written.
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 MODULES = Path("/usr/lib/dovecot")
 
 
@@ -62,6 +65,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
 
 
 class DovecotInstance:
@@ -94,7 +114,12 @@ class DovecotInstance:
         self.pop3_port = pop3_port or free_port()
         self.imap_port = imap_port or free_port()
         self.lmtp_socket = self.base / "lmtp.sock"
-        self.uid, self.gid = os.getuid(), os.getgid()
+        if os.getuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            self.uid, self.gid = nobody.pw_uid, nobody.pw_gid
+            os.chown(self.mail_dir, self.uid, self.gid)
+        else:
+            self.uid, self.gid = os.getuid(), os.getgid()
         self.users: dict[str, str] = {}
         self.config.write_text(self._config(settings or {}) + services)
         self._out = (self.base / "dovecot.out").open("w")
@@ -107,9 +132,9 @@ class DovecotInstance:
         return self.version >= (2, 4)
 
     def _config(self, extra: dict[str, str]) -> str:
-        root = self.uid == 0
-        user = pwd.getpwuid(self.uid).pw_name
-        group = grp.getgrgid(self.gid).gr_name
+        root = os.getuid() == 0
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(os.getgid()).gr_name
         settings: dict[str, str] = {}
         if self.v24:
             # Must come first: the syntax and storage defaults this file is written for.
@@ -125,8 +150,8 @@ class DovecotInstance:
             "listen": "127.0.0.1",
             "ssl": "no",
             "auth_mechanisms": "plain login",
-            "first_valid_uid": str(min(self.uid, 500)),
-            "first_valid_gid": str(min(self.gid, 1)),
+            "first_valid_uid": str(self.uid),
+            "first_valid_gid": str(self.gid),
             "mail_uid": str(self.uid),
             "mail_gid": str(self.gid),
             "postmaster_address": "postmaster@dovecot.test",
@@ -176,17 +201,28 @@ class DovecotInstance:
 
     # --- users and mail --------------------------------------------------------------
 
-    def add_user(self, address: str, password: str) -> None:
-        """Add a virtual user (read at the next lookup: no restart needed)."""
+    def add_user(self, address: str, password: str, scheme: str = "PLAIN") -> None:
+        """Add a virtual user (read at the next lookup: no restart needed).
+
+        The password is stored as ``{PLAIN}password``, or hashed with another of
+        Dovecot's schemes (``doveadm pw -s SCHEME``), e.g. ARGON2ID to make a login cost
+        what it costs LightMail, which keeps argon2id hashes.
+        """
         if ":" in address or ":" in password or "\n" in address + password:
             raise ValueError("':' and newlines cannot appear in a passwd-file entry")
+        if scheme.upper() == "PLAIN":
+            stored = f"{{PLAIN}}{password}"
+        else:
+            stored = subprocess.run(
+                [DOVEADM, "-c", str(self.config), "pw", "-s", scheme, "-p", password],
+                capture_output=True, text=True, timeout=60, check=True).stdout.strip()
         local, _, domain = address.partition("@")
         home = self.mail_dir / domain / local
         self.users[address] = password
-        # user:password:uid:gid:(gecos):home:(shell):extra fields.  The uid and gid
-        # come from mail_uid/mail_gid: passwd-file refuses uid 0 in its own fields.
+        # user:password:uid:gid:(gecos):home:(shell):extra fields; uid and gid come
+        # from mail_uid/mail_gid.
         with self.passwd.open("a") as out:
-            out.write(f"{address}:{{PLAIN}}{password}:::{home}::\n")
+            out.write(f"{address}:{stored}:::{home}::\n")
 
     def maildir(self, address: str) -> Path:
         local, _, domain = address.partition("@")
@@ -258,11 +294,19 @@ class DovecotInstance:
                     self.proc.wait(20)
                 except subprocess.TimeoutExpired:
                     pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
+            # The master stops its children, but a straggler (a login process, an
+            # lmtp still writing) must not outlive the instance: kill the group and
+            # wait until none of it runs.  (Orphans are reaped by init, which may be
+            # slow in a container: a zombie counts as gone.)
+            deadline = time.monotonic() + 10
+            while group_members(self.proc.pid) and time.monotonic() < deadline:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.02)
+            if self.proc.poll() is None:
+                self.proc.wait(10)
             self.proc = None
         if remove:
             self._out.close()
