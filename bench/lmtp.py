@@ -122,8 +122,8 @@ class Dovecot:
 
     name = "Dovecot"
 
-    def __init__(self, scheme: str = "PLAIN") -> None:
-        self.instance = DovecotInstance()
+    def __init__(self, scheme: str = "PLAIN", settings: dict[str, str] | None = None) -> None:
+        self.instance = DovecotInstance(settings=settings)
         self.scheme = scheme
         self.ports = {"lmtp": self.instance.lmtp_port, "pop3": self.instance.pop3_port,
                       "imap": self.instance.imap_port}

@@ -282,6 +282,11 @@ class DirectoryConfig:
     auth_over_plaintext: bool = option(
         False, parse_bool,
         "Allow password authentication on connections without TLS (not for production).")
+    auth_cache_ttl: float = option(
+        600.0, parse_duration(minimum=0.0),
+        "How long a verified password is remembered (in memory, as an HMAC with a "
+        "per-process key) so that a client's next connections skip the argon2 work, as "
+        "Dovecot's auth_cache_ttl; a changed password ends it at once.  0 disables.")
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def makeService(config: Config) -> LightMailService:
     directory = SQLDirectory(storage.db,
                              recipient_delimiter=config.directory.recipient_delimiter,
                              default_quota=config.directory.default_quota)
-    portal = make_portal(directory, storage.mailstore)
+    portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
     runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id)
     services = Services(config=config, storage=storage, directory=directory, portal=portal,
                         queue_runner=runner)

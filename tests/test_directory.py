@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import pytest_twisted
 import sqlalchemy as sa
@@ -103,3 +105,35 @@ def test_password_login_through_the_portal(stack) -> None:
         stored = conn.execute(sa.select(s.users.c.password_hash).where(
             s.users.c.localpart == "bob")).scalar()
     assert stored.startswith("$argon2id$") and "battery" not in stored
+
+
+@pytest_twisted.inlineCallbacks
+def test_verified_passwords_are_remembered_until_changed(sqlite_stack, monkeypatch) -> None:
+    from lightmail.directory import cred
+    d = sqlite_stack.directory
+    yield d.add_domain("example.test")
+    yield d.add_user("bob@example.test", "correct horse")
+    calls: list[str] = []
+    real = cred.verify_password_async
+
+    def counting(stored: Any, password: str) -> Any:
+        calls.append(password)
+        return real(stored, password)
+    monkeypatch.setattr(cred, "verify_password_async", counting)
+    portal = make_portal(d, sqlite_stack.mailstore, auth_cache_ttl=60)
+    for _ in range(3):
+        yield login(portal, "Bob@example.test", "correct horse")
+    assert calls == ["correct horse"]                  # argon2 once, then the cache
+    with pytest.raises(UnauthorizedLogin):
+        yield login(portal, "bob@example.test", "wrong")
+    assert calls[-1] == "wrong"                        # a wrong password is always checked
+    yield d.set_password("bob@example.test", "battery staple")
+    with pytest.raises(UnauthorizedLogin):
+        yield login(portal, "bob@example.test", "correct horse")   # a new hash ends it
+    for _ in range(2):
+        yield login(portal, "bob@example.test", "battery staple")
+    assert calls.count("battery staple") == 1
+    checker = portal.checkers[cred.credentials.IUsernamePassword]
+    checker.cache.clock = lambda: 1e12                 # long after the TTL
+    yield login(portal, "bob@example.test", "battery staple")
+    assert calls.count("battery staple") == 2

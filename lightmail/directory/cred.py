@@ -6,6 +6,11 @@ credentials checker (LDAP, OAuth2 bearer tokens, app passwords) serves every pro
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -21,6 +26,44 @@ from lightmail.directory.passwords import verify_password_async
 from lightmail.storage.interfaces import IMailStore
 
 
+class VerifiedCache:
+    """Passwords verified lately, so that a mail client's next connections (IMAP
+    clients open several at once, POP3 clients poll) skip the deliberately slow argon2.
+
+    Holds an HMAC of the password under a key that lives only in this process, with
+    the stored hash it was checked against: a password change (a new hash) or expiry
+    ends the entry.  Only a correct password ever takes the fast path.
+    """
+
+    def __init__(self, ttl: float, size: int = 10000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self.size, self.clock = ttl, size, clock
+        self.key = os.urandom(32)
+        self.entries: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
+
+    def _mac(self, password: str) -> bytes:
+        return hmac.new(self.key, password.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).digest()
+
+    def hit(self, username: str, stored: Optional[str], password: str) -> bool:
+        entry = self.entries.get(username)
+        if entry is None or stored is None:
+            return False
+        hash_then, mac, expires = entry
+        if expires < self.clock() or hash_then != stored:
+            del self.entries[username]
+            return False
+        return hmac.compare_digest(mac, self._mac(password))
+
+    def remember(self, username: str, stored: str, password: str) -> None:
+        if self.ttl <= 0:
+            return
+        self.entries[username] = (stored, self._mac(password), self.clock() + self.ttl)
+        self.entries.move_to_end(username)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
 @implementer(ICredentialsChecker)
 class SQLPasswordChecker:
     """Checks username/password against argon2 hashes; the avatar id is the address."""
@@ -28,9 +71,10 @@ class SQLPasswordChecker:
     credentialInterfaces = (credentials.IUsernamePassword,)
     log = Logger()
 
-    def __init__(self, directory: Any) -> None:
+    def __init__(self, directory: Any, cache_ttl: float = 0.0) -> None:
         # Any directory offering password_hash(address) -> (User | None, hash | None).
         self.directory = directory
+        self.cache = VerifiedCache(cache_ttl)
 
     @inlineCallbacks
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> Any:
@@ -41,8 +85,13 @@ class SQLPasswordChecker:
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
         user, stored = yield self.directory.password_hash(username)
-        # Always verify, even for unknown users, so that timing does not tell.
-        ok = yield verify_password_async(stored, password)
+        key = user.address if user is not None else ""
+        ok = bool(key) and self.cache.hit(key, stored, password)
+        if not ok:
+            # Always verify, even for unknown users, so that timing does not tell.
+            ok = yield verify_password_async(stored, password)
+            if ok and key and stored is not None:
+                self.cache.remember(key, stored, password)
         if not ok or user is None or not user.enabled:
             raise error.UnauthorizedLogin("authentication failed")
         return user.address
@@ -83,8 +132,9 @@ class MailRealm:
         return IMailAccount, account, account.logout
 
 
-def make_portal(directory: Any, mailstore: IMailStore) -> Portal:
-    return Portal(MailRealm(directory, mailstore), [SQLPasswordChecker(directory)])
+def make_portal(directory: Any, mailstore: IMailStore, auth_cache_ttl: float = 0.0) -> Portal:
+    return Portal(MailRealm(directory, mailstore),
+                  [SQLPasswordChecker(directory, auth_cache_ttl)])
 
 
 def login(portal: Portal, username: str, password: str) -> Deferred[Any]:
