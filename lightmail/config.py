@@ -287,6 +287,12 @@ class DirectoryConfig:
         "How long a verified password is remembered (in memory, as an HMAC with a "
         "per-process key) so that a client's next connections skip the argon2 work, as "
         "Dovecot's auth_cache_ttl; a changed password ends it at once.  0 disables.")
+    resolve_cache_ttl: float = option(
+        5.0, parse_duration(minimum=0.0),
+        "How long a recipient's resolution (domain, user, aliases; found or not) is "
+        "remembered in memory, so that RCPT needs no query.  A change made by this "
+        "process forgets them at once; one made elsewhere (the lightmail command, "
+        "another node) takes effect within this time.  0 disables.")
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,12 @@ class SMTPConfig:
         "On submission: MAIL FROM must be the user's address or one of their aliases.")
     smtputf8: bool = option(
         True, parse_bool, "Offer SMTPUTF8 (RFC 6531): UTF-8 addresses and headers.")
+    direct_delivery: bool = option(
+        True, parse_bool,
+        "File a message whose recipients are all local straight into their mailboxes, "
+        "in the transaction that accepts it (as LMTP does); the 250 then means filed. "
+        "A recipient that cannot be filed at once (over quota, say) and every message "
+        "with a remote recipient go through the queue.  no: queue every message first.")
 
 
 @dataclass(frozen=True)
@@ -363,6 +375,44 @@ class POP3Config:
         "NEVER", parse_expire,
         "Retention announced as EXPIRE (RFC 2449): NEVER, or days.  LightMail itself "
         "deletes nothing unless told.")
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """The outbound MTA: the queue's retry schedule and how mail leaves."""
+
+    relay_host: str = option(
+        "", parse_str,
+        "Send all outbound mail through this host instead of looking up MX records: "
+        "[host]:port (brackets: no MX lookup, as in Postfix), or empty.")
+    port: int = option(
+        25, parse_int(1, 65535),
+        "TCP port of the receiving MTAs (25; another only in a lab).")
+    dns_servers: str = option(
+        "", parse_str,
+        "Resolvers to ask, as host or host:port, comma-separated; empty: /etc/resolv.conf.")
+    tls: str = option(
+        "may", parse_choice("may", "none", "encrypt"),
+        "STARTTLS policy: may (when offered; certificate verification is logged), "
+        "encrypt (required: defer otherwise), none.")
+    concurrency: int = option(
+        20, parse_int(1, 1000), "Deliveries in progress at once (all transports).")
+    connect_timeout: float = option(
+        30.0, parse_duration(minimum=1.0), "Longest wait for a TCP connection.")
+    command_timeout: float = option(
+        300.0, parse_duration(minimum=1.0),
+        "Longest wait for a reply (RFC 5321 §4.5.3.2 asks for 5 minutes).")
+    data_timeout: float = option(
+        600.0, parse_duration(minimum=1.0),
+        "Longest wait for the reply to the end of the content (RFC 5321: 10 minutes).")
+    min_backoff: float = option(
+        300.0, parse_duration(minimum=1.0),
+        "Wait before the first retry; it doubles with each failure (with jitter).")
+    max_backoff: float = option(
+        14400.0, parse_duration(minimum=1.0), "Longest wait between two retries.")
+    max_lifetime: float = option(
+        5 * 86400.0, parse_duration(minimum=60.0),
+        "After this long in the queue a message that still cannot be delivered bounces.")
 
 
 @dataclass(frozen=True)
@@ -400,6 +450,7 @@ SECTIONS: Mapping[str, type] = {
     "smtp": SMTPConfig,
     "lmtp": LMTPConfig,
     "pop3": POP3Config,
+    "outbound": OutboundConfig,
 }
 LISTENER_PREFIX = "listener:"
 
@@ -416,6 +467,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     lmtp: LMTPConfig = field(default_factory=LMTPConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
     listeners: tuple[ListenerConfig, ...] = ()
 
     @property

@@ -177,9 +177,13 @@ def makeService(config: Config) -> LightMailService:
     storage = StorageService(config)
     directory = SQLDirectory(storage.db,
                              recipient_delimiter=config.directory.recipient_delimiter,
-                             default_quota=config.directory.default_quota)
+                             default_quota=config.directory.default_quota,
+                             resolve_cache_ttl=config.directory.resolve_cache_ttl)
     portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
-    runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id)
+    out = config.outbound
+    runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id,
+                         concurrency=out.concurrency, min_backoff=out.min_backoff,
+                         max_backoff=out.max_backoff, max_lifetime=out.max_lifetime)
     services = Services(config=config, storage=storage, directory=directory, portal=portal,
                         queue_runner=runner)
     root = LightMailService(services)
@@ -191,6 +195,8 @@ def makeService(config: Config) -> LightMailService:
                                                  services.queue, runner.owner)
     for agent in _delivery_agents(services):
         runner.add_agent(agent)
+    from lightmail.outbound.notices import Notifier
+    runner.notifier = Notifier(services)
     for listener in config.listeners:
         factory = builder_for(listener.protocol)(listener, services)
         tls = None
@@ -204,7 +210,17 @@ def makeService(config: Config) -> LightMailService:
 
 
 def _delivery_agents(services: Services) -> list[Any]:
-    return [services.local_delivery]
+    from lightmail.delivery.smtp import SMTPDeliveryAgent
+    from lightmail.outbound.client import Timeouts
+    from lightmail.outbound.dns import Resolver
+    from lightmail.outbound.routing import Router
+    out = services.config.outbound
+    router = Router(Resolver(out.dns_servers), port=out.port, relay_host=out.relay_host)
+    smtp = SMTPDeliveryAgent(router, services.blobs, services.config.hostname,
+                             tls_policy=out.tls,
+                             timeouts=Timeouts(out.command_timeout, out.data_timeout),
+                             connect_timeout=out.connect_timeout)
+    return [services.local_delivery, smtp]
 
 
 def get_services(service: IService) -> Services:

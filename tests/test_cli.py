@@ -81,3 +81,14 @@ def test_demo_setup_is_idempotent(tmp_path: Path, config: Path) -> None:
     second = ok(config, "demo-setup")
     assert "added" not in second
     assert "demo@example.test" in ok(config, "user", "list")
+
+
+def test_queue_administration_commands(config: Path) -> None:
+    result = run(config, "queue", "hold", "--all")
+    assert result.returncode == 0 and "held 0 recipients" in result.stdout, result.stderr
+    for action in ("release", "requeue", "delete"):
+        result = run(config, "queue", action, "2Q3Y86QSD0JZ6PK5K")
+        assert result.returncode == 0, result.stderr
+    result = run(config, "queue", "delete")
+    assert result.returncode == 1
+    assert "give queue ids or --all" in result.stderr

@@ -164,6 +164,36 @@ def test_queue_claim_deliver_and_retire(stack) -> None:
 
 
 @pytest_twisted.inlineCallbacks
+def test_queue_hold_release_requeue_delete(stack) -> None:
+    ref = yield stack.blobs.put(MESSAGE)
+    first = yield stack.queue.enqueue(Envelope("a@example.org", [
+        QueueRecipient("x@remote.example", "smtp"), QueueRecipient("y@remote.example", "smtp")]),
+        ref)
+    second = yield stack.queue.enqueue(Envelope("a@example.org", [
+        QueueRecipient("z@remote.example", "smtp")]), ref)
+    assert refcount(stack, ref.id) == 2
+    assert (yield stack.queue.manage("hold", [first])) == 2
+    items = yield stack.queue.claim("node-a", ["smtp"], 10, 60)
+    assert [i.queue_id for i in items] == [second]           # held mail is not tried
+    yield stack.queue.deferred(items[0], "node-a", "4.4.1 down", int(time.time() * 1000)
+                               + 3_600_000)
+    assert (yield stack.queue.claim("node-a", ["smtp"], 10, 60)) == []
+    assert (yield stack.queue.manage("requeue", [second])) == 1     # due now
+    assert (yield stack.queue.manage("release", [])) == 2           # all held mail
+    items = yield stack.queue.claim("node-a", ["smtp"], 10, 60)
+    assert sorted(i.recipient.address for i in items) == [
+        "x@remote.example", "y@remote.example", "z@remote.example"]
+    assert (yield stack.queue.manage("delete", [])) == 0     # in delivery: left alone
+    for item in items:
+        yield stack.queue.deferred(item, "node-a", "4.4.1 down", 0)
+    assert (yield stack.queue.manage("delete", [first])) == 2
+    assert [r["queue_id"] for r in (yield stack.queue.list_recipients())] == [second]
+    assert refcount(stack, ref.id) == 1
+    assert (yield stack.queue.manage("delete", [])) == 1
+    assert refcount(stack, ref.id) == 0
+
+
+@pytest_twisted.inlineCallbacks
 def test_expired_lease_is_taken_over_and_stale_owner_cannot_finish(stack) -> None:
     ref = yield stack.blobs.put(MESSAGE)
     yield stack.queue.enqueue(Envelope("a@example.org", [QueueRecipient("b@example.test")]),

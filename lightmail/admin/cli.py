@@ -8,6 +8,7 @@
     lightmail user passwd ADDRESS [--password-stdin] | remove ADDRESS | list [DOMAIN]
     lightmail alias add SOURCE DESTINATION | remove SOURCE [DESTINATION] | list [DOMAIN]
     lightmail queue list [--state STATE]
+    lightmail queue hold|release|requeue|delete (QUEUE_ID... | --all)
     lightmail tls selfsigned --cert PATH --key PATH [--name NAME]
     lightmail demo-setup          (make run: demo domain, user and certificate)
 
@@ -214,6 +215,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    if args.action != "list":
+        return cmd_queue_manage(args)
+
     async def work(ctx: _Context) -> None:
         rows = await ctx.storage.queue.list_recipients(args.state or ())
         for row in rows:
@@ -222,6 +226,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
                   f"<{row['mail_from']}> -> <{row['recipient']}>\t{row['size']}B\t"
                   f"tries={row['attempts']}{error}")
         print(f"{len(rows)} recipient{'s' if len(rows) != 1 else ''} in the queue")
+    _run(args, work)
+    return 0
+
+
+def cmd_queue_manage(args: argparse.Namespace) -> int:
+    if bool(args.queue_ids) == bool(args.all):
+        raise CommandError(f"queue {args.action}: give queue ids or --all (not both)")
+
+    async def work(ctx: _Context) -> None:
+        count = await ctx.storage.queue.manage(args.action, args.queue_ids)
+        done = {"hold": "held", "release": "released", "requeue": "requeued",
+                "delete": "deleted"}[args.action]
+        print(f"{done} {count} recipient{'s' if count != 1 else ''}")
     _run(args, work)
     return 0
 
@@ -313,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = qsub.add_parser("list")
     a.add_argument("--state", action="append",
                    choices=["queued", "active", "deferred", "held"])
+    for action, text in (("hold", "stop delivery attempts"),
+                         ("release", "let held mail be tried again, now"),
+                         ("requeue", "try now, whatever the retry schedule says"),
+                         ("delete", "remove without a notice to the sender")):
+        a = qsub.add_parser(action, help=text)
+        a.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
+        a.add_argument("--all", action="store_true", help="every queued message")
     p.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("tls", help="TLS certificates")

@@ -13,6 +13,7 @@ many messages under load.  Otherwise it goes step by step through the interfaces
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from sqlalchemy.engine import Connection
@@ -100,33 +101,121 @@ class LocalDeliveryAgent:
         return _recorded(result), changes
 
     def _file_now(self, conn: Connection, address: str, blob: BlobRef, delivery_id: str,
-                  over_quota: str) -> tuple[DeliveryResult, list[MailboxChange]]:
+                  over_quota: str, fresh: bool = False
+                  ) -> tuple[DeliveryResult, list[MailboxChange]]:
+        """File for one address inside the caller's transaction.
+
+        ``fresh``: the delivery id was made for this transaction (acceptance), so no
+        earlier append can carry it, and a resolution the directory remembers from
+        RCPT a moment ago will do.
+        """
         store: Any = self.mailstore
-        resolution = self.directory.resolve_now(conn, address)  # type: ignore[attr-defined]
+        resolution = None
+        if fresh:
+            resolution = getattr(self.directory, "cached_resolution", _none)(address)
+        if resolution is None:
+            resolution = self.directory.resolve_now(conn, address)  # type: ignore[attr-defined]
         if not resolution.local:
             return DeliveryResult.bounced(NO_MAILBOX), []
-        filed, full, changes = [], [], []
+        filed: list[str] = []
+        full: list[str] = []
+        changes: list[MailboxChange] = []
         for target in resolution.local:
             if target.user.quota_bytes and (
                     store.usage_now(conn, target.user.id) + blob.size
                     > target.user.quota_bytes):
                 full.append(target.user.address)
                 continue
+            if fresh:
+                filed.append(self._file_fresh(conn, target, blob, delivery_id, changes))
+                continue
+            # Find and lock the mailbox in one query (append_now takes the row).
             box = None
             if target.detail:
-                box = store._get_mailbox(conn, target.user.id, target.detail)
+                box = store.lock_mailbox_now(conn, target.user.id, target.detail)
             if box is None:
-                box = store._get_mailbox(conn, target.user.id, "INBOX")
+                box = store.lock_mailbox_now(conn, target.user.id, "INBOX")
+            locked = box
             if box is None:
                 box = store.create_mailbox_now(conn, target.user.id, "INBOX")
                 changes.append(MailboxChange(target.user.id, box.id, "created"))
             user_id, appended = store.append_now(conn, box.id, blob,
-                                                 delivery_id=delivery_id)
+                                                 delivery_id=delivery_id, locked=locked)
             if not appended.duplicate:
                 changes.append(MailboxChange(user_id, box.id, "appended", (appended.uid,),
                                              appended.modseq))
             filed.append(_filed(target.user.address, box.name, appended))
         return _outcome(filed, full, over_quota), changes
+
+    def _file_fresh(self, conn: Connection, target: Any, blob: BlobRef, delivery_id: str,
+                    changes: list[MailboxChange]) -> str:
+        """Append with a new delivery id: the mailbox is found, locked and advanced in
+        one statement (``append_fresh_now``)."""
+        store: Any = self.mailstore
+        user_id = target.user.id
+        placed, name = None, "INBOX"
+        if target.detail:
+            placed, name = store.append_fresh_now(conn, user_id, target.detail, blob,
+                                                  delivery_id), target.detail
+        if placed is None:
+            name = "INBOX"
+            placed = store.append_fresh_now(conn, user_id, name, blob, delivery_id)
+        if placed is None:
+            box = store.create_mailbox_now(conn, user_id, name)
+            changes.append(MailboxChange(user_id, box.id, "created"))
+            placed = store.append_fresh_now(conn, user_id, name, blob, delivery_id)
+            assert placed is not None
+        mailbox_id, appended = placed
+        changes.append(MailboxChange(user_id, mailbox_id, "appended", (appended.uid,),
+                                     appended.modseq))
+        return _filed(target.user.address, name, appended)
+
+    # -- at acceptance ---------------------------------------------------------------
+
+    def can_deliver_at_acceptance(self) -> bool:
+        """Whether :meth:`deliver_at_acceptance` can file in one grouped transaction."""
+        return self._shared_db and hasattr(self.mailstore, "lock_mailbox_now")
+
+    def deliver_at_acceptance(self, addresses: Sequence[str], blob: BlobRef,
+                              queue_id: str) -> Deferred[list[DeliveryResult]]:
+        """File ``blob`` for every address in one grouped transaction, all or nothing.
+
+        For SMTP's acceptance: the content is durable in the blob store, and the
+        Deferred fires once every address has it in its mailbox, committed.  It fails
+        with :class:`NotFiled` (nothing filed, nothing committed) when any address
+        cannot be filed right now (over quota, no mailbox, a directory or storage
+        error): the caller queues the message instead, for the queue runner to
+        deliver, defer or bounce as always.  Any other failure may come from the commit
+        itself: the caller must not assume that nothing was filed.
+        """
+        d: Deferred[tuple[list[DeliveryResult], list[MailboxChange]]] = \
+            self.mailstore.db.write_grouped(  # type: ignore[attr-defined]
+                self._file_all_now, list(addresses), blob, queue_id)
+
+        def announce(outcome: tuple[list[DeliveryResult], list[MailboxChange]]
+                     ) -> list[DeliveryResult]:
+            results, changes = outcome
+            for change in changes:
+                self.mailstore._announce(change)  # type: ignore[attr-defined]
+            return results
+        return d.addCallback(announce)
+
+    def _file_all_now(self, conn: Connection, addresses: list[str], blob: BlobRef,
+                      queue_id: str) -> tuple[list[DeliveryResult], list[MailboxChange]]:
+        results, changes = [], []
+        for index, address in enumerate(addresses):
+            try:
+                result, more = self._file_now(conn, address, blob,
+                                              acceptance_delivery_id(queue_id, index),
+                                              "deferred", fresh=True)
+            except Exception as exc:
+                # Rolled back with this request's savepoint: nothing of it commits.
+                raise NotFiled(f"{address}: {exc.__class__.__name__}: {exc}") from exc
+            if result.status != "delivered":
+                raise NotFiled(f"{address}: {result.detail}")
+            results.append(result)
+            changes += more
+        return results, changes
 
     # -- through the interfaces -----------------------------------------------------
 
@@ -161,6 +250,19 @@ class LocalDeliveryAgent:
 
 
 NO_MAILBOX = "5.1.1 no such local mailbox"
+
+
+class NotFiled(Exception):
+    """Filing at acceptance was not possible; nothing was filed or committed."""
+
+
+def acceptance_delivery_id(queue_id: str, index: int) -> str:
+    """The delivery id of a message filed as it is accepted (never a queue row's)."""
+    return f"smtp/{queue_id}/{index}"
+
+
+def _none(address: str) -> None:
+    return None
 
 
 def _outcome(filed: list[str], full: list[str], over_quota: str) -> DeliveryResult:

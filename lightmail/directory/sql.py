@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from zope.interface import implementer
 
 from lightmail.address import AddressError, normalise_address, normalise_domain, split_address
@@ -24,6 +25,7 @@ from lightmail.storage.database import Database, now_ms
 from lightmail.storage.sqlstore import release_blob_ref
 
 CATCH_ALL = "*"
+RESOLVE_CACHE_SIZE = 10000   # addresses remembered at most (then forgotten all at once)
 MAX_ALIAS_DEPTH = 10   # as Postfix's virtual_alias_recursion_limit (1000 is its default
                        # for expansions; 10 levels is far beyond any real use)
 
@@ -53,10 +55,30 @@ def _release_messages_of(conn: Connection, user_ids: sa.ColumnElement[bool]) -> 
 @implementer(IDirectory)
 class SQLDirectory:
     def __init__(self, db: Database, recipient_delimiter: str = "+",
-                 default_quota: int = 0) -> None:
+                 default_quota: int = 0, resolve_cache_ttl: float = 0.0) -> None:
         self.db = db
         self.delimiter = recipient_delimiter
         self.default_quota = default_quota
+        # Recipient resolutions (found or not) remembered for a few seconds: every
+        # RCPT would otherwise cost a thread hop and three or four queries.  A change
+        # made through this object forgets them all at once; one made by another
+        # process (the lightmail command, another node) shows within the TTL.
+        self.resolve_cache_ttl = resolve_cache_ttl
+        self._resolved: dict[str, tuple[float, Resolution]] = {}
+
+    def forget_resolutions(self) -> None:
+        """Drop every remembered resolution (after a change to the directory)."""
+        self._resolved = {}     # a new dict: lookups in flight see it is not theirs
+
+    def _changing(self, d: Deferred[Any]) -> Deferred[Any]:
+        # Before the change (a lookup in flight must not re-fill the cache with the
+        # old answer after it): forget now and again once it has committed.
+        self.forget_resolutions()
+
+        def forget(result: Any) -> Any:
+            self.forget_resolutions()
+            return result
+        return d.addBoth(forget)
 
     # -- domains ----------------------------------------------------------------------
 
@@ -68,7 +90,7 @@ class SQLDirectory:
                     s.domains.c.name == domain)).first() is not None:
                 raise DirectoryError(f"domain {domain} exists already")
             conn.execute(s.domains.insert().values(name=domain, created=now_ms()))
-        return self.db.write(add)
+        return self._changing(self.db.write(add))
 
     def remove_domain(self, name: str) -> Deferred[None]:
         domain = _checked(normalise_domain, name)
@@ -83,7 +105,7 @@ class SQLDirectory:
             conn.execute(s.users.delete().where(s.users.c.domain_id == domain_id))
             conn.execute(s.aliases.delete().where(s.aliases.c.domain_id == domain_id))
             conn.execute(s.domains.delete().where(s.domains.c.id == domain_id))
-        return self.db.write(remove)
+        return self._changing(self.db.write(remove))
 
     def list_domains(self) -> Deferred[list[str]]:
         return self.db.read(lambda conn: [row.name for row in conn.execute(
@@ -124,7 +146,7 @@ class SQLDirectory:
             assert key is not None
             return User(id=int(key[0]), address=f"{local}@{domain}",
                         quota_bytes=quota)
-        return (yield self.db.write(add))
+        return (yield self._changing(self.db.write(add)))
 
     def remove_user(self, address: str) -> Deferred[None]:
         local, domain = _checked(split_address, address)
@@ -137,7 +159,7 @@ class SQLDirectory:
             _release_messages_of(conn, owned)
             conn.execute(s.mailboxes.delete().where(owned))
             conn.execute(s.users.delete().where(s.users.c.id == row.id))
-        return self.db.write(remove)
+        return self._changing(self.db.write(remove))
 
     @inlineCallbacks
     def set_password(self, address: str, password: str) -> Any:
@@ -211,7 +233,7 @@ class SQLDirectory:
                 raise DirectoryError(f"alias {local}@{domain} -> {dest} exists already")
             conn.execute(s.aliases.insert().values(domain_id=domain_id, localpart=local,
                                                    destination=dest, created=now_ms()))
-        return self.db.write(add)
+        return self._changing(self.db.write(add))
 
     def remove_alias(self, source: str, destination: Optional[str] = None) -> Deferred[int]:
         local, domain = _alias_source(source)
@@ -227,7 +249,7 @@ class SQLDirectory:
                 raise DirectoryError(f"no such alias: {local}@{domain}"
                                      + (f" -> {dest}" if dest else ""))
             return int(count)
-        return self.db.write(remove)
+        return self._changing(self.db.write(remove))
 
     def list_aliases(self, domain: Optional[str] = None) -> Deferred[list[Alias]]:
         wanted = _checked(normalise_domain, domain) if domain else None
@@ -248,7 +270,33 @@ class SQLDirectory:
     # -- resolution -------------------------------------------------------------------
 
     def resolve(self, address: str) -> Deferred[Resolution]:
-        return self.db.read(self.resolve_now, address)
+        cached = self.cached_resolution(address)
+        if cached is not None:
+            return succeed(cached)
+        if not self.resolve_cache_ttl:
+            return self.db.read(self.resolve_now, address)
+        generation = self._resolved
+
+        def remember(resolution: Resolution) -> Resolution:
+            # Not if the cache was cleared meanwhile: the answer may predate a change.
+            if generation is self._resolved:
+                if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+                    self._resolved = {}
+                else:
+                    self._resolved[address] = (time.monotonic() + self.resolve_cache_ttl,
+                                               resolution)
+            return resolution
+        return self.db.read(self.resolve_now, address).addCallback(remember)
+
+    def cached_resolution(self, address: str) -> Optional[Resolution]:
+        """The remembered resolution of ``address`` if it is still fresh, else None."""
+        entry = self._resolved.get(address)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._resolved[address]
+            return None
+        return entry[1]
 
     def resolve_now(self, conn: Connection, address: str) -> Resolution:
         """Resolve inside a read transaction (worker thread)."""

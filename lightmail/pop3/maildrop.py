@@ -19,8 +19,7 @@ from typing import Any, Optional
 from twisted.internet import defer
 
 from lightmail.storage.interfaces import IBlobStore, IMailStore, Mailbox, MessageInfo
-
-CHUNK = 256 * 1024
+from lightmail.streams import blob_chunks
 
 
 class MaildropLocked(Exception):
@@ -106,16 +105,9 @@ class Maildrop:
     def reset(self) -> None:
         self.deleted.clear()
 
-    async def content(self, message: MessageInfo) -> AsyncIterator[bytes]:
+    def content(self, message: MessageInfo) -> AsyncIterator[bytes]:
         """The message in chunks, read off the reactor thread one at a time."""
-        offset = 0
-        while offset < message.size:
-            chunk = await self.blobs.read_range(message.blob_id, offset,
-                                                min(CHUNK, message.size - offset))
-            if not chunk:
-                break
-            offset += len(chunk)
-            yield chunk
+        return blob_chunks(self.blobs, message.blob_id, message.size)
 
     # -- the end of the session -----------------------------------------------------
 

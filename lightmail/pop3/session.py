@@ -31,6 +31,7 @@ from lightmail.listeners import TrackedProtocol, TrackingFactory
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
+from lightmail.streams import DotStuffer
 
 AUTHORIZATION, TRANSACTION = "authorization", "transaction"
 
@@ -441,27 +442,19 @@ class POP3Session(TrackedProtocol, TimeoutMixin):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         try:
             cut = _TopCut(body_lines) if body_lines is not None else None
-            at_line_start, last = True, b"\n"
+            stuffer = DotStuffer()
             async for chunk in self.maildrop.content(message):
                 if cut is not None:
                     chunk = cut.take(chunk)
-                if chunk:
-                    self.write(_stuff(chunk, at_line_start))
-                    at_line_start, last = chunk.endswith(b"\n"), chunk[-1:]
+                self.write(stuffer.feed(chunk))
                 if self.closing or (cut is not None and cut.done):
                     break
                 if self._paused is not None:
                     await self._paused
-            self.write((b"" if last == b"\n" else b"\r\n") + b".\r\n")
+            self.write(stuffer.end())
         finally:
             if self.transport is not None:
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
-
-
-def _stuff(chunk: bytes, at_line_start: bool) -> bytes:
-    """Byte-stuff lines that begin with a dot (RFC 1939 §3)."""
-    out = chunk.replace(b"\n.", b"\n..")
-    return b"." + out if at_line_start and out.startswith(b".") else out
 
 
 class _TopCut:

@@ -19,6 +19,9 @@ class DeliveryResult:
     # True when the agent already recorded the outcome in the queue, in the same
     # transaction as the delivery itself (local delivery on SQL does).
     recorded: bool = False
+    # For DSNs (RFC 3464): the MTA that answered, and its words ("smtp; 550 ...").
+    remote_mta: str = ""
+    diagnostic: str = ""
 
     @classmethod
     def delivered(cls, detail: str = "") -> DeliveryResult:

@@ -56,6 +56,8 @@ class QueueRunner(Service):
         self._again = False
         self._poll: task.LoopingCall | None = None
         self._idle_waiters: list[defer.Deferred[None]] = []
+        # Told of every final outcome (DSNs, lightmail.outbound.notices).
+        self.notifier: Any = None
 
     def add_agent(self, agent: IDeliveryAgent) -> None:
         self.agents[agent.transport] = agent
@@ -159,6 +161,17 @@ class QueueRunner(Service):
         except Exception:
             log.failure("recording the delivery of {rcpt} failed; it will be retried",
                         rcpt=item.recipient.address)
+            return
+        if self.notifier is not None and (result.status in ("delivered", "bounced")
+                                          or self._expired(item)):
+            if result.status == "deferred":
+                result = DeliveryResult("bounced", result.detail, remote_mta=result.remote_mta,
+                                        diagnostic=result.diagnostic)
+            try:
+                yield defer.ensureDeferred(self.notifier.outcome(item, result))
+            except Exception:
+                log.failure("could not send the delivery notice for {rcpt}",
+                            rcpt=item.recipient.address)
 
     def _expired(self, item: QueueItem) -> bool:
         received = queue_id_time(item.queue_id)

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from lightmail.address import AddressError, normalise_address, split_address
+from lightmail.delivery.local import NotFiled
 from lightmail.directory.interfaces import DirectoryError
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
@@ -51,7 +52,7 @@ class Transaction:
 
 
 class SMTPHandler:
-    log = Logger()
+    log = Logger(namespace="lightmail.smtp")
 
     def __init__(self, services: Any) -> None:
         self.services = services
@@ -113,9 +114,32 @@ class SMTPHandler:
             ret=tx.ret, body=tx.body, smtputf8=tx.smtputf8,
             auth_user=session.account.user.address if session.account else None,
             client_address=session.peer, priority=1 if session.submission else 0)
+        agent = getattr(self.services, "local_delivery", None)
+        if (self.services.config.smtp.direct_delivery and agent is not None
+                and all(rcpt.transport == "local" for rcpt in envelope.recipients)
+                and getattr(agent, "can_deliver_at_acceptance", _no)()):
+            # All local: file it now, in the grouped transaction that would have
+            # queued it (as LMTP does); the 250 then means filed.
+            addresses = [rcpt.address for rcpt in envelope.recipients]
+            try:
+                results = yield agent.deliver_at_acceptance(addresses, blob, queue_id)
+            except NotFiled as exc:
+                # Nothing was filed: queue it, the queue runner retries or bounces.
+                self.log.info("not filed at once, queueing: {reason}", reason=str(exc),
+                              conn_id=session.conn_id, msg_id=queue_id)
+            else:
+                for address, result in zip(addresses, results, strict=True):
+                    self.log.info("to=<{rcpt}> transport=local status=delivered {detail}",
+                                  rcpt=address, detail=result.detail,
+                                  conn_id=session.conn_id, msg_id=queue_id)
+                return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         yield self.services.queue.enqueue(envelope, blob, queue_id)
         self.services.queue_runner.kick()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def _no() -> bool:
+    return False
 
 
 def _unique(recipients: list[QueueRecipient]) -> list[QueueRecipient]:

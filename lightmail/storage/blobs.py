@@ -105,11 +105,14 @@ class FilesystemBlobStore:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        # Plain strings for the per-message path work (pathlib costs more CPU).
+        self._objects = str(self.objects)
+        self._tmp = str(self.tmp)
         self.pool = pool
         self.reactor = reactor
         self.flush_threshold = flush_threshold
         # Fan-out directories whose own directory entry is known to be durable.
-        self._durable_dirs: set[Path] = set()
+        self._durable_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
         # Makes "refresh the mtime of existing content" and "delete if old" atomic
         # with respect to each other within this process.
@@ -126,18 +129,27 @@ class FilesystemBlobStore:
         _check_id(blob_id)
         return self.objects / blob_id[:2] / blob_id[2:4] / blob_id
 
+    def _path_str(self, blob_id: str) -> str:
+        _check_id(blob_id)
+        return f"{self._objects}/{blob_id[:2]}/{blob_id[2:4]}/{blob_id}"
+
     def _defer(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
-    def _ensure_dirs(self, leaf: Path) -> None:
+    def _ensure_dirs(self, leaf: str) -> None:
         """Create ``objects/ab/cd`` as needed and make sure both fan-out levels' entries
         are durable (fsync of the parent), once per directory and process."""
-        for directory in (leaf.parent, leaf):
+        if leaf in self._durable_dirs:      # the common case: known, no lock needed
+            return
+        for directory in (os.path.dirname(leaf), leaf):
             with self._dirs_lock:
                 if directory in self._durable_dirs:
                     continue
-            directory.mkdir(exist_ok=True)
-            _fsync_dir(directory.parent)
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                pass
+            _fsync_dir(os.path.dirname(directory))
             with self._dirs_lock:
                 self._durable_dirs.add(directory)
 
@@ -148,7 +160,8 @@ class FilesystemBlobStore:
         temporary file is then removed).  ``consumed`` is called as soon as nothing is
         left at ``tmp_path``.
         """
-        final = self.path(blob_id)
+        final = self._path_str(blob_id)
+        leaf = os.path.dirname(final)
         with self._gc_lock:
             try:
                 os.utime(final)
@@ -161,15 +174,15 @@ class FilesystemBlobStore:
             consumed()
             # Another writer may have renamed it an instant ago and not yet made that
             # durable: do it here too before reporting the blob as stored.
-            self._ensure_dirs(final.parent)
-            _fsync_dir(final.parent)
+            self._ensure_dirs(leaf)
+            _fsync_dir(leaf)
             return False
-        self._ensure_dirs(final.parent)
+        self._ensure_dirs(leaf)
         # Fresh mtime even if the last write was long ago (GC grace period).
         os.utime(tmp_path)
         os.rename(tmp_path, final)
         consumed()
-        _fsync_dir(final.parent)
+        _fsync_dir(leaf)
         return True
 
     # -- IBlobStore ---------------------------------------------------------------------
@@ -208,7 +221,7 @@ class FilesystemBlobStore:
         return self._defer(read)
 
     def exists_now(self, blob_id: str) -> bool:
-        return self.path(blob_id).is_file()
+        return os.path.isfile(self._path_str(blob_id))
 
     def delete_now(self, blob_id: str, older_than: float) -> bool:
         path = self.path(blob_id)
@@ -274,7 +287,7 @@ class _TmpFile:
     def _append(self, chunks: list[bytes]) -> None:
         if self.fd is None:
             self.fd, self.path = tempfile.mkstemp(prefix="blob-", suffix=".tmp",
-                                                  dir=self.store.tmp)
+                                                  dir=self.store._tmp)
         if chunks:
             _write_all(self.fd, b"".join(chunks))
 

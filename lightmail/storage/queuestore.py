@@ -148,6 +148,32 @@ class SQLQueueStore:
         conn.execute(s.queue_messages.delete().where(s.queue_messages.c.id == queue_id))
         release_blob_ref(conn, blob.blob_id)
 
+    def manage(self, action: str, queue_ids: Sequence[str] = ()) -> Deferred[int]:
+        """Administer queued mail (``lightmail queue ...``), as postsuper does:
+        hold (no more attempts), release (back from hold, due now), requeue (due now),
+        delete (gone, no notice).  ``queue_ids`` empty means every message.  Fires with
+        the number of recipients changed.  A delivery in progress finishes first."""
+        r = s.queue_recipients
+        sources = {"hold": ("queued", "deferred"), "release": ("held",),
+                   "requeue": ("queued", "deferred", "held"),
+                   "delete": ("queued", "deferred", "held")}[action]
+
+        def manage_(conn: Connection) -> int:
+            where: Any = r.c.state.in_(sources)
+            if queue_ids:
+                where &= r.c.queue_id.in_(list(queue_ids))
+            if action == "delete":
+                touched = [row.queue_id for row in conn.execute(
+                    sa.select(r.c.queue_id).where(where).distinct())]
+                count = conn.execute(r.delete().where(where)).rowcount
+                for queue_id in touched:
+                    self._retire_if_done(conn, queue_id)
+                return int(count)
+            values: dict[str, Any] = {"state": "held"} if action == "hold" else {
+                "state": "deferred", "next_attempt": now_ms()}
+            return int(conn.execute(r.update().where(where).values(**values)).rowcount)
+        return self.db.write(manage_)
+
     def release_leases(self, owner: str) -> Deferred[int]:
         """Give back every lease ``owner`` holds: a node restarting after a crash
         retries its own interrupted deliveries at once instead of waiting for the

@@ -34,18 +34,18 @@ from lightmail.storage.interfaces import (
     NoSuchMailbox,
 )
 
+# Statements of the delivery path, built once: SQLAlchemy then finds their compiled
+# form by identity instead of building and hashing a new statement for every message.
+_upserts: dict[str, Any] = {}
 
-def upsert_blob_ref(conn: Connection, blobs: IBlobStore, ref: BlobRef) -> None:
-    """Count one more reference to ``ref``, inside the caller's write transaction.
 
-    The blob must exist after the row is locked: garbage collection deletes a file only
-    while holding the row, so checking here closes the race with a concurrent GC.
-    """
-    values = {"id": ref.id, "size": ref.size, "refcount": 1, "created": now_ms(),
-              "unreferenced_since": None}
+def _upsert_stmt(dialect: str) -> Any:
+    stmt = _upserts.get(dialect)
+    if stmt is not None:
+        return stmt
+    values = {"id": sa.bindparam("b_id"), "size": sa.bindparam("b_size"), "refcount": 1,
+              "created": sa.bindparam("b_created"), "unreferenced_since": None}
     update = {"refcount": s.blobs.c.refcount + 1, "unreferenced_since": None}
-    dialect = conn.dialect.name
-    stmt: Any
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
         stmt = pg_insert(s.blobs).values(values).on_conflict_do_update(
@@ -59,9 +59,37 @@ def upsert_blob_ref(conn: Connection, blobs: IBlobStore, ref: BlobRef) -> None:
         from sqlalchemy.dialects.sqlite import insert as lite_insert
         stmt = lite_insert(s.blobs).values(values).on_conflict_do_update(
             index_elements=[s.blobs.c.id], set_=update)
-    conn.execute(stmt)
+    _upserts[dialect] = stmt
+    return stmt
+
+
+def upsert_blob_ref(conn: Connection, blobs: IBlobStore, ref: BlobRef) -> None:
+    """Count one more reference to ``ref``, inside the caller's write transaction.
+
+    The blob must exist after the row is locked: garbage collection deletes a file only
+    while holding the row, so checking here closes the race with a concurrent GC.
+    """
+    conn.execute(_upsert_stmt(conn.dialect.name),
+                 {"b_id": ref.id, "b_size": ref.size, "b_created": now_ms()})
     if not blobs.exists_now(ref.id):
         raise BlobMissing(f"blob {ref.id} vanished before it was referenced")
+
+
+_INSERT_MESSAGE = s.messages.insert()
+_UPDATE_UIDNEXT = s.mailboxes.update().where(
+    s.mailboxes.c.id == sa.bindparam("b_id")).values(
+    uidnext=sa.bindparam("b_uidnext"), highestmodseq=sa.bindparam("b_modseq"))
+_LOCK_BY_NAME = sa.select(s.mailboxes).where(
+    (s.mailboxes.c.user_id == sa.bindparam("b_user"))
+    & (s.mailboxes.c.name == sa.bindparam("b_name"))).with_for_update()
+# Lock, read and advance in one statement where UPDATE ... RETURNING exists.
+_BUMP_BY_NAME = s.mailboxes.update().where(
+    (s.mailboxes.c.user_id == sa.bindparam("b_user"))
+    & (s.mailboxes.c.name == sa.bindparam("b_name"))).values(
+    uidnext=s.mailboxes.c.uidnext + 1,
+    highestmodseq=s.mailboxes.c.highestmodseq + 1).returning(
+    s.mailboxes.c.id, s.mailboxes.c.uidvalidity, s.mailboxes.c.uidnext,
+    s.mailboxes.c.highestmodseq)
 
 
 def release_blob_ref(conn: Connection, blob_id: str, count: int = 1) -> None:
@@ -219,9 +247,14 @@ class SQLMailStore:
 
     def append_now(self, conn: Connection, mailbox_id: int, blob: BlobRef,
                    flags: Sequence[str] = (), internal_date: Optional[int] = None,
-                   delivery_id: Optional[str] = None) -> tuple[int, Appended]:
-        """Append inside the caller's transaction; returns (user id, result)."""
-        box = _lock_mailbox(conn, mailbox_id)
+                   delivery_id: Optional[str] = None,
+                   locked: Any = None) -> tuple[int, Appended]:
+        """Append inside the caller's transaction; returns (user id, result).
+
+        ``locked``: the mailbox row, already locked in this transaction (as
+        :meth:`lock_mailbox_now` returns it).
+        """
+        box = locked if locked is not None else _lock_mailbox(conn, mailbox_id)
         if delivery_id is not None:
             earlier = conn.execute(sa.select(s.messages.c.uid, s.messages.c.modseq).where(
                 (s.messages.c.mailbox_id == mailbox_id)
@@ -231,13 +264,50 @@ class SQLMailStore:
                                              earlier.modseq, duplicate=True)
         upsert_blob_ref(conn, self.blobs, blob)
         uid, modseq = box.uidnext, box.highestmodseq + 1
-        conn.execute(s.messages.insert().values(
-            mailbox_id=mailbox_id, uid=uid, modseq=modseq, blob_id=blob.id, size=blob.size,
-            internal_date=internal_date if internal_date is not None else now_ms(),
-            flags=_flags_text(flags), delivery_id=delivery_id))
-        conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id).values(
-            uidnext=uid + 1, highestmodseq=modseq))
+        self._insert_message(conn, mailbox_id, uid, modseq, blob, flags, internal_date,
+                             delivery_id)
+        conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
+                                       "b_modseq": modseq})
         return box.user_id, Appended(mailbox_id, box.uidvalidity, uid, modseq)
+
+    @staticmethod
+    def _insert_message(conn: Connection, mailbox_id: int, uid: int, modseq: int,
+                        blob: BlobRef, flags: Sequence[str], internal_date: Optional[int],
+                        delivery_id: Optional[str]) -> None:
+        conn.execute(_INSERT_MESSAGE, {
+            "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq, "blob_id": blob.id,
+            "size": blob.size,
+            "internal_date": internal_date if internal_date is not None else now_ms(),
+            "flags": _flags_text(flags), "delivery_id": delivery_id})
+
+    def append_fresh_now(self, conn: Connection, user_id: int, name: str, blob: BlobRef,
+                         delivery_id: str) -> Optional[tuple[int, Appended]]:
+        """Append to the user's mailbox ``name`` inside the caller's transaction, for a
+        delivery id made for this transaction (no earlier append can carry it; the
+        unique index would refuse one).  Returns (mailbox id, result), or None when the
+        user has no such mailbox.  Two or three statements: the mailbox row is found,
+        locked and advanced at once where the database has UPDATE ... RETURNING.
+        """
+        if conn.dialect.name in ("sqlite", "postgresql"):
+            row = conn.execute(_BUMP_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+            if row is None:
+                return None
+            mailbox_id, uid, modseq = row.id, row.uidnext - 1, row.highestmodseq
+        else:
+            row = conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+            if row is None:
+                return None
+            mailbox_id, uid, modseq = row.id, row.uidnext, row.highestmodseq + 1
+            conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
+                                           "b_modseq": modseq})
+        upsert_blob_ref(conn, self.blobs, blob)
+        self._insert_message(conn, mailbox_id, uid, modseq, blob, (), None, delivery_id)
+        return mailbox_id, Appended(mailbox_id, row.uidvalidity, uid, modseq)
+
+    @staticmethod
+    def lock_mailbox_now(conn: Connection, user_id: int, name: str) -> Any:
+        """The row of a user's mailbox, locked for an append (None if there is none)."""
+        return conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
 
     def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
         def list_(conn: Connection) -> list[MessageInfo]:

@@ -1,0 +1,373 @@
+"""The SMTP client: one transaction with one receiving MTA (RFC 5321).
+
+ESMTP with PIPELINING (RFC 2920: MAIL, every RCPT and DATA in one write), SIZE (a
+message over the server's limit is not sent: 5.3.4), 8BITMIME (sent as it is when
+the server does not offer it, as Postfix does), SMTPUTF8 (a message that needs it is
+not sent to a server without it: 5.6.7, RFC 6531 §3.2), CHUNKING (BDAT, no
+dot-stuffing), DSN parameters passed through (RFC 3461) when offered, opportunistic
+STARTTLS (RFC 3207) with the certificate checked and the outcome logged.
+
+Each recipient gets its own answer: accepted at RCPT and then by the reply to the
+content, or refused.  4xx means try again later, 5xx means bounce.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from OpenSSL import SSL, crypto
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lightmail.storage.interfaces import BlobRef, IBlobStore
+from lightmail.streams import DotStuffer, blob_chunks
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class OutboundRecipient:
+    address: str
+    orcpt: Optional[str] = None
+    notify: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    mail_from: str
+    recipients: tuple[OutboundRecipient, ...]
+    blob: BlobRef
+    envid: Optional[str] = None
+    ret: Optional[str] = None
+    body: Optional[str] = None          # 8BITMIME when the client said so
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    @property
+    def status(self) -> str:
+        """The enhanced status code given, or one derived from the basic code."""
+        match = _ENHANCED.match(self.lines[0] if self.lines else "")
+        if match and match.group(1) == str(self.code)[0]:
+            return match.group(0)
+        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+@dataclass
+class Outcome:
+    """What one session achieved, per recipient address: (reply, from whom)."""
+
+    results: dict[str, Reply] = field(default_factory=dict)
+    tls: str = ""                       # e.g. "TLSv1.3 (verified)"
+
+
+class SessionFailed(Exception):
+    """The session ended before the recipients got answers: try the next host
+    (``next_host``) or give every recipient ``reply``."""
+
+    def __init__(self, reply: Reply, next_host: bool, remote: bool = True) -> None:
+        super().__init__(str(reply))
+        # remote: the server said it (else LightMail decided: timeouts, limits).
+        self.reply, self.next_host, self.remote = reply, next_host, remote
+
+
+def local_reply(code: int, status: str, text: str) -> Reply:
+    return Reply(code, (f"{status} {text}",))
+
+
+@implementer(IPushProducer)
+class SMTPClientProtocol(Protocol):
+    """Reads replies and hands them to whoever waits; writes with flow control."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.pending: list[str] = []
+        self.replies: list[Reply] = []
+        self.waiter: Optional[defer.Deferred[Reply]] = None
+        self.lost: Optional[Failure] = None
+        self.paused: Optional[defer.Deferred[None]] = None
+        self.connected_d: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_d.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            raw, self.buffer = self.buffer.split(b"\n", 1)
+            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit():
+                line = "421 " + line         # garbage: treat as a failing reply
+            self.pending.append(line[4:])
+            if line[3:4] != "-":
+                self.replies.append(Reply(int(line[:3]), tuple(self.pending)))
+                self.pending = []
+        if len(self.buffer) > 64 * 1024:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        self._deliver()
+
+    def _deliver(self) -> None:
+        if self.waiter is not None and (self.replies or self.lost is not None):
+            waiter, self.waiter = self.waiter, None
+            if self.replies:
+                waiter.callback(self.replies.pop(0))
+            else:
+                assert self.lost is not None
+                waiter.errback(self.lost)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost = reason
+        self.resumeProducing()
+        self._deliver()
+
+    def read(self, timeout: float, clock: Any) -> defer.Deferred[Reply]:
+        d: defer.Deferred[Reply] = defer.Deferred()
+        self.waiter = d
+        self._deliver()
+        if not d.called:
+            d.addTimeout(timeout, clock)
+        return d
+
+    def send(self, *lines: str) -> None:
+        assert self.transport is not None
+        self.transport.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+
+    def pauseProducing(self) -> None:
+        if self.paused is None:
+            self.paused = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self.paused = self.paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class ClientTLS:
+    """TLS 1.2+ for STARTTLS, with SNI, without verification in the handshake (so
+    opportunistic TLS still encrypts); :func:`verify_peer` checks afterwards."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self.context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self.context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self.context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tls_protocol)
+        connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+def verify_peer(transport: Any, hostname: str) -> str:
+    """Describe the TLS in use, and whether the server's certificate is trusted."""
+    try:
+        connection = transport.getHandle()
+        version = connection.get_protocol_version_name()
+        chain = connection.get_peer_cert_chain() or []
+    except Exception:
+        return "TLS"
+    if not chain:
+        return f"{version} (no certificate)"
+    try:
+        store = crypto.X509Store()
+        paths = ssl.get_default_verify_paths()
+        store.load_locations(paths.cafile, paths.capath)
+        leaf, *intermediates = chain
+        crypto.X509StoreContext(store, leaf, intermediates).verify_certificate()
+        from service_identity.pyopenssl import verify_hostname
+        verify_hostname(connection, hostname)
+    except Exception as exc:
+        return f"{version} (untrusted: {exc.__class__.__name__})"
+    return f"{version} (verified)"
+
+
+@dataclass
+class Timeouts:
+    command: float = 300.0
+    data: float = 600.0
+
+
+async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: IBlobStore,
+                   helo: str, server_name: str, tls_policy: str, timeouts: Timeouts,
+                   clock: Any) -> Outcome:
+    """One mail transaction on a connected session; ends with QUIT."""
+    outcome = Outcome()
+
+    async def reply(timeout: float = timeouts.command) -> Reply:
+        try:
+            return await proto.read(timeout, clock)
+        except defer.TimeoutError:
+            proto.transport.loseConnection()  # type: ignore[union-attr]
+            raise SessionFailed(local_reply(421, "4.4.2", "timeout talking to "
+                                            f"{server_name}"), True, False) from None
+        except Exception as exc:
+            raise SessionFailed(local_reply(421, "4.4.2", f"lost connection with "
+                                            f"{server_name}: {exc.__class__.__name__}"),
+                                True, False) from None
+
+    def fail(r: Reply, next_host: bool, remote: bool = True) -> SessionFailed:
+        proto.send("QUIT")
+        proto.transport.loseConnection()  # type: ignore[union-attr]
+        return SessionFailed(r, next_host, remote)
+
+    greeting = await reply()
+    if greeting.code != 220:
+        raise fail(greeting, next_host=True)      # a busy or refusing MX: try the next
+    extensions = await _ehlo(proto, helo, reply, fail)
+    if "STARTTLS" in extensions and tls_policy != "none":
+        proto.send("STARTTLS")
+        answer = await reply()
+        if answer.code == 220:
+            proto.transport.startTLS(ClientTLS(server_name))  # type: ignore[union-attr]
+            extensions = await _ehlo(proto, helo, reply, fail)
+            outcome.tls = verify_peer(proto.transport, server_name)
+        elif tls_policy == "encrypt":
+            raise fail(answer, next_host=True)
+    if tls_policy == "encrypt" and not outcome.tls:
+        proto.send("QUIT")
+        proto.transport.loseConnection()  # type: ignore[union-attr]
+        raise SessionFailed(local_reply(450, "4.7.5", f"{server_name} offers no "
+                                        "STARTTLS and TLS is required"), True, False)
+
+    size = extensions.get("SIZE", "")
+    if size.isdigit() and int(size) and message.blob.size > int(size):
+        raise fail(local_reply(552, "5.3.4", f"message size {message.blob.size} exceeds "
+                               f"the limit of {size}"), False, False)
+    if message.smtputf8 and "SMTPUTF8" not in extensions:
+        raise fail(local_reply(553, "5.6.7", "the message needs SMTPUTF8, which the "
+                               "server does not offer"), False, False)
+
+    dsn = "DSN" in extensions
+    mail = f"MAIL FROM:<{message.mail_from}>"
+    if size:
+        mail += f" SIZE={message.blob.size}"
+    if message.body == "8BITMIME" and "8BITMIME" in extensions:
+        mail += " BODY=8BITMIME"
+    if message.smtputf8:
+        mail += " SMTPUTF8"
+    if dsn and message.ret:
+        mail += f" RET={message.ret}"
+    if dsn and message.envid:
+        mail += f" ENVID={message.envid}"
+    rcpts = []
+    for rcpt in message.recipients:
+        line = f"RCPT TO:<{rcpt.address}>"
+        if dsn and rcpt.notify:
+            line += f" NOTIFY={rcpt.notify}"
+        if dsn and rcpt.orcpt:
+            line += f" ORCPT={_xtext_orcpt(rcpt.orcpt)}"
+        rcpts.append(line)
+    chunking = "CHUNKING" in extensions
+    pipelining = "PIPELINING" in extensions
+    if pipelining:
+        proto.send(mail, *rcpts, *([] if chunking else ["DATA"]))
+    else:
+        proto.send(mail)
+    mail_reply = await reply()
+    accepted = []
+    for rcpt, line in zip(message.recipients, rcpts, strict=True):
+        if not pipelining and mail_reply.code == 250:
+            proto.send(line)
+        answer = await reply()
+        if mail_reply.code != 250:
+            continue                  # pipelined RCPTs after a refused MAIL: ignored
+        if answer.code in (250, 251):
+            accepted.append(rcpt.address)
+        else:
+            outcome.results[rcpt.address] = answer
+    if mail_reply.code != 250:
+        if pipelining and not chunking:
+            await reply()             # the DATA reply (503 or so)
+        raise fail(mail_reply, next_host=mail_reply.code < 500)
+    if not accepted:
+        if pipelining and not chunking:
+            await reply()
+        proto.send("QUIT")
+        proto.transport.loseConnection()  # type: ignore[union-attr]
+        return outcome
+    if chunking:
+        proto.transport.write(f"BDAT {message.blob.size} LAST\r\n".encode())  # type: ignore[union-attr]
+        await _stream(proto, blobs, message.blob, stuffer=None)
+    else:
+        if not pipelining:
+            proto.send("DATA")
+        go = await reply()
+        if go.code != 354:
+            raise fail(go, next_host=go.code < 500)
+        stuffer = DotStuffer()
+        await _stream(proto, blobs, message.blob, stuffer)
+        proto.transport.write(stuffer.end())  # type: ignore[union-attr]
+    final = await reply(timeouts.data)
+    for address in accepted:
+        outcome.results[address] = final
+    proto.send("QUIT")
+    proto.transport.loseConnection()  # type: ignore[union-attr]
+    return outcome
+
+
+async def _ehlo(proto: SMTPClientProtocol, helo: str, reply: Any,
+                fail: Any) -> dict[str, str]:
+    proto.send(f"EHLO {helo}")
+    answer = await reply()
+    if answer.code != 250:
+        proto.send(f"HELO {helo}")
+        answer = await reply()
+        if answer.code != 250:
+            raise fail(answer, next_host=True)
+        return {}
+    extensions = {}
+    for line in answer.lines[1:]:
+        keyword, _, value = line.partition(" ")
+        extensions[keyword.upper()] = value
+    return extensions
+
+
+async def _stream(proto: SMTPClientProtocol, blobs: IBlobStore, blob: BlobRef,
+                  stuffer: Optional[DotStuffer]) -> None:
+    transport: Any = proto.transport
+    transport.registerProducer(proto, True)
+    try:
+        async for chunk in blob_chunks(blobs, blob.id, blob.size):
+            if proto.lost is not None:
+                break
+            transport.write(stuffer.feed(chunk) if stuffer else chunk)
+            if proto.paused is not None:
+                await proto.paused
+    finally:
+        if proto.lost is None:
+            transport.unregisterProducer()
+
+
+def _xtext_orcpt(orcpt: str) -> str:
+    """xtext (RFC 3461 §4): an ORCPT that came in over SMTP already is; one made here
+    (``rfc822;user+tag@example.com``) gets its '+', '=' and non-ASCII encoded."""
+    out = []
+    for index, ch in enumerate(orcpt):
+        escaped = ch == "+" and re.match(r"[0-9A-F]{2}", orcpt[index + 1:index + 3])
+        if 33 <= ord(ch) <= 126 and ch != "=" and (ch != "+" or escaped):
+            out.append(ch)
+        else:
+            out.append("".join(f"+{b:02X}" for b in ch.encode()))
+    return "".join(out)

@@ -1,0 +1,96 @@
+"""DNS for the outbound MTA: dnspython's resolver, off the reactor thread, cached.
+
+dnspython's stub resolver is synchronous; each query runs in the reactor's thread
+pool so the reactor never waits on the network.  Answers are cached for their TTL
+(dnspython's thread-safe ``Cache``), negative answers too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+from zope.interface import Interface, implementer
+
+
+class DNSError(Exception):
+    """A lookup failed."""
+
+
+class NoSuchDomain(DNSError):
+    """NXDOMAIN: the name does not exist (a permanent failure)."""
+
+
+class TemporaryDNSError(DNSError):
+    """SERVFAIL, timeouts, unreachable servers: try again later."""
+
+
+class IResolver(Interface):
+    def mx(domain: str) -> Deferred[list[tuple[int, str]]]:
+        """MX records as (preference, exchange) — ``[]`` when the domain has none
+        (then implicit MX applies); exchange ``""`` is a null MX (RFC 7505)."""
+
+    def addresses(host: str) -> Deferred[list[str]]:
+        """A and AAAA addresses of ``host`` (IPv4 first); ``[]`` when it has none."""
+
+
+@implementer(IResolver)
+class Resolver:
+    def __init__(self, servers: str = "", timeout: float = 10.0) -> None:
+        if servers.strip():
+            self.resolver = dns.resolver.Resolver(configure=False)
+            nameservers, port = [], 53
+            for item in servers.split(","):
+                host, _, port_text = item.strip().rpartition(":") if (
+                    item.count(":") == 1) else (item.strip(), "", "")
+                nameservers.append(host)
+                if port_text:
+                    port = int(port_text)
+            self.resolver.nameservers = nameservers
+            self.resolver.port = port
+        else:
+            self.resolver = dns.resolver.Resolver()
+        self.resolver.lifetime = timeout
+        self.resolver.cache = dns.resolver.Cache()
+
+    def _query(self, name: str, rdtype: str) -> list[Any]:
+        try:
+            answer = self.resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN:
+            raise NoSuchDomain(f"{name}: no such domain") from None
+        except dns.resolver.NoAnswer:
+            return []
+        except (dns.resolver.NoNameservers, dns.exception.Timeout,
+                dns.resolver.LifetimeTimeout) as exc:
+            raise TemporaryDNSError(f"{name} {rdtype}: {exc.__class__.__name__}") from None
+        except dns.exception.DNSException as exc:
+            raise TemporaryDNSError(f"{name} {rdtype}: {exc}") from None
+        return list(answer)
+
+    def mx(self, domain: str) -> Deferred[list[tuple[int, str]]]:
+        def lookup() -> list[tuple[int, str]]:
+            records = self._query(domain, "MX")
+            return [(r.preference, r.exchange.to_text(omit_final_dot=True))
+                    for r in records]
+        return threads.deferToThread(lookup)
+
+    def addresses(self, host: str) -> Deferred[list[str]]:
+        def lookup() -> list[str]:
+            found: list[str] = []
+            error: DNSError | None = None
+            for rdtype in ("A", "AAAA"):
+                try:
+                    found += [r.address for r in self._query(host, rdtype)]
+                except NoSuchDomain:
+                    raise
+                except DNSError as exc:
+                    error = exc
+            if not found and error is not None:
+                raise error
+            return found
+        return threads.deferToThread(lookup)

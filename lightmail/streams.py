@@ -1,0 +1,47 @@
+"""Streaming message content: chunks from the blob store, and dot-stuffing.
+
+POP3 (RFC 1939 §3) and the SMTP client (RFC 5321 §4.5.2) both send stored messages
+as dot-terminated text, without ever holding a whole message in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from lightmail.storage.interfaces import IBlobStore
+
+CHUNK = 256 * 1024
+
+
+async def blob_chunks(blobs: IBlobStore, blob_id: str, size: int,
+                      chunk: int = CHUNK) -> AsyncIterator[bytes]:
+    """The blob in chunks, each read off the reactor thread."""
+    offset = 0
+    while offset < size:
+        data = await blobs.read_range(blob_id, offset, min(chunk, size - offset))
+        if not data:
+            break
+        offset += len(data)
+        yield data
+
+
+class DotStuffer:
+    """Byte-stuffs lines that begin with a dot, across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self.last = b"\n"
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n.", b"\n..")
+        if self.at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self.at_line_start = chunk.endswith(b"\n")
+        self.last = chunk[-1:]
+        return out
+
+    def end(self) -> bytes:
+        """The terminator: CRLF . CRLF, with a CRLF first if the content lacks one."""
+        return (b"" if self.last == b"\n" else b"\r\n") + b".\r\n"

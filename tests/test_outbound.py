@@ -1,0 +1,200 @@
+"""The outbound MTA against a real receiving MTA (Postfix) and a DNS server of the test's.
+
+Mail submitted to LightMail for other domains is routed by MX records served by
+``tests/dnsserver.py``, delivered over SMTP to a private Postfix with virtual
+mailboxes, retried when the failure is temporary and bounced when it is permanent.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import smtplib
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from conftest import free_port
+from dnsserver import DNSServer
+from inprocess import in_thread, start
+from postfix import PostfixInstance
+from twisted.internet import defer, reactor, task
+
+
+class ReceivingMX:
+    """A Postfix that accepts mail for the test domains into Maildirs."""
+
+    def __init__(self, port: int, mailboxes: list[str]) -> None:
+        nobody = pwd.getpwnam("nobody")
+        self.maildirs = Path(tempfile.mkdtemp(prefix="lightmail-mx-"))
+        os.chmod(self.maildirs, 0o755)
+        os.chown(self.maildirs, nobody.pw_uid, nobody.pw_gid)
+        domains = sorted({address.split("@")[1] for address in mailboxes})
+        maps = ", ".join(f"{address}={address}/" for address in mailboxes)
+        self.postfix = PostfixInstance(None, port, main={
+            "myhostname": "mx.remote.test",
+            "virtual_mailbox_domains": ", ".join(domains),
+            "virtual_mailbox_base": str(self.maildirs),
+            "virtual_mailbox_maps": f"inline:{{ {maps} }}",
+            "virtual_uid_maps": f"static:{nobody.pw_uid}",
+            "virtual_gid_maps": f"static:{nobody.pw_gid}",
+            "virtual_transport": "virtual",
+        })
+        self.postfix.start()
+
+    def messages(self, address: str) -> list[bytes]:
+        box = self.maildirs / address
+        return [path.read_bytes() for sub in ("new", "cur") if (box / sub).is_dir()
+                for path in sorted((box / sub).iterdir())]
+
+    def stop(self) -> None:
+        self.postfix.stop()
+        shutil.rmtree(self.maildirs, ignore_errors=True)
+
+
+class DroppingMX(threading.Thread):
+    """Says 354 to DATA, reads a little of the content, then hangs up."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_server((host, port))
+        self.sessions = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.sessions += 1
+            with conn, conn.makefile("rb") as f:
+                conn.sendall(b"220 dropper ESMTP\r\n")
+                while line := f.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-dropper\r\n250 8BITMIME\r\n")
+                    elif verb == b"DATA":
+                        conn.sendall(b"354 go ahead\r\n")
+                        f.read(100)
+                        break
+                    else:
+                        conn.sendall(b"250 ok\r\n")
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def world() -> Iterator[dict[str, Any]]:
+    port = free_port()
+    dns = DNSServer({
+        "remote.test.": {"MX": [(10, "down.remote.test."), (20, "mx.remote.test.")]},
+        "down.remote.test.": {"A": ["127.0.0.2"]},
+        "mx.remote.test.": {"A": ["127.0.0.1"]},
+        "nullmx.test.": {"MX": [(0, ".")]},
+        "implicit.test.": {"A": ["127.0.0.1"]},
+        "later.test.": {"MX": [(10, "mx.remote.test.")]},
+        "drop.test.": {"MX": [(10, "mx.drop.test.")]},
+        "mx.drop.test.": {"A": ["127.0.0.3"]},
+    }, ttl=1)
+    dns.start()
+    mx = ReceivingMX(port, ["alice@remote.test", "ivy@implicit.test", "carol@later.test",
+                            "dan@drop.test"])
+    dropper = DroppingMX("127.0.0.3", port)
+    dropper.start()
+    try:
+        yield {"dns": dns, "mx": mx, "port": port, "dropper": dropper}
+    finally:
+        dropper.stop()
+        mx.stop()
+        dns.stop()
+
+
+def submit(port: int, *messages: tuple[str, str]) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=30) as smtp:
+        smtp.login("bob@example.test", "bob-secret")
+        for rcpt, subject in messages:
+            smtp.sendmail("bob@example.test", [rcpt],
+                          f"From: bob@example.test\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+                          f"\r\n.Dotted first line\r\nBody of {subject}\r\n".encode())
+
+
+@defer.inlineCallbacks
+def until(predicate: Any, timeout: float = 60.0) -> Any:
+    for _ in range(int(timeout / 0.1)):
+        value = yield defer.maybeDeferred(predicate)
+        if value:
+            return value
+        yield task.deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"not within {timeout}s: {predicate}")
+
+
+@defer.inlineCallbacks
+def queue_state(server: Any) -> Any:
+    rows = yield server.parts.queue.list_recipients()
+    return {row["recipient"]: (row["state"], row["last_error"] or "") for row in rows}
+
+
+@pytest_twisted.inlineCallbacks
+def test_mx_delivery_bounces_and_retries(tmp_path: Path, world: dict[str, Any]) -> None:
+    dns, mx = world["dns"], world["mx"]
+    dns.fail("later.test.", "SERVFAIL")
+    server = yield start(tmp_path, f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n"
+                         f"port = {world['port']}\nmin_backoff = 1s\nmax_backoff = 2s\n"
+                         "tls = may\n")
+    server.parts.queue_runner.poll_interval = 0.5
+    try:
+        yield in_thread(submit, server.ports["submissions"],
+                        ("alice@remote.test", "to-alice"), ("nobody@remote.test", "unknown"),
+                        ("x@nullmx.test", "nullmx"), ("y@nxdomain.test", "nxdomain"),
+                        ("ivy@implicit.test", "implicit"), ("carol@later.test", "later"),
+                        ("dan@drop.test", "dropped"))
+        # Delivered through the second MX (the first refuses connections).
+        [message] = yield until(lambda: mx.messages("alice@remote.test"))
+        assert b"Subject: to-alice" in message
+        assert b"\n.Dotted first line\n" in message           # dot-stuffing undone
+        assert b"by mx.example.test (LightMail) with ESMTPSA" in message
+        # Implicit MX: the domain's own A record.
+        yield until(lambda: mx.messages("ivy@implicit.test"))
+        # Permanent failures bounce at once, with a DSN to the (local) sender.
+        notices = yield until(lambda: _notices(server, 3))
+        by_rcpt = {rcpt: n for n in notices for rcpt in ("nobody@remote.test",
+                                                         "x@nullmx.test", "y@nxdomain.test")
+                   if f"Final-Recipient: rfc822; {rcpt}".encode() in n}
+        assert sorted(by_rcpt) == ["nobody@remote.test", "x@nullmx.test", "y@nxdomain.test"]
+        assert b"Status: 5.1.1" in by_rcpt["nobody@remote.test"]
+        assert b"Remote-MTA: dns; mx.remote.test" in by_rcpt["nobody@remote.test"]
+        assert b"Diagnostic-Code: smtp; 550 5.1.1" in by_rcpt["nobody@remote.test"]
+        assert b"Status: 5.1.10" in by_rcpt["x@nullmx.test"]
+        assert b"Status: 5.1.2" in by_rcpt["y@nxdomain.test"]
+        for notice in notices:
+            assert b"From: Mail Delivery System <MAILER-DAEMON@mx.example.test>" in notice
+            assert b"multipart/report; report-type=delivery-status" in notice
+        assert b"Subject: unknown" in by_rcpt["nobody@remote.test"]   # the original
+        # Temporary failures wait and retry: DNS SERVFAIL, a receiver that hangs up.
+        state = yield queue_state(server)
+        assert state["carol@later.test"][0] in ("deferred", "active", "queued")
+        yield until(lambda: world["dropper"].sessions >= 1)
+        dns.fail("later.test.", None)
+        dns.set("mx.drop.test.", "A", ["127.0.0.1"])
+        yield until(lambda: mx.messages("carol@later.test"), timeout=30)
+        [dropped] = yield until(lambda: mx.messages("dan@drop.test"), timeout=30)
+        assert dropped.count(b"Subject: dropped") == 1
+    finally:
+        yield server.root.stopService()
+
+
+@defer.inlineCallbacks
+def _notices(server: Any, count: int) -> Any:
+    found = yield server.inbox("bob@example.test")
+    notices = [m for m in found if b"report-type=delivery-status" in m]
+    return notices if len(notices) >= count else None
