@@ -38,7 +38,7 @@ class SMTPDeliveryAgent:
 
     def __init__(self, router: Router, blobs: IBlobStore, helo: str, tls_policy: str = "may",
                  timeouts: Optional[Timeouts] = None, connect_timeout: float = 30.0,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, signer: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -49,6 +49,9 @@ class SMTPDeliveryAgent:
         self.timeouts = timeouts or Timeouts()
         self.connect_timeout = connect_timeout
         self.reactor = reactor
+        # Adds header fields on the way out: ``async header_for(item) -> bytes``
+        # (DKIM-Signature; lightmail.policy.dkim).
+        self.signer = signer
 
     def deliver(self, item: QueueItem) -> defer.Deferred[DeliveryResult]:
         return defer.ensureDeferred(self._deliver(item))
@@ -69,17 +72,20 @@ class SMTPDeliveryAgent:
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
             smtputf8=envelope.smtputf8)
+        prefix = b""
+        if self.signer is not None:
+            prefix = await self.signer.header_for(item)
         last = "4.4.1 no host could be reached"
         for destination in destinations:
             for ip in destination.addresses:
-                result = await self._try(destination, ip, message, address)
+                result = await self._try(destination, ip, message, address, prefix)
                 if isinstance(result, DeliveryResult):
                     return result
                 last = result
         return DeliveryResult.deferred(last)
 
     async def _try(self, destination: Destination, ip: str, message: OutboundMessage,
-                   address: str) -> DeliveryResult | str:
+                   address: str, prefix: bytes = b"") -> DeliveryResult | str:
         """A result, or the reason to try the next address."""
         where = f"{destination.host}[{ip}]:{destination.port}"
         endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
@@ -94,7 +100,7 @@ class SMTPDeliveryAgent:
         try:
             outcome = await transact(proto, message, self.blobs, self.helo,
                                      destination.host, self.tls_policy, self.timeouts,
-                                     self.reactor)
+                                     self.reactor, prefix)
         except SessionFailed as exc:
             said = "said" if exc.remote else "failed"
             detail = f"{exc.reply.status} {where} {said}: {exc.reply}"

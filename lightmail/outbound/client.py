@@ -211,8 +211,11 @@ class Timeouts:
 
 async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: IBlobStore,
                    helo: str, server_name: str, tls_policy: str, timeouts: Timeouts,
-                   clock: Any) -> Outcome:
-    """One mail transaction on a connected session; ends with QUIT."""
+                   clock: Any, prefix: bytes = b"") -> Outcome:
+    """One mail transaction on a connected session; ends with QUIT.
+
+    ``prefix`` goes before the stored content (header fields added on the way out,
+    such as DKIM-Signature)."""
     outcome = Outcome()
 
     async def reply(timeout: float = timeouts.command) -> Reply:
@@ -252,8 +255,9 @@ async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: I
                                         "STARTTLS and TLS is required"), True, False)
 
     size = extensions.get("SIZE", "")
-    if size.isdigit() and int(size) and message.blob.size > int(size):
-        raise fail(local_reply(552, "5.3.4", f"message size {message.blob.size} exceeds "
+    total = len(prefix) + message.blob.size
+    if size.isdigit() and int(size) and total > int(size):
+        raise fail(local_reply(552, "5.3.4", f"message size {total} exceeds "
                                f"the limit of {size}"), False, False)
     if message.smtputf8 and "SMTPUTF8" not in extensions:
         raise fail(local_reply(553, "5.6.7", "the message needs SMTPUTF8, which the "
@@ -262,7 +266,7 @@ async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: I
     dsn = "DSN" in extensions
     mail = f"MAIL FROM:<{message.mail_from}>"
     if size:
-        mail += f" SIZE={message.blob.size}"
+        mail += f" SIZE={total}"
     if message.body == "8BITMIME" and "8BITMIME" in extensions:
         mail += " BODY=8BITMIME"
     if message.smtputf8:
@@ -308,7 +312,7 @@ async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: I
         proto.transport.loseConnection()  # type: ignore[union-attr]
         return outcome
     if chunking:
-        proto.transport.write(f"BDAT {message.blob.size} LAST\r\n".encode())  # type: ignore[union-attr]
+        proto.transport.write(f"BDAT {total} LAST\r\n".encode() + prefix)  # type: ignore[union-attr]
         await _stream(proto, blobs, message.blob, stuffer=None)
     else:
         if not pipelining:
@@ -317,6 +321,7 @@ async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: I
         if go.code != 354:
             raise fail(go, next_host=go.code < 500)
         stuffer = DotStuffer()
+        proto.transport.write(stuffer.feed(prefix))  # type: ignore[union-attr]
         await _stream(proto, blobs, message.blob, stuffer)
         proto.transport.write(stuffer.end())  # type: ignore[union-attr]
     final = await reply(timeouts.data)
