@@ -396,7 +396,15 @@ class OutboundConfig:
         "STARTTLS policy: may (when offered; certificate verification is logged), "
         "encrypt (required: defer otherwise), none.")
     concurrency: int = option(
-        20, parse_int(1, 1000), "Deliveries in progress at once (all transports).")
+        100, parse_int(1, 1000), "Deliveries in progress at once (all transports).")
+    destination_concurrency: int = option(
+        20, parse_int(1, 1000),
+        "Deliveries in progress at once to one domain (as Postfix's "
+        "default_destination_concurrency_limit).")
+    session_idle: float = option(
+        5.0, parse_duration(minimum=0.0),
+        "How long a finished SMTP session waits for the next message to the same "
+        "server (connection reuse); 0: one message per connection.")
     connect_timeout: float = option(
         30.0, parse_duration(minimum=1.0), "Longest wait for a TCP connection.")
     command_timeout: float = option(

@@ -219,7 +219,9 @@ def _delivery_agents(services: Services) -> list[Any]:
     smtp = SMTPDeliveryAgent(router, services.blobs, services.config.hostname,
                              tls_policy=out.tls,
                              timeouts=Timeouts(out.command_timeout, out.data_timeout),
-                             connect_timeout=out.connect_timeout)
+                             connect_timeout=out.connect_timeout,
+                             destination_concurrency=out.destination_concurrency,
+                             session_idle=out.session_idle)
     return [services.local_delivery, smtp]
 
 

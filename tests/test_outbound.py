@@ -189,6 +189,14 @@ def test_mx_delivery_bounces_and_retries(tmp_path: Path, world: dict[str, Any]) 
         yield until(lambda: mx.messages("carol@later.test"), timeout=30)
         [dropped] = yield until(lambda: mx.messages("dan@drop.test"), timeout=30)
         assert dropped.count(b"Subject: dropped") == 1
+        # One after the other, messages to one server reuse its session (RSET, not a
+        # new connection, greeting and EHLO).
+        connects = mx.postfix.logtext().count("]: connect from")
+        for number in range(3):
+            yield in_thread(submit, server.ports["submissions"],
+                            ("alice@remote.test", f"again-{number}"))
+            yield until(lambda n=number: len(mx.messages("alice@remote.test")) == n + 2)
+        assert mx.postfix.logtext().count("]: connect from") <= connects + 1
     finally:
         yield server.root.stopService()
 

@@ -5,6 +5,12 @@ then try each host and each of its addresses in order until one gives an answer 
 the recipient.  A host that cannot be reached, refuses the session or fails it with
 4xx is skipped for the next one (RFC 5321 §5.1); the first real answer decides:
 2xx delivered, 4xx deferred (the runner retries with backoff), 5xx bounced.
+
+Sessions are reused: after a transaction the connection waits a few seconds
+(``session_idle``) for the next message to the same host and address, which then
+starts with RSET instead of a new TCP connection, greeting, EHLO and TLS handshake,
+as Postfix's connection cache does.  At most ``destination_concurrency`` deliveries
+go to one domain at once.
 """
 
 from __future__ import annotations
@@ -18,17 +24,59 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lightmail.outbound.client import (
+    ClientSession,
     OutboundMessage,
     OutboundRecipient,
     Reply,
     SessionFailed,
     SMTPClientProtocol,
     Timeouts,
-    transact,
 )
 from lightmail.outbound.routing import Destination, Router, RoutingError
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
 from lightmail.storage.interfaces import IBlobStore, QueueItem
+
+SessionKey = tuple[str, int, str]          # (address, port, host name)
+
+
+class SessionCache:
+    """Idle sessions, by destination, each closed after ``idle`` seconds unused."""
+
+    def __init__(self, clock: Any, idle: float = 5.0, max_transactions: int = 100) -> None:
+        self.clock, self.idle, self.max_transactions = clock, idle, max_transactions
+        self.sessions: dict[SessionKey, list[tuple[ClientSession, Any]]] = {}
+
+    def take(self, key: SessionKey) -> Optional[ClientSession]:
+        waiting = self.sessions.get(key)
+        while waiting:
+            session, timer = waiting.pop()
+            if timer.active():
+                timer.cancel()
+            if session.usable:
+                return session
+        return None
+
+    def put(self, key: SessionKey, session: ClientSession) -> None:
+        if (self.idle <= 0 or not session.usable
+                or session.transactions >= self.max_transactions):
+            session.close()
+            return
+        waiting = self.sessions.setdefault(key, [])
+        timer = self.clock.callLater(self.idle, self._expire, key, session)
+        waiting.append((session, timer))
+
+    def _expire(self, key: SessionKey, session: ClientSession) -> None:
+        waiting = self.sessions.get(key, [])
+        self.sessions[key] = [(s, t) for s, t in waiting if s is not session]
+        session.close()
+
+    def close_all(self) -> None:
+        for waiting in self.sessions.values():
+            for session, timer in waiting:
+                if timer.active():
+                    timer.cancel()
+                session.close()
+        self.sessions.clear()
 
 
 @implementer(IDeliveryAgent)
@@ -38,7 +86,9 @@ class SMTPDeliveryAgent:
 
     def __init__(self, router: Router, blobs: IBlobStore, helo: str, tls_policy: str = "may",
                  timeouts: Optional[Timeouts] = None, connect_timeout: float = 30.0,
-                 reactor: Any = None, signer: Any = None) -> None:
+                 reactor: Any = None, signer: Any = None,
+                 destination_concurrency: int = 20, session_idle: float = 5.0,
+                 lmtp: bool = False) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -49,12 +99,31 @@ class SMTPDeliveryAgent:
         self.timeouts = timeouts or Timeouts()
         self.connect_timeout = connect_timeout
         self.reactor = reactor
+        self.lmtp = lmtp                   # speak LMTP (RFC 2033) to the destination
         # Adds header fields on the way out: ``async header_for(item) -> bytes``
         # (DKIM-Signature; lightmail.policy.dkim).
         self.signer = signer
+        self.destination_concurrency = destination_concurrency
+        self.limits: dict[str, defer.DeferredSemaphore] = {}
+        self.sessions = SessionCache(reactor, session_idle)
+
+    def close(self) -> None:
+        """Hang up idle sessions (at shutdown)."""
+        self.sessions.close_all()
 
     def deliver(self, item: QueueItem) -> defer.Deferred[DeliveryResult]:
-        return defer.ensureDeferred(self._deliver(item))
+        domain = item.recipient.address.rpartition("@")[2].lower()
+        limit = self.limits.get(domain)
+        if limit is None:
+            limit = self.limits[domain] = defer.DeferredSemaphore(
+                self.destination_concurrency)
+
+        def release(result: Any) -> Any:
+            if not limit.waiting and limit.tokens == limit.limit:
+                self.limits.pop(domain, None)
+            return result
+        d = limit.run(lambda: defer.ensureDeferred(self._deliver(item)))
+        return d.addBoth(release)
 
     async def _deliver(self, item: QueueItem) -> DeliveryResult:
         address = item.recipient.address
@@ -84,9 +153,14 @@ class SMTPDeliveryAgent:
                 last = result
         return DeliveryResult.deferred(last)
 
-    async def _try(self, destination: Destination, ip: str, message: OutboundMessage,
-                   address: str, prefix: bytes = b"") -> DeliveryResult | str:
-        """A result, or the reason to try the next address."""
+    async def _session(self, key: SessionKey, destination: Destination,
+                       ip: str) -> ClientSession | str:
+        """A reused idle session (after RSET) or a new, negotiated one; or why not."""
+        session = self.sessions.take(key)
+        if session is not None:
+            if await session.reset():
+                return session
+            session.close()
         where = f"{destination.host}[{ip}]:{destination.port}"
         endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         endpoint = endpoint_class(self.reactor, ip, destination.port,
@@ -97,24 +171,45 @@ class SMTPDeliveryAgent:
             self.log.info("connect to {where} failed: {error}", where=where,
                           error=exc.__class__.__name__)
             return f"4.4.1 connect to {where} failed: {exc.__class__.__name__}"
+        session = ClientSession(proto, destination.host, self.helo, self.timeouts,
+                                self.reactor, self.lmtp)
         try:
-            outcome = await transact(proto, message, self.blobs, self.helo,
-                                     destination.host, self.tls_policy, self.timeouts,
-                                     self.reactor, prefix)
+            await session.open(self.tls_policy)
         except SessionFailed as exc:
             said = "said" if exc.remote else "failed"
-            detail = f"{exc.reply.status} {where} {said}: {exc.reply}"
-            if exc.next_host:
-                self.log.info("{where}: {reply}; trying the next host", where=where,
-                              reply=str(exc.reply))
-                return detail
-            return _result(exc.reply, detail, destination.host if exc.remote else "")
-        finally:
-            if proto.transport is not None and proto.lost is None:
-                proto.transport.loseConnection()
-        reply = outcome.results[address]
-        tls = f" ({outcome.tls})" if outcome.tls else ""
-        return _result(reply, f"{reply.status} {where}{tls} said: {reply}", destination.host)
+            self.log.info("{where}: {reply}; trying the next host", where=where,
+                          reply=str(exc.reply))
+            return f"{exc.reply.status} {where} {said}: {exc.reply}"
+        return session
+
+    async def _try(self, destination: Destination, ip: str, message: OutboundMessage,
+                   address: str, prefix: bytes = b"") -> DeliveryResult | str:
+        """A result, or the reason to try the next address."""
+        where = f"{destination.host}[{ip}]:{destination.port}"
+        key = (ip, destination.port, destination.host)
+        for attempt in (1, 2):
+            session = await self._session(key, destination, ip)
+            if isinstance(session, str):
+                return session
+            reused = session.transactions > 0
+            try:
+                outcome = await session.send(message, self.blobs, prefix)
+            except SessionFailed as exc:
+                if reused and not exc.remote and attempt == 1:
+                    continue              # a cached connection went stale: a fresh one
+                said = "said" if exc.remote else "failed"
+                detail = f"{exc.reply.status} {where} {said}: {exc.reply}"
+                if exc.next_host:
+                    self.log.info("{where}: {reply}; trying the next host", where=where,
+                                  reply=str(exc.reply))
+                    return detail
+                return _result(exc.reply, detail, destination.host if exc.remote else "")
+            self.sessions.put(key, session)
+            reply = outcome.results[address]
+            tls = f" ({outcome.tls})" if outcome.tls else ""
+            return _result(reply, f"{reply.status} {where}{tls} said: {reply}",
+                           destination.host)
+        return f"4.4.2 {where}: no usable session"
 
 
 def _result(reply: Reply, detail: str, remote_mta: str) -> DeliveryResult:

@@ -209,144 +209,196 @@ class Timeouts:
     data: float = 600.0
 
 
-async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: IBlobStore,
-                   helo: str, server_name: str, tls_policy: str, timeouts: Timeouts,
-                   clock: Any, prefix: bytes = b"") -> Outcome:
-    """One mail transaction on a connected session; ends with QUIT.
+class ClientSession:
+    """One SMTP (or LMTP) session with a receiving MTA, for one or more transactions.
 
-    ``prefix`` goes before the stored content (header fields added on the way out,
-    such as DKIM-Signature)."""
-    outcome = Outcome()
+    :meth:`open` greets and negotiates (EHLO, STARTTLS, EHLO again); :meth:`send` runs
+    one transaction and leaves the session open, so that the agent can reuse it for
+    the next message to the same destination (after an RSET, :meth:`reset`).
+    Failures that end the session raise :class:`SessionFailed`.
+    """
 
-    async def reply(timeout: float = timeouts.command) -> Reply:
+    def __init__(self, proto: SMTPClientProtocol, server_name: str, helo: str,
+                 timeouts: Timeouts, clock: Any, lmtp: bool = False) -> None:
+        self.proto, self.server_name, self.helo = proto, server_name, helo
+        self.timeouts, self.clock, self.lmtp = timeouts, clock, lmtp
+        self.extensions: dict[str, str] = {}
+        self.tls = ""
+        self.usable = True
+        self.transactions = 0
+
+    async def reply(self, timeout: Optional[float] = None) -> Reply:
         try:
-            return await proto.read(timeout, clock)
+            return await self.proto.read(timeout or self.timeouts.command, self.clock)
         except defer.TimeoutError:
-            proto.transport.loseConnection()  # type: ignore[union-attr]
+            self.abort()
             raise SessionFailed(local_reply(421, "4.4.2", "timeout talking to "
-                                            f"{server_name}"), True, False) from None
+                                            f"{self.server_name}"), True, False) from None
         except Exception as exc:
-            raise SessionFailed(local_reply(421, "4.4.2", f"lost connection with "
-                                            f"{server_name}: {exc.__class__.__name__}"),
+            self.usable = False
+            raise SessionFailed(local_reply(421, "4.4.2", "lost connection with "
+                                            f"{self.server_name}: {exc.__class__.__name__}"),
                                 True, False) from None
 
-    def fail(r: Reply, next_host: bool, remote: bool = True) -> SessionFailed:
-        proto.send("QUIT")
-        proto.transport.loseConnection()  # type: ignore[union-attr]
-        return SessionFailed(r, next_host, remote)
+    def send_lines(self, *lines: str) -> None:
+        self.proto.send(*lines)
 
-    greeting = await reply()
-    if greeting.code != 220:
-        raise fail(greeting, next_host=True)      # a busy or refusing MX: try the next
-    extensions = await _ehlo(proto, helo, reply, fail)
-    if "STARTTLS" in extensions and tls_policy != "none":
-        proto.send("STARTTLS")
-        answer = await reply()
-        if answer.code == 220:
-            proto.transport.startTLS(ClientTLS(server_name))  # type: ignore[union-attr]
-            extensions = await _ehlo(proto, helo, reply, fail)
-            outcome.tls = verify_peer(proto.transport, server_name)
-        elif tls_policy == "encrypt":
-            raise fail(answer, next_host=True)
-    if tls_policy == "encrypt" and not outcome.tls:
-        proto.send("QUIT")
-        proto.transport.loseConnection()  # type: ignore[union-attr]
-        raise SessionFailed(local_reply(450, "4.7.5", f"{server_name} offers no "
+    def abort(self) -> None:
+        self.usable = False
+        if self.proto.transport is not None:
+            self.proto.transport.loseConnection()
+
+    def close(self) -> None:
+        """QUIT and hang up (without waiting for the 221)."""
+        if self.usable and self.proto.lost is None:
+            self.proto.send("QUIT")
+        self.abort()
+
+    def fail(self, reply: Reply, next_host: bool, remote: bool = True) -> SessionFailed:
+        self.close()
+        return SessionFailed(reply, next_host, remote)
+
+    async def open(self, tls_policy: str) -> None:
+        greeting = await self.reply()
+        if greeting.code != 220:
+            raise self.fail(greeting, next_host=True)   # a busy or refusing MX: next
+        await self._hello()
+        if "STARTTLS" in self.extensions and tls_policy != "none" and not self.lmtp:
+            self.send_lines("STARTTLS")
+            answer = await self.reply()
+            if answer.code == 220:
+                self.proto.transport.startTLS(  # type: ignore[union-attr]
+                    ClientTLS(self.server_name))
+                await self._hello()
+                self.tls = verify_peer(self.proto.transport, self.server_name)
+            elif tls_policy == "encrypt":
+                raise self.fail(answer, next_host=True)
+        if tls_policy == "encrypt" and not self.tls:
+            raise self.fail(local_reply(450, "4.7.5", f"{self.server_name} offers no "
                                         "STARTTLS and TLS is required"), True, False)
 
-    size = extensions.get("SIZE", "")
-    total = len(prefix) + message.blob.size
-    if size.isdigit() and int(size) and total > int(size):
-        raise fail(local_reply(552, "5.3.4", f"message size {total} exceeds "
-                               f"the limit of {size}"), False, False)
-    if message.smtputf8 and "SMTPUTF8" not in extensions:
-        raise fail(local_reply(553, "5.6.7", "the message needs SMTPUTF8, which the "
-                               "server does not offer"), False, False)
-
-    dsn = "DSN" in extensions
-    mail = f"MAIL FROM:<{message.mail_from}>"
-    if size:
-        mail += f" SIZE={total}"
-    if message.body == "8BITMIME" and "8BITMIME" in extensions:
-        mail += " BODY=8BITMIME"
-    if message.smtputf8:
-        mail += " SMTPUTF8"
-    if dsn and message.ret:
-        mail += f" RET={message.ret}"
-    if dsn and message.envid:
-        mail += f" ENVID={message.envid}"
-    rcpts = []
-    for rcpt in message.recipients:
-        line = f"RCPT TO:<{rcpt.address}>"
-        if dsn and rcpt.notify:
-            line += f" NOTIFY={rcpt.notify}"
-        if dsn and rcpt.orcpt:
-            line += f" ORCPT={_xtext_orcpt(rcpt.orcpt)}"
-        rcpts.append(line)
-    chunking = "CHUNKING" in extensions
-    pipelining = "PIPELINING" in extensions
-    if pipelining:
-        proto.send(mail, *rcpts, *([] if chunking else ["DATA"]))
-    else:
-        proto.send(mail)
-    mail_reply = await reply()
-    accepted = []
-    for rcpt, line in zip(message.recipients, rcpts, strict=True):
-        if not pipelining and mail_reply.code == 250:
-            proto.send(line)
-        answer = await reply()
-        if mail_reply.code != 250:
-            continue                  # pipelined RCPTs after a refused MAIL: ignored
-        if answer.code in (250, 251):
-            accepted.append(rcpt.address)
-        else:
-            outcome.results[rcpt.address] = answer
-    if mail_reply.code != 250:
-        if pipelining and not chunking:
-            await reply()             # the DATA reply (503 or so)
-        raise fail(mail_reply, next_host=mail_reply.code < 500)
-    if not accepted:
-        if pipelining and not chunking:
-            await reply()
-        proto.send("QUIT")
-        proto.transport.loseConnection()  # type: ignore[union-attr]
-        return outcome
-    if chunking:
-        proto.transport.write(f"BDAT {total} LAST\r\n".encode() + prefix)  # type: ignore[union-attr]
-        await _stream(proto, blobs, message.blob, stuffer=None)
-    else:
-        if not pipelining:
-            proto.send("DATA")
-        go = await reply()
-        if go.code != 354:
-            raise fail(go, next_host=go.code < 500)
-        stuffer = DotStuffer()
-        proto.transport.write(stuffer.feed(prefix))  # type: ignore[union-attr]
-        await _stream(proto, blobs, message.blob, stuffer)
-        proto.transport.write(stuffer.end())  # type: ignore[union-attr]
-    final = await reply(timeouts.data)
-    for address in accepted:
-        outcome.results[address] = final
-    proto.send("QUIT")
-    proto.transport.loseConnection()  # type: ignore[union-attr]
-    return outcome
-
-
-async def _ehlo(proto: SMTPClientProtocol, helo: str, reply: Any,
-                fail: Any) -> dict[str, str]:
-    proto.send(f"EHLO {helo}")
-    answer = await reply()
-    if answer.code != 250:
-        proto.send(f"HELO {helo}")
-        answer = await reply()
+    async def _hello(self) -> None:
+        self.send_lines(f"{'LHLO' if self.lmtp else 'EHLO'} {self.helo}")
+        answer = await self.reply()
+        if answer.code != 250 and not self.lmtp:
+            self.send_lines(f"HELO {self.helo}")
+            answer = await self.reply()
         if answer.code != 250:
-            raise fail(answer, next_host=True)
-        return {}
-    extensions = {}
-    for line in answer.lines[1:]:
-        keyword, _, value = line.partition(" ")
-        extensions[keyword.upper()] = value
-    return extensions
+            raise self.fail(answer, next_host=True)
+        self.extensions = {}
+        for line in answer.lines[1:]:
+            keyword, _, value = line.partition(" ")
+            self.extensions[keyword.upper()] = value
+
+    async def reset(self) -> bool:
+        """Before reusing the session: is it still there and willing?"""
+        if not self.usable or self.proto.lost is not None:
+            return False
+        self.send_lines("RSET")
+        try:
+            answer = await self.reply()
+        except SessionFailed:
+            return False
+        return answer.code == 250
+
+    async def send(self, message: OutboundMessage, blobs: IBlobStore,
+                   prefix: bytes = b"") -> Outcome:
+        """One transaction; the recipients' answers.  ``prefix`` goes before the
+        stored content (header fields added on the way out, such as DKIM-Signature)."""
+        outcome = Outcome(tls=self.tls)
+        extensions = self.extensions
+        size = extensions.get("SIZE", "")
+        total = len(prefix) + message.blob.size
+        if size.isdigit() and int(size) and total > int(size):
+            raise self.fail(local_reply(552, "5.3.4", f"message size {total} exceeds "
+                                        f"the limit of {size}"), False, False)
+        if message.smtputf8 and "SMTPUTF8" not in extensions:
+            raise self.fail(local_reply(553, "5.6.7", "the message needs SMTPUTF8, which "
+                                        "the server does not offer"), False, False)
+        dsn = "DSN" in extensions
+        mail = f"MAIL FROM:<{message.mail_from}>"
+        if size:
+            mail += f" SIZE={total}"
+        if message.body == "8BITMIME" and "8BITMIME" in extensions:
+            mail += " BODY=8BITMIME"
+        if message.smtputf8:
+            mail += " SMTPUTF8"
+        if dsn and message.ret:
+            mail += f" RET={message.ret}"
+        if dsn and message.envid:
+            mail += f" ENVID={message.envid}"
+        rcpts = []
+        for rcpt in message.recipients:
+            line = f"RCPT TO:<{rcpt.address}>"
+            if dsn and rcpt.notify:
+                line += f" NOTIFY={rcpt.notify}"
+            if dsn and rcpt.orcpt:
+                line += f" ORCPT={_xtext_orcpt(rcpt.orcpt)}"
+            rcpts.append(line)
+        chunking = "CHUNKING" in extensions
+        pipelining = "PIPELINING" in extensions
+        if pipelining:
+            self.send_lines(mail, *rcpts, *([] if chunking else ["DATA"]))
+        else:
+            self.send_lines(mail)
+        mail_reply = await self.reply()
+        accepted = []
+        for rcpt, line in zip(message.recipients, rcpts, strict=True):
+            if not pipelining:
+                if mail_reply.code != 250:
+                    break
+                self.send_lines(line)
+            answer = await self.reply()
+            if mail_reply.code != 250:
+                continue              # pipelined RCPTs after a refused MAIL: ignored
+            if answer.code in (250, 251):
+                accepted.append(rcpt.address)
+            else:
+                outcome.results[rcpt.address] = answer
+        if mail_reply.code != 250:
+            if pipelining and not chunking:
+                await self.reply()    # the DATA reply (503 or so)
+            raise self.fail(mail_reply, next_host=mail_reply.code < 500)
+        if not accepted:
+            if pipelining and not chunking:
+                await self.reply()
+            self.transactions += 1
+            return outcome
+        transport: Any = self.proto.transport
+        if chunking:
+            transport.write(f"BDAT {total} LAST\r\n".encode() + prefix)
+            await _stream(self.proto, blobs, message.blob, stuffer=None)
+        else:
+            if not pipelining:
+                self.send_lines("DATA")
+            go = await self.reply()
+            if go.code != 354:
+                raise self.fail(go, next_host=go.code < 500)
+            stuffer = DotStuffer()
+            transport.write(stuffer.feed(prefix))
+            await _stream(self.proto, blobs, message.blob, stuffer)
+            transport.write(stuffer.end())
+        if self.lmtp:
+            # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
+            for address in accepted:
+                outcome.results[address] = await self.reply(self.timeouts.data)
+        else:
+            final = await self.reply(self.timeouts.data)
+            for address in accepted:
+                outcome.results[address] = final
+        self.transactions += 1
+        return outcome
+
+
+async def transact(proto: SMTPClientProtocol, message: OutboundMessage, blobs: IBlobStore,
+                   helo: str, server_name: str, tls_policy: str, timeouts: Timeouts,
+                   clock: Any, prefix: bytes = b"", lmtp: bool = False) -> Outcome:
+    """Open a session, run one transaction, QUIT."""
+    session = ClientSession(proto, server_name, helo, timeouts, clock, lmtp)
+    await session.open(tls_policy)
+    outcome = await session.send(message, blobs, prefix)
+    session.close()
+    return outcome
 
 
 async def _stream(proto: SMTPClientProtocol, blobs: IBlobStore, blob: BlobRef,

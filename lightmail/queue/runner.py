@@ -86,8 +86,17 @@ class QueueRunner(Service):
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         # Let deliveries in progress finish: a half-done delivery would be redone
-        # after the lease expires, which is safe but slower.
-        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
+        # after the lease expires, which is safe but slower.  Then hang up the
+        # agents' idle sessions.
+        d = defer.DeferredList(list(self._in_flight), consumeErrors=True)
+
+        def close_agents(result: Any) -> Any:
+            for agent in self.agents.values():
+                close = getattr(agent, "close", None)
+                if close is not None:
+                    close()
+            return result
+        return d.addBoth(close_agents)
 
     def kick(self) -> None:
         """Look for due work now (called after an enqueue, and by the poll timer)."""
