@@ -1,0 +1,81 @@
+"""kill -9 while mail goes out: nothing lost, at most the in-flight messages sent twice.
+
+A `twistd lightmail` child relays numbered messages to a real Postfix (through a
+catch-all alias that forwards to an external address) and is killed with SIGKILL
+several times in the middle of delivering, then restarted.  At the end every message
+that LightMail accepted is in the receiver's Maildir at least once; a message can be
+there twice only if it was in flight at a kill (SMTP allows that: the receiver's 250
+and LightMail's record of it are not one atomic step), so duplicates are bounded by
+kills x destination concurrency.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import smtplib
+import time
+from collections import Counter
+from pathlib import Path
+
+from conftest import free_port
+from harness import ServerProcess, run_cli
+from test_outbound import ReceivingMX
+
+COUNT = 60
+KILLS = 3
+CONCURRENCY = 2
+LINE = "y" * 70 + "\r\n"
+
+
+def received(mx: ReceivingMX) -> Counter[int]:
+    numbers: Counter[int] = Counter()
+    for message in mx.messages("sink@remote.test"):
+        match = re.search(rb"Subject: out-(\d+)", message)
+        assert match, message[:300]
+        numbers[int(match.group(1))] += 1
+    return numbers
+
+
+def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
+    mx_port = free_port()
+    mx = ReceivingMX(mx_port, ["sink@remote.test"])
+    config = write_config(
+        "[server]\nstate_dir = state\nhostname = out.crash.test\nnode_id = crash-node\n"
+        "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+        f"[outbound]\nrelay_host = [127.0.0.1]:{mx_port}\nmin_backoff = 1s\n"
+        f"max_backoff = 2s\ndestination_concurrency = {CONCURRENCY}\n")
+    run_cli(config, "domain", "add", "crash.test")
+    run_cli(config, "alias", "add", "*@crash.test", "sink@remote.test")
+    server = ServerProcess(config)
+    try:
+        port = server.ports(expected=1)["mx"]
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            for number in range(COUNT):
+                smtp.sendmail("sender@client.test", [f"n{number}@crash.test"],
+                              f"Subject: out-{number}\r\n\r\n{LINE * 40}".encode())
+        rng = random.Random(7)
+        at_kill = []
+        for _ in range(KILLS):
+            # Kill while deliveries are going on: after some, before all, have arrived.
+            target = len(received(mx)) + rng.randint(3, 10)
+            deadline = time.monotonic() + 60
+            while len(received(mx)) < min(target, COUNT) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            at_kill.append(len(received(mx)))
+            server.kill()
+            server = ServerProcess(config)
+            server.ports(expected=1)
+        deadline = time.monotonic() + 120
+        while len(received(mx)) < COUNT and time.monotonic() < deadline:
+            time.sleep(0.2)
+        got = received(mx)
+        # The kills fell in the middle of the work, not after it.
+        assert any(0 < n < COUNT for n in at_kill), at_kill
+        assert sorted(got) == list(range(COUNT)), (sorted(set(range(COUNT)) - set(got)))
+        duplicates = sum(n - 1 for n in got.values())
+        assert duplicates <= KILLS * CONCURRENCY, got
+        assert "took back" in server.output or duplicates == 0
+    finally:
+        server.kill()
+        mx.stop()
