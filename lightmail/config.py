@@ -401,6 +401,14 @@ class OutboundConfig:
         20, parse_int(1, 1000),
         "Deliveries in progress at once to one domain (as Postfix's "
         "default_destination_concurrency_limit).")
+    mta_sts: bool = option(
+        True, parse_bool,
+        "Honour receiving domains' MTA-STS policies (RFC 8461): verified TLS to the MX "
+        "hosts they name.")
+    ca_file: Path | None = option(
+        None, parse_path,
+        "PEM file of the roots trusted for MX certificates and MTA-STS policy servers "
+        "instead of the system's (a private CA, or a test).")
     session_idle: float = option(
         5.0, parse_duration(minimum=0.0),
         "How long a finished SMTP session waits for the next message to the same "

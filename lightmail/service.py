@@ -98,6 +98,10 @@ def validate(config: Config) -> None:
             if path is not None and not path.is_file():
                 raise ConfigError(f"no such file: {path}", config.path,
                                   line_of(config, section, key), section, key)
+    ca_file = config.outbound.ca_file
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(f"no such file: {ca_file}", config.path,
+                          line_of(config, "outbound", "ca_file"), "outbound", "ca_file")
 
 
 class LightMailService(MultiService):
@@ -215,13 +219,22 @@ def _delivery_agents(services: Services) -> list[Any]:
     from lightmail.outbound.dns import Resolver
     from lightmail.outbound.routing import Router
     out = services.config.outbound
-    router = Router(Resolver(out.dns_servers), port=out.port, relay_host=out.relay_host)
+    resolver = Resolver(out.dns_servers)
+    router = Router(resolver, port=out.port, relay_host=out.relay_host)
+    ca_file = str(out.ca_file) if out.ca_file else ""
+    mta_sts = None
+    if out.mta_sts:
+        from twisted.internet import reactor
+
+        from lightmail.outbound.mtasts import MTASTS, https_fetcher
+        mta_sts = MTASTS(resolver, https_fetcher(reactor, resolver, ca_file))
     smtp = SMTPDeliveryAgent(router, services.blobs, services.config.hostname,
                              tls_policy=out.tls,
                              timeouts=Timeouts(out.command_timeout, out.data_timeout),
                              connect_timeout=out.connect_timeout,
                              destination_concurrency=out.destination_concurrency,
-                             session_idle=out.session_idle)
+                             session_idle=out.session_idle, mta_sts=mta_sts,
+                             ca_file=ca_file)
     return [services.local_delivery, smtp]
 
 

@@ -31,7 +31,8 @@ from twisted.internet import defer, reactor, task
 class ReceivingMX:
     """A Postfix that accepts mail for the test domains into Maildirs."""
 
-    def __init__(self, port: int, mailboxes: list[str]) -> None:
+    def __init__(self, port: int, mailboxes: list[str],
+                 main: dict[str, str] | None = None) -> None:
         nobody = pwd.getpwnam("nobody")
         self.maildirs = Path(tempfile.mkdtemp(prefix="lightmail-mx-"))
         os.chmod(self.maildirs, 0o755)
@@ -46,6 +47,7 @@ class ReceivingMX:
             "virtual_uid_maps": f"static:{nobody.pw_uid}",
             "virtual_gid_maps": f"static:{nobody.pw_gid}",
             "virtual_transport": "virtual",
+            **(main or {}),
         })
         self.postfix.start()
 

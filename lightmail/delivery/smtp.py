@@ -88,7 +88,7 @@ class SMTPDeliveryAgent:
                  timeouts: Optional[Timeouts] = None, connect_timeout: float = 30.0,
                  reactor: Any = None, signer: Any = None,
                  destination_concurrency: int = 20, session_idle: float = 5.0,
-                 lmtp: bool = False) -> None:
+                 lmtp: bool = False, mta_sts: Any = None, ca_file: str = "") -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -106,6 +106,8 @@ class SMTPDeliveryAgent:
         self.destination_concurrency = destination_concurrency
         self.limits: dict[str, defer.DeferredSemaphore] = {}
         self.sessions = SessionCache(reactor, session_idle)
+        self.mta_sts = mta_sts             # lightmail.outbound.mtasts.MTASTS, for MX routes
+        self.ca_file = ca_file
 
     def close(self) -> None:
         """Hang up idle sessions (at shutdown)."""
@@ -141,24 +143,39 @@ class SMTPDeliveryAgent:
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
             smtputf8=envelope.smtputf8)
+        verified_only = False
+        if self.mta_sts is not None and self.router.relay is None:
+            policy = await self.mta_sts.policy(domain)
+            if policy is not None and policy.mode != "none":
+                allowed = [d for d in destinations if policy.allows(d.host)]
+                if policy.mode == "enforce":
+                    if not allowed:
+                        return DeliveryResult.deferred(
+                            f"4.7.5 MTA-STS policy of {domain} names none of its MX hosts")
+                    destinations, verified_only = allowed, True
+                elif len(allowed) < len(destinations):
+                    self.log.warn("MTA-STS (testing) of {domain}: MX {hosts} not in the "
+                                  "policy", domain=domain, hosts=",".join(
+                                      d.host for d in destinations if d not in allowed))
         prefix = b""
         if self.signer is not None:
             prefix = await self.signer.header_for(item)
         last = "4.4.1 no host could be reached"
         for destination in destinations:
             for ip in destination.addresses:
-                result = await self._try(destination, ip, message, address, prefix)
+                result = await self._try(destination, ip, message, address, prefix,
+                                         verified_only)
                 if isinstance(result, DeliveryResult):
                     return result
                 last = result
         return DeliveryResult.deferred(last)
 
-    async def _session(self, key: SessionKey, destination: Destination,
-                       ip: str) -> ClientSession | str:
+    async def _session(self, key: SessionKey, destination: Destination, ip: str,
+                       verified_only: bool = False) -> ClientSession | str:
         """A reused idle session (after RSET) or a new, negotiated one; or why not."""
         session = self.sessions.take(key)
         if session is not None:
-            if await session.reset():
+            if (not verified_only or session.verified) and await session.reset():
                 return session
             session.close()
         where = f"{destination.host}[{ip}]:{destination.port}"
@@ -172,23 +189,29 @@ class SMTPDeliveryAgent:
                           error=exc.__class__.__name__)
             return f"4.4.1 connect to {where} failed: {exc.__class__.__name__}"
         session = ClientSession(proto, destination.host, self.helo, self.timeouts,
-                                self.reactor, self.lmtp)
+                                self.reactor, self.lmtp, self.ca_file)
         try:
-            await session.open(self.tls_policy)
+            await session.open("encrypt" if verified_only else self.tls_policy)
         except SessionFailed as exc:
             said = "said" if exc.remote else "failed"
             self.log.info("{where}: {reply}; trying the next host", where=where,
                           reply=str(exc.reply))
             return f"{exc.reply.status} {where} {said}: {exc.reply}"
+        if verified_only and not session.verified:
+            session.close()
+            self.log.warn("{where}: MTA-STS needs a valid certificate, got {tls}",
+                          where=where, tls=session.tls)
+            return f"4.7.5 {where}: MTA-STS needs a valid certificate ({session.tls})"
         return session
 
     async def _try(self, destination: Destination, ip: str, message: OutboundMessage,
-                   address: str, prefix: bytes = b"") -> DeliveryResult | str:
+                   address: str, prefix: bytes = b"",
+                   verified_only: bool = False) -> DeliveryResult | str:
         """A result, or the reason to try the next address."""
         where = f"{destination.host}[{ip}]:{destination.port}"
         key = (ip, destination.port, destination.host)
         for attempt in (1, 2):
-            session = await self._session(key, destination, ip)
+            session = await self._session(key, destination, ip, verified_only)
             if isinstance(session, str):
                 return session
             reused = session.transactions > 0

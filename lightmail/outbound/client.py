@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -162,6 +162,7 @@ class SMTPClientProtocol(Protocol):
         self.resumeProducing()
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class ClientTLS:
     """TLS 1.2+ for STARTTLS, with SNI, without verification in the handshake (so
     opportunistic TLS still encrypts); :func:`verify_peer` checks afterwards."""
@@ -180,8 +181,9 @@ class ClientTLS:
         return connection
 
 
-def verify_peer(transport: Any, hostname: str) -> str:
-    """Describe the TLS in use, and whether the server's certificate is trusted."""
+def verify_peer(transport: Any, hostname: str, ca_file: str = "") -> str:
+    """Describe the TLS in use, and whether the server's certificate is trusted
+    (system roots, or the roots in ``ca_file``) and valid for ``hostname``."""
     try:
         connection = transport.getHandle()
         version = connection.get_protocol_version_name()
@@ -192,8 +194,11 @@ def verify_peer(transport: Any, hostname: str) -> str:
         return f"{version} (no certificate)"
     try:
         store = crypto.X509Store()
-        paths = ssl.get_default_verify_paths()
-        store.load_locations(paths.cafile, paths.capath)
+        if ca_file:
+            store.load_locations(ca_file)
+        else:
+            paths = ssl.get_default_verify_paths()
+            store.load_locations(paths.cafile, paths.capath)
         leaf, *intermediates = chain
         crypto.X509StoreContext(store, leaf, intermediates).verify_certificate()
         from service_identity.pyopenssl import verify_hostname
@@ -219,8 +224,10 @@ class ClientSession:
     """
 
     def __init__(self, proto: SMTPClientProtocol, server_name: str, helo: str,
-                 timeouts: Timeouts, clock: Any, lmtp: bool = False) -> None:
+                 timeouts: Timeouts, clock: Any, lmtp: bool = False,
+                 ca_file: str = "") -> None:
         self.proto, self.server_name, self.helo = proto, server_name, helo
+        self.ca_file = ca_file
         self.timeouts, self.clock, self.lmtp = timeouts, clock, lmtp
         self.extensions: dict[str, str] = {}
         self.tls = ""
@@ -270,7 +277,8 @@ class ClientSession:
                 self.proto.transport.startTLS(  # type: ignore[union-attr]
                     ClientTLS(self.server_name))
                 await self._hello()
-                self.tls = verify_peer(self.proto.transport, self.server_name)
+                self.tls = verify_peer(self.proto.transport, self.server_name,
+                                       self.ca_file)
             elif tls_policy == "encrypt":
                 raise self.fail(answer, next_host=True)
         if tls_policy == "encrypt" and not self.tls:
@@ -289,6 +297,10 @@ class ClientSession:
         for line in answer.lines[1:]:
             keyword, _, value = line.partition(" ")
             self.extensions[keyword.upper()] = value
+
+    @property
+    def verified(self) -> bool:
+        return self.tls.endswith("(verified)")
 
     async def reset(self) -> bool:
         """Before reusing the session: is it still there and willing?"""

@@ -38,6 +38,9 @@ class IResolver(Interface):
     def addresses(host: str) -> Deferred[list[str]]:
         """A and AAAA addresses of ``host`` (IPv4 first); ``[]`` when it has none."""
 
+    def txt(name: str) -> Deferred[list[str]]:
+        """TXT records of ``name``, each one's strings joined; ``[]`` when none."""
+
 
 @implementer(IResolver)
 class Resolver:
@@ -77,6 +80,15 @@ class Resolver:
             records = self._query(domain, "MX")
             return [(r.preference, r.exchange.to_text(omit_final_dot=True))
                     for r in records]
+        return threads.deferToThread(lookup)
+
+    def txt(self, name: str) -> Deferred[list[str]]:
+        def lookup() -> list[str]:
+            try:
+                records = self._query(name, "TXT")
+            except NoSuchDomain:
+                return []
+            return [b"".join(r.strings).decode("utf-8", "replace") for r in records]
         return threads.deferToThread(lookup)
 
     def addresses(self, host: str) -> Deferred[list[str]]:
