@@ -458,6 +458,23 @@ class ListenerConfig:
         20, parse_int(1), "Most simultaneous connections from one client address.")
 
 
+@dataclass(frozen=True)
+class TransportConfig:
+    """``[transport:DOMAIN]``: how mail for DOMAIN (or, for ``.DOMAIN``, its
+    subdomains) leaves, instead of the MX records and ``[outbound]``'s settings."""
+
+    domain: str = ""
+    relay: str = option(
+        "", parse_str,
+        "Where to send: [host]:port (no MX lookup) or host:port; empty: the domain's MX.")
+    protocol: str = option(
+        "smtp", parse_choice("smtp", "lmtp"),
+        "smtp, or lmtp to hand the mail to a mailbox server (Dovecot, Cyrus).")
+    tls: str = option(
+        "may", parse_choice("may", "none", "encrypt"),
+        "STARTTLS policy for this domain: may, encrypt (required) or none.")
+
+
 SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -469,6 +486,7 @@ SECTIONS: Mapping[str, type] = {
     "outbound": OutboundConfig,
 }
 LISTENER_PREFIX = "listener:"
+TRANSPORT_PREFIX = "transport:"
 
 
 @dataclass(frozen=True)
@@ -485,6 +503,7 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     listeners: tuple[ListenerConfig, ...] = ()
+    transports: tuple[TransportConfig, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -576,6 +595,7 @@ def parse_config(text: str, path: str = "<config>",
     lines = _line_index(text)
     sections: dict[str, Any] = {}
     listeners: list[ListenerConfig] = []
+    transports: list[TransportConfig] = []
     for name in parser.sections():
         items = dict(parser.items(name))
         if name in SECTIONS:
@@ -585,11 +605,19 @@ def parse_config(text: str, path: str = "<config>",
                                       extra={"name": name[len(LISTENER_PREFIX):].strip()})
             _check_listener(listener, path, lines)
             listeners.append(listener)
+        elif name.startswith(TRANSPORT_PREFIX) and name[len(TRANSPORT_PREFIX):].strip():
+            domain = name[len(TRANSPORT_PREFIX):].strip().lower()
+            transports.append(_build_section(TransportConfig, items, name, path, lines,
+                                             base, extra={"domain": domain}))
+            if transports[-1].protocol == "lmtp" and not transports[-1].relay:
+                raise ConfigError("protocol = lmtp needs 'relay' (the LMTP server)", path,
+                                  lines.get((name, "protocol")), name, "relay")
         else:
-            known = list(SECTIONS) + [LISTENER_PREFIX + "NAME"]
+            known = list(SECTIONS) + [LISTENER_PREFIX + "NAME", TRANSPORT_PREFIX + "DOMAIN"]
             raise ConfigError(f"unknown section; known sections are {', '.join(known)}",
                               path, lines.get((name, None)), name)
-    config = Config(path=path, listeners=tuple(listeners), **sections)
+    config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
+                    **sections)
     if validators is not None:
         validators(config)
     return config
@@ -639,6 +667,7 @@ def reference_text() -> str:
            "lightmail/config.py instead.", ""]
     blocks: list[tuple[str, type]] = list(SECTIONS.items())
     blocks.append((LISTENER_PREFIX + "NAME", ListenerConfig))
+    blocks.append((TRANSPORT_PREFIX + "DOMAIN", TransportConfig))
     for name, cls in blocks:
         title = f"[{name}]"
         out += [title, "-" * len(title), ""]

@@ -235,6 +235,11 @@ def _delivery_agents(services: Services) -> list[Any]:
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
                              ca_file=ca_file)
+    from lightmail.delivery.smtp import Transport
+    for override in services.config.transports:
+        smtp.transports[override.domain] = Transport(
+            Router(resolver, port=out.port, relay_host=override.relay), override.tls,
+            override.protocol == "lmtp")
     return [services.local_delivery, smtp]
 
 

@@ -126,3 +126,14 @@ def test_unix_socket_paths_are_relative_to_the_config_file(tmp_path: Path) -> No
     assert config.pop3.expire == "30"
     with pytest.raises(ConfigError, match=r"\[pop3\] expire: expected NEVER or a number"):
         parse_config("[pop3]\nexpire = soon\n", "x.conf")
+
+
+def test_transport_sections() -> None:
+    config = parse_config("[transport:.Example.com]\nrelay = [smarthost]:587\ntls = encrypt\n"
+                          "[transport:dovecot.test]\nprotocol = lmtp\nrelay = [::1]:24\n",
+                          "x.conf")
+    assert [(t.domain, t.relay, t.protocol, t.tls) for t in config.transports] == [
+        (".example.com", "[smarthost]:587", "smtp", "encrypt"),
+        ("dovecot.test", "[::1]:24", "lmtp", "may")]
+    with pytest.raises(ConfigError, match=r"x.conf:2: \[transport:d\] relay: protocol = lmtp"):
+        parse_config("[transport:d]\nprotocol = lmtp\n", "x.conf")

@@ -208,3 +208,38 @@ def _notices(server: Any, count: int) -> Any:
     found = yield server.inbox("bob@example.test")
     notices = [m for m in found if b"report-type=delivery-status" in m]
     return notices if len(notices) >= count else None
+
+
+@pytest_twisted.inlineCallbacks
+def test_transport_override_hands_mail_to_dovecot_over_lmtp(tmp_path: Path) -> None:
+    """[transport:DOMAIN] protocol = lmtp: LightMail as the MTA in front of a Dovecot."""
+    from dovecot import DovecotInstance
+    dovecot = DovecotInstance()
+    dovecot.add_user("dora@dovecot.test", "secret")
+    dovecot.start()
+    server = yield start(tmp_path, "[outbound]\nmin_backoff = 1s\ndns_servers = 127.0.0.1:9\n"
+                         "[transport:dovecot.test]\nprotocol = lmtp\n"
+                         f"relay = [127.0.0.1]:{dovecot.lmtp_port}\n")
+    server.parts.queue_runner.poll_interval = 0.5
+    try:
+        yield in_thread(submit, server.ports["submissions"],
+                        ("dora@dovecot.test", "via-lmtp"), ("nobody@dovecot.test", "lost"))
+        yield until(lambda: dovecot.count("dora@dovecot.test") == 1)
+        [notice] = yield until(lambda: _notices(server, 1))
+        assert b"Final-Recipient: rfc822; nobody@dovecot.test" in notice
+        assert b"Action: failed" in notice and b"Status: 5.1.1" in notice
+    finally:
+        yield server.root.stopService()
+        dovecot.stop()
+
+
+def test_transport_for_matches_domains_then_parent_domains() -> None:
+    from lightmail.delivery.smtp import SMTPDeliveryAgent, Transport
+    from lightmail.outbound.routing import Router
+    agent = SMTPDeliveryAgent(Router(None), None, "h")  # type: ignore[arg-type]
+    exact, sub = Transport(Router(None), "encrypt"), Transport(Router(None), lmtp=True)
+    agent.transports = {"example.com": exact, ".example.com": sub}
+    assert agent.transport_for("Example.COM") is exact
+    assert agent.transport_for("a.b.example.com") is sub
+    assert agent.transport_for("example.org") is agent.default
+    agent.close()

@@ -15,6 +15,7 @@ go to one domain at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -36,7 +37,17 @@ from lightmail.outbound.routing import Destination, Router, RoutingError
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
 from lightmail.storage.interfaces import IBlobStore, QueueItem
 
-SessionKey = tuple[str, int, str]          # (address, port, host name)
+SessionKey = tuple[str, int, str, bool]    # (address, port, host name, LMTP?)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How mail for some domains leaves: a router (MX or relay host), a STARTTLS
+    policy, and SMTP or LMTP (``[transport:DOMAIN]`` sections; ``[outbound]``)."""
+
+    router: Router
+    tls: str = "may"
+    lmtp: bool = False
 
 
 class SessionCache:
@@ -108,6 +119,21 @@ class SMTPDeliveryAgent:
         self.sessions = SessionCache(reactor, session_idle)
         self.mta_sts = mta_sts             # lightmail.outbound.mtasts.MTASTS, for MX routes
         self.ca_file = ca_file
+        # Per-domain overrides: "example.com" for the domain, ".example.com" for its
+        # subdomains (as Postfix's transport maps).
+        self.transports: dict[str, Transport] = {}
+        self.default = Transport(router, tls_policy, lmtp)
+
+    def transport_for(self, domain: str) -> Transport:
+        domain = domain.lower()
+        if domain in self.transports:
+            return self.transports[domain]
+        labels = domain.split(".")
+        for index in range(1, len(labels)):
+            parent = "." + ".".join(labels[index:])
+            if parent in self.transports:
+                return self.transports[parent]
+        return self.default
 
     def close(self) -> None:
         """Hang up idle sessions (at shutdown)."""
@@ -130,8 +156,9 @@ class SMTPDeliveryAgent:
     async def _deliver(self, item: QueueItem) -> DeliveryResult:
         address = item.recipient.address
         domain = address.rpartition("@")[2]
+        transport = self.transport_for(domain)
         try:
-            destinations = await self.router.route(domain)
+            destinations = await transport.router.route(domain)
         except RoutingError as exc:
             detail = f"{exc.status} {exc.text}"
             return (DeliveryResult.bounced(detail) if exc.permanent
@@ -144,7 +171,7 @@ class SMTPDeliveryAgent:
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
             smtputf8=envelope.smtputf8)
         verified_only = False
-        if self.mta_sts is not None and self.router.relay is None:
+        if self.mta_sts is not None and transport.router.relay is None:
             policy = await self.mta_sts.policy(domain)
             if policy is not None and policy.mode != "none":
                 allowed = [d for d in destinations if policy.allows(d.host)]
@@ -163,14 +190,15 @@ class SMTPDeliveryAgent:
         last = "4.4.1 no host could be reached"
         for destination in destinations:
             for ip in destination.addresses:
-                result = await self._try(destination, ip, message, address, prefix,
-                                         verified_only)
+                result = await self._try(transport, destination, ip, message, address,
+                                         prefix, verified_only)
                 if isinstance(result, DeliveryResult):
                     return result
                 last = result
         return DeliveryResult.deferred(last)
 
-    async def _session(self, key: SessionKey, destination: Destination, ip: str,
+    async def _session(self, transport: Transport, key: SessionKey,
+                       destination: Destination, ip: str,
                        verified_only: bool = False) -> ClientSession | str:
         """A reused idle session (after RSET) or a new, negotiated one; or why not."""
         session = self.sessions.take(key)
@@ -189,9 +217,9 @@ class SMTPDeliveryAgent:
                           error=exc.__class__.__name__)
             return f"4.4.1 connect to {where} failed: {exc.__class__.__name__}"
         session = ClientSession(proto, destination.host, self.helo, self.timeouts,
-                                self.reactor, self.lmtp, self.ca_file)
+                                self.reactor, transport.lmtp, self.ca_file)
         try:
-            await session.open("encrypt" if verified_only else self.tls_policy)
+            await session.open("encrypt" if verified_only else transport.tls)
         except SessionFailed as exc:
             said = "said" if exc.remote else "failed"
             self.log.info("{where}: {reply}; trying the next host", where=where,
@@ -204,14 +232,14 @@ class SMTPDeliveryAgent:
             return f"4.7.5 {where}: MTA-STS needs a valid certificate ({session.tls})"
         return session
 
-    async def _try(self, destination: Destination, ip: str, message: OutboundMessage,
-                   address: str, prefix: bytes = b"",
+    async def _try(self, transport: Transport, destination: Destination, ip: str,
+                   message: OutboundMessage, address: str, prefix: bytes = b"",
                    verified_only: bool = False) -> DeliveryResult | str:
         """A result, or the reason to try the next address."""
         where = f"{destination.host}[{ip}]:{destination.port}"
-        key = (ip, destination.port, destination.host)
+        key = (ip, destination.port, destination.host, transport.lmtp)
         for attempt in (1, 2):
-            session = await self._session(key, destination, ip, verified_only)
+            session = await self._session(transport, key, destination, ip, verified_only)
             if isinstance(session, str):
                 return session
             reused = session.transactions > 0
