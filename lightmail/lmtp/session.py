@@ -18,9 +18,7 @@ from typing import Any, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
-from lightmail.directory.interfaces import DirectoryError
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
 from lightmail.smtp.policy import Session, SMTPHandler, Transaction
@@ -67,15 +65,9 @@ class LMTPHandler(SMTPHandler):
     @defer.inlineCallbacks
     def handle_rcpt(self, session: Session, tx: Transaction, address: str,
                     orcpt: Optional[str], notify: Optional[str]) -> Any:
-        try:
-            split_address(address)
-        except AddressError:
-            return codes.BAD_ADDRESS, []
-        try:
-            resolution = yield self.services.directory.resolve(address)
-        except DirectoryError as exc:
-            self.log.warn("resolving {rcpt} failed: {error}", rcpt=address, error=str(exc))
-            return codes.TEMP_FAILURE, []
+        resolution = yield self.resolve(address)
+        if isinstance(resolution, Reply):
+            return resolution, []
         if not resolution.is_local_domain or resolution.remote:
             return NOT_LOCAL, []
         if not resolution.local:

@@ -74,18 +74,25 @@ class SMTPHandler:
         return d.addCallback(check)
 
     @defer.inlineCallbacks
-    def handle_rcpt(self, session: Session, tx: Transaction, address: str,
-                    orcpt: Optional[str], notify: Optional[str]) -> Any:
-        """Decide on one recipient: (reply, queue recipients it expands to)."""
+    def resolve(self, address: str) -> Any:
+        """The directory's answer for a recipient, or the reply refusing it."""
         try:
             split_address(address)
         except AddressError:
-            return codes.BAD_ADDRESS, []
+            return codes.BAD_ADDRESS
         try:
-            resolution = yield self.services.directory.resolve(address)
+            return (yield self.services.directory.resolve(address))
         except DirectoryError as exc:
             self.log.warn("resolving {rcpt} failed: {error}", rcpt=address, error=str(exc))
-            return codes.TEMP_FAILURE, []
+            return codes.TEMP_FAILURE
+
+    @defer.inlineCallbacks
+    def handle_rcpt(self, session: Session, tx: Transaction, address: str,
+                    orcpt: Optional[str], notify: Optional[str]) -> Any:
+        """Decide on one recipient: (reply, queue recipients it expands to)."""
+        resolution = yield self.resolve(address)
+        if isinstance(resolution, Reply):
+            return resolution, []
         orcpt = orcpt or f"rfc822;{address}"
         if not resolution.is_local_domain:
             if session.account is None:    # RFC 5321 §3.6.2: no open relay
