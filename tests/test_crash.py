@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from harness import ServerProcess, run_cli, stored_messages
 
 USERS = ["ann@crash.test", "bob@crash.test", "cat@crash.test"]
@@ -59,10 +60,14 @@ def filed_messages(state: Path) -> dict[int, list[str]]:
     return filed
 
 
-def test_kill_9_loses_nothing_and_files_nothing_twice(write_config, tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct_delivery", ["yes", "no"])
+def test_kill_9_loses_nothing_and_files_nothing_twice(write_config, tmp_path: Path,
+                                                      direct_delivery: str) -> None:
+    """With direct_delivery (the default) a 250 means filed; without, queued."""
     config = write_config(
         "[server]\nstate_dir = state\nhostname = mx.crash.test\nnode_id = crash-node\n"
         "[logging]\nlevel = info\n"
+        f"[smtp]\ndirect_delivery = {direct_delivery}\n"
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n")
     run_cli(config, "domain", "add", "crash.test")
     for user in USERS:

@@ -137,3 +137,34 @@ def test_verified_passwords_are_remembered_until_changed(sqlite_stack, monkeypat
     checker.cache.clock = lambda: 1e12                 # long after the TTL
     yield login(portal, "bob@example.test", "battery staple")
     assert calls.count("battery staple") == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_resolutions_are_remembered_briefly_and_forgotten_on_changes(sqlite_stack,
+                                                                     monkeypatch) -> None:
+    from lightmail.directory import sql
+    d = sqlite_stack.directory
+    d.resolve_cache_ttl = 5.0
+    yield d.add_domain("example.test")
+    yield d.add_user("bob@example.test", None)
+    queries = []
+    real = sqlite_stack.db.read
+    monkeypatch.setattr(sqlite_stack.db, "read",
+                        lambda *a, **kw: queries.append(a) or real(*a, **kw))
+    first = yield d.resolve("bob@example.test")
+    assert (yield d.resolve("bob@example.test")) == first and len(queries) == 1
+    assert not (yield d.resolve("carol@example.test")).deliverable      # remembered too
+    yield d.resolve("carol@example.test")
+    assert len(queries) == 2
+    yield d.add_user("carol@example.test", None)       # a change forgets everything
+    assert (yield d.resolve("carol@example.test")).deliverable
+    assert len(queries) == 3
+    now = sql.time.monotonic()
+    monkeypatch.setattr(sql.time, "monotonic", lambda: now + 6)   # the TTL runs out
+    yield d.resolve("carol@example.test")
+    assert len(queries) == 4
+    d.resolve_cache_ttl = 0                             # 0: never remembered
+    d.forget_resolutions()
+    yield d.resolve("carol@example.test")
+    yield d.resolve("carol@example.test")
+    assert len(queries) == 6

@@ -425,3 +425,67 @@ def test_sni_picks_the_certificate_for_the_name_asked(tmp_path: Path) -> None:
                                             "CN=mx.example.test"]
     finally:
         yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_local_mail_is_filed_at_acceptance_and_logged(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+    server = yield start(tmp_path)
+    server.parts.queue_runner.stopService()     # the queue plays no part here
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        replies = yield in_thread(
+            session, server.ports["mx"], "EHLO c", "MAIL FROM:<a@example.org>",
+            "RCPT TO:<postmaster@example.test>", "RCPT TO:<Bob+lists@example.test>",
+            "DATA", "Subject: now\r\n\r\nhi\r\n.")
+        assert replies[-1].startswith("250 2.0.0 Ok: queued as")
+        queue_id = replies[-1].rsplit(" ", 1)[1]
+        # Filed by the time of the 250, nothing queued.
+        assert len((yield server.inbox("bob@example.test"))) == 1
+        assert len((yield server.inbox("bob@example.test", "lists"))) == 1
+        assert (yield server.queued()) == []
+        filed = sorted(e["detail"] for e in events
+                       if "status=delivered" in e.get("log_format", ""))
+        assert filed == ["2.0.0 bob@example.test/INBOX uid=1",
+                         "2.0.0 bob@example.test/lists uid=1"]
+        assert all(e["msg_id"] == queue_id and e["conn_id"] for e in events
+                   if "status=delivered" in e.get("log_format", ""))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_cannot_be_filed_at_once_is_queued(tmp_path: Path) -> None:
+    server = yield start(tmp_path)
+    server.parts.queue_runner.stopService()
+    try:
+        yield server.parts.directory.add_user("tiny@example.test", None, quota_bytes=10)
+        replies = yield in_thread(
+            session, server.ports["mx"], "EHLO c", "MAIL FROM:<a@example.org>",
+            "RCPT TO:<bob@example.test>", "RCPT TO:<tiny@example.test>",
+            "DATA", "Subject: full\r\n\r\nhi\r\n.")
+        assert replies[-1].startswith("250 2.0.0 Ok: queued as")
+        # All or nothing: one recipient over quota sends the whole message the old way.
+        assert (yield server.inbox("bob@example.test")) == []
+        queued = yield server.queued()
+        assert sorted((r["recipient"], r["state"]) for r in queued) == [
+            ("bob@example.test", "queued"), ("tiny@example.test", "queued")]
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_direct_delivery_can_be_turned_off(tmp_path: Path) -> None:
+    server = yield start(tmp_path, "[smtp]\ndirect_delivery = no\n")
+    server.parts.queue_runner.stopService()
+    try:
+        replies = yield in_thread(
+            session, server.ports["mx"], "EHLO c", "MAIL FROM:<a@example.org>",
+            "RCPT TO:<bob@example.test>", "DATA", "Subject: q\r\n\r\nhi\r\n.")
+        assert replies[-1].startswith("250 2.0.0 Ok: queued as")
+        assert [r["recipient"] for r in (yield server.queued())] == ["bob@example.test"]
+        assert (yield server.inbox("bob@example.test")) == []
+    finally:
+        yield server.root.stopService()

@@ -327,3 +327,37 @@ def test_every_new_message_is_filed_although_row_ids_are_reused(stack) -> None:
         assert "already filed" not in result.detail
     inbox = yield stack.mailstore.get_mailbox(user.id, "INBOX")
     assert [m.uid for m in (yield stack.mailstore.list_messages(inbox.id))] == [1, 2, 3]
+
+
+@pytest_twisted.inlineCallbacks
+def test_filing_at_acceptance_is_all_or_nothing(stack) -> None:
+    from lightmail.delivery.local import LocalDeliveryAgent, NotFiled
+    bob = yield make_user(stack, "bob@example.test")
+    yield stack.mailstore.get_or_create_mailbox(bob.id, "INBOX")
+    lists = yield stack.mailstore.create_mailbox(bob.id, "lists")
+    carol = yield stack.directory.add_user("carol@example.test", None)   # no INBOX yet
+    yield stack.directory.add_user("small@example.test", None, quota_bytes=10)
+    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
+    assert agent.can_deliver_at_acceptance()
+    ref = yield stack.blobs.put(MESSAGE)
+    results = yield agent.deliver_at_acceptance(
+        ["bob+lists@example.test", "bob@example.test", "carol@example.test"], ref, "Q1")
+    assert [r.status for r in results] == ["delivered"] * 3
+    assert results[0].detail == "2.0.0 bob@example.test/lists uid=1"
+    assert results[2].detail == "2.0.0 carol@example.test/INBOX uid=1"
+    again = yield agent.deliver_at_acceptance(["bob+lists@example.test"], ref, "Q2")
+    assert again[0].detail == "2.0.0 bob@example.test/lists uid=2"
+    box = yield stack.mailstore.get_mailbox(bob.id, "lists")
+    assert (box.uidnext, box.highestmodseq) == (3, lists.highestmodseq + 2)
+    messages = yield stack.mailstore.list_messages(box.id)
+    assert [(m.uid, m.modseq) for m in messages] == [(1, lists.highestmodseq + 1),
+                                                     (2, lists.highestmodseq + 2)]
+    assert (yield stack.mailstore.get_mailbox(carol.id, "INBOX")) is not None
+    assert refcount(stack, ref.id) == 4
+    # One address that cannot be filed now (over quota, unknown): nothing is filed.
+    for bad in ("small@example.test", "nobody@example.test"):
+        with pytest.raises(NotFiled, match=bad):
+            yield agent.deliver_at_acceptance(["bob@example.test", bad], ref, "Q3")
+    inbox = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
+    assert len((yield stack.mailstore.list_messages(inbox.id))) == 1
+    assert refcount(stack, ref.id) == 4
