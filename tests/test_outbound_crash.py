@@ -52,10 +52,17 @@ def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
         port = server.ports(expected=1)["mx"]
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
             for number in range(COUNT):
-                smtp.sendmail("sender@client.test", [f"n{number}@crash.test"],
-                              f"Subject: out-{number}\r\n\r\n{LINE * 40}".encode())
+                for _ in range(10):          # a busy machine may say 451: send again
+                    try:
+                        smtp.sendmail("sender@client.test", [f"n{number}@crash.test"],
+                                      f"Subject: out-{number}\r\n\r\n{LINE * 40}".encode())
+                        break
+                    except smtplib.SMTPDataError as exc:
+                        assert exc.smtp_code == 451, exc
+                        time.sleep(0.5)
         rng = random.Random(7)
         at_kill = []
+        outputs: list[str] = []
         for _ in range(KILLS):
             # Kill while deliveries are going on: after some, before all, have arrived.
             target = len(received(mx)) + rng.randint(3, 10)
@@ -64,6 +71,7 @@ def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
                 time.sleep(0.01)
             at_kill.append(len(received(mx)))
             server.kill()
+            outputs.append(server.output)
             server = ServerProcess(config)
             server.ports(expected=1)
         deadline = time.monotonic() + 120
@@ -74,7 +82,11 @@ def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
         assert any(0 < n < COUNT for n in at_kill), at_kill
         assert sorted(got) == list(range(COUNT)), (sorted(set(range(COUNT)) - set(got)))
         duplicates = sum(n - 1 for n in got.values())
-        assert duplicates <= KILLS * CONCURRENCY, got
+        # Besides the deliveries in flight at each kill, one whose outcome could not be
+        # recorded (the database busy on a loaded machine) is retried, as SMTP allows.
+        unrecorded = sum(out.count("recording the delivery of")
+                         for out in [*outputs, server.output])
+        assert duplicates <= KILLS * CONCURRENCY + unrecorded, (got, unrecorded)
         assert "took back" in server.output or duplicates == 0
     finally:
         server.kill()
