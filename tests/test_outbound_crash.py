@@ -82,11 +82,13 @@ def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
         assert any(0 < n < COUNT for n in at_kill), at_kill
         assert sorted(got) == list(range(COUNT)), (sorted(set(range(COUNT)) - set(got)))
         duplicates = sum(n - 1 for n in got.values())
-        # Besides the deliveries in flight at each kill, one whose outcome could not be
-        # recorded (the database busy on a loaded machine) is retried, as SMTP allows.
+        # In flight at a kill: up to CONCURRENCY messages being sent, and as many whose
+        # 250 came back and whose record is being committed (the next send does not
+        # wait for it).  Besides, one whose outcome could not be recorded at all (the
+        # database busy on a loaded machine) is retried, as SMTP allows.
         unrecorded = sum(out.count("recording the delivery of")
                          for out in [*outputs, server.output])
-        assert duplicates <= KILLS * CONCURRENCY + unrecorded, (got, unrecorded)
+        assert duplicates <= KILLS * 2 * CONCURRENCY + unrecorded, (got, unrecorded)
         assert "took back" in server.output or duplicates == 0
     finally:
         server.kill()
