@@ -1,0 +1,85 @@
+"""Sequence sets (RFC 9051 §9 ``sequence-set``): ``1,3:5,7:*`` and ``$`` (RFC 5182).
+
+A set is parsed once and resolved against the mailbox at hand: ``*`` is the largest
+message number (or UID) in use, and ``n:m`` is the same as ``m:n``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from lightmail.imap.tokens import ParseError
+
+STAR = -1
+_RANGE = re.compile(r"^(\d+|\*)(?::(\d+|\*))?$")
+MAX_NUMBER = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SequenceSet:
+    """Ranges of numbers; STAR stands for "the largest in use"."""
+
+    ranges: tuple[tuple[int, int], ...]
+    saved: bool = False          # "$": the result saved by SEARCHRES
+
+    def resolve(self, largest: int) -> list[tuple[int, int]]:
+        """The ranges with ``*`` replaced by ``largest``, each (low, high)."""
+        out = []
+        for low, high in self.ranges:
+            low = largest if low == STAR else low
+            high = largest if high == STAR else high
+            out.append((min(low, high), max(low, high)))
+        return out
+
+    def contains(self, number: int, largest: int) -> bool:
+        return any(low <= number <= high for low, high in self.resolve(largest))
+
+    def select(self, numbers: Iterable[int], largest: int) -> Iterator[int]:
+        """The members of ``numbers`` (sorted ascending) that are in the set."""
+        ranges = self.resolve(largest)
+        for number in numbers:
+            if any(low <= number <= high for low, high in ranges):
+                yield number
+
+
+def parse_sequence_set(text: str) -> SequenceSet:
+    """Parse ``text``; raises ParseError for anything that is not a sequence set."""
+    if text == "$":
+        return SequenceSet((), saved=True)
+    ranges = []
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if match is None:
+            raise ParseError(f"invalid sequence set {text!r}")
+        low = _number(match.group(1), text)
+        high = _number(match.group(2), text) if match.group(2) else low
+        ranges.append((low, high))
+    return SequenceSet(tuple(ranges))
+
+
+def _number(text: str, whole: str) -> int:
+    if text == "*":
+        return STAR
+    value = int(text)
+    if value == 0 or value > MAX_NUMBER:
+        raise ParseError(f"invalid number in sequence set {whole!r}")
+    return value
+
+
+def format_sequence(numbers: Iterable[int]) -> str:
+    """Compact ascending numbers into ``1:3,5`` form (for UIDPLUS, ESEARCH)."""
+    out: list[str] = []
+    start = prev = None
+    for number in sorted(set(numbers)):
+        if start is None:
+            start = prev = number
+        elif number == prev + 1:  # type: ignore[operator]
+            prev = number
+        else:
+            out.append(f"{start}" if start == prev else f"{start}:{prev}")
+            start = prev = number
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}:{prev}")
+    return ",".join(out)
