@@ -193,6 +193,21 @@ def parse_list(raw: str, base: Path) -> tuple[str, ...]:
     return tuple(item for item in re.split(r"[\s,]+", raw) if item)
 
 
+SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent",
+                "\\Trash")
+
+
+def parse_special_use(raw: str, base: Path) -> tuple[str, ...]:
+    """comma-separated NAME:\\USE pairs (RFC 6154 uses)"""
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        name, sep, use = item.rpartition(":")
+        if not sep or not name or use.lower() not in [u.lower() for u in SPECIAL_USES]:
+            raise _BadValue(f"expected NAME:USE with USE one of {' '.join(SPECIAL_USES)}, "
+                            f"got {item!r}")
+    return items
+
+
 def _check_range(value: int, minimum: int, maximum: int | None, raw: str) -> None:
     if value < minimum:
         raise _BadValue(f"must be at least {minimum}, got {raw!r}")
@@ -378,6 +393,35 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    """IMAP4rev2 and IMAP4rev1 (RFC 9051, 3501)."""
+
+    idle_timeout: float = option(
+        1800.0, parse_duration(minimum=1.0),
+        "Time allowed without a command; a new IDLE command starts it again.  RFC 9051 "
+        "§5.4 asks for at least 30 minutes: shorter only for tests.")
+    max_line_length: int = option(
+        65536, parse_int(1024, 16 * 1024**2),
+        "Longest command line in octets, literals not counted (as Dovecot's "
+        "imap_max_line_length).")
+    max_literal: int = option(
+        50 * 1024**2, parse_size(minimum=1024),
+        "Largest literal, and so the largest message APPEND takes (announced as "
+        "APPENDLIMIT, RFC 7889).")
+    max_errors: int = option(
+        20, parse_int(1), "Bad commands in one session before it is closed with BYE.")
+    max_connections_per_user: int = option(
+        20, parse_int(1),
+        "Most IMAP sessions one user may have open at once (over all IMAP listeners).")
+    special_use: tuple[str, ...] = option(
+        ("Drafts:\\Drafts", "Sent:\\Sent", "Trash:\\Trash", "Junk:\\Junk",
+         "Archive:\\Archive"),
+        parse_special_use,
+        "Mailboxes every user has (created at login when missing, as Dovecot's "
+        "auto = create), as NAME:\\USE pairs (RFC 6154), comma-separated.")
+
+
+@dataclass(frozen=True)
 class OutboundConfig:
     """The outbound MTA: the queue's retry schedule and how mail leaves."""
 
@@ -483,6 +527,7 @@ SECTIONS: Mapping[str, type] = {
     "smtp": SMTPConfig,
     "lmtp": LMTPConfig,
     "pop3": POP3Config,
+    "imap": IMAPConfig,
     "outbound": OutboundConfig,
 }
 LISTENER_PREFIX = "listener:"
@@ -501,6 +546,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     lmtp: LMTPConfig = field(default_factory=LMTPConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()

@@ -50,6 +50,8 @@ class Services:
     local_delivery: Any = None
     # Which users have a POP3 session open (lightmail.pop3.maildrop.Locks).
     pop3_locks: Any = None
+    # The IMAP sessions of this process and their mailbox changes (lightmail.imap.hub).
+    imap_hub: Any = None
 
     @property
     def mailstore(self) -> Any:

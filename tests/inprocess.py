@@ -66,6 +66,9 @@ class Server:
         self.root, self.ports, self.tmp = root, ports, tmp
         self.parts = get_services(root)
 
+    def stop(self) -> defer.Deferred[None]:
+        return self.root.stopService()
+
     @defer.inlineCallbacks
     def queued(self) -> Any:
         return (yield self.parts.queue.list_recipients())

@@ -341,3 +341,57 @@ def test_refused_connection_gets_an_answer() -> None:
 
 
 _ = socket
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_imap_session_sees_pop3_deletions_as_expunges(tmp_path: Path) -> None:
+    """An IMAP client has the INBOX selected (and another sits in IDLE) while a POP3
+    client deletes: nothing changes for IMAP until QUIT, then both see EXPUNGE."""
+    from test_imap import IMAP
+    server = yield start_pop3(
+        tmp_path, "[directory]\nauth_over_plaintext = yes\n"
+        + IMAP.format(cert=tmp_path / "cert.pem", key=tmp_path / "key.pem"))
+    try:
+        def run() -> dict[str, Any]:
+            import imaplib
+            out: dict[str, Any] = {}
+            imap = imaplib.IMAP4("127.0.0.1", server.ports["imap-plain"], timeout=20)
+            imap.login("bob@example.test", "bob-secret")
+            out["select"] = imap.select("INBOX")[1]
+            idler = imaplib.IMAP4("127.0.0.1", server.ports["imap-plain"], timeout=20)
+            idler.login("bob@example.test", "bob-secret")
+            idler.select("INBOX")
+            idler.send(b"i1 IDLE\r\n")
+            out["idle_go"] = idler.readline()
+            pop = poplib.POP3("127.0.0.1", server.ports["pop3-plain"], timeout=20)
+            pop.user("bob@example.test")
+            pop.pass_("bob-secret")
+            # IMAP keeps working while POP3 holds the maildrop.
+            out["uids_during"] = imap.uid("SEARCH", "ALL")[1]
+            pop.dele(1)
+            pop.dele(3)
+            imap.noop()
+            out["expunged_before_quit"] = imap.response("EXPUNGE")[1]
+            pop.quit()
+            out["idle_pushed"] = [idler.readline(), idler.readline()]
+            idler.send(b"DONE\r\n")
+            out["idle_done"] = idler.readline()
+            idler.logout()
+            time.sleep(0.2)
+            imap.noop()
+            out["expunged_after_quit"] = imap.response("EXPUNGE")[1]
+            out["uids_after"] = imap.uid("SEARCH", "ALL")[1]
+            imap.logout()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert out["select"] == [b"3"]
+    assert out["idle_go"].startswith(b"+")
+    assert out["expunged_before_quit"] == [None]
+    assert out["idle_pushed"] == [b"* 3 EXPUNGE\r\n", b"* 1 EXPUNGE\r\n"] or \
+        out["idle_pushed"] == [b"* 1 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"], out["idle_pushed"]
+    assert out["idle_done"].startswith(b"i1 OK")
+    assert sorted(out["expunged_after_quit"]) in ([b"1", b"3"], [b"1", b"2"]), out
+    assert out["uids_during"] == [b"1 2 3"]
+    assert out["uids_after"] == [b"2"]

@@ -361,3 +361,74 @@ def test_filing_at_acceptance_is_all_or_nothing(stack) -> None:
     inbox = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
     assert len((yield stack.mailstore.list_messages(inbox.id))) == 1
     assert refcount(stack, ref.id) == 4
+
+
+@pytest_twisted.inlineCallbacks
+def test_copy_move_status_and_changes_since_share_blobs(stack) -> None:
+    """What IMAP COPY/MOVE, STATUS and CONDSTORE/QRESYNC catch-up rest on."""
+    user = yield make_user(stack)
+    inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    archive = yield stack.mailstore.create_mailbox(user.id, "Archive", "\\Archive")
+    refs = []
+    for i in range(4):
+        refs.append((yield stack.blobs.put(MESSAGE + b"%d" % i)))
+        yield stack.mailstore.append(inbox.id, refs[-1], flags=["\\Seen"] if i == 0 else [])
+    yield stack.mailstore.set_flags(inbox.id, [2], ["\\Deleted"], "add")
+    status = yield stack.mailstore.status(inbox.id)
+    assert (status.messages, status.unseen, status.deleted) == (4, 3, 1)
+    assert status.size == sum(ref.size for ref in refs)
+    before = (yield stack.mailstore.get_mailbox(user.id, "INBOX")).highestmodseq
+
+    copied = yield stack.mailstore.copy(inbox.id, [1, 2], archive.id)
+    assert copied.uidvalidity == archive.uidvalidity and copied.pairs == ((1, 1), (2, 2))
+    assert refcount(stack, refs[0].id) == 2           # one blob, two messages
+    moved = yield stack.mailstore.copy(inbox.id, [3, 4], archive.id, move=True)
+    assert moved.pairs == ((3, 3), (4, 4))
+    assert refcount(stack, refs[2].id) == 1           # moved, not copied
+    in_archive = yield stack.mailstore.list_messages(archive.id)
+    assert [(m.uid, m.blob_id) for m in in_archive] == [
+        (1, refs[0].id), (2, refs[1].id), (3, refs[2].id), (4, refs[3].id)]
+    assert in_archive[0].flags == frozenset({"\\Seen"})    # flags travel along
+
+    yield stack.mailstore.set_flags(inbox.id, [1], ["$Done"], "add")
+    changes = yield stack.mailstore.changes_since(inbox.id, before)
+    assert [m.uid for m in changes.changed] == [1]
+    assert changes.expunged == [3, 4]
+    assert changes.mailbox.highestmodseq > before
+    nothing = yield stack.mailstore.changes_since(inbox.id, changes.mailbox.highestmodseq)
+    assert nothing.changed == [] and nothing.expunged == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_rename_delete_and_subscribe_mailboxes(stack) -> None:
+    user = yield make_user(stack)
+    inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    yield stack.mailstore.create_mailbox(user.id, "Work")
+    yield stack.mailstore.create_mailbox(user.id, "Work/2026")
+    ref = yield stack.blobs.put(MESSAGE)
+    yield stack.mailstore.append(inbox.id, ref)
+
+    yield stack.mailstore.rename_mailbox(user.id, "Work", "Jobs")
+    names = [mb.name for mb in (yield stack.mailstore.list_mailboxes(user.id))]
+    assert names == ["INBOX", "Jobs", "Jobs/2026"]
+    with pytest.raises(MailboxExists):
+        yield stack.mailstore.rename_mailbox(user.id, "Jobs", "INBOX")
+    with pytest.raises(NoSuchMailbox):
+        yield stack.mailstore.rename_mailbox(user.id, "Nope", "Other")
+
+    # Renaming INBOX moves its messages and leaves an empty INBOX (RFC 9051 §6.3.6).
+    yield stack.mailstore.rename_mailbox(user.id, "INBOX", "Old")
+    old = yield stack.mailstore.get_mailbox(user.id, "Old")
+    assert len((yield stack.mailstore.list_messages(old.id))) == 1
+    assert (yield stack.mailstore.list_messages(inbox.id)) == []
+
+    yield stack.mailstore.set_subscribed(old.id, False)
+    assert not (yield stack.mailstore.get_mailbox(user.id, "Old")).subscribed
+    yield stack.mailstore.set_subscribed(old.id, True)
+    assert (yield stack.mailstore.get_mailbox(user.id, "Old")).subscribed
+
+    yield stack.mailstore.delete_mailbox(user.id, "Old")
+    assert (yield stack.mailstore.get_mailbox(user.id, "Old")) is None
+    assert refcount(stack, ref.id) == 0                # its message went with it
+    with pytest.raises(NoSuchMailbox):
+        yield stack.mailstore.delete_mailbox(user.id, "Old")

@@ -55,10 +55,17 @@ _SPECIALS = set('(){ %*"\\]') | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
 def quote(text: Union[str, bytes]) -> bytes:
-    """``text`` as a quoted string, or as a literal when quoting cannot carry it
-    (CR, LF, NUL or 8-bit octets in a non-UTF-8 session)."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    if b"\r" in data or b"\n" in data or b"\0" in data or len(data) > 1024:
+    """``text`` as a quoted string, or as a literal when quoting cannot carry it:
+    CR, LF, NUL, or 8-bit octets in ``bytes`` (raw header values, which only a
+    UTF8=ACCEPT session could take quoted).  A ``str`` with non-ASCII characters is a
+    UTF-8 mailbox name or string the session already decided it may send quoted."""
+    if isinstance(text, str):
+        data = text.encode("utf-8")
+        eight_bit = False
+    else:
+        data = text
+        eight_bit = not data.isascii()
+    if eight_bit or b"\r" in data or b"\n" in data or b"\0" in data or len(data) > 1024:
         return literal(data)
     return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

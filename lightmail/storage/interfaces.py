@@ -59,6 +59,35 @@ class Appended:
 
 
 @dataclass(frozen=True)
+class MailboxStatus:
+    """Counts for IMAP STATUS and SELECT, computed by the database."""
+
+    mailbox: Mailbox
+    messages: int
+    unseen: int
+    deleted: int
+    size: int
+
+
+@dataclass(frozen=True)
+class MailboxChanges:
+    """What changed in a mailbox after a MODSEQ: new or re-flagged messages (in UID
+    order) and expunged UIDs.  What a session needs to catch up (RFC 7162 §3.2)."""
+
+    mailbox: Mailbox
+    changed: list[MessageInfo]
+    expunged: list[int]
+
+
+@dataclass(frozen=True)
+class Copied:
+    """Where COPY/MOVE put messages: (source UID, new UID) pairs (RFC 4315 COPYUID)."""
+
+    uidvalidity: int
+    pairs: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
 class MailboxChange:
     """Emitted after every committed change to a mailbox (see IChangeListener)."""
 
@@ -212,6 +241,27 @@ class IMailStore(Interface):
 
     def usage(user_id: int) -> Deferred[int]:
         """Octets stored in all of a user's mailboxes (what the quota counts)."""
+
+    def delete_mailbox(user_id: int, name: str) -> Deferred[None]:
+        """Delete a mailbox and its messages (not its children); NoSuchMailbox if absent."""
+
+    def rename_mailbox(user_id: int, old: str, new: str) -> Deferred[None]:
+        """Rename a mailbox and its children (``old/...``).  Renaming INBOX moves its
+        messages to the new mailbox and leaves INBOX empty (RFC 9051 §6.3.6)."""
+
+    def set_subscribed(mailbox_id: int, subscribed: bool) -> Deferred[None]:
+        """Mark a mailbox subscribed or not (LSUB, LIST (SUBSCRIBED))."""
+
+    def status(mailbox_id: int) -> Deferred[MailboxStatus]:
+        """Message, unseen and deleted counts and total size of a mailbox."""
+
+    def changes_since(mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
+        """Messages whose MODSEQ is above ``modseq`` and UIDs expunged after it."""
+
+    def copy(source_id: int, uids: Sequence[int], target_id: int,
+             move: bool = False) -> Deferred[Copied]:
+        """File the messages ``uids`` of one mailbox into another, sharing their blobs;
+        with ``move``, expunge them from the source in the same transaction."""
 
 
 class IQueueStore(Interface):

@@ -24,12 +24,15 @@ from lightmail.storage.interfaces import (
     Appended,
     BlobMissing,
     BlobRef,
+    Copied,
     IBlobStore,
     IChangeListener,
     IMailStore,
     Mailbox,
     MailboxChange,
+    MailboxChanges,
     MailboxExists,
+    MailboxStatus,
     MessageInfo,
     NoSuchMailbox,
 )
@@ -368,6 +371,151 @@ class SQLMailStore:
         return self._announcing(d, lambda res: [MailboxChange(
             res[0], mailbox_id, "expunged", tuple(res[1]), res[2])] if res[1] else []
         ).addCallback(lambda res: res[1])
+
+    def delete_mailbox(self, user_id: int, name: str) -> Deferred[None]:
+        name = normalise_mailbox_name(name)
+
+        def delete(conn: Connection) -> int:
+            row = conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+            if row is None:
+                raise NoSuchMailbox(f"no mailbox {name!r}")
+            refs = conn.execute(sa.select(s.messages.c.blob_id, sa.func.count())
+                                .where(s.messages.c.mailbox_id == row.id)
+                                .group_by(s.messages.c.blob_id)).all()
+            conn.execute(s.messages.delete().where(s.messages.c.mailbox_id == row.id))
+            conn.execute(s.expunged.delete().where(s.expunged.c.mailbox_id == row.id))
+            for blob_id, count in refs:
+                release_blob_ref(conn, blob_id, count)
+            conn.execute(s.mailboxes.delete().where(s.mailboxes.c.id == row.id))
+            return int(row.id)
+
+        d = self.db.write(delete)
+        return self._announcing(d, lambda box_id: [MailboxChange(user_id, box_id, "deleted")]
+                                ).addCallback(lambda _: None)
+
+    def rename_mailbox(self, user_id: int, old: str, new: str) -> Deferred[None]:
+        old, new = normalise_mailbox_name(old), normalise_mailbox_name(new)
+
+        def rename(conn: Connection) -> list[MailboxChange]:
+            source = conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": old}).first()
+            if source is None:
+                raise NoSuchMailbox(f"no mailbox {old!r}")
+            if self._get_mailbox(conn, user_id, new) is not None:
+                raise MailboxExists(f"mailbox {new!r} exists already")
+            if old == "INBOX":
+                # RFC 9051 §6.3.6: INBOX's messages move to the new mailbox; INBOX
+                # stays, empty, and its children are not renamed.
+                target = self.create_mailbox_now(conn, user_id, new)
+                uids = [row.uid for row in conn.execute(
+                    sa.select(s.messages.c.uid).where(s.messages.c.mailbox_id == source.id))]
+                moved = self.copy_now(conn, source.id, uids, target.id, move=True)
+                return [MailboxChange(user_id, target.id, "created"), *moved[1]]
+            children = conn.execute(sa.select(s.mailboxes.c.id, s.mailboxes.c.name).where(
+                (s.mailboxes.c.user_id == user_id)
+                & (sa.func.substr(s.mailboxes.c.name, 1, len(old) + 1) == old + "/"))).all()
+            for child in children:
+                renamed = new + child.name[len(old):]
+                if self._get_mailbox(conn, user_id, renamed) is not None:
+                    raise MailboxExists(f"mailbox {renamed!r} exists already")
+                conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == child.id)
+                             .values(name=renamed))
+            # A renamed mailbox is a new one for clients that cached the old name:
+            # new UIDVALIDITY is not needed (RFC 9051 §6.3.6 keeps it), so keep it.
+            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == source.id)
+                         .values(name=new))
+            return [MailboxChange(user_id, source.id, "renamed")] + [
+                MailboxChange(user_id, child.id, "renamed") for child in children]
+
+        d = self.db.write(rename)
+        return self._announcing(d, lambda changes: changes).addCallback(lambda _: None)
+
+    def set_subscribed(self, mailbox_id: int, subscribed: bool) -> Deferred[None]:
+        def subscribe(conn: Connection) -> None:
+            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
+                         .values(subscribed=subscribed))
+        return self.db.write(subscribe)
+
+    def status(self, mailbox_id: int) -> Deferred[MailboxStatus]:
+        def status_(conn: Connection) -> MailboxStatus:
+            row = conn.execute(sa.select(s.mailboxes).where(
+                s.mailboxes.c.id == mailbox_id)).first()
+            if row is None:
+                raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
+            m = s.messages.c
+            counts = conn.execute(sa.select(
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(m.size), 0),
+                sa.func.coalesce(sa.func.sum(sa.case(
+                    (m.flags.contains("\\Seen", autoescape=True), 0), else_=1)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case(
+                    (m.flags.contains("\\Deleted", autoescape=True), 1), else_=0)), 0),
+            ).where(m.mailbox_id == mailbox_id)).one()
+            return MailboxStatus(_mailbox(row), int(counts[0]), int(counts[2]),
+                                 int(counts[3]), int(counts[1]))
+        return self.db.read(status_)
+
+    def changes_since(self, mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
+        def changes(conn: Connection) -> MailboxChanges:
+            row = conn.execute(sa.select(s.mailboxes).where(
+                s.mailboxes.c.id == mailbox_id)).first()
+            if row is None:
+                raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
+            changed = [_message(r) for r in conn.execute(sa.select(s.messages).where(
+                (s.messages.c.mailbox_id == mailbox_id) & (s.messages.c.modseq > modseq))
+                .order_by(s.messages.c.uid))]
+            gone = [r.uid for r in conn.execute(sa.select(s.expunged.c.uid).where(
+                (s.expunged.c.mailbox_id == mailbox_id) & (s.expunged.c.modseq > modseq))
+                .order_by(s.expunged.c.uid))]
+            return MailboxChanges(_mailbox(row), changed, gone)
+        return self.db.read(changes)
+
+    def copy(self, source_id: int, uids: Sequence[int], target_id: int,
+             move: bool = False) -> Deferred[Copied]:
+        d = self.db.write(self.copy_now, source_id, uids, target_id, move)
+        return self._announcing(d, lambda res: res[1]).addCallback(lambda res: res[0])
+
+    def copy_now(self, conn: Connection, source_id: int, uids: Sequence[int],
+                 target_id: int, move: bool = False) -> tuple[Copied, list[MailboxChange]]:
+        """COPY/MOVE inside the caller's transaction: one new MODSEQ for the target
+        (and one for the source's expunges), new UIDs in source UID order."""
+        # Lock in id order, so that two opposite moves cannot deadlock.
+        boxes = {box_id: _lock_mailbox(conn, box_id)
+                 for box_id in sorted({source_id, target_id})}
+        source, target = boxes[source_id], boxes[target_id]
+        rows = _messages_by_uid(conn, source_id, uids)
+        if not rows:
+            return Copied(target.uidvalidity, ()), []
+        uid, modseq = target.uidnext, target.highestmodseq + 1
+        pairs = []
+        for row in rows:
+            conn.execute(_INSERT_MESSAGE, {
+                "mailbox_id": target_id, "uid": uid, "modseq": modseq,
+                "blob_id": row.blob_id, "size": row.size, "internal_date": row.internal_date,
+                "flags": row.flags, "envelope": row.envelope,
+                "bodystructure": row.bodystructure, "headers": row.headers,
+                "delivery_id": None})
+            pairs.append((row.uid, uid))
+            uid += 1
+        conn.execute(_UPDATE_UIDNEXT, {"b_id": target_id, "b_uidnext": uid,
+                                       "b_modseq": modseq})
+        changes = [MailboxChange(target.user_id, target_id, "appended",
+                                 tuple(p[1] for p in pairs), modseq)]
+        if move:
+            # The blobs change hands: their reference counts stay as they are.
+            gone_modseq = (modseq if source_id == target_id else source.highestmodseq) + 1
+            conn.execute(s.messages.delete().where(
+                s.messages.c.id.in_([row.id for row in rows])))
+            conn.execute(s.expunged.insert(), [
+                {"mailbox_id": source_id, "uid": row.uid, "modseq": gone_modseq}
+                for row in rows])
+            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == source_id)
+                         .values(highestmodseq=gone_modseq))
+            changes.append(MailboxChange(source.user_id, source_id, "expunged",
+                                         tuple(row.uid for row in rows), gone_modseq))
+        else:
+            for row in rows:
+                upsert_blob_ref(conn, self.blobs, BlobRef(row.blob_id, row.size))
+        return Copied(target.uidvalidity, tuple(pairs)), changes
 
     # -- quota ----------------------------------------------------------------------
 

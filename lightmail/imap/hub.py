@@ -1,0 +1,81 @@
+"""The IMAP sessions of one LightMail process, and the mailbox changes they hear of.
+
+The mail store announces every committed change (IChangeListener); the hub passes it
+to the sessions that have that mailbox selected, which then catch up from the store
+(by MODSEQ) and tell their clients.  A later networked notifier (Redis pub/sub, see
+the roadmap) only has to call :meth:`MailboxHub.mailbox_changed` on each node.
+
+It also keeps what is per-process by nature: how many sessions each user has open, and
+which messages are \\Recent (RFC 3501 §2.3.2: recent in exactly one session; IMAP4rev2
+dropped the flag).  The \\Recent mark is not persisted: after a restart the messages
+that arrived before it are no longer recent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from zope.interface import implementer
+
+from lightmail.storage.interfaces import IChangeListener, MailboxChange
+
+
+@implementer(IChangeListener)
+class MailboxHub:
+    def __init__(self) -> None:
+        self.watchers: dict[int, set[Any]] = {}
+        self.user_sessions: Counter[int] = Counter()
+        self.recent_from: dict[int, int] = {}     # mailbox id -> first UID still recent
+        # Users whose INBOX and special-use mailboxes were made sure of since start-up:
+        # a login costs no mailbox listing after the first.
+        self.provisioned: set[int] = set()
+
+    def mailbox_changed(self, change: MailboxChange) -> None:
+        if change.kind == "appended" and change.uids:
+            # First sight of a mailbox: what arrives from now on is recent.
+            self.recent_from.setdefault(change.mailbox_id, min(change.uids))
+        for watcher in list(self.watchers.get(change.mailbox_id, ())):
+            watcher.mailbox_changed(change)
+
+    def watch(self, mailbox_id: int, watcher: Any) -> None:
+        self.watchers.setdefault(mailbox_id, set()).add(watcher)
+
+    def unwatch(self, mailbox_id: int, watcher: Any) -> None:
+        watchers = self.watchers.get(mailbox_id)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self.watchers[mailbox_id]
+
+    def peek_recent(self, mailbox_id: int, uidnext: int) -> int:
+        """The first UID that is still recent, without claiming (EXAMINE, STATUS)."""
+        return self.recent_from.setdefault(mailbox_id, uidnext)
+
+    def claim_recent(self, mailbox_id: int, uidnext: int) -> int:
+        """Claim the recent messages below ``uidnext`` for one session: returns the
+        first recent UID; no other session will see those as recent."""
+        first = self.recent_from.setdefault(mailbox_id, uidnext)
+        self.recent_from[mailbox_id] = max(first, uidnext)
+        return first
+
+    def login(self, user_id: int, limit: int) -> bool:
+        if self.user_sessions[user_id] >= limit:
+            return False
+        self.user_sessions[user_id] += 1
+        return True
+
+    def logout(self, user_id: int) -> None:
+        self.user_sessions[user_id] -= 1
+        if self.user_sessions[user_id] <= 0:
+            del self.user_sessions[user_id]
+
+
+def hub_for(services: Any) -> MailboxHub:
+    """One hub for all IMAP listeners of one LightMail, registered with its store."""
+    hub = getattr(services, "imap_hub", None)
+    if hub is None:
+        hub = MailboxHub()
+        services.imap_hub = hub
+        services.mailstore.add_listener(hub)
+    return hub

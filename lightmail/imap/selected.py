@@ -1,0 +1,117 @@
+"""The selected mailbox as one session sees it: message numbers, flags, MODSEQs.
+
+RFC 9051 §2.3.1.2: message sequence numbers are the session's own view, and change
+only when the session is told (EXISTS, EXPUNGE/VANISHED).  This class keeps that view
+and turns what the store reports (:class:`MailboxChanges`, read by MODSEQ) into the
+untagged responses a session owes its client, holding expunges back while a FETCH,
+STORE or SEARCH by number is being answered (§7.5.1).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lightmail.storage.interfaces import Mailbox, MailboxChanges, MessageInfo
+
+
+@dataclass
+class Updates:
+    """What to tell the client after a catch-up."""
+
+    expunged: list[int] = field(default_factory=list)          # UIDs, now gone
+    expunged_numbers: list[int] = field(default_factory=list)  # their numbers, as sent
+    flags: list[MessageInfo] = field(default_factory=list)     # re-flagged, still here
+    exists: Optional[int] = None                                # new count, if it grew
+    recent: Optional[int] = None
+
+
+class SelectedMailbox:
+    def __init__(self, mailbox: Mailbox, messages: list[MessageInfo], readonly: bool,
+                 first_recent: int) -> None:
+        self.mailbox = mailbox
+        self.id = mailbox.id
+        self.readonly = readonly
+        self.uids: list[int] = [m.uid for m in messages]
+        self.info: dict[int, MessageInfo] = {m.uid: m for m in messages}
+        self.modseq = mailbox.highestmodseq
+        self.uidnext = mailbox.uidnext
+        self.first_recent = first_recent
+        self.recent: set[int] = {uid for uid in self.uids if uid >= first_recent}
+        self.dirty = False
+        self.held_expunges: list[int] = []    # UIDs gone in the store, not yet told
+        self.gone: set[int] = set()           # the same, for FETCH to skip
+
+    # -- numbers and UIDs -----------------------------------------------------------
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    def number_of(self, uid: int) -> int:
+        """The message number of ``uid`` (0 if not in the view)."""
+        index = bisect.bisect_left(self.uids, uid)
+        return index + 1 if index < len(self.uids) and self.uids[index] == uid else 0
+
+    def uid_of(self, number: int) -> int:
+        return self.uids[number - 1]
+
+    @property
+    def largest_uid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    def flags_of(self, uid: int) -> frozenset[str]:
+        flags = self.info[uid].flags
+        return flags | {"\\Recent"} if uid in self.recent else flags
+
+    # -- catching up ----------------------------------------------------------------
+
+    def apply(self, changes: MailboxChanges, allow_expunge: bool) -> Updates:
+        """Take in what changed; returns what to tell the client now."""
+        updates = Updates()
+        self.uidnext = max(self.uidnext, changes.mailbox.uidnext)
+        for info in changes.changed:
+            known = self.info.get(info.uid)
+            if known is None:
+                bisect.insort(self.uids, info.uid)
+                self.info[info.uid] = info
+                if info.uid >= self.first_recent:
+                    self.recent.add(info.uid)
+                updates.exists = len(self.uids)
+            elif info.modseq > known.modseq and info.uid not in self.gone:
+                # Flags changed, or only the MODSEQ moved (a flag set and unset):
+                # CONDSTORE clients want to hear of that too.
+                self.info[info.uid] = info
+                updates.flags.append(info)
+        for uid in changes.expunged:
+            if uid in self.info and uid not in self.gone:
+                self.gone.add(uid)
+                self.held_expunges.append(uid)
+        self.modseq = max(self.modseq, changes.mailbox.highestmodseq)
+        if updates.exists is not None:
+            updates.recent = len(self.recent)
+        if allow_expunge:
+            self.release_expunges(updates)
+        return updates
+
+    def release_expunges(self, updates: Updates) -> None:
+        """Remove the held expunges from the view, recording their numbers as they
+        are to be sent: each EXPUNGE renumbers the messages after it."""
+        for uid in sorted(self.held_expunges):
+            number = self.number_of(uid)
+            if number:
+                del self.uids[number - 1]
+                del self.info[uid]
+                self.recent.discard(uid)
+                updates.expunged.append(uid)
+                updates.expunged_numbers.append(number)
+        self.held_expunges.clear()
+        self.gone.clear()
+
+    def update_flags(self, changed: list[MessageInfo]) -> None:
+        """Our own STORE's results (the store announces them too; this keeps us from
+        telling the client twice)."""
+        for info in changed:
+            if info.uid in self.info:
+                self.info[info.uid] = info

