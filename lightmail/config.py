@@ -29,6 +29,8 @@ from typing import Any
 __all__ = [
     "Config",
     "ConfigError",
+    "DKIMConfig",
+    "DKIMKeySpec",
     "ListenerConfig",
     "load_config",
     "parse_config",
@@ -208,6 +210,80 @@ def parse_special_use(raw: str, base: Path) -> tuple[str, ...]:
     return items
 
 
+@dataclass(frozen=True)
+class DKIMKeySpec:
+    """One ``DOMAIN:SELECTOR:KEYFILE`` entry of ``[dkim] keys``."""
+
+    domain: str                 # lower case, A-labels
+    selector: str
+    path: Path
+    text: str = field(default="", compare=False)    # as written (to find its line)
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.IGNORECASE)
+_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
+
+def parse_dkim_keys(raw: str, base: Path) -> tuple[DKIMKeySpec, ...]:
+    specs: list[DKIMKeySpec] = []
+    for item in (part.strip() for part in re.split(r"[,\n]", raw)):
+        if not item:
+            continue
+        domain, _, rest = item.partition(":")
+        selector, _, keyfile = rest.partition(":")
+        domain, selector, keyfile = domain.strip(), selector.strip(), keyfile.strip()
+        if not (domain and selector and keyfile):
+            raise _BadValue(f"expected DOMAIN:SELECTOR:KEYFILE entries separated by "
+                            f"commas, got {item!r}")
+        try:
+            ascii_domain = domain.rstrip(".").lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_domain = ""
+        if not _DOMAIN_RE.fullmatch(ascii_domain):
+            raise _BadValue(f"expected a domain name, got {domain!r} in {item!r}")
+        if not _DOMAIN_RE.fullmatch(selector):
+            raise _BadValue(f"expected a selector (letters, digits, '-' and '.'), got "
+                            f"{selector!r} in {item!r}")
+        spec = DKIMKeySpec(ascii_domain, selector, parse_path(keyfile, base), item)
+        if any((s.domain, s.selector) == (spec.domain, spec.selector) for s in specs):
+            raise _BadValue(f"selector {selector} of {domain} is given twice")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def parse_header_names(required: tuple[str, ...] = ()) -> Callable[[str, Path], tuple[str, ...]]:
+    never = ("bcc", "comments", "dkim-signature", "keywords", "received", "resent-bcc",
+             "return-path")
+
+    def parse(raw: str, base: Path) -> tuple[str, ...]:
+        names = tuple(name.lower() for name in parse_list(raw, base))
+        for name in names:
+            if not _FIELD_NAME_RE.fullmatch(name):
+                raise _BadValue(f"expected header field names, got {name!r}")
+            if name in never:
+                raise _BadValue(f"{name} is never signed (it changes in transit)")
+        for name in required:
+            if name not in names:
+                raise _BadValue(f"the list must include {name}")
+        return names
+
+    parse.__doc__ = "header field names, comma- or space-separated"
+    return parse
+
+
+def parse_choices(*choices: str) -> Callable[[str, Path], tuple[str, ...]]:
+    def parse(raw: str, base: Path) -> tuple[str, ...]:
+        values = tuple(value.lower() for value in parse_list(raw, base))
+        for value in values:
+            if value not in choices:
+                raise _BadValue(f"expected some of {', '.join(choices)}; got {value!r}")
+        return values
+
+    parse.__doc__ = "some of: " + ", ".join(choices)
+    return parse
+
+
 def _check_range(value: int, minimum: int, maximum: int | None, raw: str) -> None:
     if value < minimum:
         raise _BadValue(f"must be at least {minimum}, got {raw!r}")
@@ -222,6 +298,8 @@ def _range_doc(what: str, minimum: int, maximum: int | None) -> str:
 
 
 parse_str.__doc__ = "text"
+parse_dkim_keys.__doc__ = ("DOMAIN:SELECTOR:KEYFILE entries, separated by commas or line "
+                           "breaks (key files relative to the config file's directory)")
 parse_bool.__doc__ = "yes or no"
 
 
@@ -476,6 +554,48 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:
+    """DKIM signing of outgoing mail (RFC 6376; Ed25519 keys, RFC 8463), as OpenDKIM
+    with a KeyTable and a SigningTable: the domain of a message's From: field picks
+    its keys.  ``lightmail dkim genkey DOMAIN`` makes a key and prints its DNS record."""
+
+    enabled: bool = option(
+        True, parse_bool,
+        "Sign outgoing mail with the keys below.  no: sign nothing, and read no key.")
+    keys: tuple[DKIMKeySpec, ...] = option(
+        (), parse_dkim_keys,
+        "Signing keys as DOMAIN:SELECTOR:KEYFILE, separated by commas or on "
+        "continuation lines.  A message whose From: address is in DOMAIN (exactly: "
+        "subdomains need entries of their own) is signed with d=DOMAIN and s=SELECTOR, "
+        "once per key of that domain (an RSA and an Ed25519 key: two signatures, the "
+        "first listed on top).  KEYFILE is a PEM private key, RSA (at least 1024 bits) "
+        "or Ed25519, unencrypted, readable by LightMail; the algorithm follows from "
+        "the key.  The keys are read at start-up: one that cannot be used stops it.",
+        shown_default="(none: nothing is signed)")
+    sources: tuple[str, ...] = option(
+        ("submission", "local"), parse_choices("submission", "local", "mx"),
+        "Which messages are signed (when their From: domain has a key): submission, "
+        "mail from authenticated users; local, mail LightMail writes itself (delivery "
+        "notices, From: MAILER-DAEMON@hostname); mx, mail that came in on the MX and "
+        "leaves again (aliases to other domains).  mx would sign whatever a stranger "
+        "sends with your From: domain, so it is off by default (as OpenDKIM signs only "
+        "for its InternalHosts and authenticated clients).",
+        shown_default="submission, local")
+    headers: tuple[str, ...] = option(
+        ("from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version",
+         "content-type", "content-transfer-encoding", "in-reply-to", "references"),
+        parse_header_names(("from",)),
+        "Header fields signed, each occurrence the message has (must include from).",
+        shown_default="from, to, cc, subject, date, message-id, reply-to, mime-version, "
+                      "content-type, content-transfer-encoding, in-reply-to, references")
+    oversign: tuple[str, ...] = option(
+        ("from",), parse_header_names(),
+        "Header fields signed once more than the message has them, so that one added "
+        "on the way breaks the signature (OpenDKIM's OversignHeaders).",
+        shown_default="from")
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str = ""
     protocol: str = option(
@@ -529,6 +649,7 @@ SECTIONS: Mapping[str, type] = {
     "pop3": POP3Config,
     "imap": IMAPConfig,
     "outbound": OutboundConfig,
+    "dkim": DKIMConfig,
 }
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
@@ -548,6 +669,7 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
 
@@ -704,6 +826,22 @@ def line_of(config: Config, section: str, key: str | None = None) -> int | None:
         return None
     lines = _line_index(text)
     return lines.get((section, key), lines.get((section, None)))
+
+
+def line_of_text(config: Config, section: str, key: str, text: str) -> int | None:
+    """The line of ``text`` within the value of ``section``/``key`` (which may go on
+    over continuation lines); else the key's line."""
+    first = line_of(config, section, key)
+    if first is None or not text:
+        return first
+    lines = Path(config.path).read_text(encoding="utf-8").splitlines()
+    for number in range(first, len(lines) + 1):
+        line = lines[number - 1]
+        if number > first and line.strip() and not line[0].isspace():
+            break               # the next key or section
+        if text in line:
+            return number
+    return first
 
 
 def reference_text() -> str:

@@ -104,6 +104,8 @@ def validate(config: Config) -> None:
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"no such file: {ca_file}", config.path,
                           line_of(config, "outbound", "ca_file"), "outbound", "ca_file")
+    from lightmail.policy.dkim import load_signer
+    load_signer(config)        # reads the DKIM keys: a bad one is a config error
 
 
 class LightMailService(MultiService):
@@ -220,6 +222,7 @@ def _delivery_agents(services: Services) -> list[Any]:
     from lightmail.outbound.client import Timeouts
     from lightmail.outbound.dns import Resolver
     from lightmail.outbound.routing import Router
+    from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound
     resolver = Resolver(out.dns_servers)
     router = Router(resolver, port=out.port, relay_host=out.relay_host)
@@ -230,13 +233,20 @@ def _delivery_agents(services: Services) -> list[Any]:
 
         from lightmail.outbound.mtasts import MTASTS, https_fetcher
         mta_sts = MTASTS(resolver, https_fetcher(reactor, resolver, ca_file))
+    signer = None
+    dkim_keys = load_signer(services.config)
+    if dkim_keys is not None:
+        signer = DKIMSigner(dkim_keys, services.blobs, services.config.dkim.sources)
+        for domain_keys in dkim_keys.keys.values():
+            for key in domain_keys:
+                LightMailService.log.info("DKIM: signing with {key}", key=key.describe())
     smtp = SMTPDeliveryAgent(router, services.blobs, services.config.hostname,
                              tls_policy=out.tls,
                              timeouts=Timeouts(out.command_timeout, out.data_timeout),
                              connect_timeout=out.connect_timeout,
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
-                             ca_file=ca_file)
+                             ca_file=ca_file, signer=signer)
     from lightmail.delivery.smtp import Transport
     for override in services.config.transports:
         smtp.transports[override.domain] = Transport(

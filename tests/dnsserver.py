@@ -13,8 +13,10 @@
     ...  # resolver.nameservers = ["127.0.0.1"]; resolver.port = server.port
     server.stop()
 
-It answers over UDP and TCP on 127.0.0.1, on one port number, from a background
-thread per transport (and one per TCP connection).  Every answer is authoritative (AA).
+It answers over UDP and TCP on 127.0.0.1 (or ``host``), on one port number (a free
+one, or ``port``: 53 for programs that read /etc/resolv.conf, which names no port),
+from a background thread per transport (and one per TCP connection).  Every answer is
+authoritative (AA).
 
 Record values: A and AAAA an address; MX ``(preference, exchange)`` or
 ``"10 mx.example.test."``; TXT a string (split into 255-octet character-strings) or a
@@ -77,11 +79,12 @@ class DNSServer:
     """An authoritative server for the records given, on 127.0.0.1 (UDP and TCP)."""
 
     def __init__(self, zones: Zones, ttl: int = 300, *, negative_ttl: Optional[int] = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         self.ttl = ttl
         self.negative_ttl = ttl if negative_ttl is None else negative_ttl
         self.host = host
         self.port = 0
+        self._wanted_port = port        # 0: any free one
         self.queries: list[tuple[str, str]] = []
         self.errors: list[Exception] = []     # exceptions raised while answering
         self._lock = threading.RLock()
@@ -101,17 +104,18 @@ class DNSServer:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> DNSServer:
-        """Bind UDP and TCP to one free port number and serve in background threads."""
+        """Bind UDP and TCP to one free port number (or the one given) and serve in
+        background threads."""
         if self._udp is not None:
             raise RuntimeError("a DNSServer starts only once")
         for _ in range(50):
-            udp = _UDPServer((self.host, 0), _UDPHandler, self)
+            udp = _UDPServer((self.host, self._wanted_port), _UDPHandler, self)
             port = udp.server_address[1]
             try:
                 tcp = _TCPServer((self.host, port), _TCPHandler, self)
             except OSError as exc:
                 udp.server_close()
-                if exc.errno == errno.EADDRINUSE:
+                if exc.errno == errno.EADDRINUSE and not self._wanted_port:
                     continue
                 raise
             break

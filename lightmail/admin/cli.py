@@ -10,6 +10,9 @@
     lightmail queue list [--state STATE]
     lightmail queue hold|release|requeue|delete (QUEUE_ID... | --all)
     lightmail tls selfsigned --cert PATH --key PATH [--name NAME]
+    lightmail dkim genkey DOMAIN [--selector S] [--algorithm rsa|ed25519] [--bits N]
+                                 [--out DIR]
+    lightmail dkim records        (the DNS records of the configured keys)
     lightmail demo-setup          (make run: demo domain, user and certificate)
 
 The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
@@ -28,7 +31,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightmail.config import Config, ConfigError, load_config, parse_size, reference_text
+from lightmail.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_dkim_keys,
+    parse_size,
+    reference_text,
+)
 
 DEFAULT_CONFIG = "/etc/lightmail/lightmail.conf"
 DEMO_DOMAIN = "example.test"
@@ -250,6 +260,56 @@ def cmd_tls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from lightmail.policy import dkim
+    if args.action == "records":
+        signer = dkim.load_signer(_load(args))
+        if signer is None:
+            raise CommandError("no DKIM keys in use ([dkim] keys is empty, or enabled = "
+                               "no)")
+        for keys in signer.keys.values():
+            for key in keys:
+                print(f"; {key.describe()}, key file {key.path}")
+                print(dkim.zone_line(key))
+        return 0
+    try:
+        domain = dkim.normalise_domain(args.domain)
+    except UnicodeError:
+        raise CommandError(f"not a domain name: {args.domain}") from None
+    selector = args.selector or ("ed25519" if args.algorithm == "ed25519" else "default")
+    try:
+        spec = parse_dkim_keys(f"{domain}:{selector}:key", Path("."))[0]
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    if args.algorithm == "ed25519" and args.bits is not None:
+        raise CommandError("--bits is for RSA keys (Ed25519 keys have one size)")
+    bits = args.bits or 2048
+    if args.algorithm == "rsa" and not 1024 <= bits <= 4096:
+        raise CommandError("--bits: DKIM RSA keys have 1024 to 4096 bits (RFC 8301); "
+                           "2048 is usual")
+    out = Path(args.out).resolve()
+    path = out / f"{spec.domain}.{spec.selector}.pem"
+    pem, key = dkim.generate_key(args.algorithm, bits)
+    signing = dkim.signing_key(spec.domain, spec.selector, key, path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CommandError(f"{path} exists already: choose another --selector (or "
+                           "remove the file)") from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(f"; DKIM key {signing.describe()}, private key written to {path} (mode 0600)")
+    print("; publish this record in DNS:")
+    print(dkim.zone_line(signing))
+    print("; and add this to [dkim] keys in lightmail.conf (after a comma if there are "
+          "others):")
+    print(f"keys = {spec.domain}:{spec.selector}:{path}")
+    return 0
+
+
 def cmd_demo_setup(args: argparse.Namespace) -> int:
     """Idempotent set-up for `make run`: demo domain, user and TLS certificate."""
     from lightmail.admin.certs import write_self_signed
@@ -346,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--key", required=True)
     a.add_argument("--name", default="localhost")
     p.set_defaults(func=cmd_tls)
+
+    p = sub.add_parser("dkim", help="DKIM signing keys")
+    ksub = p.add_subparsers(dest="action", required=True)
+    a = ksub.add_parser("genkey", help="write a new private key; print its DNS record")
+    a.add_argument("domain", help="the signing domain (d=): the From: domain")
+    a.add_argument("--selector", "-s", help="the selector (s=); default: 'default' for "
+                   "RSA, 'ed25519' for Ed25519")
+    a.add_argument("--algorithm", "-a", choices=["rsa", "ed25519"], default="rsa")
+    a.add_argument("--bits", "-b", type=int, help="RSA key size (default 2048)")
+    a.add_argument("--out", "-o", default=".", help="directory for the key file, "
+                   "DOMAIN.SELECTOR.pem (default: the current directory)")
+    ksub.add_parser("records", help="print the DNS records of the configured keys")
+    p.set_defaults(func=cmd_dkim)
 
     p = sub.add_parser("demo-setup", help="demo domain, user and certificate (make run)")
     p.set_defaults(func=cmd_demo_setup)

@@ -1377,6 +1377,10 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             if bad:
                 raise Bad(f"unknown SEARCH RETURN option {sorted(bad)[0]}")
             args = args[2:]
+        elif self.rev2:
+            # IMAP4rev2 has no SEARCH response: ESEARCH as for RETURN (ALL) (RFC 9051
+            # §6.4.4).
+            returns = ["ALL"]
         found, key, _ = await self._matching(args)
         numbers = [view.uid if uid else view.seq for view in found]
         modseq = max((view.modseq for view in found), default=0) \
