@@ -410,7 +410,7 @@ def test_rename_delete_and_subscribe_mailboxes(stack) -> None:
 
     yield stack.mailstore.rename_mailbox(user.id, "Work", "Jobs")
     names = [mb.name for mb in (yield stack.mailstore.list_mailboxes(user.id))]
-    assert names == ["INBOX", "Jobs", "Jobs/2026"]
+    assert names == ["INBOX", "Jobs", "Jobs/2026"]   # children move along
     with pytest.raises(MailboxExists):
         yield stack.mailstore.rename_mailbox(user.id, "Jobs", "INBOX")
     with pytest.raises(NoSuchMailbox):
@@ -422,6 +422,8 @@ def test_rename_delete_and_subscribe_mailboxes(stack) -> None:
     assert len((yield stack.mailstore.list_messages(old.id))) == 1
     assert (yield stack.mailstore.list_messages(inbox.id)) == []
 
+    lists = yield stack.mailstore.create_mailbox(user.id, "Lists", subscribed=False)
+    assert not lists.subscribed
     yield stack.mailstore.set_subscribed(old.id, False)
     assert not (yield stack.mailstore.get_mailbox(user.id, "Old")).subscribed
     yield stack.mailstore.set_subscribed(old.id, True)

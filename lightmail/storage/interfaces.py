@@ -200,8 +200,11 @@ class IMailStore(Interface):
         user_id: int,
         name: str,
         special_use: Optional[str] = None,
+        subscribed: bool = True,
     ) -> Deferred[Mailbox]:
-        """Create a mailbox; fails with MailboxExists if it is there already."""
+        """Create a mailbox; fails with MailboxExists if it is there already.  Mailboxes
+        a user creates over IMAP are not subscribed (RFC 9051 §6.3.4, as Dovecot);
+        the ones LightMail creates for users are."""
 
     def get_mailbox(user_id: int, name: str) -> Deferred[Optional[Mailbox]]:
         """The mailbox called ``name`` (INBOX case-insensitively), or None."""

@@ -186,20 +186,22 @@ class SQLMailStore:
     # -- mailboxes ------------------------------------------------------------------
 
     def create_mailbox(self, user_id: int, name: str,
-                       special_use: Optional[str] = None) -> Deferred[Mailbox]:
+                       special_use: Optional[str] = None,
+                       subscribed: bool = True) -> Deferred[Mailbox]:
         name = normalise_mailbox_name(name)
-        d = self.db.write(self.create_mailbox_now, user_id, name, special_use)
+        d = self.db.write(self.create_mailbox_now, user_id, name, special_use, subscribed)
         return self._announcing(d, lambda mb: [MailboxChange(user_id, mb.id, "created")])
 
     def create_mailbox_now(self, conn: Connection, user_id: int, name: str,
-                           special_use: Optional[str] = None) -> Mailbox:
+                           special_use: Optional[str] = None,
+                           subscribed: bool = True) -> Mailbox:
         exists = conn.execute(sa.select(s.mailboxes.c.id).where(
             (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
         if exists is not None:
             raise MailboxExists(f"mailbox {name!r} exists already")
         result = conn.execute(s.mailboxes.insert().values(
             user_id=user_id, name=name, uidvalidity=new_uidvalidity(user_id, name),
-            uidnext=1, highestmodseq=1, special_use=special_use, subscribed=True,
+            uidnext=1, highestmodseq=1, special_use=special_use, subscribed=subscribed,
             created=now_ms()))
         key = result.inserted_primary_key
         assert key is not None
