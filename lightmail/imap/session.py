@@ -920,6 +920,14 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             if not any(regex.match(name) for regex in regexes):
                 continue
             box = by_name.get(name)
+            if lsub and not (box and box.subscribed) and any(
+                    other.startswith(name + DELIMITER) and found.subscribed
+                    and not any(regex.match(other) for regex in regexes)
+                    for other, found in by_name.items()):
+                # RFC 3501 §6.3.9: LSUB "%" names the unsubscribed superior of a
+                # subscribed mailbox that the pattern does not reach, as \Noselect.
+                self.untagged(b'LSUB (\\Noselect) "/" ' + self._show(name))
+                continue
             # RFC 5258 §3.5: with (SUBSCRIBED RECURSIVEMATCH), a mailbox that is not
             # subscribed itself but has a subscribed descendant is listed with
             # CHILDINFO ("SUBSCRIBED").
@@ -1310,7 +1318,9 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             parts = [b"FLAGS " + fetching.format_flags(selected.flags_of(message_uid))]
             if silent:
                 parts = []
-            if uid:
+            # RFC 7162 §3.2.4: with CONDSTORE on, every untagged FETCH a STORE causes
+            # carries both UID and MODSEQ.
+            if uid or self._condstore:
                 parts.insert(0, b"UID %d" % message_uid)
             if self._condstore:
                 parts.append(b"MODSEQ (%d)" % info.modseq)
@@ -1398,9 +1408,10 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
                 except BaseException:
                     ahead.discard()
                     raise
-                parsed[message_uid] = content
             if searching.matches(key, view, context, content):
                 found.append(view)
+                if content is not None:     # kept for SORT and THREAD: matches only
+                    parsed[message_uid] = content
             if number % BATCH == 0:
                 await breathe()
         return found, key, parsed

@@ -149,12 +149,21 @@ def _messages_by_uid(conn: Connection, mailbox_id: int, uids: Sequence[int]) -> 
         .order_by(s.messages.c.uid)))
 
 
+_last_uidvalidity = 0
+
+
 def new_uidvalidity(user_id: int, name: str) -> int:
     """A UIDVALIDITY that differs for a mailbox re-created under the same name."""
     # Seconds since 2020 keep it under 2**32 (RFC 3501 nz-number) until 2156; the
     # low bits mix in the name so that two mailboxes made in one second differ.
+    # Within a process it also only grows: a mailbox deleted and re-created in the
+    # same second must not get its old UIDVALIDITY back (RFC 9051 §2.3.1.1: UID 1
+    # would name two messages).
+    global _last_uidvalidity
     base = int(time.time()) - 1577836800
-    return ((base << 4) | (zlib.crc32(f"{user_id}/{name}".encode()) & 0xF)) & 0xFFFFFFFF
+    value = ((base << 4) | (zlib.crc32(f"{user_id}/{name}".encode()) & 0xF)) & 0xFFFFFFFF
+    _last_uidvalidity = max(value, _last_uidvalidity + 1) & 0xFFFFFFFF or 1
+    return _last_uidvalidity
 
 
 @implementer(IMailStore)
