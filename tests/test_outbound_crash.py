@@ -89,7 +89,10 @@ def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
         unrecorded = sum(out.count("recording the delivery of")
                          for out in [*outputs, server.output])
         assert duplicates <= KILLS * 2 * CONCURRENCY + unrecorded, (got, unrecorded)
-        assert "took back" in server.output or duplicates == 0
+        # A re-sent message means some restart took back the leases of the one killed
+        # before it (its log says so), whichever restart that was.
+        took_back = any("took back" in out for out in [*outputs, server.output])
+        assert took_back or duplicates == 0
     finally:
         server.kill()
         mx.stop()
