@@ -40,7 +40,7 @@ bench: $(BIN)/.installed
 	scripts/test-peers.sh
 	$(BIN)/python bench/smtp.py --idle 1000
 
-.PHONY: bench-lmtp bench-pop3
+.PHONY: bench-lmtp bench-pop3 bench-outbound bench-imap
 
 bench-lmtp: $(BIN)/.installed
 	scripts/test-peers.sh
@@ -49,6 +49,14 @@ bench-lmtp: $(BIN)/.installed
 bench-pop3: $(BIN)/.installed
 	scripts/test-peers.sh
 	$(BIN)/python bench/pop3.py
+
+bench-outbound: $(BIN)/.installed
+	scripts/test-peers.sh
+	$(BIN)/python bench/outbound.py
+
+bench-imap: $(BIN)/.installed
+	scripts/test-peers.sh
+	$(BIN)/python bench/imap.py --big 100000
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -551,6 +551,14 @@ class OutboundConfig:
     max_lifetime: float = option(
         5 * 86400.0, parse_duration(minimum=60.0),
         "After this long in the queue a message that still cannot be delivered bounces.")
+    delay_warning_time: float = option(
+        0.0, parse_duration(minimum=0.0),
+        "Warn the sender (a DSN with Action: delayed, RFC 3464) when a message is "
+        "still undelivered this long after it arrived, as Postfix's "
+        "delay_warning_time: once per recipient, at its first failed attempt after "
+        "that time, never to the null sender, and only when the recipient's NOTIFY "
+        "allows it (none given, or one with DELAY).  0: no warnings.",
+        shown_default="0 (no warnings)")
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,8 @@ def makeService(config: Config) -> LightMailService:
     out = config.outbound
     runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id,
                          concurrency=out.concurrency, min_backoff=out.min_backoff,
-                         max_backoff=out.max_backoff, max_lifetime=out.max_lifetime)
+                         max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
+                         delay_warning_time=out.delay_warning_time)
     services = Services(config=config, storage=storage, directory=directory, portal=portal,
                         queue_runner=runner)
     root = LightMailService(services)

@@ -267,6 +267,23 @@ def test_delay_notice_returns_headers_even_with_ret_full() -> None:
     assert status_blocks(raw)[1]["Action"] == "delayed"
 
 
+def test_delay_notice_says_until_when_it_will_retry() -> None:
+    until = ARRIVAL + 5 * 86400
+    delayed = RecipientStatus("bob@example.net", "delayed", "4.4.1",
+                              "smtp; 451 4.4.1 try later", remote_mta="mx.example.net",
+                              last_attempt=NOW, will_retry_until=until)
+    raw = dsn(recipients=[delayed])
+    block = status_blocks(raw)[1]
+    assert block["Action"] == "delayed" and block["Status"] == "4.4.1"
+    assert parsedate_to_datetime(block["Will-Retry-Until"]).timestamp() == until
+    text = " ".join(parts(raw)[0].get_payload().split())
+    assert "keep trying until" in text and "THIS IS A WARNING ONLY" in text
+    # Only a delayed recipient has it.
+    failed = RecipientStatus("bob@example.net", "failed", "5.1.1", None,
+                             will_retry_until=until)
+    assert "Will-Retry-Until" not in status_blocks(dsn(recipients=[failed]))[1]
+
+
 @pytest.mark.parametrize("action", ["delivered", "relayed", "expanded"])
 def test_success_notice(action: str) -> None:
     ok = RecipientStatus("bob@example.net", action, "2.0.0",

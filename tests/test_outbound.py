@@ -243,3 +243,117 @@ def test_transport_for_matches_domains_then_parent_domains() -> None:
     assert agent.transport_for("a.b.example.com") is sub
     assert agent.transport_for("example.org") is agent.default
     agent.close()
+
+
+class TempFailMX:
+    """An MX that takes every session and answers each RCPT ``451 4.3.2``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socketserver
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                self.wfile.write(b"220 busy.remote.test ESMTP\r\n")
+                while line := self.rfile.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        reply = b"250-busy.remote.test\r\n250 8BITMIME\r\n"
+                    elif verb == b"RCPT":
+                        reply = b"451 4.3.2 System busy, try again later\r\n"
+                    elif verb == b"QUIT":
+                        self.wfile.write(b"221 2.0.0 Bye\r\n")
+                        return
+                    else:
+                        reply = b"250 2.0.0 Ok\r\n"
+                    self.wfile.write(reply)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_delay_notice_once_honouring_notify_and_never_to_the_null_sender(
+        tmp_path: Path) -> None:
+    """[outbound] delay_warning_time: recipients still deferred that long after
+    arrival get their (local) sender one delay DSN, listing those whose NOTIFY
+    allows it; retries after it send no more, and mail from <> gets none."""
+    port = free_port()
+    dns = DNSServer({"slow.test.": {"MX": [(10, "mx.slow.test.")]},
+                     "remote.example.": {"MX": [(10, "mx.slow.test.")]},
+                     "mx.slow.test.": {"A": ["127.0.0.1"]}}, ttl=1)
+    dns.start()
+    mx = TempFailMX("127.0.0.1", port)
+    # One delivery at a time: when a deferral triggers the warning, every other
+    # recipient of the message has had its attempt recorded, so one notice lists them.
+    server = yield start(tmp_path, f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n"
+                         f"port = {port}\nmin_backoff = 1s\nmax_backoff = 1s\n"
+                         "concurrency = 1\ndelay_warning_time = 3s\nmax_lifetime = 1h\n")
+    rcpts = {"carol@slow.test": [], "dave@slow.test": ["NOTIFY=DELAY"],
+             "never@slow.test": ["NOTIFY=NEVER"], "erin@slow.test": ["NOTIFY=FAILURE"]}
+
+    def send() -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", server.ports["submissions"], context=ctx,
+                              timeout=30) as smtp:
+            smtp.login("bob@example.test", "bob-secret")
+            smtp.ehlo()
+            smtp.mail("bob@example.test")
+            for rcpt, options in rcpts.items():
+                assert smtp.rcpt(rcpt, options)[0] == 250
+            assert smtp.data(b"From: bob@example.test\r\nTo: carol@slow.test\r\n"
+                             b"Subject: slow one\r\n\r\nWaiting.\r\n")[0] == 250
+        # From <> (a bounce, say) through an alias to a remote address.
+        with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as smtp:
+            smtp.sendmail("", ["outside@example.test"],
+                          b"From: MAILER-DAEMON@elsewhere.test\r\nSubject: a bounce\r\n"
+                          b"\r\nReturned.\r\n")
+
+    def delay_notices(found: list[bytes]) -> list[bytes]:
+        return [m for m in found if b"Action: delayed" in m]
+
+    try:
+        yield in_thread(send)
+        waiting = set(rcpts) | {"friend@remote.example"}
+
+        @defer.inlineCallbacks
+        def retried(times: int) -> Any:
+            server.parts.queue_runner.kick()     # retries when due, not at the next poll
+            rows = yield server.parts.queue.list_recipients()
+            attempts = {r["recipient"]: r["attempts"] for r in rows
+                        if r["recipient"] in waiting}
+            return set(attempts) == waiting and min(attempts.values()) >= times
+
+        # Past the warning time, and retried a few more times after it.
+        yield until(lambda: retried(6), timeout=60)
+        inbox = yield server.inbox("bob@example.test")
+        [notice] = delay_notices(inbox)
+        assert b"Subject: Delayed Mail (still being retried)" in notice
+        assert b"To: <bob@example.test>" in notice
+        assert b"Subject: slow one" in notice                # the original's header
+        assert b"Waiting." not in notice                     # ... and only that
+        blocks = notice.split(b"Final-Recipient: ")[1:]
+        assert sorted(block.split(b"\r\n")[0] for block in blocks) == [
+            b"rfc822; carol@slow.test", b"rfc822; dave@slow.test"]
+        for block in blocks:
+            assert b"Status: 4.3.2" in block and b"Will-Retry-Until: " in block
+        assert b"451 4.3.2 System busy" in notice
+        # Nothing for anyone else, nothing more for them, and nothing in the queue
+        # but the recipients still waiting (a notice to <> would be there).
+        yield until(lambda: retried(8), timeout=60)
+        inbox = yield server.inbox("bob@example.test")
+        assert len(delay_notices(inbox)) == 1 and len(inbox) == 1
+        rows = yield server.parts.queue.list_recipients()
+        assert {r["recipient"] for r in rows} == waiting
+        assert {r["mail_from"] for r in rows if r["recipient"] == "friend@remote.example"} \
+            == {""}
+    finally:
+        yield server.root.stopService()
+        mx.stop()
+        dns.stop()

@@ -212,6 +212,51 @@ def test_expired_lease_is_taken_over_and_stale_owner_cannot_finish(stack) -> Non
 
 
 @pytest_twisted.inlineCallbacks
+def test_delay_warning_is_recorded_once_with_its_notice(stack) -> None:
+    """warn_delayed marks recipients warned and queues the notice in one transaction;
+    a recipient warned already makes it change nothing, and claims say warned."""
+    ref = yield stack.blobs.put(MESSAGE)
+    queue_id = yield stack.queue.enqueue(Envelope("a@example.org", [
+        QueueRecipient("x@remote.example", "smtp", notify="DELAY"),
+        QueueRecipient("y@remote.example", "smtp"),
+        QueueRecipient("z@remote.example", "smtp")]), ref)
+    items = yield stack.queue.claim("node-a", ["smtp"], 10, 60)
+    assert [i.delay_warned for i in items] == [False, False, False]
+    by_address = {i.recipient.address: i for i in items}
+    for address in ("x@remote.example", "y@remote.example"):
+        yield stack.queue.deferred(by_address[address], "node-a", "4.4.1 down", 0)
+    # z is still in delivery; a lease given back after a crash is no delay either.
+    yield stack.queue.release_leases("node-a")
+    rows = yield stack.queue.delayed_recipients(queue_id)
+    assert [(r["recipient"], r["notify"], r["last_error"]) for r in rows] == [
+        ("x@remote.example", "DELAY", "4.4.1 down"), ("y@remote.example", None, "4.4.1 down")]
+    notice_ref = yield stack.blobs.put(b"Subject: delayed\r\n\r\nlate\r\n")
+    notice = Envelope("", [QueueRecipient("a@example.org", "smtp")], source="local")
+    ids = [r["id"] for r in rows]
+    notice_id = yield stack.queue.warn_delayed(ids, notice, notice_ref)
+    assert notice_id is not None
+    # Warned once: again, or with one more recipient, nothing changes.
+    assert (yield stack.queue.warn_delayed(ids, notice, notice_ref)) is None
+    z_id = by_address["z@remote.example"].recipient_id
+    assert (yield stack.queue.warn_delayed([ids[0], z_id], notice, notice_ref)) is None
+    assert (yield stack.queue.delayed_recipients(queue_id)) == []
+    queued = yield stack.queue.list_recipients()
+    assert sorted((r["queue_id"], r["recipient"]) for r in queued
+                  if r["queue_id"] == notice_id) == [(notice_id, "a@example.org")]
+    assert refcount(stack, notice_ref.id) == 1
+    with stack.db.engine.connect() as conn:
+        warned = {row.recipient: row.delay_warned for row in conn.execute(
+            sa.select(s.queue_recipients.c.recipient, s.queue_recipients.c.delay_warned))}
+    assert warned["z@remote.example"] is None
+    assert abs(warned["x@remote.example"] / 1000 - time.time()) < 60
+    # What a node (this one restarted, or another) claims says it was warned.
+    yield stack.queue.manage("requeue", [queue_id])
+    items = yield stack.queue.claim("node-b", ["smtp"], 10, 60)
+    assert {i.recipient.address: i.delay_warned for i in items if i.queue_id == queue_id} \
+        == {"x@remote.example": True, "y@remote.example": True, "z@remote.example": False}
+
+
+@pytest_twisted.inlineCallbacks
 def test_garbage_collection_removes_only_unreferenced_old_blobs(stack) -> None:
     user = yield make_user(stack)
     box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")

@@ -49,6 +49,8 @@ class RecipientStatus:
     orcpt: Optional[str] = None         # RFC 3461 ORCPT as queued, e.g. "rfc822;x@y"
     remote_mta: Optional[str] = None    # e.g. "mx.example.org"
     last_attempt: Optional[float] = None  # Unix time
+    # For a "delayed" recipient: when the MTA will give up (Unix time, RFC 3464 §2.3.9).
+    will_retry_until: Optional[float] = None
 
 
 def is_bounce_loop(mail_from: str) -> bool:
@@ -241,8 +243,14 @@ def _human_text(reporting_mta: str, recipients: Sequence[RecipientStatus], faile
                   "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
                   "####################################################################",
                   "",
-                  "Your message could not be delivered yet to the recipients below.",
-                  "The mail system will keep trying and tell you if it gives up."]
+                  "Your message could not be delivered yet to the recipients below."]
+        until = [r.will_retry_until for r in recipients
+                 if r.action == "delayed" and r.will_retry_until is not None]
+        if until:
+            lines += ["The mail system will keep trying until",
+                      f"{_date(max(until))} and tell you if it gives up."]
+        else:
+            lines += ["The mail system will keep trying and tell you if it gives up."]
     else:
         lines += ["Your message was successfully delivered to the destination(s)",
                   "listed below. If the message was delivered to mailbox you will",
@@ -295,6 +303,8 @@ def _status_fields(reporting_mta: str, queue_id: str, sender: str, arrival: floa
             block.append(_fold(f"Diagnostic-Code: {kind}; {_clean(value, utf8)}"))
         if rcpt.last_attempt is not None:
             block.append(f"Last-Attempt-Date: {_date(rcpt.last_attempt)}")
+        if rcpt.will_retry_until is not None and rcpt.action == "delayed":
+            block.append(f"Will-Retry-Until: {_date(rcpt.will_retry_until)}")
         blocks.append(block)
     return "".join("\r\n".join(block) + "\r\n\r\n" for block in blocks)[:-2]
 

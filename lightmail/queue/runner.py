@@ -3,7 +3,10 @@
 Leases make the runner safe to crash (a dead owner's lease runs out and another takes
 the work) and, later, to run on several nodes against one database.  Temporary failures
 back off exponentially with jitter, as Postfix does (5 minutes, doubling, at most 4
-hours between tries); after ``max_lifetime`` a deferred recipient bounces.
+hours between tries); after ``max_lifetime`` a deferred recipient bounces.  With
+``delay_warning_time``, a recipient still deferred that long after its message arrived
+gets its sender one delay notice (``Notifier.delayed``), as Postfix's
+delay_warning_time does.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class QueueRunner(Service):
                  concurrency: int = 20, poll_interval: float = 5.0,
                  lease_seconds: float = 600.0, min_backoff: float = 300.0,
                  max_backoff: float = 14400.0, max_lifetime: float = 5 * 86400.0,
-                 clock: Any = None, owner: str | None = None) -> None:
+                 clock: Any = None, owner: str | None = None,
+                 delay_warning_time: float = 0.0) -> None:
         self.queue = queue
         self.ready = ready
         self.agents: dict[str, IDeliveryAgent] = {}
@@ -50,6 +54,7 @@ class QueueRunner(Service):
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.max_lifetime = max_lifetime
+        self.delay_warning_time = delay_warning_time     # 0: no delay notices
         self.clock = clock
         self._in_flight: set[defer.Deferred[Any]] = set()
         self._claiming = False
@@ -181,10 +186,27 @@ class QueueRunner(Service):
             except Exception:
                 log.failure("could not send the delivery notice for {rcpt}",
                             rcpt=item.recipient.address)
+        elif (self.notifier is not None and result.status == "deferred"
+              and self._delay_warning_due(item)):
+            try:
+                yield defer.ensureDeferred(self.notifier.delayed(
+                    item, result, queue_id_time(item.queue_id) + self.max_lifetime))
+            except Exception:
+                log.failure("could not send the delay notice for {rcpt}",
+                            rcpt=item.recipient.address)
 
     def _expired(self, item: QueueItem) -> bool:
         received = queue_id_time(item.queue_id)
         return received > 0 and time.time() - received > self.max_lifetime
+
+    def _delay_warning_due(self, item: QueueItem) -> bool:
+        """Whether the sender should now hear that ``item`` (just deferred) is late:
+        warnings are on, none was sent for it, and its message arrived at least
+        ``delay_warning_time`` ago.  (The notifier checks NOTIFY and the sender.)"""
+        if self.delay_warning_time <= 0 or item.delay_warned:
+            return False
+        received = queue_id_time(item.queue_id)
+        return received > 0 and time.time() - received >= self.delay_warning_time
 
     def idle(self) -> defer.Deferred[None]:
         """Fires when no claim or delivery is in progress (for tests and drains)."""

@@ -134,6 +134,8 @@ class QueueItem:
     attempts: int
     envelope: Envelope = field(compare=False, repr=False,
                                default=Envelope(mail_from="", recipients=()))
+    # The sender has had its delay warning for this recipient (RFC 3464 "delayed").
+    delay_warned: bool = field(default=False, compare=False)
 
 
 class IBlobWriter(Interface):
@@ -298,6 +300,18 @@ class IQueueStore(Interface):
 
     def list_recipients(states: Sequence[str] = ()) -> Deferred[list[dict]]:
         """Queue entries for listing by the admin tools."""
+
+    def delayed_recipients(queue_id: str) -> Deferred[list[dict]]:
+        """The recipients of ``queue_id`` that are waiting after a temporary failure
+        and whose sender has not been warned of the delay yet (each a dict of ``id``,
+        ``recipient``, ``orcpt``, ``notify``, ``last_error``, ``attempts``)."""
+
+    def warn_delayed(recipient_ids: Sequence[int], notice: Envelope,
+                     blob: BlobRef) -> Deferred[Optional[str]]:
+        """Mark the recipients as warned and queue the warning ``notice`` (with
+        content ``blob``), in one transaction; fires with the notice's queue id.
+        When any of them was warned meanwhile (by another node, say), nothing
+        changes and it fires with None."""
 
 
 class StorageError(Exception):

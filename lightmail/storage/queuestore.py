@@ -198,6 +198,43 @@ class SQLQueueStore:
             return [dict(row._mapping) for row in conn.execute(query)]
         return self.db.read(list_)
 
+    def delayed_recipients(self, queue_id: str) -> Deferred[list[dict[str, Any]]]:
+        def list_(conn: Connection) -> list[dict[str, Any]]:
+            r = s.queue_recipients
+            # Waiting after a failure: "deferred" with an error (a lease given back
+            # after a crash of a first attempt is "deferred" without one).
+            query = (sa.select(r.c.id, r.c.recipient, r.c.orcpt, r.c.notify,
+                               r.c.last_error, r.c.attempts)
+                     .where((r.c.queue_id == queue_id) & (r.c.state == "deferred")
+                            & r.c.delay_warned.is_(None) & r.c.last_error.is_not(None))
+                     .order_by(r.c.id))
+            return [dict(row._mapping) for row in conn.execute(query)]
+        return self.db.read(list_)
+
+    def warn_delayed(self, recipient_ids: Sequence[int], notice: Envelope,
+                     blob: BlobRef) -> Deferred[str | None]:
+        ids = sorted(set(recipient_ids))
+
+        def warn(conn: Connection) -> str:
+            r = s.queue_recipients
+            marked = conn.execute(r.update().where(
+                r.c.id.in_(ids) & r.c.delay_warned.is_(None)).values(
+                delay_warned=now_ms())).rowcount
+            if marked != len(ids):
+                raise _AlreadyWarned()
+            return self.enqueue_now(conn, notice, blob)
+
+        d = self.db.write(warn)
+
+        def already(failure: Any) -> None:
+            failure.trap(_AlreadyWarned)
+            return None
+        return d.addErrback(already)
+
+
+class _AlreadyWarned(Exception):
+    """Rolls back a delay warning: one of its recipients was warned meanwhile."""
+
 
 def _item(row: Any) -> QueueItem:
     recipient = QueueRecipient(address=row.recipient, transport=row.transport,
@@ -208,7 +245,8 @@ def _item(row: Any) -> QueueItem:
                         client_address=row.client_address, priority=row.priority)
     return QueueItem(recipient_id=row.id, queue_id=row.queue_id, recipient=recipient,
                      mail_from=row.mail_from, blob=BlobRef(row.blob_id, row.size),
-                     attempts=row.attempts, envelope=envelope)
+                     attempts=row.attempts, envelope=envelope,
+                     delay_warned=row.delay_warned is not None)
 
 
 def queue_id_time(queue_id: str) -> float:

@@ -151,6 +151,9 @@ queue_recipients = sa.Table(
     sa.Column("lease_owner", sa.String(64), nullable=True),
     sa.Column("lease_until", TIMESTAMP, nullable=True),
     sa.Column("finished", TIMESTAMP, nullable=True),
+    # When the sender was warned that this recipient is delayed (RFC 3464 "delayed",
+    # [outbound] delay_warning_time); NULL: not yet.  At most one warning each.
+    sa.Column("delay_warned", TIMESTAMP, nullable=True),
     sa.Index(None, "state", "next_attempt"),
     sa.Index(None, "queue_id"),
 )
