@@ -386,6 +386,8 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             return
         if self.reader.buffer and not self.closing:
             self.process()
+        # A change announced while the last catch-up ran is still to be told.
+        self._push_idle_updates()
 
     # -- mailbox changes ------------------------------------------------------------
 
@@ -393,11 +395,18 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         if self.selected is None or change.mailbox_id != self.selected.id:
             return
         self.selected.dirty = True
-        if self.idling is not None and not self.busy:
-            self.busy = True
-            d = defer.ensureDeferred(self.catch_up(allow_expunge=True))
-            d.addErrback(lambda f: self.log.failure("IDLE update failed", f))
-            d.addBoth(self._done)
+        self._push_idle_updates()
+
+    def _push_idle_updates(self) -> None:
+        """In IDLE, tell the client of changes at once (RFC 2177)."""
+        selected = self.selected
+        if (self.idling is None or self.busy or self.closing or selected is None
+                or not selected.dirty):
+            return
+        self.busy = True
+        d = defer.ensureDeferred(self.catch_up(allow_expunge=True))
+        d.addErrback(lambda f: self.log.failure("IDLE update failed", f))
+        d.addBoth(self._done)
 
     async def catch_up(self, allow_expunge: bool) -> None:
         selected = self.selected
