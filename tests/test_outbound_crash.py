@@ -22,7 +22,7 @@ from conftest import free_port
 from harness import ServerProcess, run_cli
 from test_outbound import ReceivingMX
 
-COUNT = 60
+COUNT = 40
 KILLS = 3
 CONCURRENCY = 2
 LINE = "y" * 70 + "\r\n"
@@ -39,7 +39,10 @@ def received(mx: ReceivingMX) -> Counter[int]:
 
 def test_kill_9_during_outbound_delivery(write_config, tmp_path: Path) -> None:
     mx_port = free_port()
-    mx = ReceivingMX(mx_port, ["sink@remote.test"])
+    # The receiver takes a second per message (Postfix's "sleep" restriction), so that
+    # the kills fall while deliveries go on however fast LightMail sends.
+    mx = ReceivingMX(mx_port, ["sink@remote.test"],
+                     main={"smtpd_data_restrictions": "sleep 1"})
     config = write_config(
         "[server]\nstate_dir = state\nhostname = out.crash.test\nnode_id = crash-node\n"
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
