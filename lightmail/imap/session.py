@@ -1211,6 +1211,9 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
                     if not any(item.name == "MODSEQ" for item in items):
                         items.append(fetching.FetchItem("MODSEQ"))
         content = fetching.needs_content(items)
+        # Header items only: the header blocks kept in SQL, HEADERS_BATCH a query.
+        header_only = content and fetching.header_only(items)
+        heads: dict[int, bytes] = {}
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         count = 0
@@ -1219,11 +1222,18 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             for index, message_uid in enumerate(uids):
                 if self.closing or self.selected is not selected:
                     break
+                if header_only and index % HEADERS_BATCH == 0:
+                    heads = await self.store.headers_for(
+                        selected.id, uids[index:index + HEADERS_BATCH])
                 if message_uid in selected.gone:
                     continue     # expunged meanwhile; not told yet (RFC 9051 §7.5.1)
                 info = selected.info[message_uid]
                 parsed = None
-                if content:
+                if header_only:
+                    head = heads.get(message_uid)
+                    parsed = ParsedMessage(head if head is not None else
+                                           await self.store.blobs.read(info.blob_id))
+                elif content:
                     raw = await ahead.read(index)
                     parsed = ParsedMessage(raw)
                 self._write_fetch(selected, info, items, parsed)
