@@ -580,6 +580,10 @@ def fill_lightmail_big(server: LightMail, address: str, count: int, size: int) -
     from lightmail.storage.database import Database
     from lightmail.storage.interfaces import BlobRef
     from lightmail.storage.sqlstore import SQLMailStore
+    try:    # the header block a delivery's blob writer keeps with the blob row
+        from lightmail.storage.blobs import header_block
+    except ImportError:     # a LightMail from before the header cache
+        header_block = None
 
     started = time.monotonic()
     config = load_config(server.config)
@@ -610,8 +614,9 @@ def fill_lightmail_big(server: LightMail, address: str, count: int, size: int) -
                 path.parent.mkdir(parents=True, exist_ok=True)
                 made.add(str(path.parent))
             path.write_bytes(data)
-            batch.append((BlobRef(blob_id, len(data)), [LETTER_FLAGS[c] for c in letters],
-                          date * 1000))
+            ref = (BlobRef(blob_id, len(data)) if header_block is None else
+                   BlobRef(blob_id, len(data), header_block(data)))
+            batch.append((ref, [LETTER_FLAGS[c] for c in letters], date * 1000))
             if len(batch) == 10000 or number == count - 1:
                 db.write_now(append_batch)
                 batch = []

@@ -506,3 +506,36 @@ def test_sigkill_never_leaves_partial_blobs(tmp_path: Path, pool: ThreadPool) ->
     assert sorted(found) == complete
     assert files_under(tmp) == []
     assert sorted(p.name for p in files_under(objects)) == complete
+
+
+def test_header_block() -> None:
+    from lightmail.storage.blobs import HEADER_CAP, header_block
+    assert header_block(b"A: b\r\nC: d\r\n\r\nbody\r\n\r\n") == b"A: b\r\nC: d\r\n\r\n"
+    assert header_block(b"A: b\nC: d\n\nbody\n") == b"A: b\nC: d\n\n"
+    assert header_block(b"A: b\r\n") == b"A: b\r\n"           # no body at all
+    assert header_block(b"\r\nbody") == b"\r\n"
+    assert header_block(b"") == b""
+    assert header_block(b"A: " + b"x" * HEADER_CAP + b"\r\n\r\n") == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_writer_sees_the_header_block_across_writes(store: FilesystemBlobStore) -> None:
+    from lightmail.storage.blobs import HEADER_CAP
+    message = b"Subject: split\r\nFrom: a@b.test\r\n\r\nbody\r\n\r\nmore\r\n"
+    for cut in range(1, len(message)):
+        w = store.writer()
+        for piece in (message[:cut], message[cut:cut + 1], message[cut + 1:]):
+            w.write(piece)
+        ref = yield w.finish()
+        assert ref.headers == b"Subject: split\r\nFrom: a@b.test\r\n\r\n", cut
+    ref = yield store.put(b"Subject: no body\r\n")
+    assert ref.headers == b"Subject: no body\r\n"
+    w = store.writer()
+    w.write(b"X: " + b"y" * 1000)
+    for _ in range(70):
+        w.write(b"z" * 1000)
+    assert (yield w.finish()).headers == b""
+    assert len(b"z" * 70000) > HEADER_CAP
+    refs = [(yield store.put(b"one")), (yield store.put(b"two"))]
+    assert (yield store.read_many([r.id for r in refs])) == [b"one", b"two"]
+    assert store.read_now(refs[1].id, 2) == b"tw"

@@ -1019,3 +1019,27 @@ def test_same_sections_as_dovecot(dovecot_fetch: Callable[[int, str], Any],
     for inner in COMPARED_BINARY:
         part = tuple(int(n) for n in inner.split(".")) if inner else ()
         assert message.binary(part) == dovecot_fetch(index, f"BINARY.PEEK[{inner}]"), inner
+
+
+@pytest.mark.parametrize("raw", [
+    b"From: A <a@example.org>\r\nTo: b@example.test, c@example.test\r\n"
+    b"Subject: =?utf-8?q?h=C3=A9?=\r\n"
+    b"Date: Tue, 1 Dec 2026 10:00:00 +0100\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n\r\nmore\r\n",
+    b"Subject: folded\n\tline\nFrom: a@b\n\nbody\n",
+    b"Subject: no body\r\nFrom: a@b\r\n",
+    b"\r\nbody only\r\n",
+])
+def test_header_block_answers_header_items_like_the_whole_message(raw: bytes) -> None:
+    """FETCH and SEARCH of header fields parse the header block kept in SQL
+    (blobs.header_block) instead of the message: same answers."""
+    from lightmail.imap.message import Section
+    from lightmail.storage.blobs import header_block
+    whole, head = ParsedMessage(raw), ParsedMessage(header_block(raw))
+    assert head.envelope() == whole.envelope()
+    for section in (Section(text="HEADER"),
+                    Section(text="HEADER.FIELDS", fields=("From", "Subject")),
+                    Section(text="HEADER.FIELDS.NOT", fields=("From",))):
+        assert head.section(section) == whole.section(section)
+    for name in ("From", "To", "Subject", "Date", "X-None"):
+        assert head.header(name) == whole.header(name)
+    assert head.date() == whole.date()

@@ -479,3 +479,50 @@ def test_rename_delete_and_subscribe_mailboxes(stack) -> None:
     assert refcount(stack, ref.id) == 0                # its message went with it
     with pytest.raises(NoSuchMailbox):
         yield stack.mailstore.delete_mailbox(user.id, "Old")
+
+
+def stored_headers(stack, blob_id: str) -> bytes | None:
+    with stack.db.engine.connect() as conn:
+        value = conn.execute(sa.select(s.blobs.c.headers).where(
+            s.blobs.c.id == blob_id)).scalar()
+    return None if value is None else bytes(value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_header_blocks_kept_per_blob_and_read_in_batches(stack) -> None:
+    """SEARCH/SORT/FETCH of header fields read headers_for, not the blobs: the header
+    block is kept with the blob row when it is first referenced (the writer saw it),
+    shared by copies, and filled from the blob for rows that lack it."""
+    from lightmail.storage.blobs import HEADER_CAP
+    user = yield make_user(stack)
+    inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    archive = yield stack.mailstore.create_mailbox(user.id, "Archive")
+    head = MESSAGE.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    ref = yield stack.blobs.put(MESSAGE)
+    assert ref.headers == head
+    yield stack.mailstore.append(inbox.id, ref)
+    assert stored_headers(stack, ref.id) == head
+    yield stack.mailstore.copy(inbox.id, [1], archive.id)
+    # An older message: its blob row has no header block yet (a BlobRef made from a
+    # queue row, as local delivery does, carries none either).
+    old = b"Subject: old\nX: y\n\nbody\n"
+    old_ref = yield stack.blobs.put(old)
+    yield stack.mailstore.append(inbox.id, type(old_ref)(old_ref.id, old_ref.size))
+    assert stored_headers(stack, old_ref.id) is None
+    # Too long to keep: recorded as empty, and left out of the answer.
+    big = b"Subject: big\r\nX-Long: " + b"x" * HEADER_CAP + b"\r\n\r\nbody\r\n"
+    big_ref = yield stack.blobs.put(big)
+    assert big_ref.headers == b""
+    yield stack.mailstore.append(inbox.id, big_ref)
+
+    found = yield stack.mailstore.headers_for(inbox.id, [1, 2, 3, 99])
+    assert found == {1: head, 2: b"Subject: old\nX: y\n\n"}
+    assert stored_headers(stack, old_ref.id) == b"Subject: old\nX: y\n\n"   # kept
+    assert stored_headers(stack, big_ref.id) == b""
+    assert (yield stack.mailstore.headers_for(archive.id, [1])) == {1: head}
+    # The same content delivered again keeps its block; and many UIDs in batches.
+    yield stack.mailstore.append(inbox.id, type(ref)(ref.id, ref.size))
+    assert stored_headers(stack, ref.id) == head
+    many = list(range(1, 1200))
+    assert (yield stack.mailstore.headers_for(inbox.id, many)) == {
+        1: head, 2: b"Subject: old\nX: y\n\n", 4: head}

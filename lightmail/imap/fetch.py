@@ -97,6 +97,19 @@ def needs_content(items: list[FetchItem]) -> bool:
     return any(item.needs_content for item in items)
 
 
+_HEADER_SECTIONS = ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT")
+
+
+def header_only(items: list[FetchItem]) -> bool:
+    """Whether the items need no more of a message than its top-level header block
+    (ENVELOPE, RFC822.HEADER, BODY[HEADER], BODY[HEADER.FIELDS (...)]): the block
+    kept in SQL then answers them (``IMailStore.headers_for``)."""
+    return all(not item.needs_content or item.name in ("ENVELOPE", "RFC822.HEADER")
+               or (item.name == "BODY[]" and item.section is not None
+                   and not item.section.part and item.section.text in _HEADER_SECTIONS)
+               for item in items)
+
+
 def sets_seen(items: list[FetchItem]) -> bool:
     return any(item.sets_seen for item in items)
 
@@ -148,5 +161,5 @@ def content_item(item: FetchItem, message: ParsedMessage) -> bytes:
     return b"BINARY[" + part + b"]" + origin + b" " + value
 
 
-__all__ = ["FetchItem", "UnknownCTE", "content_item", "format_flags", "internal_date",
-           "needs_content", "parse_fetch_items", "sets_seen"]
+__all__ = ["FetchItem", "UnknownCTE", "content_item", "format_flags", "header_only",
+           "internal_date", "needs_content", "parse_fetch_items", "sets_seen"]

@@ -92,6 +92,7 @@ class Key:
 
     __slots__ = ()
     reads_content: ClassVar[bool] = False
+    reads_body: ClassVar[bool] = False      # more than the header (BODY, TEXT)
 
     def compile(self, ctx: SearchContext) -> Test:
         raise NotImplementedError
@@ -259,6 +260,7 @@ class Body(Key):
     """BODY: the decoded text of the body; TEXT (``with_header``): header or body."""
 
     reads_content = True
+    reads_body = True
     text: str
     with_header: bool = False
 
@@ -341,6 +343,12 @@ def matches(key: Key, msg: MessageView, ctx: SearchContext,
 def needs_content(key: Key) -> bool:
     """Whether matching reads the message (header, body, text or sent-date keys)."""
     return any(node.reads_content for node in walk(key))
+
+
+def needs_body(key: Key) -> bool:
+    """Whether matching reads more of a message than its header block (BODY, TEXT):
+    if not, the header blocks kept in SQL (``IMailStore.headers_for``) do."""
+    return any(node.reads_body for node in walk(key))
 
 
 def uses_modseq(key: Key) -> bool:

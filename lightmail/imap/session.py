@@ -109,6 +109,9 @@ def breathe() -> defer.Deferred[None]:
 # time (bench/imap.py: 0.1-0.3 ms a message against ~25 us of parsing).
 READ_AHEAD = 16
 
+# Header blocks asked of the store (IMailStore.headers_for) in one query.
+HEADERS_BATCH = 500
+
 
 class _ReadAhead:
     """The contents of ``uids`` (of ``selected``) in order, read READ_AHEAD ahead."""
@@ -1208,6 +1211,9 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
                     if not any(item.name == "MODSEQ" for item in items):
                         items.append(fetching.FetchItem("MODSEQ"))
         content = fetching.needs_content(items)
+        # Header items only: the header blocks kept in SQL, HEADERS_BATCH a query.
+        header_only = content and fetching.header_only(items)
+        heads: dict[int, bytes] = {}
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         count = 0
@@ -1216,11 +1222,18 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             for index, message_uid in enumerate(uids):
                 if self.closing or self.selected is not selected:
                     break
+                if header_only and index % HEADERS_BATCH == 0:
+                    heads = await self.store.headers_for(
+                        selected.id, uids[index:index + HEADERS_BATCH])
                 if message_uid in selected.gone:
                     continue     # expunged meanwhile; not told yet (RFC 9051 §7.5.1)
                 info = selected.info[message_uid]
                 parsed = None
-                if content:
+                if header_only:
+                    head = heads.get(message_uid)
+                    parsed = ParsedMessage(head if head is not None else
+                                           await self.store.blobs.read(info.blob_id))
+                elif content:
                     raw = await ahead.read(index)
                     parsed = ParsedMessage(raw)
                 self._write_fetch(selected, info, items, parsed)
@@ -1401,17 +1414,27 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             largest_seq=selected.exists, largest_uid=selected.largest_uid,
             saved=self.saved_search)
         content_needed = searching.needs_content(key)
+        # Header keys only: the header blocks kept in SQL, HEADERS_BATCH a query.
+        header_only = content_needed and not searching.needs_body(key)
+        heads: dict[int, bytes] = {}
         found = []
         parsed: dict[int, ParsedMessage] = {}
         ahead = _ReadAhead(self.store, selected, selected.uids)
         for number, message_uid in enumerate(selected.uids, 1):
+            if header_only and (number - 1) % HEADERS_BATCH == 0:
+                heads = await self.store.headers_for(
+                    selected.id, selected.uids[number - 1:number - 1 + HEADERS_BATCH])
             if message_uid in selected.gone:
                 continue
             info = selected.info[message_uid]
             view = searching.MessageView(number, message_uid, selected.flags_of(message_uid),
                                          info.internal_date, info.size, info.modseq)
             content = None
-            if content_needed:
+            if header_only:
+                head = heads.get(message_uid)
+                content = ParsedMessage(head if head is not None else
+                                        await self.store.blobs.read(info.blob_id))
+            elif content_needed:
                 try:
                     content = ParsedMessage(await ahead.read(number - 1))
                 except BaseException:
@@ -1517,10 +1540,17 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
                                                             Any, dict[int, ParsedMessage]]:
         found, key, parsed = await self._matching(args)
         selected = self._sel()
-        for view in found:
-            if view.uid not in parsed:
-                info = selected.info[view.uid]
-                parsed[view.uid] = ParsedMessage(await self.store.blobs.read(info.blob_id))
+        # SORT and THREAD read header fields only: the header blocks kept in SQL.
+        missing = [view.uid for view in found if view.uid not in parsed]
+        for start in range(0, len(missing), HEADERS_BATCH):
+            batch = missing[start:start + HEADERS_BATCH]
+            heads = await self.store.headers_for(selected.id, batch)
+            for message_uid in batch:
+                head = heads.get(message_uid)
+                if head is None:
+                    info = selected.info[message_uid]
+                    head = await self.store.blobs.read(info.blob_id)
+                parsed[message_uid] = ParsedMessage(head)
         return found, key, parsed
 
     # -- helpers --------------------------------------------------------------------

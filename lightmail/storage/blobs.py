@@ -29,7 +29,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -44,10 +44,39 @@ from zope.interface import implementer
 
 from lightmail.storage.interfaces import BlobMissing, BlobRef, IBlobStore, IBlobWriter
 
-__all__ = ["FLUSH_THRESHOLD", "FilesystemBlobStore", "is_blob_id"]
+__all__ = ["FLUSH_THRESHOLD", "HEADER_CAP", "FilesystemBlobStore", "header_block",
+           "is_blob_id"]
 
 #: Buffered octets after which a writer hands its buffer to the thread pool.
 FLUSH_THRESHOLD = 256 * 1024
+
+#: The longest header block kept in SQL (``blobs.headers``; a MariaDB BLOB holds
+#: 65,535 octets).  A longer one is recorded as b"": read the blob.
+HEADER_CAP = 65535
+
+
+def _header_end(data: bytes | bytearray, start: int = 0) -> int:
+    """The offset just past the blank line that ends the header block, or -1."""
+    crlf = data.find(b"\r\n\r\n", start)
+    lf = data.find(b"\n\n", start)
+    if crlf >= 0 and (lf < 0 or crlf + 2 <= lf):
+        return crlf + 4
+    return lf + 2 if lf >= 0 else -1
+
+
+def header_block(data: bytes) -> bytes:
+    """A message's top-level header block with the blank line that ends it (the whole
+    message if it has none), or b"" if that is longer than HEADER_CAP.  Parsed on its
+    own, it gives the message's header fields (``ParsedMessage(header_block(raw))``).
+    """
+    if data.startswith(b"\r\n"):
+        return b"\r\n"
+    if data.startswith(b"\n"):
+        return b"\n"
+    end = _header_end(data[:HEADER_CAP + 1])
+    if end < 0:
+        end = len(data)
+    return data[:end] if end <= HEADER_CAP else b""
 
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
@@ -220,6 +249,19 @@ class FilesystemBlobStore:
                 raise BlobMissing(f"blob {blob_id} is missing") from None
         return self._defer(read)
 
+    def read_now(self, blob_id: str, length: int = -1) -> bytes:
+        try:
+            with open(self._path_str(blob_id), "rb") as f:
+                return f.read(length)
+        except FileNotFoundError:
+            raise BlobMissing(f"blob {blob_id} is missing") from None
+
+    def read_many(self, blob_ids: Sequence[str]) -> Deferred[list[bytes]]:
+        ids = list(blob_ids)
+        for blob_id in ids:
+            _check_id(blob_id)
+        return self._defer(lambda: [self.read_now(blob_id) for blob_id in ids])
+
     def exists_now(self, blob_id: str) -> bool:
         return os.path.isfile(self._path_str(blob_id))
 
@@ -349,6 +391,9 @@ class _BlobWriter:
         self._committing = False
         self._error: Failure | None = None
         self._finished: Deferred[BlobRef] | None = None
+        # The message's start, until its header block is complete (then None).
+        self._head: bytearray | None = bytearray()
+        self._headers: bytes | None = None
 
     def write(self, data: bytes) -> None:
         if self._state is not _State.OPEN:
@@ -356,15 +401,36 @@ class _BlobWriter:
         if not data or self._error is not None:
             return
         data = bytes(data)
+        if self._head is not None:
+            self._take_head(data)
         self._hash.update(data)
         self._size += len(data)
         self._buf.append(data)
         self._buflen += len(data)
         self._advance()
 
+    def _take_head(self, data: bytes) -> None:
+        """Collect the header block from the first writes (a bounded copy)."""
+        head = self._head
+        assert head is not None
+        start = max(0, len(head) - 3)
+        head += data[:HEADER_CAP + 2 - len(head)]
+        end = 2 if head[:2] == b"\r\n" else 1 if head[:1] == b"\n" else \
+            _header_end(head, start)
+        if end >= 0:
+            self._headers = bytes(head[:end]) if end <= HEADER_CAP else b""
+            self._head = None
+        elif len(head) > HEADER_CAP:
+            self._headers = b""
+            self._head = None
+
     def finish(self) -> Deferred[BlobRef]:
         if self._state is not _State.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
+        if self._head is not None:
+            # No blank line: the whole message is its header block.
+            self._headers = bytes(self._head) if self._head else b""
+            self._head = None
         self._state = _State.FINISHING
         d: Deferred[BlobRef] = Deferred()
         self._finished = d
@@ -396,7 +462,7 @@ class _BlobWriter:
             self._state = _State.FINISHED
             d, self._finished = self._finished, None
             assert d is not None
-            d.callback(BlobRef(self._hash.hexdigest(), self._size))
+            d.callback(BlobRef(self._hash.hexdigest(), self._size, self._headers))
             return
         self._advance()
 

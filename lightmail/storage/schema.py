@@ -83,6 +83,11 @@ blobs = sa.Table(
     sa.Column("refcount", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created", TIMESTAMP, nullable=False),
     sa.Column("unreferenced_since", TIMESTAMP, nullable=True),
+    # The message's top-level header block (blobs.header_block), kept once per
+    # content however many mailboxes file it, for SEARCH/SORT/FETCH of header
+    # fields without a blob read.  NULL: not known yet (filled on first need);
+    # empty: longer than blobs.HEADER_CAP, read the blob.
+    sa.Column("headers", sa.LargeBinary, nullable=True),
     sa.Index(None, "refcount"),
 )
 

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lightmail.storage import schema as s
+from lightmail.storage.blobs import HEADER_CAP, header_block
 from lightmail.storage.database import Database, now_ms
 from lightmail.storage.interfaces import (
     Appended,
@@ -47,21 +48,25 @@ def _upsert_stmt(dialect: str) -> Any:
     if stmt is not None:
         return stmt
     values = {"id": sa.bindparam("b_id"), "size": sa.bindparam("b_size"), "refcount": 1,
-              "created": sa.bindparam("b_created"), "unreferenced_since": None}
+              "created": sa.bindparam("b_created"), "unreferenced_since": None,
+              "headers": sa.bindparam("b_headers", type_=sa.LargeBinary)}
     update = {"refcount": s.blobs.c.refcount + 1, "unreferenced_since": None}
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
-        stmt = pg_insert(s.blobs).values(values).on_conflict_do_update(
-            index_elements=[s.blobs.c.id], set_=update)
+        pg = pg_insert(s.blobs).values(values)
+        stmt = pg.on_conflict_do_update(index_elements=[s.blobs.c.id], set_={
+            **update, "headers": sa.func.coalesce(s.blobs.c.headers, pg.excluded.headers)})
     elif dialect == "mysql":
         from sqlalchemy.dialects.mysql import insert as my_insert
-        stmt = my_insert(s.blobs).values(values)
-        stmt = stmt.on_duplicate_key_update(refcount=s.blobs.c.refcount + 1,
-                                            unreferenced_since=None)
+        my = my_insert(s.blobs).values(values)
+        stmt = my.on_duplicate_key_update(
+            refcount=s.blobs.c.refcount + 1, unreferenced_since=None,
+            headers=sa.func.coalesce(s.blobs.c.headers, my.inserted.headers))
     else:
         from sqlalchemy.dialects.sqlite import insert as lite_insert
-        stmt = lite_insert(s.blobs).values(values).on_conflict_do_update(
-            index_elements=[s.blobs.c.id], set_=update)
+        lite = lite_insert(s.blobs).values(values)
+        stmt = lite.on_conflict_do_update(index_elements=[s.blobs.c.id], set_={
+            **update, "headers": sa.func.coalesce(s.blobs.c.headers, lite.excluded.headers)})
     _upserts[dialect] = stmt
     return stmt
 
@@ -73,7 +78,8 @@ def upsert_blob_ref(conn: Connection, blobs: IBlobStore, ref: BlobRef) -> None:
     while holding the row, so checking here closes the race with a concurrent GC.
     """
     conn.execute(_upsert_stmt(conn.dialect.name),
-                 {"b_id": ref.id, "b_size": ref.size, "b_created": now_ms()})
+                 {"b_id": ref.id, "b_size": ref.size, "b_created": now_ms(),
+                  "b_headers": ref.headers})
     if not blobs.exists_now(ref.id):
         raise BlobMissing(f"blob {ref.id} vanished before it was referenced")
 
@@ -117,8 +123,27 @@ def _flags_text(flags: Sequence[str] | frozenset[str]) -> str:
     return " ".join(sorted(set(flags)))
 
 
+class _FlagSets(dict[str, frozenset[str]]):
+    """The flags column's text -> its frozenset, one shared object per distinct text:
+    most messages carry one of a handful of flag sets, and a SELECTed mailbox then
+    holds a few frozensets rather than one per message (about 200 octets each)."""
+
+    LIMIT = 4096        # distinct texts kept (keywords could make many); then restart
+
+    def __missing__(self, text: str) -> frozenset[str]:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        value = self[text] = frozenset(text.split())
+        return value
+
+
+# Shared by all threads: a dict's get and set are atomic, and a lost entry after a
+# concurrent clear() is only recomputed.
+_flag_sets = _FlagSets()
+
+
 def _flags_set(text: str) -> frozenset[str]:
-    return frozenset(text.split())
+    return _flag_sets[text]
 
 
 def _mailbox(row: Any) -> Mailbox:
@@ -129,9 +154,26 @@ def _mailbox(row: Any) -> Mailbox:
 
 
 def _message(row: Any) -> MessageInfo:
-    return MessageInfo(mailbox_id=row.mailbox_id, uid=row.uid, modseq=row.modseq,
-                       blob_id=row.blob_id, size=row.size, internal_date=row.internal_date,
-                       flags=_flags_set(row.flags))
+    return MessageInfo(row.mailbox_id, row.uid, row.modseq, row.blob_id, row.size,
+                       row.internal_date, _flag_sets[row.flags])
+
+
+# Only the columns a MessageInfo needs (the messages table also has text caches).
+_m = s.messages.c
+_LIST_MESSAGES = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_date,
+                           _m.flags).where(_m.mailbox_id == sa.bindparam("b_box")
+                                           ).order_by(_m.uid)
+
+
+# headers_for: UIDs per query, and the statements.
+HEADERS_BATCH = 500
+_HEADERS = sa.select(_m.uid, _m.blob_id, s.blobs.c.headers).select_from(
+    s.messages.join(s.blobs, s.blobs.c.id == _m.blob_id)).where(
+    (_m.mailbox_id == sa.bindparam("b_box"))
+    & _m.uid.in_(sa.bindparam("b_uids", expanding=True)))
+_FILL_HEADERS = s.blobs.update().where(
+    (s.blobs.c.id == sa.bindparam("b_id")) & s.blobs.c.headers.is_(None)).values(
+    headers=sa.bindparam("b_headers", type_=sa.LargeBinary))
 
 
 def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
@@ -325,10 +367,59 @@ class SQLMailStore:
 
     def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
         def list_(conn: Connection) -> list[MessageInfo]:
-            rows = conn.execute(sa.select(s.messages).where(
-                s.messages.c.mailbox_id == mailbox_id).order_by(s.messages.c.uid))
-            return [_message(row) for row in rows]
+            # Plain tuples straight from the driver's rows: this runs once per message
+            # of the mailbox at every SELECT (100,000 for a big one).
+            flag_sets, info = _flag_sets, MessageInfo
+            rows = conn.execute(_LIST_MESSAGES, {"b_box": mailbox_id})
+            return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
+                    for uid, modseq, blob_id, size, date, flags in rows]
         return self.db.read(list_)
+
+    def headers_for(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        wanted = list(uids)
+
+        def read(conn: Connection) -> tuple[dict[int, bytes], dict[str, list[int]]]:
+            found: dict[int, bytes] = {}
+            unknown: dict[str, list[int]] = {}
+            for start in range(0, len(wanted), HEADERS_BATCH):
+                rows = conn.execute(_HEADERS, {"b_box": mailbox_id,
+                                               "b_uids": wanted[start:start + HEADERS_BATCH]})
+                for uid, blob_id, headers in rows:
+                    if headers is None:
+                        unknown.setdefault(blob_id, []).append(uid)
+                    elif headers:
+                        found[uid] = bytes(headers)
+            return found, unknown
+
+        def fill(conn: Connection, blocks: dict[str, bytes]) -> None:
+            conn.execute(_FILL_HEADERS, [{"b_id": blob_id, "b_headers": block}
+                                         for blob_id, block in blocks.items()])
+
+        def run() -> dict[int, bytes]:
+            found, unknown = self.db.read_now(read)
+            if not unknown:
+                return found
+            # Messages filed before the header cache, or through a path that did not
+            # see the header: read each blob's head once, and keep it.
+            blocks: dict[str, bytes] = {}
+            for blob_id, blob_uids in unknown.items():
+                try:
+                    block = header_block(self.blobs.read_now(blob_id, HEADER_CAP + 1))
+                except BlobMissing:
+                    continue
+                blocks[blob_id] = block
+                if block:
+                    for uid in blob_uids:
+                        found[uid] = block
+            if blocks:
+                try:
+                    self.db.write_now(fill, blocks)
+                except Exception:
+                    self.log.failure("keeping {count} header blocks failed",
+                                     count=len(blocks))
+            return found
+
+        return self.db.run(run)
 
     def set_flags(self, mailbox_id: int, uids: Sequence[int], flags: Sequence[str],
                   mode: str = "replace") -> Deferred[list[MessageInfo]]:
@@ -347,10 +438,11 @@ class SQLMailStore:
                 if new == old:
                     continue
                 modseq += 1
+                text = _flags_text(new)
                 conn.execute(s.messages.update().where(s.messages.c.id == row.id).values(
-                    flags=_flags_text(new), modseq=modseq))
+                    flags=text, modseq=modseq))
                 changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
-                                           row.size, row.internal_date, new))
+                                           row.size, row.internal_date, _flag_sets[text]))
             if changed:
                 conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
                              .values(highestmodseq=modseq))
