@@ -655,3 +655,25 @@ def test_format_threads_of_nothing() -> None:
     assert threads("ORDEREDSUBJECT", []) == b""
     with pytest.raises(ParseError):
         thread_messages("BOGUS", [])
+
+
+def test_header_keys_on_real_messages_with_and_without_the_quick_test() -> None:
+    """Header keys skip parsing when the raw octets cannot hold the needle, and still
+    find it across folded lines, in encoded words and in other case."""
+    from lightmail.imap.message import ParsedMessage
+
+    def hit(raw: bytes, *keys: Any) -> bool:
+        key, _ = parse_search([Atom(k) if isinstance(k, str) and k.isupper() else k
+                               for k in keys], utf8=True)
+        view = MessageView(1, 1, frozenset(), 0, len(raw), 1)
+        return matches(key, view, SearchContext(1, 1), ParsedMessage(raw))
+
+    plain = b"From: a@b.test\r\nSubject: Quarterly\r\n report due\r\n\r\nbody\r\n"
+    encoded = b"From: a@b.test\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe_aus_K=C3=B6ln?=\r\n\r\nx\r\n"
+    assert hit(plain, "SUBJECT", "QUARTERLY")
+    assert hit(plain, "SUBJECT", "quarterly report")       # across the fold
+    assert not hit(plain, "SUBJECT", "invoice")
+    assert not hit(plain, "SUBJECT", "body")               # in the body, not the header
+    assert hit(encoded, "SUBJECT", "köln") and hit(encoded, "SUBJECT", "GRÜSSE")
+    b64 = b"From: a@b.test\r\nSubject: =?utf-8?b?R3LDvMOfZSBhdXMgS8O2bG4=?=\r\n\r\nx\r\n"
+    assert hit(b64, "SUBJECT", "aus")                      # only there once decoded

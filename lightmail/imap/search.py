@@ -249,9 +249,21 @@ class Header(Key):
 
     def compile(self, ctx: SearchContext) -> Test:
         name, needle = self.name, fold(self.text)
+        # A quick "cannot match" on the raw octets, before any header is parsed and
+        # decoded: sound only for an ASCII needle without white space (folding and
+        # unfolding cannot split it) in an all-ASCII header without encoded words
+        # (nothing decodes or casefolds into ASCII letters there).
+        quick = needle.encode("ascii") if needle.isascii() and needle and \
+            " " not in needle else None
 
         def test(msg: MessageView, content: Optional[MessageContent]) -> bool:
-            return any(needle in fold(value) for value in _need(content).header(name))
+            parsed = _need(content)
+            if quick is not None:
+                raw = getattr(parsed, "raw", None)
+                if (isinstance(raw, bytes) and len(raw) <= _QUICK_LIMIT and raw.isascii()
+                        and b"=?" not in raw and quick not in raw.lower()):
+                    return False
+            return any(needle in fold(value) for value in parsed.header(name))
         return test
 
 
@@ -363,6 +375,10 @@ def walk(key: Key) -> Iterator[Key]:
         node = stack.pop()
         yield node
         stack.extend(node.children())
+
+
+# Messages (or header blocks) up to this size get the quick test of Header keys.
+_QUICK_LIMIT = 256 * 1024
 
 
 def fold(text: str) -> str:
