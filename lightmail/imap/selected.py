@@ -10,10 +10,10 @@ STORE or SEARCH by number is being answered (§7.5.1).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from lightmail.storage.interfaces import Mailbox, MailboxChanges, MessageInfo
+from lightmail.storage.interfaces import Mailbox, MailboxChange, MailboxChanges, MessageInfo
 
 
 @dataclass
@@ -39,7 +39,13 @@ class SelectedMailbox:
         self.uidnext = mailbox.uidnext
         self.first_recent = first_recent
         self.recent: set[int] = {uid for uid in self.uids if uid >= first_recent}
-        self.dirty = False
+        self.dirty = False                    # changes_since must be read
+        # Changes announced with their content and contiguous with what this view
+        # knows (each one's MODSEQ follows the last): taken in at the next catch-up
+        # without reading the store.  ``heard`` is the MODSEQ they bring us to.
+        self.pending: list[MailboxChange] = []
+        self.heard = self.modseq
+        self.reading = False                  # a changes_since read is in flight
         self.held_expunges: list[int] = []    # UIDs gone in the store, not yet told
         self.gone: set[int] = set()           # the same, for FETCH to skip
 
@@ -66,6 +72,53 @@ class SelectedMailbox:
         return flags | {"\\Recent"} if uid in self.recent else flags
 
     # -- catching up ----------------------------------------------------------------
+
+    def hear(self, change: MailboxChange) -> None:
+        """An announced change: kept for the next catch-up when it carries what it
+        changed and follows what we know without a gap (no other change came in
+        between), else the next catch-up reads the store."""
+        if self.dirty or self.reading:
+            self.dirty = True
+            return
+        if change.kind == "expunged":
+            first = change.modseq
+        elif change.kind in ("appended", "flags") and change.messages \
+                and len(change.messages) == len(change.uids):
+            first = min(m.modseq for m in change.messages)
+            if change.kind == "appended" and first != change.modseq:
+                first = -1
+        else:
+            first = -1
+        if first != self.heard + 1 or change.modseq < first:
+            self.dirty = True
+            self.pending.clear()
+            return
+        self.pending.append(change)
+        self.heard = change.modseq
+
+    def take_pending(self) -> MailboxChanges:
+        """The pending changes as one catch-up: messages (the last state of each,
+        none that was expunged meanwhile) and expunged UIDs."""
+        latest: dict[int, MessageInfo] = {}
+        expunged: list[int] = []
+        uidnext = self.uidnext
+        for change in self.pending:
+            if change.kind == "expunged":
+                expunged.extend(change.uids)
+                for uid in change.uids:
+                    latest.pop(uid, None)
+                continue
+            for info in change.messages:
+                if change.kind == "flags" and info.uid not in self.info \
+                        and info.uid not in latest:
+                    continue        # flags never add a message
+                latest[info.uid] = info
+                if change.kind == "appended":
+                    uidnext = max(uidnext, info.uid + 1)
+        self.pending.clear()
+        mailbox = replace(self.mailbox, uidnext=uidnext, highestmodseq=self.heard)
+        return MailboxChanges(mailbox, sorted(latest.values(), key=lambda i: i.uid),
+                              sorted(set(expunged)))
 
     def apply(self, changes: MailboxChanges, allow_expunge: bool) -> Updates:
         """Take in what changed; returns what to tell the client now."""

@@ -33,6 +33,7 @@ from typing import Any, Optional
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -74,7 +75,9 @@ from lightmail.imap.tokens import (
 )
 from lightmail.listeners import TrackedProtocol, TrackingFactory
 from lightmail.logs import BoundLogger, new_id
+from lightmail.storage.blobs import FilesystemBlobStore
 from lightmail.storage.interfaces import (
+    BlobMissing,
     MailboxExists,
     MessageInfo,
     NoSuchMailbox,
@@ -104,6 +107,9 @@ def breathe() -> defer.Deferred[None]:
     return d
 
 
+# Output collected before a transport write (see IMAPSession.write).
+OUTPUT_CHUNK = 64 * 1024
+
 # Blob reads kept in flight while a command walks messages' content: one thread-pool
 # round trip waited for per message cost SEARCH and FETCH of content most of their
 # time (bench/imap.py: 0.1-0.3 ms a message against ~25 us of parsing).
@@ -113,24 +119,87 @@ READ_AHEAD = 16
 HEADERS_BATCH = 500
 
 
+# Blobs read in one thread hop (small ones: up to READ_BATCH_OCTETS together).
+READ_BATCH = 16
+READ_BATCH_OCTETS = 256 * 1024
+
+
+def _read_files(blobs: FilesystemBlobStore, blob_ids: list[str]) -> defer.Deferred[list[Any]]:
+    """The contents of several blobs in one hop to the blob store's pool; a missing
+    blob's place holds a BlobMissing.  (Stands in for a ``read_many`` of the blob
+    store; ``_ReadAhead`` uses that when the store has one.)"""
+    paths = [blobs.path(blob_id) for blob_id in blob_ids]
+
+    def read() -> list[Any]:
+        out: list[Any] = []
+        for blob_id, path in zip(blob_ids, paths, strict=True):
+            try:
+                with open(path, "rb") as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                out.append(BlobMissing(f"blob {blob_id} is missing"))
+        return out
+    return deferToThreadPool(blobs.reactor, blobs.pool, read)  # type: ignore[arg-type]
+
+
 class _ReadAhead:
-    """The contents of ``uids`` (of ``selected``) in order, read READ_AHEAD ahead."""
+    """The contents of ``uids`` (of ``selected``) in order, read READ_AHEAD ahead,
+    several small blobs per thread hop."""
 
     def __init__(self, store: Any, selected: SelectedMailbox, uids: list[int]) -> None:
         self.store, self.selected, self.uids = store, selected, uids
         self.next = 0
         self.reads: dict[int, defer.Deferred[bytes]] = {}
+        blobs = store.blobs
+        self.read_many: Optional[Callable[[list[str]], defer.Deferred[list[Any]]]] = \
+            getattr(blobs, "read_many", None)
+        if self.read_many is None and isinstance(blobs, FilesystemBlobStore):
+            self.read_many = lambda ids: _read_files(blobs, ids)
 
     def read(self, index: int) -> defer.Deferred[bytes]:
         """The content of ``uids[index]`` (not expunged); starts the next reads."""
         self.next = max(self.next, index)
         while self.next < len(self.uids) and self.next < index + READ_AHEAD:
+            self._start_batch()
+        return self.reads.pop(index)
+
+    def _start_batch(self) -> None:
+        indexes: list[int] = []
+        blob_ids: list[str] = []
+        octets = 0
+        info = self.selected.info
+        while (self.next < len(self.uids) and len(blob_ids) < READ_BATCH
+               and octets < READ_BATCH_OCTETS):
             uid = self.uids[self.next]
             if uid not in self.selected.gone:
-                self.reads[self.next] = self.store.blobs.read(
-                    self.selected.info[uid].blob_id)
+                indexes.append(self.next)
+                blob_ids.append(info[uid].blob_id)
+                octets += info[uid].size
             self.next += 1
-        return self.reads.pop(index)
+        if len(blob_ids) == 1 or (blob_ids and self.read_many is None):
+            for index, blob_id in zip(indexes, blob_ids, strict=True):
+                self.reads[index] = self.store.blobs.read(blob_id)
+            return
+        if not blob_ids:
+            return
+        assert self.read_many is not None
+        waiting: list[defer.Deferred[bytes]] = []
+        for index in indexes:
+            d: defer.Deferred[bytes] = defer.Deferred()
+            self.reads[index] = d
+            waiting.append(d)
+
+        def hand_out(contents: list[Any]) -> None:
+            for each, content in zip(waiting, contents, strict=True):
+                if isinstance(content, Exception):
+                    each.errback(content)
+                else:
+                    each.callback(content)
+
+        def fail(failure: Failure) -> None:
+            for each in waiting:
+                each.errback(failure)
+        self.read_many(blob_ids).addCallbacks(hand_out, fail)
 
     def discard(self) -> None:
         """Reads nobody will wait for (the command ended early)."""
@@ -180,6 +249,8 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         self.compressor: Any = None
         self.decompressor: Any = None
         self._paused: Optional[defer.Deferred[None]] = None
+        self._out: Optional[list[bytes]] = None     # collecting a command's output
+        self._out_size = 0
         self._logged_in = False
 
     @property
@@ -242,6 +313,30 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closing:
             return
+        out = self._out
+        if out is not None:
+            # While a command runs its responses are collected and written at its end
+            # (or every OUTPUT_CHUNK octets): one transport write (and one DEFLATE
+            # flush) per command instead of one per response line.
+            out.append(data)
+            self._out_size += len(data)
+            if self._out_size >= OUTPUT_CHUNK:
+                self.flush()
+            return
+        if self.compressor is not None:
+            data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write what the running command has collected."""
+        out = self._out
+        if not out:
+            return
+        data = b"".join(out)
+        out.clear()
+        self._out_size = 0
+        if self.transport is None:
+            return
         if self.compressor is not None:
             data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
         self.transport.write(data)
@@ -255,6 +350,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
 
     def close_with(self, line: str) -> None:
         self.write(line.encode("utf-8") + b"\r\n")
+        self.flush()
         self.closing = True
         if self.transport is not None:
             self.transport.loseConnection()
@@ -348,6 +444,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             self._error()
             return
         self.busy = True
+        self._out = []
         d = defer.ensureDeferred(self._run(command, getattr(self, method)))
         d.addErrback(self._internal_error, command)
         d.addBoth(self._done)
@@ -384,6 +481,8 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         # Also when the handler answers later: IDLE's DONE and SASL responses arrive
         # as lines that process() routes while the command is pending.
         self.busy = False
+        self.flush()
+        self._out = None
         if self.closing_after and not self.closing and self.idling is None:
             self.close_with("* BYE Server shutting down")
             return
@@ -397,16 +496,17 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
     def mailbox_changed(self, change: Any) -> None:
         if self.selected is None or change.mailbox_id != self.selected.id:
             return
-        self.selected.dirty = True
+        self.selected.hear(change)
         self._push_idle_updates()
 
     def _push_idle_updates(self) -> None:
         """In IDLE, tell the client of changes at once (RFC 2177)."""
         selected = self.selected
         if (self.idling is None or self.busy or self.closing or selected is None
-                or not selected.dirty):
+                or not (selected.dirty or selected.pending)):
             return
         self.busy = True
+        self._out = []
         d = defer.ensureDeferred(self.catch_up(allow_expunge=True))
         d.addErrback(lambda f: self.log.failure("IDLE update failed", f))
         d.addBoth(self._done)
@@ -415,18 +515,28 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         selected = self.selected
         if selected is None:
             return
-        if not selected.dirty and not (allow_expunge and selected.held_expunges):
+        if not (selected.dirty or selected.pending) \
+                and not (allow_expunge and selected.held_expunges):
             return
         updates = Updates()
-        if selected.dirty:
-            selected.dirty = False
-            try:
-                changes = await self.store.changes_since(selected.id, selected.modseq)
-            except NoSuchMailbox:
-                self.close_with("* BYE The selected mailbox was deleted")
-                return
-            if self.selected is not selected:
-                return
+        if selected.dirty or selected.pending:
+            if selected.dirty:
+                selected.dirty = False
+                selected.pending.clear()
+                selected.reading = True
+                try:
+                    changes = await self.store.changes_since(selected.id, selected.modseq)
+                except NoSuchMailbox:
+                    self.close_with("* BYE The selected mailbox was deleted")
+                    return
+                finally:
+                    selected.reading = False
+                if self.selected is not selected:
+                    return
+                selected.heard = max(selected.modseq, changes.mailbox.highestmodseq)
+            else:
+                # Announced with their content, nothing missed: no read needed.
+                changes = selected.take_pending()
             # RFC 3501 §2.3.2: new mail is \Recent only in the session told of it first.
             uidnext = changes.mailbox.uidnext
             selected.first_recent = (
@@ -506,6 +616,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         self._no_args(cmd)
         self.untagged("BYE LightMail logging out")
         self.tagged(cmd.tag, "OK", "LOGOUT completed")
+        self.flush()
         self.state = LOGOUT
         self.closing = True
         if self.transport is not None:
@@ -544,6 +655,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         if self.compressor is not None:
             raise No("[COMPRESSIONACTIVE] Compression is already on")
         self.tagged(cmd.tag, "OK", "DEFLATE active")
+        self.flush()
         # RFC 4978 §3: raw DEFLATE (no zlib header) both ways from the next octet.
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
         self.decompressor = zlib.decompressobj(-15)
@@ -559,6 +671,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         if self.factory.tls_context is None or self.tls:
             raise Bad("STARTTLS is not available here")
         self.tagged(cmd.tag, "OK", "Begin TLS negotiation now")
+        self.flush()
         self.reader.buffer = b""     # RFC 9051 §6.2.1: nothing sent before counts
         self.tls = True
         self.transport.startTLS(self.factory.tls_context)  # type: ignore[union-attr]
@@ -607,6 +720,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         tag, mechanism = self.sasl
         self.sasl = None
         self.busy = True
+        self._out = []
 
         async def step() -> None:
             if line == b"*":
@@ -1023,17 +1137,23 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         if len(args) != 1 or not isinstance(args[0], bytes):
             raise Bad("APPEND needs the message as a literal")
         data = args[0]
-        box = await self.store.get_mailbox(self.user.id, name)
-        if box is None:
-            raise No("[TRYCREATE] No such mailbox")
-        if self.user.quota_bytes:
-            used = await self.store.usage(self.user.id)
-            if used + len(data) > self.user.quota_bytes:
-                raise No("[OVERQUOTA] Quota exceeded")
-        blob = await self.store.blobs.put(data)
+        # The blob is written (two fsyncs) while the mailbox is looked up and the
+        # quota checked; a refused APPEND leaves an unreferenced blob to the garbage
+        # collector, as a crash between the two would.
+        writing = self.store.blobs.put(data)
+        try:
+            box = await self.store.get_mailbox(self.user.id, name)
+            if box is None:
+                raise No("[TRYCREATE] No such mailbox")
+            if self.user.quota_bytes:
+                used = await self.store.usage(self.user.id)
+                if used + len(data) > self.user.quota_bytes:
+                    raise No("[OVERQUOTA] Quota exceeded")
+        except BaseException:
+            writing.addErrback(lambda _: None)
+            raise
+        blob = await writing
         appended = await self.store.append(box.id, blob, flags, date)
-        if self.selected is not None and self.selected.id == box.id:
-            self.selected.dirty = True
         return _ok(f"[APPENDUID {appended.uidvalidity} {appended.uid}] APPEND completed")
 
     def _flags(self, values: Any) -> list[str]:
@@ -1163,7 +1283,6 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
                    and (only is None or u in only)]
         if deleted:
             await self.store.expunge(selected.id, deleted)
-            selected.dirty = True
         return _ok("EXPUNGE completed")
 
     async def do_FETCH(self, cmd: Command) -> Reply:
@@ -1388,7 +1507,6 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
                     f"{','.join(str(p[0]) for p in copied.pairs)} "
                     f"{','.join(str(p[1]) for p in copied.pairs)}] ")
         if move:
-            selected.dirty = True
             if code:
                 self.untagged(f"OK {code}Moved")
             return _ok(f"{cmd.name} completed")

@@ -107,6 +107,10 @@ class MailboxChange:
     kind: str                   # appended, flags, expunged, created, deleted
     uids: tuple[int, ...] = ()
     modseq: int = 0
+    # The appended or re-flagged messages as committed, when the store has them at
+    # hand (empty otherwise): an IMAP session that knows the mailbox up to the MODSEQ
+    # just before this change takes them in without reading the store again.
+    messages: tuple[MessageInfo, ...] = ()
 
 
 @dataclass(frozen=True)

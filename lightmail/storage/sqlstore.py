@@ -295,10 +295,14 @@ class SQLMailStore:
     def append(self, mailbox_id: int, blob: BlobRef, flags: Sequence[str] = (),
                internal_date: Optional[int] = None,
                delivery_id: Optional[str] = None) -> Deferred[Appended]:
+        if internal_date is None:
+            internal_date = now_ms()
         d = self.db.write(self.append_now, mailbox_id, blob, flags, internal_date,
                           delivery_id)
         return self._announcing(d, lambda res: [] if res[1].duplicate else [
-            MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq)]
+            MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq,
+                          (MessageInfo(mailbox_id, res[1].uid, res[1].modseq, blob.id,
+                                       blob.size, internal_date, frozenset(flags)),))]
         ).addCallback(lambda res: res[1])
 
     def append_now(self, conn: Connection, mailbox_id: int, blob: BlobRef,
@@ -450,7 +454,8 @@ class SQLMailStore:
 
         d = self.db.write(store)
         return self._announcing(d, lambda res: [MailboxChange(
-            res[0], mailbox_id, "flags", tuple(m.uid for m in res[1]), res[1][-1].modseq)]
+            res[0], mailbox_id, "flags", tuple(m.uid for m in res[1]), res[1][-1].modseq,
+            tuple(res[1]))]
             if res[1] else []).addCallback(lambda res: res[1])
 
     def expunge(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:

@@ -1,0 +1,50 @@
+"""SelectedMailbox: announced changes taken in without a read, gaps falling back."""
+
+from lightmail.imap.selected import SelectedMailbox
+from lightmail.storage.interfaces import Mailbox, MailboxChange, MessageInfo
+
+
+def info(uid: int, modseq: int, *flags: str) -> MessageInfo:
+    return MessageInfo(1, uid, modseq, "0" * 64, 10, 0, frozenset(flags))
+
+
+def selected() -> SelectedMailbox:
+    box = Mailbox(1, 1, "INBOX", 7, uidnext=3, highestmodseq=5)
+    return SelectedMailbox(box, [info(1, 2), info(2, 5)], readonly=False,
+                           first_recent=1 << 62)
+
+
+def test_contiguous_changes_are_applied_without_a_read() -> None:
+    sel = selected()
+    sel.hear(MailboxChange(1, 1, "appended", (3,), 6, (info(3, 6),)))
+    sel.hear(MailboxChange(1, 1, "flags", (1, 3), 8, (info(1, 7, "\\Seen"),
+                                                        info(3, 8, "\\Seen"))))
+    sel.hear(MailboxChange(1, 1, "expunged", (2,), 9))
+    assert not sel.dirty
+    updates = sel.apply(sel.take_pending(), allow_expunge=True)
+    assert sel.uids == [1, 3] and sel.modseq == 9 and sel.uidnext == 4
+    assert updates.expunged == [2] and updates.exists == 3
+    assert sel.info[1].flags == {"\\Seen"} and sel.info[3].modseq == 8
+
+
+def test_appended_then_expunged_is_never_told() -> None:
+    sel = selected()
+    sel.hear(MailboxChange(1, 1, "appended", (3,), 6, (info(3, 6),)))
+    sel.hear(MailboxChange(1, 1, "expunged", (3,), 7))
+    updates = sel.apply(sel.take_pending(), allow_expunge=True)
+    assert sel.uids == [1, 2] and updates.exists is None and not updates.expunged
+
+
+def test_a_gap_or_missing_content_needs_a_read() -> None:
+    sel = selected()
+    sel.hear(MailboxChange(1, 1, "expunged", (2,), 7))      # 6 was not heard of
+    assert sel.dirty and not sel.pending
+    sel.hear(MailboxChange(1, 1, "expunged", (1,), 8))      # still dirty
+    assert sel.dirty and not sel.pending
+    sel = selected()
+    sel.hear(MailboxChange(1, 1, "appended", (3,), 6))       # no content
+    assert sel.dirty
+    sel = selected()
+    sel.reading = True
+    sel.hear(MailboxChange(1, 1, "expunged", (2,), 6))
+    assert sel.dirty and not sel.pending
