@@ -538,4 +538,7 @@ def test_writer_sees_the_header_block_across_writes(store: FilesystemBlobStore) 
     assert len(b"z" * 70000) > HEADER_CAP
     refs = [(yield store.put(b"one")), (yield store.put(b"two"))]
     assert (yield store.read_many([r.id for r in refs])) == [b"one", b"two"]
+    gone = "0" * 64
+    one, missing, two = yield store.read_many([refs[0].id, gone, refs[1].id])
+    assert (one, two) == (b"one", b"two") and isinstance(missing, BlobMissing)
     assert store.read_now(refs[1].id, 2) == b"tw"

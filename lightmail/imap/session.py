@@ -33,7 +33,6 @@ from typing import Any, Optional
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -75,9 +74,7 @@ from lightmail.imap.tokens import (
 )
 from lightmail.listeners import TrackedProtocol, TrackingFactory
 from lightmail.logs import BoundLogger, new_id
-from lightmail.storage.blobs import FilesystemBlobStore
 from lightmail.storage.interfaces import (
-    BlobMissing,
     MailboxExists,
     MessageInfo,
     NoSuchMailbox,
@@ -124,24 +121,6 @@ READ_BATCH = 16
 READ_BATCH_OCTETS = 256 * 1024
 
 
-def _read_files(blobs: FilesystemBlobStore, blob_ids: list[str]) -> defer.Deferred[list[Any]]:
-    """The contents of several blobs in one hop to the blob store's pool; a missing
-    blob's place holds a BlobMissing.  (Stands in for a ``read_many`` of the blob
-    store; ``_ReadAhead`` uses that when the store has one.)"""
-    paths = [blobs.path(blob_id) for blob_id in blob_ids]
-
-    def read() -> list[Any]:
-        out: list[Any] = []
-        for blob_id, path in zip(blob_ids, paths, strict=True):
-            try:
-                with open(path, "rb") as f:
-                    out.append(f.read())
-            except FileNotFoundError:
-                out.append(BlobMissing(f"blob {blob_id} is missing"))
-        return out
-    return deferToThreadPool(blobs.reactor, blobs.pool, read)  # type: ignore[arg-type]
-
-
 class _ReadAhead:
     """The contents of ``uids`` (of ``selected``) in order, read READ_AHEAD ahead,
     several small blobs per thread hop."""
@@ -150,11 +129,8 @@ class _ReadAhead:
         self.store, self.selected, self.uids = store, selected, uids
         self.next = 0
         self.reads: dict[int, defer.Deferred[bytes]] = {}
-        blobs = store.blobs
-        self.read_many: Optional[Callable[[list[str]], defer.Deferred[list[Any]]]] = \
-            getattr(blobs, "read_many", None)
-        if self.read_many is None and isinstance(blobs, FilesystemBlobStore):
-            self.read_many = lambda ids: _read_files(blobs, ids)
+        self.read_many: Callable[[list[str]], defer.Deferred[list[Any]]] = \
+            store.blobs.read_many
 
     def read(self, index: int) -> defer.Deferred[bytes]:
         """The content of ``uids[index]`` (not expunged); starts the next reads."""
@@ -176,13 +152,12 @@ class _ReadAhead:
                 blob_ids.append(info[uid].blob_id)
                 octets += info[uid].size
             self.next += 1
-        if len(blob_ids) == 1 or (blob_ids and self.read_many is None):
+        if len(blob_ids) == 1:
             for index, blob_id in zip(indexes, blob_ids, strict=True):
                 self.reads[index] = self.store.blobs.read(blob_id)
             return
         if not blob_ids:
             return
-        assert self.read_many is not None
         waiting: list[defer.Deferred[bytes]] = []
         for index in indexes:
             d: defer.Deferred[bytes] = defer.Deferred()

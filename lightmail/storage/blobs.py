@@ -256,11 +256,20 @@ class FilesystemBlobStore:
         except FileNotFoundError:
             raise BlobMissing(f"blob {blob_id} is missing") from None
 
-    def read_many(self, blob_ids: Sequence[str]) -> Deferred[list[bytes]]:
+    def read_many(self, blob_ids: Sequence[str]) -> Deferred[list[bytes | BlobMissing]]:
         ids = list(blob_ids)
         for blob_id in ids:
             _check_id(blob_id)
-        return self._defer(lambda: [self.read_now(blob_id) for blob_id in ids])
+
+        def read_all() -> list[bytes | BlobMissing]:
+            out: list[bytes | BlobMissing] = []
+            for blob_id in ids:
+                try:
+                    out.append(self.read_now(blob_id))
+                except BlobMissing as exc:
+                    out.append(exc)
+            return out
+        return self._defer(read_all)
 
     def exists_now(self, blob_id: str) -> bool:
         return os.path.isfile(self._path_str(blob_id))

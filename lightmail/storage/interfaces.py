@@ -188,9 +188,10 @@ class IBlobStore(Interface):
         """The blob's content (its first ``length`` octets if not -1); worker threads
         only.  BlobMissing if it is not there."""
 
-    def read_many(blob_ids: Sequence[str]) -> Deferred[list[bytes]]:
+    def read_many(blob_ids: Sequence[str]) -> Deferred[list[bytes | BlobMissing]]:
         """The contents of several blobs, in order, read in one worker-thread call
-        (cheaper than one :meth:`read` each for small blobs)."""
+        (cheaper than one :meth:`read` each for small blobs); a missing blob's place
+        holds a BlobMissing, and the others are read all the same."""
 
     def exists_now(blob_id: str) -> bool:
         """Whether the blob is present; called from worker threads only."""
