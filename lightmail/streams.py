@@ -7,6 +7,9 @@ as dot-terminated text, without ever holding a whole message in memory.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from twisted.internet import defer
 
 from lightmail.storage.interfaces import IBlobStore
 
@@ -23,6 +26,34 @@ async def blob_chunks(blobs: IBlobStore, blob_id: str, size: int,
             break
         offset += len(data)
         yield data
+
+
+class PushProducer:
+    """Flow control for a session that streams to a slow reader (IPushProducer).
+
+    A session registers itself as the transport's producer while it sends; when the
+    transport's buffer is full, :meth:`pauseProducing` leaves a Deferred in
+    ``_paused`` that the sending loop awaits, fired on resume, or failed with the
+    reason when the connection is lost (:meth:`fail_paused`)."""
+
+    _paused: Optional[defer.Deferred[None]] = None
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def fail_paused(self, reason: Any) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.errback(reason)
 
 
 class DotStuffer:

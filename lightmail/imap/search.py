@@ -33,7 +33,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any, ClassVar, Optional, Protocol
 
 from lightmail.imap.sequence import SequenceSet, parse_sequence_set
-from lightmail.imap.tokens import Atom, ParseError
+from lightmail.imap.tokens import Atom, ParseError, astring
 
 CHARSETS = ("UTF-8", "US-ASCII")
 MAX_NESTING = 64            # NOT/OR/parentheses deep enough for any real client
@@ -476,7 +476,7 @@ def parse_search(args: list[Any], *, utf8: bool) -> tuple[Key, str]:
 
 
 def _charset(token: Any, utf8: bool) -> str:
-    name = _string(token, "charset").upper()
+    name = astring(token, "charset").upper()
     if name in CHARSETS:
         return name
     if utf8:
@@ -541,7 +541,7 @@ class _Reader:
         return key
 
     def string(self, what: str) -> str:
-        return _string(self.take(what), what)
+        return astring(self.take(what), what)
 
     def number(self, what: str, limit: int = MAX_NUMBER64, zero: bool = True) -> int:
         token = self.take(what)
@@ -636,19 +636,6 @@ _READERS: dict[str, Callable[[_Reader, str], Key]] = {
 
 def _is_atom(token: Any, word: str) -> bool:
     return isinstance(token, Atom) and token.upper() == word
-
-
-def _string(token: Any, what: str) -> str:
-    """An astring argument.  The charsets searched in are UTF-8 and its subset
-    US-ASCII, so a literal is read as UTF-8 either way."""
-    if isinstance(token, bytes):
-        try:
-            return token.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ParseError(f"{what} is not valid in the charset") from None
-    if isinstance(token, str):
-        return str(token)
-    raise ParseError(f"{what} must be a string")
 
 
 def _parse_date(text: str) -> date:

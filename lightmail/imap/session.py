@@ -79,6 +79,7 @@ from lightmail.storage.interfaces import (
     MessageInfo,
     NoSuchMailbox,
 )
+from lightmail.streams import PushProducer
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = (
     "not authenticated", "authenticated", "selected", "logout")
@@ -202,7 +203,7 @@ def _ok(text: str) -> Reply:
 
 
 @implementer(IPushProducer)
-class IMAPSession(TrackedProtocol, TimeoutMixin):
+class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
     factory: IMAPFactory
 
     def __init__(self, factory: IMAPFactory) -> None:
@@ -223,7 +224,6 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         self.saved_search: Optional[list[int]] = None   # SEARCHRES, as UIDs
         self.compressor: Any = None
         self.decompressor: Any = None
-        self._paused: Optional[defer.Deferred[None]] = None
         self._out: Optional[list[bytes]] = None     # collecting a command's output
         self._out_size = 0
         self._logged_in = False
@@ -261,9 +261,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
         self.closing = True
-        if self._paused is not None:
-            paused, self._paused = self._paused, None
-            paused.errback(reason)
+        self.fail_paused(reason)
         self._unselect()
         if self._logged_in:
             self._logged_in = False
@@ -329,18 +327,6 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
         self.closing = True
         if self.transport is not None:
             self.transport.loseConnection()
-
-    def pauseProducing(self) -> None:
-        if self._paused is None:
-            self._paused = defer.Deferred()
-
-    def resumeProducing(self) -> None:
-        paused, self._paused = self._paused, None
-        if paused is not None:
-            paused.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
 
     # -- input ----------------------------------------------------------------------
 

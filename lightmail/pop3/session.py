@@ -31,7 +31,7 @@ from lightmail.listeners import TrackedProtocol, TrackingFactory
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
-from lightmail.streams import DotStuffer
+from lightmail.streams import DotStuffer, PushProducer
 
 AUTHORIZATION, TRANSACTION = "authorization", "transaction"
 
@@ -50,7 +50,7 @@ def locks_for(services: Any) -> Locks:
 
 
 @implementer(IPushProducer)
-class POP3Session(TrackedProtocol, TimeoutMixin):
+class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     factory: POP3Factory
 
     def __init__(self, factory: POP3Factory) -> None:
@@ -67,7 +67,6 @@ class POP3Session(TrackedProtocol, TimeoutMixin):
         self.sasl: Optional[sasl.Mechanism] = None
         self.account: Any = None
         self.maildrop: Optional[Maildrop] = None
-        self._paused: Optional[defer.Deferred[None]] = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -85,9 +84,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
         self.closing = True
-        if self._paused is not None:
-            paused, self._paused = self._paused, None
-            paused.errback(reason)
+        self.fail_paused(reason)
         if self.maildrop is not None:
             # A dropped connection never reaches UPDATE: nothing is deleted.
             self.maildrop.close()
@@ -129,19 +126,6 @@ class POP3Session(TrackedProtocol, TimeoutMixin):
         self.closing = True
         if self.transport is not None:
             self.transport.loseConnection()
-
-    # flow control while a message streams out (IPushProducer)
-    def pauseProducing(self) -> None:
-        if self._paused is None:
-            self._paused = defer.Deferred()
-
-    def resumeProducing(self) -> None:
-        paused, self._paused = self._paused, None
-        if paused is not None:
-            paused.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
 
     # -- input ----------------------------------------------------------------------
 
