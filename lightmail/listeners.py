@@ -144,6 +144,39 @@ class TrackingFactory(Factory):
         return d
 
 
+class Refuser(Protocol):
+    """Says one line (an SMTP 421, a POP3 -ERR, an IMAP BYE) and hangs up."""
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.line)
+        self.transport.loseConnection()
+
+
+class ServiceFactory(TrackingFactory):
+    """The factory of one ``[listener:NAME]``: its settings, the services its sessions
+    use, the server's name and, for ``tls = starttls``, the TLS context to upgrade
+    with.  ``refusal`` is the line a client refused at the connection limits gets."""
+
+    refusal: bytes = b""
+
+    def __init__(self, listener: ListenerConfig, services: Any) -> None:
+        super().__init__(listener.max_connections, listener.max_connections_per_ip)
+        self.listener = listener
+        self.services = services
+        self.hostname: str = services.config.hostname
+        self.tls_context: Any = None
+        if listener.tls == "starttls":
+            from lightmail.tls import server_context
+            self.tls_context = server_context(listener)
+
+    def refuse(self, addr: Any, reason: str) -> Optional[Protocol]:
+        return Refuser(self.refusal) if self.refusal else None
+
+
 class ListenerService(Service):
     """Listens on one endpoint with one protocol factory."""
 

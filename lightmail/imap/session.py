@@ -32,7 +32,6 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -72,7 +71,7 @@ from lightmail.imap.tokens import (
     plist,
     quote,
 )
-from lightmail.listeners import TrackedProtocol, TrackingFactory
+from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.storage.interfaces import (
     MailboxExists,
@@ -1691,30 +1690,15 @@ def _register() -> None:
 _register()
 
 
-class _Refuser(Protocol):
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
-        self.transport.loseConnection()
+class IMAPFactory(ServiceFactory):
+    refusal = b"* BYE [UNAVAILABLE] Too many connections, try later\r\n"
 
-
-class IMAPFactory(TrackingFactory):
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
-        super().__init__(listener.max_connections, listener.max_connections_per_ip)
-        self.listener = listener
-        self.services = services
-        self.hostname = services.config.hostname
+        super().__init__(listener, services)
         self.hub = hub_for(services)
-        self.tls_context = None
-        if listener.tls == "starttls":
-            from lightmail.tls import server_context
-            self.tls_context = server_context(listener)
 
     def make_protocol(self, addr: Any) -> IMAPSession:
         return IMAPSession(self)
-
-    def refuse(self, addr: Any, reason: str) -> Protocol:
-        return _Refuser()
 
 
 def build_imap_factory(listener: ListenerConfig, services: Any) -> IMAPFactory:

@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -27,7 +26,7 @@ from zope.interface import implementer
 from lightmail import sasl
 from lightmail.config import ListenerConfig
 from lightmail.directory.interfaces import IMailAccount
-from lightmail.listeners import TrackedProtocol, TrackingFactory
+from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
@@ -472,29 +471,11 @@ class _TopCut:
         return chunk[:position]
 
 
-class _Refuser(Protocol):
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
-        self.transport.loseConnection()
-
-
-class POP3Factory(TrackingFactory):
-    def __init__(self, listener: ListenerConfig, services: Any) -> None:
-        super().__init__(listener.max_connections, listener.max_connections_per_ip)
-        self.listener = listener
-        self.services = services
-        self.hostname = services.config.hostname
-        self.tls_context = None
-        if listener.tls == "starttls":
-            from lightmail.tls import server_context
-            self.tls_context = server_context(listener)
+class POP3Factory(ServiceFactory):
+    refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 
     def make_protocol(self, addr: Any) -> POP3Session:
         return POP3Session(self)
-
-    def refuse(self, addr: Any, reason: str) -> Protocol:
-        return _Refuser()
 
 
 def build_pop3_factory(listener: ListenerConfig, services: Any) -> POP3Factory:

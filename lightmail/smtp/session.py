@@ -32,7 +32,7 @@ from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
 from lightmail.directory.interfaces import IMailAccount
-from lightmail.listeners import TrackedProtocol, TrackingFactory
+from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
@@ -672,35 +672,18 @@ def _valid_notify(value: str) -> bool:
     return len(set(items)) == len(items) and set(items) <= {"SUCCESS", "FAILURE", "DELAY"}
 
 
-class _Refuser(Protocol):
-    def __init__(self, hostname: str, reason: str) -> None:
-        self.message = Reply(421, "4.7.0", f"{hostname} {reason}").render()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self.message)
-        self.transport.loseConnection()
-
-
-class SMTPFactory(TrackingFactory):
+class SMTPFactory(ServiceFactory):
     def __init__(self, listener: ListenerConfig, services: Any, submission: bool,
                  handler: Optional[SMTPHandler] = None) -> None:
-        super().__init__(listener.max_connections, listener.max_connections_per_ip)
-        self.listener = listener
-        self.services = services
+        super().__init__(listener, services)
         self.submission = submission
-        self.hostname = services.config.hostname
         self.handler = handler or SMTPHandler(services)
-        self.tls_context = None
-        if listener.tls == "starttls":
-            from lightmail.tls import server_context
-            self.tls_context = server_context(listener)
 
     def make_protocol(self, addr: Any) -> SMTPServerSession:
         return SMTPServerSession(self)
 
     def refuse(self, addr: Any, reason: str) -> Protocol:
-        return _Refuser(self.hostname, reason)
+        return Refuser(Reply(421, "4.7.0", f"{self.hostname} {reason}").render())
 
 
 def build_mx_factory(listener: ListenerConfig, services: Any) -> SMTPFactory:
