@@ -73,3 +73,12 @@ def test_hub_tells_select_of_changes_announced_during_its_read() -> None:
     for n in range(hubs.RECENT_CHANGES + 1):     # too many to tell: assume the worst
         hub.mailbox_changed(MailboxChange(1, 2, "flags", (1,), 10 + n))
     assert hub.missed_since(mark, 3, 5)
+
+
+def test_sequence_set_selects_sorted_uids_by_bisection() -> None:
+    from lightmail.imap.sequence import parse_sequence_set
+    uids = [2, 4, 5, 9, 12, 40]
+    assert parse_sequence_set("5:10,1,3:4,*").select_sorted(uids, 40) == [4, 5, 9, 40]
+    assert parse_sequence_set("12:3,4:5").select_sorted(uids, 40) == [4, 5, 9, 12]
+    assert parse_sequence_set("41:*").select_sorted(uids, 40) == [40]
+    assert parse_sequence_set("13:39").select_sorted(uids, 40) == []

@@ -88,6 +88,9 @@ def test_select_mailbox_reads_row_and_messages_together(stack) -> None:
     assert found == (yield stack.mailstore.get_mailbox(user.id, "INBOX"))
     assert messages == (yield stack.mailstore.list_messages(box.id))
     assert [m.uid for m in messages] == [1, 2, 3]
+    assert [m.blob_id for m in messages] == [ref.id for ref in refs]
+    assert all(type(v) is int for m in messages
+               for v in (m.uid, m.modseq, m.size, m.internal_date))
     assert found.uidnext == 4 and found.highestmodseq == max(m.modseq for m in messages)
     assert messages[1].flags == frozenset({"\\Seen", "\\Flagged"})
     assert messages[0].flags == frozenset() and messages[2].flags == {"\\Seen"}

@@ -1222,16 +1222,21 @@ class IMAPSession(TrackedProtocol, TimeoutMixin):
             return [u for u in selected.uids if u in saved]
         if uid:
             largest = selected.largest_uid
-            return list(seqset.select(selected.uids, largest)) if largest else []
+            return seqset.select_sorted(selected.uids, largest) if largest else []
         count = selected.exists
         if count == 0 and any(-1 in r for r in seqset.ranges):
             return []       # "*" in an empty mailbox: nothing, as Dovecot answers
-        numbers: list[int] = []
-        for low, high in seqset.resolve(count):
-            if high > count:
-                raise Bad("Invalid message sequence number")
-            numbers.extend(range(low, high + 1))
-        return sorted({selected.uid_of(n) for n in numbers})
+        ranges = sorted(seqset.resolve(count))
+        if any(high > count for _, high in ranges):
+            raise Bad("Invalid message sequence number")
+        # Numbers are positions in the (ascending) UIDs: each range is a slice.
+        uids: list[int] = []
+        taken = 0           # numbers up to this are decided
+        for low, high in ranges:
+            if high > taken:
+                uids.extend(selected.uids[max(low, taken + 1) - 1:high])
+                taken = high
+        return uids
 
     async def do_CHECK(self, cmd: Command) -> Reply:
         self._no_args(cmd)

@@ -396,7 +396,12 @@ class SQLMailStore:
         # Plain tuples straight from the driver's rows: this runs once per message
         # of the mailbox at every SELECT (100,000 for a big one).
         flag_sets, info = _flag_sets, MessageInfo
-        rows = conn.execute(_LIST_MESSAGES, {"b_box": mailbox_id})
+        result = conn.execute(_LIST_MESSAGES, {"b_box": mailbox_id})
+        # The driver's own rows (plain integers and strings on every backend here):
+        # SQLAlchemy's Row per message cost a third of the time.
+        cursor = result.cursor
+        rows = cursor.fetchall() if cursor is not None else result.fetchall()
+        result.close()
         return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
                 for uid, modseq, blob_id, size, date, flags in rows]
 
