@@ -48,3 +48,37 @@ def test_a_gap_or_missing_content_needs_a_read() -> None:
     sel.reading = True
     sel.hear(MailboxChange(1, 1, "expunged", (2,), 6))
     assert sel.dirty and not sel.pending
+
+
+def test_recent_from_first_recent_uid() -> None:
+    box = Mailbox(1, 1, "INBOX", 7, uidnext=4, highestmodseq=5)
+    sel = SelectedMailbox(box, [info(1, 2), info(2, 3), info(3, 5)], readonly=False,
+                          first_recent=2)
+    assert sel.recent == {2, 3} and sel.flags_of(2) == {"\\Recent"}
+    assert sel.number_of(3) == 3 and sel.info[1].modseq == 2
+
+
+def test_hub_tells_select_of_changes_announced_during_its_read() -> None:
+    from lightmail.imap import hub as hubs
+    hub = hubs.MailboxHub()
+    mark = hub.announced
+    assert not hub.missed_since(mark, 1, 5)
+    hub.mailbox_changed(MailboxChange(1, 2, "appended", (9,), 9))     # another box
+    hub.mailbox_changed(MailboxChange(1, 1, "flags", (1,), 5))        # already read
+    assert not hub.missed_since(mark, 1, 5)
+    hub.mailbox_changed(MailboxChange(1, 1, "expunged", (1,), 6))
+    assert hub.missed_since(mark, 1, 5) and not hub.missed_since(mark + 3, 1, 5)
+    hub.mailbox_changed(MailboxChange(1, 1, "deleted"))
+    assert hub.missed_since(mark + 3, 1, 5)
+    for n in range(hubs.RECENT_CHANGES + 1):     # too many to tell: assume the worst
+        hub.mailbox_changed(MailboxChange(1, 2, "flags", (1,), 10 + n))
+    assert hub.missed_since(mark, 3, 5)
+
+
+def test_sequence_set_selects_sorted_uids_by_bisection() -> None:
+    from lightmail.imap.sequence import parse_sequence_set
+    uids = [2, 4, 5, 9, 12, 40]
+    assert parse_sequence_set("5:10,1,3:4,*").select_sorted(uids, 40) == [4, 5, 9, 40]
+    assert parse_sequence_set("12:3,4:5").select_sorted(uids, 40) == [4, 5, 9, 12]
+    assert parse_sequence_set("41:*").select_sorted(uids, 40) == [40]
+    assert parse_sequence_set("13:39").select_sorted(uids, 40) == []

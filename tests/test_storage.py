@@ -73,6 +73,31 @@ def test_append_assigns_increasing_uids_and_modseqs_under_concurrency(stack) -> 
 
 
 @pytest_twisted.inlineCallbacks
+def test_select_mailbox_reads_row_and_messages_together(stack) -> None:
+    user = yield make_user(stack)
+    assert (yield stack.mailstore.select_mailbox(user.id, "INBOX")) is None
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    empty_box, empty = yield stack.mailstore.select_mailbox(user.id, "inbox")
+    assert empty_box == box and empty == []
+    refs = yield defer.gatherResults(
+        [stack.blobs.put(MESSAGE + b"%d\r\n" % i) for i in range(3)])
+    for i, ref in enumerate(refs):
+        yield stack.mailstore.append(box.id, ref, flags=["\\Seen"] if i else [])
+    yield stack.mailstore.set_flags(box.id, [2], ["\\Flagged"], mode="add")
+    found, messages = yield stack.mailstore.select_mailbox(user.id, "InBoX")
+    assert found == (yield stack.mailstore.get_mailbox(user.id, "INBOX"))
+    assert messages == (yield stack.mailstore.list_messages(box.id))
+    assert [m.uid for m in messages] == [1, 2, 3]
+    assert [m.blob_id for m in messages] == [ref.id for ref in refs]
+    assert all(type(v) is int for m in messages
+               for v in (m.uid, m.modseq, m.size, m.internal_date))
+    assert found.uidnext == 4 and found.highestmodseq == max(m.modseq for m in messages)
+    assert messages[1].flags == frozenset({"\\Seen", "\\Flagged"})
+    assert messages[0].flags == frozenset() and messages[2].flags == {"\\Seen"}
+    assert (yield stack.mailstore.select_mailbox(user.id, "nope")) is None
+
+
+@pytest_twisted.inlineCallbacks
 def test_same_delivery_id_files_once(stack) -> None:
     user = yield make_user(stack)
     box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
@@ -526,3 +551,44 @@ def test_header_blocks_kept_per_blob_and_read_in_batches(stack) -> None:
     many = list(range(1, 1200))
     assert (yield stack.mailstore.headers_for(inbox.id, many)) == {
         1: head, 2: b"Subject: old\nX: y\n\n", 4: head}
+
+
+@pytest_twisted.inlineCallbacks
+def test_copies_and_deliveries_are_announced_with_their_messages(stack) -> None:
+    """An IMAP session takes announced messages in without reading the store: the
+    announcement must hold them exactly as listed."""
+    from lightmail.delivery.local import LocalDeliveryAgent
+
+    class Heard:
+        def __init__(self) -> None:
+            self.changes: list = []
+
+        def mailbox_changed(self, change) -> None:
+            self.changes.append(change)
+
+    heard = Heard()
+    stack.mailstore.add_listener(heard)
+    user = yield make_user(stack, "bob@example.test")
+    inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    archive = yield stack.mailstore.create_mailbox(user.id, "Archive")
+    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
+    ref = yield stack.blobs.put(MESSAGE)
+    yield agent.deliver_at_acceptance(["bob@example.test"], ref, "Q1")     # fresh
+    yield stack.queue.enqueue(Envelope("a@example.org",
+                                       [QueueRecipient("bob@example.test")]), ref)
+    [item] = yield stack.queue.claim("node-1", ["local"], 10, 600)
+    yield agent.deliver(item)                                               # queued
+    yield stack.mailstore.set_flags(inbox.id, [1], ["\\Seen"], "add")
+    yield stack.mailstore.copy(inbox.id, [1, 2], archive.id)
+    appended = [c for c in heard.changes if c.kind == "appended"]
+    assert [(c.mailbox_id, c.uids) for c in appended] == [
+        (inbox.id, (1,)), (inbox.id, (2,)), (archive.id, (1, 2))]
+    listed = {inbox.id: (yield stack.mailstore.list_messages(inbox.id)),
+              archive.id: (yield stack.mailstore.list_messages(archive.id))}
+    assert appended[2].messages == tuple(listed[archive.id])
+    assert appended[2].messages[0].flags == {"\\Seen"}
+    first, second = listed[inbox.id]
+    assert appended[0].messages == (first._replace(modseq=appended[0].modseq,
+                                                   flags=frozenset()),)
+    assert appended[1].messages == (second,)
+    assert all(c.modseq == c.messages[0].modseq for c in appended)

@@ -142,8 +142,7 @@ class LocalDeliveryAgent:
             user_id, appended = store.append_now(conn, box.id, blob,
                                                  delivery_id=delivery_id, locked=locked)
             if not appended.duplicate:
-                changes.append(MailboxChange(user_id, box.id, "appended", (appended.uid,),
-                                             appended.modseq))
+                changes.append(store.appended_change(user_id, blob, appended))
             filed.append(_filed(target.user.address, box.name, appended))
         return _outcome(filed, full, over_quota), changes
 
@@ -165,9 +164,8 @@ class LocalDeliveryAgent:
             changes.append(MailboxChange(user_id, box.id, "created"))
             placed = store.append_fresh_now(conn, user_id, name, blob, delivery_id)
             assert placed is not None
-        mailbox_id, appended = placed
-        changes.append(MailboxChange(user_id, mailbox_id, "appended", (appended.uid,),
-                                     appended.modseq))
+        _, appended = placed
+        changes.append(store.appended_change(user_id, blob, appended))
         return _filed(target.user.address, name, appended)
 
     # -- at acceptance ---------------------------------------------------------------

@@ -118,6 +118,28 @@ def format_flags(flags: frozenset[str] | set[str]) -> bytes:
     return plist([flag.encode("utf-8") for flag in sorted(flags)])
 
 
+# Flag lists already formatted, by the (shared, see sqlstore) frozenset and whether
+# \Recent is added: a FETCH 1:* (FLAGS) formats a handful of distinct sets, not one
+# list per message.
+_flag_lists: tuple[dict[frozenset[str], bytes], dict[frozenset[str], bytes]] = ({}, {})
+FLAG_LISTS_KEPT = 4096
+
+
+def flag_list(flags: frozenset[str], recent: bool = False) -> bytes:
+    """``format_flags(flags)``, with ``\\Recent`` added if ``recent``; cached."""
+    cache = _flag_lists[recent]
+    out = cache.get(flags)
+    if out is None:
+        if len(cache) >= FLAG_LISTS_KEPT:
+            cache.clear()
+        out = cache[flags] = format_flags(flags | {"\\Recent"} if recent else flags)
+    return out
+
+
+# Items answered from a message's MessageInfo alone (no content read).
+META_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})
+
+
 def internal_date(ms: int) -> bytes:
     """``"17-Jul-1996 02:44:25 -0700"`` (RFC 9051 date-time), in UTC."""
     return time.strftime('"%d-%b-%Y %H:%M:%S +0000"', time.gmtime(ms / 1000)).encode()

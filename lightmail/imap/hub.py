@@ -13,17 +13,25 @@ that arrived before it are no longer recent.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from zope.interface import implementer
 
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
 
+# Announcements remembered for SELECT (see MailboxHub.missed_since).
+RECENT_CHANGES = 1024
+
 
 @implementer(IChangeListener)
 class MailboxHub:
     def __init__(self) -> None:
+        # Every announcement is counted; the last RECENT_CHANGES are kept as
+        # (mailbox id, MODSEQ), so that a SELECT can tell whether a change was
+        # announced while it read the mailbox, before it watched it.
+        self.announced = 0
+        self.recent_changes: deque[tuple[int, int]] = deque(maxlen=RECENT_CHANGES)
         self.watchers: dict[int, set[Any]] = {}
         self.user_sessions: Counter[int] = Counter()
         self.recent_from: dict[int, int] = {}     # mailbox id -> first UID still recent
@@ -32,11 +40,24 @@ class MailboxHub:
         self.provisioned: set[int] = set()
 
     def mailbox_changed(self, change: MailboxChange) -> None:
+        self.announced += 1
+        self.recent_changes.append((change.mailbox_id, change.modseq))
         if change.kind == "appended" and change.uids:
             # First sight of a mailbox: what arrives from now on is recent.
             self.recent_from.setdefault(change.mailbox_id, min(change.uids))
         for watcher in list(self.watchers.get(change.mailbox_id, ())):
             watcher.mailbox_changed(change)
+
+    def missed_since(self, mark: int, mailbox_id: int, modseq: int) -> bool:
+        """Whether a change to ``mailbox_id`` after ``modseq`` may have been announced
+        since ``announced`` was ``mark`` (True too when too many were to tell)."""
+        count = self.announced - mark
+        if count <= 0:
+            return False
+        if count > len(self.recent_changes):
+            return True
+        return any(box == mailbox_id and (seq > modseq or not seq)
+                   for box, seq in list(self.recent_changes)[-count:])
 
     def watch(self, mailbox_id: int, watcher: Any) -> None:
         self.watchers.setdefault(mailbox_id, set()).add(watcher)

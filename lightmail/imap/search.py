@@ -30,7 +30,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, ClassVar, NamedTuple, Optional, Protocol
 
 from lightmail.imap.sequence import SequenceSet, parse_sequence_set
 from lightmail.imap.tokens import Atom, ParseError, astring
@@ -56,9 +56,10 @@ class MessageContent(Protocol):
     def date(self) -> Optional[float]: ...
 
 
-@dataclass(frozen=True)
-class MessageView:
-    """The per-message facts the session already has without reading the message."""
+class MessageView(NamedTuple):
+    """The per-message facts the session already has without reading the message.
+
+    A named tuple: a SEARCH makes one per message it looks at or finds."""
 
     seq: int
     uid: int
@@ -355,6 +356,17 @@ def matches(key: Key, msg: MessageView, ctx: SearchContext,
 def needs_content(key: Key) -> bool:
     """Whether matching reads the message (header, body, text or sent-date keys)."""
     return any(node.reads_content for node in walk(key))
+
+
+def flags_only(key: Key) -> bool:
+    """Whether matching looks at nothing but a message's flags: then a search tests
+    each distinct flag set once (``matches_flags``)."""
+    return all(isinstance(node, (All, And, Or, Not, Flag, Keyword)) for node in walk(key))
+
+
+def matches_flags(key: Key, flags: frozenset[str], ctx: SearchContext) -> bool:
+    """For a :func:`flags_only` key: whether a message with ``flags`` matches."""
+    return matches(key, MessageView(0, 0, flags, 0, 0, 0), ctx)
 
 
 def needs_body(key: Key) -> bool:

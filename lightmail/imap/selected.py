@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Optional
 
+from lightmail.imap.fetch import flag_list
 from lightmail.storage.interfaces import Mailbox, MailboxChange, MailboxChanges, MessageInfo
+
+_uid_of = attrgetter("uid")
 
 
 @dataclass
@@ -33,12 +37,15 @@ class SelectedMailbox:
         self.mailbox = mailbox
         self.id = mailbox.id
         self.readonly = readonly
-        self.uids: list[int] = [m.uid for m in messages]
-        self.info: dict[int, MessageInfo] = {m.uid: m for m in messages}
+        # (Built with map/zip, not comprehensions: this runs over every message of the
+        # mailbox at each SELECT.)
+        self.uids: list[int] = list(map(_uid_of, messages))
+        self.info: dict[int, MessageInfo] = dict(zip(self.uids, messages, strict=True))
         self.modseq = mailbox.highestmodseq
         self.uidnext = mailbox.uidnext
         self.first_recent = first_recent
-        self.recent: set[int] = {uid for uid in self.uids if uid >= first_recent}
+        self.recent: set[int] = set(
+            self.uids[bisect.bisect_left(self.uids, first_recent):])
         self.dirty = False                    # changes_since must be read
         # Changes announced with their content and contiguous with what this view
         # knows (each one's MODSEQ follows the last): taken in at the next catch-up
@@ -70,6 +77,10 @@ class SelectedMailbox:
     def flags_of(self, uid: int) -> frozenset[str]:
         flags = self.info[uid].flags
         return flags | {"\\Recent"} if uid in self.recent else flags
+
+    def flag_list(self, uid: int) -> bytes:
+        """``flags_of(uid)`` formatted as a FETCH response's flag list."""
+        return flag_list(self.info[uid].flags, uid in self.recent)
 
     # -- catching up ----------------------------------------------------------------
 

@@ -6,8 +6,9 @@ message number (or UID) in use, and ``n:m`` is the same as ``m:n``.
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from lightmail.imap.tokens import ParseError
@@ -35,6 +36,20 @@ class SequenceSet:
 
     def contains(self, number: int, largest: int) -> bool:
         return any(low <= number <= high for low, high in self.resolve(largest))
+
+    def select_sorted(self, numbers: Sequence[int], largest: int) -> list[int]:
+        """The members of ``numbers`` (a sorted list, no repeats) that are in the set,
+        ascending: each range is found by bisection, not by testing every member (a
+        UID FETCH of a few messages in a mailbox of 100,000)."""
+        out: list[int] = []
+        taken = 0           # numbers[:taken] are decided
+        for low, high in sorted(self.resolve(largest)):
+            start = max(bisect.bisect_left(numbers, low, taken), taken)
+            end = bisect.bisect_right(numbers, high, start)
+            if end > start:
+                out.extend(numbers[start:end])
+                taken = end
+        return out
 
     def select(self, numbers: Iterable[int], largest: int) -> Iterator[int]:
         """The members of ``numbers`` (sorted ascending) that are in the set."""

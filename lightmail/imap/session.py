@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -103,6 +104,8 @@ def breathe() -> defer.Deferred[None]:
     reactor.callLater(0, d.callback, None)  # type: ignore[attr-defined]
     return d
 
+
+_flags_of = attrgetter("flags")
 
 # Output collected before a transport write (see IMAPSession.write).
 OUTPUT_CHUNK = 64 * 1024
@@ -528,7 +531,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
     def _flags_fetch(self, number: int, info: MessageInfo) -> bytes:
         assert self.selected is not None
         out = b"%d FETCH (UID %d FLAGS " % (number, info.uid)
-        out += fetching.format_flags(self.selected.flags_of(info.uid))
+        out += self.selected.flag_list(info.uid)
         if self._condstore:
             out += b" MODSEQ (%d)" % info.modseq
         return out + b")"
@@ -766,8 +769,13 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
             if "QRESYNC" in self.enabled or self.rev2:
                 self.untagged("OK [CLOSED] Previous mailbox closed")
         name = self._name(cmd.args[0])
-        box = await self._mailbox(name)
-        messages = await self.store.list_messages(box.id)
+        # The mailbox row and its messages in one read; the changes announced while it
+        # ran, before this session watches the mailbox, are looked up in the hub.
+        mark = self.hub.announced
+        found = await self.store.select_mailbox(self.user.id, name)
+        if found is None:
+            raise No("[NONEXISTENT] No such mailbox")
+        box, messages = found
         first_recent = (self.hub.peek_recent(box.id, box.uidnext) if readonly
                         else self.hub.claim_recent(box.id, box.uidnext))
         # IMAP4rev2 has no \Recent (RFC 9051 §2.3.2): nothing is recent to this session,
@@ -777,7 +785,11 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
         self.selected, self.state = selected, SELECTED
         self.saved_search = None
         self.hub.watch(box.id, self)
-        keywords = sorted({flag for m in messages for flag in m.flags
+        missed = self.hub.missed_since(mark, box.id, box.highestmodseq)
+        # Messages share a few flag sets (see sqlstore): their keywords are those of
+        # the distinct sets.
+        flag_sets = set(map(_flags_of, messages))
+        keywords = sorted({flag for flags in flag_sets for flag in flags
                            if not flag.startswith("\\")})
         flags = list(SYSTEM_FLAGS) + keywords
         self.untagged(f"{selected.exists} EXISTS")
@@ -786,7 +798,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
         self.untagged(f"FLAGS ({' '.join(flags)})")
         permanent = "" if readonly else " ".join(flags + ["\\*"])
         self.untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags allowed")
-        if not self.rev2:
+        if not self.rev2 and any("\\Seen" not in flags for flags in flag_sets):
             unseen = next((n for n, m in enumerate(messages, 1)
                            if "\\Seen" not in m.flags), None)
             if unseen is not None:
@@ -798,9 +810,11 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
             self.untagged(b"LIST () \"/\" " + self._show(box.name))
         if qresync is not None:
             await self._qresync(selected, *qresync)
-        # What changed between reading the mailbox and listing it: caught up with
-        # before the tagged reply (the listing may hold messages after the MODSEQ).
-        selected.dirty = True
+        # The listing holds every change up to the mailbox's MODSEQ (maybe later ones
+        # too): later changes are heard as they are announced, unless one was announced
+        # before this session watched the mailbox, which calls for a read.
+        if missed:
+            selected.dirty = True
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         return _ok(f"[{mode}] {cmd.name} completed")
 
@@ -1193,16 +1207,21 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
             return [u for u in selected.uids if u in saved]
         if uid:
             largest = selected.largest_uid
-            return list(seqset.select(selected.uids, largest)) if largest else []
+            return seqset.select_sorted(selected.uids, largest) if largest else []
         count = selected.exists
         if count == 0 and any(-1 in r for r in seqset.ranges):
             return []       # "*" in an empty mailbox: nothing, as Dovecot answers
-        numbers: list[int] = []
-        for low, high in seqset.resolve(count):
-            if high > count:
-                raise Bad("Invalid message sequence number")
-            numbers.extend(range(low, high + 1))
-        return sorted({selected.uid_of(n) for n in numbers})
+        ranges = sorted(seqset.resolve(count))
+        if any(high > count for _, high in ranges):
+            raise Bad("Invalid message sequence number")
+        # Numbers are positions in the (ascending) UIDs: each range is a slice.
+        uids: list[int] = []
+        taken = 0           # numbers up to this are decided
+        for low, high in ranges:
+            if high > taken:
+                uids.extend(selected.uids[max(low, taken + 1) - 1:high])
+                taken = high
+        return uids
 
     async def do_CHECK(self, cmd: Command) -> Reply:
         self._no_args(cmd)
@@ -1290,6 +1309,9 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
                     if not any(item.name == "MODSEQ" for item in items):
                         items.append(fetching.FetchItem("MODSEQ"))
         content = fetching.needs_content(items)
+        if not content and all(item.name in fetching.META_ITEMS for item in items):
+            await self._fetch_meta(selected, uids, [item.name for item in items])
+            return _ok(f"{cmd.name} completed")
         # Header items only: the header blocks kept in SQL, HEADERS_BATCH a query.
         header_only = content and fetching.header_only(items)
         heads: dict[int, bytes] = {}
@@ -1327,6 +1349,51 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
         return _ok(f"{cmd.name} completed")
 
+    async def _fetch_meta(self, selected: SelectedMailbox, uids: list[int],
+                          names: list[str]) -> None:
+        """FETCH of items a MessageInfo answers (UID, FLAGS, INTERNALDATE,
+        RFC822.SIZE, MODSEQ): BATCH responses formatted in one loop and written
+        together, flag lists formatted once per distinct flag set."""
+        info, recent, gone = selected.info, selected.recent, selected.gone
+        flag_list, date = fetching.flag_list, fetching.internal_date
+        # All the messages (FETCH 1:*): message numbers are positions.
+        every = len(uids) == selected.exists
+        number_of = selected.number_of
+        assert self.transport is not None
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        try:
+            for start in range(0, len(uids), BATCH):
+                if self.closing or self.selected is not selected:
+                    break
+                lines = []
+                for index in range(start, min(start + BATCH, len(uids))):
+                    message_uid = uids[index]
+                    if message_uid in gone:
+                        continue     # expunged meanwhile; not told yet (RFC 9051 §7.5.1)
+                    m = info[message_uid]
+                    parts = []
+                    for name in names:
+                        if name == "FLAGS":
+                            parts.append(b"FLAGS " + flag_list(m.flags, message_uid in recent))
+                        elif name == "UID":
+                            parts.append(b"UID %d" % message_uid)
+                        elif name == "MODSEQ":
+                            parts.append(b"MODSEQ (%d)" % m.modseq)
+                        elif name == "RFC822.SIZE":
+                            parts.append(b"RFC822.SIZE %d" % m.size)
+                        else:
+                            parts.append(b"INTERNALDATE " + date(m.internal_date))
+                    lines.append(b"* %d FETCH (%s)\r\n" % (
+                        index + 1 if every else number_of(message_uid), b" ".join(parts)))
+                self.write(b"".join(lines))
+                if self._paused is not None:
+                    await self._paused
+                elif start + BATCH < len(uids):
+                    await breathe()
+        finally:
+            if self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
     def _fetch_modifiers(self, value: Any, uid: bool) -> tuple[Optional[int], bool]:
         if not isinstance(value, list):
             raise Bad("FETCH modifiers must be a list")
@@ -1355,7 +1422,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
             if item.name == "UID":
                 out.append(b"UID %d" % info.uid)
             elif item.name == "FLAGS":
-                out.append(b"FLAGS " + fetching.format_flags(selected.flags_of(info.uid)))
+                out.append(b"FLAGS " + selected.flag_list(info.uid))
             elif item.name == "INTERNALDATE":
                 out.append(b"INTERNALDATE " + fetching.internal_date(info.internal_date))
             elif item.name == "RFC822.SIZE":
@@ -1416,7 +1483,7 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
                 continue
             info = selected.info[message_uid]
             number = selected.number_of(message_uid)
-            parts = [b"FLAGS " + fetching.format_flags(selected.flags_of(message_uid))]
+            parts = [b"FLAGS " + selected.flag_list(message_uid)]
             if silent:
                 parts = []
             # RFC 7162 §3.2.4: with CONDSTORE on, every untagged FETCH a STORE causes
@@ -1497,6 +1564,24 @@ class IMAPSession(TrackedProtocol, TimeoutMixin, PushProducer):
         heads: dict[int, bytes] = {}
         found = []
         parsed: dict[int, ParsedMessage] = {}
+        if searching.flags_only(key):
+            # UNSEEN, DELETED, KEYWORD...: each distinct flag set is tested once.
+            make_view, infos, recent, gone = searching.MessageView, selected.info, \
+                selected.recent, selected.gone
+            decided: tuple[dict[frozenset[str], bool], dict[frozenset[str], bool]] = ({}, {})
+            for number, message_uid in enumerate(selected.uids, 1):
+                m = infos[message_uid]
+                is_recent = message_uid in recent
+                ok = decided[is_recent].get(m.flags)
+                if ok is None:
+                    flags = m.flags | {"\\Recent"} if is_recent else m.flags
+                    ok = decided[is_recent][m.flags] = searching.matches_flags(
+                        key, flags, context)
+                if ok and message_uid not in gone:
+                    found.append(make_view(number, message_uid,
+                                           selected.flags_of(message_uid),
+                                           m.internal_date, m.size, m.modseq))
+            return found, key, parsed
         ahead = _ReadAhead(self.store, selected, selected.uids)
         for number, message_uid in enumerate(selected.uids, 1):
             if header_only and (number - 1) % HEADERS_BATCH == 0:

@@ -67,6 +67,7 @@ class Appended:
     uid: int
     modseq: int
     duplicate: bool = False     # already filed earlier under the same delivery id
+    internal_date: int = 0      # as filed (ms since the epoch); 0 for a duplicate
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +257,14 @@ class IMailStore(Interface):
 
     def list_messages(mailbox_id: int) -> Deferred[list[MessageInfo]]:
         """The messages of a mailbox in UID order."""
+
+    def select_mailbox(user_id: int, name: str
+                       ) -> Deferred[Optional[tuple[Mailbox, list[MessageInfo]]]]:
+        """The mailbox called ``name`` (as :meth:`get_mailbox`) and its messages in UID
+        order, in one read (None if there is no such mailbox).  The list holds every
+        change up to the mailbox's HIGHESTMODSEQ; it may hold later ones too (never
+        fewer), so that a reader who then applies the changes after that MODSEQ ends up
+        with the mailbox as it is."""
 
     def headers_for(mailbox_id: int, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         """The top-level header blocks of messages (each with the blank line that ends

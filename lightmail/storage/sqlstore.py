@@ -176,6 +176,16 @@ _FILL_HEADERS = s.blobs.update().where(
     headers=sa.bindparam("b_headers", type_=sa.LargeBinary))
 
 
+def _raw_rows(result: Any) -> list[Any]:
+    """All rows of a result as the driver gives them (for columns that need no
+    SQLAlchemy result processing: integers, strings, bytes): iterating SQLAlchemy's
+    Rows, one fetchone each, cost a third or more of reading a big mailbox."""
+    cursor = result.cursor
+    rows = cursor.fetchall() if cursor is not None else result.fetchall()
+    result.close()
+    return rows  # type: ignore[no-any-return]
+
+
 def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
     row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == mailbox_id)
                        .with_for_update()).first()
@@ -302,7 +312,8 @@ class SQLMailStore:
         return self._announcing(d, lambda res: [] if res[1].duplicate else [
             MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq,
                           (MessageInfo(mailbox_id, res[1].uid, res[1].modseq, blob.id,
-                                       blob.size, internal_date, frozenset(flags)),))]
+                                       blob.size, internal_date,
+                                       _flag_sets[_flags_text(flags)]),))]
         ).addCallback(lambda res: res[1])
 
     def append_now(self, conn: Connection, mailbox_id: int, blob: BlobRef,
@@ -324,11 +335,14 @@ class SQLMailStore:
                                              earlier.modseq, duplicate=True)
         upsert_blob_ref(conn, self.blobs, blob)
         uid, modseq = box.uidnext, box.highestmodseq + 1
+        if internal_date is None:
+            internal_date = now_ms()
         self._insert_message(conn, mailbox_id, uid, modseq, blob, flags, internal_date,
                              delivery_id)
         conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
                                        "b_modseq": modseq})
-        return box.user_id, Appended(mailbox_id, box.uidvalidity, uid, modseq)
+        return box.user_id, Appended(mailbox_id, box.uidvalidity, uid, modseq,
+                                     internal_date=internal_date)
 
     @staticmethod
     def _insert_message(conn: Connection, mailbox_id: int, uid: int, modseq: int,
@@ -361,8 +375,23 @@ class SQLMailStore:
             conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
                                            "b_modseq": modseq})
         upsert_blob_ref(conn, self.blobs, blob)
-        self._insert_message(conn, mailbox_id, uid, modseq, blob, (), None, delivery_id)
-        return mailbox_id, Appended(mailbox_id, row.uidvalidity, uid, modseq)
+        internal_date = now_ms()
+        self._insert_message(conn, mailbox_id, uid, modseq, blob, (), internal_date,
+                             delivery_id)
+        return mailbox_id, Appended(mailbox_id, row.uidvalidity, uid, modseq,
+                                    internal_date=internal_date)
+
+    @staticmethod
+    def appended_change(user_id: int, blob: BlobRef, appended: Appended,
+                        flags: Sequence[str] = ()) -> MailboxChange:
+        """The announcement of an append made with :meth:`append_now` or
+        :meth:`append_fresh_now` (not a duplicate), with the message as filed: a
+        session that has the mailbox selected takes it in without a read."""
+        return MailboxChange(
+            user_id, appended.mailbox_id, "appended", (appended.uid,), appended.modseq,
+            (MessageInfo(appended.mailbox_id, appended.uid, appended.modseq, blob.id,
+                         blob.size, appended.internal_date,
+                         _flag_sets[_flags_text(flags)]),))
 
     @staticmethod
     def lock_mailbox_now(conn: Connection, user_id: int, name: str) -> Any:
@@ -370,14 +399,30 @@ class SQLMailStore:
         return conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
 
     def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
-        def list_(conn: Connection) -> list[MessageInfo]:
-            # Plain tuples straight from the driver's rows: this runs once per message
-            # of the mailbox at every SELECT (100,000 for a big one).
-            flag_sets, info = _flag_sets, MessageInfo
-            rows = conn.execute(_LIST_MESSAGES, {"b_box": mailbox_id})
-            return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
-                    for uid, modseq, blob_id, size, date, flags in rows]
-        return self.db.read(list_)
+        return self.db.read(self._list_messages, mailbox_id)
+
+    @staticmethod
+    def _list_messages(conn: Connection, mailbox_id: int) -> list[MessageInfo]:
+        # Plain tuples straight from the driver's rows: this runs once per message
+        # of the mailbox at every SELECT (100,000 for a big one).
+        flag_sets, info = _flag_sets, MessageInfo
+        rows = _raw_rows(conn.execute(_LIST_MESSAGES, {"b_box": mailbox_id}))
+        return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
+                for uid, modseq, blob_id, size, date, flags in rows]
+
+    def select_mailbox(self, user_id: int, name: str
+                       ) -> Deferred[Optional[tuple[Mailbox, list[MessageInfo]]]]:
+        name = normalise_mailbox_name(name)
+
+        def select(conn: Connection) -> Optional[tuple[Mailbox, list[MessageInfo]]]:
+            # The row first, then the list: in one SQLite read transaction both come
+            # from one snapshot; under READ COMMITTED (PostgreSQL, MariaDB) the list
+            # may be newer than the row, never older, which is all the caller needs.
+            box = self._get_mailbox(conn, user_id, name)
+            if box is None:
+                return None
+            return box, self._list_messages(conn, box.id)
+        return self.db.read(select)
 
     def headers_for(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         wanted = list(uids)
@@ -386,8 +431,9 @@ class SQLMailStore:
             found: dict[int, bytes] = {}
             unknown: dict[str, list[int]] = {}
             for start in range(0, len(wanted), HEADERS_BATCH):
-                rows = conn.execute(_HEADERS, {"b_box": mailbox_id,
-                                               "b_uids": wanted[start:start + HEADERS_BATCH]})
+                result = conn.execute(_HEADERS, {
+                    "b_box": mailbox_id, "b_uids": wanted[start:start + HEADERS_BATCH]})
+                rows = _raw_rows(result)
                 for uid, blob_id, headers in rows:
                     if headers is None:
                         unknown.setdefault(blob_id, []).append(uid)
@@ -595,7 +641,10 @@ class SQLMailStore:
             return Copied(target.uidvalidity, ()), []
         uid, modseq = target.uidnext, target.highestmodseq + 1
         pairs = []
+        copies = []
         for row in rows:
+            copies.append(MessageInfo(target_id, uid, modseq, row.blob_id, row.size,
+                                      row.internal_date, _flag_sets[row.flags]))
             conn.execute(_INSERT_MESSAGE, {
                 "mailbox_id": target_id, "uid": uid, "modseq": modseq,
                 "blob_id": row.blob_id, "size": row.size, "internal_date": row.internal_date,
@@ -607,7 +656,7 @@ class SQLMailStore:
         conn.execute(_UPDATE_UIDNEXT, {"b_id": target_id, "b_uidnext": uid,
                                        "b_modseq": modseq})
         changes = [MailboxChange(target.user_id, target_id, "appended",
-                                 tuple(p[1] for p in pairs), modseq)]
+                                 tuple(p[1] for p in pairs), modseq, tuple(copies))]
         if move:
             # The blobs change hands: their reference counts stay as they are.
             gone_modseq = (modseq if source_id == target_id else source.highestmodseq) + 1
