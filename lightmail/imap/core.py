@@ -1,0 +1,513 @@
+"""The IMAP session's machinery: reading commands, running one at a time, writing
+responses (batched, with flow control), states and limits, and telling the client of
+changes to its selected mailbox.  Commands live in layers above it: ``mailboxes.py``
+(authenticated state), ``messages.py`` (selected state) and ``session.py`` (any
+state and authentication), each a subclass of the one before."""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lightmail import sasl
+from lightmail.imap.hub import MailboxHub
+from lightmail.imap.parser import (
+    Command,
+    CommandReader,
+    LineTooLong,
+    LiteralTooBig,
+    parse_command,
+    tag_of,
+)
+from lightmail.imap.selected import SelectedMailbox, Updates
+from lightmail.imap.sequence import format_sequence
+from lightmail.imap.tokens import (
+    ParseError,
+    astring,
+)
+from lightmail.listeners import TrackedProtocol
+from lightmail.logs import BoundLogger, new_id
+from lightmail.storage.interfaces import (
+    MessageInfo,
+    NoSuchMailbox,
+)
+from lightmail.streams import PushProducer
+
+NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = (
+    "not authenticated", "authenticated", "selected", "logout")
+ANY = (NOT_AUTHENTICATED, AUTHENTICATED, SELECTED)
+AUTHED = (AUTHENTICATED, SELECTED)
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+FLAG_RE = re.compile(r"^\\?[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
+DATE_TIME = re.compile(
+    r"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
+MONTHS = {m: i for i, m in enumerate(
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+# Commands that walk a whole mailbox hand the reactor back every so many messages, so
+# that FETCH 1:* on 100,000 messages does not stall every other session.
+BATCH = 500
+
+
+def breathe() -> defer.Deferred[None]:
+    """A Deferred that fires on the next reactor turn."""
+    from twisted.internet import reactor
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
+flags_of = attrgetter("flags")
+
+# Output collected before a transport write (see SessionCore.write).
+OUTPUT_CHUNK = 64 * 1024
+
+# command -> (states it is allowed in, handler method)
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {}
+
+
+class No(Exception):
+    """Answer the command NO with this text (it may start with a response code)."""
+
+
+class Bad(Exception):
+    """Answer the command BAD with this text."""
+
+
+@dataclass
+class Reply:
+    status: str
+    text: str
+
+
+def ok(text: str) -> Reply:
+    return Reply("OK", text)
+
+
+@implementer(IPushProducer)
+class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
+    factory: IMAPFactory
+
+    def __init__(self, factory: IMAPFactory) -> None:
+        self.cfg = factory.services.config.imap
+        self.state = NOT_AUTHENTICATED
+        self.reader = CommandReader(self.cfg.max_line_length, self.cfg.max_literal,
+                                    self.cfg.max_literal + self.cfg.max_line_length)
+        self.busy = False
+        self.closing = False
+        self.tls = factory.listener.tls == "implicit"
+        self.errors = 0
+        self.account: Any = None
+        self.user: Any = None
+        self.selected: Optional[SelectedMailbox] = None
+        self.enabled: set[str] = set()
+        self.idling: Optional[str] = None           # the IDLE command's tag
+        self.sasl: Optional[tuple[str, sasl.Mechanism]] = None
+        self.saved_search: Optional[list[int]] = None   # SEARCHRES, as UIDs
+        self.compressor: Any = None
+        self.decompressor: Any = None
+        self._out: Optional[list[bytes]] = None     # collecting a command's output
+        self._out_size = 0
+        self._logged_in = False
+
+    @property
+    def hub(self) -> MailboxHub:
+        return self.factory.hub
+
+    @property
+    def store(self) -> Any:
+        return self.factory.services.mailstore
+
+    @property
+    def utf8(self) -> bool:
+        return "UTF8=ACCEPT" in self.enabled or "IMAP4REV2" in self.enabled
+
+    @property
+    def rev2(self) -> bool:
+        return "IMAP4REV2" in self.enabled
+
+    # -- connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connection_made(self)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        self.log = BoundLogger(namespace="lightmail.imap", conn_id=new_id())
+        self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
+                      listener=self.factory.listener.name)
+        self.setTimeout(self.cfg.idle_timeout)
+        self.untagged(f"OK [CAPABILITY {' '.join(self.capabilities())}] "
+                      f"{self.factory.hostname} IMAP LightMail ready")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.setTimeout(None)
+        self.closing = True
+        self.fail_paused(reason)
+        self._unselect()
+        if self._logged_in:
+            self._logged_in = False
+            self.hub.logout(self.user.id)
+        self.factory.connection_lost(self)
+        self.log.info("disconnect from {peer}", peer=self.peer_host)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("autologout after {seconds}s idle", seconds=self.cfg.idle_timeout)
+        self.close_with("* BYE Autologout; idle for too long")
+
+    def drain(self) -> None:
+        if not self.busy:
+            self.close_with("* BYE Server shutting down")
+        else:
+            self.closing_after = True
+
+    closing_after = False
+
+    # -- output ---------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closing:
+            return
+        out = self._out
+        if out is not None:
+            # While a command runs its responses are collected and written at its end
+            # (or every OUTPUT_CHUNK octets): one transport write (and one DEFLATE
+            # flush) per command instead of one per response line.
+            out.append(data)
+            self._out_size += len(data)
+            if self._out_size >= OUTPUT_CHUNK:
+                self.flush()
+            return
+        if self.compressor is not None:
+            data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write what the running command has collected."""
+        out = self._out
+        if not out:
+            return
+        data = b"".join(out)
+        out.clear()
+        self._out_size = 0
+        if self.transport is None:
+            return
+        if self.compressor is not None:
+            data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        self.transport.write(data)
+
+    def untagged(self, text: str | bytes) -> None:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        self.write(b"* " + data + b"\r\n")
+
+    def tagged(self, tag: str, status: str, text: str) -> None:
+        self.write(f"{tag} {status} {text}\r\n".encode())
+
+    def close_with(self, line: str) -> None:
+        self.write(line.encode("utf-8") + b"\r\n")
+        self.flush()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- input ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.resetTimeout()
+        if self.decompressor is not None:
+            try:
+                data = self.decompressor.decompress(data)
+            except zlib.error:
+                self.close_with("* BYE Compression error")
+                return
+        self.reader.buffer += data
+        self.process()
+
+    def process(self) -> None:
+        while not self.busy and not self.closing:
+            try:
+                if self.idling is not None or self.sasl is not None:
+                    line = self.reader.take_line()
+                    if line is None:
+                        return
+                    if self.idling is not None:
+                        self._idle_line(line)
+                    else:
+                        self._sasl_line(line)
+                    continue
+                kind, value = self.reader.next()
+            except LineTooLong:
+                self.untagged("BAD Command line too long")
+                self._error()
+                continue
+            except LiteralTooBig as exc:
+                self._literal_too_big(exc)
+                continue
+            if kind == "wait":
+                return
+            if kind == "continue":
+                self.write(b"+ Ready for literal data\r\n")
+                continue
+            self._dispatch(value)
+
+    def _literal_too_big(self, exc: LiteralTooBig) -> None:
+        tag = tag_of([exc.first_line]) if exc.first_line else "*"
+        # RFC 7889: too big for APPEND is NO [TOOBIG]; a synchronising literal is
+        # refused before the client sends it.
+        self.tagged(tag, "NO" if tag != "*" else "BAD",
+                    f"[TOOBIG] Literal of {exc.size} octets is over the limit of "
+                    f"{self.cfg.max_literal}")
+
+    def _error(self) -> None:
+        self.errors += 1
+        if self.errors > self.cfg.max_errors and not self.closing:
+            self.log.warn("too many errors from {peer}", peer=self.peer_host)
+            self.close_with("* BYE Too many invalid commands")
+
+    # Lines that arrive while a command waits for them, routed by process():
+    def _idle_line(self, line: bytes) -> None:
+        """DONE (or junk) during IDLE: ``mailboxes.py``."""
+        raise NotImplementedError
+
+    def _sasl_line(self, line: bytes) -> None:
+        """A SASL response during AUTHENTICATE: ``session.py``."""
+        raise NotImplementedError
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _dispatch(self, parts: list[bytes]) -> None:
+        try:
+            command = parse_command(parts)
+        except ParseError as exc:
+            self.tagged(tag_of(parts), "BAD", str(exc))
+            self._error()
+            return
+        entry = COMMANDS.get(command.name)
+        if entry is None:
+            self.tagged(command.tag, "BAD", f"Unknown command {command.name[:30]}")
+            self._error()
+            return
+        states, method = entry
+        if self.state not in states:
+            self.tagged(command.tag, "BAD",
+                        f"{command.name} is not allowed in the {self.state} state")
+            self._error()
+            return
+        self.busy = True
+        self._out = []
+        d = defer.ensureDeferred(self._run(command, getattr(self, method)))
+        d.addErrback(self._internal_error, command)
+        d.addBoth(self._done)
+
+    async def _run(self, command: Command,
+                   handler: Callable[[Command], Awaitable[Optional[Reply]]]) -> None:
+        try:
+            reply = await handler(command)
+        except Bad as exc:
+            self._error()
+            reply = Reply("BAD", str(exc))
+        except ParseError as exc:
+            self._error()
+            reply = Reply("BAD", str(exc))
+        except No as exc:
+            reply = Reply("NO", str(exc))
+        except NoSuchMailbox:
+            reply = Reply("NO", "[NONEXISTENT] No such mailbox")
+        if reply is None:           # the handler answers later (IDLE, AUTHENTICATE)
+            return
+        if self.selected is not None and not self.closing:
+            # RFC 9051 §7.5.1: no EXPUNGE while answering FETCH, STORE or SEARCH.
+            held = command.name in ("FETCH", "STORE", "SEARCH", "SORT", "THREAD")
+            await self.catch_up(allow_expunge=not held)
+        self.tagged(command.tag, reply.status, f"{reply.text}")
+
+    def _internal_error(self, failure: Failure, command: Command) -> None:
+        if self.closing:
+            return
+        self.log.failure("internal error in {command}", failure, command=command.name)
+        self.tagged(command.tag, "NO", "[SERVERBUG] Internal error; the command failed")
+
+    def _done(self, _: Any) -> None:
+        # Also when the handler answers later: IDLE's DONE and SASL responses arrive
+        # as lines that process() routes while the command is pending.
+        self.busy = False
+        self.flush()
+        self._out = None
+        if self.closing_after and not self.closing and self.idling is None:
+            self.close_with("* BYE Server shutting down")
+            return
+        if self.reader.buffer and not self.closing:
+            self.process()
+        # A change announced while the last catch-up ran is still to be told.
+        self._push_idle_updates()
+
+    # -- mailbox changes ------------------------------------------------------------
+
+    def mailbox_changed(self, change: Any) -> None:
+        if self.selected is None or change.mailbox_id != self.selected.id:
+            return
+        self.selected.hear(change)
+        self._push_idle_updates()
+
+    def _push_idle_updates(self) -> None:
+        """In IDLE, tell the client of changes at once (RFC 2177)."""
+        selected = self.selected
+        if (self.idling is None or self.busy or self.closing or selected is None
+                or not (selected.dirty or selected.pending)):
+            return
+        self.busy = True
+        self._out = []
+        d = defer.ensureDeferred(self.catch_up(allow_expunge=True))
+        d.addErrback(lambda f: self.log.failure("IDLE update failed", f))
+        d.addBoth(self._done)
+
+    async def catch_up(self, allow_expunge: bool) -> None:
+        selected = self.selected
+        if selected is None:
+            return
+        if not (selected.dirty or selected.pending) \
+                and not (allow_expunge and selected.held_expunges):
+            return
+        updates = Updates()
+        if selected.dirty or selected.pending:
+            if selected.dirty:
+                selected.dirty = False
+                selected.pending.clear()
+                selected.reading = True
+                try:
+                    changes = await self.store.changes_since(selected.id, selected.modseq)
+                except NoSuchMailbox:
+                    self.close_with("* BYE The selected mailbox was deleted")
+                    return
+                finally:
+                    selected.reading = False
+                if self.selected is not selected:
+                    return
+                selected.heard = max(selected.modseq, changes.mailbox.highestmodseq)
+            else:
+                # Announced with their content, nothing missed: no read needed.
+                changes = selected.take_pending()
+            # RFC 3501 §2.3.2: new mail is \Recent only in the session told of it first.
+            uidnext = changes.mailbox.uidnext
+            selected.first_recent = (
+                self.hub.peek_recent(selected.id, uidnext) if selected.readonly
+                else self.hub.claim_recent(selected.id, uidnext))
+            updates = selected.apply(changes, allow_expunge)
+        elif allow_expunge:
+            selected.release_expunges(updates)
+        self.send_updates(updates)
+
+    def send_updates(self, updates: Updates) -> None:
+        selected = self.selected
+        assert selected is not None
+        if updates.expunged:
+            if "QRESYNC" in self.enabled:
+                self.untagged(f"VANISHED {format_sequence(updates.expunged)}")
+            else:
+                for number in updates.expunged_numbers:
+                    self.untagged(f"{number} EXPUNGE")
+        for info in updates.flags:
+            number = selected.number_of(info.uid)
+            if number:
+                self.untagged(self._flags_fetch(number, info))
+        if updates.exists is not None:
+            self.untagged(f"{updates.exists} EXISTS")
+            if not self.rev2:
+                self.untagged(f"{updates.recent or 0} RECENT")
+
+    def _flags_fetch(self, number: int, info: MessageInfo) -> bytes:
+        assert self.selected is not None
+        out = b"%d FETCH (UID %d FLAGS " % (number, info.uid)
+        out += self.selected.flag_list(info.uid)
+        if self._condstore:
+            out += b" MODSEQ (%d)" % info.modseq
+        return out + b")"
+
+    @property
+    def _condstore(self) -> bool:
+        return "CONDSTORE" in self.enabled or "QRESYNC" in self.enabled
+
+    # -- capabilities ---------------------------------------------------------------
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ENABLE", "ID", "IDLE",
+                "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE",
+                "CREATE-SPECIAL-USE", "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES",
+                "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES",
+                "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE",
+                f"APPENDLIMIT={self.cfg.max_literal}", "UTF8=ACCEPT", "BINARY",
+                "STATUS=SIZE", "WITHIN"]
+        if self.compressor is None:
+            caps.append("COMPRESS=DEFLATE")
+        if self.state == NOT_AUTHENTICATED:
+            if self.factory.tls_context is not None and not self.tls:
+                caps.append("STARTTLS")
+            if self._auth_allowed():
+                caps += [f"AUTH={name}" for name in sasl.mechanisms()]
+            else:
+                caps.append("LOGINDISABLED")
+        return caps
+
+    def _auth_allowed(self) -> bool:
+        return self.tls or self.factory.services.config.directory.auth_over_plaintext
+
+    # -- helpers --------------------------------------------------------------------
+
+    @staticmethod
+    def _no_args(cmd: Command) -> None:
+        if cmd.args:
+            raise Bad(f"{cmd.name} takes no arguments")
+
+
+    def _unselect(self) -> None:
+        if self.selected is not None:
+            self.hub.unwatch(self.selected.id, self)
+            self.selected = None
+
+
+def parse_number(value: Any, allow_zero: bool = True) -> int:
+    text = astring(value) if not isinstance(value, list) else ""
+    if not text.isdigit() or (not allow_zero and int(text) == 0):
+        raise Bad("expected a number")
+    return int(text)
+
+
+def use_name(use: str) -> Optional[str]:
+    from lightmail.config import SPECIAL_USES
+    return next((u for u in SPECIAL_USES if u.lower() == use.lower()), None)
+
+
+def parse_date_time(text: str) -> int:
+    """RFC 9051 date-time ``"17-Jul-1996 02:44:25 -0700"`` -> ms since the epoch."""
+    match = DATE_TIME.match(text)
+    month = MONTHS.get(match.group(2).lower()) if match else None
+    if match is None or month is None:
+        raise Bad("invalid date-time")
+    day, year, hour, minute, second = (int(match.group(i)) for i in (1, 3, 4, 5, 6))
+    try:
+        seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+        time.gmtime(seconds)
+    except (ValueError, OverflowError):
+        raise Bad("invalid date-time") from None
+    offset = (int(match.group(8)) * 60 + int(match.group(9))) * 60
+    seconds -= offset if match.group(7) == "+" else -offset
+    return seconds * 1000
+
+
+
+if TYPE_CHECKING:
+    from lightmail.imap.session import IMAPFactory
