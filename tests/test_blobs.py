@@ -407,6 +407,69 @@ def test_write_error_with_real_pool(store: FilesystemBlobStore,
     assert files_under(store.root) == []
 
 
+def test_finish_pending_leaves_the_commit_to_the_caller(
+        manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    writer.write(b"Subject: x\r\n\r\nbody")
+    pending = writer.finish_pending()
+    assert pending is not None and mp.calls == 0
+    data = b"Subject: x\r\n\r\nbody"
+    assert pending.ref == BlobRef(sha(data), len(data))
+    assert pending.ref.headers == b"Subject: x\r\n\r\n"
+    assert files_under(s.root) == []                # nothing written yet
+    writer.abort()                                  # a no-op now, as after finish()
+    with pytest.raises(RuntimeError):
+        writer.write(b"more")
+    pending.commit_now()                            # on the caller's worker thread
+    assert files_under(s.objects) == [s.path(sha(data))]
+    assert s.path(sha(data)).read_bytes() == data
+    assert files_under(s.tmp) == [] and mp.calls == 0
+
+
+def test_finish_pending_not_while_an_append_is_in_flight(
+        manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    writer.write(b"x" * 1500)                       # over the threshold: a pool call
+    assert mp.calls == 1
+    assert writer.finish_pending() is None          # then finish() as usual
+    d = writer.finish()
+    mp.run_all()
+    assert result_of(d) == BlobRef(sha(b"x" * 1500), 1500)
+
+
+def test_finish_pending_after_background_appends(
+        manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    s, mp = manual
+    writer = s.writer()
+    writer.write(b"x" * 1500)
+    mp.run_all()
+    writer.write(b"y" * 10)
+    pending = writer.finish_pending()
+    assert pending is not None
+    d = pending.commit()                            # on the store's pool instead
+    mp.run_all()
+    data = b"x" * 1500 + b"y" * 10
+    assert result_of(d) == BlobRef(sha(data), len(data))
+    assert s.path(sha(data)).read_bytes() == data
+    assert files_under(s.tmp) == []
+
+
+def test_failed_pending_commit_removes_the_tmp_file(
+        manual: tuple[FilesystemBlobStore, ManualPool],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s, _ = manual
+    writer = s.writer()
+    writer.write(b"a" * 10)
+    pending = writer.finish_pending()
+    assert pending is not None
+    monkeypatch.setattr(os, "fsync", lambda fd: _disk_full(fd, b""))
+    with pytest.raises(OSError):
+        pending.commit_now()
+    assert files_under(s.root) == []
+
+
 # -- garbage collection helpers ---------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks

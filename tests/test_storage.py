@@ -353,6 +353,47 @@ def test_group_commit_isolates_a_failing_member(stack) -> None:
 
 
 @pytest_twisted.inlineCallbacks
+def test_group_commit_runs_before_once_and_first(stack) -> None:
+    """``write_grouped_after``: ``before`` runs once, ahead of its transaction, on the
+    same worker thread; when it fails, its request is left out (and only it)."""
+    import threading
+    events: list[tuple[str, str, int]] = []
+
+    def before(name: str, fail: bool = False):
+        def run() -> None:
+            events.append(("before", name, threading.get_ident()))
+            if fail:
+                raise OSError("disk full")
+        return run
+
+    def add(conn, name: str) -> str:
+        events.append(("add", name, threading.get_ident()))
+        conn.execute(s.domains.insert().values(name=name, created=0))
+        return name
+
+    def boom(conn) -> None:
+        raise RuntimeError("this member fails")   # the group then runs again
+
+    results = yield defer.DeferredList(
+        [stack.db.write_grouped_after(before("a.test"), add, "a.test"),
+         stack.db.write_grouped_after(before("b.test", fail=True), add, "b.test"),
+         stack.db.write_grouped(boom),
+         stack.db.write_grouped_after(before("c.test"), add, "c.test")],
+        consumeErrors=True)
+    assert [ok for ok, _ in results] == [True, False, False, True]
+    assert results[1][1].check(OSError)
+    # (Servers run groups in parallel: in any order, but each once.)
+    assert sorted(e[:2] for e in events if e[0] == "before") == [
+        ("before", "a.test"), ("before", "b.test"), ("before", "c.test")]
+    assert ("add", "b.test") not in [e[:2] for e in events]
+    for name in ("a.test", "c.test"):
+        first_add = next(e for e in events if e[:2] == ("add", name))
+        assert first_add[2] == next(e for e in events if e[:2] == ("before", name))[2]
+    names = set((yield stack.directory.list_domains()))
+    assert {"a.test", "c.test"} <= names and "b.test" not in names
+
+
+@pytest_twisted.inlineCallbacks
 def test_local_delivery_is_one_transaction_and_exactly_once(stack) -> None:
     from lightmail.delivery.local import LocalDeliveryAgent
     user = yield make_user(stack, "bob@example.test")

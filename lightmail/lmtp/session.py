@@ -74,13 +74,29 @@ class LMTPHandler(SMTPHandler):
             return codes.NO_SUCH_USER, []
         return codes.RCPT_OK, [QueueRecipient(address, "local", orcpt, notify)]
 
+    takes_pending_blob = True
+
     @defer.inlineCallbacks
     def handle_message(self, session: Session, tx: Transaction, blob: BlobRef,
-                       queue_id: str) -> Any:
-        """File the message for each accepted RCPT, all at once; a reply for each."""
+                       queue_id: str, pending: Any = None) -> Any:
+        """File the message for each accepted RCPT, all at once; a reply for each.
+
+        With ``pending`` (the blob not yet durable), one recipient's delivery makes it
+        durable in its own worker hop, just before its transaction; with several, it
+        is made durable first.
+        """
+        agent = self.services.local_delivery
+        before = None
+        if pending is not None:
+            if len(tx.accepted) == 1 and getattr(agent, "can_file_after", _no)():
+                before = pending.commit_now
+            else:
+                yield pending.commit()
+        # The delivery ids are new (the queue id is made for this message): no
+        # earlier append can carry one.
         deliveries = [
-            self.services.local_delivery.deliver_to_mailbox(
-                address, blob, f"lmtp/{queue_id}/{index}")
+            agent.deliver_to_mailbox(address, blob, f"lmtp/{queue_id}/{index}",
+                                     fresh=True, **({"before": before} if before else {}))
             for index, (address, _) in enumerate(tx.accepted)]
         results = yield defer.gatherResults(
             [d.addErrback(self._failed) for d in deliveries], consumeErrors=True)
@@ -106,6 +122,10 @@ class LMTPHandler(SMTPHandler):
         if result.status == "bounced":
             return Reply(550, status or "5.1.1", f"<{address}> {detail}")
         return Reply(451, status or "4.3.0", f"<{address}> {detail}")
+
+
+def _no() -> bool:
+    return False
 
 
 class LMTPFactory(SMTPFactory):

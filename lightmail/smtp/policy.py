@@ -111,10 +111,18 @@ class SMTPHandler:
                     for remote in resolution.remote]
         return codes.RCPT_OK, targets
 
+    #: The session may hand :meth:`handle_message` a blob still to be made durable.
+    takes_pending_blob = True
+
     @defer.inlineCallbacks
     def handle_message(self, session: Session, tx: Transaction, blob: BlobRef,
-                       queue_id: str) -> Any:
-        """The content is durable in the blob store: queue it, then answer."""
+                       queue_id: str, pending: Any = None) -> Any:
+        """Queue the message (or file it, all local), then answer.
+
+        The content is durable in the blob store, or, with ``pending`` (a
+        :class:`~lightmail.storage.blobs.PendingBlob`), it is made durable here
+        before anything refers to it.
+        """
         envelope = Envelope(
             mail_from=tx.mail_from, recipients=_unique(tx.recipients),
             source="submission" if session.submission else "mx", envid=tx.envid,
@@ -128,8 +136,15 @@ class SMTPHandler:
             # All local: file it now, in the grouped transaction that would have
             # queued it (as LMTP does); the 250 then means filed.
             addresses = [rcpt.address for rcpt in envelope.recipients]
+            before = None
+            if pending is not None and getattr(agent, "can_file_after", _no)():
+                before, pending = pending.commit_now, None
+            elif pending is not None:
+                yield pending.commit()
+                pending = None
             try:
-                results = yield agent.deliver_at_acceptance(addresses, blob, queue_id)
+                results = yield agent.deliver_at_acceptance(addresses, blob, queue_id,
+                                                            before=before)
             except NotFiled as exc:
                 # Nothing was filed: queue it, the queue runner retries or bounces.
                 self.log.info("not filed at once, queueing: {reason}", reason=str(exc),
@@ -140,6 +155,8 @@ class SMTPHandler:
                                   rcpt=address, detail=result.detail,
                                   conn_id=session.conn_id, msg_id=queue_id)
                 return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        if pending is not None:
+            yield pending.commit()
         yield self.services.queue.enqueue(envelope, blob, queue_id)
         self.services.queue_runner.kick()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

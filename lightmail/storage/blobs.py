@@ -44,8 +44,8 @@ from zope.interface import implementer
 
 from lightmail.storage.interfaces import BlobMissing, BlobRef, IBlobStore, IBlobWriter
 
-__all__ = ["FLUSH_THRESHOLD", "HEADER_CAP", "FilesystemBlobStore", "header_block",
-           "is_blob_id"]
+__all__ = ["FLUSH_THRESHOLD", "HEADER_CAP", "FilesystemBlobStore", "PendingBlob",
+           "header_block", "is_blob_id"]
 
 #: Buffered octets after which a writer hands its buffer to the thread pool.
 FLUSH_THRESHOLD = 256 * 1024
@@ -182,12 +182,14 @@ class FilesystemBlobStore:
             with self._dirs_lock:
                 self._durable_dirs.add(directory)
 
-    def _commit(self, tmp_path: str, blob_id: str, consumed: Callable[[], None]) -> bool:
+    def _commit(self, tmp_path: str, blob_id: str, consumed: Callable[[], None],
+                fresh: bool = False) -> bool:
         """Move a complete, fsynced temporary file to its final name (worker thread).
 
         Returns True if it was renamed, False if the content was there already (the
         temporary file is then removed).  ``consumed`` is called as soon as nothing is
-        left at ``tmp_path``.
+        left at ``tmp_path``.  ``fresh``: the file was written a moment ago, so its
+        mtime needs no refreshing.
         """
         final = self._path_str(blob_id)
         leaf = os.path.dirname(final)
@@ -207,8 +209,9 @@ class FilesystemBlobStore:
             _fsync_dir(leaf)
             return False
         self._ensure_dirs(leaf)
-        # Fresh mtime even if the last write was long ago (GC grace period).
-        os.utime(tmp_path)
+        if not fresh:
+            # Fresh mtime even if the last write was long ago (GC grace period).
+            os.utime(tmp_path)
         os.rename(tmp_path, final)
         consumed()
         _fsync_dir(leaf)
@@ -351,7 +354,7 @@ class _TmpFile:
         os.fsync(self.fd)
         fd, self.fd = self.fd, None
         os.close(fd)
-        self.store._commit(self.path, blob_id, self._consumed)
+        self.store._commit(self.path, blob_id, self._consumed, fresh=bool(chunks))
 
     def _consumed(self) -> None:
         self.path = None
@@ -446,6 +449,26 @@ class _BlobWriter:
         self._advance()
         return d
 
+    def finish_pending(self) -> PendingBlob | None:
+        """Like :meth:`finish`, but leave the last step to the caller's worker thread.
+
+        Returns a :class:`PendingBlob` whose ``commit_now`` writes what is buffered,
+        fsyncs, renames and fsyncs the directory (so that it can run in the same
+        worker hop as the SQL transaction that references the blob), or None when
+        that is not possible right now (a pool call of this writer is in flight, or
+        one failed): then call :meth:`finish` as usual.
+        """
+        if self._state is not _State.OPEN:
+            raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
+        if self._busy or self._error is not None:
+            return None
+        if self._head is not None:
+            self._headers = bytes(self._head) if self._head else b""
+            self._head = None
+        self._state = _State.FINISHED
+        ref = BlobRef(self._hash.hexdigest(), self._size, self._headers)
+        return PendingBlob(self._store, self._tmp, self._take(), ref)
+
     def abort(self) -> None:
         """Drop the partial blob.  A no-op once finish() has been called."""
         if self._state is not _State.OPEN:
@@ -503,3 +526,31 @@ class _BlobWriter:
             self._submit(self._tmp.commit, self._take(), self._hash.hexdigest())
         elif self._buflen >= self._store.flush_threshold:
             self._submit(self._tmp.append, self._take())
+
+
+class PendingBlob:
+    """A blob whose content is complete but not yet durable (``finish_pending``).
+
+    ``ref`` is what :meth:`IBlobWriter.finish` would give.  Exactly one of
+    :meth:`commit_now` (on a worker thread) or :meth:`commit` (on the store's pool)
+    must be called, once; the blob is durable when it returns or fires.  On failure
+    the temporary file is removed.
+    """
+
+    def __init__(self, store: FilesystemBlobStore, tmp: _TmpFile, chunks: list[bytes],
+                 ref: BlobRef) -> None:
+        self._store = store
+        self._tmp = tmp
+        self._chunks = chunks
+        self.ref = ref
+
+    def commit_now(self) -> None:
+        chunks, self._chunks = self._chunks, []
+        try:
+            self._tmp.commit(chunks, self.ref.id)
+        except BaseException:
+            self._tmp.discard()
+            raise
+
+    def commit(self) -> Deferred[BlobRef]:
+        return self._store._defer(self.commit_now).addCallback(lambda _: self.ref)

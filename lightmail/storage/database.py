@@ -107,7 +107,8 @@ class Database:
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="lightmail-sql")
         self._started = False
         self._group_pending: list[tuple[Callable[..., Any], tuple[Any, ...],
-                                        dict[str, Any], defer.Deferred[Any]]] = []
+                                        dict[str, Any], defer.Deferred[Any],
+                                        Callable[[], Any] | None]] = []
         self._groups_running: set[defer.Deferred[Any]] = set()
         # SQLite has one writer at a time anyway; servers can commit groups in parallel.
         self._max_groups = 1 if self.backend == "sqlite" else max(1, threads // 2)
@@ -156,11 +157,23 @@ class Database:
         a savepoint per request, so ``fn`` may run twice and must act only on the
         database).  Each Deferred fires after the group has committed.
         """
+        return self.write_grouped_after(None, fn, *args, **kwargs)
+
+    def write_grouped_after(self, before: Callable[[], Any] | None, fn: Callable[..., T],
+                            *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """:meth:`write_grouped`, with ``before()`` run first on the same worker
+        thread, outside the transaction, exactly once (for a blob's fsync and rename:
+        one thread hop for both).  If it raises, ``fn`` does not run and the Deferred
+        fails with its exception."""
         d: defer.Deferred[T] = defer.Deferred()
-        self._group_pending.append((fn, args, kwargs, d))
+        self._group_pending.append((fn, args, kwargs, d, before))
         if len(self._groups_running) < self._max_groups:
             self._start_group()
         return d
+
+    def groups_idle(self) -> bool:
+        """Whether a grouped write would start at once (no group running or waiting)."""
+        return not self._group_pending and len(self._groups_running) < self._max_groups
 
     _GROUP_MAX = 200
 
@@ -169,16 +182,17 @@ class Database:
         del self._group_pending[:self._GROUP_MAX]
         if not batch:
             return
-        running = self.run(self._run_group, [(fn, a, kw) for fn, a, kw, _ in batch])
+        running = self.run(self._run_befores_and_group,
+                           [(fn, a, kw, before) for fn, a, kw, _, before in batch])
         self._groups_running.add(running)
 
         def settled(outcome: Any) -> None:
             self._groups_running.discard(running)
             if isinstance(outcome, Failure):   # the commit itself failed
-                for *_, d in batch:
+                for _, _, _, d, _ in batch:
                     d.errback(outcome)
             else:
-                for (ok, value), (*_, d) in zip(outcome, batch, strict=True):
+                for (ok, value), (_, _, _, d, _) in zip(outcome, batch, strict=True):
                     if ok:
                         d.callback(value)
                     else:
@@ -186,6 +200,24 @@ class Database:
             if self._group_pending:
                 self._start_group()
         running.addBoth(settled)
+
+    def _run_befores_and_group(
+            self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any],
+                                    Callable[[], Any] | None]]) -> list[tuple[bool, Any]]:
+        failed: dict[int, Failure] = {}
+        for index, (_, _, _, before) in enumerate(batch):
+            if before is not None:
+                try:
+                    before()
+                except Exception:
+                    failed[index] = Failure()
+        if not failed:
+            return self._run_group([(fn, a, kw) for fn, a, kw, _ in batch])
+        rest = [(fn, a, kw) for index, (fn, a, kw, _) in enumerate(batch)
+                if index not in failed]
+        ran = iter(self._run_group(rest) if rest else [])
+        return [(False, failed[index]) if index in failed else next(ran)
+                for index in range(len(batch))]
 
     def _run_group(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...],
                                            dict[str, Any]]]) -> list[tuple[bool, Any]]:
