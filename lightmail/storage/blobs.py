@@ -29,7 +29,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -218,6 +218,20 @@ class FilesystemBlobStore:
                     return f.read(length)
             except FileNotFoundError:
                 raise BlobMissing(f"blob {blob_id} is missing") from None
+        return self._defer(read)
+
+    def read_many(self, blob_ids: Sequence[str]) -> Deferred[dict[str, bytes]]:
+        paths = [(blob_id, self._path_str(blob_id)) for blob_id in dict.fromkeys(blob_ids)]
+
+        def read() -> dict[str, bytes]:
+            found = {}
+            for blob_id, path in paths:
+                try:
+                    with open(path, "rb") as f:
+                        found[blob_id] = f.read()
+                except FileNotFoundError:
+                    pass
+            return found
         return self._defer(read)
 
     def exists_now(self, blob_id: str) -> bool:

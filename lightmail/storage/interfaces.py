@@ -136,6 +136,9 @@ class QueueItem:
                                default=Envelope(mail_from="", recipients=()))
     # The sender has had its delay warning for this recipient (RFC 3464 "delayed").
     delay_warned: bool = field(default=False, compare=False)
+    # The blob's content, when a delivery agent read it ahead (small messages, read
+    # together after a claim: IDeliveryAgent.prepare); else None (read when sent).
+    content: Optional[bytes] = field(default=None, compare=False, repr=False)
 
 
 class IBlobWriter(Interface):
@@ -168,6 +171,10 @@ class IBlobStore(Interface):
 
     def read_range(blob_id: str, offset: int, length: int) -> Deferred[bytes]:
         """``length`` octets from ``offset`` (fewer at the end)."""
+
+    def read_many(blob_ids: Sequence[str]) -> Deferred[dict[str, bytes]]:
+        """The whole content of several (small) blobs, read in one go: blob id ->
+        content, leaving out those that are missing."""
 
     def exists_now(blob_id: str) -> bool:
         """Whether the blob is present; called from worker threads only."""
