@@ -111,9 +111,8 @@ class SMTPClientProtocol(Protocol):
         self.connected_d.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\n" in self.buffer:
-            raw, self.buffer = self.buffer.split(b"\n", 1)
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        for raw in lines:
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
             if len(line) < 3 or not line[:3].isdigit():
                 line = "421 " + line         # garbage: treat as a failing reply
