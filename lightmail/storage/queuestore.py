@@ -79,6 +79,18 @@ _CLAIMED = (sa.select(_r, _m.c.blob_id, _m.c.size, _m.c.mail_from, _m.c.envid, _
             .where(_r.c.id.in_(sa.bindparam("b_ids", expanding=True)))
             .order_by(_m.c.priority.desc(), _r.c.next_attempt, _r.c.id))
 
+# Retiring messages whose recipients are all final (_retire_done).
+_LOCK_MESSAGES = (sa.select(_m.c.id, _m.c.blob_id)
+                  .where(_m.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+                  .order_by(_m.c.id))
+_LOCK_MESSAGES_FOR_UPDATE = _LOCK_MESSAGES.with_for_update()
+_STILL_OPEN = (sa.select(_r.c.queue_id)
+               .where(_r.c.queue_id.in_(sa.bindparam("b_ids", expanding=True))
+                      & _r.c.state.not_in(FINAL_STATES)).distinct())
+_DELETE_RECIPIENTS = _r.delete().where(
+    _r.c.queue_id.in_(sa.bindparam("b_ids", expanding=True)))
+_DELETE_MESSAGES = _m.delete().where(_m.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+
 
 class _Finish(NamedTuple):
     recipient_id: int
@@ -180,22 +192,19 @@ class SQLQueueStore:
         the second waits for the first and then sees its recipient final."""
         if not queue_ids:
             return
-        r, m = s.queue_recipients, s.queue_messages
-        ids = sorted(queue_ids)
-        query = sa.select(m.c.id, m.c.blob_id).where(m.c.id.in_(ids)).order_by(m.c.id)
-        if conn.dialect.name != "sqlite":
-            query = query.with_for_update()
-        blobs = {row.id: row.blob_id for row in conn.execute(query)}
+        locking = conn.dialect.name != "sqlite"
+        blobs = {row.id: row.blob_id for row in conn.execute(
+            _LOCK_MESSAGES_FOR_UPDATE if locking else _LOCK_MESSAGES,
+            {"b_ids": sorted(queue_ids)})}
         if not blobs:
             return
-        still_open = {row.queue_id for row in conn.execute(
-            sa.select(r.c.queue_id).where(r.c.queue_id.in_(list(blobs))
-                                          & r.c.state.not_in(FINAL_STATES)).distinct())}
+        still_open = {row.queue_id for row in conn.execute(_STILL_OPEN,
+                                                           {"b_ids": list(blobs)})}
         done = [queue_id for queue_id in blobs if queue_id not in still_open]
         if not done:
             return
-        conn.execute(r.delete().where(r.c.queue_id.in_(done)))
-        conn.execute(m.delete().where(m.c.id.in_(done)))
+        conn.execute(_DELETE_RECIPIENTS, {"b_ids": done})
+        conn.execute(_DELETE_MESSAGES, {"b_ids": done})
         release_blob_refs(conn, Counter(blobs[queue_id] for queue_id in done))
 
     def manage(self, action: str, queue_ids: Sequence[str] = ()) -> Deferred[int]:

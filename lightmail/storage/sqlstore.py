@@ -103,6 +103,11 @@ def release_blob_ref(conn: Connection, blob_id: str, count: int = 1) -> None:
 _RELEASE = s.blobs.update().where(s.blobs.c.id == sa.bindparam("b_id")).values(
     refcount=s.blobs.c.refcount - sa.bindparam("b_count"))
 
+_UNREFERENCED = s.blobs.update().where(
+    s.blobs.c.id.in_(sa.bindparam("b_ids", expanding=True)) & (s.blobs.c.refcount <= 0)
+    & s.blobs.c.unreferenced_since.is_(None)).values(
+    unreferenced_since=sa.bindparam("b_now"))
+
 
 def release_blob_refs(conn: Connection, counts: Mapping[str, int]) -> None:
     """Count fewer references to several blobs (``counts``: blob id -> how many
@@ -112,9 +117,7 @@ def release_blob_refs(conn: Connection, counts: Mapping[str, int]) -> None:
         return
     conn.execute(_RELEASE, [{"b_id": blob_id, "b_count": counts[blob_id]}
                             for blob_id in ids])
-    conn.execute(s.blobs.update().where(
-        s.blobs.c.id.in_(ids) & (s.blobs.c.refcount <= 0)
-        & s.blobs.c.unreferenced_since.is_(None)).values(unreferenced_since=now_ms()))
+    conn.execute(_UNREFERENCED, {"b_ids": ids, "b_now": now_ms()})
 
 
 def normalise_mailbox_name(name: str) -> str:
