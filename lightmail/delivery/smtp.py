@@ -328,7 +328,8 @@ class SMTPDeliveryAgent:
                    held: list[tuple[SessionKey, ClientSession]], prefix: bytes = b"",
                    verified_only: bool = False) -> DeliveryResult | str:
         """A result, or the reason to try the next address.  A session that can
-        carry more goes into ``held``, for the cache once the outcome is recorded."""
+        carry more goes into ``held``: back to the cache when the delivery is over
+        (:meth:`deliver_held`)."""
         where = f"{destination.host}[{ip}]:{destination.port}"
         key = (ip, destination.port, destination.host, transport.lmtp)
         for attempt in (1, 2):

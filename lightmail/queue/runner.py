@@ -7,6 +7,13 @@ hours between tries); after ``max_lifetime`` a deferred recipient bounces.  With
 ``delay_warning_time``, a recipient still deferred that long after its message arrived
 gets its sender one delay notice (``Notifier.delayed``), as Postfix's
 delay_warning_time does.
+
+Due work is claimed in batches (a finished delivery claims again only when there is
+room for ``claim_batch`` more), after an enqueue, every ``poll_interval`` seconds,
+and when ``lightmail queue`` writes to the FIFO ``state_dir/queue.wake``
+(``lightmail.queue.wake``).  An outcome is committed before the recipient is
+forgotten; the SMTP agent's connection is counted against its destination until
+then (``deliver_held``).
 """
 
 from __future__ import annotations
