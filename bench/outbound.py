@@ -16,15 +16,17 @@ offers none).  For each server in turn:
    LightMail's MX through an alias to a remote address, LightMail's MX relaying for
    nobody); each server tries, finds the relay refusing connections, and defers them;
 2. smtp-sink starts on the relay port, and the queue is flushed: ``postqueue -f``
-   (qmgr wakes at once), ``lightmail queue requeue --all`` (due now; the running
-   server's queue runner sees it at its next poll, within 5 s);
+   (qmgr wakes at once), ``lightmail queue requeue --all`` (due now, and the command
+   wakes the running server's queue runner through its FIFO, ``queue.wake``);
 3. the sink's running counter (``smtp-sink -c``) is read as messages arrive, until
    all N have; then the server's queue must be empty and the sink must hold exactly N.
 
 Reported per server: messages per second from the first message's arrival at the
 sink to the last's, ``(N - 1) / (t_last - t_first)``, which leaves out how each
 queue manager is woken; that wake-up (flush command to first arrival) is reported
-as ``start_s``, and the whole flush-to-last rate as ``flush_per_s``.  Both servers
+as ``start_s`` (for LightMail mostly the start-up of the ``lightmail`` command, a
+Python process, against ``postqueue``'s few milliseconds), and the whole
+flush-to-last rate as ``flush_per_s``.  Both servers
 keep their durability defaults (LightMail: SQLite ``synchronous=FULL``, the outcome of
 every recipient committed; Postfix: queue files fsynced, removed when delivered) and
 log every delivery.  Each row is printed as a table line, and as a JSON line at the end

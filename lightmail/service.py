@@ -33,6 +33,7 @@ from lightmail.directory.sql import SQLDirectory
 from lightmail.listeners import ListenerService, available_protocols, builder_for
 from lightmail.logs import make_observer
 from lightmail.queue.runner import QueueRunner
+from lightmail.queue.wake import WAKE_NAME
 from lightmail.storage.database import DatabaseURLError, check_url
 from lightmail.storage.service import StorageService
 
@@ -192,7 +193,8 @@ def makeService(config: Config) -> LightMailService:
     runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id,
                          concurrency=out.concurrency, min_backoff=out.min_backoff,
                          max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
-                         delay_warning_time=out.delay_warning_time)
+                         delay_warning_time=out.delay_warning_time,
+                         wake_path=config.server.state_dir / WAKE_NAME)
     services = Services(config=config, storage=storage, directory=directory, portal=portal,
                         queue_runner=runner)
     root = LightMailService(services)

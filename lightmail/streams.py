@@ -76,3 +76,12 @@ class DotStuffer:
     def end(self) -> bytes:
         """The terminator: CRLF . CRLF, with a CRLF first if the content lacks one."""
         return (b"" if self.last == b"\n" else b"\r\n") + b".\r\n"
+
+
+def dot_stuffed(content: bytes) -> bytes:
+    """A whole message dot-stuffed and terminated (CRLF . CRLF), for one write: what
+    :class:`DotStuffer` makes of it in one chunk, with one ``bytes.replace``."""
+    out = content.replace(b"\n.", b"\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    return out + (b".\r\n" if not content or content.endswith(b"\n") else b"\r\n.\r\n")

@@ -357,3 +357,129 @@ def test_delay_notice_once_honouring_notify_and_never_to_the_null_sender(
         yield server.root.stopService()
         mx.stop()
         dns.stop()
+
+
+class AcceptingMX:
+    """An MX that accepts every message and keeps it (a thread per session)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socketserver
+        self.messages: list[bytes] = []
+        messages = self.messages
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                self.wfile.write(b"220 sink.remote.test ESMTP\r\n")
+                while line := self.rfile.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        self.wfile.write(b"250-sink.remote.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        self.wfile.write(b"354 go ahead\r\n")
+                        content = b""
+                        while (data := self.rfile.readline()) not in (b".\r\n", b""):
+                            content += data
+                        messages.append(content)
+                        self.wfile.write(b"250 2.0.0 Ok: kept\r\n")
+                    elif verb == b"QUIT":
+                        self.wfile.write(b"221 2.0.0 Bye\r\n")
+                        return
+                    else:
+                        self.wfile.write(b"250 2.0.0 Ok\r\n")
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_cli_requeue_wakes_the_running_queue_runner(tmp_path: Path) -> None:
+    """``lightmail queue requeue`` (another process) writes to the server's FIFO,
+    state_dir/queue.wake (mode 0600), and the runner retries at once: here it does
+    not poll at all, so the message goes out only if the wake-up works."""
+    import stat
+    import time
+
+    from harness import run_cli
+    port = free_port()
+    server = yield start(tmp_path, f"[outbound]\nrelay_host = [127.0.0.1]:{port}\n"
+                         "min_backoff = 1h\nconnect_timeout = 5s\n")
+    runner = server.parts.queue_runner
+    mx = None
+    try:
+        fifo = tmp_path / "state" / "queue.wake"
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
+        assert stat.S_IMODE(fifo.stat().st_mode) == 0o600
+        runner._poll.stop()          # from now on only a kick or a wake-up claims
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as smtp:
+                smtp.sendmail("someone@client.test", ["outside@example.test"],
+                              b"Subject: woken\r\n\r\nAfter the outage.\r\n")
+        yield in_thread(send)
+        # Tried once (at the enqueue's kick), refused, deferred for an hour.
+        yield until(lambda: queue_state(server).addCallback(
+            lambda state: state.get("friend@remote.example", ("", ""))[0] == "deferred"
+            and "connect" in state["friend@remote.example"][1]))
+        mx = AcceptingMX("127.0.0.1", port)
+        config = tmp_path / "cli.conf"
+        config.write_text(f"[server]\nstate_dir = {tmp_path / 'state'}\n"
+                          "hostname = mx.example.test\n")
+        yield in_thread(run_cli, config, "queue", "requeue", "--all")
+        requeued = time.monotonic()
+        yield until(lambda: mx.messages, timeout=30)
+        assert time.monotonic() - requeued < 3.0
+        assert b"Subject: woken" in mx.messages[0]
+        yield until(lambda: queue_state(server).addCallback(lambda state: not state))
+        # Holding needs no wake-up, and a wake-up with nothing due is harmless.
+        from lightmail.queue.wake import wake
+        assert wake(fifo)
+    finally:
+        yield server.root.stopService()
+        if mx is not None:
+            mx.stop()
+    # Nobody listens once the server has stopped: the CLI's nudge just finds no one.
+    assert not wake(fifo)
+
+
+def test_wake_fifo_replaces_what_is_not_its_own(tmp_path: Path) -> None:
+    import stat
+
+    from lightmail.queue.wake import WakeFIFO, wake
+    path = tmp_path / "state" / "queue.wake"
+    assert not wake(path)                          # no server ever ran
+    path.parent.mkdir()
+    path.write_text("not a FIFO")
+    assert not wake(path)                          # a regular file is left alone
+    woken: list[int] = []
+
+    class Reactor:
+        def addReader(self, reader: Any) -> None:
+            self.reader = reader
+
+        def removeReader(self, reader: Any) -> None:
+            self.reader = None
+
+    fake = Reactor()
+    fifo = WakeFIFO(path, lambda: woken.append(1), fake)
+    assert fifo.start()
+    try:
+        assert stat.S_ISFIFO(path.stat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert wake(path) and wake(path)
+        fake.reader.doRead()                       # both bytes read, one wake-up
+        assert woken == [1]
+        fake.reader.doRead()                       # nothing pending: still no error
+    finally:
+        fifo.stop()
+    # A FIFO that others may write to is made anew.
+    os.chmod(path, 0o622)
+    fifo = WakeFIFO(path, lambda: None, fake)
+    assert fifo.start()
+    fifo.stop()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

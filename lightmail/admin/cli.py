@@ -249,6 +249,10 @@ def cmd_queue_manage(args: argparse.Namespace) -> int:
         done = {"hold": "held", "release": "released", "requeue": "requeued",
                 "delete": "deleted"}[args.action]
         print(f"{done} {count} recipient{'s' if count != 1 else ''}")
+        if count and args.action in ("release", "requeue"):
+            # Due now: a running server tries them at once, not at its next poll.
+            from lightmail.queue.wake import WAKE_NAME, wake
+            wake(ctx.config.server.state_dir / WAKE_NAME)
     _run(args, work)
     return 0
 

@@ -15,13 +15,15 @@ go to one domain at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.outbound.client import (
@@ -35,7 +37,7 @@ from lightmail.outbound.client import (
 )
 from lightmail.outbound.routing import Destination, Router, RoutingError
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
-from lightmail.storage.interfaces import IBlobStore, QueueItem
+from lightmail.storage.interfaces import BlobMissing, IBlobStore, QueueItem
 
 SessionKey = tuple[str, int, str, bool]    # (address, port, host name, LMTP?)
 
@@ -90,6 +92,20 @@ class SessionCache:
         self.sessions.clear()
 
 
+class _DomainLimit:
+    """A destination domain's deliveries: ``sending``, those on the wire (at most
+    ``destination_concurrency``), and ``open``, those whose outcome is not recorded
+    yet (twice as many)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.sending = defer.DeferredSemaphore(concurrency)
+        self.open = defer.DeferredSemaphore(2 * concurrency)
+
+    @property
+    def idle(self) -> bool:
+        return not self.open.waiting and self.open.tokens == self.open.limit
+
+
 @implementer(IDeliveryAgent)
 class SMTPDeliveryAgent:
     transport = "smtp"
@@ -115,7 +131,7 @@ class SMTPDeliveryAgent:
         # (DKIM-Signature; lightmail.policy.dkim).
         self.signer = signer
         self.destination_concurrency = destination_concurrency
-        self.limits: dict[str, defer.DeferredSemaphore] = {}
+        self.limits: dict[str, _DomainLimit] = {}
         self.sessions = SessionCache(reactor, session_idle)
         self.mta_sts = mta_sts             # lightmail.outbound.mtasts.MTASTS, for MX routes
         self.ca_file = ca_file
@@ -125,6 +141,8 @@ class SMTPDeliveryAgent:
         self.default = Transport(router, tls_policy, lmtp)
 
     def transport_for(self, domain: str) -> Transport:
+        if not self.transports:
+            return self.default
         domain = domain.lower()
         if domain in self.transports:
             return self.transports[domain]
@@ -139,21 +157,85 @@ class SMTPDeliveryAgent:
         """Hang up idle sessions (at shutdown)."""
         self.sessions.close_all()
 
+    # Messages up to this size are read ahead, a claimed batch's in one disk hop,
+    # and sent in one write; larger ones are streamed in chunks.
+    preload_limit = 64 * 1024
+
+    def prepare(self, items: list[QueueItem]) -> defer.Deferred[list[QueueItem]]:
+        """Read the content of the batch's small messages in one go (``content``)."""
+        small = list(dict.fromkeys(
+            item.blob.id for item in items
+            if item.content is None and item.blob.size <= self.preload_limit))
+        if not small:
+            return defer.succeed(items)
+
+        def attach(read: list[bytes | BlobMissing]) -> list[QueueItem]:
+            # A missing blob is left to the delivery itself, which reports it.
+            contents = {blob_id: data for blob_id, data in zip(small, read, strict=True)
+                        if isinstance(data, bytes)}
+            return [replace(item, content=contents[item.blob.id])
+                    if item.content is None and item.blob.id in contents else item
+                    for item in items]
+        return self.blobs.read_many(small).addCallback(attach)
+
     def deliver(self, item: QueueItem) -> defer.Deferred[DeliveryResult]:
+        return self.deliver_held(item).addCallback(_released)
+
+    def deliver_held(self, item: QueueItem) -> defer.Deferred[
+            tuple[DeliveryResult, Callable[[], None]]]:
+        """Deliver, and count the delivery against its domain's limits until the
+        caller calls the release function given with the result, once it has
+        recorded the outcome (the queue runner does).  At most
+        ``destination_concurrency`` deliveries to a domain are on the wire at once,
+        and at most as many more have had their answer and wait for their outcome to
+        be committed (a connection carries the next message while the last one's is
+        committed, not a third): so a crash sends at most twice
+        ``destination_concurrency`` messages of a domain again."""
         domain = item.recipient.address.rpartition("@")[2].lower()
         limit = self.limits.get(domain)
         if limit is None:
-            limit = self.limits[domain] = defer.DeferredSemaphore(
-                self.destination_concurrency)
+            limit = self.limits[domain] = _DomainLimit(self.destination_concurrency)
+        held: list[tuple[SessionKey, ClientSession]] = []
+        state = {"open": False, "sending": False}
 
-        def release(result: Any) -> Any:
-            if not limit.waiting and limit.tokens == limit.limit:
-                self.limits.pop(domain, None)
-            return result
-        d = limit.run(lambda: defer.ensureDeferred(self._deliver(item)))
-        return d.addBoth(release)
+        def sent() -> None:
+            """The transaction is over: the session may carry another message."""
+            if state["sending"]:
+                state["sending"] = False
+                for key, session in held:  # first, for the next delivery to take
+                    self.sessions.put(key, session)
+                limit.sending.release()
 
-    async def _deliver(self, item: QueueItem) -> DeliveryResult:
+        def release() -> None:
+            sent()
+            if state["open"]:
+                state["open"] = False
+                limit.open.release()
+                if limit.idle:
+                    self.limits.pop(domain, None)
+
+        def opened(_: Any) -> defer.Deferred[Any]:
+            state["open"] = True
+            return limit.sending.acquire()
+
+        def sending(_: Any) -> defer.Deferred[DeliveryResult]:
+            state["sending"] = True
+            return defer.ensureDeferred(self._deliver(item, held))
+
+        def done(result: DeliveryResult) -> tuple[DeliveryResult, Callable[[], None]]:
+            sent()
+            return result, release
+
+        def failed(failure: Failure) -> Failure:
+            release()
+            return failure
+        d = limit.open.acquire()
+        d.addCallback(opened)
+        d.addCallback(sending)
+        return d.addCallbacks(done, failed)
+
+    async def _deliver(self, item: QueueItem,
+                       held: list[tuple[SessionKey, ClientSession]]) -> DeliveryResult:
         address = item.recipient.address
         domain = address.rpartition("@")[2]
         transport = self.transport_for(domain)
@@ -169,7 +251,7 @@ class SMTPDeliveryAgent:
             recipients=(OutboundRecipient(address, item.recipient.orcpt,
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
-            smtputf8=envelope.smtputf8)
+            smtputf8=envelope.smtputf8, content=item.content)
         verified_only = False
         if self.mta_sts is not None and transport.router.relay is None:
             policy = await self.mta_sts.policy(domain)
@@ -191,7 +273,7 @@ class SMTPDeliveryAgent:
         for destination in destinations:
             for ip in destination.addresses:
                 result = await self._try(transport, destination, ip, message, address,
-                                         prefix, verified_only)
+                                         held, prefix, verified_only)
                 if isinstance(result, DeliveryResult):
                     return result
                 last = result
@@ -199,13 +281,26 @@ class SMTPDeliveryAgent:
 
     async def _session(self, transport: Transport, key: SessionKey,
                        destination: Destination, ip: str,
-                       verified_only: bool = False) -> ClientSession | str:
-        """A reused idle session (after RSET) or a new, negotiated one; or why not."""
-        session = self.sessions.take(key)
-        if session is not None:
-            if (not verified_only or session.verified) and await session.reset():
+                       verified_only: bool = False,
+                       fresh: bool = False) -> ClientSession | str:
+        """A reused idle session (after RSET) or a new, negotiated one (``fresh``:
+        always a new one); or why not.  With PIPELINING, the RSET goes out with the
+        next transaction's commands (:meth:`ClientSession.send`) instead of costing
+        a round trip of its own."""
+        while not fresh and (session := self.sessions.take(key)) is not None:
+            if verified_only and not session.verified:
+                session.close()
+                continue
+            if session.proto.lost is not None:
+                session.close()
+                continue
+            if "PIPELINING" in session.extensions:
+                session.rset_pending = True
+                return session
+            if await session.reset():
                 return session
             session.close()
+            break
         where = f"{destination.host}[{ip}]:{destination.port}"
         endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         endpoint = endpoint_class(self.reactor, ip, destination.port,
@@ -233,13 +328,18 @@ class SMTPDeliveryAgent:
         return session
 
     async def _try(self, transport: Transport, destination: Destination, ip: str,
-                   message: OutboundMessage, address: str, prefix: bytes = b"",
+                   message: OutboundMessage, address: str,
+                   held: list[tuple[SessionKey, ClientSession]], prefix: bytes = b"",
                    verified_only: bool = False) -> DeliveryResult | str:
-        """A result, or the reason to try the next address."""
+        """A result, or the reason to try the next address.  A session that can
+        carry more goes into ``held``: back to the cache when the delivery is over
+        (:meth:`deliver_held`)."""
         where = f"{destination.host}[{ip}]:{destination.port}"
         key = (ip, destination.port, destination.host, transport.lmtp)
         for attempt in (1, 2):
-            session = await self._session(transport, key, destination, ip, verified_only)
+            # The second attempt, after a reused session failed, on a new connection.
+            session = await self._session(transport, key, destination, ip, verified_only,
+                                          fresh=attempt == 2)
             if isinstance(session, str):
                 return session
             reused = session.transactions > 0
@@ -255,12 +355,18 @@ class SMTPDeliveryAgent:
                                   reply=str(exc.reply))
                     return detail
                 return _result(exc.reply, detail, destination.host if exc.remote else "")
-            self.sessions.put(key, session)
+            held.append((key, session))
             reply = outcome.results[address]
             tls = f" ({outcome.tls})" if outcome.tls else ""
             return _result(reply, f"{reply.status} {where}{tls} said: {reply}",
                            destination.host)
         return f"4.4.2 {where}: no usable session"
+
+
+def _released(outcome: tuple[DeliveryResult, Callable[[], None]]) -> DeliveryResult:
+    result, release = outcome
+    release()
+    return result
 
 
 def _result(reply: Reply, detail: str, remote_mta: str) -> DeliveryResult:

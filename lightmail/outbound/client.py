@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.storage.interfaces import BlobRef, IBlobStore
-from lightmail.streams import DotStuffer, blob_chunks
+from lightmail.streams import DotStuffer, blob_chunks, dot_stuffed
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -47,6 +47,8 @@ class OutboundMessage:
     ret: Optional[str] = None
     body: Optional[str] = None          # 8BITMIME when the client said so
     smtputf8: bool = False
+    # The blob's content when it was read ahead (small messages): sent in one write.
+    content: Optional[bytes] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,8 @@ class SMTPClientProtocol(Protocol):
         self.connected_d.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\n" in self.buffer:
-            raw, self.buffer = self.buffer.split(b"\n", 1)
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        for raw in lines:
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
             if len(line) < 3 or not line[:3].isdigit():
                 line = "421 " + line         # garbage: treat as a failing reply
@@ -233,6 +234,8 @@ class ClientSession:
         self.tls = ""
         self.usable = True
         self.transactions = 0
+        # A reused session's RSET, to go out with the next transaction's commands.
+        self.rset_pending = False
 
     async def reply(self, timeout: Optional[float] = None) -> Reply:
         try:
@@ -349,10 +352,21 @@ class ClientSession:
             rcpts.append(line)
         chunking = "CHUNKING" in extensions
         pipelining = "PIPELINING" in extensions
+        rset, self.rset_pending = self.rset_pending, False
         if pipelining:
-            self.send_lines(mail, *rcpts, *([] if chunking else ["DATA"]))
+            self.send_lines(*(["RSET"] if rset else []), mail, *rcpts,
+                            *([] if chunking else ["DATA"]))
         else:
+            if rset:
+                self.send_lines("RSET")
             self.send_lines(mail)
+        if rset:
+            answer = await self.reply()
+            if answer.code != 250:
+                # Not remote: the agent tries again on a new connection (what follows
+                # the RSET is answered, if at all, on a session that is hung up).
+                raise self.fail(local_reply(421, "4.4.2", f"{self.server_name} refused "
+                                            f"RSET: {answer}"), True, False)
         mail_reply = await self.reply()
         accepted = []
         for rcpt, line in zip(message.recipients, rcpts, strict=True):
@@ -377,19 +391,25 @@ class ClientSession:
             self.transactions += 1
             return outcome
         transport: Any = self.proto.transport
+        content = message.content
         if chunking:
-            transport.write(f"BDAT {total} LAST\r\n".encode() + prefix)
-            await _stream(self.proto, blobs, message.blob, stuffer=None)
+            transport.write(f"BDAT {total} LAST\r\n".encode() + prefix
+                            + (content if content is not None else b""))
+            if content is None:
+                await _stream(self.proto, blobs, message.blob, stuffer=None)
         else:
             if not pipelining:
                 self.send_lines("DATA")
             go = await self.reply()
             if go.code != 354:
                 raise self.fail(go, next_host=go.code < 500)
-            stuffer = DotStuffer()
-            transport.write(stuffer.feed(prefix))
-            await _stream(self.proto, blobs, message.blob, stuffer)
-            transport.write(stuffer.end())
+            if content is not None:
+                transport.write(dot_stuffed(prefix + content))
+            else:
+                stuffer = DotStuffer()
+                transport.write(stuffer.feed(prefix))
+                await _stream(self.proto, blobs, message.blob, stuffer)
+                transport.write(stuffer.end())
         if self.lmtp:
             # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
             for address in accepted:

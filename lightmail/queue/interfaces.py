@@ -45,6 +45,12 @@ class IDeliveryAgent(Interface):
         """Deliver one recipient.  Must be idempotent: after a crash the same item
         may be handed over again."""
 
+    # Optional: ``prepare(items) -> Deferred[list[QueueItem]]``, called with each
+    # claimed batch before its items are handed to ``deliver`` one by one; fires with
+    # the same items, in order, possibly with ``content`` read ahead (one disk hop
+    # for the batch instead of one per message).  Not declared here, so that agents
+    # without it still provide the interface.
+
 
 class IMailboxDelivery(Interface):
     """Files a message straight into local mailboxes, without the queue (LMTP)."""

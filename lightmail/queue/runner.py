@@ -7,12 +7,20 @@ hours between tries); after ``max_lifetime`` a deferred recipient bounces.  With
 ``delay_warning_time``, a recipient still deferred that long after its message arrived
 gets its sender one delay notice (``Notifier.delayed``), as Postfix's
 delay_warning_time does.
+
+Due work is claimed in batches (a finished delivery claims again only when there is
+room for ``claim_batch`` more), after an enqueue, every ``poll_interval`` seconds,
+and when ``lightmail queue`` writes to the FIFO ``state_dir/queue.wake``
+(``lightmail.queue.wake``).  An outcome is committed before the recipient is
+forgotten; the SMTP agent's connection is counted against its destination until
+then (``deliver_held``).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -21,6 +29,7 @@ from twisted.logger import Logger
 
 from lightmail.logs import BoundLogger, new_id
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
+from lightmail.queue.wake import WakeFIFO
 from lightmail.storage.interfaces import IQueueStore, QueueItem
 from lightmail.storage.queuestore import queue_id_time
 
@@ -42,7 +51,7 @@ class QueueRunner(Service):
                  lease_seconds: float = 600.0, min_backoff: float = 300.0,
                  max_backoff: float = 14400.0, max_lifetime: float = 5 * 86400.0,
                  clock: Any = None, owner: str | None = None,
-                 delay_warning_time: float = 0.0) -> None:
+                 delay_warning_time: float = 0.0, wake_path: Path | None = None) -> None:
         self.queue = queue
         self.ready = ready
         self.agents: dict[str, IDeliveryAgent] = {}
@@ -58,9 +67,13 @@ class QueueRunner(Service):
         self.clock = clock
         self._in_flight: set[defer.Deferred[Any]] = set()
         self._claiming = False
-        self._again = False
+        self._again = 0          # > 0: look again, with room for that many
+        self._drained = False    # the last claim got all that was due
         self._poll: task.LoopingCall | None = None
         self._idle_waiters: list[defer.Deferred[None]] = []
+        # The FIFO through which ``lightmail queue`` wakes the runner (queue/wake.py).
+        self.wake_path = wake_path
+        self._wake: WakeFIFO | None = None
         # Told of every final outcome (DSNs, lightmail.outbound.notices).
         self.notifier: Any = None
 
@@ -81,6 +94,10 @@ class QueueRunner(Service):
         if released:
             self.log.info("took back {count} deliveries interrupted by a crash",
                           count=released)
+        if self.wake_path is not None:
+            self._wake = WakeFIFO(self.wake_path, self.kick)
+            if not self._wake.start():
+                self._wake = None
         self._poll = task.LoopingCall(self.kick)
         if self.clock is not None:
             self._poll.clock = self.clock
@@ -90,6 +107,9 @@ class QueueRunner(Service):
         super().stopService()
         if self._poll is not None and self._poll.running:
             self._poll.stop()
+        if self._wake is not None:
+            self._wake.stop()
+            self._wake = None
         # Let deliveries in progress finish: a half-done delivery would be redone
         # after the lease expires, which is safe but slower.  Then hang up the
         # agents' idle sessions.
@@ -104,33 +124,71 @@ class QueueRunner(Service):
         return d.addBoth(close_agents)
 
     def kick(self) -> None:
-        """Look for due work now (called after an enqueue, and by the poll timer)."""
+        """Look for due work now (called after an enqueue, by the poll timer, and when
+        ``lightmail queue`` wakes the runner up)."""
+        self._drained = False
+        self._kick(1)
+
+    def _kick(self, min_room: int) -> None:
+        """Claim due work if there is room for at least ``min_room`` more deliveries.
+        A finished delivery asks for a whole batch's room (``claim_batch``): claims
+        then take many recipients at once instead of one each time one finishes."""
         if not self.running or not self.agents:
             return
         if self._claiming:
-            self._again = True
+            self._again = min(self._again or min_room, min_room)
             return
         room = self.concurrency - len(self._in_flight)
-        if room <= 0:
-            self._again = True
+        if room < max(1, min_room):
+            # Each delivery that finishes looks again; so does the next poll.
+            self._again = min(self._again or min_room, min_room)
             return
         self._claiming = True
-        self._again = False
+        self._again = 0
         d = self.queue.claim(self.owner, list(self.agents), room, self.lease_seconds)
-        d.addCallback(self._dispatch)
+        d.addCallback(self._prepare)
+        d.addCallback(self._dispatch, room)
         d.addErrback(lambda f: self.log.failure("claiming queued mail failed", f))
         d.addBoth(self._claimed)
+
+    @property
+    def claim_batch(self) -> int:
+        return max(1, min(50, self.concurrency // 4))
 
     def _claimed(self, _: Any) -> None:
         self._claiming = False
         if self._again:
-            self.kick()
+            self._kick(self._again)
         elif not self._in_flight:
             self._notify_idle()
 
-    def _dispatch(self, items: list[QueueItem]) -> None:
-        if len(items) >= self.concurrency - len(self._in_flight):
-            self._again = True
+    @defer.inlineCallbacks
+    def _prepare(self, items: list[QueueItem]) -> Any:
+        """Let agents that can read ahead for a whole batch do so (``prepare``)."""
+        items = list(items)
+        for transport, agent in self.agents.items():
+            prepare = getattr(agent, "prepare", None)
+            mine = [index for index, item in enumerate(items)
+                    if item.recipient.transport == transport]
+            if prepare is None or not mine:
+                continue
+            try:
+                prepared = yield prepare([items[index] for index in mine])
+            except Exception:
+                self.log.failure("preparing deliveries failed; they go ahead unprepared")
+                continue
+            for index, item in zip(mine, prepared, strict=True):
+                items[index] = item
+        return items
+
+    def _dispatch(self, items: list[QueueItem], asked: int) -> None:
+        if len(items) >= asked:
+            # There may be more: look again when there is room for a batch.
+            self._again = min(self._again or self.claim_batch, self.claim_batch)
+        else:
+            # All that is due now: until kick() (an enqueue, the poll, a wake-up),
+            # finished deliveries need not look again.
+            self._drained = True
         for item in items:
             d = self._deliver(item)
             self._in_flight.add(d)
@@ -138,7 +196,8 @@ class QueueRunner(Service):
 
     def _finished(self, _: Any, d: defer.Deferred[Any]) -> None:
         self._in_flight.discard(d)
-        self.kick()
+        if not self._drained:
+            self._kick(self.claim_batch if self._in_flight else 1)
         if not self._in_flight and not self._claiming:
             self._notify_idle()
 
@@ -146,36 +205,27 @@ class QueueRunner(Service):
     def _deliver(self, item: QueueItem) -> Any:
         log = BoundLogger(namespace="lightmail.queue", msg_id=item.queue_id)
         agent = self.agents[item.recipient.transport]
+        release = None
         try:
-            result = yield agent.deliver(item)
+            # An agent that can keeps its connection for this delivery until the
+            # outcome is recorded (deliver_held; see the SMTP agent).
+            deliver_held = getattr(agent, "deliver_held", None)
+            if deliver_held is not None:
+                result, release = yield deliver_held(item)
+            else:
+                result = yield agent.deliver(item)
         except Exception as exc:
             log.failure("delivery to {rcpt} failed unexpectedly", rcpt=item.recipient.address)
             result = DeliveryResult.deferred(f"4.3.0 internal error: {exc.__class__.__name__}")
         try:
-            if result.recorded:
-                log.info("to=<{rcpt}> transport={transport} status={status} {detail}",
-                         rcpt=item.recipient.address, transport=agent.transport,
-                         status=result.status, detail=result.detail)
-            elif result.status == "delivered":
-                yield self.queue.delivered(item, self.owner)
-                log.info("to=<{rcpt}> transport={transport} status=delivered {detail}",
-                         rcpt=item.recipient.address, transport=agent.transport,
-                         detail=result.detail)
-            elif result.status == "bounced" or self._expired(item):
-                yield self.queue.bounced(item, self.owner, result.detail)
-                log.warn("to=<{rcpt}> transport={transport} status=bounced {detail}",
-                         rcpt=item.recipient.address, transport=agent.transport,
-                         detail=result.detail)
-            else:
-                when = next_attempt_ms(item.attempts + 1, self.min_backoff, self.max_backoff)
-                yield self.queue.deferred(item, self.owner, result.detail, when)
-                log.info("to=<{rcpt}> transport={transport} status=deferred {detail}",
-                         rcpt=item.recipient.address, transport=agent.transport,
-                         detail=result.detail)
+            yield self._record(item, result, agent.transport, log)
         except Exception:
             log.failure("recording the delivery of {rcpt} failed; it will be retried",
                         rcpt=item.recipient.address)
             return
+        finally:
+            if release is not None:
+                release()
         if self.notifier is not None and (result.status in ("delivered", "bounced")
                                           or self._expired(item)):
             if result.status == "deferred":
@@ -194,6 +244,31 @@ class QueueRunner(Service):
             except Exception:
                 log.failure("could not send the delay notice for {rcpt}",
                             rcpt=item.recipient.address)
+
+    @defer.inlineCallbacks
+    def _record(self, item: QueueItem, result: DeliveryResult, transport: str,
+                log: BoundLogger) -> Any:
+        """Record the outcome (durably, before forgetting the item) and log it."""
+        if result.recorded:
+            log.info("to=<{rcpt}> transport={transport} status={status} {detail}",
+                     rcpt=item.recipient.address, transport=transport,
+                     status=result.status, detail=result.detail)
+        elif result.status == "delivered":
+            yield self.queue.delivered(item, self.owner)
+            log.info("to=<{rcpt}> transport={transport} status=delivered {detail}",
+                     rcpt=item.recipient.address, transport=transport,
+                     detail=result.detail)
+        elif result.status == "bounced" or self._expired(item):
+            yield self.queue.bounced(item, self.owner, result.detail)
+            log.warn("to=<{rcpt}> transport={transport} status=bounced {detail}",
+                     rcpt=item.recipient.address, transport=transport,
+                     detail=result.detail)
+        else:
+            when = next_attempt_ms(item.attempts + 1, self.min_backoff, self.max_backoff)
+            yield self.queue.deferred(item, self.owner, result.detail, when)
+            log.info("to=<{rcpt}> transport={transport} status=deferred {detail}",
+                     rcpt=item.recipient.address, transport=transport,
+                     detail=result.detail)
 
     def _expired(self, item: QueueItem) -> bool:
         received = queue_id_time(item.queue_id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -95,6 +95,41 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+class _Request(NamedTuple):
+    """A grouped write waiting for its group (``merge``: see write_merged)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    d: defer.Deferred[Any]
+    merge: bool
+    before: Callable[[], Any] | None = None     # see write_grouped_after
+
+
+def _run_merged(conn: Connection, batch: list[_Request]) -> list[tuple[bool, Any]]:
+    """Run a group's requests in one transaction, each merged request's function once
+    for all of its requests (where the first of them stands); results in order."""
+    results: list[tuple[bool, Any]] = [(True, None)] * len(batch)
+    merged: dict[Any, list[int]] = {}
+    for index, request in enumerate(batch):
+        if request.merge:
+            merged.setdefault(request.fn, []).append(index)
+    done: set[Any] = set()
+    for index, request in enumerate(batch):
+        if not request.merge:
+            results[index] = (True, request.fn(conn, *request.args, **request.kwargs))
+        elif request.fn not in done:
+            done.add(request.fn)
+            indexes = merged[request.fn]
+            values = request.fn(conn, [batch[i].args[0] for i in indexes])
+            if len(values) != len(indexes):
+                raise RuntimeError(f"{request.fn!r} gave {len(values)} results for "
+                                   f"{len(indexes)} requests")
+            for i, value in zip(indexes, values, strict=True):
+                results[i] = (True, value)
+    return results
+
+
 class Database:
     """An Engine and the bounded thread pool that is the only place SQL runs."""
 
@@ -106,9 +141,7 @@ class Database:
         self.backend = self.engine.dialect.name  # sqlite, postgresql, mysql
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="lightmail-sql")
         self._started = False
-        self._group_pending: list[tuple[Callable[..., Any], tuple[Any, ...],
-                                        dict[str, Any], defer.Deferred[Any],
-                                        Callable[[], Any] | None]] = []
+        self._group_pending: list[_Request] = []
         self._groups_running: set[defer.Deferred[Any]] = set()
         # SQLite has one writer at a time anyway; servers can commit groups in parallel.
         self._max_groups = 1 if self.backend == "sqlite" else max(1, threads // 2)
@@ -166,7 +199,7 @@ class Database:
         one thread hop for both).  If it raises, ``fn`` does not run and the Deferred
         fails with its exception."""
         d: defer.Deferred[T] = defer.Deferred()
-        self._group_pending.append((fn, args, kwargs, d, before))
+        self._group_pending.append(_Request(fn, args, kwargs, d, False, before))
         if len(self._groups_running) < self._max_groups:
             self._start_group()
         return d
@@ -175,6 +208,23 @@ class Database:
         """Whether a grouped write would start at once (no group running or waiting)."""
         return not self._group_pending and len(self._groups_running) < self._max_groups
 
+    def write_merged(self, fn_many: Callable[[Connection, list[Any]], list[T]],
+                     arg: Any) -> defer.Deferred[T]:
+        """Like :meth:`write_grouped`, and besides, the requests of one group that
+        name the same ``fn_many`` become one call, ``fn_many(conn, [arg, ...])``,
+        which returns one result per ``arg``, in order: set-based statements (one
+        ``executemany``, one ``IN (...)``) instead of a few statements per request.
+        The group's requests were all pending at once, so their order within the
+        transaction is free.  Should the merged call fail, the group runs again with
+        a savepoint per request, ``fn_many(conn, [arg])`` each, so that only the
+        failing one is left out.
+        """
+        d: defer.Deferred[T] = defer.Deferred()
+        self._group_pending.append(_Request(fn_many, (arg,), {}, d, True))
+        if len(self._groups_running) < self._max_groups:
+            self._start_group()
+        return d
+
     _GROUP_MAX = 200
 
     def _start_group(self) -> None:
@@ -182,72 +232,68 @@ class Database:
         del self._group_pending[:self._GROUP_MAX]
         if not batch:
             return
-        running = self.run(self._run_befores_and_group,
-                           [(fn, a, kw, before) for fn, a, kw, _, before in batch])
+        running = self.run(self._run_befores_and_group, batch)
         self._groups_running.add(running)
 
         def settled(outcome: Any) -> None:
             self._groups_running.discard(running)
             if isinstance(outcome, Failure):   # the commit itself failed
-                for _, _, _, d, _ in batch:
-                    d.errback(outcome)
+                for request in batch:
+                    request.d.errback(outcome)
             else:
-                for (ok, value), (_, _, _, d, _) in zip(outcome, batch, strict=True):
+                for (ok, value), request in zip(outcome, batch, strict=True):
                     if ok:
-                        d.callback(value)
+                        request.d.callback(value)
                     else:
-                        d.errback(value)
+                        request.d.errback(value)
             if self._group_pending:
                 self._start_group()
         running.addBoth(settled)
 
-    def _run_befores_and_group(
-            self, batch: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any],
-                                    Callable[[], Any] | None]]) -> list[tuple[bool, Any]]:
+    def _run_befores_and_group(self, batch: list[_Request]) -> list[tuple[bool, Any]]:
         failed: dict[int, Failure] = {}
-        for index, (_, _, _, before) in enumerate(batch):
-            if before is not None:
+        for index, request in enumerate(batch):
+            if request.before is not None:
                 try:
-                    before()
+                    request.before()
                 except Exception:
                     failed[index] = Failure()
         if not failed:
-            return self._run_group([(fn, a, kw) for fn, a, kw, _ in batch])
-        rest = [(fn, a, kw) for index, (fn, a, kw, _) in enumerate(batch)
-                if index not in failed]
+            return self._run_group(batch)
+        rest = [request for index, request in enumerate(batch) if index not in failed]
         ran = iter(self._run_group(rest) if rest else [])
         return [(False, failed[index]) if index in failed else next(ran)
                 for index in range(len(batch))]
 
-    def _run_group(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...],
-                                           dict[str, Any]]]) -> list[tuple[bool, Any]]:
+    def _run_group(self, batch: list[_Request]) -> list[tuple[bool, Any]]:
         # First without savepoints (two statements less per request): when every
         # request succeeds, which is nearly always, that is the whole story.  When
         # one fails, the transaction is rolled back whole and the group runs again
         # with a savepoint per request, so that only the failed one is left out.
         # (So a grouped function may run twice: it must act only on the database.)
-        results: list[tuple[bool, Any]] = []
         with self.engine.connect() as conn:
             conn.execution_options(lightmail_write=True)
             failed = None
             with conn.begin() as tx:
-                for fn, args, kwargs in batch:
-                    try:
-                        results.append((True, fn(conn, *args, **kwargs)))
-                    except Exception:
-                        failed = Failure()
-                        tx.rollback()
-                        break
+                try:
+                    results = _run_merged(conn, batch)
+                except Exception:
+                    failed = Failure()
+                    tx.rollback()
             if failed is None:
                 return results
             if len(batch) == 1:
                 return [(False, failed)]
             results = []
             with conn.begin():
-                for fn, args, kwargs in batch:
+                for request in batch:
                     try:
                         with conn.begin_nested():
-                            results.append((True, fn(conn, *args, **kwargs)))
+                            if request.merge:
+                                value = request.fn(conn, list(request.args))[0]
+                            else:
+                                value = request.fn(conn, *request.args, **request.kwargs)
+                        results.append((True, value))
                     except Exception:
                         results.append((False, Failure()))
         return results

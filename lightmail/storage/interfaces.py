@@ -152,6 +152,9 @@ class QueueItem:
                                default=Envelope(mail_from="", recipients=()))
     # The sender has had its delay warning for this recipient (RFC 3464 "delayed").
     delay_warned: bool = field(default=False, compare=False)
+    # The blob's content, when a delivery agent read it ahead (small messages, read
+    # together after a claim: IDeliveryAgent.prepare); else None (read when sent).
+    content: Optional[bytes] = field(default=None, compare=False, repr=False)
 
 
 class IBlobWriter(Interface):

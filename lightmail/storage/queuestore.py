@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -31,7 +32,7 @@ from lightmail.storage.interfaces import (
     QueueItem,
     QueueRecipient,
 )
-from lightmail.storage.sqlstore import release_blob_ref, upsert_blob_ref
+from lightmail.storage.sqlstore import release_blob_refs, upsert_blob_ref
 
 _B32 = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 
@@ -48,6 +49,55 @@ def new_queue_id() -> str:
 
 FINAL_STATES = ("delivered", "bounced")
 DUE_STATES = ("queued", "deferred")
+
+_r = s.queue_recipients
+# Statements built once (executemany with bound parameters): the hot path of a drain.
+_FINISH = _r.update().where(
+    (_r.c.id == sa.bindparam("b_id")) & (_r.c.lease_owner == sa.bindparam("b_owner"))
+).values(state=sa.bindparam("b_state"), last_error=sa.bindparam("b_error"),
+         finished=sa.bindparam("b_now"), lease_owner=None, lease_until=None,
+         attempts=_r.c.attempts + 1)
+_DEFER = _r.update().where(
+    (_r.c.id == sa.bindparam("b_id")) & (_r.c.lease_owner == sa.bindparam("b_owner"))
+).values(state="deferred", last_error=sa.bindparam("b_error"),
+         next_attempt=sa.bindparam("b_next"), lease_owner=None, lease_until=None,
+         attempts=_r.c.attempts + 1)
+_m = s.queue_messages
+_due = (((_r.c.state.in_(DUE_STATES) & (_r.c.next_attempt <= sa.bindparam("b_now")))
+         | ((_r.c.state == "active") & (_r.c.lease_until < sa.bindparam("b_now"))))
+        & _r.c.transport.in_(sa.bindparam("b_transports", expanding=True)))
+_DUE = (sa.select(_r.c.id).where(_due).order_by(_r.c.next_attempt)
+        .limit(sa.bindparam("b_limit")))
+_DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
+_LEASE = _r.update().where(_r.c.id.in_(sa.bindparam("b_ids", expanding=True))).values(
+    state="active", lease_owner=sa.bindparam("b_owner"),
+    lease_until=sa.bindparam("b_until"))
+_CLAIMED = (sa.select(_r, _m.c.blob_id, _m.c.size, _m.c.mail_from, _m.c.envid, _m.c.ret,
+                      _m.c.body, _m.c.smtputf8, _m.c.source, _m.c.auth_user,
+                      _m.c.client_address, _m.c.priority)
+            .join(_m, _m.c.id == _r.c.queue_id)
+            .where(_r.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+            .order_by(_m.c.priority.desc(), _r.c.next_attempt, _r.c.id))
+
+# Retiring messages whose recipients are all final (_retire_done).
+_LOCK_MESSAGES = (sa.select(_m.c.id, _m.c.blob_id)
+                  .where(_m.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+                  .order_by(_m.c.id))
+_LOCK_MESSAGES_FOR_UPDATE = _LOCK_MESSAGES.with_for_update()
+_STILL_OPEN = (sa.select(_r.c.queue_id)
+               .where(_r.c.queue_id.in_(sa.bindparam("b_ids", expanding=True))
+                      & _r.c.state.not_in(FINAL_STATES)).distinct())
+_DELETE_RECIPIENTS = _r.delete().where(
+    _r.c.queue_id.in_(sa.bindparam("b_ids", expanding=True)))
+_DELETE_MESSAGES = _m.delete().where(_m.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+
+
+class _Finish(NamedTuple):
+    recipient_id: int
+    queue_id: str
+    owner: str
+    state: str                   # delivered, bounced
+    error: str | None
 
 
 @implementer(IQueueStore)
@@ -88,65 +138,74 @@ class SQLQueueStore:
     def _claim(self, conn: Connection, owner: str, transports: list[str], limit: int,
                lease_seconds: float) -> list[QueueItem]:
         now = now_ms()
-        r, m = s.queue_recipients, s.queue_messages
-        due = (r.c.state.in_(DUE_STATES) & (r.c.next_attempt <= now)) | (
-            (r.c.state == "active") & (r.c.lease_until < now))
-        query = (sa.select(r.c.id).where(due & r.c.transport.in_(transports))
-                 .order_by(r.c.next_attempt).limit(limit))
-        if conn.dialect.name in ("postgresql", "mysql"):
-            query = query.with_for_update(skip_locked=True)
-        ids = [row.id for row in conn.execute(query)]
+        locking = conn.dialect.name in ("postgresql", "mysql")
+        ids = [row.id for row in conn.execute(
+            _DUE_LOCKED if locking else _DUE,
+            {"b_now": now, "b_transports": transports, "b_limit": limit})]
         if not ids:
             return []
-        conn.execute(r.update().where(r.c.id.in_(ids)).values(
-            state="active", lease_owner=owner, lease_until=now + int(lease_seconds * 1000)))
-        rows = conn.execute(sa.select(r, m.c.blob_id, m.c.size, m.c.mail_from, m.c.envid,
-                                      m.c.ret, m.c.body, m.c.smtputf8, m.c.source,
-                                      m.c.auth_user, m.c.client_address, m.c.priority)
-                            .join(m, m.c.id == r.c.queue_id).where(r.c.id.in_(ids))
-                            .order_by(m.c.priority.desc(), r.c.next_attempt, r.c.id))
-        return [_item(row) for row in rows]
+        conn.execute(_LEASE, {"b_ids": ids, "b_owner": owner,
+                              "b_until": now + int(lease_seconds * 1000)})
+        return [_item(row) for row in conn.execute(_CLAIMED, {"b_ids": ids})]
 
+    # One outcome each; the outcomes pending at once share a transaction, and
+    # their statements (Database.write_merged: an executemany and a few IN lists).
     def delivered(self, item: QueueItem, owner: str) -> Deferred[None]:
-        return self.db.write(self.finish_now, item, owner, "delivered", None)
+        return self.db.write_merged(self._finish_many, _Finish(
+            item.recipient_id, item.queue_id, owner, "delivered", None))
 
     def bounced(self, item: QueueItem, owner: str, error: str) -> Deferred[None]:
-        return self.db.write(self.finish_now, item, owner, "bounced", error)
+        return self.db.write_merged(self._finish_many, _Finish(
+            item.recipient_id, item.queue_id, owner, "bounced", error))
 
     def finish_now(self, conn: Connection, item: QueueItem, owner: str, state: str,
                    error: str | None) -> None:
         """Make a recipient final, inside the caller's transaction (so that a local
         delivery and its queue update commit together)."""
-        r = s.queue_recipients
-        conn.execute(r.update().where((r.c.id == item.recipient_id)
-                                      & (r.c.lease_owner == owner)).values(
-            state=state, last_error=error, finished=now_ms(), lease_owner=None,
-            lease_until=None, attempts=r.c.attempts + 1))
-        self._retire_if_done(conn, item.queue_id)
+        self._finish_many(conn, [_Finish(item.recipient_id, item.queue_id, owner, state,
+                                         error)])
+
+    def _finish_many(self, conn: Connection, finishes: list[_Finish]) -> list[None]:
+        now = now_ms()
+        conn.execute(_FINISH, [{"b_id": f.recipient_id, "b_owner": f.owner,
+                                "b_state": f.state, "b_error": f.error, "b_now": now}
+                               for f in sorted(finishes)])
+        self._retire_done(conn, {f.queue_id for f in finishes})
+        return [None] * len(finishes)
 
     def deferred(self, item: QueueItem, owner: str, error: str,
                  next_attempt: int) -> Deferred[None]:
-        def defer_(conn: Connection) -> None:
-            r = s.queue_recipients
-            conn.execute(r.update().where((r.c.id == item.recipient_id)
-                                          & (r.c.lease_owner == owner)).values(
-                state="deferred", last_error=error, next_attempt=next_attempt,
-                lease_owner=None, lease_until=None, attempts=r.c.attempts + 1))
-        return self.db.write(defer_)
+        return self.db.write_merged(self._defer_many, (item.recipient_id, owner, error,
+                                                       next_attempt))
 
-    def _retire_if_done(self, conn: Connection, queue_id: str) -> None:
-        r = s.queue_recipients
-        open_count = conn.execute(sa.select(sa.func.count()).select_from(r).where(
-            (r.c.queue_id == queue_id) & r.c.state.not_in(FINAL_STATES))).scalar_one()
-        if open_count:
+    def _defer_many(self, conn: Connection,
+                    defers: list[tuple[int, str, str, int]]) -> list[None]:
+        conn.execute(_DEFER, [{"b_id": rid, "b_owner": owner, "b_error": error,
+                               "b_next": next_attempt}
+                              for rid, owner, error, next_attempt in sorted(defers)])
+        return [None] * len(defers)
+
+    def _retire_done(self, conn: Connection, queue_ids: set[str]) -> None:
+        """Remove the messages among ``queue_ids`` whose recipients are all final, and
+        release their blob references.  The message rows are locked first (in id
+        order), so that of two transactions finishing a message's last recipients
+        the second waits for the first and then sees its recipient final."""
+        if not queue_ids:
             return
-        blob = conn.execute(sa.select(s.queue_messages.c.blob_id).where(
-            s.queue_messages.c.id == queue_id).with_for_update()).first()
-        if blob is None:
+        locking = conn.dialect.name != "sqlite"
+        blobs = {row.id: row.blob_id for row in conn.execute(
+            _LOCK_MESSAGES_FOR_UPDATE if locking else _LOCK_MESSAGES,
+            {"b_ids": sorted(queue_ids)})}
+        if not blobs:
             return
-        conn.execute(r.delete().where(r.c.queue_id == queue_id))
-        conn.execute(s.queue_messages.delete().where(s.queue_messages.c.id == queue_id))
-        release_blob_ref(conn, blob.blob_id)
+        still_open = {row.queue_id for row in conn.execute(_STILL_OPEN,
+                                                           {"b_ids": list(blobs)})}
+        done = [queue_id for queue_id in blobs if queue_id not in still_open]
+        if not done:
+            return
+        conn.execute(_DELETE_RECIPIENTS, {"b_ids": done})
+        conn.execute(_DELETE_MESSAGES, {"b_ids": done})
+        release_blob_refs(conn, Counter(blobs[queue_id] for queue_id in done))
 
     def manage(self, action: str, queue_ids: Sequence[str] = ()) -> Deferred[int]:
         """Administer queued mail (``lightmail queue ...``), as postsuper does:
@@ -166,8 +225,7 @@ class SQLQueueStore:
                 touched = [row.queue_id for row in conn.execute(
                     sa.select(r.c.queue_id).where(where).distinct())]
                 count = conn.execute(r.delete().where(where)).rowcount
-                for queue_id in touched:
-                    self._retire_if_done(conn, queue_id)
+                self._retire_done(conn, set(touched))
                 return int(count)
             values: dict[str, Any] = {"state": "held"} if action == "hold" else {
                 "state": "deferred", "next_attempt": now_ms()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import sqlalchemy as sa
@@ -103,11 +103,27 @@ _BUMP_BY_NAME = s.mailboxes.update().where(
 
 def release_blob_ref(conn: Connection, blob_id: str, count: int = 1) -> None:
     """Count ``count`` fewer references, inside the caller's write transaction."""
-    conn.execute(s.blobs.update().where(s.blobs.c.id == blob_id).values(
-        refcount=s.blobs.c.refcount - count))
-    conn.execute(s.blobs.update().where(
-        (s.blobs.c.id == blob_id) & (s.blobs.c.refcount <= 0)
-        & s.blobs.c.unreferenced_since.is_(None)).values(unreferenced_since=now_ms()))
+    release_blob_refs(conn, {blob_id: count})
+
+
+_RELEASE = s.blobs.update().where(s.blobs.c.id == sa.bindparam("b_id")).values(
+    refcount=s.blobs.c.refcount - sa.bindparam("b_count"))
+
+_UNREFERENCED = s.blobs.update().where(
+    s.blobs.c.id.in_(sa.bindparam("b_ids", expanding=True)) & (s.blobs.c.refcount <= 0)
+    & s.blobs.c.unreferenced_since.is_(None)).values(
+    unreferenced_since=sa.bindparam("b_now"))
+
+
+def release_blob_refs(conn: Connection, counts: Mapping[str, int]) -> None:
+    """Count fewer references to several blobs (``counts``: blob id -> how many
+    fewer), inside the caller's write transaction; rows updated in id order."""
+    ids = sorted(counts)
+    if not ids:
+        return
+    conn.execute(_RELEASE, [{"b_id": blob_id, "b_count": counts[blob_id]}
+                            for blob_id in ids])
+    conn.execute(_UNREFERENCED, {"b_ids": ids, "b_now": now_ms()})
 
 
 def normalise_mailbox_name(name: str) -> str:
