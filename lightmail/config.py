@@ -517,6 +517,16 @@ class OutboundConfig:
         "may", parse_choice("may", "none", "encrypt"),
         "STARTTLS policy: may (when offered; certificate verification is logged), "
         "encrypt (required: defer otherwise), none.")
+    auth_user: str = option(
+        "", parse_str,
+        "SMTP AUTH (RFC 4954) user name for relay_host; empty: no AUTH.  Sent only "
+        "over TLS (STARTTLS), unless tls = none.")
+    auth_password_file: Path | None = option(
+        None, parse_optional_path,
+        "File holding the SMTP AUTH password (its first line), read at start-up; "
+        "needed with auth_user.")
+    # Read from auth_password_file by parse_config; never shown or logged.
+    auth_password: str = field(default="", repr=False, compare=False)
     concurrency: int = option(
         100, parse_int(1, 1000), "Deliveries in progress at once (all transports).")
     destination_concurrency: int = option(
@@ -645,6 +655,16 @@ class TransportConfig:
     tls: str = option(
         "may", parse_choice("may", "none", "encrypt"),
         "STARTTLS policy for this domain: may, encrypt (required) or none.")
+    auth_user: str = option(
+        "", parse_str,
+        "SMTP AUTH (RFC 4954) user name for this transport's relay; empty: no AUTH.  Sent only "
+        "over TLS (STARTTLS), unless tls = none.")
+    auth_password_file: Path | None = option(
+        None, parse_optional_path,
+        "File holding the SMTP AUTH password (its first line), read at start-up; "
+        "needed with auth_user.")
+    # Read from auth_password_file by parse_config; never shown or logged.
+    auth_password: str = field(default="", repr=False, compare=False)
 
 
 SECTIONS: Mapping[str, type] = {
@@ -792,11 +812,43 @@ def parse_config(text: str, path: str = "<config>",
             known = list(SECTIONS) + [LISTENER_PREFIX + "NAME", TRANSPORT_PREFIX + "DOMAIN"]
             raise ConfigError(f"unknown section; known sections are {', '.join(known)}",
                               path, lines.get((name, None)), name)
+    if "outbound" in sections:
+        sections["outbound"] = _load_password(sections["outbound"], "outbound", path, lines)
+    transports = [_load_password(t, TRANSPORT_PREFIX + t.domain, path, lines)
+                  for t in transports]
     config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
                     **sections)
     if validators is not None:
         validators(config)
     return config
+
+
+def _load_password(section_config: Any, section: str, path: str,
+                   lines: Mapping[tuple[str, str | None], int]) -> Any:
+    """Read ``auth_password_file`` (SMTP AUTH to a relay) into ``auth_password``."""
+    user, secret = section_config.auth_user, section_config.auth_password_file
+    if not user and secret is None:
+        return section_config
+    if not user:
+        raise ConfigError("auth_password_file needs 'auth_user'", path,
+                          lines.get((section, "auth_password_file")), section, "auth_user")
+    if secret is None:
+        raise ConfigError("auth_user needs 'auth_password_file'", path,
+                          lines.get((section, "auth_user")), section, "auth_password_file")
+    line = lines.get((section, "auth_password_file"))
+    try:
+        text = secret.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {secret}: {exc.strerror}", path, line, section,
+                          "auth_password_file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{secret} is not UTF-8 text", path, line, section,
+                          "auth_password_file") from None
+    password = text.splitlines()[0] if text.splitlines() else ""
+    if not password:
+        raise ConfigError(f"{secret} holds no password (an empty first line)", path,
+                          line, section, "auth_password_file")
+    return dataclasses.replace(section_config, auth_password=password)
 
 
 def _check_listener(listener: ListenerConfig, path: str,

@@ -249,13 +249,22 @@ def _delivery_agents(services: Services) -> list[Any]:
                              connect_timeout=out.connect_timeout,
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
-                             ca_file=ca_file, signer=signer)
+                             ca_file=ca_file, signer=signer,
+                             credentials=_credentials(out))
     from lightmail.delivery.smtp import Transport
     for override in services.config.transports:
         smtp.transports[override.domain] = Transport(
             Router(resolver, port=out.port, relay_host=override.relay), override.tls,
-            override.protocol == "lmtp")
+            override.protocol == "lmtp", _credentials(override))
     return [services.local_delivery, smtp]
+
+
+def _credentials(section: Any) -> Any:
+    """SMTP AUTH credentials of ``[outbound]`` or a ``[transport:DOMAIN]``, if any."""
+    from lightmail.outbound.client import Credentials
+    if not section.auth_user:
+        return None
+    return Credentials(section.auth_user, section.auth_password)
 
 
 def get_services(service: IService) -> Services:

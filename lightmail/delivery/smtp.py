@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from lightmail.outbound.client import (
     ClientSession,
+    Credentials,
     OutboundMessage,
     OutboundRecipient,
     Reply,
@@ -39,17 +40,21 @@ from lightmail.outbound.routing import Destination, Router, RoutingError
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
 from lightmail.storage.interfaces import BlobMissing, IBlobStore, QueueItem
 
-SessionKey = tuple[str, int, str, bool]    # (address, port, host name, LMTP?)
+# (address, port, host name, LMTP?, SMTP AUTH user): an authenticated session serves
+# only deliveries with the same credentials.
+SessionKey = tuple[str, int, str, bool, str]
 
 
 @dataclass(frozen=True)
 class Transport:
     """How mail for some domains leaves: a router (MX or relay host), a STARTTLS
-    policy, and SMTP or LMTP (``[transport:DOMAIN]`` sections; ``[outbound]``)."""
+    policy, SMTP or LMTP, and SMTP AUTH credentials for a relay
+    (``[transport:DOMAIN]`` sections; ``[outbound]``)."""
 
     router: Router
     tls: str = "may"
     lmtp: bool = False
+    credentials: Optional[Credentials] = None
 
 
 class SessionCache:
@@ -115,7 +120,8 @@ class SMTPDeliveryAgent:
                  timeouts: Optional[Timeouts] = None, connect_timeout: float = 30.0,
                  reactor: Any = None, signer: Any = None,
                  destination_concurrency: int = 20, session_idle: float = 5.0,
-                 lmtp: bool = False, mta_sts: Any = None, ca_file: str = "") -> None:
+                 lmtp: bool = False, mta_sts: Any = None, ca_file: str = "",
+                 credentials: Optional[Credentials] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -138,7 +144,7 @@ class SMTPDeliveryAgent:
         # Per-domain overrides: "example.com" for the domain, ".example.com" for its
         # subdomains (as Postfix's transport maps).
         self.transports: dict[str, Transport] = {}
-        self.default = Transport(router, tls_policy, lmtp)
+        self.default = Transport(router, tls_policy, lmtp, credentials)
 
     def transport_for(self, domain: str) -> Transport:
         if not self.transports:
@@ -312,11 +318,16 @@ class SMTPDeliveryAgent:
                           error=exc.__class__.__name__)
             return f"4.4.1 connect to {where} failed: {exc.__class__.__name__}"
         session = ClientSession(proto, destination.host, self.helo, self.timeouts,
-                                self.reactor, transport.lmtp, self.ca_file)
+                                self.reactor, transport.lmtp, self.ca_file,
+                                transport.credentials)
         try:
             await session.open("encrypt" if verified_only else transport.tls)
         except SessionFailed as exc:
             said = "said" if exc.remote else "failed"
+            if exc.auth:
+                self.log.warn("{where}: {reply}; check auth_user and auth_password_file",
+                              where=where, reply=str(exc.reply))
+                return f"{exc.reply.status} {where} {said}: {exc.reply}"
             self.log.info("{where}: {reply}; trying the next host", where=where,
                           reply=str(exc.reply))
             return f"{exc.reply.status} {where} {said}: {exc.reply}"
@@ -335,7 +346,8 @@ class SMTPDeliveryAgent:
         carry more goes into ``held``: back to the cache when the delivery is over
         (:meth:`deliver_held`)."""
         where = f"{destination.host}[{ip}]:{destination.port}"
-        key = (ip, destination.port, destination.host, transport.lmtp)
+        key = (ip, destination.port, destination.host, transport.lmtp,
+               transport.credentials.user if transport.credentials else "")
         for attempt in (1, 2):
             # The second attempt, after a reused session failed, on a new connection.
             session = await self._session(transport, key, destination, ip, verified_only,

@@ -5,7 +5,9 @@ message over the server's limit is not sent: 5.3.4), 8BITMIME (sent as it is whe
 the server does not offer it, as Postfix does), SMTPUTF8 (a message that needs it is
 not sent to a server without it: 5.6.7, RFC 6531 §3.2), CHUNKING (BDAT, no
 dot-stuffing), DSN parameters passed through (RFC 3461) when offered, opportunistic
-STARTTLS (RFC 3207) with the certificate checked and the outcome logged.
+STARTTLS (RFC 3207) with the certificate checked and the outcome logged, SMTP AUTH
+(RFC 4954: PLAIN, or LOGIN when only that is offered) to a relay host that needs it,
+only over TLS unless the transport says ``tls = none``.
 
 Each recipient gets its own answer: accepted at RCPT and then by the reply to the
 content, or refused.  4xx means try again later, 5xx means bounce.
@@ -13,6 +15,7 @@ content, or refused.  4xx means try again later, 5xx means bounce.
 
 from __future__ import annotations
 
+import base64
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -84,10 +87,20 @@ class SessionFailed(Exception):
     """The session ended before the recipients got answers: try the next host
     (``next_host``) or give every recipient ``reply``."""
 
-    def __init__(self, reply: Reply, next_host: bool, remote: bool = True) -> None:
+    def __init__(self, reply: Reply, next_host: bool, remote: bool = True,
+                 auth: bool = False) -> None:
         super().__init__(str(reply))
         # remote: the server said it (else LightMail decided: timeouts, limits).
         self.reply, self.next_host, self.remote = reply, next_host, remote
+        self.auth = auth                # SMTP AUTH failed or could not be attempted
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """SMTP AUTH credentials for a relay host (the password is never shown)."""
+
+    user: str
+    password: str = field(repr=False)
 
 
 def local_reply(code: int, status: str, text: str) -> Reply:
@@ -226,8 +239,10 @@ class ClientSession:
 
     def __init__(self, proto: SMTPClientProtocol, server_name: str, helo: str,
                  timeouts: Timeouts, clock: Any, lmtp: bool = False,
-                 ca_file: str = "") -> None:
+                 ca_file: str = "", credentials: Optional[Credentials] = None) -> None:
         self.proto, self.server_name, self.helo = proto, server_name, helo
+        self.credentials = credentials
+        self.authenticated = ""         # the user name, after 235
         self.ca_file = ca_file
         self.timeouts, self.clock, self.lmtp = timeouts, clock, lmtp
         self.extensions: dict[str, str] = {}
@@ -287,6 +302,48 @@ class ClientSession:
         if tls_policy == "encrypt" and not self.tls:
             raise self.fail(local_reply(450, "4.7.5", f"{self.server_name} offers no "
                                         "STARTTLS and TLS is required"), True, False)
+        if self.credentials is not None:
+            await self._authenticate(self.credentials, tls_policy)
+
+    def _auth_failed(self, status: str, text: str) -> SessionFailed:
+        self.close()
+        return SessionFailed(local_reply(454, status, text), True, False, auth=True)
+
+    async def _authenticate(self, credentials: Credentials, tls_policy: str) -> None:
+        """SMTP AUTH (RFC 4954) with an initial response: PLAIN, else LOGIN.  Any
+        failure is temporary (4.7.x) for the recipients: wrong credentials are the
+        administrator's to fix, not a reason to bounce the users' mail."""
+        who = f"as {credentials.user} to {self.server_name}"
+        if not self.tls and tls_policy != "none":
+            raise self._auth_failed("4.7.0", f"SMTP AUTH {who} not attempted: the "
+                                    "connection is not encrypted (no STARTTLS); "
+                                    "credentials are only sent over TLS unless tls = none")
+        offered = set(self.extensions.get("AUTH", "").upper().split())
+        for keyword in self.extensions:          # the old "AUTH=PLAIN LOGIN" form
+            if keyword.startswith("AUTH="):
+                offered.update(keyword[5:].split())
+                offered.update(self.extensions[keyword].upper().split())
+        if "PLAIN" in offered:
+            token = f"\0{credentials.user}\0{credentials.password}".encode()
+            self.send_lines(f"AUTH PLAIN {base64.b64encode(token).decode()}")
+            answer = await self.reply()
+        elif "LOGIN" in offered:
+            user = base64.b64encode(credentials.user.encode()).decode()
+            self.send_lines(f"AUTH LOGIN {user}")
+            answer = await self.reply()
+            if answer.code == 334:
+                self.send_lines(base64.b64encode(credentials.password.encode()).decode())
+                answer = await self.reply()
+        else:
+            mechanisms = " ".join(sorted(offered)) or "no AUTH at all"
+            raise self._auth_failed("4.7.0", f"SMTP AUTH {who} not possible: the server "
+                                    f"offers {mechanisms} (LightMail speaks PLAIN, LOGIN)")
+        if answer.code == 334:
+            self.send_lines("*")                 # an unexpected challenge: cancel
+            answer = await self.reply()
+        if answer.code != 235:
+            raise self._auth_failed("4.7.8", f"SMTP AUTH {who} refused: {answer}")
+        self.authenticated = credentials.user
 
     async def _hello(self) -> None:
         self.send_lines(f"{'LHLO' if self.lmtp else 'EHLO'} {self.helo}")
