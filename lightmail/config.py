@@ -499,6 +499,24 @@ class IMAPConfig:
         "auto = create), as NAME:\\USE pairs (RFC 6154), comma-separated.")
 
 
+def auth_user_option(target: str) -> Any:
+    """``auth_user`` of [outbound] and [transport:DOMAIN]: the SMTP client's AUTH."""
+    return option("", parse_str,
+                  f"SMTP AUTH (RFC 4954) user name for {target}; empty: no AUTH.  Sent "
+                  "only over TLS (STARTTLS), unless tls = none.")
+
+
+def auth_password_file_option() -> Any:
+    return option(None, parse_optional_path,
+                  "File holding the SMTP AUTH password (its first line), read at "
+                  "start-up; needed with auth_user.")
+
+
+def auth_password_field() -> Any:
+    """Read from auth_password_file by parse_config; never shown or logged."""
+    return field(default="", repr=False, compare=False)
+
+
 @dataclass(frozen=True)
 class OutboundConfig:
     """The outbound MTA: the queue's retry schedule and how mail leaves."""
@@ -517,16 +535,9 @@ class OutboundConfig:
         "may", parse_choice("may", "none", "encrypt"),
         "STARTTLS policy: may (when offered; certificate verification is logged), "
         "encrypt (required: defer otherwise), none.")
-    auth_user: str = option(
-        "", parse_str,
-        "SMTP AUTH (RFC 4954) user name for relay_host; empty: no AUTH.  Sent only "
-        "over TLS (STARTTLS), unless tls = none.")
-    auth_password_file: Path | None = option(
-        None, parse_optional_path,
-        "File holding the SMTP AUTH password (its first line), read at start-up; "
-        "needed with auth_user.")
-    # Read from auth_password_file by parse_config; never shown or logged.
-    auth_password: str = field(default="", repr=False, compare=False)
+    auth_user: str = auth_user_option("relay_host")
+    auth_password_file: Path | None = auth_password_file_option()
+    auth_password: str = auth_password_field()
     concurrency: int = option(
         100, parse_int(1, 1000), "Deliveries in progress at once (all transports).")
     destination_concurrency: int = option(
@@ -655,16 +666,9 @@ class TransportConfig:
     tls: str = option(
         "may", parse_choice("may", "none", "encrypt"),
         "STARTTLS policy for this domain: may, encrypt (required) or none.")
-    auth_user: str = option(
-        "", parse_str,
-        "SMTP AUTH (RFC 4954) user name for this transport's relay; empty: no AUTH.  Sent only "
-        "over TLS (STARTTLS), unless tls = none.")
-    auth_password_file: Path | None = option(
-        None, parse_optional_path,
-        "File holding the SMTP AUTH password (its first line), read at start-up; "
-        "needed with auth_user.")
-    # Read from auth_password_file by parse_config; never shown or logged.
-    auth_password: str = field(default="", repr=False, compare=False)
+    auth_user: str = auth_user_option("this transport's relay")
+    auth_password_file: Path | None = auth_password_file_option()
+    auth_password: str = auth_password_field()
 
 
 SECTIONS: Mapping[str, type] = {
