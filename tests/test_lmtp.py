@@ -216,3 +216,28 @@ def test_postfix_delivers_into_lightmail_over_lmtp(write_config, tmp_path: Path,
         for postfix in postfixes:
             postfix.stop()
         server.kill()
+
+
+@pytest_twisted.inlineCallbacks
+def test_blob_not_made_durable_is_a_tempfail(tmp_path: Path, socket_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blob's fsync/rename fails (in the SQL group's hop or on the I/O pool):
+    4xx, nothing filed, no temporary file left behind."""
+    from lightmail.storage.blobs import FilesystemBlobStore
+
+    def full(*args: Any, **kwargs: Any) -> bool:
+        raise OSError(28, "No space left on device")
+
+    server = yield start_lmtp(tmp_path, socket_dir / "lmtp.sock")
+    try:
+        monkeypatch.setattr(FilesystemBlobStore, "_commit", full)
+        _, [one] = yield in_thread(transaction, server.ports["lmtp"], "bob@example.test",
+                                   subject="lost")
+        _, two = yield in_thread(transaction, server.ports["lmtp"], "bob@example.test",
+                                 "bob+lists@example.test", subject="lost2")
+        assert one.startswith("451") and [t[:3] for t in two] == ["451", "451"]
+        assert (yield server.inbox("bob@example.test")) == []
+        assert (yield server.inbox("bob@example.test", "lists")) == []
+        assert list(Path(server.parts.blobs._tmp).iterdir()) == []
+    finally:
+        yield server.root.stopService()

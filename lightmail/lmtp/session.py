@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from lightmail.config import ListenerConfig
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
-from lightmail.smtp.policy import Session, SMTPHandler, Transaction
+from lightmail.smtp.policy import Session, SMTPHandler, Transaction, _no
 from lightmail.smtp.session import SMTPFactory, SMTPServerSession
 from lightmail.storage.interfaces import BlobRef, QueueRecipient
 
@@ -96,7 +96,7 @@ class LMTPHandler(SMTPHandler):
         # earlier append can carry one.
         deliveries = [
             agent.deliver_to_mailbox(address, blob, f"lmtp/{queue_id}/{index}",
-                                     fresh=True, **({"before": before} if before else {}))
+                                     fresh=True, before=before)
             for index, (address, _) in enumerate(tx.accepted)]
         results = yield defer.gatherResults(
             [d.addErrback(self._failed) for d in deliveries], consumeErrors=True)
@@ -122,10 +122,6 @@ class LMTPHandler(SMTPHandler):
         if result.status == "bounced":
             return Reply(550, status or "5.1.1", f"<{address}> {detail}")
         return Reply(451, status or "4.3.0", f"<{address}> {detail}")
-
-
-def _no() -> bool:
-    return False
 
 
 class LMTPFactory(SMTPFactory):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -55,10 +56,14 @@ class IDeliveryAgent(Interface):
 class IMailboxDelivery(Interface):
     """Files a message straight into local mailboxes, without the queue (LMTP)."""
 
-    def deliver_to_mailbox(address: str, blob: BlobRef,
-                           delivery_id: str) -> Deferred[DeliveryResult]:
+    def deliver_to_mailbox(address: str, blob: BlobRef, delivery_id: str,
+                           fresh: bool = False,
+                           before: Any = None) -> Deferred[DeliveryResult]:
         """Deliver ``blob`` to the local mailbox(es) ``address`` leads to.
 
         Durable when the Deferred fires with a delivered result.  The same
         ``delivery_id`` files a message once into a mailbox, however often it is asked.
+        ``fresh``: ``delivery_id`` is new (no earlier append can carry it);
+        ``before``: makes the blob durable first, in the transaction's worker hop
+        (``LocalDeliveryAgent.can_file_after``); when it fails, nothing is filed.
         """

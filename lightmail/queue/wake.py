@@ -81,9 +81,10 @@ class WakeFIFO:
         return self.fd
 
     def doRead(self) -> None:
+        # One bounded read: a writer that never stops cannot hold the reactor here
+        # (what is left makes the FIFO readable again, for the next iteration).
         try:
-            while os.read(self.fd, 4096):
-                pass
+            os.read(self.fd, 4096)
         except BlockingIOError:
             pass
         self.callback()

@@ -641,6 +641,8 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 log.failure("could not queue the message from <{sender}>",
                             sender=tx.mail_from)
                 reply = codes.TEMP_FAILURE
+                if pending is not None:
+                    pending.discard()    # its temporary file, if never committed
             else:
                 self.messages += 1
                 log.info("accepted from=<{sender}> size={size} nrcpt={nrcpt} via {listener}",

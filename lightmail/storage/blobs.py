@@ -228,15 +228,8 @@ class FilesystemBlobStore:
         return w.finish()
 
     def read(self, blob_id: str) -> Deferred[bytes]:
-        path = self.path(blob_id)
-
-        def read() -> bytes:
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
-                raise BlobMissing(f"blob {blob_id} is missing") from None
-        return self._defer(read)
+        _check_id(blob_id)
+        return self._defer(self.read_now, blob_id)
 
     def read_range(self, blob_id: str, offset: int, length: int) -> Deferred[bytes]:
         path = self.path(blob_id)
@@ -439,10 +432,7 @@ class _BlobWriter:
     def finish(self) -> Deferred[BlobRef]:
         if self._state is not _State.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
-        if self._head is not None:
-            # No blank line: the whole message is its header block.
-            self._headers = bytes(self._head) if self._head else b""
-            self._head = None
+        self._end_head()
         self._state = _State.FINISHING
         d: Deferred[BlobRef] = Deferred()
         self._finished = d
@@ -462,12 +452,16 @@ class _BlobWriter:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
         if self._busy or self._error is not None:
             return None
-        if self._head is not None:
-            self._headers = bytes(self._head) if self._head else b""
-            self._head = None
+        self._end_head()
         self._state = _State.FINISHED
         ref = BlobRef(self._hash.hexdigest(), self._size, self._headers)
         return PendingBlob(self._store, self._tmp, self._take(), ref)
+
+    def _end_head(self) -> None:
+        if self._head is not None:
+            # No blank line: the whole message is its header block.
+            self._headers = bytes(self._head) if self._head else b""
+            self._head = None
 
     def abort(self) -> None:
         """Drop the partial blob.  A no-op once finish() has been called."""
@@ -534,7 +528,8 @@ class PendingBlob:
     ``ref`` is what :meth:`IBlobWriter.finish` would give.  Exactly one of
     :meth:`commit_now` (on a worker thread) or :meth:`commit` (on the store's pool)
     must be called, once; the blob is durable when it returns or fires.  On failure
-    the temporary file is removed.
+    the temporary file is removed.  :meth:`discard` drops a blob whose commit never
+    started (the request failed first); a commit after it fails.
     """
 
     def __init__(self, store: FilesystemBlobStore, tmp: _TmpFile, chunks: list[bytes],
@@ -543,14 +538,31 @@ class PendingBlob:
         self._tmp = tmp
         self._chunks = chunks
         self.ref = ref
+        self._lock = threading.Lock()
+        self._started = False
+        self._discarded = False
 
     def commit_now(self) -> None:
+        with self._lock:
+            if self._discarded:
+                raise BlobMissing(f"blob {self.ref.id} was discarded before its commit")
+            self._started = True
         chunks, self._chunks = self._chunks, []
         try:
             self._tmp.commit(chunks, self.ref.id)
         except BaseException:
             self._tmp.discard()
             raise
+
+    def discard(self) -> None:
+        """Close and remove the temporary file, unless a commit has started (any
+        thread; a no-op then)."""
+        with self._lock:
+            if self._started or self._discarded:
+                return
+            self._discarded = True
+        self._chunks = []
+        self._tmp.discard()
 
     def commit(self) -> Deferred[BlobRef]:
         return self._store._defer(self.commit_now).addCallback(lambda _: self.ref)

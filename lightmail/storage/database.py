@@ -198,11 +198,7 @@ class Database:
         thread, outside the transaction, exactly once (for a blob's fsync and rename:
         one thread hop for both).  If it raises, ``fn`` does not run and the Deferred
         fails with its exception."""
-        d: defer.Deferred[T] = defer.Deferred()
-        self._group_pending.append(_Request(fn, args, kwargs, d, False, before))
-        if len(self._groups_running) < self._max_groups:
-            self._start_group()
-        return d
+        return self._add(_Request(fn, args, kwargs, defer.Deferred(), False, before))
 
     def groups_idle(self) -> bool:
         """Whether a grouped write would start at once (no group running or waiting)."""
@@ -219,11 +215,13 @@ class Database:
         a savepoint per request, ``fn_many(conn, [arg])`` each, so that only the
         failing one is left out.
         """
-        d: defer.Deferred[T] = defer.Deferred()
-        self._group_pending.append(_Request(fn_many, (arg,), {}, d, True))
+        return self._add(_Request(fn_many, (arg,), {}, defer.Deferred(), True))
+
+    def _add(self, request: _Request) -> defer.Deferred[Any]:
+        self._group_pending.append(request)
         if len(self._groups_running) < self._max_groups:
             self._start_group()
-        return d
+        return request.d
 
     _GROUP_MAX = 200
 
