@@ -230,3 +230,41 @@ def test_too_many_errors_idle_timeout_and_per_user_limit(tmp_path: Path) -> None
     assert out["third"][-1].startswith(b"l NO [LIMIT]"), out["third"]
     assert out["after_close"][-1].startswith(b"l OK")
     assert out["idle_bye"][0].startswith(b"* BYE") and out["idle_bye"][1] == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_hostile_arguments_are_refused_and_the_session_goes_on(tmp_path: Path) -> None:
+    """Numbers too large for int() or the database, and LIST patterns that would
+    backtrack a regex for ever: BAD (not [SERVERBUG], not a stalled reactor)."""
+    server = yield start_imap(tmp_path, PLAINTEXT + "[imap]\nmax_errors = 100\n")
+    big = "9" * 5000
+    cases = [
+        (f"FETCH 1 BODY[]<{big}.1>", "BAD"), ("FETCH 1 BODY[]<4294967296.1>", "BAD"),
+        ("FETCH 1 BODY[]<-1.5>", "BAD"), (f"FETCH {big} FLAGS", "BAD"),
+        (f"UID FETCH 1:{big} FLAGS", "BAD"), ("UID FETCH 4294967296 FLAGS", "BAD"),
+        ("FETCH 1:99999999999999999999 FLAGS", "BAD"), (f"FETCH 1 BINARY[{big}]", "BAD"),
+        ("FETCH 1 BODY[1.2.3.4.5.6.7.8.9.10.11.12.MIME]", "OK"),
+        ("FETCH 1 FLAGS (CHANGEDSINCE \u00b2)", "BAD"),
+        (f"FETCH 1 FLAGS (CHANGEDSINCE {big})", "BAD"),
+        ("STORE 1 (UNCHANGEDSINCE 99999999999999999999) +FLAGS (x)", "BAD"),
+        ("UID FETCH 1:* FLAGS (CHANGEDSINCE 99999999999999999999 VANISHED)", "BAD"),
+        ("STORE 1 +FLAGS (\\Bogus", "BAD"), ("SEARCH " + "NOT " * 5000 + "ALL", "BAD"),
+        ("SORT (FOO) UTF-8 ALL", "BAD"), ("RENAME INBOX INBOX", "NO"),
+        ('LIST "" "' + "*a" * 300 + '"', "OK"), ('LIST "" "' + "%" * 500 + '"', "OK"),
+    ]
+    try:
+        def run() -> list[tuple[str, bytes, bytes]]:
+            wire = wire_login(server.ports["imap-plain"])
+            wire.cmd("e", "ENABLE QRESYNC")
+            wire.cmd("s", "SELECT INBOX")
+            wire.cmd("c", "CREATE " + "a" * 200 + "b")
+            out = [(want, wire.cmd(f"t{i}", text)[-1], wire.cmd(f"n{i}", "NOOP")[-1])
+                   for i, (text, want) in enumerate(cases)]
+            wire.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    for i, (want, reply, noop) in enumerate(out):
+        assert reply.startswith(f"t{i} {want} ".encode()), (cases[i][0][:60], reply[:100])
+        assert noop.startswith(f"n{i} OK".encode())

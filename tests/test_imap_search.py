@@ -677,3 +677,8 @@ def test_header_keys_on_real_messages_with_and_without_the_quick_test() -> None:
     assert hit(encoded, "SUBJECT", "köln") and hit(encoded, "SUBJECT", "GRÜSSE")
     b64 = b"From: a@b.test\r\nSubject: =?utf-8?b?R3LDvMOfZSBhdXMgS8O2bG4=?=\r\n\r\nx\r\n"
     assert hit(b64, "SUBJECT", "aus")                      # only there once decoded
+
+
+def test_a_number_of_thousands_of_digits_is_out_of_range() -> None:
+    with pytest.raises(ParseError, match="out of range"):
+        key_of(A("LARGER", "9" * 5000))

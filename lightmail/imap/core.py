@@ -31,6 +31,7 @@ from lightmail.imap.parser import (
     parse_command,
     tag_of,
 )
+from lightmail.imap.search import MAX_NUMBER64
 from lightmail.imap.selected import SelectedMailbox, Updates
 from lightmail.imap.sequence import format_sequence
 from lightmail.imap.tokens import (
@@ -480,8 +481,14 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
 
 
 def parse_number(value: Any, allow_zero: bool = True) -> int:
+    """A number64 (RFC 9051 §9): UIDVALIDITY and mod-sequences; a larger one would
+    overflow the database's BIGINT."""
     text = astring(value) if not isinstance(value, list) else ""
-    if not text.isdigit() or (not allow_zero and int(text) == 0):
+    if not (text.isascii() and text.isdigit()):
+        raise Bad("expected a number")
+    if len(text.lstrip("0")) > 19 or int(text) > MAX_NUMBER64:
+        raise Bad("number out of range")
+    if not allow_zero and int(text) == 0:
         raise Bad("expected a number")
     return int(text)
 

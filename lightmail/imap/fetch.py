@@ -20,6 +20,7 @@ from lightmail.imap.message import (
     format_section,
     parse_section,
 )
+from lightmail.imap.sequence import MAX_NUMBER
 from lightmail.imap.tokens import Atom, ParseError, literal, plist
 
 # Items answered from the index alone.
@@ -32,7 +33,7 @@ MACROS = {
 }
 _SECTIONED = re.compile(
     r"^(BODY|BODY\.PEEK|BINARY|BINARY\.PEEK|BINARY\.SIZE)\[(.*)\](?:<(\d+)\.(\d+)>)?$",
-    re.IGNORECASE | re.DOTALL)
+    re.IGNORECASE | re.DOTALL | re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,16 @@ def _parse_item(text: str) -> FetchItem:
     if match.group(3) is not None:
         if kind == "BINARY.SIZE":
             raise ParseError("BINARY.SIZE takes no partial")
+        if any(len(match.group(i).lstrip("0")) > 10 for i in (3, 4)):
+            raise ParseError("partial offset or length out of range")
         partial = (int(match.group(3)), int(match.group(4)))
+        if max(partial) > MAX_NUMBER:
+            raise ParseError("partial offset or length out of range")
         if partial[1] == 0:
             raise ParseError("a partial fetch needs a non-zero length")
     if kind.startswith("BINARY"):
         inner = match.group(2)
-        if inner and not re.match(r"^[1-9]\d*(\.[1-9]\d*)*$", inner):
+        if inner and not re.match(r"^[1-9]\d{0,9}(\.[1-9]\d{0,9})*$", inner, re.ASCII):
             raise ParseError("BINARY takes a part number only")
         part = tuple(int(p) for p in inner.split(".")) if inner else ()
         name = "BINARY.SIZE[]" if kind == "BINARY.SIZE" else "BINARY[]"

@@ -24,10 +24,10 @@ from lightmail.imap.core import (
 from lightmail.imap.names import (
     DELIMITER,
     BadName,
+    ListPattern,
     decode_name,
     encode_name,
     parents,
-    pattern_regex,
 )
 from lightmail.imap.parser import (
     Command,
@@ -315,7 +315,7 @@ class MailboxCommands(SessionCore):
                     text = text.encode("ascii").decode("imap4-utf-7")
                 except (UnicodeError, ValueError):
                     pass
-            regexes.append(pattern_regex(ref, text))
+            regexes.append(ListPattern(ref, text))
         subscribed_only = lsub or "SUBSCRIBED" in select
         names = set(by_name)
         # Superiors that exist only as the path of a child are listed as

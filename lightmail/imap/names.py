@@ -8,8 +8,6 @@ clients see them in modified UTF-7 (RFC 3501 §5.1.3); sessions that ENABLE UTF8
 
 from __future__ import annotations
 
-import re
-
 import twisted.mail.imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
 DELIMITER = "/"
@@ -44,32 +42,60 @@ def encode_name(name: str, utf8: bool) -> str:
     return name.encode("imap4-utf-7").decode("ascii")
 
 
-def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
-    """LIST's reference and pattern (RFC 9051 §6.3.9) as a regex over stored names:
+class ListPattern:
+    """LIST's reference and pattern (RFC 9051 §6.3.9) matched against stored names:
     ``*`` matches anything, ``%`` anything but the delimiter.
 
     The reference is prefixed as it is, no delimiter added (as Dovecot and Cyrus do):
     ``LIST "foo" "*"`` matches ``foo`` itself and ``foobar`` as well as ``foo/bar``;
-    IMAPClient's ``list_folders(directory)`` relies on getting the directory too."""
-    full = pattern
-    if reference and not pattern.startswith(DELIMITER):
-        full = reference + pattern
-    # INBOX matches case-insensitively, as the name itself (RFC 9051 §5.1).
-    if full[:5].upper() == "INBOX" and (len(full) == 5 or full[5] in (DELIMITER, "*", "%")):
-        return re.compile("^(?i:INBOX)" + _glob(full[5:]) + "$", re.DOTALL)
-    return re.compile("^" + _glob(full) + "$", re.DOTALL)
+    IMAPClient's ``list_folders(directory)`` relies on getting the directory too.
 
+    Not a regex: ``"*a*a*a…"`` would backtrack for exponential time on the reactor.
+    The pattern positions reached so far are the bits of an int, advanced one name
+    character at a time."""
 
-def _glob(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "%":
-            out.append(f"[^{re.escape(DELIMITER)}]*")
-        else:
-            out.append(re.escape(ch))
-    return "".join(out)
+    def __init__(self, reference: str, pattern: str) -> None:
+        full = pattern
+        if reference and not pattern.startswith(DELIMITER):
+            full = reference + pattern
+        # INBOX matches case-insensitively, as the name itself (RFC 9051 §5.1).
+        fold = 5 if full[:5].upper() == "INBOX" and (
+            len(full) == 5 or full[5] in (DELIMITER, "*", "%")) else 0
+        tokens: list[str] = []
+        for ch in full:
+            if ch in "*%" and tokens and tokens[-1] in "*%" and len(tokens) > fold:
+                # A run of wildcards is one: ``*`` if it has one, else ``%``.
+                tokens[-1] = "*" if "*" in (ch, tokens[-1]) else "%"
+            else:
+                tokens.append(ch)
+        self.exact: dict[str, int] = {}
+        self.folded: dict[str, int] = {}
+        self.star = self.percent = 0
+        for i, ch in enumerate(tokens):
+            if i >= fold and ch == "*":
+                self.star |= 1 << i
+            elif i >= fold and ch == "%":
+                self.percent |= 1 << i
+            elif i < fold:
+                self.folded[ch.upper()] = self.folded.get(ch.upper(), 0) | 1 << i
+            else:
+                self.exact[ch] = self.exact.get(ch, 0) | 1 << i
+        self.wild = self.star | self.percent
+        self.accept = 1 << len(tokens)
+
+    def match(self, name: str) -> bool:
+        wild, star, percent, exact = self.wild, self.star, self.percent, self.exact
+        reached = 1 | (1 & wild) << 1
+        for ch in name:
+            literal = exact.get(ch, 0)
+            if self.folded:
+                literal |= self.folded.get(ch.upper(), 0)
+            reached = ((reached & literal) << 1 | reached & star
+                       | (reached & percent if ch != DELIMITER else 0))
+            if not reached:
+                return False
+            reached |= (reached & wild) << 1
+        return bool(reached & self.accept)
 
 
 def parents(name: str) -> list[str]:

@@ -559,6 +559,9 @@ class _Reader:
         token = self.take(what)
         if not isinstance(token, Atom) or not token.isascii() or not token.isdigit():
             raise ParseError(f"{what} must be a number")
+        # Checked before int(): Python refuses to convert very long digit strings.
+        if len(token.lstrip("0")) > len(str(limit)):
+            raise ParseError(f"{what} out of range")
         value = int(token)
         if value > limit or (value == 0 and not zero):
             raise ParseError(f"{what} out of range")

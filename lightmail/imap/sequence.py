@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lightmail.imap.tokens import ParseError
 
 STAR = -1
-_RANGE = re.compile(r"^(\d+|\*)(?::(\d+|\*))?$")
+_RANGE = re.compile(r"^(\d+|\*)(?::(\d+|\*))?$", re.ASCII)
 MAX_NUMBER = 0xFFFFFFFF
 
 
@@ -67,7 +67,7 @@ def parse_sequence_set(text: str) -> SequenceSet:
     for part in text.split(","):
         match = _RANGE.match(part)
         if match is None:
-            raise ParseError(f"invalid sequence set {text!r}")
+            raise ParseError(f"invalid sequence set {str(text)[:40]!r}")
         low = _number(match.group(1), text)
         high = _number(match.group(2), text) if match.group(2) else low
         ranges.append((low, high))
@@ -77,9 +77,10 @@ def parse_sequence_set(text: str) -> SequenceSet:
 def _number(text: str, whole: str) -> int:
     if text == "*":
         return STAR
-    value = int(text)
+    # (int() of thousands of digits would raise ValueError, not ParseError.)
+    value = int(text) if len(text.lstrip("0")) <= 10 else MAX_NUMBER + 1
     if value == 0 or value > MAX_NUMBER:
-        raise ParseError(f"invalid number in sequence set {whole!r}")
+        raise ParseError(f"invalid number in sequence set {str(whole)[:40]!r}")
     return value
 
 

@@ -130,7 +130,10 @@ class IMAPSession(MessageCommands):
         self.decompressor = zlib.decompressobj(-15)
         if self.reader.buffer:
             pending, self.reader.buffer = self.reader.buffer, b""
-            self.reader.buffer = self.decompressor.decompress(pending)
+            try:
+                self.reader.buffer = self.decompressor.decompress(pending)
+            except zlib.error:
+                self.close_with("* BYE Compression error")
         return None  # type: ignore[return-value]
 
     # -- not authenticated ----------------------------------------------------------
