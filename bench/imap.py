@@ -763,9 +763,16 @@ def proc_kb(pid: int, name: str, field: str) -> int:
 
 
 def lightmail_memory(server: LightMail) -> Callable[[], dict]:
+    """VmRSS of the main process and its workers (and their Pss, as for Dovecot)."""
     assert server.server is not None
-    pid = server.server.proc.pid
-    return lambda: {"rss_kb": proc_kb(pid, "status", "VmRSS")}
+    pgid = server.server.proc.pid
+
+    def measure() -> dict:
+        pids = group_members(pgid)
+        return {"rss_kb": sum(proc_kb(pid, "status", "VmRSS") for pid in pids),
+                "pss_kb": sum(proc_kb(pid, "smaps_rollup", "Pss") for pid in pids),
+                "processes": len(pids)}
+    return measure
 
 
 def dovecot_memory(server: Dovecot) -> Callable[[], dict]:
@@ -892,6 +899,9 @@ def main() -> int:
                         "turns both off); Dovecot 2.3 never caches its passwd-file passdb")
     parser.add_argument("--only", choices=["lightmail", "dovecot"],
                         help="run one server alone (no ratio)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="LightMail's [server] workers (default: one per core, as "
+                        "Dovecot's processes use every core; 0: one process)")
     parser.add_argument("--json", help="also write the JSON lines to this file")
     args = parser.parse_args()
     if args.messages < 20:
@@ -912,7 +922,7 @@ def main() -> int:
                 {"lmtp": "protocol = lmtp", "imap": "protocol = imap\ntls = none"},
                 extra_config="[directory]\nauth_over_plaintext = yes\n"
                 f"auth_cache_ttl = {args.auth_cache}\n"
-                f"[imap]\nmax_connections_per_user = {LIMIT}\n"))
+                f"[imap]\nmax_connections_per_user = {LIMIT}\n", workers=args.workers))
         if args.only != "lightmail":
             seconds = parse_duration()(args.auth_cache, Path("."))
             cache = ({"auth_cache_size": "10M", "auth_cache_ttl": f"{int(seconds)} secs"}

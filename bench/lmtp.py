@@ -67,7 +67,8 @@ class LightMail:
 
     name = "LightMail"
 
-    def __init__(self, base: Path, listeners: dict[str, str], extra_config: str = "") -> None:
+    def __init__(self, base: Path, listeners: dict[str, str], extra_config: str = "",
+                 workers: int = 0) -> None:
         base.mkdir(parents=True, exist_ok=True)
         self.state = base / "state"
         self.config = base / "lightmail.conf"
@@ -79,6 +80,7 @@ class LightMail:
             for name, body in listeners.items())
         self.config.write_text(
             f"[server]\nstate_dir = {self.state}\nhostname = lightmail.bench.test\n"
+            f"workers = {workers}\n"
             f"[logging]\nlevel = info\n{extra_config}{sections}")
         lightmail_cli(self.config, "domain", "add", DOMAIN)
         self.server: ServerProcess | None = None

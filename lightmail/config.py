@@ -333,6 +333,12 @@ class ServerConfig:
         "Name of this node in the shared queue's leases; unique per running process. "
         "A node that restarts takes back the deliveries its crashed run had leased.",
         shown_default="the machine's host name")
+    workers: int = option(
+        0, parse_int(0, 64),
+        "Worker processes that serve the listeners' connections (SMTP, submission, "
+        "LMTP, IMAP, POP3), so that sessions use every core; 0 serves them in the main "
+        "process.  The main process keeps the queue, delivery and the limits that span "
+        "processes (see docs/architecture.rst).  Needs a config file (twistd).")
 
 
 @dataclass(frozen=True)

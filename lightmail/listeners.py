@@ -69,6 +69,52 @@ class TrackedProtocol(Protocol):
             self.transport.loseConnection()
 
 
+class ConnectionLimits:
+    """Connections in total and per client address, against their limits.
+
+    One per listener: in the factory itself, or, with ``[server] workers``, in the
+    main process, which admits the connections every worker accepts (so that the
+    limits hold across processes)."""
+
+    log = Logger()
+
+    def __init__(self, max_connections: int = 1000, max_per_ip: int = 20) -> None:
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def admit(self, host: str) -> Optional[str]:
+        """Count a connection from ``host``; or the reason it is refused (not counted)."""
+        refusal = self.check(host)
+        if refusal is None:
+            self.add(host)
+        return refusal
+
+    def check(self, host: str) -> Optional[str]:
+        """Why a connection from ``host`` would be over a limit (None: it is not)."""
+        if self.total >= self.max_connections:
+            self.log.warn("refused {host}: {count} connections is the limit",
+                          host=host, count=self.max_connections)
+            return "too many connections"
+        # A Unix socket's clients all look alike ("local"): only the total counts.
+        if host != "local" and self.per_ip[host] >= self.max_per_ip:
+            self.log.warn("refused {host}: {count} connections from one address is the "
+                          "limit", host=host, count=self.max_per_ip)
+            return "too many connections from your address"
+        return None
+
+    def add(self, host: str) -> None:
+        self.total += 1
+        self.per_ip[host] += 1
+
+    def release(self, host: str) -> None:
+        self.total -= 1
+        self.per_ip[host] -= 1
+        if self.per_ip[host] <= 0:
+            del self.per_ip[host]
+
+
 class TrackingFactory(Factory):
     """Counts and limits connections, and drains them on shutdown."""
 
@@ -76,10 +122,8 @@ class TrackingFactory(Factory):
     noisy = False    # no "Starting factory" lines: the listener logs what matters
 
     def __init__(self, max_connections: int = 1000, max_per_ip: int = 20) -> None:
-        self.max_connections = max_connections
-        self.max_per_ip = max_per_ip
+        self.limits = ConnectionLimits(max_connections, max_per_ip)
         self.active: set[TrackedProtocol] = set()
-        self.per_ip: Counter[str] = Counter()
         self.draining = False
         self._drained: list[defer.Deferred[None]] = []
 
@@ -87,15 +131,13 @@ class TrackingFactory(Factory):
         host = getattr(addr, "host", "") or "local"
         if self.draining:
             return self.refuse(addr, "shutting down")
-        if len(self.active) >= self.max_connections:
-            self.log.warn("refused {host}: {count} connections is the limit",
-                          host=host, count=self.max_connections)
-            return self.refuse(addr, "too many connections")
-        # A Unix socket's clients all look alike ("local"): only the total counts.
-        if host != "local" and self.per_ip[host] >= self.max_per_ip:
-            self.log.warn("refused {host}: {count} connections from one address is the "
-                          "limit", host=host, count=self.max_per_ip)
-            return self.refuse(addr, "too many connections from your address")
+        refusal = self.limits.check(host)
+        if refusal is not None:
+            return self.refuse(addr, refusal)
+        return self.admitted(addr, host)
+
+    def admitted(self, addr: Any, host: str) -> TrackedProtocol:
+        """The protocol of a connection within the limits (counted once it is made)."""
         proto = self.make_protocol(addr)
         proto.factory = self
         proto.peer_host = host
@@ -110,14 +152,12 @@ class TrackingFactory(Factory):
 
     def connection_made(self, proto: TrackedProtocol) -> None:
         self.active.add(proto)
-        self.per_ip[proto.peer_host] += 1
+        self.limits.add(proto.peer_host)
 
     def connection_lost(self, proto: TrackedProtocol) -> None:
         if proto in self.active:
             self.active.discard(proto)
-            self.per_ip[proto.peer_host] -= 1
-            if self.per_ip[proto.peer_host] <= 0:
-                del self.per_ip[proto.peer_host]
+            self.limits.release(proto.peer_host)
         if self.draining and not self.active:
             waiters, self._drained = self._drained, []
             for d in waiters:
@@ -185,8 +225,12 @@ class ListenerService(Service):
     def __init__(self, config: ListenerConfig, factory: IProtocolFactory,
                  ready: defer.Deferred[Any] | None = None, tls_context: Any = None,
                  shutdown_timeout: float = 30.0,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None,
+                 accept: bool = True) -> None:
         self.listener = config
+        # accept=False: listen but leave accepting to worker processes, which inherit
+        # the socket (lightmail.workers).
+        self.accept = accept
         self.on_failure = on_failure
         self.name = f"listener:{config.name}"
         self.factory = factory
@@ -217,10 +261,13 @@ class ListenerService(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self.log.info("listening: {name} speaks {protocol}{tls} on {address}",
+        if not self.accept:
+            port.stopReading()  # type: ignore[attr-defined]
+        self.log.info("listening: {name} speaks {protocol}{tls} on {address}{who}",
                       name=self.listener.name, protocol=self.listener.protocol,
                       tls=" over TLS" if self.listener.tls == "implicit" else "",
-                      address=describe_address(port))
+                      address=describe_address(port),
+                      who="" if self.accept else " (accepted by the workers)")
         self.listening.callback(port)
         return port
 

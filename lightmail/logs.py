@@ -38,7 +38,7 @@ from zope.interface import implementer
 from lightmail.config import LoggingConfig
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
-ID_FIELDS = ("conn_id", "msg_id", "user")
+ID_FIELDS = ("worker_id", "conn_id", "msg_id", "user")
 
 
 def new_id(length: int = 8) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -46,7 +47,9 @@ class Services:
     storage: StorageService
     directory: SQLDirectory
     portal: Portal
-    queue_runner: QueueRunner
+    # The queue runner (in a worker process, a stand-in whose kick() asks the main
+    # process's runner to look for work).
+    queue_runner: Any
     # Files messages straight into mailboxes (IMailboxDelivery): LMTP uses it.
     local_delivery: Any = None
     # Which users have a POP3 session open (lightmail.pop3.maildrop.Locks).
@@ -101,6 +104,10 @@ def validate(config: Config) -> None:
             if path is not None and not path.is_file():
                 raise ConfigError(f"no such file: {path}", config.path,
                                   line_of(config, section, key), section, key)
+    if config.server.workers and not Path(config.path).is_file():
+        raise ConfigError("worker processes read the config file, and there is none "
+                          "(set workers = 0 when embedding)", config.path,
+                          line_of(config, "server", "workers"), "server", "workers")
     ca_file = config.outbound.ca_file
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"no such file: {ca_file}", config.path,
@@ -123,6 +130,7 @@ class LightMailService(MultiService):
         # an embedding application decides for itself (see ``failed``).
         self.exit_on_failure = False
         self.failed: defer.Deferred[str] = defer.Deferred()
+        self.workers: Any = None     # the WorkerPool, with [server] workers
 
     def fatal(self, reason: str) -> None:
         """A part could not start: report it, and under twistd stop with status 1."""
@@ -154,6 +162,8 @@ class LightMailService(MultiService):
                       version=__version__, hostname=config.hostname, path=config.path)
         super().startService()
         listening = [child.listening for child in self if isinstance(child, ListenerService)]
+        if self.workers is not None:
+            listening.append(self.workers.ready)
         ready = defer.gatherResults(listening, consumeErrors=True)
         ready.addCallbacks(self._ready, lambda failure: None)
 
@@ -164,7 +174,8 @@ class LightMailService(MultiService):
 
         def say() -> None:
             if self.running:
-                self.log.info("LightMail ready: {count} listeners", count=len(ports))
+                count = len(self.parts.config.listeners)
+                self.log.info("LightMail ready: {count} listeners", count=count)
         reactor.callWhenRunning(say)  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
@@ -208,6 +219,9 @@ def makeService(config: Config) -> LightMailService:
         runner.add_agent(agent)
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
+    if config.server.workers:
+        _add_workers(root, services)
+        return root
     for listener in config.listeners:
         factory = builder_for(listener.protocol)(listener, services)
         tls = None
@@ -218,6 +232,33 @@ def makeService(config: Config) -> LightMailService:
                         shutdown_timeout=config.server.shutdown_timeout,
                         on_failure=root.fatal).setServiceParent(root)
     return root
+
+
+def _add_workers(root: LightMailService, services: Services) -> None:
+    """``[server] workers``: this process listens, worker processes accept and serve
+    (lightmail.workers); it keeps the limits, locks and \\Recent claims for all."""
+    from twisted.internet.protocol import Factory
+
+    from lightmail.imap.hub import hub_for
+    from lightmail.pop3.maildrop import Locks
+    from lightmail.workers.pool import WorkerPool
+    config = services.config
+    hub_for(services)
+    services.pop3_locks = Locks()
+    storage = services.storage
+    listeners = []
+    for listener in config.listeners:
+        quiet = Factory()
+        quiet.noisy = False      # never accepts: nothing to say
+        service = ListenerService(listener, quiet, ready=storage.ready,
+                                  shutdown_timeout=config.server.shutdown_timeout,
+                                  on_failure=root.fatal, accept=False)
+        service.setServiceParent(root)
+        listeners.append(service)
+    pool = WorkerPool(services, listeners, config.server.workers, storage.ready,
+                      config.server.shutdown_timeout)
+    pool.setServiceParent(root)
+    root.workers = pool
 
 
 def _delivery_agents(services: Services) -> list[Any]:

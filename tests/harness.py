@@ -106,10 +106,11 @@ class ServerProcess:
         self._reader.join(5)
 
 
-def run_cli(config: Path, *args: str) -> str:
+def run_cli(config: Path, *args: str, stdin: str | None = None) -> str:
     """Run the `lightmail` admin command against ``config``; fail on a non-zero exit."""
     result = subprocess.run([sys.executable, "-m", "lightmail.admin.cli", "--config",
-                             str(config), *args], capture_output=True, text=True, timeout=120)
+                             str(config), *args], capture_output=True, text=True,
+                            timeout=120, input=stdin)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

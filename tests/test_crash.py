@@ -60,12 +60,16 @@ def filed_messages(state: Path) -> dict[int, list[str]]:
     return filed
 
 
-@pytest.mark.parametrize("direct_delivery", ["yes", "no"])
+@pytest.mark.parametrize("direct_delivery,workers", [("yes", 0), ("no", 0), ("yes", 2),
+                                                     ("no", 2)])
 def test_kill_9_loses_nothing_and_files_nothing_twice(write_config, tmp_path: Path,
-                                                      direct_delivery: str) -> None:
-    """With direct_delivery (the default) a 250 means filed; without, queued."""
+                                                      direct_delivery: str,
+                                                      workers: int) -> None:
+    """With direct_delivery (the default) a 250 means filed; without, queued (and
+    then delivered by the main process when the sessions are in workers)."""
     config = write_config(
         "[server]\nstate_dir = state\nhostname = mx.crash.test\nnode_id = crash-node\n"
+        f"workers = {workers}\n"
         "[logging]\nlevel = info\n"
         f"[smtp]\ndirect_delivery = {direct_delivery}\n"
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n")

@@ -358,6 +358,13 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
 
     # -- mailbox changes ------------------------------------------------------------
 
+    def poll(self) -> None:
+        """NOOP and CHECK: the client asks for what changed.  Changes made in this
+        process are announced before they are answered; with worker processes one
+        made in another may still be on its way, so the catch-up reads the store."""
+        if self.hub.announced_late and self.selected is not None:
+            self.selected.dirty = True
+
     def mailbox_changed(self, change: Any) -> None:
         if self.selected is None or change.mailbox_id != self.selected.id:
             return
@@ -404,9 +411,11 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
                 changes = selected.take_pending()
             # RFC 3501 §2.3.2: new mail is \Recent only in the session told of it first.
             uidnext = changes.mailbox.uidnext
-            selected.first_recent = (
+            selected.first_recent = await (
                 self.hub.peek_recent(selected.id, uidnext) if selected.readonly
                 else self.hub.claim_recent(selected.id, uidnext))
+            if self.selected is not selected:
+                return
             updates = selected.apply(changes, allow_expunge)
         elif allow_expunge:
             selected.release_expunges(updates)

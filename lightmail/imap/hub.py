@@ -5,10 +5,11 @@ to the sessions that have that mailbox selected, which then catch up from the st
 (by MODSEQ) and tell their clients.  A later networked notifier (Redis pub/sub, see
 the roadmap) only has to call :meth:`MailboxHub.mailbox_changed` on each node.
 
-It also keeps what is per-process by nature: how many sessions each user has open, and
-which messages are \\Recent (RFC 3501 §2.3.2: recent in exactly one session; IMAP4rev2
-dropped the flag).  The \\Recent mark is not persisted: after a restart the messages
-that arrived before it are no longer recent.
+It also keeps how many sessions each user has open, and which messages are \\Recent
+(RFC 3501 §2.3.2: recent in exactly one session; IMAP4rev2 dropped the flag).  With
+worker processes the main process's hub keeps those for all of them, and relays the
+changes between them (lightmail.workers).  The \\Recent mark is not persisted: after a
+restart the messages that arrived before it are no longer recent.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
@@ -26,6 +28,10 @@ RECENT_CHANGES = 1024
 
 @implementer(IChangeListener)
 class MailboxHub:
+    # Whether changes committed by other processes reach this hub after their commit
+    # (worker processes): then NOOP and CHECK read the store (see SessionCore.poll).
+    announced_late = False
+
     def __init__(self) -> None:
         # Every announcement is counted; the last RECENT_CHANGES are kept as
         # (mailbox id, MODSEQ), so that a SELECT can tell whether a change was
@@ -69,24 +75,40 @@ class MailboxHub:
             if not watchers:
                 del self.watchers[mailbox_id]
 
-    def peek_recent(self, mailbox_id: int, uidnext: int) -> int:
+    # The answers below are Deferreds: a worker process asks the main process, which
+    # keeps them for all (lightmail.workers); here they are known at once.
+
+    def peek_recent(self, mailbox_id: int, uidnext: int) -> Deferred[int]:
         """The first UID that is still recent, without claiming (EXAMINE, STATUS)."""
+        return succeed(self.peek_recent_now(mailbox_id, uidnext))
+
+    def claim_recent(self, mailbox_id: int, uidnext: int) -> Deferred[int]:
+        """Claim the recent messages below ``uidnext`` for one session: the first
+        recent UID; no other session will see those as recent."""
+        return succeed(self.claim_recent_now(mailbox_id, uidnext))
+
+    def login(self, user_id: int, limit: int) -> Deferred[bool]:
+        """Count a session of ``user_id``; False if it has ``limit`` already."""
+        return succeed(self.login_now(user_id, limit))
+
+    def logout(self, user_id: int) -> None:
+        self.logout_now(user_id)
+
+    def peek_recent_now(self, mailbox_id: int, uidnext: int) -> int:
         return self.recent_from.setdefault(mailbox_id, uidnext)
 
-    def claim_recent(self, mailbox_id: int, uidnext: int) -> int:
-        """Claim the recent messages below ``uidnext`` for one session: returns the
-        first recent UID; no other session will see those as recent."""
+    def claim_recent_now(self, mailbox_id: int, uidnext: int) -> int:
         first = self.recent_from.setdefault(mailbox_id, uidnext)
         self.recent_from[mailbox_id] = max(first, uidnext)
         return first
 
-    def login(self, user_id: int, limit: int) -> bool:
+    def login_now(self, user_id: int, limit: int) -> bool:
         if self.user_sessions[user_id] >= limit:
             return False
         self.user_sessions[user_id] += 1
         return True
 
-    def logout(self, user_id: int) -> None:
+    def logout_now(self, user_id: int) -> None:
         self.user_sessions[user_id] -= 1
         if self.user_sessions[user_id] <= 0:
             del self.user_sessions[user_id]

@@ -85,8 +85,8 @@ class MailboxCommands(SessionCore):
         if found is None:
             raise No("[NONEXISTENT] No such mailbox")
         box, messages = found
-        first_recent = (self.hub.peek_recent(box.id, box.uidnext) if readonly
-                        else self.hub.claim_recent(box.id, box.uidnext))
+        first_recent = await (self.hub.peek_recent(box.id, box.uidnext) if readonly
+                              else self.hub.claim_recent(box.id, box.uidnext))
         # IMAP4rev2 has no \Recent (RFC 9051 §2.3.2): nothing is recent to this session,
         # though it still claims the recent messages from rev1 sessions.
         selected = SelectedMailbox(box, messages, readonly,
@@ -385,7 +385,7 @@ class MailboxCommands(SessionCore):
             "HIGHESTMODSEQ": mailbox.highestmodseq, "APPENDLIMIT": self.cfg.max_literal,
         }
         if "RECENT" in items:
-            first = self.hub.peek_recent(box.id, mailbox.uidnext)
+            first = await self.hub.peek_recent(box.id, mailbox.uidnext)
             values["RECENT"] = max(0, min(status.messages, mailbox.uidnext - first))
         if "HIGHESTMODSEQ" in items:
             self.enabled.add("CONDSTORE")

@@ -151,6 +151,7 @@ class MessageCommands(MailboxCommands):
 
     async def do_CHECK(self, cmd: Command) -> Reply:
         self._no_args(cmd)
+        self.poll()
         return ok("CHECK completed")
 
     async def do_CLOSE(self, cmd: Command) -> Reply:

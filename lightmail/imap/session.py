@@ -79,6 +79,7 @@ class IMAPSession(MessageCommands):
 
     async def do_NOOP(self, cmd: Command) -> Reply:
         self._no_args(cmd)
+        self.poll()
         return ok("NOOP completed")
 
     async def do_LOGOUT(self, cmd: Command) -> Reply:
@@ -219,9 +220,12 @@ class IMAPSession(MessageCommands):
                           peer=self.peer_host)
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
         account = result[1]
-        if not self.hub.login(account.user.id, self.cfg.max_connections_per_user):
+        if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):
             self.log.warn("{user}: too many IMAP sessions", user=account.user.address)
             return Reply("NO", "[LIMIT] Too many sessions for this user")
+        if self.closing:                # gone while the count was asked for
+            self.hub.logout(account.user.id)
+            return Reply("NO", "Connection closed")
         self._logged_in = True
         self.account, self.user, self.state = account, account.user, AUTHENTICATED
         self.log = self.log.bind(user=account.user.address)

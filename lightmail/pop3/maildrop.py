@@ -33,15 +33,21 @@ class LoginTooSoon(Exception):
 class Locks:
     """Which users have a POP3 session open, and when each last logged in.
 
-    In-process: one LightMail node.  (Several nodes sharing one database would keep
-    this in Redis or the database; the interface stays the same.)
+    In-process: one LightMail process, or the main process for its workers, which
+    ask it over their control connection (lightmail.workers).  (Several nodes sharing
+    one database would keep this in Redis or the database; the interface stays the
+    same.)
     """
 
     def __init__(self) -> None:
         self.held: set[int] = set()
         self.last_login: dict[int, float] = {}
 
-    def acquire(self, user_id: int, login_delay: float) -> None:
+    def acquire(self, user_id: int, login_delay: float) -> defer.Deferred[None]:
+        """Fires when the lock is taken; fails MaildropLocked or LoginTooSoon."""
+        return defer.maybeDeferred(self.acquire_now, user_id, login_delay)
+
+    def acquire_now(self, user_id: int, login_delay: float) -> None:
         if user_id in self.held:
             raise MaildropLocked()
         now = time.monotonic()
@@ -71,7 +77,7 @@ class Maildrop:
     def open(cls, user_id: int, store: IMailStore, blobs: IBlobStore, locks: Locks,
              login_delay: float = 0.0) -> Any:
         """Lock and snapshot the user's INBOX; fails MaildropLocked or LoginTooSoon."""
-        locks.acquire(user_id, login_delay)
+        yield locks.acquire(user_id, login_delay)
         try:
             mailbox = yield store.get_or_create_mailbox(user_id, "INBOX")
             messages = yield store.list_messages(mailbox.id)

@@ -26,8 +26,11 @@ class StorageService(Service):
     name = "storage"
     log = Logger()
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, primary: bool = True) -> None:
         self.config = config
+        # A worker process's storage (lightmail.workers) is not primary: the main
+        # process migrates the schema and collects garbage.
+        self.primary = primary
         self.db = Database(config.database_url, threads=config.storage.sql_threads)
         self.io_pool = ThreadPool(minthreads=1, maxthreads=config.storage.io_threads,
                                   name="lightmail-io")
@@ -68,7 +71,7 @@ class StorageService(Service):
         self.db.start()
         self.io_pool.start()
         from twisted.internet import reactor
-        if self.config.storage.auto_upgrade:
+        if self.config.storage.auto_upgrade and self.primary:
             if reactor.running:  # type: ignore[attr-defined]
                 d = self.db.run(migrate.upgrade, self.db.engine)
             else:
@@ -89,9 +92,10 @@ class StorageService(Service):
     def _started(self, _: Any) -> None:
         self.log.info("storage ready: {backend} database, blobs in {blob_dir}",
                       backend=self.db.backend, blob_dir=str(self.config.blob_dir))
-        self._gc = task.LoopingCall(self.collect_garbage)
-        self._gc.start(GC_INTERVAL, now=False).addErrback(
-            lambda f: self.log.failure("blob garbage collection stopped", f))
+        if self.primary:
+            self._gc = task.LoopingCall(self.collect_garbage)
+            self._gc.start(GC_INTERVAL, now=False).addErrback(
+                lambda f: self.log.failure("blob garbage collection stopped", f))
         self._settle(True)
 
     def _failed(self, failure: Any) -> None:

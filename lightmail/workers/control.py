@@ -1,0 +1,118 @@
+"""The AMP commands between the main process and its workers.
+
+Worker to main: Admit/Release (connection limits), Login/Logout (IMAP sessions per
+user), ClaimRecent (\\Recent), Lock/Unlock (POP3 maildrops), Kick (the queue has
+work), Ready.  Both ways: Changed (a committed mailbox change, relayed to the other
+workers).  Commands without an answer are notices: nothing waits for them.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from lightmail.pop3.maildrop import LoginTooSoon, MaildropLocked
+from lightmail.storage.interfaces import MailboxChange
+
+# AMP values are at most 65,535 bytes; a change whose messages do not fit goes without
+# them, and the sessions that hear of it read the store instead.
+MAX_CHANGE = 60_000
+
+
+def encode_change(change: MailboxChange) -> bytes:
+    # pickle: the socket pair is private to the main process and its own children.
+    data = pickle.dumps(change, protocol=5)
+    if len(data) > MAX_CHANGE:
+        data = pickle.dumps(replace(change, messages=()), protocol=5)
+    return data
+
+
+def decode_change(data: bytes) -> MailboxChange:
+    change = pickle.loads(data)
+    if not isinstance(change, MailboxChange):
+        raise TypeError("not a mailbox change")
+    return change
+
+
+class Ready(amp.Command):
+    arguments = [(b"pid", amp.Integer())]
+    response = []  # type: ignore[var-annotated]
+
+
+class Admit(amp.Command):
+    arguments = [(b"listener", amp.Unicode()), (b"host", amp.Unicode())]
+    response = [(b"refusal", amp.Unicode())]        # "" when admitted
+
+
+class Release(amp.Command):
+    arguments = [(b"listener", amp.Unicode()), (b"host", amp.Unicode())]
+    requiresAnswer = False
+
+
+class Login(amp.Command):
+    arguments = [(b"user", amp.Integer()), (b"limit", amp.Integer())]
+    response = [(b"ok", amp.Boolean())]
+
+
+class Logout(amp.Command):
+    arguments = [(b"user", amp.Integer())]
+    requiresAnswer = False
+
+
+class ClaimRecent(amp.Command):
+    arguments = [(b"mailbox", amp.Integer()), (b"uidnext", amp.Integer()),
+                 (b"claim", amp.Boolean())]
+    response = [(b"first", amp.Integer())]
+
+
+class Lock(amp.Command):
+    arguments = [(b"user", amp.Integer()), (b"login_delay", amp.Float())]
+    response = []  # type: ignore[var-annotated]
+    errors = {MaildropLocked: b"LOCKED", LoginTooSoon: b"TOO_SOON"}
+
+
+class Unlock(amp.Command):
+    arguments = [(b"user", amp.Integer())]
+    requiresAnswer = False
+
+
+class Kick(amp.Command):
+    arguments = []  # type: ignore[var-annotated]
+    requiresAnswer = False
+
+
+class Changed(amp.Command):
+    arguments = [(b"change", amp.String())]
+    requiresAnswer = False
+
+
+def call(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> Any:
+    """callRemote, for commands with and without an answer alike."""
+    return proto.callRemote(command, **kwargs)
+
+
+class Link(amp.AMP):
+    """AMP without its connection log lines (the pool logs workers coming and going)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class OneProtocol(Factory):
+    """The factory of one connection made already (adoptStreamConnection)."""
+
+    noisy = False
+
+    def __init__(self, proto: amp.AMP) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> amp.AMP:
+        return self.proto

@@ -1,0 +1,293 @@
+"""The main process's side: starts the workers, answers them, restarts the dead.
+
+:class:`WorkerPool` is a service of the main process's tree.  Once storage is ready
+and every listener's socket is open (the main process listens but never accepts:
+:class:`~lightmail.listeners.ListenerService` with ``accept=False``), it starts the
+workers, each with the listening sockets and one end of a socket pair, and fires
+``ready`` when all have said Ready.  :class:`WorkerLink` is the AMP responder for
+one worker: it keeps what that worker holds (admitted connections, IMAP sessions,
+POP3 locks), so that all of it is released when the worker goes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections import Counter
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lightmail.imap.hub import MailboxHub
+from lightmail.listeners import ConnectionLimits, ListenerService
+from lightmail.pop3.maildrop import Locks
+from lightmail.storage.interfaces import MailboxChange
+from lightmail.workers import control
+
+# A worker that dies is started again after this many seconds (not at once: a worker
+# that cannot start would otherwise spin).
+RESTART_DELAY = 1.0
+# Child file descriptor of the control socket; listening sockets follow it.
+CONTROL_FD = 3
+
+
+class WorkerLink(control.Link):
+    log = Logger()
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        super().__init__()
+        self.pool = pool
+        self.index = index
+        self.pid = 0
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        # What this worker holds, released when it goes.
+        self.connections: Counter[tuple[str, str]] = Counter()
+        self.sessions: Counter[int] = Counter()
+        self.locked: set[int] = set()
+
+    @control.Ready.responder
+    def worker_ready(self, pid: int) -> dict[str, Any]:
+        self.pid = pid
+        if not self.ready.called:
+            self.ready.callback(None)
+        return {}
+
+    @control.Admit.responder
+    def admit(self, listener: str, host: str) -> dict[str, Any]:
+        limits = self.pool.limits.get(listener)
+        if limits is None:
+            return {"refusal": "no such listener"}
+        if self.pool.draining:
+            return {"refusal": "shutting down"}
+        refusal = limits.admit(host)
+        if refusal is None:
+            self.connections[(listener, host)] += 1
+        return {"refusal": refusal or ""}
+
+    @control.Release.responder
+    def release(self, listener: str, host: str) -> dict[str, Any]:
+        key = (listener, host)
+        if self.connections[key] > 0:
+            self.connections[key] -= 1
+            if not self.connections[key]:
+                del self.connections[key]
+            self.pool.limits[listener].release(host)
+        return {}
+
+    @control.Login.responder
+    def login(self, user: int, limit: int) -> dict[str, Any]:
+        ok = self.pool.hub.login_now(user, limit)
+        if ok:
+            self.sessions[user] += 1
+        return {"ok": ok}
+
+    @control.Logout.responder
+    def logout(self, user: int) -> dict[str, Any]:
+        if self.sessions[user] > 0:
+            self.sessions[user] -= 1
+            if not self.sessions[user]:
+                del self.sessions[user]
+            self.pool.hub.logout_now(user)
+        return {}
+
+    @control.ClaimRecent.responder
+    def claim_recent(self, mailbox: int, uidnext: int, claim: bool) -> dict[str, Any]:
+        hub = self.pool.hub
+        first = (hub.claim_recent_now(mailbox, uidnext) if claim
+                 else hub.peek_recent_now(mailbox, uidnext))
+        return {"first": first}
+
+    @control.Lock.responder
+    def lock(self, user: int, login_delay: float) -> dict[str, Any]:
+        self.pool.locks.acquire_now(user, login_delay)   # raises what AMP passes on
+        self.locked.add(user)
+        return {}
+
+    @control.Unlock.responder
+    def unlock(self, user: int) -> dict[str, Any]:
+        if user in self.locked:
+            self.locked.discard(user)
+            self.pool.locks.release(user)
+        return {}
+
+    @control.Kick.responder
+    def kick(self) -> dict[str, Any]:
+        self.pool.kick()
+        return {}
+
+    @control.Changed.responder
+    def changed(self, change: bytes) -> dict[str, Any]:
+        self.pool.relay(control.decode_change(change), data=change, origin=self)
+        return {}
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        super().connectionLost(reason)
+        self.let_go()
+
+    def let_go(self) -> None:
+        """The worker is gone: release all it held."""
+        for (listener, host), count in self.connections.items():
+            for _ in range(count):
+                self.pool.limits[listener].release(host)
+        self.connections.clear()
+        for user, count in self.sessions.items():
+            for _ in range(count):
+                self.pool.hub.logout_now(user)
+        self.sessions.clear()
+        for user in self.locked:
+            self.pool.locks.release(user)
+        self.locked.clear()
+        self.pool.links.discard(self)
+
+
+class WorkerProcess(ProcessProtocol):
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.exited: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool.worker_ended(self, reason)
+        self.exited.callback(None)
+
+
+class WorkerPool(Service):
+    """Runs ``count`` workers for ``listeners`` (their ListenerServices, accept=False)."""
+
+    name = "workers"
+    log = Logger()
+
+    def __init__(self, services: Any, listeners: list[ListenerService], count: int,
+                 ready: defer.Deferred[Any], shutdown_timeout: float = 30.0) -> None:
+        self.services = services
+        self.config = services.config
+        self.listeners = listeners
+        self.count = count
+        self.storage_ready = ready
+        self.shutdown_timeout = shutdown_timeout
+        self.hub: MailboxHub = services.imap_hub
+        self.locks: Locks = services.pop3_locks
+        self.limits = {s.listener.name: ConnectionLimits(s.listener.max_connections,
+                                                         s.listener.max_connections_per_ip)
+                       for s in listeners}
+        self.links: set[WorkerLink] = set()
+        self.processes: dict[int, WorkerProcess] = {}
+        self.transports: dict[int, Any] = {}
+        self.draining = False
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    # -- starting ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        # Changes committed in this process (deliveries, the queue) go to the workers.
+        self.services.mailstore.add_listener(self)
+        waits = [self.storage_ready] + [s.listening for s in self.listeners]
+        d = defer.gatherResults(waits, consumeErrors=True)
+        d.addCallback(lambda _: self._start_all())
+        d.addErrback(lambda f: None)    # the listeners and storage report their own
+
+    def _start_all(self) -> Any:
+        if not self.running:
+            return None
+        for index in range(self.count):
+            self.spawn(index)
+        d = defer.gatherResults([link.ready for link in self.links])
+        d.addCallback(self._all_ready)
+        return d
+
+    def _all_ready(self, _: Any) -> None:
+        self.log.info("{count} worker processes serve the listeners", count=self.count)
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    def spawn(self, index: int) -> None:
+        from twisted.internet import reactor
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        link = WorkerLink(self, index)
+        self.links.add(link)
+        reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+            ours.fileno(), socket.AF_UNIX, control.OneProtocol(link))
+        ours.close()
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CONTROL_FD: theirs.fileno()}
+        args = [sys.executable, "-m", "lightmail.workers.worker",
+                "--config", str(self.config.path), "--index", str(index),
+                "--control", str(CONTROL_FD)]
+        for offset, service in enumerate(self.listeners, start=CONTROL_FD + 1):
+            assert service.port is not None
+            fds[offset] = service.port.fileno()  # type: ignore[attr-defined]
+            args += ["--listener", f"{service.listener.name}={offset}"]
+        process = WorkerProcess(self, index)
+        self.processes[index] = process
+        self.transports[index] = reactor.spawnProcess(  # type: ignore[attr-defined]
+            process, sys.executable, args, env=dict(os.environ), childFDs=fds)
+        theirs.close()
+        self.log.info("worker {index} started (pid {pid})", index=index,
+                      pid=self.transports[index].pid)
+
+    def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:
+        index = process.index
+        if self.processes.get(index) is process:
+            del self.processes[index]
+            self.transports.pop(index, None)
+        if not self.running:
+            return
+        self.log.error("worker {index} ended: {reason}; starting it again",
+                       index=index, reason=reason.getErrorMessage())
+        from twisted.internet import reactor
+        reactor.callLater(RESTART_DELAY, self._restart, index)  # type: ignore[attr-defined]
+
+    def _restart(self, index: int) -> None:
+        if self.running and index not in self.processes:
+            self.spawn(index)
+
+    # -- while running -------------------------------------------------------------
+
+    def kick(self) -> None:
+        runner = getattr(self.services, "queue_runner", None)
+        if runner is not None and runner.running:
+            runner.kick()
+
+    def mailbox_changed(self, change: MailboxChange) -> None:
+        """A change committed in this process: the workers' sessions hear of it."""
+        self.relay(change, control.encode_change(change), origin=None, local=False)
+
+    def relay(self, change: MailboxChange, data: bytes, origin: Optional[WorkerLink],
+              local: bool = True) -> None:
+        if local:
+            self.hub.mailbox_changed(change)
+        for link in list(self.links):
+            if link is not origin and link.transport is not None:
+                link.callRemote(control.Changed, change=data)
+
+    # -- stopping ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        self.draining = True
+        waits = [process.exited for process in self.processes.values()]
+        for transport in list(self.transports.values()):
+            try:
+                transport.signalProcess("TERM")
+            except error.ProcessExitedAlready:
+                pass
+        from twisted.internet import reactor
+        timer = reactor.callLater(  # type: ignore[attr-defined]
+            self.shutdown_timeout + 5, self._kill_all)
+        yield defer.DeferredList(waits)
+        if timer.active():
+            timer.cancel()
+
+    def _kill_all(self) -> None:
+        for transport in list(self.transports.values()):
+            try:
+                os.kill(transport.pid, signal.SIGKILL)
+            except (OSError, TypeError):
+                pass

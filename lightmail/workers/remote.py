@@ -1,0 +1,181 @@
+"""A worker's side of the shared state: each asks the main process (control.py).
+
+:class:`WorkerHub` is the IMAP hub of a worker: its own sessions' watchers, with the
+per-user counts and \\Recent claims kept by the main process; :class:`RemoteLocks`
+holds POP3 maildrops there; :class:`Admission` makes a connection wait for the main
+process's word on the listener's limits before it is greeted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lightmail.imap.hub import MailboxHub
+from lightmail.listeners import ConnectionLimits, TrackingFactory
+from lightmail.pop3.maildrop import Locks
+from lightmail.storage.interfaces import IChangeListener, MailboxChange
+from lightmail.workers import control
+
+
+class WorkerHub(MailboxHub):
+    announced_late = True
+
+    def __init__(self, link: amp.AMP) -> None:
+        super().__init__()
+        self.link = link
+
+    def peek_recent(self, mailbox_id: int, uidnext: int) -> defer.Deferred[int]:
+        return self._recent(mailbox_id, uidnext, False)
+
+    def claim_recent(self, mailbox_id: int, uidnext: int) -> defer.Deferred[int]:
+        return self._recent(mailbox_id, uidnext, True)
+
+    def _recent(self, mailbox_id: int, uidnext: int, claim: bool) -> defer.Deferred[int]:
+        d = self.link.callRemote(control.ClaimRecent, mailbox=mailbox_id, uidnext=uidnext,
+                                 claim=claim)
+        return d.addCallback(lambda answer: answer["first"])
+
+    def login(self, user_id: int, limit: int) -> defer.Deferred[bool]:
+        d = self.link.callRemote(control.Login, user=user_id, limit=limit)
+        return d.addCallback(lambda answer: answer["ok"])
+
+    def logout(self, user_id: int) -> None:
+        self.link.callRemote(control.Logout, user=user_id)
+
+
+@implementer(IChangeListener)
+class ChangePublisher:
+    """Tells the main process of every change this worker's store commits."""
+
+    def __init__(self, link: amp.AMP) -> None:
+        self.link = link
+
+    def mailbox_changed(self, change: MailboxChange) -> None:
+        if self.link.transport is not None:
+            self.link.callRemote(control.Changed, change=control.encode_change(change))
+
+
+class RemoteLocks(Locks):
+    def __init__(self, link: amp.AMP) -> None:
+        super().__init__()
+        self.link = link
+
+    def acquire(self, user_id: int, login_delay: float) -> defer.Deferred[None]:
+        d = self.link.callRemote(control.Lock, user=user_id, login_delay=login_delay)
+        return d.addCallback(lambda _: None)
+
+    def release(self, user_id: int) -> None:
+        self.link.callRemote(control.Unlock, user=user_id)
+
+
+class RemoteKick:
+    """Stands in for the queue runner (which runs in the main process): ``kick()``."""
+
+    def __init__(self, link: amp.AMP) -> None:
+        self.link = link
+
+    def kick(self) -> None:
+        self.link.callRemote(control.Kick)
+
+
+class Admission(Protocol):
+    """A connection waiting for the main process to admit it under the listener's
+    limits; then the real protocol (or the listener's refusal) takes over, and what
+    the client sent meanwhile is passed on."""
+
+    log = Logger()
+
+    def __init__(self, factory: AdmittingFactory, addr: Any) -> None:
+        self.admitting = factory
+        self.addr = addr
+        self.host = getattr(addr, "host", "") or "local"
+        self.inner: Optional[Protocol] = None
+        self.early: list[bytes] = []
+        self.admitted = False
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        inner = self.admitting.inner
+        if inner.draining:
+            self._take_over(inner.refuse(self.addr, "shutting down"))
+            return
+        d = self.admitting.link.callRemote(control.Admit, listener=self.admitting.name,
+                                           host=self.host)
+        d.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, answer: dict[str, Any]) -> None:
+        refusal = answer["refusal"]
+        if not refusal:
+            self.admitted = True
+        if self.lost:
+            self._release()
+            return
+        inner = self.admitting.inner
+        if refusal:
+            self._take_over(inner.refuse(self.addr, refusal))
+        else:
+            self._take_over(inner.admitted(self.addr, self.host))
+
+    def _failed(self, failure: Failure) -> None:
+        self.log.warn("no admission from the main process: {error}",
+                      error=failure.getErrorMessage())
+        if not self.lost and self.transport is not None:
+            self._take_over(self.admitting.inner.refuse(self.addr, "shutting down"))
+
+    def _take_over(self, inner: Optional[Protocol]) -> None:
+        assert self.transport is not None
+        if inner is None:
+            self.transport.loseConnection()
+            return
+        self.inner = inner
+        inner.makeConnection(self.transport)
+        early, self.early = self.early, []
+        for data in early:
+            inner.dataReceived(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(data)
+        else:
+            self.early.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost = True
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+        self._release()
+
+    def _release(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            if self.admitting.link.transport is not None:
+                self.admitting.link.callRemote(control.Release,
+                                               listener=self.admitting.name,
+                                               host=self.host)
+
+
+@implementer(IProtocolFactory)
+class AdmittingFactory(Factory):
+    """Wraps a listener's factory in a worker: its own limits are lifted (the main
+    process applies them to all workers at once) and each connection is admitted
+    first."""
+
+    noisy = False
+
+    def __init__(self, name: str, inner: TrackingFactory, link: amp.AMP) -> None:
+        self.name = name
+        self.inner = inner
+        self.link = link
+        inner.limits = ConnectionLimits(sys.maxsize, sys.maxsize)
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return Admission(self, addr)

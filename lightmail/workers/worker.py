@@ -1,0 +1,199 @@
+"""A worker process: ``python -m lightmail.workers.worker`` (started by WorkerPool).
+
+It reads the same config file as the main process, opens storage without migrating
+it (the main process did), takes over the listening sockets it inherited and serves
+their sessions.  It stops on SIGTERM (draining its sessions as the main process
+would) and when its control connection closes (the main process is gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import ILogObserver, Logger, globalLogBeginner
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import provider
+
+from lightmail.config import Config, ListenerConfig, load_config
+from lightmail.listeners import TrackingFactory, builder_for, describe_address
+from lightmail.workers import control
+from lightmail.workers.remote import (
+    AdmittingFactory,
+    ChangePublisher,
+    RemoteKick,
+    RemoteLocks,
+    WorkerHub,
+)
+
+log = Logger(namespace="lightmail.workers.worker")
+
+
+class MainLink(control.Link):
+    """The control connection: relayed changes come in; its loss ends the worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hub: WorkerHub | None = None
+
+    @control.Changed.responder
+    def changed(self, change: bytes) -> dict[str, Any]:
+        if self.hub is not None:
+            self.hub.mailbox_changed(control.decode_change(change))
+        return {}
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        super().connectionLost(reason)
+        from twisted.internet import reactor
+        if reactor.running:  # type: ignore[attr-defined]
+            log.info("the main process is gone: worker stopping")
+            reactor.stop()  # type: ignore[attr-defined]
+
+
+class AdoptedListener(Service):
+    """Accepts on an inherited listening socket; drains its sessions on stop."""
+
+    def __init__(self, listener: ListenerConfig, fd: int, factory: TrackingFactory,
+                 wrapped: Any, ready: defer.Deferred[Any], shutdown_timeout: float) -> None:
+        self.ready = ready
+        self.adopted: defer.Deferred[Any] = defer.Deferred()
+        self.name = f"listener:{listener.name}"
+        self.listener = listener
+        self.fd = fd
+        self.factory = factory
+        self.wrapped = wrapped
+        self.shutdown_timeout = shutdown_timeout
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # Sessions are only accepted once storage is open.
+        self.ready.addCallback(lambda _: self._adopt())
+        self.ready.chainDeferred(self.adopted)
+
+    def _adopt(self) -> None:
+        from twisted.internet import reactor
+        with socket.socket(fileno=os.dup(self.fd)) as probe:
+            family = probe.family
+        self.port = reactor.adoptStreamPort(  # type: ignore[attr-defined]
+            self.fd, family, self.wrapped)
+        os.close(self.fd)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.port = None
+        yield self.factory.drain(self.shutdown_timeout)
+
+
+def build(config: Config, link: MainLink, listeners: dict[str, int]) -> MultiService:
+    """The worker's service tree: storage, directory, and the adopted listeners."""
+    from lightmail.delivery.local import LocalDeliveryAgent
+    from lightmail.directory.cred import make_portal
+    from lightmail.directory.sql import SQLDirectory
+    from lightmail.service import Services
+    from lightmail.storage.service import StorageService
+    storage = StorageService(config, primary=False)
+    directory = SQLDirectory(storage.db,
+                             recipient_delimiter=config.directory.recipient_delimiter,
+                             default_quota=config.directory.default_quota,
+                             resolve_cache_ttl=config.directory.resolve_cache_ttl)
+    portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
+    services = Services(config=config, storage=storage, directory=directory,
+                        portal=portal, queue_runner=RemoteKick(link))
+    services.local_delivery = LocalDeliveryAgent(directory, storage.mailstore,
+                                                 storage.queue, config.node_id)
+    services.pop3_locks = RemoteLocks(link)
+    services.imap_hub = link.hub = WorkerHub(link)
+    storage.mailstore.add_listener(services.imap_hub)
+    storage.mailstore.add_listener(ChangePublisher(link))
+    root = _WorkerRoot()
+    storage.setServiceParent(root)
+    by_name = {listener.name: listener for listener in config.listeners}
+    for name, fd in listeners.items():
+        listener = by_name[name]
+        factory = builder_for(listener.protocol)(listener, services)
+        wrapped: Any = AdmittingFactory(name, factory, link)  # type: ignore[arg-type]
+        if listener.tls == "implicit":
+            from lightmail.tls import server_context
+            wrapped = TLSMemoryBIOFactory(server_context(listener), False, wrapped)
+        AdoptedListener(listener, fd, factory, wrapped,  # type: ignore[arg-type]
+                        storage.ready, config.server.shutdown_timeout).setServiceParent(root)
+    return root
+
+
+class _WorkerRoot(MultiService):
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        # Listeners first (drain), storage last, as the main process does.
+        self.running = 0
+        for child in reversed(list(self)):
+            if child.running:
+                yield defer.maybeDeferred(child.stopService)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightmail-worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--listener", action="append", default=[],
+                        help="NAME=FD of an inherited listening socket")
+    args = parser.parse_args(argv)
+    from lightmail.logs import make_observer
+    from lightmail.service import validate
+    config = load_config(args.config, validators=validate)
+    observer = make_observer(config.logging)
+
+    @provider(ILogObserver)
+    def tagged(event: dict[str, Any]) -> None:
+        event["worker_id"] = str(args.index)    # "[... worker=N ...]" on each line
+        observer(event)
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
+    from twisted.internet import reactor
+    link = MainLink()
+    listeners = {}
+    for item in args.listener:
+        name, _, fd = item.rpartition("=")
+        listeners[name] = int(fd)
+    root = build(config, link, listeners)
+    reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+        args.control, socket.AF_UNIX, control.OneProtocol(link))
+    os.close(args.control)
+
+    def start() -> None:
+        # Ctrl-C reaches the whole process group: the main process stops the workers
+        # (SIGTERM) in its own order, and must not see them leave first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        root.startService()
+        adopted = [child.adopted for child in root if isinstance(child, AdoptedListener)]
+        defer.gatherResults(adopted, consumeErrors=True).addCallbacks(ready, failed)
+
+    def ready(_: Any) -> None:
+        for child in root:
+            if isinstance(child, AdoptedListener):
+                log.info("worker {index}: {name} on {address}", index=args.index,
+                         name=child.listener.name, address=describe_address(child.port))
+        link.callRemote(control.Ready, pid=os.getpid())
+
+    def failed(failure: Failure) -> None:
+        log.failure("worker {index} cannot start", failure, index=args.index)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+        "before", "shutdown", lambda: root.stopService() if root.running else None)
+    reactor.run()  # type: ignore[attr-defined]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

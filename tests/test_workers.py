@@ -1,0 +1,244 @@
+"""``[server] workers``: sessions in worker processes, one main process in charge.
+
+Each test runs ``twistd lightmail`` with two workers and finds out, from /proc, which
+worker serves each client connection, so that what must hold across processes is
+shown with sessions that really live in different ones: IDLE updates, \\Recent in
+exactly one session, the per-user IMAP limit, the listeners' connection limits, the
+POP3 maildrop lock, and what happens when a worker is killed.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import poplib
+import re
+import signal
+import smtplib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import ServerProcess, run_cli
+
+PASSWORD = "worker-secret"
+USER = "ann@workers.test"
+
+
+def socket_owner(pids: list[int], client: socket.socket) -> int:
+    """Which of ``pids`` holds the server end of ``client``'s TCP connection."""
+    local_port = client.getsockname()[1]
+    server_port = client.getpeername()[1]
+    inode = ""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        here, there = fields[1], fields[2]
+        if int(here.split(":")[1], 16) == server_port \
+                and int(there.split(":")[1], 16) == local_port:
+            inode = fields[9]
+            break
+    assert inode, "the server end of the connection is not in /proc/net/tcp"
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    raise AssertionError(f"no process of {pids} holds {target}")
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    found = server.wait_for(r"worker (\d+) started \(pid (\d+)\)", count=2)
+    return [int(m.group(2)) for m in found[-2:]]
+
+
+@pytest.fixture
+def server(write_config: Any, tmp_path: Path) -> Iterator[ServerProcess]:
+    config = write_config(
+        "[server]\nstate_dir = state\nhostname = mx.workers.test\nworkers = 2\n"
+        "[logging]\nlevel = info\n"
+        "[directory]\nauth_over_plaintext = yes\n"
+        "[imap]\nmax_connections_per_user = 6\n"
+        "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "[listener:pop3]\nprotocol = pop3\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "max_connections_per_ip = 4\n")
+    run_cli(config, "domain", "add", "workers.test")
+    for user in (USER, "bob@workers.test"):
+        run_cli(config, "user", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
+    proc = ServerProcess(config)
+    try:
+        proc.ports(expected=3)
+        yield proc
+    finally:
+        proc.kill()
+
+
+def ports(server: ServerProcess) -> dict[str, int]:
+    return server.ports(expected=3)
+
+
+def spread(open_one: Any, close_one: Any, pids: list[int],
+           count: int) -> list[tuple[Any, int]]:
+    """``count`` connections held by both workers (with their owners' pids)."""
+    for _ in range(20):
+        opened = []
+        for _ in range(count):
+            conn, sock = open_one()
+            opened.append((conn, socket_owner(pids, sock)))
+        if {owner for _, owner in opened} == set(pids):
+            return opened
+        for conn, _ in opened:
+            close_one(conn)
+    raise AssertionError(f"20 times {count} connections all went to one worker")
+
+
+def imap_session(port: int) -> tuple[imaplib.IMAP4, socket.socket]:
+    imap = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+    imap.login(USER, PASSWORD)
+    return imap, imap.sock
+
+
+def send(port: int, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.sendmail("someone@elsewhere.test", [USER],
+                      f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+def test_idle_sessions_in_every_worker_hear_new_mail_and_one_sees_it_recent(
+        server: ServerProcess) -> None:
+    pids = worker_pids(server)
+    port = ports(server)
+    sessions = spread(lambda: imap_session(port["imap"]), imaplib.IMAP4.logout, pids, 4)
+    for imap, _ in sessions:
+        imap.select("INBOX")
+        tag = imap._new_tag().decode()
+        imap.send(f"{tag} IDLE\r\n".encode())
+        assert imap.readline().startswith(b"+ ")
+    send(port["mx"], "to every worker")
+    recent = []
+    for imap, owner in sessions:
+        lines = [imap.readline(), imap.readline()]
+        assert lines[0] == b"* 1 EXISTS\r\n", (owner, lines)
+        recent.append(int(re.match(rb"\* (\d+) RECENT", lines[1]).group(1)))
+        imap.send(b"DONE\r\n")
+        assert b"OK" in imap.readline()
+    # RFC 3501 2.3.2: recent in exactly one session, whichever process it is in.
+    assert sorted(recent) == [0] * (len(sessions) - 1) + [1]
+    # A flag set in one worker reaches a session in the other.
+    (first, _), (second, _) = next(
+        (a, b) for a in sessions for b in sessions if a[1] != b[1])
+    first.store("1", "+FLAGS", "\\Flagged")
+    assert second.noop()[0] == "OK"
+    fetched = [r for r in second.untagged_responses.get("FETCH", [])]
+    assert any(b"\\Flagged" in r for r in fetched), fetched
+    for imap, _ in sessions:
+        imap.logout()
+
+
+def test_the_per_user_imap_limit_counts_sessions_of_all_workers(
+        server: ServerProcess) -> None:
+    pids = worker_pids(server)
+    port = ports(server)
+    # Six sessions (the limit), held by both workers.
+    sessions = spread(lambda: imap_session(port["imap"]), imaplib.IMAP4.logout, pids, 6)
+    extra = imaplib.IMAP4("127.0.0.1", port["imap"], timeout=20)
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[LIMIT\]"):
+        extra.login(USER, PASSWORD)
+    sessions.pop()[0].logout()
+    deadline = time.monotonic() + 10
+    while True:                        # the logout reaches the main process
+        again = imaplib.IMAP4("127.0.0.1", port["imap"], timeout=20)
+        try:
+            again.login(USER, PASSWORD)
+            break
+        except imaplib.IMAP4.error:
+            again.shutdown()
+            assert time.monotonic() < deadline, "the ended session was not counted out"
+            time.sleep(0.1)
+    again.logout()
+    for imap, _ in sessions:
+        imap.logout()
+
+
+def pop3_connection(port: int) -> tuple[poplib.POP3, socket.socket]:
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    return pop, pop.sock
+
+
+def test_connection_limits_and_the_maildrop_lock_hold_across_workers(
+        server: ServerProcess) -> None:
+    pids = worker_pids(server)
+    port = ports(server)
+    # Four connections (max_connections_per_ip), held by both workers.
+    conns = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 4)
+    refused = socket.create_connection(("127.0.0.1", port["pop3"]), timeout=20)
+    assert refused.recv(200).startswith(b"-ERR")
+    refused.close()
+    # The maildrop lock: logged in through one worker, refused through the other.
+    (first, _), (second, _) = next(
+        (a, b) for a in conns for b in conns if a[1] != b[1])
+    first.user(USER)
+    first.pass_(PASSWORD)
+    second.user(USER)
+    with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+        second.pass_(PASSWORD)
+    for pop, _ in conns:
+        pop.quit()
+
+
+def test_a_killed_worker_is_restarted_and_what_it_held_is_released(
+        server: ServerProcess) -> None:
+    pids = worker_pids(server)
+    port = ports(server)
+    conns = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 2)
+    victim_pop, victim = conns[0]
+    victim_pop.user(USER)
+    victim_pop.pass_(PASSWORD)            # holds the maildrop lock in the victim
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(r"worker \d+ ended: .*starting it again")
+    server.wait_for(r"worker (\d+) started \(pid (\d+)\)", count=3)
+    server.wait_for(r"worker \d+: pop3 on", count=3)
+    # The lock and the connection count the dead worker held are released: four
+    # connections (the limit) and a login as the same user all work.
+    for pop, _ in conns[1:]:
+        pop.quit()
+    fresh = [pop3_connection(port["pop3"])[0] for _ in range(4)]
+    fresh[0].user(USER)
+    assert fresh[0].pass_(PASSWORD).startswith(b"+OK")
+    for pop in fresh:
+        pop.quit()
+    # And mail still arrives and is read.
+    send(port["mx"], "after the restart")
+    imap, _ = imap_session(port["imap"])
+    assert imap.select("INBOX")[1] == [b"1"]
+    imap.logout()
+
+
+def test_sigterm_stops_the_workers_and_the_main_process(server: ServerProcess) -> None:
+    pids = worker_pids(server)
+    port = ports(server)
+    send(port["mx"], "before the stop")
+    # After a clean shutdown twistd ends itself with the signal it got.
+    assert server.terminate(timeout=60) in (0, -signal.SIGTERM)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or \
+            "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    assert "LightMail stopped" in server.output
+    assert "worker 0 ended" not in server.output   # stopped, not restarted
+
+
+def test_workers_need_a_config_file() -> None:
+    from lightmail.config import ConfigError, parse_config
+    from lightmail.service import validate
+    with pytest.raises(ConfigError, match="worker processes read the config file"):
+        parse_config("[server]\nworkers = 2\n", "<embedded>", validate)
