@@ -390,6 +390,9 @@ def main() -> int:
                        help="messages per run instead of a duration")
     parser.add_argument("--only", choices=["lightmail", "dovecot"],
                         help="run one server alone (no ratio)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="LightMail's [server] workers (default: one per core, as "
+                        "the reference's processes use every core; 0: one process)")
     parser.add_argument("--json", help="also write the JSON lines to this file")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lightmail-bench-lmtp-"))
@@ -397,7 +400,8 @@ def main() -> int:
     servers: list[Server] = []
     try:
         if args.only != "dovecot":
-            servers.append(LightMail(base / "lightmail", {"lmtp": "protocol = lmtp"}))
+            servers.append(LightMail(base / "lightmail", {"lmtp": "protocol = lmtp"},
+                                     workers=args.workers))
         if args.only != "lightmail":
             servers.append(Dovecot())
         recipients = ["warmup@bench.test"] + [f"rcpt{index}@bench.test"

@@ -23,6 +23,7 @@ as a JSON line at the end (and into ``--json FILE``).
 from __future__ import annotations
 
 import argparse
+import os
 import smtplib
 import subprocess
 import sys
@@ -160,6 +161,9 @@ def main() -> int:
                         "auth_cache_ttl); 0 turns both caches off")
     parser.add_argument("--only", choices=["lightmail", "dovecot"],
                         help="run one server alone (no ratio)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="LightMail's [server] workers (default: one per core, as "
+                        "the reference's processes use every core; 0: one process)")
     parser.add_argument("--json", help="also write the JSON lines to this file")
     args = parser.parse_args()
     users = [user(index) for index in range(max(args.clients))]
@@ -172,7 +176,7 @@ def main() -> int:
                 base / "lightmail",
                 {"mx": "protocol = smtp", "pop3": "protocol = pop3\ntls = none"},
                 extra_config="[directory]\nauth_over_plaintext = yes\n"
-                f"auth_cache_ttl = {args.auth_cache}\n"))
+                f"auth_cache_ttl = {args.auth_cache}\n", workers=args.workers))
         if args.only != "lightmail":
             seconds = parse_duration()(args.auth_cache, Path("."))
             cache = ({"auth_cache_size": "10M", "auth_cache_ttl": f"{int(seconds)} secs"}

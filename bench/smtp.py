@@ -31,6 +31,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
+from dovecot import group_members  # noqa: E402
 from harness import ServerProcess, run_cli  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
@@ -47,12 +48,13 @@ def free_port() -> int:
 class LightMail:
     name = "LightMail"
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, workers: int = 0) -> None:
         base.mkdir(parents=True, exist_ok=True)
         self.state = base / "state"
         config = base / "lightmail.conf"
         config.write_text(
             f"[server]\nstate_dir = {self.state}\nhostname = lightmail.bench.test\n"
+            f"workers = {workers}\n"
             "[logging]\nlevel = info\n"
             "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
             "max_connections = 2000\nmax_connections_per_ip = 2000\n")
@@ -126,7 +128,12 @@ def run_load(server: LightMail | Postfix, sessions: int, size: int, count: int) 
     return {"accepted_per_s": count / accepted, "delivered_per_s": count / delivered}
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pgid: int) -> int:
+    """VmRSS of LightMail's process group: the main process and its workers."""
+    return sum(_rss_kb(pid) for pid in group_members(pgid))
+
+
+def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
@@ -160,6 +167,9 @@ def main() -> int:
                         help="messages per run (default: 500 for 4 KB, 200 for 100 KB)")
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="LightMail's [server] workers (default: one per core, as "
+                        "the reference's processes use every core; 0: one process)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     sessions = [int(x) for x in args.sessions.split(",")]
@@ -168,7 +178,8 @@ def main() -> int:
     results: list[dict] = []
     lightmail = postfix = None
     try:
-        lightmail, postfix = LightMail(base / "lightmail"), Postfix(base / "postfix")
+        lightmail = LightMail(base / "lightmail", args.workers)
+        postfix = Postfix(base / "postfix")
         for size in sizes:
             for count_sessions in sessions:
                 count = args.messages or (500 if size <= 8192 else 200)

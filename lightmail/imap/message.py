@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from email.utils import parsedate_tz
 from functools import cached_property
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from lightmail.imap.tokens import ParseError, nstring, plist, quote
 
@@ -297,37 +297,25 @@ def _param(params: _Params, name: bytes) -> Optional[bytes]:
 
 # --- header fields ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Field:
+class _Field(NamedTuple):
+    """(A named tuple: a header block has dozens, built at every FETCH and SEARCH.)"""
+
     name: bytes          # as written, without the colon
     start: int           # offset of the field's first line
     value_start: int     # offset after the colon
     end: int             # offset after the field's last line (and its line break)
 
 
+# A field (RFC 5322 §2.2): a line that does not start with white space and has a
+# colon, with the continuation lines (starting with white space) that follow it.  A
+# line without a colon is no field, and continuation lines after it belong to none.
+_FIELD = re.compile(rb"^([^ \t\n:][^:\n]*):[^\n]*\n?(?:[ \t][^\n]*\n?)*", re.M)
+
+
 def _parse_fields(raw: bytes, start: int, end: int) -> list[_Field]:
-    """The header fields in raw[start:end] (RFC 5322 §2.2): continuation lines
-    (starting with white space) belong to the field above; lines without a colon
-    are not fields."""
-    fields: list[_Field] = []
-    current: Optional[_Field] = None
-    position = start
-    while position < end:
-        newline = raw.find(b"\n", position, end)
-        line_end = end if newline < 0 else newline + 1
-        if raw[position] in b" \t":
-            if current is not None:
-                current = _Field(current.name, current.start, current.value_start, line_end)
-                fields[-1] = current
-        else:
-            colon = raw.find(b":", position, line_end)
-            current = None
-            if colon > position:
-                current = _Field(raw[position:colon].rstrip(b" \t"), position, colon + 1,
-                                 line_end)
-                fields.append(current)
-        position = line_end
-    return fields
+    """The header fields in raw[start:end], which starts at the start of a line."""
+    return [_Field(m[1].rstrip(b" \t"), m.start(), m.end(1) + 1, m.end())
+            for m in _FIELD.finditer(raw, start, end)]
 
 
 def _field_text(raw: bytes, item: _Field) -> bytes:

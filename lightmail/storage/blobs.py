@@ -39,7 +39,6 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from lightmail.storage.interfaces import BlobMissing, BlobRef, IBlobStore, IBlobWriter
@@ -123,7 +122,7 @@ class FilesystemBlobStore:
     def __init__(
         self,
         root: Path,
-        pool: ThreadPool,
+        pool: Any,              # a WorkerThreads (or twisted ThreadPool)
         reactor: IReactorFromThreads | None = None,
         *,
         flush_threshold: int = FLUSH_THRESHOLD,

@@ -7,7 +7,6 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from lightmail.config import Config
 from lightmail.storage import migrate
@@ -15,6 +14,7 @@ from lightmail.storage.blobs import FilesystemBlobStore
 from lightmail.storage.database import Database
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
+from lightmail.storage.threads import WorkerThreads
 
 GC_INTERVAL = 3600.0
 
@@ -32,8 +32,7 @@ class StorageService(Service):
         # process migrates the schema and collects garbage.
         self.primary = primary
         self.db = Database(config.database_url, threads=config.storage.sql_threads)
-        self.io_pool = ThreadPool(minthreads=1, maxthreads=config.storage.io_threads,
-                                  name="lightmail-io")
+        self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
         self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool)
         self.mailstore = SQLMailStore(self.db, self.blobs)
         self.queue = SQLQueueStore(self.db, self.blobs)
