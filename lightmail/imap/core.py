@@ -26,6 +26,7 @@ from lightmail.imap.hub import MailboxHub
 from lightmail.imap.parser import (
     Command,
     CommandReader,
+    Inflater,
     LineTooLong,
     LiteralTooBig,
     parse_command,
@@ -118,7 +119,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.sasl: Optional[tuple[str, sasl.Mechanism]] = None
         self.saved_search: Optional[list[int]] = None   # SEARCHRES, as UIDs
         self.compressor: Any = None
-        self.decompressor: Any = None
+        self.inflater: Optional[Inflater] = None    # COMPRESS=DEFLATE input
+        self._taking = False                        # take_input() is running
         self._out: Optional[list[bytes]] = None     # collecting a command's output
         self._out_size = 0
         self._logged_in = False
@@ -229,14 +231,42 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if self.closing:
             return
         self.resetTimeout()
-        if self.decompressor is not None:
+        if self.inflater is not None:
+            self.inflater.feed(data)
+        else:
+            self.reader.buffer += data
+        self.take_input()
+
+    def take_input(self) -> None:
+        """Run the commands the input holds, until one is busy or more must come.
+
+        Also called when a command is done; a command done at once (inside
+        :meth:`process`) returns to the loop below instead, else a thousand
+        pipelined NOOPs would nest a thousand calls deep."""
+        if self._taking:
+            return
+        self._taking = True
+        try:
+            self.process()
+            self._inflate_and_process()
+        finally:
+            self._taking = False
+
+    def _inflate_and_process(self) -> None:
+        """Under COMPRESS, inflate only what the reader has room for, process it,
+        and go on: a deflate bomb is refused by the line and literal limits without
+        ever being held inflated.  While a command is busy the rest waits compressed
+        (``_done`` comes back to it)."""
+        while self.inflater is not None and not self.busy and not self.closing:
             try:
-                data = self.decompressor.decompress(data)
+                data = self.inflater.inflate(self.reader.room())
             except zlib.error:
                 self.close_with("* BYE Compression error")
                 return
-        self.reader.buffer += data
-        self.process()
+            if not data:
+                return
+            self.reader.buffer += data
+            self.process()
 
     def process(self) -> None:
         while not self.busy and not self.closing:
@@ -351,8 +381,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if self.closing_after and not self.closing and self.idling is None:
             self.close_with("* BYE Server shutting down")
             return
-        if self.reader.buffer and not self.closing:
-            self.process()
+        if not self.closing:
+            self.take_input()
         # A change announced while the last catch-up ran is still to be told.
         self._push_idle_updates()
 
