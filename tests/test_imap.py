@@ -411,3 +411,42 @@ def test_compressed_input_waits_while_a_command_runs(tmp_path: Path) -> None:
     assert out["corrupt"].status == "OK"
     assert [u.text for u in out["bye"].untagged] == ["* BYE Compression error"]
     assert out["bye"].text == "<connection closed>"
+
+
+@pytest_twisted.inlineCallbacks
+def test_append_date_time_out_of_range_is_bad(tmp_path: Path) -> None:
+    """RFC 9051 §6.3.12: a date-time that cannot be (31-Feb, 25:00:00, zone +2400) is
+    a BAD APPEND, not a date rolled over into the next month; the session goes on."""
+    server = yield start_imap(tmp_path, PLAINTEXT)
+    bad = ["31-Feb-2024 12:00:00 +0000", "29-Feb-2023 12:00:00 +0000",
+           "32-Jan-2024 12:00:00 +0000", " 0-Jan-2024 12:00:00 +0000",
+           "01-Jan-2024 25:00:00 +0000", "01-Jan-2024 24:00:00 +0000",
+           "01-Jan-2024 12:60:00 +0000", "01-Jan-2024 12:00:61 +0000",
+           "01-Jan-2024 12:00:00 +2400", "01-Jan-2024 12:00:00 +0075",
+           "01-Jan-2024 12:00:00 -1300", "01-Jan-0000 12:00:00 +0000"]
+    good = {"29-Feb-2024 23:30:00 -0100": "01-Mar-2024 00:30:00 +0000",
+            "31-Dec-2016 23:59:60 +0000": "01-Jan-2017 00:00:00 +0000",   # leap second
+            "01-Jan-2024 12:00:00 +1400": "31-Dec-2023 22:00:00 +0000",
+            "01-Jan-2024 12:00:00 -1259": "02-Jan-2024 00:59:00 +0000"}
+    try:
+        def run() -> dict[str, Any]:
+            wire = wire_login(server.ports["imap-plain"])
+            out: dict[str, Any] = {"bad": [], "good": {}}
+            for i, when in enumerate(bad):
+                reply = wire.cmd(f"b{i}", f'APPEND INBOX "{when}" {{5+}}\r\nhello')
+                out["bad"].append((reply[-1], wire.cmd(f"n{i}", "NOOP")[-1]))
+            wire.cmd("s", "SELECT INBOX")
+            for i, when in enumerate(good):
+                reply = wire.cmd(f"g{i}", f'APPEND INBOX "{when}" {{5+}}\r\nhello')
+                uid = reply[-1].split(b"]")[0].split()[-1].decode()
+                fetched = wire.cmd(f"f{i}", f"UID FETCH {uid} INTERNALDATE")
+                out["good"][when] = fetched[0].split(b'"')[1].decode()
+            wire.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    for i, (reply, noop) in enumerate(out["bad"]):
+        assert reply.startswith(f"b{i} BAD ".encode()), (bad[i], reply)
+        assert noop.startswith(f"n{i} OK".encode())
+    assert out["good"] == good

@@ -529,20 +529,42 @@ def use_name(use: str) -> Optional[str]:
 
 
 def parse_date_time(text: str) -> int:
-    """RFC 9051 date-time ``"17-Jul-1996 02:44:25 -0700"`` -> ms since the epoch."""
+    """RFC 9051 date-time ``"17-Jul-1996 02:44:25 -0700"`` -> ms since the epoch.
+
+    A field out of range (31-Feb, 24:00:00, zone +2400) is BAD like any other
+    malformed argument: ``calendar.timegm`` would roll it over into another date."""
     match = DATE_TIME.match(text)
     month = MONTHS.get(match.group(2).lower()) if match else None
     if match is None or month is None:
         raise Bad("invalid date-time")
-    day, year, hour, minute, second = (int(match.group(i)) for i in (1, 3, 4, 5, 6))
+    day, year, hour, minute, second, zone_hours, zone_minutes = (
+        int(match.group(i)) for i in (1, 3, 4, 5, 6, 8, 9))
+    east = match.group(7) == "+"
+    if not (_date_in_range(year, month, day) and _time_in_range(hour, minute, second)
+            and _zone_in_range(east, zone_hours, zone_minutes)):
+        raise Bad("invalid date-time: a field is out of range")
     try:
         seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
         time.gmtime(seconds)
     except (ValueError, OverflowError):
         raise Bad("invalid date-time") from None
-    offset = (int(match.group(8)) * 60 + int(match.group(9))) * 60
-    seconds -= offset if match.group(7) == "+" else -offset
-    return seconds * 1000
+    offset = (zone_hours * 60 + zone_minutes) * 60
+    return (seconds - offset if east else seconds + offset) * 1000
+
+
+def _date_in_range(year: int, month: int, day: int) -> bool:
+    return 1 <= day <= calendar.monthrange(year, month)[1]
+
+
+def _time_in_range(hour: int, minute: int, second: int) -> bool:
+    # Second 60 is a leap second: timegm counts it as the next minute's first.
+    return hour < 24 and minute < 60 and second <= 60
+
+
+def _zone_in_range(east: bool, hours: int, minutes: int) -> bool:
+    """Zones in use run from -1200 to +1400; minutes (under 60) may stretch the
+    west end to -1259."""
+    return minutes < 60 and hours * 100 + minutes <= (1400 if east else 1259)
 
 
 
