@@ -3,7 +3,8 @@
 Covers the session end to end: login (LOGIN, AUTHENTICATE, STARTTLS, implicit TLS),
 mailboxes (LIST, CREATE, RENAME, DELETE, STATUS, special use), APPEND/FETCH/STORE/
 COPY/MOVE/EXPUNGE with UIDPLUS results, untagged updates between two sessions, IDLE,
-CONDSTORE and QRESYNC, limits, and malformed input answered BAD without a disconnect.
+CONDSTORE and QRESYNC, limits (also under COMPRESS, against a deflate bomb), pipelined
+commands, and malformed input answered BAD without a disconnect.
 """
 
 from __future__ import annotations
@@ -12,12 +13,20 @@ import imaplib
 import socket
 import ssl
 import time
+import tracemalloc
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
+from imapwire import Client
 from inprocess import in_thread, start
 from twisted.internet import defer
+
+from lightmail.imap import core
+from lightmail.imap.parser import CommandReader
 
 IMAP = ("[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
         "tls = starttls\ntls_cert = {cert}\ntls_key = {key}\n"
@@ -268,3 +277,176 @@ def test_hostile_arguments_are_refused_and_the_session_goes_on(tmp_path: Path) -
     for i, (want, reply, noop) in enumerate(out):
         assert reply.startswith(f"t{i} {want} ".encode()), (cases[i][0][:60], reply[:100])
         assert noop.startswith(f"n{i} OK".encode())
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_commands_done_at_once_do_not_nest(tmp_path: Path) -> None:
+    """Each command that finishes at once goes back to the reading loop: 3000
+    pipelined NOOPs used to nest 3000 calls deep and die of RecursionError."""
+    server = yield start_imap(tmp_path, PLAINTEXT)
+    try:
+        def run() -> list[bytes]:
+            wire = wire_login(server.ports["imap-plain"])
+            wire.cmd("s", "SELECT INBOX")
+            wire.send(b"".join(b"n%d NOOP\r\n" % i for i in range(3000)))
+            out = wire.until(b"n2999")
+            wire.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert out == [b"n%d OK NOOP completed\r\n" % i for i in range(3000)]
+
+
+def deflated(deflate: Any, pieces: Iterator[bytes]) -> bytes:
+    """``pieces`` through the client's DEFLATE stream, one at a time (a bomb's 100 MB
+    are never held), then a sync flush."""
+    out = [deflate.compress(piece) for piece in pieces]
+    return b"".join(out) + deflate.flush(zlib.Z_SYNC_FLUSH)
+
+
+def bomb(total: int, octet: bytes) -> Iterator[bytes]:
+    for _ in range(total // 2**20):
+        yield octet * 2**20
+
+
+class RecordingReader(CommandReader):
+    """A CommandReader that remembers the longest its buffer ever was."""
+
+    longest = 0
+
+    @property  # type: ignore[override]
+    def buffer(self) -> bytes:
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: bytes) -> None:
+        self._buffer = value
+        RecordingReader.longest = max(RecordingReader.longest, len(value))
+
+
+@pytest_twisted.inlineCallbacks
+def test_compress_deflate_bomb_is_refused_without_being_inflated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 MB of one octet, deflated to about 100 KB, as a literal over the limit and
+    as one line: the same answers as without COMPRESS (NO [TOOBIG], BAD), and the
+    server inflates no more than a line's worth at a time."""
+    monkeypatch.setattr(core, "CommandReader", RecordingReader)
+    server = yield start_imap(tmp_path, PLAINTEXT)
+    size = 100 * 2**20
+    try:
+        def run() -> dict[str, Any]:
+            client = Client(server.ports["imap-plain"], timeout=60)
+            client.login("bob@example.test", "bob-secret")
+            client.compress().ok()
+            literal = deflated(client.deflate, iter(
+                [b"a APPEND INBOX {%d+}\r\n" % size, *bomb(size, b"\0"), b"\r\nb NOOP\r\n"]))
+            line = deflated(client.deflate, iter(
+                [b"c NOOP ", *bomb(size, b"x"), b"\r\nd NOOP\r\n"]))
+            RecordingReader.longest = 0
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                client.sock.sendall(literal)
+                out = {"a": client.read_until("a"), "b": client.read_until("b")}
+                client.sock.sendall(line)
+                out["c"] = client.read_until("d")
+                out["grew"] = tracemalloc.get_traced_memory()[1] - before
+            finally:
+                tracemalloc.stop()
+            out["sent"] = len(literal) + len(line)
+            out["after"] = client.cmd("NOOP")
+            client.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert out["sent"] < 2**20                  # a bomb indeed
+    assert RecordingReader.longest <= 65536 + 2      # [imap] max_line_length + CRLF
+    assert out["grew"] < 8 * 2**20, out["grew"]
+    assert out["a"].status == "NO" and out["a"].text.startswith("[TOOBIG]"), str(out["a"])
+    assert out["b"].status == "OK"
+    # One BAD for the whole line: its rest is not taken for more commands.
+    assert [u.text for u in out["c"].untagged] == ["* BAD Command line too long"]
+    assert out["c"].status == "OK"
+    assert out["after"].status == "OK"
+
+
+@pytest_twisted.inlineCallbacks
+def test_compressed_input_waits_while_a_command_runs(tmp_path: Path) -> None:
+    """Commands pipelined behind COMPRESS (in its own packet) and behind a command
+    that is still running stay compressed until their turn, and none is lost; a
+    corrupt stream right after COMPRESS is answered BYE."""
+    server = yield start_imap(tmp_path, PLAINTEXT)
+    port = server.ports["imap-plain"]
+    try:
+        def run() -> dict[str, Any]:
+            client = Client(port)
+            client.login("bob@example.test", "bob-secret")
+            deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+            client.sock.sendall(b"z COMPRESS DEFLATE\r\n" + deflated(
+                deflate, iter([b"s SELECT INBOX\r\n", b"f FETCH 1:* (FLAGS)\r\n",
+                               b"".join(b"n%d NOOP\r\n" % i for i in range(500))])))
+            out = {"z": client.read_until("z")}
+            client.deflate, client.inflate = deflate, zlib.decompressobj(-15)
+            client.buffer = client.inflate.decompress(client.buffer)
+            out["s"], out["f"] = client.read_until("s"), client.read_until("f")
+            out["n"] = [client.read_until(f"n{i}").status for i in range(500)]
+            client.close()
+            corrupt = Client(port)
+            corrupt.sock.sendall(b"z COMPRESS DEFLATE\r\n\xff\xff\xff\xff")
+            out["corrupt"] = corrupt.read_until("z")
+            corrupt.inflate = zlib.decompressobj(-15)
+            corrupt.buffer = corrupt.inflate.decompress(corrupt.buffer)
+            out["bye"] = corrupt.read_until("never")
+            corrupt.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    assert out["z"].status == "OK"
+    assert out["s"].status == "OK" and out["s"].one("EXISTS").number == 3
+    assert sorted(out["f"].fetches()) == [1, 2, 3] and out["f"].status == "OK"
+    assert out["n"] == ["OK"] * 500
+    assert out["corrupt"].status == "OK"
+    assert [u.text for u in out["bye"].untagged] == ["* BYE Compression error"]
+    assert out["bye"].text == "<connection closed>"
+
+
+@pytest_twisted.inlineCallbacks
+def test_append_date_time_out_of_range_is_bad(tmp_path: Path) -> None:
+    """RFC 9051 §6.3.12: a date-time that cannot be (31-Feb, 25:00:00, zone +2400) is
+    a BAD APPEND, not a date rolled over into the next month; the session goes on."""
+    server = yield start_imap(tmp_path, PLAINTEXT)
+    bad = ["31-Feb-2024 12:00:00 +0000", "29-Feb-2023 12:00:00 +0000",
+           "32-Jan-2024 12:00:00 +0000", " 0-Jan-2024 12:00:00 +0000",
+           "01-Jan-2024 25:00:00 +0000", "01-Jan-2024 24:00:00 +0000",
+           "01-Jan-2024 12:60:00 +0000", "01-Jan-2024 12:00:61 +0000",
+           "01-Jan-2024 12:00:00 +2400", "01-Jan-2024 12:00:00 +0075",
+           "01-Jan-2024 12:00:00 -1300", "01-Jan-0000 12:00:00 +0000"]
+    good = {"29-Feb-2024 23:30:00 -0100": "01-Mar-2024 00:30:00 +0000",
+            "31-Dec-2016 23:59:60 +0000": "01-Jan-2017 00:00:00 +0000",   # leap second
+            "01-Jan-2024 12:00:00 +1400": "31-Dec-2023 22:00:00 +0000",
+            "01-Jan-2024 12:00:00 -1259": "02-Jan-2024 00:59:00 +0000"}
+    try:
+        def run() -> dict[str, Any]:
+            wire = wire_login(server.ports["imap-plain"])
+            out: dict[str, Any] = {"bad": [], "good": {}}
+            for i, when in enumerate(bad):
+                reply = wire.cmd(f"b{i}", f'APPEND INBOX "{when}" {{5+}}\r\nhello')
+                out["bad"].append((reply[-1], wire.cmd(f"n{i}", "NOOP")[-1]))
+            wire.cmd("s", "SELECT INBOX")
+            for i, when in enumerate(good):
+                reply = wire.cmd(f"g{i}", f'APPEND INBOX "{when}" {{5+}}\r\nhello')
+                uid = reply[-1].split(b"]")[0].split()[-1].decode()
+                fetched = wire.cmd(f"f{i}", f"UID FETCH {uid} INTERNALDATE")
+                out["good"][when] = fetched[0].split(b'"')[1].decode()
+            wire.close()
+            return out
+        out = yield in_thread(run)
+    finally:
+        yield server.stop()
+    for i, (reply, noop) in enumerate(out["bad"]):
+        assert reply.startswith(f"b{i} BAD ".encode()), (bad[i], reply)
+        assert noop.startswith(f"n{i} OK".encode())
+    assert out["good"] == good

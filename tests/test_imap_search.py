@@ -62,6 +62,9 @@ class FakeMessage:
         self.raw = (self.header_text() + "\r\n" + body).encode()
         self.size = len(self.raw)
 
+    def head_octets(self) -> bytes:
+        return self.header_text().encode()
+
     def header(self, name: str) -> list[str]:
         return [value for field, value in self.headers if field.lower() == name.lower()]
 
@@ -657,26 +660,132 @@ def test_format_threads_of_nothing() -> None:
         thread_messages("BOGUS", [])
 
 
-def test_header_keys_on_real_messages_with_and_without_the_quick_test() -> None:
-    """Header keys skip parsing when the raw octets cannot hold the needle, and still
-    find it across folded lines, in encoded words and in other case."""
+def real_hit(raw: bytes, *keys: Any) -> tuple[bool, bool]:
+    """Whether a stored message matches, and whether its header had to be parsed."""
     from lightmail.imap.message import ParsedMessage
+    key, _ = parse_search([Atom(k) if isinstance(k, str) and k.isupper() else k
+                           for k in keys], utf8=True)
+    view = MessageView(1, 1, frozenset(), 0, len(raw), 1)
+    parsed = ParsedMessage(raw)
+    found = matches(key, view, SearchContext(1, 1), parsed)
+    return found, "_head" in parsed.__dict__ or "_root" in parsed.__dict__
 
-    def hit(raw: bytes, *keys: Any) -> bool:
-        key, _ = parse_search([Atom(k) if isinstance(k, str) and k.isupper() else k
-                               for k in keys], utf8=True)
-        view = MessageView(1, 1, frozenset(), 0, len(raw), 1)
-        return matches(key, view, SearchContext(1, 1), ParsedMessage(raw))
 
-    plain = b"From: a@b.test\r\nSubject: Quarterly\r\n report due\r\n\r\nbody\r\n"
+def test_header_keys_skip_the_parse_only_when_the_raw_header_cannot_match() -> None:
+    """Header keys look at the raw header block first and parse only those that may
+    hold the needle, and still find it across folded lines, in encoded words, in
+    8-bit header text and in other case."""
+    plain = b"From: a@b.test\r\nSubject: Quarterly\r\n report due\r\n\r\nbody invoice\r\n"
+    assert real_hit(plain, "SUBJECT", "QUARTERLY") == (True, True)      # any case
+    assert real_hit(plain, "SUBJECT", "quarterly report") == (True, True)  # across the fold
+    assert real_hit(plain, "SUBJECT", "quarterly  REPORT\tdue") == (True, True)
+    assert real_hit(plain, "SUBJECT", "invoice") == (False, False)   # in the body only
+    assert real_hit(plain, "SUBJECT", "report  quarterly") == (False, False)
+    assert real_hit(plain, "FROM", "a@b.test") == (True, True)
+    assert real_hit(plain, "TO", "nobody") == (False, False)
+    assert real_hit(plain, "HEADER", "X-Nothing", "due") == (False, True)  # wrong field
+    assert real_hit(plain, "SUBJECT", "grüße") == (False, False)     # not in ASCII text
+    assert real_hit(plain, "SUBJECT", "") == (True, True)            # has the field
+    assert real_hit(plain, "CC", "") == (False, True)
+
     encoded = b"From: a@b.test\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe_aus_K=C3=B6ln?=\r\n\r\nx\r\n"
-    assert hit(plain, "SUBJECT", "QUARTERLY")
-    assert hit(plain, "SUBJECT", "quarterly report")       # across the fold
-    assert not hit(plain, "SUBJECT", "invoice")
-    assert not hit(plain, "SUBJECT", "body")               # in the body, not the header
-    assert hit(encoded, "SUBJECT", "köln") and hit(encoded, "SUBJECT", "GRÜSSE")
+    assert real_hit(encoded, "SUBJECT", "köln") == (True, True)
+    assert real_hit(encoded, "SUBJECT", "GRÜSSE aus") == (True, True)
+    assert real_hit(encoded, "SUBJECT", "paris")[0] is False       # parsed: may decode to it
     b64 = b"From: a@b.test\r\nSubject: =?utf-8?b?R3LDvMOfZSBhdXMgS8O2bG4=?=\r\n\r\nx\r\n"
-    assert hit(b64, "SUBJECT", "aus")                      # only there once decoded
+    assert real_hit(b64, "SUBJECT", "aus") == (True, True)          # only there once decoded
+    split = b"Subject: =?utf-8?q?Quar?=\r\n =?utf-8?q?terly?=\r\n\r\n"
+    assert real_hit(split, "SUBJECT", "quarterly") == (True, True)  # adjacent words join
+
+    # RFC 6532 UTF-8 and stray Latin-1: casefolding can turn non-ASCII into ASCII.
+    utf8 = "Subject: Straße \u212aelvin\u00a0Grad\r\nX-Other: caf\u00e9\r\n\r\n".encode()
+    assert real_hit(utf8, "SUBJECT", "STRASSE") == (True, True)     # ß casefolds to ss
+    assert real_hit(utf8, "SUBJECT", "kelvin grad") == (True, True)  # Kelvin sign, NBSP
+    assert real_hit(utf8, "SUBJECT", "Café") == (False, True)       # another field
+    assert real_hit(utf8, "SUBJECT", "celsius") == (False, False)
+    latin1 = b"Subject: Gr\xfc\xdfe\r\nX-Utf8: Gr\xc3\xbc\xc3\x9fe Bob\r\n\r\n"
+    assert real_hit(latin1, "SUBJECT", "GRÜSSE") == (True, True)
+    assert real_hit(latin1, "HEADER", "X-Utf8", "grüsse bob") == (True, True)
+    assert real_hit(latin1, "SUBJECT", "bob") == (False, True)
+    assert real_hit(latin1, "SUBJECT", "alice") == (False, False)
+    # White space that str.isspace() knows but bytes do not: \x1c between words.
+    assert real_hit(b"Subject: one\x1ctwo\r\n\r\n", "SUBJECT", "one two") == (True, True)
+
+
+def test_header_may_hold_never_rules_out_a_match() -> None:
+    """On random header blocks of folds, encoded words, 8-bit text, odd white space
+    and case: whenever the parsed header matches, the raw test said it might."""
+    import random
+
+    from lightmail.imap.message import ParsedMessage
+    from lightmail.imap.search import fold, header_may_hold
+
+    rng = random.Random(2047)
+    pieces = ["ab", "Cd", " ", "\t", "\r\n ", "\r\n\t", "\n ", "\x1c", "é", "ß", "SS",
+              "\u212a", "k", "\u00a0", "\u3000", ":", "=?utf-8?q?x=C3=9F?=", "=?", "?=",
+              "=?iso-8859-1?q?K=F6?= ", "\xff", "Ab:Cd"]
+    names = ["Subject", "X-A", "subject", "Subject "]
+    checked = 0
+    for _ in range(3000):
+        lines = []
+        for _ in range(rng.randrange(1, 4)):
+            value = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 7)))
+            lines.append(f"{rng.choice(names)}:{value}\r\n")
+        text = "".join(lines) + "\r\n"
+        raw = text.encode("latin-1", "replace") if rng.random() < 0.3 and \
+            all(ord(ch) < 256 for ch in text) else text.encode()
+        parsed = ParsedMessage(raw)
+        head = parsed.head_octets()
+        values = parsed.header("Subject")
+        texts = [fold(v) for v in values] + [fold(parsed.header_text())]
+        for folded in texts:
+            if not folded:
+                continue
+            start = rng.randrange(len(folded))
+            needle = folded[start:start + rng.randrange(1, 6)]
+            if folded is texts[-1] and (" " in needle or ":" in needle):
+                continue                    # TEXT tests the header this way only then
+            assert header_may_hold(needle)(head), (raw, needle)
+            checked += 1
+    assert checked > 3000
+
+
+def test_fold_and_matcher_agree_with_the_regular_expression() -> None:
+    """fold() joins str.split() pieces and matcher() skips folding for needles
+    without white space: both exactly as casefolding after \\s+ -> " " would be."""
+    import random
+    import re
+
+    from lightmail.imap.search import _ASCII_WHITE_SPACE, fold, matcher
+
+    def slow(text: str) -> str:
+        return re.sub(r"\s+", " ", text).casefold()
+
+    rng = random.Random(9051)
+    alphabet = [" ", "\t", "\r\n", "\x1c", "\x85", "\xa0", "\u2003", "a", "B", "ß", "\u212a",
+                "x", "\u0130", "Σ"]
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 9)))
+        assert fold(text) == slow(text), repr(text)
+        needle = slow("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 3))))
+        assert matcher(needle)(text) == (needle in slow(text)), (needle, text)
+    ascii_space = {chr(c) for c in range(128) if chr(c).isspace()}
+    assert {chr(c) for c in range(128) if _ASCII_WHITE_SPACE.fullmatch(bytes([c]))} \
+        == ascii_space
+
+
+def test_text_and_body_keys_on_real_messages() -> None:
+    """TEXT: the header (its raw test for a needle without space or colon) or the
+    decoded body; BODY: the decoded body only."""
+    raw = (b"From: a@b.test\r\nSubject : Quarterly\r\nContent-Type: text/plain; "
+           b"charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"SW52b2ljZSBkdWU=\r\n")                  # "Invoice due"
+    assert real_hit(raw, "TEXT", "quarterly")[0]
+    assert real_hit(raw, "TEXT", "subject: quarterly")[0]   # as header_text() writes it
+    assert real_hit(raw, "TEXT", "invoice DUE")[0]
+    assert not real_hit(raw, "TEXT", "refund")[0]
+    assert real_hit(raw, "BODY", "invoice")[0]
+    assert not real_hit(raw, "BODY", "quarterly")[0]
 
 
 def test_a_number_of_thousands_of_digits_is_out_of_range() -> None:

@@ -26,6 +26,7 @@ from lightmail.imap.hub import MailboxHub
 from lightmail.imap.parser import (
     Command,
     CommandReader,
+    Inflater,
     LineTooLong,
     LiteralTooBig,
     parse_command,
@@ -118,7 +119,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.sasl: Optional[tuple[str, sasl.Mechanism]] = None
         self.saved_search: Optional[list[int]] = None   # SEARCHRES, as UIDs
         self.compressor: Any = None
-        self.decompressor: Any = None
+        self.inflater: Optional[Inflater] = None    # COMPRESS=DEFLATE input
+        self._taking = False                        # take_input() is running
         self._out: Optional[list[bytes]] = None     # collecting a command's output
         self._out_size = 0
         self._logged_in = False
@@ -229,14 +231,42 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if self.closing:
             return
         self.resetTimeout()
-        if self.decompressor is not None:
+        if self.inflater is not None:
+            self.inflater.feed(data)
+        else:
+            self.reader.buffer += data
+        self.take_input()
+
+    def take_input(self) -> None:
+        """Run the commands the input holds, until one is busy or more must come.
+
+        Also called when a command is done; a command done at once (inside
+        :meth:`process`) returns to the loop below instead, else a thousand
+        pipelined NOOPs would nest a thousand calls deep."""
+        if self._taking:
+            return
+        self._taking = True
+        try:
+            self.process()
+            self._inflate_and_process()
+        finally:
+            self._taking = False
+
+    def _inflate_and_process(self) -> None:
+        """Under COMPRESS, inflate only what the reader has room for, process it,
+        and go on: a deflate bomb is refused by the line and literal limits without
+        ever being held inflated.  While a command is busy the rest waits compressed
+        (``_done`` comes back to it)."""
+        while self.inflater is not None and not self.busy and not self.closing:
             try:
-                data = self.decompressor.decompress(data)
+                data = self.inflater.inflate(self.reader.room())
             except zlib.error:
                 self.close_with("* BYE Compression error")
                 return
-        self.reader.buffer += data
-        self.process()
+            if not data:
+                return
+            self.reader.buffer += data
+            self.process()
 
     def process(self) -> None:
         while not self.busy and not self.closing:
@@ -351,8 +381,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if self.closing_after and not self.closing and self.idling is None:
             self.close_with("* BYE Server shutting down")
             return
-        if self.reader.buffer and not self.closing:
-            self.process()
+        if not self.closing:
+            self.take_input()
         # A change announced while the last catch-up ran is still to be told.
         self._push_idle_updates()
 
@@ -508,20 +538,42 @@ def use_name(use: str) -> Optional[str]:
 
 
 def parse_date_time(text: str) -> int:
-    """RFC 9051 date-time ``"17-Jul-1996 02:44:25 -0700"`` -> ms since the epoch."""
+    """RFC 9051 date-time ``"17-Jul-1996 02:44:25 -0700"`` -> ms since the epoch.
+
+    A field out of range (31-Feb, 24:00:00, zone +2400) is BAD like any other
+    malformed argument: ``calendar.timegm`` would roll it over into another date."""
     match = DATE_TIME.match(text)
     month = MONTHS.get(match.group(2).lower()) if match else None
     if match is None or month is None:
         raise Bad("invalid date-time")
-    day, year, hour, minute, second = (int(match.group(i)) for i in (1, 3, 4, 5, 6))
+    day, year, hour, minute, second, zone_hours, zone_minutes = (
+        int(match.group(i)) for i in (1, 3, 4, 5, 6, 8, 9))
+    east = match.group(7) == "+"
+    if not (_date_in_range(year, month, day) and _time_in_range(hour, minute, second)
+            and _zone_in_range(east, zone_hours, zone_minutes)):
+        raise Bad("invalid date-time: a field is out of range")
     try:
         seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
         time.gmtime(seconds)
     except (ValueError, OverflowError):
         raise Bad("invalid date-time") from None
-    offset = (int(match.group(8)) * 60 + int(match.group(9))) * 60
-    seconds -= offset if match.group(7) == "+" else -offset
-    return seconds * 1000
+    offset = (zone_hours * 60 + zone_minutes) * 60
+    return (seconds - offset if east else seconds + offset) * 1000
+
+
+def _date_in_range(year: int, month: int, day: int) -> bool:
+    return 1 <= day <= calendar.monthrange(year, month)[1]
+
+
+def _time_in_range(hour: int, minute: int, second: int) -> bool:
+    # Second 60 is a leap second: timegm counts it as the next minute's first.
+    return hour < 24 and minute < 60 and second <= 60
+
+
+def _zone_in_range(east: bool, hours: int, minutes: int) -> bool:
+    """Zones in use run from -1200 to +1400; minutes (under 60) may stretch the
+    west end to -1259."""
+    return minutes < 60 and hours * 100 + minutes <= (1400 if east else 1259)
 
 
 

@@ -847,6 +847,15 @@ class ParsedMessage:
 
     # --- decoded text for SEARCH and SORT --------------------------------------------
 
+    def head_octets(self) -> bytes:
+        """Octets that hold the whole top-level header, as stored, found without
+        parsing it: SEARCH looks for its needle there before it parses.  Up to the
+        first CRLF blank line (one search; a header of bare LF lines may end before)."""
+        crlf = self.raw.find(b"\n\r\n")
+        if crlf < 0:
+            return self.raw[:_Parser(self.raw).split(0, ())[0]]
+        return self.raw[:crlf + 1]
+
     def header(self, name: str) -> list[str]:
         """The values of the top-level fields called ``name`` (any case), unfolded
         and RFC 2047-decoded."""

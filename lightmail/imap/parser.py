@@ -6,11 +6,16 @@ RFC 7888) or ``~{n}`` (a binary literal, RFC 3516) is followed by ``n`` raw octe
 then the rest of the command.  :class:`CommandReader` collects those pieces with the
 limits enforced before any octet is buffered; :func:`tokenize` turns them into the
 values described in ``tokens.py``.
+
+Under COMPRESS=DEFLATE (RFC 4978) the input reaches the reader through
+:class:`Inflater`, only as fast as the reader has room for it (:meth:`CommandReader.room`):
+a few kilobytes of deflate can expand to gigabytes.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,9 +48,10 @@ class LineTooLong(Exception):
 class CommandReader:
     """Collects one command's pieces from the connection's input.
 
-    Feed it bytes with :meth:`feed`; it returns what the session must do next:
-    ``("command", parts)`` when a command is complete, ``("continue", None)`` when a
-    synchronising literal needs the ``+`` go-ahead, or nothing while it waits.
+    The session appends its input to :attr:`buffer`; :meth:`next` says what to do
+    next: ``("command", parts)`` when a command is complete, ``("continue", size)``
+    when a synchronising literal needs the ``+`` go-ahead, ``("wait", None)`` until
+    more input comes.
     """
 
     def __init__(self, max_line: int, max_literal: int, max_command: int) -> None:
@@ -62,16 +68,44 @@ class CommandReader:
     def reset(self) -> None:
         self.parts, self.size, self.literal_left = [], 0, 0
 
+    def room(self) -> int:
+        """How many more octets the buffer needs before :meth:`next` or
+        :meth:`take_line` can act: the rest of the literal being read, else one line
+        at its longest (a longer one is refused).  Compressed input is inflated only
+        this far at a time."""
+        want = self.literal_left if self.literal_left else self.max_line + 2
+        return want - len(self.buffer)
+
     def take_line(self) -> Optional[bytes]:
         """A raw line (without CRLF) for SASL responses and IDLE's DONE."""
+        if self._skipping():
+            return None
         end = self.buffer.find(b"\n")
         if end < 0:
             if len(self.buffer) > self.max_line:
-                self.buffer = b""
-                raise LineTooLong()
+                self._refuse_line()
             return None
         line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
         return line.rstrip(b"\r")
+
+    def _skipping(self) -> bool:
+        """Drop the rest of a refused line; True while its end has not come yet."""
+        if not self.skip_line:
+            return False
+        end = self.buffer.find(b"\n")
+        if end < 0:
+            self.buffer = b""
+            return True
+        self.buffer, self.skip_line = self.buffer[end + 1:], False
+        return False
+
+    def _refuse_line(self) -> None:
+        """A line over the limit with no end in sight: drop it up to its end, which
+        is not the start of another command."""
+        self.buffer = b""
+        self.skip_line = True
+        self.reset()
+        raise LineTooLong()
 
     def next(self) -> tuple[str, Any]:
         """Advance with what is buffered: ("command", parts), ("continue", size),
@@ -82,12 +116,8 @@ class CommandReader:
                 self.buffer, self.discard_left = self.buffer[dropped:], self.discard_left - dropped
                 if self.discard_left:
                     return "wait", None
-            if self.skip_line:
-                end = self.buffer.find(b"\n")
-                if end < 0:
-                    self.buffer = b""
-                    return "wait", None
-                self.buffer, self.skip_line = self.buffer[end + 1:], False
+            if self._skipping():
+                return "wait", None
             if self.literal_left:
                 if len(self.buffer) < self.literal_left:
                     return "wait", None
@@ -98,9 +128,7 @@ class CommandReader:
             end = self.buffer.find(b"\n")
             if end < 0:
                 if len(self.buffer) > self.max_line:
-                    self.buffer = b""
-                    self.reset()
-                    raise LineTooLong()
+                    self._refuse_line()
                 return "wait", None
             line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
             line = line.rstrip(b"\r")
@@ -129,6 +157,41 @@ class CommandReader:
             self.literal_left = size
             if sync:
                 return "continue", size
+
+
+class Inflater:
+    """COMPRESS=DEFLATE input: raw DEFLATE (RFC 4978 §3), inflated on demand.
+
+    The compressed octets wait here and :meth:`inflate` hands out at most as many
+    inflated octets as asked for, so the session never holds more of a deflate bomb
+    than its line and literal limits allow (``CommandReader.room``)."""
+
+    STEP = 64 * 1024     # compressed octets given to zlib at a time
+
+    def __init__(self) -> None:
+        self._zlib = zlib.decompressobj(-15)
+        self._input = bytearray()
+        self._tail = b""         # what zlib left unconsumed, to give it again
+
+    def feed(self, data: bytes) -> None:
+        self._input += data
+
+    def inflate(self, limit: int) -> bytes:
+        """Up to ``limit`` inflated octets, b"" when none are ready (or ``limit`` is
+        not positive); zlib.error on corrupt input."""
+        out: list[bytes] = []
+        while limit > 0:      # never 0 here: zlib takes a max_length of 0 as "no limit"
+            if not self._tail and self._input:
+                # zlib copies its unconsumed tail at every call: keep that short.
+                self._tail = bytes(self._input[:self.STEP])
+                del self._input[:self.STEP]
+            chunk = self._zlib.decompress(self._tail, limit)
+            self._tail = self._zlib.unconsumed_tail
+            if not chunk and not self._tail and not self._input:
+                break
+            out.append(chunk)
+            limit -= len(chunk)
+        return b"".join(out)
 
 
 def tag_of(parts: list[bytes]) -> str:

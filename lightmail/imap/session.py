@@ -9,10 +9,11 @@ layers: ``core.py`` (reading, dispatch, output, updates), ``mailboxes.py``
 (authenticated-state commands), ``messages.py`` (selected-state commands) and this
 module (any state, authentication, the factory).
 
-One command runs at a time (later pipelined commands wait in the buffer); each
-handler is a coroutine that writes its untagged responses and returns the tagged
-status.  After each command the session catches up with changes to the selected
-mailbox (``selected.py``) and tells the client before the tagged reply.
+One command runs at a time (later pipelined commands wait in the buffer, under
+COMPRESS still deflated: ``core.SessionCore.take_input``); each handler is a
+coroutine that writes its untagged responses and returns the tagged status.  After
+each command the session catches up with changes to the selected mailbox
+(``selected.py``) and tells the client before the tagged reply.
 
 Extensions: LITERAL+ (RFC 7888), IDLE (2177), UIDPLUS (4315), MOVE (6851), NAMESPACE
 (2342), ID (2971), ENABLE (5161), UNSELECT (3691), SPECIAL-USE and CREATE-SPECIAL-USE
@@ -53,6 +54,7 @@ from lightmail.imap.hub import hub_for
 from lightmail.imap.messages import MessageCommands
 from lightmail.imap.parser import (
     Command,
+    Inflater,
 )
 from lightmail.imap.tokens import (
     astring,
@@ -128,13 +130,11 @@ class IMAPSession(MessageCommands):
         self.flush()
         # RFC 4978 §3: raw DEFLATE (no zlib header) both ways from the next octet.
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-        self.decompressor = zlib.decompressobj(-15)
-        if self.reader.buffer:
-            pending, self.reader.buffer = self.reader.buffer, b""
-            try:
-                self.reader.buffer = self.decompressor.decompress(pending)
-            except zlib.error:
-                self.close_with("* BYE Compression error")
+        self.inflater = Inflater()
+        # What followed the command is compressed already: inflated (or refused
+        # with BYE if corrupt) by take_input() when this command is done.
+        self.inflater.feed(self.reader.buffer)
+        self.reader.buffer = b""
         return None  # type: ignore[return-value]
 
     # -- not authenticated ----------------------------------------------------------
