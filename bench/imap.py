@@ -902,6 +902,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="LightMail's [server] workers (default: one per core, as "
                         "Dovecot's processes use every core; 0: one process)")
+    parser.add_argument("--lightmail-config", default="", metavar="TEXT",
+                        help="more lines for LightMail's config, \\n between lines "
+                        "(e.g. '[storage]\\nsql_threads = 2')")
     parser.add_argument("--json", help="also write the JSON lines to this file")
     args = parser.parse_args()
     if args.messages < 20:
@@ -922,7 +925,9 @@ def main() -> int:
                 {"lmtp": "protocol = lmtp", "imap": "protocol = imap\ntls = none"},
                 extra_config="[directory]\nauth_over_plaintext = yes\n"
                 f"auth_cache_ttl = {args.auth_cache}\n"
-                f"[imap]\nmax_connections_per_user = {LIMIT}\n", workers=args.workers))
+                f"[imap]\nmax_connections_per_user = {LIMIT}\n"
+                + args.lightmail_config.replace("\\n", "\n") + "\n",
+                workers=args.workers))
         if args.only != "lightmail":
             seconds = parse_duration()(args.auth_cache, Path("."))
             cache = ({"auth_cache_size": "10M", "auth_cache_ttl": f"{int(seconds)} secs"}

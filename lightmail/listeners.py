@@ -252,7 +252,7 @@ class ListenerService(Service):
         from twisted.internet import reactor
         endpoint = endpoints.serverFromString(reactor, self.listener.endpoint)
         factory = self.factory
-        if self.listener.tls == "implicit":
+        if self.listener.tls == "implicit" and self.accept:
             factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
         d = endpoint.listen(factory)
         d.addCallback(self._listened)

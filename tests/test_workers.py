@@ -71,20 +71,21 @@ def server(write_config: Any, tmp_path: Path) -> Iterator[ServerProcess]:
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
         "[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
         "[listener:pop3]\nprotocol = pop3\nendpoint = tcp:0:interface=127.0.0.1\n"
-        "max_connections_per_ip = 4\n")
+        "max_connections_per_ip = 4\n"
+        "[listener:lmtp]\nprotocol = lmtp\nendpoint = tcp:0:interface=127.0.0.1\n")
     run_cli(config, "domain", "add", "workers.test")
     for user in (USER, "bob@workers.test"):
         run_cli(config, "user", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
     proc = ServerProcess(config)
     try:
-        proc.ports(expected=3)
+        proc.ports(expected=4)
         yield proc
     finally:
         proc.kill()
 
 
 def ports(server: ServerProcess) -> dict[str, int]:
-    return server.ports(expected=3)
+    return server.ports(expected=4)
 
 
 def spread(open_one: Any, close_one: Any, pids: list[int],
@@ -141,6 +142,14 @@ def test_idle_sessions_in_every_worker_hear_new_mail_and_one_sees_it_recent(
     assert second.noop()[0] == "OK"
     fetched = [r for r in second.untagged_responses.get("FETCH", [])]
     assert any(b"\\Flagged" in r for r in fetched), fetched
+    # LMTP delivers through a worker too; the other sessions hear of it.
+    lmtp = smtplib.LMTP("127.0.0.1", port["lmtp"], timeout=20)
+    assert lmtp.sendmail("someone@elsewhere.test", [USER],
+                         b"Subject: over LMTP\r\n\r\nbody\r\n") == {}
+    lmtp.quit()
+    for imap, owner in sessions:
+        imap.noop()             # with workers, NOOP reads the store: no race
+        assert imap.untagged_responses.get("EXISTS") == [b"2"], (owner, imap.untagged_responses)
     for imap, _ in sessions:
         imap.logout()
 

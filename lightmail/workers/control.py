@@ -12,6 +12,7 @@ import pickle
 from dataclasses import replace
 from typing import Any
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
@@ -90,9 +91,16 @@ class Changed(amp.Command):
     requiresAnswer = False
 
 
-def call(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> Any:
-    """callRemote, for commands with and without an answer alike."""
-    return proto.callRemote(command, **kwargs)
+def ask(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> Deferred[Any]:
+    """callRemote; a connection that is gone fails the Deferred rather than raise."""
+    return maybeDeferred(proto.callRemote, command, **kwargs)
+
+
+def notify(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> None:
+    """Send a notice (a command without an answer), unless the connection is gone:
+    then the other side has let go of everything anyway."""
+    if proto.transport is not None:
+        proto.callRemote(command, **kwargs)
 
 
 class Link(amp.AMP):

@@ -263,8 +263,8 @@ class WorkerPool(Service):
         if local:
             self.hub.mailbox_changed(change)
         for link in list(self.links):
-            if link is not origin and link.transport is not None:
-                link.callRemote(control.Changed, change=data)
+            if link is not origin:
+                control.notify(link, control.Changed, change=data)
 
     # -- stopping ------------------------------------------------------------------
 

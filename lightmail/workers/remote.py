@@ -40,16 +40,16 @@ class WorkerHub(MailboxHub):
         return self._recent(mailbox_id, uidnext, True)
 
     def _recent(self, mailbox_id: int, uidnext: int, claim: bool) -> defer.Deferred[int]:
-        d = self.link.callRemote(control.ClaimRecent, mailbox=mailbox_id, uidnext=uidnext,
+        d = control.ask(self.link, control.ClaimRecent, mailbox=mailbox_id, uidnext=uidnext,
                                  claim=claim)
         return d.addCallback(lambda answer: answer["first"])
 
     def login(self, user_id: int, limit: int) -> defer.Deferred[bool]:
-        d = self.link.callRemote(control.Login, user=user_id, limit=limit)
+        d = control.ask(self.link, control.Login, user=user_id, limit=limit)
         return d.addCallback(lambda answer: answer["ok"])
 
     def logout(self, user_id: int) -> None:
-        self.link.callRemote(control.Logout, user=user_id)
+        control.notify(self.link, control.Logout, user=user_id)
 
 
 @implementer(IChangeListener)
@@ -60,8 +60,7 @@ class ChangePublisher:
         self.link = link
 
     def mailbox_changed(self, change: MailboxChange) -> None:
-        if self.link.transport is not None:
-            self.link.callRemote(control.Changed, change=control.encode_change(change))
+        control.notify(self.link, control.Changed, change=control.encode_change(change))
 
 
 class RemoteLocks(Locks):
@@ -70,11 +69,11 @@ class RemoteLocks(Locks):
         self.link = link
 
     def acquire(self, user_id: int, login_delay: float) -> defer.Deferred[None]:
-        d = self.link.callRemote(control.Lock, user=user_id, login_delay=login_delay)
+        d = control.ask(self.link, control.Lock, user=user_id, login_delay=login_delay)
         return d.addCallback(lambda _: None)
 
     def release(self, user_id: int) -> None:
-        self.link.callRemote(control.Unlock, user=user_id)
+        control.notify(self.link, control.Unlock, user=user_id)
 
 
 class RemoteKick:
@@ -84,7 +83,7 @@ class RemoteKick:
         self.link = link
 
     def kick(self) -> None:
-        self.link.callRemote(control.Kick)
+        control.notify(self.link, control.Kick)
 
 
 class Admission(Protocol):
@@ -108,7 +107,7 @@ class Admission(Protocol):
         if inner.draining:
             self._take_over(inner.refuse(self.addr, "shutting down"))
             return
-        d = self.admitting.link.callRemote(control.Admit, listener=self.admitting.name,
+        d = control.ask(self.admitting.link, control.Admit, listener=self.admitting.name,
                                            host=self.host)
         d.addCallbacks(self._answered, self._failed)
 
@@ -157,10 +156,8 @@ class Admission(Protocol):
     def _release(self) -> None:
         if self.admitted:
             self.admitted = False
-            if self.admitting.link.transport is not None:
-                self.admitting.link.callRemote(control.Release,
-                                               listener=self.admitting.name,
-                                               host=self.host)
+            control.notify(self.admitting.link, control.Release,
+                           listener=self.admitting.name, host=self.host)
 
 
 @implementer(IProtocolFactory)
