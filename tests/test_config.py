@@ -20,7 +20,7 @@ def error_of(text: str, path: str = "/etc/lm.conf", validators=None) -> ConfigEr
 
 def test_empty_file_gives_all_defaults() -> None:
     config = parse_config("", "/etc/lightmail/lightmail.conf")
-    assert config.storage.sql_threads == 8
+    assert config.storage.sql_threads == 0        # chosen by backend (Database)
     assert config.logging.format == "text"
     assert config.listeners == ()
     assert config.database_url == "sqlite:////var/lib/lightmail/lightmail.db"
@@ -56,7 +56,7 @@ def test_bad_value_is_one_line_with_the_reason() -> None:
 
 
 @pytest.mark.parametrize("text, line, needle", [
-    ("[storage]\nsql_threads = 0\n", 2, "must be at least 1"),
+    ("[storage]\nio_threads = 0\n", 2, "must be at least 1"),
     ("[storage]\nsql_threads = 1000\n", 2, "must be at most 64"),
     ("[logging]\nformat = xml\n", 2, "expected one of text, json"),
     ("[storage]\nauto_upgrade = perhaps\n", 2, "expected yes or no"),

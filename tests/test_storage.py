@@ -633,3 +633,11 @@ def test_copies_and_deliveries_are_announced_with_their_messages(stack) -> None:
                                                    flags=frozenset()),)
     assert appended[1].messages == (second,)
     assert all(c.modseq == c.messages[0].modseq for c in appended)
+
+
+def test_sql_threads_default_follows_the_backend(tmp_path) -> None:
+    """[storage] sql_threads = 0: two threads for SQLite, eight for a server."""
+    from lightmail.storage.database import Database
+    assert Database(f"sqlite:///{tmp_path}/x.db").threads == 2
+    assert Database(f"sqlite:///{tmp_path}/y.db", threads=5).threads == 5
+    assert Database("postgresql+psycopg://root@127.0.0.1/test").threads == 8

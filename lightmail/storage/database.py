@@ -167,8 +167,12 @@ class Database:
 
     log = Logger()
 
-    def __init__(self, url: str, threads: int = 8) -> None:
+    def __init__(self, url: str, threads: int = 0) -> None:
         self.url = url
+        backend = check_url(url).get_backend_name()
+        if not threads:         # see [storage] sql_threads
+            threads = 2 if backend == "sqlite" else 8
+        self.threads = threads
         self.engine = create_engine(url, pool_size=threads)
         self.backend = self.engine.dialect.name  # sqlite, postgresql, mysql
         self.pool = WorkerThreads(threads, "lightmail-sql")
