@@ -762,29 +762,26 @@ def proc_kb(pid: int, name: str, field: str) -> int:
     return 0
 
 
-def lightmail_memory(server: LightMail) -> Callable[[], dict]:
-    """VmRSS of the main process and its workers (and their Pss, as for Dovecot)."""
-    assert server.server is not None
-    pgid = server.server.proc.pid
-
+def group_memory(pgid: int) -> Callable[[], dict]:
+    """VmRSS over a server's processes (LightMail's main process and workers, or
+    Dovecot's), which counts shared pages once per process, and Pss, which shares
+    them out."""
     def measure() -> dict:
         pids = group_members(pgid)
         return {"rss_kb": sum(proc_kb(pid, "status", "VmRSS") for pid in pids),
                 "pss_kb": sum(proc_kb(pid, "smaps_rollup", "Pss") for pid in pids),
                 "processes": len(pids)}
     return measure
+
+
+def lightmail_memory(server: LightMail) -> Callable[[], dict]:
+    assert server.server is not None
+    return group_memory(server.server.proc.pid)
 
 
 def dovecot_memory(server: Dovecot) -> Callable[[], dict]:
     assert server.instance.proc is not None
-    pgid = server.instance.proc.pid
-
-    def measure() -> dict:
-        pids = group_members(pgid)
-        return {"rss_kb": sum(proc_kb(pid, "status", "VmRSS") for pid in pids),
-                "pss_kb": sum(proc_kb(pid, "smaps_rollup", "Pss") for pid in pids),
-                "processes": len(pids)}
-    return measure
+    return group_memory(server.instance.proc.pid)
 
 
 def settle(memory: Callable[[], dict]) -> dict:

@@ -256,7 +256,7 @@ def _add_workers(root: LightMailService, services: Services) -> None:
         service.setServiceParent(root)
         listeners.append(service)
     pool = WorkerPool(services, listeners, config.server.workers, storage.ready,
-                      config.server.shutdown_timeout)
+                      config.server.shutdown_timeout, on_failure=root.fatal)
     pool.setServiceParent(root)
     root.workers = pool
 

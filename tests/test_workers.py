@@ -149,7 +149,8 @@ def test_idle_sessions_in_every_worker_hear_new_mail_and_one_sees_it_recent(
     lmtp.quit()
     for imap, owner in sessions:
         imap.noop()             # with workers, NOOP reads the store: no race
-        assert imap.untagged_responses.get("EXISTS") == [b"2"], (owner, imap.untagged_responses)
+        exists = imap.untagged_responses.get("EXISTS", [])
+        assert exists[-1:] == [b"2"], (owner, imap.untagged_responses)
     for imap, _ in sessions:
         imap.logout()
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -23,11 +24,12 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lightmail.imap.hub import MailboxHub
 from lightmail.listeners import ConnectionLimits, ListenerService
 from lightmail.pop3.maildrop import Locks
-from lightmail.storage.interfaces import MailboxChange
+from lightmail.storage.interfaces import IChangeListener, MailboxChange
 from lightmail.workers import control
 
 # A worker that dies is started again after this many seconds (not at once: a worker
@@ -157,6 +159,7 @@ class WorkerProcess(ProcessProtocol):
         self.exited.callback(None)
 
 
+@implementer(IChangeListener)
 class WorkerPool(Service):
     """Runs ``count`` workers for ``listeners`` (their ListenerServices, accept=False)."""
 
@@ -164,7 +167,9 @@ class WorkerPool(Service):
     log = Logger()
 
     def __init__(self, services: Any, listeners: list[ListenerService], count: int,
-                 ready: defer.Deferred[Any], shutdown_timeout: float = 30.0) -> None:
+                 ready: defer.Deferred[Any], shutdown_timeout: float = 30.0,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.on_failure = on_failure
         self.services = services
         self.config = services.config
         self.listeners = listeners
@@ -237,6 +242,14 @@ class WorkerPool(Service):
             del self.processes[index]
             self.transports.pop(index, None)
         if not self.running:
+            return
+        if not self.ready.called:
+            # Never got going (its error is on standard error): starting it again
+            # would fail the same way, every second.
+            self.log.critical("worker {index} could not start: {reason}", index=index,
+                              reason=reason.getErrorMessage())
+            if self.on_failure is not None:
+                self.on_failure(f"worker {index} could not start")
             return
         self.log.error("worker {index} ended: {reason}; starting it again",
                        index=index, reason=reason.getErrorMessage())
