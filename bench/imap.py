@@ -837,7 +837,8 @@ def print_idle(row: dict) -> None:
           f"(KB, logged in / SELECTed INBOX of {row['mailbox']} messages and in IDLE):")
     if "LightMail" in row:
         lm = row["LightMail"]
-        print(f"  LightMail (twistd VmRSS): {lm['login_rss_kb_per_conn']:.1f} / "
+        print("  LightMail (VmRSS, main process and any workers): "
+              f"{lm['login_rss_kb_per_conn']:.1f} / "
               f"{lm['idle_rss_kb_per_conn']:.1f}")
     if "Dovecot" in row:
         dc = row["Dovecot"]
@@ -896,9 +897,9 @@ def main() -> int:
                         "turns both off); Dovecot 2.3 never caches its passwd-file passdb")
     parser.add_argument("--only", choices=["lightmail", "dovecot"],
                         help="run one server alone (no ratio)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="LightMail's [server] workers (default: one per core, as "
-                        "Dovecot's processes use every core; 0: one process)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="LightMail's [server] workers (default 0: one process; "
+                        "docs/benchmarks.rst has runs with 2, one per core)")
     parser.add_argument("--lightmail-config", default="", metavar="TEXT",
                         help="more lines for LightMail's config, \\n between lines "
                         "(e.g. '[storage]\\nsql_threads = 2')")

@@ -390,9 +390,9 @@ def main() -> int:
                        help="messages per run instead of a duration")
     parser.add_argument("--only", choices=["lightmail", "dovecot"],
                         help="run one server alone (no ratio)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="LightMail's [server] workers (default: one per core, as "
-                        "the reference's processes use every core; 0: one process)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="LightMail's [server] workers (default 0: one process; "
+                        "docs/benchmarks.rst has runs with 2, one per core)")
     parser.add_argument("--json", help="also write the JSON lines to this file")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lightmail-bench-lmtp-"))

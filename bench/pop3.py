@@ -23,7 +23,6 @@ as a JSON line at the end (and into ``--json FILE``).
 from __future__ import annotations
 
 import argparse
-import os
 import smtplib
 import subprocess
 import sys
@@ -161,9 +160,9 @@ def main() -> int:
                         "auth_cache_ttl); 0 turns both caches off")
     parser.add_argument("--only", choices=["lightmail", "dovecot"],
                         help="run one server alone (no ratio)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="LightMail's [server] workers (default: one per core, as "
-                        "the reference's processes use every core; 0: one process)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="LightMail's [server] workers (default 0: one process; "
+                        "docs/benchmarks.rst has runs with 2, one per core)")
     parser.add_argument("--json", help="also write the JSON lines to this file")
     args = parser.parse_args()
     users = [user(index) for index in range(max(args.clients))]

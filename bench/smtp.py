@@ -167,9 +167,9 @@ def main() -> int:
                         help="messages per run (default: 500 for 4 KB, 200 for 100 KB)")
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="LightMail's [server] workers (default: one per core, as "
-                        "the reference's processes use every core; 0: one process)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="LightMail's [server] workers (default 0: one process; "
+                        "docs/benchmarks.rst has runs with 2, one per core)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     sessions = [int(x) for x in args.sessions.split(",")]
