@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -202,9 +203,26 @@ def _raw_rows(result: Any) -> list[Any]:
     return rows  # type: ignore[no-any-return]
 
 
+# The statements of STORE, EXPUNGE, COPY and MOVE, built once (building and caching
+# an expression costs more than running it on SQLite).
+_LOCK_BY_ID = sa.select(s.mailboxes).where(
+    s.mailboxes.c.id == sa.bindparam("b_id")).with_for_update()
+_BY_UIDS = sa.select(s.messages).where(
+    (s.messages.c.mailbox_id == sa.bindparam("b_box"))
+    & s.messages.c.uid.in_(sa.bindparam("b_uids", expanding=True))).order_by(
+    s.messages.c.uid)
+_SET_FLAGS = s.messages.update().where(s.messages.c.id == sa.bindparam("b_id")).values(
+    flags=sa.bindparam("b_flags"), modseq=sa.bindparam("b_modseq"))
+_SET_HIGHESTMODSEQ = s.mailboxes.update().where(
+    s.mailboxes.c.id == sa.bindparam("b_id")).values(
+    highestmodseq=sa.bindparam("b_modseq"))
+_DELETE_MESSAGES = s.messages.delete().where(
+    s.messages.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+_INSERT_EXPUNGED = s.expunged.insert()
+
+
 def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
-    row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == mailbox_id)
-                       .with_for_update()).first()
+    row = conn.execute(_LOCK_BY_ID, {"b_id": mailbox_id}).first()
     if row is None:
         raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
     return row
@@ -212,9 +230,7 @@ def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
 
 def _messages_by_uid(conn: Connection, mailbox_id: int, uids: Sequence[int]) -> list[Any]:
     """The rows of the given UIDs, in UID order (the mailbox row is locked already)."""
-    return list(conn.execute(sa.select(s.messages).where(
-        (s.messages.c.mailbox_id == mailbox_id) & s.messages.c.uid.in_(list(uids)))
-        .order_by(s.messages.c.uid)))
+    return list(conn.execute(_BY_UIDS, {"b_box": mailbox_id, "b_uids": list(uids)}))
 
 
 _last_uidvalidity = 0
@@ -497,21 +513,22 @@ class SQLMailStore:
             rows = _messages_by_uid(conn, mailbox_id, uids)
             modseq = box.highestmodseq
             changed = []
+            updates = []
+            given = frozenset(flags)
             for row in rows:
                 old = _flags_set(row.flags)
-                new = (frozenset(flags) if mode == "replace" else
-                       old | frozenset(flags) if mode == "add" else old - frozenset(flags))
+                new = (given if mode == "replace" else
+                       old | given if mode == "add" else old - given)
                 if new == old:
                     continue
                 modseq += 1
                 text = _flags_text(new)
-                conn.execute(s.messages.update().where(s.messages.c.id == row.id).values(
-                    flags=text, modseq=modseq))
+                updates.append({"b_id": row.id, "b_flags": text, "b_modseq": modseq})
                 changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
                                            row.size, row.internal_date, _flag_sets[text]))
             if changed:
-                conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
-                             .values(highestmodseq=modseq))
+                conn.execute(_SET_FLAGS, updates)
+                conn.execute(_SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
             return box.user_id, changed
 
         d = self.db.write(store)
@@ -527,14 +544,11 @@ class SQLMailStore:
             if not rows:
                 return box.user_id, [], box.highestmodseq
             modseq = box.highestmodseq + 1
-            conn.execute(s.messages.delete().where(
-                s.messages.c.id.in_([row.id for row in rows])))
-            conn.execute(s.expunged.insert(), [
+            conn.execute(_DELETE_MESSAGES, {"b_ids": [row.id for row in rows]})
+            conn.execute(_INSERT_EXPUNGED, [
                 {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
-            for row in rows:
-                release_blob_ref(conn, row.blob_id)
-            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
-                         .values(highestmodseq=modseq))
+            release_blob_refs(conn, Counter(row.blob_id for row in rows))
+            conn.execute(_SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
             return box.user_id, [row.uid for row in rows], modseq
 
         d = self.db.write(expunge_)
