@@ -252,3 +252,29 @@ def test_workers_need_a_config_file() -> None:
     from lightmail.service import validate
     with pytest.raises(ConfigError, match="worker processes read the config file"):
         parse_config("[server]\nworkers = 2\n", "<embedded>", validate)
+
+
+def test_a_worker_that_cannot_start_stops_start_up(write_config: Any, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No restart loop: the main process says which worker failed and exits 1."""
+    # A sitecustomize that fails the worker's interpreter only (not twistd's).
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if 'lightmail.workers.worker' in sys.orig_argv:\n"
+        "    raise SystemExit('worker refuses to start (test)')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(broken)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    config = write_config(
+        "[server]\nstate_dir = state\nhostname = mx.workers.test\nworkers = 1\n"
+        "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n")
+    proc = ServerProcess(config)
+    try:
+        proc.wait_for(r"worker 0 could not start")
+        proc.wait_for(r"LightMail cannot run: worker 0 could not start")
+        assert proc.proc.wait(30) == 1
+        assert "worker refuses to start (test)" in proc.output
+        assert "starting it again" not in proc.output
+    finally:
+        proc.kill()
