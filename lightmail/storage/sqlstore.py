@@ -219,6 +219,32 @@ _SET_HIGHESTMODSEQ = s.mailboxes.update().where(
 _DELETE_MESSAGES = s.messages.delete().where(
     s.messages.c.id.in_(sa.bindparam("b_ids", expanding=True)))
 _INSERT_EXPUNGED = s.expunged.insert()
+_BY_NAME = sa.select(s.mailboxes).where(
+    (s.mailboxes.c.user_id == sa.bindparam("b_user"))
+    & (s.mailboxes.c.name == sa.bindparam("b_name")))
+_BY_ID = sa.select(s.mailboxes).where(s.mailboxes.c.id == sa.bindparam("b_id"))
+_MAILBOXES_OF = sa.select(s.mailboxes).where(
+    s.mailboxes.c.user_id == sa.bindparam("b_user")).order_by(s.mailboxes.c.name)
+_EARLIER_DELIVERY = sa.select(s.messages.c.uid, s.messages.c.modseq).where(
+    (s.messages.c.mailbox_id == sa.bindparam("b_box"))
+    & (s.messages.c.delivery_id == sa.bindparam("b_delivery")))
+_COUNTS = sa.select(
+    sa.func.count(),
+    sa.func.coalesce(sa.func.sum(s.messages.c.size), 0),
+    sa.func.coalesce(sa.func.sum(sa.case(
+        (s.messages.c.flags.contains("\\Seen", autoescape=True), 0), else_=1)), 0),
+    sa.func.coalesce(sa.func.sum(sa.case(
+        (s.messages.c.flags.contains("\\Deleted", autoescape=True), 1), else_=0)), 0),
+).where(s.messages.c.mailbox_id == sa.bindparam("b_box"))
+_CHANGED_SINCE = sa.select(s.messages).where(
+    (s.messages.c.mailbox_id == sa.bindparam("b_box"))
+    & (s.messages.c.modseq > sa.bindparam("b_modseq"))).order_by(s.messages.c.uid)
+_EXPUNGED_SINCE = sa.select(s.expunged.c.uid).where(
+    (s.expunged.c.mailbox_id == sa.bindparam("b_box"))
+    & (s.expunged.c.modseq > sa.bindparam("b_modseq"))).order_by(s.expunged.c.uid)
+_USAGE = sa.select(sa.func.coalesce(sa.func.sum(s.messages.c.size), 0)).select_from(
+    s.messages.join(s.mailboxes, s.messages.c.mailbox_id == s.mailboxes.c.id)).where(
+    s.mailboxes.c.user_id == sa.bindparam("b_user"))
 
 
 def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
@@ -306,8 +332,7 @@ class SQLMailStore:
 
     @staticmethod
     def _get_mailbox(conn: Connection, user_id: int, name: str) -> Optional[Mailbox]:
-        row = conn.execute(sa.select(s.mailboxes).where(
-            (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
+        row = conn.execute(_BY_NAME, {"b_user": user_id, "b_name": name}).first()
         return None if row is None else _mailbox(row)
 
     def get_or_create_mailbox(self, user_id: int, name: str) -> Deferred[Mailbox]:
@@ -327,8 +352,7 @@ class SQLMailStore:
 
     def list_mailboxes(self, user_id: int) -> Deferred[list[Mailbox]]:
         def list_(conn: Connection) -> list[Mailbox]:
-            rows = conn.execute(sa.select(s.mailboxes).where(
-                s.mailboxes.c.user_id == user_id).order_by(s.mailboxes.c.name))
+            rows = conn.execute(_MAILBOXES_OF, {"b_user": user_id})
             return [_mailbox(row) for row in rows]
         return self.db.read(list_)
 
@@ -359,9 +383,8 @@ class SQLMailStore:
         """
         box = locked if locked is not None else _lock_mailbox(conn, mailbox_id)
         if delivery_id is not None:
-            earlier = conn.execute(sa.select(s.messages.c.uid, s.messages.c.modseq).where(
-                (s.messages.c.mailbox_id == mailbox_id)
-                & (s.messages.c.delivery_id == delivery_id))).first()
+            earlier = conn.execute(_EARLIER_DELIVERY, {"b_box": mailbox_id,
+                                                       "b_delivery": delivery_id}).first()
             if earlier is not None:
                 return box.user_id, Appended(mailbox_id, box.uidvalidity, earlier.uid,
                                              earlier.modseq, duplicate=True)
@@ -621,35 +644,22 @@ class SQLMailStore:
 
     def status(self, mailbox_id: int) -> Deferred[MailboxStatus]:
         def status_(conn: Connection) -> MailboxStatus:
-            row = conn.execute(sa.select(s.mailboxes).where(
-                s.mailboxes.c.id == mailbox_id)).first()
+            row = conn.execute(_BY_ID, {"b_id": mailbox_id}).first()
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
-            m = s.messages.c
-            counts = conn.execute(sa.select(
-                sa.func.count(),
-                sa.func.coalesce(sa.func.sum(m.size), 0),
-                sa.func.coalesce(sa.func.sum(sa.case(
-                    (m.flags.contains("\\Seen", autoescape=True), 0), else_=1)), 0),
-                sa.func.coalesce(sa.func.sum(sa.case(
-                    (m.flags.contains("\\Deleted", autoescape=True), 1), else_=0)), 0),
-            ).where(m.mailbox_id == mailbox_id)).one()
+            counts = conn.execute(_COUNTS, {"b_box": mailbox_id}).one()
             return MailboxStatus(_mailbox(row), int(counts[0]), int(counts[2]),
                                  int(counts[3]), int(counts[1]))
         return self.db.read(status_)
 
     def changes_since(self, mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
         def changes(conn: Connection) -> MailboxChanges:
-            row = conn.execute(sa.select(s.mailboxes).where(
-                s.mailboxes.c.id == mailbox_id)).first()
+            row = conn.execute(_BY_ID, {"b_id": mailbox_id}).first()
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
-            changed = [_message(r) for r in conn.execute(sa.select(s.messages).where(
-                (s.messages.c.mailbox_id == mailbox_id) & (s.messages.c.modseq > modseq))
-                .order_by(s.messages.c.uid))]
-            gone = [r.uid for r in conn.execute(sa.select(s.expunged.c.uid).where(
-                (s.expunged.c.mailbox_id == mailbox_id) & (s.expunged.c.modseq > modseq))
-                .order_by(s.expunged.c.uid))]
+            params = {"b_box": mailbox_id, "b_modseq": modseq}
+            changed = [_message(r) for r in conn.execute(_CHANGED_SINCE, params)]
+            gone = [r.uid for r in conn.execute(_EXPUNGED_SINCE, params)]
             return MailboxChanges(_mailbox(row), changed, gone)
         return self.db.read(changes)
 
@@ -713,11 +723,7 @@ class SQLMailStore:
     def usage_now(conn: Connection, user_id: int) -> int:
         """Octets in all of a user's mailboxes (what a quota counts, as RFC 9208's
         STORAGE resource does: the size of each message, shared blobs or not)."""
-        return int(conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(s.messages.c.size), 0))
-            .select_from(s.messages.join(s.mailboxes,
-                                         s.messages.c.mailbox_id == s.mailboxes.c.id))
-            .where(s.mailboxes.c.user_id == user_id)).scalar_one())
+        return int(conn.execute(_USAGE, {"b_user": user_id}).scalar_one())
 
     # -- garbage collection ---------------------------------------------------------
 
