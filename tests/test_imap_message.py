@@ -1043,3 +1043,16 @@ def test_header_block_answers_header_items_like_the_whole_message(raw: bytes) ->
     for name in ("From", "To", "Subject", "Date", "X-None"):
         assert head.header(name) == whole.header(name)
     assert head.date() == whole.date()
+
+
+def test_header_cache_keeps_the_most_recently_used_blobs_up_to_its_size() -> None:
+    from lightmail.imap.headcache import HeaderCache
+    cache = HeaderCache(size=2)
+    first, second, third = (ParsedMessage(b"Subject: %d\r\n\r\n" % n) for n in range(3))
+    assert cache.put("a", first) is first
+    cache.put("b", second)
+    assert cache.get("a") is first          # now the most recent
+    cache.put("c", third)                   # evicts "b", the least recent
+    assert cache.get("b") is None
+    assert cache.get("a") is first and cache.get("c") is third
+    assert len(cache.entries) == 2

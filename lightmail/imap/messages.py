@@ -23,6 +23,7 @@ from lightmail.imap.core import (
     ok,
     parse_number,
 )
+from lightmail.imap.headcache import HEADERS
 from lightmail.imap.mailboxes import MailboxCommands
 from lightmail.imap.message import ParsedMessage
 from lightmail.imap.parser import (
@@ -241,7 +242,7 @@ class MessageCommands(MailboxCommands):
             return ok(f"{cmd.name} completed")
         # Header items only: the header blocks kept in SQL, HEADERS_BATCH a query.
         header_only = content and fetching.header_only(items)
-        heads: dict[int, bytes] = {}
+        heads: dict[int, ParsedMessage] = {}
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         count = 0
@@ -251,16 +252,13 @@ class MessageCommands(MailboxCommands):
                 if self.closing or self.selected is not selected:
                     break
                 if header_only and index % HEADERS_BATCH == 0:
-                    heads = await self.store.headers_for(
-                        selected.id, uids[index:index + HEADERS_BATCH])
+                    heads = await self._headers(selected, uids[index:index + HEADERS_BATCH])
                 if message_uid in selected.gone:
                     continue     # expunged meanwhile; not told yet (RFC 9051 §7.5.1)
                 info = selected.info[message_uid]
                 parsed = None
                 if header_only:
-                    head = heads.get(message_uid)
-                    parsed = ParsedMessage(head if head is not None else
-                                           await self.store.blobs.read(info.blob_id))
+                    parsed = heads[message_uid]
                 elif content:
                     raw = await ahead.read(index)
                     parsed = ParsedMessage(raw)
@@ -488,7 +486,7 @@ class MessageCommands(MailboxCommands):
         content_needed = searching.needs_content(key)
         # Header keys only: the header blocks kept in SQL, HEADERS_BATCH a query.
         header_only = content_needed and not searching.needs_body(key)
-        heads: dict[int, bytes] = {}
+        heads: dict[int, ParsedMessage] = {}
         found = []
         parsed: dict[int, ParsedMessage] = {}
         if searching.flags_only(key):
@@ -512,8 +510,8 @@ class MessageCommands(MailboxCommands):
         ahead = _ReadAhead(self.store, selected, selected.uids)
         for number, message_uid in enumerate(selected.uids, 1):
             if header_only and (number - 1) % HEADERS_BATCH == 0:
-                heads = await self.store.headers_for(
-                    selected.id, selected.uids[number - 1:number - 1 + HEADERS_BATCH])
+                heads = await self._headers(
+                    selected, selected.uids[number - 1:number - 1 + HEADERS_BATCH])
             if message_uid in selected.gone:
                 continue
             info = selected.info[message_uid]
@@ -521,9 +519,7 @@ class MessageCommands(MailboxCommands):
                                          info.internal_date, info.size, info.modseq)
             content = None
             if header_only:
-                head = heads.get(message_uid)
-                content = ParsedMessage(head if head is not None else
-                                        await self.store.blobs.read(info.blob_id))
+                content = heads[message_uid]
             elif content_needed:
                 try:
                     content = ParsedMessage(await ahead.read(number - 1))
@@ -633,12 +629,27 @@ class MessageCommands(MailboxCommands):
         # SORT and THREAD read header fields only: the header blocks kept in SQL.
         missing = [view.uid for view in found if view.uid not in parsed]
         for start in range(0, len(missing), HEADERS_BATCH):
-            batch = missing[start:start + HEADERS_BATCH]
-            heads = await self.store.headers_for(selected.id, batch)
-            for message_uid in batch:
-                head = heads.get(message_uid)
-                if head is None:
-                    info = selected.info[message_uid]
-                    head = await self.store.blobs.read(info.blob_id)
-                parsed[message_uid] = ParsedMessage(head)
+            parsed.update(await self._headers(selected, missing[start:start + HEADERS_BATCH]))
         return found, key, parsed
+
+    async def _headers(self, selected: SelectedMailbox,
+                       uids: list[int]) -> dict[int, ParsedMessage]:
+        """The parsed header blocks of ``uids``: from the process's cache, else from
+        the store's SQL copies (one query), else (no copy yet) from the blobs."""
+        found: dict[int, ParsedMessage] = {}
+        missing = []
+        for message_uid in uids:
+            cached = HEADERS.get(selected.info[message_uid].blob_id)
+            if cached is not None:
+                found[message_uid] = cached
+            else:
+                missing.append(message_uid)
+        if missing:
+            heads = await self.store.headers_for(selected.id, missing)
+            for message_uid in missing:
+                blob_id = selected.info[message_uid].blob_id
+                head = heads.get(message_uid)
+                found[message_uid] = (HEADERS.put(blob_id, ParsedMessage(head))
+                                      if head is not None else
+                                      ParsedMessage(await self.store.blobs.read(blob_id)))
+        return found
