@@ -18,6 +18,7 @@ import smtplib
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,25 +89,50 @@ def ports(server: ServerProcess) -> dict[str, int]:
     return server.ports(expected=4)
 
 
-def spread(open_one: Any, close_one: Any, pids: list[int],
-           count: int) -> list[tuple[Any, int]]:
-    """``count`` connections held by both workers (with their owners' pids)."""
+def spread(connect: Any, close: Any, pids: list[int], count: int,
+           burst: int = 0) -> list[tuple[Any, int]]:
+    """``count`` connections held by both workers (with their owners' pids).
+
+    Connections opened one after another tend to land in the same worker (the one
+    that wins the race to accept); a burst of ``burst`` (default twice ``count``)
+    opened at once lands in both.  ``connect`` returns (connection, socket), or None
+    when the server refused it (over a limit)."""
+    burst = burst or 2 * count
     for _ in range(20):
-        opened = []
-        for _ in range(count):
-            conn, sock = open_one()
-            opened.append((conn, socket_owner(pids, sock)))
-        if {owner for _, owner in opened} == set(pids):
-            return opened
-        for conn, _ in opened:
-            close_one(conn)
-    raise AssertionError(f"20 times {count} connections all went to one worker")
+        with ThreadPoolExecutor(burst) as pool:
+            opened = [c for c in pool.map(lambda _: connect(), range(burst)) if c]
+        owned = [(conn, socket_owner(pids, sock)) for conn, sock in opened]
+        chosen: list[tuple[Any, int]] = []
+        for pid in pids:                 # one of each worker first, then any
+            chosen += [pair for pair in owned if pair[1] == pid][:1]
+        chosen += [pair for pair in owned if pair not in chosen][:count - len(chosen)]
+        for pair in owned:
+            if pair not in chosen:
+                close(pair[0])
+        if {owner for _, owner in chosen} == set(pids) and len(chosen) == count:
+            return chosen
+        for conn, _ in chosen:
+            close(conn)
+    raise AssertionError(f"20 bursts of {burst} connections did not reach both workers")
+
+
+def imap_connection(port: int) -> tuple[imaplib.IMAP4, socket.socket]:
+    imap = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+    return imap, imap.sock
+
+
+def imap_sessions(port: int, pids: list[int], count: int) -> list[tuple[Any, int]]:
+    """``count`` logged-in IMAP sessions held by both workers."""
+    sessions = spread(lambda: imap_connection(port), imaplib.IMAP4.shutdown, pids, count)
+    for imap, _ in sessions:
+        imap.login(USER, PASSWORD)
+    return sessions
 
 
 def imap_session(port: int) -> tuple[imaplib.IMAP4, socket.socket]:
-    imap = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+    imap, sock = imap_connection(port)
     imap.login(USER, PASSWORD)
-    return imap, imap.sock
+    return imap, sock
 
 
 def send(port: int, subject: str) -> None:
@@ -119,7 +145,7 @@ def test_idle_sessions_in_every_worker_hear_new_mail_and_one_sees_it_recent(
         server: ServerProcess) -> None:
     pids = worker_pids(server)
     port = ports(server)
-    sessions = spread(lambda: imap_session(port["imap"]), imaplib.IMAP4.logout, pids, 4)
+    sessions = imap_sessions(port["imap"], pids, 4)
     for imap, _ in sessions:
         imap.select("INBOX")
         tag = imap._new_tag().decode()
@@ -160,7 +186,7 @@ def test_the_per_user_imap_limit_counts_sessions_of_all_workers(
     pids = worker_pids(server)
     port = ports(server)
     # Six sessions (the limit), held by both workers.
-    sessions = spread(lambda: imap_session(port["imap"]), imaplib.IMAP4.logout, pids, 6)
+    sessions = imap_sessions(port["imap"], pids, 6)
     extra = imaplib.IMAP4("127.0.0.1", port["imap"], timeout=20)
     with pytest.raises(imaplib.IMAP4.error, match=r"\[LIMIT\]"):
         extra.login(USER, PASSWORD)
@@ -180,8 +206,11 @@ def test_the_per_user_imap_limit_counts_sessions_of_all_workers(
         imap.logout()
 
 
-def pop3_connection(port: int) -> tuple[poplib.POP3, socket.socket]:
-    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+def pop3_connection(port: int) -> tuple[poplib.POP3, socket.socket] | None:
+    try:
+        pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    except poplib.error_proto:        # refused: over the connection limit
+        return None
     return pop, pop.sock
 
 
@@ -190,7 +219,8 @@ def test_connection_limits_and_the_maildrop_lock_hold_across_workers(
     pids = worker_pids(server)
     port = ports(server)
     # Four connections (max_connections_per_ip), held by both workers.
-    conns = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 4)
+    conns = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 4,
+                   burst=4)
     refused = socket.create_connection(("127.0.0.1", port["pop3"]), timeout=20)
     assert refused.recv(200).startswith(b"-ERR")
     refused.close()
@@ -210,7 +240,8 @@ def test_a_killed_worker_is_restarted_and_what_it_held_is_released(
         server: ServerProcess) -> None:
     pids = worker_pids(server)
     port = ports(server)
-    conns = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 2)
+    conns = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 2,
+                   burst=4)
     victim_pop, victim = conns[0]
     victim_pop.user(USER)
     victim_pop.pass_(PASSWORD)            # holds the maildrop lock in the victim
@@ -222,7 +253,11 @@ def test_a_killed_worker_is_restarted_and_what_it_held_is_released(
     # connections (the limit) and a login as the same user all work.
     for pop, _ in conns[1:]:
         pop.quit()
-    fresh = [pop3_connection(port["pop3"])[0] for _ in range(4)]
+    fresh = []
+    for _ in range(4):
+        opened = pop3_connection(port["pop3"])
+        assert opened is not None, "refused: the dead worker's connections still count"
+        fresh.append(opened[0])
     fresh[0].user(USER)
     assert fresh[0].pass_(PASSWORD).startswith(b"+OK")
     for pop in fresh:
