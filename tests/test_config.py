@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,16 @@ def test_transport_sections() -> None:
         ("dovecot.test", "[::1]:24", "lmtp", "may")]
     with pytest.raises(ConfigError, match=r"x.conf:2: \[transport:d\] relay: protocol = lmtp"):
         parse_config("[transport:d]\nprotocol = lmtp\n", "x.conf")
+
+
+def test_the_readme_config_error_example_is_what_lightmail_says() -> None:
+    """README.rst shows the error for ``sql_threads = lots`` in the demo config."""
+    readme = (REPO / "README.rst").read_text()
+    shown = re.search(r"^    (etc/lightmail\.conf:\d+: \[storage\] sql_threads: .*)$",
+                      readme, re.M)
+    assert shown is not None
+    demo = (REPO / "etc" / "lightmail.conf").read_text()
+    bad = re.sub(r"^sql_threads = .*$", "sql_threads = lots", demo, flags=re.M)
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, "etc/lightmail.conf")
+    assert str(info.value) == shown.group(1)

@@ -59,9 +59,6 @@ class WorkerThreads:
         there (with a Failure when it raised), as ThreadPool does."""
         self._jobs.put((onResult, func, args, kwargs))
 
-    def callInThread(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.callInThreadWithCallback(None, func, *args, **kwargs)
-
     def _work(self) -> None:
         jobs = self._jobs
         while True:
