@@ -396,3 +396,74 @@ def test_concurrent_imap_session_sees_pop3_deletions_as_expunges(tmp_path: Path)
     assert out["expunged_after_quit"] == [b"1", b"2"], out
     assert out["uids_during"] == [b"1 2 3"]
     assert out["uids_after"] == [b"2"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_messages_are_read_ahead_in_runs_and_sent_whole(tmp_path: Path) -> None:
+    from lightmail.pop3.maildrop import READ_AHEAD
+
+    server = yield start_pop3(tmp_path, "[directory]\nauth_over_plaintext = yes\n",
+                              count=40)
+    parts = server.parts
+    big = yield parts.blobs.put(message(40, ("y" * 98 + "\r\n") * (READ_AHEAD // 90)))
+    yield parts.mailstore.append(server.inbox_id, big)          # message 41: streamed
+    reads: list[int] = []
+    ranges: list[int] = []
+    read_many, read_range = parts.blobs.read_many, parts.blobs.read_range
+
+    def counted_many(ids: Any) -> Any:
+        reads.append(len(ids))
+        return read_many(ids)
+
+    def counted_range(blob_id: str, offset: int, length: int) -> Any:
+        ranges.append(length)
+        return read_range(blob_id, offset, length)
+    parts.blobs.read_many, parts.blobs.read_range = counted_many, counted_range
+    try:
+        port = server.ports["pop3-plain"]
+
+        def run() -> dict[str, Any]:
+            client = login_when_unlocked(port)
+            # Pipelined, as fetchmail does: every answer must come, in order, whole.
+            client.send("".join(f"RETR {n}\r\n" for n in range(1, 41)))
+            bodies = [read_multiline(client) for _ in range(40)]
+            client.send("DELE 3\r\nRETR 3\r\nTOP 2 1\r\nRETR 41\r\nQUIT\r\n")
+            dele, retr3 = client.reply()[0], client.reply()[0]
+            top = read_multiline(client)
+            retr41 = read_multiline(client)
+            quit = client.reply()[0]
+            client.close()
+            return {"bodies": bodies, "dele": dele, "retr3": retr3, "top": top,
+                    "retr41": retr41, "quit": quit}
+        out = yield in_thread(run)
+    finally:
+        parts.blobs.read_many, parts.blobs.read_range = read_many, read_range
+        yield server.root.stopService()
+    for number, body in enumerate(out["bodies"]):
+        content = message(number)
+        assert body == (f"+OK {len(content)} octets\r\n".encode()
+                        + content.replace(b"\n.", b"\n..") + b".\r\n")
+    # 40 small messages in one read (they fit in READ_AHEAD); TOP 2 reads again (what
+    # was read ahead went with each RETR), with 4 to 40 but the deleted 3, and not the
+    # big one, which streams in ranges.
+    assert reads == [40, 38], reads
+    assert ranges and sum(ranges) == big.size
+    assert out["dele"].startswith("+OK") and out["retr3"].startswith("-ERR")
+    assert out["top"] == (f"+OK {len(message(1))} octets\r\n".encode()
+                          + b"From: sender@example.org\r\nTo: bob@example.test\r\n"
+                            b"Subject: pop-1\r\n\r\nLine one of 1\r\n.\r\n")
+    assert out["retr41"].startswith(f"+OK {big.size} octets\r\n".encode())
+    assert len(out["retr41"]) > READ_AHEAD
+    assert out["quit"].startswith("+OK")
+
+
+def read_multiline(client: Raw) -> bytes:
+    """One multi-line POP3 answer, status line to terminator, as sent."""
+    received = client.file.readline()
+    if not received.startswith(b"+OK"):
+        return received
+    while not received.endswith(b"\r\n.\r\n"):
+        line = client.file.readline()
+        assert line, "connection closed mid-answer"
+        received += line
+    return received

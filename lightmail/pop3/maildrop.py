@@ -18,8 +18,21 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
-from lightmail.storage.interfaces import IBlobStore, IMailStore, Mailbox, MessageInfo
+from lightmail.storage.interfaces import (
+    BlobMissing,
+    IBlobStore,
+    IMailStore,
+    Mailbox,
+    MessageInfo,
+)
 from lightmail.streams import blob_chunks
+
+# Messages up to this size are sent whole, and read ahead in runs of at most this many
+# octets: a client that downloads the maildrop in order (fetchmail, getmail, any
+# "leave on server" client) then costs one thread hop per run of messages instead of
+# one per message, and each RETR is answered with one write.  Larger messages stream
+# in chunks with flow control.  What a session holds read ahead is at most this much.
+READ_AHEAD = 128 * 1024
 
 
 class MaildropLocked(Exception):
@@ -71,6 +84,7 @@ class Maildrop:
         self.locks = locks
         self.deleted: set[int] = set()        # message numbers, 1-based
         self.closed = False
+        self._ahead: dict[int, bytes] = {}    # message number -> content read ahead
 
     @classmethod
     @defer.inlineCallbacks
@@ -107,6 +121,7 @@ class Maildrop:
 
     def delete(self, number: int) -> None:
         self.deleted.add(number)
+        self._ahead.pop(number, None)
 
     def reset(self) -> None:
         self.deleted.clear()
@@ -114,6 +129,43 @@ class Maildrop:
     def content(self, message: MessageInfo) -> AsyncIterator[bytes]:
         """The message in chunks, read off the reactor thread one at a time."""
         return blob_chunks(self.blobs, message.blob_id, message.size)
+
+    @staticmethod
+    def is_small(message: MessageInfo) -> bool:
+        """Whether the message is sent whole (see READ_AHEAD) rather than streamed."""
+        return message.size <= READ_AHEAD
+
+    def read_now(self, number: int) -> Optional[bytes]:
+        """Message ``number``'s content if it was read ahead (once), else None."""
+        return self._ahead.pop(number, None)
+
+    def read(self, number: int) -> defer.Deferred[bytes]:
+        """Message ``number``'s whole content (a small message), read off the reactor
+        thread together with the small messages after it, up to READ_AHEAD octets in
+        all, which :meth:`read_now` then hands out without a thread hop."""
+        run: list[int] = []
+        total = 0
+        for following in range(number, len(self.messages) + 1):
+            if following in self.deleted:
+                continue
+            size = self.messages[following - 1].size
+            if run and total + size > READ_AHEAD:
+                break
+            run.append(following)
+            total += size
+        self._ahead.clear()       # what was read ahead and skipped goes: bounded memory
+        d = self.blobs.read_many([self.messages[n - 1].blob_id for n in run])
+
+        def got(contents: list[bytes | BlobMissing]) -> bytes:
+            if not self.closed:
+                for following, content in zip(run[1:], contents[1:], strict=True):
+                    if not isinstance(content, BlobMissing):
+                        self._ahead[following] = content
+            first = contents[0]
+            if isinstance(first, BlobMissing):
+                raise first
+            return first
+        return d.addCallback(got)
 
     # -- the end of the session -----------------------------------------------------
 
@@ -131,4 +183,5 @@ class Maildrop:
         """Release the lock; without commit(), nothing is deleted."""
         if not self.closed:
             self.closed = True
+            self._ahead.clear()
             self.locks.release(self.mailbox.user_id)

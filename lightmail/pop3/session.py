@@ -30,7 +30,7 @@ from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
-from lightmail.streams import DotStuffer, PushProducer
+from lightmail.streams import DotStuffer, PushProducer, dot_stuffed
 
 AUTHORIZATION, TRANSACTION = "authorization", "transaction"
 
@@ -405,7 +405,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         found = self._message(arg)
         if found is None:
             return None
-        return defer.ensureDeferred(self._send(found[1], None))
+        return self._retrieve(*found, None)
 
     def pop3_TOP(self, arg: str) -> Any:
         parts = arg.split()
@@ -415,9 +415,30 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         found = self._message(parts[0])
         if found is None:
             return None
-        return defer.ensureDeferred(self._send(found[1], int(parts[1])))
+        return self._retrieve(*found, int(parts[1]))
 
-    async def _send(self, message: MessageInfo, body_lines: Optional[int]) -> None:
+    def _retrieve(self, number: int, message: MessageInfo,
+                  body_lines: Optional[int]) -> Optional[defer.Deferred[None]]:
+        """RETR or TOP: a small message whole, in one write (at once when it was read
+        ahead: no Deferred, so pipelined commands go on in the same loop), a large
+        one streamed."""
+        assert self.maildrop is not None
+        if not self.maildrop.is_small(message):
+            return defer.ensureDeferred(self._stream(message, body_lines))
+        content = self.maildrop.read_now(number)
+        if content is not None:
+            self._send_whole(message, content, body_lines)
+            return None
+        return self.maildrop.read(number).addCallback(
+            lambda content: self._send_whole(message, content, body_lines))
+
+    def _send_whole(self, message: MessageInfo, content: bytes,
+                    body_lines: Optional[int]) -> None:
+        if body_lines is not None:
+            content = _TopCut(body_lines).take(content)
+        self.write(f"+OK {message.size} octets\r\n".encode() + dot_stuffed(content))
+
+    async def _stream(self, message: MessageInfo, body_lines: Optional[int]) -> None:
         """RETR (all of it) or TOP (headers and ``body_lines`` lines), dot-stuffed,
         streamed chunk by chunk as the client takes it."""
         assert self.maildrop is not None and self.transport is not None
