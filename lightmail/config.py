@@ -361,6 +361,14 @@ class StorageConfig:
     io_threads: int = option(
         4, parse_int(1, 64),
         "Size of the thread pool for blob file writes, fsyncs and reads.")
+    blob_sync: str = option(
+        "auto", parse_choice("auto", "fsync"),
+        "How blobs are made durable.  auto: the blobs of one grouped SQL transaction "
+        "(message acceptance, LMTP) are flushed together with two syncfs calls where "
+        "the kernel reports write-back errors through syncfs (Linux 5.8 and later), "
+        "each blob alone with fsync elsewhere.  fsync: always each blob alone; "
+        "choose it when the blob directory shares a filesystem with heavy unrelated "
+        "writes, which a syncfs would wait for too.")
     blob_gc_grace: float = option(
         3600.0, parse_duration(minimum=0.0),
         "Unreferenced blobs and stray temporary files younger than this are kept "

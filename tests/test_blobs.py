@@ -605,3 +605,93 @@ def test_writer_sees_the_header_block_across_writes(store: FilesystemBlobStore) 
     one, missing, two = yield store.read_many([refs[0].id, gone, refs[1].id])
     assert (one, two) == (b"one", b"two") and isinstance(missing, BlobMissing)
     assert store.read_now(refs[1].id, 2) == b"tw"
+
+
+# -- group commit of pending blobs (syncfs) ---------------------------------------------
+
+def _pendings(s: FilesystemBlobStore, contents: list[bytes]) -> list[blobs.PendingBlob]:
+    out = []
+    for data in contents:
+        writer = s.writer()
+        writer.write(data)
+        pending = writer.finish_pending()
+        assert pending is not None
+        out.append(pending)
+    return out
+
+
+def _count_syncfs(s: FilesystemBlobStore, monkeypatch: pytest.MonkeyPatch,
+                  fail: int = 0) -> list[int]:
+    """Record the store's syncfs calls (each still syncs); the call numbered ``fail``
+    (1-based) fails with EIO instead."""
+    real = blobs._SYNCFS
+    assert real is not None, "this kernel has no syncfs that reports errors"
+    calls: list[int] = []
+
+    def syncfs(fd: int) -> int:
+        calls.append(fd)
+        if len(calls) == fail:
+            import ctypes
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return real(fd)
+    monkeypatch.setattr(s, "_syncfs", syncfs)
+    return calls
+
+
+def test_pending_blobs_of_a_group_are_made_durable_with_two_syncfs(
+        manual: tuple[FilesystemBlobStore, ManualPool],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s, _ = manual
+    calls = _count_syncfs(s, monkeypatch)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    contents = [f"Subject: {n}\r\n\r\nbody {n}".encode() for n in range(5)]
+    contents.append(contents[0])                    # the same content twice
+    pendings = _pendings(s, contents)
+    discarded = _pendings(s, [b"never committed"])[0]
+    discarded.discard()
+    assert all(p.batched for p in pendings) and pendings[0].together == \
+        s.commit_pending_many
+    results = s.commit_pending_many([*pendings[:3], discarded, *pendings[3:]])
+    assert [r is None for r in results] == [True, True, True, False, True, True, True]
+    assert isinstance(results[3], BlobMissing)
+    assert len(calls) == 2 and fsyncs == []         # two flushes, no fsync at all
+    for data in contents:
+        assert s.path(sha(data)).read_bytes() == data
+    assert files_under(s.tmp) == []
+    assert len(files_under(s.objects)) == 5
+    # The fan-out directories made on the way are known durable afterwards.
+    assert os.path.dirname(s._path_str(sha(contents[1]))) in s._durable_dirs
+
+
+def test_a_failed_syncfs_fails_the_whole_group_and_leaves_no_tmp_file(
+        manual: tuple[FilesystemBlobStore, ManualPool],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s, _ = manual
+    for fail in (1, 2):                             # before and after the renames
+        _count_syncfs(s, monkeypatch, fail=fail)
+        contents = [f"fail {fail} message {n}".encode() for n in range(3)]
+        results = s.commit_pending_many(_pendings(s, contents))
+        assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
+        assert files_under(s.tmp) == []
+        if fail == 1:                               # nothing was renamed yet
+            assert not any(s.path(sha(data)).exists() for data in contents)
+
+
+def test_blob_sync_fsync_commits_each_blob_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = FilesystemBlobStore(tmp_path / "blobs", ManualPool(),  # type: ignore[arg-type]
+                            ImmediateReactor(), sync="fsync")  # type: ignore[arg-type]
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    pendings = _pendings(s, [b"one", b"two"])
+    assert not pendings[0].batched
+    assert s.commit_pending_many(pendings) == [None, None]
+    assert len(fsyncs) >= 4                         # each file and its directory
+    assert s.path(sha(b"two")).read_bytes() == b"two"
+    with pytest.raises(ValueError):
+        FilesystemBlobStore(tmp_path / "other", ManualPool(),  # type: ignore[arg-type]
+                            ImmediateReactor(), sync="never")  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from twisted.internet import defer
 
 from lightmail.storage import schema as s
 from lightmail.storage.interfaces import (
+    BlobMissing,
     Envelope,
     MailboxExists,
     NoSuchMailbox,
@@ -641,3 +642,40 @@ def test_sql_threads_default_follows_the_backend(tmp_path) -> None:
     assert Database(f"sqlite:///{tmp_path}/x.db").threads == 2
     assert Database(f"sqlite:///{tmp_path}/y.db", threads=5).threads == 5
     assert Database("postgresql+psycopg://root@127.0.0.1/test").threads == 8
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_makes_its_pending_blobs_durable_together(stack, monkeypatch) -> None:
+    """PendingBlobs as ``before``: one ``commit_pending_many`` for the group (two syncfs
+    calls), and a blob that cannot be committed leaves out only its own request."""
+    from lightmail.storage import blobs as blob_module
+    real = blob_module._SYNCFS
+    assert real is not None, "this kernel has no syncfs that reports errors"
+    calls: list[int] = []
+    monkeypatch.setattr(stack.blobs, "_syncfs", lambda fd: (calls.append(fd), real(fd))[1])
+
+    def pending(data: bytes):
+        writer = stack.blobs.writer()
+        writer.write(data)
+        return writer.finish_pending()
+
+    def add(conn, name: str) -> str:
+        conn.execute(s.domains.insert().values(name=name, created=0))
+        return name
+    # The first requests run a group each at once (as many as may run at a time);
+    # the next ones wait and then go together.
+    firsts = [stack.db.write_grouped(add, f"first{n}.test")
+              for n in range(stack.db._max_groups)]
+    pendings = [pending(f"message {n}".encode()) for n in range(4)]
+    pendings[2].discard()
+    results = yield defer.DeferredList(
+        [stack.db.write_grouped_after(p, add, f"p{n}.test") for n, p in enumerate(pendings)],
+        consumeErrors=True)
+    yield defer.gatherResults(firsts)
+    assert [ok for ok, _ in results] == [True, True, False, True]
+    assert results[2][1].check(BlobMissing)
+    assert len(calls) == 2
+    for n in (0, 1, 3):
+        assert stack.blobs.path(pendings[n].ref.id).read_bytes() == f"message {n}".encode()
+    names = set((yield stack.directory.list_domains()))
+    assert {"p0.test", "p1.test", "p3.test"} <= names and "p2.test" not in names

@@ -88,8 +88,8 @@ class LMTPHandler(SMTPHandler):
         agent = self.services.local_delivery
         before = None
         if pending is not None:
-            if len(tx.accepted) == 1 and getattr(agent, "can_file_after", _no)():
-                before = pending.commit_now
+            if len(tx.accepted) == 1 and getattr(agent, "can_file_after", _no)(pending):
+                before = pending
             else:
                 yield pending.commit()
         # The delivery ids are new (the queue id is made for this message): no

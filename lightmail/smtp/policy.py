@@ -137,8 +137,8 @@ class SMTPHandler:
             # queued it (as LMTP does); the 250 then means filed.
             addresses = [rcpt.address for rcpt in envelope.recipients]
             before = None
-            if pending is not None and getattr(agent, "can_file_after", _no)():
-                before, pending = pending.commit_now, None
+            if pending is not None and getattr(agent, "can_file_after", _no)(pending):
+                before, pending = pending, None
             elif pending is not None:
                 yield pending.commit()
                 pending = None
@@ -162,7 +162,7 @@ class SMTPHandler:
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
-def _no() -> bool:
+def _no(*_: Any) -> bool:
     return False
 
 

@@ -233,7 +233,11 @@ class Database:
         """:meth:`write_grouped`, with ``before()`` run first on the same worker
         thread, outside the transaction, exactly once (for a blob's fsync and rename:
         one thread hop for both).  If it raises, ``fn`` does not run and the Deferred
-        fails with its exception."""
+        fails with its exception.  When ``before`` has a ``together`` attribute, the
+        befores of a group that share it run in one ``together([before, ...])`` call
+        instead, which returns None or an exception for each (a group's blobs made
+        durable with one disk flush: see ``FilesystemBlobStore.commit_pending_many``).
+        """
         return self._add(_Request(fn, args, kwargs, defer.Deferred(), False, before))
 
     def groups_idle(self) -> bool:
@@ -286,12 +290,26 @@ class Database:
 
     def _run_befores_and_group(self, batch: list[_Request]) -> list[tuple[bool, Any]]:
         failed: dict[int, Failure] = {}
+        # A ``before`` with a ``together`` attribute (a PendingBlob) runs in one call
+        # with the group's other befores of the same ``together``, which returns one
+        # exception or None for each: a group's blobs become durable with one flush.
+        together: dict[Any, list[int]] = {}
         for index, request in enumerate(batch):
-            if request.before is not None:
-                try:
-                    request.before()
-                except Exception:
-                    failed[index] = Failure()
+            if request.before is None:
+                continue
+            run_many = getattr(request.before, "together", None)
+            if run_many is not None:
+                together.setdefault(run_many, []).append(index)
+                continue
+            try:
+                request.before()
+            except Exception:
+                failed[index] = Failure()
+        for run_many, indexes in together.items():
+            outcomes = run_many([batch[index].before for index in indexes])
+            for index, error in zip(indexes, outcomes, strict=True):
+                if error is not None:
+                    failed[index] = Failure(error)
         if not failed:
             return self._run_group(batch)
         rest = [request for index, request in enumerate(batch) if index not in failed]

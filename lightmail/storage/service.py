@@ -33,7 +33,8 @@ class StorageService(Service):
         self.primary = primary
         self.db = Database(config.database_url, threads=config.storage.sql_threads)
         self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
-        self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool)
+        self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool,
+                                         sync=config.storage.blob_sync)
         self.mailstore = SQLMailStore(self.db, self.blobs)
         self.queue = SQLQueueStore(self.db, self.blobs)
         self._outcome: Any = None          # None until started: then True or a Failure
