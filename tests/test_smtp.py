@@ -492,3 +492,87 @@ def test_direct_delivery_can_be_turned_off(tmp_path: Path) -> None:
         assert (yield server.inbox("bob@example.test")) == []
     finally:
         yield server.root.stopService()
+
+
+def _line_by_line_data_input(self: Any) -> bool:
+    """The DATA reader as it was before it went block by block: one Python loop
+    iteration per line, the obvious reading of RFC 5321 (the reference for the test
+    below)."""
+    from lightmail.smtp import codes
+    end = self.buffer.rfind(b"\n")
+    if end < 0:
+        if len(self.buffer) > self.cfg.max_line_length:
+            self.content_error = self.content_error or codes.LONG_LINES
+            self.buffer = self.buffer[-1:]
+            self.previous_crlf = False
+        return False
+    block, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
+    lines = block.split(b"\n")[:-1]
+    out: list[bytes] = []
+    for index, line in enumerate(lines):
+        crlf = line.endswith(b"\r")
+        if line == b".\r" and self.previous_crlf:
+            self._add_text(b"".join(out))
+            rest = lines[index + 1:]
+            if rest:
+                self.buffer = b"\n".join(rest) + b"\n" + self.buffer
+            self._end_content()
+            return True
+        if not crlf or b"\r" in line[:-1]:
+            self.content_error = self.content_error or codes.BARE_NEWLINE
+        if len(line) + 1 > self.cfg.max_line_length:
+            self.content_error = self.content_error or codes.LONG_LINES
+        if line.startswith(b"."):
+            line = line[1:]
+        out.append(line + b"\n" if crlf else line + b"\r\n")
+        self.previous_crlf = crlf
+    self._add_text(b"".join(out))
+    return True
+
+
+def test_data_input_matches_the_line_by_line_reading_of_rfc_5321() -> None:
+    """The block-at-a-time DATA reader ends DATA at the same place, with the same
+    content and the same error, as the line-by-line reader, for random input fed in
+    the same random pieces to both."""
+    import random
+
+    from lightmail.smtp.session import SMTPServerSession
+
+    pieces = [b"a", b"bc", b".", b"..", b"\r\n", b"\n", b"\r", b"\r\n.\r\n", b".\r\n",
+              b"x" * 30, b"\r\n.\n", b"\n.\r\n", b"\0"]
+    rng = random.Random(5321)
+
+    def reader(limit: int, line_by_line: bool) -> Any:
+        session_ = SMTPServerSession.__new__(SMTPServerSession)
+        session_.cfg = type("Cfg", (), {"max_line_length": limit,
+                                        "max_message_size": 10 ** 9})()
+        session_.buffer, session_.previous_crlf, session_.content_error = b"", True, None
+        session_.content_size, session_.writer = 0, None
+        session_.got, session_.ended = [], []
+        session_._add_content = session_.got.append             # type: ignore[method-assign]
+        session_._end_content = lambda: session_.ended.append(   # type: ignore[method-assign]
+            len(session_.buffer))
+        if line_by_line:
+            session_._data_input = lambda: _line_by_line_data_input(session_)  # type: ignore[method-assign]
+        return session_
+
+    ended = 0
+    for _ in range(4000):
+        limit = rng.choice([8, 20, 1000])
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        data += rng.choice([b"", b"\r\n.\r\n", b"\r\n.\r\nQUIT\r\n"])
+        new, old = reader(limit, False), reader(limit, True)
+        fed = 0
+        while fed < len(data) and not old.ended:
+            step = rng.randint(1, 12)
+            for one in (new, old):
+                one.buffer += data[fed:fed + step]
+                while not one.ended and one._data_input():
+                    pass
+            fed += step
+        assert new.ended == old.ended and new.buffer == old.buffer, data
+        assert new.content_error is old.content_error, (data, limit)
+        if old.content_error is None:
+            assert b"".join(new.got) == b"".join(old.got), data
+        ended += bool(old.ended)
+    assert ended > 1000                  # many of the random inputs ended DATA

@@ -542,7 +542,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.writer.write(data)
 
     def _data_input(self) -> bool:
-        """Take the complete lines of DATA from the buffer; False if none is complete."""
+        """Take the complete lines of DATA from the buffer; False if none is complete.
+
+        Whole blocks of lines at a time, with bytes methods (C loops) rather than a
+        Python loop per line: a 100 KB message is about 1,300 lines."""
         end = self.buffer.rfind(b"\n")
         if end < 0:
             if len(self.buffer) > self.cfg.max_line_length:
@@ -553,28 +556,36 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 self.previous_crlf = False
             return False
         block, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
-        lines = block.split(b"\n")[:-1]
-        out: list[bytes] = []
-        for index, line in enumerate(lines):
-            crlf = line.endswith(b"\r")
-            # Only CR LF . CR LF ends DATA: never a bare LF (SMTP smuggling).
-            if line == b".\r" and self.previous_crlf:
-                self._add_text(b"".join(out))
-                rest = lines[index + 1:]
-                if rest:
-                    self.buffer = b"\n".join(rest) + b"\n" + self.buffer
-                self._end_content()
-                return True
-            if not crlf or b"\r" in line[:-1]:
-                self.content_error = self.content_error or codes.BARE_NEWLINE
-            if len(line) + 1 > self.cfg.max_line_length:
-                self.content_error = self.content_error or codes.LONG_LINES
-            if line.startswith(b"."):
-                line = line[1:]                  # RFC 5321 §4.5.2 transparency
-            out.append(line + b"\n" if crlf else line + b"\r\n")
-            self.previous_crlf = crlf
-        self._add_text(b"".join(out))
+        # Only CR LF . CR LF ends DATA: never a bare LF (SMTP smuggling).  The block
+        # starts at the start of a line, so the end is either its first line (after
+        # a line that ended with CR LF) or a CR LF . CR LF inside it.
+        if self.previous_crlf and block.startswith(b".\r\n"):
+            stop = 0
+        else:
+            found = block.find(b"\r\n.\r\n")
+            stop = found + 2 if found >= 0 else -1
+        if stop < 0:
+            self._add_lines(block)
+            return True
+        if stop:
+            self._add_lines(block[:stop])
+        rest = block[stop + 3:]
+        if rest:
+            self.buffer = rest + self.buffer
+        self._end_content()
         return True
+
+    def _add_lines(self, lines: bytes) -> None:
+        """Complete lines of DATA (ending with LF, starting at a line's start): check
+        them, undo the dot-stuffing and add them to the content."""
+        self.previous_crlf = lines.endswith(b"\r\n")
+        if self.content_error is None:
+            self.content_error = _first_line_error(lines, self.cfg.max_line_length)
+        # RFC 5321 §4.5.2 transparency: a leading dot is dropped from every line.
+        text = lines.replace(b"\n.", b"\n")
+        if text.startswith(b"."):
+            text = text[1:]
+        self._add_text(text)
 
     def _add_text(self, data: bytes) -> None:
         """DATA content: text, so no NUL (RFC 5321 §4.5.2; BDAT may carry binary)."""
@@ -665,6 +676,24 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
     def _reset_transaction(self) -> None:
         self._abort_content()
         self.tx = None
+
+
+def _first_line_error(lines: bytes, limit: int) -> Optional[Reply]:
+    """The error of the first bad line among complete lines of DATA, or None: an LF or
+    a CR that is not part of a CR LF (RFC 5321 §2.3.8), or a line longer than
+    ``limit`` with its CR LF (§4.5.3.1.6).  Counted in C; only when there are both
+    kinds, line by line to find which comes first."""
+    crlf = lines.count(b"\r\n")
+    bare = crlf != lines.count(b"\n") or crlf != lines.count(b"\r")
+    long = len(lines) > limit and max(map(len, lines.split(b"\n"))) + 1 > limit
+    if not (bare and long):
+        return codes.BARE_NEWLINE if bare else codes.LONG_LINES if long else None
+    for line in lines.split(b"\n")[:-1]:
+        if not line.endswith(b"\r") or b"\r" in line[:-1]:
+            return codes.BARE_NEWLINE
+        if len(line) + 1 > limit:
+            return codes.LONG_LINES
+    return None
 
 
 def _params(text: str) -> list[tuple[str, Optional[str]]]:
