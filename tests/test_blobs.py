@@ -695,3 +695,42 @@ def test_blob_sync_fsync_commits_each_blob_alone(
     with pytest.raises(ValueError):
         FilesystemBlobStore(tmp_path / "other", ManualPool(),  # type: ignore[arg-type]
                             ImmediateReactor(), sync="never")  # type: ignore[arg-type]
+
+
+@pytest_twisted.inlineCallbacks
+def test_spare_tmp_files_are_used_renewed_and_dropped_when_old(
+        tmp_path: Path, pool: ThreadPool) -> None:
+    s = FilesystemBlobStore(tmp_path / "blobs", pool, spare_files=3)
+
+    def settled() -> defer.Deferred[None]:
+        # Spares are made on the pool: wait until none is on its way.
+        def wait() -> None:
+            deadline = time.monotonic() + 10
+            while s._spares_coming and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return threads.deferToThreadPool(reactor_(), pool, wait)
+
+    first = yield s.put(b"no spare yet")              # made at once; asks for 3
+    yield settled()
+    spares = [path for _, path, _ in s._spares]
+    assert len(spares) == 3 and all(os.path.getsize(p) == 0 for p in spares)
+    yield s.put(b"takes the oldest spare")
+    yield settled()
+    assert not os.path.exists(spares[0])              # renamed to the blob
+    assert s.path(sha(b"takes the oldest spare")).read_bytes() == b"takes the oldest spare"
+    assert len(s._spares) == 3 and spares[1] in [p for _, p, _ in s._spares]
+    # A spare that waited too long (GC could take it) is removed, not used.
+    s._spares = type(s._spares)((fd, path, created - blobs.SPARE_MAX_AGE)
+                                for fd, path, created in s._spares)
+    old = [path for _, path, _ in s._spares]
+    yield s.put(b"after a long pause")
+    yield settled()
+    assert not any(os.path.exists(path) for path in old)
+    assert s.path(first.id).exists()
+    s.close_spares()
+    assert list(s.tmp.iterdir()) == []
+
+
+def reactor_() -> Any:
+    from twisted.internet import reactor
+    return reactor

@@ -22,7 +22,8 @@ from conftest import free_port
 from harness import ServerProcess, inbox_subjects, run_cli
 from inprocess import Raw, in_thread, session, start
 from postfix import PostfixInstance
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 MESSAGE = "From: a@example.org\r\nSubject: {subject}\r\n\r\nHello {subject}\r\n"
 
@@ -238,6 +239,12 @@ def test_blob_not_made_durable_is_a_tempfail(tmp_path: Path, socket_dir: Path,
         assert one.startswith("451") and [t[:3] for t in two] == ["451", "451"]
         assert (yield server.inbox("bob@example.test")) == []
         assert (yield server.inbox("bob@example.test", "lists")) == []
-        assert list(Path(server.parts.blobs._tmp).iterdir()) == []
+        blobs = server.parts.blobs
+        deadline = time.monotonic() + 10
+        while blobs._spares_coming and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.01, lambda: None)       # spares being made
+        spares = {path for _, path, _ in blobs._spares}          # empty, kept ready
+        assert {str(p) for p in Path(blobs._tmp).iterdir()} == spares
+        assert all(os.path.getsize(path) == 0 for path in spares)
     finally:
         yield server.root.stopService()

@@ -39,6 +39,8 @@ import platform
 import re
 import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
@@ -138,6 +140,19 @@ _SYNCFS = _find_syncfs()
 
 BLOB_SYNC_MODES = ("auto", "fsync")
 
+#: How long a spare temporary file (see FilesystemBlobStore's ``spare_files``) may wait
+#: for a writer; older ones are dropped, well before garbage collection's grace period
+#: would let it remove them.
+SPARE_MAX_AGE = 60.0
+
+
+def _close_and_remove(fd: int, path: str) -> None:
+    try:
+        os.close(fd)
+        os.unlink(path)
+    except OSError:
+        pass
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
@@ -162,6 +177,7 @@ class FilesystemBlobStore:
         *,
         flush_threshold: int = FLUSH_THRESHOLD,
         sync: str = "auto",
+        spare_files: int = 0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -179,6 +195,14 @@ class FilesystemBlobStore:
             raise ValueError(f"blob sync mode must be one of {BLOB_SYNC_MODES}, not {sync!r}")
         # syncfs for groups of blobs (see the module docstring), or None: fsync each.
         self._syncfs = _SYNCFS if sync == "auto" else None
+        # Temporary files created ahead on the pool, so that creating one (an inode
+        # allocation, up to a millisecond on a busy ext4) is not on the path of a
+        # group commit: (fd, path, created).  Garbage collection's grace period must
+        # be well over SPARE_MAX_AGE (the storage service sees to it).
+        self._spare_count = spare_files
+        self._spares: deque[tuple[int, str, float]] = deque()
+        self._spares_coming = 0
+        self._spare_lock = threading.Lock()
         # Fan-out directories whose own directory entry is known to be durable.
         self._durable_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
@@ -203,6 +227,50 @@ class FilesystemBlobStore:
 
     def _defer(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    def new_tmp_file(self) -> tuple[int, str]:
+        """A new, empty temporary file for a blob (worker thread): a spare one when
+        there is one young enough, else made now.  Asks the pool for more spares."""
+        while True:
+            with self._spare_lock:
+                spare = self._spares.popleft() if self._spares else None
+            if spare is None:
+                break
+            fd, path, created = spare
+            if time.monotonic() - created < SPARE_MAX_AGE:
+                self._want_spares()
+                return fd, path
+            _close_and_remove(fd, path)
+        self._want_spares()
+        return tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self._tmp)
+
+    def _want_spares(self) -> None:
+        with self._spare_lock:
+            missing = self._spare_count - len(self._spares) - self._spares_coming
+            if missing <= 0:
+                return
+            self._spares_coming += missing
+        self.pool.callInThreadWithCallback(None, self._make_spares, missing)
+
+    def _make_spares(self, count: int) -> None:
+        made = []
+        try:
+            for _ in range(count):
+                fd, path = tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self._tmp)
+                made.append((fd, path, time.monotonic()))
+        finally:
+            with self._spare_lock:
+                self._spares.extend(made)
+                self._spares_coming -= count
+
+    def close_spares(self) -> None:
+        """Remove the spare temporary files (at shutdown; any thread)."""
+        while True:
+            with self._spare_lock:
+                if not self._spares:
+                    return
+                fd, path, _ = self._spares.popleft()
+            _close_and_remove(fd, path)
 
     def _ensure_dirs(self, leaf: str, synced: list[str] | None = None) -> None:
         """Create ``objects/ab/cd`` as needed and make sure both fan-out levels' entries
@@ -431,8 +499,7 @@ class _TmpFile:
 
     def _append(self, chunks: list[bytes]) -> None:
         if self.fd is None:
-            self.fd, self.path = tempfile.mkstemp(prefix="blob-", suffix=".tmp",
-                                                  dir=self.store._tmp)
+            self.fd, self.path = self.store.new_tmp_file()
         if chunks:
             _write_all(self.fd, b"".join(chunks))
 

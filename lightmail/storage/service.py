@@ -10,13 +10,18 @@ from twisted.logger import Logger
 
 from lightmail.config import Config
 from lightmail.storage import migrate
-from lightmail.storage.blobs import FilesystemBlobStore
+from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
 from lightmail.storage.database import Database
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
 from lightmail.storage.threads import WorkerThreads
 
 GC_INTERVAL = 3600.0
+
+
+#: Temporary blob files kept ready (FilesystemBlobStore's ``spare_files``): about one
+#: group commit's worth.
+SPARE_FILES = 16
 
 
 class StorageService(Service):
@@ -33,8 +38,11 @@ class StorageService(Service):
         self.primary = primary
         self.db = Database(config.database_url, threads=config.storage.sql_threads)
         self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
+        # Spare temporary files only where GC's grace period leaves them time.
+        spares = SPARE_FILES if config.storage.blob_gc_grace >= 10 * SPARE_MAX_AGE else 0
         self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool,
-                                         sync=config.storage.blob_sync)
+                                         sync=config.storage.blob_sync,
+                                         spare_files=spares)
         self.mailstore = SQLMailStore(self.db, self.blobs)
         self.queue = SQLQueueStore(self.db, self.blobs)
         self._outcome: Any = None          # None until started: then True or a Failure
@@ -117,5 +125,6 @@ class StorageService(Service):
             self._gc.stop()
         # Waits for in-flight SQL and blob writes, then closes the connections.
         self.io_pool.stop()
+        self.blobs.close_spares()
         self.db.stop()
         return None
