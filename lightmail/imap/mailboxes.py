@@ -416,10 +416,16 @@ class MailboxCommands(SessionCore):
         if len(args) != 1 or not isinstance(args[0], bytes):
             raise Bad("APPEND needs the message as a literal")
         data = args[0]
-        # The blob is written (two fsyncs) while the mailbox is looked up and the
-        # quota checked; a refused APPEND leaves an unreferenced blob to the garbage
-        # collector, as a crash between the two would.
-        writing = self.store.blobs.put(data)
+        # The blob is made durable in the worker hop of the transaction that files
+        # it, with the other blobs of its group (see PendingBlob), or, where the
+        # store cannot, written while the mailbox is looked up and the quota checked
+        # (a refused APPEND then leaves an unreferenced blob to the garbage
+        # collector, as a crash between the two would).
+        writer = self.store.blobs.writer()
+        writer.write(data)
+        finish_pending = getattr(writer, "finish_pending", None)
+        pending = finish_pending() if finish_pending is not None else None
+        writing = writer.finish() if pending is None else None
         try:
             box = await self.store.get_mailbox(self.user.id, name)
             if box is None:
@@ -428,11 +434,18 @@ class MailboxCommands(SessionCore):
                 used = await self.store.usage(self.user.id)
                 if used + len(data) > self.user.quota_bytes:
                     raise No("[OVERQUOTA] Quota exceeded")
+            if pending is not None:
+                appended = await self.store.append(box.id, pending.ref, flags, date,
+                                                   before=pending)
         except BaseException:
-            writing.addErrback(lambda _: None)
+            if writing is not None:
+                writing.addErrback(lambda _: None)
+            if pending is not None:
+                pending.discard()         # its temporary file, unless its commit began
             raise
-        blob = await writing
-        appended = await self.store.append(box.id, blob, flags, date)
+        if writing is not None:
+            blob = await writing
+            appended = await self.store.append(box.id, blob, flags, date)
         return ok(f"[APPENDUID {appended.uidvalidity} {appended.uid}] APPEND completed")
 
     def _flags(self, values: Any) -> list[str]:

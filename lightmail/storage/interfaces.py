@@ -6,9 +6,9 @@ a network returns a Deferred; implementations do that work off the reactor threa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -251,11 +251,14 @@ class IMailStore(Interface):
         flags: Sequence[str] = (),
         internal_date: Optional[int] = None,
         delivery_id: Optional[str] = None,
+        before: Optional[Callable[[], Any]] = None,
     ) -> Deferred[Appended]:
         """File a stored blob into a mailbox with the next UID and MODSEQ.
 
         With ``delivery_id``, a second append under the same id into the same
         mailbox files nothing and returns the first result with duplicate=True.
+        ``before``: makes the blob durable (a PendingBlob), run just before the
+        transaction, in its worker hop; if it fails, nothing is filed.
         """
 
     def list_messages(mailbox_id: int) -> Deferred[list[MessageInfo]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import sqlalchemy as sa
@@ -360,11 +360,13 @@ class SQLMailStore:
 
     def append(self, mailbox_id: int, blob: BlobRef, flags: Sequence[str] = (),
                internal_date: Optional[int] = None,
-               delivery_id: Optional[str] = None) -> Deferred[Appended]:
+               delivery_id: Optional[str] = None,
+               before: Optional[Callable[[], Any]] = None) -> Deferred[Appended]:
         if internal_date is None:
             internal_date = now_ms()
-        d = self.db.write(self.append_now, mailbox_id, blob, flags, internal_date,
-                          delivery_id)
+        args = (mailbox_id, blob, flags, internal_date, delivery_id)
+        d = (self.db.write(self.append_now, *args) if before is None
+             else self.db.write_grouped_after(before, self.append_now, *args))
         return self._announcing(d, lambda res: [] if res[1].duplicate else [
             MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq,
                           (MessageInfo(mailbox_id, res[1].uid, res[1].modseq, blob.id,
