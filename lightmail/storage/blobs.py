@@ -242,6 +242,9 @@ class FilesystemBlobStore:
                 return fd, path
             _close_and_remove(fd, path)
         self._want_spares()
+        return self._make_tmp_file()
+
+    def _make_tmp_file(self) -> tuple[int, str]:
         return tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self._tmp)
 
     def _want_spares(self) -> None:
@@ -256,7 +259,7 @@ class FilesystemBlobStore:
         made = []
         try:
             for _ in range(count):
-                fd, path = tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self._tmp)
+                fd, path = self._make_tmp_file()
                 made.append((fd, path, time.monotonic()))
         finally:
             with self._spare_lock:
