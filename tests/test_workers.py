@@ -313,3 +313,42 @@ def test_a_worker_that_cannot_start_stops_start_up(write_config: Any, tmp_path: 
         assert "starting it again" not in proc.output
     finally:
         proc.kill()
+
+
+def test_sigterm_with_a_unix_socket_listener_stops_every_part_cleanly(
+        write_config: Any, tmp_path: Path) -> None:
+    """Workers serving a Unix socket (LMTP behind Postfix) stop without removing the
+    main process's socket file, so that each worker's storage is stopped too: no
+    traceback, and the spare temporary blob files are gone."""
+    import tempfile
+    short = Path(tempfile.mkdtemp(prefix="lm-", dir="/tmp"))    # sun_path is short
+    sock = short / "lmtp.sock"
+    try:
+        config = write_config(
+            "[server]\nstate_dir = state\nhostname = mx.workers.test\nworkers = 2\n"
+            "[logging]\nlevel = info\n"
+            f"[listener:lmtp]\nprotocol = lmtp\nendpoint = unix:{sock}\n")
+        run_cli(config, "domain", "add", "workers.test")
+        run_cli(config, "user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
+        proc = ServerProcess(config)
+        try:
+            worker_pids(proc)
+            deadline = time.monotonic() + 30
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for number in range(6):          # over both workers, most likely
+                with smtplib.LMTP(str(sock)) as client:
+                    client.sendmail("s@example.org", [USER],
+                                    f"Subject: unix {number}\r\n\r\nbody\r\n")
+            assert proc.terminate(timeout=60) in (0, -signal.SIGTERM)
+        finally:
+            proc.kill()
+        assert "LightMail stopped" in proc.output
+        assert "Traceback" not in proc.output, proc.output
+        assert not sock.exists()                      # removed by the main process
+        tmp = tmp_path / "state" / "blobs" / "tmp"
+        assert list(tmp.iterdir()) == []              # every worker closed its spares
+    finally:
+        for leftover in short.iterdir():
+            leftover.unlink()
+        short.rmdir()

@@ -9,13 +9,14 @@ would) and when its control connection closes (the main process is gone).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -83,6 +84,12 @@ class AdoptedListener(Service):
             family = probe.family
         self.port = reactor.adoptStreamPort(  # type: ignore[attr-defined]
             self.fd, family, self.wrapped)
+        if family == socket.AF_UNIX:
+            # The socket file is the main process's, which made it and removes it as
+            # it stops; a worker that removed it (as a Unix port does when it stops
+            # listening) would cut the others off and fail at the next worker.
+            self.port.connectionLost = functools.partial(tcp.Port.connectionLost,
+                                                         self.port)
         os.close(self.fd)
 
     @defer.inlineCallbacks
@@ -137,7 +144,12 @@ class _WorkerRoot(MultiService):
         self.running = 0
         for child in reversed(list(self)):
             if child.running:
-                yield defer.maybeDeferred(child.stopService)
+                try:
+                    yield defer.maybeDeferred(child.stopService)
+                except Exception:
+                    # The next ones (storage last) still stop: what is queued is
+                    # written and the pools are closed.
+                    log.failure("stopping {name} failed", name=child.name)
 
 
 def main(argv: list[str] | None = None) -> int:
