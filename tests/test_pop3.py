@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest_twisted
 from inprocess import Raw, in_thread, start
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 from lightmail.storage.interfaces import MailboxChange
 
@@ -467,3 +468,45 @@ def read_multiline(client: Raw) -> bytes:
         assert line, "connection closed mid-answer"
         received += line
     return received
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_retrs_of_a_client_that_does_not_read_are_held_back(
+        tmp_path: Path) -> None:
+    """Small messages are sent whole, but still with flow control: a client that
+    pipelines RETRs and reads nothing makes the server hold back, not buffer them all."""
+    server = yield start_pop3(tmp_path, "[directory]\nauth_over_plaintext = yes\n",
+                              count=0)
+    parts = server.parts
+    body = ("z" * 98 + "\r\n") * 600                           # 60 KB each
+    for number in range(10):
+        blob = yield parts.blobs.put(message(number, body))
+        yield parts.mailstore.append(server.inbox_id, blob)
+    size = len(message(0, body))
+    listener = server.root.getServiceNamed("listener:pop3-plain")
+    try:
+        port = server.ports["pop3-plain"]
+        client = yield in_thread(login_when_unlocked, port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        count = 400                                            # 24 MB of answers
+        yield in_thread(client.send, "".join(f"RETR {n % 10 + 1}\r\n"
+                                             for n in range(count)))
+        yield deferLater(reactor, 1.0, lambda: None)           # the server writes...
+        sessions = [p for p in listener.factory.active if p.maildrop is not None]
+        assert len(sessions) == 1
+        transport = sessions[0].transport
+        held = len(transport.dataBuffer) + transport._tempDataLen
+        assert held < 4 * size, held                          # ...and then waits
+
+        def read_all() -> int:
+            done = 0
+            for _ in range(count):
+                answer = read_multiline(client)
+                assert answer.startswith(f"+OK {size} octets".encode()), answer[:80]
+                done += 1
+            client.cmd("QUIT")
+            client.close()
+            return done
+        assert (yield in_thread(read_all)) == count
+    finally:
+        yield server.root.stopService()

@@ -427,16 +427,32 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             return defer.ensureDeferred(self._stream(message, body_lines))
         content = self.maildrop.read_now(number)
         if content is not None:
-            self._send_whole(message, content, body_lines)
-            return None
+            return self._send_whole(message, content, body_lines)
         return self.maildrop.read(number).addCallback(
             lambda content: self._send_whole(message, content, body_lines))
 
     def _send_whole(self, message: MessageInfo, content: bytes,
-                    body_lines: Optional[int]) -> None:
+                    body_lines: Optional[int]) -> Optional[defer.Deferred[None]]:
+        """Write the answer; when that fills the transport's buffer, a Deferred that
+        fires once the client has read it down (so that a client that pipelines
+        RETRs and does not read cannot make the server buffer without bound)."""
+        assert self.transport is not None
         if body_lines is not None:
             content = _TopCut(body_lines).take(content)
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self.write(f"+OK {message.size} octets\r\n".encode() + dot_stuffed(content))
+        if self._paused is None:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            return None
+        return defer.ensureDeferred(self._drained())
+
+    async def _drained(self) -> None:
+        try:
+            if self._paused is not None:
+                await self._paused
+        finally:
+            if self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
 
     async def _stream(self, message: MessageInfo, body_lines: Optional[int]) -> None:
         """RETR (all of it) or TOP (headers and ``body_lines`` lines), dot-stuffed,
