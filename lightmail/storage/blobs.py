@@ -147,8 +147,13 @@ SPARE_MAX_AGE = 60.0
 
 
 def _close_and_remove(fd: int, path: str) -> None:
+    """Close and remove a spare temporary file; each step is tried whatever the other
+    did (errors are ignored: a file left behind is swept later)."""
     try:
         os.close(fd)
+    except OSError:
+        pass
+    try:
         os.unlink(path)
     except OSError:
         pass
