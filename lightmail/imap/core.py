@@ -46,6 +46,7 @@ from lightmail.storage.interfaces import (
     NoSuchMailbox,
 )
 from lightmail.streams import PushProducer
+from lightmail.transport import write_at_once
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = (
     "not authenticated", "authenticated", "selected", "logout")
@@ -195,7 +196,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             return
         if self.compressor is not None:
             data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
-        self.transport.write(data)
+        write_at_once(self.transport, data)
 
     def flush(self) -> None:
         """Write what the running command has collected."""
@@ -209,7 +210,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             return
         if self.compressor is not None:
             data = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
-        self.transport.write(data)
+        write_at_once(self.transport, data)
 
     def untagged(self, text: str | bytes) -> None:
         data = text.encode("utf-8") if isinstance(text, str) else text

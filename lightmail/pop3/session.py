@@ -31,6 +31,7 @@ from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
 from lightmail.streams import DotStuffer, PushProducer, dot_stuffed
+from lightmail.transport import write_at_once
 
 AUTHORIZATION, TRANSACTION = "authorization", "transaction"
 
@@ -104,7 +105,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closing:
-            self.transport.write(data)
+            write_at_once(self.transport, data)
 
     def ok(self, text: str = "") -> None:
         self.write(b"+OK" + (b" " + text.encode() if text else b"") + b"\r\n")

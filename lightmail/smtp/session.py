@@ -39,6 +39,7 @@ from lightmail.smtp.codes import Reply
 from lightmail.smtp.policy import Session, SMTPHandler, Transaction
 from lightmail.storage.interfaces import IBlobWriter
 from lightmail.storage.queuestore import new_queue_id
+from lightmail.transport import write_at_once
 
 COMMAND, DATA, BDAT, AUTH = "command", "data", "bdat", "auth"
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>]*)>(?P<params>.*)$", re.I)
@@ -118,7 +119,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def send(self, reply: Reply) -> None:
         if self.transport is not None and not self.closing:
-            self.transport.write(reply.render())
+            write_at_once(self.transport, reply.render())
 
     def close_with(self, reply: Reply) -> None:
         self.send(reply)
