@@ -126,7 +126,7 @@ def stored_messages(state: Path) -> list[tuple[str, str, bytes]]:
             "b.id = m.mailbox_id join users u on u.id = b.user_id").fetchall()
     finally:
         db.close()
-    return [(user, mailbox, (state / "blobs" / "objects" / blob_id[:2] / blob_id[2:4]
+    return [(user, mailbox, (state / "blobs" / "objects" / blob_id[:2]
                              / blob_id).read_bytes()) for blob_id, user, mailbox in rows]
 
 

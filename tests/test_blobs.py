@@ -38,6 +38,11 @@ def files_under(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
+def data_files(store: FilesystemBlobStore) -> list[Path]:
+    """Every file of the store but its ``format`` marker: blobs, whole or not."""
+    return files_under(store.objects) + files_under(store.tmp)
+
+
 @pytest.fixture
 def pool() -> Iterator[ThreadPool]:
     p = ThreadPool(minthreads=1, maxthreads=4, name="test-blobs")
@@ -106,9 +111,43 @@ def test_provides_interfaces(store: FilesystemBlobStore) -> None:
 
 def test_layout(store: FilesystemBlobStore, tmp_path: Path) -> None:
     blob_id = sha(b"x")
-    assert store.path(blob_id) == (tmp_path / "blobs" / "objects" / blob_id[:2]
-                                   / blob_id[2:4] / blob_id)
+    assert store.path(blob_id) == tmp_path / "blobs" / "objects" / blob_id[:2] / blob_id
     assert (tmp_path / "blobs" / "tmp").is_dir()
+    assert (tmp_path / "blobs" / "format").read_text() == "2\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_format_1_store_is_moved_to_the_flat_layout(tmp_path: Path,
+                                                     pool: ThreadPool) -> None:
+    """Blobs of the two-level layout (objects/ab/cd/<id>) are moved, once, when the
+    store is opened; one already at both names is kept once; foreign files stay."""
+    root = tmp_path / "old"
+    contents = [b"first message", b"second message", b"third"]
+    for data in contents:
+        blob_id = sha(data)
+        leaf = root / "objects" / blob_id[:2] / blob_id[2:4]
+        leaf.mkdir(parents=True, exist_ok=True)
+        (leaf / blob_id).write_bytes(data)
+    both = sha(contents[0])          # as if a crash came between two moves' steps
+    (root / "objects" / both[:2] / both).write_bytes(contents[0])
+    stray = root / "objects" / "ee" / "ff"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_bytes(b"not a blob")
+    (root / "tmp").mkdir()
+
+    store = FilesystemBlobStore(root, pool)
+    assert (root / "format").read_text() == "2\n"
+    for data in contents:
+        assert (yield store.read(sha(data))) == data
+        assert store.path(sha(data)).is_file()
+    assert sorted(p.relative_to(root / "objects").as_posix()
+                  for p in files_under(root / "objects")) == sorted(
+        [f"{sha(d)[:2]}/{sha(d)}" for d in contents] + ["ee/ff/notes.txt"])
+    assert sorted((yield store.sweep(time.time() + 3600))) == sorted(map(sha, contents))
+    # Opened again: nothing to do, nothing moved.
+    (root / "objects" / "ab" / "cd").mkdir(parents=True)
+    FilesystemBlobStore(root, pool)
+    assert (root / "objects" / "ab" / "cd").is_dir()
 
 
 @pytest_twisted.inlineCallbacks
@@ -265,7 +304,7 @@ def test_small_blob_takes_one_pool_call(manual: tuple[FilesystemBlobStore, Manua
     assert mp.calls == 0                            # below the threshold: only buffered
     d = writer.finish()
     assert mp.calls == 1
-    assert files_under(s.root) == []                # no I/O until the pool runs it
+    assert data_files(s) == []                # no I/O until the pool runs it
     mp.run_all()
     assert result_of(d) == BlobRef(sha(b"x" * 900), 900)
     assert mp.calls == 1
@@ -319,7 +358,7 @@ def test_abort_removes_tmp(manual: tuple[FilesystemBlobStore, ManualPool]) -> No
     writer.write(b"b" * 500)
     writer.abort()
     mp.run_all()
-    assert files_under(s.root) == []
+    assert data_files(s) == []
 
 
 def test_abort_while_append_in_flight(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
@@ -329,7 +368,7 @@ def test_abort_while_append_in_flight(manual: tuple[FilesystemBlobStore, ManualP
     assert len(mp.queue) == 1
     writer.abort()
     mp.run_all()                                    # the append, then the discard
-    assert files_under(s.root) == []
+    assert data_files(s) == []
 
 
 def test_abort_before_any_io(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
@@ -338,7 +377,7 @@ def test_abort_before_any_io(manual: tuple[FilesystemBlobStore, ManualPool]) -> 
     writer.write(b"a" * 10)
     writer.abort()
     mp.run_all()
-    assert mp.calls == 0 and files_under(s.root) == []
+    assert mp.calls == 0 and data_files(s) == []
 
 
 @pytest_twisted.inlineCallbacks
@@ -354,7 +393,7 @@ def test_abort_with_real_pool(tmp_path: Path) -> None:
         # has, which queued the discard; the second after the discard.
         yield threads.deferToThreadPool(store.reactor, one, lambda: None)
         yield threads.deferToThreadPool(store.reactor, one, lambda: None)
-        assert files_under(store.root) == []
+        assert data_files(store) == []
     finally:
         one.stop()
 
@@ -371,14 +410,14 @@ def test_background_write_error_fails_finish(
     writer = s.writer()
     writer.write(b"a" * 1500)
     mp.run_all()                                    # append fails, tmp file removed
-    assert files_under(s.root) == []
+    assert data_files(s) == []
     writer.write(b"b" * 5000)                       # dropped: the blob is lost anyway
     d = writer.finish()
     mp.run_all()
     failure = result_of(d)
     assert isinstance(failure, Failure) and failure.check(OSError)
     assert isinstance(failure.value, OSError) and failure.value.errno == errno.ENOSPC
-    assert files_under(s.root) == []
+    assert data_files(s) == []
 
 
 def test_final_write_error_fails_finish(
@@ -392,7 +431,7 @@ def test_final_write_error_fails_finish(
     mp.run_all()
     failure = result_of(d)
     assert isinstance(failure, Failure) and failure.check(OSError)
-    assert files_under(s.root) == []
+    assert data_files(s) == []
 
 
 @pytest_twisted.inlineCallbacks
@@ -404,7 +443,7 @@ def test_write_error_with_real_pool(store: FilesystemBlobStore,
     writer.write(b"more")
     with pytest.raises(OSError):
         yield writer.finish()
-    assert files_under(store.root) == []
+    assert data_files(store) == []
 
 
 def test_finish_pending_leaves_the_commit_to_the_caller(
@@ -417,7 +456,7 @@ def test_finish_pending_leaves_the_commit_to_the_caller(
     data = b"Subject: x\r\n\r\nbody"
     assert pending.ref == BlobRef(sha(data), len(data))
     assert pending.ref.headers == b"Subject: x\r\n\r\n"
-    assert files_under(s.root) == []                # nothing written yet
+    assert data_files(s) == []                # nothing written yet
     writer.abort()                                  # a no-op now, as after finish()
     with pytest.raises(RuntimeError):
         writer.write(b"more")
@@ -467,7 +506,7 @@ def test_failed_pending_commit_removes_the_tmp_file(
     monkeypatch.setattr(os, "fsync", lambda fd: _disk_full(fd, b""))
     with pytest.raises(OSError):
         pending.commit_now()
-    assert files_under(s.root) == []
+    assert data_files(s) == []
 
 
 # -- garbage collection helpers ---------------------------------------------------------
@@ -555,13 +594,13 @@ def test_sigkill_never_leaves_partial_blobs(tmp_path: Path, pool: ThreadPool) ->
     objects, tmp = root / "objects", root / "tmp"
     for path in files_under(root):
         rel = path.relative_to(root).parts
-        assert rel[0] in ("objects", "tmp"), path
+        assert rel[0] in ("objects", "tmp", "format"), path
         if rel[0] == "objects":
-            assert len(rel) == 4 and blobs.is_blob_id(rel[3]), path
-            assert rel[1] == rel[3][:2] and rel[2] == rel[3][2:4], path
-            assert sha(path.read_bytes()) == rel[3], f"partial blob visible at {path}"
+            assert len(rel) == 3 and blobs.is_blob_id(rel[2]), path
+            assert rel[1] == rel[2][:2], path
+            assert sha(path.read_bytes()) == rel[2], f"partial blob visible at {path}"
         else:
-            assert len(rel) == 2, path
+            assert len(rel) == (2 if rel[0] == "tmp" else 1), path
     complete = sorted(p.name for p in files_under(objects))
 
     store = FilesystemBlobStore(root, pool)
