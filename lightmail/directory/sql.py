@@ -52,6 +52,13 @@ def _release_messages_of(conn: Connection, user_ids: sa.ColumnElement[bool]) -> 
         release_blob_ref(conn, row.blob_id, row.n)
 
 
+# Built once (every login and RCPT lookup runs it): SQLAlchemy then finds the compiled
+# form by identity instead of building and hashing a new statement each time.
+_USER_ROW = sa.select(s.users).join(s.domains, s.domains.c.id == s.users.c.domain_id).where(
+    (s.domains.c.name == sa.bindparam("b_domain"))
+    & (s.users.c.localpart == sa.bindparam("b_local")))
+
+
 @implementer(IDirectory)
 class SQLDirectory:
     def __init__(self, db: Database, recipient_delimiter: str = "+",
@@ -214,9 +221,7 @@ class SQLDirectory:
 
     @staticmethod
     def _user_row(conn: Connection, local: str, domain: str) -> Any:
-        return conn.execute(
-            sa.select(s.users).join(s.domains, s.domains.c.id == s.users.c.domain_id)
-            .where((s.domains.c.name == domain) & (s.users.c.localpart == local))).first()
+        return conn.execute(_USER_ROW, {"b_local": local, "b_domain": domain}).first()
 
     # -- aliases ----------------------------------------------------------------------
 

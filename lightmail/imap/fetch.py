@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 from lightmail.imap.message import (
@@ -145,6 +146,7 @@ def flag_list(flags: frozenset[str], recent: bool = False) -> bytes:
 META_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})
 
 
+@lru_cache(maxsize=4096)
 def internal_date(ms: int) -> bytes:
     """``"17-Jul-1996 02:44:25 -0700"`` (RFC 9051 date-time), in UTC."""
     return time.strftime('"%d-%b-%Y %H:%M:%S +0000"', time.gmtime(ms / 1000)).encode()
@@ -155,6 +157,15 @@ def _partial(data: bytes, partial: Optional[tuple[int, int]]) -> bytes:
         return data
     start, length = partial
     return data[start:start + length]
+
+
+@lru_cache(maxsize=256)
+def _body_label(item: FetchItem) -> bytes:
+    """``BODY[<section>]<<origin>> `` of a FETCH item: the same for every message a
+    command fetches, so formatted once (an item is immutable)."""
+    assert item.section is not None
+    origin = b"" if item.partial is None else b"<%d>" % item.partial[0]
+    return b"BODY[" + format_section(item.section).encode("utf-8") + b"]" + origin + b" "
 
 
 def content_item(item: FetchItem, message: ParsedMessage) -> bytes:
@@ -172,12 +183,11 @@ def content_item(item: FetchItem, message: ParsedMessage) -> bytes:
         return b"RFC822.HEADER " + literal(message.section(Section(text="HEADER")))
     if item.name == "RFC822.TEXT":
         return b"RFC822.TEXT " + literal(message.section(Section(text="TEXT")))
-    origin = b"" if item.partial is None else b"<%d>" % item.partial[0]
     if item.name == "BODY[]":
         assert item.section is not None
         data = _partial(message.section(item.section), item.partial)
-        label = format_section(item.section).encode("utf-8")
-        return b"BODY[" + label + b"]" + origin + b" " + literal(data)
+        return _body_label(item) + literal(data)
+    origin = b"" if item.partial is None else b"<%d>" % item.partial[0]
     part = ".".join(str(n) for n in item.binary_part).encode()
     decoded = message.binary(item.binary_part)
     if item.name == "BINARY.SIZE[]":

@@ -27,7 +27,7 @@ import calendar
 import re
 from dataclasses import dataclass, field
 from email.utils import parsedate_tz
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import NamedTuple, Optional
 
 from lightmail.imap.tokens import ParseError, nstring, plist, quote
@@ -106,6 +106,12 @@ def _field_names(tail: str) -> tuple[str, ...]:
     if not names:
         raise ParseError("HEADER.FIELDS needs at least one field name")
     return tuple(names)
+
+
+@lru_cache(maxsize=256)
+def _lower_names(fields: tuple[str, ...]) -> frozenset[bytes]:
+    """HEADER.FIELDS names as header field names compare (once per distinct list)."""
+    return frozenset(name.lower().encode("utf-8") for name in fields)
 
 
 def format_section(s: Section) -> str:
@@ -789,7 +795,7 @@ class ParsedMessage:
             return raw[entity.body_start:entity.end]
         if s.text not in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
             return b""
-        wanted = {name.lower().encode("utf-8") for name in s.fields}
+        wanted = _lower_names(s.fields)
         keep = s.text == "HEADER.FIELDS"
         out = []
         for item in entity.fields:
