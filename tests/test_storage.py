@@ -679,3 +679,36 @@ def test_group_makes_its_pending_blobs_durable_together(stack, monkeypatch) -> N
         assert stack.blobs.path(pendings[n].ref.id).read_bytes() == f"message {n}".encode()
     names = set((yield stack.directory.list_domains()))
     assert {"p0.test", "p1.test", "p3.test"} <= names and "p2.test" not in names
+
+
+def test_run_direct_matches_sqlalchemy_and_skips_it_on_sqlite(stack) -> None:
+    """``run_direct`` (the filing path's statements): the same rows as
+    ``conn.execute``, through the driver's cursor on SQLite, through SQLAlchemy on
+    the servers; type processing (LargeBinary headers) is kept."""
+    from lightmail.storage.database import run_direct
+    from lightmail.storage.sqlstore import _INSERT_MESSAGE, _upsert_stmt
+    headers = b"Subject: \xe9t\xe9\r\n\r\n"
+    ids = ["a" * 64, "b" * 64]
+    with stack.db.engine.connect() as conn:
+        conn.execution_options(lightmail_write=True)
+        with conn.begin():
+            for blob_id in ids + ids[:1]:           # the second upsert counts one more
+                result = run_direct(conn, _upsert_stmt(conn.dialect.name), {
+                    "b_id": blob_id, "b_size": 7, "b_created": 1, "b_headers": headers})
+                assert isinstance(result, sa.CursorResult) == (stack.db.backend != "sqlite")
+            rows = conn.execute(sa.select(s.blobs.c.id, s.blobs.c.refcount, s.blobs.c.headers)
+                                .order_by(s.blobs.c.id)).all()
+            assert [tuple(row) for row in rows] == [(ids[0], 2, headers), (ids[1], 1, headers)]
+            box = conn.execute(s.domains.insert().values(name="d.test", created=0))
+            domain_id = box.inserted_primary_key[0]
+            user_id = conn.execute(s.users.insert().values(
+                domain_id=domain_id, localpart="u", created=0)).inserted_primary_key[0]
+            mailbox_id = conn.execute(s.mailboxes.insert().values(
+                user_id=user_id, name="INBOX", uidvalidity=1, created=0)
+            ).inserted_primary_key[0]
+            run_direct(conn, _INSERT_MESSAGE, {
+                "mailbox_id": mailbox_id, "uid": 1, "modseq": 2, "blob_id": ids[1],
+                "size": 7, "internal_date": 5, "flags": "\\Seen", "delivery_id": "x"})
+            row = conn.execute(sa.select(s.messages.c.uid, s.messages.c.blob_id,
+                                         s.messages.c.flags, s.messages.c.delivery_id)).one()
+            assert tuple(row) == (1, ids[1], "\\Seen", "x")

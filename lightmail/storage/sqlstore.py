@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from lightmail.storage import schema as s
 from lightmail.storage.blobs import HEADER_CAP, header_block
-from lightmail.storage.database import Database, now_ms
+from lightmail.storage.database import Database, now_ms, run_direct
 from lightmail.storage.interfaces import (
     Appended,
     BlobMissing,
@@ -78,9 +78,9 @@ def upsert_blob_ref(conn: Connection, blobs: IBlobStore, ref: BlobRef) -> None:
     The blob must exist after the row is locked: garbage collection deletes a file only
     while holding the row, so checking here closes the race with a concurrent GC.
     """
-    conn.execute(_upsert_stmt(conn.dialect.name),
-                 {"b_id": ref.id, "b_size": ref.size, "b_created": now_ms(),
-                  "b_headers": ref.headers})
+    run_direct(conn, _upsert_stmt(conn.dialect.name),
+               {"b_id": ref.id, "b_size": ref.size, "b_created": now_ms(),
+                "b_headers": ref.headers})
     if not blobs.exists_now(ref.id):
         raise BlobMissing(f"blob {ref.id} vanished before it was referenced")
 
@@ -405,7 +405,7 @@ class SQLMailStore:
     def _insert_message(conn: Connection, mailbox_id: int, uid: int, modseq: int,
                         blob: BlobRef, flags: Sequence[str], internal_date: Optional[int],
                         delivery_id: Optional[str]) -> None:
-        conn.execute(_INSERT_MESSAGE, {
+        run_direct(conn, _INSERT_MESSAGE, {
             "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq, "blob_id": blob.id,
             "size": blob.size,
             "internal_date": internal_date if internal_date is not None else now_ms(),
@@ -420,22 +420,25 @@ class SQLMailStore:
         locked and advanced at once where the database has UPDATE ... RETURNING.
         """
         if conn.dialect.name in ("sqlite", "postgresql"):
-            row = conn.execute(_BUMP_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+            row = run_direct(conn, _BUMP_BY_NAME,
+                             {"b_user": user_id, "b_name": name}).fetchone()
             if row is None:
                 return None
-            mailbox_id, uid, modseq = row.id, row.uidnext - 1, row.highestmodseq
+            mailbox_id, uidvalidity, uidnext, modseq = row
+            uid = uidnext - 1
         else:
-            row = conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
-            if row is None:
+            locked = conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+            if locked is None:
                 return None
-            mailbox_id, uid, modseq = row.id, row.uidnext, row.highestmodseq + 1
+            mailbox_id, uidvalidity = locked.id, locked.uidvalidity
+            uid, modseq = locked.uidnext, locked.highestmodseq + 1
             conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
                                            "b_modseq": modseq})
         upsert_blob_ref(conn, self.blobs, blob)
         internal_date = now_ms()
         self._insert_message(conn, mailbox_id, uid, modseq, blob, (), internal_date,
                              delivery_id)
-        return mailbox_id, Appended(mailbox_id, row.uidvalidity, uid, modseq,
+        return mailbox_id, Appended(mailbox_id, uidvalidity, uid, modseq,
                                     internal_date=internal_date)
 
     @staticmethod
