@@ -712,3 +712,31 @@ def test_run_direct_matches_sqlalchemy_and_skips_it_on_sqlite(stack) -> None:
             row = conn.execute(sa.select(s.messages.c.uid, s.messages.c.blob_id,
                                          s.messages.c.flags, s.messages.c.delivery_id)).one()
             assert tuple(row) == (1, ids[1], "\\Seen", "x")
+
+
+def test_rows_direct_and_executemany_and_expanding_fallback(stack) -> None:
+    """rows_direct gives rows with their columns as attributes; a list of parameter
+    sets is an executemany; a statement with an expanding IN goes through SQLAlchemy
+    (its text depends on the list) and still works."""
+    from lightmail.storage.database import rows_direct, run_direct
+    from lightmail.storage.sqlstore import _BY_UIDS, _COUNTS, _INSERT_EXPUNGED
+    with stack.db.engine.connect() as conn:
+        conn.execution_options(lightmail_write=True)
+        with conn.begin():
+            domain_id = conn.execute(s.domains.insert().values(
+                name="d.test", created=0)).inserted_primary_key[0]
+            user_id = conn.execute(s.users.insert().values(
+                domain_id=domain_id, localpart="u", created=0)).inserted_primary_key[0]
+            box = conn.execute(s.mailboxes.insert().values(
+                user_id=user_id, name="INBOX", uidvalidity=1, created=0)
+            ).inserted_primary_key[0]
+            run_direct(conn, _INSERT_EXPUNGED, [
+                {"mailbox_id": box, "uid": uid, "modseq": 3} for uid in (4, 5, 6)])
+            assert [tuple(r) for r in conn.execute(
+                sa.select(s.expunged.c.uid).order_by(s.expunged.c.uid))] == [(4,), (5,), (6,)]
+            [counts] = rows_direct(conn, _COUNTS, {"b_box": box})
+            assert tuple(counts) == (0, 0, 0, 0)
+            assert rows_direct(conn, _BY_UIDS, {"b_box": box, "b_uids": [1, 2]}) == []
+            users = rows_direct(conn, sa.select(s.users).where(
+                s.users.c.id == sa.bindparam("b_id")), {"b_id": user_id})
+            assert [(u.id, u.localpart) for u in users] == [(user_id, "u")]

@@ -21,7 +21,7 @@ from lightmail.directory.interfaces import (
 )
 from lightmail.directory.passwords import hash_password_async
 from lightmail.storage import schema as s
-from lightmail.storage.database import Database, now_ms
+from lightmail.storage.database import Database, now_ms, rows_direct
 from lightmail.storage.sqlstore import release_blob_ref
 
 CATCH_ALL = "*"
@@ -221,7 +221,8 @@ class SQLDirectory:
 
     @staticmethod
     def _user_row(conn: Connection, local: str, domain: str) -> Any:
-        return conn.execute(_USER_ROW, {"b_local": local, "b_domain": domain}).first()
+        rows = rows_direct(conn, _USER_ROW, {"b_local": local, "b_domain": domain})
+        return rows[0] if rows else None
 
     # -- aliases ----------------------------------------------------------------------
 

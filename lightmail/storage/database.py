@@ -13,6 +13,7 @@ PyMySQL.
 
 from __future__ import annotations
 
+import collections
 import sqlite3
 import time
 from collections.abc import Callable
@@ -139,35 +140,65 @@ _Plan = tuple[str, tuple[str, ...], Any, tuple[tuple[str, Callable[[Any], Any]],
 _direct: dict[tuple[int, str, frozenset[str]], _Plan | None] = {}
 
 
-def run_direct(conn: Connection, stmt: Any, params: dict[str, Any]) -> Any:
-    """Execute ``stmt`` (built once, at module level) with ``params`` in ``conn``'s
-    transaction, through the DBAPI cursor on SQLite; returns the cursor, whose rows
-    are plain tuples in the statement's column order.  Elsewhere, or for a statement
-    whose parameters need type processing, it runs through SQLAlchemy and returns
-    its Result (whose rows are tuples too)."""
+def run_direct(conn: Connection, stmt: Any,
+               params: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """Execute ``stmt`` (built once, at module level) with ``params`` (a list of them:
+    executemany) in ``conn``'s transaction, through the DBAPI cursor on SQLite;
+    returns the cursor, whose rows are plain tuples in the statement's column order.
+    Elsewhere, or for a statement with an expanding IN, it runs through SQLAlchemy
+    and returns its Result (whose rows are tuples too)."""
+    batch: list[dict[str, Any]] | None = params if isinstance(params, list) else None
+    first: dict[str, Any] = (batch[0] if batch else {}) if batch is not None else \
+        params  # type: ignore[assignment]
     dialect = conn.dialect
-    key = (id(stmt), dialect.name, frozenset(params))
+    key = (id(stmt), dialect.name, frozenset(first))
     try:
         plan = _direct[key]
     except KeyError:
-        plan = _direct[key] = _plan(stmt, dialect, params)
-    if plan is None:
+        plan = _direct[key] = _plan(stmt, dialect, first)
+    if plan is None or batch == []:
         return conn.execute(stmt, params)
     sql, order, compiled, processors = plan
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    if batch is not None:
+        cursor.executemany(sql, [_positional(compiled, processors, order, one)
+                                 for one in batch])
+    else:
+        cursor.execute(sql, _positional(compiled, processors, order, first))
+    return cursor
+
+
+def _positional(compiled: Any, processors: Any, order: tuple[str, ...],
+                params: dict[str, Any]) -> tuple[Any, ...]:
     values = compiled.construct_params(params)
     for name, process in processors:
         values[name] = process(values[name])
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    cursor.execute(sql, tuple(values[name] for name in order))
-    return cursor
+    return tuple(values[name] for name in order)
+
+
+_row_types: dict[tuple[str, ...], Any] = {}
+
+
+def rows_direct(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any]:
+    """All rows of ``stmt`` (a SELECT, or DML with RETURNING) run by :func:`run_direct`,
+    each with its columns as attributes, as SQLAlchemy's rows have them."""
+    result = run_direct(conn, stmt, params)
+    if isinstance(result, sa.engine.Result):
+        return list(result.all())
+    names = tuple(column[0] for column in result.description)
+    row_type: Any = _row_types.get(names)
+    if row_type is None:
+        row_type = _row_types[names] = collections.namedtuple("Row", names, rename=True)
+    make = row_type._make
+    return [make(row) for row in result.fetchall()]
 
 
 def _plan(stmt: Any, dialect: Any, params: dict[str, Any]) -> _Plan | None:
     if dialect.name != "sqlite":
         return None
     compiled = stmt.compile(dialect=dialect, column_keys=list(params))
-    if not compiled.positional:
-        return None
+    if not compiled.positional or "POSTCOMPILE" in compiled.string:
+        return None             # an expanding IN (...): its text depends on the list
     # The type processing SQLAlchemy would do on the way in (LargeBinary's, say).
     processors = tuple(getattr(compiled, "_bind_processors", {}).items())
     # The statement object is kept alive by the module that built it once; the plan

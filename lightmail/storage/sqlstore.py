@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from lightmail.storage import schema as s
 from lightmail.storage.blobs import HEADER_CAP, header_block
-from lightmail.storage.database import Database, now_ms, run_direct
+from lightmail.storage.database import Database, now_ms, rows_direct, run_direct
 from lightmail.storage.interfaces import (
     Appended,
     BlobMissing,
@@ -122,8 +122,8 @@ def release_blob_refs(conn: Connection, counts: Mapping[str, int]) -> None:
     ids = sorted(counts)
     if not ids:
         return
-    conn.execute(_RELEASE, [{"b_id": blob_id, "b_count": counts[blob_id]}
-                            for blob_id in ids])
+    run_direct(conn, _RELEASE, [{"b_id": blob_id, "b_count": counts[blob_id]}
+                                for blob_id in ids])
     conn.execute(_UNREFERENCED, {"b_ids": ids, "b_now": now_ms()})
 
 
@@ -193,6 +193,13 @@ _FILL_HEADERS = s.blobs.update().where(
     headers=sa.bindparam("b_headers", type_=sa.LargeBinary))
 
 
+def _all_tuples(result: Any) -> list[Any]:
+    """All rows of :func:`run_direct`'s cursor or SQLAlchemy Result, as tuples."""
+    if isinstance(result, sa.engine.Result):
+        return _raw_rows(result)
+    return result.fetchall()  # type: ignore[no-any-return]
+
+
 def _raw_rows(result: Any) -> list[Any]:
     """All rows of a result as the driver gives them (for columns that need no
     SQLAlchemy result processing: integers, strings, bytes): iterating SQLAlchemy's
@@ -247,8 +254,14 @@ _USAGE = sa.select(sa.func.coalesce(sa.func.sum(s.messages.c.size), 0)).select_f
     s.mailboxes.c.user_id == sa.bindparam("b_user"))
 
 
+def _first(conn: Connection, stmt: Any, params: dict[str, Any]) -> Any:
+    """The first row of a statement built once (None if none), through the cursor."""
+    rows = rows_direct(conn, stmt, params)
+    return rows[0] if rows else None
+
+
 def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
-    row = conn.execute(_LOCK_BY_ID, {"b_id": mailbox_id}).first()
+    row = _first(conn, _LOCK_BY_ID, {"b_id": mailbox_id})
     if row is None:
         raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
     return row
@@ -332,7 +345,7 @@ class SQLMailStore:
 
     @staticmethod
     def _get_mailbox(conn: Connection, user_id: int, name: str) -> Optional[Mailbox]:
-        row = conn.execute(_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+        row = _first(conn, _BY_NAME, {"b_user": user_id, "b_name": name})
         return None if row is None else _mailbox(row)
 
     def get_or_create_mailbox(self, user_id: int, name: str) -> Deferred[Mailbox]:
@@ -385,8 +398,8 @@ class SQLMailStore:
         """
         box = locked if locked is not None else _lock_mailbox(conn, mailbox_id)
         if delivery_id is not None:
-            earlier = conn.execute(_EARLIER_DELIVERY, {"b_box": mailbox_id,
-                                                       "b_delivery": delivery_id}).first()
+            earlier = _first(conn, _EARLIER_DELIVERY, {"b_box": mailbox_id,
+                                                       "b_delivery": delivery_id})
             if earlier is not None:
                 return box.user_id, Appended(mailbox_id, box.uidvalidity, earlier.uid,
                                              earlier.modseq, duplicate=True)
@@ -396,8 +409,8 @@ class SQLMailStore:
             internal_date = now_ms()
         self._insert_message(conn, mailbox_id, uid, modseq, blob, flags, internal_date,
                              delivery_id)
-        conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
-                                       "b_modseq": modseq})
+        run_direct(conn, _UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
+                                           "b_modseq": modseq})
         return box.user_id, Appended(mailbox_id, box.uidvalidity, uid, modseq,
                                      internal_date=internal_date)
 
@@ -456,7 +469,7 @@ class SQLMailStore:
     @staticmethod
     def lock_mailbox_now(conn: Connection, user_id: int, name: str) -> Any:
         """The row of a user's mailbox, locked for an append (None if there is none)."""
-        return conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
+        return _first(conn, _LOCK_BY_NAME, {"b_user": user_id, "b_name": name})
 
     def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
         return self.db.read(self._list_messages, mailbox_id)
@@ -466,7 +479,7 @@ class SQLMailStore:
         # Plain tuples straight from the driver's rows: this runs once per message
         # of the mailbox at every SELECT (100,000 for a big one).
         flag_sets, info = _flag_sets, MessageInfo
-        rows = _raw_rows(conn.execute(_LIST_MESSAGES, {"b_box": mailbox_id}))
+        rows = _all_tuples(run_direct(conn, _LIST_MESSAGES, {"b_box": mailbox_id}))
         return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
                 for uid, modseq, blob_id, size, date, flags in rows]
 
@@ -555,8 +568,8 @@ class SQLMailStore:
                 changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
                                            row.size, row.internal_date, _flag_sets[text]))
             if changed:
-                conn.execute(_SET_FLAGS, updates)
-                conn.execute(_SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
+                run_direct(conn, _SET_FLAGS, updates)
+                run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
             return box.user_id, changed
 
         d = self.db.write(store)
@@ -573,10 +586,10 @@ class SQLMailStore:
                 return box.user_id, [], box.highestmodseq
             modseq = box.highestmodseq + 1
             conn.execute(_DELETE_MESSAGES, {"b_ids": [row.id for row in rows]})
-            conn.execute(_INSERT_EXPUNGED, [
+            run_direct(conn, _INSERT_EXPUNGED, [
                 {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
             release_blob_refs(conn, Counter(row.blob_id for row in rows))
-            conn.execute(_SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
+            run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
             return box.user_id, [row.uid for row in rows], modseq
 
         d = self.db.write(expunge_)
@@ -649,22 +662,22 @@ class SQLMailStore:
 
     def status(self, mailbox_id: int) -> Deferred[MailboxStatus]:
         def status_(conn: Connection) -> MailboxStatus:
-            row = conn.execute(_BY_ID, {"b_id": mailbox_id}).first()
+            row = _first(conn, _BY_ID, {"b_id": mailbox_id})
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
-            counts = conn.execute(_COUNTS, {"b_box": mailbox_id}).one()
+            counts = _first(conn, _COUNTS, {"b_box": mailbox_id})
             return MailboxStatus(_mailbox(row), int(counts[0]), int(counts[2]),
                                  int(counts[3]), int(counts[1]))
         return self.db.read(status_)
 
     def changes_since(self, mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
         def changes(conn: Connection) -> MailboxChanges:
-            row = conn.execute(_BY_ID, {"b_id": mailbox_id}).first()
+            row = _first(conn, _BY_ID, {"b_id": mailbox_id})
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
             params = {"b_box": mailbox_id, "b_modseq": modseq}
-            changed = [_message(r) for r in conn.execute(_CHANGED_SINCE, params)]
-            gone = [r.uid for r in conn.execute(_EXPUNGED_SINCE, params)]
+            changed = [_message(r) for r in rows_direct(conn, _CHANGED_SINCE, params)]
+            gone = [r.uid for r in rows_direct(conn, _EXPUNGED_SINCE, params)]
             return MailboxChanges(_mailbox(row), changed, gone)
         return self.db.read(changes)
 
@@ -728,7 +741,7 @@ class SQLMailStore:
     def usage_now(conn: Connection, user_id: int) -> int:
         """Octets in all of a user's mailboxes (what a quota counts, as RFC 9208's
         STORAGE resource does: the size of each message, shared blobs or not)."""
-        return int(conn.execute(_USAGE, {"b_user": user_id}).scalar_one())
+        return int(_first(conn, _USAGE, {"b_user": user_id})[0])
 
     # -- garbage collection ---------------------------------------------------------
 
