@@ -218,6 +218,9 @@ _BY_UIDS = sa.select(s.messages).where(
     (s.messages.c.mailbox_id == sa.bindparam("b_box"))
     & s.messages.c.uid.in_(sa.bindparam("b_uids", expanding=True))).order_by(
     s.messages.c.uid)
+_BY_ONE_UID = sa.select(s.messages).where(
+    (s.messages.c.mailbox_id == sa.bindparam("b_box"))
+    & (s.messages.c.uid == sa.bindparam("b_uid")))
 _SET_FLAGS = s.messages.update().where(s.messages.c.id == sa.bindparam("b_id")).values(
     flags=sa.bindparam("b_flags"), modseq=sa.bindparam("b_modseq"))
 _SET_HIGHESTMODSEQ = s.mailboxes.update().where(
@@ -269,6 +272,8 @@ def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
 
 def _messages_by_uid(conn: Connection, mailbox_id: int, uids: Sequence[int]) -> list[Any]:
     """The rows of the given UIDs, in UID order (the mailbox row is locked already)."""
+    if len(uids) == 1:          # the common STORE or EXPUNGE: no expanding IN (...)
+        return rows_direct(conn, _BY_ONE_UID, {"b_box": mailbox_id, "b_uid": uids[0]})
     return list(conn.execute(_BY_UIDS, {"b_box": mailbox_id, "b_uids": list(uids)}))
 
 
