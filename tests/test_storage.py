@@ -740,3 +740,33 @@ def test_rows_direct_and_executemany_and_expanding_fallback(stack) -> None:
             users = rows_direct(conn, sa.select(s.users).where(
                 s.users.c.id == sa.bindparam("b_id")), {"b_id": user_id})
             assert [(u.id, u.localpart) for u in users] == [(user_id, "u")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sqlite_writes_have_connections_that_never_sleep_in_the_busy_handler(
+        sqlite_stack) -> None:
+    """On SQLite the Database writes through connections of its own, whose
+    busy_timeout is 0 (one statement to begin, retried by LightMail itself, not in
+    SQLite's millisecond sleeps); reads keep the long timeout.  A write still waits
+    for a lock that another process holds, and goes through once it is released."""
+    import sqlite3
+    import threading
+    db = sqlite_stack.db
+    assert db.write_engine is not db.engine
+    with db.write_engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
+    other = sqlite3.connect(db.engine.url.database, isolation_level=None,
+                            check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")          # as another process's writer would
+    threading.Timer(0.3, other.execute, ["COMMIT"]).start()
+
+    def add(conn, name: str) -> str:
+        conn.execute(s.domains.insert().values(name=name, created=0))
+        return name
+    started = time.monotonic()
+    assert (yield db.write_grouped(add, "late.test")) == "late.test"
+    assert time.monotonic() - started >= 0.25
+    assert "late.test" in (yield sqlite_stack.directory.list_domains())
+    other.close()

@@ -55,8 +55,11 @@ def check_url(url: str) -> sa.URL:
     return parsed
 
 
-def create_engine(url: str, pool_size: int = 8) -> Engine:
-    """An Engine configured for LightMail's durability and concurrency needs."""
+def create_engine(url: str, pool_size: int = 8, writer: bool = False) -> Engine:
+    """An Engine configured for LightMail's durability and concurrency needs.
+
+    ``writer`` (SQLite): connections only for write transactions, which never wait in
+    SQLite's busy handler (see _begin_immediate)."""
     parsed = check_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -64,7 +67,7 @@ def create_engine(url: str, pool_size: int = 8) -> Engine:
         engine = sa.create_engine(
             parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=False,
             connect_args={"check_same_thread": False, "timeout": 60})
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, writer)
         return engine
     if parsed.get_backend_name() == "mysql":
         # READ COMMITTED: our UID allocation locks the mailbox row explicitly, and
@@ -77,7 +80,7 @@ def create_engine(url: str, pool_size: int = 8) -> Engine:
                             pool_pre_ping=True, isolation_level="READ COMMITTED")
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, writer: bool = False) -> None:
     @sa.event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, record: Any) -> None:
         # Take transaction control away from the sqlite3 module so that "begin"
@@ -87,12 +90,14 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA busy_timeout=0" if writer else "PRAGMA busy_timeout=60000")
         cursor.close()
 
     @sa.event.listens_for(engine, "begin")
     def on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("lightmail_write"):
+        if writer:
+            _begin_immediate(conn.connection.dbapi_connection, toggle=False)
+        elif conn.get_execution_options().get("lightmail_write"):
             _begin_immediate(conn.connection.dbapi_connection)
         else:
             conn.exec_driver_sql("BEGIN")
@@ -104,16 +109,20 @@ def _configure_sqlite(engine: Engine) -> None:
 # the lock free most of each sleep: each collision cost milliseconds of latency.
 # BEGIN IMMEDIATE is the one place a writer waits (it takes the lock for the whole
 # transaction), so there we retry ourselves, sooner; other statements keep the
-# long busy_timeout for the rare reader that has to wait.
+# long busy_timeout for the rare reader that has to wait.  The Database's own writes
+# use connections of their own whose busy_timeout stays 0 (``toggle=False``: one
+# statement to begin instead of three); a write through a reading engine (start-up,
+# the command-line tool) sets it to 0 for the BEGIN and back.
 _LOCK_FIRST_DELAY = 0.0002
 _LOCK_MAX_DELAY = 0.002
 _LOCK_TIMEOUT = 60.0
 
 
-def _begin_immediate(dbapi_connection: Any) -> None:
+def _begin_immediate(dbapi_connection: Any, toggle: bool = True) -> None:
     deadline = time.monotonic() + _LOCK_TIMEOUT
     delay = _LOCK_FIRST_DELAY
-    dbapi_connection.execute("PRAGMA busy_timeout=0")
+    if toggle:
+        dbapi_connection.execute("PRAGMA busy_timeout=0")
     try:
         while True:
             try:
@@ -125,7 +134,8 @@ def _begin_immediate(dbapi_connection: Any) -> None:
             time.sleep(delay)
             delay = min(delay * 2, _LOCK_MAX_DELAY)
     finally:
-        dbapi_connection.execute("PRAGMA busy_timeout=60000")
+        if toggle:
+            dbapi_connection.execute("PRAGMA busy_timeout=60000")
 
 
 # -- statements run through the DBAPI cursor ---------------------------------------------
@@ -254,6 +264,9 @@ class Database:
         self.threads = threads
         self.engine = create_engine(url, pool_size=threads)
         self.backend = self.engine.dialect.name  # sqlite, postgresql, mysql
+        # SQLite: the group commit and write_now have connections of their own.
+        self.write_engine = (create_engine(url, pool_size=threads, writer=True)
+                             if self.backend == "sqlite" else self.engine)
         self.pool = WorkerThreads(threads, "lightmail-sql")
         self._started = False
         self._group_pending: list[_Request] = []
@@ -271,6 +284,8 @@ class Database:
             self.pool.stop()
             self._started = False
         self.engine.dispose()
+        if self.write_engine is not self.engine:
+            self.write_engine.dispose()
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Run ``fn`` on the SQL thread pool (no connection given)."""
@@ -402,7 +417,7 @@ class Database:
         # one fails, the transaction is rolled back whole and the group runs again
         # with a savepoint per request, so that only the failed one is left out.
         # (So a grouped function may run twice: it must act only on the database.)
-        with self.engine.connect() as conn:
+        with self.write_engine.connect() as conn:
             conn.execution_options(lightmail_write=True)
             failed = None
             with conn.begin() as tx:
@@ -437,7 +452,7 @@ class Database:
                 return fn(conn, *args, **kwargs)
 
     def write_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self.engine.connect() as conn:
+        with self.write_engine.connect() as conn:
             conn.execution_options(lightmail_write=True)
             with conn.begin():
                 return fn(conn, *args, **kwargs)
