@@ -510,3 +510,38 @@ def test_pipelined_retrs_of_a_client_that_does_not_read_are_held_back(
         assert (yield in_thread(read_all)) == count
     finally:
         yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_quit_answers_once_the_maildrop_lock_is_released(tmp_path: Path) -> None:
+    """+OK to QUIT goes out only when the lock is free: with worker processes the
+    release is a question to the main process, and a client that logged in again at
+    once through another worker found its maildrop IN-USE (seen at 10 clients)."""
+    import select
+
+    from lightmail.pop3.maildrop import Locks
+    server = yield start_pop3(tmp_path, "[directory]\nauth_over_plaintext = yes\n")
+    released: defer.Deferred[None] = defer.Deferred()
+
+    class AnsweredLater(Locks):       # as RemoteLocks: the main process answers later
+        def release(self, user_id: int) -> defer.Deferred[None]:
+            super().release(user_id)
+            return released
+    server.parts.pop3_locks = AnsweredLater()
+    try:
+        port = server.ports["pop3-plain"]
+
+        def log_in_and_quit() -> tuple[Raw, list[Any]]:
+            client = Raw(port)
+            assert client.cmd("USER bob@example.test").startswith("+OK")
+            assert client.cmd("PASS bob-secret").startswith("+OK")
+            client.send("QUIT\r\n")
+            return client, select.select([client.sock], [], [], 0.5)[0]
+        client, readable = yield in_thread(log_in_and_quit)
+        assert readable == []                  # no answer while the lock is held
+        released.callback(None)
+        reply = yield in_thread(client.reply)
+        assert reply[0].startswith("+OK Logging out"), reply
+        client.close()
+    finally:
+        yield server.root.stopService()

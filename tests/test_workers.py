@@ -236,6 +236,26 @@ def test_connection_limits_and_the_maildrop_lock_hold_across_workers(
         pop.quit()
 
 
+def test_a_maildrop_is_free_as_soon_as_quit_is_answered_in_any_worker(
+        server: ServerProcess) -> None:
+    """QUIT answers only once the main process has released the lock: a client that
+    logs in again at once, through the other worker, never finds it IN-USE.  (The
+    race itself needs load to show; tests/test_pop3.py holds the release back to
+    prove the order.)"""
+    pids = worker_pids(server)
+    port = ports(server)
+    for _ in range(10):
+        pairs = spread(lambda: pop3_connection(port["pop3"]), poplib.POP3.quit, pids, 2,
+                       burst=4)
+        (first, _), (second, _) = pairs
+        first.user(USER)
+        first.pass_(PASSWORD)
+        second.user(USER)
+        first.quit()
+        second.pass_(PASSWORD)            # raised error_proto (IN-USE) before
+        second.quit()
+
+
 def test_a_killed_worker_is_restarted_and_what_it_held_is_released(
         server: ServerProcess) -> None:
     pids = worker_pids(server)

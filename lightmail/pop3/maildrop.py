@@ -70,8 +70,10 @@ class Locks:
         self.held.add(user_id)
         self.last_login[user_id] = now
 
-    def release(self, user_id: int) -> None:
+    def release(self, user_id: int) -> defer.Deferred[None]:
+        """Fires once the lock is free for any session that asks next."""
         self.held.discard(user_id)
+        return defer.succeed(None)
 
 
 class Maildrop:
@@ -179,9 +181,11 @@ class Maildrop:
         self.deleted.clear()
         return len(removed)
 
-    def close(self) -> None:
-        """Release the lock; without commit(), nothing is deleted."""
-        if not self.closed:
-            self.closed = True
-            self._ahead.clear()
-            self.locks.release(self.mailbox.user_id)
+    def close(self) -> defer.Deferred[None]:
+        """Release the lock; without commit(), nothing is deleted.  Fires once the
+        lock is free (QUIT answers then: see Locks.release)."""
+        if self.closed:
+            return defer.succeed(None)
+        self.closed = True
+        self._ahead.clear()
+        return self.locks.release(self.mailbox.user_id)

@@ -231,10 +231,12 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         except Exception:
             self.log.failure("could not delete messages for {user}",
                              user=self.account.user.address)
+            await self.maildrop.close()
             self.close_with("-ERR [SYS/TEMP] Deleting messages failed; nothing deleted")
             return
-        finally:
-            self.maildrop.close()
+        # The lock is free before the client hears +OK: a client that logs in again
+        # at once (through any worker process) must not find its maildrop IN-USE.
+        await self.maildrop.close()
         self.log.info("{user} logged out, {removed} messages deleted",
                       user=self.account.user.address, removed=removed)
         self.close_with(f"+OK Logging out, {removed} messages deleted")

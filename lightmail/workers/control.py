@@ -77,8 +77,10 @@ class Lock(amp.Command):
 
 
 class Unlock(amp.Command):
+    # Answered: QUIT's +OK waits for it, so that a client that logs in again at once,
+    # through another worker, finds the maildrop free.
     arguments = [(b"user", amp.Integer())]
-    requiresAnswer = False
+    response = []  # type: ignore[var-annotated]
 
 
 class Kick(amp.Command):

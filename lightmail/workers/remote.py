@@ -72,8 +72,13 @@ class RemoteLocks(Locks):
         d = control.ask(self.link, control.Lock, user=user_id, login_delay=login_delay)
         return d.addCallback(lambda _: None)
 
-    def release(self, user_id: int) -> None:
-        control.notify(self.link, control.Unlock, user=user_id)
+    def release(self, user_id: int) -> defer.Deferred[None]:
+        if self.link.transport is None:
+            # The main process is gone: it let go of everything this worker held.
+            return defer.succeed(None)
+        d = control.ask(self.link, control.Unlock, user=user_id)
+        # A link lost meanwhile: the main process lets go of this worker's locks.
+        return d.addCallbacks(lambda _: None, lambda _: None)
 
 
 class RemoteKick:
