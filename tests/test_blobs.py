@@ -773,3 +773,22 @@ def test_spare_tmp_files_are_used_renewed_and_dropped_when_old(
 def reactor_() -> Any:
     from twisted.internet import reactor
     return reactor
+
+
+def test_header_end_looks_for_a_bare_blank_line_only_before_the_crlf_one() -> None:
+    """The LF LF search stops at the CR LF CR LF (it used to read a whole 64 KB head);
+    the answer is the same as searching everything, on random inputs."""
+    from lightmail.storage.blobs import _header_end
+
+    def everywhere(data: bytes, start: int) -> int:
+        crlf = data.find(b"\r\n\r\n", start)
+        lf = data.find(b"\n\n", start)
+        if crlf >= 0 and (lf < 0 or crlf + 2 <= lf):
+            return crlf + 4
+        return lf + 2 if lf >= 0 else -1
+    rng = random.Random(7)
+    for _ in range(50000):
+        data = bytes(rng.choice(b"\r\nab") for _ in range(rng.randrange(12)))
+        start = rng.randrange(len(data) + 1)
+        assert _header_end(data, start) == everywhere(data, start), (data, start)
+    assert _header_end(b"A: b\r\n\r\n" + b"x\r\n" * 20000) == 8

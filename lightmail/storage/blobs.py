@@ -77,7 +77,9 @@ HEADER_CAP = 65535
 def _header_end(data: bytes | bytearray, start: int = 0) -> int:
     """The offset just past the blank line that ends the header block, or -1."""
     crlf = data.find(b"\r\n\r\n", start)
-    lf = data.find(b"\n\n", start)
+    # A bare LF LF counts only before the CR LF CR LF: look no further than that
+    # (a CR LF message has none, and the search would read all 64 KB of it).
+    lf = data.find(b"\n\n", start, crlf + 3 if crlf >= 0 else len(data))
     if crlf >= 0 and (lf < 0 or crlf + 2 <= lf):
         return crlf + 4
     return lf + 2 if lf >= 0 else -1
