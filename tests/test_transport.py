@@ -30,6 +30,13 @@ def _pair() -> Any:
     return port, client, proto
 
 
+def _close(port: Any, client: socket.socket, proto: Any) -> Any:
+    """Close both ends and stop listening (a Deferred)."""
+    client.close()
+    proto.transport.loseConnection()
+    return port.stopListening()
+
+
 def _read_exactly(client: socket.socket, count: int) -> bytes:
     client.settimeout(5)
     data = b""
@@ -51,9 +58,7 @@ def test_a_short_reply_goes_out_without_registering_for_writing() -> None:
         assert transport not in reactor.getWriters()  # type: ignore[attr-defined]
         assert _read_exactly(client, 14) == b"250 2.0.0 Ok\r\n"
     finally:
-        client.close()
-        proto.transport.loseConnection()
-        yield port.stopListening()
+        yield _close(port, client, proto)
 
 
 @pytest_twisted.inlineCallbacks
@@ -70,9 +75,7 @@ def test_what_the_socket_does_not_take_is_buffered_in_order() -> None:
         received = yield defer.Deferred.fromCoroutine(_drain(client, len(big) + 5))
         assert received == big + b"after"
     finally:
-        client.close()
-        proto.transport.loseConnection()
-        yield port.stopListening()
+        yield _close(port, client, proto)
 
 
 async def _drain(client: socket.socket, count: int) -> bytes:
@@ -106,8 +109,7 @@ def test_a_closing_connection_goes_through_twisted() -> None:
         write_at_once(transport, b"221 Bye\r\n")
         assert sent == [b"221 Bye\r\n"]
     finally:
-        client.close()
-        yield port.stopListening()
+        yield _close(port, client, proto)
 
 
 def test_other_transports_get_a_plain_write() -> None:

@@ -21,7 +21,7 @@ from lightmail.directory.interfaces import (
 )
 from lightmail.directory.passwords import hash_password_async
 from lightmail.storage import schema as s
-from lightmail.storage.database import Database, now_ms, rows_direct
+from lightmail.storage.database import Database, first_direct, now_ms
 from lightmail.storage.sqlstore import release_blob_ref
 
 CATCH_ALL = "*"
@@ -221,8 +221,7 @@ class SQLDirectory:
 
     @staticmethod
     def _user_row(conn: Connection, local: str, domain: str) -> Any:
-        rows = rows_direct(conn, _USER_ROW, {"b_local": local, "b_domain": domain})
-        return rows[0] if rows else None
+        return first_direct(conn, _USER_ROW, {"b_local": local, "b_domain": domain})
 
     # -- aliases ----------------------------------------------------------------------
 

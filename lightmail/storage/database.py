@@ -203,6 +203,13 @@ def rows_direct(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any
     return [make(row) for row in result.fetchall()]
 
 
+def first_direct(conn: Connection, stmt: Any, params: dict[str, Any]) -> Any:
+    """The first row of :func:`rows_direct` (None if there is none): for statements
+    that match one row at most (a key, a unique index, an aggregate)."""
+    rows = rows_direct(conn, stmt, params)
+    return rows[0] if rows else None
+
+
 def _plan(stmt: Any, dialect: Any, params: dict[str, Any]) -> _Plan | None:
     if dialect.name != "sqlite":
         return None

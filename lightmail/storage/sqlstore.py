@@ -21,7 +21,13 @@ from zope.interface import implementer
 
 from lightmail.storage import schema as s
 from lightmail.storage.blobs import HEADER_CAP, header_block
-from lightmail.storage.database import Database, now_ms, rows_direct, run_direct
+from lightmail.storage.database import (
+    Database,
+    first_direct,
+    now_ms,
+    rows_direct,
+    run_direct,
+)
 from lightmail.storage.interfaces import (
     Appended,
     BlobMissing,
@@ -257,14 +263,8 @@ _USAGE = sa.select(sa.func.coalesce(sa.func.sum(s.messages.c.size), 0)).select_f
     s.mailboxes.c.user_id == sa.bindparam("b_user"))
 
 
-def _first(conn: Connection, stmt: Any, params: dict[str, Any]) -> Any:
-    """The first row of a statement built once (None if none), through the cursor."""
-    rows = rows_direct(conn, stmt, params)
-    return rows[0] if rows else None
-
-
 def _lock_mailbox(conn: Connection, mailbox_id: int) -> Any:
-    row = _first(conn, _LOCK_BY_ID, {"b_id": mailbox_id})
+    row = first_direct(conn, _LOCK_BY_ID, {"b_id": mailbox_id})
     if row is None:
         raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
     return row
@@ -350,7 +350,7 @@ class SQLMailStore:
 
     @staticmethod
     def _get_mailbox(conn: Connection, user_id: int, name: str) -> Optional[Mailbox]:
-        row = _first(conn, _BY_NAME, {"b_user": user_id, "b_name": name})
+        row = first_direct(conn, _BY_NAME, {"b_user": user_id, "b_name": name})
         return None if row is None else _mailbox(row)
 
     def get_or_create_mailbox(self, user_id: int, name: str) -> Deferred[Mailbox]:
@@ -403,7 +403,7 @@ class SQLMailStore:
         """
         box = locked if locked is not None else _lock_mailbox(conn, mailbox_id)
         if delivery_id is not None:
-            earlier = _first(conn, _EARLIER_DELIVERY, {"b_box": mailbox_id,
+            earlier = first_direct(conn, _EARLIER_DELIVERY, {"b_box": mailbox_id,
                                                        "b_delivery": delivery_id})
             if earlier is not None:
                 return box.user_id, Appended(mailbox_id, box.uidvalidity, earlier.uid,
@@ -474,7 +474,7 @@ class SQLMailStore:
     @staticmethod
     def lock_mailbox_now(conn: Connection, user_id: int, name: str) -> Any:
         """The row of a user's mailbox, locked for an append (None if there is none)."""
-        return _first(conn, _LOCK_BY_NAME, {"b_user": user_id, "b_name": name})
+        return first_direct(conn, _LOCK_BY_NAME, {"b_user": user_id, "b_name": name})
 
     def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
         return self.db.read(self._list_messages, mailbox_id)
@@ -667,17 +667,17 @@ class SQLMailStore:
 
     def status(self, mailbox_id: int) -> Deferred[MailboxStatus]:
         def status_(conn: Connection) -> MailboxStatus:
-            row = _first(conn, _BY_ID, {"b_id": mailbox_id})
+            row = first_direct(conn, _BY_ID, {"b_id": mailbox_id})
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
-            counts = _first(conn, _COUNTS, {"b_box": mailbox_id})
+            counts = first_direct(conn, _COUNTS, {"b_box": mailbox_id})
             return MailboxStatus(_mailbox(row), int(counts[0]), int(counts[2]),
                                  int(counts[3]), int(counts[1]))
         return self.db.read(status_)
 
     def changes_since(self, mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
         def changes(conn: Connection) -> MailboxChanges:
-            row = _first(conn, _BY_ID, {"b_id": mailbox_id})
+            row = first_direct(conn, _BY_ID, {"b_id": mailbox_id})
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
             params = {"b_box": mailbox_id, "b_modseq": modseq}
@@ -746,7 +746,7 @@ class SQLMailStore:
     def usage_now(conn: Connection, user_id: int) -> int:
         """Octets in all of a user's mailboxes (what a quota counts, as RFC 9208's
         STORAGE resource does: the size of each message, shared blobs or not)."""
-        return int(_first(conn, _USAGE, {"b_user": user_id})[0])
+        return int(first_direct(conn, _USAGE, {"b_user": user_id})[0])
 
     # -- garbage collection ---------------------------------------------------------
 
