@@ -364,7 +364,7 @@ class StorageConfig:
     blob_sync: str = option(
         "auto", parse_choice("auto", "fsync"),
         "How blobs are made durable.  auto: the blobs of one grouped SQL transaction "
-        "(message acceptance, LMTP) are flushed together with two syncfs calls where "
+        "(message acceptance, LMTP) are flushed together with one syncfs call where "
         "the kernel reports write-back errors through syncfs (Linux 5.8 and later), "
         "each blob alone with fsync elsewhere.  fsync: always each blob alone; "
         "choose it when the blob directory shares a filesystem with heavy unrelated "

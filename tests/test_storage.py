@@ -10,7 +10,7 @@ import time
 import pytest
 import pytest_twisted
 import sqlalchemy as sa
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from lightmail.storage import schema as s
 from lightmail.storage.interfaces import (
@@ -646,13 +646,16 @@ def test_sql_threads_default_follows_the_backend(tmp_path) -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_group_makes_its_pending_blobs_durable_together(stack, monkeypatch) -> None:
-    """PendingBlobs as ``before``: one ``commit_pending_many`` for the group (two syncfs
-    calls), and a blob that cannot be committed leaves out only its own request."""
+    """PendingBlobs as ``before``: one ``commit_pending_many`` for the group (one syncfs
+    call), and a blob that cannot be committed leaves out only its own request."""
+    import threading
+
     from lightmail.storage import blobs as blob_module
     real = blob_module._SYNCFS
     assert real is not None, "this kernel has no syncfs that reports errors"
     calls: list[int] = []
     monkeypatch.setattr(stack.blobs, "_syncfs", lambda fd: (calls.append(fd), real(fd))[1])
+    monkeypatch.setattr(stack.db, "_max_groups", 1)
 
     def pending(data: bytes):
         writer = stack.blobs.writer()
@@ -662,19 +665,28 @@ def test_group_makes_its_pending_blobs_durable_together(stack, monkeypatch) -> N
     def add(conn, name: str) -> str:
         conn.execute(s.domains.insert().values(name=name, created=0))
         return name
-    # The first requests run a group each at once (as many as may run at a time);
-    # the next ones wait and then go together.
-    firsts = [stack.db.write_grouped(add, f"first{n}.test")
-              for n in range(stack.db._max_groups)]
+    # A first request runs a group at once and is held there; the next ones wait
+    # meanwhile, and then go together.
+    entered, release = threading.Event(), threading.Event()
+
+    def held(conn, name: str) -> str:
+        entered.set()
+        assert release.wait(10)
+        return add(conn, name)
+    first = stack.db.write_grouped(held, "first.test")
+    yield threads.deferToThread(entered.wait, 10)
     pendings = [pending(f"message {n}".encode()) for n in range(4)]
     pendings[2].discard()
-    results = yield defer.DeferredList(
+    results = defer.DeferredList(
         [stack.db.write_grouped_after(p, add, f"p{n}.test") for n, p in enumerate(pendings)],
         consumeErrors=True)
-    yield defer.gatherResults(firsts)
+    assert not stack.db.groups_idle()
+    release.set()
+    results = yield results
+    yield first
     assert [ok for ok, _ in results] == [True, True, False, True]
     assert results[2][1].check(BlobMissing)
-    assert len(calls) == 2
+    assert len(calls) == 1
     for n in (0, 1, 3):
         assert stack.blobs.path(pendings[n].ref.id).read_bytes() == f"message {n}".encode()
     names = set((yield stack.directory.list_domains()))

@@ -25,10 +25,16 @@ either the whole blob or no blob at its name; what is left behind is a stray fil
 Group commit (``blob_sync = auto``, Linux 5.8 and later): the blobs that one grouped
 SQL transaction refers to are made durable together (:meth:`FilesystemBlobStore.
 commit_pending_many`): each is written to its temporary file, one ``syncfs`` makes
-them all durable, each is renamed, and a second ``syncfs`` makes the renames durable:
-two disk flushes for the group instead of two or three per blob.  The order of
-events, and so the guarantee, is the same as above.  ``syncfs`` reports write-back
-errors from Linux 5.8 on; before that, and elsewhere, each blob is fsynced alone.
+them all durable (contents and the temporary names), and each is renamed - one disk
+flush for the group instead of two per blob.  The renames are not flushed before the
+commit is reported: the kernel writes them back within seconds, and if a power loss
+undoes one first, the blob is still whole and durable at its temporary name.
+:meth:`FilesystemBlobStore.recover_now`, run by the storage service at every start
+before anything is served, moves each such file to the name that the SHA-256 of its
+content gives.  So a final path still only ever holds a complete blob, and a blob that
+a committed SQL row refers to is, after any crash and that start, at its final path.
+``syncfs`` reports write-back errors from Linux 5.8 on; before that, and elsewhere,
+each blob is fsynced alone, rename and directory included.
 
 Content that is already stored is not written again: the temporary file is dropped and
 the existing file's mtime is refreshed, because garbage collection uses mtimes as the
@@ -334,36 +340,33 @@ class FilesystemBlobStore:
                 fd, path, _ = self._spares.popleft()
             _close_and_remove(fd, path)
 
-    def _ensure_dirs(self, leaf: str, synced: list[str] | None = None) -> None:
-        """Create the fan-out directory ``objects/ab`` as needed and make sure its entry
-        is durable (fsync of ``objects``), once per directory and process.  With
-        ``synced``, no fsync: the directory is added to it, for the caller to mark
-        durable (:meth:`_mark_durable`) after its syncfs."""
+    def _ensure_dirs(self, leaf: str, durable: bool = True) -> None:
+        """Create the fan-out directory ``objects/ab`` as needed and, if ``durable``,
+        make sure its entry is durable (fsync of ``objects``, once per directory and
+        process).  A group commit needs no fsync: :meth:`recover_now` makes the
+        directory again if a crash loses it."""
         if leaf in self._durable_dirs:      # the common case: known, no lock needed
             return
         try:
             os.mkdir(leaf)
         except FileExistsError:
             pass
-        if synced is None:
+        if durable:
             _fsync_dir(os.path.dirname(leaf))
-            self._mark_durable([leaf])
-        else:
-            synced.append(leaf)
-
-    def _mark_durable(self, directories: list[str]) -> None:
-        with self._dirs_lock:
-            self._durable_dirs.update(directories)
+            with self._dirs_lock:
+                self._durable_dirs.add(leaf)
 
     def _commit(self, tmp_path: str, blob_id: str, consumed: Callable[[], None],
-                fresh: bool = False, synced: list[str] | None = None) -> bool:
-        """Move a complete, fsynced temporary file to its final name (worker thread).
+                fresh: bool = False, sync_dir: bool = True) -> bool:
+        """Move a complete, durable temporary file to its final name (worker thread).
 
         Returns True if it was renamed, False if the content was there already (the
         temporary file is then removed).  ``consumed`` is called as soon as nothing is
         left at ``tmp_path``.  ``fresh``: the file was written a moment ago, so its
-        mtime needs no refreshing.  ``synced``: no directory is fsynced; a syncfs by
-        the caller makes the rename durable (see :meth:`_ensure_dirs`).
+        mtime needs no refreshing.  ``sync_dir``: fsync the directory, so that the
+        rename is durable too.  Without it (a group commit, whose syncfs made the
+        temporary file and its directory entry durable), a crash may undo the rename,
+        and :meth:`recover_now` redoes it at the next start.
         """
         final = self._path_str(blob_id)
         leaf = os.path.dirname(final)
@@ -378,30 +381,34 @@ class FilesystemBlobStore:
             os.unlink(tmp_path)
             consumed()
             # Another writer may have renamed it an instant ago and not yet made that
-            # durable: do it here too before reporting the blob as stored.
-            self._ensure_dirs(leaf, synced)
-            if synced is None:
+            # durable.  A group commit needs nothing more: that writer's temporary file
+            # was durable before its rename, so recover_now would redo it.  Alone,
+            # make it durable here too before reporting the blob as stored.
+            if sync_dir:
+                self._ensure_dirs(leaf)
                 _fsync_dir(leaf)
             return False
-        self._ensure_dirs(leaf, synced)
+        self._ensure_dirs(leaf, sync_dir)
         if not fresh:
             # Fresh mtime even if the last write was long ago (GC grace period).
             os.utime(tmp_path)
         os.rename(tmp_path, final)
         consumed()
-        if synced is None:
+        if sync_dir:
             _fsync_dir(leaf)
         return True
 
     def commit_pending_many(self, pendings: Sequence[PendingBlob]
                             ) -> list[BaseException | None]:
-        """Make several pending blobs durable at once (worker thread): what each one's
-        :meth:`PendingBlob.commit_now` does, with two syncfs calls for all of them
-        instead of fsyncs for each (see the module docstring).  One result per blob:
-        None when it is durable, or the exception that left it out (its temporary
-        file removed); the others go on.  Without syncfs, each is committed alone.
+        """Make several pending blobs durable at once (worker thread): each is written
+        to its temporary file, one syncfs makes all the contents durable, and each is
+        renamed to its final name (see the module docstring: the renames are made
+        durable by the kernel's write-back, or redone by :meth:`recover_now`).  One
+        result per blob: None when it is durable, or the exception that left it out
+        (its temporary file removed); the others go on.  Without syncfs, each is
+        committed alone.
         """
-        if self._syncfs is None or len(pendings) < 2:
+        if self._syncfs is None:
             return [_outcome(pending.commit_now) for pending in pendings]
         results: list[BaseException | None] = [None] * len(pendings)
         written: list[int] = []
@@ -411,24 +418,75 @@ class FilesystemBlobStore:
                 written.append(index)
         if not written:
             return results
-        synced: list[str] = []
         try:
             self._syncfs_now()              # the contents, before any rename
-            renamed = []
-            for index in written:
-                results[index] = _outcome(pendings[index].rename_now, synced)
-                if results[index] is None:
-                    renamed.append(index)
-            if renamed:
-                self._syncfs_now()          # the renames and new directories
         except OSError as exc:
             for index in written:
-                if results[index] is None:
-                    results[index] = exc
+                results[index] = exc
                 pendings[index].discard_now()
             return results
-        self._mark_durable(synced)
+        for index in written:
+            results[index] = _outcome(pendings[index].rename_now)
         return results
+
+    def recover(self) -> Deferred[int]:
+        """:meth:`recover_now` on the pool; logs what it moved."""
+        def done(moved: int) -> int:
+            if moved:
+                log.warn("blob store: {count} blobs whose rename a crash undid were "
+                         "moved into place", count=moved)
+            return moved
+        return self._defer(self.recover_now).addCallback(done)
+
+    def recover_now(self) -> int:
+        """Redo the renames that a crash undid (at start-up, before the store serves;
+        only in the process that owns the store, so that no writer is at work).
+
+        A group commit's rename is not made durable before the commit is reported (one
+        disk flush fewer per group): after a power loss, a blob that the SQL commit
+        refers to may be back at its temporary name, whole and durable.  Every
+        non-empty temporary file whose final name is missing is moved into place under
+        the SHA-256 of what it holds: content addressing makes that right whatever the
+        file is (a whole blob, or the start of one whose writer died, which garbage
+        collection removes later as it is referenced by nothing).  Returns how many
+        files were moved.
+        """
+        moved = 0
+        with os.scandir(self._tmp) as entries:
+            names = [entry.path for entry in entries
+                     if entry.is_file(follow_symlinks=False)]
+        for path in names:
+            try:
+                blob_id = self._hash_file(path)
+            except FileNotFoundError:
+                continue
+            if blob_id is None:
+                continue
+            final = self._path_str(blob_id)
+            if os.path.exists(final):
+                continue            # the rename held, or the content came again
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._commit(path, blob_id, lambda: None)
+            moved += 1
+        if moved:
+            for leaf in self._subdirs(self.objects):
+                _fsync_dir(leaf)
+        return moved
+
+    @staticmethod
+    def _hash_file(path: str) -> str | None:
+        """The SHA-256 of a file's content, or None for an empty file."""
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return digest.hexdigest() if size else None
 
     def _syncfs_now(self) -> None:
         assert self._syncfs is not None
@@ -577,10 +635,10 @@ class _TmpFile:
         fd, self.fd = self.fd, None
         os.close(fd)
 
-    def rename(self, blob_id: str, fresh: bool, synced: list[str]) -> None:
+    def rename(self, blob_id: str, fresh: bool) -> None:
         assert self.path is not None
         self.store._commit(self.path, blob_id, self._consumed, fresh=fresh,
-                           synced=synced)
+                           sync_dir=False)
 
     def _consumed(self) -> None:
         self.path = None
@@ -820,9 +878,9 @@ class PendingBlob:
             self._tmp.discard()
             raise
 
-    def rename_now(self, synced: list[str]) -> None:
+    def rename_now(self) -> None:
         try:
-            self._tmp.rename(self.ref.id, self._fresh, synced)
+            self._tmp.rename(self.ref.id, self._fresh)
         except BaseException:
             self._tmp.discard()
             raise

@@ -88,6 +88,9 @@ class StorageService(Service):
                 d = defer.succeed(None)
         else:
             d = self.db.run(self._check_schema)
+        if self.primary:
+            # Before anything is served, and only here: worker processes start later.
+            d.addCallback(lambda _: self.blobs.recover())
         d.addCallback(self._started)
         d.addErrback(self._failed)
 
