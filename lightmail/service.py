@@ -215,6 +215,7 @@ def makeService(config: Config) -> LightMailService:
     runner.setServiceParent(root)
     services.local_delivery = LocalDeliveryAgent(services.directory, services.mailstore,
                                                  services.queue, runner.owner)
+    services.local_delivery.writer = storage.writer
     for agent in _delivery_agents(services):
         runner.add_agent(agent)
     from lightmail.outbound.notices import Notifier

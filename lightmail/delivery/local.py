@@ -42,6 +42,8 @@ class LocalDeliveryAgent:
         self.mailstore = mailstore
         self.queue = queue
         self.owner = owner
+        #: A lightmail.storage.writer.WriterClient: grouped writes in that process.
+        self.writer: Any = None
         db = getattr(mailstore, "db", None)
         # Directory and mail store in one database: resolve and file in one
         # transaction.  With the queue there too, the outcome is recorded in it.
@@ -54,7 +56,7 @@ class LocalDeliveryAgent:
 
     def deliver(self, item: QueueItem) -> Deferred[DeliveryResult]:
         if self._one_transaction:
-            d = self._grouped(self._deliver_now, item)
+            d = self._grouped(None, self._deliver_now, item)
         else:
             d = self._file_step_by_step(item.recipient.address, item.blob,
                                         delivery_id(item), over_quota="deferred")
@@ -75,8 +77,8 @@ class LocalDeliveryAgent:
         """
         if self._shared_db:
             fresh = fresh and hasattr(self.mailstore, "append_fresh_now")
-            return self._grouped(self._file_now, address, blob, delivery_id, "bounced",
-                                 fresh, before=before)
+            return self._grouped("file_one", self._file_now, address, blob, delivery_id,
+                                 "bounced", fresh, before=before)
         assert before is None
         return self._file_step_by_step(address, blob, delivery_id, over_quota="bounced")
 
@@ -89,18 +91,30 @@ class LocalDeliveryAgent:
         commit in progress, than with one fsync after another in the group's thread
         (measured: at 10 LMTP connections it was slower)."""
         db = getattr(self.mailstore, "db", None)
+        if self.writer is not None and self.writer.ready:
+            return pending is not None and hasattr(pending, "detach")
         return (self._shared_db and hasattr(db, "write_grouped_after")
                 and (bool(getattr(pending, "batched", False))
                      or bool(db.groups_idle())))  # type: ignore[union-attr]
 
     # -- in one transaction ---------------------------------------------------------
 
-    def _grouped(self, fn: Any, *args: Any,
-                 before: Optional[Callable[[], Any]] = None) -> Deferred[DeliveryResult]:
+    def _write(self, op: Optional[str], fn: Any, args: tuple[Any, ...],
+               before: Optional[Callable[[], Any]]) -> Deferred[Any]:
+        """``fn(conn, *args)`` in a grouped transaction: in the writer process (as its
+        operation ``op``, the same method there) when there is one, else here."""
+        writer = self.writer
+        if op is not None and writer is not None and writer.ready:
+            return writer.call(op, args, pending=before)  # type: ignore[no-any-return]
         db: Any = self.mailstore.db  # type: ignore[attr-defined]
-        d: Deferred[tuple[DeliveryResult, list[MailboxChange]]] = (
-            db.write_grouped(fn, *args) if before is None
-            else db.write_grouped_after(before, fn, *args))
+        if before is None:
+            return db.write_grouped(fn, *args)  # type: ignore[no-any-return]
+        return db.write_grouped_after(before, fn, *args)  # type: ignore[no-any-return]
+
+    def _grouped(self, op: Optional[str], fn: Any, *args: Any,
+                 before: Optional[Callable[[], Any]] = None) -> Deferred[DeliveryResult]:
+        d: Deferred[tuple[DeliveryResult, list[MailboxChange]]] = self._write(
+            op, fn, args, before)
 
         def announce(outcome: tuple[DeliveryResult, list[MailboxChange]]) -> DeliveryResult:
             result, changes = outcome
@@ -214,12 +228,8 @@ class LocalDeliveryAgent:
         for :meth:`deliver_to_mailbox` (when it fails, so does the Deferred, with its
         exception, and nothing is filed; NotFiled means it succeeded).
         """
-        db: Any = self.mailstore.db  # type: ignore[attr-defined]
-        d: Deferred[tuple[list[DeliveryResult], list[MailboxChange]]] = (
-            db.write_grouped(self._file_all_now, list(addresses), blob, queue_id)
-            if before is None else
-            db.write_grouped_after(before, self._file_all_now, list(addresses), blob,
-                                   queue_id))
+        d: Deferred[tuple[list[DeliveryResult], list[MailboxChange]]] = self._write(
+            "file_all", self._file_all_now, (list(addresses), blob, queue_id), before)
 
         def announce(outcome: tuple[list[DeliveryResult], list[MailboxChange]]
                      ) -> list[DeliveryResult]:

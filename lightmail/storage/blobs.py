@@ -888,6 +888,21 @@ class PendingBlob:
     def discard_now(self) -> None:
         self._tmp.discard()
 
+    def detach(self) -> tuple[str | None, bytes, BlobRef, bool]:
+        """Hand the commit to another process (reactor thread; see
+        lightmail.storage.writer): (the temporary file's path, or None when nothing
+        was written to one yet; the bytes still to be appended; the ref; whether the
+        file is fresh).  This process lets go of the file: its descriptor is closed
+        on the pool."""
+        self._start()
+        chunks, self._chunks = self._chunks, []
+        tmp = self._tmp
+        fd, tmp.fd = tmp.fd, None
+        path, tmp.path = tmp.path, None
+        if fd is not None:
+            self._store.pool.callInThreadWithCallback(None, os.close, fd)
+        return path, b"".join(chunks), self.ref, bool(chunks) or path is None
+
     def discard(self) -> None:
         """Close and remove the temporary file, unless a commit has started (any
         thread; a no-op then)."""

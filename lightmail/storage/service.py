@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import Service
@@ -15,6 +16,7 @@ from lightmail.storage.database import Database
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
 from lightmail.storage.threads import WorkerThreads
+from lightmail.storage.writer import WriterClient
 
 GC_INTERVAL = 3600.0
 
@@ -44,6 +46,12 @@ class StorageService(Service):
                                          sync=config.storage.blob_sync,
                                          spare_files=spares)
         self.mailstore = SQLMailStore(self.db, self.blobs)
+        # The writer process (lightmail.storage.writer), where it applies: the main
+        # process of a server started from a configuration file, without workers.
+        self.writer: WriterClient | None = None
+        if (primary and config.storage.writer_process and not config.server.workers
+                and os.path.isfile(config.path)):
+            self.writer = WriterClient(config.path)
         self.queue = SQLQueueStore(self.db, self.blobs)
         self._outcome: Any = None          # None until started: then True or a Failure
         self._waiters: list[defer.Deferred[None]] = []
@@ -91,6 +99,12 @@ class StorageService(Service):
         if self.primary:
             # Before anything is served, and only here: worker processes start later.
             d.addCallback(lambda _: self.blobs.recover())
+        writer = self.writer
+        if writer is not None:
+            # After the recovery: no writer may be at work while it runs.
+            def start_writer(_: Any) -> None:
+                writer.start()
+            d.addCallback(start_writer)
         d.addCallback(self._started)
         d.addErrback(self._failed)
 
@@ -126,8 +140,14 @@ class StorageService(Service):
         super().stopService()
         if self._gc is not None and self._gc.running:
             self._gc.stop()
+        if self.writer is not None:
+            # Its answers first: the listeners have drained, nothing new comes.
+            return self.writer.stop().addCallback(lambda _: self._close())
+        self._close()
+        return None
+
+    def _close(self) -> None:
         # Waits for in-flight SQL and blob writes, then closes the connections.
         self.io_pool.stop()
         self.blobs.close_spares()
         self.db.stop()
-        return None

@@ -1,0 +1,217 @@
+"""The writer process (lightmail.storage.writer): grouped writes in a process of their own.
+
+First its group on its own (blobs made durable with one flush, operations in one
+transaction, one answer each, on every database backend), then its loop over a socket,
+then a real server: mail goes through the writer process, and when that process is
+killed, nothing that got a 250 is lost or filed twice and the server starts another.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import smtplib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from harness import ServerProcess, run_cli, stored_messages
+from test_crash import USERS, Sender, filed_messages
+
+from lightmail.config import parse_config
+from lightmail.delivery.local import NotFiled
+from lightmail.storage import blobs as blob_module
+from lightmail.storage import writer
+
+
+def _pending(stack: Any, data: bytes) -> Any:
+    blob_writer = stack.blobs.writer()
+    blob_writer.write(data)
+    pending = blob_writer.finish_pending()
+    assert pending is not None
+    return pending
+
+
+def _answers(data: bytes) -> dict[int, tuple[bool, Any]]:
+    out = {}
+    while data:
+        length = int.from_bytes(data[:4], "big")
+        request_id, ok, value = pickle.loads(data[4:4 + length])
+        out[request_id] = (ok, value)
+        data = data[4 + length:]
+    return out
+
+
+def _ops(stack: Any, tmp_path: Path) -> dict[str, Any]:
+    config = parse_config(f"[server]\nstate_dir = {tmp_path / 'state'}\n")
+    return writer._operations(config, stack.db, stack.blobs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_group_is_made_durable_with_one_flush_and_each_request_answered(
+        stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    yield stack.directory.add_domain("example.test")
+    yield stack.directory.add_user("bob@example.test", None)
+    real = blob_module._SYNCFS
+    assert real is not None, "this kernel has no syncfs that reports errors"
+    calls: list[int] = []
+    monkeypatch.setattr(stack.blobs, "_syncfs", lambda fd: (calls.append(fd), real(fd))[1])
+    contents = [b"Subject: one\r\n\r\nfirst", b"Subject: two\r\n\r\nsecond"]
+    pendings = [_pending(stack, data) for data in contents]
+    frames = [
+        pickle.dumps((1, "file_all", (["bob@example.test"], pendings[0].ref, "QID1"),
+                      pendings[0].detach())),
+        pickle.dumps((2, "file_all", (["nobody@example.test"], pendings[1].ref, "QID2"),
+                      pendings[1].detach())),
+        pickle.dumps((3, "no such operation", (), None)),
+    ]
+    answers = _answers(writer.run_group(frames, stack.db, stack.blobs, _ops(stack, tmp_path)))
+
+    ok, (results, changes) = answers[1]
+    assert ok and [r.status for r in results] == ["delivered"]
+    assert [c.kind for c in changes] == ["created", "appended"]
+    ok, error = answers[2]          # an unknown address: left out alone
+    assert not ok and isinstance(error, NotFiled)
+    ok, error = answers[3]
+    assert not ok and isinstance(error, LookupError)
+    assert len(calls) == 1          # one flush for the group's blobs
+    for data in contents:           # both durable (the second refers to nothing: GC)
+        assert stack.blobs.path(blob_module.hashlib.sha256(data).hexdigest()
+                                ).read_bytes() == data
+    assert list(stack.blobs.tmp.iterdir()) == []
+    bob = yield stack.directory.get_user("bob@example.test")
+    box = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
+    listing = yield stack.mailstore.list_messages(box.id)
+    assert len(listing) == 1
+
+
+def test_the_loop_answers_what_was_sent_before_the_other_end_closed(
+        sqlite_stack: Any, tmp_path: Path) -> None:
+    """The main process closes its end to stop the writer: every request it sent
+    before is still answered, then ``serve`` returns."""
+    ours, theirs = socket.socketpair()
+    calls: list[int] = []
+
+    def op(conn: Any, number: int) -> int:
+        calls.append(number)
+        return number * 2
+    served = threading.Thread(target=writer.serve,
+                              args=(theirs, sqlite_stack.db, sqlite_stack.blobs,
+                                    {"double": op}))
+    served.start()
+    try:
+        for number in range(5):
+            frame = pickle.dumps((number, "double", (number,), None))
+            ours.sendall(len(frame).to_bytes(4, "big") + frame)
+        ours.shutdown(socket.SHUT_WR)
+        served.join(10)
+        assert not served.is_alive()
+        theirs.close()
+        received = b""
+        while chunk := ours.recv(65536):
+            received += chunk
+    finally:
+        ours.close()
+        theirs.close()
+    assert _answers(received) == {n: (True, n * 2) for n in range(5)}
+    assert calls == list(range(5))
+
+
+# -- a real server ------------------------------------------------------------------------
+
+def _config(write_config: Any, extra: str = "") -> Path:
+    config = write_config(
+        "[server]\nstate_dir = state\nhostname = mx.crash.test\n"
+        "[logging]\nlevel = info\n"
+        "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n" + extra)
+    run_cli(config, "domain", "add", "crash.test")
+    for user in USERS:
+        run_cli(config, "user", "add", user, "--no-password")
+    return config
+
+
+def _writer_pids(server: ServerProcess, count: int = 1) -> list[int]:
+    found = server.wait_for(r"writer process started \(pid (\d+)\)", count=count)
+    return [int(m.group(1)) for m in found]
+
+
+def test_the_server_files_mail_through_its_writer_process(write_config: Any,
+                                                          tmp_path: Path) -> None:
+    config = _config(write_config)
+    server = ServerProcess(config)
+    try:
+        port = server.ports(expected=1)["mx"]
+        (pid,) = _writer_pids(server)
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == \
+            [b"-m", b"lightmail.storage.writer"]
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.sendmail("a@client.test", ["bob@crash.test"],
+                                 b"Subject: via writer\r\n\r\nhello\r\n") == {}
+        assert [(user, box) for user, box, _ in stored_messages(tmp_path / "state")] == \
+            [("bob", "INBOX")]
+        assert server.terminate() in (0, -signal.SIGTERM)   # twistd: clean
+        assert "LightMail stopped" in server.output
+        assert not Path(f"/proc/{pid}").exists() or \
+            "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    finally:
+        server.kill()
+
+
+def test_writer_process_off_files_in_the_server_process(write_config: Any,
+                                                        tmp_path: Path) -> None:
+    config = _config(write_config, "[storage]\nwriter_process = no\n")
+    server = ServerProcess(config)
+    try:
+        port = server.ports(expected=1)["mx"]
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.sendmail("a@client.test", ["bob@crash.test"],
+                                 b"Subject: here\r\n\r\nhello\r\n") == {}
+        assert len(stored_messages(tmp_path / "state")) == 1
+        assert "writer process" not in server.output
+    finally:
+        server.kill()
+
+
+def test_kill_9_of_the_writer_process_loses_nothing_and_it_comes_back(
+        write_config: Any, tmp_path: Path) -> None:
+    """SIGKILL the writer while three clients send: what got a 250 is filed exactly
+    once; meanwhile the server writes in its own process, then starts a new writer,
+    through which mail goes again."""
+    config = _config(write_config)
+    server = ServerProcess(config)
+    accepted: set[int] = set()
+    lock = threading.Lock()
+    numbers = iter(range(1, 10**9))
+    stop = threading.Event()
+    try:
+        port = server.ports(expected=1)["mx"]
+        senders = [Sender(port, numbers, accepted, lock, stop) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        for round_ in range(1, 3):
+            (pid,) = _writer_pids(server, count=round_)[-1:]
+            time.sleep(0.7)
+            os.kill(pid, signal.SIGKILL)
+            server.wait_for("writer process ended", count=round_)
+        new = _writer_pids(server, count=3)[-1]
+        time.sleep(0.7)
+        stop.set()
+        for sender in senders:
+            sender.join(15)
+        assert Path(f"/proc/{new}").exists()
+        assert len(accepted) > 20, "too few messages were accepted to prove anything"
+        assert server.terminate() in (0, -signal.SIGTERM)   # twistd: clean
+        assert "LightMail stopped" in server.output
+    finally:
+        stop.set()
+        server.kill()
+    filed = filed_messages(tmp_path / "state")
+    missing = sorted(accepted - set(filed))
+    assert not missing, f"accepted (250) but not filed: {missing[:20]}"
+    twice = {n: users for n, users in filed.items() if len(users) > 1}
+    assert not twice, f"filed more than once: {twice}"
