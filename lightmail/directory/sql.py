@@ -21,7 +21,7 @@ from lightmail.directory.interfaces import (
 )
 from lightmail.directory.passwords import hash_password_async
 from lightmail.storage import schema as s
-from lightmail.storage.database import Database, first_direct, now_ms
+from lightmail.storage.database import Database, first_direct, now_ms, rows_direct
 from lightmail.storage.sqlstore import release_blob_ref
 
 CATCH_ALL = "*"
@@ -57,6 +57,13 @@ def _release_messages_of(conn: Connection, user_ids: sa.ColumnElement[bool]) -> 
 _USER_ROW = sa.select(s.users).join(s.domains, s.domains.c.id == s.users.c.domain_id).where(
     (s.domains.c.name == sa.bindparam("b_domain"))
     & (s.users.c.localpart == sa.bindparam("b_local")))
+_DOMAIN_ID = sa.select(s.domains.c.id).where(s.domains.c.name == sa.bindparam("b_domain"))
+_ALIAS_DESTS = (
+    sa.select(s.aliases.c.destination)
+    .join(s.domains, s.domains.c.id == s.aliases.c.domain_id)
+    .where((s.domains.c.name == sa.bindparam("b_domain"))
+           & (s.aliases.c.localpart == sa.bindparam("b_local")))
+    .order_by(s.aliases.c.destination))
 
 
 @implementer(IDirectory)
@@ -353,16 +360,12 @@ class SQLDirectory:
 
     @staticmethod
     def _domain_exists(conn: Connection, domain: str) -> bool:
-        return conn.execute(sa.select(s.domains.c.id).where(
-            s.domains.c.name == domain)).first() is not None
+        return first_direct(conn, _DOMAIN_ID, {"b_domain": domain}) is not None
 
     @staticmethod
     def _alias_dests(conn: Connection, local: str, domain: str) -> list[str]:
-        return [row.destination for row in conn.execute(
-            sa.select(s.aliases.c.destination)
-            .join(s.domains, s.domains.c.id == s.aliases.c.domain_id)
-            .where((s.domains.c.name == domain) & (s.aliases.c.localpart == local))
-            .order_by(s.aliases.c.destination))]
+        return [row.destination for row in rows_direct(
+            conn, _ALIAS_DESTS, {"b_domain": domain, "b_local": local})]
 
     def allowed_senders(self, user: User) -> Deferred[list[str]]:
         """The user's own address and every alias that leads only to them."""

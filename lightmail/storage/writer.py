@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
+from lightmail.directory.interfaces import Resolution
+from lightmail.directory.sql import RESOLVE_CACHE_SIZE, SQLDirectory
 from lightmail.storage.blobs import FilesystemBlobStore, _write_all
 from lightmail.storage.database import Database, _Request
 from lightmail.storage.interfaces import BlobRef
@@ -206,17 +209,34 @@ def run_group(batch: list[bytes], db: Database, blobs: FilesystemBlobStore,
                     for request_id, (ok, value) in zip(ids, outcomes, strict=True))
 
 
+class _RememberingDirectory(SQLDirectory):
+    """The directory as the writer reads it: a resolution read in a transaction is
+    remembered for ``[directory] resolve_cache_ttl``, as the server's process does for
+    RCPT, so that filing a fresh message finds its recipient without a query.  A
+    change the server makes reaches this process within that time, as one made by
+    the lightmail command reaches the server."""
+
+    def resolve_now(self, conn: Any, address: str) -> Resolution:
+        resolution = super().resolve_now(conn, address)
+        if self.resolve_cache_ttl:
+            if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+                self._resolved = {}
+            self._resolved[address] = (time.monotonic() + self.resolve_cache_ttl,
+                                       resolution)
+        return resolution
+
+
 def _operations(config: Any, db: Database, blobs: FilesystemBlobStore
                 ) -> dict[str, Callable[..., Any]]:
     from lightmail.delivery.local import LocalDeliveryAgent
-    from lightmail.directory.sql import SQLDirectory
     from lightmail.storage.queuestore import SQLQueueStore
     from lightmail.storage.sqlstore import SQLMailStore
     mailstore = SQLMailStore(db, blobs)
     queue = SQLQueueStore(db, blobs)
-    # No resolution cache here: every answer is read in the transaction itself.
-    directory = SQLDirectory(db, recipient_delimiter=config.directory.recipient_delimiter,
-                             default_quota=config.directory.default_quota)
+    directory = _RememberingDirectory(
+        db, recipient_delimiter=config.directory.recipient_delimiter,
+        default_quota=config.directory.default_quota,
+        resolve_cache_ttl=config.directory.resolve_cache_ttl)
     agent = LocalDeliveryAgent(directory, mailstore, queue, config.node_id)
     return {
         "file_all": agent._file_all_now,
