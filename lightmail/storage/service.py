@@ -52,6 +52,7 @@ class StorageService(Service):
         if (primary and config.storage.writer_process and not config.server.workers
                 and os.path.isfile(config.path)):
             self.writer = WriterClient(config.path)
+            self.mailstore.writer = self.writer
         self.queue = SQLQueueStore(self.db, self.blobs)
         self._outcome: Any = None          # None until started: then True or a Failure
         self._waiters: list[defer.Deferred[None]] = []

@@ -302,6 +302,8 @@ class SQLMailStore:
         self.db = db
         self.blobs = blobs
         self._listeners: list[IChangeListener] = []
+        #: A lightmail.storage.writer.WriterClient: writes go to that process.
+        self.writer: Any = None
 
     def add_listener(self, listener: IChangeListener) -> None:
         self._listeners.append(listener)
@@ -312,6 +314,18 @@ class SQLMailStore:
                 listener.mailbox_changed(change)
             except Exception:
                 self.log.failure("change listener {listener!r} failed", listener=listener)
+
+    def _write(self, op: str, fn: Callable[..., Any], *args: Any,
+               before: Optional[Callable[[], Any]] = None) -> Deferred[Any]:
+        """``fn(conn, *args)`` in a write transaction: in the writer process (its
+        operation ``op`` is the same method there; lightmail.storage.writer) when
+        there is one, else here.  ``before``: a PendingBlob made durable first."""
+        writer = self.writer
+        if writer is not None and writer.ready:
+            return writer.call(op, args, pending=before)  # type: ignore[no-any-return]
+        if before is None:
+            return self.db.write(fn, *args)
+        return self.db.write_grouped_after(before, fn, *args)
 
     def _announcing(self, d: Deferred[Any], make: Any) -> Deferred[Any]:
         def announce(result: Any) -> Any:
@@ -382,9 +396,8 @@ class SQLMailStore:
                before: Optional[Callable[[], Any]] = None) -> Deferred[Appended]:
         if internal_date is None:
             internal_date = now_ms()
-        args = (mailbox_id, blob, flags, internal_date, delivery_id)
-        d = (self.db.write(self.append_now, *args) if before is None
-             else self.db.write_grouped_after(before, self.append_now, *args))
+        d = self._write("append", self.append_now, mailbox_id, blob, list(flags),
+                        internal_date, delivery_id, before=before)
         return self._announcing(d, lambda res: [] if res[1].duplicate else [
             MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq,
                           (MessageInfo(mailbox_id, res[1].uid, res[1].modseq, blob.id,
@@ -553,54 +566,58 @@ class SQLMailStore:
                   mode: str = "replace") -> Deferred[list[MessageInfo]]:
         if mode not in ("replace", "add", "remove"):
             raise ValueError(f"unknown flag mode {mode!r}")
-
-        def store(conn: Connection) -> tuple[int, list[MessageInfo]]:
-            box = _lock_mailbox(conn, mailbox_id)
-            rows = _messages_by_uid(conn, mailbox_id, uids)
-            modseq = box.highestmodseq
-            changed = []
-            updates = []
-            given = frozenset(flags)
-            for row in rows:
-                old = _flags_set(row.flags)
-                new = (given if mode == "replace" else
-                       old | given if mode == "add" else old - given)
-                if new == old:
-                    continue
-                modseq += 1
-                text = _flags_text(new)
-                updates.append({"b_id": row.id, "b_flags": text, "b_modseq": modseq})
-                changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
-                                           row.size, row.internal_date, _flag_sets[text]))
-            if changed:
-                run_direct(conn, _SET_FLAGS, updates)
-                run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
-            return box.user_id, changed
-
-        d = self.db.write(store)
+        d = self._write("set_flags", self.set_flags_now, mailbox_id, list(uids),
+                        list(flags), mode)
         return self._announcing(d, lambda res: [MailboxChange(
             res[0], mailbox_id, "flags", tuple(m.uid for m in res[1]), res[1][-1].modseq,
             tuple(res[1]))]
             if res[1] else []).addCallback(lambda res: res[1])
 
-    def expunge(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
-        def expunge_(conn: Connection) -> tuple[int, list[int], int]:
-            box = _lock_mailbox(conn, mailbox_id)
-            rows = _messages_by_uid(conn, mailbox_id, uids)
-            if not rows:
-                return box.user_id, [], box.highestmodseq
-            modseq = box.highestmodseq + 1
-            conn.execute(_DELETE_MESSAGES, {"b_ids": [row.id for row in rows]})
-            run_direct(conn, _INSERT_EXPUNGED, [
-                {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
-            release_blob_refs(conn, Counter(row.blob_id for row in rows))
+    def set_flags_now(self, conn: Connection, mailbox_id: int, uids: Sequence[int],
+                      flags: Sequence[str], mode: str) -> tuple[int, list[MessageInfo]]:
+        """STORE inside the caller's transaction: (user id, the messages changed)."""
+        box = _lock_mailbox(conn, mailbox_id)
+        rows = _messages_by_uid(conn, mailbox_id, uids)
+        modseq = box.highestmodseq
+        changed = []
+        updates = []
+        given = frozenset(flags)
+        for row in rows:
+            old = _flags_set(row.flags)
+            new = (given if mode == "replace" else
+                   old | given if mode == "add" else old - given)
+            if new == old:
+                continue
+            modseq += 1
+            text = _flags_text(new)
+            updates.append({"b_id": row.id, "b_flags": text, "b_modseq": modseq})
+            changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
+                                       row.size, row.internal_date, _flag_sets[text]))
+        if changed:
+            run_direct(conn, _SET_FLAGS, updates)
             run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
-            return box.user_id, [row.uid for row in rows], modseq
+        return box.user_id, changed
 
-        d = self.db.write(expunge_)
+    def expunge(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
+        d = self._write("expunge", self.expunge_now, mailbox_id, list(uids))
         return self._announcing(d, lambda res: [MailboxChange(
             res[0], mailbox_id, "expunged", tuple(res[1]), res[2])] if res[1] else []
         ).addCallback(lambda res: res[1])
+
+    def expunge_now(self, conn: Connection, mailbox_id: int,
+                    uids: Sequence[int]) -> tuple[int, list[int], int]:
+        """EXPUNGE inside the caller's transaction: (user id, UIDs gone, modseq)."""
+        box = _lock_mailbox(conn, mailbox_id)
+        rows = _messages_by_uid(conn, mailbox_id, uids)
+        if not rows:
+            return box.user_id, [], box.highestmodseq
+        modseq = box.highestmodseq + 1
+        conn.execute(_DELETE_MESSAGES, {"b_ids": [row.id for row in rows]})
+        run_direct(conn, _INSERT_EXPUNGED, [
+            {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
+        release_blob_refs(conn, Counter(row.blob_id for row in rows))
+        run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
+        return box.user_id, [row.uid for row in rows], modseq
 
     def delete_mailbox(self, user_id: int, name: str) -> Deferred[None]:
         name = normalise_mailbox_name(name)
@@ -688,7 +705,7 @@ class SQLMailStore:
 
     def copy(self, source_id: int, uids: Sequence[int], target_id: int,
              move: bool = False) -> Deferred[Copied]:
-        d = self.db.write(self.copy_now, source_id, uids, target_id, move)
+        d = self._write("copy", self.copy_now, source_id, list(uids), target_id, move)
         return self._announcing(d, lambda res: res[1]).addCallback(lambda res: res[0])
 
     def copy_now(self, conn: Connection, source_id: int, uids: Sequence[int],

@@ -242,6 +242,10 @@ def _operations(config: Any, db: Database, blobs: FilesystemBlobStore
         "file_all": agent._file_all_now,
         "file_one": agent._file_now,
         "enqueue": queue.enqueue_now,
+        "append": mailstore.append_now,
+        "set_flags": mailstore.set_flags_now,
+        "expunge": mailstore.expunge_now,
+        "copy": mailstore.copy_now,
     }
 
 
