@@ -70,7 +70,8 @@ def test_a_group_is_made_durable_with_one_flush_and_each_request_answered(
                       pendings[1].detach())),
         pickle.dumps((3, "no such operation", (), None)),
     ]
-    answers = _answers(writer.run_group(frames, stack.db, stack.blobs, _ops(stack, tmp_path)))
+    answers = _answers(b"".join(
+        writer.run_group(frames, stack.db, stack.blobs, _ops(stack, tmp_path))))
 
     ok, (results, changes) = answers[1]
     assert ok and [r.status for r in results] == ["delivered"]
@@ -158,6 +159,32 @@ def test_the_server_files_mail_through_its_writer_process(write_config: Any,
         assert "LightMail stopped" in server.output
         assert not Path(f"/proc/{pid}").exists() or \
             "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    finally:
+        server.kill()
+
+
+def test_workers_write_through_the_main_process_writer(write_config: Any,
+                                                       tmp_path: Path) -> None:
+    """[server] workers: each worker connects to the one writer process (a socket in
+    a directory of the main process's own, removed at the end)."""
+    config = _config(write_config)
+    text = config.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1)
+    config.write_text(text)
+    server = ServerProcess(config)
+    try:
+        port = server.ports(expected=1)["mx"]
+        server.wait_for(r"worker=\d\] connected to the writer process", count=2)
+        (pid,) = _writer_pids(server)
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        socket_path = Path(args[args.index(b"--listen") + 1].decode())
+        assert socket_path.is_socket() and (socket_path.parent.stat().st_mode & 0o777) == 0o700
+        for number in range(6):         # over both workers
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                assert smtp.sendmail("a@client.test", ["bob@crash.test"],
+                                     f"Subject: w{number}\r\n\r\nhi\r\n".encode()) == {}
+        assert len(stored_messages(tmp_path / "state")) == 6
+        assert server.terminate() in (0, -signal.SIGTERM)
+        assert not socket_path.parent.exists()
     finally:
         server.kill()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.application.service import Service
@@ -33,7 +35,8 @@ class StorageService(Service):
     name = "storage"
     log = Logger()
 
-    def __init__(self, config: Config, primary: bool = True) -> None:
+    def __init__(self, config: Config, primary: bool = True,
+                 writer_socket: str | None = None) -> None:
         self.config = config
         # A worker process's storage (lightmail.workers) is not primary: the main
         # process migrates the schema and collects garbage.
@@ -46,13 +49,20 @@ class StorageService(Service):
                                          sync=config.storage.blob_sync,
                                          spare_files=spares)
         self.mailstore = SQLMailStore(self.db, self.blobs)
-        # The writer process (lightmail.storage.writer), where it applies: the main
-        # process of a server started from a configuration file, without workers.
+        # The writer process (lightmail.storage.writer), where it applies: started
+        # by the main process of a server that runs from a configuration file; its
+        # workers connect to it at ``writer_socket`` (a directory of our own).
         self.writer: WriterClient | None = None
-        if (primary and config.storage.writer_process and not config.server.workers
-                and os.path.isfile(config.path)):
-            self.writer = WriterClient(config.path)
-            self.mailstore.writer = self.writer
+        self.writer_socket = writer_socket
+        self._writer_dir: str | None = None
+        if primary and config.storage.writer_process and os.path.isfile(config.path):
+            if config.server.workers:
+                self._writer_dir = tempfile.mkdtemp(prefix="lightmail-")
+                self.writer_socket = os.path.join(self._writer_dir, "writer.sock")
+            self.writer = WriterClient(config.path, listen=self.writer_socket)
+        elif not primary and writer_socket is not None:
+            self.writer = WriterClient(connect=writer_socket)
+        self.mailstore.writer = self.writer
         self.queue = SQLQueueStore(self.db, self.blobs)
         self._outcome: Any = None          # None until started: then True or a Failure
         self._waiters: list[defer.Deferred[None]] = []
@@ -148,6 +158,8 @@ class StorageService(Service):
         return None
 
     def _close(self) -> None:
+        if self._writer_dir is not None:
+            shutil.rmtree(self._writer_dir, ignore_errors=True)
         # Waits for in-flight SQL and blob writes, then closes the connections.
         self.io_pool.stop()
         self.blobs.close_spares()

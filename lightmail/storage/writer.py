@@ -23,8 +23,10 @@ main process and its own child).  Request: ``(id, op, args, blob)``; answer:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
+import selectors
 import signal
 import socket
 import struct
@@ -171,26 +173,72 @@ def _answer(request_id: int, ok: bool, value: Any) -> bytes:
         return _encode((request_id, False, RuntimeError(f"{type(value).__name__}: {value}")))
 
 
+class _Peer:
+    """One process that sends requests: the main process, or a worker."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.closed = False        # it will send nothing more
+        self.owed = 0              # requests taken and not yet answered
+
+
 def serve(sock: socket.socket, db: Database, blobs: FilesystemBlobStore,
-          ops: dict[str, Callable[..., Any]]) -> None:
-    """Answer requests, a group at a time, until the main process closes its end
-    (what it sent before that is still answered)."""
-    buf = bytearray()
-    pending: list[bytes] = []
-    closed = False
-    while pending or not closed:
-        if not closed:
-            frames, closed = _read_frames(sock, buf, wait=not pending)
-            pending += frames
+          ops: dict[str, Callable[..., Any]],
+          listener: socket.socket | None = None) -> None:
+    """Answer requests, a group at a time, from the main process (``sock``) and from
+    the workers that connect to ``listener``, until the main process closes its end
+    (what it sent before that is still answered); the requests of every process that
+    arrived meanwhile go in one group."""
+    selector = selectors.DefaultSelector()
+    main_peer = _Peer(sock)
+    selector.register(sock, selectors.EVENT_READ, main_peer)
+    if listener is not None:
+        selector.register(listener, selectors.EVENT_READ, None)
+    pending: list[tuple[_Peer, bytes]] = []
+    while pending or not main_peer.closed:
+        for key, _ in selector.select(0 if pending else None):
+            peer = key.data
+            if peer is None:
+                assert listener is not None
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                selector.register(conn, selectors.EVENT_READ, _Peer(conn))
+                continue
+            frames, closed = _read_frames(peer.sock, peer.buf, wait=False)
+            pending += [(peer, frame) for frame in frames]
+            peer.owed += len(frames)
+            if closed:
+                peer.closed = True
+                selector.unregister(peer.sock)
+                _close_if_done(peer, main_peer)
         batch, pending = pending[:GROUP_MAX], pending[GROUP_MAX:]
-        if batch:
-            sock.sendall(run_group(batch, db, blobs, ops))
+        if not batch:
+            continue
+        answers = run_group([frame for _, frame in batch], db, blobs, ops)
+        to: dict[_Peer, list[bytes]] = {}
+        for (peer, _), answer in zip(batch, answers, strict=True):
+            to.setdefault(peer, []).append(answer)
+        for peer, out in to.items():
+            peer.owed -= len(out)
+            try:
+                peer.sock.sendall(b"".join(out))
+            except OSError:
+                pass                # that process is gone: nobody waits for these
+            _close_if_done(peer, main_peer)
+
+
+def _close_if_done(peer: _Peer, main_peer: _Peer) -> None:
+    if peer.closed and not peer.owed and peer is not main_peer:
+        peer.sock.close()
 
 
 def run_group(batch: list[bytes], db: Database, blobs: FilesystemBlobStore,
-              ops: dict[str, Callable[..., Any]]) -> bytes:
+              ops: dict[str, Callable[..., Any]]) -> list[bytes]:
     """One group: the requests' blobs made durable together, their operations in one
-    transaction; the answers, framed."""
+    transaction; each request's answer, framed, in order."""
     ids, requests = [], []
     for frame in batch:
         request_id, op, args, blob = pickle.loads(frame)
@@ -205,8 +253,8 @@ def run_group(batch: list[bytes], db: Database, blobs: FilesystemBlobStore,
         outcomes = db._run_befores_and_group(requests)
     except Exception as exc:            # the commit itself failed
         outcomes = [(False, exc)] * len(requests)
-    return b"".join(_answer(request_id, ok, value)
-                    for request_id, (ok, value) in zip(ids, outcomes, strict=True))
+    return [_answer(request_id, ok, value)
+            for request_id, (ok, value) in zip(ids, outcomes, strict=True)]
 
 
 class _RememberingDirectory(SQLDirectory):
@@ -253,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="LightMail's writer process")
     parser.add_argument("--config", required=True)
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--listen", help="a Unix socket for the workers to connect to")
     args = parser.parse_args(argv)
     # The main process decides when this one ends (by closing the socket, once what
     # it sent is answered); a Ctrl-C or SIGTERM to the process group is for it.
@@ -261,12 +310,25 @@ def main(argv: list[str] | None = None) -> int:
     from lightmail.config import load_config
     config = load_config(args.config)
     sock = socket.socket(fileno=args.fd)
+    listener = None
+    if args.listen:
+        # In a directory of the main process's own (mode 0700): only this user's
+        # processes can reach it, as with the socket pair.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.listen)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(args.listen)
+        os.chmod(args.listen, 0o600)
+        listener.listen(64)
     db = Database(config.database_url, threads=1)
     blobs = FilesystemBlobStore(config.blob_dir, None, sync=config.storage.blob_sync)
     try:
-        serve(sock, db, blobs, _operations(config, db, blobs))
+        serve(sock, db, blobs, _operations(config, db, blobs), listener)
     finally:
         db.stop()
+        if args.listen:
+            with contextlib.suppress(OSError):
+                os.unlink(args.listen)
     return 0
 
 
@@ -284,23 +346,38 @@ class _Link(Int32StringReceiver):
 
     def __init__(self, client: WriterClient) -> None:
         self.client = client
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.client._linked(self)
 
     def stringReceived(self, data: bytes) -> None:
         self.client._answered(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.client._unlinked(self)
+        self.lost.callback(None)
 
 
 class WriterClient:
-    """The main process's end: starts the writer process, sends it requests, and
-    starts it again should it end (the requests it had not answered then fail with
-    :class:`WriterLost`).  ``ready``: whether requests can go to it now."""
+    """A process's end of the writer process.  The main process's (``config_path``)
+    starts the writer, and starts it again should it end; with ``listen``, the
+    writer also takes requests from the workers there.  A worker's (``connect``)
+    connects to that socket, and again should the connection drop.  Requests not
+    answered when the writer or the connection goes away fail with
+    :class:`WriterLost`.  ``ready``: whether requests can go to the writer now
+    (otherwise the caller writes in its own process)."""
 
     log = Logger()
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str | None = None, *, listen: str | None = None,
+                 connect: str | None = None) -> None:
+        if (config_path is None) == (connect is None):
+            raise ValueError("a WriterClient starts a writer (config_path) or "
+                             "connects to one (connect)")
         self.config_path = config_path
+        self.listen = listen
+        self.connect = connect
         self._link: _Link | None = None
         self._waiting: dict[int, defer.Deferred[Any]] = {}
         self._next_id = 0
@@ -321,30 +398,39 @@ class WriterClient:
     def start(self) -> None:
         from twisted.internet import reactor
         self._restart = None
+        if self.connect is not None:
+            reactor.connectUNIX(  # type: ignore[attr-defined]
+                self.connect, _Connecting(self), timeout=10)
+            return
+        assert self.config_path is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        link = _Link(self)
         reactor.adoptStreamConnection(  # type: ignore[attr-defined]
-            ours.fileno(), socket.AF_UNIX, _OneLink(link))
+            ours.fileno(), socket.AF_UNIX, _Adopting(self))
         ours.close()
         fd = 3
+        args = [sys.executable, "-m", "lightmail.storage.writer", "--config",
+                self.config_path, "--fd", str(fd)]
+        if self.listen is not None:
+            args += ["--listen", self.listen]
         self._ended = defer.Deferred()
         self._process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            _WriterProcess(self, self._ended), sys.executable,
-            [sys.executable, "-m", "lightmail.storage.writer", "--config",
-             self.config_path, "--fd", str(fd)],
+            _WriterProcess(self, self._ended), sys.executable, args,
             env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2, fd: theirs.fileno()})
         theirs.close()
-        self._link = link
         self.log.info("writer process started (pid {pid})", pid=self._process.pid)
 
     def stop(self) -> defer.Deferred[None]:
-        """End the writer process once it has answered what it was sent (call once
-        nothing sends any more: the listeners have drained)."""
+        """Let go of the writer once it has answered what it was sent (call once
+        nothing sends any more: the listeners have drained); the main process's
+        waits for the writer process to end."""
         self._stopping = True
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
-        if self._link is not None and self._link.transport is not None:
-            self._link.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        link = self._link
+        if link is not None and link.transport is not None:
+            link.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        if self.connect is not None:
+            return link.lost if link is not None else defer.succeed(None)
         if self._ended is None or self._ended.called:
             return defer.succeed(None)
         from twisted.internet import reactor
@@ -353,10 +439,8 @@ class WriterClient:
         def too_slow() -> None:
             if not ended.called and self._process is not None:
                 self.log.warn("writer process did not end: killing it")
-                try:
+                with contextlib.suppress(Exception):
                     self._process.signalProcess("KILL")
-                except Exception:
-                    pass
         timer = reactor.callLater(30, too_slow)  # type: ignore[attr-defined]
 
         def done(result: Any) -> Any:
@@ -394,33 +478,59 @@ class WriterClient:
         else:
             d.errback(Failure(value))
 
+    def _linked(self, link: _Link) -> None:
+        self._link = link
+        if self.connect is not None:
+            self.log.info("connected to the writer process")
+
     def _unlinked(self, link: _Link) -> None:
         if self._link is link:
             self._link = None
         waiting, self._waiting = self._waiting, {}
         for d in waiting.values():
             d.errback(WriterLost("the writer process went away before it answered"))
+        if self.connect is not None and not self._stopping:
+            self._again("lost the writer process")
 
-    def _process_ended(self, reason: Failure) -> None:
-        if self._link is not None and self._link.transport is not None:
-            self._link.transport.loseConnection()
-        if self._stopping:
-            return
+    def _again(self, what: str) -> None:
+        """Start (or connect) again after the current delay; write here meanwhile."""
         from twisted.internet import reactor
-        self.log.warn("writer process ended ({reason}); writing in this process until "
-                      "it is started again in {delay}s", reason=reason.getErrorMessage(),
-                      delay=self._delay)
+        self.log.warn("{what}; writing in this process until it is there again "
+                      "(next try in {delay}s)", what=what, delay=self._delay)
         self._restart = reactor.callLater(  # type: ignore[attr-defined]
             self._delay, self.start)
         self._delay = min(self._delay * 2, RESTART_MAX)
 
+    def _process_ended(self, reason: Failure) -> None:
+        if self._link is not None and self._link.transport is not None:
+            self._link.transport.loseConnection()
+        if not self._stopping:
+            self._again(f"writer process ended ({reason.getErrorMessage()})")
 
-class _OneLink(protocol.Factory):
-    def __init__(self, link: _Link) -> None:
-        self.link = link
+
+class _Adopting(protocol.Factory):
+    noisy = False
+
+    def __init__(self, client: WriterClient) -> None:
+        self.client = client
 
     def buildProtocol(self, addr: Any) -> _Link:
-        return self.link
+        return _Link(self.client)
+
+
+class _Connecting(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, client: WriterClient) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> _Link:
+        return _Link(self.client)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.client._stopping:
+            self.client._again(f"could not reach the writer process "
+                               f"({reason.getErrorMessage()})")
 
 
 class _WriterProcess(protocol.ProcessProtocol):

@@ -101,14 +101,16 @@ class AdoptedListener(Service):
         yield self.factory.drain(self.shutdown_timeout)
 
 
-def build(config: Config, link: MainLink, listeners: dict[str, int]) -> MultiService:
-    """The worker's service tree: storage, directory, and the adopted listeners."""
+def build(config: Config, link: MainLink, listeners: dict[str, int],
+          writer_socket: str | None = None) -> MultiService:
+    """The worker's service tree: storage, directory, and the adopted listeners;
+    writes go to the main process's writer process at ``writer_socket``."""
     from lightmail.delivery.local import LocalDeliveryAgent
     from lightmail.directory.cred import make_portal
     from lightmail.directory.sql import SQLDirectory
     from lightmail.service import Services
     from lightmail.storage.service import StorageService
-    storage = StorageService(config, primary=False)
+    storage = StorageService(config, primary=False, writer_socket=writer_socket)
     directory = SQLDirectory(storage.db,
                              recipient_delimiter=config.directory.recipient_delimiter,
                              default_quota=config.directory.default_quota,
@@ -118,6 +120,7 @@ def build(config: Config, link: MainLink, listeners: dict[str, int]) -> MultiSer
                         portal=portal, queue_runner=RemoteKick(link))
     services.local_delivery = LocalDeliveryAgent(directory, storage.mailstore,
                                                  storage.queue, config.node_id)
+    services.local_delivery.writer = storage.writer
     services.pop3_locks = RemoteLocks(link)
     services.imap_hub = link.hub = WorkerHub(link)
     storage.mailstore.add_listener(services.imap_hub)
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--writer", help="the writer process's socket")
     parser.add_argument("--listener", action="append", default=[],
                         help="NAME=FD of an inherited listening socket")
     args = parser.parse_args(argv)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.listener:
         name, _, fd = item.rpartition("=")
         listeners[name] = int(fd)
-    root = build(config, link, listeners)
+    root = build(config, link, listeners, args.writer)
     reactor.adoptStreamConnection(  # type: ignore[attr-defined]
         args.control, socket.AF_UNIX, control.OneProtocol(link))
     os.close(args.control)
