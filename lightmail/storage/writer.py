@@ -400,12 +400,12 @@ class WriterClient:
         self._restart = None
         if self.connect is not None:
             reactor.connectUNIX(  # type: ignore[attr-defined]
-                self.connect, _Connecting(self), timeout=10)
+                self.connect, _LinkFactory(self), timeout=10)
             return
         assert self.config_path is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         reactor.adoptStreamConnection(  # type: ignore[attr-defined]
-            ours.fileno(), socket.AF_UNIX, _Adopting(self))
+            ours.fileno(), socket.AF_UNIX, _LinkFactory(self))
         ours.close()
         fd = 3
         args = [sys.executable, "-m", "lightmail.storage.writer", "--config",
@@ -508,17 +508,9 @@ class WriterClient:
             self._again(f"writer process ended ({reason.getErrorMessage()})")
 
 
-class _Adopting(protocol.Factory):
-    noisy = False
+class _LinkFactory(protocol.ClientFactory):
+    """Links to the writer: over the socket pair (adopted), or connecting to it."""
 
-    def __init__(self, client: WriterClient) -> None:
-        self.client = client
-
-    def buildProtocol(self, addr: Any) -> _Link:
-        return _Link(self.client)
-
-
-class _Connecting(protocol.ClientFactory):
     noisy = False
 
     def __init__(self, client: WriterClient) -> None:
