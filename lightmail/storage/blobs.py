@@ -175,6 +175,39 @@ def _close_and_remove(fd: int, path: str) -> None:
         pass
 
 
+#: What _read_file asks for at once when the length is not given: most messages
+#: are smaller, so most reads are one call.
+_READ_CHUNK = 256 * 1024
+
+
+def _read_file(path: str, length: int = -1, offset: int = 0) -> bytes:
+    """``length`` octets (all with -1) of the file at ``path`` from ``offset``, in as
+    few system calls as there can be: open, read (one for most blobs), close.  Each
+    call gives up the GIL and must win it back from a busy reactor thread, and
+    Python's ``open().read()`` makes nine of them (fstat, ioctl, lseek...)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if length >= 0:
+            parts = []
+            while length > 0:
+                chunk = os.pread(fd, length, offset)
+                parts.append(chunk)
+                if len(chunk) < length:     # a regular file's read is short at its end
+                    break
+                length -= len(chunk)
+                offset += len(chunk)
+            return b"".join(parts)
+        parts = []
+        while True:
+            chunk = os.pread(fd, _READ_CHUNK, offset)
+            parts.append(chunk)
+            if len(chunk) < _READ_CHUNK:
+                return b"".join(parts) if len(parts) > 1 else chunk
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -519,17 +552,14 @@ class FilesystemBlobStore:
 
         def read() -> bytes:
             try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    return f.read(length)
+                return _read_file(str(path), length, offset)
             except FileNotFoundError:
                 raise BlobMissing(f"blob {blob_id} is missing") from None
         return self._defer(read)
 
     def read_now(self, blob_id: str, length: int = -1) -> bytes:
         try:
-            with open(self._path_str(blob_id), "rb") as f:
-                return f.read(length)
+            return _read_file(self._path_str(blob_id), length)
         except FileNotFoundError:
             raise BlobMissing(f"blob {blob_id} is missing") from None
 

@@ -7,10 +7,12 @@ RFC 7162 §3.1.1).  Listeners hear about a change only after it has committed.
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Optional
 
 import sqlalchemy as sa
@@ -188,12 +190,47 @@ _LIST_MESSAGES = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_d
                                            ).order_by(_m.uid)
 
 
+# The same on SQLite, as one row: a JSON array of the rows (see _rows_as_one).
+_LIST_MESSAGES_JSON = (
+    "SELECT json_group_array(json_array(uid, modseq, blob_id, size, internal_date, flags))"
+    " FROM (SELECT uid, modseq, blob_id, size, internal_date, flags FROM messages"
+    " WHERE mailbox_id = ? ORDER BY uid)")
+
+
+def _rows_as_one(conn: Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """The rows of a SQLite query that gives them all as one JSON array of arrays, in
+    the order of its inner ORDER BY (its first column), as lists.
+
+    Why: the driver gives up Python's GIL for each row it steps to, and a worker
+    thread must then win it back from the reactor thread, which under load holds it
+    most of the time: measured beside a busy thread, 100 rows took 24 ms one by one
+    and 6 ms as one row (0.1 ms either way when nothing else runs).
+    """
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    (text,) = cursor.execute(sql, params).fetchone()
+    rows: list[Any] = json.loads(text)
+    # json_group_array keeps the inner query's order in practice; SQLite does not
+    # promise it before 3.44 (ORDER BY inside an aggregate), so make sure (a sort of
+    # sorted rows is one pass).
+    rows.sort(key=itemgetter(0))
+    return rows
+
+
 # headers_for: UIDs per query, and the statements.
 HEADERS_BATCH = 500
 _HEADERS = sa.select(_m.uid, _m.blob_id, s.blobs.c.headers).select_from(
     s.messages.join(s.blobs, s.blobs.c.id == _m.blob_id)).where(
     (_m.mailbox_id == sa.bindparam("b_box"))
     & _m.uid.in_(sa.bindparam("b_uids", expanding=True)))
+# The same on SQLite, as one row (see _rows_as_one); the header blocks in hex (and a
+# missing one as null: SQLite's hex(NULL) is '').
+_HEADERS_JSON = (
+    "SELECT json_group_array(json_array(uid, blob_id, headers)) FROM ("
+    " SELECT m.uid AS uid, m.blob_id AS blob_id,"
+    "  CASE WHEN b.headers IS NULL THEN NULL ELSE hex(b.headers) END AS headers"
+    " FROM messages AS m JOIN blobs AS b ON b.id = m.blob_id"
+    " WHERE m.mailbox_id = ? AND m.uid IN (SELECT value FROM json_each(?))"
+    " ORDER BY m.uid)")
 _FILL_HEADERS = s.blobs.update().where(
     (s.blobs.c.id == sa.bindparam("b_id")) & s.blobs.c.headers.is_(None)).values(
     headers=sa.bindparam("b_headers", type_=sa.LargeBinary))
@@ -497,7 +534,10 @@ class SQLMailStore:
         # Plain tuples straight from the driver's rows: this runs once per message
         # of the mailbox at every SELECT (100,000 for a big one).
         flag_sets, info = _flag_sets, MessageInfo
-        rows = _all_tuples(run_direct(conn, _LIST_MESSAGES, {"b_box": mailbox_id}))
+        if conn.dialect.name == "sqlite":
+            rows = _rows_as_one(conn, _LIST_MESSAGES_JSON, (mailbox_id,))
+        else:
+            rows = _all_tuples(run_direct(conn, _LIST_MESSAGES, {"b_box": mailbox_id}))
         return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
                 for uid, modseq, blob_id, size, date, flags in rows]
 
@@ -521,10 +561,16 @@ class SQLMailStore:
         def read(conn: Connection) -> tuple[dict[int, bytes], dict[str, list[int]]]:
             found: dict[int, bytes] = {}
             unknown: dict[str, list[int]] = {}
+            sqlite = conn.dialect.name == "sqlite"
             for start in range(0, len(wanted), HEADERS_BATCH):
-                result = conn.execute(_HEADERS, {
-                    "b_box": mailbox_id, "b_uids": wanted[start:start + HEADERS_BATCH]})
-                rows = _raw_rows(result)
+                batch = wanted[start:start + HEADERS_BATCH]
+                if sqlite:
+                    rows = [(uid, blob_id, None if text is None else bytes.fromhex(text))
+                            for uid, blob_id, text in _rows_as_one(
+                                conn, _HEADERS_JSON, (mailbox_id, json.dumps(batch)))]
+                else:
+                    rows = _raw_rows(conn.execute(_HEADERS, {
+                        "b_box": mailbox_id, "b_uids": batch}))
                 for uid, blob_id, headers in rows:
                     if headers is None:
                         unknown.setdefault(blob_id, []).append(uid)
