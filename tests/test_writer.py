@@ -136,6 +136,14 @@ def _config(write_config: Any, extra: str = "") -> Path:
     return config
 
 
+def _wchar(pid: int) -> int:
+    """Octets the process has written with write(2) and the like (/proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar")
+
+
 def _writer_pids(server: ServerProcess, count: int = 1) -> list[int]:
     found = server.wait_for(r"writer process started \(pid (\d+)\)", count=count)
     return [int(m.group(1)) for m in found]
@@ -150,11 +158,14 @@ def test_the_server_files_mail_through_its_writer_process(write_config: Any,
         (pid,) = _writer_pids(server)
         assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == \
             [b"-m", b"lightmail.storage.writer"]
+        body = b"Subject: via writer\r\n\r\n" + b"hello from the writer\r\n" * 200
+        written = _wchar(pid)
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
-            assert smtp.sendmail("a@client.test", ["bob@crash.test"],
-                                 b"Subject: via writer\r\n\r\nhello\r\n") == {}
+            assert smtp.sendmail("a@client.test", ["bob@crash.test"], body) == {}
         assert [(user, box) for user, box, _ in stored_messages(tmp_path / "state")] == \
             [("bob", "INBOX")]
+        # The writer process, not the server's, wrote the message's blob.
+        assert _wchar(pid) - written >= len(body)
         assert server.terminate() in (0, -signal.SIGTERM)   # twistd: clean
         assert "LightMail stopped" in server.output
         assert not Path(f"/proc/{pid}").exists() or \
