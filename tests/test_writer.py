@@ -123,6 +123,32 @@ def test_the_loop_answers_what_was_sent_before_the_other_end_closed(
     assert calls == list(range(5))
 
 
+def test_a_blob_discarded_before_its_call_fails_that_call_only(sqlite_stack: Any) -> None:
+    """The server's end: a request whose pending blob was discarded (its session gave
+    up) fails its own Deferred and sends nothing."""
+    from lightmail.storage.interfaces import BlobMissing
+    client = writer.WriterClient(connect="/nonexistent/writer.sock")
+    sent: list[bytes] = []
+
+    class Link:
+        def sendString(self, data: bytes) -> None:
+            sent.append(data)
+    client._link = Link()  # type: ignore[assignment]
+    pending = _pending(sqlite_stack, b"Subject: gone\r\n\r\n")
+    pending.discard()
+    failures: list[Any] = []
+    client.call("file_all", ([], pending.ref, "Q"), pending=pending).addErrback(
+        failures.append)
+    assert len(failures) == 1 and failures[0].check(BlobMissing) and sent == []
+    fine = client.call("expunge", (1, [1]))
+    assert len(sent) == 1 and not fine.called     # waits for its answer
+    lost: list[Any] = []
+    fine.addErrback(lost.append)
+    client._stopping = True                        # no reconnecting from a test
+    client._unlinked(client._link)  # type: ignore[arg-type]
+    assert lost[0].check(writer.WriterLost) and client._restart is None
+
+
 # -- a real server ------------------------------------------------------------------------
 
 def _config(write_config: Any, extra: str = "") -> Path:

@@ -459,7 +459,10 @@ class WriterClient:
         link = self._link
         if link is None:
             return defer.fail(WriterLost("the writer process is not running"))
-        blob = pending.detach() if pending is not None else None
+        try:
+            blob = pending.detach() if pending is not None else None
+        except Exception:
+            return defer.fail()     # a blob discarded before its commit, say
         self._next_id += 1
         request_id = self._next_id
         d: defer.Deferred[Any] = defer.Deferred()
