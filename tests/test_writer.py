@@ -192,6 +192,16 @@ def test_the_server_files_mail_through_its_writer_process(write_config: Any,
             [("bob", "INBOX")]
         # The writer process, not the server's, wrote the message's blob.
         assert _wchar(pid) - written >= len(body)
+        # A big one: the server has written most of it to the temporary file already
+        # (the writer appends the rest to that file).
+        big = b"Subject: big\r\n\r\n" + b"".join(
+            b"line %06d of a big message\r\n" % n for n in range(30000))
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.sendmail("a@client.test", ["bob@crash.test"], big) == {}
+        contents = [content for _, _, content in stored_messages(tmp_path / "state")]
+        assert len(contents) == 2 and any(
+            content.endswith(big) and content.startswith(b"Received: ")
+            for content in contents)
         assert server.terminate() in (0, -signal.SIGTERM)   # twistd: clean
         assert "LightMail stopped" in server.output
         assert not Path(f"/proc/{pid}").exists() or \
