@@ -91,6 +91,48 @@ def test_a_group_is_made_durable_with_one_flush_and_each_request_answered(
     assert len(listing) == 1
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_commit_the_writer_could_not_answer_is_found_not_filed_again(stack: Any) -> Any:
+    """The writer process commits and dies before it answers: the server finds the
+    delivery ids and answers "delivered" (no 451, so no retry files it twice); had it
+    not committed, the failure stands (the retry is then safe)."""
+    from twisted.internet import defer
+
+    from lightmail.delivery.local import LocalDeliveryAgent
+    yield stack.directory.add_domain("example.test")
+    yield stack.directory.add_user("bob@example.test", None)
+    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node")
+    ops = {"file_all": agent._file_all_now, "file_one": agent._file_now}
+
+    class DyingWriter:
+        ready = True
+
+        def __init__(self, commits: bool) -> None:
+            self.commits = commits
+
+        def call(self, op: str, args: tuple[Any, ...], pending: Any = None) -> Any:
+            d = stack.db.write(ops[op], *args) if self.commits else defer.succeed(None)
+            return d.addCallback(lambda _: defer.fail(writer.WriterLost("it died")))
+
+    def blob(n: int) -> Any:
+        return stack.blobs.put(f"Subject: {n}\r\n\r\nbody {n}\r\n".encode())
+
+    agent.writer = DyingWriter(commits=True)
+    results = yield agent.deliver_at_acceptance(["bob@example.test"], (yield blob(1)), "Q1")
+    assert [r.status for r in results] == ["delivered"]
+    assert results[0].detail == "2.0.0 bob@example.test/INBOX uid=1"
+    result = yield agent.deliver_to_mailbox("bob@example.test", (yield blob(2)),
+                                            "lmtp/Q2/0", fresh=True)
+    assert (result.status, result.detail) == ("delivered",
+                                              "2.0.0 bob@example.test/INBOX uid=2")
+    agent.writer = DyingWriter(commits=False)
+    with pytest.raises(writer.WriterLost):
+        yield agent.deliver_at_acceptance(["bob@example.test"], (yield blob(3)), "Q3")
+    bob = yield stack.directory.get_user("bob@example.test")
+    box = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
+    assert [m.uid for m in (yield stack.mailstore.list_messages(box.id))] == [1, 2]
+
+
 def test_the_loop_answers_what_was_sent_before_the_other_end_closed(
         sqlite_stack: Any, tmp_path: Path) -> None:
     """The main process closes its end to stop the writer: every request it sent

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.directory.interfaces import DirectoryError, IDirectory
@@ -105,11 +106,60 @@ class LocalDeliveryAgent:
         operation ``op``, the same method there) when there is one, else here."""
         writer = self.writer
         if op is not None and writer is not None and writer.ready:
-            return writer.call(op, args, pending=before)  # type: ignore[no-any-return]
+            d: Deferred[Any] = writer.call(op, args, pending=before)
+            if op in ("file_all", "file_one"):
+                d.addErrback(self._unless_filed, op, args)
+            return d
         db: Any = self.mailstore.db  # type: ignore[attr-defined]
         if before is None:
             return db.write_grouped(fn, *args)  # type: ignore[no-any-return]
         return db.write_grouped_after(before, fn, *args)  # type: ignore[no-any-return]
+
+    def _unless_filed(self, failure: Failure, op: str, args: tuple[Any, ...]) -> Any:
+        """The writer process went away before it answered (WriterLost): had it
+        committed?  Its delivery ids say (made for this delivery, so found only if it
+        was filed).  If so, the outcome is "delivered", once its commit is made
+        durable here (the writer may have died before its flush); if not, the failure
+        stands, nothing was filed, and the sender's retry is safe.  Without this, a
+        writer killed between its commit and its answer would have SMTP answer 451
+        for a message already filed, and the retry would file it twice."""
+        from lightmail.storage.writer import WriterLost
+        if not failure.check(WriterLost):
+            return failure
+        if op == "file_all":
+            addresses, _, queue_id = args
+            pairs = [(address, acceptance_delivery_id(queue_id, index))
+                     for index, address in enumerate(addresses)]
+        else:
+            address, _, delivery_id = args[:3]
+            pairs = [(address, delivery_id)]
+        db: Any = self.mailstore.db  # type: ignore[attr-defined]
+        d: Deferred[Optional[list[DeliveryResult]]] = db.read(self._filed_already_now,
+                                                              pairs)
+
+        def decide(results: Optional[list[DeliveryResult]]) -> Any:
+            if results is None:
+                return failure
+            return db.run(db.sync_now).addCallback(
+                lambda _: ((results if op == "file_all" else results[0]), []))
+        return d.addCallback(decide)
+
+    def _filed_already_now(self, conn: Connection, pairs: list[tuple[str, str]]
+                           ) -> Optional[list[DeliveryResult]]:
+        """For each (address, delivery id), where it was filed; None if nowhere (one
+        transaction filed them all, so one found means all were)."""
+        store: Any = self.mailstore
+        results, found = [], False
+        for address, delivery_id in pairs:
+            resolution = self.directory.resolve_now(conn, address)  # type: ignore[attr-defined]
+            filed = []
+            for target in resolution.local:
+                place = store.filed_with_now(conn, target.user.id, delivery_id)
+                if place is not None:
+                    filed.append(f"{target.user.address}/{place[0]} uid={place[1]}")
+            found = found or bool(filed)
+            results.append(DeliveryResult.delivered("2.0.0 " + ", ".join(filed)))
+        return results if found else None
 
     def _grouped(self, op: Optional[str], fn: Any, *args: Any,
                  before: Optional[Callable[[], Any]] = None) -> Deferred[DeliveryResult]:

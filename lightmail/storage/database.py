@@ -14,6 +14,7 @@ PyMySQL.
 from __future__ import annotations
 
 import collections
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -450,6 +451,23 @@ class Database:
                     except Exception:
                         results.append((False, Failure()))
         return results
+
+    def sync_now(self) -> None:
+        """Make every commit this process can see durable (worker thread): on SQLite,
+        fsync the WAL and the database file, for a commit that another process made
+        and may not have flushed before it died.  The servers make a commit durable
+        before anyone sees it: nothing to do there."""
+        if self.backend != "sqlite" or not self.engine.url.database:
+            return
+        for suffix in ("-wal", ""):
+            try:
+                fd = os.open(self.engine.url.database + suffix, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # The *_now variants run in the calling thread: for worker threads, start-up
     # code that runs before the reactor, and the command-line tool.

@@ -278,6 +278,10 @@ _BY_NAME = sa.select(s.mailboxes).where(
 _BY_ID = sa.select(s.mailboxes).where(s.mailboxes.c.id == sa.bindparam("b_id"))
 _MAILBOXES_OF = sa.select(s.mailboxes).where(
     s.mailboxes.c.user_id == sa.bindparam("b_user")).order_by(s.mailboxes.c.name)
+_FILED_WITH = sa.select(s.mailboxes.c.name, s.messages.c.uid).select_from(
+    s.messages.join(s.mailboxes, s.mailboxes.c.id == s.messages.c.mailbox_id)).where(
+    (s.mailboxes.c.user_id == sa.bindparam("b_user"))
+    & (s.messages.c.delivery_id == sa.bindparam("b_delivery")))
 _EARLIER_DELIVERY = sa.select(s.messages.c.uid, s.messages.c.modseq).where(
     (s.messages.c.mailbox_id == sa.bindparam("b_box"))
     & (s.messages.c.delivery_id == sa.bindparam("b_delivery")))
@@ -478,6 +482,13 @@ class SQLMailStore:
             "size": blob.size,
             "internal_date": internal_date if internal_date is not None else now_ms(),
             "flags": _flags_text(flags), "delivery_id": delivery_id})
+
+    def filed_with_now(self, conn: Connection, user_id: int,
+                       delivery_id: str) -> Optional[tuple[str, int]]:
+        """(mailbox name, UID) of the user's message filed with ``delivery_id``, or
+        None (inside the caller's transaction)."""
+        row = first_direct(conn, _FILED_WITH, {"b_user": user_id, "b_delivery": delivery_id})
+        return None if row is None else (row.name, int(row.uid))
 
     def append_fresh_now(self, conn: Connection, user_id: int, name: str, blob: BlobRef,
                          delivery_id: str) -> Optional[tuple[int, Appended]]:
