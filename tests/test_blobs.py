@@ -76,9 +76,11 @@ class ManualPool:
             try:
                 result = func(*args)
             except BaseException:
-                on_result(False, Failure())
+                if on_result is not None:
+                    on_result(False, Failure())
             else:
-                on_result(True, result)
+                if on_result is not None:
+                    on_result(True, result)
 
 
 class ImmediateReactor:
@@ -492,6 +494,35 @@ def test_finish_pending_after_background_appends(
     data = b"x" * 1500 + b"y" * 10
     assert result_of(d) == BlobRef(sha(data), len(data))
     assert s.path(sha(data)).read_bytes() == data
+    assert files_under(s.tmp) == []
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_detached_pending_blob_is_committed_where_it_is_adopted(
+        manual: tuple[FilesystemBlobStore, ManualPool], background: bool) -> None:
+    """The writer process's way (lightmail.storage.writer): this process detaches the
+    pending blob (the path of its temporary file, if any, and the bytes not written
+    yet) and lets go of its file; the other adopts it and commits it with a group."""
+    s, mp = manual
+    head = b"x" * (1500 if background else 500)     # the flush threshold is 1000
+    writer = s.writer()
+    writer.write(head)
+    mp.run_all()                                    # over it: in the file already
+    writer.write(b"y" * 10)
+    pending = writer.finish_pending()
+    assert pending is not None
+    path, rest, ref = pending.detach()
+    assert (path is not None) is background
+    assert rest == (b"y" * 10 if background else head + b"y" * 10)
+    mp.run_all()                                    # this process closes its descriptor
+    pending.discard()                               # too late: a no-op, file kept
+    other = FilesystemBlobStore(s.root, ManualPool(),  # type: ignore[arg-type]
+                                ImmediateReactor())  # type: ignore[arg-type]
+    adopted = blobs.PendingBlob.adopt(other, path, rest, ref)
+    assert other.commit_pending_many([adopted, *_pendings(other, [b"another"])]) == \
+        [None, None]
+    data = head + b"y" * 10
+    assert ref == BlobRef(sha(data), len(data)) and s.path(ref.id).read_bytes() == data
     assert files_under(s.tmp) == []
 
 

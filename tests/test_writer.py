@@ -267,13 +267,62 @@ def test_workers_write_through_the_main_process_writer(write_config: Any,
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         socket_path = Path(args[args.index(b"--listen") + 1].decode())
         assert socket_path.is_socket() and (socket_path.parent.stat().st_mode & 0o777) == 0o700
+        written = _wchar(pid)
+        body = b"hello through a worker\r\n" * 100
         for number in range(6):         # over both workers
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
                 assert smtp.sendmail("a@client.test", ["bob@crash.test"],
-                                     f"Subject: w{number}\r\n\r\nhi\r\n".encode()) == {}
+                                     f"Subject: w{number}\r\n\r\n".encode() + body) == {}
         assert len(stored_messages(tmp_path / "state")) == 6
+        # The writer process wrote them (the workers' own writers would not count).
+        assert _wchar(pid) - written >= 6 * len(body)
         assert server.terminate() in (0, -signal.SIGTERM)
         assert not socket_path.parent.exists()
+    finally:
+        server.kill()
+
+
+def test_imap_writes_go_through_the_writer_process(write_config: Any,
+                                                  tmp_path: Path) -> None:
+    """APPEND, STORE, COPY, MOVE and EXPUNGE from a real IMAP client are committed by
+    the writer process (it writes for each), with the answers IMAP expects."""
+    import imaplib
+    config = _config(write_config, "[directory]\nauth_over_plaintext = yes\n"
+                     "[listener:imap]\nprotocol = imap\n"
+                     "endpoint = tcp:0:interface=127.0.0.1\n")
+    run_cli(config, "user", "passwd", "bob@crash.test", "--password-stdin",
+            stdin="bob-secret\n")
+    server = ServerProcess(config)
+    try:
+        ports = server.ports(expected=2)
+        (pid,) = _writer_pids(server)
+        imap = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=20)
+        imap.login("bob@crash.test", "bob-secret")
+
+        def through_writer(command: Any, *args: Any) -> list[Any]:
+            written = _wchar(pid)
+            typ, data = command(*args)
+            assert typ == "OK", (command, args, data)
+            assert _wchar(pid) > written, f"{command.__name__} did not reach the writer"
+            return data
+        message = b"Subject: imap\r\n\r\n" + b"kept by the writer\r\n" * 50
+        through_writer(imap.append, "INBOX", "(\\Flagged)", None, message)
+        through_writer(imap.append, "INBOX", None, None, message + b"second\r\n")
+        imap.select("INBOX")
+        through_writer(imap.uid, "STORE", "1", "+FLAGS", "(\\Seen)")
+        through_writer(imap.uid, "COPY", "1", "Archive")
+        through_writer(imap.uid, "MOVE", "2", "Trash")
+        through_writer(imap.uid, "STORE", "1", "+FLAGS", "(\\Deleted)")
+        through_writer(imap.expunge)
+        typ, data = imap.select("INBOX")
+        assert (typ, data) == ("OK", [b"0"])
+        typ, data = imap.select("Archive")
+        assert data == [b"1"]
+        typ, data = imap.fetch("1", "(FLAGS BODY.PEEK[])")
+        assert b"\\Seen" in data[0][0] and b"\\Flagged" in data[0][0]
+        assert data[0][1] == message
+        imap.logout()
+        assert server.terminate() in (0, -signal.SIGTERM)
     finally:
         server.kill()
 

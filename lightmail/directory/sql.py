@@ -292,13 +292,18 @@ class SQLDirectory:
         def remember(resolution: Resolution) -> Resolution:
             # Not if the cache was cleared meanwhile: the answer may predate a change.
             if generation is self._resolved:
-                if len(self._resolved) >= RESOLVE_CACHE_SIZE:
-                    self._resolved = {}
-                else:
-                    self._resolved[address] = (time.monotonic() + self.resolve_cache_ttl,
-                                               resolution)
+                self.remember(address, resolution)
             return resolution
         return self.db.read(self.resolve_now, address).addCallback(remember)
+
+    def remember(self, address: str, resolution: Resolution) -> None:
+        """Keep ``resolution`` for ``resolve_cache_ttl`` (all forgotten at once when
+        RESOLVE_CACHE_SIZE addresses are kept)."""
+        if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+            self._resolved = {}
+        else:
+            self._resolved[address] = (time.monotonic() + self.resolve_cache_ttl,
+                                       resolution)
 
     def cached_resolution(self, address: str) -> Optional[Resolution]:
         """The remembered resolution of ``address`` if it is still fresh, else None."""

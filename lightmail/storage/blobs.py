@@ -643,7 +643,10 @@ class _TmpFile:
 
     def _append(self, chunks: list[bytes]) -> None:
         if self.fd is None:
-            self.fd, self.path = self.store.new_tmp_file()
+            if self.path is None:
+                self.fd, self.path = self.store.new_tmp_file()
+            else:       # adopted from another process (PendingBlob.adopt)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if chunks:
             _write_all(self.fd, b"".join(chunks))
 
@@ -918,12 +921,12 @@ class PendingBlob:
     def discard_now(self) -> None:
         self._tmp.discard()
 
-    def detach(self) -> tuple[str | None, bytes, BlobRef, bool]:
+    def detach(self) -> tuple[str | None, bytes, BlobRef]:
         """Hand the commit to another process (reactor thread; see
-        lightmail.storage.writer): (the temporary file's path, or None when nothing
-        was written to one yet; the bytes still to be appended; the ref; whether the
-        file is fresh).  This process lets go of the file: its descriptor is closed
-        on the pool."""
+        lightmail.storage.writer), which makes a PendingBlob of it again with
+        :meth:`adopt`: (the temporary file's path, or None when nothing was written
+        to one yet; the bytes still to be appended; the ref).  This process lets go
+        of the file: its descriptor is closed on the pool."""
         self._start()
         chunks, self._chunks = self._chunks, []
         tmp = self._tmp
@@ -931,7 +934,16 @@ class PendingBlob:
         path, tmp.path = tmp.path, None
         if fd is not None:
             self._store.pool.callInThreadWithCallback(None, os.close, fd)
-        return path, b"".join(chunks), self.ref, bool(chunks) or path is None
+        return path, b"".join(chunks), self.ref
+
+    @classmethod
+    def adopt(cls, store: FilesystemBlobStore, path: str | None, chunks: bytes,
+              ref: BlobRef) -> PendingBlob:
+        """The PendingBlob that :meth:`detach` handed over, in the process that
+        commits it (``path`` None: its temporary file is made here)."""
+        tmp = _TmpFile(store)
+        tmp.path = path
+        return cls(store, tmp, [chunks] if chunks else [], ref)
 
     def discard(self) -> None:
         """Close and remove the temporary file, unless a commit has started (any

@@ -31,7 +31,6 @@ import signal
 import socket
 import struct
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +40,9 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from lightmail.directory.interfaces import Resolution
-from lightmail.directory.sql import RESOLVE_CACHE_SIZE, SQLDirectory
-from lightmail.storage.blobs import FilesystemBlobStore, _write_all
+from lightmail.directory.sql import SQLDirectory
+from lightmail.storage.blobs import FilesystemBlobStore, PendingBlob
 from lightmail.storage.database import Database, _Request
-from lightmail.storage.interfaces import BlobRef
 
 __all__ = ["WriterClient", "WriterLost", "main", "serve"]
 
@@ -59,70 +57,6 @@ class WriterLost(Exception):
 
 
 # -- the writer's side ------------------------------------------------------------------
-
-class _DetachedBlob:
-    """A pending blob handed over by the main process: its temporary file, and what
-    is still to be written to it.  Used as a group's ``before`` (see
-    :meth:`FilesystemBlobStore.commit_pending_many`)."""
-
-    def __init__(self, store: FilesystemBlobStore, path: str | None, chunks: bytes,
-                 ref: BlobRef, fresh: bool) -> None:
-        self._store = store
-        self.path = path
-        self._chunks = chunks
-        self.ref = ref
-        self._fresh = fresh
-
-    @property
-    def together(self) -> Callable[..., list[BaseException | None]]:
-        return self._store.commit_pending_many
-
-    def write_now(self) -> None:
-        if self.path is None:
-            fd, self.path = self._store._make_tmp_file()
-        elif self._chunks:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        else:
-            return
-        try:
-            _write_all(fd, self._chunks)
-        finally:
-            os.close(fd)
-        self._chunks = b""
-
-    def rename_now(self) -> None:
-        assert self.path is not None
-        try:
-            self._store._commit(self.path, self.ref.id, _nothing, fresh=self._fresh,
-                                sync_dir=False)
-        except BaseException:
-            self.discard_now()
-            raise
-
-    def commit_now(self) -> None:
-        self.write_now()
-        assert self.path is not None
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._store._commit(self.path, self.ref.id, _nothing, fresh=self._fresh)
-
-    def discard_now(self) -> None:
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-
-    def __call__(self) -> None:
-        self.commit_now()
-
-
-def _nothing() -> None:
-    pass
-
 
 def _unknown(op: str) -> Callable[..., Any]:
     def fail(*_: Any) -> Any:
@@ -242,10 +176,7 @@ def run_group(batch: list[bytes], db: Database, blobs: FilesystemBlobStore,
     ids, requests = [], []
     for frame in batch:
         request_id, op, args, blob = pickle.loads(frame)
-        before = None
-        if blob is not None:
-            path, chunks, ref, fresh = blob
-            before = _DetachedBlob(blobs, path, chunks, ref, fresh)
+        before = None if blob is None else PendingBlob.adopt(blobs, *blob)
         ids.append(request_id)
         requests.append(_Request(ops.get(op) or _unknown(op), tuple(args), {},
                                  None, False, before))  # type: ignore[arg-type]
@@ -267,10 +198,7 @@ class _RememberingDirectory(SQLDirectory):
     def resolve_now(self, conn: Any, address: str) -> Resolution:
         resolution = super().resolve_now(conn, address)
         if self.resolve_cache_ttl:
-            if len(self._resolved) >= RESOLVE_CACHE_SIZE:
-                self._resolved = {}
-            self._resolved[address] = (time.monotonic() + self.resolve_cache_ttl,
-                                       resolution)
+            self.remember(address, resolution)
         return resolution
 
 
