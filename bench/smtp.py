@@ -1,7 +1,8 @@
 """SMTP receiving benchmark: LightMail against Postfix, same machine, same run.
 
     .venv/bin/python bench/smtp.py [--quick] [--sessions 1,10,50] [--sizes 4096,102400]
-                                   [--messages N] [--idle 1000] [--json results.json]
+                                   [--messages N] [--repeat 3] [--idle 1000]
+                                   [--json results.json]
 
 Postfix's ``smtp-source`` sends N messages to one local recipient of each server, with
 1, 10 and 50 concurrent sessions, 4 KB and 100 KB messages.  LightMail runs as
@@ -12,6 +13,11 @@ and commit; Postfix fsyncs queue file and Maildir file).
 Reported per server: messages per second *accepted* (smtp-source's wall time) and
 *delivered* (until the last message is filed in the mailbox), and their ratios; then
 LightMail's resident memory per idle connection.  A run that loses a message fails.
+
+Each load is run ``--repeat`` times per server, the two servers taking turns and the
+one that goes first alternating, and each server's median rate is reported: on a
+shared machine one run of a second or two swings by a third either way (the disk's
+fsync latency most of all), and a ratio of two such single runs says little.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import pwd
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +135,14 @@ def run_load(server: LightMail | Postfix, sessions: int, size: int, count: int) 
     return {"accepted_per_s": count / accepted, "delivered_per_s": count / delivered}
 
 
+def median_rates(runs: list[dict]) -> dict:
+    """Each rate's median over the runs, and the runs themselves."""
+    out: dict = {key: statistics.median(run[key] for run in runs)
+                 for key in ("accepted_per_s", "delivered_per_s")}
+    out["runs"] = runs
+    return out
+
+
 def rss_kb(pgid: int) -> int:
     """VmRSS of LightMail's process group: the main process and its workers."""
     return sum(_rss_kb(pid) for pid in group_members(pgid))
@@ -164,8 +179,11 @@ def main() -> int:
     parser.add_argument("--sessions", default="1,10,50")
     parser.add_argument("--sizes", default="4096,102400")
     parser.add_argument("--messages", type=int, default=0,
-                        help="messages per run (default: 500 for 4 KB, 200 for 100 KB)")
+                        help="messages per run (default: 500 for 4 KB, 400 for 100 KB)")
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each load per server, taking turns; the median "
+                        "counts (default: 3)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages")
     parser.add_argument("--workers", type=int, default=0,
                         help="LightMail's [server] workers (default 0: one process; "
@@ -182,12 +200,18 @@ def main() -> int:
         postfix = Postfix(base / "postfix")
         for size in sizes:
             for count_sessions in sessions:
-                count = args.messages or (500 if size <= 8192 else 200)
+                count = args.messages or (500 if size <= 8192 else 400)
                 if args.quick:
                     count = max(count_sessions, count // 10)
                 row = {"sessions": count_sessions, "size": size, "messages": count}
-                for server in (lightmail, postfix):
-                    row[server.name] = run_load(server, count_sessions, size, count)
+                runs: dict[str, list[dict]] = {lightmail.name: [], postfix.name: []}
+                for turn in range(max(1, args.repeat)):
+                    order = (lightmail, postfix) if turn % 2 == 0 else (postfix, lightmail)
+                    for server in order:
+                        runs[server.name].append(
+                            run_load(server, count_sessions, size, count))
+                for name, measured in runs.items():
+                    row[name] = median_rates(measured)
                 results.append(row)
                 print_row(row)
         idle = idle_memory(lightmail, args.idle) if args.idle else None
@@ -219,6 +243,11 @@ def print_row(row: dict) -> None:
           f"{pf['accepted_per_s']:>13.0f} {pf['delivered_per_s']:>7.0f} | "
           f"{lm['accepted_per_s'] / pf['accepted_per_s']:>8.2f}x "
           f"{lm['delivered_per_s'] / pf['delivered_per_s']:>8.2f}x", flush=True)
+    if len(lm.get("runs", ())) > 1:
+        spread = "; ".join(
+            f"{name} " + " ".join(f"{run['accepted_per_s']:.0f}" for run in row[name]["runs"])
+            for name in ("LightMail", "Postfix"))
+        print(f"{'':>17}   (accepted/s of each run: {spread})", flush=True)
 
 
 if __name__ == "__main__":

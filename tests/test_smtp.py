@@ -576,3 +576,19 @@ def test_data_input_matches_the_line_by_line_reading_of_rfc_5321() -> None:
             assert b"".join(new.got) == b"".join(old.got), data
         ended += bool(old.ended)
     assert ended > 1000                  # many of the random inputs ended DATA
+
+
+def test_scan_lines_answers_each_question_of_rfc_5321() -> None:
+    from lightmail.smtp.lines import scan_lines, undot
+    good = b"Subject: x\r\n\r\n" + b"y" * 78 + b"\r\n" + b"..dot\r\n.\r\n"
+    scan = scan_lines(good, 80)
+    assert (scan.bare_newline, scan.too_long) == (False, False)
+    assert scan.dots == [good.index(b"..dot"), good.index(b".\r\n", good.index(b"dot"))]
+    assert undot(good, scan.dots).endswith(b"\r\n.dot\r\n\r\n")
+    assert scan_lines(good, 79).too_long                   # 78 + CR LF > 79
+    assert scan_lines(b".a\r\n", 80).dots == [0]
+    for bare in (b"\n", b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"a\n\rb\r\n", b"a\r\n\n"):
+        assert scan_lines(bare, 80).bare_newline, bare
+    big = b"z" * 1000 + b"\r\n"
+    assert scan_lines(b"a\r\n" * 500 + big, 1002).too_long is False
+    assert scan_lines(b"a\r\n" * 500 + big, 1001).too_long is True

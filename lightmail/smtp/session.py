@@ -36,6 +36,7 @@ from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
+from lightmail.smtp.lines import LineScan, scan_lines, undot
 from lightmail.smtp.policy import Session, SMTPHandler, Transaction
 from lightmail.storage.interfaces import IBlobWriter
 from lightmail.storage.queuestore import new_queue_id
@@ -545,7 +546,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
     def _data_input(self) -> bool:
         """Take the complete lines of DATA from the buffer; False if none is complete.
 
-        Whole blocks of lines at a time, with bytes methods (C loops) rather than a
+        Whole blocks of lines at a time, scanned once (lines.py) rather than with a
         Python loop per line: a 100 KB message is about 1,300 lines."""
         end = self.buffer.rfind(b"\n")
         if end < 0:
@@ -557,36 +558,40 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 self.previous_crlf = False
             return False
         block, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
-        # Only CR LF . CR LF ends DATA: never a bare LF (SMTP smuggling).  The block
-        # starts at the start of a line, so the end is either its first line (after
-        # a line that ended with CR LF) or a CR LF . CR LF inside it.
-        if self.previous_crlf and block.startswith(b".\r\n"):
-            stop = 0
-        else:
-            found = block.find(b"\r\n.\r\n")
-            stop = found + 2 if found >= 0 else -1
+        scan = scan_lines(block, self.cfg.max_line_length)
+        stop = self._end_of_data(block, scan.dots)
         if stop < 0:
-            self._add_lines(block)
+            self._add_lines(block, scan)
             return True
         if stop:
-            self._add_lines(block[:stop])
+            lines = block[:stop]
+            if scan.bare_newline or scan.too_long:   # perhaps only after the end
+                self._add_lines(lines, scan_lines(lines, self.cfg.max_line_length))
+            else:
+                self._add_lines(lines, LineScan(False, False,
+                                                [d for d in scan.dots if d < stop]))
         rest = block[stop + 3:]
         if rest:
             self.buffer = rest + self.buffer
         self._end_content()
         return True
 
-    def _add_lines(self, lines: bytes) -> None:
+    def _end_of_data(self, block: bytes, dots: list[int]) -> int:
+        """Where the line "." that ends DATA starts in ``block``, or -1.  Only CR LF . CR
+        LF ends DATA, never a bare LF before or after the dot (SMTP smuggling)."""
+        for dot in dots:
+            if block[dot + 1:dot + 3] == b"\r\n" and (
+                    block[dot - 2:dot] == b"\r\n" if dot else self.previous_crlf):
+                return dot
+        return -1
+
+    def _add_lines(self, lines: bytes, scan: LineScan) -> None:
         """Complete lines of DATA (ending with LF, starting at a line's start): check
-        them, undo the dot-stuffing and add them to the content."""
+        them, undo the dot-stuffing (RFC 5321 §4.5.2) and add them to the content."""
         self.previous_crlf = lines.endswith(b"\r\n")
-        if self.content_error is None:
+        if self.content_error is None and (scan.bare_newline or scan.too_long):
             self.content_error = _first_line_error(lines, self.cfg.max_line_length)
-        # RFC 5321 §4.5.2 transparency: a leading dot is dropped from every line.
-        text = lines.replace(b"\n.", b"\n")
-        if text.startswith(b"."):
-            text = text[1:]
-        self._add_text(text)
+        self._add_text(undot(lines, scan.dots))
 
     def _add_text(self, data: bytes) -> None:
         """DATA content: text, so no NUL (RFC 5321 §4.5.2; BDAT may carry binary)."""
@@ -682,14 +687,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 def _first_line_error(lines: bytes, limit: int) -> Optional[Reply]:
     """The error of the first bad line among complete lines of DATA, or None: an LF or
     a CR that is not part of a CR LF (RFC 5321 §2.3.8), or a line longer than
-    ``limit`` with its CR LF (§4.5.3.1.6).  Found with bytes methods (C loops);
-    line by line only when there is a stray CR or LF, to find which error is first."""
-    parts = lines.split(b"\r\n")
-    joined = b"".join(parts)
-    if b"\n" not in joined and b"\r" not in joined:      # every line ends with CR LF
-        long = len(lines) > limit and max(map(len, parts)) + 2 > limit
-        return codes.LONG_LINES if long else None
-    for line in lines.split(b"\n")[:-1]:         # rare: such a message is refused
+    ``limit`` with its CR LF (§4.5.3.1.6).  Line by line: called only when
+    :func:`scan_lines` found one of them, to tell which comes first."""
+    for line in lines.split(b"\n")[:-1]:
         if not line.endswith(b"\r") or b"\r" in line[:-1]:
             return codes.BARE_NEWLINE
         if len(line) + 1 > limit:
