@@ -522,6 +522,12 @@ class IMAPConfig:
         parse_special_use,
         "Mailboxes every user has (created at login when missing, as Dovecot's "
         "auto = create), as NAME:\\USE pairs (RFC 6154), comma-separated.")
+    header_cache: int = option(
+        64 * 1024**2, parse_size(),
+        "Memory for the parsed header blocks of recently read messages, shared by a "
+        "process's IMAP sessions (FETCH of header fields, SEARCH on header keys, SORT, "
+        "THREAD); about 2 KB for a small header block, 10 KB for a 3 KB one.  0 keeps "
+        "none.")
 
 
 def auth_user_option(target: str) -> Any:

@@ -12,6 +12,7 @@ import random
 import re
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1045,14 +1046,40 @@ def test_header_block_answers_header_items_like_the_whole_message(raw: bytes) ->
     assert head.date() == whole.date()
 
 
-def test_header_cache_keeps_the_most_recently_used_blobs_up_to_its_size() -> None:
-    from lightmail.imap.headcache import HeaderCache
-    cache = HeaderCache(size=2)
+def test_header_cache_keeps_the_most_recently_used_blobs_within_its_memory() -> None:
+    from lightmail.imap.headcache import HeaderCache, entry_cost
     first, second, third = (ParsedMessage(b"Subject: %d\r\n\r\n" % n) for n in range(3))
+    cache = HeaderCache(budget=2 * entry_cost(first))
     assert cache.put("a", first) is first
     cache.put("b", second)
     assert cache.get("a") is first          # now the most recent
     cache.put("c", third)                   # evicts "b", the least recent
     assert cache.get("b") is None
     assert cache.get("a") is first and cache.get("c") is third
-    assert len(cache.entries) == 2
+    assert len(cache.entries) == 2 and cache.used == 2 * entry_cost(first)
+    cache.put("a", first)                   # again: counted once
+    assert cache.used == 2 * entry_cost(first)
+    big = ParsedMessage(b"X: " + b"y" * 1000 + b"\r\n\r\n")
+    assert cache.put("big", big) is big and cache.get("big") is None   # over the budget
+    cache.resize(entry_cost(first))
+    assert list(cache.entries) == ["a"] and cache.used == entry_cost(first)
+    cache.resize(0)
+    assert not cache.entries and cache.used == 0
+
+
+def test_header_cache_size_comes_from_the_configuration(tmp_path: Path) -> None:
+    from lightmail.config import load_config
+    from lightmail.imap.headcache import DEFAULT_BUDGET, HEADERS
+    from lightmail.imap.session import build_imap_factory
+    config_file = tmp_path / "lightmail.conf"
+    config_file.write_text(
+        f"[server]\nstate_dir = {tmp_path}\n[imap]\nheader_cache = 3M\n"
+        "[listener:imap]\nprotocol = imap\nendpoint = tcp:0\n")
+    config = load_config(config_file)
+    mailstore = type("Store", (), {"add_listener": lambda self, hub: None})()
+    services = type("Services", (), {"config": config, "mailstore": mailstore})()
+    try:
+        build_imap_factory(config.listeners[0], services)
+        assert HEADERS.budget == 3 * 1024**2
+    finally:
+        HEADERS.resize(DEFAULT_BUDGET)

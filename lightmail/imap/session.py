@@ -50,6 +50,7 @@ from lightmail.imap.core import (
     ok,
     use_name,
 )
+from lightmail.imap.headcache import HEADERS
 from lightmail.imap.hub import hub_for
 from lightmail.imap.messages import MessageCommands
 from lightmail.imap.parser import (
@@ -275,6 +276,7 @@ class IMAPFactory(ServiceFactory):
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
         super().__init__(listener, services)
         self.hub = hub_for(services)
+        HEADERS.resize(services.config.imap.header_cache)
 
     def make_protocol(self, addr: Any) -> IMAPSession:
         return IMAPSession(self)
