@@ -782,3 +782,46 @@ def test_sqlite_writes_have_connections_that_never_sleep_in_the_busy_handler(
     assert time.monotonic() - started >= 0.25
     assert "late.test" in (yield sqlite_stack.directory.list_domains())
     other.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_unsynced_writes_skip_the_flush_only_in_a_group_of_their_own(stack) -> None:
+    """write_unsynced (flag changes, expunges): on SQLite its group commits with
+    synchronous=NORMAL (no WAL flush); a group with any other write is flushed
+    (FULL), and the connection is back to FULL after.  Elsewhere it is write."""
+    def level(conn) -> int | None:
+        if stack.db.backend != "sqlite":
+            return None
+        return int(conn.exec_driver_sql("PRAGMA synchronous").scalar())
+
+    alone = yield stack.db.write_unsynced(level)
+    # The first write's group runs at once; the two after it wait and go together.
+    _, *mixed = yield defer.gatherResults([stack.db.write_grouped(level),
+                                           stack.db.write_unsynced(level),
+                                           stack.db.write_grouped(level)])
+    after = yield stack.db.write_grouped(level)
+    if stack.db.backend == "sqlite":
+        assert (alone, mixed, after) == (1, [2, 2], 2)       # 1 NORMAL, 2 FULL
+    else:
+        assert (alone, mixed, after) == (None, [None, None], None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_flag_changes_and_expunges_are_unsynced_unless_configured(stack, monkeypatch) -> None:
+    user = yield make_user(stack)
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    ref = yield stack.blobs.put(MESSAGE)
+    calls: list[str] = []
+    for name in ("write", "write_unsynced"):
+        real = getattr(stack.db, name)
+        monkeypatch.setattr(stack.db, name, lambda *a, _n=name, _r=real, **k:
+                            (calls.append(_n), _r(*a, **k))[1])
+    for sync in (False, True):
+        stack.mailstore.sync_flag_changes = sync
+        info = yield stack.mailstore.append(box.id, ref)
+        yield stack.mailstore.set_flags(box.id, [info.uid], ["\\Deleted"], "add")
+        yield stack.mailstore.expunge(box.id, [info.uid])
+    # Elsewhere than on SQLite, write_unsynced is write (which it calls).
+    unsynced = ["write_unsynced"] if stack.db.backend == "sqlite" else \
+        ["write_unsynced", "write"]
+    assert calls == ["write", *unsynced, *unsynced, "write", "write", "write"]

@@ -65,10 +65,10 @@ def test_a_group_is_made_durable_with_one_flush_and_each_request_answered(
     pendings = [_pending(stack, data) for data in contents]
     frames = [
         pickle.dumps((1, "file_all", (["bob@example.test"], pendings[0].ref, "QID1"),
-                      pendings[0].detach())),
+                      pendings[0].detach(), True)),
         pickle.dumps((2, "file_all", (["nobody@example.test"], pendings[1].ref, "QID2"),
-                      pendings[1].detach())),
-        pickle.dumps((3, "no such operation", (), None)),
+                      pendings[1].detach(), True)),
+        pickle.dumps((3, "no such operation", (), None, True)),
     ]
     answers = _answers(b"".join(
         writer.run_group(frames, stack.db, stack.blobs, _ops(stack, tmp_path))))
@@ -149,7 +149,7 @@ def test_the_loop_answers_what_was_sent_before_the_other_end_closed(
     served.start()
     try:
         for number in range(5):
-            frame = pickle.dumps((number, "double", (number,), None))
+            frame = pickle.dumps((number, "double", (number,), None, True))
             ours.sendall(len(frame).to_bytes(4, "big") + frame)
         ours.shutdown(socket.SHUT_WR)
         served.join(10)
@@ -323,6 +323,49 @@ def test_imap_writes_go_through_the_writer_process(write_config: Any,
         assert data[0][1] == message
         imap.logout()
         assert server.terminate() in (0, -signal.SIGTERM)
+    finally:
+        server.kill()
+
+
+def test_unsynced_flag_changes_and_expunges_survive_kill_9(write_config: Any,
+                                                           tmp_path: Path) -> None:
+    """[storage] sync_flag_changes = no (the default): STORE and EXPUNGE are answered
+    before their commit is flushed, but it is in the operating system's cache, so a
+    kill -9 of the whole server (writer process included) right after keeps them."""
+    import imaplib
+    config = _config(write_config, "[directory]\nauth_over_plaintext = yes\n"
+                     "[listener:imap]\nprotocol = imap\n"
+                     "endpoint = tcp:0:interface=127.0.0.1\n")
+    run_cli(config, "user", "passwd", "bob@crash.test", "--password-stdin",
+            stdin="bob-secret\n")
+
+    def session(server: ServerProcess) -> Any:
+        imap = imaplib.IMAP4("127.0.0.1", server.ports(expected=2)["imap"], timeout=20)
+        imap.login("bob@crash.test", "bob-secret")
+        return imap
+
+    server = ServerProcess(config)
+    try:
+        imap = session(server)
+        for number in range(3):
+            assert imap.append("INBOX", None, None,
+                               b"Subject: m%d\r\n\r\nbody\r\n" % number)[0] == "OK"
+        imap.select("INBOX")
+        assert imap.uid("STORE", "1", "+FLAGS", "(\\Seen $Kept)")[0] == "OK"
+        assert imap.uid("STORE", "2", "+FLAGS", "(\\Deleted)")[0] == "OK"
+        assert imap.expunge()[0] == "OK"
+        server.kill()                                  # SIGKILL to the process group
+    finally:
+        server.kill()
+    server = ServerProcess(config)
+    try:
+        imap = session(server)
+        imap.select("INBOX")
+        typ, data = imap.uid("FETCH", "1:*", "(FLAGS)")
+        assert typ == "OK" and len(data) == 2, data
+        assert b"UID 1 " in data[0] and b"\\Seen" in data[0] and b"$Kept" in data[0]
+        assert b"UID 3 " in data[1] and b"\\Seen" not in data[1]
+        imap.logout()
     finally:
         server.kill()
 

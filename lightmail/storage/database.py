@@ -233,6 +233,7 @@ class _Request(NamedTuple):
     d: defer.Deferred[Any]
     merge: bool
     before: Callable[[], Any] | None = None     # see write_grouped_after
+    durable: bool = True                        # see write_unsynced
 
 
 def _run_merged(conn: Connection, batch: list[_Request]) -> list[tuple[bool, Any]]:
@@ -342,6 +343,18 @@ class Database:
         """
         return self._add(_Request(fn, args, kwargs, defer.Deferred(), False, before))
 
+    def write_unsynced(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Like :meth:`write`, but on SQLite the commit need not be on disk when the
+        Deferred fires, only in the operating system's cache (WAL with
+        ``synchronous=NORMAL``): a crash of this process, even ``kill -9``, keeps
+        it; a power loss may undo it, and the commits after it, never one before.
+        The next durable commit (any other write) puts it on disk too.  For what a
+        mail client can lose without losing mail: flag changes, expunges (see
+        ``[storage] sync_flag_changes``).  Other backends: :meth:`write`."""
+        if self.backend != "sqlite":
+            return self.write(fn, *args)
+        return self._add(_Request(fn, args, {}, defer.Deferred(), False, durable=False))
+
     def groups_idle(self) -> bool:
         """Whether a grouped write would start at once (no group running or waiting)."""
         return not self._group_pending and len(self._groups_running) < self._max_groups
@@ -420,36 +433,49 @@ class Database:
                 for index in range(len(batch))]
 
     def _run_group(self, batch: list[_Request]) -> list[tuple[bool, Any]]:
+        with self.write_engine.connect() as conn:
+            conn.execution_options(lightmail_write=True)
+            if self.backend == "sqlite" and not any(r.durable for r in batch):
+                # A group of unsynced writes only (write_unsynced): no WAL flush.
+                driver = conn.connection.dbapi_connection
+                assert driver is not None
+                driver.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    return self._run_group_in(conn, batch)
+                finally:
+                    driver.execute("PRAGMA synchronous=FULL")
+            return self._run_group_in(conn, batch)
+
+    def _run_group_in(self, conn: Connection, batch: list[_Request]
+                      ) -> list[tuple[bool, Any]]:
         # First without savepoints (two statements less per request): when every
         # request succeeds, which is nearly always, that is the whole story.  When
         # one fails, the transaction is rolled back whole and the group runs again
         # with a savepoint per request, so that only the failed one is left out.
         # (So a grouped function may run twice: it must act only on the database.)
-        with self.write_engine.connect() as conn:
-            conn.execution_options(lightmail_write=True)
-            failed = None
-            with conn.begin() as tx:
+        failed = None
+        with conn.begin() as tx:
+            try:
+                results = _run_merged(conn, batch)
+            except Exception:
+                failed = Failure()
+                tx.rollback()
+        if failed is None:
+            return results
+        if len(batch) == 1:
+            return [(False, failed)]
+        results = []
+        with conn.begin():
+            for request in batch:
                 try:
-                    results = _run_merged(conn, batch)
+                    with conn.begin_nested():
+                        if request.merge:
+                            value = request.fn(conn, list(request.args))[0]
+                        else:
+                            value = request.fn(conn, *request.args, **request.kwargs)
+                    results.append((True, value))
                 except Exception:
-                    failed = Failure()
-                    tx.rollback()
-            if failed is None:
-                return results
-            if len(batch) == 1:
-                return [(False, failed)]
-            results = []
-            with conn.begin():
-                for request in batch:
-                    try:
-                        with conn.begin_nested():
-                            if request.merge:
-                                value = request.fn(conn, list(request.args))[0]
-                            else:
-                                value = request.fn(conn, *request.args, **request.kwargs)
-                        results.append((True, value))
-                    except Exception:
-                        results.append((False, Failure()))
+                    results.append((False, Failure()))
         return results
 
     def sync_now(self) -> None:

@@ -48,7 +48,8 @@ class StorageService(Service):
         self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool,
                                          sync=config.storage.blob_sync,
                                          spare_files=spares)
-        self.mailstore = SQLMailStore(self.db, self.blobs)
+        self.mailstore = SQLMailStore(self.db, self.blobs,
+                                      sync_flag_changes=config.storage.sync_flag_changes)
         # The writer process (lightmail.storage.writer), where it applies: started
         # by the main process of a server that runs from a configuration file; its
         # workers connect to it at ``writer_socket`` (a directory of our own).

@@ -339,9 +339,13 @@ def new_uidvalidity(user_id: int, name: str) -> int:
 class SQLMailStore:
     log = Logger()
 
-    def __init__(self, db: Database, blobs: IBlobStore) -> None:
+    def __init__(self, db: Database, blobs: IBlobStore,
+                 sync_flag_changes: bool = True) -> None:
         self.db = db
         self.blobs = blobs
+        #: Whether STORE's and EXPUNGE's commits are on disk before they are
+        #: answered ([storage] sync_flag_changes; Database.write_unsynced if not).
+        self.sync_flag_changes = sync_flag_changes
         self._listeners: list[IChangeListener] = []
         #: A lightmail.storage.writer.WriterClient: writes go to that process.
         self.writer: Any = None
@@ -357,15 +361,18 @@ class SQLMailStore:
                 self.log.failure("change listener {listener!r} failed", listener=listener)
 
     def _write(self, op: str, fn: Callable[..., Any], *args: Any,
-               before: Optional[Callable[[], Any]] = None) -> Deferred[Any]:
+               before: Optional[Callable[[], Any]] = None,
+               durable: bool = True) -> Deferred[Any]:
         """``fn(conn, *args)`` in a write transaction: in the writer process (its
         operation ``op`` is the same method there; lightmail.storage.writer) when
-        there is one, else here.  ``before``: a PendingBlob made durable first."""
+        there is one, else here.  ``before``: a PendingBlob made durable first.
+        ``durable=False``: see Database.write_unsynced."""
         writer = self.writer
         if writer is not None and writer.ready:
-            return writer.call(op, args, pending=before)  # type: ignore[no-any-return]
+            return writer.call(op, args, pending=before,  # type: ignore[no-any-return]
+                               durable=durable)
         if before is None:
-            return self.db.write(fn, *args)
+            return (self.db.write if durable else self.db.write_unsynced)(fn, *args)
         return self.db.write_grouped_after(before, fn, *args)
 
     def _announcing(self, d: Deferred[Any], make: Any) -> Deferred[Any]:
@@ -624,7 +631,7 @@ class SQLMailStore:
         if mode not in ("replace", "add", "remove"):
             raise ValueError(f"unknown flag mode {mode!r}")
         d = self._write("set_flags", self.set_flags_now, mailbox_id, list(uids),
-                        list(flags), mode)
+                        list(flags), mode, durable=self.sync_flag_changes)
         return self._announcing(d, lambda res: [MailboxChange(
             res[0], mailbox_id, "flags", tuple(m.uid for m in res[1]), res[1][-1].modseq,
             tuple(res[1]))]
@@ -656,7 +663,8 @@ class SQLMailStore:
         return box.user_id, changed
 
     def expunge(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
-        d = self._write("expunge", self.expunge_now, mailbox_id, list(uids))
+        d = self._write("expunge", self.expunge_now, mailbox_id, list(uids),
+                        durable=self.sync_flag_changes)
         return self._announcing(d, lambda res: [MailboxChange(
             res[0], mailbox_id, "expunged", tuple(res[1]), res[2])] if res[1] else []
         ).addCallback(lambda res: res[1])
@@ -851,6 +859,9 @@ class SQLMailStore:
             return [blob_id for blob_id in ids if blob_id not in known]
 
         def collect() -> int:
+            # An expunge may have been committed unsynced (write_unsynced): put it
+            # on disk before deleting the files it let go of.
+            self.db.sync_now()
             removed = 0
             for blob_id in self.db.read_now(candidates):
                 try:

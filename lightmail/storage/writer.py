@@ -175,11 +175,12 @@ def run_group(batch: list[bytes], db: Database, blobs: FilesystemBlobStore,
     transaction; each request's answer, framed, in order."""
     ids, requests = [], []
     for frame in batch:
-        request_id, op, args, blob = pickle.loads(frame)
+        request_id, op, args, blob, durable = pickle.loads(frame)
         before = None if blob is None else PendingBlob.adopt(blobs, *blob)
         ids.append(request_id)
         requests.append(_Request(ops.get(op) or _unknown(op), tuple(args), {},
-                                 None, False, before))  # type: ignore[arg-type]
+                                 None, False, before,  # type: ignore[arg-type]
+                                 durable or db.backend != "sqlite"))
     try:
         outcomes = db._run_befores_and_group(requests)
     except Exception as exc:            # the commit itself failed
@@ -379,11 +380,12 @@ class WriterClient:
         ended.addBoth(done).addBoth(lambda _: d.callback(None))
         return d
 
-    def call(self, op: str, args: tuple[Any, ...], pending: Any = None
-             ) -> defer.Deferred[Any]:
+    def call(self, op: str, args: tuple[Any, ...], pending: Any = None,
+             durable: bool = True) -> defer.Deferred[Any]:
         """Run the writer's operation ``op(conn, *args)`` in its next group, and fire
         with its result once committed; with ``pending`` (a PendingBlob of this
-        process), that blob is made durable there first, in the same group."""
+        process), that blob is made durable there first, in the same group.
+        ``durable=False``: committed as Database.write_unsynced does."""
         link = self._link
         if link is None:
             return defer.fail(WriterLost("the writer process is not running"))
@@ -395,7 +397,7 @@ class WriterClient:
         request_id = self._next_id
         d: defer.Deferred[Any] = defer.Deferred()
         self._waiting[request_id] = d
-        link.sendString(pickle.dumps((request_id, op, args, blob), protocol=5))
+        link.sendString(pickle.dumps((request_id, op, args, blob, durable), protocol=5))
         return d
 
     def _answered(self, data: bytes) -> None:
