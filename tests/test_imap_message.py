@@ -1083,3 +1083,18 @@ def test_header_cache_size_comes_from_the_configuration(tmp_path: Path) -> None:
         assert HEADERS.budget == 3 * 1024**2
     finally:
         HEADERS.resize(DEFAULT_BUDGET)
+
+
+def test_header_fields_answers_are_kept_per_section_and_bounded() -> None:
+    from lightmail.imap import message as module
+    parsed = ParsedMessage(b"From: a@b\r\nTo: c@d\r\nSubject: hi\r\n\r\nbody\r\n")
+    wanted = Section(text="HEADER.FIELDS", fields=("From", "Subject"))
+    first = parsed.section(wanted)
+    assert first == b"From: a@b\r\nSubject: hi\r\n\r\n"
+    assert parsed.section(Section(text="HEADER.FIELDS", fields=("From", "Subject"))) is first
+    assert parsed.section(Section(text="HEADER.FIELDS.NOT", fields=("From",))) == \
+        b"To: c@d\r\nSubject: hi\r\n\r\n"
+    for n in range(module._FIELDS_KEPT * 2):
+        assert parsed.section(Section(text="HEADER.FIELDS", fields=(f"X-{n}",))) == b"\r\n"
+    assert len(parsed.__dict__["_fields"]) <= module._FIELDS_KEPT
+    assert parsed.section(wanted) == first

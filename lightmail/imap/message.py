@@ -631,6 +631,9 @@ _NIL_ENVELOPE = b"(" + b" ".join([b"NIL"] * 10) + b")"
 _DEFAULT_CHARSET = (b"charset", b"us-ascii")
 
 
+_FIELDS_KEPT = 4      # HEADER.FIELDS(.NOT) answers a ParsedMessage keeps (section)
+
+
 class ParsedMessage:
     """A stored message, parsed on demand for FETCH, SEARCH and SORT."""
 
@@ -776,7 +779,19 @@ class ParsedMessage:
     def section(self, s: Section) -> bytes:
         """The octets of a section; empty when the part does not exist."""
         if not s.part:
-            return self.raw if not s.text else self._message_section(self._head, s)
+            if not s.text:
+                return self.raw
+            if s.text.startswith("HEADER.FIELDS"):
+                # A client lists its mail with the same few fields at every sync,
+                # and this message is shared through the header cache: keep them.
+                memo: dict[Section, bytes] = self.__dict__.setdefault("_fields", {})
+                found = memo.get(s)
+                if found is None:
+                    if len(memo) >= _FIELDS_KEPT:
+                        memo.clear()
+                    found = memo[s] = self._message_section(self._head, s)
+                return found
+            return self._message_section(self._head, s)
         node = self._resolve(s.part)
         if node is None:
             return b""
