@@ -201,8 +201,13 @@ def tag_of(parts: list[bytes]) -> str:
     return tag if tag and _valid_tag(tag) else "*"
 
 
+# tag = 1*<any ASTRING-CHAR except "+"> (RFC 9051 §9): printable ASCII but for the
+# atom-specials and "+".
+_TAG = re.compile(r'[^\x00-\x20\x7f-\U0010ffff(){%*"\\+]+')
+
+
 def _valid_tag(tag: str) -> bool:
-    return all(0x20 < ord(ch) < 0x7f and ch not in '(){%*"\\+' for ch in tag)
+    return _TAG.fullmatch(tag) is not None
 
 
 def parse_command(parts: list[bytes]) -> Command:
