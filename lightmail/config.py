@@ -387,13 +387,13 @@ class StorageConfig:
     sync_flag_changes: bool = option(
         False, parse_bool,
         "Put the commit of a flag change (STORE, the \\Seen a FETCH sets) and of an "
-        "EXPUNGE on disk before answering it.  no (as Dovecot's mail_fsync = "
-        "optimized): with SQLite it is answered once in the operating system's cache, "
-        "so that a crash of LightMail, even kill -9, keeps it, and it reaches the disk "
-        "with the next message filed (or the system's own write-back); a power loss "
-        "may undo the last such changes, never a message.  Mail itself (SMTP, LMTP, "
-        "APPEND, COPY, MOVE) is always on disk before it is answered.  PostgreSQL and "
-        "MariaDB: always on disk (their own settings, such as synchronous_commit, "
+        "EXPUNGE (and POP3's deletions) on disk before answering it.  no (as Dovecot's "
+        "mail_fsync = optimized): with SQLite it is answered once in the operating "
+        "system's cache, so that a crash of LightMail, even kill -9, keeps it, and it "
+        "reaches the disk with the next message filed (or the system's own write-back); a"
+        " power loss may undo the last such changes, never a message.  Mail itself (SMTP,"
+        " LMTP, APPEND, COPY, MOVE) is always on disk before it is answered.  PostgreSQL "
+        "and MariaDB: always on disk (their own settings, such as synchronous_commit, "
         "decide).")
 
 
