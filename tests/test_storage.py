@@ -5,7 +5,9 @@ Runs on SQLite, PostgreSQL and MariaDB (the ``stack`` fixture is parametrised).
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -302,6 +304,54 @@ def test_garbage_collection_removes_only_unreferenced_old_blobs(stack) -> None:
     assert not stack.blobs.exists_now(dropped.id)
     assert not stack.blobs.exists_now(orphan.id)
     assert refcount(stack, dropped.id) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_collection_flushes_the_database_before_deleting(stack, monkeypatch) -> None:
+    """An expunge may be committed unsynced: GC puts it on disk before it deletes the
+    blob the expunge let go of."""
+    user = yield make_user(stack)
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    ref = yield stack.blobs.put(b"expunged unsynced\r\n")
+    yield stack.mailstore.append(box.id, ref)
+    yield stack.mailstore.expunge(box.id, [1])
+    events: list[str] = []
+    real_sync, real_delete = stack.db.sync_now, stack.blobs.delete_now
+    monkeypatch.setattr(stack.db, "sync_now", lambda: (events.append("sync"), real_sync())[1])
+    monkeypatch.setattr(stack.blobs, "delete_now", lambda *a: (events.append("delete"),
+                                                               real_delete(*a))[1])
+    time.sleep(0.05)
+    assert (yield stack.mailstore.collect_garbage(0)) == 1
+    assert events[:2] == ["sync", "delete"]
+
+
+def test_a_connection_whose_flush_level_cannot_be_restored_is_dropped(
+        stack, monkeypatch) -> None:
+    """After a group of unsynced writes the SQLite connection goes back to FULL; should
+    that fail, the connection is invalidated rather than reused for mail."""
+    if stack.db.backend != "sqlite":
+        return          # the level is SQLite's alone (write_unsynced is write elsewhere)
+    from lightmail.storage import database
+    from lightmail.storage.database import _Request
+    real = database._synchronous
+
+    def failing(driver: Any, level: str) -> None:
+        if level == "FULL":
+            raise sqlite3.OperationalError("disk I/O error")
+        real(driver, level)
+    monkeypatch.setattr(database, "_synchronous", failing)
+    seen: list[Any] = []
+    request = _Request(seen.append, (), {}, defer.Deferred(), False, durable=False)
+    with pytest.raises(sqlite3.OperationalError):
+        stack.db._run_group([request])
+    monkeypatch.setattr(database, "_synchronous", real)
+    assert seen
+    # No pooled connection is left broken or at NORMAL: each next group gets a working
+    # one at FULL (the pool hands its connections out in turn).
+    for _ in range(stack.db.threads + 2):
+        level = stack.db.write_now(
+            lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+        assert level == 2
 
 
 def test_queue_ids_are_unique_and_carry_their_time() -> None:

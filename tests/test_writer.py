@@ -423,3 +423,54 @@ def test_kill_9_of_the_writer_process_loses_nothing_and_it_comes_back(
     assert not missing, f"accepted (250) but not filed: {missing[:20]}"
     twice = {n: users for n, users in filed.items() if len(users) > 1}
     assert not twice, f"filed more than once: {twice}"
+
+
+def test_unsynced_requests_commit_without_a_flush_only_in_a_group_of_their_own(
+        stack: Any) -> None:
+    """The durable flag a request carries reaches the writer's group: a group of
+    unsynced requests only commits at SQLite's NORMAL level, any other at FULL."""
+    def level(conn: Any) -> Any:
+        return conn.exec_driver_sql("PRAGMA synchronous").scalar() \
+            if stack.db.backend == "sqlite" else None
+
+    def frame(number: int, durable: bool) -> bytes:
+        return pickle.dumps((number, "level", (), None, durable))
+
+    ops = {"level": level}
+    alone = _answers(b"".join(writer.run_group([frame(1, False), frame(2, False)],
+                                               stack.db, stack.blobs, ops)))
+    mixed = _answers(b"".join(writer.run_group([frame(3, False), frame(4, True)],
+                                               stack.db, stack.blobs, ops)))
+    if stack.db.backend == "sqlite":
+        assert alone == {1: (True, 1), 2: (True, 1)}
+        assert mixed == {3: (True, 2), 4: (True, 2)}
+    else:
+        assert alone == {1: (True, None), 2: (True, None)}
+
+
+def test_the_mail_store_tells_the_writer_which_writes_need_no_flush(stack: Any) -> None:
+    from twisted.internet import defer
+
+    from lightmail.storage.interfaces import BlobRef
+    calls: list[tuple[str, bool]] = []
+
+    class Writer:
+        ready = True
+
+        def call(self, op: str, args: Any, pending: Any = None,
+                 durable: bool = True) -> Any:
+            calls.append((op, durable))
+            return defer.Deferred()
+
+    store = stack.mailstore
+    store.writer = Writer()
+    try:
+        for sync in (False, True):
+            store.sync_flag_changes = sync
+            store.set_flags(1, [1], ["\\Seen"], "add")
+            store.expunge(1, [1])
+        store.append(1, BlobRef("0" * 64, 1, b""))
+    finally:
+        store.writer = None
+    assert calls == [("set_flags", False), ("expunge", False), ("set_flags", True),
+                     ("expunge", True), ("append", True)]

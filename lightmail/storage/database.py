@@ -225,6 +225,11 @@ def _plan(stmt: Any, dialect: Any, params: dict[str, Any]) -> _Plan | None:
     return compiled.string, tuple(compiled.positiontup or ()), compiled, processors
 
 
+def _synchronous(dbapi_connection: Any, level: str) -> None:
+    """SQLite's flush level for the connection's next commits (write_unsynced)."""
+    dbapi_connection.execute(f"PRAGMA synchronous={level}")
+
+
 class _Request(NamedTuple):
     """A grouped write waiting for its group (``merge``: see write_merged)."""
 
@@ -440,11 +445,17 @@ class Database:
                 # A group of unsynced writes only (write_unsynced): no WAL flush.
                 driver = conn.connection.dbapi_connection
                 assert driver is not None
-                driver.execute("PRAGMA synchronous=NORMAL")
+                _synchronous(driver, "NORMAL")
                 try:
                     return self._run_group_in(conn, batch)
                 finally:
-                    driver.execute("PRAGMA synchronous=FULL")
+                    try:
+                        _synchronous(driver, "FULL")
+                    except BaseException:
+                        # Never hand back a connection that would commit mail
+                        # without a flush: the pool drops it and opens a new one.
+                        conn.invalidate()
+                        raise
             return self._run_group_in(conn, batch)
 
     def _run_group_in(self, conn: Connection, batch: list[_Request]
