@@ -15,59 +15,24 @@ then close the thread pools.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from lightmail import __version__
 from lightmail.config import Config, ConfigError, line_of
-from lightmail.delivery.local import LocalDeliveryAgent
-from lightmail.directory.cred import make_portal
 from lightmail.directory.service import DirectoryService
-from lightmail.directory.sql import SQLDirectory
 from lightmail.listeners import ListenerService, available_protocols, builder_for
 from lightmail.logs import make_observer
 from lightmail.queue.runner import QueueRunner
-from lightmail.queue.wake import WAKE_NAME
 from lightmail.storage.database import DatabaseURLError, check_url
-from lightmail.storage.service import StorageService
-
-
-@dataclass
-class Services:
-    """The running parts a protocol factory (or an embedder) works with."""
-
-    config: Config
-    storage: StorageService
-    directory: SQLDirectory
-    portal: Portal
-    # The queue runner (in a worker process, a stand-in whose kick() asks the main
-    # process's runner to look for work).
-    queue_runner: Any
-    # Files messages straight into mailboxes (IMailboxDelivery): LMTP uses it.
-    local_delivery: Any = None
-    # Which users have a POP3 session open (lightmail.pop3.maildrop.Locks).
-    pop3_locks: Any = None
-    # The IMAP sessions of this process and their mailbox changes (lightmail.imap.hub).
-    imap_hub: Any = None
-
-    @property
-    def mailstore(self) -> Any:
-        return self.storage.mailstore
-
-    @property
-    def queue(self) -> Any:
-        return self.storage.queue
-
-    @property
-    def blobs(self) -> Any:
-        return self.storage.blobs
+from lightmail.storage.interfaces import IWritePort
+from lightmail.wiring import Role, Services, wire
 
 
 def validate(config: Config) -> None:
@@ -191,31 +156,26 @@ class LightMailService(MultiService):
         self.log.info("LightMail stopped")
 
 
-def makeService(config: Config) -> LightMailService:
-    """Build LightMail's service tree from a validated configuration."""
+def makeService(config: Config,
+                write_port: Callable[[IWritePort], IWritePort] | None = None
+                ) -> LightMailService:
+    """Build LightMail's service tree from a validated configuration.
+
+    ``write_port``: an embedding application's own write port; it is given the engine
+    LightMail would run, and returns the port every protocol will use (see
+    docs/embedding.rst).
+    """
     validate(config)
-    storage = StorageService(config)
-    directory = SQLDirectory(storage.db,
-                             recipient_delimiter=config.directory.recipient_delimiter,
-                             default_quota=config.directory.default_quota,
-                             resolve_cache_ttl=config.directory.resolve_cache_ttl)
-    portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
-    out = config.outbound
-    runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id,
-                         concurrency=out.concurrency, min_backoff=out.min_backoff,
-                         max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
-                         delay_warning_time=out.delay_warning_time,
-                         wake_path=config.server.state_dir / WAKE_NAME)
-    services = Services(config=config, storage=storage, directory=directory, portal=portal,
-                        queue_runner=runner)
+    services = wire(config, Role.SERVER, write_port=write_port)
+    storage = services.storage
     root = LightMailService(services)
     storage.ready.addErrback(lambda f: root.fatal(f"storage failed: {f.getErrorMessage()}"))
     storage.setServiceParent(root)
-    DirectoryService(directory, config.directory.backend, storage.ready).setServiceParent(root)
+    DirectoryService(services.directory, config.directory.backend,
+                     storage.ready).setServiceParent(root)
+    runner = services.queue_runner
+    assert isinstance(runner, QueueRunner)      # Role.SERVER runs the queue
     runner.setServiceParent(root)
-    services.local_delivery = LocalDeliveryAgent(services.directory, services.mailstore,
-                                                 services.queue, runner.owner)
-    services.local_delivery.writer = storage.writer
     for agent in _delivery_agents(services):
         runner.add_agent(agent)
     from lightmail.outbound.notices import Notifier
@@ -240,12 +200,8 @@ def _add_workers(root: LightMailService, services: Services) -> None:
     (lightmail.workers); it keeps the limits, locks and \\Recent claims for all."""
     from twisted.internet.protocol import Factory
 
-    from lightmail.imap.hub import hub_for
-    from lightmail.pop3.maildrop import Locks
     from lightmail.workers.pool import WorkerPool
     config = services.config
-    hub_for(services)
-    services.pop3_locks = Locks()
     storage = services.storage
     listeners = []
     for listener in config.listeners:

@@ -68,7 +68,10 @@ class StorageStack:
         from lightmail.storage.blobs import FilesystemBlobStore
         from lightmail.storage.database import Database
         from lightmail.storage.queuestore import SQLQueueStore
+        from lightmail.storage.changes import ChangeFeed
         from lightmail.storage.sqlstore import SQLMailStore
+        from lightmail.storage.sqlwrites import SQLWrites
+        from lightmail.storage.writeport import GroupedWritePort
 
         self.url = url
         self.db = Database(url, threads=4)
@@ -77,8 +80,14 @@ class StorageStack:
         self.io_pool.start()
         self.blobs = FilesystemBlobStore(root / "blobs", self.io_pool)
         migrate.upgrade(self.db.engine)
-        self.mailstore = SQLMailStore(self.db, self.blobs)
+        self.feed = ChangeFeed()
         self.queue = SQLQueueStore(self.db, self.blobs)
+        self.writes = SQLWrites(self.blobs, self.queue)
+        #: The write port, grouped in this process (as a server without a writer
+        #: process runs it).
+        self.port = GroupedWritePort(self.db, self.writes, self.feed)
+        self.mailstore = SQLMailStore(self.db, self.blobs, self.feed, self.port,
+                                      self.writes)
         self.directory = SQLDirectory(self.db)
 
     def close(self) -> None:

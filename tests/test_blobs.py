@@ -448,13 +448,14 @@ def test_write_error_with_real_pool(store: FilesystemBlobStore,
     assert data_files(store) == []
 
 
-def test_finish_pending_leaves_the_commit_to_the_caller(
+def test_stage_leaves_the_commit_to_the_caller(
         manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
     s, mp = manual
     writer = s.writer()
     writer.write(b"Subject: x\r\n\r\nbody")
-    pending = writer.finish_pending()
-    assert pending is not None and mp.calls == 0
+    pending = result_of(writer.stage())
+    assert isinstance(pending, blobs.PendingBlob) and mp.calls == 0
+    assert not pending.durable and pending.store is s
     data = b"Subject: x\r\n\r\nbody"
     assert pending.ref == BlobRef(sha(data), len(data))
     assert pending.ref.headers == b"Subject: x\r\n\r\n"
@@ -463,32 +464,35 @@ def test_finish_pending_leaves_the_commit_to_the_caller(
     with pytest.raises(RuntimeError):
         writer.write(b"more")
     pending.commit_now()                            # on the caller's worker thread
+    assert pending.durable
+    with pytest.raises(RuntimeError):
+        pending.commit_now()                        # once only
     assert files_under(s.objects) == [s.path(sha(data))]
     assert s.path(sha(data)).read_bytes() == data
     assert files_under(s.tmp) == [] and mp.calls == 0
 
 
-def test_finish_pending_not_while_an_append_is_in_flight(
+def test_stage_while_an_append_is_in_flight_finishes_the_blob(
         manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
     s, mp = manual
     writer = s.writer()
     writer.write(b"x" * 1500)                       # over the threshold: a pool call
     assert mp.calls == 1
-    assert writer.finish_pending() is None          # then finish() as usual
-    d = writer.finish()
+    d = writer.stage()                              # finish() as usual, then staged
     mp.run_all()
-    assert result_of(d) == BlobRef(sha(b"x" * 1500), 1500)
+    staged = result_of(d)
+    assert staged.durable and staged.ref == BlobRef(sha(b"x" * 1500), 1500)
+    assert s.path(staged.ref.id).read_bytes() == b"x" * 1500
 
 
-def test_finish_pending_after_background_appends(
+def test_stage_after_background_appends(
         manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
     s, mp = manual
     writer = s.writer()
     writer.write(b"x" * 1500)
     mp.run_all()
     writer.write(b"y" * 10)
-    pending = writer.finish_pending()
-    assert pending is not None
+    pending = result_of(writer.stage())
     d = pending.commit()                            # on the store's pool instead
     mp.run_all()
     data = b"x" * 1500 + b"y" * 10
@@ -498,9 +502,9 @@ def test_finish_pending_after_background_appends(
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_a_detached_pending_blob_is_committed_where_it_is_adopted(
+def test_a_pending_blob_handed_off_is_committed_where_it_is_adopted(
         manual: tuple[FilesystemBlobStore, ManualPool], background: bool) -> None:
-    """The writer process's way (lightmail.storage.writer): this process detaches the
+    """The writer process's way (lightmail.storage.writer): this process hands off the
     pending blob (the path of its temporary file, if any, and the bytes not written
     yet) and lets go of its file; the other adopts it and commits it with a group."""
     s, mp = manual
@@ -509,17 +513,17 @@ def test_a_detached_pending_blob_is_committed_where_it_is_adopted(
     writer.write(head)
     mp.run_all()                                    # over it: in the file already
     writer.write(b"y" * 10)
-    pending = writer.finish_pending()
-    assert pending is not None
-    path, rest, ref = pending.detach()
+    pending = result_of(writer.stage())
+    handoff = pending.handoff()
+    path, rest, ref = handoff.path, handoff.data, handoff.ref
     assert (path is not None) is background
     assert rest == (b"y" * 10 if background else head + b"y" * 10)
     mp.run_all()                                    # this process closes its descriptor
     pending.discard()                               # too late: a no-op, file kept
     other = FilesystemBlobStore(s.root, ManualPool(),  # type: ignore[arg-type]
                                 ImmediateReactor())  # type: ignore[arg-type]
-    adopted = blobs.PendingBlob.adopt(other, path, rest, ref)
-    assert other.commit_pending_many([adopted, *_pendings(other, [b"another"])]) == \
+    adopted = other.adopt(handoff)
+    assert other.commit_staged_now([adopted, *_pendings(other, [b"another"])]) == \
         [None, None]
     data = head + b"y" * 10
     assert ref == BlobRef(sha(data), len(data)) and s.path(ref.id).read_bytes() == data
@@ -532,8 +536,7 @@ def test_failed_pending_commit_removes_the_tmp_file(
     s, _ = manual
     writer = s.writer()
     writer.write(b"a" * 10)
-    pending = writer.finish_pending()
-    assert pending is not None
+    pending = result_of(writer.stage())
     monkeypatch.setattr(os, "fsync", lambda fd: _disk_full(fd, b""))
     with pytest.raises(OSError):
         pending.commit_now()
@@ -684,9 +687,7 @@ def _pendings(s: FilesystemBlobStore, contents: list[bytes]) -> list[blobs.Pendi
     for data in contents:
         writer = s.writer()
         writer.write(data)
-        pending = writer.finish_pending()
-        assert pending is not None
-        out.append(pending)
+        out.append(result_of(writer.stage()))
     return out
 
 
@@ -722,9 +723,8 @@ def test_pending_blobs_of_a_group_are_made_durable_with_one_syncfs(
     pendings = _pendings(s, contents)
     discarded = _pendings(s, [b"never committed"])[0]
     discarded.discard()
-    assert all(p.batched for p in pendings) and pendings[0].together == \
-        s.commit_pending_many
-    results = s.commit_pending_many([*pendings[:3], discarded, *pendings[3:]])
+    assert s.batches_commits and all(p.store is s for p in pendings)
+    results = s.commit_staged_now([*pendings[:3], discarded, *pendings[3:]])
     assert [r is None for r in results] == [True, True, True, False, True, True, True]
     assert isinstance(results[3], BlobMissing)
     assert len(calls) == 1 and fsyncs == []         # one flush, no fsync at all
@@ -816,7 +816,7 @@ def test_blob_sync_fsync_commits_each_blob_alone(
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
     pendings = _pendings(s, [b"one", b"two"])
-    assert not pendings[0].batched
+    assert not s.batches_commits
     assert s.commit_pending_many(pendings) == [None, None]
     assert len(fsyncs) >= 4                         # each file and its directory
     assert s.path(sha(b"two")).read_bytes() == b"two"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,12 +18,20 @@ from twisted.internet import defer, threads
 from lightmail.storage import schema as s
 from lightmail.storage.interfaces import (
     BlobMissing,
+    DurableBlob,
     Envelope,
+    Filing,
+    FilingTarget,
     MailboxExists,
     NoSuchMailbox,
     QueueRecipient,
 )
 from lightmail.storage.queuestore import new_queue_id, queue_id_time
+
+
+def enqueue(stack: Any, envelope: Envelope, ref: Any, queue_id: str | None = None) -> Any:
+    """Queue a stored message, as everything does: through the write port."""
+    return stack.port.enqueue(envelope, DurableBlob(ref), queue_id)
 
 MESSAGE = b"From: a@example.org\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -105,9 +114,11 @@ def test_same_delivery_id_files_once(stack) -> None:
     user = yield make_user(stack)
     box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
     ref = yield stack.blobs.put(MESSAGE)
-    first = yield stack.mailstore.append(box.id, ref, delivery_id="q42")
-    again = yield stack.mailstore.append(box.id, ref, delivery_id="q42")
-    assert again.duplicate and (again.uid, again.modseq) == (first.uid, first.modseq)
+    filing = Filing((FilingTarget(user.id, user.address),), "q42")
+    [first] = yield defer.gatherResults(stack.port.file([filing], DurableBlob(ref)))
+    [again] = yield defer.gatherResults(stack.port.file([filing], DurableBlob(ref)))
+    assert first.placed == (f"{user.address}/INBOX uid=1",)
+    assert again.placed == (f"{user.address}/INBOX uid=1 (already filed)",)
     assert len((yield stack.mailstore.list_messages(box.id))) == 1
     assert refcount(stack, ref.id) == 1
 
@@ -168,7 +179,7 @@ def test_queue_claim_deliver_and_retire(stack) -> None:
         QueueRecipient("bob@example.test", orcpt="rfc822;bob@example.test",
                        notify="SUCCESS,FAILURE"),
         QueueRecipient("carol@remote.example", transport="smtp")], envid="E1", ret="HDRS")
-    queue_id = yield stack.queue.enqueue(envelope, ref)
+    queue_id = yield enqueue(stack, envelope, ref)
     assert abs(queue_id_time(queue_id) - time.time()) < 60
     assert refcount(stack, ref.id) == 1
     items = yield stack.queue.claim("node-a", ["local"], 10, 60)
@@ -194,10 +205,10 @@ def test_queue_claim_deliver_and_retire(stack) -> None:
 @pytest_twisted.inlineCallbacks
 def test_queue_hold_release_requeue_delete(stack) -> None:
     ref = yield stack.blobs.put(MESSAGE)
-    first = yield stack.queue.enqueue(Envelope("a@example.org", [
+    first = yield enqueue(stack, Envelope("a@example.org", [
         QueueRecipient("x@remote.example", "smtp"), QueueRecipient("y@remote.example", "smtp")]),
         ref)
-    second = yield stack.queue.enqueue(Envelope("a@example.org", [
+    second = yield enqueue(stack, Envelope("a@example.org", [
         QueueRecipient("z@remote.example", "smtp")]), ref)
     assert refcount(stack, ref.id) == 2
     assert (yield stack.queue.manage("hold", [first])) == 2
@@ -224,7 +235,7 @@ def test_queue_hold_release_requeue_delete(stack) -> None:
 @pytest_twisted.inlineCallbacks
 def test_expired_lease_is_taken_over_and_stale_owner_cannot_finish(stack) -> None:
     ref = yield stack.blobs.put(MESSAGE)
-    yield stack.queue.enqueue(Envelope("a@example.org", [QueueRecipient("b@example.test")]),
+    yield enqueue(stack, Envelope("a@example.org", [QueueRecipient("b@example.test")]),
                               ref)
     [item] = yield stack.queue.claim("crashed-node", ["local"], 10, 0.0)
     time.sleep(0.01)  # the zero-length lease has run out
@@ -244,7 +255,7 @@ def test_delay_warning_is_recorded_once_with_its_notice(stack) -> None:
     """warn_delayed marks recipients warned and queues the notice in one transaction;
     a recipient warned already makes it change nothing, and claims say warned."""
     ref = yield stack.blobs.put(MESSAGE)
-    queue_id = yield stack.queue.enqueue(Envelope("a@example.org", [
+    queue_id = yield enqueue(stack, Envelope("a@example.org", [
         QueueRecipient("x@remote.example", "smtp", notify="DELAY"),
         QueueRecipient("y@remote.example", "smtp"),
         QueueRecipient("z@remote.example", "smtp")]), ref)
@@ -332,7 +343,7 @@ def test_a_connection_whose_flush_level_cannot_be_restored_is_dropped(
     if stack.db.backend != "sqlite":
         return          # the level is SQLite's alone (write_unsynced is write elsewhere)
     from lightmail.storage import database
-    from lightmail.storage.database import _Request
+    from lightmail.storage.database import GroupedWrite
     real = database._synchronous
 
     def failing(driver: Any, level: str) -> None:
@@ -341,7 +352,7 @@ def test_a_connection_whose_flush_level_cannot_be_restored_is_dropped(
         real(driver, level)
     monkeypatch.setattr(database, "_synchronous", failing)
     seen: list[Any] = []
-    request = _Request(seen.append, (), {}, defer.Deferred(), False, durable=False)
+    request = GroupedWrite(seen.append, (), {}, defer.Deferred(), False, durable=False)
     with pytest.raises(sqlite3.OperationalError):
         stack.db._run_group([request])
     monkeypatch.setattr(database, "_synchronous", real)
@@ -368,7 +379,7 @@ def test_queue_ids_are_unique_and_carry_their_time() -> None:
 @pytest_twisted.inlineCallbacks
 def test_a_restarted_node_takes_back_its_own_leases_at_once(stack) -> None:
     ref = yield stack.blobs.put(MESSAGE)
-    yield stack.queue.enqueue(Envelope("a@example.org", [QueueRecipient("b@example.test")]),
+    yield enqueue(stack, Envelope("a@example.org", [QueueRecipient("b@example.test")]),
                               ref)
     [item] = yield stack.queue.claim("node-1", ["local"], 10, 3600)
     assert (yield stack.queue.claim("node-1", ["local"], 10, 3600)) == []
@@ -410,12 +421,22 @@ def test_group_commit_runs_before_once_and_first(stack) -> None:
     import threading
     events: list[tuple[str, str, int]] = []
 
-    def before(name: str, fail: bool = False):
-        def run() -> None:
-            events.append(("before", name, threading.get_ident()))
-            if fail:
-                raise OSError("disk full")
-        return run
+    class Store:
+        """Makes its staged blobs durable together (as a blob store's
+        commit_staged_now does): one call for the group's."""
+
+        def commit_staged_now(self, staged: list[Any]) -> list[Any]:
+            events.append(("together", ",".join(b.name for b in staged), 0))
+            outcomes: list[Any] = []
+            for blob in staged:
+                events.append(("before", blob.name, threading.get_ident()))
+                outcomes.append(OSError("disk full") if blob.fail else None)
+            return outcomes
+
+    store = Store()
+
+    def before(name: str, fail: bool = False) -> Any:
+        return SimpleNamespace(name=name, fail=fail, store=store, durable=False)
 
     def add(conn, name: str) -> str:
         events.append(("add", name, threading.get_ident()))
@@ -450,10 +471,9 @@ def test_local_delivery_is_one_transaction_and_exactly_once(stack) -> None:
     user = yield make_user(stack, "bob@example.test")
     yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
     yield stack.mailstore.create_mailbox(user.id, "lists")
-    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
-    assert agent._one_transaction
+    agent = LocalDeliveryAgent(stack.directory, stack.port, "node-1")
     ref = yield stack.blobs.put(MESSAGE)
-    yield stack.queue.enqueue(Envelope("a@example.org", [
+    yield enqueue(stack, Envelope("a@example.org", [
         QueueRecipient("bob+lists@example.test"), QueueRecipient("bob@example.test"),
         QueueRecipient("gone@example.test")]), ref)
     items = yield stack.queue.claim("node-1", ["local"], 10, 600)
@@ -461,7 +481,9 @@ def test_local_delivery_is_one_transaction_and_exactly_once(stack) -> None:
     for item in items:
         results.append((yield agent.deliver(item)))
     assert [r.status for r in results] == ["delivered", "delivered", "bounced"]
-    assert all(r.recorded for r in results)
+    # Filed and recorded in one transaction; the bounce is the runner's to record.
+    assert [r.recorded for r in results] == [True, True, False]
+    yield stack.queue.bounced(items[2], "node-1", results[2].detail)
     # Handing the same item over again (a retry after a crash) files nothing more.
     again = yield agent.deliver(items[0])
     assert "already filed" in again.detail
@@ -479,10 +501,10 @@ def test_every_new_message_is_filed_although_row_ids_are_reused(stack) -> None:
     still tell a new message from a retried one (this lost mail once)."""
     from lightmail.delivery.local import LocalDeliveryAgent
     user = yield make_user(stack, "bob@example.test")
-    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
+    agent = LocalDeliveryAgent(stack.directory, stack.port, "node-1")
     for number in range(3):
         ref = yield stack.blobs.put(MESSAGE + b"message %d\r\n" % number)
-        yield stack.queue.enqueue(Envelope("a@example.org",
+        yield enqueue(stack, Envelope("a@example.org",
                                            [QueueRecipient("bob@example.test")]), ref)
         [item] = yield stack.queue.claim("node-1", ["local"], 10, 600)
         result = yield agent.deliver(item)
@@ -493,21 +515,23 @@ def test_every_new_message_is_filed_although_row_ids_are_reused(stack) -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_filing_at_acceptance_is_all_or_nothing(stack) -> None:
-    from lightmail.delivery.local import LocalDeliveryAgent, NotFiled
+    from lightmail.delivery.local import LocalDeliveryAgent
+    from lightmail.storage.interfaces import NotFiled
     bob = yield make_user(stack, "bob@example.test")
     yield stack.mailstore.get_or_create_mailbox(bob.id, "INBOX")
     lists = yield stack.mailstore.create_mailbox(bob.id, "lists")
     carol = yield stack.directory.add_user("carol@example.test", None)   # no INBOX yet
     yield stack.directory.add_user("small@example.test", None, quota_bytes=10)
-    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
-    assert agent.can_deliver_at_acceptance()
+    agent = LocalDeliveryAgent(stack.directory, stack.port, "node-1")
     ref = yield stack.blobs.put(MESSAGE)
     results = yield agent.deliver_at_acceptance(
-        ["bob+lists@example.test", "bob@example.test", "carol@example.test"], ref, "Q1")
+        ["bob+lists@example.test", "bob@example.test", "carol@example.test"],
+        DurableBlob(ref), "Q1")
     assert [r.status for r in results] == ["delivered"] * 3
     assert results[0].detail == "2.0.0 bob@example.test/lists uid=1"
     assert results[2].detail == "2.0.0 carol@example.test/INBOX uid=1"
-    again = yield agent.deliver_at_acceptance(["bob+lists@example.test"], ref, "Q2")
+    again = yield agent.deliver_at_acceptance(["bob+lists@example.test"], DurableBlob(ref),
+                                              "Q2")
     assert again[0].detail == "2.0.0 bob@example.test/lists uid=2"
     box = yield stack.mailstore.get_mailbox(bob.id, "lists")
     assert (box.uidnext, box.highestmodseq) == (3, lists.highestmodseq + 2)
@@ -519,7 +543,8 @@ def test_filing_at_acceptance_is_all_or_nothing(stack) -> None:
     # One address that cannot be filed now (over quota, unknown): nothing is filed.
     for bad in ("small@example.test", "nobody@example.test"):
         with pytest.raises(NotFiled, match=bad):
-            yield agent.deliver_at_acceptance(["bob@example.test", bad], ref, "Q3")
+            yield agent.deliver_at_acceptance(["bob@example.test", bad], DurableBlob(ref),
+                                              "Q3")
     inbox = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
     assert len((yield stack.mailstore.list_messages(inbox.id))) == 1
     assert refcount(stack, ref.id) == 4
@@ -663,10 +688,10 @@ def test_copies_and_deliveries_are_announced_with_their_messages(stack) -> None:
     user = yield make_user(stack, "bob@example.test")
     inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
     archive = yield stack.mailstore.create_mailbox(user.id, "Archive")
-    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node-1")
+    agent = LocalDeliveryAgent(stack.directory, stack.port, "node-1")
     ref = yield stack.blobs.put(MESSAGE)
-    yield agent.deliver_at_acceptance(["bob@example.test"], ref, "Q1")     # fresh
-    yield stack.queue.enqueue(Envelope("a@example.org",
+    yield agent.deliver_at_acceptance(["bob@example.test"], DurableBlob(ref), "Q1")  # fresh
+    yield enqueue(stack, Envelope("a@example.org",
                                        [QueueRecipient("bob@example.test")]), ref)
     [item] = yield stack.queue.claim("node-1", ["local"], 10, 600)
     yield agent.deliver(item)                                               # queued
@@ -710,7 +735,7 @@ def test_group_makes_its_pending_blobs_durable_together(stack, monkeypatch) -> N
     def pending(data: bytes):
         writer = stack.blobs.writer()
         writer.write(data)
-        return writer.finish_pending()
+        return writer.stage().result        # fires at once: nothing in flight
 
     def add(conn, name: str) -> str:
         conn.execute(s.domains.insert().values(name=name, created=0))
@@ -867,7 +892,7 @@ def test_flag_changes_and_expunges_are_unsynced_unless_configured(stack, monkeyp
         monkeypatch.setattr(stack.db, name, lambda *a, _n=name, _r=real, **k:
                             (calls.append(_n), _r(*a, **k))[1])
     for sync in (False, True):
-        stack.mailstore.sync_flag_changes = sync
+        stack.port.sync_flag_changes = sync
         info = yield stack.mailstore.append(box.id, ref)
         yield stack.mailstore.set_flags(box.id, [info.uid], ["\\Deleted"], "add")
         yield stack.mailstore.expunge(box.id, [info.uid])

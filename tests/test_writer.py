@@ -9,7 +9,6 @@ killed, nothing that got a 250 is lost or filed twice and the server starts anot
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import smtplib
 import socket
@@ -23,72 +22,97 @@ import pytest_twisted
 from harness import ServerProcess, run_cli, stored_messages
 from test_crash import USERS, Sender, filed_messages
 
-from lightmail.config import parse_config
-from lightmail.delivery.local import NotFiled
+from twisted.internet import defer
+
 from lightmail.storage import blobs as blob_module
 from lightmail.storage import writer
+from lightmail.storage.interfaces import DurableBlob, Filing, FilingTarget, NotFiled
+from lightmail.storage.writerlink import WriterLost
 
 
 def _pending(stack: Any, data: bytes) -> Any:
     blob_writer = stack.blobs.writer()
     blob_writer.write(data)
-    pending = blob_writer.finish_pending()
-    assert pending is not None
-    return pending
+    return blob_writer.stage().result       # fires at once: nothing in flight
 
 
-def _answers(data: bytes) -> dict[int, tuple[bool, Any]]:
-    out = {}
-    while data:
-        length = int.from_bytes(data[:4], "big")
-        request_id, ok, value = pickle.loads(data[4:4 + length])
-        out[request_id] = (ok, value)
-        data = data[4 + length:]
-    return out
+def _request(op: str, args: tuple[Any, ...], blob: Any = None,
+             durable: bool = True) -> writer.WriteRequest:
+    # No peer: run_group answers into the request's Deferred, not onto a socket.
+    return writer.WriteRequest(None, op, args, blob, durable)  # type: ignore[arg-type]
 
 
-def _ops(stack: Any, tmp_path: Path) -> dict[str, Any]:
-    config = parse_config(f"[server]\nstate_dir = {tmp_path / 'state'}\n")
-    return writer._operations(config, stack.db, stack.blobs)
+def _outcome(request: writer.WriteRequest) -> tuple[bool, Any]:
+    out: list[tuple[bool, Any]] = []
+    request.answer.addCallbacks(lambda answer: out.append((True, answer["outcome"])),
+                                lambda failure: out.append((False, failure.value)))
+    return out[0]
+
+
+def _bob(user: Any) -> Filing:
+    return Filing((FilingTarget(user.id, user.address),), "smtp/QID1/0", fresh=True)
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_group_is_made_durable_with_one_flush_and_each_request_answered(
-        stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+        stack: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     yield stack.directory.add_domain("example.test")
-    yield stack.directory.add_user("bob@example.test", None)
+    bob = yield stack.directory.add_user("bob@example.test", None)
     real = blob_module._SYNCFS
     assert real is not None, "this kernel has no syncfs that reports errors"
     calls: list[int] = []
     monkeypatch.setattr(stack.blobs, "_syncfs", lambda fd: (calls.append(fd), real(fd))[1])
     contents = [b"Subject: one\r\n\r\nfirst", b"Subject: two\r\n\r\nsecond"]
     pendings = [_pending(stack, data) for data in contents]
-    frames = [
-        pickle.dumps((1, "file_all", (["bob@example.test"], pendings[0].ref, "QID1"),
-                      pendings[0].detach(), True)),
-        pickle.dumps((2, "file_all", (["nobody@example.test"], pendings[1].ref, "QID2"),
-                      pendings[1].detach(), True)),
-        pickle.dumps((3, "no such operation", (), None, True)),
+    batch = [
+        _request("accept", ([_bob(bob)], pendings[0].ref), pendings[0].handoff()),
+        # Nobody to file for: left out alone (the blob is durable all the same).
+        _request("accept", ([Filing((), "smtp/QID2/0", True)], pendings[1].ref),
+                 pendings[1].handoff()),
+        _request("no such operation", ()),
     ]
-    answers = _answers(b"".join(
-        writer.run_group(frames, stack.db, stack.blobs, _ops(stack, tmp_path))))
+    writer.run_group(batch, stack.db, stack.blobs, stack.writes)
 
-    ok, (results, changes) = answers[1]
-    assert ok and [r.status for r in results] == ["delivered"]
+    ok, (results, changes) = _outcome(batch[0])
+    assert ok and [filed.placed for filed in results] == [
+        ("bob@example.test/INBOX uid=1",)]
     assert [c.kind for c in changes] == ["created", "appended"]
-    ok, error = answers[2]          # an unknown address: left out alone
+    ok, error = _outcome(batch[1])
     assert not ok and isinstance(error, NotFiled)
-    ok, error = answers[3]
+    ok, error = _outcome(batch[2])
     assert not ok and isinstance(error, LookupError)
     assert len(calls) == 1          # one flush for the group's blobs
     for data in contents:           # both durable (the second refers to nothing: GC)
         assert stack.blobs.path(blob_module.hashlib.sha256(data).hexdigest()
                                 ).read_bytes() == data
     assert list(stack.blobs.tmp.iterdir()) == []
-    bob = yield stack.directory.get_user("bob@example.test")
     box = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
     listing = yield stack.mailstore.list_messages(box.id)
     assert len(listing) == 1
+
+
+class _Link:
+    """Stands in for the writer process's link: records what is sent; ``commits``:
+    runs it here first, then dies before it answers (WriterLost); None: never
+    answers."""
+
+    ready = True
+
+    def __init__(self, stack: Any, commits: bool | None = None) -> None:
+        self.stack = stack
+        self.commits = commits
+        self.sent: list[tuple[str, bool]] = []
+
+    def call(self, op: str, args: tuple[Any, ...], blob: Any = None,
+             durable: bool = True) -> Any:
+        from twisted.internet import defer
+        self.sent.append((op, durable))
+        if self.commits is None:
+            return defer.Deferred()
+        writes = self.stack.writes
+        d = (self.stack.db.write(writes.operation(op), *args) if self.commits
+             else defer.succeed(None))
+        return d.addCallback(lambda _: defer.fail(WriterLost("it died")))
 
 
 @pytest_twisted.inlineCallbacks
@@ -96,99 +120,95 @@ def test_a_commit_the_writer_could_not_answer_is_found_not_filed_again(stack: An
     """The writer process commits and dies before it answers: the server finds the
     delivery ids and answers "delivered" (no 451, so no retry files it twice); had it
     not committed, the failure stands (the retry is then safe)."""
-    from twisted.internet import defer
-
     from lightmail.delivery.local import LocalDeliveryAgent
+    from lightmail.storage.writeport import WriterProcessPort
     yield stack.directory.add_domain("example.test")
     yield stack.directory.add_user("bob@example.test", None)
-    agent = LocalDeliveryAgent(stack.directory, stack.mailstore, stack.queue, "node")
-    ops = {"file_all": agent._file_all_now, "file_one": agent._file_now}
-
-    class DyingWriter:
-        ready = True
-
-        def __init__(self, commits: bool) -> None:
-            self.commits = commits
-
-        def call(self, op: str, args: tuple[Any, ...], pending: Any = None) -> Any:
-            d = stack.db.write(ops[op], *args) if self.commits else defer.succeed(None)
-            return d.addCallback(lambda _: defer.fail(writer.WriterLost("it died")))
+    port = WriterProcessPort(_Link(stack, commits=True), stack.port)  # type: ignore[arg-type]
+    agent = LocalDeliveryAgent(stack.directory, port, "node")
 
     def blob(n: int) -> Any:
         return stack.blobs.put(f"Subject: {n}\r\n\r\nbody {n}\r\n".encode())
 
-    agent.writer = DyingWriter(commits=True)
-    results = yield agent.deliver_at_acceptance(["bob@example.test"], (yield blob(1)), "Q1")
+    results = yield agent.deliver_at_acceptance(["bob@example.test"],
+                                                DurableBlob((yield blob(1))), "Q1")
     assert [r.status for r in results] == ["delivered"]
     assert results[0].detail == "2.0.0 bob@example.test/INBOX uid=1"
-    result = yield agent.deliver_to_mailbox("bob@example.test", (yield blob(2)),
-                                            "lmtp/Q2/0", fresh=True)
+    [result] = yield defer.gatherResults(agent.deliver_each(
+        [("bob@example.test", "lmtp/Q2/0")], DurableBlob((yield blob(2)))))
     assert (result.status, result.detail) == ("delivered",
                                               "2.0.0 bob@example.test/INBOX uid=2")
-    agent.writer = DyingWriter(commits=False)
-    with pytest.raises(writer.WriterLost):
-        yield agent.deliver_at_acceptance(["bob@example.test"], (yield blob(3)), "Q3")
+    port.link = _Link(stack, commits=False)  # type: ignore[assignment]
+    with pytest.raises(WriterLost):
+        yield agent.deliver_at_acceptance(["bob@example.test"],
+                                          DurableBlob((yield blob(3))), "Q3")
     bob = yield stack.directory.get_user("bob@example.test")
     box = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
     assert [m.uid for m in (yield stack.mailstore.list_messages(box.id))] == [1, 2]
 
 
 def test_the_loop_answers_what_was_sent_before_the_other_end_closed(
-        sqlite_stack: Any, tmp_path: Path) -> None:
+        sqlite_stack: Any) -> None:
     """The main process closes its end to stop the writer: every request it sent
-    before is still answered, then ``serve`` returns."""
-    ours, theirs = socket.socketpair()
-    calls: list[int] = []
+    before is still answered, over AMP, then ``serve`` returns."""
+    from twisted.protocols import amp
 
-    def op(conn: Any, number: int) -> int:
-        calls.append(number)
-        return number * 2
+    from lightmail.storage.interfaces import Envelope, QueueRecipient
+    from lightmail.storage.wire import Write
+    staged = _pending(sqlite_stack, b"Subject: q\r\n\r\nqueued\r\n")
+    staged.commit_now()
+    ref = staged.ref
+    ours, theirs = socket.socketpair()
     served = threading.Thread(target=writer.serve,
                               args=(theirs, sqlite_stack.db, sqlite_stack.blobs,
-                                    {"double": op}))
+                                    sqlite_stack.writes))
+    sent: list[bytes] = []
+
+    class Out:
+        def write(self, data: bytes) -> None:
+            sent.append(data)
+    client = amp.AMP()
+    amp.BinaryBoxProtocol.makeConnection(client, Out())  # type: ignore[arg-type]
+    envelope = Envelope("a@example.org", [QueueRecipient("b@example.test")])
+    answers = [client.callRemote(Write, op="enqueue", args=(envelope, ref, f"Q{n}"),
+                                 blob=None, durable=True) for n in range(5)]
     served.start()
     try:
-        for number in range(5):
-            frame = pickle.dumps((number, "double", (number,), None, True))
-            ours.sendall(len(frame).to_bytes(4, "big") + frame)
+        ours.sendall(b"".join(sent))
         ours.shutdown(socket.SHUT_WR)
         served.join(10)
         assert not served.is_alive()
         theirs.close()
-        received = b""
         while chunk := ours.recv(65536):
-            received += chunk
+            client.dataReceived(chunk)
     finally:
         ours.close()
         theirs.close()
-    assert _answers(received) == {n: (True, n * 2) for n in range(5)}
-    assert calls == list(range(5))
+    assert [d.result["outcome"] for d in answers] == [(f"Q{n}", []) for n in range(5)]
 
 
 def test_a_blob_discarded_before_its_call_fails_that_call_only(sqlite_stack: Any) -> None:
-    """The server's end: a request whose pending blob was discarded (its session gave
-    up) fails its own Deferred and sends nothing."""
-    from lightmail.storage.interfaces import BlobMissing
-    client = writer.WriterClient(connect="/nonexistent/writer.sock")
-    sent: list[bytes] = []
+    """The server's end: a request whose staged blob was discarded (its session gave
+    up) fails its own Deferred and sends nothing; a link that drops fails what waits
+    with WriterLost."""
+    from twisted.internet import error
+    from twisted.python.failure import Failure
 
-    class Link:
-        def sendString(self, data: bytes) -> None:
-            sent.append(data)
-    client._link = Link()  # type: ignore[assignment]
+    from lightmail.storage.interfaces import BlobMissing
+    from lightmail.storage.writeport import WriterProcessPort
+    from lightmail.storage.writerlink import WriterLink
+    link = _Link(sqlite_stack)
+    port = WriterProcessPort(link, sqlite_stack.port)  # type: ignore[arg-type]
     pending = _pending(sqlite_stack, b"Subject: gone\r\n\r\n")
     pending.discard()
     failures: list[Any] = []
-    client.call("file_all", ([], pending.ref, "Q"), pending=pending).addErrback(
-        failures.append)
-    assert len(failures) == 1 and failures[0].check(BlobMissing) and sent == []
-    fine = client.call("expunge", (1, [1]))
-    assert len(sent) == 1 and not fine.called     # waits for its answer
-    lost: list[Any] = []
-    fine.addErrback(lost.append)
-    client._stopping = True                        # no reconnecting from a test
-    client._unlinked(client._link)  # type: ignore[arg-type]
-    assert lost[0].check(writer.WriterLost) and client._restart is None
+    port.append(1, pending, [], 0).addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(BlobMissing) and link.sent == []
+    fine = port.expunge(1, [1])
+    assert link.sent == [("expunge", True)] and not fine.called   # waits for its answer
+    real = WriterLink(connect="/nonexistent/writer.sock")
+    lost = real._failed(Failure(error.ConnectionLost()))
+    assert isinstance(lost.value, WriterLost)
 
 
 # -- a real server ------------------------------------------------------------------------
@@ -225,7 +245,7 @@ def test_the_server_files_mail_through_its_writer_process(write_config: Any,
         port = server.ports(expected=1)["mx"]
         (pid,) = _writer_pids(server)
         assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == \
-            [b"-m", b"lightmail.storage.writer"]
+            [b"-m", b"lightmail.workers.writer"]
         body = b"Subject: via writer\r\n\r\n" + b"hello from the writer\r\n" * 200
         written = _wchar(pid)
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
@@ -430,47 +450,34 @@ def test_unsynced_requests_commit_without_a_flush_only_in_a_group_of_their_own(
     """The durable flag a request carries reaches the writer's group: a group of
     unsynced requests only commits at SQLite's NORMAL level, any other at FULL."""
     def level(conn: Any) -> Any:
-        return conn.exec_driver_sql("PRAGMA synchronous").scalar() \
+        value = conn.exec_driver_sql("PRAGMA synchronous").scalar() \
             if stack.db.backend == "sqlite" else None
+        return value, []
 
-    def frame(number: int, durable: bool) -> bytes:
-        return pickle.dumps((number, "level", (), None, durable))
+    class Writes:           # one operation: what the group's connection says
+        def operation(self, name: str) -> Any:
+            return level
 
-    ops = {"level": level}
-    alone = _answers(b"".join(writer.run_group([frame(1, False), frame(2, False)],
-                                               stack.db, stack.blobs, ops)))
-    mixed = _answers(b"".join(writer.run_group([frame(3, False), frame(4, True)],
-                                               stack.db, stack.blobs, ops)))
+    def run(*durables: bool) -> list[Any]:
+        batch = [_request("level", (), None, durable) for durable in durables]
+        writer.run_group(batch, stack.db, stack.blobs, Writes())  # type: ignore[arg-type]
+        return [_outcome(request)[1][0] for request in batch]
+    alone, mixed = run(False, False), run(False, True)
     if stack.db.backend == "sqlite":
-        assert alone == {1: (True, 1), 2: (True, 1)}
-        assert mixed == {3: (True, 2), 4: (True, 2)}
+        assert alone == [1, 1] and mixed == [2, 2]
     else:
-        assert alone == {1: (True, None), 2: (True, None)}
+        assert alone == [None, None]
 
 
-def test_the_mail_store_tells_the_writer_which_writes_need_no_flush(stack: Any) -> None:
-    from twisted.internet import defer
-
+def test_the_port_tells_the_writer_which_writes_need_no_flush(stack: Any) -> None:
     from lightmail.storage.interfaces import BlobRef
-    calls: list[tuple[str, bool]] = []
-
-    class Writer:
-        ready = True
-
-        def call(self, op: str, args: Any, pending: Any = None,
-                 durable: bool = True) -> Any:
-            calls.append((op, durable))
-            return defer.Deferred()
-
-    store = stack.mailstore
-    store.writer = Writer()
-    try:
-        for sync in (False, True):
-            store.sync_flag_changes = sync
-            store.set_flags(1, [1], ["\\Seen"], "add")
-            store.expunge(1, [1])
-        store.append(1, BlobRef("0" * 64, 1, b""))
-    finally:
-        store.writer = None
-    assert calls == [("set_flags", False), ("expunge", False), ("set_flags", True),
-                     ("expunge", True), ("append", True)]
+    from lightmail.storage.writeport import WriterProcessPort
+    link = _Link(stack)
+    port = WriterProcessPort(link, stack.port)  # type: ignore[arg-type]
+    for sync in (False, True):
+        port.sync_flag_changes = sync
+        port.set_flags(1, [1], ["\\Seen"], "add")
+        port.expunge(1, [1])
+    port.append(1, DurableBlob(BlobRef("0" * 64, 1, b"")), [], 0)
+    assert link.sent == [("set_flags", False), ("expunge", False), ("set_flags", True),
+                         ("expunge", True), ("append", True)]

@@ -63,12 +63,12 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
     """Run ``work(services)`` (a coroutine function) with storage up, then stop."""
     from twisted.internet import defer, task
 
-    from lightmail.directory.sql import SQLDirectory
     from lightmail.storage import migrate
-    from lightmail.storage.service import StorageService
+    from lightmail.wiring import Role, wire
 
     config = _load(args)
-    storage = StorageService(config)
+    services = wire(config, Role.COMMAND)
+    storage = services.storage
     storage.db.start()
     storage.io_pool.start()
     result: list[Any] = []
@@ -76,8 +76,7 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
     try:
         if migrate.current_revision(storage.db.engine) != migrate.head_revision():
             migrate.upgrade(storage.db.engine)
-        directory = SQLDirectory(storage.db, config.directory.recipient_delimiter,
-                                 config.directory.default_quota)
+        directory = services.directory
 
         async def main(reactor: Any) -> None:
             from lightmail.directory.interfaces import DirectoryError

@@ -112,13 +112,3 @@ class MailboxHub:
         self.user_sessions[user_id] -= 1
         if self.user_sessions[user_id] <= 0:
             del self.user_sessions[user_id]
-
-
-def hub_for(services: Any) -> MailboxHub:
-    """One hub for all IMAP listeners of one LightMail, registered with its store."""
-    hub = getattr(services, "imap_hub", None)
-    if hub is None:
-        hub = MailboxHub()
-        services.imap_hub = hub
-        services.mailstore.add_listener(hub)
-    return hub

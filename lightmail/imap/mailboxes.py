@@ -39,9 +39,7 @@ from lightmail.imap.tokens import (
     astring,
     astring_out,
 )
-from lightmail.storage.interfaces import (
-    MailboxExists,
-)
+from lightmail.storage.interfaces import IStagedBlob, MailboxExists
 
 
 class MailboxCommands(SessionCore):
@@ -416,16 +414,12 @@ class MailboxCommands(SessionCore):
         if len(args) != 1 or not isinstance(args[0], bytes):
             raise Bad("APPEND needs the message as a literal")
         data = args[0]
-        # The blob is made durable in the worker hop of the transaction that files
-        # it, with the other blobs of its group (see PendingBlob), or, where the
-        # store cannot, written while the mailbox is looked up and the quota checked
-        # (a refused APPEND then leaves an unreferenced blob to the garbage
-        # collector, as a crash between the two would).
+        # Staged, not yet durable: the write port makes it durable in the worker hop
+        # of the transaction that files it, with the other blobs of its group.
         writer = self.store.blobs.writer()
         writer.write(data)
-        finish_pending = getattr(writer, "finish_pending", None)
-        pending = finish_pending() if finish_pending is not None else None
-        writing = writer.finish() if pending is None else None
+        staging = writer.stage()
+        staged = None
         try:
             box = await self.store.get_mailbox(self.user.id, name)
             if box is None:
@@ -434,18 +428,14 @@ class MailboxCommands(SessionCore):
                 used = await self.store.usage(self.user.id)
                 if used + len(data) > self.user.quota_bytes:
                     raise No("[OVERQUOTA] Quota exceeded")
-            if pending is not None:
-                appended = await self.store.append(box.id, pending.ref, flags, date,
-                                                   before=pending)
+            staged = await staging
+            appended = await self.store.append(box.id, staged, flags, date)
         except BaseException:
-            if writing is not None:
-                writing.addErrback(lambda _: None)
-            if pending is not None:
-                pending.discard()         # its temporary file, unless its commit began
+            if staged is None:
+                staging.addCallback(_drop).addErrback(lambda _: None)
+            else:
+                staged.discard()          # its temporary file, unless its commit began
             raise
-        if writing is not None:
-            blob = await writing
-            appended = await self.store.append(box.id, blob, flags, date)
         return ok(f"[APPENDUID {appended.uidvalidity} {appended.uid}] APPEND completed")
 
     def _flags(self, values: Any) -> list[str]:
@@ -507,3 +497,9 @@ class MailboxCommands(SessionCore):
 
     async def do_SETQUOTA(self, cmd: Command) -> Reply:
         raise No("[NOPERM] Quotas are set by the administrator")
+
+
+def _drop(blob: IStagedBlob | None) -> None:
+    """Discard a staged blob that nothing will file (None: already taken)."""
+    if blob is not None:
+        blob.discard()

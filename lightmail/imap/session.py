@@ -51,7 +51,6 @@ from lightmail.imap.core import (
     use_name,
 )
 from lightmail.imap.headcache import HEADERS
-from lightmail.imap.hub import hub_for
 from lightmail.imap.messages import MessageCommands
 from lightmail.imap.parser import (
     Command,
@@ -275,7 +274,7 @@ class IMAPFactory(ServiceFactory):
 
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
         super().__init__(listener, services)
-        self.hub = hub_for(services)
+        self.hub = services.imap_hub
         HEADERS.resize(services.config.imap.header_cache)
 
     def make_protocol(self, addr: Any) -> IMAPSession:

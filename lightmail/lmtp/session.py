@@ -21,9 +21,9 @@ from twisted.logger import Logger
 from lightmail.config import ListenerConfig
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
-from lightmail.smtp.policy import Session, SMTPHandler, Transaction, _no
+from lightmail.smtp.policy import Session, SMTPHandler, Transaction
 from lightmail.smtp.session import SMTPFactory, SMTPServerSession
-from lightmail.storage.interfaces import BlobRef, QueueRecipient
+from lightmail.storage.interfaces import IStagedBlob, QueueRecipient
 
 NOT_LOCAL = Reply(550, "5.1.1", "Recipient address rejected: not a local mailbox")
 USE_LHLO = Reply(500, "5.5.1", "This is LMTP: say LHLO")
@@ -74,30 +74,19 @@ class LMTPHandler(SMTPHandler):
             return codes.NO_SUCH_USER, []
         return codes.RCPT_OK, [QueueRecipient(address, "local", orcpt, notify)]
 
-    takes_pending_blob = True
-
     @defer.inlineCallbacks
-    def handle_message(self, session: Session, tx: Transaction, blob: BlobRef,
-                       queue_id: str, pending: Any = None) -> Any:
+    def handle_message(self, session: Session, tx: Transaction, blob: IStagedBlob,
+                       queue_id: str) -> Any:
         """File the message for each accepted RCPT, all at once; a reply for each.
 
-        With ``pending`` (the blob not yet durable), one recipient's delivery makes it
-        durable in its own worker hop, just before its transaction; with several, it
-        is made durable first.
+        One recipient's delivery makes the staged blob durable in its own
+        transaction's worker hop; with several, it is made durable first.
         """
-        agent = self.services.local_delivery
-        before = None
-        if pending is not None:
-            if len(tx.accepted) == 1 and getattr(agent, "can_file_after", _no)(pending):
-                before = pending
-            else:
-                yield pending.commit()
         # The delivery ids are new (the queue id is made for this message): no
         # earlier append can carry one.
-        deliveries = [
-            agent.deliver_to_mailbox(address, blob, f"lmtp/{queue_id}/{index}",
-                                     fresh=True, before=before)
-            for index, (address, _) in enumerate(tx.accepted)]
+        deliveries = self.services.local_delivery.deliver_each(
+            [(address, f"lmtp/{queue_id}/{index}")
+             for index, (address, _) in enumerate(tx.accepted)], blob)
         results = yield defer.gatherResults(
             [d.addErrback(self._failed) for d in deliveries], consumeErrors=True)
         return [self._reply(address, result, queue_id, session.conn_id)

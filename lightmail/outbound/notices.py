@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from lightmail.outbound.dsn import RecipientStatus, build_dsn, is_bounce_loop, should_notify
 from lightmail.queue.interfaces import DeliveryResult
-from lightmail.storage.interfaces import Envelope, QueueItem, QueueRecipient
+from lightmail.storage.interfaces import DurableBlob, Envelope, QueueItem, QueueRecipient
 from lightmail.storage.queuestore import queue_id_time
 
 
@@ -51,7 +51,8 @@ class Notifier:
             original=original, ret=item.envelope.ret, envid=item.envelope.envid,
             smtputf8=item.envelope.smtputf8)
         blob = await services.blobs.put(dsn)
-        queue_id = await services.queue.enqueue(await self._notice_envelope(item), blob)
+        queue_id = await services.write_port.enqueue(await self._notice_envelope(item),
+                                                    DurableBlob(blob))
         self.log.info("sent a {action} notice for <{rcpt}> to <{sender}> as {dsn_id}",
                       action=action, rcpt=item.recipient.address, sender=item.mail_from,
                       dsn_id=queue_id, msg_id=item.queue_id)

@@ -28,7 +28,7 @@ from lightmail.config import ListenerConfig
 from lightmail.directory.interfaces import IMailAccount
 from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
-from lightmail.pop3.maildrop import Locks, LoginTooSoon, Maildrop, MaildropLocked
+from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
 from lightmail.streams import DotStuffer, PushProducer, dot_stuffed
 from lightmail.transport import write_at_once
@@ -41,13 +41,6 @@ COMMANDS = {
     TRANSACTION: {"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT", "TOP", "UIDL",
                   "CAPA"},
 }
-
-def locks_for(services: Any) -> Locks:
-    """One lock table for every POP3 listener of one LightMail (110 and 995 alike)."""
-    if services.pop3_locks is None:
-        services.pop3_locks = Locks()
-    return services.pop3_locks  # type: ignore[no-any-return]
-
 
 @implementer(IPushProducer)
 class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
@@ -340,7 +333,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         try:
             self.maildrop = yield Maildrop.open(
                 user.id, account.mailstore, self.factory.services.blobs,
-                locks_for(self.factory.services), self.cfg.login_delay)
+                self.factory.services.pop3_locks, self.cfg.login_delay)
         except MaildropLocked:
             self.err("[IN-USE] Mailbox is locked by another POP3 session")
             return

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from lightmail.storage.interfaces import BlobRef, QueueItem
+from lightmail.storage.interfaces import IStagedBlob, QueueItem
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,13 @@ class DeliveryResult:
         return cls("bounced", detail)
 
 
+class IQueueKick(Interface):
+    """Tells the queue runner that there is work (a message was queued)."""
+
+    def kick() -> None:
+        """Look for due work soon (a notice; nothing waits for it)."""
+
+
 class IDeliveryAgent(Interface):
     """Delivers queued recipients of one transport (local, smtp, lmtp)."""
 
@@ -54,16 +61,15 @@ class IDeliveryAgent(Interface):
 
 
 class IMailboxDelivery(Interface):
-    """Files a message straight into local mailboxes, without the queue (LMTP)."""
+    """Files a message straight into local mailboxes, without the queue (LMTP, and
+    SMTP's acceptance when every recipient is local)."""
 
-    def deliver_to_mailbox(address: str, blob: BlobRef, delivery_id: str,
-                           fresh: bool = False,
-                           before: Any = None) -> Deferred[DeliveryResult]:
-        """Deliver ``blob`` to the local mailbox(es) ``address`` leads to.
+    def deliver_each(deliveries: Sequence[tuple[str, str]], blob: IStagedBlob
+                     ) -> list[Deferred[DeliveryResult]]:
+        """File ``blob`` for each (address, new delivery id), each on its own; one
+        result each, delivered meaning durable."""
 
-        Durable when the Deferred fires with a delivered result.  The same
-        ``delivery_id`` files a message once into a mailbox, however often it is asked.
-        ``fresh``: ``delivery_id`` is new (no earlier append can carry it);
-        ``before``: makes the blob durable first, in the transaction's worker hop
-        (``LocalDeliveryAgent.can_file_after``); when it fails, nothing is filed.
-        """
+    def deliver_at_acceptance(addresses: Sequence[str], blob: IStagedBlob,
+                              queue_id: str) -> Deferred[list[DeliveryResult]]:
+        """File ``blob`` for every address in one transaction, all or nothing; fails
+        with NotFiled (nothing filed, the blob durable) when any cannot be filed."""

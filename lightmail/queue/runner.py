@@ -26,9 +26,10 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lightmail.logs import BoundLogger, new_id
-from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
+from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, IQueueKick
 from lightmail.queue.wake import WakeFIFO
 from lightmail.storage.interfaces import IQueueStore, QueueItem
 from lightmail.storage.queuestore import queue_id_time
@@ -42,6 +43,7 @@ def next_attempt_ms(attempts: int, min_backoff: float, max_backoff: float,
     return int(((now if now is not None else time.time()) + delay) * 1000)
 
 
+@implementer(IQueueKick)
 class QueueRunner(Service):
     name = "queue"
     log = Logger()

@@ -15,11 +15,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from lightmail.address import AddressError, normalise_address, split_address
-from lightmail.delivery.local import NotFiled
 from lightmail.directory.interfaces import DirectoryError
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
-from lightmail.storage.interfaces import BlobRef, Envelope, QueueRecipient
+from lightmail.storage.interfaces import (
+    DurableBlob,
+    Envelope,
+    IStagedBlob,
+    NotFiled,
+    QueueRecipient,
+)
 
 
 @dataclass
@@ -111,17 +116,13 @@ class SMTPHandler:
                     for remote in resolution.remote]
         return codes.RCPT_OK, targets
 
-    #: The session may hand :meth:`handle_message` a blob still to be made durable.
-    takes_pending_blob = True
-
     @defer.inlineCallbacks
-    def handle_message(self, session: Session, tx: Transaction, blob: BlobRef,
-                       queue_id: str, pending: Any = None) -> Any:
+    def handle_message(self, session: Session, tx: Transaction, blob: IStagedBlob,
+                       queue_id: str) -> Any:
         """Queue the message (or file it, all local), then answer.
 
-        The content is durable in the blob store, or, with ``pending`` (a
-        :class:`~lightmail.storage.blobs.PendingBlob`), it is made durable here
-        before anything refers to it.
+        ``blob`` is the content, staged: the write port makes it durable in the
+        transaction that queues or files it.
         """
         envelope = Envelope(
             mail_from=tx.mail_from, recipients=_unique(tx.recipients),
@@ -129,41 +130,30 @@ class SMTPHandler:
             ret=tx.ret, body=tx.body, smtputf8=tx.smtputf8,
             auth_user=session.account.user.address if session.account else None,
             client_address=session.peer, priority=1 if session.submission else 0)
-        agent = getattr(self.services, "local_delivery", None)
-        if (self.services.config.smtp.direct_delivery and agent is not None
-                and all(rcpt.transport == "local" for rcpt in envelope.recipients)
-                and getattr(agent, "can_deliver_at_acceptance", _no)()):
+        services = self.services
+        if (services.config.smtp.direct_delivery
+                and all(rcpt.transport == "local" for rcpt in envelope.recipients)):
             # All local: file it now, in the grouped transaction that would have
             # queued it (as LMTP does); the 250 then means filed.
             addresses = [rcpt.address for rcpt in envelope.recipients]
-            before = None
-            if pending is not None and getattr(agent, "can_file_after", _no)(pending):
-                before, pending = pending, None
-            elif pending is not None:
-                yield pending.commit()
-                pending = None
             try:
-                results = yield agent.deliver_at_acceptance(addresses, blob, queue_id,
-                                                            before=before)
+                results = yield services.local_delivery.deliver_at_acceptance(
+                    addresses, blob, queue_id)
             except NotFiled as exc:
-                # Nothing was filed: queue it, the queue runner retries or bounces.
+                # Nothing was filed (the blob is durable): queue it, the queue runner
+                # retries or bounces.
                 self.log.info("not filed at once, queueing: {reason}", reason=str(exc),
                               conn_id=session.conn_id, msg_id=queue_id)
+                blob = DurableBlob(blob.ref)
             else:
                 for address, result in zip(addresses, results, strict=True):
                     self.log.info("to=<{rcpt}> transport=local status=delivered {detail}",
                                   rcpt=address, detail=result.detail,
                                   conn_id=session.conn_id, msg_id=queue_id)
                 return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-        if pending is not None:
-            yield pending.commit()
-        yield self.services.queue.enqueue(envelope, blob, queue_id)
-        self.services.queue_runner.kick()
+        yield services.write_port.enqueue(envelope, blob, queue_id)
+        services.queue_runner.kick()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-
-def _no(*_: Any) -> bool:
-    return False
 
 
 def _unique(recipients: list[QueueRecipient]) -> list[QueueRecipient]:

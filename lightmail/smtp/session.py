@@ -639,27 +639,19 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         log = self.log.bind(msg_id=queue_id)
 
         handler = self.factory.handler
-        # A handler that takes the blob still pending makes it durable itself, in
-        # the worker hop of its SQL transaction (one hop instead of two).
-        pending = (writer.finish_pending()  # type: ignore[attr-defined]
-                   if getattr(handler, "takes_pending_blob", False)
-                   and hasattr(writer, "finish_pending") else None)
 
         @defer.inlineCallbacks
         def accept() -> Any:
+            staged = None
             try:
-                if pending is not None:
-                    reply = yield handler.handle_message(self.session, tx, pending.ref,
-                                                         queue_id, pending=pending)
-                else:
-                    blob = yield writer.finish()
-                    reply = yield handler.handle_message(self.session, tx, blob, queue_id)
+                staged = yield writer.stage()
+                reply = yield handler.handle_message(self.session, tx, staged, queue_id)
             except Exception:
                 log.failure("could not queue the message from <{sender}>",
                             sender=tx.mail_from)
                 reply = codes.TEMP_FAILURE
-                if pending is not None:
-                    pending.discard()    # its temporary file, if never committed
+                if staged is not None:
+                    staged.discard()    # its temporary file, if never committed
             else:
                 self.messages += 1
                 log.info("accepted from=<{sender}> size={size} nrcpt={nrcpt} via {listener}",

@@ -60,14 +60,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lightmail.storage.interfaces import BlobMissing, BlobRef, IBlobStore, IBlobWriter
+from lightmail.storage.interfaces import (
+    BlobHandoff,
+    BlobMissing,
+    BlobRef,
+    DurableBlob,
+    IBlobStore,
+    IBlobWriter,
+    IStagedBlob,
+)
 
 __all__ = ["FLUSH_THRESHOLD", "HEADER_CAP", "FilesystemBlobStore", "PendingBlob",
            "header_block", "is_blob_id"]
@@ -431,6 +439,25 @@ class FilesystemBlobStore:
             _fsync_dir(leaf)
         return True
 
+    @property
+    def batches_commits(self) -> bool:
+        """Whether a group's blobs are made durable together (syncfs), so that a
+        group's worker hop is the best place for a blob's commit even when groups
+        are busy (with fsyncs, one after another there, it is not)."""
+        return self._syncfs is not None
+
+    def adopt(self, handoff: BlobHandoff) -> PendingBlob:
+        """The PendingBlob that another process handed over (``handoff.path`` None:
+        its temporary file is made here)."""
+        tmp = _TmpFile(self)
+        tmp.path = handoff.path
+        return PendingBlob(self, tmp, [handoff.data] if handoff.data else [], handoff.ref)
+
+    def commit_staged_now(self, staged: Sequence[IStagedBlob]
+                          ) -> list[BaseException | None]:
+        """IBlobStore: :meth:`commit_pending_many` of this store's staged blobs."""
+        return self.commit_pending_many(cast("list[PendingBlob]", list(staged)))
+
     def commit_pending_many(self, pendings: Sequence[PendingBlob]
                             ) -> list[BaseException | None]:
         """Make several pending blobs durable at once (worker thread): each is written
@@ -763,23 +790,20 @@ class _BlobWriter:
         self._advance()
         return d
 
-    def finish_pending(self) -> PendingBlob | None:
-        """Like :meth:`finish`, but leave the last step to the caller's worker thread.
-
-        Returns a :class:`PendingBlob` whose ``commit_now`` writes what is buffered,
-        fsyncs, renames and fsyncs the directory (so that it can run in the same
-        worker hop as the SQL transaction that references the blob), or None when
-        that is not possible right now (a pool call of this writer is in flight, or
-        one failed): then call :meth:`finish` as usual.
-        """
+    def stage(self) -> Deferred[IStagedBlob]:
+        """IBlobWriter: a :class:`PendingBlob` whose durability step (write what is
+        buffered, flush, rename) is left to the write port, which runs it in the
+        worker hop of the transaction that refers to the blob.  While a pool call of
+        this writer is in flight (or after one failed), the blob is finished as
+        :meth:`finish` does instead, and fires as durable."""
         if self._state is not _State.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
         if self._busy or self._error is not None:
-            return None
+            return self.finish().addCallback(DurableBlob)
         self._end_head()
         self._state = _State.FINISHED
         ref = BlobRef(self._hash.hexdigest(), self._size, self._headers)
-        return PendingBlob(self._store, self._tmp, self._take(), ref)
+        return succeed(PendingBlob(self._store, self._tmp, self._take(), ref))
 
     def _end_head(self) -> None:
         if self._head is not None:
@@ -846,14 +870,16 @@ class _BlobWriter:
             self._submit(self._tmp.append, self._take())
 
 
+@implementer(IStagedBlob)
 class PendingBlob:
-    """A blob whose content is complete but not yet durable (``finish_pending``).
+    """A blob whose content is complete but not yet durable (``_BlobWriter.stage``).
 
     ``ref`` is what :meth:`IBlobWriter.finish` would give.  Exactly one of
-    :meth:`commit_now` (on a worker thread) or :meth:`commit` (on the store's pool)
-    must be called, once; the blob is durable when it returns or fires.  On failure
-    the temporary file is removed.  :meth:`discard` drops a blob whose commit never
-    started (the request failed first); a commit after it fails.
+    :meth:`commit_now` (on a worker thread), :meth:`commit` (on the store's pool),
+    the store's ``commit_staged_now`` or :meth:`handoff` must be called, once; the
+    blob is durable when it returns or fires.  On failure the temporary file is
+    removed.  :meth:`discard` drops a blob whose commit never started (the request
+    failed first); a commit after it fails.
     """
 
     def __init__(self, store: FilesystemBlobStore, tmp: _TmpFile, chunks: list[bytes],
@@ -866,6 +892,12 @@ class PendingBlob:
         self._started = False
         self._discarded = False
         self._fresh = False
+        #: IStagedBlob: set once the commit has succeeded here.
+        self.durable = False
+
+    @property
+    def store(self) -> FilesystemBlobStore:
+        return self._store
 
     def commit_now(self) -> None:
         self._start()
@@ -875,28 +907,15 @@ class PendingBlob:
         except BaseException:
             self._tmp.discard()
             raise
-
-    def __call__(self) -> None:
-        """``commit_now``: a PendingBlob is a ``before`` for
-        :meth:`Database.write_grouped_after`, and ``together`` lets the group commit
-        all of its blobs at once."""
-        self.commit_now()
-
-    @property
-    def batched(self) -> bool:
-        """Whether a group's blobs are made durable together (syncfs), so that a
-        group's worker hop is the best place for this one's commit even when groups
-        are busy (with fsyncs, one after another there, it is not)."""
-        return self._store._syncfs is not None
-
-    @property
-    def together(self) -> Callable[[Sequence[PendingBlob]], list[BaseException | None]]:
-        return self._store.commit_pending_many
+        self.durable = True
 
     def _start(self) -> None:
         with self._lock:
             if self._discarded:
                 raise BlobMissing(f"blob {self.ref.id} was discarded before its commit")
+            if self._started:
+                # Its temporary file is another's now, or gone: never commit that.
+                raise RuntimeError(f"blob {self.ref.id} was committed once already")
             self._started = True
 
     # commit_pending_many's steps: write_now, then (after a syncfs) rename_now, or
@@ -917,16 +936,16 @@ class PendingBlob:
         except BaseException:
             self._tmp.discard()
             raise
+        self.durable = True
 
     def discard_now(self) -> None:
         self._tmp.discard()
 
-    def detach(self) -> tuple[str | None, bytes, BlobRef]:
+    def handoff(self) -> BlobHandoff:
         """Hand the commit to another process (reactor thread; see
-        lightmail.storage.writer), which makes a PendingBlob of it again with
-        :meth:`adopt`: (the temporary file's path, or None when nothing was written
-        to one yet; the bytes still to be appended; the ref).  This process lets go
-        of the file: its descriptor is closed on the pool."""
+        lightmail.storage.writer), which makes a PendingBlob of it again with the
+        store's :meth:`~FilesystemBlobStore.adopt`.  This process lets go of the
+        file: its descriptor is closed on the pool."""
         self._start()
         chunks, self._chunks = self._chunks, []
         tmp = self._tmp
@@ -934,16 +953,7 @@ class PendingBlob:
         path, tmp.path = tmp.path, None
         if fd is not None:
             self._store.pool.callInThreadWithCallback(None, os.close, fd)
-        return path, b"".join(chunks), self.ref
-
-    @classmethod
-    def adopt(cls, store: FilesystemBlobStore, path: str | None, chunks: bytes,
-              ref: BlobRef) -> PendingBlob:
-        """The PendingBlob that :meth:`detach` handed over, in the process that
-        commits it (``path`` None: its temporary file is made here)."""
-        tmp = _TmpFile(store)
-        tmp.path = path
-        return cls(store, tmp, [chunks] if chunks else [], ref)
+        return BlobHandoff(path, b"".join(chunks), self.ref)
 
     def discard(self) -> None:
         """Close and remove the temporary file, unless a commit has started (any

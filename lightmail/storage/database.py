@@ -27,6 +27,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lightmail.storage.interfaces import IStagedBlob
 from lightmail.storage.threads import WorkerThreads
 
 T = TypeVar("T")
@@ -230,19 +231,20 @@ def _synchronous(dbapi_connection: Any, level: str) -> None:
     dbapi_connection.execute(f"PRAGMA synchronous={level}")
 
 
-class _Request(NamedTuple):
-    """A grouped write waiting for its group (``merge``: see write_merged)."""
+class GroupedWrite(NamedTuple):
+    """A grouped write waiting for its group (``merge``: see write_merged).  ``d`` is
+    None for a group run by someone else (the writer process: commit_group_now)."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    d: defer.Deferred[Any]
+    d: defer.Deferred[Any] | None
     merge: bool
-    before: Callable[[], Any] | None = None     # see write_grouped_after
+    before: IStagedBlob | None = None           # see write_grouped_after
     durable: bool = True                        # see write_unsynced
 
 
-def _run_merged(conn: Connection, batch: list[_Request]) -> list[tuple[bool, Any]]:
+def _run_merged(conn: Connection, batch: list[GroupedWrite]) -> list[tuple[bool, Any]]:
     """Run a group's requests in one transaction, each merged request's function once
     for all of its requests (where the first of them stands); results in order."""
     results: list[tuple[bool, Any]] = [(True, None)] * len(batch)
@@ -284,7 +286,7 @@ class Database:
                              if self.backend == "sqlite" else self.engine)
         self.pool = WorkerThreads(threads, "lightmail-sql")
         self._started = False
-        self._group_pending: list[_Request] = []
+        self._group_pending: list[GroupedWrite] = []
         self._groups_running: set[defer.Deferred[Any]] = set()
         # SQLite has one writer at a time anyway; servers can commit groups in parallel.
         self._max_groups = 1 if self.backend == "sqlite" else max(1, threads // 2)
@@ -337,17 +339,15 @@ class Database:
         """
         return self.write_grouped_after(None, fn, *args, **kwargs)
 
-    def write_grouped_after(self, before: Callable[[], Any] | None, fn: Callable[..., T],
+    def write_grouped_after(self, before: IStagedBlob | None, fn: Callable[..., T],
                             *args: Any, **kwargs: Any) -> defer.Deferred[T]:
-        """:meth:`write_grouped`, with ``before()`` run first on the same worker
-        thread, outside the transaction, exactly once (for a blob's fsync and rename:
-        one thread hop for both).  If it raises, ``fn`` does not run and the Deferred
-        fails with its exception.  When ``before`` has a ``together`` attribute, the
-        befores of a group that share it run in one ``together([before, ...])`` call
-        instead, which returns None or an exception for each (a group's blobs made
-        durable with one disk flush: see ``FilesystemBlobStore.commit_pending_many``).
+        """:meth:`write_grouped`, with the staged blob ``before`` made durable first on
+        the same worker thread, outside the transaction, exactly once (one thread hop
+        for the blob's flush and the commit).  If that fails, ``fn`` does not run and
+        the Deferred fails with its exception.  The staged blobs of a group are made
+        durable together, by their store's ``commit_staged_now`` (one disk flush).
         """
-        return self._add(_Request(fn, args, kwargs, defer.Deferred(), False, before))
+        return self._add(GroupedWrite(fn, args, kwargs, defer.Deferred(), False, before))
 
     def write_unsynced(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Like :meth:`write`, but on SQLite the commit need not be on disk when the
@@ -359,7 +359,7 @@ class Database:
         ``[storage] sync_flag_changes``).  Other backends: :meth:`write`."""
         if self.backend != "sqlite":
             return self.write(fn, *args)
-        return self._add(_Request(fn, args, {}, defer.Deferred(), False, durable=False))
+        return self._add(GroupedWrite(fn, args, {}, defer.Deferred(), False, durable=False))
 
     def groups_idle(self) -> bool:
         """Whether a grouped write would start at once (no group running or waiting)."""
@@ -376,12 +376,13 @@ class Database:
         a savepoint per request, ``fn_many(conn, [arg])`` each, so that only the
         failing one is left out.
         """
-        return self._add(_Request(fn_many, (arg,), {}, defer.Deferred(), True))
+        return self._add(GroupedWrite(fn_many, (arg,), {}, defer.Deferred(), True))
 
-    def _add(self, request: _Request) -> defer.Deferred[Any]:
+    def _add(self, request: GroupedWrite) -> defer.Deferred[Any]:
         self._group_pending.append(request)
         if len(self._groups_running) < self._max_groups:
             self._start_group()
+        assert request.d is not None
         return request.d
 
     _GROUP_MAX = 200
@@ -391,16 +392,18 @@ class Database:
         del self._group_pending[:self._GROUP_MAX]
         if not batch:
             return
-        running = self.run(self._run_befores_and_group, batch)
+        running = self.run(self.commit_group_now, batch)
         self._groups_running.add(running)
 
         def settled(outcome: Any) -> None:
             self._groups_running.discard(running)
             if isinstance(outcome, Failure):   # the commit itself failed
                 for request in batch:
+                    assert request.d is not None
                     request.d.errback(outcome)
             else:
                 for (ok, value), request in zip(outcome, batch, strict=True):
+                    assert request.d is not None
                     if ok:
                         request.d.callback(value)
                     else:
@@ -409,25 +412,18 @@ class Database:
                 self._start_group()
         running.addBoth(settled)
 
-    def _run_befores_and_group(self, batch: list[_Request]) -> list[tuple[bool, Any]]:
+    def commit_group_now(self, batch: list[GroupedWrite]) -> list[tuple[bool, Any]]:
+        """Run a group (worker thread): its staged blobs made durable, by store, with
+        one ``commit_staged_now`` each; then the requests whose blob did not fail, in
+        one transaction.  One (ok, result or Failure) per request, in order.  Raises
+        when the commit itself fails."""
         failed: dict[int, Failure] = {}
-        # A ``before`` with a ``together`` attribute (a PendingBlob) runs in one call
-        # with the group's other befores of the same ``together``, which returns one
-        # exception or None for each: a group's blobs become durable with one flush.
-        together: dict[Any, list[int]] = {}
+        by_store: dict[Any, list[int]] = {}
         for index, request in enumerate(batch):
-            if request.before is None:
-                continue
-            run_many = getattr(request.before, "together", None)
-            if run_many is not None:
-                together.setdefault(run_many, []).append(index)
-                continue
-            try:
-                request.before()
-            except Exception:
-                failed[index] = Failure()
-        for run_many, indexes in together.items():
-            outcomes = run_many([batch[index].before for index in indexes])
+            if request.before is not None:
+                by_store.setdefault(request.before.store, []).append(index)
+        for store, indexes in by_store.items():
+            outcomes = store.commit_staged_now([batch[index].before for index in indexes])
             for index, error in zip(indexes, outcomes, strict=True):
                 if error is not None:
                     failed[index] = Failure(error)
@@ -438,7 +434,7 @@ class Database:
         return [(False, failed[index]) if index in failed else next(ran)
                 for index in range(len(batch))]
 
-    def _run_group(self, batch: list[_Request]) -> list[tuple[bool, Any]]:
+    def _run_group(self, batch: list[GroupedWrite]) -> list[tuple[bool, Any]]:
         with self.write_engine.connect() as conn:
             conn.execution_options(lightmail_write=True)
             if self.backend == "sqlite" and not any(r.durable for r in batch):
@@ -458,7 +454,7 @@ class Database:
                         raise
             return self._run_group_in(conn, batch)
 
-    def _run_group_in(self, conn: Connection, batch: list[_Request]
+    def _run_group_in(self, conn: Connection, batch: list[GroupedWrite]
                       ) -> list[tuple[bool, Any]]:
         # First without savepoints (two statements less per request): when every
         # request succeeds, which is nearly always, that is the whole story.  When

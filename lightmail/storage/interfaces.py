@@ -6,12 +6,12 @@ a network returns a Deferred; implementations do that work off the reactor threa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
-from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import Attribute, Interface, implementer
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +157,55 @@ class QueueItem:
     content: Optional[bytes] = field(default=None, compare=False, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class BlobHandoff:
+    """A staged blob handed to another process to make durable (the writer process):
+    the path of its temporary file (None when nothing was written to one yet), the
+    octets still to be appended there, and its ref."""
+
+    path: Optional[str]
+    data: bytes
+    ref: BlobRef
+
+
+@dataclass(frozen=True, slots=True)
+class FilingTarget:
+    """A mailbox owner that a delivery files into, as the directory resolved it (the
+    write port never asks the directory: whoever calls it has)."""
+
+    user_id: int
+    address: str                # the owner's address, for the result's text
+    quota_bytes: int = 0        # 0: no quota
+    folder: Optional[str] = None  # +detail: this mailbox if the owner has it, else INBOX
+
+
+@dataclass(frozen=True, slots=True)
+class Filing:
+    """One recipient's delivery: the owners its address leads to, under one delivery
+    id (a second filing with the same id into the same mailbox files nothing).
+    ``fresh``: the id was made for this delivery, so no earlier append can carry it
+    (the duplicate check is skipped)."""
+
+    targets: tuple[FilingTarget, ...]
+    delivery_id: str
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Filed:
+    """What became of a Filing: where it was filed (``"owner/mailbox uid=N"`` each)
+    and the owners over quota, who got nothing."""
+
+    placed: tuple[str, ...] = ()
+    full: tuple[str, ...] = ()
+
+    @property
+    def delivered(self) -> bool:
+        """Some owner has it, or nobody was refused (an alias to several users is
+        delivered to those with room)."""
+        return bool(self.placed) or not self.full
+
+
 class IBlobWriter(Interface):
     """Streams one message into the blob store."""
 
@@ -169,8 +218,37 @@ class IBlobWriter(Interface):
         Content already in the store is not written again.
         """
 
+    def stage() -> Deferred[IStagedBlob]:
+        """End the blob and leave its durability step to the write port, which folds it
+        into the transaction that refers to it (one flush for a group's blobs).  Fires
+        at once, or, while a write of this blob is in flight, once the blob is durable
+        (a staged blob with nothing left to do)."""
+
     def abort() -> None:
         """Throw the partial blob away."""
+
+
+class IStagedBlob(Interface):
+    """A message's content, complete, whose durability step is still to come.
+
+    Every operation of :class:`IWritePort` takes one: it makes the blob durable before
+    anything that refers to it commits.  Exactly one operation (or :meth:`commit`)
+    must be given a staged blob that is not ``durable``.
+    """
+
+    ref = Attribute("The BlobRef it will have once durable.")
+    store = Attribute("The IBlobStore whose commit_staged_now makes it durable.")
+    durable = Attribute("True when nothing is left to make durable.")
+
+    def commit() -> Deferred[BlobRef]:
+        """Make it durable on its own, off the reactor thread."""
+
+    def discard() -> None:
+        """Drop it unless its commit has started (any thread; a no-op then)."""
+
+    def handoff() -> BlobHandoff:
+        """Give its commit to another process (reactor thread), which makes a staged
+        blob of it again with :meth:`IBlobStore.adopt`."""
 
 
 class IBlobStore(Interface):
@@ -207,6 +285,18 @@ class IBlobStore(Interface):
         """Remove stray temporary files older than ``older_than`` (a Unix time)
         and return the ids of all complete blobs older than it, for the caller to
         check against its references."""
+
+    batches_commits = Attribute(
+        "True when commit_staged_now makes a group of blobs durable with one flush, "
+        "so that a grouped transaction is the best place for a blob's commit even "
+        "when groups are busy.")
+
+    def commit_staged_now(staged: Sequence[IStagedBlob]) -> list[Optional[BaseException]]:
+        """Make staged blobs of this store durable together (worker thread): one
+        result each, None when durable or the exception that left it out."""
+
+    def adopt(handoff: BlobHandoff) -> IStagedBlob:
+        """The staged blob that another process handed over (:meth:`IStagedBlob.handoff`)."""
 
 
 class IChangeListener(Interface):
@@ -247,19 +337,12 @@ class IMailStore(Interface):
 
     def append(
         mailbox_id: int,
-        blob: BlobRef,
+        blob: IStagedBlob | BlobRef,
         flags: Sequence[str] = (),
         internal_date: Optional[int] = None,
-        delivery_id: Optional[str] = None,
-        before: Optional[Callable[[], Any]] = None,
     ) -> Deferred[Appended]:
-        """File a stored blob into a mailbox with the next UID and MODSEQ.
-
-        With ``delivery_id``, a second append under the same id into the same
-        mailbox files nothing and returns the first result with duplicate=True.
-        ``before``: makes the blob durable (a PendingBlob), run just before the
-        transaction, in its worker hop; if it fails, nothing is filed.
-        """
+        """File a blob into a mailbox with the next UID and MODSEQ, through the write
+        port (a BlobRef is a blob that is durable already)."""
 
     def list_messages(mailbox_id: int) -> Deferred[list[MessageInfo]]:
         """The messages of a mailbox in UID order."""
@@ -286,10 +369,11 @@ class IMailStore(Interface):
         flags: Sequence[str],
         mode: str = "replace",
     ) -> Deferred[list[MessageInfo]]:
-        """Replace, add or remove flags (mode) and return the changed messages."""
+        """Replace, add or remove flags (mode) and return the changed messages
+        (through the write port)."""
 
     def expunge(mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
-        """Remove messages; return the UIDs actually removed."""
+        """Remove messages; return the UIDs actually removed (through the write port)."""
 
     def usage(user_id: int) -> Deferred[int]:
         """Octets stored in all of a user's mailboxes (what the quota counts)."""
@@ -313,17 +397,13 @@ class IMailStore(Interface):
     def copy(source_id: int, uids: Sequence[int], target_id: int,
              move: bool = False) -> Deferred[Copied]:
         """File the messages ``uids`` of one mailbox into another, sharing their blobs;
-        with ``move``, expunge them from the source in the same transaction."""
+        with ``move``, expunge them from the source in the same transaction (through
+        the write port)."""
 
 
 class IQueueStore(Interface):
-    """The durable mail queue: one row per message, one per recipient."""
-
-    def enqueue(
-        envelope: Envelope, blob: BlobRef, queue_id: Optional[str] = None
-    ) -> Deferred[str]:
-        """Queue a stored message for its recipients; fires with the queue id once
-        the queue rows are committed (durable)."""
+    """The durable mail queue: one row per message, one per recipient.  Messages are
+    queued through the write port (IWritePort.enqueue)."""
 
     def claim(
         owner: str,
@@ -361,6 +441,53 @@ class IQueueStore(Interface):
         changes and it fires with None."""
 
 
+class IWritePort(Interface):
+    """The one way mail becomes durable and is filed: SMTP's acceptance, LMTP's and the
+    queue's deliveries, IMAP's APPEND, STORE, EXPUNGE, COPY and MOVE.
+
+    Each operation makes its staged blob durable first (folded into the transaction
+    where the engine can: one flush for a group's blobs), commits, announces the
+    committed mailbox changes to the store's IChangeListeners, and only then fires:
+    a result means durable.  A failure means nothing of that operation committed,
+    except where an operation says otherwise.  Which engine runs them (grouped in this
+    process, the writer process, an embedder's own) is chosen once, where LightMail
+    is wired (lightmail.wiring); callers never ask which one they got.
+    """
+
+    def enqueue(envelope: Envelope, blob: IStagedBlob,
+                queue_id: Optional[str] = None) -> Deferred[str]:
+        """Queue the message for its recipients; fires with the queue id."""
+
+    def accept(filings: Sequence[Filing], blob: IStagedBlob) -> Deferred[list[Filed]]:
+        """File one message for several recipients in one transaction, all or nothing
+        (SMTP's acceptance, where the 250 then means filed).  Fails with
+        :class:`NotFiled` when any of them cannot be filed now (over quota, no
+        owner, an error): nothing is filed then, and the blob is durable."""
+
+    def file(filings: Sequence[Filing], blob: IStagedBlob) -> list[Deferred[Filed]]:
+        """File one message for each filing, each on its own (LMTP: one recipient's
+        failure is not the others'); one Deferred each, in order."""
+
+    def file_queued(filing: Filing, item: QueueItem, owner: str) -> Deferred[Filed]:
+        """File a queued recipient's message and, when it is delivered, record that
+        in the queue in the same transaction (exactly once after a crash)."""
+
+    def append(mailbox_id: int, blob: IStagedBlob, flags: Sequence[str],
+               internal_date: int) -> Deferred[Appended]:
+        """IMAP APPEND: the next UID and MODSEQ of the mailbox."""
+
+    def set_flags(mailbox_id: int, uids: Sequence[int], flags: Sequence[str],
+                  mode: str) -> Deferred[list[MessageInfo]]:
+        """Replace, add or remove flags; the messages changed."""
+
+    def expunge(mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
+        """Remove messages; the UIDs removed."""
+
+    def copy(source_id: int, uids: Sequence[int], target_id: int,
+             move: bool) -> Deferred[Copied]:
+        """COPY, or MOVE (the source's expunges in the same transaction)."""
+
+
 class StorageError(Exception):
     """A storage operation could not be done; the message says why."""
 
@@ -375,3 +502,32 @@ class NoSuchMailbox(StorageError):
 
 class BlobMissing(StorageError):
     """A blob that metadata refers to is not in the blob store."""
+
+
+class NotFiled(StorageError):
+    """Filing at acceptance was not possible; nothing was filed or committed."""
+
+
+@implementer(IStagedBlob)
+class DurableBlob:
+    """A blob that is durable already, as a staged blob with nothing left to do."""
+
+    durable = True
+    store = None
+
+    def __init__(self, ref: BlobRef) -> None:
+        self.ref = ref
+
+    def commit(self) -> Deferred[BlobRef]:
+        return succeed(self.ref)
+
+    def discard(self) -> None:
+        pass
+
+    def handoff(self) -> BlobHandoff:
+        raise StorageError("a durable blob has nothing to hand over")
+
+
+def staged(blob: IStagedBlob | BlobRef) -> IStagedBlob:
+    """A staged blob for ``blob``: a BlobRef names a blob that is durable already."""
+    return DurableBlob(blob) if isinstance(blob, BlobRef) else blob

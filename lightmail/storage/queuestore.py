@@ -106,13 +106,10 @@ class SQLQueueStore:
         self.db = db
         self.blobs = blobs
 
-    def enqueue(self, envelope: Envelope, blob: BlobRef,
-                queue_id: str | None = None) -> Deferred[str]:
-        # Group commit: acceptances from many sessions share one transaction.
-        return self.db.write_grouped(self.enqueue_now, envelope, blob, queue_id)
-
     def enqueue_now(self, conn: Connection, envelope: Envelope, blob: BlobRef,
                     queue_id: str | None = None) -> str:
+        """Queue a message inside the caller's transaction (the write port's
+        ``enqueue``: lightmail.storage.sqlwrites)."""
         if not envelope.recipients:
             raise ValueError("a queued message needs at least one recipient")
         queue_id = queue_id or new_queue_id()

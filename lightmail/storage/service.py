@@ -1,10 +1,10 @@
-"""The storage service: database, thread pools, blob store, mail and queue stores."""
+"""The storage service: database, thread pools, blob store, mail and queue stores, and
+the write port."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -14,11 +14,15 @@ from twisted.logger import Logger
 from lightmail.config import Config
 from lightmail.storage import migrate
 from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
+from lightmail.storage.changes import ChangeFeed
 from lightmail.storage.database import Database
+from lightmail.storage.interfaces import IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
+from lightmail.storage.sqlwrites import SQLWrites
 from lightmail.storage.threads import WorkerThreads
-from lightmail.storage.writer import WriterClient
+from lightmail.storage.writeport import GroupedWritePort, WriterProcessPort
+from lightmail.storage.writerlink import WriterLink
 
 GC_INTERVAL = 3600.0
 
@@ -35,39 +39,47 @@ class StorageService(Service):
     name = "storage"
     log = Logger()
 
-    def __init__(self, config: Config, primary: bool = True,
-                 writer_socket: str | None = None) -> None:
+    def __init__(self, config: Config, *, primary: bool = True,
+                 writer: WriterLink | None = None, writer_dir: str | None = None,
+                 sql_threads: int | None = None, spare_files: bool = True,
+                 write_port: Callable[[IWritePort], IWritePort] | None = None) -> None:
+        """Built by lightmail.wiring, which decides: ``primary`` (the main process:
+        it migrates the schema, recovers blobs and collects garbage; a worker's and
+        the writer process's storage are not), ``writer`` (the link to the writer
+        process, whose engine then runs the write port; its socket is in
+        ``writer_dir``, removed at stop), ``write_port`` (an embedder's: given the
+        engine LightMail would run, returns the port to use)."""
         self.config = config
-        # A worker process's storage (lightmail.workers) is not primary: the main
-        # process migrates the schema and collects garbage.
         self.primary = primary
-        self.db = Database(config.database_url, threads=config.storage.sql_threads)
+        self.db = Database(config.database_url,
+                           threads=sql_threads or config.storage.sql_threads)
         self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
         # Spare temporary files only where GC's grace period leaves them time.
-        spares = SPARE_FILES if config.storage.blob_gc_grace >= 10 * SPARE_MAX_AGE else 0
+        spares = (SPARE_FILES if spare_files and
+                  config.storage.blob_gc_grace >= 10 * SPARE_MAX_AGE else 0)
         self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool,
                                          sync=config.storage.blob_sync,
                                          spare_files=spares)
-        self.mailstore = SQLMailStore(self.db, self.blobs,
-                                      sync_flag_changes=config.storage.sync_flag_changes)
-        # The writer process (lightmail.storage.writer), where it applies: started
-        # by the main process of a server that runs from a configuration file; its
-        # workers connect to it at ``writer_socket`` (a directory of our own).
-        self.writer: WriterClient | None = None
-        self.writer_socket = writer_socket
-        self._writer_dir: str | None = None
-        if primary and config.storage.writer_process and os.path.isfile(config.path):
-            if config.server.workers:
-                self._writer_dir = tempfile.mkdtemp(prefix="lightmail-")
-                self.writer_socket = os.path.join(self._writer_dir, "writer.sock")
-            self.writer = WriterClient(config.path, listen=self.writer_socket)
-        elif not primary and writer_socket is not None:
-            self.writer = WriterClient(connect=writer_socket)
-        self.mailstore.writer = self.writer
+        self.feed = ChangeFeed()
         self.queue = SQLQueueStore(self.db, self.blobs)
+        self.writes = SQLWrites(self.blobs, self.queue)
+        local = GroupedWritePort(self.db, self.writes, self.feed,
+                                 config.storage.sync_flag_changes)
+        port: IWritePort = local if writer is None else WriterProcessPort(writer, local)
+        #: The one write port of this process (IWritePort).
+        self.write_port: IWritePort = port if write_port is None else write_port(port)
+        self.writer = writer
+        self._writer_dir = writer_dir
+        self.mailstore = SQLMailStore(self.db, self.blobs, self.feed, self.write_port,
+                                      self.writes)
         self._outcome: Any = None          # None until started: then True or a Failure
         self._waiters: list[defer.Deferred[None]] = []
         self._gc: task.LoopingCall | None = None
+
+    @property
+    def writer_socket(self) -> str | None:
+        """Where workers reach this process's writer process (None: they do not)."""
+        return self.writer.listen if self.writer is not None else None
 
     @property
     def ready(self) -> defer.Deferred[None]:

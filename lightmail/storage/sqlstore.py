@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -23,6 +22,7 @@ from zope.interface import implementer
 
 from lightmail.storage import schema as s
 from lightmail.storage.blobs import HEADER_CAP, header_block
+from lightmail.storage.changes import ChangeFeed
 from lightmail.storage.database import (
     Database,
     first_direct,
@@ -38,6 +38,8 @@ from lightmail.storage.interfaces import (
     IBlobStore,
     IChangeListener,
     IMailStore,
+    IStagedBlob,
+    IWritePort,
     Mailbox,
     MailboxChange,
     MailboxChanges,
@@ -45,7 +47,11 @@ from lightmail.storage.interfaces import (
     MailboxStatus,
     MessageInfo,
     NoSuchMailbox,
+    staged,
 )
+
+if TYPE_CHECKING:
+    from lightmail.storage.sqlwrites import SQLWrites
 
 # Statements of the delivery path, built once: SQLAlchemy then finds their compiled
 # form by identity instead of building and hashing a new statement for every message.
@@ -335,50 +341,45 @@ def new_uidvalidity(user_id: int, name: str) -> int:
     return _last_uidvalidity
 
 
+def create_mailbox_now(conn: Connection, user_id: int, name: str,
+                       special_use: Optional[str] = None,
+                       subscribed: bool = True) -> Mailbox:
+    """Create a mailbox inside the caller's transaction (MailboxExists if it is there)."""
+    exists = conn.execute(sa.select(s.mailboxes.c.id).where(
+        (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
+    if exists is not None:
+        raise MailboxExists(f"mailbox {name!r} exists already")
+    result = conn.execute(s.mailboxes.insert().values(
+        user_id=user_id, name=name, uidvalidity=new_uidvalidity(user_id, name),
+        uidnext=1, highestmodseq=1, special_use=special_use, subscribed=subscribed,
+        created=now_ms()))
+    key = result.inserted_primary_key
+    assert key is not None
+    row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == key[0])).one()
+    return _mailbox(row)
+
+
 @implementer(IMailStore)
 class SQLMailStore:
     log = Logger()
 
-    def __init__(self, db: Database, blobs: IBlobStore,
-                 sync_flag_changes: bool = True) -> None:
+    def __init__(self, db: Database, blobs: IBlobStore, feed: ChangeFeed,
+                 port: IWritePort, writes: SQLWrites) -> None:
         self.db = db
         self.blobs = blobs
-        #: Whether STORE's and EXPUNGE's commits are on disk before they are
-        #: answered ([storage] sync_flag_changes; Database.write_unsynced if not).
-        self.sync_flag_changes = sync_flag_changes
-        self._listeners: list[IChangeListener] = []
-        #: A lightmail.storage.writer.WriterClient: writes go to that process.
-        self.writer: Any = None
+        #: Where committed changes are announced (the write port's too).
+        self.feed = feed
+        #: Mail is filed, flagged, expunged and copied through the port.
+        self.port = port
+        #: The SQL of those writes, for the one this store runs itself (RENAME INBOX).
+        self.writes = writes
 
     def add_listener(self, listener: IChangeListener) -> None:
-        self._listeners.append(listener)
-
-    def _announce(self, change: MailboxChange) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener.mailbox_changed(change)
-            except Exception:
-                self.log.failure("change listener {listener!r} failed", listener=listener)
-
-    def _write(self, op: str, fn: Callable[..., Any], *args: Any,
-               before: Optional[Callable[[], Any]] = None,
-               durable: bool = True) -> Deferred[Any]:
-        """``fn(conn, *args)`` in a write transaction: in the writer process (its
-        operation ``op`` is the same method there; lightmail.storage.writer) when
-        there is one, else here.  ``before``: a PendingBlob made durable first.
-        ``durable=False``: see Database.write_unsynced."""
-        writer = self.writer
-        if writer is not None and writer.ready:
-            return writer.call(op, args, pending=before,  # type: ignore[no-any-return]
-                               durable=durable)
-        if before is None:
-            return (self.db.write if durable else self.db.write_unsynced)(fn, *args)
-        return self.db.write_grouped_after(before, fn, *args)
+        self.feed.add_listener(listener)
 
     def _announcing(self, d: Deferred[Any], make: Any) -> Deferred[Any]:
         def announce(result: Any) -> Any:
-            for change in make(result):
-                self._announce(change)
+            self.feed.announce(make(result))
             return result
         return d.addCallback(announce)
 
@@ -391,21 +392,11 @@ class SQLMailStore:
         d = self.db.write(self.create_mailbox_now, user_id, name, special_use, subscribed)
         return self._announcing(d, lambda mb: [MailboxChange(user_id, mb.id, "created")])
 
-    def create_mailbox_now(self, conn: Connection, user_id: int, name: str,
+    @staticmethod
+    def create_mailbox_now(conn: Connection, user_id: int, name: str,
                            special_use: Optional[str] = None,
                            subscribed: bool = True) -> Mailbox:
-        exists = conn.execute(sa.select(s.mailboxes.c.id).where(
-            (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
-        if exists is not None:
-            raise MailboxExists(f"mailbox {name!r} exists already")
-        result = conn.execute(s.mailboxes.insert().values(
-            user_id=user_id, name=name, uidvalidity=new_uidvalidity(user_id, name),
-            uidnext=1, highestmodseq=1, special_use=special_use, subscribed=subscribed,
-            created=now_ms()))
-        key = result.inserted_primary_key
-        assert key is not None
-        row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == key[0])).one()
-        return _mailbox(row)
+        return create_mailbox_now(conn, user_id, name, special_use, subscribed)
 
     def get_mailbox(self, user_id: int, name: str) -> Deferred[Optional[Mailbox]]:
         return self.db.read(self._get_mailbox, user_id, normalise_mailbox_name(name))
@@ -438,111 +429,11 @@ class SQLMailStore:
 
     # -- messages -------------------------------------------------------------------
 
-    def append(self, mailbox_id: int, blob: BlobRef, flags: Sequence[str] = (),
-               internal_date: Optional[int] = None,
-               delivery_id: Optional[str] = None,
-               before: Optional[Callable[[], Any]] = None) -> Deferred[Appended]:
-        if internal_date is None:
-            internal_date = now_ms()
-        d = self._write("append", self.append_now, mailbox_id, blob, list(flags),
-                        internal_date, delivery_id, before=before)
-        return self._announcing(d, lambda res: [] if res[1].duplicate else [
-            MailboxChange(res[0], mailbox_id, "appended", (res[1].uid,), res[1].modseq,
-                          (MessageInfo(mailbox_id, res[1].uid, res[1].modseq, blob.id,
-                                       blob.size, internal_date,
-                                       _flag_sets[_flags_text(flags)]),))]
-        ).addCallback(lambda res: res[1])
-
-    def append_now(self, conn: Connection, mailbox_id: int, blob: BlobRef,
-                   flags: Sequence[str] = (), internal_date: Optional[int] = None,
-                   delivery_id: Optional[str] = None,
-                   locked: Any = None) -> tuple[int, Appended]:
-        """Append inside the caller's transaction; returns (user id, result).
-
-        ``locked``: the mailbox row, already locked in this transaction (as
-        :meth:`lock_mailbox_now` returns it).
-        """
-        box = locked if locked is not None else _lock_mailbox(conn, mailbox_id)
-        if delivery_id is not None:
-            earlier = first_direct(conn, _EARLIER_DELIVERY, {"b_box": mailbox_id,
-                                                       "b_delivery": delivery_id})
-            if earlier is not None:
-                return box.user_id, Appended(mailbox_id, box.uidvalidity, earlier.uid,
-                                             earlier.modseq, duplicate=True)
-        upsert_blob_ref(conn, self.blobs, blob)
-        uid, modseq = box.uidnext, box.highestmodseq + 1
-        if internal_date is None:
-            internal_date = now_ms()
-        self._insert_message(conn, mailbox_id, uid, modseq, blob, flags, internal_date,
-                             delivery_id)
-        run_direct(conn, _UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
-                                           "b_modseq": modseq})
-        return box.user_id, Appended(mailbox_id, box.uidvalidity, uid, modseq,
-                                     internal_date=internal_date)
-
-    @staticmethod
-    def _insert_message(conn: Connection, mailbox_id: int, uid: int, modseq: int,
-                        blob: BlobRef, flags: Sequence[str], internal_date: Optional[int],
-                        delivery_id: Optional[str]) -> None:
-        run_direct(conn, _INSERT_MESSAGE, {
-            "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq, "blob_id": blob.id,
-            "size": blob.size,
-            "internal_date": internal_date if internal_date is not None else now_ms(),
-            "flags": _flags_text(flags), "delivery_id": delivery_id})
-
-    def filed_with_now(self, conn: Connection, user_id: int,
-                       delivery_id: str) -> Optional[tuple[str, int]]:
-        """(mailbox name, UID) of the user's message filed with ``delivery_id``, or
-        None (inside the caller's transaction)."""
-        row = first_direct(conn, _FILED_WITH, {"b_user": user_id, "b_delivery": delivery_id})
-        return None if row is None else (row.name, int(row.uid))
-
-    def append_fresh_now(self, conn: Connection, user_id: int, name: str, blob: BlobRef,
-                         delivery_id: str) -> Optional[tuple[int, Appended]]:
-        """Append to the user's mailbox ``name`` inside the caller's transaction, for a
-        delivery id made for this transaction (no earlier append can carry it; the
-        unique index would refuse one).  Returns (mailbox id, result), or None when the
-        user has no such mailbox.  Two or three statements: the mailbox row is found,
-        locked and advanced at once where the database has UPDATE ... RETURNING.
-        """
-        if conn.dialect.name in ("sqlite", "postgresql"):
-            row = run_direct(conn, _BUMP_BY_NAME,
-                             {"b_user": user_id, "b_name": name}).fetchone()
-            if row is None:
-                return None
-            mailbox_id, uidvalidity, uidnext, modseq = row
-            uid = uidnext - 1
-        else:
-            locked = conn.execute(_LOCK_BY_NAME, {"b_user": user_id, "b_name": name}).first()
-            if locked is None:
-                return None
-            mailbox_id, uidvalidity = locked.id, locked.uidvalidity
-            uid, modseq = locked.uidnext, locked.highestmodseq + 1
-            conn.execute(_UPDATE_UIDNEXT, {"b_id": mailbox_id, "b_uidnext": uid + 1,
-                                           "b_modseq": modseq})
-        upsert_blob_ref(conn, self.blobs, blob)
-        internal_date = now_ms()
-        self._insert_message(conn, mailbox_id, uid, modseq, blob, (), internal_date,
-                             delivery_id)
-        return mailbox_id, Appended(mailbox_id, uidvalidity, uid, modseq,
-                                    internal_date=internal_date)
-
-    @staticmethod
-    def appended_change(user_id: int, blob: BlobRef, appended: Appended,
-                        flags: Sequence[str] = ()) -> MailboxChange:
-        """The announcement of an append made with :meth:`append_now` or
-        :meth:`append_fresh_now` (not a duplicate), with the message as filed: a
-        session that has the mailbox selected takes it in without a read."""
-        return MailboxChange(
-            user_id, appended.mailbox_id, "appended", (appended.uid,), appended.modseq,
-            (MessageInfo(appended.mailbox_id, appended.uid, appended.modseq, blob.id,
-                         blob.size, appended.internal_date,
-                         _flag_sets[_flags_text(flags)]),))
-
-    @staticmethod
-    def lock_mailbox_now(conn: Connection, user_id: int, name: str) -> Any:
-        """The row of a user's mailbox, locked for an append (None if there is none)."""
-        return first_direct(conn, _LOCK_BY_NAME, {"b_user": user_id, "b_name": name})
+    def append(self, mailbox_id: int, blob: IStagedBlob | BlobRef,
+               flags: Sequence[str] = (),
+               internal_date: Optional[int] = None) -> Deferred[Appended]:
+        return self.port.append(mailbox_id, staged(blob), list(flags),
+                                now_ms() if internal_date is None else internal_date)
 
     def list_messages(self, mailbox_id: int) -> Deferred[list[MessageInfo]]:
         return self.db.read(self._list_messages, mailbox_id)
@@ -630,59 +521,10 @@ class SQLMailStore:
                   mode: str = "replace") -> Deferred[list[MessageInfo]]:
         if mode not in ("replace", "add", "remove"):
             raise ValueError(f"unknown flag mode {mode!r}")
-        d = self._write("set_flags", self.set_flags_now, mailbox_id, list(uids),
-                        list(flags), mode, durable=self.sync_flag_changes)
-        return self._announcing(d, lambda res: [MailboxChange(
-            res[0], mailbox_id, "flags", tuple(m.uid for m in res[1]), res[1][-1].modseq,
-            tuple(res[1]))]
-            if res[1] else []).addCallback(lambda res: res[1])
-
-    def set_flags_now(self, conn: Connection, mailbox_id: int, uids: Sequence[int],
-                      flags: Sequence[str], mode: str) -> tuple[int, list[MessageInfo]]:
-        """STORE inside the caller's transaction: (user id, the messages changed)."""
-        box = _lock_mailbox(conn, mailbox_id)
-        rows = _messages_by_uid(conn, mailbox_id, uids)
-        modseq = box.highestmodseq
-        changed = []
-        updates = []
-        given = frozenset(flags)
-        for row in rows:
-            old = _flags_set(row.flags)
-            new = (given if mode == "replace" else
-                   old | given if mode == "add" else old - given)
-            if new == old:
-                continue
-            modseq += 1
-            text = _flags_text(new)
-            updates.append({"b_id": row.id, "b_flags": text, "b_modseq": modseq})
-            changed.append(MessageInfo(mailbox_id, row.uid, modseq, row.blob_id,
-                                       row.size, row.internal_date, _flag_sets[text]))
-        if changed:
-            run_direct(conn, _SET_FLAGS, updates)
-            run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
-        return box.user_id, changed
+        return self.port.set_flags(mailbox_id, list(uids), list(flags), mode)
 
     def expunge(self, mailbox_id: int, uids: Sequence[int]) -> Deferred[list[int]]:
-        d = self._write("expunge", self.expunge_now, mailbox_id, list(uids),
-                        durable=self.sync_flag_changes)
-        return self._announcing(d, lambda res: [MailboxChange(
-            res[0], mailbox_id, "expunged", tuple(res[1]), res[2])] if res[1] else []
-        ).addCallback(lambda res: res[1])
-
-    def expunge_now(self, conn: Connection, mailbox_id: int,
-                    uids: Sequence[int]) -> tuple[int, list[int], int]:
-        """EXPUNGE inside the caller's transaction: (user id, UIDs gone, modseq)."""
-        box = _lock_mailbox(conn, mailbox_id)
-        rows = _messages_by_uid(conn, mailbox_id, uids)
-        if not rows:
-            return box.user_id, [], box.highestmodseq
-        modseq = box.highestmodseq + 1
-        conn.execute(_DELETE_MESSAGES, {"b_ids": [row.id for row in rows]})
-        run_direct(conn, _INSERT_EXPUNGED, [
-            {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
-        release_blob_refs(conn, Counter(row.blob_id for row in rows))
-        run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
-        return box.user_id, [row.uid for row in rows], modseq
+        return self.port.expunge(mailbox_id, list(uids))
 
     def delete_mailbox(self, user_id: int, name: str) -> Deferred[None]:
         name = normalise_mailbox_name(name)
@@ -720,7 +562,7 @@ class SQLMailStore:
                 target = self.create_mailbox_now(conn, user_id, new)
                 uids = [row.uid for row in conn.execute(
                     sa.select(s.messages.c.uid).where(s.messages.c.mailbox_id == source.id))]
-                moved = self.copy_now(conn, source.id, uids, target.id, move=True)
+                moved = self.writes.copy_now(conn, source.id, uids, target.id, move=True)
                 return [MailboxChange(user_id, target.id, "created"), *moved[1]]
             children = conn.execute(sa.select(s.mailboxes.c.id, s.mailboxes.c.name).where(
                 (s.mailboxes.c.user_id == user_id)
@@ -770,54 +612,7 @@ class SQLMailStore:
 
     def copy(self, source_id: int, uids: Sequence[int], target_id: int,
              move: bool = False) -> Deferred[Copied]:
-        d = self._write("copy", self.copy_now, source_id, list(uids), target_id, move)
-        return self._announcing(d, lambda res: res[1]).addCallback(lambda res: res[0])
-
-    def copy_now(self, conn: Connection, source_id: int, uids: Sequence[int],
-                 target_id: int, move: bool = False) -> tuple[Copied, list[MailboxChange]]:
-        """COPY/MOVE inside the caller's transaction: one new MODSEQ for the target
-        (and one for the source's expunges), new UIDs in source UID order."""
-        # Lock in id order, so that two opposite moves cannot deadlock.
-        boxes = {box_id: _lock_mailbox(conn, box_id)
-                 for box_id in sorted({source_id, target_id})}
-        source, target = boxes[source_id], boxes[target_id]
-        rows = _messages_by_uid(conn, source_id, uids)
-        if not rows:
-            return Copied(target.uidvalidity, ()), []
-        uid, modseq = target.uidnext, target.highestmodseq + 1
-        pairs = []
-        copies = []
-        for row in rows:
-            copies.append(MessageInfo(target_id, uid, modseq, row.blob_id, row.size,
-                                      row.internal_date, _flag_sets[row.flags]))
-            conn.execute(_INSERT_MESSAGE, {
-                "mailbox_id": target_id, "uid": uid, "modseq": modseq,
-                "blob_id": row.blob_id, "size": row.size, "internal_date": row.internal_date,
-                "flags": row.flags, "envelope": row.envelope,
-                "bodystructure": row.bodystructure, "headers": row.headers,
-                "delivery_id": None})
-            pairs.append((row.uid, uid))
-            uid += 1
-        conn.execute(_UPDATE_UIDNEXT, {"b_id": target_id, "b_uidnext": uid,
-                                       "b_modseq": modseq})
-        changes = [MailboxChange(target.user_id, target_id, "appended",
-                                 tuple(p[1] for p in pairs), modseq, tuple(copies))]
-        if move:
-            # The blobs change hands: their reference counts stay as they are.
-            gone_modseq = (modseq if source_id == target_id else source.highestmodseq) + 1
-            conn.execute(s.messages.delete().where(
-                s.messages.c.id.in_([row.id for row in rows])))
-            conn.execute(s.expunged.insert(), [
-                {"mailbox_id": source_id, "uid": row.uid, "modseq": gone_modseq}
-                for row in rows])
-            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == source_id)
-                         .values(highestmodseq=gone_modseq))
-            changes.append(MailboxChange(source.user_id, source_id, "expunged",
-                                         tuple(row.uid for row in rows), gone_modseq))
-        else:
-            for row in rows:
-                upsert_blob_ref(conn, self.blobs, BlobRef(row.blob_id, row.size))
-        return Copied(target.uidvalidity, tuple(pairs)), changes
+        return self.port.copy(source_id, list(uids), target_id, move)
 
     # -- quota ----------------------------------------------------------------------
 

@@ -224,7 +224,7 @@ class WorkerPool(Service):
         args = [sys.executable, "-m", "lightmail.workers.worker",
                 "--config", str(self.config.path), "--index", str(index),
                 "--control", str(CONTROL_FD)]
-        writer_socket = getattr(self.services.storage, "writer_socket", None)
+        writer_socket = self.services.storage.writer_socket
         if writer_socket is not None:
             args += ["--writer", writer_socket]
         for offset, service in enumerate(self.listeners, start=CONTROL_FD + 1):

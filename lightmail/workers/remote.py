@@ -22,6 +22,7 @@ from zope.interface import implementer
 from lightmail.imap.hub import MailboxHub
 from lightmail.listeners import ConnectionLimits, TrackingFactory
 from lightmail.pop3.maildrop import Locks
+from lightmail.queue.interfaces import IQueueKick
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
 from lightmail.workers import control
 
@@ -81,6 +82,7 @@ class RemoteLocks(Locks):
         return d.addCallbacks(lambda _: None, lambda _: None)
 
 
+@implementer(IQueueKick)
 class RemoteKick:
     """Stands in for the queue runner (which runs in the main process): ``kick()``."""
 

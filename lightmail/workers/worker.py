@@ -25,13 +25,7 @@ from zope.interface import provider
 from lightmail.config import Config, ListenerConfig, load_config
 from lightmail.listeners import TrackingFactory, builder_for, describe_address
 from lightmail.workers import control
-from lightmail.workers.remote import (
-    AdmittingFactory,
-    ChangePublisher,
-    RemoteKick,
-    RemoteLocks,
-    WorkerHub,
-)
+from lightmail.workers.remote import AdmittingFactory, ChangePublisher, WorkerHub
 
 log = Logger(namespace="lightmail.workers.worker")
 
@@ -105,25 +99,12 @@ def build(config: Config, link: MainLink, listeners: dict[str, int],
           writer_socket: str | None = None) -> MultiService:
     """The worker's service tree: storage, directory, and the adopted listeners;
     writes go to the main process's writer process at ``writer_socket``."""
-    from lightmail.delivery.local import LocalDeliveryAgent
-    from lightmail.directory.cred import make_portal
-    from lightmail.directory.sql import SQLDirectory
-    from lightmail.service import Services
-    from lightmail.storage.service import StorageService
-    storage = StorageService(config, primary=False, writer_socket=writer_socket)
-    directory = SQLDirectory(storage.db,
-                             recipient_delimiter=config.directory.recipient_delimiter,
-                             default_quota=config.directory.default_quota,
-                             resolve_cache_ttl=config.directory.resolve_cache_ttl)
-    portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
-    services = Services(config=config, storage=storage, directory=directory,
-                        portal=portal, queue_runner=RemoteKick(link))
-    services.local_delivery = LocalDeliveryAgent(directory, storage.mailstore,
-                                                 storage.queue, config.node_id)
-    services.local_delivery.writer = storage.writer
-    services.pop3_locks = RemoteLocks(link)
-    services.imap_hub = link.hub = WorkerHub(link)
-    storage.mailstore.add_listener(services.imap_hub)
+    from lightmail.wiring import Role, wire
+    services = wire(config, Role.WORKER, link=link, writer_socket=writer_socket)
+    storage = services.storage
+    hub = services.imap_hub
+    assert isinstance(hub, WorkerHub)       # Role.WORKER's: relayed changes come in
+    link.hub = hub
     storage.mailstore.add_listener(ChangePublisher(link))
     root = _WorkerRoot()
     storage.setServiceParent(root)

@@ -1,0 +1,157 @@
+"""The one place LightMail's object graph is built: :func:`wire`.
+
+Every process calls it, with its role: the server's main process (``makeService``),
+a worker process (lightmail.workers.worker), the writer process
+(lightmail.workers.writer) and the ``lightmail`` command (lightmail.admin.cli).  What
+differs between them is decided here, once, from the role and the configuration:
+
+=========  =====================================  ===============================
+role       write port engine                      shared state (hub, POP3 locks)
+=========  =====================================  ===============================
+SERVER     the writer process's when the config   this process's
+           file asks for it (and there is one);
+           else grouped in this process
+WORKER     the main process's writer process      the main process's, over the
+           (when it has one); else grouped here   control link
+WRITER     grouped, here (it is the writer)       none used
+COMMAND    grouped, here                          none used
+=========  =====================================  ===============================
+
+Protocol code receives the :class:`Services` and uses its typed fields; it never
+asks which implementation it got.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from twisted.cred.portal import Portal
+
+from lightmail.config import Config
+from lightmail.delivery.local import LocalDeliveryAgent
+from lightmail.directory.cred import make_portal
+from lightmail.directory.sql import SQLDirectory
+from lightmail.imap.hub import MailboxHub
+from lightmail.pop3.maildrop import Locks
+from lightmail.queue.interfaces import IQueueKick
+from lightmail.queue.runner import QueueRunner
+from lightmail.queue.wake import WAKE_NAME
+from lightmail.storage.blobs import FilesystemBlobStore
+from lightmail.storage.interfaces import IWritePort
+from lightmail.storage.queuestore import SQLQueueStore
+from lightmail.storage.service import StorageService
+from lightmail.storage.sqlstore import SQLMailStore
+from lightmail.storage.writerlink import WriterLink
+
+if TYPE_CHECKING:
+    from lightmail.workers.worker import MainLink
+
+
+class Role(Enum):
+    SERVER = "server"
+    WORKER = "worker"
+    WRITER = "writer"
+    COMMAND = "command"
+
+
+@dataclass
+class Services:
+    """The running parts a protocol factory (or an embedder) works with."""
+
+    config: Config
+    storage: StorageService
+    directory: SQLDirectory
+    portal: Portal
+    #: The queue runner (in a worker process, a stand-in whose kick() asks the main
+    #: process's runner to look for work).
+    queue_runner: IQueueKick
+    #: Files messages straight into mailboxes: LMTP, and SMTP's acceptance.
+    local_delivery: LocalDeliveryAgent
+    #: Which users have a POP3 session open.
+    pop3_locks: Locks
+    #: The IMAP sessions of this process and their mailbox changes.
+    imap_hub: MailboxHub
+
+    @property
+    def mailstore(self) -> SQLMailStore:
+        return self.storage.mailstore
+
+    @property
+    def queue(self) -> SQLQueueStore:
+        return self.storage.queue
+
+    @property
+    def blobs(self) -> FilesystemBlobStore:
+        return self.storage.blobs
+
+    @property
+    def write_port(self) -> IWritePort:
+        return self.storage.write_port
+
+
+def wire(config: Config, role: Role, *, link: MainLink | None = None,
+         writer_socket: str | None = None,
+         write_port: Callable[[IWritePort], IWritePort] | None = None) -> Services:
+    """Build the object graph of one process (nothing is started).
+
+    ``link``: a worker's control link to the main process; ``writer_socket``: where a
+    worker reaches the main process's writer process; ``write_port``: an embedder's
+    write port, given the engine LightMail would run (see docs/embedding.rst).
+    """
+    storage = _storage(config, role, writer_socket, write_port)
+    directory = SQLDirectory(storage.db,
+                             recipient_delimiter=config.directory.recipient_delimiter,
+                             default_quota=config.directory.default_quota,
+                             resolve_cache_ttl=config.directory.resolve_cache_ttl)
+    portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
+    local_delivery = LocalDeliveryAgent(directory, storage.write_port, config.node_id)
+    runner: IQueueKick
+    if role is Role.WORKER:
+        from lightmail.workers.remote import RemoteKick, RemoteLocks, WorkerHub
+        assert link is not None, "a worker is wired with its link to the main process"
+        runner = RemoteKick(link)
+        locks: Locks = RemoteLocks(link)
+        hub: MailboxHub = WorkerHub(link)
+    else:
+        out = config.outbound
+        runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id,
+                             concurrency=out.concurrency, min_backoff=out.min_backoff,
+                             max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
+                             delay_warning_time=out.delay_warning_time,
+                             wake_path=config.server.state_dir / WAKE_NAME)
+        locks, hub = Locks(), MailboxHub()
+    storage.mailstore.add_listener(hub)
+    return Services(config=config, storage=storage, directory=directory, portal=portal,
+                    queue_runner=runner, local_delivery=local_delivery, pop3_locks=locks,
+                    imap_hub=hub)
+
+
+def _storage(config: Config, role: Role, writer_socket: str | None,
+             write_port: Callable[[IWritePort], IWritePort] | None) -> StorageService:
+    if role is Role.WRITER:
+        # One connection, and no pools: the writer runs its groups in its one thread.
+        return StorageService(config, primary=False, sql_threads=1, spare_files=False)
+    if role is Role.COMMAND:
+        return StorageService(config, write_port=write_port)
+    if role is Role.WORKER:
+        writer = WriterLink(connect=writer_socket) if writer_socket is not None else None
+        return StorageService(config, primary=False, writer=writer, write_port=write_port)
+    # The server: the writer process, when it runs from a configuration file (the
+    # writer process reads it) and asks for one.
+    if not (config.storage.writer_process and os.path.isfile(config.path)):
+        return StorageService(config, write_port=write_port)
+    writer_dir = listen = None
+    if config.server.workers:
+        # The workers reach it on a Unix socket in a directory of our own (0700).
+        writer_dir = tempfile.mkdtemp(prefix="lightmail-")
+        listen = os.path.join(writer_dir, "writer.sock")
+    command = [sys.executable, "-m", "lightmail.workers.writer", "--config",
+               str(config.path)]
+    return StorageService(config, writer=WriterLink(command, listen=listen),
+                          writer_dir=writer_dir, write_port=write_port)
