@@ -576,8 +576,8 @@ LETTER_FLAGS = {"F": "\\Flagged", "R": "\\Answered", "S": "\\Seen"}
 
 def fill_lightmail_big(server: LightMail, address: str, count: int, size: int) -> float:
     """Put ``count`` messages in ``address``'s INBOX with LightMail's storage code,
-    before the server runs: blob files (no fsync: this is a fixture), then
-    ``append_now`` with the mailbox row kept here, 10,000 messages a transaction.
+    before the server runs: blob files (no fsync: this is a fixture), then the write
+    port's SQL (``SQLWrites.append_now``), 10,000 messages a transaction.
     Returns the seconds it took."""
     import sqlalchemy as sa
     from twisted.python.threadpool import ThreadPool
@@ -587,7 +587,9 @@ def fill_lightmail_big(server: LightMail, address: str, count: int, size: int) -
     from lightmail.storage.blobs import FilesystemBlobStore
     from lightmail.storage.database import Database
     from lightmail.storage.interfaces import BlobRef
-    from lightmail.storage.sqlstore import SQLMailStore
+    from lightmail.storage.queuestore import SQLQueueStore
+    from lightmail.storage.sqlstore import create_mailbox_now
+    from lightmail.storage.sqlwrites import SQLWrites
     try:    # the header block a delivery's blob writer keeps with the blob row
         from lightmail.storage.blobs import header_block
     except ImportError:     # a LightMail from before the header cache
@@ -597,23 +599,20 @@ def fill_lightmail_big(server: LightMail, address: str, count: int, size: int) -
     config = load_config(server.config)
     db = Database(config.database_url, threads=1)
     blobs = FilesystemBlobStore(config.blob_dir, ThreadPool(0, 1))   # never started
-    store = SQLMailStore(db, blobs)
+    writes = SQLWrites(blobs, SQLQueueStore(db, blobs))
     local, _, domain = address.partition("@")
     try:
         user_id = db.read_now(lambda conn: conn.execute(
             sa.select(s.users.c.id).join(s.domains, s.domains.c.id == s.users.c.domain_id)
             .where((s.users.c.localpart == local) & (s.domains.c.name == domain))
         ).scalar_one())
-        box = db.write_now(store.create_mailbox_now, user_id, "INBOX")
-        locked = SimpleNamespace(user_id=user_id, uidvalidity=box.uidvalidity,
-                                 uidnext=box.uidnext, highestmodseq=box.highestmodseq)
+        box = db.write_now(create_mailbox_now, user_id, "INBOX")
         made: set[str] = set()
         batch: list[tuple[BlobRef, list[str], int]] = []
 
         def append_batch(conn: Any) -> None:
             for ref, flags, date in batch:
-                _, appended = store.append_now(conn, box.id, ref, flags, date, None, locked)
-                locked.uidnext, locked.highestmodseq = appended.uid + 1, appended.modseq
+                writes.append_now(conn, box.id, ref, flags, date)
 
         for number, data, letters, date in big_messages(count, size, address):
             blob_id = hashlib.sha256(data).hexdigest()

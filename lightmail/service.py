@@ -166,6 +166,11 @@ def makeService(config: Config,
     docs/embedding.rst).
     """
     validate(config)
+    if write_port is not None and config.server.workers:
+        # Worker processes are started from the configuration file: an object of the
+        # application's cannot reach them, and their writes would go past it.
+        raise ValueError("an application's own write port serves this process only: "
+                         "set [server] workers = 0")
     services = wire(config, Role.SERVER, write_port=write_port)
     storage = services.storage
     root = LightMailService(services)

@@ -66,9 +66,9 @@ class StorageStack:
         from lightmail.directory.sql import SQLDirectory
         from lightmail.storage import migrate
         from lightmail.storage.blobs import FilesystemBlobStore
+        from lightmail.storage.changes import ChangeFeed
         from lightmail.storage.database import Database
         from lightmail.storage.queuestore import SQLQueueStore
-        from lightmail.storage.changes import ChangeFeed
         from lightmail.storage.sqlstore import SQLMailStore
         from lightmail.storage.sqlwrites import SQLWrites
         from lightmail.storage.writeport import GroupedWritePort

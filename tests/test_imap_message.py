@@ -1076,8 +1076,8 @@ def test_header_cache_size_comes_from_the_configuration(tmp_path: Path) -> None:
         f"[server]\nstate_dir = {tmp_path}\n[imap]\nheader_cache = 3M\n"
         "[listener:imap]\nprotocol = imap\nendpoint = tcp:0\n")
     config = load_config(config_file)
-    mailstore = type("Store", (), {"add_listener": lambda self, hub: None})()
-    services = type("Services", (), {"config": config, "mailstore": mailstore})()
+    from lightmail.imap.hub import MailboxHub
+    services = type("Services", (), {"config": config, "imap_hub": MailboxHub()})()
     try:
         build_imap_factory(config.listeners[0], services)
         assert HEADERS.budget == 3 * 1024**2

@@ -10,7 +10,7 @@ from twisted.internet import task
 
 from lightmail.config import parse_config
 from lightmail.service import LightMailService, get_services, makeService
-from lightmail.storage.interfaces import Envelope, QueueRecipient
+from lightmail.storage.interfaces import DurableBlob, Envelope, QueueRecipient
 
 
 @pytest_twisted.inlineCallbacks
@@ -27,8 +27,9 @@ def test_queued_mail_is_delivered_and_shutdown_is_orderly(tmp_path: Path) -> Non
         yield parts.directory.add_domain("example.test")
         user = yield parts.directory.add_user("bob@example.test", None)
         ref = yield parts.blobs.put(b"Subject: queued\r\n\r\nHello\r\n")
-        queue_id = yield parts.queue.enqueue(
-            Envelope("a@example.org", [QueueRecipient("bob@example.test")]), ref)
+        queue_id = yield parts.write_port.enqueue(
+            Envelope("a@example.org", [QueueRecipient("bob@example.test")]),
+            DurableBlob(ref))
         parts.queue_runner.kick()
         for _ in range(100):
             yield parts.queue_runner.idle()

@@ -272,12 +272,13 @@ def test_delay_warning_is_recorded_once_with_its_notice(stack) -> None:
     notice_ref = yield stack.blobs.put(b"Subject: delayed\r\n\r\nlate\r\n")
     notice = Envelope("", [QueueRecipient("a@example.org", "smtp")], source="local")
     ids = [r["id"] for r in rows]
-    notice_id = yield stack.queue.warn_delayed(ids, notice, notice_ref)
+    notice_id = yield stack.port.warn_delayed(ids, notice, DurableBlob(notice_ref))
     assert notice_id is not None
     # Warned once: again, or with one more recipient, nothing changes.
-    assert (yield stack.queue.warn_delayed(ids, notice, notice_ref)) is None
+    assert (yield stack.port.warn_delayed(ids, notice, DurableBlob(notice_ref))) is None
     z_id = by_address["z@remote.example"].recipient_id
-    assert (yield stack.queue.warn_delayed([ids[0], z_id], notice, notice_ref)) is None
+    assert (yield stack.port.warn_delayed([ids[0], z_id], notice,
+                                                DurableBlob(notice_ref))) is None
     assert (yield stack.queue.delayed_recipients(queue_id)) == []
     queued = yield stack.queue.list_recipients()
     assert sorted((r["queue_id"], r["recipient"]) for r in queued

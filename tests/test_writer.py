@@ -21,7 +21,6 @@ import pytest
 import pytest_twisted
 from harness import ServerProcess, run_cli, stored_messages
 from test_crash import USERS, Sender, filed_messages
-
 from twisted.internet import defer
 
 from lightmail.storage import blobs as blob_module

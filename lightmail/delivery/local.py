@@ -13,7 +13,7 @@ one transaction, so a recipient handed over twice after a crash is filed once), 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -46,6 +46,16 @@ class LocalDeliveryAgent:
         self.port = port
         #: This node's name in the queue's leases.
         self.owner = owner
+
+    def prepare(self, items: list[QueueItem]) -> Deferred[list[QueueItem]]:
+        return defer.succeed(items)     # filing never reads the content
+
+    def deliver_held(self, item: QueueItem
+                     ) -> Deferred[tuple[DeliveryResult, Callable[[], None]]]:
+        return self.deliver(item).addCallback(lambda result: (result, _nothing))
+
+    def close(self) -> None:
+        pass                            # no connections
 
     def deliver(self, item: QueueItem) -> Deferred[DeliveryResult]:
         """A queued recipient; over quota is temporary (the queue tries again)."""
@@ -140,6 +150,10 @@ def _result(filed: Filed, over_quota: str, recorded: bool = False) -> DeliveryRe
     status = "4.2.2" if over_quota == "deferred" else "5.2.2"
     return DeliveryResult(over_quota,
                           f"{status} mailbox full: {', '.join(filed.full)} over quota")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _temporary(failure: Failure) -> DeliveryResult | Failure:

@@ -96,8 +96,9 @@ class Notifier:
                 recipients=recipients, original=original, ret=item.envelope.ret,
                 envid=item.envelope.envid, smtputf8=item.envelope.smtputf8)
             blob = await services.blobs.put(dsn)
-            queue_id = await services.queue.warn_delayed(
-                [row["id"] for row in rows], await self._notice_envelope(item), blob)
+            queue_id = await services.write_port.warn_delayed(
+                [row["id"] for row in rows], await self._notice_envelope(item),
+                DurableBlob(blob))
             if queue_id is None:
                 continue
             self.log.info("sent a delay notice for {rcpts} to <{sender}> as {dsn_id}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -49,15 +49,25 @@ class IDeliveryAgent(Interface):
 
     transport = Attribute("The transport name this agent serves.")
 
+    def prepare(items: list[QueueItem]) -> Deferred[list[QueueItem]]:
+        """Called with each claimed batch before its items are delivered one by one;
+        fires with the same items, in order, possibly with ``content`` read ahead
+        (one disk hop for the batch instead of one per message).  An agent with
+        nothing to read ahead fires with ``items`` as they are."""
+
     def deliver(item: QueueItem) -> Deferred[DeliveryResult]:
         """Deliver one recipient.  Must be idempotent: after a crash the same item
         may be handed over again."""
 
-    # Optional: ``prepare(items) -> Deferred[list[QueueItem]]``, called with each
-    # claimed batch before its items are handed to ``deliver`` one by one; fires with
-    # the same items, in order, possibly with ``content`` read ahead (one disk hop
-    # for the batch instead of one per message).  Not declared here, so that agents
-    # without it still provide the interface.
+    def deliver_held(item: QueueItem
+                     ) -> Deferred[tuple[DeliveryResult, Callable[[], None]]]:
+        """:meth:`deliver`, holding what the delivery used (the SMTP agent: its
+        count against the destination's limits) until the queue runner calls the
+        function given with the result, once the outcome is recorded.  An agent
+        that holds nothing gives a function that does nothing."""
+
+    def close() -> None:
+        """Let go of idle connections (at shutdown, once deliveries have finished)."""
 
 
 class IMailboxDelivery(Interface):

@@ -119,9 +119,7 @@ class QueueRunner(Service):
 
         def close_agents(result: Any) -> Any:
             for agent in self.agents.values():
-                close = getattr(agent, "close", None)
-                if close is not None:
-                    close()
+                agent.close()
             return result
         return d.addBoth(close_agents)
 
@@ -166,16 +164,15 @@ class QueueRunner(Service):
 
     @defer.inlineCallbacks
     def _prepare(self, items: list[QueueItem]) -> Any:
-        """Let agents that can read ahead for a whole batch do so (``prepare``)."""
+        """Let each agent read ahead for its part of a whole batch (``prepare``)."""
         items = list(items)
         for transport, agent in self.agents.items():
-            prepare = getattr(agent, "prepare", None)
             mine = [index for index, item in enumerate(items)
                     if item.recipient.transport == transport]
-            if prepare is None or not mine:
+            if not mine:
                 continue
             try:
-                prepared = yield prepare([items[index] for index in mine])
+                prepared = yield agent.prepare([items[index] for index in mine])
             except Exception:
                 self.log.failure("preparing deliveries failed; they go ahead unprepared")
                 continue
@@ -209,13 +206,9 @@ class QueueRunner(Service):
         agent = self.agents[item.recipient.transport]
         release = None
         try:
-            # An agent that can keeps its connection for this delivery until the
-            # outcome is recorded (deliver_held; see the SMTP agent).
-            deliver_held = getattr(agent, "deliver_held", None)
-            if deliver_held is not None:
-                result, release = yield deliver_held(item)
-            else:
-                result = yield agent.deliver(item)
+            # The agent holds what the delivery used (the SMTP agent: its place in
+            # the destination's limits) until the outcome is recorded.
+            result, release = yield agent.deliver_held(item)
         except Exception as exc:
             log.failure("delivery to {rcpt} failed unexpectedly", rcpt=item.recipient.address)
             result = DeliveryResult.deferred(f"4.3.0 internal error: {exc.__class__.__name__}")

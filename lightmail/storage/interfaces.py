@@ -433,13 +433,6 @@ class IQueueStore(Interface):
         and whose sender has not been warned of the delay yet (each a dict of ``id``,
         ``recipient``, ``orcpt``, ``notify``, ``last_error``, ``attempts``)."""
 
-    def warn_delayed(recipient_ids: Sequence[int], notice: Envelope,
-                     blob: BlobRef) -> Deferred[Optional[str]]:
-        """Mark the recipients as warned and queue the warning ``notice`` (with
-        content ``blob``), in one transaction; fires with the notice's queue id.
-        When any of them was warned meanwhile (by another node, say), nothing
-        changes and it fires with None."""
-
 
 class IWritePort(Interface):
     """The one way mail becomes durable and is filed: SMTP's acceptance, LMTP's and the
@@ -487,6 +480,13 @@ class IWritePort(Interface):
              move: bool) -> Deferred[Copied]:
         """COPY, or MOVE (the source's expunges in the same transaction)."""
 
+    def warn_delayed(recipient_ids: Sequence[int], notice: Envelope,
+                     blob: IStagedBlob) -> Deferred[Optional[str]]:
+        """Mark the queued recipients as warned of their delay and queue the warning
+        ``notice``, in one transaction; fires with the notice's queue id.  When any
+        of them was warned meanwhile (by another node, say), nothing changes and it
+        fires with None."""
+
 
 class StorageError(Exception):
     """A storage operation could not be done; the message says why."""
@@ -502,6 +502,10 @@ class NoSuchMailbox(StorageError):
 
 class BlobMissing(StorageError):
     """A blob that metadata refers to is not in the blob store."""
+
+
+class AlreadyWarned(StorageError):
+    """A queued recipient was warned of its delay already (IWritePort.warn_delayed)."""
 
 
 class NotFiled(StorageError):

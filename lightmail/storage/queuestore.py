@@ -25,6 +25,7 @@ from zope.interface import implementer
 from lightmail.storage import schema as s
 from lightmail.storage.database import Database, now_ms
 from lightmail.storage.interfaces import (
+    AlreadyWarned,
     BlobRef,
     Envelope,
     IBlobStore,
@@ -266,29 +267,18 @@ class SQLQueueStore:
             return [dict(row._mapping) for row in conn.execute(query)]
         return self.db.read(list_)
 
-    def warn_delayed(self, recipient_ids: Sequence[int], notice: Envelope,
-                     blob: BlobRef) -> Deferred[str | None]:
+    @staticmethod
+    def mark_warned_now(conn: Connection, recipient_ids: Sequence[int]) -> None:
+        """Mark the recipients as warned of their delay, inside the caller's
+        transaction; AlreadyWarned (roll it back) when any of them was already (by
+        another node, say)."""
         ids = sorted(set(recipient_ids))
-
-        def warn(conn: Connection) -> str:
-            r = s.queue_recipients
-            marked = conn.execute(r.update().where(
-                r.c.id.in_(ids) & r.c.delay_warned.is_(None)).values(
-                delay_warned=now_ms())).rowcount
-            if marked != len(ids):
-                raise _AlreadyWarned()
-            return self.enqueue_now(conn, notice, blob)
-
-        d = self.db.write(warn)
-
-        def already(failure: Any) -> None:
-            failure.trap(_AlreadyWarned)
-            return None
-        return d.addErrback(already)
-
-
-class _AlreadyWarned(Exception):
-    """Rolls back a delay warning: one of its recipients was warned meanwhile."""
+        r = s.queue_recipients
+        marked = conn.execute(r.update().where(
+            r.c.id.in_(ids) & r.c.delay_warned.is_(None)).values(
+            delay_warned=now_ms())).rowcount
+        if marked != len(ids):
+            raise AlreadyWarned("a recipient was warned of its delay already")
 
 
 def _item(row: Any) -> QueueItem:

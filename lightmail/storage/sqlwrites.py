@@ -77,6 +77,12 @@ class SQLWrites:
                     queue_id: Optional[str]) -> Outcome:
         return self.queue.enqueue_now(conn, envelope, blob, queue_id), []
 
+    def warn_delayed_now(self, conn: Connection, recipient_ids: Sequence[int],
+                         notice: Envelope, blob: BlobRef) -> Outcome:
+        """AlreadyWarned (raised, so that the marks roll back) when any was warned."""
+        self.queue.mark_warned_now(conn, recipient_ids)
+        return self.queue.enqueue_now(conn, notice, blob), []
+
     def accept_now(self, conn: Connection, filings: Sequence[Filing],
                    blob: BlobRef) -> Outcome:
         """All or nothing: NotFiled (raised, so the request's savepoint rolls back
@@ -345,8 +351,8 @@ class SQLWrites:
 
 
 #: The operations of the write port, by the names the engines send.
-OPERATIONS = ("enqueue", "accept", "file", "file_queued", "append", "set_flags",
-              "expunge", "copy")
+OPERATIONS = ("enqueue", "warn_delayed", "accept", "file", "file_queued", "append",
+              "set_flags", "expunge", "copy")
 
 
 def appended_change(user_id: int, blob: BlobRef, appended: Appended,

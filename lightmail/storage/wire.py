@@ -23,6 +23,7 @@ from typing import Any
 from twisted.protocols import amp
 
 from lightmail.storage.interfaces import (
+    AlreadyWarned,
     Appended,
     BlobHandoff,
     BlobMissing,
@@ -125,7 +126,8 @@ class Record(amp.Argument):
 #: Exceptions that come back as themselves (with their message); any other is
 #: amp.UnknownRemoteError, and the writer process logs it.
 STORAGE_ERRORS: dict[type[Exception], bytes] = {
-    NotFiled: b"NOT_FILED", BlobMissing: b"BLOB_MISSING", NoSuchMailbox: b"NO_MAILBOX",
+    NotFiled: b"NOT_FILED", AlreadyWarned: b"ALREADY_WARNED",
+    BlobMissing: b"BLOB_MISSING", NoSuchMailbox: b"NO_MAILBOX",
     MailboxExists: b"MAILBOX_EXISTS", StorageError: b"STORAGE"}
 
 

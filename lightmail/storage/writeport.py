@@ -24,6 +24,7 @@ from zope.interface import implementer
 from lightmail.storage.changes import ChangeFeed
 from lightmail.storage.database import Database
 from lightmail.storage.interfaces import (
+    AlreadyWarned,
     Appended,
     Copied,
     Envelope,
@@ -40,7 +41,7 @@ from lightmail.storage.writerlink import WriterLink, WriterLost
 #: Operations that file mail or queue it: grouped with each other (group commit).
 #: IMAP's run as plain writes (which on SQLite are grouped too), and so does an
 #: APPEND whose blob is durable already; a staged blob always goes in a group.
-_DELIVERIES = frozenset(("enqueue", "accept", "file", "file_queued"))
+_DELIVERIES = frozenset(("enqueue", "warn_delayed", "accept", "file", "file_queued"))
 
 
 class _Engine:
@@ -113,6 +114,15 @@ class _Engine:
     def copy(self, source_id: int, uids: Sequence[int], target_id: int,
              move: bool) -> Deferred[Copied]:
         return self._do("copy", (source_id, list(uids), target_id, move))
+
+    def warn_delayed(self, recipient_ids: Sequence[int], notice: Envelope,
+                     blob: IStagedBlob) -> Deferred[Optional[str]]:
+        d = self._do("warn_delayed", (sorted(set(recipient_ids)), notice, blob.ref), blob)
+
+        def already(failure: Failure) -> None:
+            failure.trap(AlreadyWarned)
+            return None
+        return d.addErrback(already)
 
 
 @implementer(IWritePort)

@@ -1,4 +1,5 @@
-"""The AMP commands between the main process and its workers.
+"""The AMP commands between the main process and its workers (AMP is the one scheme
+between LightMail's processes: lightmail.storage.wire).
 
 Worker to main: Admit/Release (connection limits), Login/Logout (IMAP sessions per
 user), ClaimRecent (\\Recent), Lock/Unlock (POP3 maildrops), Kick (the queue has
@@ -8,7 +9,6 @@ workers).  Commands without an answer are notices: nothing waits for them.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from lightmail.pop3.maildrop import LoginTooSoon, MaildropLocked
+from lightmail.storage import wire
 from lightmail.storage.interfaces import MailboxChange
 
 # AMP values are at most 65,535 bytes; a change whose messages do not fit goes without
@@ -25,15 +26,16 @@ MAX_CHANGE = 60_000
 
 
 def encode_change(change: MailboxChange) -> bytes:
-    # pickle: the socket pair is private to the main process and its own children.
-    data = pickle.dumps(change, protocol=5)
+    """A change as declared records (lightmail.storage.wire), encoded once for all the
+    workers it is relayed to."""
+    data = wire.encode(change)
     if len(data) > MAX_CHANGE:
-        data = pickle.dumps(replace(change, messages=()), protocol=5)
+        data = wire.encode(replace(change, messages=()))
     return data
 
 
 def decode_change(data: bytes) -> MailboxChange:
-    change = pickle.loads(data)
+    change = wire.decode(data)
     if not isinstance(change, MailboxChange):
         raise TypeError("not a mailbox change")
     return change

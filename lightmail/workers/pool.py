@@ -266,9 +266,7 @@ class WorkerPool(Service):
     # -- while running -------------------------------------------------------------
 
     def kick(self) -> None:
-        runner = getattr(self.services, "queue_runner", None)
-        if runner is not None and runner.running:
-            runner.kick()
+        self.services.queue_runner.kick()       # (a stopped runner ignores it)
 
     def mailbox_changed(self, change: MailboxChange) -> None:
         """A change committed in this process: the workers' sessions hear of it."""
