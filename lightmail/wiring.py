@@ -136,7 +136,8 @@ def _storage(config: Config, role: Role, writer_socket: str | None,
              write_port: Callable[[IWritePort], IWritePort] | None) -> StorageService:
     if role is Role.WRITER:
         # One connection, and no pools: the writer runs its groups in its one thread.
-        return StorageService(config, primary=False, sql_threads=1, spare_files=False)
+        return StorageService(config, primary=False, sql_threads=1, one_writer=True,
+                              spare_files=False)
     if role is Role.COMMAND:
         return StorageService(config, write_port=write_port)
     if role is Role.WORKER:

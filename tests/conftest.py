@@ -117,9 +117,20 @@ def sqlite_stack(tmp_path: Path) -> Iterator[StorageStack]:
 
 def free_port() -> int:
     """A TCP port that was free a moment ago (for child processes that need a number)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports: each socket is held until all are bound, or the
+    kernel may hand one port out twice."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @pytest.fixture

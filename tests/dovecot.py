@@ -62,9 +62,21 @@ def dovecot_version() -> tuple[int, ...]:
 
 def free_port() -> int:
     """A TCP port that was free a moment ago (Dovecot needs a number, not 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports that were free a moment ago: each socket is held
+    until all are bound, so that the kernel cannot hand the same port out twice (it
+    did: Dovecot then refused a configuration with a duplicate listener)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def group_members(pgid: int) -> list[int]:
@@ -110,9 +122,10 @@ class DovecotInstance:
         self.passwd = self.base / "passwd"
         self.passwd.touch(mode=0o644)
         self.log_path = self.base / "dovecot.log"
-        self.lmtp_port = lmtp_port or free_port()
-        self.pop3_port = pop3_port or free_port()
-        self.imap_port = imap_port or free_port()
+        spare = free_ports(3)
+        self.lmtp_port = lmtp_port or spare[0]
+        self.pop3_port = pop3_port or spare[1]
+        self.imap_port = imap_port or spare[2]
         self.lmtp_socket = self.base / "lmtp.sock"
         if os.getuid() == 0:
             nobody = pwd.getpwnam("nobody")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import free_port
+from conftest import free_port, free_ports
 from dovecot import DovecotInstance
 from inprocess import in_thread, start
 from test_outbound import ReceivingMX, queue_state, submit, until
@@ -66,7 +66,7 @@ class CleartextAuthRelay(threading.Thread):
 
 @pytest.fixture
 def smarthost() -> Iterator[dict[str, Any]]:
-    auth_port, smtp_port = free_port(), free_port()
+    auth_port, smtp_port = free_ports(2)
     dovecot = DovecotInstance(services=(
         "service auth {\n"
         f"  inet_listener sasl {{\n    address = 127.0.0.1\n    port = {auth_port}\n  }}\n"

@@ -37,15 +37,15 @@ def _pending(stack: Any, data: bytes) -> Any:
 
 def _request(op: str, args: tuple[Any, ...], blob: Any = None,
              durable: bool = True) -> writer.WriteRequest:
-    # No peer: run_group answers into the request's Deferred, not onto a socket.
-    return writer.WriteRequest(None, op, args, blob, durable)  # type: ignore[arg-type]
+    # No peer: run_group only runs the group; answering is the loop's.
+    return writer.WriteRequest(None, b"1", op, args, blob, durable)
 
 
-def _outcome(request: writer.WriteRequest) -> tuple[bool, Any]:
-    out: list[tuple[bool, Any]] = []
-    request.answer.addCallbacks(lambda answer: out.append((True, answer["outcome"])),
-                                lambda failure: out.append((False, failure.value)))
-    return out[0]
+def _outcomes(batch: list[writer.WriteRequest], stack: Any,
+              writes: Any = None) -> list[tuple[bool, Any]]:
+    """run_group's (ok, result) for each request; an error as its exception."""
+    ran = writer.run_group(batch, stack.db, stack.blobs, writes or stack.writes)
+    return [(ok, value if ok else value.value) for ok, value in ran]
 
 
 def _bob(user: Any) -> Filing:
@@ -70,15 +70,15 @@ def test_a_group_is_made_durable_with_one_flush_and_each_request_answered(
                  pendings[1].handoff()),
         _request("no such operation", ()),
     ]
-    writer.run_group(batch, stack.db, stack.blobs, stack.writes)
+    outcomes = _outcomes(batch, stack)
 
-    ok, (results, changes) = _outcome(batch[0])
+    ok, (results, changes) = outcomes[0]
     assert ok and [filed.placed for filed in results] == [
         ("bob@example.test/INBOX uid=1",)]
     assert [c.kind for c in changes] == ["created", "appended"]
-    ok, error = _outcome(batch[1])
+    ok, error = outcomes[1]
     assert not ok and isinstance(error, NotFiled)
-    ok, error = _outcome(batch[2])
+    ok, error = outcomes[2]
     assert not ok and isinstance(error, LookupError)
     assert len(calls) == 1          # one flush for the group's blobs
     for data in contents:           # both durable (the second refers to nothing: GC)
@@ -169,8 +169,8 @@ def test_the_loop_answers_what_was_sent_before_the_other_end_closed(
     client = amp.AMP()
     amp.BinaryBoxProtocol.makeConnection(client, Out())  # type: ignore[arg-type]
     envelope = Envelope("a@example.org", [QueueRecipient("b@example.test")])
-    answers = [client.callRemote(Write, op="enqueue", args=(envelope, ref, f"Q{n}"),
-                                 blob=None, durable=True) for n in range(5)]
+    answers = [client.callRemote(Write, request=("enqueue", (envelope, ref, f"Q{n}"),
+                                                 None, True)) for n in range(5)]
     served.start()
     try:
         ours.sendall(b"".join(sent))
@@ -191,11 +191,12 @@ def test_a_blob_discarded_before_its_call_fails_that_call_only(sqlite_stack: Any
     up) fails its own Deferred and sends nothing; a link that drops fails what waits
     with WriterLost."""
     from twisted.internet import error
+    from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
 
     from lightmail.storage.interfaces import BlobMissing
     from lightmail.storage.writeport import WriterProcessPort
-    from lightmail.storage.writerlink import WriterLink
+    from lightmail.storage.writerlink import WriterLink, _LinkFactory
     link = _Link(sqlite_stack)
     port = WriterProcessPort(link, sqlite_stack.port)  # type: ignore[arg-type]
     pending = _pending(sqlite_stack, b"Subject: gone\r\n\r\n")
@@ -205,9 +206,18 @@ def test_a_blob_discarded_before_its_call_fails_that_call_only(sqlite_stack: Any
     assert len(failures) == 1 and failures[0].check(BlobMissing) and link.sent == []
     fine = port.expunge(1, [1])
     assert link.sent == [("expunge", True)] and not fine.called   # waits for its answer
+    # The link to a real writer: what waits when it goes away fails with WriterLost.
     real = WriterLink(connect="/nonexistent/writer.sock")
-    lost = real._failed(Failure(error.ConnectionLost()))
-    assert isinstance(lost.value, WriterLost)
+    proto = _LinkFactory(real).buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    assert real.ready
+    waiting = real.call("expunge", (1, [1]))
+    assert proto.transport.value().startswith(b"\x00\x08_command")  # an AMP box
+    lost: list[Any] = []
+    waiting.addErrback(lost.append)
+    real._stopping = True                          # no reconnecting from a test
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    assert lost[0].check(WriterLost) and not real.ready
 
 
 # -- a real server ------------------------------------------------------------------------
@@ -231,6 +241,18 @@ def _wchar(pid: int) -> int:
     raise AssertionError("no wchar")
 
 
+def _command_line(pid: int) -> list[bytes]:
+    """The process's command line, once it has one: the log line that names the pid
+    comes as soon as the process is forked, and until its exec is done the kernel
+    shows the parent's command line, or none."""
+    deadline = time.monotonic() + 10
+    while True:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"lightmail.workers.writer" in args or time.monotonic() > deadline:
+            return args
+        time.sleep(0.05)
+
+
 def _writer_pids(server: ServerProcess, count: int = 1) -> list[int]:
     found = server.wait_for(r"writer process started \(pid (\d+)\)", count=count)
     return [int(m.group(1)) for m in found]
@@ -243,8 +265,7 @@ def test_the_server_files_mail_through_its_writer_process(write_config: Any,
     try:
         port = server.ports(expected=1)["mx"]
         (pid,) = _writer_pids(server)
-        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == \
-            [b"-m", b"lightmail.workers.writer"]
+        assert _command_line(pid)[1:3] == [b"-m", b"lightmail.workers.writer"]
         body = b"Subject: via writer\r\n\r\n" + b"hello from the writer\r\n" * 200
         written = _wchar(pid)
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
@@ -283,7 +304,7 @@ def test_workers_write_through_the_main_process_writer(write_config: Any,
         port = server.ports(expected=1)["mx"]
         server.wait_for(r"worker=\d\] connected to the writer process", count=2)
         (pid,) = _writer_pids(server)
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        args = _command_line(pid)
         socket_path = Path(args[args.index(b"--listen") + 1].decode())
         assert socket_path.is_socket() and (socket_path.parent.stat().st_mode & 0o777) == 0o700
         written = _wchar(pid)
@@ -459,8 +480,7 @@ def test_unsynced_requests_commit_without_a_flush_only_in_a_group_of_their_own(
 
     def run(*durables: bool) -> list[Any]:
         batch = [_request("level", (), None, durable) for durable in durables]
-        writer.run_group(batch, stack.db, stack.blobs, Writes())  # type: ignore[arg-type]
-        return [_outcome(request)[1][0] for request in batch]
+        return [value[0] for _, value in _outcomes(batch, stack, Writes())]
     alone, mixed = run(False, False), run(False, True)
     if stack.db.backend == "sqlite":
         assert alone == [1, 1] and mixed == [2, 2]

@@ -672,7 +672,7 @@ class _TmpFile:
         if self.fd is None:
             if self.path is None:
                 self.fd, self.path = self.store.new_tmp_file()
-            else:       # adopted from another process (PendingBlob.adopt)
+            else:       # adopted from another process (FilesystemBlobStore.adopt)
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if chunks:
             _write_all(self.fd, b"".join(chunks))

@@ -41,7 +41,8 @@ class StorageService(Service):
 
     def __init__(self, config: Config, *, primary: bool = True,
                  writer: WriterLink | None = None, writer_dir: str | None = None,
-                 sql_threads: int | None = None, spare_files: bool = True,
+                 sql_threads: int | None = None, one_writer: bool = False,
+                 spare_files: bool = True,
                  write_port: Callable[[IWritePort], IWritePort] | None = None) -> None:
         """Built by lightmail.wiring, which decides: ``primary`` (the main process:
         it migrates the schema, recovers blobs and collects garbage; a worker's and
@@ -52,7 +53,8 @@ class StorageService(Service):
         self.config = config
         self.primary = primary
         self.db = Database(config.database_url,
-                           threads=sql_threads or config.storage.sql_threads)
+                           threads=sql_threads or config.storage.sql_threads,
+                           one_writer=one_writer)
         self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
         # Spare temporary files only where GC's grace period leaves them time.
         spares = (SPARE_FILES if spare_files and

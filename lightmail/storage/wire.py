@@ -3,10 +3,11 @@
 One scheme for every link between processes (the workers' control link and the
 writer process's): Twisted's AMP, whose commands declare their arguments.  Values
 that are storage records (a Filing, an Envelope, a MailboxChange...) travel as
-:class:`Record` arguments: JSON in which each record is named by its type, and only
-the types listed in ``RECORDS`` can be named - nothing else is ever built from what
-arrives (no pickle).  A value longer than AMP's 65,535 octets is split over several
-keys.
+:class:`Record` arguments, in pickle's format read by a loader that knows only the
+types listed in ``RECORDS`` (pickle's "restricting globals"): a value that names any
+other class or function is refused before anything is built from it, so no arbitrary
+object ever crosses a socket.  A value longer than AMP's 65,535 octets is split over
+several keys.
 
 The writer process's one command is :class:`Write`: an operation of the write port
 (lightmail.storage.sqlwrites), its arguments, the staged blob it makes durable
@@ -16,8 +17,9 @@ first, and whether its commit must be flushed; the answer is the operation's
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import io
+import pickle
+import struct
 from typing import Any
 
 from twisted.protocols import amp
@@ -43,66 +45,41 @@ from lightmail.storage.interfaces import (
     StorageError,
 )
 
-#: The record types a message may name: type name -> (type, its field names).
-RECORDS: dict[str, tuple[type, tuple[str, ...]]] = {}
-for _type in (Appended, BlobHandoff, BlobRef, Copied, Envelope, Filed, Filing,
-              FilingTarget, MailboxChange, QueueItem, QueueRecipient):
-    RECORDS[_type.__name__] = (_type, tuple(f.name for f in dataclasses.fields(_type)))
-RECORDS["MessageInfo"] = (MessageInfo, MessageInfo._fields)
-_NAMES = {cls: (name, names) for name, (cls, names) in RECORDS.items()}
+#: The types a value may hold: storage's records, and the plain types they are made
+#: of.  Nothing else is ever built from what arrives.
+RECORDS: tuple[type, ...] = (
+    Appended, BlobHandoff, BlobRef, Copied, Envelope, Filed, Filing, FilingTarget,
+    MailboxChange, MessageInfo, QueueItem, QueueRecipient)
+_ALLOWED = {(cls.__module__, cls.__qualname__): cls for cls in RECORDS}
+_ALLOWED[("builtins", "frozenset")] = frozenset
 
 #: AMP's longest value.
 _VALUE_MAX = 0xFFFF
 
 
-def _tree(value: Any) -> Any:
-    kind = type(value)
-    if value is None or kind is str or kind is int or kind is bool or kind is float:
-        return value
-    named = _NAMES.get(kind)
-    if named is not None:
-        name, fields = named
-        return {"r": name, "v": [_tree(getattr(value, field)) for field in fields]}
-    if kind is list:
-        return [_tree(item) for item in value]
-    if kind is tuple:
-        return {"t": [_tree(item) for item in value]}
-    if kind is bytes:
-        return {"b": value.decode("latin-1")}
-    if kind is frozenset:
-        return {"s": sorted(value)}
-    if kind is dict:
-        return {"d": [[_tree(k), _tree(v)] for k, v in value.items()]}
-    raise TypeError(f"{kind.__name__} is not a declared record type")
+class _DeclaredOnly(pickle.Unpickler):
+    """pickle's loader, allowed to name the declared types only (pickle's own
+    "restricting globals"): a value that names any other class or function - the
+    way pickle runs code - is refused before anything is built from it."""
 
-
-def _object(obj: dict[str, Any]) -> Any:
-    if "r" in obj:
+    def find_class(self, module: str, name: str) -> Any:
         try:
-            record, _ = RECORDS[obj["r"]]
+            return _ALLOWED[(module, name)]
         except KeyError:
-            raise ValueError(f"undeclared record type {obj['r']!r}") from None
-        return record(*obj["v"])
-    if "t" in obj:
-        return tuple(obj["t"])
-    if "b" in obj:
-        return obj["b"].encode("latin-1")
-    if "s" in obj:
-        return frozenset(obj["s"])
-    if "d" in obj:
-        return {key: value for key, value in obj["d"]}
-    raise ValueError("not a declared value")
+            raise pickle.UnpicklingError(f"{module}.{name} is not a declared type") from None
 
 
 def encode(value: Any) -> bytes:
-    """``value`` (plain values, lists, tuples, bytes, frozensets, dicts, and records
-    of the types in RECORDS) as octets."""
-    return json.dumps(_tree(value), ensure_ascii=False, separators=(",", ":")).encode()
+    """``value``: plain values, lists, tuples, dicts, bytes, frozensets, and records
+    of the types in RECORDS, as octets (pickle's format, C-fast: a message costs a
+    few microseconds each way, where a JSON walk of the records cost 20)."""
+    return pickle.dumps(value, protocol=5)
 
 
 def decode(data: bytes) -> Any:
-    """What :func:`encode` made; ValueError for anything it would not make."""
-    return json.loads(data, object_hook=_object)
+    """What :func:`encode` made; pickle.UnpicklingError for a value that names a type
+    outside RECORDS."""
+    return _DeclaredOnly(io.BytesIO(data)).load()
 
 
 class Record(amp.Argument):
@@ -131,11 +108,114 @@ STORAGE_ERRORS: dict[type[Exception], bytes] = {
     MailboxExists: b"MAILBOX_EXISTS", StorageError: b"STORAGE"}
 
 
-class Write(amp.Command):
-    """Run a write port operation in the writer process's next group."""
+# -- AMP's boxes without its dispatch, for the writer process's link -------------------
+#
+# The writer process answers one command, Write, in a loop of its own, without a
+# reactor, and every message filed crosses this link twice.  Twisted's AMP protocol
+# objects cost 55 us of CPU a round trip (both ends; generic dispatch, a Deferred
+# chain per box, a key parsed at a time): a sequential STORE through them went from
+# 257 to 373 us.  The same wire format, read and written here, costs a few; the
+# workers' control link, far from that path, uses Twisted's AMP as it is.
 
-    arguments = [(b"op", amp.Unicode()), (b"args", Record()),
-                 (b"blob", Record()),            # a BlobHandoff, or None
-                 (b"durable", amp.Boolean())]
+_LENGTH = struct.Struct("!H")
+
+
+def read_boxes(buf: bytearray) -> list[dict[bytes, bytes]]:
+    """The complete AMP boxes at the start of ``buf``, which loses them: each box is
+    key, value, ..., each with its 2-octet length, ended by an empty key."""
+    boxes = []
+    view = memoryview(buf)
+    offset = consumed = 0
+    box: dict[bytes, bytes] = {}
+    size = len(buf)
+    try:
+        while offset + 2 <= size:
+            (length,) = _LENGTH.unpack_from(view, offset)
+            if length == 0:
+                offset += 2
+                boxes.append(box)
+                box, consumed = {}, offset
+                continue
+            key_end = offset + 2 + length
+            if key_end + 2 > size:
+                break
+            (value_length,) = _LENGTH.unpack_from(view, key_end)
+            value_end = key_end + 2 + value_length
+            if value_end > size:
+                break
+            box[bytes(view[offset + 2:key_end])] = bytes(view[key_end + 2:value_end])
+            offset = value_end
+    finally:
+        view.release()
+    del buf[:consumed]
+    return boxes
+
+
+def box_bytes(box: dict[bytes, bytes]) -> bytes:
+    """An AMP box on the wire (as ``amp.AmpBox.serialize``)."""
+    out = []
+    for key, value in box.items():
+        out += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value]
+    out.append(b"\0\0")
+    return b"".join(out)
+
+
+def write_request(box: dict[bytes, bytes]) -> tuple[bytes, tuple[str, Any, Any, bool]]:
+    """(its ``_ask`` tag, the request) of a Write box; ValueError for another box."""
+    if box.get(amp.COMMAND) != b"Write" or amp.ASK not in box:
+        raise ValueError(f"not a Write command: {box.get(amp.COMMAND)!r}")
+    objects: dict[str, Any] = {}
+    Record().fromBox(b"request", box, objects, None)
+    return box[amp.ASK], objects["request"]
+
+
+def write_command(tag: bytes, request: tuple[str, Any, Any, bool]) -> bytes:
+    """A Write command's box, asking under ``tag``."""
+    strings: dict[bytes, bytes] = {amp.COMMAND: b"Write", amp.ASK: tag}
+    Record().toBox(b"request", strings, {"request": request}, None)
+    return box_bytes(strings)
+
+
+def write_reply(box: dict[bytes, bytes]) -> tuple[bytes, bool, Any]:
+    """(tag, ok, outcome or exception) of the answer to a Write command: a declared
+    error comes back as itself, any other as amp.UnknownRemoteError."""
+    if amp.ANSWER in box:
+        objects: dict[str, Any] = {}
+        Record().fromBox(b"outcome", box, objects, None)
+        return box[amp.ANSWER], True, objects["outcome"]
+    code = box.get(amp.ERROR_CODE, amp.UNKNOWN_ERROR_CODE)
+    text = box.get(amp.ERROR_DESCRIPTION, b"").decode("utf-8", "replace")
+    kind = _ERROR_KINDS.get(code)
+    error = kind(text) if kind is not None else amp.UnknownRemoteError(text)
+    return box.get(amp.ERROR, b""), False, error
+
+
+def write_answer(tag: bytes, outcome: Any) -> bytes:
+    strings: dict[bytes, bytes] = {amp.ANSWER: tag}
+    Record().toBox(b"outcome", strings, {"outcome": outcome}, None)
+    return box_bytes(strings)
+
+
+def write_error(tag: bytes, error: BaseException) -> bytes:
+    """The error answer: a declared error's code and text, else AMP's UNKNOWN."""
+    code = next((code for kind, code in STORAGE_ERRORS.items() if isinstance(error, kind)),
+                None)
+    text = str(error) if code is not None else "Unknown Error"
+    return box_bytes({amp.ERROR: tag, amp.ERROR_CODE: code or amp.UNKNOWN_ERROR_CODE,
+                      amp.ERROR_DESCRIPTION: text.encode("utf-8", "replace")})
+
+
+_ERROR_KINDS = {code: kind for kind, code in STORAGE_ERRORS.items()}
+
+
+class Write(amp.Command):
+    """Run a write port operation in the writer process's next group.
+
+    ``request``: (operation name, its arguments, the BlobHandoff it makes durable
+    first or None, whether its commit must be flushed).  One argument rather than
+    four: AMP parses a box key by key in Python, and this command is on the path of
+    every message (measured: 77 to 56 us a round trip, both ends)."""
+
+    arguments = [(b"request", Record())]
     response = [(b"outcome", Record())]          # (result, changes)
     errors = STORAGE_ERRORS

@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import selectors
 import socket
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from lightmail.storage import wire
 from lightmail.storage.database import Database, GroupedWrite
 from lightmail.storage.interfaces import IBlobStore
 from lightmail.storage.sqlwrites import SQLWrites
-from lightmail.storage.wire import Write
+
+log = Logger(namespace="lightmail.storage.writer")
+STORAGE_ERRORS = tuple(wire.STORAGE_ERRORS)
 
 __all__ = ["run_group", "serve"]
 
@@ -44,72 +47,78 @@ GROUP_MAX = 200
 
 
 class WriteRequest:
-    """One Write command waiting for its group; ``answer`` fires with AMP's response
-    (``{"outcome": (result, changes)}``) or fails with the operation's error."""
+    """One Write command waiting for its group: its peer, its AMP tag, the operation
+    with its arguments, the blob to adopt, whether its commit must be flushed."""
 
-    __slots__ = ("answer", "args", "blob", "durable", "op", "peer")
+    __slots__ = ("args", "blob", "durable", "op", "peer", "tag")
 
-    def __init__(self, peer: _Peer, op: str, args: Any, blob: Any, durable: bool) -> None:
+    def __init__(self, peer: Any, tag: bytes, op: str, args: Any, blob: Any,
+                 durable: bool) -> None:
         self.peer = peer
+        self.tag = tag
         self.op = op
         self.args = args
         self.blob = blob
         self.durable = durable
-        self.answer: Deferred[dict[str, Any]] = Deferred()
 
 
-class _Outbox:
-    """The transport AMP writes its answers to: kept until the group is answered."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.data.extend(data)
-
-    def loseConnection(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        data, self.data = b"".join(self.data), []
-        return data
-
-
-class _Peer(amp.AMP):
-    """One process that sends requests (the main process, or a worker): AMP fed by
-    the loop's reads, without a reactor; each Write waits for its group."""
+class _Peer:
+    """One process that sends requests (the main process, or a worker): the AMP
+    boxes it sends are read here (lightmail.storage.wire), each Write waits for its
+    group, and the answers go back together."""
 
     def __init__(self, sock: socket.socket, arrived: list[WriteRequest]) -> None:
-        super().__init__()
         self.sock = sock
         self.arrived = arrived
         self.closed = False        # it will send nothing more
         self.owed = 0              # requests taken and not yet answered
-        self.outbox = _Outbox()
-        amp.BinaryBoxProtocol.makeConnection(self, self.outbox)  # no log line
-
-    @Write.responder
-    def write(self, op: str, args: Any, blob: Any, durable: bool) -> Deferred[Any]:
-        request = WriteRequest(self, op, args, blob, durable)
-        self.arrived.append(request)
-        self.owed += 1
-        return request.answer
+        self.buf = bytearray()
+        self.out: list[bytes] = []
 
     def receive(self) -> bool:
         """Take what has arrived; False once the other end has closed."""
+        open_ = True
         while True:
             try:
                 data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return True
+                break
             except OSError:
-                return False
+                open_ = False
+                break
             if not data:
-                return False
-            self.dataReceived(data)
+                open_ = False
+                break
+            self.buf += data
+        for box in wire.read_boxes(self.buf):
+            try:
+                tag, (op, args, blob, durable) = wire.write_request(box)
+            except Exception as exc:
+                log.failure("a request the writer cannot read", Failure(exc))
+                asked = box.get(amp.ASK)
+                if asked is not None:
+                    self.out.append(wire.write_error(asked, exc))
+                continue
+            self.arrived.append(WriteRequest(self, tag, op, args, blob, durable))
+            self.owed += 1
+        return open_
+
+    def answer(self, request: WriteRequest, ok: bool, value: Any) -> None:
+        if ok:
+            self.out.append(wire.write_answer(request.tag, value))
+            return
+        error = cast(BaseException, value.value if isinstance(value, Failure) else value)
+        if not isinstance(error, STORAGE_ERRORS):
+            log.failure("write operation {op} failed", value, op=request.op)
+        self.out.append(wire.write_error(request.tag, error))
+
+    def flush(self) -> None:
+        out, self.out = b"".join(self.out), []
+        if out:
+            try:
+                self.sock.sendall(out)
+            except OSError:
+                pass                # that process is gone: nobody waits for these
 
 
 def serve(sock: socket.socket, db: Database, blobs: IBlobStore, writes: SQLWrites,
@@ -135,20 +144,23 @@ def serve(sock: socket.socket, db: Database, blobs: IBlobStore, writes: SQLWrite
                     continue
                 selector.register(conn, selectors.EVENT_READ, _Peer(conn, pending))
                 continue
-            if not peer.receive():
+            still_open = peer.receive()
+            peer.flush()            # requests it could not read are answered at once
+            if not still_open:
                 peer.closed = True
                 selector.unregister(peer.sock)
                 _close_if_done(peer, main_peer)
         batch, pending[:] = pending[:GROUP_MAX], pending[GROUP_MAX:]
         if not batch:
             continue
-        run_group(batch, db, blobs, writes)
-        for peer in {request.peer for request in batch}:
-            peer.owed -= sum(1 for request in batch if request.peer is peer)
-            try:
-                peer.sock.sendall(peer.outbox.take())
-            except OSError:
-                pass                # that process is gone: nobody waits for these
+        peers = set()
+        for request, (ok, value) in zip(batch, run_group(batch, db, blobs, writes),
+                                        strict=True):
+            request.peer.answer(request, ok, value)
+            request.peer.owed -= 1
+            peers.add(request.peer)
+        for peer in peers:
+            peer.flush()
             _close_if_done(peer, main_peer)
 
 
@@ -158,9 +170,9 @@ def _close_if_done(peer: _Peer, main_peer: _Peer) -> None:
 
 
 def run_group(batch: list[WriteRequest], db: Database, blobs: IBlobStore,
-              writes: SQLWrites) -> None:
+              writes: SQLWrites) -> list[tuple[bool, Any]]:
     """One group: the requests' blobs made durable together, their operations in one
-    transaction; each request answered (into its peer's outbox), in order."""
+    transaction; (ok, (result, changes) or Failure) for each request, in order."""
     requests = []
     refused: dict[int, Failure] = {}
     for index, request in enumerate(batch):
@@ -177,9 +189,5 @@ def run_group(batch: list[WriteRequest], db: Database, blobs: IBlobStore,
     except Exception:                   # the commit itself failed
         outcomes = [(False, Failure())] * len(requests)
     ran = iter(outcomes)
-    for index, request in enumerate(batch):
-        ok, value = (False, refused[index]) if index in refused else next(ran)
-        if ok:
-            request.answer.callback({"outcome": value})
-        else:
-            request.answer.errback(value)
+    return [(False, refused[index]) if index in refused else next(ran)
+            for index in range(len(batch))]

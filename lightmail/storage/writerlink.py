@@ -4,9 +4,10 @@ The main process's link starts the writer process over a socket pair, and starts
 again should it end; with ``listen``, the writer also takes the workers' requests on
 a Unix socket of its own.  A worker's link connects to that socket, and again should
 the connection drop.  Requests go as AMP's :class:`~lightmail.storage.wire.Write`
-commands; a request not answered when the writer or the connection goes away fails
-with :class:`WriterLost`.  ``ready``: whether requests can go to the writer now (the
-write port writes in its own process otherwise).
+commands (their boxes read and written by lightmail.storage.wire); a request not
+answered when the writer or the connection goes away fails with :class:`WriterLost`.
+``ready``: whether requests can go to the writer now (the write port writes in its
+own process otherwise).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from lightmail.storage import wire
 from lightmail.storage.interfaces import BlobHandoff
 from lightmail.storage.sqlwrites import Outcome
-from lightmail.storage.wire import Write
 
 __all__ = ["WriterLink", "WriterLost"]
 
@@ -40,19 +40,46 @@ RESTART_MIN = 0.5
 RESTART_MAX = 30.0
 
 
-class _Link(amp.AMP):
+class _Link(protocol.Protocol):
+    """The AMP link to the writer: Write commands out, their answers in
+    (lightmail.storage.wire reads and writes the boxes)."""
+
     def __init__(self, client: WriterLink) -> None:
-        super().__init__()
         self.client = client
         self.lost: defer.Deferred[None] = defer.Deferred()
+        self.buf = bytearray()
+        self.waiting: dict[bytes, defer.Deferred[Outcome]] = {}
+        self.asked = 0
 
     def connectionMade(self) -> None:
-        super().connectionMade()
         self.client._linked(self)
 
+    def ask(self, request: tuple[str, Any, Any, bool]) -> defer.Deferred[Outcome]:
+        self.asked += 1
+        tag = b"%x" % self.asked
+        data = wire.write_command(tag, request)     # raises for an undeclared value
+        d: defer.Deferred[Outcome] = defer.Deferred()
+        self.waiting[tag] = d
+        assert self.transport is not None
+        self.transport.write(data)
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        for box in wire.read_boxes(self.buf):
+            tag, ok, value = wire.write_reply(box)
+            d = self.waiting.pop(tag, None)
+            if d is None:
+                continue
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(Failure(value))
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        # AMP fails the commands still waiting (with the reason): see WriterLink.call.
-        super().connectionLost(reason)
+        waiting, self.waiting = self.waiting, {}
+        for d in waiting.values():
+            d.errback(WriterLost("the writer process went away before it answered"))
         self.client._unlinked(self)
         self.lost.callback(None)
 
@@ -152,19 +179,15 @@ class WriterLink:
         link = self._link
         if link is None:
             return defer.fail(WriterLost("the writer process is not running"))
-        d = link.callRemote(Write, op=op, args=args, blob=blob, durable=durable)
-        d.addCallbacks(self._answered, self._failed)
-        return d
+        try:
+            d = link.ask((op, args, blob, durable))
+        except Exception:
+            return defer.fail()     # a value that is no declared record, say
+        return d.addCallback(self._answered)
 
-    def _answered(self, answer: dict[str, Any]) -> Outcome:
+    def _answered(self, outcome: Outcome) -> Outcome:
         self._delay = RESTART_MIN          # it works
-        result, changes = answer["outcome"]
-        return result, changes
-
-    def _failed(self, failure: Failure) -> Failure:
-        if failure.check(error.ConnectionClosed):
-            return Failure(WriterLost("the writer process went away before it answered"))
-        return failure
+        return outcome
 
     def _linked(self, link: _Link) -> None:
         self._link = link
