@@ -93,8 +93,24 @@ def _format_message(event: dict[str, Any]) -> str:
     return formatEvent(event)
 
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators, as
+# escapes: what a client sends (a SASL user name, HELO, MAIL FROM, an IMAP ID field, a
+# mailbox name) reaches log lines, and a CR, LF or ESC in it would let the client
+# write lines of its own into the log, or drive the terminal that shows it.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t", 0x2028: "\\u2028",
+                 0x2029: "\\u2029"})
+
+
+def escape(text: str) -> str:
+    """``text`` on one line, its control characters as escapes."""
+    if text.isprintable():
+        return text
+    return text.translate(_ESCAPES)
+
+
 def format_text(event: dict[str, Any]) -> str | None:
-    text = _format_message(event)
+    text = escape(_format_message(event))
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback()
@@ -102,7 +118,7 @@ def format_text(event: dict[str, Any]) -> str | None:
     millis = int((event["log_time"] % 1) * 1000)
     level = event.get("log_level", LogLevel.info).name
     system = event.get("log_system") or event.get("log_namespace", "-")
-    ids = "".join(f" {name.removesuffix('_id')}={event[name]}"
+    ids = "".join(f" {name.removesuffix('_id')}={escape(str(event[name]))}"
                   for name in ID_FIELDS if event.get(name))
     return f"{stamp}.{millis:03d}{zone} {level} [{system}{ids}] {text}\n"
 
