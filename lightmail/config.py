@@ -496,6 +496,11 @@ class POP3Config:
         "Longest command line in octets, CRLF included (RFC 2449 §4: at least 255).")
     max_errors: int = option(
         10, parse_int(1), "Errors in one session before it is closed.")
+    login_timeout: float = option(
+        60.0, parse_duration(minimum=1.0),
+        "Time a session has to log in, from its connection, busy or not; then it is "
+        "closed.  Clients log in at once: a session that does not holds a connection "
+        "for nothing.")
     login_delay: float = option(
         0.0, parse_duration(minimum=0.0),
         "Least time between two logins of a user, announced as LOGIN-DELAY (RFC 2449); "
@@ -522,6 +527,16 @@ class IMAPConfig:
         50 * 1024**2, parse_size(minimum=1024),
         "Largest literal, and so the largest message APPEND takes (announced as "
         "APPENDLIMIT, RFC 7889).")
+    login_timeout: float = option(
+        60.0, parse_duration(minimum=1.0),
+        "Time a session has to log in, from its connection, busy or not; then it is "
+        "closed with BYE.  Clients log in at once: a session that does not holds a "
+        "connection for nothing.")
+    max_login_input: int = option(
+        8192, parse_size(minimum=1024),
+        "Before login: the longest command line, literal and AUTHENTICATE response, in "
+        "octets.  A larger literal is refused before the client sends it (NO "
+        "[TOOBIG]), so that nobody holds memory on the server without a password.")
     max_errors: int = option(
         20, parse_int(1), "Bad commands in one session before it is closed with BYE.")
     max_connections_per_user: int = option(

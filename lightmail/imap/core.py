@@ -106,8 +106,11 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
     def __init__(self, factory: IMAPFactory) -> None:
         self.cfg = factory.services.config.imap
         self.state = NOT_AUTHENTICATED
-        self.reader = CommandReader(self.cfg.max_line_length, self.cfg.max_literal,
-                                    self.cfg.max_literal + self.cfg.max_line_length)
+        # Until login, small: nobody holds memory here without a password.
+        small = self.cfg.max_login_input
+        self.reader = CommandReader(min(small, self.cfg.max_line_length),
+                                    min(small, self.cfg.max_literal), 2 * small)
+        self._login_deadline: Any = None
         self.busy = False
         self.closing = False
         self.tls = factory.listener.tls == "implicit"
@@ -153,11 +156,13 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
                       listener=self.factory.listener.name)
         self.setTimeout(self.cfg.idle_timeout)
+        self._login_deadline = self.callLater(self.cfg.login_timeout, self._login_too_slow)
         self.untagged(f"OK [CAPABILITY {' '.join(self.capabilities())}] "
                       f"{self.factory.hostname} IMAP LightMail ready")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
+        self._logged_in_now()
         self.closing = True
         self.fail_paused(reason)
         self._unselect()
@@ -170,6 +175,23 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
     def timeoutConnection(self) -> None:
         self.log.info("autologout after {seconds}s idle", seconds=self.cfg.idle_timeout)
         self.close_with("* BYE Autologout; idle for too long")
+
+    def _login_too_slow(self) -> None:
+        self._login_deadline = None
+        if self.state == NOT_AUTHENTICATED and not self.closing:
+            self.log.info("no login within {seconds}s from {peer}",
+                          seconds=self.cfg.login_timeout, peer=self.peer_host)
+            self.close_with("* BYE Autologout; log in sooner")
+
+    def _logged_in_now(self) -> None:
+        """Login done (or the session gone): the login deadline goes, and the input
+        limits become those of a user's session."""
+        deadline, self._login_deadline = self._login_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        self.reader.max_line = self.cfg.max_line_length
+        self.reader.max_literal = self.cfg.max_literal
+        self.reader.max_command = self.cfg.max_literal + self.cfg.max_line_length
 
     def drain(self) -> None:
         if not self.busy:
@@ -302,7 +324,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         # refused before the client sends it.
         self.tagged(tag, "NO" if tag != "*" else "BAD",
                     f"[TOOBIG] Literal of {exc.size} octets is over the limit of "
-                    f"{self.cfg.max_literal}")
+                    f"{self.reader.max_literal}"
+                    + ("" if self.state != NOT_AUTHENTICATED else " before login"))
 
     def _error(self) -> None:
         self.errors += 1

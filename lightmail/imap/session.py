@@ -227,6 +227,7 @@ class IMAPSession(MessageCommands):
             self.hub.logout(account.user.id)
             return Reply("NO", "Connection closed")
         self._logged_in = True
+        self._logged_in_now()
         self.account, self.user, self.state = account, account.user, AUTHENTICATED
         self.log = self.log.bind(user=account.user.address)
         await self._ensure_mailboxes()

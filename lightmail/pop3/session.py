@@ -60,6 +60,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.sasl: Optional[sasl.Mechanism] = None
         self.account: Any = None
         self.maildrop: Optional[Maildrop] = None
+        self._login_deadline: Any = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -72,10 +73,12 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
                       listener=self.factory.listener.name)
         self.setTimeout(self.cfg.command_timeout)
+        self._login_deadline = self.callLater(self.cfg.login_timeout, self._login_too_slow)
         self.ok(f"{self.factory.hostname} POP3 LightMail ready")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
+        self._cancel_login_deadline()
         self.closing = True
         self.fail_paused(reason)
         if self.maildrop is not None:
@@ -87,6 +90,18 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     def timeoutConnection(self) -> None:
         self.log.info("timeout in {state} state", state=self.state)
         self.close_with("-ERR Disconnected for inactivity")
+
+    def _login_too_slow(self) -> None:
+        self._login_deadline = None
+        if self.state == AUTHORIZATION and not self.closing:
+            self.log.info("no login within {seconds}s from {peer}",
+                          seconds=self.cfg.login_timeout, peer=self.peer_host)
+            self.close_with("-ERR Disconnected: log in sooner")
+
+    def _cancel_login_deadline(self) -> None:
+        deadline, self._login_deadline = self._login_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def drain(self) -> None:
         """Server shutdown: no UPDATE state, so nothing is deleted (RFC 1939 §6)."""
@@ -341,6 +356,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             self.err(f"[LOGIN-DELAY] Wait {int(self.cfg.login_delay)}s between logins")
             return
         self.account, self.state = account, TRANSACTION
+        self._cancel_login_deadline()
         self.log.info("{user} logged in, {count} messages", user=user.address,
                       count=len(self.maildrop.messages))
         if self.closing:                    # gone while we were opening: let go
