@@ -182,6 +182,61 @@ def test_bad_content_is_refused_whole(tmp_path: Path) -> None:
         yield server.root.stopService()
 
 
+def test_bare_line_ends_are_found_however_bdat_cuts_the_content() -> None:
+    """bare_line_ends over random chunkings agrees with a reading of the whole
+    content: a CR or LF outside a CR LF, or a CR at the very end."""
+    import random
+
+    from lightmail.smtp.lines import bare_line_ends
+    rng = random.Random(5321)
+    for _ in range(3000):
+        content = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randrange(0, 12)))
+        rest = content.replace(b"\r\n", b"")
+        whole = rest.count(b"\r") + rest.count(b"\n") > 0
+        cuts = sorted(rng.sample(range(len(content) + 1),
+                                 rng.randrange(0, min(4, len(content) + 2))))
+        bare, cr = False, False
+        for begin, end in zip([0, *cuts], [*cuts, len(content)], strict=True):
+            if content[begin:end]:
+                found, cr = bare_line_ends(content[begin:end], cr)
+                bare = bare or found
+        assert (bare or cr) == whole, (content, cuts)
+
+
+@pytest_twisted.inlineCallbacks
+def test_bdat_refuses_bare_line_ends_as_data_does(tmp_path: Path) -> None:
+    """The bytes DATA refuses (a bare LF or CR: SMTP smuggling) are refused in BDAT
+    too, wherever the chunks cut them; a CR LF cut in two is fine."""
+    server = yield start(tmp_path)
+    try:
+        def run(*chunks: bytes) -> str:
+            client = Raw(server.ports["mx"])
+            for line in ("EHLO c", "MAIL FROM:<a@example.org>", "RCPT TO:<bob@example.test>"):
+                client.cmd(line)
+            for index, chunk in enumerate(chunks):
+                last = b" LAST" if index == len(chunks) - 1 else b""
+                client.send(b"BDAT %d%s\r\n" % (len(chunk), last) + chunk)
+                reply = "\n".join(client.reply())
+            after = client.cmd("NOOP")
+            client.close()
+            return reply + "|" + after
+        smuggled = yield in_thread(run, b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x>\r\n")
+        assert smuggled.startswith("550 5.5.2") and smuggled.endswith("250 2.0.0 Ok")
+        bare_cr = yield in_thread(run, b"Subject: x\r\n\r\nhi\r.\r\n")
+        assert bare_cr.startswith("550 5.5.2")
+        across = yield in_thread(run, b"Subject: x\r\n\r\nhi\r", b"X\r\n")
+        assert across.startswith("550 5.5.2")          # CR, then not LF
+        cr_at_end = yield in_thread(run, b"Subject: x\r\n\r\nhi\r")
+        assert cr_at_end.startswith("550 5.5.2")
+        assert (yield server.inbox("bob@example.test")) == []
+        split = yield in_thread(run, b"Subject: y\r\n\r\nhi\r", b"\nthere\r\n")
+        assert "queued as" in split
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert message.endswith(b"Subject: y\r\n\r\nhi\r\nthere\r\n")
+    finally:
+        yield server.root.stopService()
+
+
 @pytest_twisted.inlineCallbacks
 def test_abuse_gets_answers_not_crashes(tmp_path: Path) -> None:
     server = yield start(tmp_path, "[smtp]\nmax_recipients = 5\nmax_errors = 3\n")

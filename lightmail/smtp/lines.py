@@ -57,3 +57,18 @@ def undot(block: bytes, dots: list[int]) -> bytes:
         start = dot + 1
     pieces.append(block[start:])
     return b"".join(pieces)
+
+
+def bare_line_ends(data: bytes, cr_before: bool) -> tuple[bool, bool]:
+    """For a chunk of BDAT content (RFC 3030: no dot-stuffing, any octets): whether it
+    holds a CR or LF that is not part of a CR LF, and whether it ends with a CR whose
+    LF may start the next chunk.  ``cr_before``: the previous chunk ended so.  Bare
+    line ends are refused in BDAT as in DATA (RFC 5321 §2.3.8): relayed onward, they
+    could end a receiver's DATA early (SMTP smuggling)."""
+    if cr_before:
+        data = b"\r" + data
+    pairs = data.count(b"\r\n")
+    ends_with_cr = data.endswith(b"\r")
+    bare = (data.count(b"\n") != pairs
+            or data.count(b"\r") != pairs + ends_with_cr)
+    return bare, ends_with_cr

@@ -36,7 +36,7 @@ from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
-from lightmail.smtp.lines import LineScan, scan_lines, undot
+from lightmail.smtp.lines import LineScan, bare_line_ends, scan_lines, undot
 from lightmail.smtp.policy import Session, SMTPHandler, Transaction
 from lightmail.storage.interfaces import IBlobWriter
 from lightmail.storage.queuestore import new_queue_id
@@ -503,6 +503,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.content_size = 0
         self.content_error: Optional[Reply] = None
         self.previous_crlf = True
+        self.bdat_cr = False        # the last BDAT chunk ended with a CR
         self.writer = self.factory.services.blobs.writer()
         received = self._received_header()
         self.writer.write(received)
@@ -604,6 +605,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.buffer = self.buffer[len(take):]
         self.bdat_left -= len(take)
         if self.bdat_error is None:
+            if self.content_error is None and take:
+                bare, self.bdat_cr = bare_line_ends(take, self.bdat_cr)
+                if bare:
+                    self.content_error = codes.BARE_NEWLINE
             self._add_content(take)
         if self.bdat_left == 0:
             self._bdat_chunk_done()
@@ -617,6 +622,8 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 self._reset_transaction()
             return
         if self.bdat_last:
+            if self.bdat_cr and self.content_error is None:
+                self.content_error = codes.BARE_NEWLINE     # a CR with no LF, at the end
             self._end_content()
         else:
             self.send(Reply(250, "2.0.0", f"{self.content_size} octets received"))
