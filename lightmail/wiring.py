@@ -149,10 +149,29 @@ def _storage(config: Config, role: Role, writer_socket: str | None,
         return StorageService(config, write_port=write_port)
     writer_dir = listen = None
     if config.server.workers:
-        # The workers reach it on a Unix socket in a directory of our own (0700).
-        writer_dir = tempfile.mkdtemp(prefix="lightmail-")
-        listen = os.path.join(writer_dir, "writer.sock")
+        listen, writer_dir = _writer_socket(config)
     command = [sys.executable, "-m", "lightmail.workers.writer", "--config",
                str(config.path)]
     return StorageService(config, writer=WriterLink(command, listen=listen),
                           writer_dir=writer_dir, write_port=write_port)
+
+
+#: A Unix socket's path is at most 107 octets on Linux.
+_SOCKET_PATH_MAX = 100
+
+
+def _writer_socket(config: Config) -> tuple[str, str | None]:
+    """Where the workers reach the writer process: ``state_dir/run/writer.sock`` (its
+    directory 0700: only this user's processes), as Postfix and Dovecot keep their
+    sockets under their own directories, so that a server killed with kill -9 leaves
+    nothing elsewhere; in a new directory of its own under the system's temporary
+    directory when that path is too long for a socket (then removed at stop: the
+    second value)."""
+    run = config.server.state_dir / "run"
+    path = str(run / "writer.sock")
+    if len(path.encode()) <= _SOCKET_PATH_MAX:
+        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run.chmod(0o700)
+        return path, None
+    writer_dir = tempfile.mkdtemp(prefix="lightmail-")
+    return os.path.join(writer_dir, "writer.sock"), writer_dir

@@ -295,7 +295,7 @@ def test_the_server_files_mail_through_its_writer_process(write_config: Any,
 def test_workers_write_through_the_main_process_writer(write_config: Any,
                                                        tmp_path: Path) -> None:
     """[server] workers: each worker connects to the one writer process (a socket in
-    a directory of the main process's own, removed at the end)."""
+    state_dir/run, a directory of the main process's own, removed at the end)."""
     config = _config(write_config)
     text = config.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1)
     config.write_text(text)
@@ -306,6 +306,7 @@ def test_workers_write_through_the_main_process_writer(write_config: Any,
         (pid,) = _writer_pids(server)
         args = _command_line(pid)
         socket_path = Path(args[args.index(b"--listen") + 1].decode())
+        assert socket_path == tmp_path / "state" / "run" / "writer.sock"
         assert socket_path.is_socket() and (socket_path.parent.stat().st_mode & 0o777) == 0o700
         written = _wchar(pid)
         body = b"hello through a worker\r\n" * 100
@@ -317,7 +318,7 @@ def test_workers_write_through_the_main_process_writer(write_config: Any,
         # The writer process wrote them (the workers' own writers would not count).
         assert _wchar(pid) - written >= 6 * len(body)
         assert server.terminate() in (0, -signal.SIGTERM)
-        assert not socket_path.parent.exists()
+        assert not socket_path.exists()
     finally:
         server.kill()
 
@@ -500,3 +501,19 @@ def test_the_port_tells_the_writer_which_writes_need_no_flush(stack: Any) -> Non
     port.append(1, DurableBlob(BlobRef("0" * 64, 1, b"")), [], 0)
     assert link.sent == [("set_flags", False), ("expunge", False), ("set_flags", True),
                          ("expunge", True), ("append", True)]
+
+
+def test_a_writer_socket_path_too_long_for_unix_goes_to_a_directory_of_its_own(
+        tmp_path: Path) -> None:
+    from lightmail.config import load_config
+    from lightmail.wiring import Role, wire
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    config_file = tmp_path / "lightmail.conf"
+    config_file.write_text(f"[server]\nstate_dir = {deep}\nworkers = 2\n")
+    storage = wire(load_config(config_file), Role.SERVER).storage
+    socket_path = storage.writer_socket
+    assert socket_path is not None and len(socket_path) <= 100
+    directory = Path(socket_path).parent
+    assert directory.is_dir() and (directory.stat().st_mode & 0o777) == 0o700
+    storage._close()        # what stopping does after the writer is gone
+    assert not directory.exists()
