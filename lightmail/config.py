@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightmail.address import AddressError, normalise_address
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -79,6 +81,16 @@ _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 
 
 def parse_str(raw: str, base: Path) -> str:
     return raw
+
+
+def parse_optional_address(raw: str, base: Path) -> str:
+    """An email address (normalised), or empty."""
+    if not raw:
+        return ""
+    try:
+        return normalise_address(raw)
+    except AddressError as exc:
+        raise _BadValue(f"not an email address: {raw!r} ({exc})") from None
 
 
 def parse_bool(raw: str, base: Path) -> bool:
@@ -333,6 +345,14 @@ class ServerConfig:
         "Name of this node in the shared queue's leases; unique per running process. "
         "A node that restarts takes back the deliveries its crashed run had leased.",
         shown_default="the machine's host name")
+    postmaster: str = option(
+        "", parse_optional_address,
+        "Where mail to postmaster goes when the directory has no postmaster user or "
+        "alias for a local domain: RCPT TO:<postmaster> and postmaster@ any local domain "
+        "are always accepted (RFC 5321 §4.5.1).  It also gets, once, a notice of a "
+        "bounce that could not be returned to its sender (a double bounce).  Empty: "
+        "postmaster works only where the directory has one, and a double bounce is "
+        "kept in the queue as dead (lightmail queue list --state dead).")
     workers: int = option(
         0, parse_int(0, 64),
         "Worker processes that serve the listeners' connections (SMTP, submission, "

@@ -96,14 +96,16 @@ class Server:
 
 
 @defer.inlineCallbacks
-def start(tmp: Path, extra: str = "") -> Any:
+def start(tmp: Path, extra: str = "", server: str = "") -> Any:
+    """The in-process server; ``extra``: more sections, ``server``: more lines of its
+    [server] section."""
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     if not cert.exists():
         write_self_signed(cert, key, "mx.example.test")
     tls = f"tls_cert = {cert}\ntls_key = {key}\n"
     config = parse_config(
         f"[server]\nstate_dir = {tmp / 'state'}\nhostname = mx.example.test\n"
-        "shutdown_timeout = 2s\n"
+        "shutdown_timeout = 2s\n" + server +
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
         "tls = starttls\n" + tls +
         "[listener:submission]\nprotocol = submission\nendpoint = tcp:0:interface=127.0.0.1\n"

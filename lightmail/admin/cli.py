@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = p.add_subparsers(dest="action", required=True)
     a = qsub.add_parser("list")
     a.add_argument("--state", action="append",
-                   choices=["queued", "active", "deferred", "held"])
+                   choices=["queued", "active", "deferred", "held", "dead"])
     for action, text in (("hold", "stop delivery attempts"),
                          ("release", "let held mail be tried again, now"),
                          ("requeue", "try now, whatever the retry schedule says"),

@@ -19,12 +19,24 @@ from lightmail.queue.interfaces import DeliveryResult
 from lightmail.storage.interfaces import DurableBlob, Envelope, QueueItem, QueueRecipient
 from lightmail.storage.queuestore import queue_id_time
 
+#: The queue source of a notice to postmaster about a notice that bounced.
+DOUBLE_BOUNCE = "double-bounce"
+
 
 class Notifier:
     log = Logger(namespace="lightmail.queue")
 
     def __init__(self, services: Any) -> None:
         self.services = services
+
+    def nobody_to_tell(self, item: QueueItem) -> bool:
+        """Whether the failure of ``item`` can be told to nobody: it has the null
+        sender (a notice, never answered with a notice), and either no postmaster is
+        configured or it is the notice to postmaster itself.  The queue keeps such a
+        recipient, dead, instead of dropping it."""
+        return is_bounce_loop(item.mail_from) and (
+            not self.services.config.server.postmaster
+            or item.envelope.source == DOUBLE_BOUNCE)
 
     async def outcome(self, item: QueueItem, result: DeliveryResult) -> None:
         """Called by the queue runner once a recipient is final."""
@@ -34,14 +46,20 @@ class Notifier:
             action = "relayed" if item.recipient.transport == "smtp" else "delivered"
         else:
             return
-        if is_bounce_loop(item.mail_from) or not should_notify(item.recipient.notify,
-                                                                action):
+        double_bounce = is_bounce_loop(item.mail_from)
+        if double_bounce:
+            # A notice that could not be delivered: postmaster hears of it, once
+            # (that notice, should it bounce too, is kept dead: nobody_to_tell).
+            if action != "failed" or self.nobody_to_tell(item):
+                return
+        elif not should_notify(item.recipient.notify, action):
             return
         status, text = _status(result.detail, "5" if action == "failed" else "2")
         services = self.services
         original = await services.blobs.read(item.blob.id)
+        to = services.config.server.postmaster if double_bounce else item.mail_from
         dsn = build_dsn(
-            reporting_mta=services.config.hostname, original_sender=item.mail_from,
+            reporting_mta=services.config.hostname, original_sender=to,
             queue_id=item.queue_id, arrival=queue_id_time(item.queue_id) or time.time(),
             recipients=[RecipientStatus(
                 address=item.recipient.address, action=action, status=status,
@@ -51,11 +69,13 @@ class Notifier:
             original=original, ret=item.envelope.ret, envid=item.envelope.envid,
             smtputf8=item.envelope.smtputf8)
         blob = await services.blobs.put(dsn)
-        queue_id = await services.write_port.enqueue(await self._notice_envelope(item),
-                                                    DurableBlob(blob))
+        envelope = await self._notice_envelope(item, to, DOUBLE_BOUNCE if double_bounce
+                                               else "local")
+        queue_id = await services.write_port.enqueue(envelope, DurableBlob(blob))
         self.log.info("sent a {action} notice for <{rcpt}> to <{sender}> as {dsn_id}",
-                      action=action, rcpt=item.recipient.address, sender=item.mail_from,
-                      dsn_id=queue_id, msg_id=item.queue_id)
+                      action="double bounce" if double_bounce else action,
+                      rcpt=item.recipient.address, sender=to, dsn_id=queue_id,
+                      msg_id=item.queue_id)
         services.queue_runner.kick()
 
     async def delayed(self, item: QueueItem, result: DeliveryResult,
@@ -107,12 +127,15 @@ class Notifier:
             services.queue_runner.kick()
             return
 
-    async def _notice_envelope(self, item: QueueItem) -> Envelope:
-        """The envelope of a notice about ``item``: from <>, to its sender."""
-        resolution = await self.services.directory.resolve(item.mail_from)
+    async def _notice_envelope(self, item: QueueItem, to: str | None = None,
+                               source: str = "local") -> Envelope:
+        """The envelope of a notice about ``item``: from <>, to its sender (or ``to``).
+        ``source`` marks the notices to postmaster (DOUBLE_BOUNCE)."""
+        to = to or item.mail_from
+        resolution = await self.services.directory.resolve(to)
         transport = "local" if resolution.is_local_domain else "smtp"
-        return Envelope(mail_from="", recipients=[QueueRecipient(item.mail_from, transport)],
-                        source="local", smtputf8=item.envelope.smtputf8)
+        return Envelope(mail_from="", recipients=[QueueRecipient(to, transport)],
+                        source=source, smtputf8=item.envelope.smtputf8)
 
 
 def _status(detail: str, kind: str) -> tuple[str, str]:

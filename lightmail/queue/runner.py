@@ -213,7 +213,7 @@ class QueueRunner(Service):
             log.failure("delivery to {rcpt} failed unexpectedly", rcpt=item.recipient.address)
             result = DeliveryResult.deferred(f"4.3.0 internal error: {exc.__class__.__name__}")
         try:
-            yield self._record(item, result, agent.transport, log)
+            final = yield self._record(item, result, agent.transport, log)
         except Exception:
             log.failure("recording the delivery of {rcpt} failed; it will be retried",
                         rcpt=item.recipient.address)
@@ -221,6 +221,8 @@ class QueueRunner(Service):
         finally:
             if release is not None:
                 release()
+        if final == "dead":
+            return                  # nobody to tell: kept in the queue
         if self.notifier is not None and (result.status in ("delivered", "bounced")
                                           or self._expired(item)):
             if result.status == "deferred":
@@ -253,6 +255,15 @@ class QueueRunner(Service):
             log.info("to=<{rcpt}> transport={transport} status=delivered {detail}",
                      rcpt=item.recipient.address, transport=transport,
                      detail=result.detail)
+        elif ((result.status == "bounced" or self._expired(item))
+              and self.notifier is not None and self.notifier.nobody_to_tell(item)):
+            # A double bounce with no postmaster, or postmaster's notice bouncing:
+            # kept as dead rather than dropped (Postfix keeps such mail too).
+            yield self.queue.dead(item, self.owner, result.detail)
+            log.warn("to=<{rcpt}> transport={transport} status=dead {detail} (kept in "
+                     "the queue: nobody to tell)", rcpt=item.recipient.address,
+                     transport=transport, detail=result.detail)
+            return "dead"
         elif result.status == "bounced" or self._expired(item):
             yield self.queue.bounced(item, self.owner, result.detail)
             log.warn("to=<{rcpt}> transport={transport} status=bounced {detail}",

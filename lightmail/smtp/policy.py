@@ -8,7 +8,7 @@ chain will sit here too.  Every hook returns a Deferred (or a plain value).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -80,16 +80,34 @@ class SMTPHandler:
 
     @defer.inlineCallbacks
     def resolve(self, address: str) -> Any:
-        """The directory's answer for a recipient, or the reply refusing it."""
+        """The directory's answer for a recipient, or the reply refusing it.
+
+        RFC 5321 §4.5.1: ``<postmaster>`` and postmaster at every local domain are
+        always accepted; where the directory has no postmaster, they lead to
+        ``[server] postmaster``."""
+        postmaster = self.services.config.server.postmaster
+        bare = address.lower() == "postmaster"
         try:
-            split_address(address)
+            local, _ = split_address(address) if not bare else ("postmaster", "")
         except AddressError:
             return codes.BAD_ADDRESS
         try:
-            return (yield self.services.directory.resolve(address))
+            resolution: Any = None
+            if not bare:
+                resolution = yield self.services.directory.resolve(address)
+            if (local == "postmaster" and postmaster
+                    and (bare or (resolution.is_local_domain
+                                  and not resolution.deliverable))):
+                found = yield self.services.directory.resolve(postmaster)
+                # Local to us whatever the address: mail to it is ours to deliver
+                # (or to relay, as an alias to a remote address is).
+                resolution = replace(found, address=address, is_local_domain=True)
         except DirectoryError as exc:
             self.log.warn("resolving {rcpt} failed: {error}", rcpt=address, error=str(exc))
             return codes.TEMP_FAILURE
+        if resolution is None:
+            return codes.NO_SUCH_USER
+        return resolution
 
     @defer.inlineCallbacks
     def handle_rcpt(self, session: Session, tx: Transaction, address: str,

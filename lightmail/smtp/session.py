@@ -417,9 +417,12 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.reply(reply)
         return d.addCallback(decided)
 
-    def _check_address(self, address: str, smtputf8: bool) -> Optional[Reply]:
+    def _check_address(self, address: str, smtputf8: bool,
+                       rcpt: bool = False) -> Optional[Reply]:
         if not address.isascii() and not smtputf8:
             return codes.UTF8_NEEDS_PARAM
+        if rcpt and address.lower() == "postmaster":
+            return None             # RFC 5321 §4.1.1.3: <Postmaster>, with no domain
         try:
             split_address(address)
         except AddressError:
@@ -442,7 +445,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 orcpt = value
             else:
                 return self.reply(codes.BAD_PARAM)
-        reply = self._check_address(address, self.tx.smtputf8)
+        reply = self._check_address(address, self.tx.smtputf8, rcpt=True)
         if reply is not None:
             return self.reply(reply)
         tx = self.tx

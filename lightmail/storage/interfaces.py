@@ -422,6 +422,11 @@ class IQueueStore(Interface):
     def bounced(item: QueueItem, owner: str, error: str) -> Deferred[None]:
         """Record a permanent failure."""
 
+    def dead(item: QueueItem, owner: str, error: str) -> Deferred[None]:
+        """Record a permanent failure of mail that nobody can be told of (a notice to
+        the null sender's postmaster that bounced): the message stays in the queue,
+        in state ``dead``, for an administrator to look at, requeue or delete."""
+
     def release_leases(owner: str) -> Deferred[int]:
         """Give back the leases ``owner`` holds (its previous run crashed)."""
 

@@ -156,6 +156,10 @@ class SQLQueueStore:
         return self.db.write_merged(self._finish_many, _Finish(
             item.recipient_id, item.queue_id, owner, "bounced", error))
 
+    def dead(self, item: QueueItem, owner: str, error: str) -> Deferred[None]:
+        return self.db.write_merged(self._finish_many, _Finish(
+            item.recipient_id, item.queue_id, owner, "dead", error))
+
     def finish_now(self, conn: Connection, item: QueueItem, owner: str, state: str,
                    error: str | None) -> None:
         """Make a recipient final, inside the caller's transaction (so that a local
@@ -212,8 +216,8 @@ class SQLQueueStore:
         the number of recipients changed.  A delivery in progress finishes first."""
         r = s.queue_recipients
         sources = {"hold": ("queued", "deferred"), "release": ("held",),
-                   "requeue": ("queued", "deferred", "held"),
-                   "delete": ("queued", "deferred", "held")}[action]
+                   "requeue": ("queued", "deferred", "held", "dead"),
+                   "delete": ("queued", "deferred", "held", "dead")}[action]
 
         def manage_(conn: Connection) -> int:
             where: Any = r.c.state.in_(sources)
