@@ -41,8 +41,8 @@ from typing import Any
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from dovecot import DovecotInstance, free_port  # noqa: E402
-from harness import ServerProcess  # noqa: E402
+from dovecot import DovecotInstance  # noqa: E402
+from harness import ServerProcess, free_port  # noqa: E402
 
 DOMAIN = "bench.test"
 SENDER = "sender@client.test"

@@ -503,6 +503,14 @@ class LMTPConfig:
         "(as Dovecot's lmtp_quota_full_tempfail).")
 
 
+def login_timeout_option() -> Any:
+    """``login_timeout`` of [imap] and [pop3]."""
+    return option(60.0, parse_duration(minimum=1.0),
+                  "Time a session has to log in, from its connection, busy or not; then "
+                  "it is closed.  Clients log in at once: a session that does not holds a "
+                  "connection for nothing.")
+
+
 @dataclass(frozen=True)
 class POP3Config:
     """POP3 (RFC 1939, 2449).  APOP is never offered: it needs cleartext passwords and
@@ -516,11 +524,7 @@ class POP3Config:
         "Longest command line in octets, CRLF included (RFC 2449 §4: at least 255).")
     max_errors: int = option(
         10, parse_int(1), "Errors in one session before it is closed.")
-    login_timeout: float = option(
-        60.0, parse_duration(minimum=1.0),
-        "Time a session has to log in, from its connection, busy or not; then it is "
-        "closed.  Clients log in at once: a session that does not holds a connection "
-        "for nothing.")
+    login_timeout: float = login_timeout_option()
     login_delay: float = option(
         0.0, parse_duration(minimum=0.0),
         "Least time between two logins of a user, announced as LOGIN-DELAY (RFC 2449); "
@@ -547,11 +551,7 @@ class IMAPConfig:
         50 * 1024**2, parse_size(minimum=1024),
         "Largest literal, and so the largest message APPEND takes (announced as "
         "APPENDLIMIT, RFC 7889).")
-    login_timeout: float = option(
-        60.0, parse_duration(minimum=1.0),
-        "Time a session has to log in, from its connection, busy or not; then it is "
-        "closed with BYE.  Clients log in at once: a session that does not holds a "
-        "connection for nothing.")
+    login_timeout: float = login_timeout_option()
     max_login_input: int = option(
         8192, parse_size(minimum=1024),
         "Before login: the longest command line, literal and AUTHENTICATE response, in "

@@ -9,7 +9,6 @@ a message saying so: nothing is skipped.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,24 +112,6 @@ def sqlite_stack(tmp_path: Path) -> Iterator[StorageStack]:
         yield s
     finally:
         s.close()
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for child processes that need a number)."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` different free ports: each socket is held until all are bound, or the
-    kernel may hand one port out twice."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import free_ports
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 MODULES = Path("/usr/lib/dovecot")
@@ -58,25 +60,6 @@ def dovecot_version() -> tuple[int, ...]:
     if not match:
         raise AssertionError(f"cannot read the version in `dovecot --version`: {out!r}")
     return tuple(int(part) for part in match.group(1).split("."))
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (Dovecot needs a number, not 0)."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` different TCP ports that were free a moment ago: each socket is held
-    until all are bound, so that the kernel cannot hand the same port out twice (it
-    did: Dovecot then refused a configuration with a duplicate listener)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def group_members(pgid: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +43,26 @@ def signal_state(pid: int) -> str:
         return f"no status for {pid}: {e}"
     return " ".join(line for line in status.splitlines() if line.startswith("Sig"))
 
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports that were free a moment ago (for servers that need
+    a number, not 0): each socket is held until all are bound, so that the kernel
+    cannot hand the same port out twice (it did: Dovecot then refused a configuration
+    with a duplicate listener)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    return free_ports(1)[0]
 
 class ServerProcess:
     def __init__(self, config: Path, args: tuple[str, ...] = ()) -> None:

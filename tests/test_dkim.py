@@ -32,8 +32,8 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 import pytest_twisted
-from conftest import free_port
 from dnsserver import DNSServer
+from harness import free_port
 from inprocess import in_thread, start
 from test_outbound import ReceivingMX, until
 from twisted.internet import defer

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import free_port
-from harness import ServerProcess, inbox_subjects, run_cli
+from harness import ServerProcess, free_port, inbox_subjects, run_cli
 from inprocess import Raw, in_thread, session, start
 from postfix import PostfixInstance
 from twisted.internet import defer, reactor

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import free_port
 from dnsserver import DNSServer
+from harness import free_port
 from test_outbound import ReceivingMX
 from testca import TestCA
 from twisted.internet import defer, reactor, task

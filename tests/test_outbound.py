@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import free_port
 from dnsserver import DNSServer
+from harness import free_port
 from inprocess import in_thread, start
 from postfix import PostfixInstance
 from twisted.internet import defer, reactor, task

@@ -21,8 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import free_port
-from harness import ServerProcess, run_cli
+from harness import ServerProcess, free_port, run_cli
 from test_outbound import ReceivingMX
 
 COUNT = 60

@@ -11,8 +11,7 @@ import smtplib
 import time
 from pathlib import Path
 
-from conftest import free_port
-from harness import ServerProcess, inbox_subjects, run_cli
+from harness import ServerProcess, free_port, inbox_subjects, run_cli
 from postfix import PostfixInstance
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import free_port, free_ports
 from dovecot import DovecotInstance
+from harness import free_port, free_ports
 from inprocess import in_thread, start
 from test_outbound import ReceivingMX, queue_state, submit, until
 from twisted.internet import defer

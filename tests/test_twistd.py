@@ -13,8 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from harness import TWISTD, ServerProcess, default_sigint, run_cli, signal_state
+from harness import TWISTD, ServerProcess, default_sigint, free_port, run_cli, signal_state
 
 REPO = Path(__file__).resolve().parent.parent
 # After a clean shutdown twistd ends itself with the signal it got (as systemd expects).
