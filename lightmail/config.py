@@ -726,6 +726,22 @@ class ListenerConfig:
         1000, parse_int(1), "Most simultaneous connections on this listener.")
     max_connections_per_ip: int = option(
         20, parse_int(1), "Most simultaneous connections from one client address.")
+    max_unauthenticated: int = option(
+        0, parse_int(0),
+        "Most simultaneous connections that have not logged in (yet): the rest of "
+        "max_connections stays for sessions that have, so that idle connections "
+        "nobody logs in on cannot fill the listener for everyone.  0: a quarter of "
+        "max_connections on IMAP, POP3 and submission listeners, no separate limit "
+        "on others (on SMTP and LMTP nobody logs in).")
+
+    @property
+    def unauthenticated_limit(self) -> int:
+        """max_unauthenticated as it applies (see its help)."""
+        if self.max_unauthenticated:
+            return self.max_unauthenticated
+        if self.protocol in ("imap", "pop3", "submission"):
+            return max(1, self.max_connections // 4)
+        return self.max_connections
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class TrackedProtocol(Protocol):
 
     factory: TrackingFactory
     peer_host: str = ""
+    #: The session has logged in (TrackingFactory.logged_in).
+    logged_in: bool = False
 
     def drain(self) -> None:
         """Finish the transaction in progress, then close (server shutting down).
@@ -70,7 +72,8 @@ class TrackedProtocol(Protocol):
 
 
 class ConnectionLimits:
-    """Connections in total and per client address, against their limits.
+    """Connections in total, per client address, and not logged in, against their
+    limits.
 
     One per listener: in the factory itself, or, with ``[server] workers``, in the
     main process, which admits the connections every worker accepts (so that the
@@ -78,10 +81,14 @@ class ConnectionLimits:
 
     log = Logger()
 
-    def __init__(self, max_connections: int = 1000, max_per_ip: int = 20) -> None:
+    def __init__(self, max_connections: int = 1000, max_per_ip: int = 20,
+                 max_unauthenticated: int | None = None) -> None:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
+        self.max_unauthenticated = (max_connections if max_unauthenticated is None
+                                    else max_unauthenticated)
         self.total = 0
+        self.unauthenticated = 0
         self.per_ip: Counter[str] = Counter()
 
     def admit(self, host: str) -> Optional[str]:
@@ -97,6 +104,10 @@ class ConnectionLimits:
             self.log.warn("refused {host}: {count} connections is the limit",
                           host=host, count=self.max_connections)
             return "too many connections"
+        if self.unauthenticated >= self.max_unauthenticated:
+            self.log.warn("refused {host}: {count} connections not logged in is the "
+                          "limit", host=host, count=self.max_unauthenticated)
+            return "too many connections not logged in"
         # A Unix socket's clients all look alike ("local"): only the total counts.
         if host != "local" and self.per_ip[host] >= self.max_per_ip:
             self.log.warn("refused {host}: {count} connections from one address is the "
@@ -105,11 +116,19 @@ class ConnectionLimits:
         return None
 
     def add(self, host: str) -> None:
+        """A new connection: not logged in."""
         self.total += 1
+        self.unauthenticated += 1
         self.per_ip[host] += 1
 
-    def release(self, host: str) -> None:
+    def logged_in(self) -> None:
+        """One of the connections has logged in."""
+        self.unauthenticated -= 1
+
+    def release(self, host: str, logged_in: bool = False) -> None:
         self.total -= 1
+        if not logged_in:
+            self.unauthenticated -= 1
         self.per_ip[host] -= 1
         if self.per_ip[host] <= 0:
             del self.per_ip[host]
@@ -121,8 +140,11 @@ class TrackingFactory(Factory):
     log = Logger()
     noisy = False    # no "Starting factory" lines: the listener logs what matters
 
-    def __init__(self, max_connections: int = 1000, max_per_ip: int = 20) -> None:
-        self.limits = ConnectionLimits(max_connections, max_per_ip)
+    def __init__(self, max_connections: int = 1000, max_per_ip: int = 20,
+                 max_unauthenticated: int | None = None) -> None:
+        self.limits = ConnectionLimits(max_connections, max_per_ip, max_unauthenticated)
+        #: Told of each login (a worker's: the main process keeps the limits).
+        self.on_login: Callable[[TrackedProtocol], None] | None = None
         self.active: set[TrackedProtocol] = set()
         self.draining = False
         self._drained: list[defer.Deferred[None]] = []
@@ -154,10 +176,20 @@ class TrackingFactory(Factory):
         self.active.add(proto)
         self.limits.add(proto.peer_host)
 
+    def logged_in(self, proto: TrackedProtocol) -> None:
+        """``proto``'s session has logged in: it no longer counts against
+        max_unauthenticated."""
+        if proto.logged_in or proto not in self.active:
+            return
+        proto.logged_in = True
+        self.limits.logged_in()
+        if self.on_login is not None:
+            self.on_login(proto)
+
     def connection_lost(self, proto: TrackedProtocol) -> None:
         if proto in self.active:
             self.active.discard(proto)
-            self.limits.release(proto.peer_host)
+            self.limits.release(proto.peer_host, proto.logged_in)
         if self.draining and not self.active:
             waiters, self._drained = self._drained, []
             for d in waiters:
@@ -204,7 +236,8 @@ class ServiceFactory(TrackingFactory):
     refusal: bytes = b""
 
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
-        super().__init__(listener.max_connections, listener.max_connections_per_ip)
+        super().__init__(listener.max_connections, listener.max_connections_per_ip,
+                         listener.unauthenticated_limit)
         self.listener = listener
         self.services = services
         self.hostname: str = services.config.hostname

@@ -228,6 +228,7 @@ class IMAPSession(MessageCommands):
             return Reply("NO", "Connection closed")
         self._logged_in = True
         self._logged_in_now()
+        self.factory.logged_in(self)
         self.account, self.user, self.state = account, account.user, AUTHENTICATED
         self.log = self.log.bind(user=account.user.address)
         await self._ensure_mailboxes()

@@ -357,6 +357,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             return
         self.account, self.state = account, TRANSACTION
         self._cancel_login_deadline()
+        self.factory.logged_in(self)
         self.log.info("{user} logged in, {count} messages", user=user.address,
                       count=len(self.maildrop.messages))
         if self.closing:                    # gone while we were opening: let go

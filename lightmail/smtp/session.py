@@ -361,6 +361,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
         def ok(result: Any) -> None:
             self.session.account = result[1]
+            self.factory.logged_in(self)
             self.log.info("authenticated as {user}", user=self.session.account.user.address)
             self.reply(codes.AUTH_OK)
 

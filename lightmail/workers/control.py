@@ -1,7 +1,7 @@
 """The AMP commands between the main process and its workers (AMP is the one scheme
 between LightMail's processes: lightmail.storage.wire).
 
-Worker to main: Admit/Release (connection limits), Login/Logout (IMAP sessions per
+Worker to main: Admit/LoggedIn/Release (connection limits), Login/Logout (IMAP sessions per
 user), ClaimRecent (\\Recent), Lock/Unlock (POP3 maildrops), Kick (the queue has
 work), Ready.  Both ways: Changed (a committed mailbox change, relayed to the other
 workers).  Commands without an answer are notices: nothing waits for them.
@@ -52,6 +52,15 @@ class Admit(amp.Command):
 
 
 class Release(amp.Command):
+    arguments = [(b"listener", amp.Unicode()), (b"host", amp.Unicode()),
+                 (b"logged_in", amp.Boolean())]
+    requiresAnswer = False
+
+
+class LoggedIn(amp.Command):
+    """A connection admitted on ``listener`` from ``host`` has logged in: it no longer
+    counts against the listener's max_unauthenticated."""
+
     arguments = [(b"listener", amp.Unicode()), (b"host", amp.Unicode())]
     requiresAnswer = False
 

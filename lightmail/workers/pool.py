@@ -50,6 +50,7 @@ class WorkerLink(control.Link):
         self.ready: defer.Deferred[None] = defer.Deferred()
         # What this worker holds, released when it goes.
         self.connections: Counter[tuple[str, str]] = Counter()
+        self.logged_in: Counter[tuple[str, str]] = Counter()     # of those
         self.sessions: Counter[int] = Counter()
         self.locked: set[int] = set()
 
@@ -72,14 +73,23 @@ class WorkerLink(control.Link):
             self.connections[(listener, host)] += 1
         return {"refusal": refusal or ""}
 
+    @control.LoggedIn.responder
+    def logged_in_(self, listener: str, host: str) -> dict[str, Any]:
+        key = (listener, host)
+        if self.logged_in[key] < self.connections[key]:
+            self.logged_in[key] += 1
+            self.pool.limits[listener].logged_in()
+        return {}
+
     @control.Release.responder
-    def release(self, listener: str, host: str) -> dict[str, Any]:
+    def release(self, listener: str, host: str, logged_in: bool) -> dict[str, Any]:
         key = (listener, host)
         if self.connections[key] > 0:
-            self.connections[key] -= 1
-            if not self.connections[key]:
-                del self.connections[key]
-            self.pool.limits[listener].release(host)
+            logged_in = logged_in and self.logged_in[key] > 0
+            _take(self.connections, key)
+            if logged_in:
+                _take(self.logged_in, key)
+            self.pool.limits[listener].release(host, logged_in)
         return {}
 
     @control.Login.responder
@@ -135,9 +145,11 @@ class WorkerLink(control.Link):
     def let_go(self) -> None:
         """The worker is gone: release all it held."""
         for (listener, host), count in self.connections.items():
-            for _ in range(count):
-                self.pool.limits[listener].release(host)
+            logged_in = self.logged_in[(listener, host)]
+            for index in range(count):
+                self.pool.limits[listener].release(host, index < logged_in)
         self.connections.clear()
+        self.logged_in.clear()
         for user, count in self.sessions.items():
             for _ in range(count):
                 self.pool.hub.logout_now(user)
@@ -146,6 +158,12 @@ class WorkerLink(control.Link):
             self.pool.locks.release(user)
         self.locked.clear()
         self.pool.links.discard(self)
+
+
+def _take(counter: Counter[tuple[str, str]], key: tuple[str, str]) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
 
 
 class WorkerProcess(ProcessProtocol):
@@ -178,9 +196,9 @@ class WorkerPool(Service):
         self.shutdown_timeout = shutdown_timeout
         self.hub: MailboxHub = services.imap_hub
         self.locks: Locks = services.pop3_locks
-        self.limits = {s.listener.name: ConnectionLimits(s.listener.max_connections,
-                                                         s.listener.max_connections_per_ip)
-                       for s in listeners}
+        self.limits = {s.listener.name: ConnectionLimits(
+            s.listener.max_connections, s.listener.max_connections_per_ip,
+            s.listener.unauthenticated_limit) for s in listeners}
         self.links: set[WorkerLink] = set()
         self.processes: dict[int, WorkerProcess] = {}
         self.transports: dict[int, Any] = {}

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.imap.hub import MailboxHub
-from lightmail.listeners import ConnectionLimits, TrackingFactory
+from lightmail.listeners import ConnectionLimits, TrackedProtocol, TrackingFactory
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
@@ -105,6 +105,7 @@ class Admission(Protocol):
         self.addr = addr
         self.host = getattr(addr, "host", "") or "local"
         self.inner: Optional[Protocol] = None
+        self.session: Optional[TrackedProtocol] = None    # the admitted one
         self.early: list[bytes] = []
         self.admitted = False
         self.lost = False
@@ -129,7 +130,8 @@ class Admission(Protocol):
         if refusal:
             self._take_over(inner.refuse(self.addr, refusal))
         else:
-            self._take_over(inner.admitted(self.addr, self.host))
+            self.session = inner.admitted(self.addr, self.host)
+            self._take_over(self.session)
 
     def _failed(self, failure: Failure) -> None:
         self.log.warn("no admission from the main process: {error}",
@@ -163,8 +165,10 @@ class Admission(Protocol):
     def _release(self) -> None:
         if self.admitted:
             self.admitted = False
+            logged_in = self.session is not None and self.session.logged_in
             control.notify(self.admitting.link, control.Release,
-                           listener=self.admitting.name, host=self.host)
+                           listener=self.admitting.name, host=self.host,
+                           logged_in=logged_in)
 
 
 @implementer(IProtocolFactory)
@@ -180,6 +184,11 @@ class AdmittingFactory(Factory):
         self.inner = inner
         self.link = link
         inner.limits = ConnectionLimits(sys.maxsize, sys.maxsize)
+        inner.on_login = self._logged_in
+
+    def _logged_in(self, proto: TrackedProtocol) -> None:
+        control.notify(self.link, control.LoggedIn, listener=self.name,
+                       host=proto.peer_host)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         return Admission(self, addr)
