@@ -295,6 +295,21 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def follow(uids: list[int], response: Response) -> list[Optional[int]]:
+    """The view a client keeps from the EXPUNGE and EXISTS responses, in the order
+    they came (new messages as None): each EXPUNGE renumbers the messages after it,
+    and EXISTS gives the count after whatever came before it."""
+    view: list[Optional[int]] = list(uids)
+    for item in response.untagged:
+        if item.kind == "EXPUNGE":
+            assert item.number is not None and 1 <= item.number <= len(view), str(response)
+            del view[item.number - 1]
+        elif item.kind == "EXISTS":
+            assert item.number is not None and item.number >= len(view), str(response)
+            view += [None] * (item.number - len(view))
+    return view
+
+
 def apply_expunges(uids: list[int], response: Response) -> list[int]:
     """The view after the EXPUNGE responses, each renumbering those after it."""
     uids = list(uids)
@@ -1077,6 +1092,25 @@ def test_move(server: Target) -> None:
 
 
 @wire
+def test_move_into_the_selected_mailbox_shows_the_copy_and_the_expunge(
+        server: Target) -> None:
+    """RFC 6851 §4.3 with RFC 9051 §7.5.1: MOVE into the mailbox that is selected
+    appends a copy (EXISTS) and expunges the original (EXPUNGE), both announced to
+    the moving session before its tagged OK, so that its view is the mailbox's."""
+    client = server.session()
+    uids = seed(client, [note(1), note(2)])
+    client.select()
+    response = client.cmd("MOVE", "1", "INBOX").ok()
+    codes = [c for c in response.codes() if c.upper().startswith("COPYUID")]
+    _, source, dest = copyuid(codes[0] if codes else response.code)
+    assert source == [uids[0]] and dest[0] > uids[1]
+    # Dovecot expunges first, then announces the copy; the other order is as right.
+    assert follow(uids, response) == [uids[1], None], str(response)
+    fetched = client.cmd("FETCH", "1:*", "UID").ok().fetches()
+    assert [int(f["UID"]) for f in fetched.values()] == [uids[1], dest[0]]
+
+
+@wire
 def test_expunge_renumbers_and_uid_expunge_is_selective(server: Target) -> None:
     """RFC 9051 §7.5.1 (each EXPUNGE renumbers the messages after it) and RFC 4315
     §2.1 (UID EXPUNGE removes only the \\Deleted messages named)."""
@@ -1159,6 +1193,25 @@ def test_no_expunge_during_fetch_store_search(server: Target) -> None:
     assert [u.number for u in told.of("EXPUNGE")] == [1], str(told)
     view = first.cmd("FETCH", "1:*", "UID").ok().fetches()
     assert [int(f["UID"]) for f in view.values()] == uids[1:]
+
+
+@wire
+def test_expunges_and_new_mail_told_together_keep_the_count(server: Target) -> None:
+    """RFC 9051 §7.4.1 and §7.5.1: another session expunges a message and appends one;
+    this session's NOOP tells both, and the EXISTS count it gives is the one after the
+    expunges it has sent (never the count before them)."""
+    first = server.session()
+    uids = seed(first, [note(1), note(2)])
+    first.select()
+    second = server.session(first.account)        # type: ignore[attr-defined]
+    second.select()
+    second.cmd("STORE", "1", "+FLAGS.SILENT", "(\\Deleted)").ok()
+    second.cmd("EXPUNGE").ok()
+    second.cmd("APPEND", "INBOX", Lit(note(3))).ok()
+    told = first.cmd("NOOP").ok()
+    assert follow(uids, told) == [uids[1], None], str(told)
+    view = first.cmd("FETCH", "1:*", "UID").ok().fetches()
+    assert len(view) == 2 and int(view[1]["UID"]) == uids[1]
 
 
 @wire

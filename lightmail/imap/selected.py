@@ -153,10 +153,14 @@ class SelectedMailbox:
                 self.gone.add(uid)
                 self.held_expunges.append(uid)
         self.modseq = max(self.modseq, changes.mailbox.highestmodseq)
-        if updates.exists is not None:
-            updates.recent = len(self.recent)
         if allow_expunge:
             self.release_expunges(updates)
+        if updates.exists is not None:
+            # Counted after the expunges: the client hears them first (send_updates),
+            # so EXISTS must be the count that they leave plus the new messages (a
+            # MOVE into the selected mailbox brings both at once).
+            updates.exists = len(self.uids)
+            updates.recent = len(self.recent)
         return updates
 
     def release_expunges(self, updates: Updates) -> None:
