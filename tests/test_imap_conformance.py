@@ -675,8 +675,10 @@ def test_list_extended(server: Target) -> None:
     children = listed(client.cmd("LIST", '""', "Foo*", "RETURN", "(CHILDREN)").ok())
     assert "\\haschildren" in children["Foo"] and "\\hasnochildren" in children["Foo/Bar"]
     assert set(listed(client.cmd("LIST", "(REMOTE)", '""', "INBOX").ok())) == {"INBOX"}
-    # RECURSIVEMATCH alone is invalid (§3.1).
+    # RECURSIVEMATCH alone is invalid (§3.1), and with REMOTE alone too (§3).
     assert client.cmd("LIST", "(RECURSIVEMATCH)", '""', "%").status == "BAD"
+    assert client.cmd("LIST", "(RECURSIVEMATCH REMOTE)", '""', '""').status == "BAD"
+    assert client.cmd("LIST", "(REMOTE RECURSIVEMATCH)", '""', "%").status == "BAD"
     # §5 example 8: a subscribed child below an unsubscribed parent is reported with
     # CHILDINFO ("SUBSCRIBED") on the parent.
     client.cmd("UNSUBSCRIBE", "Foo").ok()

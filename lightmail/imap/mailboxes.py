@@ -270,7 +270,9 @@ class MailboxCommands(SessionCore):
             unknown = select - {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
             if unknown:
                 raise Bad(f"unknown LIST selection option {sorted(unknown)[0]}")
-            if select == {"RECURSIVEMATCH"}:
+            # RFC 5258 §3: RECURSIVEMATCH needs a selection option it refines; REMOTE
+            # only widens the set, so it does not count.
+            if "RECURSIVEMATCH" in select and not select - {"RECURSIVEMATCH", "REMOTE"}:
                 raise Bad("RECURSIVEMATCH needs another selection option")
         if len(args) < 2:
             raise Bad(f"{cmd.name} needs a reference and a mailbox pattern")
