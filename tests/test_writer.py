@@ -144,6 +144,17 @@ def test_a_commit_the_writer_could_not_answer_is_found_not_filed_again(stack: An
     bob = yield stack.directory.get_user("bob@example.test")
     box = yield stack.mailstore.get_mailbox(bob.id, "INBOX")
     assert [m.uid for m in (yield stack.mailstore.list_messages(box.id))] == [1, 2]
+    # Queued (SMTP with a remote recipient, a notice): the queue id says.
+    from lightmail.storage.interfaces import Envelope, QueueRecipient
+    envelope = Envelope("a@example.org", [QueueRecipient("x@remote.test", "smtp")])
+    port.link = _Link(stack, commits=True)  # type: ignore[assignment]
+    assert (yield port.enqueue(envelope, DurableBlob((yield blob(4))), "Q4")) == "Q4"
+    made = yield port.enqueue(envelope, DurableBlob((yield blob(5))))   # id made here
+    port.link = _Link(stack, commits=False)  # type: ignore[assignment]
+    with pytest.raises(WriterLost):
+        yield port.enqueue(envelope, DurableBlob((yield blob(6))), "Q6")
+    assert sorted({row["queue_id"] for row in (yield stack.queue.list_recipients())}) == \
+        sorted(["Q4", made])
 
 
 def test_the_loop_answers_what_was_sent_before_the_other_end_closed(

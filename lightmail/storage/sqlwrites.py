@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from lightmail.storage import schema as s
@@ -56,6 +57,8 @@ from lightmail.storage.sqlstore import (
 )
 
 Outcome = tuple[Any, list[MailboxChange]]
+
+_QUEUED = sa.select(s.queue_messages.c.id).where(s.queue_messages.c.id == sa.bindparam("b_id"))
 
 
 class SQLWrites:
@@ -142,6 +145,10 @@ class SQLWrites:
             found = found or bool(placed)
             results.append(Filed(tuple(placed)))
         return results if found else None
+
+    def queued_already_now(self, conn: Connection, queue_id: str) -> bool:
+        """Whether a message is queued under ``queue_id`` (a read, as above)."""
+        return first_direct(conn, _QUEUED, {"b_id": queue_id}) is not None
 
     def _file_again(self, conn: Connection, target: FilingTarget, blob: BlobRef,
                     delivery_id: str, changes: list[MailboxChange]) -> str:

@@ -35,6 +35,7 @@ from lightmail.storage.interfaces import (
     MessageInfo,
     QueueItem,
 )
+from lightmail.storage.queuestore import new_queue_id
 from lightmail.storage.sqlwrites import Outcome, SQLWrites
 from lightmail.storage.writerlink import WriterLink, WriterLost
 
@@ -74,7 +75,9 @@ class _Engine:
 
     def enqueue(self, envelope: Envelope, blob: IStagedBlob,
                 queue_id: Optional[str] = None) -> Deferred[str]:
-        return self._do("enqueue", (envelope, blob.ref, queue_id), blob)
+        # The id is made here, not in the transaction: should the writer process die
+        # before it answers, the id tells whether it had committed (WriterProcessPort).
+        return self._do("enqueue", (envelope, blob.ref, queue_id or new_queue_id()), blob)
 
     def accept(self, filings: Sequence[Filing], blob: IStagedBlob) -> Deferred[list[Filed]]:
         return self._do("accept", (list(filings), blob.ref), blob)
@@ -173,28 +176,38 @@ class WriterProcessPort(_Engine):
         except Exception:
             return defer.fail()     # a blob discarded before its commit, say
         d = self.link.call(op, args, handoff, durable)
-        if op in ("accept", "file"):
+        if op in ("accept", "file", "enqueue"):
             d.addErrback(self._unless_filed, op, args)
         return d
 
     def _unless_filed(self, failure: Failure, op: str, args: tuple[Any, ...]) -> Any:
         """The writer process went away before it answered (WriterLost): had it
         committed?  The delivery ids say (made for this delivery, so found only if it
-        was filed).  If so, the result is "filed", once its commit is made durable
+        was filed), or, for a message queued, its queue id (made by the caller).  If
+        so, the result is "filed" (or the queue id), once its commit is made durable
         here (the writer may have died before its flush); if not, the failure
         stands, nothing was filed, and the sender's retry is safe.  Without this, a
         writer killed between its commit and its answer would have SMTP answer 451
-        for a message already filed, and the retry would file it twice."""
+        for a message already filed (or queued), and the retry would file (or queue,
+        and so deliver) it twice."""
         if not failure.check(WriterLost):
             return failure
-        filings = list(args[0]) if op == "accept" else [args[0]]
         db = self.local.db
-        d: Deferred[Optional[list[Filed]]] = db.read(self.local.writes.filed_already_now,
-                                                     filings)
+        writes = self.local.writes
+        d: Deferred[Any]
+        if op == "enqueue":
+            # Queued under the id made for it, or not at all (one transaction).
+            queue_id = args[2]
+            d = db.read(writes.queued_already_now, queue_id)
+            d.addCallback(lambda found: queue_id if found else None)
+        else:
+            filings = list(args[0]) if op == "accept" else [args[0]]
+            d = db.read(writes.filed_already_now, filings)
+            d.addCallback(lambda results: results if results is None or op == "accept"
+                          else results[0])
 
-        def decide(results: Optional[list[Filed]]) -> Any:
-            if results is None:
+        def decide(result: Any) -> Any:
+            if result is None:
                 return failure
-            return db.run(db.sync_now).addCallback(
-                lambda _: ((results if op == "accept" else results[0]), []))
+            return db.run(db.sync_now).addCallback(lambda _: (result, []))
         return d.addCallback(decide)
