@@ -432,6 +432,10 @@ def tokens(pieces: list[bytes]) -> list[Any]:
     return top
 
 
+# FETCH items after which "[" opens a section; elsewhere it is part of an atom.
+_SECTIONED = {b"BODY", b"BINARY", b"BINARY.SIZE"}
+
+
 def _scan(text: bytes, stack: list[list[Any]]) -> None:
     position = 0
     while position < len(text):
@@ -469,9 +473,9 @@ def _scan(text: bytes, stack: list[list[Any]]) -> None:
             depth = 0
             while position < len(text):
                 c = text[position:position + 1]
-                if c == b"[":
+                if c == b"[" and (depth or text[start:position].upper() in _SECTIONED):
                     depth += 1
-                elif c == b"]":
+                elif c == b"]" and depth:
                     depth -= 1
                 elif depth == 0 and c in (b" ", b"(", b")"):
                     break

@@ -1669,3 +1669,133 @@ def test_compress_deflate(server: Target) -> None:
     again = client.cmd("COMPRESS", "DEFLATE")
     assert again.status == "NO", str(again)                  # already active (§4)
     assert client.cmd("NOOP").status == "OK"
+
+
+# -- cases of an external compliance suite (issue 17), one test per class -------------
+
+
+def recent_of(response: Response) -> Optional[int]:
+    found = response.of("RECENT")
+    return found[-1].number if found else None
+
+
+@wire
+def test_recent_after_appends_by_another_session(server: Target) -> None:
+    """RFC 3501 §2.3.2: messages appended while no session had the mailbox selected
+    are \\Recent to the first session that selects it, also when the mailbox was just
+    deleted and made again under its name; STATUS (RECENT), SEARCH NEW/RECENT/OLD
+    and FETCH FLAGS agree, and EXAMINE shows them without taking them."""
+    writer = server.session()
+    for _round in range(2):                # the second time: deleted and made again
+        writer.cmd("DELETE", "Recent")     # (NO the first time)
+        writer.cmd("CREATE", "Recent").ok()
+        seed(writer, [note(1), note(2)], mailbox="Recent")
+        assert status(writer, "Recent", "RECENT")["RECENT"] == 2
+        reader = server.session(writer.account)      # type: ignore[attr-defined]
+        examined = reader.cmd("EXAMINE", "Recent").ok()
+        assert recent_of(examined) == 2, str(examined)
+        selected = reader.select("Recent")
+        assert recent_of(selected) == 2, str(selected)
+        assert reader.cmd("SEARCH", "RECENT").ok().one("SEARCH").data == ["1", "2"]
+        assert reader.cmd("SEARCH", "NEW").ok().one("SEARCH").data == ["1", "2"]
+        assert reader.cmd("SEARCH", "OLD").ok().one("SEARCH").data == []
+        fetched = reader.cmd("FETCH", "1:2", "FLAGS").ok().fetches()
+        assert all("\\recent" in flags_of(f["FLAGS"]) for f in fetched.values())
+        # Taken by that session: nobody else sees them as recent any more.
+        assert status(writer, "Recent", "RECENT")["RECENT"] == 0
+        other = server.session(writer.account)       # type: ignore[attr-defined]
+        assert recent_of(other.select("Recent")) == 0
+        assert other.cmd("SEARCH", "OLD").ok().one("SEARCH").data == ["1", "2"]
+        for client in (reader, other):
+            client.cmd("CLOSE").ok()
+
+
+@wire
+def test_recent_of_copied_messages(server: Target) -> None:
+    """RFC 3501 §2.3.2: messages COPYed into a selected mailbox are \\Recent to the
+    session that has it selected (with their flags and keywords)."""
+    source = server.session()
+    seed(source, [note(1), note(2), note(3)])
+    source.select()
+    source.cmd("STORE", "1", "FLAGS", "(\\Seen)").ok()
+    source.cmd("STORE", "3", "FLAGS", "(\\Flagged $keyword1)").ok()
+    source.cmd("CREATE", "Copies").ok()
+    target = server.session(source.account)       # type: ignore[attr-defined]
+    target.select("Copies")
+    source.cmd("COPY", "1:3", "Copies").ok()
+    told = target.cmd("NOOP").ok()
+    assert [u.number for u in told.of("EXISTS")] == [3], str(told)
+    assert recent_of(told) == 3, str(told)
+    fetched = target.cmd("FETCH", "1:3", "FLAGS").ok().fetches()
+    assert flags_of(fetched[1]["FLAGS"]) == {"\\recent", "\\seen"}
+    assert flags_of(fetched[2]["FLAGS"]) == {"\\recent"}
+    assert flags_of(fetched[3]["FLAGS"]) == {"\\recent", "\\flagged", "$keyword1"}
+
+
+def flags_told(response: Response) -> tuple[set[str], set[str]]:
+    """The last FLAGS and PERMANENTFLAGS a response gave (case-folded)."""
+    flags = {str(f).lower() for f in response.of("FLAGS")[-1].data[0]} \
+        if response.of("FLAGS") else set()
+    permanent = response.code_value("PERMANENTFLAGS") or ""
+    return flags, set(permanent.strip("()").lower().split())
+
+
+@wire
+def test_new_keywords_are_announced_before_use(server: Target) -> None:
+    """RFC 3501 §7.2.6, RFC 9051 §7.3.5: a keyword new to the mailbox comes in a FLAGS
+    response (and PERMANENTFLAGS) before the FETCH that shows it, in the session that
+    stores it and in every other session with the mailbox selected; APPEND with a new
+    keyword too."""
+    first = server.session()
+    seed(first, [note(1), note(2), note(3), note(4)])
+    second = server.session(first.account)         # type: ignore[attr-defined]
+    for client in (first, second):
+        selected = client.select()
+        assert "$hello" not in flags_told(selected)[0]
+    stored = first.cmd("STORE", "2,4", "+FLAGS", "($hello $world)").ok()
+    kinds = [u.kind for u in stored.untagged]
+    assert "FLAGS" in kinds and kinds.index("FLAGS") < kinds.index("FETCH"), str(stored)
+    flags, permanent = flags_told(stored)
+    assert {"$hello", "$world", "\\seen"} <= flags, str(stored)
+    assert {"$hello", "$world", "\\*"} <= permanent, str(stored)
+    told = second.cmd("NOOP").ok()
+    kinds = [u.kind for u in told.untagged]
+    assert "FLAGS" in kinds and kinds.index("FLAGS") < kinds.index("FETCH"), str(told)
+    assert {"$hello", "$world"} <= flags_told(told)[0], str(told)
+    # Known now: setting it again announces nothing new.
+    again = first.cmd("STORE", "1", "+FLAGS", "($hello)").ok()
+    assert not again.of("FLAGS"), str(again)
+    # A message appended with a new keyword: announced with (before) its EXISTS.
+    third = server.session(first.account)          # type: ignore[attr-defined]
+    third.cmd("APPEND", "INBOX", "($fresh)", Lit(note(5))).ok()
+    told = second.cmd("NOOP").ok()
+    kinds = [u.kind for u in told.untagged]
+    assert "$fresh" in flags_told(told)[0], str(told)
+    assert kinds.index("FLAGS") < kinds.index("EXISTS"), str(told)
+
+
+@wire
+def test_atom_specials_in_mailbox_names(server: Target) -> None:
+    """RFC 9051 §9: ``[`` is an ATOM-CHAR and ``]`` an ASTRING-CHAR; ``[`` opens a
+    section only after BODY, BODY.PEEK and BINARY[.PEEK|.SIZE].  A name made of every
+    such character is a name: no mailbox (NO), not a syntax error, and LIST with it
+    and wildcards answers."""
+    client = server.session()
+    odd = "!#$&'+,-.0123456789:;<=>?@^_`|[}"
+    for command in ("SELECT", "EXAMINE", "STATUS", "DELETE"):
+        args = [odd] + (["(MESSAGES)"] if command == "STATUS" else [])
+        response = client.cmd(command, *args)
+        assert response.status == "NO", str(response)
+    listed_odd = client.cmd("LIST", '""', odd + "%*").ok()
+    assert listed_odd.of("LIST") == [], str(listed_odd)
+    for name in ("a[b", "x]y", "[z]", "c[1]"):
+        client.cmd("CREATE", name).ok()
+        seed(client, [note(1)], mailbox=name)
+        assert name in listed(client.cmd("LIST", '""', name).ok())
+        assert client.select(name).one("EXISTS").number == 1
+        assert status(client, name, "MESSAGES") == {"MESSAGES": 1}
+    # Sections still parse, with and without a space-separated field list.
+    fetched = client.cmd("FETCH", "1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)] "
+                         "BINARY.PEEK[1] BINARY.SIZE[1])").ok().fetches()[1]
+    assert fetched["BODY[HEADER.FIELDS (SUBJECT)]"].startswith(b"Subject: note 1")
+    assert client.cmd("NOOP").status == "OK"

@@ -822,8 +822,8 @@ def test_rows_direct_and_executemany_and_expanding_fallback(stack) -> None:
                 {"mailbox_id": box, "uid": uid, "modseq": 3} for uid in (4, 5, 6)])
             assert [tuple(r) for r in conn.execute(
                 sa.select(s.expunged.c.uid).order_by(s.expunged.c.uid))] == [(4,), (5,), (6,)]
-            [counts] = rows_direct(conn, _COUNTS, {"b_box": box})
-            assert tuple(counts) == (0, 0, 0, 0)
+            [counts] = rows_direct(conn, _COUNTS, {"b_box": box, "b_from_uid": 1})
+            assert tuple(counts) == (0, 0, 0, 0, 0)
             assert rows_direct(conn, _BY_UIDS, {"b_box": box, "b_uids": [1, 2]}) == []
             users = rows_direct(conn, sa.select(s.users).where(
                 s.users.c.id == sa.bindparam("b_id")), {"b_id": user_id})

@@ -181,6 +181,30 @@ def test_idle_sessions_in_every_worker_hear_new_mail_and_one_sees_it_recent(
         imap.logout()
 
 
+def test_messages_appended_in_one_worker_are_recent_to_a_session_of_the_other(
+        server: ServerProcess) -> None:
+    """RFC 3501 2.3.2 across processes: APPENDs in one worker, then the first SELECT
+    in the other worker sees them as recent, and only that one; also after the
+    mailbox is deleted and made again (SQLite gives the new one the old id)."""
+    pids = worker_pids(server)
+    port = ports(server)
+    (writer, _), (reader, _) = imap_sessions(port["imap"], pids, 2)
+    for _round in range(2):
+        writer.delete("Fresh")
+        assert writer.create("Fresh")[0] == "OK"
+        for number in (1, 2):
+            assert writer.append("Fresh", "", None,
+                                 f"Subject: {number}\r\n\r\nbody\r\n".encode())[0] == "OK"
+        assert writer.status("Fresh", "(RECENT)")[1] == [b'Fresh (RECENT 2)']
+        assert reader.select("Fresh")[0] == "OK"
+        assert reader.untagged_responses.get("RECENT") == [b"2"]
+        assert reader.search(None, "RECENT") == ("OK", [b"1 2"])
+        assert writer.status("Fresh", "(RECENT)")[1] == [b'Fresh (RECENT 0)']
+        reader.close()
+    for imap in (writer, reader):
+        imap.logout()
+
+
 def test_the_per_user_imap_limit_counts_sessions_of_all_workers(
         server: ServerProcess) -> None:
     pids = worker_pids(server)

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail import sasl
+from lightmail.imap.fetch import SYSTEM_FLAGS
 from lightmail.imap.hub import MailboxHub
 from lightmail.imap.parser import (
     Command,
@@ -53,7 +54,6 @@ NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = (
 ANY = (NOT_AUTHENTICATED, AUTHENTICATED, SELECTED)
 AUTHED = (AUTHENTICATED, SELECTED)
 
-SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FLAG_RE = re.compile(r"^\\?[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
 DATE_TIME = re.compile(
     r"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
@@ -459,6 +459,10 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
                     selected.reading = False
                 if self.selected is not selected:
                     return
+                if changes.mailbox.uidvalidity != selected.mailbox.uidvalidity:
+                    # Deleted, and its id given to a new mailbox (SQLite reuses ids).
+                    self.close_with("* BYE The selected mailbox was deleted")
+                    return
                 selected.heard = max(selected.modseq, changes.mailbox.highestmodseq)
             else:
                 # Announced with their content, nothing missed: no read needed.
@@ -484,6 +488,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             else:
                 for number in updates.expunged_numbers:
                     self.untagged(f"{number} EXPUNGE")
+        if updates.new_keywords:
+            self.tell_flags()
         for info in updates.flags:
             number = selected.number_of(info.uid)
             if number:
@@ -492,6 +498,17 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             self.untagged(f"{updates.exists} EXISTS")
             if not self.rev2:
                 self.untagged(f"{updates.recent or 0} RECENT")
+
+    def tell_flags(self) -> None:
+        """FLAGS and PERMANENTFLAGS of the selected mailbox: at SELECT, and again
+        before a FETCH shows a keyword the client has not been told of (RFC 9051
+        §7.3.5, RFC 3501 §7.2.6)."""
+        selected = self.selected
+        assert selected is not None
+        flags = " ".join(SYSTEM_FLAGS + tuple(selected.keywords))
+        self.untagged(f"FLAGS ({flags})")
+        permanent = "" if selected.readonly else flags + " \\*"
+        self.untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags allowed")
 
     def _flags_fetch(self, number: int, info: MessageInfo) -> bytes:
         assert self.selected is not None

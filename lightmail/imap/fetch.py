@@ -124,6 +124,9 @@ def format_flags(flags: frozenset[str] | set[str]) -> bytes:
     return plist([flag.encode("utf-8") for flag in sorted(flags)])
 
 
+# The system flags a mailbox keeps (RFC 9051 §2.3.2; \Recent is the session's own).
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+
 # Flag lists already formatted, by the (shared, see sqlstore) frozenset and whether
 # \Recent is added: a FETCH 1:* (FLAGS) formats a handful of distinct sets, not one
 # list per message.

@@ -48,7 +48,13 @@ class MailboxHub:
     def mailbox_changed(self, change: MailboxChange) -> None:
         self.announced += 1
         self.recent_changes.append((change.mailbox_id, change.modseq))
-        if change.kind == "appended" and change.uids:
+        if change.kind == "created":
+            # Everything that arrives in a new mailbox is new.  (Set, not defaulted:
+            # SQLite gives a deleted mailbox's id to the next one made.)
+            self.recent_from[change.mailbox_id] = 1
+        elif change.kind == "deleted":
+            self.recent_from.pop(change.mailbox_id, None)
+        elif change.kind == "appended" and change.uids:
             # First sight of a mailbox: what arrives from now on is recent.
             self.recent_from.setdefault(change.mailbox_id, min(change.uids))
         for watcher in list(self.watchers.get(change.mailbox_id, ())):

@@ -96,15 +96,11 @@ class MailboxCommands(SessionCore):
         # Messages share a few flag sets (see sqlstore): their keywords are those of
         # the distinct sets.
         flag_sets = set(map(flags_of, messages))
-        keywords = sorted({flag for flags in flag_sets for flag in flags
-                           if not flag.startswith("\\")})
-        flags = list(SYSTEM_FLAGS) + keywords
+        selected.tell_flags_of(flag_sets)
         self.untagged(f"{selected.exists} EXISTS")
         if not self.rev2:
             self.untagged(f"{len(selected.recent)} RECENT")
-        self.untagged(f"FLAGS ({' '.join(flags)})")
-        permanent = "" if readonly else " ".join(flags + ["\\*"])
-        self.untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags allowed")
+        self.tell_flags()
         if not self.rev2 and any("\\Seen" not in flags for flags in flag_sets):
             unseen = next((n for n, m in enumerate(messages, 1)
                            if "\\Seen" not in m.flags), None)
@@ -376,7 +372,9 @@ class MailboxCommands(SessionCore):
         bad = [item for item in items if item not in allowed]
         if bad:
             raise Bad(f"unknown STATUS item {bad[0][:20]}")
-        status = await self.store.status(box.id)
+        first_recent = (await self.hub.peek_recent(box.id, box.uidnext)
+                        if "RECENT" in items else None)
+        status = await self.store.status(box.id, first_recent)
         mailbox = status.mailbox
         values = {
             "MESSAGES": status.messages, "UIDNEXT": mailbox.uidnext,
@@ -384,9 +382,8 @@ class MailboxCommands(SessionCore):
             "DELETED": status.deleted, "SIZE": status.size,
             "HIGHESTMODSEQ": mailbox.highestmodseq, "APPENDLIMIT": self.cfg.max_literal,
         }
-        if "RECENT" in items:
-            first = await self.hub.peek_recent(box.id, mailbox.uidnext)
-            values["RECENT"] = max(0, min(status.messages, mailbox.uidnext - first))
+        if first_recent is not None:
+            values["RECENT"] = status.from_uid
         if "HIGHESTMODSEQ" in items:
             self.enabled.add("CONDSTORE")
         body = " ".join(f"{item} {values[item]}" for item in items)

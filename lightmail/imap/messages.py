@@ -401,6 +401,8 @@ class MessageCommands(MailboxCommands):
         uids = [u for u in uids if u not in selected.gone]
         changed = await self.store.set_flags(selected.id, uids, flags, mode) if uids else []
         selected.update_flags(changed)
+        if selected.tell_flags_of(info.flags for info in changed):
+            self.tell_flags()
         silent = match.group(2) is not None
         changed_uids = {info.uid for info in changed}
         for message_uid in uids:

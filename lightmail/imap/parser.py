@@ -303,6 +303,13 @@ def _quoted(text: bytes, position: int) -> tuple[str, int]:
     raise ParseError("Unterminated quoted string")
 
 
+# The fetch attributes after which ``[`` opens a section (RFC 9051 §9: section,
+# section-binary).  Anywhere else ``[`` is an ATOM-CHAR, and ``]`` an ASTRING-CHAR,
+# as in a mailbox named ``a[b`` or ``x]``.
+_SECTION_OWNERS = frozenset({b"BODY", b"BODY.PEEK", b"BINARY", b"BINARY.PEEK",
+                             b"BINARY.SIZE"})
+
+
 def _atom(text: bytes, position: int) -> tuple[str, int]:
     """An atom; a ``[...]`` section (which may hold spaces, lists and quoted field
     names) and a ``<...>`` partial stay inside it, as in BODY[HEADER.FIELDS (A B)]<0.9>."""
@@ -318,7 +325,7 @@ def _atom(text: bytes, position: int) -> tuple[str, int]:
                 depth -= 1
         elif char in (b" ", b"(", b")"):
             break
-        elif char == b"[":
+        elif char == b"[" and text[start:position].upper() in _SECTION_OWNERS:
             depth += 1
         elif char in (b'"', b"{") or text[position] < 0x20 or text[position] == 0x7F:
             raise ParseError("Invalid character in atom")

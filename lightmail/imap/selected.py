@@ -10,11 +10,12 @@ STORE or SEARCH by number is being answered (§7.5.1).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Optional
 
-from lightmail.imap.fetch import flag_list
+from lightmail.imap.fetch import SYSTEM_FLAGS, flag_list
 from lightmail.storage.interfaces import Mailbox, MailboxChange, MailboxChanges, MessageInfo
 
 _uid_of = attrgetter("uid")
@@ -29,6 +30,7 @@ class Updates:
     flags: list[MessageInfo] = field(default_factory=list)     # re-flagged, still here
     exists: Optional[int] = None                                # new count, if it grew
     recent: Optional[int] = None
+    new_keywords: bool = False        # a keyword the client has not been told of
 
 
 class SelectedMailbox:
@@ -46,6 +48,9 @@ class SelectedMailbox:
         self.first_recent = first_recent
         self.recent: set[int] = set(
             self.uids[bisect.bisect_left(self.uids, first_recent):])
+        # The flags the client was told of (FLAGS): system flags and keywords in use.
+        # RFC 9051 §7.3.5: a keyword is announced before a FETCH shows it.
+        self.flags_told: set[str] = set(SYSTEM_FLAGS)
         self.dirty = False                    # changes_since must be read
         # Changes announced with their content and contiguous with what this view
         # knows (each one's MODSEQ follows the last): taken in at the next catch-up
@@ -81,6 +86,20 @@ class SelectedMailbox:
     def flag_list(self, uid: int) -> bytes:
         """``flags_of(uid)`` formatted as a FETCH response's flag list."""
         return flag_list(self.info[uid].flags, uid in self.recent)
+
+    @property
+    def keywords(self) -> list[str]:
+        return sorted(self.flags_told.difference(SYSTEM_FLAGS))
+
+    def tell_flags_of(self, flag_sets: Iterable[frozenset[str]]) -> bool:
+        """Take the keywords in ``flag_sets`` among those told; True if one is new."""
+        told = self.flags_told
+        new = False
+        for flags in flag_sets:
+            if not flags <= told:
+                told.update(flags)
+                new = True
+        return new
 
     # -- catching up ----------------------------------------------------------------
 
@@ -135,6 +154,7 @@ class SelectedMailbox:
         """Take in what changed; returns what to tell the client now."""
         updates = Updates()
         self.uidnext = max(self.uidnext, changes.mailbox.uidnext)
+        updates.new_keywords = self.tell_flags_of(info.flags for info in changes.changed)
         for info in changes.changed:
             known = self.info.get(info.uid)
             if known is None:

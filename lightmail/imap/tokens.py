@@ -50,8 +50,10 @@ def is_nil(value: Any) -> bool:
     return isinstance(value, Atom) and value.upper() == "NIL"
 
 
-# Characters that force a quoted string or a literal (RFC 9051 §9 atom-specials).
-_SPECIALS = set('(){ %*"\\]') | {chr(c) for c in range(0x20)} | {"\x7f"}
+# Characters that force a quoted string or a literal (RFC 9051 §9 atom-specials),
+# and "[": legal in an atom, but many clients take it for the start of a section or
+# a response code, so names holding it are sent quoted.
+_SPECIALS = set('(){ %*"\\[]') | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
 def quote(text: Union[str, bytes]) -> bytes:

@@ -79,6 +79,7 @@ class MailboxStatus:
     unseen: int
     deleted: int
     size: int
+    from_uid: int = 0         # messages whose UID is at least the one asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,8 +389,9 @@ class IMailStore(Interface):
     def set_subscribed(mailbox_id: int, subscribed: bool) -> Deferred[None]:
         """Mark a mailbox subscribed or not (LSUB, LIST (SUBSCRIBED))."""
 
-    def status(mailbox_id: int) -> Deferred[MailboxStatus]:
-        """Message, unseen and deleted counts and total size of a mailbox."""
+    def status(mailbox_id: int, from_uid: Optional[int] = None) -> Deferred[MailboxStatus]:
+        """Message, unseen and deleted counts and total size of a mailbox, and how
+        many messages have a UID of ``from_uid`` or more (IMAP's RECENT)."""
 
     def changes_since(mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
         """Messages whose MODSEQ is above ``modseq`` and UIDs expunged after it."""

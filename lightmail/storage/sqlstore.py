@@ -298,6 +298,8 @@ _COUNTS = sa.select(
         (s.messages.c.flags.contains("\\Seen", autoescape=True), 0), else_=1)), 0),
     sa.func.coalesce(sa.func.sum(sa.case(
         (s.messages.c.flags.contains("\\Deleted", autoescape=True), 1), else_=0)), 0),
+    sa.func.coalesce(sa.func.sum(sa.case(
+        (s.messages.c.uid >= sa.bindparam("b_from_uid"), 1), else_=0)), 0),
 ).where(s.messages.c.mailbox_id == sa.bindparam("b_box"))
 _CHANGED_SINCE = sa.select(s.messages).where(
     (s.messages.c.mailbox_id == sa.bindparam("b_box"))
@@ -589,14 +591,16 @@ class SQLMailStore:
                          .values(subscribed=subscribed))
         return self.db.write(subscribe)
 
-    def status(self, mailbox_id: int) -> Deferred[MailboxStatus]:
+    def status(self, mailbox_id: int, from_uid: Optional[int] = None
+               ) -> Deferred[MailboxStatus]:
         def status_(conn: Connection) -> MailboxStatus:
             row = first_direct(conn, _BY_ID, {"b_id": mailbox_id})
             if row is None:
                 raise NoSuchMailbox(f"no mailbox with id {mailbox_id}")
-            counts = first_direct(conn, _COUNTS, {"b_box": mailbox_id})
+            counts = first_direct(conn, _COUNTS, {"b_box": mailbox_id,
+                                                  "b_from_uid": from_uid or row.uidnext})
             return MailboxStatus(_mailbox(row), int(counts[0]), int(counts[2]),
-                                 int(counts[3]), int(counts[1]))
+                                 int(counts[3]), int(counts[1]), int(counts[4]))
         return self.db.read(status_)
 
     def changes_since(self, mailbox_id: int, modseq: int) -> Deferred[MailboxChanges]:
