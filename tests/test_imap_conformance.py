@@ -1799,3 +1799,85 @@ def test_atom_specials_in_mailbox_names(server: Target) -> None:
                          "BINARY.PEEK[1] BINARY.SIZE[1])").ok().fetches()[1]
     assert fetched["BODY[HEADER.FIELDS (SUBJECT)]"].startswith(b"Subject: note 1")
     assert client.cmd("NOOP").status == "OK"
+
+
+# The address forms of an external suite's SEARCH case, one message each: plain,
+# display names, comments inside the address, a comment as the name, two
+# addresses, and groups.
+ADDRESS_FORMS = [
+    "From: user-from@domain.org\r\nTo: user-to@domain.org\r\nCc: user-cc@domain.org\r\n"
+    "Bcc: user-bcc@domain.org\r\n",
+    "From: RealFrom <user-from@domain.org>\r\nTo: RealTo <user-to@domain.org>\r\n"
+    "Cc: RealCc <user-cc@domain.org>\r\nBcc: RealBcc <user-bcc@domain.org>\r\n",
+    "From: <user-from (comment)@ (comment) domain.org>\r\nTo: <user-to@domain.org>\r\n"
+    "Cc: <user-cc@domain.org>\r\nBcc: <user-bcc@domain.org>\r\n",
+    "From: user-from@domain.org (RealFrom)\r\nTo: user-to@domain.org (RealTo)\r\n"
+    "Cc: user-cc@domain.org (RealCc)\r\nBcc: user-bcc@domain.org (RealBcc)\r\n",
+    "From: user-from1@domain.org, user-from2@domain.org\r\nCc: user-cc@domain.org\r\n",
+    "To: groupname: groupuser1@domain.org, groupuser2@domain.org;,\r\n"
+    "  groupname2: groupuser3@domain.org;\r\n",
+]
+
+
+@wire
+def test_search_on_addresses(server: Target) -> None:
+    """RFC 9051 §6.4.4 FROM/TO/CC/BCC: a substring of the field, found whatever the
+    address's display name, comments and form: the full address, the display name
+    (a phrase or a comment), parts of either, each address of a list, a group's name
+    and members; HEADER with "" finds the messages that have the field."""
+    client = server.session()
+    seed(client, [f"{head}Subject: {n}\r\n\r\nbody{n}\r\n".encode()
+                  for n, head in enumerate(ADDRESS_FORMS, 1)])
+    client.select()
+    cases = {
+        ("FROM", "user-from@domain.org"): [1, 2, 3, 4],
+        ("TO", "user-to@domain.org"): [1, 2, 3, 4],
+        ("CC", "user-cc@domain.org"): [1, 2, 3, 4, 5],
+        ("BCC", "user-bcc@domain.org"): [1, 2, 3, 4],
+        ("FROM", "realfrom"): [2, 4], ("TO", "realto"): [2, 4],
+        ("CC", "realcc"): [2, 4], ("BCC", "realbcc"): [2, 4],
+        ("FROM", "ser-fro"): [1, 2, 3, 4, 5], ("TO", "ser-t"): [1, 2, 3, 4],
+        ("FROM", "ealfro"): [2, 4], ("BCC", "ealbc"): [2, 4],
+        ("FROM", "user-from1"): [5], ("FROM", "user-from2"): [5],
+        ("TO", "groupname"): [6], ("TO", "groupname2"): [6],
+        ("TO", "groupuser1"): [6], ("TO", "groupuser3"): [6], ("TO", "groupuser4"): [],
+        ("HEADER FROM", ""): [1, 2, 3, 4, 5], ("HEADER TO", ""): [1, 2, 3, 4, 6],
+    }
+    for (key, value), expected in cases.items():
+        found = client.cmd("SEARCH", key, quote(value)).ok().one("SEARCH").data
+        assert [int(n) for n in found] == expected, (key, value, found)
+
+
+# SORT's address keys: the first address's local part (FROM, TO, CC, RFC 5256 §3),
+# its display name or else the address (DISPLAYFROM, DISPLAYTO, RFC 5957 §3).
+SORTED_HEADS = [
+    "From: Zed <alice@example.org>\r\nTo: bob@example.org\r\nCc: Yan <carol@example.org>\r\n",
+    "From: mike@example.org\r\nTo: Adam <zoe@example.org>\r\nCc: beth@example.org\r\n",
+    "From: <anna@example.net>\r\n",
+    "From: =?utf-8?q?Emile?= <emile@example.org>\r\nTo: \"bob\" <Bob2@example.org>,"
+    " al@example.org\r\nCc: dan@example.org (Dan)\r\n",
+    "From: =?utf-8?q?Doe=2C_John?= <john@example.org>\r\n"
+    "To: <user (comment)@ (comment) example.org>\r\nCc: team: zed@example.org;\r\n",
+]
+
+
+@wire
+def test_sort_on_addresses(server: Target) -> None:
+    """RFC 5256 §3 (FROM, TO, CC: the first address's local part) and RFC 5957 §3
+    (DISPLAYFROM, DISPLAYTO: its display name, else the address), the address read
+    as ENVELOPE reads it: an encoded name holding a comma is one name, comments
+    inside an address are dropped, a group counts by its name."""
+    client = server.session()
+    seed(client, [f"{head}Subject: {n}\r\n\r\nbody\r\n".encode()
+                  for n, head in enumerate(SORTED_HEADS, 1)])
+    client.select()
+    assert "SORT" in client.capabilities()
+    cases = {
+        "FROM": [1, 3, 4, 5, 2], "TO": [3, 1, 4, 5, 2], "CC": [3, 2, 1, 4, 5],
+        "REVERSE CC": [5, 4, 1, 2, 3], "CC REVERSE ARRIVAL": [3, 2, 1, 4, 5],
+        "DISPLAYFROM": [3, 5, 4, 2, 1], "DISPLAYTO": [3, 2, 4, 1, 5],
+        "REVERSE DISPLAYTO": [5, 1, 4, 2, 3],
+    }
+    for criteria, expected in cases.items():
+        found = client.cmd("SORT", f"({criteria})", "US-ASCII", "ALL").ok().one("SORT").data
+        assert [int(n) for n in found] == expected, (criteria, found)

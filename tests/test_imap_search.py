@@ -18,7 +18,9 @@ from typing import Any, Optional
 import pytest
 
 from lightmail.imap import search, sort
+from lightmail.imap.message import ParsedMessage
 from lightmail.imap.search import (
+    Address,
     Age,
     All,
     And,
@@ -67,6 +69,9 @@ class FakeMessage:
 
     def header(self, name: str) -> list[str]:
         return [value for field, value in self.headers if field.lower() == name.lower()]
+
+    def addresses(self, name: str) -> list[tuple[str, str, str]]:
+        return ParsedMessage(self.raw).addresses(name)
 
     def header_text(self) -> str:
         return "".join(f"{field}: {value}\r\n" for field, value in self.headers)
@@ -129,11 +134,11 @@ def test_keys_without_arguments(word: str) -> None:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (A("BCC") + ["x"], Header("Bcc", "x")),
-    (A("CC", "x"), Header("Cc", "x")),
-    (A("FROM") + [b"bob"], Header("From", "bob")),
+    (A("BCC") + ["x"], Address("Bcc", "x")),
+    (A("CC", "x"), Address("Cc", "x")),
+    (A("FROM") + [b"bob"], Address("From", "bob")),
     (A("SUBJECT") + ["hello world"], Header("Subject", "hello world")),
-    (A("TO") + [""], Header("To", "")),
+    (A("TO") + [""], Address("To", "")),
     (A("HEADER", "X-Spam") + ["yes"], Header("X-Spam", "yes")),
     (A("BODY") + ["text"], Body("text")),
     (A("TEXT") + ["text"], Body("text", with_header=True)),

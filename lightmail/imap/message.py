@@ -884,6 +884,25 @@ class ParsedMessage:
         return [self._decoded(item) for item in self._head.fields
                 if item.name.lower() == lower]
 
+    def addresses(self, name: str) -> list[tuple[str, str, str]]:
+        """The addresses in the top-level fields called ``name``, read as ENVELOPE
+        reads them (comments and routes dropped): (display name, RFC 2047-decoded;
+        local part; domain), "" for what is missing.  A group comes as ("", its
+        name, "") before its members; its end is left out."""
+        lower = name.lower().encode("utf-8", "replace")
+        out: list[tuple[str, str, str]] = []
+        for item in self._head.fields:
+            if item.name.lower() != lower:
+                continue
+            for display, _adl, mailbox, host in _AddressParser(
+                    _unfold(_field_text(self.raw, item))).parse():
+                if mailbox is None:
+                    continue                        # the end of a group
+                out.append((_decode_words(display) if display else "",
+                            "" if mailbox == _NO_MAILBOX else _text(mailbox),
+                            "" if host in (None, _NO_DOMAIN) else _text(host or b"")))
+        return out
+
     def header_text(self) -> str:
         """The whole top-level header, one decoded field a line."""
         return "".join(f"{_text(item.name)}: {self._decoded(item)}\r\n"

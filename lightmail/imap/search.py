@@ -53,6 +53,8 @@ class MessageContent(Protocol):
 
     def header(self, name: str) -> list[str]: ...
 
+    def addresses(self, name: str) -> list[tuple[str, str, str]]: ...
+
     def header_text(self) -> str: ...
 
     def body_text(self) -> str: ...
@@ -263,6 +265,51 @@ class Header(Key):
                 return False
             return any(match(value) for value in parsed.header(name))
         return test
+
+
+@dataclass(frozen=True)
+class Address(Header):
+    """BCC, CC, FROM, TO: a substring of the field as written, or of its addresses
+    as they read once comments are dropped and each is written ``name <box@domain>``
+    (a group ``name:``), so that ``FROM user@domain.org`` finds
+    ``<user (comment)@ domain.org>`` and ``=?utf-8?q?Ren=C3=A9?= <r@x>`` is found by
+    its name, as Dovecot finds them.  An empty string: the field is there."""
+
+    def compile(self, ctx: SearchContext) -> Test:
+        if not self.text:
+            return super().compile(ctx)
+        name, needle = self.name, fold(self.text)
+        match = matcher(needle)
+        # Dropping comments and white space joins pieces of the raw field, never
+        # makes new ones: each piece of the needle between those is in the block.
+        pieces = [header_may_hold(piece) for piece in _ADDRESS_BREAKS.split(needle)
+                  if piece]
+
+        def test(msg: MessageView, content: Optional[MessageContent]) -> bool:
+            parsed = _need(content)
+            head = parsed.head_octets()
+            if not all(may_hold(head) for may_hold in pieces):
+                return False
+            values = parsed.header(name)
+            if not values:
+                return False
+            return any(match(value) for value in values) \
+                or match(written_addresses(parsed.addresses(name)))
+        return test
+
+
+_ADDRESS_BREAKS = re.compile(r'[\s@<>(),:;"\\]+')
+
+
+def written_addresses(addresses: list[tuple[str, str, str]]) -> str:
+    out = []
+    for display, mailbox, host in addresses:
+        if not host and not display and mailbox:
+            out.append(f"{mailbox}:")                     # a group's name (or a
+            continue                                       # bare local part)
+        spec = f"{mailbox}@{host}" if host else mailbox
+        out.append(f"{display} <{spec}>" if display else spec)
+    return ", ".join(out)
 
 
 @dataclass(frozen=True)
@@ -527,8 +574,7 @@ _SIMPLE: dict[str, Key] = {
     "RECENT": _RECENT, "OLD": Not(_RECENT),
     "NEW": And((_RECENT, Not(_SEEN))),       # RFC 3501: RECENT UNSEEN
 }
-_ADDRESS_HEADERS = {"BCC": "Bcc", "CC": "Cc", "FROM": "From", "SUBJECT": "Subject",
-                    "TO": "To"}
+_ADDRESS_HEADERS = {"BCC": "Bcc", "CC": "Cc", "FROM": "From", "TO": "To"}
 _DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 _DATE = re.compile(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})\Z", re.ASCII)
 _MONTHS = {name: number for number, name in enumerate(
@@ -646,7 +692,11 @@ def _read_or(reader: _Reader, name: str) -> Key:
 
 
 def _read_address(reader: _Reader, name: str) -> Key:
-    return Header(_ADDRESS_HEADERS[name], reader.string(f"{name} string"))
+    return Address(_ADDRESS_HEADERS[name], reader.string(f"{name} string"))
+
+
+def _read_subject(reader: _Reader, name: str) -> Key:
+    return Header("Subject", reader.string("SUBJECT string"))
 
 
 def _read_header(reader: _Reader, name: str) -> Key:
@@ -711,6 +761,7 @@ _READERS: dict[str, Callable[[_Reader, str], Key]] = {
     "LARGER": _read_size, "SMALLER": _read_size,
     "OLDER": _read_age, "YOUNGER": _read_age,
     **{name: _read_address for name in _ADDRESS_HEADERS},
+    "SUBJECT": _read_subject,
     **{name: _read_date for name in _DATE_KEYS},
 }
 

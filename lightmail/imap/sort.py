@@ -14,7 +14,6 @@ decompose (NFKD), so "a", "A" and "á" sort together.
 
 from __future__ import annotations
 
-import email.utils
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -145,25 +144,22 @@ def _first_header(content: MessageContent, name: str) -> str:
     return values[0] if values else ""
 
 
-def _first_address(content: MessageContent, name: str) -> tuple[str, str]:
-    """(display name, addr-spec) of the first address in a header, or ("", "")."""
-    for display, address in email.utils.getaddresses(content.header(name)):
-        if address or display:
-            return display.strip(), address.strip()
-    return "", ""
+def _first_address(content: MessageContent, name: str) -> tuple[str, str, str]:
+    """(display name, local part, domain) of the first address in a header, as
+    ENVELOPE shows it (a group: its name as the local part), or empty."""
+    addresses = content.addresses(name)
+    return addresses[0] if addresses else ("", "", "")
 
 
 def _mailbox(content: MessageContent, name: str) -> str:
     """The IMAP addr-mailbox (local part) of the first address (RFC 5256 §3)."""
-    address = _first_address(content, name)[1]
-    local = address.rpartition("@")[0] if "@" in address else address
-    return collation_key(local.strip('"'))
+    return collation_key(_first_address(content, name)[1])
 
 
 def _display(content: MessageContent, name: str) -> str:
     """RFC 5957 §3: the display name if not empty, else the addr-spec."""
-    display, address = _first_address(content, name)
-    return collation_key(display or address)
+    display, mailbox, host = _first_address(content, name)
+    return collation_key(display.strip() or (f"{mailbox}@{host}" if host else mailbox))
 
 
 _SORT_VALUES: dict[str, Callable[[MessageView, MessageContent], Any]] = {
