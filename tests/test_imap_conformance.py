@@ -1881,3 +1881,61 @@ def test_sort_on_addresses(server: Target) -> None:
     for criteria, expected in cases.items():
         found = client.cmd("SORT", f"({criteria})", "US-ASCII", "ALL").ok().one("SORT").data
         assert [int(n) for n in found] == expected, (criteria, found)
+
+
+def childinfo(response: Response) -> dict[str, list[str]]:
+    """LIST responses' CHILDINFO (extended data), by mailbox name."""
+    out: dict[str, list[str]] = {}
+    for item in response.of("LIST"):
+        extended = item.data[3] if len(item.data) > 3 else []
+        for index in range(0, len(extended) - 1, 2):
+            if _text(extended[index]).upper() == "CHILDINFO":
+                out[_text(item.data[2])] = [_text(x).upper() for x in extended[index + 1]]
+    return out
+
+
+@wire
+def test_subscriptions_outlive_delete_and_childinfo_only_for_unlisted_children(
+        server: Target) -> None:
+    """RFC 9051 §6.3.7 / RFC 5258 §3: DELETE does not unsubscribe, LIST (SUBSCRIBED)
+    lists the deleted name \\NonExistent \\Subscribed (LSUB \\Noselect or plain) until
+    UNSUBSCRIBE; CHILDINFO ("SUBSCRIBED") is given to a parent only for a subscribed
+    child that the patterns do not list in its own right."""
+    client = server.session()
+    base = "Lx"
+    for name in ("t1", "t2/t1", "t6", "t7/t7", "t8/t8", "t8/t9"):
+        client.cmd("CREATE", f"{base}/{name}").ok()
+    for name in ("t2", "t7", "t8"):
+        client.cmd("UNSUBSCRIBE", f"{base}/{name}")
+    for name in ("t1", "t2/t1", "t6", "t7/t7", "t8/t8", "t8/t9"):
+        client.cmd("SUBSCRIBE", f"{base}/{name}").ok()
+    client.cmd("DELETE", f"{base}/t6").ok()
+    chosen = listed(client.cmd("LIST", "(SUBSCRIBED)", '""', f"{base}/*").ok())
+    assert set(chosen) == {f"{base}/{n}" for n in ("t1", "t2/t1", "t6", "t7/t7",
+                                                   "t8/t8", "t8/t9")}, chosen
+    assert {"\\subscribed", "\\nonexistent"} <= chosen[f"{base}/t6"], chosen
+    assert "\\noselect" not in chosen[f"{base}/t6"]
+    assert f"{base}/t6" in listed(client.cmd("LSUB", '""', f"{base}/*").ok())
+    # Not in a plain LIST: there is no such mailbox.
+    assert f"{base}/t6" not in listed(client.cmd("LIST", '""', f"{base}/*").ok())
+    # CHILDINFO: t7's only subscribed child matches *t7 itself; t8/t9 does not match
+    # *t8, so t8 carries it.
+    response = client.cmd("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', "*t7").ok()
+    assert set(listed(response)) == {f"{base}/t7/t7"}, str(response)
+    assert childinfo(response) == {}, str(response)
+    response = client.cmd("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', "*t8").ok()
+    assert set(listed(response)) == {f"{base}/t8", f"{base}/t8/t8"}, str(response)
+    assert childinfo(response) == {f"{base}/t8": ["SUBSCRIBED"]}, str(response)
+    both = f'("{base}/t2" "{base}/t2/t1")'
+    response = client.cmd("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', both).ok()
+    assert set(listed(response)) == {f"{base}/t2/t1"} and childinfo(response) == {}
+    response = client.cmd("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', f"{base}/t2").ok()
+    assert childinfo(response) == {f"{base}/t2": ["SUBSCRIBED"]}, str(response)
+    # UNSUBSCRIBE of the deleted name forgets it; made again, a name keeps its
+    # subscription.
+    client.cmd("UNSUBSCRIBE", f"{base}/t6").ok()
+    assert f"{base}/t6" not in listed(client.cmd("LIST", "(SUBSCRIBED)", '""', "*").ok())
+    client.cmd("DELETE", f"{base}/t1").ok()
+    client.cmd("CREATE", f"{base}/t1").ok()
+    again = listed(client.cmd("LIST", "(SUBSCRIBED)", '""', f"{base}/t1").ok())
+    assert set(again) == {f"{base}/t1"} and "\\nonexistent" not in again[f"{base}/t1"]

@@ -623,6 +623,24 @@ def test_rename_delete_and_subscribe_mailboxes(stack) -> None:
     with pytest.raises(NoSuchMailbox):
         yield stack.mailstore.delete_mailbox(user.id, "Old")
 
+    # A subscription is to the name: it outlives DELETE (RFC 9051 §6.3.7), comes
+    # back with a mailbox made under the name, or is forgotten by name.
+    kept = stack.mailstore.subscriptions_without_mailbox
+    assert (yield kept(user.id)) == ["Old"]
+    yield stack.mailstore.delete_mailbox(user.id, "Lists")     # not subscribed
+    assert (yield kept(user.id)) == ["Old"]
+    again = yield stack.mailstore.create_mailbox(user.id, "Old", subscribed=False)
+    assert again.subscribed and (yield kept(user.id)) == []
+    yield stack.mailstore.delete_mailbox(user.id, "Old")
+    jobs = yield stack.mailstore.get_mailbox(user.id, "Jobs/2026")
+    yield stack.mailstore.set_subscribed(jobs.id, False)
+    yield stack.mailstore.rename_mailbox(user.id, "Jobs/2026", "Old")
+    assert (yield stack.mailstore.get_mailbox(user.id, "Old")).subscribed
+    yield stack.mailstore.delete_mailbox(user.id, "Old")
+    assert (yield stack.mailstore.unsubscribe_name(user.id, "Old")) is True
+    assert (yield stack.mailstore.unsubscribe_name(user.id, "Old")) is False
+    assert (yield kept(user.id)) == []
+
 
 def stored_headers(stack, blob_id: str) -> bytes | None:
     with stack.db.engine.connect() as conn:

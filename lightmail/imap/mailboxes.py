@@ -248,8 +248,13 @@ class MailboxCommands(SessionCore):
     async def _subscribe(self, cmd: Command, subscribed: bool) -> Reply:
         if len(cmd.args) != 1:
             raise Bad(f"{cmd.name} needs a mailbox name")
-        box = await self._mailbox(self._name(cmd.args[0]))
-        await self.store.set_subscribed(box.id, subscribed)
+        name = self._name(cmd.args[0])
+        box = await self.store.get_mailbox(self.user.id, name)
+        if box is not None:
+            await self.store.set_subscribed(box.id, subscribed)
+        elif subscribed or not await self.store.unsubscribe_name(self.user.id, name):
+            # (A deleted mailbox's name stays subscribed until UNSUBSCRIBE.)
+            raise No("[NONEXISTENT] No such mailbox")
         return ok(f"{cmd.name} completed")
 
     async def do_LIST(self, cmd: Command) -> Reply:
@@ -314,41 +319,44 @@ class MailboxCommands(SessionCore):
             regexes.append(ListPattern(ref, text))
         subscribed_only = lsub or "SUBSCRIBED" in select
         names = set(by_name)
+        # Subscribed names: of mailboxes, and of mailboxes deleted since (RFC 9051
+        # §6.3.7), which LSUB and LIST (SUBSCRIBED) still show.
+        kept = set(await self.store.subscriptions_without_mailbox(self.user.id)) \
+            if subscribed_only else set()
+        subscribed = {name for name, box in by_name.items() if box.subscribed} | kept
         # Superiors that exist only as the path of a child are listed as
         # \NonExistent (LIST-EXTENDED) or \Noselect (rev1), when they match.
-        phantom = {p for name in by_name for p in parents(name) if p not in by_name}
-        for name in sorted(names | phantom, key=lambda n: (n != "INBOX", n)):
+        phantom = {p for name in names | kept for p in parents(name) if p not in by_name}
+        for name in sorted(names | phantom | kept, key=lambda n: (n != "INBOX", n)):
             if not any(regex.match(name) for regex in regexes):
                 continue
             box = by_name.get(name)
-            if lsub and not (box and box.subscribed) and any(
-                    other.startswith(name + DELIMITER) and found.subscribed
-                    and not any(regex.match(other) for regex in regexes)
-                    for other, found in by_name.items()):
+            # Subscribed descendants that the patterns do not reach themselves.
+            unreached = name not in subscribed and any(
+                other.startswith(name + DELIMITER)
+                and not any(regex.match(other) for regex in regexes)
+                for other in subscribed)
+            if lsub and unreached:
                 # RFC 3501 §6.3.9: LSUB "%" names the unsubscribed superior of a
                 # subscribed mailbox that the pattern does not reach, as \Noselect.
                 self.untagged(b'LSUB (\\Noselect) "/" ' + self._show(name))
                 continue
             # RFC 5258 §3.5: with (SUBSCRIBED RECURSIVEMATCH), a mailbox that is not
-            # subscribed itself but has a subscribed descendant is listed with
-            # CHILDINFO ("SUBSCRIBED").
-            childinfo = ("SUBSCRIBED" in select and "RECURSIVEMATCH" in select
-                         and not (box and box.subscribed)
-                         and any(other.startswith(name + DELIMITER) and found.subscribed
-                                 for other, found in by_name.items()))
+            # subscribed itself is listed with CHILDINFO ("SUBSCRIBED") for a
+            # subscribed descendant that is not listed in its own right.
+            childinfo = "SUBSCRIBED" in select and "RECURSIVEMATCH" in select and unreached
             attrs = []
             if box is None:
-                if (subscribed_only or select) and not childinfo:
+                if (subscribed_only or select) and not childinfo and name not in kept:
                     continue
                 attrs.append("\\NonExistent" if self.rev2 or select else "\\Noselect")
-            if subscribed_only and not (box and box.subscribed) and not childinfo:
+            if subscribed_only and name not in subscribed and not childinfo:
                 continue
             if "SPECIAL-USE" in select and not (box and box.special_use):
                 continue
             children = any(other.startswith(name + DELIMITER) for other in names)
             attrs.append("\\HasChildren" if children else "\\HasNoChildren")
-            if box is not None and box.subscribed and (
-                    "SUBSCRIBED" in returns or subscribed_only):
+            if name in subscribed and ("SUBSCRIBED" in returns or subscribed_only):
                 attrs.append("\\Subscribed")
             if box is not None and box.special_use and not lsub:
                 attrs.append(box.special_use)

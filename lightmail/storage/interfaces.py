@@ -389,6 +389,13 @@ class IMailStore(Interface):
     def set_subscribed(mailbox_id: int, subscribed: bool) -> Deferred[None]:
         """Mark a mailbox subscribed or not (LSUB, LIST (SUBSCRIBED))."""
 
+    def subscriptions_without_mailbox(user_id: int) -> Deferred[list[str]]:
+        """Names still subscribed whose mailbox was deleted (RFC 9051 §6.3.7: DELETE
+        does not unsubscribe); a mailbox made again under the name takes it back."""
+
+    def unsubscribe_name(user_id: int, name: str) -> Deferred[bool]:
+        """Forget a subscription to a name that has no mailbox; whether it was there."""
+
     def status(mailbox_id: int, from_uid: Optional[int] = None) -> Deferred[MailboxStatus]:
         """Message, unseen and deleted counts and total size of a mailbox, and how
         many messages have a UID of ``from_uid`` or more (IMAP's RECENT)."""

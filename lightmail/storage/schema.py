@@ -74,6 +74,17 @@ mailboxes = sa.Table(
     sa.UniqueConstraint("user_id", "name"),
 )
 
+# Subscriptions to names that have no mailbox.  RFC 9051 §6.3.7: a subscription is to
+# a name, and DELETE does not remove it; LIST (SUBSCRIBED) shows it \NonExistent.  A
+# mailbox's own subscription is ``mailboxes.subscribed``: a subscribed name moves here
+# when its mailbox is deleted, and back when a mailbox of that name is made again.
+subscriptions = sa.Table(
+    "subscriptions", metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("name", sa.String(512), primary_key=True),
+)
+
 blobs = sa.Table(
     "blobs", metadata,
     sa.Column("id", BLOB_ID, primary_key=True),

@@ -351,6 +351,8 @@ def create_mailbox_now(conn: Connection, user_id: int, name: str,
         (s.mailboxes.c.user_id == user_id) & (s.mailboxes.c.name == name))).first()
     if exists is not None:
         raise MailboxExists(f"mailbox {name!r} exists already")
+    if take_subscription_now(conn, user_id, name):
+        subscribed = True              # the name was subscribed before (§6.3.7)
     result = conn.execute(s.mailboxes.insert().values(
         user_id=user_id, name=name, uidvalidity=new_uidvalidity(user_id, name),
         uidnext=1, highestmodseq=1, special_use=special_use, subscribed=subscribed,
@@ -359,6 +361,19 @@ def create_mailbox_now(conn: Connection, user_id: int, name: str,
     assert key is not None
     row = conn.execute(sa.select(s.mailboxes).where(s.mailboxes.c.id == key[0])).one()
     return _mailbox(row)
+
+
+def take_subscription_now(conn: Connection, user_id: int, name: str) -> bool:
+    """Take a subscription to ``name`` out of ``subscriptions`` (a mailbox of that
+    name is being made); whether there was one."""
+    taken = conn.execute(s.subscriptions.delete().where(
+        (s.subscriptions.c.user_id == user_id) & (s.subscriptions.c.name == name)))
+    return bool(taken.rowcount)
+
+
+def keep_subscription_now(conn: Connection, user_id: int, name: str) -> None:
+    """Keep a subscription to ``name``, whose mailbox is going (RFC 9051 §6.3.7)."""
+    conn.execute(s.subscriptions.insert().values(user_id=user_id, name=name))
 
 
 @implementer(IMailStore)
@@ -543,6 +558,8 @@ class SQLMailStore:
             for blob_id, count in refs:
                 release_blob_ref(conn, blob_id, count)
             conn.execute(s.mailboxes.delete().where(s.mailboxes.c.id == row.id))
+            if row.subscribed:
+                keep_subscription_now(conn, user_id, name)
             return int(row.id)
 
         d = self.db.write(delete)
@@ -579,6 +596,9 @@ class SQLMailStore:
             # new UIDVALIDITY is not needed (RFC 9051 §6.3.6 keeps it), so keep it.
             conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == source.id)
                          .values(name=new))
+            if take_subscription_now(conn, user_id, new):
+                conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == source.id)
+                             .values(subscribed=True))
             return [MailboxChange(user_id, source.id, "renamed")] + [
                 MailboxChange(user_id, child.id, "renamed") for child in children]
 
@@ -590,6 +610,18 @@ class SQLMailStore:
             conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == mailbox_id)
                          .values(subscribed=subscribed))
         return self.db.write(subscribe)
+
+    def subscriptions_without_mailbox(self, user_id: int) -> Deferred[list[str]]:
+        def names(conn: Connection) -> list[str]:
+            return [row.name for row in conn.execute(
+                sa.select(s.subscriptions.c.name)
+                .where(s.subscriptions.c.user_id == user_id)
+                .order_by(s.subscriptions.c.name))]
+        return self.db.read(names)
+
+    def unsubscribe_name(self, user_id: int, name: str) -> Deferred[bool]:
+        name = normalise_mailbox_name(name)
+        return self.db.write(take_subscription_now, user_id, name)
 
     def status(self, mailbox_id: int, from_uid: Optional[int] = None
                ) -> Deferred[MailboxStatus]:
