@@ -382,6 +382,34 @@ def test_abort_before_any_io(manual: tuple[FilesystemBlobStore, ManualPool]) -> 
     assert mp.calls == 0 and data_files(s) == []
 
 
+def test_backlog_and_drained(manual: tuple[FilesystemBlobStore, ManualPool]) -> None:
+    """backlog() counts what is buffered and what a pool call is writing; drained()
+    hands what is buffered to the pool (below the flush threshold too) and fires
+    once nothing is held (issue 17: APPEND stops reading its input meanwhile)."""
+    s, mp = manual
+    writer = s.writer()
+    assert writer.backlog() == 0 and result_of(writer.drained()) is None
+    writer.write(b"a" * 1500)                       # over the threshold: to the pool
+    writer.write(b"b" * 10)
+    assert writer.backlog() == 1510 and mp.calls == 1
+    drained = writer.drained()
+    assert not drained.called
+    mp.run_all()                                    # the 1500, then the 10 it asked for
+    assert writer.backlog() == 0 and result_of(drained) is None
+    assert mp.calls == 2                            # the two appends
+    writer.write(b"c" * 10)
+    drained = writer.drained()
+    staging = writer.stage()            # the 10 in flight: it is made durable alone
+    mp.run_all()
+    assert result_of(drained) is None and result_of(staging).durable
+    aborted = s.writer()
+    aborted.write(b"d" * 1500)
+    drained = aborted.drained()
+    aborted.abort()
+    mp.run_all()
+    assert result_of(drained) is None and aborted.backlog() == 0
+
+
 @pytest_twisted.inlineCallbacks
 def test_abort_with_real_pool(tmp_path: Path) -> None:
     one = ThreadPool(minthreads=1, maxthreads=1, name="test-blobs-one")

@@ -30,7 +30,10 @@ from lightmail.imap.parser import (
     Inflater,
     LineTooLong,
     LiteralTooBig,
+    Part,
+    StreamedLiteral,
     parse_command,
+    streamed_literals,
     tag_of,
 )
 from lightmail.imap.search import MAX_NUMBER64
@@ -125,6 +128,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.compressor: Any = None
         self.inflater: Optional[Inflater] = None    # COMPRESS=DEFLATE input
         self._taking = False                        # take_input() is running
+        self._input_paused = False                  # the transport is not read
+        self._waiting_for_blobs = False             # for a streamed literal's writer
         self._out: Optional[list[bytes]] = None     # collecting a command's output
         self._out_size = 0
         self._logged_in = False
@@ -164,6 +169,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.setTimeout(None)
         self._logged_in_now()
         self.closing = True
+        self.reader.reset()         # a literal half streamed leaves no temporary blob
         self.fail_paused(reason)
         self._unselect()
         if self._logged_in:
@@ -184,14 +190,16 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             self.close_with("* BYE Autologout; log in sooner")
 
     def _logged_in_now(self) -> None:
-        """Login done (or the session gone): the login deadline goes, and the input
-        limits become those of a user's session."""
+        """Login done (or the session gone): the login deadline goes, the input
+        limits become those of a user's session, and APPEND's message streams to the
+        blob store rather than sitting in memory."""
         deadline, self._login_deadline = self._login_deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
         self.reader.max_line = self.cfg.max_line_length
         self.reader.max_literal = self.cfg.max_literal
         self.reader.max_command = self.cfg.max_literal + self.cfg.max_line_length
+        self.reader.stream_appends(self.store.blobs)
 
     def drain(self) -> None:
         if not self.busy:
@@ -274,6 +282,33 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             self._inflate_and_process()
         finally:
             self._taking = False
+        self._regulate_input()
+
+    def _regulate_input(self) -> None:
+        """Read the connection only while its input can be taken: not while a
+        command runs and the input behind it (LITERAL+ lets a client pipeline a
+        whole message) already fills the reader's room, nor while a streamed
+        literal's blob writer is behind.  So what a session holds of its input stays
+        a few chunks, whatever the client sends."""
+        if self.transport is None or self.closing:
+            return
+        behind = self.reader.behind()
+        if behind and not self._waiting_for_blobs:
+            self._waiting_for_blobs = True
+            self.reader.caught_up().addBoth(self._blobs_caught_up)
+        compressed = self.inflater.pending() if self.inflater is not None else 0
+        full = behind or self.reader.room() <= 0 or compressed > Inflater.STEP
+        if full != self._input_paused:
+            self._input_paused = full
+            if full:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            else:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _blobs_caught_up(self, _: Any) -> None:
+        self._waiting_for_blobs = False
+        if not self.closing:
+            self.take_input()
 
     def _inflate_and_process(self) -> None:
         """Under COMPRESS, inflate only what the reader has room for, process it,
@@ -344,20 +379,26 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
 
     # -- dispatch -------------------------------------------------------------------
 
-    def _dispatch(self, parts: list[bytes]) -> None:
+    def _dispatch(self, parts: list[Part]) -> None:
+        # A streamed literal that its command did not stage (refused, failed, or not
+        # APPEND's message after all) is thrown away when the command is done.
+        streamed = streamed_literals(parts)
         try:
             command = parse_command(parts)
         except ParseError as exc:
+            _discard(streamed)
             self.tagged(tag_of(parts), "BAD", str(exc))
             self._error()
             return
         entry = COMMANDS.get(command.name)
         if entry is None:
+            _discard(streamed)
             self.tagged(command.tag, "BAD", f"Unknown command {command.name[:30]}")
             self._error()
             return
         states, method = entry
         if self.state not in states:
+            _discard(streamed)
             self.tagged(command.tag, "BAD",
                         f"{command.name} is not allowed in the {self.state} state")
             self._error()
@@ -366,6 +407,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self._out = []
         d = defer.ensureDeferred(self._run(command, getattr(self, method)))
         d.addErrback(self._internal_error, command)
+        if streamed:
+            d.addBoth(_discarding, streamed)
         d.addBoth(self._done)
 
     async def _run(self, command: Command,
@@ -558,6 +601,16 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if self.selected is not None:
             self.hub.unwatch(self.selected.id, self)
             self.selected = None
+
+
+def _discard(streamed: list[StreamedLiteral]) -> None:
+    for literal in streamed:
+        literal.discard()
+
+
+def _discarding(result: Any, streamed: list[StreamedLiteral]) -> Any:
+    _discard(streamed)
+    return result
 
 
 def parse_number(value: Any, allow_zero: bool = True) -> int:

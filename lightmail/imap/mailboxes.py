@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.internet.defer import Deferred
+
 from lightmail.imap.core import (
     AUTHENTICATED,
     FLAG_RE,
@@ -31,6 +33,7 @@ from lightmail.imap.names import (
 )
 from lightmail.imap.parser import (
     Command,
+    StreamedLiteral,
 )
 from lightmail.imap.selected import SelectedMailbox
 from lightmail.imap.sequence import SequenceSet, format_sequence, parse_sequence_set
@@ -418,23 +421,22 @@ class MailboxCommands(SessionCore):
                 and isinstance(args[1], list):
             # RFC 6855 §4: UTF8 (literal8) when UTF8=ACCEPT is on.
             args = args[1]
-        if len(args) != 1 or not isinstance(args[0], bytes):
+        if len(args) != 1 or not isinstance(args[0], (bytes, StreamedLiteral)):
             raise Bad("APPEND needs the message as a literal")
-        data = args[0]
-        # Staged, not yet durable: the write port makes it durable in the worker hop
-        # of the transaction that files it, with the other blobs of its group.
-        writer = self.store.blobs.writer()
-        writer.write(data)
-        staging = writer.stage()
+        message = args[0]
+        size = message.size if isinstance(message, StreamedLiteral) else len(message)
+        box = await self.store.get_mailbox(self.user.id, name)
+        if box is None:
+            raise No("[TRYCREATE] No such mailbox")
+        if self.user.quota_bytes:
+            used = await self.store.usage(self.user.id)
+            if used + size > self.user.quota_bytes:
+                raise No("[OVERQUOTA] Quota exceeded")
+        # Staged only now: a streamed message refused above is still the session's,
+        # which drops its temporary blob when the command ends.
+        staging = self._stage(message)
         staged = None
         try:
-            box = await self.store.get_mailbox(self.user.id, name)
-            if box is None:
-                raise No("[TRYCREATE] No such mailbox")
-            if self.user.quota_bytes:
-                used = await self.store.usage(self.user.id)
-                if used + len(data) > self.user.quota_bytes:
-                    raise No("[OVERQUOTA] Quota exceeded")
             staged = await staging
             appended = await self.store.append(box.id, staged, flags, date)
         except BaseException:
@@ -444,6 +446,17 @@ class MailboxCommands(SessionCore):
                 staged.discard()          # its temporary file, unless its commit began
             raise
         return ok(f"[APPENDUID {appended.uidvalidity} {appended.uid}] APPEND completed")
+
+    def _stage(self, message: bytes | StreamedLiteral) -> Deferred[IStagedBlob]:
+        """The message, staged, not yet durable: the write port makes it durable in
+        the worker hop of the transaction that files it, with the other blobs of its
+        group.  A message streamed to its blob writer as it came (parser.py) is
+        staged from there; one still in memory (an empty literal) is written here."""
+        if isinstance(message, StreamedLiteral):
+            return message.stage()
+        writer = self.store.blobs.writer()
+        writer.write(message)
+        return writer.stage()
 
     def _flags(self, values: Any) -> list[str]:
         if not isinstance(values, list):

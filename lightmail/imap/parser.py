@@ -7,6 +7,10 @@ then the rest of the command.  :class:`CommandReader` collects those pieces with
 limits enforced before any octet is buffered; :func:`tokenize` turns them into the
 values described in ``tokens.py``.
 
+After login, the message literal of APPEND (up to ``[imap] max_literal``, tens of
+megabytes) goes to a blob writer as it arrives rather than into memory: the command's
+argument is then a :class:`StreamedLiteral`.  Other literals stay in memory.
+
 Under COMPRESS=DEFLATE (RFC 4978) the input reaches the reader through
 :class:`Inflater`, only as fast as the reader has room for it (:meth:`CommandReader.room`):
 a few kilobytes of deflate can expand to gigabytes.
@@ -17,12 +21,54 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from twisted.internet.defer import Deferred, succeed
 
 from lightmail.imap.tokens import Atom, ParseError
+from lightmail.storage.interfaces import IBlobStore, IBlobWriter, IStagedBlob
 
 # A literal announcement at the end of a line: ~{123}, {123} or {123+} / {123-}.
 _LITERAL_AT_END = re.compile(rb"(~?)\{(\d{1,20})([+-]?)\}$")
+
+#: Octets of a streamed literal taken from the input at a time (CommandReader.room).
+STREAM_CHUNK = 64 * 1024
+#: Octets a streamed literal's blob writer may hold in memory before the session stops
+#: reading its input (the writer's pool is behind).
+STREAM_BACKLOG = 1024 * 1024
+
+
+class StreamedLiteral:
+    """A literal that went to a blob writer as it arrived: APPEND's message.
+
+    Its command owns it: :meth:`stage` hands the content over to whoever files it;
+    otherwise :meth:`discard` (the reader's or the session's, when the command is
+    refused, fails or never completes) throws its temporary blob away."""
+
+    def __init__(self, writer: IBlobWriter, size: int) -> None:
+        self.writer = writer
+        self.size = size
+        self._settled = False       # staged or discarded
+
+    def stage(self) -> Deferred[IStagedBlob]:
+        """The content, staged: the caller commits or discards it from now on."""
+        if self._settled:
+            raise RuntimeError("a streamed literal is staged or discarded only once")
+        self._settled = True
+        return self.writer.stage()
+
+    def discard(self) -> None:
+        """Drop the content unless it was staged (then a no-op)."""
+        if not self._settled:
+            self._settled = True
+            self.writer.abort()
+
+    def __repr__(self) -> str:
+        return f"StreamedLiteral({self.size} octets)"
+
+
+# A command's pieces: text, literal, text, literal, ..., text.
+Part = Union[bytes, StreamedLiteral]
 
 
 @dataclass
@@ -52,6 +98,12 @@ class CommandReader:
     next: ``("command", parts)`` when a command is complete, ``("continue", size)``
     when a synchronising literal needs the ``+`` go-ahead, ``("wait", None)`` until
     more input comes.
+
+    Once :meth:`stream_appends` gave it a blob store, APPEND's message literal is
+    written to a blob writer of that store as it arrives (:class:`StreamedLiteral`).
+    The reader owns the streamed literals of a command until it returns the command;
+    those of a command it drops (too long, connection lost: :meth:`reset`) it
+    discards.
     """
 
     def __init__(self, max_line: int, max_literal: int, max_command: int) -> None:
@@ -59,22 +111,54 @@ class CommandReader:
         self.max_literal = max_literal
         self.max_command = max_command
         self.buffer = b""
-        self.parts: list[bytes] = []    # text, literal, text, literal, ..., text
+        self.parts: list[Part] = []     # text, literal, text, literal, ..., text
         self.size = 0
         self.literal_left = 0
         self.discard_left = 0            # octets of a refused non-sync literal to drop
         self.skip_line = False           # then the rest of that command's line
+        self.blobs: Optional[IBlobStore] = None     # where APPEND's message goes
+        self.streaming: Optional[StreamedLiteral] = None   # the literal being streamed
+
+    def stream_appends(self, blobs: IBlobStore) -> None:
+        """From now on (the session logged in), APPEND's message literal goes to a
+        writer of ``blobs`` as it arrives."""
+        self.blobs = blobs
 
     def reset(self) -> None:
-        self.parts, self.size, self.literal_left = [], 0, 0
+        """Forget the command being read; its streamed literals are thrown away."""
+        for part in self.parts:
+            if isinstance(part, StreamedLiteral):
+                part.discard()
+        if self.streaming is not None:
+            self.streaming.discard()
+        self.parts, self.size, self.literal_left, self.streaming = [], 0, 0, None
 
     def room(self) -> int:
         """How many more octets the buffer needs before :meth:`next` or
         :meth:`take_line` can act: the rest of the literal being read, else one line
-        at its longest (a longer one is refused).  Compressed input is inflated only
-        this far at a time."""
-        want = self.literal_left if self.literal_left else self.max_line + 2
+        at its longest (a longer one is refused); for a streamed literal one chunk,
+        or none while its blob writer is behind (:meth:`behind`).  Compressed input
+        is inflated only this far at a time."""
+        if self.streaming is not None:
+            if self.behind():
+                return 0
+            want = min(self.literal_left, STREAM_CHUNK)
+        else:
+            want = self.literal_left if self.literal_left else self.max_line + 2
         return want - len(self.buffer)
+
+    def behind(self) -> bool:
+        """Whether the blob writer of the literal being streamed holds more than
+        STREAM_BACKLOG octets: the session reads no more input until it has caught
+        up (:meth:`caught_up`)."""
+        streaming = self.streaming
+        return streaming is not None and streaming.writer.backlog() > STREAM_BACKLOG
+
+    def caught_up(self) -> Deferred[None]:
+        """Fires once the writer of the literal being streamed holds nothing."""
+        if self.streaming is None:
+            return succeed(None)
+        return self.streaming.writer.drained()
 
     def take_line(self) -> Optional[bytes]:
         """A raw line (without CRLF) for SASL responses and IDLE's DONE."""
@@ -118,6 +202,10 @@ class CommandReader:
                     return "wait", None
             if self._skipping():
                 return "wait", None
+            if self.streaming is not None:
+                if not self._stream():
+                    return "wait", None
+                continue
             if self.literal_left:
                 if len(self.buffer) < self.literal_left:
                     return "wait", None
@@ -139,13 +227,14 @@ class CommandReader:
             match = _LITERAL_AT_END.search(line)
             if match is None:
                 self.parts.append(line)
-                parts = self.parts
+                parts, self.parts = self.parts, []    # the caller's now
                 self.reset()
                 return "command", parts
             size = int(match.group(2))
             sync = match.group(3) != b"+"
             if size > self.max_literal or self.size + size > self.max_command:
                 first = self.parts[0] if self.parts else line
+                assert isinstance(first, bytes)
                 self.reset()
                 if not sync:
                     # RFC 7888 §4: the octets come anyway; drop them and the rest
@@ -155,8 +244,29 @@ class CommandReader:
             self.size += size
             self.parts.append(line)
             self.literal_left = size
+            if self.blobs is not None and size and _is_append_message(self.parts):
+                self.streaming = StreamedLiteral(self.blobs.writer(), size)
             if sync:
                 return "continue", size
+
+    def _stream(self) -> bool:
+        """Hand what is buffered of the streamed literal to its writer; True when the
+        literal is complete (it is then a part of the command)."""
+        streaming = self.streaming
+        assert streaming is not None
+        if len(self.buffer) <= self.literal_left:       # the usual case: no copy
+            taken, self.buffer = self.buffer, b""
+        else:
+            taken = self.buffer[:self.literal_left]
+            self.buffer = self.buffer[self.literal_left:]
+        if taken:
+            self.literal_left -= len(taken)
+            streaming.writer.write(taken)
+        if self.literal_left:
+            return False
+        self.parts.append(streaming)
+        self.streaming = None
+        return True
 
 
 class Inflater:
@@ -176,6 +286,10 @@ class Inflater:
     def feed(self, data: bytes) -> None:
         self._input += data
 
+    def pending(self) -> int:
+        """Compressed octets not inflated yet."""
+        return len(self._input) + len(self._tail)
+
     def inflate(self, limit: int) -> bytes:
         """Up to ``limit`` inflated octets, b"" when none are ready (or ``limit`` is
         not positive); zlib.error on corrupt input."""
@@ -194,9 +308,35 @@ class Inflater:
         return b"".join(out)
 
 
-def tag_of(parts: list[bytes]) -> str:
+def _is_append_message(parts: list[Part]) -> bool:
+    """Whether the literal announced at the end of the last of ``parts`` (the
+    command so far) is APPEND's message: the command is APPEND (its name is the
+    second word of the first line) and the literal is not its first argument, the
+    mailbox name.  The message is the only other literal APPEND has, with or
+    without RFC 6855's ``UTF8 (~{n})`` around it (LightMail has no MULTIAPPEND or
+    CATENATE); any further one makes the command BAD, and it is streamed and
+    dropped all the same."""
+    first = parts[0]
+    assert isinstance(first, bytes)
+    words = first.split(None, 2)
+    if len(words) < 2 or words[1].upper() != b"APPEND":
+        return False
+    if len(parts) > 1:
+        return True             # a literal came before: the mailbox name
+    rest = words[2] if len(words) > 2 else b""
+    match = _LITERAL_AT_END.search(rest)
+    assert match is not None
+    return bool(rest[:match.start()].strip())
+
+
+def streamed_literals(parts: list[Part]) -> list[StreamedLiteral]:
+    return [part for part in parts if isinstance(part, StreamedLiteral)]
+
+
+def tag_of(parts: list[Part]) -> str:
     """The tag of a command, as well as can be told (for BAD replies)."""
     first = parts[0] if parts else b""
+    assert isinstance(first, bytes)
     tag = first.split(b" ", 1)[0].decode("ascii", "replace")
     return tag if tag and _valid_tag(tag) else "*"
 
@@ -210,7 +350,7 @@ def _valid_tag(tag: str) -> bool:
     return _TAG.fullmatch(tag) is not None
 
 
-def parse_command(parts: list[bytes]) -> Command:
+def parse_command(parts: list[Part]) -> Command:
     """Tag, command name and argument tokens of a complete command."""
     tokens = tokenize(parts)
     if not tokens or not isinstance(tokens[0], Atom) or not _valid_tag(tokens[0]):
@@ -224,15 +364,17 @@ def parse_command(parts: list[bytes]) -> Command:
             raise ParseError("UID needs a command")
         name = "UID " + args[0].upper()
         args = args[1:]
-    return Command(str(tokens[0]), name, args, sum(len(p) for p in parts))
+    size = sum(p.size if isinstance(p, StreamedLiteral) else len(p) for p in parts)
+    return Command(str(tokens[0]), name, args, size)
 
 
-def tokenize(parts: list[bytes]) -> list[Any]:
+def tokenize(parts: list[Part]) -> list[Any]:
     """Tokens of a command; literals come from the odd-numbered parts."""
     top: list[Any] = []
     stack: list[list[Any]] = [top]
     for index in range(0, len(parts), 2):
         text = parts[index]
+        assert isinstance(text, bytes)
         literal = parts[index + 1] if index + 1 < len(parts) else None
         if literal is not None:
             match = _LITERAL_AT_END.search(text)

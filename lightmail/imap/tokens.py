@@ -6,6 +6,8 @@ The parser (``parser.py``) turns a command's arguments into Python values:
   ``BODY.PEEK[HEADER.FIELDS (FROM)]<0.100>``; a section in brackets stays in the atom);
 * ``str`` -- a quoted string (RFC 9051 §4.3), already unescaped;
 * ``bytes`` -- a literal (``{n}`` or ``{n+}``/``~{n}``), raw octets;
+* ``StreamedLiteral`` (``parser.py``) -- APPEND's message after login: a literal that
+  went to a blob writer as it arrived, rather than into memory;
 * ``list`` -- a parenthesised list of the above.
 
 An *astring* (RFC 9051 §9) is any of Atom, str or bytes: :func:`astring` reads one.

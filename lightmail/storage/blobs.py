@@ -747,6 +747,8 @@ class _BlobWriter:
         self._committing = False
         self._error: Failure | None = None
         self._finished: Deferred[BlobRef] | None = None
+        self._flying = 0            # octets in the pool call in flight
+        self._drain_waiters: list[Deferred[None]] = []
         # The message's start, until its header block is complete (then None).
         self._head: bytearray | None = bytearray()
         self._headers: bytes | None = None
@@ -780,6 +782,18 @@ class _BlobWriter:
             self._headers = b""
             self._head = None
 
+    def backlog(self) -> int:
+        return self._buflen + self._flying
+
+    def drained(self) -> Deferred[None]:
+        """IBlobWriter: what is buffered goes to the pool now, below the threshold."""
+        if not self.backlog():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        self._advance()
+        return d
+
     def finish(self) -> Deferred[BlobRef]:
         if self._state is not _State.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
@@ -803,7 +817,9 @@ class _BlobWriter:
         self._end_head()
         self._state = _State.FINISHED
         ref = BlobRef(self._hash.hexdigest(), self._size, self._headers)
-        return succeed(PendingBlob(self._store, self._tmp, self._take(), ref))
+        pending = PendingBlob(self._store, self._tmp, self._take(), ref)
+        self._wake_drained()        # what was buffered is the staged blob's now
+        return succeed(pending)
 
     def _end_head(self) -> None:
         if self._head is not None:
@@ -824,6 +840,12 @@ class _BlobWriter:
         chunks, self._buf, self._buflen = self._buf, [], 0
         return chunks
 
+    def _take_to_write(self) -> list[bytes]:
+        """The buffered chunks, for a pool call that writes them (in flight until it
+        returns)."""
+        self._flying = self._buflen
+        return self._take()
+
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._busy = True
         d = self._store._defer(fn, *args)
@@ -831,17 +853,20 @@ class _BlobWriter:
 
     def _done(self, _: None) -> None:
         self._busy = False
+        self._flying = 0
         if self._committing:
             self._committing = False
             self._state = _State.FINISHED
             d, self._finished = self._finished, None
             assert d is not None
             d.callback(BlobRef(self._hash.hexdigest(), self._size, self._headers))
+            self._wake_drained()
             return
         self._advance()
 
     def _failed(self, failure: Failure) -> None:
         self._busy = False
+        self._flying = 0
         self._committing = False
         if self._error is None:
             self._error = failure
@@ -862,12 +887,21 @@ class _BlobWriter:
                 d, self._finished = self._finished, None
                 assert d is not None and self._error is not None
                 d.errback(self._error)
+            self._wake_drained()
             return
         if self._state is _State.FINISHING:
             self._committing = True
-            self._submit(self._tmp.commit, self._take(), self._hash.hexdigest())
-        elif self._buflen >= self._store.flush_threshold:
-            self._submit(self._tmp.append, self._take())
+            self._submit(self._tmp.commit, self._take_to_write(), self._hash.hexdigest())
+        elif self._buflen >= self._store.flush_threshold or (
+                self._drain_waiters and self._buflen):
+            self._submit(self._tmp.append, self._take_to_write())
+        self._wake_drained()
+
+    def _wake_drained(self) -> None:
+        if self._drain_waiters and not self.backlog():
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
 
 
 @implementer(IStagedBlob)

@@ -213,6 +213,15 @@ class IBlobWriter(Interface):
     def write(data: bytes) -> None:
         """Add ``data`` to the blob.  Buffers; never blocks the reactor."""
 
+    def backlog() -> int:
+        """Octets written and still held in memory, not yet in the blob's file: a
+        caller that streams a large input stops reading it while this is high."""
+
+    def drained() -> Deferred[None]:
+        """Fires once the octets written so far are out of memory: in the blob's
+        file, or dropped because the writer failed or was aborted (:meth:`finish` and
+        :meth:`stage` report a failure).  At once when none are held."""
+
     def finish() -> Deferred[BlobRef]:
         """Make the blob durable (fsync file and directory) and return its ref.
 
