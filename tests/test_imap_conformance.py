@@ -1939,3 +1939,76 @@ def test_subscriptions_outlive_delete_and_childinfo_only_for_unlisted_children(
     client.cmd("CREATE", f"{base}/t1").ok()
     again = listed(client.cmd("LIST", "(SUBSCRIBED)", '""', f"{base}/t1").ok())
     assert set(again) == {f"{base}/t1"} and "\\nonexistent" not in again[f"{base}/t1"]
+
+
+@wire
+def test_esearch_modseq_of_min_and_max(server: Target) -> None:
+    """RFC 7162 §3.1.5 with ESEARCH: MODSEQ is the highest of the messages the answer
+    names: MIN's alone, MAX's alone, the higher of the two for both, all of them for
+    ALL/COUNT; and a FETCH of MODSEQ (a CONDSTORE-enabling command) with a mailbox
+    selected is answered with OK [HIGHESTMODSEQ] first (§3.1)."""
+    client = server.session()
+    seed(client, [note(n) for n in range(1, 5)])
+    client.select()
+    first = client.cmd("FETCH", "1", "MODSEQ").ok()
+    assert first.code_value("HIGHESTMODSEQ") is not None, str(first)
+    assert client.cmd("FETCH", "1", "MODSEQ").ok().code_value("HIGHESTMODSEQ") is None
+    modseq = {}
+    for number in (1, 3, 2, 4):            # stored in this order: 2 is above 3
+        stored = client.cmd("STORE", str(number), "+FLAGS", "\\Seen").ok().fetches()
+        modseq[number] = int(stored[number]["MODSEQ"][0])
+    assert modseq[1] < modseq[3] < modseq[2] < modseq[4]
+
+    def esearch(returns: str, numbers: str, since: int = 1) -> dict[str, str]:
+        found = client.cmd("SEARCH", "RETURN", f"({returns})", numbers, "MODSEQ",
+                           quote("/flags/\\seen"), "all", str(since)).ok()
+        data = found.one("ESEARCH").data[1:]
+        return {str(data[i]).upper(): str(data[i + 1]) for i in range(0, len(data), 2)}
+
+    assert esearch("MIN", "1:3") == {"MIN": "1", "MODSEQ": str(modseq[1])}
+    assert esearch("MAX", "1:3") == {"MAX": "3", "MODSEQ": str(modseq[3])}
+    assert esearch("", "1:3") == {"ALL": "1:3", "MODSEQ": str(modseq[2])}
+    assert esearch("MIN MAX", "2:3") == {"MIN": "2", "MAX": "3", "MODSEQ": str(modseq[2])}
+    assert esearch("COUNT", "1,3") == {"COUNT": "2", "MODSEQ": str(modseq[3])}
+    assert esearch("ALL", "2:3", modseq[2]) == {"ALL": "2", "MODSEQ": str(modseq[2])}
+    assert esearch("ALL", "2:3", modseq[4]) == {}
+
+
+# Empty parts and headers: a text part with no content, a message/rfc822 part with
+# nothing in it, and (in a message of its own) a header with no blank line after it.
+EMPTY_PARTS = (
+    b"From: a@example.org\r\nSubject: empty\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+    b"--b\r\nContent-Type: text/plain\r\n\r\n"
+    b"\r\n--b\r\nContent-Type: message/rfc822\r\n\r\n"
+    b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n")
+
+
+@wire
+def test_empty_parts_and_headers(server: Target) -> None:
+    """RFC 9051 §6.4.5 / RFC 3516: an empty part is an empty string (both servers
+    send a zero-length literal), a message/rfc822 part with nothing in it has an
+    empty header, a subset of header fields always ends with a blank line, and a
+    partial fetch beyond the end is empty."""
+    client = server.session()
+    seed(client, [EMPTY_PARTS, b"Subject: nothing"])
+    client.select()
+    expected = {
+        (1, "BODY.PEEK[1]"): b"BODY[1] {0}\r\n", (1, "BINARY.PEEK[1]"): b"BINARY[1] {0}\r\n",
+        (1, "BINARY.SIZE[1]"): b"BINARY.SIZE[1] 0",
+        (1, "BODY.PEEK[1]<0.10>"): b"BODY[1]<0> {0}\r\n",
+        (1, "BODY.PEEK[2.HEADER]"): b"BODY[2.HEADER] {0}\r\n",
+        (1, "BODY.PEEK[2.TEXT]"): b"BODY[2.TEXT] {0}\r\n",
+        (1, "BODY.PEEK[1.1]"): b"BODY[1.1] {0}\r\n",
+        (1, "BODY.PEEK[TEXT]<200.10>"): b"BODY[TEXT]<200> {0}\r\n",
+        (2, "BODY.PEEK[HEADER.FIELDS (XYZ)]"): b"BODY[HEADER.FIELDS (XYZ)] {2}\r\n\r\n",
+        (2, "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"):
+            b"BODY[HEADER.FIELDS (SUBJECT)] {20}\r\nSubject: nothing\r\n\r\n",
+        (2, "BODY.PEEK[HEADER]"): b"BODY[HEADER] {16}\r\nSubject: nothing",
+        (2, "BODY.PEEK[TEXT]"): b"BODY[TEXT] {0}\r\n",
+        (2, "BINARY.PEEK[1]"): b"BINARY[1] {0}\r\n",
+    }
+    for (number, item), answer in expected.items():
+        found = client.cmd("FETCH", str(number), f"({item})").ok().one("FETCH")
+        assert found.line.raw == b"* %d FETCH (" % number + answer + b")", \
+            (item, found.line.raw)

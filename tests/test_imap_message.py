@@ -518,11 +518,12 @@ def test_header_fields_with_folded_lines() -> None:
 
 def test_header_fields_without_a_blank_line() -> None:
     # RFC 9051 §6.4.5: no blank line for "a message which has no body and no blank
-    # line".
+    # line"; a subset of its fields still ends with one, as Dovecot sends it.
     message = ParsedMessage(b"Subject: x\r\nFrom: y")
     assert message.section(Section(text="HEADER")) == b"Subject: x\r\nFrom: y"
     assert message.section(Section(text="HEADER.FIELDS", fields=("from", "subject"))) == \
-        b"Subject: x\r\nFrom: y\r\n"
+        b"Subject: x\r\nFrom: y\r\n\r\n"
+    assert message.section(Section(text="HEADER.FIELDS", fields=("xyz",))) == b"\r\n"
     assert message.section(Section(text="TEXT")) == b""
 
 

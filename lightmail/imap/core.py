@@ -561,6 +561,15 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             out += b" MODSEQ (%d)" % info.modseq
         return out + b")"
 
+    def enable_condstore(self) -> None:
+        """A CONDSTORE-enabling command (RFC 7162 §3.1): the first one tells the
+        client the selected mailbox's HIGHESTMODSEQ, which it may not have had."""
+        if "CONDSTORE" in self.enabled:
+            return
+        self.enabled.add("CONDSTORE")
+        if self.selected is not None:
+            self.untagged(f"OK [HIGHESTMODSEQ {self.selected.modseq}] Highest")
+
     @property
     def _condstore(self) -> bool:
         return "CONDSTORE" in self.enabled or "QRESYNC" in self.enabled

@@ -396,7 +396,7 @@ class MailboxCommands(SessionCore):
         if first_recent is not None:
             values["RECENT"] = status.from_uid
         if "HIGHESTMODSEQ" in items:
-            self.enabled.add("CONDSTORE")
+            self.enable_condstore()
         body = " ".join(f"{item} {values[item]}" for item in items)
         self.untagged(b"STATUS " + self._show(box.name) + f" ({body})".encode())
 

@@ -800,7 +800,14 @@ class ParsedMessage:
         if s.text == "MIME":
             return self.raw[node.start:node.body_start]
         # HEADER, HEADER.FIELDS(.NOT) and TEXT of a part are of a message/rfc822.
-        return b"" if node.message is None else self._message_section(node.message, s)
+        embedded = node.message
+        if embedded is None:
+            return b""
+        if s.text == "HEADER" and not embedded.fields and embedded.body_start >= embedded.end:
+            # A message/rfc822 part with nothing in it: the line end there belongs
+            # to the boundary after it, as Dovecot reads it, so no header at all.
+            return b""
+        return self._message_section(embedded, s)
 
     def _message_section(self, entity: _Entity, s: Section) -> bytes:
         raw = self.raw
@@ -818,8 +825,10 @@ class ParsedMessage:
                 text = raw[item.start:item.end]
                 out.append(text if text.endswith(b"\n") else text + b"\r\n")
         # "the blank line is included in all header fetches, except in the case of a
-        # message which has no body and no blank line" (RFC 9051 §6.4.5).
-        out.append(raw[entity.header_end:entity.body_start])
+        # message which has no body and no blank line" (RFC 9051 §6.4.5): a subset
+        # of fields ends with one in any case, as Dovecot sends it, so that a client
+        # can tell where the fields end.
+        out.append(raw[entity.header_end:entity.body_start] or b"\r\n")
         return b"".join(out)
 
     # --- BINARY[part] (RFC 3516) ------------------------------------------------------

@@ -213,7 +213,7 @@ class MessageCommands(MailboxCommands):
         if changed_since is not None and not any(i.name == "MODSEQ" for i in items):
             items.append(fetching.FetchItem("MODSEQ"))
         if any(item.name == "MODSEQ" for item in items):
-            self.enabled.add("CONDSTORE")
+            self.enable_condstore()
         if changed_since is not None:
             if vanished:
                 changes = await self.store.changes_since(selected.id, changed_since)
@@ -382,7 +382,7 @@ class MessageCommands(MailboxCommands):
             if len(mods) != 2 or astring(mods[0]).upper() != "UNCHANGEDSINCE":
                 raise Bad("STORE modifier must be (UNCHANGEDSINCE n)")
             unchanged_since = parse_number(mods[1])
-            self.enabled.add("CONDSTORE")
+            self.enable_condstore()
         action = astring(args.pop(0)).upper()
         match = re.match(r"^([+-]?)FLAGS(\.SILENT)?$", action)
         if match is None or not args:
@@ -553,10 +553,16 @@ class MessageCommands(MailboxCommands):
             returns = ["ALL"]
         found, key, _ = await self._matching(args)
         numbers = [view.uid if uid else view.seq for view in found]
-        modseq = max((view.modseq for view in found), default=0) \
-            if searching.uses_modseq(key) else None
-        if modseq is not None:
-            self.enabled.add("CONDSTORE")
+        modseq = None
+        if searching.uses_modseq(key):
+            self.enable_condstore()
+            # RFC 7162 §3.1.5: the highest MODSEQ of the messages the answer names:
+            # all of them with ALL or COUNT (or plain SEARCH), else MIN's and MAX's.
+            named = found
+            if returns is not None and not {"ALL", "COUNT"} & set(returns):
+                named = (found[:1] if "MIN" in returns else []) + \
+                    (found[-1:] if "MAX" in returns else [])
+            modseq = max((view.modseq for view in named), default=0)
         if returns is None:
             text = "SEARCH" + "".join(f" {n}" for n in numbers)
             if modseq and numbers:
