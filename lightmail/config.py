@@ -296,6 +296,24 @@ def parse_choices(*choices: str) -> Callable[[str, Path], tuple[str, ...]]:
     return parse
 
 
+SASL_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1",
+                   "SCRAM-SHA-1-PLUS")
+
+
+def parse_mechanisms(raw: str, base: Path) -> tuple[str, ...]:
+    values = tuple(value.upper() for value in parse_list(raw, base))
+    for value in values:
+        if value not in SASL_MECHANISMS:
+            raise _BadValue(f"unknown SASL mechanism {value!r}; known: "
+                            + ", ".join(SASL_MECHANISMS))
+    if not values:
+        raise _BadValue("at least one mechanism is needed")
+    return values
+
+
+parse_mechanisms.__doc__ = "some of: " + ", ".join(SASL_MECHANISMS)
+
+
 def _check_range(value: int, minimum: int, maximum: int | None, raw: str) -> None:
     if value < minimum:
         raise _BadValue(f"must be at least {minimum}, got {raw!r}")
@@ -431,6 +449,40 @@ class DirectoryConfig:
     auth_over_plaintext: bool = option(
         False, parse_bool,
         "Allow password authentication on connections without TLS (not for production).")
+    mechanisms: tuple[str, ...] = option(
+        ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"), parse_mechanisms,
+        "SASL mechanisms offered by SMTP AUTH, IMAP AUTHENTICATE and POP3 AUTH, in this "
+        "order.  -PLUS ones (channel binding: tls-exporter on TLS 1.3, "
+        "tls-server-end-point) only on TLS connections.  SCRAM-SHA-1 is there for old "
+        "clients, off unless named.  Every mechanism, like LOGIN, needs TLS unless "
+        "auth_over_plaintext.",
+        shown_default="PLAIN LOGIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS")
+    scram_iterations: int = option(
+        4096, parse_int(minimum=4096),
+        "PBKDF2 iterations of the SCRAM keys made when a password is set (RFC 7677 asks "
+        "at least 4096); keys made with fewer are remade at the user's next password "
+        "login.")
+    login_failure_window: float = option(
+        900.0, parse_duration(minimum=1.0),
+        "How long a failed login counts against its client network (its IPv4 address, "
+        "or IPv6 /64) and its account, and how long a lockout lasts.")
+    login_delay_after: int = option(
+        3, parse_int(minimum=1),
+        "Failures (of a network or an account, within the window) after which the "
+        "answer to each failed login is held back: first_delay, doubled each time.")
+    login_max_delay: float = option(
+        15.0, parse_duration(minimum=0.0),
+        "The longest a failed login's answer is held back (the first is 1 s).")
+    lockout_after: int = option(
+        10, parse_int(minimum=0),
+        "Failures from one client network within the window after which its logins are"
+        " refused unchecked, with the answer of a wrong password, until the window "
+        "passes.  0 disables.")
+    account_lockout_after: int = option(
+        50, parse_int(minimum=0),
+        "Failures on one account from anywhere within the window after which it is "
+        "locked the same way.  High by default: anyone can lock an account they can "
+        "name.  0 disables.")
     auth_cache_ttl: float = option(
         600.0, parse_duration(minimum=0.0),
         "How long a verified password is remembered (in memory, as an HMAC with a "

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
+from twisted.internet.interfaces import ISSLTransport, ISystemHandle
 from twisted.internet.ssl import ContextFactory
 
 from lightmail.config import ListenerConfig
@@ -74,3 +76,36 @@ class ServerTLS(ContextFactory):
 def server_context(listener: ListenerConfig) -> Any:
     assert listener.tls_cert is not None and listener.tls_key is not None
     return ServerTLS([(listener.tls_cert, listener.tls_key), *listener.tls_sni])
+
+
+# -- channel binding (SCRAM-*-PLUS) ----------------------------------------------------
+
+def channel_bindings(transport: Any) -> dict[str, bytes]:
+    """The channel binding data of a TLS connection, by type: ``tls-exporter`` (RFC
+    9266, on TLS 1.3 only: on TLS 1.2 it is unsafe without extended master secrets)
+    and ``tls-server-end-point`` (RFC 5929 §4: the hash of our certificate).  Empty
+    for a connection without TLS."""
+    if not ISSLTransport.providedBy(transport):
+        return {}
+    # Twisted's TLS transports are also ISystemHandles: the handle is the pyOpenSSL
+    # connection.
+    connection = cast(SSL.Connection, ISystemHandle(transport).getHandle())
+    out: dict[str, bytes] = {}
+    if connection.get_protocol_version_name() == "TLSv1.3":
+        out["tls-exporter"] = connection.export_keying_material(
+            b"EXPORTER-Channel-Binding", 32, b"")
+    certificate = connection.get_certificate()
+    if certificate is not None:
+        out["tls-server-end-point"] = end_point_hash(certificate.to_cryptography())
+    return out
+
+
+def end_point_hash(certificate: x509.Certificate) -> bytes:
+    """RFC 5929 §4.1: the certificate hashed with its signature's hash, SHA-256 when
+    that is MD5 or SHA-1 (or the signature has none of its own, as Ed25519)."""
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or algorithm.name in ("md5", "sha1"):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(certificate.public_bytes(serialization.Encoding.DER))
+    return digest.finalize()

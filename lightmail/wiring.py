@@ -32,10 +32,13 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from twisted.cred.portal import Portal
+from twisted.internet import reactor
 
+from lightmail import sasl
 from lightmail.config import Config
 from lightmail.delivery.local import LocalDeliveryAgent
-from lightmail.directory.cred import make_portal
+from lightmail.directory.cred import make_portal, stand_in_secret
+from lightmail.directory.logins import GuardSettings, LocalFailureCounts, LoginGuard, Logins
 from lightmail.directory.sql import SQLDirectory
 from lightmail.imap.hub import MailboxHub
 from lightmail.pop3.maildrop import Locks
@@ -68,6 +71,10 @@ class Services:
     storage: StorageService
     directory: SQLDirectory
     portal: Portal
+    #: Logging in for every protocol: the portal behind the guard against guessing.
+    logins: Logins
+    #: The SASL mechanisms offered, and what they need.
+    sasl: sasl.Offer
     #: The queue runner (in a worker process, a stand-in whose kick() asks the main
     #: process's runner to look for work).
     queue_runner: IQueueKick
@@ -105,11 +112,21 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     write port, given the engine LightMail would run (see docs/embedding.rst).
     """
     storage = _storage(config, role, writer_socket, write_port)
+    auth = config.directory
     directory = SQLDirectory(storage.db,
-                             recipient_delimiter=config.directory.recipient_delimiter,
-                             default_quota=config.directory.default_quota,
-                             resolve_cache_ttl=config.directory.resolve_cache_ttl)
-    portal = make_portal(directory, storage.mailstore, config.directory.auth_cache_ttl)
+                             recipient_delimiter=auth.recipient_delimiter,
+                             default_quota=auth.default_quota,
+                             resolve_cache_ttl=auth.resolve_cache_ttl,
+                             scram_iterations=auth.scram_iterations)
+    portal = make_portal(directory, storage.mailstore, auth.auth_cache_ttl,
+                         auth.scram_iterations)
+    guard = LoginGuard(
+        GuardSettings(window=auth.login_failure_window, delay_after=auth.login_delay_after,
+                      max_delay=auth.login_max_delay, lockout_after=auth.lockout_after,
+                      account_lockout_after=auth.account_lockout_after),
+        LocalFailureCounts(auth.login_failure_window, reactor.seconds))  # type: ignore[attr-defined]
+    offer = sasl.Offer(auth.mechanisms, directory, stand_in_secret(config.server.state_dir),
+                       auth.scram_iterations)
     local_delivery = LocalDeliveryAgent(directory, storage.write_port, config.node_id)
     runner: IQueueKick
     if role is Role.WORKER:
@@ -128,8 +145,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
         locks, hub = Locks(), MailboxHub()
     storage.mailstore.add_listener(hub)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
-                    queue_runner=runner, local_delivery=local_delivery, pop3_locks=locks,
-                    imap_hub=hub)
+                    logins=Logins(portal, guard), sasl=offer, queue_runner=runner,
+                    local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub)
 
 
 def _storage(config: Config, role: Role, writer_socket: str | None,

@@ -8,7 +8,8 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        /usr/sbin/dovecot:dovecot-core /usr/lib/dovecot/lmtp:dovecot-lmtpd
        /usr/lib/dovecot/pop3:dovecot-pop3d /usr/lib/dovecot/imap:dovecot-imapd
-       getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools)
+       getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools
+       gsasl:gsasl)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;

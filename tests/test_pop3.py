@@ -153,7 +153,8 @@ def test_tls_is_required_for_passwords_stls_and_implicit(tmp_path: Path) -> None
         assert out["user_plain"].startswith("-ERR [AUTH]")
         assert out["auth_plain"].startswith("-ERR [AUTH]")
         assert "USER" in out["capa_tls"] and "STLS" not in out["capa_tls"]
-        assert out["capa_tls"]["SASL"] == ["PLAIN", "LOGIN"]
+        assert out["capa_tls"]["SASL"] == ["PLAIN", "LOGIN", "SCRAM-SHA-256",
+                                          "SCRAM-SHA-256-PLUS"]
         assert out["wrong"].startswith("-ERR [AUTH]")
         assert out["stat"][0] == 3 and out["ssl_stat"][0] == 3
     finally:

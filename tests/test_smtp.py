@@ -37,7 +37,8 @@ def test_ehlo_offers_the_right_extensions_per_listener(tmp_path: Path) -> None:
         [sub] = yield in_thread(session, server.ports["submission"], "EHLO c")
         assert "AUTH" not in sub                     # not before TLS
         [tls] = yield in_thread(session, server.ports["submissions"], "EHLO c", tls=True)
-        assert "250 AUTH PLAIN LOGIN" in tls and "STARTTLS" not in tls
+        assert "250 AUTH PLAIN LOGIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS" in tls
+        assert "STARTTLS" not in tls
     finally:
         yield server.root.stopService()
 

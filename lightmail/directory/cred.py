@@ -12,17 +12,20 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from lightmail.directory.interfaces import IDirectory, IMailAccount, User
-from lightmail.directory.passwords import verify_password_async
+from lightmail.directory import scram
+from lightmail.directory.interfaces import IDirectory, IMailAccount, IScramVerifiers, User
+from lightmail.directory.passwords import Secrets, upgraded_secrets, verify_password_async
 from lightmail.storage.interfaces import IMailStore
 
 
@@ -71,10 +74,13 @@ class SQLPasswordChecker:
     credentialInterfaces = (credentials.IUsernamePassword,)
     log = Logger()
 
-    def __init__(self, directory: Any, cache_ttl: float = 0.0) -> None:
-        # Any directory offering password_hash(address) -> (User | None, hash | None).
+    def __init__(self, directory: Any, cache_ttl: float = 0.0,
+                 scram_iterations: int = scram.DEFAULT_ITERATIONS) -> None:
+        # The SQL directory: login_secrets(address) -> (User, hash, SCRAM verifiers)
+        # and store_secrets(user id, Secrets, replacing hash).
         self.directory = directory
         self.cache = VerifiedCache(cache_ttl)
+        self.scram_iterations = scram_iterations
 
     @inlineCallbacks
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> Any:
@@ -84,7 +90,7 @@ class SQLPasswordChecker:
         password: Any = creds.password
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
-        user, stored = yield self.directory.password_hash(username)
+        user, stored, verifiers = yield self.directory.login_secrets(username)
         key = user.address if user is not None else ""
         ok = bool(key) and self.cache.hit(key, stored, password)
         if not ok:
@@ -92,7 +98,44 @@ class SQLPasswordChecker:
             ok = yield verify_password_async(stored, password)
             if ok and key and stored is not None:
                 self.cache.remember(key, stored, password)
+                self._upgrade(user, stored, verifiers, password)
         if not ok or user is None or not user.enabled:
+            raise error.UnauthorizedLogin("authentication failed")
+        return user.address
+
+    def _upgrade(self, user: User, stored: str, verifiers: Optional[str],
+                 password: str) -> None:
+        """A password just verified is the moment to make what was missing: SCRAM
+        keys for a password set before SCRAM, a hash with today's parameters.  In
+        the background: the login does not wait for it."""
+        d = deferToThread(upgraded_secrets, password, stored, verifiers,
+                          self.scram_iterations)
+
+        def store(secrets: Optional[Secrets]) -> Any:
+            if secrets is not None:
+                return self.directory.store_secrets(user.id, secrets, stored)
+            return None
+        d.addCallback(store).addErrback(
+            lambda failure: self.log.failure("could not upgrade the stored secrets of "
+                                             "{user}", failure, user=user.address))
+
+
+@implementer(ICredentialsChecker)
+class ScramChecker:
+    """Checks a SCRAM exchange's proof (``sasl/scram.py``) against the user's stored
+    keys: the mechanism checked it too, but only a checker decides a login."""
+
+    credentialInterfaces = (scram.IScramProof,)
+
+    def __init__(self, directory: IScramVerifiers) -> None:
+        self.directory = directory
+
+    @inlineCallbacks
+    def requestAvatarId(self, creds: scram.IScramProof) -> Any:
+        username = creds.username.decode("utf-8", "replace")
+        user, verifier = yield self.directory.scram_verifier(username, creds.algorithm)
+        if user is None or verifier is None or not user.enabled \
+                or not scram.client_proof_matches(verifier, creds.auth_message, creds.proof):
             raise error.UnauthorizedLogin("authentication failed")
         return user.address
 
@@ -132,9 +175,30 @@ class MailRealm:
         return IMailAccount, account, account.logout
 
 
-def make_portal(directory: Any, mailstore: IMailStore, auth_cache_ttl: float = 0.0) -> Portal:
+def stand_in_secret(state_dir: Path) -> bytes:
+    """This server's key for the made-up SCRAM salts of unknown users: kept in the
+    state directory, so that they stay the same across restarts and processes (a
+    salt that changed would tell that the user is made up)."""
+    path = state_dir / "sasl-stand-in.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:               # another process made it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as out:
+        out.write(os.urandom(32))
+    return path.read_bytes()
+
+
+def make_portal(directory: Any, mailstore: IMailStore, auth_cache_ttl: float = 0.0,
+                scram_iterations: int = scram.DEFAULT_ITERATIONS) -> Portal:
     return Portal(MailRealm(directory, mailstore),
-                  [SQLPasswordChecker(directory, auth_cache_ttl)])
+                  [SQLPasswordChecker(directory, auth_cache_ttl, scram_iterations),
+                   ScramChecker(directory)])
 
 
 def login(portal: Portal, username: str, password: str) -> Deferred[Any]:

@@ -7,7 +7,7 @@ Portal for an avatar and never see password hashes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -97,6 +97,14 @@ class IDirectory(Interface):
 
     def allowed_senders(user: User) -> Deferred[list[str]]:
         """Addresses ``user`` may use in MAIL FROM on submission."""
+
+
+class IScramVerifiers(Interface):
+    """Where SCRAM finds a user's stored keys (``directory/scram.py``)."""
+
+    def scram_verifier(address: str, algorithm: str) -> Deferred[tuple[Optional[User], Any]]:
+        """The user (None if unknown) and their Verifier for ``algorithm`` (None if
+        they have none: a password set before SCRAM, or no password)."""
 
 
 class IMailAccount(Interface):

@@ -7,10 +7,15 @@ in a thread.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
+
+from lightmail.directory import scram
 
 # argon2-cffi's defaults are RFC 9106's low-memory profile (t=3, m=64 MiB, p=4).
 _hasher = PasswordHasher()
@@ -44,3 +49,33 @@ def hash_password_async(password: str) -> Deferred[str]:
 
 def verify_password_async(stored_hash: str | None, password: str) -> Deferred[bool]:
     return threads.deferToThread(verify_password, stored_hash, password)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What is kept of a password: its argon2 hash and its SCRAM verifiers."""
+
+    password_hash: str
+    scram_verifiers: str
+
+
+def make_secrets(password: str, iterations: int = scram.DEFAULT_ITERATIONS) -> Secrets:
+    return Secrets(hash_password(password), scram.make_verifiers(password, iterations))
+
+
+def make_secrets_async(password: str, iterations: int = scram.DEFAULT_ITERATIONS
+                       ) -> Deferred[Secrets]:
+    return threads.deferToThread(make_secrets, password, iterations)
+
+
+def upgraded_secrets(password: str, stored_hash: str, verifiers: Optional[str],
+                     iterations: int = scram.DEFAULT_ITERATIONS) -> Optional[Secrets]:
+    """After a successful password login: new secrets if the hash's parameters are
+    old or the SCRAM verifiers are missing or weaker than configured, else None."""
+    current = scram.find_verifier(verifiers, "SHA-256")
+    if not needs_rehash(stored_hash) and current is not None \
+            and current.iterations >= iterations \
+            and all(scram.find_verifier(verifiers, a) for a in scram.ALGORITHMS):
+        return None
+    rehashed = hash_password(password) if needs_rehash(stored_hash) else stored_hash
+    return Secrets(rehashed, scram.make_verifiers(password, iterations))

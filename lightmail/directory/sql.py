@@ -11,15 +11,17 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from zope.interface import implementer
 
 from lightmail.address import AddressError, normalise_address, normalise_domain, split_address
+from lightmail.directory import scram
 from lightmail.directory.interfaces import (
     Alias,
     DirectoryError,
     IDirectory,
+    IScramVerifiers,
     LocalTarget,
     Resolution,
     User,
 )
-from lightmail.directory.passwords import hash_password_async
+from lightmail.directory.passwords import Secrets, make_secrets_async
 from lightmail.storage import schema as s
 from lightmail.storage.database import Database, first_direct, now_ms, rows_direct
 from lightmail.storage.sqlstore import release_blob_ref
@@ -66,11 +68,13 @@ _ALIAS_DESTS = (
     .order_by(s.aliases.c.destination))
 
 
-@implementer(IDirectory)
+@implementer(IDirectory, IScramVerifiers)
 class SQLDirectory:
     def __init__(self, db: Database, recipient_delimiter: str = "+",
-                 default_quota: int = 0, resolve_cache_ttl: float = 0.0) -> None:
+                 default_quota: int = 0, resolve_cache_ttl: float = 0.0,
+                 scram_iterations: int = scram.DEFAULT_ITERATIONS) -> None:
         self.db = db
+        self.scram_iterations = scram_iterations
         self.delimiter = recipient_delimiter
         self.default_quota = default_quota
         # Recipient resolutions (found or not) remembered for a few seconds: every
@@ -144,7 +148,8 @@ class SQLDirectory:
                                  f"{self.delimiter!r}")
         if local == CATCH_ALL:
             raise DirectoryError("'*' is reserved for catch-all aliases")
-        hashed = (yield hash_password_async(password)) if password else None
+        secrets = (yield make_secrets_async(password, self.scram_iterations)) \
+            if password else None
         quota = self.default_quota if quota_bytes is None else quota_bytes
 
         def add(conn: Connection) -> User:
@@ -154,7 +159,9 @@ class SQLDirectory:
                     & (s.users.c.localpart == local))).first() is not None:
                 raise DirectoryError(f"user {local}@{domain} exists already")
             result = conn.execute(s.users.insert().values(
-                domain_id=domain_id, localpart=local, password_hash=hashed,
+                domain_id=domain_id, localpart=local,
+                password_hash=secrets.password_hash if secrets else None,
+                scram_verifiers=secrets.scram_verifiers if secrets else None,
                 quota_bytes=quota, enabled=True, created=now_ms()))
             key = result.inserted_primary_key
             assert key is not None
@@ -178,15 +185,26 @@ class SQLDirectory:
     @inlineCallbacks
     def set_password(self, address: str, password: str) -> Any:
         local, domain = _checked(split_address, address)
-        hashed = yield hash_password_async(password)
+        secrets = yield make_secrets_async(password, self.scram_iterations)
 
         def update(conn: Connection) -> None:
             row = self._user_row(conn, local, domain)
             if row is None:
                 raise DirectoryError(f"no such user: {local}@{domain}")
             conn.execute(s.users.update().where(s.users.c.id == row.id).values(
-                password_hash=hashed))
+                password_hash=secrets.password_hash,
+                scram_verifiers=secrets.scram_verifiers))
         yield self.db.write(update)
+
+    def store_secrets(self, user_id: int, secrets: Secrets, replacing: str) -> Deferred[None]:
+        """Keep upgraded secrets of a password that was just verified, unless the
+        password changed meanwhile (the stored hash is no longer ``replacing``)."""
+        def update(conn: Connection) -> None:
+            conn.execute(s.users.update().where(
+                (s.users.c.id == user_id) & (s.users.c.password_hash == replacing)).values(
+                password_hash=secrets.password_hash,
+                scram_verifiers=secrets.scram_verifiers))
+        return self.db.write(update)
 
     def get_user(self, address: str) -> Deferred[Optional[User]]:
         try:
@@ -201,17 +219,27 @@ class SQLDirectory:
 
     def password_hash(self, address: str) -> Deferred[tuple[Optional[User], Optional[str]]]:
         """The user and their stored hash, for the credentials checker only."""
+        return self.login_secrets(address).addCallback(lambda found: found[:2])
+
+    def login_secrets(self, address: str
+                      ) -> Deferred[tuple[Optional[User], Optional[str], Optional[str]]]:
+        """The user, their argon2 hash and SCRAM verifiers, for the checkers only."""
         try:
             local, domain = split_address(address)
         except AddressError:
-            return Deferred.fromCoroutine(_no_hash())
+            return Deferred.fromCoroutine(_no_secrets())
 
-        def get(conn: Connection) -> tuple[Optional[User], Optional[str]]:
+        def get(conn: Connection) -> tuple[Optional[User], Optional[str], Optional[str]]:
             row = self._user_row(conn, local, domain)
             if row is None:
-                return None, None
-            return _user(row, domain), row.password_hash
+                return None, None, None
+            return _user(row, domain), row.password_hash, row.scram_verifiers
         return self.db.read(get)
+
+    def scram_verifier(self, address: str, algorithm: str
+                       ) -> Deferred[tuple[Optional[User], Optional[scram.Verifier]]]:
+        return self.login_secrets(address).addCallback(
+            lambda found: (found[0], scram.find_verifier(found[2], algorithm)))
 
     def list_users(self, domain: Optional[str] = None) -> Deferred[list[User]]:
         wanted = _checked(normalise_domain, domain) if domain else None
@@ -406,5 +434,5 @@ async def _none() -> None:
     return None
 
 
-async def _no_hash() -> tuple[None, None]:
-    return None, None
+async def _no_secrets() -> tuple[None, None, None]:
+    return None, None, None

@@ -123,7 +123,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.selected: Optional[SelectedMailbox] = None
         self.enabled: set[str] = set()
         self.idling: Optional[str] = None           # the IDLE command's tag
-        self.sasl: Optional[tuple[str, sasl.Mechanism]] = None
+        self.sasl: Optional[tuple[str, sasl.Exchange]] = None
         self.saved_search: Optional[list[int]] = None   # SEARCHRES, as UIDs
         self.compressor: Any = None
         self.inflater: Optional[Inflater] = None    # COMPRESS=DEFLATE input
@@ -590,7 +590,9 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             if self.factory.tls_context is not None and not self.tls:
                 caps.append("STARTTLS")
             if self._auth_allowed():
-                caps += [f"AUTH={name}" for name in sasl.mechanisms()]
+                offer = self.factory.services.sasl
+                caps += [f"AUTH={name}"
+                         for name in offer.names(offer.context(self.transport, self.tls))]
             else:
                 caps.append("LOGINDISABLED")
         return caps

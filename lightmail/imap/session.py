@@ -24,8 +24,6 @@ THREAD (5256), LIST-EXTENDED (5258), LIST-STATUS (5819), QUOTA (9208), APPENDLIM
 
 from __future__ import annotations
 
-import base64
-import binascii
 import zlib
 from typing import Any, Optional
 
@@ -35,7 +33,7 @@ from zope.interface import implementer
 
 from lightmail import __version__, sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.interfaces import IMailAccount
+from lightmail.directory.logins import Attempt, LoginFailed
 from lightmail.imap.core import (
     ANY,
     AUTHED,
@@ -158,53 +156,47 @@ class IMAPSession(MessageCommands):
         from twisted.cred import credentials
         username, password = astring(cmd.args[0]), astring(cmd.args[1])
         creds = credentials.UsernamePassword(username.encode(), password.encode())
-        return await self._login(creds, username)
+        return await self._login(creds, Attempt("imap", "LOGIN", self.peer_host, username))
+
+    def _sasl_context(self) -> sasl.Context:
+        return self.factory.services.sasl.context(self.transport, self.tls)
 
     async def do_AUTHENTICATE(self, cmd: Command) -> Optional[Reply]:
         if not cmd.args or len(cmd.args) > 2:
             raise Bad("AUTHENTICATE needs a mechanism")
         if not self._auth_allowed():
             raise No("[PRIVACYREQUIRED] Authentication is disabled without TLS")
-        mechanism = sasl.new_mechanism(astring(cmd.args[0]))
-        if mechanism is None:
+        exchange = self.factory.services.sasl.exchange(astring(cmd.args[0]),
+                                                       self._sasl_context())
+        if exchange is None:
             raise No("Unsupported authentication mechanism")
-        try:
-            initial = None
-            if len(cmd.args) == 2:
-                raw = astring(cmd.args[1])
-                initial = b"" if raw == "=" else base64.b64decode(raw, validate=True)
-            step = mechanism.start(initial)
-        except (binascii.Error, ValueError, sasl.SASLError):
-            raise Bad("Malformed authentication exchange") from None
-        return await self._sasl_step(cmd.tag, mechanism, step)
+        initial = astring(cmd.args[1]) if len(cmd.args) == 2 else None
+        return await self._sasl_step(cmd.tag, exchange, exchange.start(initial))
 
-    async def _sasl_step(self, tag: str, mechanism: sasl.Mechanism,
-                         step: sasl.Step) -> Optional[Reply]:
+    async def _sasl_step(self, tag: str, exchange: sasl.Exchange,
+                         next_step: defer.Deferred[sasl.Step]) -> Optional[Reply]:
+        try:
+            step = await next_step
+        except sasl.Cancelled:
+            return Reply("BAD", "Authentication cancelled")
+        except sasl.SASLError:
+            return Reply("BAD", "Malformed authentication exchange")
         if step.challenge is not None:
-            self.sasl = (tag, mechanism)
-            self.write(b"+ " + base64.b64encode(step.challenge) + b"\r\n")
+            self.sasl = (tag, exchange)
+            self.write(b"+ " + sasl.encode(step.challenge).encode() + b"\r\n")
             return None
-        assert step.credentials is not None
         return await self._login(step.credentials,
-                                 step.credentials.username.decode("utf-8", "replace"))
+                                 Attempt("imap", exchange.name, self.peer_host, step.username))
 
     def _sasl_line(self, line: bytes) -> None:
         assert self.sasl is not None
-        tag, mechanism = self.sasl
+        tag, exchange = self.sasl
         self.sasl = None
         self.busy = True
         self._out = []
 
         async def step() -> None:
-            if line == b"*":
-                reply: Optional[Reply] = Reply("BAD", "Authentication cancelled")
-            else:
-                try:
-                    next_step = mechanism.step(base64.b64decode(line, validate=True))
-                except (binascii.Error, ValueError, sasl.SASLError):
-                    reply = Reply("BAD", "Malformed authentication exchange")
-                else:
-                    reply = await self._sasl_step(tag, mechanism, next_step)
+            reply = await self._sasl_step(tag, exchange, exchange.respond(line))
             if reply is not None:
                 self.tagged(tag, reply.status, reply.text)
 
@@ -212,14 +204,11 @@ class IMAPSession(MessageCommands):
         d.addErrback(self._internal_error, Command(tag, "AUTHENTICATE"))
         d.addBoth(self._done)
 
-    async def _login(self, creds: Any, username: str) -> Reply:
+    async def _login(self, creds: Any, attempt: Attempt) -> Reply:
         try:
-            result = await self.factory.services.portal.login(creds, None, IMailAccount)
-        except Exception:
-            self.log.warn("authentication failed for {user} from {peer}", user=username,
-                          peer=self.peer_host)
+            account = await self.factory.services.logins.login(creds, attempt)
+        except LoginFailed:
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
-        account = result[1]
         if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):
             self.log.warn("{user}: too many IMAP sessions", user=account.user.address)
             return Reply("NO", "[LIMIT] Too many sessions for this user")

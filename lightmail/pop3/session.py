@@ -13,8 +13,6 @@ argon2 hashes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -25,7 +23,7 @@ from zope.interface import implementer
 
 from lightmail import sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.interfaces import IMailAccount
+from lightmail.directory.logins import Attempt, LoginFailed
 from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
@@ -57,7 +55,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.tls = factory.listener.tls == "implicit"
         self.errors = 0
         self.username: Optional[str] = None       # from USER, waiting for PASS
-        self.sasl: Optional[sasl.Mechanism] = None
+        self.sasl: Optional[sasl.Exchange] = None
         self.account: Any = None
         self.maildrop: Optional[Maildrop] = None
         self._login_deadline: Any = None
@@ -213,7 +211,8 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state == AUTHORIZATION:
             if self._auth_allowed():
-                caps += ["USER", "SASL " + " ".join(sasl.mechanisms())]
+                offer = self.factory.services.sasl
+                caps += ["USER", "SASL " + " ".join(offer.names(self._sasl_context()))]
             if self.factory.tls_context is not None and not self.tls:
                 caps.append("STLS")
         caps.append(f"EXPIRE {self.cfg.expire}")
@@ -283,67 +282,61 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         username, self.username = self.username, None
         from twisted.cred import credentials
         creds = credentials.UsernamePassword(username.encode(), arg.encode())
-        return self._login(creds, username)
+        return self._login(creds, Attempt("pop3", "USER", self.peer_host, username))
+
+    def _sasl_context(self) -> sasl.Context:
+        return self.factory.services.sasl.context(self.transport, self.tls)
 
     def pop3_AUTH(self, arg: str) -> Any:
+        offer = self.factory.services.sasl
         if not arg:
             # Common practice (not in RFC 5034): list the mechanisms.
-            self.multiline("Mechanisms follow", sasl.mechanisms())
+            self.multiline("Mechanisms follow", offer.names(self._sasl_context()))
             return None
         if not self._auth_allowed():
             self.err("[AUTH] Authentication disallowed without TLS: use STLS")
             return None
         name, _, initial = arg.partition(" ")
-        mechanism = sasl.new_mechanism(name)
-        if mechanism is None:
+        exchange = offer.exchange(name, self._sasl_context())
+        if exchange is None:
             self.err("Unsupported authentication mechanism")
             return None
-        try:
-            first = None
-            if initial:
-                first = b"" if initial == "=" else base64.b64decode(initial, validate=True)
-            step = mechanism.start(first)
-        except (binascii.Error, ValueError, sasl.SASLError):
-            self.err("[AUTH] Malformed authentication exchange")
-            return None
-        self.sasl = mechanism
-        return self._auth_step(step)
+        self.sasl = exchange
+        return self._auth_next(exchange.start(initial or None))
 
     def _auth_response(self, raw: bytes) -> None:
-        mechanism, self.sasl = self.sasl, None
-        if raw == b"*":
-            self.err("Authentication cancelled")
-            return
-        try:
-            assert mechanism is not None
-            step = mechanism.step(base64.b64decode(raw, validate=True))
-        except (binascii.Error, ValueError, sasl.SASLError):
-            self.err("[AUTH] Malformed authentication exchange")
-            return
-        self.sasl = mechanism
-        d = self._auth_step(step)
-        if d is not None:
-            self._wait(d)
+        assert self.sasl is not None
+        self._wait(self._auth_next(self.sasl.respond(raw)))
 
-    def _auth_step(self, step: sasl.Step) -> Any:
-        if step.challenge is not None:
-            self.write(b"+ " + base64.b64encode(step.challenge) + b"\r\n")
-            return None
-        self.sasl = None
-        assert step.credentials is not None
-        return self._login(step.credentials,
-                           step.credentials.username.decode("utf-8", "replace"))
+    def _auth_next(self, d: defer.Deferred[sasl.Step]) -> defer.Deferred[Any]:
+        """The mechanism's next step, when it comes (SCRAM reads the user's keys)."""
+        exchange = self.sasl
+        assert exchange is not None
+        self.sasl = None                # input meanwhile is held (_wait), not a response
+
+        def step(step: sasl.Step) -> Any:
+            if step.challenge is not None:
+                self.sasl = exchange
+                self.write(b"+ " + sasl.encode(step.challenge).encode() + b"\r\n")
+                return None
+            return self._login(step.credentials,
+                               Attempt("pop3", exchange.name, self.peer_host, step.username))
+
+        def error(failure: Failure) -> None:
+            if failure.check(sasl.Cancelled):
+                self.err("Authentication cancelled")
+            else:
+                failure.trap(sasl.SASLError)
+                self.err("[AUTH] Malformed authentication exchange")
+        return d.addCallbacks(step, error)
 
     @defer.inlineCallbacks
-    def _login(self, creds: Any, username: str) -> Any:
+    def _login(self, creds: Any, attempt: Attempt) -> Any:
         try:
-            result = yield self.factory.services.portal.login(creds, None, IMailAccount)
-        except Exception:
-            self.log.warn("authentication failed for {user} from {peer}", user=username,
-                          peer=self.peer_host)
+            account = yield self.factory.services.logins.login(creds, attempt)
+        except LoginFailed:
             self.err("[AUTH] Authentication failed")
             return
-        account = result[1]
         user = account.user
         try:
             self.maildrop = yield Maildrop.open(

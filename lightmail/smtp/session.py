@@ -16,13 +16,12 @@ out only after the blob is fsynced and the queue rows are committed (policy.py).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from email.utils import formatdate
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
@@ -31,7 +30,7 @@ from twisted.python.failure import Failure
 from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
-from lightmail.directory.interfaces import IMailAccount
+from lightmail.directory.logins import Attempt, LoginFailed
 from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
@@ -67,7 +66,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.errors = 0
         self.commands_before_auth = 0
         self.messages = 0
-        self.sasl: Optional[sasl.Mechanism] = None
+        self.sasl: Optional[sasl.Exchange] = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -255,8 +254,14 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if self.factory.listener.tls == "starttls" and not self.session.tls:
             lines.append("STARTTLS")
         if self._auth_allowed():
-            lines.append("AUTH " + " ".join(sasl.mechanisms()))
+            lines.append("AUTH " + " ".join(self._sasl_offer().names(self._sasl_context())))
         return lines
+
+    def _sasl_offer(self) -> sasl.Offer:
+        return self.factory.services.sasl
+
+    def _sasl_context(self) -> sasl.Context:
+        return self._sasl_offer().context(self.transport, bool(self.session.tls))
 
     def _auth_allowed(self) -> bool:
         return self.session.submission and (
@@ -319,58 +324,52 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.reply(codes.TLS_REQUIRED)
             return
         name, _, initial = arg.partition(" ")
-        mechanism = sasl.new_mechanism(name)
-        if mechanism is None:
+        exchange = self._sasl_offer().exchange(name, self._sasl_context())
+        if exchange is None:
             self.reply(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
-        try:
-            first = None
-            if initial:
-                first = b"" if initial == "=" else base64.b64decode(initial, validate=True)
-            step = mechanism.start(first)
-        except (binascii.Error, ValueError, sasl.SASLError):
-            self.reply(codes.BAD_SYNTAX)
-            return
-        self.sasl = mechanism
-        self._auth_step(step)
+        self.sasl = exchange
+        self._auth_wait(exchange.start(initial or None))
 
     def _auth_response(self, raw: bytes) -> None:
-        if raw == b"*":
-            self.sasl, self.mode = None, COMMAND
-            self.reply(codes.AUTH_CANCELLED)
-            return
-        try:
-            assert self.sasl is not None
-            step = self.sasl.step(base64.b64decode(raw, validate=True))
-        except (binascii.Error, ValueError, sasl.SASLError):
-            self.sasl, self.mode = None, COMMAND
-            self.reply(codes.BAD_SYNTAX)
-            return
-        self._auth_step(step)
+        assert self.sasl is not None
+        self._auth_wait(self.sasl.respond(raw))
 
-    def _auth_step(self, step: sasl.Step) -> None:
+    def _auth_wait(self, d: Deferred[sasl.Step]) -> None:
+        """Hold input while the mechanism works (SCRAM reads the user's keys)."""
+        self.mode = COMMAND
+        self._wait(d.addCallbacks(self._auth_step, self._auth_error))
+
+    def _auth_error(self, failure: Failure) -> None:
+        self.sasl = None
+        if failure.check(sasl.Cancelled):
+            self.reply(codes.AUTH_CANCELLED)
+        elif failure.check(sasl.SASLError):
+            self.reply(codes.BAD_SYNTAX)
+        else:
+            failure.raiseException()
+
+    def _auth_step(self, step: sasl.Step) -> Optional[Deferred[None]]:
+        exchange = self.sasl
+        assert exchange is not None
         if step.challenge is not None:
             self.mode = AUTH
-            self.send(Reply(334, "", base64.b64encode(step.challenge).decode()))
-            return
-        self.mode, self.sasl = COMMAND, None
-        creds = step.credentials
-        assert creds is not None
-        username = creds.username.decode("utf-8", "replace")
-        d = self.factory.services.portal.login(creds, None, IMailAccount)
+            self.send(Reply(334, "", sasl.encode(step.challenge)))
+            return None
+        self.sasl = None
+        attempt = Attempt("smtp", exchange.name, self.peer_host, step.username)
+        d = self.factory.services.logins.login(step.credentials, attempt)
 
-        def ok(result: Any) -> None:
-            self.session.account = result[1]
+        def ok(account: Any) -> None:
+            self.session.account = account
             self.factory.logged_in(self)
-            self.log.info("authenticated as {user}", user=self.session.account.user.address)
+            self.log.info("authenticated as {user}", user=account.user.address)
             self.reply(codes.AUTH_OK)
 
         def failed(failure: Failure) -> None:
-            # The user name, never the password (DEVELOPERS.md: no secret in logs).
-            self.log.warn("authentication failed for {user} from {peer}",
-                          user=username, peer=self.peer_host)
+            failure.trap(LoginFailed)
             self.reply(codes.AUTH_FAILED)
-        self._wait(d.addCallbacks(ok, failed))
+        return d.addCallbacks(ok, failed)
 
     # -- the transaction --------------------------------------------------------------
 

@@ -40,6 +40,9 @@ users = sa.Table(
               nullable=False),
     sa.Column("localpart", NAME, nullable=False),            # lower-case
     sa.Column("password_hash", sa.String(255), nullable=True),  # argon2id PHC string
+    # SCRAM's stored keys, one per algorithm (directory/scram.py); NULL until the
+    # password is set or next used.
+    sa.Column("scram_verifiers", sa.String(1024), nullable=True),
     sa.Column("quota_bytes", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created", TIMESTAMP, nullable=False),
