@@ -145,7 +145,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
         locks, hub = Locks(), MailboxHub()
     storage.mailstore.add_listener(hub)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
-                    logins=Logins(portal, guard), sasl=offer, queue_runner=runner,
+                    logins=Logins(portal, guard, directory), sasl=offer, queue_runner=runner,
                     local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub)
 
 

@@ -6,6 +6,9 @@
     lightmail domain add|remove NAME | list
     lightmail user add ADDRESS [--password-stdin | --no-password] [--quota SIZE]
     lightmail user passwd ADDRESS [--password-stdin] | remove ADDRESS | list [DOMAIN]
+    lightmail user enable|disable|expire ADDRESS | quota ADDRESS SIZE | logins [DOMAIN]
+    lightmail user app-password add ADDRESS NAME [--protocols imap,pop3,smtp]
+    lightmail user app-password list ADDRESS | revoke ADDRESS NAME
     lightmail alias add SOURCE DESTINATION | remove SOURCE [DESTINATION] | list [DOMAIN]
     lightmail queue list [--state STATE]
     lightmail queue hold|release|requeue|delete (QUEUE_ID... | --all)
@@ -190,9 +193,26 @@ def cmd_user(args: argparse.Namespace) -> int:
             raise CommandError(f"--quota: {exc}") from None
 
     async def work(ctx: _Context) -> None:
+        directory = ctx.directory
         if args.action == "add":
-            user = await ctx.directory.add_user(args.address, password, quota)
+            user = await directory.add_user(args.address, password, quota)
             print(f"added user {user.address}")
+        elif args.action in ("enable", "disable"):
+            await directory.set_enabled(args.address, args.action == "enable")
+            print(f"{args.address} {args.action}d")
+        elif args.action == "quota":
+            await directory.set_quota(args.address, quota or 0)
+            print(f"quota of {args.address}: {quota or 'none'}")
+        elif args.action == "expire":
+            await directory.expire_password(args.address)
+            print(f"the password of {args.address} has expired: set a new one with "
+                  "lightmail user passwd")
+        elif args.action == "logins":
+            for login in await directory.last_logins(args.domain):
+                when = _when(login.when) if login.when else "never"
+                print(f"{login.address}\t{when}\t{login.source or ''}")
+        elif args.action == "app-password":
+            await _app_password(args, directory)
         elif args.action == "passwd":
             await ctx.directory.set_password(args.address, password)
             print(f"password of {args.address} changed")
@@ -206,6 +226,33 @@ def cmd_user(args: argparse.Namespace) -> int:
                 print(f"{user.address}\t{quota_text}{state}")
     _run(args, work)
     return 0
+
+
+async def _app_password(args: argparse.Namespace, directory: Any) -> None:
+    from lightmail.directory.apppasswords import parse_protocols
+    if args.app_action == "add":
+        try:
+            protocols = parse_protocols(args.protocols)
+        except ValueError as exc:
+            raise CommandError(f"--protocols: {exc}") from None
+        secret = await directory.add_app_password(args.address, args.name, protocols)
+        scope = ", ".join(protocols) or "every protocol"
+        print(f"app password {args.name!r} of {args.address} for {scope} (shown only "
+              f"now):\n{secret}")
+    elif args.app_action == "list":
+        for found in await directory.list_app_passwords(args.address):
+            used = _when(found.last_used) if found.last_used else "never used"
+            print(f"{found.name}\t{','.join(found.protocols) or 'all'}\t"
+                  f"created {_when(found.created)}\t{used}")
+    else:
+        await directory.revoke_app_password(args.address, args.name)
+        print(f"app password {args.name!r} of {args.address} revoked")
+
+
+def _when(ms: int) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC) \
+        .strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
@@ -375,6 +422,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--password-stdin", action="store_true")
     usub.add_parser("remove").add_argument("address")
     usub.add_parser("list").add_argument("domain", nargs="?")
+    usub.add_parser("enable", help="allow logins again").add_argument("address")
+    usub.add_parser("disable", help="refuse logins (mail is still delivered)") \
+        .add_argument("address")
+    a = usub.add_parser("quota", help="change the mailbox quota (0: none)")
+    a.add_argument("address")
+    a.add_argument("quota", help="e.g. 2G; 0 for none")
+    usub.add_parser("expire", help="the password works no more until a new one is set") \
+        .add_argument("address")
+    usub.add_parser("logins", help="last successful logins").add_argument(
+        "domain", nargs="?")
+    a = usub.add_parser("app-password", help="app passwords: one per mail client")
+    asub_ = a.add_subparsers(dest="app_action", required=True)
+    b = asub_.add_parser("add", help="make one; it is shown only once")
+    b.add_argument("address")
+    b.add_argument("name", help="e.g. the client or device it is for")
+    b.add_argument("--protocols", default="",
+                   help="some of imap, pop3, smtp, comma-separated (default: all)")
+    asub_.add_parser("list").add_argument("address")
+    b = asub_.add_parser("revoke")
+    b.add_argument("address")
+    b.add_argument("name")
     p.set_defaults(func=cmd_user)
 
     p = sub.add_parser("alias", help="aliases and catch-alls (*@domain)")

@@ -23,8 +23,15 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from lightmail.directory import scram
-from lightmail.directory.interfaces import IDirectory, IMailAccount, IScramVerifiers, User
+from lightmail.directory import apppasswords, scram
+from lightmail.directory.interfaces import (
+    IDirectory,
+    IMailAccount,
+    IScramVerifiers,
+    LoginSecrets,
+    User,
+)
+from lightmail.directory.logins import IProtocolPassword, PasswordExpired
 from lightmail.directory.passwords import Secrets, upgraded_secrets, verify_password_async
 from lightmail.storage.interfaces import IMailStore
 
@@ -71,7 +78,7 @@ class VerifiedCache:
 class SQLPasswordChecker:
     """Checks username/password against argon2 hashes; the avatar id is the address."""
 
-    credentialInterfaces = (credentials.IUsernamePassword,)
+    credentialInterfaces = (IProtocolPassword, credentials.IUsernamePassword)
     log = Logger()
 
     def __init__(self, directory: Any, cache_ttl: float = 0.0,
@@ -90,17 +97,28 @@ class SQLPasswordChecker:
         password: Any = creds.password
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
-        user, stored, verifiers = yield self.directory.login_secrets(username)
+        found: LoginSecrets = yield self.directory.login_secrets(username)
+        user, stored = found.user, found.password_hash
+        if apppasswords.looks_like_one(password):
+            # Looked up for unknown users too (user id 0 has none): the same time.
+            protocol = creds.protocol if IProtocolPassword.providedBy(creds) else None
+            if (yield self.directory.app_password_user(user.id if user else 0, password,
+                                                       protocol)):
+                if user is None or not user.enabled:
+                    raise error.UnauthorizedLogin("authentication failed")
+                return user.address
         key = user.address if user is not None else ""
         ok = bool(key) and self.cache.hit(key, stored, password)
         if not ok:
             # Always verify, even for unknown users, so that timing does not tell.
             ok = yield verify_password_async(stored, password)
-            if ok and key and stored is not None:
+            if ok and user is not None and stored is not None:
                 self.cache.remember(key, stored, password)
-                self._upgrade(user, stored, verifiers, password)
+                self._upgrade(user, stored, found.scram_verifiers, password)
         if not ok or user is None or not user.enabled:
             raise error.UnauthorizedLogin("authentication failed")
+        if found.password_expired:
+            raise PasswordExpired("the password has expired")
         return user.address
 
     def _upgrade(self, user: User, stored: str, verifiers: Optional[str],

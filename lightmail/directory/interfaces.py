@@ -22,6 +22,23 @@ class User:
 
 
 @dataclass(frozen=True)
+class LoginSecrets:
+    """What a user's password is checked against (for credentials checkers only)."""
+
+    user: Optional[User] = None
+    password_hash: Optional[str] = None         # argon2id PHC string
+    scram_verifiers: Optional[str] = None       # directory/scram.py
+    password_expired: bool = False
+
+
+@dataclass(frozen=True)
+class LastLogin:
+    address: str
+    when: Optional[int]         # milliseconds since the epoch; None: never
+    source: Optional[str]       # "protocol address"
+
+
+@dataclass(frozen=True)
 class Alias:
     source: str             # localpart@domain, or *@domain for the catch-all
     destination: str

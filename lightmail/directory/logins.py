@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.cred import error
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
@@ -32,13 +33,32 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from lightmail.directory.interfaces import IMailAccount
 
 
 class LoginFailed(error.UnauthorizedLogin):
     """Wrong password, unknown user, disabled account or locked out: one answer."""
+
+
+class PasswordExpired(LoginFailed):
+    """The right password, but it has expired (``lightmail user expire``): IMAP says
+    [EXPIRED] (RFC 5530).  Only said to whoever gave the right password."""
+
+
+class IProtocolPassword(IUsernamePassword):
+    """A user name and password with the protocol they are for (app passwords are
+    each for some protocols)."""
+
+    protocol = Attribute("smtp, imap or pop3")
+
+
+@implementer(IProtocolPassword)
+class ProtocolPassword(UsernamePassword):
+    def __init__(self, username: bytes, password: bytes, protocol: str) -> None:
+        super().__init__(username, password)
+        self.protocol = protocol
 
 
 @dataclass(frozen=True)
@@ -155,10 +175,12 @@ class LoginGuard:
 class Logins:
     log = Logger()
 
-    def __init__(self, portal: Portal, guard: LoginGuard,
+    def __init__(self, portal: Portal, guard: LoginGuard, recorder: Any = None,
                  clock: Optional[IReactorTime] = None) -> None:
+        # recorder: record_login(user, peer, protocol) -> Deferred (the directory).
         self.portal = portal
         self.guard = guard
+        self.recorder = recorder
         self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
 
     def login(self, creds: Any, attempt: Attempt) -> Deferred[Any]:
@@ -166,16 +188,30 @@ class Logins:
         if self.guard.locked(attempt):
             d: Deferred[Any] = fail(LoginFailed("locked out"))
         else:
+            if IUsernamePassword.providedBy(creds):
+                # The protocol goes with a password: app passwords are scoped by it.
+                creds = ProtocolPassword(creds.username, creds.password, attempt.protocol)
             d = self.portal.login(creds, None, IMailAccount)
         return d.addCallbacks(self._succeeded, self._failed,
                               callbackArgs=(attempt,), errbackArgs=(attempt,))
 
     def _succeeded(self, result: Any, attempt: Attempt) -> Any:
         self.guard.succeeded(attempt)
-        return result[1]
+        account = result[1]
+        if self.recorder is not None:
+            self.recorder.record_login(account.user, attempt.peer, attempt.protocol) \
+                .addErrback(lambda failure: self.log.failure(
+                    "could not note the login of {user}", failure, user=account.user.address))
+        return account
 
     def _failed(self, failure: Failure, attempt: Attempt) -> Deferred[Any]:
         failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+        if failure.check(PasswordExpired):
+            self.guard.succeeded(attempt)          # the password was right
+            self.log.info("{user} gave an expired password ({protocol} from {peer})",
+                          user=attempt.username, protocol=attempt.protocol,
+                          peer=attempt.peer)
+            return fail(failure)
         failures = self.guard.failed(attempt)
         wait = self.guard.delay(failures)
         self.log.warn("authentication failed for {user} from {peer} ({protocol} "

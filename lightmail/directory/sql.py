@@ -12,12 +12,14 @@ from zope.interface import implementer
 
 from lightmail.address import AddressError, normalise_address, normalise_domain, split_address
 from lightmail.directory import scram
+from lightmail.directory.accounts import AccountAdmin
 from lightmail.directory.interfaces import (
     Alias,
     DirectoryError,
     IDirectory,
     IScramVerifiers,
     LocalTarget,
+    LoginSecrets,
     Resolution,
     User,
 )
@@ -69,7 +71,7 @@ _ALIAS_DESTS = (
 
 
 @implementer(IDirectory, IScramVerifiers)
-class SQLDirectory:
+class SQLDirectory(AccountAdmin):
     def __init__(self, db: Database, recipient_delimiter: str = "+",
                  default_quota: int = 0, resolve_cache_ttl: float = 0.0,
                  scram_iterations: int = scram.DEFAULT_ITERATIONS) -> None:
@@ -193,7 +195,7 @@ class SQLDirectory:
                 raise DirectoryError(f"no such user: {local}@{domain}")
             conn.execute(s.users.update().where(s.users.c.id == row.id).values(
                 password_hash=secrets.password_hash,
-                scram_verifiers=secrets.scram_verifiers))
+                scram_verifiers=secrets.scram_verifiers, password_expired=False))
         yield self.db.write(update)
 
     def store_secrets(self, user_id: int, secrets: Secrets, replacing: str) -> Deferred[None]:
@@ -219,27 +221,31 @@ class SQLDirectory:
 
     def password_hash(self, address: str) -> Deferred[tuple[Optional[User], Optional[str]]]:
         """The user and their stored hash, for the credentials checker only."""
-        return self.login_secrets(address).addCallback(lambda found: found[:2])
+        return self.login_secrets(address).addCallback(
+            lambda found: (found.user, found.password_hash))
 
-    def login_secrets(self, address: str
-                      ) -> Deferred[tuple[Optional[User], Optional[str], Optional[str]]]:
-        """The user, their argon2 hash and SCRAM verifiers, for the checkers only."""
+    def login_secrets(self, address: str) -> Deferred[LoginSecrets]:
+        """The user and what their password is checked against, for checkers only."""
         try:
             local, domain = split_address(address)
         except AddressError:
             return Deferred.fromCoroutine(_no_secrets())
 
-        def get(conn: Connection) -> tuple[Optional[User], Optional[str], Optional[str]]:
+        def get(conn: Connection) -> LoginSecrets:
             row = self._user_row(conn, local, domain)
             if row is None:
-                return None, None, None
-            return _user(row, domain), row.password_hash, row.scram_verifiers
+                return LoginSecrets()
+            return LoginSecrets(_user(row, domain), row.password_hash, row.scram_verifiers,
+                                bool(row.password_expired))
         return self.db.read(get)
 
     def scram_verifier(self, address: str, algorithm: str
                        ) -> Deferred[tuple[Optional[User], Optional[scram.Verifier]]]:
-        return self.login_secrets(address).addCallback(
-            lambda found: (found[0], scram.find_verifier(found[2], algorithm)))
+        def found(secrets: LoginSecrets) -> tuple[Optional[User], Optional[scram.Verifier]]:
+            if secrets.password_expired:
+                return secrets.user, None      # as if it had none: refused like a wrong one
+            return secrets.user, scram.find_verifier(secrets.scram_verifiers, algorithm)
+        return self.login_secrets(address).addCallback(found)
 
     def list_users(self, domain: Optional[str] = None) -> Deferred[list[User]]:
         wanted = _checked(normalise_domain, domain) if domain else None
@@ -434,5 +440,5 @@ async def _none() -> None:
     return None
 
 
-async def _no_secrets() -> tuple[None, None, None]:
-    return None, None, None
+async def _no_secrets() -> LoginSecrets:
+    return LoginSecrets()

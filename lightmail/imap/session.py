@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from lightmail import __version__, sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed
+from lightmail.directory.logins import Attempt, LoginFailed, PasswordExpired
 from lightmail.imap.core import (
     ANY,
     AUTHED,
@@ -207,6 +207,8 @@ class IMAPSession(MessageCommands):
     async def _login(self, creds: Any, attempt: Attempt) -> Reply:
         try:
             account = await self.factory.services.logins.login(creds, attempt)
+        except PasswordExpired:
+            return Reply("NO", "[EXPIRED] The password has expired: ask for a new one")
         except LoginFailed:
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
         if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from lightmail import sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed
+from lightmail.directory.logins import Attempt, LoginFailed, PasswordExpired
 from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
@@ -334,6 +334,9 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     def _login(self, creds: Any, attempt: Attempt) -> Any:
         try:
             account = yield self.factory.services.logins.login(creds, attempt)
+        except PasswordExpired:
+            self.err("[AUTH] The password has expired: ask for a new one")
+            return
         except LoginFailed:
             self.err("[AUTH] Authentication failed")
             return

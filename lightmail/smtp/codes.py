@@ -57,6 +57,7 @@ ALREADY_AUTH = Reply(503, "5.5.1", "Already authenticated")
 BAD_PARAM = Reply(555, "5.5.4", "Unsupported or malformed parameter")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+PASSWORD_EXPIRED = Reply(535, "5.7.8", "The password has expired: ask for a new one")
 TLS_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication "
                                    "mechanism")
 NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")

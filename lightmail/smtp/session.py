@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed
+from lightmail.directory.logins import Attempt, LoginFailed, PasswordExpired
 from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
@@ -368,7 +368,8 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
         def failed(failure: Failure) -> None:
             failure.trap(LoginFailed)
-            self.reply(codes.AUTH_FAILED)
+            self.reply(codes.PASSWORD_EXPIRED if failure.check(PasswordExpired)
+                       else codes.AUTH_FAILED)
         return d.addCallbacks(ok, failed)
 
     # -- the transaction --------------------------------------------------------------

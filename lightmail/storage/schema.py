@@ -43,10 +43,32 @@ users = sa.Table(
     # SCRAM's stored keys, one per algorithm (directory/scram.py); NULL until the
     # password is set or next used.
     sa.Column("scram_verifiers", sa.String(1024), nullable=True),
+    # The password works no more (lightmail user expire) until a new one is set: a
+    # login with it gets IMAP's [EXPIRED] (RFC 5530).  App passwords still work.
+    sa.Column("password_expired", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The last successful login: when, from where, over what (at most once a minute).
+    sa.Column("last_login", TIMESTAMP, nullable=True),
+    sa.Column("last_login_from", sa.String(64), nullable=True),
     sa.Column("quota_bytes", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created", TIMESTAMP, nullable=False),
     sa.UniqueConstraint("domain_id", "localpart"),
+)
+
+# App passwords: random, named, per user, each for some protocols (or all), revocable.
+# Only their SHA-256 is kept: they are long random strings (about 100 bits), so a fast
+# hash is as good as argon2 against guessing, and a login finds one by it directly.
+app_passwords = sa.Table(
+    "app_passwords", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", NAME, nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("protocols", sa.String(64), nullable=False, server_default=""),  # "" = all
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.Column("last_used", TIMESTAMP, nullable=True),
+    sa.UniqueConstraint("user_id", "name"),
 )
 
 # An alias maps localpart@domain to one destination address; several rows with the
