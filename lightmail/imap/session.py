@@ -158,7 +158,7 @@ class IMAPSession(MessageCommands):
         from twisted.cred import credentials
         username, password = astring(cmd.args[0]), astring(cmd.args[1])
         creds = credentials.UsernamePassword(username.encode(), password.encode())
-        return await self._login(creds, username)
+        return await self._login(creds, username, "password")
 
     async def do_AUTHENTICATE(self, cmd: Command) -> Optional[Reply]:
         if not cmd.args or len(cmd.args) > 2:
@@ -186,7 +186,8 @@ class IMAPSession(MessageCommands):
             return None
         assert step.credentials is not None
         return await self._login(step.credentials,
-                                 step.credentials.username.decode("utf-8", "replace"))
+                                 step.credentials.username.decode("utf-8", "replace"),
+                                 mechanism.name.lower())
 
     def _sasl_line(self, line: bytes) -> None:
         assert self.sasl is not None
@@ -212,13 +213,17 @@ class IMAPSession(MessageCommands):
         d.addErrback(self._internal_error, Command(tag, "AUTHENTICATE"))
         d.addBoth(self._done)
 
-    async def _login(self, creds: Any, username: str) -> Reply:
+    async def _login(self, creds: Any, username: str, mechanism: str) -> Reply:
+        """``mechanism``: the SASL mechanism's name in lower case, or password for
+        LOGIN (metrics)."""
         try:
             result = await self.factory.services.portal.login(creds, None, IMailAccount)
         except Exception:
+            self.factory.meters.auth(mechanism, False)
             self.log.warn("authentication failed for {user} from {peer}", user=username,
                           peer=self.peer_host)
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
+        self.factory.meters.auth(mechanism, True)
         account = result[1]
         if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):
             self.log.warn("{user}: too many IMAP sessions", user=account.user.address)
@@ -273,6 +278,7 @@ _register()
 
 class IMAPFactory(ServiceFactory):
     refusal = b"* BYE [UNAVAILABLE] Too many connections, try later\r\n"
+    commands = tuple(sorted(COMMANDS))
 
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
         super().__init__(listener, services)

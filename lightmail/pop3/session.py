@@ -193,6 +193,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         verb, _, arg = line.strip().partition(" ")
         verb = verb.upper()
         handler = getattr(self, f"pop3_{verb}", None) if verb.isalpha() else None
+        self.factory.meters.command(verb)       # unknown verbs count as "other"
         if handler is None:
             self.err("Unknown command")
             return
@@ -283,7 +284,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         username, self.username = self.username, None
         from twisted.cred import credentials
         creds = credentials.UsernamePassword(username.encode(), arg.encode())
-        return self._login(creds, username)
+        return self._login(creds, username, "password")
 
     def pop3_AUTH(self, arg: str) -> Any:
         if not arg:
@@ -329,20 +330,25 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         if step.challenge is not None:
             self.write(b"+ " + base64.b64encode(step.challenge) + b"\r\n")
             return None
-        self.sasl = None
-        assert step.credentials is not None
+        mechanism, self.sasl = self.sasl, None
+        assert step.credentials is not None and mechanism is not None
         return self._login(step.credentials,
-                           step.credentials.username.decode("utf-8", "replace"))
+                           step.credentials.username.decode("utf-8", "replace"),
+                           mechanism.name.lower())
 
     @defer.inlineCallbacks
-    def _login(self, creds: Any, username: str) -> Any:
+    def _login(self, creds: Any, username: str, mechanism: str) -> Any:
+        """``mechanism``: the SASL mechanism's name in lower case, or password for
+        USER and PASS (metrics)."""
         try:
             result = yield self.factory.services.portal.login(creds, None, IMailAccount)
         except Exception:
+            self.factory.meters.auth(mechanism, False)
             self.log.warn("authentication failed for {user} from {peer}", user=username,
                           peer=self.peer_host)
             self.err("[AUTH] Authentication failed")
             return
+        self.factory.meters.auth(mechanism, True)
         account = result[1]
         user = account.user
         try:
@@ -523,6 +529,7 @@ class _TopCut:
 
 class POP3Factory(ServiceFactory):
     refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+    commands = tuple(sorted(set().union(*COMMANDS.values())))
 
     def make_protocol(self, addr: Any) -> POP3Session:
         return POP3Session(self)

@@ -68,6 +68,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.commands_before_auth = 0
         self.messages = 0
         self.sasl: Optional[sasl.Mechanism] = None
+        self.sasl_name = ""                 # of the AUTH in progress, for metrics
 
     # -- connection -----------------------------------------------------------------
 
@@ -217,6 +218,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 self.close_with(codes.TOO_MANY_COMMANDS)
                 return
         handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
+        self.factory.meters.command(verb)       # unknown verbs count as "other"
         if handler is None:
             self.reply(codes.UNKNOWN_COMMAND)
             return
@@ -332,6 +334,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.reply(codes.BAD_SYNTAX)
             return
         self.sasl = mechanism
+        self.sasl_name = mechanism.name.lower()
         self._auth_step(step)
 
     def _auth_response(self, raw: bytes) -> None:
@@ -359,13 +362,17 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         username = creds.username.decode("utf-8", "replace")
         d = self.factory.services.portal.login(creds, None, IMailAccount)
 
+        mechanism = self.sasl_name
+
         def ok(result: Any) -> None:
+            self.factory.meters.auth(mechanism, True)
             self.session.account = result[1]
             self.factory.logged_in(self)
             self.log.info("authenticated as {user}", user=self.session.account.user.address)
             self.reply(codes.AUTH_OK)
 
         def failed(failure: Failure) -> None:
+            self.factory.meters.auth(mechanism, False)
             # The user name, never the password (DEVELOPERS.md: no secret in logs).
             self.log.warn("authentication failed for {user} from {peer}",
                           user=username, peer=self.peer_host)
@@ -412,6 +419,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             if not reply.is_error:
                 self.tx = tx
             else:
+                self.factory.meters.refused("mail", reply.code, reply.status)
                 self.log.info("rejected MAIL FROM:<{sender}>: {code} {status} {text}",
                               sender=tx.mail_from, code=reply.code, status=reply.status,
                               text=reply.text)
@@ -460,6 +468,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 tx.accepted.append((address, recipients))
                 tx.rcpt_count += 1
             elif reply.is_error:
+                self.factory.meters.refused("rcpt", reply.code, reply.status)
                 self.log.info("rejected RCPT TO:<{rcpt}> from <{sender}>: {code} {status} "
                               "{text}", rcpt=address, sender=tx.mail_from, code=reply.code,
                               status=reply.status, text=reply.text)
@@ -675,6 +684,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def final_replies(self, tx: Transaction, reply: Reply) -> None:
         """The answer to the end of the content: one reply (LMTP: one per recipient)."""
+        self.factory.meters.message(reply.code, reply.status)
         self.reply(reply)
 
     def _abort_content(self) -> None:
@@ -723,6 +733,9 @@ class SMTPFactory(ServiceFactory):
         super().__init__(listener, services)
         self.submission = submission
         self.handler = handler or SMTPHandler(services)
+
+    commands = tuple(sorted(name[5:] for name in dir(SMTPServerSession)
+                            if name.startswith("smtp_")))
 
     def make_protocol(self, addr: Any) -> SMTPServerSession:
         return SMTPServerSession(self)
