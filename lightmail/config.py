@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import difflib
+import ipaddress
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -816,6 +817,81 @@ class TransportConfig:
     auth_password: str = auth_password_field()
 
 
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Whether a strports description listens on loopback only: a Unix socket, or
+    TCP with interface= a loopback address (tcp:PORT alone listens on all)."""
+    kind, _, rest = endpoint.partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    # strports escapes the colons of an IPv6 address: tcp6:25:interface=\:\:1
+    items = re.split(r"(?<!\\):", rest)[1:]
+    fields = dict(item.partition("=")[::2] for item in items if "=" in item)
+    interface = fields.get("interface", "").replace("\\:", ":").strip("[]")
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP listener (twisted.web): ``/metrics`` for Prometheus, ``/healthz``
+    and ``/readyz`` for probes; the admin API will live there too.  Off unless
+    enabled, as Dovecot's and Postfix's own listeners for tools are."""
+
+    enabled: bool = option(
+        False, parse_bool,
+        "Run the admin HTTP listener in the main process.")
+    endpoint: str = option(
+        "tcp:8025:interface=127.0.0.1", parse_endpoint,
+        "Where it listens (Twisted strports).  Off loopback (or a Unix socket) it needs "
+        "token_file: the metrics would otherwise be open to the network.")
+    token_file: Path | None = option(
+        None, parse_optional_path,
+        "File whose first line is the bearer token /metrics asks for (Authorization: "
+        "Bearer TOKEN, as Prometheus' authorization setting sends it), read at start-up. "
+        "Empty: /metrics answers anyone who reaches the listener (loopback only).  "
+        "/healthz and /readyz never ask: they tell only up or not.")
+    token: str = field(default="", repr=False, compare=False)
+    readiness_timeout: float = option(
+        2.0, parse_duration(minimum=0.1),
+        "How long /readyz waits for the database to answer a trivial read.")
+
+
+@dataclass(frozen=True)
+class ManholeConfig:
+    """A Python prompt inside the running server (twisted.conch's manhole) over SSH,
+    for an administrator who knows what the service tree is.  Off unless enabled;
+    whoever logs in can do anything the server's user can."""
+
+    enabled: bool = option(
+        False, parse_bool, "Run the manhole's SSH listener in the main process.")
+    endpoint: str = option(
+        "tcp:8022:interface=127.0.0.1", parse_endpoint,
+        "Where the SSH listener listens (Twisted strports).")
+    authorized_keys: Path | None = option(
+        None, parse_optional_path,
+        "OpenSSH authorized_keys file: these public keys log in (under any user name, "
+        "which is logged).")
+    passwords_file: Path | None = option(
+        None, parse_optional_path,
+        "File of NAME:HASH lines, HASH an argon2 hash ('lightmail manhole-password "
+        "NAME' prints such a line): these users log in with their password.  At least "
+        "one of authorized_keys and passwords_file is needed.")
+    host_key: Path | None = option(
+        None, parse_optional_path,
+        "The SSH host key (OpenSSH PEM private key); made (Ed25519, mode 0600) on "
+        "first start if missing.", shown_default="STATE_DIR/manhole_host_key")
+    telnet_endpoint: str = option(
+        "", parse_endpoint,
+        "Also a telnet listener (users of passwords_file; passwords cross in the "
+        "clear), on loopback or a Unix socket only.  Empty: none.")
+
+
 SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -827,6 +903,8 @@ SECTIONS: Mapping[str, type] = {
     "imap": IMAPConfig,
     "outbound": OutboundConfig,
     "dkim": DKIMConfig,
+    "admin": AdminConfig,
+    "manhole": ManholeConfig,
 }
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
@@ -847,6 +925,8 @@ class Config:
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    manhole: ManholeConfig = field(default_factory=ManholeConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
 
@@ -865,6 +945,10 @@ class Config:
     @property
     def node_id(self) -> str:
         return self.server.node_id or socket.gethostname()
+
+    @property
+    def manhole_host_key(self) -> Path:
+        return self.manhole.host_key or self.server.state_dir / "manhole_host_key"
 
 
 # --- parsing -----------------------------------------------------------------------
@@ -965,6 +1049,10 @@ def parse_config(text: str, path: str = "<config>",
         sections["outbound"] = _load_password(sections["outbound"], "outbound", path, lines)
     transports = [_load_password(t, TRANSPORT_PREFIX + t.domain, path, lines)
                   for t in transports]
+    if "admin" in sections:
+        sections["admin"] = _check_admin(sections["admin"], path, lines)
+    if "manhole" in sections:
+        _check_manhole(sections["manhole"], path, lines)
     config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
                     **sections)
     if validators is not None:
@@ -998,6 +1086,61 @@ def _load_password(section_config: Any, section: str, path: str,
         raise ConfigError(f"{secret} holds no password (an empty first line)", path,
                           line, section, "auth_password_file")
     return dataclasses.replace(section_config, auth_password=password)
+
+
+def _first_line(secret: Path, path: str, line: int | None, section: str,
+                key: str) -> str:
+    """The first line of the file ``secret`` names (a password, a token)."""
+    try:
+        text = secret.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {secret}: {exc.strerror}", path, line, section,
+                          key) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{secret} is not UTF-8 text", path, line, section,
+                          key) from None
+    first = text.splitlines()[0].strip() if text.splitlines() else ""
+    if not first:
+        raise ConfigError(f"{secret} holds nothing (an empty first line)", path, line,
+                          section, key)
+    return first
+
+
+def _check_admin(admin: AdminConfig, path: str,
+                 lines: Mapping[tuple[str, str | None], int]) -> AdminConfig:
+    if admin.token_file is not None:
+        token = _first_line(admin.token_file, path, lines.get(("admin", "token_file")),
+                            "admin", "token_file")
+        return dataclasses.replace(admin, token=token)
+    if admin.enabled and not is_loopback_endpoint(admin.endpoint):
+        raise ConfigError("an admin listener off loopback needs token_file (the metrics "
+                          "would be open to the network)", path,
+                          lines.get(("admin", "endpoint"), lines.get(("admin", None))),
+                          "admin", "endpoint")
+    return admin
+
+
+def _check_manhole(manhole: ManholeConfig, path: str,
+                   lines: Mapping[tuple[str, str | None], int]) -> None:
+    def error(message: str, key: str) -> ConfigError:
+        return ConfigError(message, path, lines.get(("manhole", key),
+                                                    lines.get(("manhole", None))),
+                           "manhole", key)
+    if manhole.telnet_endpoint and not is_loopback_endpoint(manhole.telnet_endpoint):
+        raise error("telnet sends passwords in the clear: only on loopback (tcp:PORT:"
+                    "interface=127.0.0.1) or a Unix socket", "telnet_endpoint")
+    if not manhole.enabled:
+        return
+    if manhole.authorized_keys is None and manhole.passwords_file is None:
+        raise error("the manhole needs authorized_keys or passwords_file: it never "
+                    "lets anyone in without credentials", "enabled")
+    if manhole.telnet_endpoint and manhole.passwords_file is None:
+        raise error("telnet logs in with passwords: it needs passwords_file",
+                    "telnet_endpoint")
+    for key in ("authorized_keys", "passwords_file"):
+        file = getattr(manhole, key)
+        if file is not None and not file.is_file():
+            raise error(f"no such file: {file}", key)
 
 
 def _check_listener(listener: ListenerConfig, path: str,

@@ -19,12 +19,20 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IListeningPort,
+    IProtocolFactory,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from lightmail.config import ListenerConfig
+from lightmail.metrics.interfaces import IProtocolMeters
+from lightmail.metrics.registry import UNCOUNTED
 
 if TYPE_CHECKING:
     from lightmail.service import Services
@@ -54,13 +62,21 @@ def builder_for(name: str) -> ProtocolBuilder:
     return builder  # type: ignore[return-value]
 
 
+@implementer(IHandshakeListener)
 class TrackedProtocol(Protocol):
-    """Base for LightMail protocols: registers with its factory, supports draining."""
+    """Base for LightMail protocols: registers with its factory, supports draining,
+    and counts its TLS handshakes (implicit TLS and STARTTLS both end in
+    ``handshakeCompleted``, called by Twisted's TLS layer)."""
 
     factory: TrackingFactory
     peer_host: str = ""
     #: The session has logged in (TrackingFactory.logged_in).
     logged_in: bool = False
+
+    def handshakeCompleted(self) -> None:
+        # ISSLTransport's getHandle: pyOpenSSL's Connection, handshake done.
+        transport: Any = ISSLTransport(self.transport)
+        self.factory.meters.tls(transport.getHandle().get_protocol_version_name())
 
     def drain(self) -> None:
         """Finish the transaction in progress, then close (server shutting down).
@@ -141,8 +157,11 @@ class TrackingFactory(Factory):
     noisy = False    # no "Starting factory" lines: the listener logs what matters
 
     def __init__(self, max_connections: int = 1000, max_per_ip: int = 20,
-                 max_unauthenticated: int | None = None) -> None:
+                 max_unauthenticated: int | None = None,
+                 meters: IProtocolMeters = UNCOUNTED) -> None:
         self.limits = ConnectionLimits(max_connections, max_per_ip, max_unauthenticated)
+        #: Connections, sessions, commands... of this listener's protocol.
+        self.meters = meters
         #: Told of each login (a worker's: the main process keeps the limits).
         self.on_login: Callable[[TrackedProtocol], None] | None = None
         self.active: set[TrackedProtocol] = set()
@@ -175,6 +194,7 @@ class TrackingFactory(Factory):
     def connection_made(self, proto: TrackedProtocol) -> None:
         self.active.add(proto)
         self.limits.add(proto.peer_host)
+        self.meters.connection_opened()
 
     def logged_in(self, proto: TrackedProtocol) -> None:
         """``proto``'s session has logged in: it no longer counts against
@@ -183,6 +203,7 @@ class TrackingFactory(Factory):
             return
         proto.logged_in = True
         self.limits.logged_in()
+        self.meters.session_opened()
         if self.on_login is not None:
             self.on_login(proto)
 
@@ -190,6 +211,9 @@ class TrackingFactory(Factory):
         if proto in self.active:
             self.active.discard(proto)
             self.limits.release(proto.peer_host, proto.logged_in)
+            self.meters.connection_closed()
+            if proto.logged_in:
+                self.meters.session_closed()
         if self.draining and not self.active:
             waiters, self._drained = self._drained, []
             for d in waiters:
@@ -234,10 +258,14 @@ class ServiceFactory(TrackingFactory):
     with.  ``refusal`` is the line a client refused at the connection limits gets."""
 
     refusal: bytes = b""
+    #: The protocol's command verbs (upper case), counted by name in the metrics;
+    #: any other counts as "other".
+    commands: tuple[str, ...] = ()
 
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
         super().__init__(listener.max_connections, listener.max_connections_per_ip,
-                         listener.unauthenticated_limit)
+                         listener.unauthenticated_limit,
+                         services.metrics.protocol(listener.protocol, self.commands))
         self.listener = listener
         self.services = services
         self.hostname: str = services.config.hostname

@@ -69,6 +69,17 @@ def validate(config: Config) -> None:
             if path is not None and not path.is_file():
                 raise ConfigError(f"no such file: {path}", config.path,
                                   line_of(config, section, key), section, key)
+    for section, key, enabled in (("admin", "endpoint", config.admin.enabled),
+                                  ("manhole", "endpoint", config.manhole.enabled),
+                                  ("manhole", "telnet_endpoint", config.manhole.enabled)):
+        endpoint = getattr(getattr(config, section), key)
+        if not (enabled and endpoint):
+            continue
+        try:
+            endpoints.serverFromString(reactor, endpoint)
+        except Exception as exc:
+            raise ConfigError(f"not a usable endpoint description: {exc}", config.path,
+                              line_of(config, section, key), section, key) from None
     if config.server.workers and not Path(config.path).is_file():
         raise ConfigError("worker processes read the config file, and there is none "
                           "(set workers = 0 when embedding)", config.path,
@@ -186,21 +197,45 @@ def makeService(config: Config,
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
     if config.server.workers:
-        _add_workers(root, services)
-        return root
-    for listener in config.listeners:
-        factory = builder_for(listener.protocol)(listener, services)
-        tls = None
-        if listener.tls != "none":
-            from lightmail.tls import server_context
-            tls = server_context(listener)
-        ListenerService(listener, factory, ready=storage.ready, tls_context=tls,
-                        shutdown_timeout=config.server.shutdown_timeout,
-                        on_failure=root.fatal).setServiceParent(root)
+        listeners = _add_workers(root, services)
+    else:
+        listeners = []
+        for listener in config.listeners:
+            factory = builder_for(listener.protocol)(listener, services)
+            tls = None
+            if listener.tls != "none":
+                from lightmail.tls import server_context
+                tls = server_context(listener)
+            service = ListenerService(listener, factory, ready=storage.ready,
+                                      tls_context=tls,
+                                      shutdown_timeout=config.server.shutdown_timeout,
+                                      on_failure=root.fatal)
+            service.setServiceParent(root)
+            listeners.append(service)
+    _add_operations(root, services, runner, listeners)
     return root
 
 
-def _add_workers(root: LightMailService, services: Services) -> None:
+def _add_operations(root: LightMailService, services: Services, runner: QueueRunner,
+                    listeners: list[ListenerService]) -> None:
+    """The admin HTTP listener and the manhole, when enabled (last: they stop first)."""
+    config = services.config
+    if config.admin.enabled:
+        from lightmail.admin.health import Readiness
+        from lightmail.admin.http import AdminService, admin_root
+        readiness = Readiness(services, runner, listeners, root.workers)
+        # Each scrape checks readiness too: lightmail_ready follows it.
+        services.metrics.add_sampler(readiness.check)
+        AdminService(config.admin, admin_root(services.metrics, readiness,
+                                              config.admin.token),
+                     on_failure=root.fatal).setServiceParent(root)
+    if config.manhole.enabled:
+        from lightmail.admin.manhole import ManholeService
+        ManholeService(config, root, services, runner, root.workers,
+                       on_failure=root.fatal).setServiceParent(root)
+
+
+def _add_workers(root: LightMailService, services: Services) -> list[ListenerService]:
     """``[server] workers``: this process listens, worker processes accept and serve
     (lightmail.workers); it keeps the limits, locks and \\Recent claims for all."""
     from twisted.internet.protocol import Factory
@@ -221,6 +256,7 @@ def _add_workers(root: LightMailService, services: Services) -> None:
                       config.server.shutdown_timeout, on_failure=root.fatal)
     pool.setServiceParent(root)
     root.workers = pool
+    return listeners
 
 
 def _delivery_agents(services: Services) -> list[Any]:
@@ -230,7 +266,7 @@ def _delivery_agents(services: Services) -> list[Any]:
     from lightmail.outbound.routing import Router
     from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound
-    resolver = Resolver(out.dns_servers)
+    resolver = Resolver(out.dns_servers, metrics=services.metrics)
     router = Router(resolver, port=out.port, relay_host=out.relay_host)
     ca_file = str(out.ca_file) if out.ca_file else ""
     mta_sts = None

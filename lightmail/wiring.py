@@ -29,10 +29,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from lightmail import sasl
 from lightmail.config import Config
@@ -41,6 +42,8 @@ from lightmail.directory.cred import make_portal, stand_in_secret
 from lightmail.directory.logins import GuardSettings, LocalFailureCounts, LoginGuard, Logins
 from lightmail.directory.sql import SQLDirectory
 from lightmail.imap.hub import MailboxHub
+from lightmail.metrics.interfaces import IMetrics
+from lightmail.metrics.registry import Metrics
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
@@ -50,7 +53,7 @@ from lightmail.storage.interfaces import IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.service import StorageService
 from lightmail.storage.sqlstore import SQLMailStore
-from lightmail.storage.writerlink import WriterLink
+from lightmail.storage.writerlink import WriterLink, WriterLost
 
 if TYPE_CHECKING:
     from lightmail.workers.worker import MainLink
@@ -84,6 +87,8 @@ class Services:
     pop3_locks: Locks
     #: The IMAP sessions of this process and their mailbox changes.
     imap_hub: MailboxHub
+    #: This process's metrics (its own registry; the main process serves them).
+    metrics: IMetrics
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -111,7 +116,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     worker reaches the main process's writer process; ``write_port``: an embedder's
     write port, given the engine LightMail would run (see docs/embedding.rst).
     """
-    storage = _storage(config, role, writer_socket, write_port)
+    metrics = Metrics()
+    storage = _storage(config, role, writer_socket, write_port, metrics)
     auth = config.directory
     directory = SQLDirectory(storage.db,
                              recipient_delimiter=auth.recipient_delimiter,
@@ -141,36 +147,64 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                              concurrency=out.concurrency, min_backoff=out.min_backoff,
                              max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
                              delay_warning_time=out.delay_warning_time,
-                             wake_path=config.server.state_dir / WAKE_NAME)
+                             wake_path=config.server.state_dir / WAKE_NAME,
+                             metrics=metrics)
         locks, hub = Locks(), MailboxHub()
+        if role is Role.SERVER:
+            _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
                     logins=Logins(portal, guard, directory), sasl=offer, queue_runner=runner,
-                    local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub)
+                    local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
+                    metrics=metrics)
+
+
+def _sample_server(metrics: IMetrics, storage: StorageService) -> None:
+    """What the main process asks for at each scrape: the queue's sizes, and the
+    writer process's counts when it has one."""
+    metrics.add_sampler(lambda: storage.queue.census().addCallback(metrics.queue_census))
+    writer = storage.writer
+    if writer is None:
+        return
+
+    def ask_writer() -> Deferred[Any]:
+        d: Deferred[Any] = writer.snapshot()
+        d.addCallback(lambda data: metrics.update_source("writer", data))
+        # Not running (it is being started again): the last counts stand in.
+        d.addErrback(lambda failure: failure.trap(WriterLost))
+        return d
+    metrics.add_sampler(ask_writer)
 
 
 def _storage(config: Config, role: Role, writer_socket: str | None,
-             write_port: Callable[[IWritePort], IWritePort] | None) -> StorageService:
+             write_port: Callable[[IWritePort], IWritePort] | None,
+             metrics: IMetrics) -> StorageService:
     if role is Role.WRITER:
         # One connection, and no pools: the writer runs its groups in its one thread.
         return StorageService(config, primary=False, sql_threads=1, one_writer=True,
-                              spare_files=False)
+                              spare_files=False, metrics=metrics)
     if role is Role.COMMAND:
-        return StorageService(config, write_port=write_port)
+        return StorageService(config, write_port=write_port, metrics=metrics)
     if role is Role.WORKER:
         writer = WriterLink(connect=writer_socket) if writer_socket is not None else None
-        return StorageService(config, primary=False, writer=writer, write_port=write_port)
+        return StorageService(config, primary=False, writer=writer, write_port=write_port,
+                              metrics=metrics)
     # The server: the writer process, when it runs from a configuration file (the
     # writer process reads it) and asks for one.
     if not (config.storage.writer_process and os.path.isfile(config.path)):
-        return StorageService(config, write_port=write_port)
+        return StorageService(config, write_port=write_port, metrics=metrics)
     writer_dir = listen = None
     if config.server.workers:
         listen, writer_dir = _writer_socket(config)
     command = [sys.executable, "-m", "lightmail.workers.writer", "--config",
                str(config.path)]
-    return StorageService(config, writer=WriterLink(command, listen=listen),
-                          writer_dir=writer_dir, write_port=write_port)
+
+    def restarted() -> None:
+        metrics.writer_restarted()
+        metrics.retire_source("writer")
+    return StorageService(config, writer=WriterLink(command, listen=listen,
+                                                    restarted=restarted),
+                          writer_dir=writer_dir, write_port=write_port, metrics=metrics)
 
 
 #: A Unix socket's path is at most 107 octets on Linux.

@@ -9,7 +9,7 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        /usr/sbin/dovecot:dovecot-core /usr/lib/dovecot/lmtp:dovecot-lmtpd
        /usr/lib/dovecot/pop3:dovecot-pop3d /usr/lib/dovecot/imap:dovecot-imapd
        getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools
-       gsasl:gsasl)
+       gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;
@@ -44,6 +44,19 @@ if [ ${#missing[@]} -gt 0 ]; then
         if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>/dev/null; then
             echo "test-peers: the system Dovecot is still running (pid $(cat /run/dovecot/master.pid))" >&2
             exit 1
+        fi
+    fi
+    # Debian's prometheus package starts a Prometheus server (port 9090) where an init
+    # system lets it: the tests need only its promtool, so stop and disable the server.
+    if printf "%s\n" "${missing[@]}" | grep -q '^prometheus$'; then
+        if command -v systemctl >/dev/null 2>&1; then
+            $SUDO systemctl disable prometheus.service >/dev/null 2>&1 || true
+        fi
+        if [ -d /run/systemd/system ]; then
+            $SUDO systemctl stop prometheus.service >/dev/null 2>&1 || true
+        else
+            $SUDO service prometheus stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
         fi
     fi
 fi

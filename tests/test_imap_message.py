@@ -1078,7 +1078,9 @@ def test_header_cache_size_comes_from_the_configuration(tmp_path: Path) -> None:
         "[listener:imap]\nprotocol = imap\nendpoint = tcp:0\n")
     config = load_config(config_file)
     from lightmail.imap.hub import MailboxHub
-    services = type("Services", (), {"config": config, "imap_hub": MailboxHub()})()
+    from lightmail.metrics.registry import Metrics
+    services = type("Services", (), {"config": config, "imap_hub": MailboxHub(),
+                                     "metrics": Metrics()})()
     try:
         build_imap_factory(config.listeners[0], services)
         assert HEADERS.budget == 3 * 1024**2

@@ -158,7 +158,7 @@ def test_a_burst_of_bad_imap_logins_locks_its_network_out_while_others_log_in(
         failures = [e for e in events if "authentication failed for" in
                     e.get("log_format", "")]
         assert failures and all(e["peer"] == "127.0.0.1" and e["protocol"] == "imap"
-                                and e["mechanism"] == "LOGIN" for e in failures)
+                                and e["mechanism"] == "password" for e in failures)
         assert not any("guess" in repr(e) for e in failures)      # never the secret
     finally:
         globalLogPublisher.removeObserver(events.append)

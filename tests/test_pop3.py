@@ -327,9 +327,12 @@ def test_fetchmail_and_getmail_fetch_and_delete(tmp_path: Path) -> None:
 
 def test_refused_connection_gets_an_answer() -> None:
     from lightmail.config import ListenerConfig
+    from lightmail.metrics.registry import Metrics
     from lightmail.pop3.session import POP3Factory
 
     class Services:
+        metrics = Metrics()
+
         class config:
             hostname = "h"
     factory = POP3Factory(ListenerConfig(name="x", protocol="pop3", endpoint="tcp:0",

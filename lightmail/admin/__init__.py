@@ -1,1 +1,3 @@
-"""Administration: the ``lightmail`` command (later the admin API and manhole)."""
+"""Administration: the ``lightmail`` command, the admin HTTP listener (metrics and
+health: ``http.py``, ``health.py``; later the admin API) and the manhole
+(``manhole.py``)."""

@@ -303,6 +303,14 @@ def cmd_queue_manage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manhole_password(args: argparse.Namespace) -> int:
+    from lightmail.admin.manhole import password_line
+    if ":" in args.name:
+        raise CommandError("a manhole user name has no ':'")
+    print(password_line(args.name, _read_password(args)))
+    return 0
+
+
 def cmd_tls(args: argparse.Namespace) -> int:
     from lightmail.admin.certs import write_self_signed
     write_self_signed(Path(args.cert), Path(args.key), args.name)
@@ -490,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "DOMAIN.SELECTOR.pem (default: the current directory)")
     ksub.add_parser("records", help="print the DNS records of the configured keys")
     p.set_defaults(func=cmd_dkim)
+
+    p = sub.add_parser("manhole-password",
+                       help="print a [manhole] passwords_file line for a user")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    p.set_defaults(func=cmd_manhole_password)
 
     p = sub.add_parser("demo-setup", help="demo domain, user and certificate (make run)")
     p.set_defaults(func=cmd_demo_setup)

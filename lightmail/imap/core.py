@@ -387,9 +387,11 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             command = parse_command(parts)
         except ParseError as exc:
             _discard(streamed)
+            self.factory.meters.command("")         # counted as "other"
             self.tagged(tag_of(parts), "BAD", str(exc))
             self._error()
             return
+        self.factory.meters.command(command.name)
         entry = COMMANDS.get(command.name)
         if entry is None:
             _discard(streamed)

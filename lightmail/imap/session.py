@@ -156,7 +156,7 @@ class IMAPSession(MessageCommands):
         from twisted.cred import credentials
         username, password = astring(cmd.args[0]), astring(cmd.args[1])
         creds = credentials.UsernamePassword(username.encode(), password.encode())
-        return await self._login(creds, Attempt("imap", "LOGIN", self.peer_host, username))
+        return await self._login(creds, Attempt("imap", "password", self.peer_host, username))
 
     def _sasl_context(self) -> sasl.Context:
         return self.factory.services.sasl.context(self.transport, self.tls)
@@ -207,10 +207,12 @@ class IMAPSession(MessageCommands):
     async def _login(self, creds: Any, attempt: Attempt) -> Reply:
         try:
             account = await self.factory.services.logins.login(creds, attempt)
-        except PasswordExpired:
-            return Reply("NO", "[EXPIRED] The password has expired: ask for a new one")
-        except LoginFailed:
+        except LoginFailed as failed:
+            self.factory.meters.auth(attempt.mechanism.lower(), False)
+            if isinstance(failed, PasswordExpired):
+                return Reply("NO", "[EXPIRED] The password has expired: ask for a new one")
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
+        self.factory.meters.auth(attempt.mechanism.lower(), True)
         if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):
             self.log.warn("{user}: too many IMAP sessions", user=account.user.address)
             return Reply("NO", "[LIMIT] Too many sessions for this user")
@@ -264,6 +266,7 @@ _register()
 
 class IMAPFactory(ServiceFactory):
     refusal = b"* BYE [UNAVAILABLE] Too many connections, try later\r\n"
+    commands = tuple(sorted(COMMANDS))
 
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
         super().__init__(listener, services)

@@ -54,6 +54,7 @@ class LMTPServerSession(SMTPServerSession):
     def final_replies(self, tx: Transaction, reply: Reply | list[Reply]) -> None:
         replies = reply if isinstance(reply, list) else [reply] * len(tx.accepted)
         for one in replies:
+            self.factory.meters.message(one.code, one.status)
             self.reply(one)
 
 
@@ -114,6 +115,9 @@ class LMTPHandler(SMTPHandler):
 
 
 class LMTPFactory(SMTPFactory):
+    commands = tuple(sorted(name[5:] for name in dir(LMTPServerSession)
+                            if name.startswith("smtp_")))
+
     def make_protocol(self, addr: Any) -> LMTPServerSession:
         return LMTPServerSession(self)
 

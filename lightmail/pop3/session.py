@@ -191,6 +191,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         verb, _, arg = line.strip().partition(" ")
         verb = verb.upper()
         handler = getattr(self, f"pop3_{verb}", None) if verb.isalpha() else None
+        self.factory.meters.command(verb)       # unknown verbs count as "other"
         if handler is None:
             self.err("Unknown command")
             return
@@ -282,7 +283,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         username, self.username = self.username, None
         from twisted.cred import credentials
         creds = credentials.UsernamePassword(username.encode(), arg.encode())
-        return self._login(creds, Attempt("pop3", "USER", self.peer_host, username))
+        return self._login(creds, Attempt("pop3", "password", self.peer_host, username))
 
     def _sasl_context(self) -> sasl.Context:
         return self.factory.services.sasl.context(self.transport, self.tls)
@@ -334,12 +335,12 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     def _login(self, creds: Any, attempt: Attempt) -> Any:
         try:
             account = yield self.factory.services.logins.login(creds, attempt)
-        except PasswordExpired:
-            self.err("[AUTH] The password has expired: ask for a new one")
+        except LoginFailed as failed:
+            self.factory.meters.auth(attempt.mechanism.lower(), False)
+            self.err("[AUTH] The password has expired: ask for a new one"
+                     if isinstance(failed, PasswordExpired) else "[AUTH] Authentication failed")
             return
-        except LoginFailed:
-            self.err("[AUTH] Authentication failed")
-            return
+        self.factory.meters.auth(attempt.mechanism.lower(), True)
         user = account.user
         try:
             self.maildrop = yield Maildrop.open(
@@ -519,6 +520,7 @@ class _TopCut:
 
 class POP3Factory(ServiceFactory):
     refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+    commands = tuple(sorted(set().union(*COMMANDS.values())))
 
     def make_protocol(self, addr: Any) -> POP3Session:
         return POP3Session(self)

@@ -29,6 +29,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lightmail.logs import BoundLogger, new_id
+from lightmail.metrics.interfaces import IMetrics
+from lightmail.metrics.registry import Metrics
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, IQueueKick
 from lightmail.queue.wake import WakeFIFO
 from lightmail.storage.interfaces import IQueueStore, QueueItem
@@ -53,8 +55,10 @@ class QueueRunner(Service):
                  lease_seconds: float = 600.0, min_backoff: float = 300.0,
                  max_backoff: float = 14400.0, max_lifetime: float = 5 * 86400.0,
                  clock: Any = None, owner: str | None = None,
-                 delay_warning_time: float = 0.0, wake_path: Path | None = None) -> None:
+                 delay_warning_time: float = 0.0, wake_path: Path | None = None,
+                 metrics: IMetrics | None = None) -> None:
         self.queue = queue
+        self.metrics: IMetrics = metrics if metrics is not None else Metrics()
         self.ready = ready
         self.agents: dict[str, IDeliveryAgent] = {}
         # The lease owner: stable across restarts of one node (see _start_polling).
@@ -205,6 +209,7 @@ class QueueRunner(Service):
         log = BoundLogger(namespace="lightmail.queue", msg_id=item.queue_id)
         agent = self.agents[item.recipient.transport]
         release = None
+        started = time.perf_counter()
         try:
             # The agent holds what the delivery used (the SMTP agent: its place in
             # the destination's limits) until the outcome is recorded.
@@ -212,6 +217,7 @@ class QueueRunner(Service):
         except Exception as exc:
             log.failure("delivery to {rcpt} failed unexpectedly", rcpt=item.recipient.address)
             result = DeliveryResult.deferred(f"4.3.0 internal error: {exc.__class__.__name__}")
+        attempt = time.perf_counter() - started
         try:
             final = yield self._record(item, result, agent.transport, log)
         except Exception:
@@ -221,6 +227,10 @@ class QueueRunner(Service):
         finally:
             if release is not None:
                 release()
+        received = queue_id_time(item.queue_id)
+        queued = (time.time() - received if final != "deferred" and received > 0
+                  else None)
+        self.metrics.delivery(agent.transport, final, attempt, queued)
         if final == "dead":
             return                  # nobody to tell: kept in the queue
         if self.notifier is not None and (result.status in ("delivered", "bounced")
@@ -245,17 +255,20 @@ class QueueRunner(Service):
     @defer.inlineCallbacks
     def _record(self, item: QueueItem, result: DeliveryResult, transport: str,
                 log: BoundLogger) -> Any:
-        """Record the outcome (durably, before forgetting the item) and log it."""
+        """Record the outcome (durably, before forgetting the item) and log it;
+        the status recorded (delivered, deferred, bounced, dead)."""
         if result.recorded:
             log.info("to=<{rcpt}> transport={transport} status={status} {detail}",
                      rcpt=item.recipient.address, transport=transport,
                      status=result.status, detail=result.detail)
-        elif result.status == "delivered":
+            return result.status
+        if result.status == "delivered":
             yield self.queue.delivered(item, self.owner)
             log.info("to=<{rcpt}> transport={transport} status=delivered {detail}",
                      rcpt=item.recipient.address, transport=transport,
                      detail=result.detail)
-        elif ((result.status == "bounced" or self._expired(item))
+            return "delivered"
+        if ((result.status == "bounced" or self._expired(item))
               and self.notifier is not None and self.notifier.nobody_to_tell(item)):
             # A double bounce with no postmaster, or postmaster's notice bouncing:
             # kept as dead rather than dropped (Postfix keeps such mail too).
@@ -264,17 +277,18 @@ class QueueRunner(Service):
                      "the queue: nobody to tell)", rcpt=item.recipient.address,
                      transport=transport, detail=result.detail)
             return "dead"
-        elif result.status == "bounced" or self._expired(item):
+        if result.status == "bounced" or self._expired(item):
             yield self.queue.bounced(item, self.owner, result.detail)
             log.warn("to=<{rcpt}> transport={transport} status=bounced {detail}",
                      rcpt=item.recipient.address, transport=transport,
                      detail=result.detail)
-        else:
-            when = next_attempt_ms(item.attempts + 1, self.min_backoff, self.max_backoff)
-            yield self.queue.deferred(item, self.owner, result.detail, when)
-            log.info("to=<{rcpt}> transport={transport} status=deferred {detail}",
-                     rcpt=item.recipient.address, transport=transport,
-                     detail=result.detail)
+            return "bounced"
+        when = next_attempt_ms(item.attempts + 1, self.min_backoff, self.max_backoff)
+        yield self.queue.deferred(item, self.owner, result.detail, when)
+        log.info("to=<{rcpt}> transport={transport} status=deferred {detail}",
+                 rcpt=item.recipient.address, transport=transport,
+                 detail=result.detail)
+        return "deferred"
 
     def _expired(self, item: QueueItem) -> bool:
         received = queue_id_time(item.queue_id)

@@ -216,6 +216,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 self.close_with(codes.TOO_MANY_COMMANDS)
                 return
         handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
+        self.factory.meters.command(verb)       # unknown verbs count as "other"
         if handler is None:
             self.reply(codes.UNKNOWN_COMMAND)
             return
@@ -360,7 +361,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         attempt = Attempt("smtp", exchange.name, self.peer_host, step.username)
         d = self.factory.services.logins.login(step.credentials, attempt)
 
+        meters = self.factory.meters
+
         def ok(account: Any) -> None:
+            meters.auth(attempt.mechanism.lower(), True)
             self.session.account = account
             self.factory.logged_in(self)
             self.log.info("authenticated as {user}", user=account.user.address)
@@ -368,6 +372,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
         def failed(failure: Failure) -> None:
             failure.trap(LoginFailed)
+            meters.auth(attempt.mechanism.lower(), False)
             self.reply(codes.PASSWORD_EXPIRED if failure.check(PasswordExpired)
                        else codes.AUTH_FAILED)
         return d.addCallbacks(ok, failed)
@@ -412,6 +417,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             if not reply.is_error:
                 self.tx = tx
             else:
+                self.factory.meters.refused("mail", reply.code, reply.status)
                 self.log.info("rejected MAIL FROM:<{sender}>: {code} {status} {text}",
                               sender=tx.mail_from, code=reply.code, status=reply.status,
                               text=reply.text)
@@ -460,6 +466,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 tx.accepted.append((address, recipients))
                 tx.rcpt_count += 1
             elif reply.is_error:
+                self.factory.meters.refused("rcpt", reply.code, reply.status)
                 self.log.info("rejected RCPT TO:<{rcpt}> from <{sender}>: {code} {status} "
                               "{text}", rcpt=address, sender=tx.mail_from, code=reply.code,
                               status=reply.status, text=reply.text)
@@ -675,6 +682,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def final_replies(self, tx: Transaction, reply: Reply) -> None:
         """The answer to the end of the content: one reply (LMTP: one per recipient)."""
+        self.factory.meters.message(reply.code, reply.status)
         self.reply(reply)
 
     def _abort_content(self) -> None:
@@ -723,6 +731,9 @@ class SMTPFactory(ServiceFactory):
         super().__init__(listener, services)
         self.submission = submission
         self.handler = handler or SMTPHandler(services)
+
+    commands = tuple(sorted(name[5:] for name in dir(SMTPServerSession)
+                            if name.startswith("smtp_")))
 
     def make_protocol(self, addr: Any) -> SMTPServerSession:
         return SMTPServerSession(self)

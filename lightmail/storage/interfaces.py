@@ -451,6 +451,10 @@ class IQueueStore(Interface):
     def list_recipients(states: Sequence[str] = ()) -> Deferred[list[dict]]:
         """Queue entries for listing by the admin tools."""
 
+    def census() -> Deferred[list[tuple[str, int, float]]]:
+        """The recipients in the queue by state: (state, how many, seconds since the
+        oldest of their messages arrived), for metrics."""
+
     def delayed_recipients(queue_id: str) -> Deferred[list[dict]]:
         """The recipients of ``queue_id`` that are waiting after a temporary failure
         and whose sender has not been warned of the delay yet (each a dict of ``id``,

@@ -90,6 +90,8 @@ _STILL_OPEN = (sa.select(_r.c.queue_id)
                       & _r.c.state.not_in(FINAL_STATES)).distinct())
 _DELETE_RECIPIENTS = _r.delete().where(
     _r.c.queue_id.in_(sa.bindparam("b_ids", expanding=True)))
+_CENSUS = (sa.select(_r.c.state, sa.func.count(), sa.func.min(_m.c.received))
+           .join(_m, _m.c.id == _r.c.queue_id).group_by(_r.c.state))
 _DELETE_MESSAGES = _m.delete().where(_m.c.id.in_(sa.bindparam("b_ids", expanding=True)))
 
 
@@ -257,6 +259,14 @@ class SQLQueueStore:
                 query = query.where(r.c.state.in_(list(states)))
             return [dict(row._mapping) for row in conn.execute(query)]
         return self.db.read(list_)
+
+    def census(self) -> Deferred[list[tuple[str, int, float]]]:
+        def count(conn: Connection) -> list[tuple[str, int, float]]:
+            now = now_ms()
+            rows = conn.execute(_CENSUS).all()
+            return [(state, int(number), max(0.0, (now - int(oldest)) / 1000.0))
+                    for state, number, oldest in rows]
+        return self.db.read(count)
 
     def delayed_recipients(self, queue_id: str) -> Deferred[list[dict[str, Any]]]:
         def list_(conn: Connection) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from lightmail.config import Config
+from lightmail.metrics.interfaces import IMetrics
 from lightmail.storage import migrate
 from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
 from lightmail.storage.changes import ChangeFeed
@@ -43,18 +44,20 @@ class StorageService(Service):
                  writer: WriterLink | None = None, writer_dir: str | None = None,
                  sql_threads: int | None = None, one_writer: bool = False,
                  spare_files: bool = True,
-                 write_port: Callable[[IWritePort], IWritePort] | None = None) -> None:
+                 write_port: Callable[[IWritePort], IWritePort] | None = None,
+                 metrics: IMetrics | None = None) -> None:
         """Built by lightmail.wiring, which decides: ``primary`` (the main process:
         it migrates the schema, recovers blobs and collects garbage; a worker's and
         the writer process's storage are not), ``writer`` (the link to the writer
         process, whose engine then runs the write port; its socket is in
         ``writer_dir``, removed at stop), ``write_port`` (an embedder's: given the
-        engine LightMail would run, returns the port to use)."""
+        engine LightMail would run, returns the port to use), ``metrics`` (the
+        process's: SQL latency, group commit sizes)."""
         self.config = config
         self.primary = primary
         self.db = Database(config.database_url,
                            threads=sql_threads or config.storage.sql_threads,
-                           one_writer=one_writer)
+                           one_writer=one_writer, metrics=metrics)
         self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
         # Spare temporary files only where GC's grace period leaves them time.
         spares = (SPARE_FILES if spare_files and

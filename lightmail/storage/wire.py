@@ -207,6 +207,31 @@ def write_error(tag: bytes, error: BaseException) -> bytes:
 
 _ERROR_KINDS = {code: kind for kind, code in STORAGE_ERRORS.items()}
 
+# -- Stats: the writer process's metrics, asked for at each scrape ---------------------
+#
+# Its answer carries lightmail.metrics.federation's encoding in one AMP value: the
+# writer's few families (SQL latency, group commit sizes) take a few kilobytes.
+
+_STATS = b"Stats"
+_SNAPSHOT = b"snapshot"
+
+
+def stats_command(tag: bytes) -> bytes:
+    return box_bytes({amp.COMMAND: _STATS, amp.ASK: tag})
+
+
+def is_stats(box: dict[bytes, bytes]) -> bool:
+    return box.get(amp.COMMAND) == _STATS and amp.ASK in box
+
+
+def stats_answer(tag: bytes, snapshot: bytes) -> bytes:
+    return box_bytes({amp.ANSWER: tag, _SNAPSHOT: snapshot})
+
+
+def stats_reply(box: dict[bytes, bytes]) -> bytes | None:
+    """The snapshot an answer to Stats carries (None: the box answers a Write)."""
+    return box.get(_SNAPSHOT) if amp.ANSWER in box else None
+
 
 class Write(amp.Command):
     """Run a write port operation in the writer process's next group.

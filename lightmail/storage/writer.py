@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.logger import Logger
@@ -67,8 +68,10 @@ class _Peer:
     boxes it sends are read here (lightmail.storage.wire), each Write waits for its
     group, and the answers go back together."""
 
-    def __init__(self, sock: socket.socket, arrived: list[WriteRequest]) -> None:
+    def __init__(self, sock: socket.socket, arrived: list[WriteRequest],
+                 stats: Callable[[], bytes]) -> None:
         self.sock = sock
+        self.stats = stats
         self.arrived = arrived
         self.closed = False        # it will send nothing more
         self.owed = 0              # requests taken and not yet answered
@@ -91,6 +94,9 @@ class _Peer:
                 break
             self.buf += data
         for box in wire.read_boxes(self.buf):
+            if wire.is_stats(box):
+                self.out.append(wire.stats_answer(box[amp.ASK], self.stats()))
+                continue
             try:
                 tag, (op, args, blob, durable) = wire.write_request(box)
             except Exception as exc:
@@ -129,7 +135,8 @@ def serve(sock: socket.socket, db: Database, blobs: IBlobStore, writes: SQLWrite
     arrived meanwhile go in one group."""
     selector = selectors.DefaultSelector()
     pending: list[WriteRequest] = []
-    main_peer = _Peer(sock, pending)
+    stats = db.metrics.snapshot
+    main_peer = _Peer(sock, pending, stats)
     selector.register(sock, selectors.EVENT_READ, main_peer)
     if listener is not None:
         selector.register(listener, selectors.EVENT_READ, None)
@@ -142,7 +149,7 @@ def serve(sock: socket.socket, db: Database, blobs: IBlobStore, writes: SQLWrite
                     conn, _ = listener.accept()
                 except OSError:
                     continue
-                selector.register(conn, selectors.EVENT_READ, _Peer(conn, pending))
+                selector.register(conn, selectors.EVENT_READ, _Peer(conn, pending, stats))
                 continue
             still_open = peer.receive()
             peer.flush()            # requests it could not read are answered at once
@@ -184,6 +191,7 @@ def run_group(batch: list[WriteRequest], db: Database, blobs: IBlobStore,
         before = None if request.blob is None else blobs.adopt(request.blob)
         requests.append(GroupedWrite(fn, tuple(request.args), {}, None, False, before,
                                      request.durable or db.backend != "sqlite"))
+    db.metrics.group_committed(len(requests))
     try:
         outcomes = db.commit_group_now(requests)
     except Exception:                   # the commit itself failed

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from lightmail.storage import wire
@@ -49,6 +51,7 @@ class _Link(protocol.Protocol):
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.buf = bytearray()
         self.waiting: dict[bytes, defer.Deferred[Outcome]] = {}
+        self.stats_waiting: dict[bytes, defer.Deferred[bytes]] = {}
         self.asked = 0
 
     def connectionMade(self) -> None:
@@ -64,9 +67,24 @@ class _Link(protocol.Protocol):
         self.transport.write(data)
         return d
 
+    def ask_stats(self) -> defer.Deferred[bytes]:
+        self.asked += 1
+        tag = b"s%x" % self.asked
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.stats_waiting[tag] = d
+        assert self.transport is not None
+        self.transport.write(wire.stats_command(tag))
+        return d
+
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
         for box in wire.read_boxes(self.buf):
+            snapshot = wire.stats_reply(box)
+            if snapshot is not None:
+                waiting = self.stats_waiting.pop(box[amp.ANSWER], None)
+                if waiting is not None:
+                    waiting.callback(snapshot)
+                continue
             tag, ok, value = wire.write_reply(box)
             d = self.waiting.pop(tag, None)
             if d is None:
@@ -77,6 +95,9 @@ class _Link(protocol.Protocol):
                 d.errback(Failure(value))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        stats, self.stats_waiting = self.stats_waiting, {}
+        for asked in stats.values():
+            asked.errback(WriterLost("the writer process went away"))
         waiting, self.waiting = self.waiting, {}
         for d in waiting.values():
             d.errback(WriterLost("the writer process went away before it answered"))
@@ -91,7 +112,8 @@ class WriterLink:
     log = Logger()
 
     def __init__(self, command: list[str] | None = None, *, listen: str | None = None,
-                 connect: str | None = None) -> None:
+                 connect: str | None = None,
+                 restarted: Callable[[], None] | None = None) -> None:
         if (command is None) == (connect is None):
             raise ValueError("a WriterLink starts a writer (command) or "
                              "connects to one (connect)")
@@ -100,6 +122,8 @@ class WriterLink:
         self.command = command
         self.listen = listen
         self.connect = connect
+        #: Told each time the writer process ended and is started again (metrics).
+        self.restarted = restarted
         self._link: _Link | None = None
         self._process: Any = None
         self._ended: defer.Deferred[None] | None = None
@@ -185,6 +209,13 @@ class WriterLink:
             return defer.fail()     # a value that is no declared record, say
         return d.addCallback(self._answered)
 
+    def snapshot(self) -> defer.Deferred[bytes]:
+        """The writer process's metrics (lightmail.metrics.federation's encoding)."""
+        link = self._link
+        if link is None:
+            return defer.fail(WriterLost("the writer process is not running"))
+        return link.ask_stats()
+
     def _answered(self, outcome: Outcome) -> Outcome:
         self._delay = RESTART_MIN          # it works
         return outcome
@@ -213,6 +244,8 @@ class WriterLink:
         if self._link is not None and self._link.transport is not None:
             self._link.transport.loseConnection()
         if not self._stopping:
+            if self.restarted is not None:
+                self.restarted()
             self._again(f"writer process ended ({reason.getErrorMessage()})")
 
 

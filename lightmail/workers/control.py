@@ -99,6 +99,18 @@ class Kick(amp.Command):
     requiresAnswer = False
 
 
+class Scrape(amp.Command):
+    """The worker's metrics (lightmail.metrics.federation's encoding), a part at a
+    time: an AMP value holds at most 65,535 bytes.  Part 0 takes the snapshot."""
+
+    arguments = [(b"part", amp.Integer())]
+    response = [(b"data", amp.String()), (b"parts", amp.Integer())]
+
+
+#: Bytes of a snapshot in one Scrape answer.
+SCRAPE_PART = 60_000
+
+
 class Changed(amp.Command):
     arguments = [(b"change", amp.String())]
     requiresAnswer = False

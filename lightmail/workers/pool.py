@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from lightmail.imap.hub import MailboxHub
 from lightmail.listeners import ConnectionLimits, ListenerService
+from lightmail.metrics.interfaces import IMetrics
 from lightmail.pop3.maildrop import Locks
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
 from lightmail.workers import control
@@ -204,6 +205,9 @@ class WorkerPool(Service):
         self.transports: dict[int, Any] = {}
         self.draining = False
         self.ready: defer.Deferred[None] = defer.Deferred()
+        self.metrics: IMetrics = services.metrics
+        # The workers' sessions are counted there: each scrape asks them.
+        self.metrics.add_sampler(self.scrape)
 
     # -- starting ------------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class WorkerPool(Service):
         if self.processes.get(index) is process:
             del self.processes[index]
             self.transports.pop(index, None)
+        self.metrics.retire_source(f"worker-{index}")
         if not self.running:
             return
         if not self.ready.called:
@@ -274,6 +279,7 @@ class WorkerPool(Service):
             return
         self.log.error("worker {index} ended: {reason}; starting it again",
                        index=index, reason=reason.getErrorMessage())
+        self.metrics.worker_restarted()
         from twisted.internet import reactor
         reactor.callLater(RESTART_DELAY, self._restart, index)  # type: ignore[attr-defined]
 
@@ -282,6 +288,25 @@ class WorkerPool(Service):
             self.spawn(index)
 
     # -- while running -------------------------------------------------------------
+
+    def scrape(self) -> defer.Deferred[Any]:
+        """Ask every running worker for its metrics (a sampler of the exposition)."""
+        return defer.gatherResults([self._scrape(link) for link in list(self.links)
+                                    if link.ready.called and link.transport is not None])
+
+    @defer.inlineCallbacks
+    def _scrape(self, link: WorkerLink) -> Any:
+        try:
+            first = yield control.ask(link, control.Scrape, part=0)
+            data = [first["data"]]
+            for part in range(1, first["parts"]):
+                data.append((yield control.ask(link, control.Scrape, part=part))["data"])
+        except Exception as exc:
+            # A worker that ends meanwhile: its last counts stand in (retire_source).
+            self.log.info("worker {index} gave no metrics: {error}", index=link.index,
+                          error=str(exc))
+            return
+        self.metrics.update_source(f"worker-{link.index}", b"".join(data))
 
     def kick(self) -> None:
         self.services.queue_runner.kick()       # (a stopped runner ignores it)

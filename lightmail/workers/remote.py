@@ -12,7 +12,7 @@ import sys
 from typing import Any, Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -93,6 +93,7 @@ class RemoteKick:
         control.notify(self.link, control.Kick)
 
 
+@implementer(IHandshakeListener)
 class Admission(Protocol):
     """A connection waiting for the main process to admit it under the listener's
     limits; then the real protocol (or the listener's refusal) takes over, and what
@@ -109,6 +110,8 @@ class Admission(Protocol):
         self.early: list[bytes] = []
         self.admitted = False
         self.lost = False
+        # Implicit TLS: the handshake may end before the main process answers.
+        self.handshake_done = False
 
     def connectionMade(self) -> None:
         inner = self.admitting.inner
@@ -146,9 +149,17 @@ class Admission(Protocol):
             return
         self.inner = inner
         inner.makeConnection(self.transport)
+        if self.handshake_done:
+            self.handshakeCompleted()
         early, self.early = self.early, []
         for data in early:
             inner.dataReceived(data)
+
+    def handshakeCompleted(self) -> None:
+        """Passed on to the session (it counts TLS versions), once there is one."""
+        self.handshake_done = True
+        if self.inner is not None and IHandshakeListener.providedBy(self.inner):
+            self.inner.handshakeCompleted()
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is not None:

@@ -24,6 +24,7 @@ from zope.interface import provider
 
 from lightmail.config import Config, ListenerConfig, load_config
 from lightmail.listeners import TrackingFactory, builder_for, describe_address
+from lightmail.metrics.interfaces import IMetrics
 from lightmail.workers import control
 from lightmail.workers.remote import AdmittingFactory, ChangePublisher, WorkerHub
 
@@ -36,6 +37,16 @@ class MainLink(control.Link):
     def __init__(self) -> None:
         super().__init__()
         self.hub: WorkerHub | None = None
+        self.metrics: IMetrics | None = None
+        self._snapshot = b""
+
+    @control.Scrape.responder
+    def scrape(self, part: int) -> dict[str, Any]:
+        if part == 0:
+            self._snapshot = self.metrics.snapshot() if self.metrics is not None else b""
+        size = control.SCRAPE_PART
+        parts = max(1, -(-len(self._snapshot) // size))
+        return {"data": self._snapshot[part * size:(part + 1) * size], "parts": parts}
 
     @control.Changed.responder
     def changed(self, change: bytes) -> dict[str, Any]:
@@ -105,6 +116,7 @@ def build(config: Config, link: MainLink, listeners: dict[str, int],
     hub = services.imap_hub
     assert isinstance(hub, WorkerHub)       # Role.WORKER's: relayed changes come in
     link.hub = hub
+    link.metrics = services.metrics
     storage.mailstore.add_listener(ChangePublisher(link))
     root = _WorkerRoot()
     storage.setServiceParent(root)
