@@ -101,7 +101,7 @@ def test_a_locked_out_attempt_is_refused_unchecked_like_a_wrong_password() -> No
     clock, portal = task.Clock(), Portal()
     guard = LoginGuard(GuardSettings(delay_after=2, first_delay=1, max_delay=4,
                                      lockout_after=3), LocalFailureCounts(900, clock.seconds))
-    logins = Logins(portal, guard, clock)   # type: ignore[arg-type]
+    logins = Logins(portal, guard, clock=clock)   # type: ignore[arg-type]
     first = outcome(logins.login("wrong", attempt()))
     assert first[0].check(LoginFailed)            # no delay yet
     second = outcome(logins.login("wrong", attempt()))
@@ -164,3 +164,50 @@ def test_a_burst_of_bad_imap_logins_locks_its_network_out_while_others_log_in(
         globalLogPublisher.removeObserver(events.append)
         yield server.stop()
 
+
+
+class SlowLogins:
+    """A login path that takes longer than the idle timeout (a busy machine)."""
+
+    def __init__(self, logins: Logins, seconds: float) -> None:
+        self.logins, self.seconds = logins, seconds
+
+    def login(self, creds: Any, attempt: Attempt) -> defer.Deferred[Any]:
+        from twisted.internet import reactor
+        return task.deferLater(reactor, self.seconds, self.logins.login, creds, attempt)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_login_slower_than_the_idle_timeout_is_answered_not_timed_out(
+        tmp_path: Path) -> None:
+    """The idle timer measures the client: while the server is still answering (a
+    password check on a loaded machine), IMAP, POP3 and SMTP do not time out."""
+    import poplib
+    import smtplib
+
+    server = yield start(
+        tmp_path,
+        "[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "[listener:pop3]\nprotocol = pop3\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "[directory]\nauth_over_plaintext = yes\n"
+        "[imap]\nidle_timeout = 1s\n[pop3]\ncommand_timeout = 1s\n[smtp]\ncommand_timeout = 1s\n")
+    server.parts.logins = SlowLogins(server.parts.logins, 2.5)     # type: ignore[assignment]
+    try:
+        def logins() -> dict[str, Any]:
+            out = {}
+            imap = Client(server.ports["imap"])
+            out["imap"] = imap.cmd("LOGIN", "bob@example.test", "bob-secret").status
+            imap.close()
+            pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=20)
+            pop.user("bob@example.test")
+            out["pop3"] = pop.pass_("bob-secret")[:3]
+            pop.quit()
+            with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=20) as smtp:
+                smtp.ehlo()
+                smtp.starttls()
+                smtp.ehlo()
+                out["smtp"] = smtp.login("bob@example.test", "bob-secret")[0]
+            return out
+        assert (yield in_thread(logins)) == {"imap": "OK", "pop3": b"+OK", "smtp": 235}
+    finally:
+        yield server.stop()

@@ -179,6 +179,11 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.log.info("disconnect from {peer}", peer=self.peer_host)
 
     def timeoutConnection(self) -> None:
+        if self.busy and self.idling is None and self.sasl is None:
+            # The server is still answering the last command (a slow disk, a
+            # password check on a busy machine): that is not the client idling.
+            self.resetTimeout()
+            return
         self.log.info("autologout after {seconds}s idle", seconds=self.cfg.idle_timeout)
         self.close_with("* BYE Autologout; idle for too long")
 
@@ -447,6 +452,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.busy = False
         self.flush()
         self._out = None
+        if not self.closing:
+            self.resetTimeout()            # the client's idle time starts at the answer
         if self.closing_after and not self.closing and self.idling is None:
             self.close_with("* BYE Server shutting down")
             return

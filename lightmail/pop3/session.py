@@ -86,6 +86,11 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.log.info("disconnect from {peer}", peer=self.peer_host)
 
     def timeoutConnection(self) -> None:
+        if self.busy:
+            # Still answering (a slow disk, a password check on a busy machine): the
+            # client is not the one idling.
+            self.resetTimeout()
+            return
         self.log.info("timeout in {state} state", state=self.state)
         self.close_with("-ERR Disconnected for inactivity")
 
@@ -170,6 +175,8 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
         def done(_: Any) -> None:
             self.busy = False
+            if not self.closing:
+                self.resetTimeout()        # the client's idle time starts at the answer
             if self.draining and not self.closing:
                 self.close_with("-ERR [SYS/TEMP] Server shutting down")
             elif self.buffer:

@@ -101,6 +101,11 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                       peer=self.peer_host, messages=self.messages, errors=self.errors)
 
     def timeoutConnection(self) -> None:
+        if self.busy:
+            # Still answering (a slow disk, a password check on a busy machine): the
+            # client is not the one idling.
+            self.resetTimeout()
+            return
         self.log.info("timeout in {mode} state", mode=self.mode)
         self.close_with(codes.TIMEOUT)
 
@@ -184,6 +189,8 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
         def done(_: Any) -> None:
             self.busy = False
+            if not self.closing:
+                self.resetTimeout()        # the client's idle time starts at the answer
             if self.draining and self.mode == COMMAND and self.tx is None:
                 self.close_with(codes.SHUTTING_DOWN)
             elif self.buffer:
