@@ -298,7 +298,7 @@ def parse_choices(*choices: str) -> Callable[[str, Path], tuple[str, ...]]:
 
 
 SASL_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1",
-                   "SCRAM-SHA-1-PLUS")
+                   "SCRAM-SHA-1-PLUS", "OAUTHBEARER", "XOAUTH2")
 
 
 def parse_mechanisms(raw: str, base: Path) -> tuple[str, ...]:
@@ -863,6 +863,41 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class OAuthConfig:
+    """OAuth 2.0 bearer tokens (JWTs) for OAUTHBEARER (RFC 7628) and XOAUTH2: LightMail
+    checks them as a resource server, against the keys its issuer publishes."""
+
+    issuer: str = option(
+        "", parse_str,
+        "The token issuer (the iss claim must be exactly this), e.g. "
+        "https://id.example.com/realms/mail.  Needed when a mechanism in [directory] "
+        "mechanisms is OAUTHBEARER or XOAUTH2.")
+    audience: str = option(
+        "", parse_str,
+        "What the aud claim must name (the client id or resource the issuer puts there);"
+        " empty: the aud claim is not checked.")
+    jwks: str = option(
+        "", parse_str,
+        "The issuer's signing keys (a JWK Set): a file, or an https:// URL (as the "
+        "issuer's jwks_uri) fetched off the main loop, cached, and fetched again after "
+        "jwks_refresh or when a token names a key not yet known.")
+    jwks_refresh: float = option(
+        3600.0, parse_duration(minimum=10.0),
+        "How long the keys are kept before they are fetched or read again.")
+    user_claim: str = option(
+        "email", parse_str,
+        "The claim that holds the user's address (email, preferred_username, sub...).")
+    algorithms: tuple[str, ...] = option(
+        ("RS256", "PS256", "ES256", "EdDSA"), parse_list,
+        "Signature algorithms accepted.  none and the HMAC ones (HS256...) never are: "
+        "the keys are public.",
+        shown_default="RS256 PS256 ES256 EdDSA")
+    leeway: float = option(
+        30.0, parse_duration(minimum=0.0),
+        "Clock difference allowed when checking exp and nbf.")
+
+
+@dataclass(frozen=True)
 class ManholeConfig:
     """A Python prompt inside the running server (twisted.conch's manhole) over SSH,
     for an administrator who knows what the service tree is.  Off unless enabled;
@@ -905,6 +940,7 @@ SECTIONS: Mapping[str, type] = {
     "dkim": DKIMConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
+    "oauth": OAuthConfig,
 }
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
@@ -927,6 +963,7 @@ class Config:
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
 
@@ -1053,6 +1090,8 @@ def parse_config(text: str, path: str = "<config>",
         sections["admin"] = _check_admin(sections["admin"], path, lines)
     if "manhole" in sections:
         _check_manhole(sections["manhole"], path, lines)
+    _check_oauth(sections.get("oauth", OAuthConfig()), sections.get("directory"), path,
+                 lines)
     config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
                     **sections)
     if validators is not None:
@@ -1118,6 +1157,29 @@ def _check_admin(admin: AdminConfig, path: str,
                           lines.get(("admin", "endpoint"), lines.get(("admin", None))),
                           "admin", "endpoint")
     return admin
+
+
+BEARER_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
+
+
+def _check_oauth(oauth: OAuthConfig, directory: DirectoryConfig | None, path: str,
+                 lines: Mapping[tuple[str, str | None], int]) -> None:
+    wanted = [m for m in (directory or DirectoryConfig()).mechanisms
+              if m in BEARER_MECHANISMS]
+    if not wanted:
+        return
+    for key in ("issuer", "jwks"):
+        if not getattr(oauth, key):
+            raise ConfigError(f"{wanted[0]} is offered ([directory] mechanisms) but "
+                              f"[oauth] {key} is not set: tokens cannot be checked", path,
+                              lines.get(("oauth", key), lines.get(("directory",
+                                                                   "mechanisms"))),
+                              "oauth", key)
+    bad = [a for a in oauth.algorithms if a.lower() == "none" or a.upper().startswith("HS")]
+    if bad:
+        raise ConfigError(f"algorithm {bad[0]} is not accepted: none and HMAC (HS*) would "
+                          "let anyone make tokens", path, lines.get(("oauth", "algorithms")),
+                          "oauth", "algorithms")
 
 
 def _check_manhole(manhole: ManholeConfig, path: str,

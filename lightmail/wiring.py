@@ -40,6 +40,7 @@ from lightmail.config import Config
 from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.cred import make_portal, stand_in_secret
 from lightmail.directory.logins import GuardSettings, LocalFailureCounts, LoginGuard, Logins
+from lightmail.directory.oauth import BearerChecker, TokenValidator
 from lightmail.directory.sql import SQLDirectory
 from lightmail.imap.hub import MailboxHub
 from lightmail.metrics.interfaces import IMetrics
@@ -131,8 +132,11 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                       max_delay=auth.login_max_delay, lockout_after=auth.lockout_after,
                       account_lockout_after=auth.account_lockout_after),
         LocalFailureCounts(auth.login_failure_window, reactor.seconds))  # type: ignore[attr-defined]
+    tokens = TokenValidator(config.oauth) if config.oauth.jwks else None
+    if tokens is not None:
+        portal.registerChecker(BearerChecker(tokens, directory))
     offer = sasl.Offer(auth.mechanisms, directory, stand_in_secret(config.server.state_dir),
-                       auth.scram_iterations)
+                       auth.scram_iterations, tokens)
     local_delivery = LocalDeliveryAgent(directory, storage.write_port, config.node_id)
     runner: IQueueKick
     if role is Role.WORKER:

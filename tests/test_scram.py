@@ -9,7 +9,6 @@ in the middle of the test's own making shows the binding at work.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import shutil
 import socket
@@ -31,13 +30,12 @@ from lightmail.directory.scram import ScramProof
 from lightmail.sasl import Context, Exchange, Offer, SASLError
 from lightmail.sasl.scram import Scram
 from lightmail.storage import schema
+from tests import saslwire
 from tests.inprocess import in_thread, start
+from tests.saslwire import PORTS, b64, connect
 
 USER, PASSWORD = "bob@example.test", "bob-secret"
 
-
-def b64(data: bytes | str) -> str:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
 # -- the mechanism on its own ------------------------------------------------------------
@@ -148,66 +146,14 @@ def test_offer_names_plus_only_under_tls() -> None:
 # -- over the wire ----------------------------------------------------------------------
 
 def tls_listeners(tmp: Path) -> str:
-    tls = f"tls_cert = {tmp / 'cert.pem'}\ntls_key = {tmp / 'key.pem'}\n"
-    return ("[listener:imaps]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
-            "tls = implicit\n" + tls +
-            "[listener:pop3s]\nprotocol = pop3\nendpoint = tcp:0:interface=127.0.0.1\n"
-            "tls = implicit\n" + tls +
-            "[directory]\nmechanisms = PLAIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS SCRAM-SHA-1 "
-            "SCRAM-SHA-1-PLUS\n")
+    return saslwire.tls_listeners(tmp, "PLAIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS SCRAM-SHA-1 "
+                                  "SCRAM-SHA-1-PLUS")
 
 
-class Wire:
-    """One protocol's SASL exchange on a line-based TLS connection."""
-
-    def __init__(self, protocol: str, sock: Any) -> None:
-        self.protocol, self.sock = protocol, sock
-        self.file = sock.makefile("rb")
-        self.line()                                      # greeting
-        if protocol == "smtp":
-            self.send("EHLO client.test")
-            while not self.line().startswith("250 "):
-                pass
-
-    def send(self, text: str) -> None:
-        self.sock.sendall(text.encode() + b"\r\n")
-
-    def line(self) -> str:
-        return self.file.readline().decode().rstrip("\r\n")
-
-    def authenticate(self, name: str, client: Any) -> tuple[bool, str]:
-        """Run a SCRAM exchange; (logged in, the last line)."""
-        first = b64(client.get_client_first())
-        command = {"smtp": f"AUTH {name} {first}", "pop3": f"AUTH {name} {first}",
-                   "imap": f"a AUTHENTICATE {name} {first}"}[self.protocol]
-        self.send(command)
-        while True:
-            line = self.line()
-            challenge = line[4:] if line.startswith("334 ") else \
-                line[2:] if line.startswith("+ ") else None
-            if challenge is None:
-                ok = line.startswith(("235 ", "+OK", "a OK"))
-                return ok, line
-            text = base64.b64decode(challenge).decode()
-            if text.startswith("v="):
-                client.set_server_final(text)
-                self.send("")
-            else:
-                client.set_server_first(text)
-                self.send(b64(client.get_client_final()))
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-def connect(port: int) -> ssl.SSLSocket:
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20))
-
-
-PORTS = {"smtp": "submissions", "imap": "imaps", "pop3": "pop3s"}
+class Wire(saslwire.Wire):
+    def authenticate(self, name: str, client: Any) -> tuple[bool, str]:  # type: ignore[override]
+        ok, last, _ = super().authenticate(name, saslwire.scram_answers(client))
+        return ok, last
 
 
 def end_point(sock: ssl.SSLSocket) -> bytes:

@@ -148,8 +148,9 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.process()
 
     def process(self) -> None:
-        limit = self.cfg.max_line_length
         while self.buffer and not self.busy and not self.closing:
+            # A SASL response (a bearer token, say) may be longer than a command.
+            limit = sasl.RESPONSE_LIMIT if self.sasl is not None else self.cfg.max_line_length
             end = self.buffer.find(b"\n")
             if end < 0:
                 if len(self.buffer) > limit:

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 
 from lightmail import tls
 from lightmail.sasl.mechanism import Context, Mechanism, SASLError, Step
+from lightmail.sasl.oauth import OAuthBearer, XOAuth2
 from lightmail.sasl.plain import Login, Plain
 from lightmail.sasl.scram import Scram
 
@@ -34,8 +35,12 @@ _MECHANISMS: dict[str, type[Mechanism]] = {
     "PLAIN": Plain, "LOGIN": Login,
     "SCRAM-SHA-256": Scram, "SCRAM-SHA-256-PLUS": Scram,
     "SCRAM-SHA-1": Scram, "SCRAM-SHA-1-PLUS": Scram,
+    "OAUTHBEARER": OAuthBearer, "XOAUTH2": XOAuth2,
 }
 KNOWN = tuple(_MECHANISMS)
+# Longest SASL response line taken, whatever the protocol's command line limit (RFC
+# 4954 §4 asks SMTP servers for 12288 octets; POP3 and IMAP take the same here).
+RESPONSE_LIMIT = 12288
 DEFAULT = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
 
 
@@ -48,6 +53,7 @@ class Offer:
     verifiers: Any = None               # IScramVerifiers
     secret: bytes = field(default=b"", repr=False)
     iterations: int = 4096
+    tokens: Any = None                  # TokenValidator, when OAuth is configured
 
     def context(self, transport: Any, secure: bool) -> Context:
         """What a mechanism may know of one connection (``secure``: under TLS)."""
@@ -55,6 +61,7 @@ class Offer:
             return tls.channel_bindings(transport) if secure else {}
         return Context(channel_bindings=bindings, verifiers=self.verifiers,
                        secret=self.secret, iterations=self.iterations, secure=secure,
+                       tokens=self.tokens,
                        plus_offered=any(n.endswith("-PLUS") for n in self.enabled))
 
     def names(self, context: Context) -> list[str]:

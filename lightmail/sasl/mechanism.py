@@ -41,6 +41,7 @@ class Context:
     secret: bytes = field(default=b"", repr=False)
     iterations: int = 4096
     plus_offered: bool = False          # a -PLUS mechanism is enabled
+    tokens: Any = None                  # a TokenValidator (OAUTHBEARER, XOAUTH2)
     secure: bool = False                # the connection is under TLS
 
 

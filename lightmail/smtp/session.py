@@ -153,8 +153,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.process()
 
     def process(self) -> None:
-        limit = self.cfg.max_line_length
         while self.buffer and not self.busy and not self.closing:
+            # A SASL response (a bearer token, say) may be longer than a command.
+            limit = sasl.RESPONSE_LIMIT if self.mode == AUTH else self.cfg.max_line_length
             if self.mode == BDAT:
                 self._bdat_input()
                 continue
