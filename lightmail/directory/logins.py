@@ -34,11 +34,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from lightmail.directory.interfaces import IMailAccount
+from lightmail.directory.interfaces import DirectoryUnavailable, IMailAccount
 
 
 class LoginFailed(error.UnauthorizedLogin):
     """Wrong password, unknown user, disabled account or locked out: one answer."""
+
+
+class LoginUnavailable(Exception):
+    """The login could not be checked now (the LDAP server is down): a temporary
+    failure, which the client is told to try again later (IMAP [UNAVAILABLE], SMTP
+    454 4.7.0, POP3 [SYS/TEMP]).  Not counted as a failed guess."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,12 @@ class Logins:
         return result[1]
 
     def _failed(self, failure: Failure, attempt: Attempt) -> Deferred[Any]:
+        if failure.check(DirectoryUnavailable):
+            self.log.warn("authentication of {user} from {peer} ({protocol} {mechanism}) "
+                          "could not be checked: {error}", user=attempt.username,
+                          peer=attempt.peer, protocol=attempt.protocol,
+                          mechanism=attempt.mechanism, error=failure.getErrorMessage())
+            return fail(LoginUnavailable("authentication temporarily unavailable"))
         failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
         failures = self.guard.failed(attempt)
         wait = self.guard.delay(failures)

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from lightmail import __version__, sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed
+from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable
 from lightmail.imap.core import (
     ANY,
     AUTHED,
@@ -209,6 +209,8 @@ class IMAPSession(MessageCommands):
             account = await self.factory.services.logins.login(creds, attempt)
         except LoginFailed:
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
+        except LoginUnavailable:            # RFC 5530 §3
+            return Reply("NO", "[UNAVAILABLE] Authentication temporarily unavailable")
         if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):
             self.log.warn("{user}: too many IMAP sessions", user=account.user.address)
             return Reply("NO", "[LIMIT] Too many sessions for this user")

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from lightmail import sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed
+from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable
 from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
@@ -336,6 +336,9 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             account = yield self.factory.services.logins.login(creds, attempt)
         except LoginFailed:
             self.err("[AUTH] Authentication failed")
+            return
+        except LoginUnavailable:            # RFC 3206 §4
+            self.err("[SYS/TEMP] Authentication temporarily unavailable")
             return
         user = account.user
         try:

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed
+from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable
 from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
@@ -367,8 +367,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.reply(codes.AUTH_OK)
 
         def failed(failure: Failure) -> None:
-            failure.trap(LoginFailed)
-            self.reply(codes.AUTH_FAILED)
+            if failure.trap(LoginFailed, LoginUnavailable) is LoginUnavailable:
+                self.reply(codes.AUTH_UNAVAILABLE)
+            else:
+                self.reply(codes.AUTH_FAILED)
         return d.addCallbacks(ok, failed)
 
     # -- the transaction --------------------------------------------------------------
