@@ -1150,9 +1150,10 @@ def _check_backend(backend: BackendConfig, earlier: list[BackendConfig], path: s
     """What one [backend:NAME] needs for its type; its bind password read."""
     section = BACKEND_PREFIX + backend.name
 
-    def fail(message: str, key: str | None) -> ConfigError:
-        return ConfigError(message, path, lines.get((section, key), lines.get((section, None))),
-                           section, key)
+    def fail(message: str, key: str | None, at: str | None = None) -> ConfigError:
+        """The error about ``key``, on the line of ``at`` (the key that needs it)."""
+        line = lines.get((section, at or key), lines.get((section, None)))
+        return ConfigError(message, path, line, section, key)
     if not backend.type:
         raise fail("every backend needs 'type' (ldap or passwd-file)", "type")
     if not backend.domains:
@@ -1166,7 +1167,7 @@ def _check_backend(backend: BackendConfig, earlier: list[BackendConfig], path: s
             if (section, key) in lines:
                 raise fail(f"{key} is an LDAP setting; this backend is a passwd-file", key)
         if backend.path is None:
-            raise fail("type = passwd-file needs 'path'", "path")
+            raise fail("type = passwd-file needs 'path'", "path", at="type")
         if not backend.path.is_file():
             raise fail(f"cannot read {backend.path}: no such file", "path")
         return backend
@@ -1181,14 +1182,14 @@ def _check_backend(backend: BackendConfig, earlier: list[BackendConfig], path: s
                    "starttls")
     if backend.auth == "bind" and not backend.user_dn:
         raise fail("auth = bind needs 'user_dn' (e.g. uid=%n,ou=people,dc=example,dc=com)",
-                   "user_dn")
+                   "user_dn", at="auth")
     secret = backend.bind_password_file
     if backend.bind_dn and secret is None:
-        raise fail("bind_dn needs 'bind_password_file'", "bind_password_file")
+        raise fail("bind_dn needs 'bind_password_file'", "bind_password_file", at="bind_dn")
     if secret is None:
         return backend
     if not backend.bind_dn:
-        raise fail("bind_password_file needs 'bind_dn'", "bind_dn")
+        raise fail("bind_password_file needs 'bind_dn'", "bind_dn", at="bind_password_file")
     try:
         first = secret.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 import scramp
 from twisted.cred import credentials, error
+from twisted.logger import formatEvent, globalLogPublisher
 
 from lightmail.config import parse_config
 from lightmail.directory.interfaces import DirectoryUnavailable
@@ -208,6 +209,8 @@ def send(port: int, *recipients: str, subject: str = "hello") -> dict[str, Any]:
 
 @pytest_twisted.inlineCallbacks
 def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
     server = yield start(tmp_path, listeners()
                          + "[directory]\nauth_over_plaintext = yes\n"
                          + backend_section(slapd, tmp_path))
@@ -238,7 +241,12 @@ def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
         # SQL users are as they were, beside the LDAP domain.
         assert (yield in_thread(imap_login, ports["imap"], "bob@example.test",
                                 "bob-secret")).startswith("OK")
+        logged = "\n".join(formatEvent(event) or "" for event in events)
+        assert "authentication failed for alice@corp.test" in logged
+        for secret in (SERVICE_PW, ALICE_PW, BOB_PW, CAROL_PW):
+            assert secret not in logged
     finally:
+        globalLogPublisher.removeObserver(events.append)
         yield server.stop()
 
 
@@ -290,3 +298,41 @@ def test_slapd_down_gives_temporary_failures(tmp_path: Path) -> None:
     finally:
         yield server.stop()
         own.stop()
+
+
+# -- configuration -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("type = ldap\ndomains = a.test\nbase = dc=a\n",
+     r":1: \[backend:a\] uri: type = ldap needs 'uri'"),
+    ("type = ldap\ndomains = a.test\nbase = dc=a\nuri = ldaps://h\nstarttls = yes\n",
+     r":6: \[backend:a\] starttls: starttls is for ldap:// uris"),
+    ("type = ldap\ndomains = a.test\nbase = dc=a\nuri = ldap://h\nauth = bind\n",
+     r":6: \[backend:a\] user_dn: auth = bind needs 'user_dn'"),
+    ("type = ldap\ndomains = a.test\nbase = dc=a\nuri = ldap://h\nbind_dn = cn=x\n",
+     r":6: \[backend:a\] bind_password_file: bind_dn needs 'bind_password_file'"),
+    ("type = ldap\ndomains = a.test\nbase = dc=a\nuri = http://h\n",
+     r":5: \[backend:a\] uri: expected ldap://host"),
+    ("type = passwd-file\ndomains = a.test\npath = lm.conf\nuri = ldap://h\n",
+     r":5: \[backend:a\] uri: uri is an LDAP setting"),
+    ("type = ldap\ndomains = a.test, example.test\nbase = dc=a\nuri = ldap://h\n"
+     "[backend:b]\ntype = ldap\ndomains = b.test, example.test\nbase = dc=b\n"
+     "uri = ldap://h\n",
+     r":8: \[backend:b\] domains: example.test is served by \[backend:a\] already"),
+])
+def test_bad_backend_sections_stop_start_up_with_file_and_line(
+        tmp_path: Path, text: str, message: str) -> None:
+    from lightmail.config import ConfigError
+    (tmp_path / "lm.conf").write_text("")
+    with pytest.raises(ConfigError, match=message):
+        parse_config("[backend:a]\n" + text, str(tmp_path / "lm.conf"))
+
+
+def test_the_service_password_is_read_from_its_file_and_never_shown(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-value\nignored\n")
+    config = parse_config(f"[backend:a]\ntype = ldap\ndomains = a.test\nbase = dc=a\n"
+                          f"uri = ldaps://h\nbind_dn = cn=x\nbind_password_file = {secret}\n")
+    assert config.backends[0].bind_password == "s3cret-value"
+    assert "s3cret" not in repr(config)
+    assert "s3cret" not in repr(LDAPBackend(config.backends[0]).pool)
