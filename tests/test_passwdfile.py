@@ -108,3 +108,27 @@ def test_start_up_refuses_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"lm.conf:4: \[backend:small\] path: cannot read"):
         parse_config("[backend:small]\ntype = passwd-file\ndomains = small.test\n"
                      f"path = {tmp_path / 'none'}\n", str(tmp_path / "lm.conf"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_unknown_user_is_checked_like_a_known_one_and_refused(tmp_path: Path) -> None:
+    """Against a real entry of the file's usual scheme (so that an argon2 check does
+    not set unknown users apart in a file of SHA-crypt hashes), answered no even
+    when the password is that entry's."""
+    from twisted.cred import credentials, error
+
+    from lightmail.config import parse_config
+    from lightmail.directory.passwdfile import PasswdFileBackend
+    users = tmp_path / "users.passwd"
+    users.write_text(f"ann@small.test:{doveadm_pw('ARGON2ID', 'ann-pw')}\n"
+                     f"ben@small.test:{doveadm_pw('SHA512-CRYPT', 'same-pw')}\n"
+                     f"cy@small.test:{doveadm_pw('SHA512-CRYPT', 'cy-pw')}\n")
+    config = parse_config(f"[backend:small]\ntype = passwd-file\ndomains = small.test\n"
+                          f"path = {users}\n")
+    backend = PasswdFileBackend(config.backends[0])
+    assert (yield backend.find_user("ben@small.test")).address == "ben@small.test"
+    assert backend.stand_in() is not None and backend.stand_in().scheme == "SHA512-CRYPT"
+    for who, secret in (("nobody@small.test", "same-pw"), ("nobody@small.test", "cy-pw")):
+        with pytest.raises(error.UnauthorizedLogin):
+            yield backend.checker.requestAvatarId(
+                credentials.UsernamePassword(who.encode(), secret.encode()))

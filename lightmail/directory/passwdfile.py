@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,18 @@ def parse(text: str, domains: tuple[str, ...], where: str,
     return found
 
 
+def stand_in(entries: dict[str, Entry]) -> Optional[Entry]:
+    """A user's entry whose scheme most of the file uses: an unknown user's password
+    is checked against it (and the answer is no whatever it says), so that the time
+    taken is that of a known user's (an argon2 check for everyone would set apart
+    the users of a file of SHA-crypt hashes)."""
+    usable = [entry for entry in entries.values() if entry.scheme in SCHEMES[:4]]
+    if not usable:
+        return None
+    common = Counter(entry.scheme for entry in usable).most_common(1)[0][0]
+    return next(entry for entry in usable if entry.scheme == common)
+
+
 @implementer(IAccountBackend)
 class PasswdFileBackend:
     log = Logger()
@@ -150,6 +163,7 @@ class PasswdFileBackend:
         self._seen: Optional[tuple[int, int, int]] = None
         self._checked = float("-inf")
         self._entries: dict[str, Entry] = {}
+        self._stand_in: Optional[Entry] = None
         self.checker = PasswdFileChecker(self, VerifiedCache(config.auth_cache_ttl,
                                                              clock=clock))
 
@@ -172,6 +186,7 @@ class PasswdFileBackend:
                     text = self.path.read_text(encoding="utf-8")
                     self._entries = parse(text, self.domains, str(self.path),
                                           self._warn)
+                    self._stand_in = stand_in(self._entries)
                     self._seen = seen
                     self.log.info("passwd-file backend {backend}: {count} users read "
                                   "from {path}", backend=self.name,
@@ -190,6 +205,10 @@ class PasswdFileBackend:
 
     def find_entry(self, address: str) -> Deferred[Optional[Entry]]:
         return threads.deferToThread(lambda: self.entries().get(address))
+
+    def stand_in(self) -> Optional[Entry]:
+        """What an unknown user's password is checked against (see :func:`stand_in`)."""
+        return self._stand_in
 
     def find_user(self, address: str) -> Deferred[Optional[Account]]:
         return self.find_entry(address).addCallback(
@@ -217,7 +236,9 @@ class PasswdFileChecker:
         entry = yield self.backend.find_entry(address)
         ok = entry is not None and self.cache.hit(address, entry.hash, password)
         if not ok:
-            ok = yield threads.deferToThread(verify, entry, password)
+            checked = entry if entry is not None else self.backend.stand_in()
+            ok = yield threads.deferToThread(verify, checked, password)
+            ok = ok and entry is not None
             if ok and entry is not None:
                 self.cache.remember(address, entry.hash, password)
         if not ok or entry is None or not entry.account.enabled:
