@@ -225,16 +225,20 @@ def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
         assert all(code == 550 for code, _ in refused.values()), refused
         yield server.delivered(ALICE, 1)      # her address and alias: one copy
         yield server.delivered(ALICE, 1, "lists")
+        # An SQL alias in an SQL domain that leads to her resolves through LDAP.
+        yield server.parts.directory.add_alias("team@example.test", ALICE)
+        assert (yield in_thread(send, ports["mx"], "team@example.test")) == {}
+        yield server.delivered(ALICE, 2)
         alice = yield server.parts.directory.get_user(ALICE)
         assert alice.quota_bytes == 10_000_000      # the shadow row, from mailQuota
 
         assert (yield in_thread(smtp_login, ports["submissions"], ALICE, ALICE_PW))[0] == 235
         assert (yield in_thread(smtp_login, ports["submissions"], BOB, BOB_PW))[0] == 235
         assert (yield in_thread(smtp_login, ports["submissions"], ALICE, "bad"))[0] == 535
-        assert (yield in_thread(imap_login, ports["imap"], ALICE, ALICE_PW)) == "OK 1"
+        assert (yield in_thread(imap_login, ports["imap"], ALICE, ALICE_PW)) == "OK 2"
         assert "AUTHENTICATIONFAILED" in (yield in_thread(imap_login, ports["imap"], CAROL,
                                                           CAROL_PW))
-        assert (yield in_thread(pop3_login, ports["pop3"], ALICE, ALICE_PW)) == "+OK 1"
+        assert (yield in_thread(pop3_login, ports["pop3"], ALICE, ALICE_PW)) == "+OK 2"
         assert "[AUTH]" in (yield in_thread(pop3_login, ports["pop3"], "x@corp.test", "x"))
         senders = yield server.parts.directory.allowed_senders(alice)
         assert senders == [ALICE, "sales@corp.test"]
@@ -247,6 +251,21 @@ def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
             assert secret not in logged
     finally:
         globalLogPublisher.removeObserver(events.append)
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_bind_as_user_over_ldaps_through_imap_and_pop3(slapd: Slapd, tmp_path: Path) -> None:
+    server = yield start(tmp_path, listeners() + "[directory]\nauth_over_plaintext = yes\n"
+                         + backend_section(slapd, tmp_path, auth="bind", ldaps=True))
+    ports = server.ports
+    try:
+        assert (yield in_thread(imap_login, ports["imap"], BOB, BOB_PW)) == "OK 0"
+        assert (yield in_thread(pop3_login, ports["pop3"], ALICE, ALICE_PW)) == "+OK 0"
+        assert "AUTHENTICATIONFAILED" in (yield in_thread(imap_login, ports["imap"], BOB,
+                                                          ALICE_PW))
+        assert (yield in_thread(smtp_login, ports["submissions"], ALICE, ALICE_PW))[0] == 235
+    finally:
         yield server.stop()
 
 
