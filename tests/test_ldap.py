@@ -21,7 +21,7 @@ from twisted.cred import credentials, error
 from twisted.logger import formatEvent, globalLogPublisher
 
 from lightmail.config import parse_config
-from lightmail.directory.interfaces import DirectoryUnavailable
+from lightmail.directory.interfaces import DirectoryError, DirectoryUnavailable
 from lightmail.directory.ldap import LDAPBackend, substitute
 from tests.inprocess import in_thread, start
 from tests.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, Slapd, base_dit, user
@@ -240,6 +240,13 @@ def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
                                                           CAROL_PW))
         assert (yield in_thread(pop3_login, ports["pop3"], ALICE, ALICE_PW)) == "+OK 2"
         assert "[AUTH]" in (yield in_thread(pop3_login, ports["pop3"], "x@corp.test", "x"))
+        for change in (lambda d: d.add_user("new@corp.test", "pw"),
+                       lambda d: d.set_password(ALICE, "pw"),
+                       lambda d: d.add_alias("x@corp.test", ALICE)):
+            with pytest.raises(DirectoryError, match=r"live in \[backend:corp\]"):
+                yield change(server.parts.directory)
+        assert [u.address for u in (yield server.parts.directory.list_users("corp.test"))] \
+            == [ALICE, BOB]                     # the shadow rows of the users seen
         senders = yield server.parts.directory.allowed_senders(alice)
         assert senders == [ALICE, "sales@corp.test"]
         # SQL users are as they were, beside the LDAP domain.

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from twisted.cred import credentials
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from zope.interface import implementer
 
 from lightmail.address import AddressError, normalise_address, normalise_domain
@@ -115,7 +115,7 @@ class RoutingDirectory:
     def add_user(self, address: str, password: Optional[str],
                  quota_bytes: Optional[int] = None) -> Deferred[User]:
         if self.backend_of(address) is not None:
-            raise self._refuse(address, "users")
+            return fail(self._refuse(address, "users"))
         return self.sql.add_user(address, password, quota_bytes)
 
     def remove_user(self, address: str) -> Deferred[None]:
@@ -126,7 +126,7 @@ class RoutingDirectory:
 
     def set_password(self, address: str, password: str) -> Deferred[None]:
         if self.backend_of(address) is not None:
-            raise self._refuse(address, "passwords")
+            return fail(self._refuse(address, "passwords"))
         return self.sql.set_password(address, password)
 
     def get_user(self, address: str) -> Deferred[Optional[User]]:
@@ -152,7 +152,7 @@ class RoutingDirectory:
 
     def add_alias(self, source: str, destination: str) -> Deferred[None]:
         if self.backend_of(source) is not None:
-            raise self._refuse(source, "aliases")
+            return fail(self._refuse(source, "aliases"))
         return self.sql.add_alias(source, destination)
 
     def remove_alias(self, source: str, destination: Optional[str] = None) -> Deferred[int]:
