@@ -362,3 +362,27 @@ def test_the_service_password_is_read_from_its_file_and_never_shown(tmp_path: Pa
     assert config.backends[0].bind_password == "s3cret-value"
     assert "s3cret" not in repr(config)
     assert "s3cret" not in repr(LDAPBackend(config.backends[0]).pool)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_server_that_never_answers_is_unavailable_after_the_timeout(
+        slapd: Slapd, tmp_path: Path) -> None:
+    """A server that takes the connection and says nothing (hung, or a firewall that
+    swallows packets) holds a pool thread for ``timeout``, never the reactor."""
+    import socket
+    import time
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    section = backend_section(slapd, tmp_path).replace(
+        slapd.uri, f"ldap://127.0.0.1:{port}").replace("timeout = 3s", "timeout = 1s")
+    ldap = LDAPBackend(parse_config(section, str(tmp_path / "lm.conf")).backends[0])
+    try:
+        began = time.monotonic()
+        with pytest.raises(DirectoryUnavailable):
+            yield ldap.find_user(ALICE)
+        assert time.monotonic() - began < 10
+    finally:
+        ldap.stop()
+        silent.close()
