@@ -18,6 +18,7 @@ SQL aliases that lead into a backend's domain resolve there too.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from twisted.cred import credentials
@@ -39,6 +40,8 @@ from lightmail.directory.interfaces import (
 )
 from lightmail.directory.sql import SQLDirectory
 
+SHADOW_TTL = 60.0      # seconds a shadow row is trusted without asking SQL
+
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().lower().rstrip(".")
@@ -52,8 +55,9 @@ class RoutingDirectory:
         self.by_domain: dict[str, IAccountBackend] = {
             domain: backend for backend in backends for domain in backend.domains}
         # The shadow rows seen, by address: a lookup whose quota and enabled flag
-        # have not changed needs no SQL write.
-        self._shadows: dict[str, User] = {}
+        # have not changed needs no SQL write.  For a minute only: a row removed by
+        # another process (lightmail user remove) is made again after it.
+        self._shadows: dict[str, tuple[float, User]] = {}
 
     def backend_of(self, address: str) -> Optional[IAccountBackend]:
         return self.by_domain.get(domain_of(address))
@@ -76,17 +80,17 @@ class RoutingDirectory:
         """The SQL user of ``account`` (made or updated when needed)."""
         if account is None:
             return succeed(None)
-        known = self._shadows.get(account.address)
+        expires, known = self._shadows.get(account.address, (0.0, None))
         quota = self.sql.default_quota if account.quota_bytes is None \
             else account.quota_bytes
-        if known is not None and known.quota_bytes == quota \
-                and known.enabled == account.enabled:
+        if known is not None and expires > time.monotonic() \
+                and known.quota_bytes == quota and known.enabled == account.enabled:
             return succeed(known)
 
         def keep(user: User) -> User:
             if len(self._shadows) > 100_000:
                 self._shadows = {}
-            self._shadows[account.address] = user
+            self._shadows[account.address] = (time.monotonic() + SHADOW_TTL, user)
             return user
         return self.sql.shadow_user(account).addCallback(keep)
 
