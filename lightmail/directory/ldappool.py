@@ -116,7 +116,14 @@ class LDAPPool:
                 if fresh or attempt == 2:
                     raise DirectoryUnavailable(
                         f"LDAP server {self.uri}: {_reason(exc)}") from None
-                continue            # a kept connection gone stale: once more, anew
+                # A kept connection gone stale (the server restarted, or closed it
+                # as idle): the others kept with it likely are too.  Once more, anew.
+                while self._idle[kind]:
+                    try:
+                        _close(self._idle[kind].pop())
+                    except IndexError:
+                        break
+                continue
             self._idle[kind].append(conn)
             return result
         raise AssertionError("unreachable")
