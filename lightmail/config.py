@@ -1180,6 +1180,8 @@ def _check_backend(backend: BackendConfig, earlier: list[BackendConfig], path: s
             and backend.starttls:
         raise fail("starttls is for ldap:// uris; an ldaps:// one is TLS from the start",
                    "starttls")
+    if backend.ca_file is not None and not backend.ca_file.is_file():
+        raise fail(f"cannot read {backend.ca_file}: no such file", "ca_file")
     if backend.auth == "bind" and not backend.user_dn:
         raise fail("auth = bind needs 'user_dn' (e.g. uid=%n,ou=people,dc=example,dc=com)",
                    "user_dn", at="auth")

@@ -339,6 +339,8 @@ def test_slapd_down_gives_temporary_failures(tmp_path: Path) -> None:
      r":6: \[backend:a\] bind_password_file: bind_dn needs 'bind_password_file'"),
     ("type = ldap\ndomains = a.test\nbase = dc=a\nuri = http://h\n",
      r":5: \[backend:a\] uri: expected ldap://host"),
+    ("type = ldap\ndomains = a.test\nbase = dc=a\nuri = ldaps://h\nca_file = none.pem\n",
+     r":6: \[backend:a\] ca_file: cannot read .*none.pem: no such file"),
     ("type = passwd-file\ndomains = a.test\npath = lm.conf\nuri = ldap://h\n",
      r":5: \[backend:a\] uri: uri is an LDAP setting"),
     ("type = ldap\ndomains = a.test, example.test\nbase = dc=a\nuri = ldap://h\n"
