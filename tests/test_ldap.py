@@ -6,10 +6,6 @@ a wrong password, and slapd down: temporary failures, never a crash or an accept
 
 from __future__ import annotations
 
-import imaplib
-import poplib
-import smtplib
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from lightmail.config import parse_config
 from lightmail.directory.interfaces import DirectoryError, DirectoryUnavailable
 from lightmail.directory.ldap import LDAPBackend, substitute
 from tests.inprocess import in_thread, start
+from tests.mailclients import imap_login, listeners, pop3_login, send, smtp_login
 from tests.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, Slapd, base_dit, user
 from tests.test_scram import Wire, connect
 from tests.testca import TestCA
@@ -140,79 +137,12 @@ def test_a_server_certificate_from_another_ca_is_refused(slapd: Slapd,
 
 # -- through the server: SMTP, IMAP, POP3 ----------------------------------------------
 
-def listeners() -> str:
-    return ("[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
-            "[listener:pop3]\nprotocol = pop3\nendpoint = tcp:0:interface=127.0.0.1\n")
-
-
-def unverified() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    return context
-
-
-def smtp_login(port: int, address: str, secret: str) -> tuple[int, str]:
-    with smtplib.SMTP_SSL("127.0.0.1", port, context=unverified(), timeout=20) as client:
-        client.ehlo("client.test")
-        try:
-            code, text = client.login(address, secret)
-        except smtplib.SMTPAuthenticationError as exc:
-            code, text = exc.smtp_code, exc.smtp_error
-        except smtplib.SMTPResponseException as exc:
-            code, text = exc.smtp_code, exc.smtp_error
-        return code, text.decode() if isinstance(text, bytes) else text
-
-
-def imap_login(port: int, address: str, secret: str) -> str:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=20)
-    try:
-        client.login(address, secret)
-        client.select("INBOX")
-        count = client.search(None, "ALL")[1][0].split()
-        client.logout()
-        return f"OK {len(count)}"
-    except imaplib.IMAP4.error as exc:
-        return str(exc)
-
-
-def pop3_login(port: int, address: str, secret: str) -> str:
-    client = poplib.POP3("127.0.0.1", port, timeout=20)
-    try:
-        client.user(address)
-        client.pass_(secret)
-        count = client.stat()[0]
-        client.quit()
-        return f"+OK {count}"
-    except poplib.error_proto as exc:
-        return exc.args[0].decode()
-
-
-def send(port: int, *recipients: str, subject: str = "hello") -> dict[str, Any]:
-    message = f"From: someone@remote.test\r\nSubject: {subject}\r\n\r\nhi\r\n"
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-        client.ehlo("mx.remote.test")
-        refused: dict[str, Any] = {}
-        client.mail("someone@remote.test")
-        accepted = []
-        for rcpt in recipients:
-            code, text = client.rcpt(rcpt)
-            if code == 250:
-                accepted.append(rcpt)
-            else:
-                refused[rcpt] = (code, text.decode())
-        if accepted:
-            client.data(message)
-        else:
-            client.rset()
-        return refused
-
-
 @pytest_twisted.inlineCallbacks
 def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     server = yield start(tmp_path, listeners()
-                         + "[directory]\nauth_over_plaintext = yes\n"
+                         + "[directory]\nauth_over_plaintext = yes\nlogin_delay_after = 20\n"
                          + backend_section(slapd, tmp_path))
     ports = server.ports
     try:
@@ -236,8 +166,11 @@ def test_ldap_users_log_in_and_get_mail(slapd: Slapd, tmp_path: Path) -> None:
         assert (yield in_thread(smtp_login, ports["submissions"], BOB, BOB_PW))[0] == 235
         assert (yield in_thread(smtp_login, ports["submissions"], ALICE, "bad"))[0] == 535
         assert (yield in_thread(imap_login, ports["imap"], ALICE, ALICE_PW)) == "OK 2"
-        assert "AUTHENTICATIONFAILED" in (yield in_thread(imap_login, ports["imap"], CAROL,
-                                                          CAROL_PW))
+        # A disabled user, a wrong password and an unknown user: one answer.
+        answers = set()
+        for who, secret in ((CAROL, CAROL_PW), (ALICE, "wrong"), ("nobody@corp.test", "x")):
+            answers.add((yield in_thread(imap_login, ports["imap"], who, secret)))
+        assert len(answers) == 1 and "AUTHENTICATIONFAILED" in answers.pop()
         assert (yield in_thread(pop3_login, ports["pop3"], ALICE, ALICE_PW)) == "+OK 2"
         assert "[AUTH]" in (yield in_thread(pop3_login, ports["pop3"], "x@corp.test", "x"))
         for change in (lambda d: d.add_user("new@corp.test", "pw"),

@@ -14,7 +14,7 @@ from twisted.internet import reactor, task
 
 from lightmail.directory.passwdfile import Entry, parse, verify
 from tests.inprocess import in_thread, start
-from tests.test_ldap import imap_login, listeners, pop3_login, send
+from tests.mailclients import imap_login, listeners, pop3_login, send
 
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 
