@@ -30,6 +30,7 @@ from typing import Any
 from lightmail.address import AddressError, normalise_address
 
 __all__ = [
+    "BackendConfig",
     "Config",
     "ConfigError",
     "DKIMConfig",
@@ -440,7 +441,8 @@ class StorageConfig:
 class DirectoryConfig:
     backend: str = option(
         "sql", parse_choice("sql"),
-        "Where users, domains and aliases live (LDAP comes later).")
+        "Where users, domains and aliases live by default.  Domains named by a "
+        "[backend:NAME] section (LDAP, a passwd-file) are served by it instead.")
     default_quota: int = option(
         0, parse_size(),
         "Mailbox quota for new users in bytes; 0 means unlimited.")
@@ -495,6 +497,141 @@ class DirectoryConfig:
         "remembered in memory, so that RCPT needs no query.  A change made by this "
         "process forgets them at once; one made elsewhere (the lightmail command, "
         "another node) takes effect within this time.  0 disables.")
+
+
+def parse_domains(raw: str, base: Path) -> tuple[str, ...]:
+    """domain names, comma-separated"""
+    names = []
+    for item in (part.strip().lower().rstrip(".") for part in re.split(r"[,\s]+", raw)):
+        if not item:
+            continue
+        if not re.fullmatch(rf"(?:{_LABEL}\.)+{_LABEL}", item):
+            raise _BadValue(f"not a domain name: {item!r}")
+        names.append(item)
+    return tuple(names)
+
+
+def parse_ldap_uri(raw: str, base: Path) -> str:
+    """ldap://HOST[:PORT] or ldaps://HOST[:PORT]"""
+    if not re.fullmatch(r"ldaps?://[^/\s:]+(?::\d{1,5})?/?", raw.strip(), re.IGNORECASE):
+        raise _BadValue(f"expected ldap://host[:port] or ldaps://host[:port], got {raw!r}")
+    return raw.strip().rstrip("/")
+
+
+def parse_ldap_filter(raw: str, base: Path) -> str:
+    """LDAP search filter (RFC 4515) with %u (the address), %n (its local part) and %d
+    (its domain), escaped when put in"""
+    if not raw:
+        return ""
+    from ldap3.core.exceptions import LDAPInvalidFilterError
+    from ldap3.operation.search import parse_filter
+    try:
+        parse_filter(raw.replace("%u", "u").replace("%n", "n").replace("%d", "d"),
+                     None, False, False, None, False)
+    except LDAPInvalidFilterError:
+        raise _BadValue(f"not an LDAP search filter (RFC 4515): {raw!r}") from None
+    return raw
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """``[backend:NAME]``: where the users of some domains live instead of the SQL
+    directory: an LDAP server, or a Dovecot-style passwd-file.  Logins and recipient
+    lookups (RCPT) for those domains go to it; each user it knows gets a row in the
+    SQL users table the first time they are seen, to own their mailboxes
+    (docs/operations.rst, "Users in LDAP or a passwd-file")."""
+
+    name: str = ""
+    type: str = option(
+        "", parse_choice("ldap", "passwd-file"),
+        "ldap, or passwd-file (Dovecot's format: user:{SCHEME}hash:uid:gid::home::extra).")
+    domains: tuple[str, ...] = option(
+        (), parse_domains,
+        "The domains this backend serves, comma-separated; a domain may be named by one "
+        "backend only.  Every other domain stays in the SQL directory.")
+    path: Path | None = option(
+        None, parse_optional_path,
+        "passwd-file: the file; read again when it changes.")
+    uri: str = option(
+        "", parse_ldap_uri,
+        "ldap: the server, ldap://host[:port] (with starttls) or ldaps://host[:port].")
+    starttls: bool = option(
+        True, parse_bool,
+        "ldap: with an ldap:// uri, upgrade each connection with StartTLS (RFC 4513 "
+        "§3) and verify the server's certificate; no sends passwords in the clear.")
+    ca_file: Path | None = option(
+        None, parse_optional_path,
+        "ldap: PEM file of the roots trusted for the server's certificate instead of "
+        "the system's.")
+    auth: str = option(
+        "search", parse_choice("search", "bind"),
+        "ldap: how a password is checked.  search: find the user's entry with "
+        "user_filter (as bind_dn, or anonymously), then bind as it with the password; "
+        "bind: bind straight as user_dn (no search before the password check).")
+    bind_dn: str = option(
+        "", parse_str,
+        "ldap: the DN LightMail searches as; empty: anonymous searches.")
+    bind_password_file: Path | None = option(
+        None, parse_optional_path,
+        "ldap: file holding bind_dn's password (its first line), read at start-up; "
+        "never logged.")
+    bind_password: str = field(default="", repr=False, compare=False)  # never shown
+    base: str = option(
+        "", parse_str, "ldap: where users are searched for (subtree), e.g. "
+        "ou=people,dc=example,dc=com.")
+    user_filter: str = option(
+        "(&(objectClass=inetOrgPerson)(mail=%u))", parse_ldap_filter,
+        "ldap: finds the entry of the user logging in (and of get_user).")
+    recipient_filter: str = option(
+        "", parse_ldap_filter,
+        "ldap: finds the entry a recipient address leads to, by its address or an "
+        "alias, e.g. (&(objectClass=inetOrgPerson)(|(mail=%u)(mailLocalAddress=%u))); "
+        "empty: user_filter.")
+    user_dn: str = option(
+        "", parse_str,
+        "ldap, auth = bind: the DN to bind as, with %u, %n and %d (escaped as an RDN "
+        "value, RFC 4514), e.g. uid=%n,ou=people,dc=example,dc=com.")
+    mail_attribute: str = option(
+        "mail", parse_str, "ldap: the attribute holding the user's address.")
+    alias_attribute: str = option(
+        "", parse_str,
+        "ldap: the attribute holding the user's other addresses (mail to them is "
+        "delivered to the user, who may also send as them), e.g. mailLocalAddress or "
+        "mailAlternateAddress; empty: none.")
+    quota_attribute: str = option(
+        "", parse_str,
+        "ldap: the attribute holding the user's quota in bytes; empty, or an entry "
+        "without it: [directory] default_quota.")
+    enabled_attribute: str = option(
+        "", parse_str,
+        "ldap: when set, only users whose entry holds one of enabled_values in this "
+        "attribute may log in or receive mail; empty: every user found.")
+    enabled_values: tuple[str, ...] = option(
+        ("TRUE",), parse_list,
+        "ldap: the values of enabled_attribute that mean enabled (compared "
+        "without regard to case).", shown_default="TRUE")
+    pool_size: int = option(
+        4, parse_int(1, 64),
+        "ldap: connections to the server, each used by one thread at a time (the "
+        "reactor never waits for LDAP).")
+    timeout: float = option(
+        5.0, parse_duration(minimum=0.1),
+        "ldap: longest wait to connect and for each answer; then the login or RCPT "
+        "gets a temporary failure.")
+    auth_cache_ttl: float = option(
+        60.0, parse_duration(minimum=0.0),
+        "How long a successful login is remembered (an HMAC of the password, in "
+        "memory), so that a client's next connections ask the server nothing; a "
+        "password changed or account disabled on the server takes effect after it.  0 "
+        "disables.")
+    lookup_cache_ttl: float = option(
+        5.0, parse_duration(minimum=0.0),
+        "ldap: how long a user found by a recipient or user lookup is remembered.  "
+        "0 disables.")
+
+
+_LDAP_ONLY = ("uri", "ca_file", "bind_dn", "bind_password_file", "base", "user_dn",
+              "recipient_filter", "alias_attribute", "quota_attribute", "enabled_attribute")
 
 
 @dataclass(frozen=True)
@@ -944,6 +1081,7 @@ SECTIONS: Mapping[str, type] = {
 }
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
+BACKEND_PREFIX = "backend:"
 
 
 @dataclass(frozen=True)
@@ -966,6 +1104,7 @@ class Config:
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
+    backends: tuple[BackendConfig, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -1062,6 +1201,7 @@ def parse_config(text: str, path: str = "<config>",
     sections: dict[str, Any] = {}
     listeners: list[ListenerConfig] = []
     transports: list[TransportConfig] = []
+    backends: list[BackendConfig] = []
     for name in parser.sections():
         items = dict(parser.items(name))
         if name in SECTIONS:
@@ -1078,8 +1218,13 @@ def parse_config(text: str, path: str = "<config>",
             if transports[-1].protocol == "lmtp" and not transports[-1].relay:
                 raise ConfigError("protocol = lmtp needs 'relay' (the LMTP server)", path,
                                   lines.get((name, "protocol")), name, "relay")
+        elif name.startswith(BACKEND_PREFIX) and name[len(BACKEND_PREFIX):].strip():
+            backend = _build_section(BackendConfig, items, name, path, lines, base,
+                                     extra={"name": name[len(BACKEND_PREFIX):].strip()})
+            backends.append(_check_backend(backend, backends, path, lines))
         else:
-            known = list(SECTIONS) + [LISTENER_PREFIX + "NAME", TRANSPORT_PREFIX + "DOMAIN"]
+            known = list(SECTIONS) + [LISTENER_PREFIX + "NAME", TRANSPORT_PREFIX + "DOMAIN",
+                                      BACKEND_PREFIX + "NAME"]
             raise ConfigError(f"unknown section; known sections are {', '.join(known)}",
                               path, lines.get((name, None)), name)
     if "outbound" in sections:
@@ -1093,7 +1238,7 @@ def parse_config(text: str, path: str = "<config>",
     _check_oauth(sections.get("oauth", OAuthConfig()), sections.get("directory"), path,
                  lines)
     config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
-                    **sections)
+                    backends=tuple(backends), **sections)
     if validators is not None:
         validators(config)
     return config
@@ -1205,6 +1350,64 @@ def _check_manhole(manhole: ManholeConfig, path: str,
             raise error(f"no such file: {file}", key)
 
 
+def _check_backend(backend: BackendConfig, earlier: list[BackendConfig], path: str,
+                   lines: Mapping[tuple[str, str | None], int]) -> BackendConfig:
+    """What one [backend:NAME] needs for its type; its bind password read."""
+    section = BACKEND_PREFIX + backend.name
+
+    def fail(message: str, key: str | None, at: str | None = None) -> ConfigError:
+        """The error about ``key``, on the line of ``at`` (the key that needs it)."""
+        line = lines.get((section, at or key), lines.get((section, None)))
+        return ConfigError(message, path, line, section, key)
+    if not backend.type:
+        raise fail("every backend needs 'type' (ldap or passwd-file)", "type")
+    if not backend.domains:
+        raise fail("every backend needs 'domains' (the domains whose users it holds)",
+                   "domains")
+    for other in earlier:
+        for domain in set(backend.domains) & set(other.domains):
+            raise fail(f"{domain} is served by [backend:{other.name}] already", "domains")
+    if backend.type == "passwd-file":
+        for key in _LDAP_ONLY:
+            if (section, key) in lines:
+                raise fail(f"{key} is an LDAP setting; this backend is a passwd-file", key)
+        if backend.path is None:
+            raise fail("type = passwd-file needs 'path'", "path", at="type")
+        if not backend.path.is_file():
+            raise fail(f"cannot read {backend.path}: no such file", "path")
+        return backend
+    if (section, "path") in lines:
+        raise fail("path is a passwd-file setting; this backend is ldap", "path")
+    for key in ("uri", "base"):
+        if not getattr(backend, key):
+            raise fail(f"type = ldap needs '{key}'", key)
+    if backend.uri.lower().startswith("ldaps:") and (section, "starttls") in lines \
+            and backend.starttls:
+        raise fail("starttls is for ldap:// uris; an ldaps:// one is TLS from the start",
+                   "starttls")
+    if backend.ca_file is not None and not backend.ca_file.is_file():
+        raise fail(f"cannot read {backend.ca_file}: no such file", "ca_file")
+    if backend.auth == "bind" and not backend.user_dn:
+        raise fail("auth = bind needs 'user_dn' (e.g. uid=%n,ou=people,dc=example,dc=com)",
+                   "user_dn", at="auth")
+    secret = backend.bind_password_file
+    if backend.bind_dn and secret is None:
+        raise fail("bind_dn needs 'bind_password_file'", "bind_password_file", at="bind_dn")
+    if secret is None:
+        return backend
+    if not backend.bind_dn:
+        raise fail("bind_password_file needs 'bind_dn'", "bind_dn", at="bind_password_file")
+    try:
+        first = secret.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"cannot read {secret}: {getattr(exc, 'strerror', None) or exc}",
+                   "bind_password_file") from None
+    if not first or not first[0]:
+        raise fail(f"{secret} holds no password (an empty first line)",
+                   "bind_password_file")
+    return dataclasses.replace(backend, bind_password=first[0])
+
+
 def _check_listener(listener: ListenerConfig, path: str,
                     lines: Mapping[tuple[str, str | None], int]) -> None:
     section = LISTENER_PREFIX + listener.name
@@ -1266,6 +1469,7 @@ def reference_text() -> str:
     blocks: list[tuple[str, type]] = list(SECTIONS.items())
     blocks.append((LISTENER_PREFIX + "NAME", ListenerConfig))
     blocks.append((TRANSPORT_PREFIX + "DOMAIN", TransportConfig))
+    blocks.append((BACKEND_PREFIX + "NAME", BackendConfig))
     for name, cls in blocks:
         title = f"[{name}]"
         out += [title, "-" * len(title), ""]

@@ -188,7 +188,7 @@ def makeService(config: Config,
     storage.ready.addErrback(lambda f: root.fatal(f"storage failed: {f.getErrorMessage()}"))
     storage.setServiceParent(root)
     DirectoryService(services.directory, config.directory.backend,
-                     storage.ready).setServiceParent(root)
+                     storage.ready, services.account_backends).setServiceParent(root)
     runner = services.queue_runner
     assert isinstance(runner, QueueRunner)      # Role.SERVER runs the queue
     runner.setServiceParent(root)

@@ -36,11 +36,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from lightmail import sasl
-from lightmail.config import Config
+from lightmail.config import BackendConfig, Config
 from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.cred import make_portal, stand_in_secret
+from lightmail.directory.interfaces import IAccountBackend
+from lightmail.directory.ldap import LDAPBackend
 from lightmail.directory.logins import GuardSettings, LocalFailureCounts, LoginGuard, Logins
 from lightmail.directory.oauth import BearerChecker, TokenValidator
+from lightmail.directory.passwdfile import PasswdFileBackend
+from lightmail.directory.routing import RoutingDirectory
 from lightmail.directory.sql import SQLDirectory
 from lightmail.imap.hub import MailboxHub
 from lightmail.metrics.interfaces import IMetrics
@@ -60,6 +64,9 @@ if TYPE_CHECKING:
     from lightmail.workers.worker import MainLink
 
 
+Directory = SQLDirectory | RoutingDirectory
+
+
 class Role(Enum):
     SERVER = "server"
     WORKER = "worker"
@@ -73,8 +80,15 @@ class Services:
 
     config: Config
     storage: StorageService
-    directory: SQLDirectory
+    #: The SQL directory, or the routing one when [backend:NAME] sections send some
+    #: domains to LDAP or a passwd-file.
+    directory: Directory
     portal: Portal
+    #: Where the users of [backend:NAME] domains live (LDAP, passwd-files).
+    account_backends: list[IAccountBackend]
+    #: The SQL side of every user (backend users have shadow rows there): app
+    #: passwords, enable/disable, quota, expiry, last logins.
+    accounts: SQLDirectory
     #: Logging in for every protocol: the portal behind the guard against guessing.
     logins: Logins
     #: The SASL mechanisms offered, and what they need.
@@ -120,13 +134,19 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     metrics = Metrics()
     storage = _storage(config, role, writer_socket, write_port, metrics)
     auth = config.directory
-    directory = SQLDirectory(storage.db,
-                             recipient_delimiter=auth.recipient_delimiter,
-                             default_quota=auth.default_quota,
-                             resolve_cache_ttl=auth.resolve_cache_ttl,
-                             scram_iterations=auth.scram_iterations)
+    backends = [_backend(backend) for backend in config.backends]
+    sql = SQLDirectory(storage.db,
+                       recipient_delimiter=auth.recipient_delimiter,
+                       default_quota=auth.default_quota,
+                       resolve_cache_ttl=auth.resolve_cache_ttl,
+                       scram_iterations=auth.scram_iterations,
+                       delegated_domains=frozenset(
+                           domain for backend in backends for domain in backend.domains))
+    # The routing directory only where some domains live elsewhere: the SQL one
+    # alone otherwise, without a layer in front of every RCPT.
+    directory: Directory = RoutingDirectory(sql, backends) if backends else sql
     portal = make_portal(directory, storage.mailstore, auth.auth_cache_ttl,
-                         auth.scram_iterations)
+                         auth.scram_iterations, sql=sql, backends=backends)
     guard = LoginGuard(
         GuardSettings(window=auth.login_failure_window, delay_after=auth.login_delay_after,
                       max_delay=auth.login_max_delay, lockout_after=auth.lockout_after,
@@ -158,7 +178,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
             _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
-                    logins=Logins(portal, guard, directory), sasl=offer, queue_runner=runner,
+                    account_backends=backends, accounts=sql,
+                    logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                     local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
                     metrics=metrics)
 
@@ -178,6 +199,13 @@ def _sample_server(metrics: IMetrics, storage: StorageService) -> None:
         d.addErrback(lambda failure: failure.trap(WriterLost))
         return d
     metrics.add_sampler(ask_writer)
+
+
+def _backend(config: BackendConfig) -> IAccountBackend:
+    """The account backend of one [backend:NAME] section."""
+    if config.type == "ldap":
+        return LDAPBackend(config)
+    return PasswdFileBackend(config)
 
 
 def _storage(config: Config, role: Role, writer_socket: str | None,

@@ -9,7 +9,8 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        /usr/sbin/dovecot:dovecot-core /usr/lib/dovecot/lmtp:dovecot-lmtpd
        /usr/lib/dovecot/pop3:dovecot-pop3d /usr/lib/dovecot/imap:dovecot-imapd
        getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools
-       gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client)
+       gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client
+       slapd:slapd ldapadd:ldap-utils slappasswd:slapd)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;
@@ -26,6 +27,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "test-peers: installing ${missing[*]} from Debian"
     # Postfix without a system mail set-up: the tests run private instances.
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    # slapd without a system directory: the tests run private ones with their own
+    # configuration and DIT.
+    echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $(printf "%s\n" "${missing[@]}" | sort -u)
     # Dovecot's package starts a system instance (IMAP 143, POP3 110) where an init
@@ -57,6 +61,23 @@ if [ ${#missing[@]} -gt 0 ]; then
         else
             $SUDO service prometheus stop >/dev/null 2>&1 || true
             $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
+        fi
+    fi
+    # slapd's package, likewise, starts a system instance (port 389) where it can.
+    if printf "%s\n" "${missing[@]}" | grep -q '^slapd$'; then
+        if command -v systemctl >/dev/null 2>&1; then
+            $SUDO systemctl disable slapd.service >/dev/null 2>&1 || true
+        fi
+        if [ -d /run/systemd/system ]; then
+            $SUDO systemctl stop slapd.service >/dev/null 2>&1 || true
+        else
+            $SUDO service slapd stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d slapd disable >/dev/null 2>&1 || true
+        fi
+        if pgrep -x slapd >/dev/null 2>&1 && [ -s /run/slapd/slapd.pid ] \
+                && kill -0 "$(cat /run/slapd/slapd.pid)" 2>/dev/null; then
+            echo "test-peers: the system slapd is still running (pid $(cat /run/slapd/slapd.pid))" >&2
+            exit 1
         fi
     fi
 fi

@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
         async def main(reactor: Any) -> None:
             from lightmail.directory.interfaces import DirectoryError
             try:
-                result.append(await work(_Context(config, storage, directory)))
+                result.append(await work(_Context(config, storage, directory,
+                                                  services.accounts)))
             except (CommandError, DirectoryError) as exc:
                 errors.append(exc)
 
@@ -108,10 +109,11 @@ class _ReactFailed(Exception):
 
 
 class _Context:
-    def __init__(self, config: Config, storage: Any, directory: Any) -> None:
+    def __init__(self, config: Config, storage: Any, directory: Any, accounts: Any) -> None:
         self.config = config
         self.storage = storage
         self.directory = directory
+        self.accounts = accounts        # the SQL side of every user (wiring.Services)
 
 
 def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
@@ -193,26 +195,26 @@ def cmd_user(args: argparse.Namespace) -> int:
             raise CommandError(f"--quota: {exc}") from None
 
     async def work(ctx: _Context) -> None:
-        directory = ctx.directory
+        directory, accounts = ctx.directory, ctx.accounts
         if args.action == "add":
             user = await directory.add_user(args.address, password, quota)
             print(f"added user {user.address}")
         elif args.action in ("enable", "disable"):
-            await directory.set_enabled(args.address, args.action == "enable")
+            await accounts.set_enabled(args.address, args.action == "enable")
             print(f"{args.address} {args.action}d")
         elif args.action == "quota":
-            await directory.set_quota(args.address, quota or 0)
+            await accounts.set_quota(args.address, quota or 0)
             print(f"quota of {args.address}: {quota or 'none'}")
         elif args.action == "expire":
-            await directory.expire_password(args.address)
+            await accounts.expire_password(args.address)
             print(f"the password of {args.address} has expired: set a new one with "
                   "lightmail user passwd")
         elif args.action == "logins":
-            for login in await directory.last_logins(args.domain):
+            for login in await accounts.last_logins(args.domain):
                 when = _when(login.when) if login.when else "never"
                 print(f"{login.address}\t{when}\t{login.source or ''}")
         elif args.action == "app-password":
-            await _app_password(args, directory)
+            await _app_password(args, accounts)
         elif args.action == "passwd":
             await ctx.directory.set_password(args.address, password)
             print(f"password of {args.address} changed")

@@ -11,7 +11,7 @@ import hmac
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +25,7 @@ from zope.interface import Interface, implementer
 
 from lightmail.directory import apppasswords, scram
 from lightmail.directory.interfaces import (
+    IAccountBackend,
     IDirectory,
     IMailAccount,
     IScramVerifiers,
@@ -33,6 +34,7 @@ from lightmail.directory.interfaces import (
 )
 from lightmail.directory.logins import IProtocolPassword, PasswordExpired
 from lightmail.directory.passwords import Secrets, upgraded_secrets, verify_password_async
+from lightmail.directory.routing import RoutingPasswordChecker
 from lightmail.storage.interfaces import IMailStore
 
 
@@ -64,6 +66,19 @@ class VerifiedCache:
             del self.entries[username]
             return False
         return hmac.compare_digest(mac, self._mac(password))
+
+    def verified(self, username: str, password: str) -> Optional[str]:
+        """What was remembered with ``password`` for ``username`` if it is the
+        password verified then and the entry has not expired; else None.  For
+        backends that have no stored hash to compare with (LDAP): the entry ends
+        only with its time."""
+        entry = self.entries.get(username)
+        if entry is None:
+            return None
+        if entry[2] < self.clock():
+            del self.entries[username]
+            return None
+        return entry[0] if hmac.compare_digest(entry[1], self._mac(password)) else None
 
     def remember(self, username: str, stored: str, password: str) -> None:
         if self.ttl <= 0:
@@ -213,10 +228,16 @@ def stand_in_secret(state_dir: Path) -> bytes:
 
 
 def make_portal(directory: Any, mailstore: IMailStore, auth_cache_ttl: float = 0.0,
-                scram_iterations: int = scram.DEFAULT_ITERATIONS) -> Portal:
-    return Portal(MailRealm(directory, mailstore),
-                  [SQLPasswordChecker(directory, auth_cache_ttl, scram_iterations),
-                   ScramChecker(directory)])
+                scram_iterations: int = scram.DEFAULT_ITERATIONS, *,
+                sql: Any = None, backends: Sequence[IAccountBackend] = ()) -> Portal:
+    """The Portal of every login.  With ``backends`` (domains whose users live in
+    LDAP or a passwd-file), ``directory`` is the routing directory, ``sql`` the SQL
+    one, and passwords go to the checker of their domain (``directory/routing.py``)."""
+    checker: ICredentialsChecker = SQLPasswordChecker(sql or directory, auth_cache_ttl,
+                                                      scram_iterations)
+    if backends:
+        checker = RoutingPasswordChecker(checker, list(backends))
+    return Portal(MailRealm(directory, mailstore), [checker, ScramChecker(directory)])
 
 
 def login(portal: Portal, username: str, password: str) -> Deferred[Any]:

@@ -70,6 +70,22 @@ class DirectoryError(Exception):
     """A directory change could not be made; the message says why, for a person."""
 
 
+class DirectoryUnavailable(DirectoryError):
+    """The directory could not be asked (an LDAP server down or too slow): the login
+    or recipient gets a temporary failure, to be tried again later."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as an account backend (LDAP, a passwd-file) knows them: the SQL
+    directory keeps a shadow row of each, which owns their mailboxes."""
+
+    address: str                    # canonical localpart@domain, lower-case
+    aliases: tuple[str, ...] = ()   # other addresses that lead to the account
+    quota_bytes: Optional[int] = None   # None: [directory] default_quota
+    enabled: bool = True
+
+
 class IDirectory(Interface):
     """Domains, users and aliases, and recipient resolution."""
 
@@ -114,6 +130,30 @@ class IDirectory(Interface):
 
     def allowed_senders(user: User) -> Deferred[list[str]]:
         """Addresses ``user`` may use in MAIL FROM on submission."""
+
+
+class IAccountBackend(Interface):
+    """Where the users of some domains live instead of the SQL directory
+    (``directory/ldap.py``, ``directory/passwdfile.py``); the routing directory
+    (``directory/routing.py``) sends it the lookups and logins of those domains."""
+
+    name = Attribute("The backend's name, from its [backend:NAME] section.")
+    domains = Attribute("The domains it serves (a tuple of lower-case names).")
+    checker = Attribute("Its twisted.cred checker of IUsernamePassword credentials; "
+                        "the avatar id is the account's canonical address.")
+
+    def find_user(address: str) -> Deferred[Optional[Account]]:
+        """The account logging in or looked up as ``address``, or None; fails with
+        DirectoryUnavailable when the backend cannot be asked."""
+
+    def find_recipient(address: str) -> Deferred[Optional[Account]]:
+        """The account mail for ``address`` (its address or an alias) goes to."""
+
+    def start() -> None:
+        """Open what the backend needs (threads, connections are made on use)."""
+
+    def stop() -> None:
+        """Close it."""
 
 
 class IScramVerifiers(Interface):

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from lightmail.directory.interfaces import IMailAccount
+from lightmail.directory.interfaces import DirectoryUnavailable, IMailAccount
 
 
 class LoginFailed(error.UnauthorizedLogin):
@@ -59,6 +59,12 @@ class ProtocolPassword(UsernamePassword):
     def __init__(self, username: bytes, password: bytes, protocol: str) -> None:
         super().__init__(username, password)
         self.protocol = protocol
+
+
+class LoginUnavailable(Exception):
+    """The login could not be checked now (the LDAP server is down): a temporary
+    failure, which the client is told to try again later (IMAP [UNAVAILABLE], SMTP
+    454 4.7.0, POP3 [SYS/TEMP]).  Not counted as a failed guess."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,12 @@ class Logins:
         return account
 
     def _failed(self, failure: Failure, attempt: Attempt) -> Deferred[Any]:
+        if failure.check(DirectoryUnavailable):
+            self.log.warn("authentication of {user} from {peer} ({protocol} {mechanism}) "
+                          "could not be checked: {error}", user=attempt.username,
+                          peer=attempt.peer, protocol=attempt.protocol,
+                          mechanism=attempt.mechanism, error=failure.getErrorMessage())
+            return fail(LoginUnavailable("authentication temporarily unavailable"))
         failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
         if failure.check(PasswordExpired):
             self.guard.succeeded(attempt)          # the password was right

@@ -14,6 +14,7 @@ from lightmail.address import AddressError, normalise_address, normalise_domain,
 from lightmail.directory import scram
 from lightmail.directory.accounts import AccountAdmin
 from lightmail.directory.interfaces import (
+    Account,
     Alias,
     DirectoryError,
     IDirectory,
@@ -74,8 +75,13 @@ _ALIAS_DESTS = (
 class SQLDirectory(AccountAdmin):
     def __init__(self, db: Database, recipient_delimiter: str = "+",
                  default_quota: int = 0, resolve_cache_ttl: float = 0.0,
-                 scram_iterations: int = scram.DEFAULT_ITERATIONS) -> None:
+                 scram_iterations: int = scram.DEFAULT_ITERATIONS,
+                 delegated_domains: frozenset[str] = frozenset()) -> None:
         self.db = db
+        # Domains whose users live in another backend (LDAP, a passwd-file): their
+        # addresses resolve here as if remote, for the routing directory to resolve
+        # them with their backend (directory/routing.py).
+        self.delegated_domains = delegated_domains
         self.scram_iterations = scram_iterations
         self.delimiter = recipient_delimiter
         self.default_quota = default_quota
@@ -207,6 +213,42 @@ class SQLDirectory(AccountAdmin):
                 password_hash=secrets.password_hash,
                 scram_verifiers=secrets.scram_verifiers))
         return self.db.write(update)
+
+    def shadow_user(self, account: Account) -> Deferred[User]:
+        """The users row that owns the mailboxes of a user another backend knows,
+        made the first time they are seen (no password: they never log in through
+        SQL), its quota and enabled flag brought up to what the backend says."""
+        local, domain = _checked(split_address, account.address)
+        quota = self.default_quota if account.quota_bytes is None else account.quota_bytes
+
+        def ensure(conn: Connection) -> User:
+            domain_row = first_direct(conn, _DOMAIN_ID, {"b_domain": domain})
+            if domain_row is None:
+                made = conn.execute(s.domains.insert().values(
+                    name=domain, created=now_ms())).inserted_primary_key
+                assert made is not None
+                domain_id = made[0]
+            else:
+                domain_id = domain_row.id
+            row = self._user_row(conn, local, domain)
+            if row is None:
+                key = conn.execute(s.users.insert().values(
+                    domain_id=domain_id, localpart=local, password_hash=None,
+                    scram_verifiers=None, quota_bytes=quota, enabled=account.enabled,
+                    created=now_ms())).inserted_primary_key
+                assert key is not None
+                return User(int(key[0]), account.address, quota, account.enabled)
+            if row.quota_bytes != quota or bool(row.enabled) != account.enabled:
+                conn.execute(s.users.update().where(s.users.c.id == row.id).values(
+                    quota_bytes=quota, enabled=account.enabled))
+            return User(int(row.id), account.address, quota, account.enabled)
+
+        def again(failure: Any) -> Any:
+            # Another process (a worker, another node) made the row at the same
+            # moment: it is there now.
+            failure.trap(sa.exc.IntegrityError)
+            return self.db.write(ensure)
+        return self.db.write(ensure).addErrback(again)
 
     def get_user(self, address: str) -> Deferred[Optional[User]]:
         try:
@@ -358,7 +400,8 @@ class SQLDirectory(AccountAdmin):
         local: dict[int, LocalTarget] = {}
         remote: dict[str, None] = {}
         _, start_domain = start.rsplit("@", 1)
-        if not self._domain_exists(conn, start_domain):
+        if start_domain in self.delegated_domains \
+                or not self._domain_exists(conn, start_domain):
             return Resolution(address=start, remote=(start,), is_local_domain=False)
         pending = [(start, 0)]
         seen: set[str] = set()
@@ -368,7 +411,7 @@ class SQLDirectory(AccountAdmin):
                 continue
             seen.add(addr)
             lpart, domain = addr.rsplit("@", 1)
-            if not self._domain_exists(conn, domain):
+            if domain in self.delegated_domains or not self._domain_exists(conn, domain):
                 remote.setdefault(addr)
                 continue
             if depth > MAX_ALIAS_DEPTH:

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from lightmail import __version__, sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed, PasswordExpired
+from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.imap.core import (
     ANY,
     AUTHED,
@@ -212,6 +212,8 @@ class IMAPSession(MessageCommands):
             if isinstance(failed, PasswordExpired):
                 return Reply("NO", "[EXPIRED] The password has expired: ask for a new one")
             return Reply("NO", "[AUTHENTICATIONFAILED] Authentication failed")
+        except LoginUnavailable:            # RFC 5530 §3
+            return Reply("NO", "[UNAVAILABLE] Authentication temporarily unavailable")
         self.factory.meters.auth(attempt.mechanism.lower(), True)
         if not await self.hub.login(account.user.id, self.cfg.max_connections_per_user):
             self.log.warn("{user}: too many IMAP sessions", user=account.user.address)

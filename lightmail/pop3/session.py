@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from lightmail import sasl
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed, PasswordExpired
+from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.listeners import ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
@@ -347,6 +347,9 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             self.factory.meters.auth(attempt.mechanism.lower(), False)
             self.err("[AUTH] The password has expired: ask for a new one"
                      if isinstance(failed, PasswordExpired) else "[AUTH] Authentication failed")
+            return
+        except LoginUnavailable:            # RFC 3206 §4
+            self.err("[SYS/TEMP] Authentication temporarily unavailable")
             return
         self.factory.meters.auth(attempt.mechanism.lower(), True)
         user = account.user

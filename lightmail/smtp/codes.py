@@ -58,6 +58,8 @@ BAD_PARAM = Reply(555, "5.5.4", "Unsupported or malformed parameter")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 PASSWORD_EXPIRED = Reply(535, "5.7.8", "The password has expired: ask for a new one")
+# RFC 4954 §6: the directory could not be asked; try again later.
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 TLS_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication "
                                    "mechanism")
 NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")

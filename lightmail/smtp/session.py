@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
-from lightmail.directory.logins import Attempt, LoginFailed, PasswordExpired
+from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
@@ -379,7 +379,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.reply(codes.AUTH_OK)
 
         def failed(failure: Failure) -> None:
-            failure.trap(LoginFailed)
+            if failure.trap(LoginFailed, LoginUnavailable) is LoginUnavailable:
+                self.reply(codes.AUTH_UNAVAILABLE)
+                return
             meters.auth(attempt.mechanism.lower(), False)
             self.reply(codes.PASSWORD_EXPIRED if failure.check(PasswordExpired)
                        else codes.AUTH_FAILED)
