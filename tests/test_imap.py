@@ -23,10 +23,10 @@ import pytest
 import pytest_twisted
 from imapwire import Client
 from inprocess import in_thread, start
+from recordingreader import RecordingReader
 from twisted.internet import defer
 
 from lightmail.imap import core
-from lightmail.imap.parser import CommandReader
 
 IMAP = ("[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
         "tls = starttls\ntls_cert = {cert}\ntls_key = {key}\n"
@@ -308,21 +308,6 @@ def deflated(deflate: Any, pieces: Iterator[bytes]) -> bytes:
 def bomb(total: int, octet: bytes) -> Iterator[bytes]:
     for _ in range(total // 2**20):
         yield octet * 2**20
-
-
-class RecordingReader(CommandReader):
-    """A CommandReader that remembers the longest its buffer ever was."""
-
-    longest = 0
-
-    @property  # type: ignore[override]
-    def buffer(self) -> bytes:
-        return self._buffer
-
-    @buffer.setter
-    def buffer(self, value: bytes) -> None:
-        self._buffer = value
-        RecordingReader.longest = max(RecordingReader.longest, len(value))
 
 
 @pytest_twisted.inlineCallbacks

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from inprocess import in_thread, start
+from recordingreader import RecordingReader
 
 from lightmail.imap import core
-from lightmail.imap.parser import CommandReader
 
 LISTENER = ("[directory]\nauth_over_plaintext = yes\n"
             "[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
@@ -141,21 +141,6 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return check()
-
-
-class RecordingReader(CommandReader):
-    """A CommandReader that remembers the longest its buffer ever was."""
-
-    longest = 0
-
-    @property  # type: ignore[override]
-    def buffer(self) -> bytes:
-        return self._buffer
-
-    @buffer.setter
-    def buffer(self, value: bytes) -> None:
-        self._buffer = value
-        RecordingReader.longest = max(RecordingReader.longest, len(value))
 
 
 @pytest_twisted.inlineCallbacks

@@ -19,16 +19,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from lightmail.admin.endpoint import EndpointService
 from lightmail.admin.health import Readiness, Verdict
 from lightmail.config import AdminConfig
-from lightmail.listeners import describe_address
 from lightmail.metrics.interfaces import IMetrics
 
 #: The content type of Prometheus' text format, version 0.0.4.
@@ -106,44 +103,14 @@ class QuietSite(Site):
         pass
 
 
-class AdminService(Service):
+class AdminService(EndpointService):
     """Listens on ``[admin] endpoint`` with the admin site."""
-
-    name = "admin"
-    log = Logger()
 
     def __init__(self, config: AdminConfig, root: Resource,
                  on_failure: Callable[[str], None] | None = None) -> None:
-        self.config = config
-        self.on_failure = on_failure
         #: The resource tree: the admin API puts its children here.
         self.root = root
         self.site = QuietSite(root)
         self.site.noisy = False
         self.site.displayTracebacks = False
-        self.port: IListeningPort | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet import reactor
-        endpoint = endpoints.serverFromString(reactor, self.config.endpoint)
-        d = endpoint.listen(self.site)
-        d.addCallbacks(self._listened, self._failed)
-
-    def _listened(self, port: IListeningPort) -> None:
-        self.port = port
-        self.log.info("admin listener on {address}: /metrics, /healthz, /readyz",
-                      address=describe_address(port))
-
-    def _failed(self, failure: Any) -> None:
-        self.log.critical("admin listener ({endpoint}) could not start: {error}",
-                          endpoint=self.config.endpoint, error=failure.getErrorMessage())
-        if self.on_failure is not None:
-            self.on_failure("the admin listener could not start")
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
+        super().__init__("admin", "admin listener", config.endpoint, self.site, on_failure)

@@ -28,12 +28,12 @@ from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lightmail.admin.endpoint import EndpointService
 from lightmail.config import Config
 from lightmail.directory.passwords import hash_password, verify_password_async
 from lightmail.wiring import Services
@@ -148,45 +148,6 @@ def host_key(path: Path) -> keys.Key:
     return keys.Key.fromFile(str(path))
 
 
-class _Listener(Service):
-    """One endpoint of the manhole."""
-
-    def __init__(self, endpoint: str, factory: IProtocolFactory, what: str,
-                 on_failure: Callable[[str], None] | None) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.name = f"manhole-{what}"
-        self.what = what
-        self.on_failure = on_failure
-        self.port: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet import reactor
-        d = endpoints.serverFromString(reactor, self.endpoint).listen(self.factory)
-        d.addCallbacks(self._listened, self._failed)
-
-    def _listened(self, port: Any) -> None:
-        from lightmail.listeners import describe_address
-        self.port = port
-        log.info("manhole: {what} on {address}", what=self.what,
-                 address=describe_address(port))
-
-    def _failed(self, failure: Any) -> None:
-        log.critical("manhole: {what} ({endpoint}) could not start: {error}",
-                     what=self.what, endpoint=self.endpoint,
-                     error=failure.getErrorMessage())
-        if self.on_failure is not None:
-            self.on_failure(f"the manhole's {self.what} listener could not start")
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
-
-
 class ManholeService(MultiService):
     """The manhole's listeners, with ``root``'s parts in the namespace."""
 
@@ -217,14 +178,15 @@ class ManholeService(MultiService):
         realm = LoggingRealm()
         realm.chainedProtocolFactory = self._interpreter  # type: ignore[assignment]
         self.ssh = manhole_ssh.ConchFactory(portal.Portal(realm, checkers))
-        _Listener(section.endpoint, self.ssh, "SSH", on_failure).setServiceParent(self)
+        EndpointService("manhole-SSH", "manhole: SSH", section.endpoint, self.ssh,
+                        on_failure).setServiceParent(self)
         if section.telnet_endpoint and passwords is not None:
             telnet_portal = portal.Portal(TelnetRealm(self.namespace), [passwords])
             factory = ServerFactory()
             factory.protocol = lambda: telnet.TelnetTransport(  # type: ignore[assignment]
                 telnet.AuthenticatingTelnetProtocol, telnet_portal)
-            _Listener(section.telnet_endpoint, factory, "telnet",
-                      on_failure).setServiceParent(self)
+            EndpointService("manhole-telnet", "manhole: telnet",
+                            section.telnet_endpoint, factory, on_failure).setServiceParent(self)
 
     def _interpreter(self) -> insults.ServerProtocol:
         return insults.ServerProtocol(manhole.ColoredManhole, self.namespace)
