@@ -17,6 +17,23 @@ have() {
         *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] ;;
     esac
 }
+# stop_system_service NAME EXTRA_UNIT PIDFILE: stop and disable a service a package
+# started; fail if its pid file still names a live process.
+stop_system_service() {
+    if command -v systemctl >/dev/null 2>&1; then
+        $SUDO systemctl disable "$1.service" $2 >/dev/null 2>&1 || true
+    fi
+    if [ -d /run/systemd/system ]; then
+        $SUDO systemctl stop "$1.service" $2 >/dev/null 2>&1 || true
+    else
+        $SUDO service "$1" stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d "$1" disable >/dev/null 2>&1 || true
+    fi
+    if [ -n "$3" ] && [ -s "$3" ] && kill -0 "$(cat "$3")" 2>/dev/null; then
+        echo "test-peers: the system $1 is still running (pid $(cat "$3"))" >&2
+        exit 1
+    fi
+}
 missing=()
 for peer in "${PEERS[@]}"; do
     have "${peer%%:*}" || missing+=("${peer#*:}")
@@ -32,54 +49,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $(printf "%s\n" "${missing[@]}" | sort -u)
-    # Dovecot's package starts a system instance (IMAP 143, POP3 110) where an init
-    # system lets it: the tests and benchmarks run private instances on free ports, so
-    # stop that one and keep it from coming back at boot.
-    if printf "%s\n" "${missing[@]}" | grep -q '^dovecot-core$'; then
-        if command -v systemctl >/dev/null 2>&1; then
-            $SUDO systemctl disable dovecot.service dovecot.socket >/dev/null 2>&1 || true
-        fi
-        if [ -d /run/systemd/system ]; then
-            $SUDO systemctl stop dovecot.service dovecot.socket >/dev/null 2>&1 || true
-        else
-            $SUDO service dovecot stop >/dev/null 2>&1 || true
-            $SUDO update-rc.d dovecot disable >/dev/null 2>&1 || true
-        fi
-        if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>/dev/null; then
-            echo "test-peers: the system Dovecot is still running (pid $(cat /run/dovecot/master.pid))" >&2
-            exit 1
-        fi
-    fi
-    # Debian's prometheus package starts a Prometheus server (port 9090) where an init
-    # system lets it: the tests need only its promtool, so stop and disable the server.
-    if printf "%s\n" "${missing[@]}" | grep -q '^prometheus$'; then
-        if command -v systemctl >/dev/null 2>&1; then
-            $SUDO systemctl disable prometheus.service >/dev/null 2>&1 || true
-        fi
-        if [ -d /run/systemd/system ]; then
-            $SUDO systemctl stop prometheus.service >/dev/null 2>&1 || true
-        else
-            $SUDO service prometheus stop >/dev/null 2>&1 || true
-            $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
-        fi
-    fi
-    # slapd's package, likewise, starts a system instance (port 389) where it can.
-    if printf "%s\n" "${missing[@]}" | grep -q '^slapd$'; then
-        if command -v systemctl >/dev/null 2>&1; then
-            $SUDO systemctl disable slapd.service >/dev/null 2>&1 || true
-        fi
-        if [ -d /run/systemd/system ]; then
-            $SUDO systemctl stop slapd.service >/dev/null 2>&1 || true
-        else
-            $SUDO service slapd stop >/dev/null 2>&1 || true
-            $SUDO update-rc.d slapd disable >/dev/null 2>&1 || true
-        fi
-        if pgrep -x slapd >/dev/null 2>&1 && [ -s /run/slapd/slapd.pid ] \
-                && kill -0 "$(cat /run/slapd/slapd.pid)" 2>/dev/null; then
-            echo "test-peers: the system slapd is still running (pid $(cat /run/slapd/slapd.pid))" >&2
-            exit 1
-        fi
-    fi
+    # Dovecot's, slapd's and prometheus' packages start system instances (IMAP 143,
+    # LDAP 389, Prometheus 9090) where an init system lets them: the tests and
+    # benchmarks run private instances on free ports (and need only promtool), so stop
+    # those and keep them from coming back at boot.
+    installed() { printf "%s\n" "${missing[@]}" | grep -q "^$1\$"; }
+    installed dovecot-core && stop_system_service dovecot dovecot.socket /run/dovecot/master.pid
+    installed slapd && stop_system_service slapd "" /run/slapd/slapd.pid
+    installed prometheus && stop_system_service prometheus "" ""
 fi
 for peer in "${PEERS[@]}"; do
     have "${peer%%:*}" || { echo "test-peers: ${peer%%:*} is still missing" >&2; exit 1; }
