@@ -299,7 +299,7 @@ def parse_choices(*choices: str) -> Callable[[str, Path], tuple[str, ...]]:
 
 
 SASL_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1",
-                   "SCRAM-SHA-1-PLUS", "OAUTHBEARER", "XOAUTH2")
+                   "SCRAM-SHA-1-PLUS", "OAUTHBEARER", "XOAUTH2", "CRAM-MD5")
 
 
 def parse_mechanisms(raw: str, base: Path) -> tuple[str, ...]:
@@ -457,8 +457,9 @@ class DirectoryConfig:
         "SASL mechanisms offered by SMTP AUTH, IMAP AUTHENTICATE and POP3 AUTH, in this "
         "order.  -PLUS ones (channel binding: tls-exporter on TLS 1.3, "
         "tls-server-end-point) only on TLS connections.  SCRAM-SHA-1 is there for old "
-        "clients, off unless named.  Every mechanism, like LOGIN, needs TLS unless "
-        "auth_over_plaintext.",
+        "clients, off unless named; CRAM-MD5 too (its stored secret is enough to pass it:"
+        " kept only while it is named, made at each user's next password login).  "
+        "Every mechanism, like LOGIN, needs TLS unless auth_over_plaintext.",
         shown_default="PLAIN LOGIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS")
     scram_iterations: int = option(
         4096, parse_int(minimum=4096),

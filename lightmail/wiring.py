@@ -140,6 +140,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                        default_quota=auth.default_quota,
                        resolve_cache_ttl=auth.resolve_cache_ttl,
                        scram_iterations=auth.scram_iterations,
+                       keep_cram_md5="CRAM-MD5" in auth.mechanisms,
                        delegated_domains=frozenset(
                            domain for backend in backends for domain in backend.domains))
     # The routing directory only where some domains live elsewhere: the SQL one

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from lightmail.directory import apppasswords, scram
+from lightmail.directory import apppasswords, crammd5, scram
 from lightmail.directory.interfaces import (
     IAccountBackend,
     IDirectory,
@@ -129,20 +129,21 @@ class SQLPasswordChecker:
             ok = yield verify_password_async(stored, password)
             if ok and user is not None and stored is not None:
                 self.cache.remember(key, stored, password)
-                self._upgrade(user, stored, found.scram_verifiers, password)
+                self._upgrade(user, stored, found, password)
         if not ok or user is None or not user.enabled:
             raise error.UnauthorizedLogin("authentication failed")
         if found.password_expired:
             raise PasswordExpired("the password has expired")
         return user.address
 
-    def _upgrade(self, user: User, stored: str, verifiers: Optional[str],
+    def _upgrade(self, user: User, stored: str, found: LoginSecrets,
                  password: str) -> None:
         """A password just verified is the moment to make what was missing: SCRAM
         keys for a password set before SCRAM, a hash with today's parameters.  In
         the background: the login does not wait for it."""
-        d = deferToThread(upgraded_secrets, password, stored, verifiers,
-                          self.scram_iterations)
+        d = deferToThread(upgraded_secrets, password, stored, found.scram_verifiers,
+                          self.scram_iterations, self.directory.keep_cram_md5,
+                          found.cram_md5)
 
         def store(secrets: Optional[Secrets]) -> Any:
             if secrets is not None:
@@ -151,6 +152,30 @@ class SQLPasswordChecker:
         d.addCallback(store).addErrback(
             lambda failure: self.log.failure("could not upgrade the stored secrets of "
                                              "{user}", failure, user=user.address))
+
+
+@implementer(ICredentialsChecker)
+class CramChecker:
+    """CRAM-MD5 (RFC 2195): the client's HMAC-MD5 of our challenge, checked with the
+    stored secret (``directory/crammd5.py``); none for users who have not logged in
+    with their password since the mechanism was turned on."""
+
+    credentialInterfaces = (crammd5.ICramProof,)
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory          # login_secrets(address) -> LoginSecrets
+
+    @inlineCallbacks
+    def requestAvatarId(self, creds: crammd5.ICramProof) -> Any:
+        found: LoginSecrets = yield self.directory.login_secrets(
+            creds.username.decode("utf-8", "replace"))
+        user = found.user
+        if user is None or not user.enabled or found.password_expired \
+                or found.cram_md5 is None \
+                or not crammd5.response_matches(found.cram_md5, creds.challenge,
+                                                creds.digest):
+            raise error.UnauthorizedLogin("authentication failed")
+        return user.address
 
 
 @implementer(ICredentialsChecker)
@@ -237,7 +262,8 @@ def make_portal(directory: Any, mailstore: IMailStore, auth_cache_ttl: float = 0
                                                       scram_iterations)
     if backends:
         checker = RoutingPasswordChecker(checker, list(backends))
-    return Portal(MailRealm(directory, mailstore), [checker, ScramChecker(directory)])
+    return Portal(MailRealm(directory, mailstore),
+                  [checker, ScramChecker(directory), CramChecker(sql or directory)])
 
 
 def login(portal: Portal, username: str, password: str) -> Deferred[Any]:

@@ -29,6 +29,7 @@ class LoginSecrets:
     password_hash: Optional[str] = None         # argon2id PHC string
     scram_verifiers: Optional[str] = None       # directory/scram.py
     password_expired: bool = False
+    cram_md5: Optional[str] = None              # directory/crammd5.py
 
 
 @dataclass(frozen=True)

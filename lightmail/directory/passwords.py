@@ -15,7 +15,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
-from lightmail.directory import scram
+from lightmail.directory import crammd5, scram
 
 # argon2-cffi's defaults are RFC 9106's low-memory profile (t=3, m=64 MiB, p=4).
 _hasher = PasswordHasher()
@@ -53,29 +53,37 @@ def verify_password_async(stored_hash: str | None, password: str) -> Deferred[bo
 
 @dataclass(frozen=True)
 class Secrets:
-    """What is kept of a password: its argon2 hash and its SCRAM verifiers."""
+    """What is kept of a password: its argon2 hash, its SCRAM verifiers, and
+    CRAM-MD5's secret where that mechanism is on."""
 
     password_hash: str
     scram_verifiers: str
+    cram_md5: Optional[str] = None
 
 
-def make_secrets(password: str, iterations: int = scram.DEFAULT_ITERATIONS) -> Secrets:
-    return Secrets(hash_password(password), scram.make_verifiers(password, iterations))
+def make_secrets(password: str, iterations: int = scram.DEFAULT_ITERATIONS,
+                 cram: bool = False) -> Secrets:
+    return Secrets(hash_password(password), scram.make_verifiers(password, iterations),
+                   crammd5.make_secret(password) if cram else None)
 
 
-def make_secrets_async(password: str, iterations: int = scram.DEFAULT_ITERATIONS
-                       ) -> Deferred[Secrets]:
-    return threads.deferToThread(make_secrets, password, iterations)
+def make_secrets_async(password: str, iterations: int = scram.DEFAULT_ITERATIONS,
+                       cram: bool = False) -> Deferred[Secrets]:
+    return threads.deferToThread(make_secrets, password, iterations, cram)
 
 
 def upgraded_secrets(password: str, stored_hash: str, verifiers: Optional[str],
-                     iterations: int = scram.DEFAULT_ITERATIONS) -> Optional[Secrets]:
+                     iterations: int = scram.DEFAULT_ITERATIONS, cram: bool = False,
+                     cram_secret: Optional[str] = None) -> Optional[Secrets]:
     """After a successful password login: new secrets if the hash's parameters are
-    old or the SCRAM verifiers are missing or weaker than configured, else None."""
+    old, the SCRAM verifiers missing or weaker than configured, or CRAM-MD5's secret
+    missing while the mechanism is on (or kept while it is off); else None."""
     current = scram.find_verifier(verifiers, "SHA-256")
     if not needs_rehash(stored_hash) and current is not None \
             and current.iterations >= iterations \
-            and all(scram.find_verifier(verifiers, a) for a in scram.ALGORITHMS):
+            and all(scram.find_verifier(verifiers, a) for a in scram.ALGORITHMS) \
+            and (cram_secret is not None) == cram:
         return None
     rehashed = hash_password(password) if needs_rehash(stored_hash) else stored_hash
-    return Secrets(rehashed, scram.make_verifiers(password, iterations))
+    return Secrets(rehashed, scram.make_verifiers(password, iterations),
+                   crammd5.make_secret(password) if cram else None)

@@ -76,8 +76,11 @@ class SQLDirectory(AccountAdmin):
     def __init__(self, db: Database, recipient_delimiter: str = "+",
                  default_quota: int = 0, resolve_cache_ttl: float = 0.0,
                  scram_iterations: int = scram.DEFAULT_ITERATIONS,
-                 delegated_domains: frozenset[str] = frozenset()) -> None:
+                 delegated_domains: frozenset[str] = frozenset(),
+                 keep_cram_md5: bool = False) -> None:
         self.db = db
+        # CRAM-MD5 is on ([directory] mechanisms): keep its secret when a password is set.
+        self.keep_cram_md5 = keep_cram_md5
         # Domains whose users live in another backend (LDAP, a passwd-file): their
         # addresses resolve here as if remote, for the routing directory to resolve
         # them with their backend (directory/routing.py).
@@ -156,7 +159,8 @@ class SQLDirectory(AccountAdmin):
                                  f"{self.delimiter!r}")
         if local == CATCH_ALL:
             raise DirectoryError("'*' is reserved for catch-all aliases")
-        secrets = (yield make_secrets_async(password, self.scram_iterations)) \
+        secrets = (yield make_secrets_async(password, self.scram_iterations,
+                                            self.keep_cram_md5)) \
             if password else None
         quota = self.default_quota if quota_bytes is None else quota_bytes
 
@@ -170,6 +174,7 @@ class SQLDirectory(AccountAdmin):
                 domain_id=domain_id, localpart=local,
                 password_hash=secrets.password_hash if secrets else None,
                 scram_verifiers=secrets.scram_verifiers if secrets else None,
+                cram_md5=secrets.cram_md5 if secrets else None,
                 quota_bytes=quota, enabled=True, created=now_ms()))
             key = result.inserted_primary_key
             assert key is not None
@@ -193,7 +198,8 @@ class SQLDirectory(AccountAdmin):
     @inlineCallbacks
     def set_password(self, address: str, password: str) -> Any:
         local, domain = _checked(split_address, address)
-        secrets = yield make_secrets_async(password, self.scram_iterations)
+        secrets = yield make_secrets_async(password, self.scram_iterations,
+                                           self.keep_cram_md5)
 
         def update(conn: Connection) -> None:
             row = self._user_row(conn, local, domain)
@@ -201,7 +207,8 @@ class SQLDirectory(AccountAdmin):
                 raise DirectoryError(f"no such user: {local}@{domain}")
             conn.execute(s.users.update().where(s.users.c.id == row.id).values(
                 password_hash=secrets.password_hash,
-                scram_verifiers=secrets.scram_verifiers, password_expired=False))
+                scram_verifiers=secrets.scram_verifiers, cram_md5=secrets.cram_md5,
+                password_expired=False))
         yield self.db.write(update)
 
     def store_secrets(self, user_id: int, secrets: Secrets, replacing: str) -> Deferred[None]:
@@ -211,7 +218,7 @@ class SQLDirectory(AccountAdmin):
             conn.execute(s.users.update().where(
                 (s.users.c.id == user_id) & (s.users.c.password_hash == replacing)).values(
                 password_hash=secrets.password_hash,
-                scram_verifiers=secrets.scram_verifiers))
+                scram_verifiers=secrets.scram_verifiers, cram_md5=secrets.cram_md5))
         return self.db.write(update)
 
     def shadow_user(self, account: Account) -> Deferred[User]:
@@ -278,7 +285,7 @@ class SQLDirectory(AccountAdmin):
             if row is None:
                 return LoginSecrets()
             return LoginSecrets(_user(row, domain), row.password_hash, row.scram_verifiers,
-                                bool(row.password_expired))
+                                bool(row.password_expired), row.cram_md5)
         return self.db.read(get)
 
     def scram_verifier(self, address: str, algorithm: str

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from lightmail import tls
+from lightmail.sasl.crammd5 import CramMD5
 from lightmail.sasl.mechanism import Context, Mechanism, SASLError, Step
 from lightmail.sasl.oauth import OAuthBearer, XOAuth2
 from lightmail.sasl.plain import Login, Plain
@@ -35,7 +36,7 @@ _MECHANISMS: dict[str, type[Mechanism]] = {
     "PLAIN": Plain, "LOGIN": Login,
     "SCRAM-SHA-256": Scram, "SCRAM-SHA-256-PLUS": Scram,
     "SCRAM-SHA-1": Scram, "SCRAM-SHA-1-PLUS": Scram,
-    "OAUTHBEARER": OAuthBearer, "XOAUTH2": XOAuth2,
+    "OAUTHBEARER": OAuthBearer, "XOAUTH2": XOAuth2, "CRAM-MD5": CramMD5,
 }
 KNOWN = tuple(_MECHANISMS)
 # Longest SASL response line taken, whatever the protocol's command line limit (RFC

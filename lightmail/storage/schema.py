@@ -43,6 +43,8 @@ users = sa.Table(
     # SCRAM's stored keys, one per algorithm (directory/scram.py); NULL until the
     # password is set or next used.
     sa.Column("scram_verifiers", sa.String(1024), nullable=True),
+    # CRAM-MD5's secret (directory/crammd5.py), kept only while the mechanism is on.
+    sa.Column("cram_md5", sa.String(64), nullable=True),
     # The password works no more (lightmail user expire) until a new one is set: a
     # login with it gets IMAP's [EXPIRED] (RFC 5530).  App passwords still work.
     sa.Column("password_expired", sa.Boolean, nullable=False, server_default=sa.false()),
