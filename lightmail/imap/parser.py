@@ -155,6 +155,10 @@ class CommandReader:
             self.size += size
             self.parts.append(line)
             self.literal_left = size
+            if not size:
+                # {0}: the literal is complete already; it still takes its place among
+                # the parts (text, literal, text...), or the rest would be misread.
+                self.parts.append(b"")
             if sync:
                 return "continue", size
 
