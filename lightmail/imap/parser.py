@@ -185,6 +185,10 @@ class Inflater:
         not positive); zlib.error on corrupt input."""
         out: list[bytes] = []
         while limit > 0:      # never 0 here: zlib takes a max_length of 0 as "no limit"
+            if self._zlib.eof and (self._tail or self._input):
+                # A final block ended the stream, which RFC 4978 never does; zlib
+                # would hand what follows back unread at every call, for ever.
+                raise zlib.error("data after the end of the compressed stream")
             if not self._tail and self._input:
                 # zlib copies its unconsumed tail at every call: keep that short.
                 self._tail = bytes(self._input[:self.STEP])
