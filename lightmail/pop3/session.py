@@ -369,7 +369,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def _message(self, arg: str) -> Optional[tuple[int, MessageInfo]]:
         assert self.maildrop is not None
-        if not arg.isdigit():
+        if not (arg.isascii() and arg.isdigit()):    # not "²": int() refuses it
             self.err("Need a message number")
             return None
         message = self.maildrop.get(int(arg))
@@ -422,7 +422,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def pop3_TOP(self, arg: str) -> Any:
         parts = arg.split()
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
             self.err("TOP needs a message number and a line count")
             return None
         found = self._message(parts[0])

@@ -386,7 +386,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             return self.reply(codes.BAD_SYNTAX)
         tx = Transaction(mail_from=match.group("addr"))
         for name, value in _params(match.group("params")):
-            if name == "SIZE" and value and value.isdigit():
+            if name == "SIZE" and value and _is_number(value):
                 tx.declared_size = int(value)
                 if tx.declared_size > self.cfg.max_message_size:
                     return self.reply(codes.TOO_BIG)
@@ -481,7 +481,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def smtp_BDAT(self, arg: str) -> None:
         parts = arg.split()
-        if not parts or not parts[0].isdigit() or len(parts) > 2 or (
+        if not parts or not _is_number(parts[0]) or len(parts) > 2 or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
             self.reply(codes.BAD_SYNTAX)   # cannot know how much to skip: RFC 3030 §2
             return
@@ -698,6 +698,11 @@ def _first_line_error(lines: bytes, limit: int) -> Optional[Reply]:
         if len(line) + 1 > limit:
             return codes.LONG_LINES
     return None
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _params(text: str) -> list[tuple[str, Optional[str]]]:
