@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -26,7 +27,7 @@ from zope.interface import implementer
 from lightmail import sasl
 from lightmail.config import ListenerConfig
 from lightmail.directory.interfaces import IMailAccount
-from lightmail.listeners import ServiceFactory, TrackedProtocol
+from lightmail.listeners import INPUT_SLICE, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
@@ -146,7 +147,13 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def process(self) -> None:
         limit = self.cfg.max_line_length
+        turn_ends = time.monotonic() + INPUT_SLICE
         while self.buffer and not self.busy and not self.closing:
+            if time.monotonic() > turn_ends:
+                # The rest waits for the next reactor turn (listeners.INPUT_SLICE).
+                from twisted.internet import reactor, task
+                self._wait(task.deferLater(reactor, 0, lambda: None))
+                return
             end = self.buffer.find(b"\n")
             if end < 0:
                 if len(self.buffer) > limit:

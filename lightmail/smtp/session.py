@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from email.utils import formatdate
 from typing import Any, Optional
 
@@ -32,7 +33,7 @@ from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
 from lightmail.directory.interfaces import IMailAccount
-from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
+from lightmail.listeners import INPUT_SLICE, Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
@@ -150,7 +151,13 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def process(self) -> None:
         limit = self.cfg.max_line_length
+        turn_ends = time.monotonic() + INPUT_SLICE
         while self.buffer and not self.busy and not self.closing:
+            if time.monotonic() > turn_ends:
+                # The rest waits for the next reactor turn (listeners.INPUT_SLICE).
+                from twisted.internet import reactor, task
+                self._wait(task.deferLater(reactor, 0, lambda: None))
+                return
             if self.mode == BDAT:
                 self._bdat_input()
                 continue
