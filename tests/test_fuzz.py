@@ -1,0 +1,129 @@
+"""Fuzzing, the short run of ``make test`` (the long one: ``make fuzz``).
+
+Hypothesis generates command streams for SMTP (MX and submission), LMTP, POP3 and
+IMAP; each is fed to the real protocol objects over an in-memory transport
+(``tests/fuzzing``), and the session must raise nothing, log no failure, answer every
+command, end cleanly or go on, keep its buffers within its limits, and hold the
+reactor no longer than 50 ms of CPU per iteration (docs/fuzzing.rst).
+
+After them, the defects the fuzzer found, each with its exact input.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from fuzzing.driver import Harness, fuzz, reproduce
+from fuzzing.oracle import imap_output
+from fuzzing.play import Input
+from inprocess import in_thread
+
+from lightmail.imap.parser import CommandReader, parse_command
+
+# Examples per protocol, each played twice (as generated, and a raw variant):
+# about 15 s per protocol on a 2-core machine.
+EXAMPLES = {"smtp": 150, "lmtp": 100, "pop3": 150, "imap": 250}
+
+
+@pytest.fixture
+def harness_in(tmp_path: Path) -> Iterator[Any]:
+    """Runs a function with a started Harness in a thread (the reactor serves it)."""
+    def run(body: Any) -> Any:
+        def in_a_thread() -> None:
+            harness = Harness(tmp_path)
+            try:
+                harness.warm_up()
+                body(harness)
+            finally:
+                harness.stop()
+        return in_thread(in_a_thread)
+    yield run
+
+
+@pytest.mark.parametrize("protocol", sorted(EXAMPLES))
+@pytest_twisted.inlineCallbacks
+def test_generated_sessions(protocol: str, harness_in: Any) -> Any:
+    played: list[int] = []
+
+    def body(harness: Harness) -> None:
+        fuzz(harness, protocol, EXAMPLES[protocol], variants=2,
+             on_input=lambda: played.append(1))
+    yield harness_in(body)
+    # Not skipped, not cut short: every example was played.
+    assert len(played) >= 2 * EXAMPLES[protocol]
+
+
+# -- defects found, and their inputs ---------------------------------------------------
+
+def test_zero_length_literal_keeps_its_place() -> None:
+    """{0} was not kept among the command's parts: the text after it was taken for a
+    literal, and tokenize() failed an assertion out of dataReceived."""
+    reader = CommandReader(8192, 8192, 16384)
+    reader.buffer = b"a LOGIN bob {0}\r\n\r\n"
+    while (found := reader.next())[0] != "command":
+        assert found[0] == "continue"
+    command = parse_command(found[1])
+    assert (command.name, command.args) == ("LOGIN", ["bob", b""])
+
+
+def _ended(plain: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return packer.compress(plain) + packer.flush(zlib.Z_FINISH)
+
+
+# Each: the input the fuzzer found (shrunk), and what the answer must now say.
+FOUND = [
+    (Input("imap/strict", b"t0 SEARCH RETURN () CHARSET UTF-8 HEADER {0}\r\n {1}\r\n\r\n"),
+     b"t0 BAD"),
+    # "\xc2\xb2" is "²", which str.isdigit() takes and int() refuses.
+    (Input("pop3", b"USER bob@example.test\r\nPASS bob-secret\r\nSTAT\r\nSTAT\r\n"
+                   b"LIST \xc2\xb2\r\nSTAT\r\nSTAT\r\n"), b"-ERR Need a message number"),
+    (Input("pop3", b"USER bob@example.test\r\nPASS bob-secret\r\nTOP 1 \xc2\xb2\r\n"),
+     b"-ERR TOP needs"),
+    (Input("smtp", b"EHLO x\r\nBDAT \xc2\xb2\r\n"), b"501 5.5.4"),
+    (Input("smtp", b"EHLO x\r\nMAIL FROM:<a@b.example> SIZE=\xc2\xb2\r\n"), b"555 5.5.4"),
+    # COMPRESS, then a deflate stream that a final block ends, with octets after it:
+    # once an inflate had been cut short by the room the reader had, zlib handed those
+    # octets back unread at every call, and the session inflated in a loop for ever.
+    (Input("imap", b"C COMPRESS DEFLATE\r\n" + _ended(b"a NOOP\r\n" * 1100) + b"more"),
+     b"* BYE Compression error"),
+    # One read of pipelined commands answered at once held the reactor for 50 to 80 ms
+    # of CPU (that the input above held it for 68 ms showed it); under COMPRESS a few
+    # kilobytes inflate to any number of them.  Each session now hands the reactor
+    # back every listeners.INPUT_SLICE.
+    (Input("smtp", b"EHLO x\r\n" + b"NOOP\r\n" * 10000), b"250 2.0.0 Ok\r\n" * 10001),
+    (Input("lmtp", b"LHLO x\r\n" + b"RSET\r\n" * 10000), b"250 2.0.0 Reset\r\n" * 10000),
+    (Input("pop3", b"USER bob@example.test\r\nPASS bob-secret\r\n" + b"NOOP\r\n" * 10000),
+     b"+OK\r\n" * 10001),
+    (Input("imap", b"C COMPRESS DEFLATE\r\n", b"a NOOP\r\n" * 20000),
+     b"a OK NOOP completed\r\n" * 10),
+]
+
+
+@pytest_twisted.inlineCallbacks
+def test_found_defects_stay_fixed(harness_in: Any) -> Any:
+    results: list[tuple[Input, bytes, list[str], bytes]] = []
+
+    def body(harness: Harness) -> None:
+        for given, expected in FOUND:
+            played = harness.play(given)
+            results.append((given, expected, reproduce(harness, given),
+                            imap_output(played.output)))
+    yield harness_in(body)
+    for given, expected, problems, output in results:
+        assert problems == [], (given, problems)
+        assert expected in output, (given, output)
+
+
+def test_oracle_reads_imap_output_as_a_client() -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    output = (b"* OK hi\r\nC OK DEFLATE active\r\n"
+              + packer.compress(b"* 1 FETCH (BODY[] {12}\r\nt1 OK fake\r\n)\r\nt1 OK done\r\n")
+              + packer.flush(zlib.Z_SYNC_FLUSH))
+    from fuzzing.oracle import imap_statuses
+    assert imap_statuses(imap_output(output)) == [b"C", b"t1"]
