@@ -120,6 +120,16 @@ def test_found_defects_stay_fixed(harness_in: Any) -> Any:
         assert expected in output, (given, output)
 
 
+@pytest_twisted.inlineCallbacks
+def test_oracle_splits_pop3_commands_as_the_session_does(harness_in: Any) -> Any:
+    """"\x1eCAPA" is CAPA to the session (str.strip()), and its answer multi-line:
+    the oracle once read it as another command and reported a defect that was not."""
+    given = Input("pop3/strict", b"\x1eCAPA\r\nSTAT\r\nSTA\xca\r\n")
+    problems: list[list[str]] = []
+    yield harness_in(lambda harness: problems.append(reproduce(harness, given)))
+    assert problems == [[]]
+
+
 def test_oracle_reads_imap_output_as_a_client() -> None:
     packer = zlib.compressobj(6, zlib.DEFLATED, -15)
     output = (b"* OK hi\r\nC OK DEFLATE active\r\n"

@@ -26,8 +26,8 @@ HOLD_LIMIT = 0.050
 
 _LITERAL = re.compile(rb"~?\{(\d+)\}$")
 _STATUS = re.compile(rb"^(\S+) (OK|NO|BAD)(?: |$)")
-_MULTILINE = {b"CAPA", b"RETR", b"TOP"}
-_MULTILINE_WITHOUT_ARG = {b"LIST", b"UIDL", b"AUTH"}
+_MULTILINE = {"CAPA", "RETR", "TOP"}
+_MULTILINE_WITHOUT_ARG = {"LIST", "UIDL", "AUTH"}
 
 
 def judge(played: Played) -> list[str]:
@@ -83,7 +83,8 @@ def _pop3(played: Played) -> list[str]:
         if not line.startswith((b"+OK", b"-ERR", b"+ ")):
             return [f"reply to {command[:40]!r} is {line[:60]!r}"]
         at += 1
-        verb, _, arg = command.strip().partition(b" ")
+        # Split as the session splits it (str.strip() also drops "\x1e" and the like).
+        verb, _, arg = command.decode("utf-8", "replace").strip().partition(" ")
         verb = verb.upper()
         if line.startswith(b"+OK") and (
                 verb in _MULTILINE or (verb in _MULTILINE_WITHOUT_ARG and not arg.strip())):
