@@ -13,8 +13,9 @@ import itertools
 
 from hypothesis import strategies as st
 
-from fuzzing.grammar import dot_stuffed, finish, message, sasl_exchange
+from fuzzing.grammar import b64, dot_stuffed, finish, message, sasl_exchange
 from fuzzing.play import Input
+from fuzzing.world import PASSWORD, USER
 
 ADDRESSES = [b"bob@example.test", b"postmaster@example.test", b"postmaster",
              b"outside@example.test", b"nobody@example.test", b"bob+tag@example.test",
@@ -73,8 +74,21 @@ def chunks(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def transaction(draw: st.DrawFn) -> list[bytes]:
-    lines = [draw(path(b"MAIL FROM", MAIL_PARAMS))]
-    for _ in range(draw(st.integers(0, 3))):
+    """MAIL, RCPTs, then DATA or BDAT.  Three in four start with a sender and a
+    recipient that are accepted, or the content would never be reached: random
+    addresses and parameters pass MAIL and RCPT together a few times in a hundred."""
+    lines = []
+    if draw(st.integers(0, 3)):
+        sender = draw(st.sampled_from([b"bob@example.test", b"", b"friend@remote.example"]))
+        param = draw(st.sampled_from([b"", b"", b" BODY=8BITMIME", b" SIZE=5000",
+                                      b" SMTPUTF8", b" RET=HDRS ENVID=x"]))
+        lines.append(b"MAIL FROM:<" + sender + b">" + param)
+        lines.append(b"RCPT TO:<" + draw(st.sampled_from(
+            [b"bob@example.test", b"postmaster@example.test", b"bob+x@example.test",
+             b"outside@example.test"])) + b">")
+    else:
+        lines.append(draw(path(b"MAIL FROM", MAIL_PARAMS)))
+    for _ in range(draw(st.integers(0, 2))):
         lines.append(draw(path(b"RCPT TO", RCPT_PARAMS)))
     end = draw(st.integers(0, 4))
     if end <= 2:
@@ -104,7 +118,11 @@ def smtp_input(draw: st.DrawFn, lmtp: bool = False) -> Input:
             verb = draw(st.sampled_from([b"HELO", b"EHLO", b"LHLO", b"ehlo"]))
         lines.append(verb + b" " + draw(st.sampled_from(HELLO[:1] * 4 + HELLO)))
     if listener.startswith("submission") and draw(st.integers(0, 3)):
-        lines += auth(draw(sasl_exchange()))
+        if draw(st.booleans()):     # the right credentials, or nothing is submitted
+            lines.append(b"AUTH PLAIN " + b64(b"\0" + USER.encode() + b"\0"
+                                              + PASSWORD.encode()))
+        else:
+            lines += auth(draw(sasl_exchange()))
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.integers(0, 5))
         if kind <= 2:
