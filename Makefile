@@ -41,10 +41,10 @@ test: $(BIN)/.installed services lint typecheck pytest
 FUZZ_INPUTS ?= 1000000
 FUZZ_SECONDS ?= 0
 fuzz: $(BIN)/.installed
-	for protocol in smtp lmtp pop3 imap; do \
+	status=0; for protocol in smtp lmtp pop3 imap; do \
 		nice -n 10 $(BIN)/python tests/fuzzing/run.py --protocol $$protocol \
-			--inputs $(FUZZ_INPUTS) --seconds $(FUZZ_SECONDS) || exit 1; \
-	done
+			--inputs $(FUZZ_INPUTS) --seconds $(FUZZ_SECONDS) || status=1; \
+	done; exit $$status
 
 bench: $(BIN)/.installed
 	scripts/test-peers.sh

@@ -94,6 +94,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.send(Reply(220, "", f"{self.factory.hostname} {self.protocol_name} LightMail"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        # Pipelined commands still buffered (behind a pending reply, or a reactor turn:
+        # listeners.INPUT_SLICE) are not run for a client that has gone.
+        self.closing = True
         self.setTimeout(None)
         if self.session_timer.active():
             self.session_timer.cancel()
