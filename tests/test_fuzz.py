@@ -26,6 +26,7 @@ from fuzzing.driver import WARM_UP, Harness, fuzz, reproduce
 from fuzzing.oracle import imap_output
 from fuzzing.play import Input
 from inprocess import in_thread
+from twisted.internet import defer
 
 from lightmail.imap.parser import CommandReader, parse_command
 
@@ -166,6 +167,43 @@ def test_oracle_splits_pop3_commands_as_the_session_does(harness_in: Any) -> Any
     problems: list[list[str]] = []
     yield harness_in(lambda harness: problems.append(reproduce(harness, given)))
     assert problems == [[]]
+
+
+@pytest_twisted.inlineCallbacks
+def test_nothing_buffered_runs_after_the_client_is_gone(harness_in: Any) -> Any:
+    """Between two slices of pipelined commands the client can go: what it had sent
+    after them (here a whole transaction) is not run, and no message is delivered."""
+    from twisted.internet import reactor, task, threads
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    counts: list[int] = []
+
+    async def gone_after_first_slice(harness: Harness) -> None:
+        services = harness.world.services
+        user = await services.directory.get_user("bob@example.test")
+        inbox = await services.mailstore.get_mailbox(user.id, "INBOX")
+        before = len(await services.mailstore.list_messages(inbox.id))
+        proto = harness.world.factories["smtp"].buildProtocol(
+            IPv4Address("TCP", "192.0.2.7", 40000))
+        proto.makeConnection(StringTransport())
+        proto.dataReceived(b"EHLO x\r\n" + b"NOOP\r\n" * 20000
+                           + b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.test>\r\n"
+                           b"DATA\r\nSubject: late\r\n\r\nx\r\n.\r\n")
+        assert proto.busy          # the rest waits for the next reactor turn
+        proto.connectionLost(Failure(ConnectionError("gone")))
+        for _ in range(400):       # until it has run what it was going to run
+            await task.deferLater(reactor, 0.05, lambda: None)
+            if not proto.busy:
+                break
+        counts.extend([before, len(await services.mailstore.list_messages(inbox.id))])
+
+    def body(harness: Harness) -> None:
+        threads.blockingCallFromThread(
+            reactor, lambda: defer.ensureDeferred(gone_after_first_slice(harness)))
+    yield harness_in(body)
+    assert counts[0] == counts[1], counts
 
 
 def test_oracle_reads_imap_output_as_a_client() -> None:
