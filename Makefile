@@ -44,7 +44,10 @@ fuzz: $(BIN)/.installed
 	status=0; for protocol in smtp lmtp pop3 imap; do \
 		nice -n 10 $(BIN)/python tests/fuzzing/run.py --protocol $$protocol \
 			--inputs $(FUZZ_INPUTS) --seconds $(FUZZ_SECONDS) || status=1; \
-	done; exit $$status
+	done; \
+	nice -n 10 $(BIN)/python tests/fuzzing/atheris_parsers.py -runs=$(FUZZ_INPUTS) \
+		-timeout=2 -print_final_stats=1 || status=1; \
+	exit $$status
 
 bench: $(BIN)/.installed
 	scripts/test-peers.sh

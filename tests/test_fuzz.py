@@ -23,8 +23,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from fuzzing.driver import WARM_UP, Harness, fuzz, reproduce
+from fuzzing.imap_inputs import imap_input
 from fuzzing.oracle import imap_output
+from fuzzing.parser_target import one_input
 from fuzzing.play import Input
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from inprocess import in_thread
 from twisted.internet import defer
 
@@ -97,6 +101,15 @@ def test_memory_stays_bounded_over_many_sessions(harness_in: Any) -> Any:
     assert growth[0] < 2 * 1024 * 1024, growth
 
 
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.binary(max_size=300), imap_input().map(lambda made: b"\x05" + made.plain)))
+def test_imap_parsers_refuse_or_parse(data: bytes) -> None:
+    """The target atheris fuzzes (tests/fuzzing/atheris_parsers.py), here on raw bytes
+    and on generated command streams: refusals only, no other exception."""
+    one_input(data)
+
+
 # -- defects found, and their inputs ---------------------------------------------------
 
 def test_zero_length_literal_keeps_its_place() -> None:
@@ -149,23 +162,23 @@ def test_found_defects_stay_fixed(harness_in: Any) -> Any:
     results: list[tuple[Input, bytes, list[str], bytes]] = []
 
     def body(harness: Harness) -> None:
-        for given, expected in FOUND:
-            played = harness.play(given)
-            results.append((given, expected, reproduce(harness, given),
+        for found, expected in FOUND:
+            played = harness.play(found)
+            results.append((found, expected, reproduce(harness, found),
                             imap_output(played.output)))
     yield harness_in(body)
-    for given, expected, problems, output in results:
-        assert problems == [], (given, problems)
-        assert expected in output, (given, output)
+    for found, expected, problems, output in results:
+        assert problems == [], (found, problems)
+        assert expected in output, (found, output)
 
 
 @pytest_twisted.inlineCallbacks
 def test_oracle_splits_pop3_commands_as_the_session_does(harness_in: Any) -> Any:
     """"\x1eCAPA" is CAPA to the session (str.strip()), and its answer multi-line:
     the oracle once read it as another command and reported a defect that was not."""
-    given = Input("pop3/strict", b"\x1eCAPA\r\nSTAT\r\nSTA\xca\r\n")
+    found = Input("pop3/strict", b"\x1eCAPA\r\nSTAT\r\nSTA\xca\r\n")
     problems: list[list[str]] = []
-    yield harness_in(lambda harness: problems.append(reproduce(harness, given)))
+    yield harness_in(lambda harness: problems.append(reproduce(harness, found)))
     assert problems == [[]]
 
 
