@@ -144,6 +144,11 @@ FOUND = [
     # octets back unread at every call, and the session inflated in a loop for ever.
     (Input("imap", b"C COMPRESS DEFLATE\r\n" + _ended(b"a NOOP\r\n" * 1100) + b"more"),
      b"* BYE Compression error"),
+    # The same with the end of the stream in its first block (a bit flipped by the
+    # fuzzer): the octets after it were kept aside until more came, and the session
+    # waited; now they end it at once.
+    (Input("imap", b"C COMPRESS DEFLATE\r\n", b"L AUTHENTICATE LOGIN\r\n* FETCH * ALL",
+           corrupt=0), b"* BYE Compression error"),
     # One read of pipelined commands answered at once held the reactor for 50 to 80 ms
     # of CPU (that the input above held it for 68 ms showed it); under COMPRESS a few
     # kilobytes inflate to any number of them.  Each session now hands the reactor

@@ -185,7 +185,7 @@ class Inflater:
         not positive); zlib.error on corrupt input."""
         out: list[bytes] = []
         while limit > 0:      # never 0 here: zlib takes a max_length of 0 as "no limit"
-            if self._zlib.eof and (self._tail or self._input):
+            if self._zlib.eof and (self._tail or self._input or self._zlib.unused_data):
                 # A final block ended the stream, which RFC 4978 never does; zlib
                 # would hand what follows back unread at every call, for ever.
                 raise zlib.error("data after the end of the compressed stream")

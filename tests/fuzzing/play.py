@@ -45,6 +45,7 @@ HANG_SECONDS = 20.0
 MAX_FILLER = 1 << 20
 PROBE_TAG = "ZZPROBE"
 WAITING = "the session waits for the rest of a literal or BDAT chunk"
+CORRUPT = "the client corrupted its deflate stream: it may say anything"
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,7 @@ async def _resync_and_probe(proto: Any, transport: StringTransport, adapter: Ada
     if played.hung:
         return
     if given.corrupt is not None:
-        played.no_probe = "the client corrupted its deflate stream: it may say anything"
+        played.no_probe = CORRUPT
         return
     client_compressing = bool(given.deflated)
     if client_compressing != (getattr(proto, "compressor", None) is not None):
