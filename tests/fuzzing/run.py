@@ -107,8 +107,11 @@ def run_protocol(harness: Harness, protocol: str, args: argparse.Namespace) -> i
                  on_input=counted, variants=args.variants)
         except Exception as exc:
             defects += 1
+            # A flaky failure (an exception group) hides what failed: say it too.
+            inner = "".join(f"\n  {type(e).__name__}: {e}"
+                            for e in getattr(exc, "exceptions", ()))
             report = (f"{protocol}: DEFECT after {done[0]} inputs (seed {seed}):\n"
-                      f"{type(exc).__name__}: {exc}\n")
+                      f"{type(exc).__name__}: {exc}{inner}\n")
             print(report, flush=True)
             DEFECTS.parent.mkdir(exist_ok=True)
             with DEFECTS.open("a") as out:
