@@ -181,10 +181,12 @@ def test_found_defects_stay_fixed(harness_in: Any) -> Any:
 def test_oracle_splits_pop3_commands_as_the_session_does(harness_in: Any) -> Any:
     """"\x1eCAPA" is CAPA to the session (str.strip()), and its answer multi-line:
     the oracle once read it as another command and reported a defect that was not."""
-    found = Input("pop3/strict", b"\x1eCAPA\r\nSTAT\r\nSTA\xca\r\n")
     problems: list[list[str]] = []
-    yield harness_in(lambda harness: problems.append(reproduce(harness, found)))
-    assert problems == [[]]
+    inputs = [Input("pop3/strict", b"\x1eCAPA\r\nSTAT\r\nSTA\xca\r\n"),
+              # A line too long has its -ERR, though no command was taken.
+              Input("pop3/strict", b"\x00" + b"a" * 600 + b"\r\nSTAT\r\nAUTH\r\nSTAT\r\n")]
+    yield harness_in(lambda harness: problems.extend(reproduce(harness, i) for i in inputs))
+    assert problems == [[], []]
 
 
 @pytest_twisted.inlineCallbacks
