@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/lightmail.conf
 
-.PHONY: run test lint typecheck pytest services clean bench
+.PHONY: run test lint typecheck pytest services clean bench fuzz
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	scripts/bootstrap.sh
@@ -35,6 +35,19 @@ pytest: $(BIN)/.installed services
 	$(BIN)/pytest
 
 test: $(BIN)/.installed services lint typecheck pytest
+
+# The long fuzzing run (docs/fuzzing.rst): a million inputs per protocol, or
+# FUZZ_SECONDS per protocol if that comes first.  `make test` has the short run.
+FUZZ_INPUTS ?= 1000000
+FUZZ_SECONDS ?= 0
+fuzz: $(BIN)/.installed
+	status=0; for protocol in smtp lmtp pop3 imap; do \
+		nice -n 10 $(BIN)/python tests/fuzzing/run.py --protocol $$protocol \
+			--inputs $(FUZZ_INPUTS) --seconds $(FUZZ_SECONDS) || status=1; \
+	done; \
+	nice -n 10 $(BIN)/python tests/fuzzing/atheris_parsers.py -runs=$(FUZZ_INPUTS) \
+		-timeout=2 -print_final_stats=1 || status=1; \
+	exit $$status
 
 bench: $(BIN)/.installed
 	scripts/test-peers.sh

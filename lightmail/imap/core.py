@@ -43,7 +43,7 @@ from lightmail.imap.tokens import (
     ParseError,
     astring,
 )
-from lightmail.listeners import TrackedProtocol
+from lightmail.listeners import INPUT_SLICE, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.storage.interfaces import (
     MessageInfo,
@@ -130,6 +130,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self._taking = False                        # take_input() is running
         self._input_paused = False                  # the transport is not read
         self._waiting_for_blobs = False             # for a streamed literal's writer
+        self._slice_end = 0.0                       # when it hands the reactor back
         self._out: Optional[list[bytes]] = None     # collecting a command's output
         self._out_size = 0
         self._logged_in = False
@@ -282,6 +283,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if self._taking:
             return
         self._taking = True
+        self._slice_end = time.monotonic() + INPUT_SLICE
         try:
             self.process()
             self._inflate_and_process()
@@ -315,6 +317,13 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         if not self.closing:
             self.take_input()
 
+    def _take_turn(self) -> None:
+        """Input has run the commands it holds for INPUT_SLICE: the rest waits for the
+        next reactor turn (busy until then), as FETCH breathes between batches."""
+        from twisted.internet import reactor
+        self.busy = True
+        reactor.callLater(0, self._done, None)  # type: ignore[attr-defined]
+
     def _inflate_and_process(self) -> None:
         """Under COMPRESS, inflate only what the reader has room for, process it,
         and go on: a deflate bomb is refused by the line and literal limits without
@@ -333,6 +342,9 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def process(self) -> None:
         while not self.busy and not self.closing:
+            if time.monotonic() > self._slice_end:
+                self._take_turn()
+                return
             try:
                 if self.idling is not None or self.sasl is not None:
                     line = self.reader.take_line()

@@ -244,7 +244,11 @@ class CommandReader:
             self.size += size
             self.parts.append(line)
             self.literal_left = size
-            if self.blobs is not None and size and _is_append_message(self.parts):
+            if not size:
+                # {0}: the literal is complete already; it still takes its place among
+                # the parts (text, literal, text...), or the rest would be misread.
+                self.parts.append(b"")
+            elif self.blobs is not None and _is_append_message(self.parts):
                 self.streaming = StreamedLiteral(self.blobs.writer(), size)
             if sync:
                 return "continue", size
@@ -295,6 +299,10 @@ class Inflater:
         not positive); zlib.error on corrupt input."""
         out: list[bytes] = []
         while limit > 0:      # never 0 here: zlib takes a max_length of 0 as "no limit"
+            if self._zlib.eof and (self._tail or self._input or self._zlib.unused_data):
+                # A final block ended the stream, which RFC 4978 never does; zlib
+                # would hand what follows back unread at every call, for ever.
+                raise zlib.error("data after the end of the compressed stream")
             if not self._tail and self._input:
                 # zlib copies its unconsumed tail at every call: keep that short.
                 self._tail = bytes(self._input[:self.STEP])

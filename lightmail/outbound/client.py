@@ -381,7 +381,7 @@ class ClientSession:
         extensions = self.extensions
         size = extensions.get("SIZE", "")
         total = len(prefix) + message.blob.size
-        if size.isdigit() and int(size) and total > int(size):
+        if size.isascii() and size.isdigit() and int(size) and total > int(size):
             raise self.fail(local_reply(552, "5.3.4", f"message size {total} exceeds "
                                         f"the limit of {size}"), False, False)
         if message.smtputf8 and "SMTPUTF8" not in extensions:

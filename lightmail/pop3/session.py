@@ -13,6 +13,7 @@ argon2 hashes.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -24,7 +25,7 @@ from zope.interface import implementer
 from lightmail import sasl
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
-from lightmail.listeners import ServiceFactory, TrackedProtocol
+from lightmail.listeners import INPUT_SLICE, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
@@ -148,7 +149,13 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.process()
 
     def process(self) -> None:
+        turn_ends = time.monotonic() + INPUT_SLICE
         while self.buffer and not self.busy and not self.closing:
+            if time.monotonic() > turn_ends:
+                # The rest waits for the next reactor turn (listeners.INPUT_SLICE).
+                from twisted.internet import reactor, task
+                self._wait(task.deferLater(reactor, 0, lambda: None))
+                return
             # A SASL response (a bearer token, say) may be longer than a command.
             limit = sasl.RESPONSE_LIMIT if self.sasl is not None else self.cfg.max_line_length
             end = self.buffer.find(b"\n")
@@ -377,7 +384,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def _message(self, arg: str) -> Optional[tuple[int, MessageInfo]]:
         assert self.maildrop is not None
-        if not arg.isdigit():
+        if not (arg.isascii() and arg.isdigit()):    # not "²": int() refuses it
             self.err("Need a message number")
             return None
         message = self.maildrop.get(int(arg))
@@ -430,7 +437,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def pop3_TOP(self, arg: str) -> Any:
         parts = arg.split()
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
             self.err("TOP needs a message number and a line count")
             return None
         found = self._message(parts[0])

@@ -17,6 +17,7 @@ out only after the blob is fsynced and the queue rows are committed (policy.py).
 from __future__ import annotations
 
 import re
+import time
 from email.utils import formatdate
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
-from lightmail.listeners import Refuser, ServiceFactory, TrackedProtocol
+from lightmail.listeners import INPUT_SLICE, Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger, new_id
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
@@ -92,6 +93,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.send(Reply(220, "", f"{self.factory.hostname} {self.protocol_name} LightMail"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        # Pipelined commands still buffered (behind a pending reply, or a reactor turn:
+        # listeners.INPUT_SLICE) are not run for a client that has gone.
+        self.closing = True
         self.setTimeout(None)
         if self.session_timer.active():
             self.session_timer.cancel()
@@ -153,7 +157,13 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.process()
 
     def process(self) -> None:
+        turn_ends = time.monotonic() + INPUT_SLICE
         while self.buffer and not self.busy and not self.closing:
+            if time.monotonic() > turn_ends:
+                # The rest waits for the next reactor turn (listeners.INPUT_SLICE).
+                from twisted.internet import reactor, task
+                self._wait(task.deferLater(reactor, 0, lambda: None))
+                return
             # A SASL response (a bearer token, say) may be longer than a command.
             limit = sasl.RESPONSE_LIMIT if self.mode == AUTH else self.cfg.max_line_length
             if self.mode == BDAT:
@@ -401,7 +411,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             return self.reply(codes.BAD_SYNTAX)
         tx = Transaction(mail_from=match.group("addr"))
         for name, value in _params(match.group("params")):
-            if name == "SIZE" and value and value.isdigit():
+            if name == "SIZE" and value and _is_number(value):
                 tx.declared_size = int(value)
                 if tx.declared_size > self.cfg.max_message_size:
                     return self.reply(codes.TOO_BIG)
@@ -498,7 +508,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def smtp_BDAT(self, arg: str) -> None:
         parts = arg.split()
-        if not parts or not parts[0].isdigit() or len(parts) > 2 or (
+        if not parts or not _is_number(parts[0]) or len(parts) > 2 or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
             self.reply(codes.BAD_SYNTAX)   # cannot know how much to skip: RFC 3030 §2
             return
@@ -716,6 +726,11 @@ def _first_line_error(lines: bytes, limit: int) -> Optional[Reply]:
         if len(line) + 1 > limit:
             return codes.LONG_LINES
     return None
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _params(text: str) -> list[tuple[str, Optional[str]]]:
