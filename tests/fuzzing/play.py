@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from lightmail.imap.parser import parse_command, tag_of
 from lightmail.imap.tokens import ParseError
+from lightmail.sasl import RESPONSE_LIMIT
 
 # A session that is still busy after this long (wall clock) is hung.
 HANG_SECONDS = 20.0
@@ -184,7 +185,9 @@ class SMTPAdapter(Adapter):
         return b""
 
     def buffered(self, proto: Any) -> str:
-        limit = proto.cfg.max_line_length
+        # A SASL response may be longer than a command line (sasl.RESPONSE_LIMIT).
+        limit = max(proto.cfg.max_line_length, RESPONSE_LIMIT) if proto.mode == "auth" \
+            else proto.cfg.max_line_length
         if len(proto.buffer) > limit + 2:
             return f"{len(proto.buffer)} octets buffered in {proto.mode} mode (limit {limit})"
         return ""
@@ -209,7 +212,9 @@ class POP3Adapter(Adapter):
         return b""
 
     def buffered(self, proto: Any) -> str:
-        limit = proto.cfg.max_line_length
+        # A SASL response may be longer than a command line (sasl.RESPONSE_LIMIT).
+        limit = max(proto.cfg.max_line_length, RESPONSE_LIMIT) if proto.sasl is not None \
+            else proto.cfg.max_line_length
         if len(proto.buffer) > limit + 2:
             return f"{len(proto.buffer)} octets buffered (limit {limit})"
         return ""
