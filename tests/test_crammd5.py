@@ -4,6 +4,7 @@ made at the next password login of a user who had none."""
 
 from __future__ import annotations
 
+import base64
 import hmac
 import imaplib
 import smtplib
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from lightmail.directory import crammd5
 from lightmail.storage import schema
 from tests.inprocess import in_thread, start
-from tests.saslwire import tls_listeners
+from tests.saslwire import Wire, b64, connect, tls_listeners
 
 USER, PASSWORD = "bob@example.test", "bob-secret"
 
@@ -69,6 +70,8 @@ def test_cram_md5_with_python_clients_and_keys_made_at_the_next_login(
         smtp, imap = server.ports["submissions"], server.ports["imaps"]
         assert (yield in_thread(smtp_login, smtp, PASSWORD)) == 235
         assert (yield in_thread(imap_login, imap, PASSWORD)) == "OK"
+        assert (yield in_thread(pop3_login, server.ports["pop3s"], PASSWORD))
+        assert not (yield in_thread(pop3_login, server.ports["pop3s"], "wrong"))
         assert (yield in_thread(smtp_login, smtp, "wrong")) == 535
         assert "AUTHENTICATIONFAILED" in (yield in_thread(imap_login, imap, "wrong"))
         # A user whose password was set before CRAM-MD5 was on has no secret yet...
@@ -90,6 +93,19 @@ def test_cram_md5_with_python_clients_and_keys_made_at_the_next_login(
         assert (yield in_thread(imap_login, imap, PASSWORD)) == "OK"
     finally:
         yield server.stop()
+
+
+def pop3_login(port: int, password: str) -> bool:
+    """POP3 AUTH CRAM-MD5 (RFC 5034), the digest made with the standard library."""
+    wire = Wire("pop3", connect(port))
+    try:
+        wire.send("AUTH CRAM-MD5")               # no initial response: the challenge first
+        challenge = base64.b64decode(wire.line()[2:])
+        digest = hmac.new(password.encode(), challenge, "md5").hexdigest()
+        wire.send(b64(f"{USER} {digest}"))
+        return wire.line().startswith("+OK")
+    finally:
+        wire.close()
 
 
 def _forget_secret(engine: Any) -> None:
