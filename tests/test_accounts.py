@@ -83,8 +83,7 @@ def test_app_passwords_are_shown_once_scoped_and_revocable(
     laptop = everywhere.strip().splitlines()[-1]
     assert imap_login(ports["imap"], secret) == "OK"
     assert "Authentication failed" in pop3_login(ports["pop3"], secret)   # not for POP3
-    assert "535" in smtp_login(ports["submission"], secret) or \
-        "invalid" in smtp_login(ports["submission"], secret)
+    assert "credentials invalid" in smtp_login(ports["submission"], secret)
     for login, port in ((imap_login, "imap"), (pop3_login, "pop3"),
                         (smtp_login, "submission")):
         assert login(ports[port], laptop) == "OK", port
