@@ -226,9 +226,10 @@ def _add_operations(root: LightMailService, services: Services, runner: QueueRun
         readiness = Readiness(services, runner, listeners, root.workers)
         # Each scrape checks readiness too: lightmail_ready follows it.
         services.metrics.add_sampler(readiness.check)
-        AdminService(config.admin, admin_root(services.metrics, readiness,
-                                              config.admin.token),
-                     on_failure=root.fatal).setServiceParent(root)
+        from lightmail.admin.api import mount
+        site_root = admin_root(services.metrics, readiness, config.admin.token)
+        mount(site_root, services, runner)
+        AdminService(config.admin, site_root, on_failure=root.fatal).setServiceParent(root)
     if config.manhole.enabled:
         from lightmail.admin.manhole import ManholeService
         ManholeService(config, root, services, runner, root.workers,

@@ -38,6 +38,7 @@ from twisted.internet.defer import Deferred
 from lightmail import sasl
 from lightmail.config import BackendConfig, Config
 from lightmail.delivery.local import LocalDeliveryAgent
+from lightmail.directory.admintokens import AdminTokens
 from lightmail.directory.cred import make_portal, stand_in_secret
 from lightmail.directory.interfaces import IAccountBackend
 from lightmail.directory.ldap import LDAPBackend
@@ -104,6 +105,8 @@ class Services:
     imap_hub: MailboxHub
     #: This process's metrics (its own registry; the main process serves them).
     metrics: IMetrics
+    #: The admin API's bearer tokens.
+    admin_tokens: AdminTokens
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -182,7 +185,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     account_backends=backends, accounts=sql,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                     local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
-                    metrics=metrics)
+                    metrics=metrics, admin_tokens=AdminTokens(storage.db))
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

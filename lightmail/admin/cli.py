@@ -16,6 +16,8 @@
     lightmail dkim genkey DOMAIN [--selector S] [--algorithm rsa|ed25519] [--bits N]
                                  [--out DIR]
     lightmail dkim records        (the DNS records of the configured keys)
+    lightmail token add NAME [--scope read|write] [--expires DURATION] | revoke NAME | list
+    lightmail api-reference       (the admin API reference, rst, from its OpenAPI)
     lightmail demo-setup          (make run: demo domain, user and certificate)
 
 The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
@@ -85,7 +87,8 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
             from lightmail.directory.interfaces import DirectoryError
             try:
                 result.append(await work(_Context(config, storage, directory,
-                                                  services.accounts)))
+                                                  services.accounts,
+                                                  services.admin_tokens)))
             except (CommandError, DirectoryError) as exc:
                 errors.append(exc)
 
@@ -109,11 +112,13 @@ class _ReactFailed(Exception):
 
 
 class _Context:
-    def __init__(self, config: Config, storage: Any, directory: Any, accounts: Any) -> None:
+    def __init__(self, config: Config, storage: Any, directory: Any, accounts: Any,
+                 tokens: Any) -> None:
         self.config = config
         self.storage = storage
         self.directory = directory
         self.accounts = accounts        # the SQL side of every user (wiring.Services)
+        self.tokens = tokens            # the admin API's (directory/admintokens.py)
 
 
 def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
@@ -302,6 +307,45 @@ def cmd_queue_manage(args: argparse.Namespace) -> int:
             from lightmail.queue.wake import WAKE_NAME, wake
             wake(ctx.config.server.state_dir / WAKE_NAME)
     _run(args, work)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from lightmail.config import parse_duration
+    lifetime = None
+    if getattr(args, "expires", None):
+        try:
+            lifetime = int(parse_duration(minimum=1.0)(args.expires, Path(".")) * 1000)
+        except ValueError as exc:
+            raise CommandError(f"--expires: {exc}") from None
+
+    async def work(ctx: _Context) -> None:
+        if args.action == "add":
+            secret = await ctx.tokens.add(args.name, args.scope, lifetime)
+            until = f", until {_when(_now_ms() + lifetime)}" if lifetime else ""
+            print(f"admin API token {args.name!r} ({args.scope}{until}; shown only now):"
+                  f"\n{secret}")
+        elif args.action == "revoke":
+            await ctx.tokens.revoke(args.name)
+            print(f"admin API token {args.name!r} revoked")
+        else:
+            for token in await ctx.tokens.list():
+                until = _when(token.expires) if token.expires else "never"
+                used = _when(token.last_used) if token.last_used else "never used"
+                print(f"{token.name}\t{token.scope}\tcreated {_when(token.created)}\t"
+                      f"expires {until}\t{used}")
+    _run(args, work)
+    return 0
+
+
+def _now_ms() -> int:
+    import time
+    return int(time.time() * 1000)
+
+
+def cmd_api_reference(args: argparse.Namespace) -> int:
+    from lightmail.admin.api.reference import reference_text as api_reference
+    print(api_reference(), end="")
     return 0
 
 
@@ -500,6 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "DOMAIN.SELECTOR.pem (default: the current directory)")
     ksub.add_parser("records", help="print the DNS records of the configured keys")
     p.set_defaults(func=cmd_dkim)
+
+    p = sub.add_parser("token", help="bearer tokens of the admin API")
+    tsub_ = p.add_subparsers(dest="action", required=True)
+    a = tsub_.add_parser("add", help="make one; it is shown only once")
+    a.add_argument("name")
+    a.add_argument("--scope", choices=("read", "write"), default="read",
+                   help="read: GET only (the default); write: everything")
+    a.add_argument("--expires", metavar="DURATION", help="e.g. 90d, 12h (default: never)")
+    tsub_.add_parser("revoke").add_argument("name")
+    tsub_.add_parser("list")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("api-reference", help="print the admin API reference (rst)")
+    p.set_defaults(func=cmd_api_reference)
 
     p = sub.add_parser("manhole-password",
                        help="print a [manhole] passwords_file line for a user")

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from lightmail.address import AddressError, split_address
 from lightmail.directory import apppasswords
 from lightmail.directory.apppasswords import AppPassword
-from lightmail.directory.interfaces import DirectoryError, LastLogin, User
+from lightmail.directory.interfaces import AlreadyExists, DirectoryError, LastLogin, NotFound, User
 from lightmail.storage import schema as s
 from lightmail.storage.database import Database, now_ms
 
@@ -40,7 +40,7 @@ class AccountAdmin:
             raise DirectoryError(str(exc)) from None
         row = self._user_row(conn, local, domain)
         if row is None:
-            raise DirectoryError(f"no such user: {local}@{domain}")
+            raise NotFound(f"no such user: {local}@{domain}")
         return row
 
     def _update_user(self, address: str, **values: Any) -> Deferred[None]:
@@ -76,7 +76,7 @@ class AccountAdmin:
             if conn.execute(sa.select(s.app_passwords.c.id).where(
                     (s.app_passwords.c.user_id == row.id)
                     & (s.app_passwords.c.name == name))).first() is not None:
-                raise DirectoryError(f"{address} has an app password called {name!r}")
+                raise AlreadyExists(f"{address} has an app password called {name!r}")
             conn.execute(s.app_passwords.insert().values(
                 user_id=row.id, name=name, secret_hash=apppasswords.secret_hash(secret),
                 protocols=" ".join(protocols), created=now_ms()))
@@ -98,7 +98,7 @@ class AccountAdmin:
             gone = conn.execute(s.app_passwords.delete().where(
                 (s.app_passwords.c.user_id == row.id) & (s.app_passwords.c.name == name)))
             if not gone.rowcount:
-                raise DirectoryError(f"{address} has no app password called {name!r}")
+                raise NotFound(f"{address} has no app password called {name!r}")
         return self.db.write(revoke)
 
     def app_password_user(self, user_id: int, secret: str,

@@ -71,6 +71,14 @@ class DirectoryError(Exception):
     """A directory change could not be made; the message says why, for a person."""
 
 
+class NotFound(DirectoryError):
+    """The domain, user, alias or app password named does not exist."""
+
+
+class AlreadyExists(DirectoryError):
+    """What was to be made exists already."""
+
+
 class DirectoryUnavailable(DirectoryError):
     """The directory could not be asked (an LDAP server down or too slow): the login
     or recipient gets a temporary failure, to be tried again later."""

@@ -16,11 +16,13 @@ from lightmail.directory.accounts import AccountAdmin
 from lightmail.directory.interfaces import (
     Account,
     Alias,
+    AlreadyExists,
     DirectoryError,
     IDirectory,
     IScramVerifiers,
     LocalTarget,
     LoginSecrets,
+    NotFound,
     Resolution,
     User,
 )
@@ -43,7 +45,7 @@ def _user(row: Any, domain: str) -> User:
 def _domain_id(conn: Connection, domain: str) -> int:
     row = conn.execute(sa.select(s.domains.c.id).where(s.domains.c.name == domain)).first()
     if row is None:
-        raise DirectoryError(f"no such domain: {domain}")
+        raise NotFound(f"no such domain: {domain}")
     return int(row.id)
 
 
@@ -117,7 +119,7 @@ class SQLDirectory(AccountAdmin):
         def add(conn: Connection) -> None:
             if conn.execute(sa.select(s.domains.c.id).where(
                     s.domains.c.name == domain)).first() is not None:
-                raise DirectoryError(f"domain {domain} exists already")
+                raise AlreadyExists(f"domain {domain} exists already")
             conn.execute(s.domains.insert().values(name=domain, created=now_ms()))
         return self._changing(self.db.write(add))
 
@@ -169,7 +171,7 @@ class SQLDirectory(AccountAdmin):
             if conn.execute(sa.select(s.users.c.id).where(
                     (s.users.c.domain_id == domain_id)
                     & (s.users.c.localpart == local))).first() is not None:
-                raise DirectoryError(f"user {local}@{domain} exists already")
+                raise AlreadyExists(f"user {local}@{domain} exists already")
             result = conn.execute(s.users.insert().values(
                 domain_id=domain_id, localpart=local,
                 password_hash=secrets.password_hash if secrets else None,
@@ -188,7 +190,7 @@ class SQLDirectory(AccountAdmin):
         def remove(conn: Connection) -> None:
             row = self._user_row(conn, local, domain)
             if row is None:
-                raise DirectoryError(f"no such user: {local}@{domain}")
+                raise NotFound(f"no such user: {local}@{domain}")
             owned = s.mailboxes.c.user_id == row.id
             _release_messages_of(conn, owned)
             conn.execute(s.mailboxes.delete().where(owned))
@@ -204,7 +206,7 @@ class SQLDirectory(AccountAdmin):
         def update(conn: Connection) -> None:
             row = self._user_row(conn, local, domain)
             if row is None:
-                raise DirectoryError(f"no such user: {local}@{domain}")
+                raise NotFound(f"no such user: {local}@{domain}")
             conn.execute(s.users.update().where(s.users.c.id == row.id).values(
                 password_hash=secrets.password_hash,
                 scram_verifiers=secrets.scram_verifiers, cram_md5=secrets.cram_md5,
@@ -325,7 +327,7 @@ class SQLDirectory(AccountAdmin):
                 (s.aliases.c.domain_id == domain_id) & (s.aliases.c.localpart == local)
                 & (s.aliases.c.destination == dest))).first()
             if exists is not None:
-                raise DirectoryError(f"alias {local}@{domain} -> {dest} exists already")
+                raise AlreadyExists(f"alias {local}@{domain} -> {dest} exists already")
             conn.execute(s.aliases.insert().values(domain_id=domain_id, localpart=local,
                                                    destination=dest, created=now_ms()))
         return self._changing(self.db.write(add))
@@ -341,8 +343,8 @@ class SQLDirectory(AccountAdmin):
                 where = where & (s.aliases.c.destination == dest)
             count = conn.execute(s.aliases.delete().where(where)).rowcount
             if not count:
-                raise DirectoryError(f"no such alias: {local}@{domain}"
-                                     + (f" -> {dest}" if dest else ""))
+                raise NotFound(f"no such alias: {local}@{domain}"
+                               + (f" -> {dest}" if dest else ""))
             return int(count)
         return self._changing(self.db.write(remove))
 

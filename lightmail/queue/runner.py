@@ -231,6 +231,26 @@ class QueueRunner(Service):
         queued = (time.time() - received if final != "deferred" and received > 0
                   else None)
         self.metrics.delivery(agent.transport, final, attempt, queued)
+        yield self._tell(item, result, final, log)
+
+    @defer.inlineCallbacks
+    def return_to_sender(self, queue_id: str, reason: str) -> Any:
+        """An administrator's bounce: every waiting recipient of ``queue_id`` fails
+        now with ``reason`` (an enhanced status code and text), and the sender gets
+        the notice a bounce gets.  Fires with how many recipients that was."""
+        log = BoundLogger(namespace="lightmail.queue", msg_id=queue_id)
+        items = yield self.queue.claim_message(self.owner, queue_id, self.lease_seconds)
+        for item in items:
+            result = DeliveryResult.bounced(reason)
+            final = yield self._record(item, result, item.recipient.transport, log)
+            self.metrics.delivery(item.recipient.transport, final, 0.0, None)
+            yield self._tell(item, result, final, log)
+        return len(items)
+
+    @defer.inlineCallbacks
+    def _tell(self, item: QueueItem, result: DeliveryResult, final: str,
+              log: BoundLogger) -> Any:
+        """The sender's notice of a final outcome, or of a delay, when one is due."""
         if final == "dead":
             return                  # nobody to tell: kept in the queue
         if self.notifier is not None and (result.status in ("delivered", "bounced")

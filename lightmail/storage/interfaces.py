@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
@@ -450,6 +450,18 @@ class IQueueStore(Interface):
 
     def list_recipients(states: Sequence[str] = ()) -> Deferred[list[dict]]:
         """Queue entries for listing by the admin tools."""
+
+    def find_messages(search: Any) -> Deferred[list[dict]]:
+        """A page of queued messages with their recipients (a
+        :class:`~lightmail.storage.queuestore.QueueSearch` says which)."""
+
+    def message(queue_id: str) -> Deferred[Optional[dict]]:
+        """One queued message with its recipients; None when it is not queued."""
+
+    def claim_message(owner: str, queue_id: str,
+                      lease_seconds: float) -> Deferred[list[QueueItem]]:
+        """Lease the waiting recipients of one message, due or not (an
+        administrator's bounce)."""
 
     def census() -> Deferred[list[tuple[str, int, float]]]:
         """The recipients in the queue by state: (state, how many, seconds since the

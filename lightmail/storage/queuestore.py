@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -260,6 +261,62 @@ class SQLQueueStore:
             return [dict(row._mapping) for row in conn.execute(query)]
         return self.db.read(list_)
 
+    def find_messages(self, search: QueueSearch) -> Deferred[list[dict[str, Any]]]:
+        """A page of queued messages, oldest first, each with its recipients (the
+        admin API).  ``search.after`` is the last (received, queue id) of the page
+        before; messages match when any of their recipients does."""
+        def find(conn: Connection) -> list[dict[str, Any]]:
+            r, m = s.queue_recipients, s.queue_messages
+            wanted: Any = r.c.state.not_in(FINAL_STATES)
+            if search.state:
+                wanted &= r.c.state == search.state
+            if search.recipient:
+                wanted &= sa.func.lower(r.c.recipient) == search.recipient.lower()
+            if search.domain:
+                wanted &= sa.func.lower(r.c.recipient).like(
+                    "%@" + _like_escaped(search.domain.lower()), escape="\\")
+            query = sa.select(m).where(m.c.id.in_(sa.select(r.c.queue_id).where(wanted)))
+            if search.sender is not None:
+                query = query.where(sa.func.lower(m.c.mail_from) == search.sender.lower())
+            if search.older_than_ms:
+                query = query.where(m.c.received <= now_ms() - search.older_than_ms)
+            if search.after is not None:
+                received, queue_id = search.after
+                query = query.where((m.c.received > received) | (
+                    (m.c.received == received) & (m.c.id > queue_id)))
+            messages = conn.execute(
+                query.order_by(m.c.received, m.c.id).limit(search.limit)).all()
+            return _with_recipients(conn, messages)
+        return self.db.read(find)
+
+    def message(self, queue_id: str) -> Deferred[dict[str, Any] | None]:
+        """One queued message with its recipients and blob id; None when not queued."""
+        def find(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(sa.select(s.queue_messages).where(
+                s.queue_messages.c.id == queue_id)).first()
+            return _with_recipients(conn, [row])[0] if row is not None else None
+        return self.db.read(find)
+
+    def claim_message(self, owner: str, queue_id: str,
+                      lease_seconds: float) -> Deferred[list[QueueItem]]:
+        """Lease every recipient of ``queue_id`` that is waiting (queued, deferred,
+        held or dead) for ``owner``, whatever their next attempt: an administrator
+        returns the message to its sender.  One being delivered is left to finish."""
+        def claim(conn: Connection) -> list[QueueItem]:
+            r = s.queue_recipients
+            waiting = (r.c.queue_id == queue_id) & r.c.state.in_(
+                ("queued", "deferred", "held", "dead"))
+            select = sa.select(r.c.id).where(waiting)
+            if conn.dialect.name != "sqlite":
+                select = select.with_for_update()
+            ids = [row.id for row in conn.execute(select)]
+            if not ids:
+                return []
+            conn.execute(_LEASE, {"b_ids": ids, "b_owner": owner,
+                                  "b_until": now_ms() + int(lease_seconds * 1000)})
+            return [_item(row) for row in conn.execute(_CLAIMED, {"b_ids": ids})]
+        return self.db.write(claim)
+
     def census(self) -> Deferred[list[tuple[str, int, float]]]:
         def count(conn: Connection) -> list[tuple[str, int, float]]:
             now = now_ms()
@@ -293,6 +350,35 @@ class SQLQueueStore:
             delay_warned=now_ms())).rowcount
         if marked != len(ids):
             raise AlreadyWarned("a recipient was warned of its delay already")
+
+
+@dataclass(frozen=True)
+class QueueSearch:
+    """What the admin API's queue listing asks for."""
+
+    state: str | None = None
+    sender: str | None = None          # the envelope sender, exactly ('' for <>)
+    recipient: str | None = None       # one recipient, exactly
+    domain: str | None = None          # a recipient's domain
+    older_than_ms: int = 0             # arrived at least this long ago
+    limit: int = 100
+    after: tuple[int, str] | None = None
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _with_recipients(conn: Connection, messages: Sequence[Any]) -> list[dict[str, Any]]:
+    if not messages:
+        return []
+    r = s.queue_recipients
+    recipients: dict[str, list[dict[str, Any]]] = {row.id: [] for row in messages}
+    for row in conn.execute(sa.select(r).where(r.c.queue_id.in_(list(recipients)))
+                            .order_by(r.c.id)):
+        if row.state not in FINAL_STATES:
+            recipients[row.queue_id].append(dict(row._mapping))
+    return [{**dict(row._mapping), "recipients": recipients[row.id]} for row in messages]
 
 
 def _item(row: Any) -> QueueItem:

@@ -73,6 +73,19 @@ app_passwords = sa.Table(
     sa.UniqueConstraint("user_id", "name"),
 )
 
+# Bearer tokens of the admin API (lightmail token add): random, named, read or write,
+# perhaps expiring.  Only their SHA-256 is kept, as for app passwords.
+admin_tokens = sa.Table(
+    "admin_tokens", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", NAME, nullable=False, unique=True),
+    sa.Column("scope", sa.String(16), nullable=False),              # read, write
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.Column("expires", TIMESTAMP, nullable=True),                 # NULL: never
+    sa.Column("last_used", TIMESTAMP, nullable=True),
+)
+
 # An alias maps localpart@domain to one destination address; several rows with the
 # same source expand to several destinations.  localpart '*' is the catch-all.
 aliases = sa.Table(
