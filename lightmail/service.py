@@ -262,8 +262,8 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
 
 def _delivery_agents(services: Services) -> list[Any]:
     from lightmail.delivery.smtp import SMTPDeliveryAgent
+    from lightmail.dns import Resolver
     from lightmail.outbound.client import Timeouts
-    from lightmail.outbound.dns import Resolver
     from lightmail.outbound.routing import Router
     from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound

@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor, task
 from twisted.web import resource, server
 
 from lightmail.delivery.smtp import SMTPDeliveryAgent
-from lightmail.outbound.dns import Resolver
+from lightmail.dns import Resolver
 from lightmail.outbound.mtasts import MTASTS, PolicyError, https_fetcher, parse_policy, policy_id
 from lightmail.outbound.routing import Router
 from lightmail.storage.interfaces import BlobRef, Envelope, QueueItem, QueueRecipient

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from twisted.logger import Logger
 
-from lightmail.outbound.dns import DNSError, IResolver
+from lightmail.dns import DNSError, IResolver
 
 MAX_POLICY = 64 * 1024
 MAX_AGE_LIMIT = 31557600       # RFC 8461 §3.2: at most one year

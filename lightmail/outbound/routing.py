@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-from lightmail.outbound.dns import DNSError, IResolver, NoSuchDomain
+from lightmail.dns import DNSError, IResolver, NoSuchDomain
 
 
 class RoutingError(Exception):

@@ -1,4 +1,5 @@
-"""DNS for the outbound MTA: dnspython's resolver, off the reactor thread, cached.
+"""DNS for LightMail (the outbound MTA, and the policy checks of incoming mail):
+dnspython's resolver, off the reactor thread, cached.
 
 dnspython's stub resolver is synchronous; each query runs in the reactor's thread
 pool so the reactor never waits on the network.  Answers are cached for their TTL
