@@ -4,6 +4,12 @@ dnspython's resolver, off the reactor thread, cached.
 dnspython's stub resolver is synchronous; each query runs in the reactor's thread
 pool so the reactor never waits on the network.  Answers are cached for their TTL
 (dnspython's thread-safe ``Cache``), negative answers too.
+
+The lookups of the interface say apart what SPF (RFC 7208 §4.6.4) and the other policy
+checks need said apart: a name that does not exist raises :class:`NoSuchDomain`, a name
+without records of the type asked answers ``[]``, a server that fails or does not answer
+raises :class:`TemporaryDNSError`.  (``txt`` and ``addresses``, the outbound MTA's,
+predate that and are kept as they were.)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from zope.interface import Interface, implementer
@@ -46,6 +53,20 @@ class IResolver(Interface):
     def txt(name: str) -> Deferred[list[str]]:
         """TXT records of ``name``, each one's strings joined; ``[]`` when none."""
 
+    def txt_records(name: str) -> Deferred[list[bytes]]:
+        """TXT records of ``name``, each one's strings joined as they came (no
+        decoding: SPF refuses a record that is not ASCII); raises NoSuchDomain."""
+
+    def a(host: str) -> Deferred[list[str]]:
+        """IPv4 addresses of ``host``; raises NoSuchDomain."""
+
+    def aaaa(host: str) -> Deferred[list[str]]:
+        """IPv6 addresses of ``host``; raises NoSuchDomain."""
+
+    def ptr(address: str) -> Deferred[list[str]]:
+        """The names of an IP address (PTR records of its in-addr.arpa or ip6.arpa
+        name), without the final dot; raises NoSuchDomain."""
+
 
 @implementer(IResolver)
 class Resolver:
@@ -54,7 +75,7 @@ class Resolver:
         metrics = metrics if metrics is not None else Metrics()
         # Observed in the lookup's thread (the histogram takes its own lock).
         self._seconds = {rdtype: metrics.dns_timer(rdtype)
-                         for rdtype in ("MX", "A", "AAAA", "TXT")}
+                         for rdtype in ("MX", "A", "AAAA", "TXT", "PTR")}
         if servers.strip():
             self.resolver = dns.resolver.Resolver(configure=False)
             nameservers, port = [], 53
@@ -71,11 +92,14 @@ class Resolver:
         self.resolver.lifetime = timeout
         self.resolver.cache = dns.resolver.Cache()
 
-    def _query(self, name: str, rdtype: str) -> list[Any]:
+    def _query(self, name: str | dns.name.Name, rdtype: str) -> list[Any]:
         started = time.perf_counter()
         try:
-            answer = self.resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
+            answer = self.resolver.resolve(_dns_name(name), rdtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.name.EmptyLabel, dns.name.LabelTooLong,
+                dns.name.NameTooLong, dns.name.IDNAException):
+            # A name DNS cannot carry (an empty label, a label over 63 octets, no IDNA
+            # form) exists nowhere: as good as NXDOMAIN, not a reason to try again.
             raise NoSuchDomain(f"{name}: no such domain") from None
         except dns.resolver.NoAnswer:
             return []
@@ -119,3 +143,40 @@ class Resolver:
                 raise error
             return found
         return threads.deferToThread(lookup)
+
+    def txt_records(self, name: str) -> Deferred[list[bytes]]:
+        def lookup() -> list[bytes]:
+            return [b"".join(r.strings) for r in self._query(name, "TXT")]
+        return threads.deferToThread(lookup)
+
+    def a(self, host: str) -> Deferred[list[str]]:
+        return threads.deferToThread(
+            lambda: [r.address for r in self._query(host, "A")])
+
+    def aaaa(self, host: str) -> Deferred[list[str]]:
+        return threads.deferToThread(
+            lambda: [r.address for r in self._query(host, "AAAA")])
+
+    def ptr(self, address: str) -> Deferred[list[str]]:
+        def lookup() -> list[str]:
+            try:
+                name = dns.reversename.from_address(address)
+            except (ValueError, dns.exception.SyntaxError):
+                raise NoSuchDomain(f"{address!r} is not an IP address") from None
+            return [r.target.to_text(omit_final_dot=True) for r in self._query(name, "PTR")]
+        return threads.deferToThread(lookup)
+
+
+def _dns_name(name: str | dns.name.Name) -> dns.name.Name:
+    """A name as the mail gave it: its dots separate labels, a backslash is a character
+    like any other (dnspython's ``from_text`` would read zone-file escapes, and a
+    sender's local part that SPF's macros put in a name may hold one).  Names that are
+    not ASCII go through ``from_text`` for their IDNA form, as before."""
+    if isinstance(name, dns.name.Name):
+        return name
+    if not name.isascii():
+        return dns.name.from_text(name)
+    if name in ("", "."):
+        return dns.name.root
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return dns.name.Name([label.encode("ascii") for label in labels] + [b""])
