@@ -64,3 +64,5 @@ done
 perl -MNet::SSLeay -e1 2>/dev/null \
     || { echo "test-peers: Perl's Net::SSLeay (for swaks --tls) is still missing" >&2; exit 1; }
 echo "test-peers: ${PEERS[*]%%:*} ready"
+# Test data fetched rather than installed: the RFC 7208 (SPF) test suite.
+"$(dirname "$0")/fetch-spf-suite.sh"

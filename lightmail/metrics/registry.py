@@ -187,7 +187,7 @@ class Metrics:
             "SQL calls through the thread pool, queueing included.", ["kind"],
             buckets=_FAST, registry=reg)
         self.dns_seconds = Histogram(
-            "lightmail_dns_seconds", "DNS lookups of the outbound MTA.", ["rdtype"],
+            "lightmail_dns_seconds", "DNS lookups (outbound MTA, policy checks).", ["rdtype"],
             buckets=_FAST, registry=reg)
         self.group_sizes = Histogram(
             "lightmail_group_commit_size", "Requests committed together in one group.",

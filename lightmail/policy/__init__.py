@@ -1,2 +1,2 @@
-"""Mail policy: what LightMail adds to or checks in messages (DKIM signing now;
-SPF, DKIM verification and DMARC for incoming mail later)."""
+"""Mail policy: what LightMail adds to or checks in messages (DKIM signing, and the
+SPF evaluator for incoming mail; DKIM verification and DMARC later)."""
