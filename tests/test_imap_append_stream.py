@@ -130,8 +130,14 @@ def measured(send: Callable[[], Any]) -> tuple[Any, int]:
 def temporary_blobs(tmp: Path) -> list[Path]:
     """The blob store's temporary files that hold something: spares made ahead
     (blobs.py) are empty; a blob being written, or one left behind, is not."""
-    return [path for path in (tmp / "state" / "blobs" / "tmp").iterdir()
-            if path.stat().st_size]
+    found = []
+    for path in (tmp / "state" / "blobs" / "tmp").iterdir():
+        try:
+            if path.stat().st_size:
+                found.append(path)
+        except FileNotFoundError:
+            pass            # discarded between the listing and its stat: not left
+    return found
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
