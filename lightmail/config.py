@@ -154,6 +154,23 @@ def parse_choice(*choices: str) -> Callable[[str, Path], str]:
     return parse
 
 
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
+                     "uucp", "cron", "authpriv", "ftp",
+                     *(f"local{n}" for n in range(8)))
+
+
+def parse_syslog_target(raw: str, base: Path) -> str:
+    """unix:PATH, udp:HOST:PORT or tcp:HOST:PORT, or empty"""
+    if not raw:
+        return ""
+    from lightmail.syslog5424 import parse_target
+    try:
+        parse_target(raw)
+    except ValueError as exc:
+        raise _BadValue(str(exc)) from None
+    return raw
+
+
 def parse_expire(raw: str, base: Path) -> str:
     """NEVER, or a whole number of days"""
     if raw.strip().upper() == "NEVER":
@@ -642,10 +659,21 @@ class LoggingConfig:
         "text: one human-readable line per event; json: one JSON object per line.")
     file: str = option(
         "-", parse_str,
-        "Where log lines go: - for standard output, or a file path.")
+        "Where log lines go: - for standard output, or a file path (opened again on "
+        "SIGUSR1, for logrotate); empty for none (syslog only).")
     level: str = option(
         "info", parse_choice("debug", "info", "warn", "error"),
         "Least severe level that is written.")
+    syslog: str = option(
+        "", parse_syslog_target,
+        "Also send every event to syslog as an RFC 5424 message: unix:/dev/log, "
+        "udp:HOST:PORT or tcp:HOST:PORT (octet-counted frames); empty for none.  A "
+        "receiver that is absent or full loses messages (counted), never stalls the "
+        "server.")
+    syslog_facility: str = option(
+        "mail", parse_choice(*SYSLOG_FACILITIES), "The syslog facility of the messages.")
+    syslog_app_name: str = option(
+        "lightmail", parse_str, "APP-NAME of the syslog messages (RFC 5424 §6.2.5).")
 
 
 @dataclass(frozen=True)

@@ -8,20 +8,26 @@ Output is human text by default::
 
     2026-11-23T10:00:00.123+0000 info [smtp conn=K4TQ9Z msg=1R7KD3QXBN5F2G] queued ...
 
-or one JSON object per line (``[logging] format = json``).  Passwords and other secrets
-are never put in events.
+or one JSON object per line (``[logging] format = json``), and to syslog as RFC 5424
+messages as well (``[logging] syslog``, lightmail/syslog5424.py).  Passwords and other
+secrets are never put in events.
+
+SIGUSR1 opens the log file again (logrotate's ``postrotate``): :class:`LogOutputs`
+does it in each process, :func:`reopen_on_sigusr1` wires the signal.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from twisted.internet import defer, threads
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -123,6 +129,16 @@ def format_text(event: dict[str, Any]) -> str | None:
     return f"{stamp}.{millis:03d}{zone} {level} [{system}{ids}] {text}\n"
 
 
+def format_message_line(event: dict[str, Any]) -> str:
+    """The event's text on one line, a failure's traceback included (escaped): what a
+    syslog message carries after its header."""
+    text = _format_message(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    return escape(text)
+
+
 def _open_output(path: str) -> IO[str]:
     if path == "-":
         return sys.stdout
@@ -141,9 +157,11 @@ class TurnBufferedFileObserver:
     at shutdown and exit too.  (A ``kill -9`` loses at most the lines of the turn
     it interrupts.)"""
 
-    def __init__(self, stream: IO[str], formatter: Callable[[dict[str, Any]], str | None]
-                 ) -> None:
+    def __init__(self, stream: IO[str], formatter: Callable[[dict[str, Any]], str | None],
+                 path: str | None = None) -> None:
         self.stream = stream
+        #: The file ``stream`` was opened from (None: standard output), for reopen().
+        self.path = path
         self.formatter = formatter
         self.kept: list[str] = []
         # Re-entrant: a signal handler (twistd's SIGINT, SIGTERM) logs from the main
@@ -183,6 +201,23 @@ class TurnBufferedFileObserver:
         with self.lock:
             self._write()
 
+    def reopen(self) -> defer.Deferred[None]:
+        """Open ``path`` again, as after logrotate renamed it: opened in a thread
+        (opening may wait on the disk), then swapped in; lines until then go to the
+        old file, which is closed after its last line.  Should the open fail (the
+        directory is gone, permissions), the old file stays in use and the error is
+        raised (the caller logs it there)."""
+        if self.path is None:
+            return defer.succeed(None)
+        opened: defer.Deferred[IO[str]] = threads.deferToThread(_open_output, self.path)
+        return opened.addCallback(self._swap)
+
+    def _swap(self, stream: IO[str]) -> None:
+        with self.lock:
+            self._write()
+            old, self.stream = self.stream, stream
+        old.close()
+
     def _write(self) -> None:
         if self.kept:
             text = "".join(self.kept)
@@ -194,21 +229,70 @@ class TurnBufferedFileObserver:
                 pass                 # a closed or broken log stream: nothing to do
 
 
-def make_observer(config: LoggingConfig, out: IO[str] | None = None) -> ILogObserver:
-    """The log observer that ``config`` asks for (level filter, text or JSON).  The
+class LogOutputs:
+    """Where one process logs: its file (or standard output) and syslog, each behind
+    the level filter, as one observer; ``reopen`` opens the file again (SIGUSR1)."""
+
+    def __init__(self, observer: ILogObserver, files: list[TurnBufferedFileObserver]
+                 ) -> None:
+        self.observer = observer
+        self.files = files
+
+    def reopen(self) -> defer.Deferred[Any]:
+        return defer.gatherResults([f.reopen() for f in self.files], consumeErrors=True)
+
+
+def make_outputs(config: LoggingConfig, out: IO[str] | None = None) -> LogOutputs:
+    """The outputs ``config`` asks for (level filter, text or JSON, syslog).  The
     configured file (or standard output) gets a turn-buffered observer; a stream
     given as ``out`` (tests, embedding) gets every line at once."""
-    stream = out if out is not None else _open_output(config.file)
     if config.format == "json":
         # Plain JSON lines, not RFC 7464 sequences: what log shippers and jq read.
         formatter: Callable[[dict[str, Any]], str | None] = _format_json
     else:
         formatter = format_text
-    base: ILogObserver = (FileLogObserver(stream, formatter) if out is not None
-                          else TurnBufferedFileObserver(stream, formatter))
+    files: list[TurnBufferedFileObserver] = []
+    observers: list[ILogObserver] = []
+    if out is not None:
+        observers.append(FileLogObserver(out, formatter))
+    elif config.file:
+        stream = _open_output(config.file)
+        files.append(TurnBufferedFileObserver(
+            stream, formatter, path=None if config.file == "-" else config.file))
+        observers.extend(files)
+    if config.syslog:
+        from lightmail.syslog5424 import parse_target, syslog_observer
+        observers.append(syslog_observer(parse_target(config.syslog),
+                                         config.syslog_facility, config.syslog_app_name,
+                                         format_message_line))
     predicate = LogLevelFilterPredicate(
         defaultLogLevel=LogLevel.levelWithName(config.level))
-    return FilteringLogObserver(base, [predicate])
+    base = observers[0] if len(observers) == 1 else _FanOut(observers)  # none: silent
+    return LogOutputs(FilteringLogObserver(base, [predicate]), files)
+
+
+@implementer(ILogObserver)
+class _FanOut:
+    def __init__(self, observers: list[ILogObserver]) -> None:
+        self.observers = observers
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer(event)
+
+
+def make_observer(config: LoggingConfig, out: IO[str] | None = None) -> ILogObserver:
+    """The one observer of :func:`make_outputs`."""
+    return make_outputs(config, out).observer
+
+
+def reopen_on_sigusr1(reopen: Callable[[], object]) -> None:
+    """SIGUSR1 calls ``reopen`` in the reactor's thread, at the end of what it is
+    doing (a signal handler may interrupt a log write halfway)."""
+    def handler(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+        reactor.callFromThread(reopen)  # type: ignore[attr-defined]
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def _format_json(event: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ then close the thread pools.
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from lightmail import __version__
 from lightmail.config import Config, ConfigError, line_of
 from lightmail.directory.service import DirectoryService
 from lightmail.listeners import ListenerService, available_protocols, builder_for
-from lightmail.logs import make_observer
+from lightmail.logs import LogOutputs, make_outputs, reopen_on_sigusr1
 from lightmail.queue.runner import QueueRunner
 from lightmail.storage.database import DatabaseURLError, check_url
 from lightmail.storage.interfaces import IWritePort
@@ -90,6 +91,25 @@ def validate(config: Config) -> None:
                           line_of(config, "outbound", "ca_file"), "outbound", "ca_file")
     from lightmail.policy.dkim import load_signer
     load_signer(config)        # reads the DKIM keys: a bad one is a config error
+    _check_syslog(config)
+
+
+def _check_syslog(config: Config) -> None:
+    """The syslog host resolves (once, at start-up: the output sends to an address)."""
+    if not config.logging.syslog:
+        return
+    import socket
+
+    from lightmail.syslog5424 import parse_target
+    target = parse_target(config.logging.syslog)
+    if target.kind == "unix":
+        return
+    try:
+        socket.getaddrinfo(target.address, target.port)
+    except OSError as exc:
+        raise ConfigError(f"cannot resolve {target.address}: {exc}", config.path,
+                          line_of(config, "logging", "syslog"), "logging",
+                          "syslog") from None
 
 
 class LightMailService(MultiService):
@@ -107,6 +127,7 @@ class LightMailService(MultiService):
         self.exit_on_failure = False
         self.failed: defer.Deferred[str] = defer.Deferred()
         self.workers: Any = None     # the WorkerPool, with [server] workers
+        self.log_outputs: LogOutputs | None = None      # under twistd
 
     def fatal(self, reason: str) -> None:
         """A part could not start: report it, and under twistd stop with status 1."""
@@ -128,9 +149,27 @@ class LightMailService(MultiService):
     def setServiceParent(self, parent: Any) -> None:
         # twistd makes an Application (a Componentized) for a plugin's service and asks
         # it for an ILogObserver before it starts logging: ours follows the config.
+        # It then owns the process's logging, and SIGUSR1 (logrotate) reopens the file.
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
-            parent.setComponent(ILogObserver, make_observer(self.parts.config.logging))
+            self.log_outputs = make_outputs(self.parts.config.logging)
+            parent.setComponent(ILogObserver, self.log_outputs.observer)
+            reopen_on_sigusr1(self.reopen_logs)
         super().setServiceParent(parent)
+
+    def reopen_logs(self) -> defer.Deferred[Any]:
+        """SIGUSR1: this process and the workers open their log files again (the
+        writer process logs to this one's standard error, which stays)."""
+        if self.workers is not None:
+            self.workers.signal_workers(signal.SIGUSR1)
+        if self.log_outputs is None:
+            return defer.succeed(None)
+        self.log.info("SIGUSR1: reopening the log file")
+        d = self.log_outputs.reopen()
+        d.addCallbacks(
+            lambda _: self.log.info("log file reopened"),
+            lambda f: self.log.error("could not reopen the log file (still writing to "
+                                     "the old one): {error}", error=f.getErrorMessage()))
+        return d
 
     def startService(self) -> None:
         config = self.parts.config

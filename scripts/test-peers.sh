@@ -10,7 +10,8 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        /usr/lib/dovecot/pop3:dovecot-pop3d /usr/lib/dovecot/imap:dovecot-imapd
        getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools
        gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client
-       slapd:slapd ldapadd:ldap-utils slappasswd:slapd)
+       slapd:slapd ldapadd:ldap-utils slappasswd:slapd logrotate:logrotate
+       systemd-analyze:systemd)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;

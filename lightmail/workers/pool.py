@@ -308,6 +308,14 @@ class WorkerPool(Service):
             return
         self.metrics.update_source(f"worker-{link.index}", b"".join(data))
 
+    def signal_workers(self, signum: int) -> None:
+        """Send every running worker the signal ``signum`` (SIGUSR1: reopen logs)."""
+        for transport in list(self.transports.values()):
+            try:
+                transport.signalProcess(signum)
+            except error.ProcessExitedAlready:
+                pass
+
     def kick(self) -> None:
         self.services.queue_runner.kick()       # (a stopped runner ignores it)
 

@@ -157,16 +157,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listener", action="append", default=[],
                         help="NAME=FD of an inherited listening socket")
     args = parser.parse_args(argv)
-    from lightmail.logs import make_observer
+    from lightmail.logs import make_outputs, reopen_on_sigusr1
     from lightmail.service import validate
     config = load_config(args.config, validators=validate)
-    observer = make_observer(config.logging)
+    outputs = make_outputs(config.logging)
+    observer = outputs.observer
 
     @provider(ILogObserver)
     def tagged(event: dict[str, Any]) -> None:
         event["worker_id"] = str(args.index)    # "[... worker=N ...]" on each line
         observer(event)
     globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
+
+    def reopen() -> None:
+        # The main process passes on its SIGUSR1 (logrotate's postrotate).
+        outputs.reopen().addCallbacks(
+            lambda _: log.info("worker {index}: log file reopened", index=args.index),
+            lambda f: log.error("worker {index} could not reopen the log file: {error}",
+                                index=args.index, error=f.getErrorMessage()))
+    reopen_on_sigusr1(reopen)
     from twisted.internet import reactor
     link = MainLink()
     listeners = {}

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     # it sent is answered); a Ctrl-C or SIGTERM to the process group is for it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Nor is SIGUSR1 (logrotate, sent to the group by some set-ups): this process has
+    # no log file of its own to reopen, and SIGUSR1's default would end it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # What goes wrong here (an operation that fails for an undeclared reason, say)
     # reaches the main process's standard error, which this process shares.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
