@@ -144,6 +144,17 @@ def parse_duration(minimum: float = 0.0) -> Callable[[str, Path], float]:
     return parse
 
 
+def parse_ratio(raw: str, base: Path) -> float:
+    """a number from 0 to 1"""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _BadValue(f"expected a number from 0 to 1, got {raw!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise _BadValue(f"expected a number from 0 to 1, got {raw!r}")
+    return value
+
+
 def parse_choice(*choices: str) -> Callable[[str, Path], str]:
     def parse(raw: str, base: Path) -> str:
         if raw.lower() not in choices:
@@ -1093,6 +1104,58 @@ class ManholeConfig:
         "clear), on loopback or a Unix socket only.  Empty: none.")
 
 
+def parse_networks(raw: str, base: Path) -> tuple[str, ...]:
+    """IP addresses and networks (192.0.2.7, 2001:db8::/32), comma-separated"""
+    import ipaddress
+    items = parse_list(raw, base)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _BadValue(f"not an IP address or network: {item!r}") from None
+    return items
+
+
+@dataclass(frozen=True)
+class TranscriptConfig:
+    """Protocol transcripts of chosen sessions, for debugging (lightmail/transcripts/):
+    what the client and the server said, with passwords, SASL exchanges and message
+    content masked.  No session has one unless chosen here."""
+
+    listeners: tuple[str, ...] = option(
+        (), parse_list, "Listeners (their NAME) every session of which gets a transcript.")
+    clients: tuple[str, ...] = option(
+        (), parse_networks, "Client addresses or networks whose sessions get one.")
+    users: tuple[str, ...] = option(
+        (), parse_list,
+        "Users whose sessions get one from their login on (what came before it is "
+        "kept in memory until then: the last 200 writes).")
+    directory: Path | None = option(
+        None, parse_optional_path,
+        "Where the transcripts go, a file per session (mode 0600; the directory is "
+        "made 0700); empty: the log, as events of lightmail.transcript.")
+    body_octets: int = option(
+        0, parse_size(),
+        "How much of each message's content (DATA, BDAT, APPEND, FETCH, RETR) a "
+        "transcript shows; the rest only as its size.")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry traces (lightmail/telemetry.py): a span per session and per
+    accepted message, sent over OTLP/HTTP by a thread of their own."""
+
+    otlp_endpoint: str = option(
+        "", parse_str,
+        "The OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces); empty: no "
+        "tracing, and OpenTelemetry is not even imported.")
+    service_name: str = option(
+        "lightmail", parse_str, "The service.name resource attribute of the spans.")
+    sample_ratio: float = option(
+        1.0, parse_ratio, "The share of sessions traced (0 to 1; a message's span "
+        "follows its session's).")
+
+
 SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -1107,6 +1170,8 @@ SECTIONS: Mapping[str, type] = {
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
+    "transcript": TranscriptConfig,
+    "telemetry": TelemetryConfig,
 }
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
@@ -1131,6 +1196,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    transcript: TranscriptConfig = field(default_factory=TranscriptConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()

@@ -31,8 +31,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from lightmail.config import ListenerConfig
+from lightmail.logs import new_id
 from lightmail.metrics.interfaces import IProtocolMeters
 from lightmail.metrics.registry import UNCOUNTED
+from lightmail.transcripts import NO_TRANSCRIPT, SessionTranscript
 
 if TYPE_CHECKING:
     from lightmail.service import Services
@@ -79,6 +81,16 @@ class TrackedProtocol(Protocol):
     peer_host: str = ""
     #: The session has logged in (TrackingFactory.logged_in).
     logged_in: bool = False
+    #: Its transcript, when [transcript] chose it (lightmail/transcripts/).
+    transcript: SessionTranscript = NO_TRANSCRIPT
+    _conn_id: str = ""
+
+    @property
+    def conn_id(self) -> str:
+        """The connection's id (``conn=`` in the log, the transcript's name)."""
+        if not self._conn_id:
+            self._conn_id = new_id()
+        return self._conn_id
 
     def handshakeCompleted(self) -> None:
         # ISSLTransport's getHandle: pyOpenSSL's Connection, handshake done.
@@ -182,7 +194,7 @@ class TrackingFactory(Factory):
         refusal = self.limits.check(host)
         if refusal is not None:
             return self.refuse(addr, refusal)
-        return self.admitted(addr, host)
+        return self.tap(self.admitted(addr, host))
 
     def admitted(self, addr: Any, host: str) -> TrackedProtocol:
         """The protocol of a connection within the limits (counted once it is made)."""
@@ -194,6 +206,11 @@ class TrackingFactory(Factory):
     def make_protocol(self, addr: Any) -> TrackedProtocol:
         raise NotImplementedError
 
+    def tap(self, proto: TrackedProtocol) -> Protocol:
+        """What the transport talks to: ``proto``, or its transcript's tap in front
+        of it (ServiceFactory; the one place a session's octets can be seen)."""
+        return proto
+
     def refuse(self, addr: Any, reason: str) -> Optional[Protocol]:
         """A protocol that tells the client ``reason`` and hangs up; None just closes."""
         return None
@@ -203,9 +220,10 @@ class TrackingFactory(Factory):
         self.limits.add(proto.peer_host)
         self.meters.connection_opened()
 
-    def logged_in(self, proto: TrackedProtocol) -> None:
-        """``proto``'s session has logged in: it no longer counts against
-        max_unauthenticated."""
+    def logged_in(self, proto: TrackedProtocol, user: str = "") -> None:
+        """``proto``'s session has logged in (as ``user``): it no longer counts
+        against max_unauthenticated."""
+        proto.transcript.logged_in(user)
         if proto.logged_in or proto not in self.active:
             return
         proto.logged_in = True
@@ -283,6 +301,9 @@ class ServiceFactory(TrackingFactory):
 
     def refuse(self, addr: Any, reason: str) -> Optional[Protocol]:
         return Refuser(self.refusal) if self.refusal else None
+
+    def tap(self, proto: TrackedProtocol) -> Protocol:
+        return self.services.transcripts.wrap(proto, self.listener)  # type: ignore[no-any-return]
 
 
 class ListenerService(Service):

@@ -92,6 +92,11 @@ def validate(config: Config) -> None:
     from lightmail.policy.dkim import load_signer
     load_signer(config)        # reads the DKIM keys: a bad one is a config error
     _check_syslog(config)
+    unknown = set(config.transcript.listeners) - {lst.name for lst in config.listeners}
+    if unknown:
+        raise ConfigError(f"no such listener: {', '.join(sorted(unknown))}", config.path,
+                          line_of(config, "transcript", "listeners"), "transcript",
+                          "listeners")
 
 
 def _check_syslog(config: Config) -> None:

@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.service import StorageService
 from lightmail.storage.sqlstore import SQLMailStore
 from lightmail.storage.writerlink import WriterLink, WriterLost
+from lightmail.transcripts.tap import NoTranscripts, Transcripts, make_transcripts
 
 if TYPE_CHECKING:
     from lightmail.workers.worker import MainLink
@@ -107,6 +108,8 @@ class Services:
     metrics: IMetrics
     #: The admin API's bearer tokens.
     admin_tokens: AdminTokens
+    #: Which sessions get a protocol transcript ([transcript]), and where it goes.
+    transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -185,7 +188,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     account_backends=backends, accounts=sql,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                     local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
-                    metrics=metrics, admin_tokens=AdminTokens(storage.db))
+                    metrics=metrics, admin_tokens=AdminTokens(storage.db),
+                    transcripts=make_transcripts(config.transcript))
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

@@ -44,7 +44,7 @@ from lightmail.imap.tokens import (
     astring,
 )
 from lightmail.listeners import INPUT_SLICE, TrackedProtocol
-from lightmail.logs import BoundLogger, new_id
+from lightmail.logs import BoundLogger
 from lightmail.storage.interfaces import (
     MessageInfo,
     NoSuchMailbox,
@@ -158,7 +158,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        self.log = BoundLogger(namespace="lightmail.imap", conn_id=new_id())
+        self.log = BoundLogger(namespace="lightmail.imap", conn_id=self.conn_id)
         self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
                       listener=self.factory.listener.name)
         self.setTimeout(self.cfg.idle_timeout)

@@ -128,6 +128,7 @@ class IMAPSession(MessageCommands):
         self.flush()
         # RFC 4978 §3: raw DEFLATE (no zlib header) both ways from the next octet.
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.transcript.deflating()
         self.inflater = Inflater()
         # What followed the command is compressed already: inflated (or refused
         # with BYE if corrupt) by take_input() when this command is done.
@@ -223,7 +224,7 @@ class IMAPSession(MessageCommands):
             return Reply("NO", "Connection closed")
         self._logged_in = True
         self._logged_in_now()
-        self.factory.logged_in(self)
+        self.factory.logged_in(self, account.user.address)
         self.account, self.user, self.state = account, account.user, AUTHENTICATED
         self.log = self.log.bind(user=account.user.address)
         await self._ensure_mailboxes()

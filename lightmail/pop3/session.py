@@ -26,7 +26,7 @@ from lightmail import sasl
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.listeners import INPUT_SLICE, ServiceFactory, TrackedProtocol
-from lightmail.logs import BoundLogger, new_id
+from lightmail.logs import BoundLogger
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
 from lightmail.streams import DotStuffer, PushProducer, dot_stuffed
@@ -68,7 +68,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        self.log = BoundLogger(namespace="lightmail.pop3", conn_id=new_id())
+        self.log = BoundLogger(namespace="lightmail.pop3", conn_id=self.conn_id)
         self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
                       listener=self.factory.listener.name)
         self.setTimeout(self.cfg.command_timeout)
@@ -372,7 +372,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             return
         self.account, self.state = account, TRANSACTION
         self._cancel_login_deadline()
-        self.factory.logged_in(self)
+        self.factory.logged_in(self, user.address)
         self.log.info("{user} logged in, {count} messages", user=user.address,
                       count=len(self.maildrop.messages))
         if self.closing:                    # gone while we were opening: let go

@@ -33,7 +33,7 @@ from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.listeners import INPUT_SLICE, Refuser, ServiceFactory, TrackedProtocol
-from lightmail.logs import BoundLogger, new_id
+from lightmail.logs import BoundLogger
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
 from lightmail.smtp.lines import LineScan, bare_line_ends, scan_lines, undot
@@ -78,7 +78,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        conn_id = new_id()
+        conn_id = self.conn_id
         self.log = BoundLogger(namespace=self.log_namespace, conn_id=conn_id)
         self.session = Session(conn_id=conn_id, peer=self.peer_host,
                                submission=self.factory.submission)
@@ -384,7 +384,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         def ok(account: Any) -> None:
             meters.auth(attempt.mechanism.lower(), True)
             self.session.account = account
-            self.factory.logged_in(self)
+            self.factory.logged_in(self, account.user.address)
             self.log.info("authenticated as {user}", user=account.user.address)
             self.reply(codes.AUTH_OK)
 

@@ -134,7 +134,7 @@ class Admission(Protocol):
             self._take_over(inner.refuse(self.addr, refusal))
         else:
             self.session = inner.admitted(self.addr, self.host)
-            self._take_over(self.session)
+            self._take_over(inner.tap(self.session))
 
     def _failed(self, failure: Failure) -> None:
         self.log.warn("no admission from the main process: {error}",
