@@ -34,6 +34,7 @@ from lightmail.config import ListenerConfig
 from lightmail.logs import new_id
 from lightmail.metrics.interfaces import IProtocolMeters
 from lightmail.metrics.registry import UNCOUNTED
+from lightmail.telemetry import NO_SESSION, SessionTrace
 from lightmail.transcripts import NO_TRANSCRIPT, SessionTranscript
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class TrackedProtocol(Protocol):
     logged_in: bool = False
     #: Its transcript, when [transcript] chose it (lightmail/transcripts/).
     transcript: SessionTranscript = NO_TRANSCRIPT
+    #: Its span, when [telemetry] traces (lightmail/telemetry/).
+    trace: SessionTrace = NO_SESSION
     _conn_id: str = ""
 
     @property
@@ -224,6 +227,7 @@ class TrackingFactory(Factory):
         """``proto``'s session has logged in (as ``user``): it no longer counts
         against max_unauthenticated."""
         proto.transcript.logged_in(user)
+        proto.trace.logged_in(user)
         if proto.logged_in or proto not in self.active:
             return
         proto.logged_in = True
@@ -304,6 +308,15 @@ class ServiceFactory(TrackingFactory):
 
     def tap(self, proto: TrackedProtocol) -> Protocol:
         return self.services.transcripts.wrap(proto, self.listener)  # type: ignore[no-any-return]
+
+    def connection_made(self, proto: TrackedProtocol) -> None:
+        super().connection_made(proto)
+        proto.trace = self.services.telemetry.session(
+            self.listener.protocol, self.listener.name, proto.peer_host, proto.conn_id)
+
+    def connection_lost(self, proto: TrackedProtocol) -> None:
+        proto.trace.end("logged_in" if proto.logged_in else "closed")
+        super().connection_lost(proto)
 
 
 class ListenerService(Service):

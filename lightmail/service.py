@@ -92,11 +92,28 @@ def validate(config: Config) -> None:
     from lightmail.policy.dkim import load_signer
     load_signer(config)        # reads the DKIM keys: a bad one is a config error
     _check_syslog(config)
+    _check_telemetry(config)
     unknown = set(config.transcript.listeners) - {lst.name for lst in config.listeners}
     if unknown:
         raise ConfigError(f"no such listener: {', '.join(sorted(unknown))}", config.path,
                           line_of(config, "transcript", "listeners"), "transcript",
                           "listeners")
+
+
+def _check_telemetry(config: Config) -> None:
+    endpoint = config.telemetry.otlp_endpoint
+    if not endpoint:
+        return
+    where = (config.path, line_of(config, "telemetry", "otlp_endpoint"), "telemetry",
+             "otlp_endpoint")
+    if not re.match(r"^https?://[^/]+", endpoint):
+        raise ConfigError("expected an http:// or https:// URL (OTLP over HTTP)", *where)
+    try:
+        import opentelemetry.exporter.otlp.proto.http
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        raise ConfigError("OpenTelemetry is not installed: pip install "
+                          "'lightmail[telemetry]'", *where) from None
 
 
 def _check_syslog(config: Config) -> None:

@@ -60,6 +60,7 @@ from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.service import StorageService
 from lightmail.storage.sqlstore import SQLMailStore
 from lightmail.storage.writerlink import WriterLink, WriterLost
+from lightmail.telemetry import NO_TELEMETRY, Telemetry, make_telemetry
 from lightmail.transcripts.tap import NoTranscripts, Transcripts, make_transcripts
 
 if TYPE_CHECKING:
@@ -110,6 +111,8 @@ class Services:
     admin_tokens: AdminTokens
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
+    #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
+    telemetry: Telemetry = NO_TELEMETRY
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -165,6 +168,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     offer = sasl.Offer(auth.mechanisms, directory, stand_in_secret(config.server.state_dir),
                        auth.scram_iterations, tokens)
     local_delivery = LocalDeliveryAgent(directory, storage.write_port, config.node_id)
+    telemetry = make_telemetry(config.telemetry,
+                               serves_sessions=role in (Role.SERVER, Role.WORKER))
     runner: IQueueKick
     if role is Role.WORKER:
         from lightmail.workers.remote import RemoteKick, RemoteLocks, WorkerHub
@@ -179,7 +184,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                              max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
                              delay_warning_time=out.delay_warning_time,
                              wake_path=config.server.state_dir / WAKE_NAME,
-                             metrics=metrics)
+                             metrics=metrics, telemetry=telemetry)
         locks, hub = Locks(), MailboxHub()
         if role is Role.SERVER:
             _sample_server(metrics, storage)
@@ -189,7 +194,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                     local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
                     metrics=metrics, admin_tokens=AdminTokens(storage.db),
-                    transcripts=make_transcripts(config.transcript))
+                    transcripts=make_transcripts(config.transcript), telemetry=telemetry)
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

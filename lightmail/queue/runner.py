@@ -35,6 +35,7 @@ from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, IQueueKic
 from lightmail.queue.wake import WakeFIFO
 from lightmail.storage.interfaces import IQueueStore, QueueItem
 from lightmail.storage.queuestore import queue_id_time
+from lightmail.telemetry import NO_TELEMETRY, Telemetry
 
 
 def next_attempt_ms(attempts: int, min_backoff: float, max_backoff: float,
@@ -56,8 +57,10 @@ class QueueRunner(Service):
                  max_backoff: float = 14400.0, max_lifetime: float = 5 * 86400.0,
                  clock: Any = None, owner: str | None = None,
                  delay_warning_time: float = 0.0, wake_path: Path | None = None,
-                 metrics: IMetrics | None = None) -> None:
+                 metrics: IMetrics | None = None,
+                 telemetry: Telemetry = NO_TELEMETRY) -> None:
         self.queue = queue
+        self.telemetry = telemetry
         self.metrics: IMetrics = metrics if metrics is not None else Metrics()
         self.ready = ready
         self.agents: dict[str, IDeliveryAgent] = {}
@@ -210,6 +213,8 @@ class QueueRunner(Service):
         agent = self.agents[item.recipient.transport]
         release = None
         started = time.perf_counter()
+        span = self.telemetry.delivery(item.queue_id, item.recipient.transport,
+                                       item.recipient.address, item.attempts + 1)
         try:
             # The agent holds what the delivery used (the SMTP agent: its place in
             # the destination's limits) until the outcome is recorded.
@@ -223,10 +228,12 @@ class QueueRunner(Service):
         except Exception:
             log.failure("recording the delivery of {rcpt} failed; it will be retried",
                         rcpt=item.recipient.address)
+            span.end("failed")
             return
         finally:
             if release is not None:
                 release()
+        span.end(final)
         received = queue_id_time(item.queue_id)
         queued = (time.time() - received if final != "deferred" and received > 0
                   else None)

@@ -681,6 +681,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         @defer.inlineCallbacks
         def accept() -> Any:
             staged = None
+            span = self.trace.message(queue_id, size, len(tx.recipients))
             try:
                 staged = yield writer.stage()
                 reply = yield handler.handle_message(self.session, tx, staged, queue_id)
@@ -695,6 +696,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 log.info("accepted from=<{sender}> size={size} nrcpt={nrcpt} via {listener}",
                          sender=tx.mail_from, size=size, nrcpt=len(tx.recipients),
                          listener=self.factory.listener.name)
+            # (LMTP: a reply per recipient; accepted when one of them is.)
+            replies = reply if isinstance(reply, list) else [reply]
+            span.end("accepted" if any(one.code < 400 for one in replies) else "refused")
             if self.tx is tx:
                 self.tx = None
             self.final_replies(tx, reply)
