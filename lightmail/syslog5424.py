@@ -146,6 +146,7 @@ class DatagramSyslog:
         self.sock.setblocking(False)
         self.lock = threading.Lock()
         self.dropped = 0
+        self.warned = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         data = self.format(event, DATAGRAM_MAX)
@@ -170,8 +171,11 @@ class DatagramSyslog:
             # EAGAIN/ENOBUFS: the receiver's queue is full; ENOENT, ECONNREFUSED: no
             # receiver; anything else is no reason to stop the server either.
             if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENOENT,
-                                 errno.ECONNREFUSED, errno.EMSGSIZE):
-                print(f"lightmail: syslog: {exc}", file=sys.stderr)
+                                 errno.ECONNREFUSED, errno.EMSGSIZE) and not self.warned:
+                # Once (the log cannot report on itself): a stream socket at a
+                # datagram target, say.
+                self.warned = True
+                print(f"lightmail: syslog: {exc}; messages are dropped", file=sys.stderr)
             return False
 
     def close(self) -> None:

@@ -336,3 +336,40 @@ def test_worker_processes_write_transcripts_too(tmp_path: Path, write_config) ->
         assert server.terminate() in (0, -15)
     finally:
         server.kill()
+
+
+# -- the scribes alone, fed what a client and a server would send -------------------
+
+def test_imap_login_masks_a_quoted_password_with_escapes_and_spaces() -> None:
+    from lightmail.transcripts.scribes import IMAPScribe
+    scribe = IMAPScribe()
+    lines = scribe.client(b'a1 LOGIN "carol" "se\\"cr et"\r\n')
+    assert lines == ['C: a1 LOGIN "carol" ****']
+    # After the command, lines are shown again; a SASL-IR is masked, and its
+    # continuation too until the tagged answer.
+    assert scribe.client(b"a2 AUTHENTICATE PLAIN AGNhcm9sAHNlY3JldA==\r\n") == [
+        "C: a2 AUTHENTICATE PLAIN ****"]
+    assert scribe.server(b"+ \r\n") == ["S: + "]
+    assert scribe.client(b"c2VjcmV0\r\n") == ["C: ****"]
+    assert scribe.server(b"a2 NO [AUTHENTICATIONFAILED] no\r\n")
+    assert scribe.client(b"a3 NOOP\r\n") == ["C: a3 NOOP"]
+
+
+def test_smtp_data_shows_body_octets_and_pipelined_commands_around_it() -> None:
+    from lightmail.transcripts.scribes import SMTPScribe
+    scribe = SMTPScribe(body_octets=8)
+    scribe.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+    scribe.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    lines = scribe.client(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert lines == ["C: | Subject:", "C: [message: 20 octets, the first 8 shown above]",
+                     "C: .", "C: QUIT"]
+
+
+def test_pop3_pipelined_answers_are_told_apart() -> None:
+    from lightmail.transcripts.scribes import POP3Scribe
+    scribe = POP3Scribe()
+    scribe.client(b"LIST\r\nRETR 1\r\nLIST 1\r\n")
+    lines = scribe.server(b"+OK 1 messages\r\n1 120\r\n.\r\n+OK 120 octets\r\n"
+                          b"Subject: secret body\r\n\r\nhi\r\n.\r\n+OK 1 120\r\n")
+    assert lines == ["S: +OK 1 messages", "S: 1 120", "S: .", "S: +OK 120 octets",
+                     "S: [message: 28 octets]", "S: .", "S: +OK 1 120"]
