@@ -30,7 +30,7 @@ def _config(log: Path, workers: int) -> str:
             "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n")
 
 
-def _wait_in(path: Path, pattern: str, timeout: float = 60.0, count: int = 1) -> list[str]:
+def _wait_in(path: Path, pattern: str, timeout: float = 120.0, count: int = 1) -> list[str]:
     """Lines of ``path`` matching ``pattern``, once there are ``count``."""
     regex = re.compile(pattern)
     deadline = time.monotonic() + timeout

@@ -120,7 +120,7 @@ def test_udp_messages_are_rfc5424_with_facility_app_name_and_ids(write_config) -
     server = ServerProcess(write_config(_config(
         f"udp:127.0.0.1:{port}", "syslog_facility = local3\nsyslog_app_name = lm-test\n")))
     try:
-        smtp = server.ports(expected=1)["mx"]
+        smtp = server.ports(expected=1, timeout=120)["mx"]
         ready = receiver.wait_for(r"^LightMail ready: 1 listeners$")
         assert ready.msgid == "service.LightMailService"
         _check_session(server, receiver, smtp, LOCAL3, "lm-test")
@@ -138,7 +138,7 @@ def test_an_absent_or_full_unix_receiver_never_holds_the_server_up(
     server = ServerProcess(write_config(_config(f"unix:{path}")))
     receiver = None
     try:
-        smtp = server.ports(expected=1)["mx"]
+        smtp = server.ports(expected=1, timeout=120)["mx"]
         for _ in range(3):                          # nobody listens: lost, no error
             _session(smtp)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -173,7 +173,7 @@ def test_tcp_frames_are_octet_counted_and_the_connection_comes_back(
     port = listener.getsockname()[1]
     server = ServerProcess(write_config(_config(f"tcp:127.0.0.1:{port}")))
     try:
-        smtp = server.ports(expected=1)["mx"]
+        smtp = server.ports(expected=1, timeout=120)["mx"]
 
         def frames_until(conn: socket.socket, pattern: str) -> list[Message]:
             buffer = bytearray()

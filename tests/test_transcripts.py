@@ -323,7 +323,7 @@ def test_worker_processes_write_transcripts_too(tmp_path: Path, write_config) ->
         "workers = 1\n[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
         f"[transcript]\nclients = 127.0.0.0/8\ndirectory = {directory}\n"))
     try:
-        server.wait_for(r"1 worker processes serve the listeners", timeout=60)
+        server.wait_for(r"1 worker processes serve the listeners", timeout=120)
         line = server.wait_for(r"listening: mx speaks smtp on 127\.0\.0\.1:(\d+)")[0]
         with smtplib.SMTP("127.0.0.1", int(line.group(1)), timeout=30) as client:
             client.ehlo("worker-test.example")
