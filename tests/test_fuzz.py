@@ -190,6 +190,20 @@ def test_oracle_splits_pop3_commands_as_the_session_does(harness_in: Any) -> Any
 
 
 @pytest_twisted.inlineCallbacks
+def test_oracle_lets_idle_wait_when_compress_was_mangled(harness_in: Any) -> Any:
+    """The client's COMPRESS went out mangled ("1DONECOMPRESS DEFLATE\\r`" inside an
+    IDLE) and it then sent deflated what the server reads as text: the IDLE rightly
+    waits for its DONE, which never comes as text.  The oracle reported the IDLE's
+    missing answer as a defect (the long IMAP run, input 378,349)."""
+    given = Input("imap", b"L LOGIN bob@example.test bob-secret\r\nt0 ID (\"a\" NIL)\r\n"
+                  b"t1 IDLE \r\n1DONECOMPRESS DEFLATE\r`",
+                  b"t2 SELECT INBOX\r\nt3 DELETE INBOX\r\n* GETQUOTA INBOX\r\n")
+    problems: list[list[str]] = []
+    yield harness_in(lambda harness: problems.append(reproduce(harness, given)))
+    assert problems == [[]]
+
+
+@pytest_twisted.inlineCallbacks
 def test_nothing_buffered_runs_after_the_client_is_gone(harness_in: Any) -> Any:
     """Between two slices of pipelined commands the client can go: what it had sent
     after them (here a whole transaction) is not run, and no message is delivered."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import zlib
 
-from fuzzing.play import CORRUPT, PROBE_TAG, WAITING, Played
+from fuzzing.play import CORRUPT, MISMATCH, PROBE_TAG, WAITING, Played
 
 # The issue's bound: no input holds the reactor longer than this.
 HOLD_LIMIT = 0.050
@@ -51,8 +51,10 @@ def judge(played: Played) -> list[str]:
 def _allowance(played: Played) -> int:
     """Commands that may go unanswered: the one the server closed the session on, the
     one whose literal or BDAT chunk is still on its way, or, when the client broke its
-    deflate stream, the one that waits for what the client meant to send."""
-    return 1 if played.closed or played.no_probe in (WAITING, CORRUPT) else 0
+    deflate stream or sends deflated what the server reads as text (its COMPRESS was
+    mangled on the way), the one that waits for what the client meant to send (an
+    IDLE for its DONE, say)."""
+    return 1 if played.closed or played.no_probe in (WAITING, CORRUPT, MISMATCH) else 0
 
 
 def _smtp(played: Played) -> list[str]:

@@ -47,6 +47,7 @@ MAX_FILLER = 1 << 20
 PROBE_TAG = "ZZPROBE"
 WAITING = "the session waits for the rest of a literal or BDAT chunk"
 CORRUPT = "the client corrupted its deflate stream: it may say anything"
+MISMATCH = "the client's and the server's COMPRESS state differ"
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ async def _resync_and_probe(proto: Any, transport: StringTransport, adapter: Ada
         return
     client_compressing = bool(given.deflated)
     if client_compressing != (getattr(proto, "compressor", None) is not None):
-        played.no_probe = "the client's and the server's COMPRESS state differ"
+        played.no_probe = MISMATCH
         return
 
     def packed(data: bytes) -> bytes:
