@@ -195,9 +195,13 @@ def test_oracle_lets_idle_wait_when_compress_was_mangled(harness_in: Any) -> Any
     IDLE) and it then sent deflated what the server reads as text: the IDLE rightly
     waits for its DONE, which never comes as text.  The oracle reported the IDLE's
     missing answer as a defect (the long IMAP run, input 378,349)."""
-    given = Input("imap", b"L LOGIN bob@example.test bob-secret\r\nt0 ID (\"a\" NIL)\r\n"
-                  b"t1 IDLE \r\n1DONECOMPRESS DEFLATE\r`",
-                  b"t2 SELECT INBOX\r\nt3 DELETE INBOX\r\n* GETQUOTA INBOX\r\n")
+    given = Input(
+        "imap", b"L LOGIN bob@example.test bob-secret\r\nt0 ID (\"a\" NIL)\r\nt1 IDLE \r\n"
+        b"1DONECOMPRESS DEFLATE\r`",
+        b"t2 SELECT INBOX\r\nt3 DELETE INBOX\r\n* SELECT INBOX\r\n"
+        b"t5 FETCH 1 ALL (CHANGEDSINCE 1)\r\n* COPY 1 INBOX\r\n"
+        b"* APPEND INBOX 1-Feb-1994 UTF8 (~{96}\r\nFrom: Ann <ann@example.org>\r\n\t\r\n"
+        b"\r\nplain text\r\n" + b"\n" * 50 + b")\r\n* GETQUOTA INBOX\r\n", cuts=(164,))
     problems: list[list[str]] = []
     yield harness_in(lambda harness: problems.append(reproduce(harness, given)))
     assert problems == [[]]
