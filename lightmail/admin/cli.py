@@ -2,7 +2,7 @@
 
     lightmail [--config PATH] check-config [PATH]
     lightmail config-reference
-    lightmail db upgrade | current
+    lightmail db upgrade | current | downgrade [--to REV]
     lightmail domain add|remove NAME | list
     lightmail user add ADDRESS [--password-stdin | --no-password] [--quota SIZE]
     lightmail user passwd ADDRESS [--password-stdin] | remove ADDRESS | list [DOMAIN]
@@ -156,6 +156,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     from lightmail.storage import migrate
     from lightmail.storage.database import create_engine
     config = _load(args)
+    if args.action == "downgrade":
+        from lightmail.admin.downgrade import downgrade_command
+        return downgrade_command(config, args.to)
     engine = create_engine(config.database_url, pool_size=1)
     try:
         if args.action == "upgrade":
@@ -451,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_reference)
 
     p = sub.add_parser("db", help="database schema")
-    p.add_argument("action", choices=["upgrade", "current"])
+    p.add_argument("action", choices=["upgrade", "current", "downgrade"])
+    p.add_argument("--to", metavar="REV", help="downgrade: to this revision (default: "
+                   "one step back)")
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("domain", help="local domains")

@@ -43,6 +43,20 @@ def wake(path: Path) -> bool:
         os.close(fd)
 
 
+def listening(path: Path) -> bool:
+    """Whether a server has the FIFO at ``path`` open (it runs, on this state
+    directory), without waking it: what commands that must not run beside a server
+    (``lightmail db downgrade``, ``lightmail fsck --repair``) ask."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:          # ENXIO: nobody has it open for reading
+        return False
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
 @implementer(IReadDescriptor)
 class WakeFIFO:
     """The server's end: calls ``callback`` (on the reactor thread) when woken."""
