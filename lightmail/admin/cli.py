@@ -7,6 +7,7 @@
     lightmail user add ADDRESS [--password-stdin | --no-password] [--quota SIZE]
     lightmail user passwd ADDRESS [--password-stdin] | remove ADDRESS | list [DOMAIN]
     lightmail user enable|disable|expire ADDRESS | quota ADDRESS SIZE | logins [DOMAIN]
+    lightmail user import FILE.csv [--dry-run] [--json]
     lightmail user app-password add ADDRESS NAME [--protocols imap,pop3,smtp]
     lightmail user app-password list ADDRESS | revoke ADDRESS NAME
     lightmail alias add SOURCE DESTINATION | remove SOURCE [DESTINATION] | list [DOMAIN]
@@ -192,6 +193,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
 
 
 def cmd_user(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        from lightmail.admin.userimport import import_users
+        return import_users(args, _run)
     password = None
     if (args.action == "add" and not args.no_password) or args.action == "passwd":
         password = _read_password(args)
@@ -491,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("address")
     usub.add_parser("logins", help="last successful logins").add_argument(
         "domain", nargs="?")
+    a = usub.add_parser("import", help="add many users from a CSV file (all or none)")
+    a.add_argument("file", help="CSV with a header row: address, and password or "
+                   "password_hash, quota, enabled (docs/operations.rst)")
+    a.add_argument("--dry-run", action="store_true", help="check the file, add nobody")
+    a.add_argument("--json", action="store_true", help="the outcome as JSON")
     a = usub.add_parser("app-password", help="app passwords: one per mail client")
     asub_ = a.add_subparsers(dest="app_action", required=True)
     b = asub_.add_parser("add", help="make one; it is shown only once")
