@@ -12,6 +12,7 @@
     lightmail user app-password list ADDRESS | revoke ADDRESS NAME
     lightmail alias add SOURCE DESTINATION | remove SOURCE [DESTINATION] | list [DOMAIN]
     lightmail queue list [--state STATE]
+    lightmail fsck [--repair [--expunge-missing]] [--json]
     lightmail queue hold|release|requeue|delete (QUEUE_ID... | --all)
     lightmail tls selfsigned --cert PATH --key PATH [--name NAME]
     lightmail dkim genkey DOMAIN [--selector S] [--algorithm rsa|ed25519] [--bits N]
@@ -356,6 +357,11 @@ def cmd_api_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from lightmail.admin.fsck import fsck_command
+    return fsck_command(args, _run)
+
+
 def cmd_manhole_password(args: argparse.Namespace) -> int:
     from lightmail.admin.manhole import password_line
     if ":" in args.name:
@@ -537,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
         a.add_argument("--all", action="store_true", help="every queued message")
     p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("fsck", help="check the store (blobs, counts, UIDs); --repair")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed safely "
+                   "(refused while a server runs)")
+    p.add_argument("--expunge-missing", action="store_true", help="with --repair: "
+                   "expunge the messages whose content file is gone")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_fsck)
 
     p = sub.add_parser("tls", help="TLS certificates")
     tsub = p.add_subparsers(dest="action", required=True)
