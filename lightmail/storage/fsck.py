@@ -29,7 +29,7 @@ agree with the mail files; here the files' content is the truth too):
   messages point there; their cached envelope and structure are dropped): the
   mail stays readable, as damaged as it is, and the damage is reported;
 - a file no row knows is moved to ``lost+found/`` beside ``objects/`` (it may be
-  mail a lost row referred to: ``lightmail import`` can bring it back);
+  mail whose row was lost: an RFC 5322 message, to look at before deleting it);
 - a row of no file and no reference is deleted; counts are recomputed; ``uidnext``
   and ``highestmodseq`` are raised past what the mailbox holds; an ``expunged`` row
   of a live UID and rows whose parent is gone that hold no mail are deleted;
