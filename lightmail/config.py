@@ -1201,6 +1201,9 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
+    #: The file's text as it was read: a reload (lightmail.reload) hands it to the
+    #: worker processes, so that they run what the main process checked.
+    text: str = field(default="", repr=False, compare=False)
 
     @property
     def database_url(self) -> str:
@@ -1334,7 +1337,7 @@ def parse_config(text: str, path: str = "<config>",
     _check_oauth(sections.get("oauth", OAuthConfig()), sections.get("directory"), path,
                  lines)
     config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
-                    backends=tuple(backends), **sections)
+                    backends=tuple(backends), text=text, **sections)
     if validators is not None:
         validators(config)
     return config

@@ -39,6 +39,7 @@ from lightmail.transcripts import NO_TRANSCRIPT, SessionTranscript
 
 if TYPE_CHECKING:
     from lightmail.service import Services
+    from lightmail.tls import ServerTLS
 
 ProtocolBuilder = Callable[[ListenerConfig, "Services"], IProtocolFactory]
 
@@ -121,13 +122,24 @@ class ConnectionLimits:
 
     def __init__(self, max_connections: int = 1000, max_per_ip: int = 20,
                  max_unauthenticated: int | None = None) -> None:
+        self.set_limits(max_connections, max_per_ip, max_unauthenticated)
+        self.total = 0
+        self.unauthenticated = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def set_limits(self, max_connections: int, max_per_ip: int,
+                   max_unauthenticated: int | None = None) -> None:
+        """New limits (a reload): the connections open stay counted, and only new ones
+        are refused while more than a lower limit are open."""
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.max_unauthenticated = (max_connections if max_unauthenticated is None
                                     else max_unauthenticated)
-        self.total = 0
-        self.unauthenticated = 0
-        self.per_ip: Counter[str] = Counter()
+
+    def follow(self, listener: ListenerConfig) -> None:
+        """Take the limits of ``listener`` (its section, reloaded)."""
+        self.set_limits(listener.max_connections, listener.max_connections_per_ip,
+                        listener.unauthenticated_limit)
 
     def admit(self, host: str) -> Optional[str]:
         """Count a connection from ``host``; or the reason it is refused (not counted)."""
@@ -298,7 +310,7 @@ class ServiceFactory(TrackingFactory):
         self.listener = listener
         self.services = services
         self.hostname: str = services.config.hostname
-        self.tls_context: Any = None
+        self.tls_context: ServerTLS | None = None
         if listener.tls == "starttls":
             from lightmail.tls import server_context
             self.tls_context = server_context(listener)
@@ -317,6 +329,12 @@ class ServiceFactory(TrackingFactory):
     def connection_lost(self, proto: TrackedProtocol) -> None:
         proto.trace.end("logged_in" if proto.logged_in else "closed")
         super().connection_lost(proto)
+
+    def reconfigure(self, listener: ListenerConfig, hostname: str) -> None:
+        """A reload: sessions that start from now on see ``listener``'s settings and
+        the server's name; those already open keep what they started with."""
+        self.listener = listener
+        self.hostname = hostname
 
 
 class ListenerService(Service):

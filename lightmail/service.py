@@ -31,6 +31,9 @@ from lightmail.directory.service import DirectoryService
 from lightmail.listeners import ListenerService, available_protocols, builder_for
 from lightmail.logs import LogOutputs, make_outputs, reopen_on_sigusr1
 from lightmail.queue.runner import QueueRunner
+from lightmail.reload.interfaces import IReloadable
+from lightmail.reload.parts import OutboundPart, ServicesPart, listener_part
+from lightmail.reload.reloader import Reloader
 from lightmail.storage.database import DatabaseURLError, check_url
 from lightmail.storage.interfaces import IWritePort
 from lightmail.wiring import Role, Services, wire
@@ -150,6 +153,9 @@ class LightMailService(MultiService):
         self.failed: defer.Deferred[str] = defer.Deferred()
         self.workers: Any = None     # the WorkerPool, with [server] workers
         self.log_outputs: LogOutputs | None = None      # under twistd
+        #: Owns the running configuration: ``reloader.reload()`` reads the file again
+        #: (SIGHUP under twistd; lightmail.reload).
+        self.reloader = Reloader(parts.config, [])
 
     def fatal(self, reason: str) -> None:
         """A part could not start: report it, and under twistd stop with status 1."""
@@ -253,18 +259,19 @@ def makeService(config: Config,
     runner = services.queue_runner
     assert isinstance(runner, QueueRunner)      # Role.SERVER runs the queue
     runner.setServiceParent(root)
-    for agent in _delivery_agents(services):
-        runner.add_agent(agent)
+    outbound = _outbound(services, runner)
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
+    parts: list[IReloadable] = [ServicesPart(services), outbound]
     if config.server.workers:
         listeners = _add_workers(root, services)
+        parts.append(root.workers)
     else:
         listeners = []
         for listener in config.listeners:
             factory = builder_for(listener.protocol)(listener, services)
             tls = None
-            if listener.tls != "none":
+            if listener.tls == "implicit":
                 from lightmail.tls import server_context
                 tls = server_context(listener)
             service = ListenerService(listener, factory, ready=storage.ready,
@@ -273,6 +280,8 @@ def makeService(config: Config,
                                       on_failure=root.fatal)
             service.setServiceParent(root)
             listeners.append(service)
+            parts.append(listener_part(listener.name, factory, tls))
+    root.reloader = Reloader(config, parts, validators=validate)
     _add_operations(root, services, runner, listeners)
     return root
 
@@ -321,15 +330,14 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
     return listeners
 
 
-def _delivery_agents(services: Services) -> list[Any]:
+def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
+    """The queue runner's delivery agents; what a reload changes of them."""
     from lightmail.delivery.smtp import SMTPDeliveryAgent
     from lightmail.dns import Resolver
     from lightmail.outbound.client import Timeouts
-    from lightmail.outbound.routing import Router
     from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound
     resolver = Resolver(out.dns_servers, metrics=services.metrics)
-    router = Router(resolver, port=out.port, relay_host=out.relay_host)
     ca_file = str(out.ca_file) if out.ca_file else ""
     mta_sts = None
     if out.mta_sts:
@@ -344,20 +352,37 @@ def _delivery_agents(services: Services) -> list[Any]:
         for domain_keys in dkim_keys.keys.values():
             for key in domain_keys:
                 LightMailService.log.info("DKIM: signing with {key}", key=key.describe())
-    smtp = SMTPDeliveryAgent(router, services.blobs, services.config.hostname,
+
+    def routes(config: Config) -> Any:
+        return _routes(config, resolver)
+    default, transports = routes(services.config)
+    smtp = SMTPDeliveryAgent(default.router, services.blobs, services.config.hostname,
                              tls_policy=out.tls,
                              timeouts=Timeouts(out.command_timeout, out.data_timeout),
                              connect_timeout=out.connect_timeout,
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
                              ca_file=ca_file, signer=signer,
-                             credentials=_credentials(out))
+                             credentials=default.credentials)
+    smtp.transports = transports
+    runner.add_agent(services.local_delivery)
+    runner.add_agent(smtp)
+    return OutboundPart(runner, smtp, signer, routes, services.blobs)
+
+
+def _routes(config: Config, resolver: Any) -> Any:
+    """The SMTP agent's default transport ([outbound]) and its [transport:DOMAIN]
+    ones, as lightmail.reload.parts.Routes."""
     from lightmail.delivery.smtp import Transport
-    for override in services.config.transports:
-        smtp.transports[override.domain] = Transport(
-            Router(resolver, port=out.port, relay_host=override.relay), override.tls,
-            override.protocol == "lmtp", _credentials(override))
-    return [services.local_delivery, smtp]
+    from lightmail.outbound.routing import Router
+    out = config.outbound
+    default = Transport(Router(resolver, port=out.port, relay_host=out.relay_host),
+                        out.tls, False, _credentials(out))
+    transports = {override.domain: Transport(
+        Router(resolver, port=out.port, relay_host=override.relay), override.tls,
+        override.protocol == "lmtp", _credentials(override))
+        for override in config.transports}
+    return default, transports
 
 
 def _credentials(section: Any) -> Any:

@@ -24,19 +24,48 @@ CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
            b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 
 
+class CertificateProblem(ValueError):
+    """A certificate or key file that cannot be used: ``path``, the ``certificate`` or
+    the ``key`` of a pair (``what``)."""
+
+    def __init__(self, path: Path, what: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.what = what
+
+
 def _context(cert: Path, key: Path) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     ctx.set_cipher_list(CIPHERS)
-    ctx.use_certificate_chain_file(str(cert))
-    ctx.use_privatekey_file(str(key))
-    ctx.check_privatekey()
+    try:
+        ctx.use_certificate_chain_file(str(cert))
+    except SSL.Error as exc:
+        raise CertificateProblem(cert, "certificate", f"not a PEM certificate chain ({_why(exc)})") from None
+    try:
+        ctx.use_privatekey_file(str(key))
+    except SSL.Error as exc:
+        raise CertificateProblem(key, "key", f"not a PEM private key ({_why(exc)})") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise CertificateProblem(key, "key", f"not the key of the certificate {cert}") from None
     return ctx
 
 
+def _why(error: SSL.Error) -> str:
+    """OpenSSL's reasons, without its error codes: 'no start line'."""
+    reasons = [str(item[2]) for item in error.args[0] if len(item) == 3] \
+        if error.args and isinstance(error.args[0], list) else []
+    return "; ".join(reasons) or str(error)
+
+
 def _names(cert: Path) -> list[str]:
-    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    try:
+        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertificateProblem(cert, "certificate", f"cannot read the certificate ({exc})") from None
     try:
         san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = [str(name) for name in san.value.get_values_for_type(x509.DNSName)]
@@ -46,19 +75,20 @@ def _names(cert: Path) -> list[str]:
     return [name.lower() for name in names]
 
 
-class ServerTLS(ContextFactory):
-    """Context factory with SNI: the first pair is the default certificate."""
+class Certificates:
+    """A listener's certificates, read: the first pair is the default, the others are
+    picked by SNI from the names they carry.  Made in a thread (it reads files)."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]]) -> None:
         if not pairs:
             raise ValueError("TLS needs at least one certificate")
-        self._default = _context(*pairs[0])
+        self.default = _context(*pairs[0])
         self._by_name: dict[str, SSL.Context] = {}
         for cert, key in pairs:
-            ctx = self._default if (cert, key) == tuple(pairs[0]) else _context(cert, key)
+            ctx = self.default if (cert, key) == tuple(pairs[0]) else _context(cert, key)
             for name in _names(cert):
                 self._by_name.setdefault(name, ctx)
-        self._default.set_tlsext_servername_callback(self._pick)
+        self.default.set_tlsext_servername_callback(self._pick)
 
     def _pick(self, connection: SSL.Connection) -> None:
         name = connection.get_servername()
@@ -66,16 +96,36 @@ class ServerTLS(ContextFactory):
             return
         host = name.decode("ascii", "replace").lower()
         ctx = self._by_name.get(host) or self._by_name.get("*." + host.partition(".")[2])
-        if ctx is not None and ctx is not self._default:
+        if ctx is not None and ctx is not self.default:
             connection.set_context(ctx)
 
+
+class ServerTLS(ContextFactory):
+    """Context factory with SNI: the first pair is the default certificate.
+
+    Twisted asks it for a context at each new connection (implicit TLS and
+    STARTTLS alike), so :meth:`use` replaces the certificates of connections to come;
+    a connection already made keeps the context it was given."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]]) -> None:
+        self.certificates = Certificates(pairs)
+
+    def use(self, certificates: Certificates) -> None:
+        """Serve new connections with ``certificates`` (a reload)."""
+        self.certificates = certificates
+
     def getContext(self) -> SSL.Context:
-        return self._default
+        return self.certificates.default
 
 
 def server_context(listener: ListenerConfig) -> Any:
+    return ServerTLS(certificate_pairs(listener))
+
+
+def certificate_pairs(listener: ListenerConfig) -> list[tuple[Path, Path]]:
+    """The (certificate, key) files of a listener, its default first."""
     assert listener.tls_cert is not None and listener.tls_key is not None
-    return ServerTLS([(listener.tls_cert, listener.tls_key), *listener.tls_sni])
+    return [(listener.tls_cert, listener.tls_key), *listener.tls_sni]
 
 
 # -- channel binding (SCRAM-*-PLUS) ----------------------------------------------------

@@ -241,14 +241,17 @@ def _storage(config: Config, role: Role, writer_socket: str | None,
     writer_dir = listen = None
     if config.server.workers:
         listen, writer_dir = _writer_socket(config)
+    # The configuration's text comes on its standard input: started again after a
+    # crash, it runs what this process runs, whatever the file holds since.
     command = [sys.executable, "-m", "lightmail.workers.writer", "--config",
-               str(config.path)]
+               str(config.path), "--config-stdin"]
 
     def restarted() -> None:
         metrics.writer_restarted()
         metrics.retire_source("writer")
     return StorageService(config, writer=WriterLink(command, listen=listen,
-                                                    restarted=restarted),
+                                                    restarted=restarted,
+                                                    stdin=config.text.encode()),
                           writer_dir=writer_dir, write_port=write_port, metrics=metrics)
 
 

@@ -21,6 +21,7 @@
     lightmail token add NAME [--scope read|write] [--expires DURATION] | revoke NAME | list
     lightmail api-reference       (the admin API reference, rst, from its OpenAPI)
     lightmail demo-setup          (make run: demo domain, user and certificate)
+    lightmail reload [--timeout SECONDS]   (the running server reads its config again)
 
 The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
 ``/etc/lightmail/lightmail.conf``.  Passwords are never taken as arguments (they would
@@ -146,6 +147,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     print(f"{config.path}: OK ({len(config.listeners)} listeners: "
           f"{', '.join(f'{x.name}={x.protocol}' for x in config.listeners) or 'none'})")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from lightmail.reload.command import ReloadError, request_reload, state_dir_of
+    path = _config_path(args)
+    try:
+        answer = request_reload(state_dir_of(path), args.timeout)
+    except (ReloadError, ConfigError) as exc:
+        raise CommandError(f"reload: {exc}") from None
+    if not answer.taken:
+        raise CommandError(f"reload refused, the running configuration stays: "
+                           f"{answer.error}")
+    print(f"reloaded {path}")
+    for note in answer.restart:
+        print(f"{note}; the running value stays")
     return 0
 
 
@@ -459,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file without starting")
     p.add_argument("path", nargs="?")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("reload", help="make the running server read its config again")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the server's answer (default 60)")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("config-reference", help="print the configuration reference (rst)")
     p.set_defaults(func=cmd_config_reference)

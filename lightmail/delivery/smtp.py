@@ -146,6 +146,18 @@ class SMTPDeliveryAgent:
         self.transports: dict[str, Transport] = {}
         self.default = Transport(router, tls_policy, lmtp, credentials)
 
+    def reconfigure(self, default: Transport, transports: dict[str, Transport], helo: str,
+                    timeouts: Timeouts, connect_timeout: float,
+                    destination_concurrency: int) -> None:
+        """New routes and settings (a reload) for the deliveries that start from now
+        on; a domain with deliveries in progress keeps its concurrency limit until
+        they are done.  Idle sessions are hung up: they were made with the old ones."""
+        self.default, self.transports = default, transports
+        self.helo, self.timeouts = helo, timeouts
+        self.connect_timeout = connect_timeout
+        self.destination_concurrency = destination_concurrency
+        self.sessions.close_all()
+
     def transport_for(self, domain: str) -> Transport:
         if not self.transports:
             return self.default

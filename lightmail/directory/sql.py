@@ -101,6 +101,16 @@ class SQLDirectory(AccountAdmin):
         """Drop every remembered resolution (after a change to the directory)."""
         self._resolved = {}     # a new dict: lookups in flight see it is not theirs
 
+    def reconfigure(self, recipient_delimiter: str, default_quota: int,
+                    resolve_cache_ttl: float, keep_cram_md5: bool) -> None:
+        """New [directory] settings (a reload); resolutions made with the old ones
+        are forgotten."""
+        self.delimiter = recipient_delimiter
+        self.default_quota = default_quota
+        self.resolve_cache_ttl = resolve_cache_ttl
+        self.keep_cram_md5 = keep_cram_md5
+        self.forget_resolutions()
+
     def _changing(self, d: Deferred[Any]) -> Deferred[Any]:
         # Before the change (a lookup in flight must not re-fill the cache with the
         # old answer after it): forget now and again once it has committed.

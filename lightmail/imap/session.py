@@ -276,6 +276,10 @@ class IMAPFactory(ServiceFactory):
         self.hub = services.imap_hub
         HEADERS.resize(services.config.imap.header_cache)
 
+    def reconfigure(self, listener: ListenerConfig, hostname: str) -> None:
+        super().reconfigure(listener, hostname)
+        HEADERS.resize(self.services.config.imap.header_cache)      # reloaded already
+
     def make_protocol(self, addr: Any) -> IMAPSession:
         return IMAPSession(self)
 

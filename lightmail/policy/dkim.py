@@ -294,6 +294,13 @@ class DKIMSigner:
         self.limit = defer.DeferredSemaphore(concurrency)
         self.signed = 0                  # messages signed (each once)
 
+    def use(self, signer: Signer, sources: Sequence[str]) -> None:
+        """Sign with new keys from now on (a reload).  Signatures made with the old
+        ones are forgotten: a message retried later is signed again."""
+        self.signer = signer
+        self.sources = frozenset(sources)
+        self.cache.clear()
+
     async def header_for(self, item: QueueItem) -> bytes:
         if item.envelope.source not in self.sources:
             return b""

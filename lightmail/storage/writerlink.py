@@ -113,7 +113,8 @@ class WriterLink:
 
     def __init__(self, command: list[str] | None = None, *, listen: str | None = None,
                  connect: str | None = None,
-                 restarted: Callable[[], None] | None = None) -> None:
+                 restarted: Callable[[], None] | None = None,
+                 stdin: bytes | None = None) -> None:
         if (command is None) == (connect is None):
             raise ValueError("a WriterLink starts a writer (command) or "
                              "connects to one (connect)")
@@ -124,6 +125,9 @@ class WriterLink:
         self.connect = connect
         #: Told each time the writer process ended and is started again (metrics).
         self.restarted = restarted
+        #: Written to the writer process's standard input at each start (the text
+        #: of the configuration it is to run, whatever its file holds since).
+        self.stdin = stdin
         self._link: _Link | None = None
         self._process: Any = None
         self._ended: defer.Deferred[None] | None = None
@@ -160,6 +164,9 @@ class WriterLink:
             _WriterProcess(self, self._ended), args[0], args,
             env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2, fd: theirs.fileno()})
         theirs.close()
+        if self.stdin is not None:
+            self._process.writeToChild(0, self.stdin)
+        self._process.closeChildFD(0)
         self.log.info("writer process started (pid {pid})", pid=self._process.pid)
 
     def stop(self) -> defer.Deferred[None]:

@@ -3,8 +3,10 @@ between LightMail's processes: lightmail.storage.wire).
 
 Worker to main: Admit/LoggedIn/Release (connection limits), Login/Logout (IMAP sessions per
 user), ClaimRecent (\\Recent), Lock/Unlock (POP3 maildrops), Kick (the queue has
-work), Ready.  Both ways: Changed (a committed mailbox change, relayed to the other
-workers).  Commands without an answer are notices: nothing waits for them.
+work), Ready.  Main to worker: Scrape (metrics), Reload/Commit (a reloaded
+configuration: lightmail.reload).  Both ways: Changed (a committed mailbox change,
+relayed to the other workers).  Commands without an answer are notices: nothing
+waits for them.
 """
 
 from __future__ import annotations
@@ -109,6 +111,28 @@ class Scrape(amp.Command):
 
 #: Bytes of a snapshot in one Scrape answer.
 SCRAPE_PART = 60_000
+
+
+class Reload(amp.Command):
+    """The main process reloaded its configuration file: read its text, check it and
+    get ready, but do not switch until Commit.  The text comes a part at a time (an
+    AMP value holds at most 65,535 bytes), ``last`` on the final one; the answer to
+    it is the error that stops the reload here, or ''."""
+
+    arguments = [(b"generation", amp.Integer()), (b"text", amp.String()),
+                 (b"last", amp.Boolean())]
+    response = [(b"error", amp.Unicode())]
+
+
+class Commit(amp.Command):
+    """Switch to the configuration of Reload ``generation`` (every process is ready)."""
+
+    arguments = [(b"generation", amp.Integer())]
+    response = []  # type: ignore[var-annotated]
+
+
+#: Bytes of a configuration's text in one Reload.
+RELOAD_PART = 60_000
 
 
 class Changed(amp.Command):

@@ -11,6 +11,7 @@ POP3 locks), so that all of it is released when the worker goes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,10 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lightmail.config import Config
 from lightmail.imap.hub import MailboxHub
 from lightmail.listeners import ConnectionLimits, ListenerService
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.pop3.maildrop import Locks
+from lightmail.reload.interfaces import IReloadable, ReloadRefused, Switch
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
 from lightmail.workers import control
 
@@ -161,6 +164,12 @@ class WorkerLink(control.Link):
         self.pool.links.discard(self)
 
 
+def _first_error(failure: Failure) -> Failure:
+    """gatherResults' FirstError: the failure it wraps."""
+    error = failure.value
+    return error.subFailure if isinstance(error, defer.FirstError) else failure
+
+
 def _take(counter: Counter[tuple[str, str]], key: tuple[str, str]) -> None:
     counter[key] -= 1
     if not counter[key]:
@@ -178,9 +187,15 @@ class WorkerProcess(ProcessProtocol):
         self.exited.callback(None)
 
 
-@implementer(IChangeListener)
+@implementer(IChangeListener, IReloadable)
 class WorkerPool(Service):
-    """Runs ``count`` workers for ``listeners`` (their ListenerServices, accept=False)."""
+    """Runs ``count`` workers for ``listeners`` (their ListenerServices, accept=False).
+
+    A reload reaches the workers through it (:meth:`prepare`): each is sent the new
+    file's text, checks it and gets ready, and all switch once all are ready.  A
+    worker (re)started is given the text this process started with and the one it
+    runs now, so that it runs what this process checked, whatever the file holds
+    since."""
 
     name = "workers"
     log = Logger()
@@ -191,6 +206,10 @@ class WorkerPool(Service):
         self.on_failure = on_failure
         self.services = services
         self.config = services.config
+        #: The configuration text this process started with (lightmail.reload.settle
+        #: measures every reload against it).
+        self.started_text = services.config.text
+        self.generation = 0         # of reloads sent to the workers
         self.listeners = listeners
         self.count = count
         self.storage_ready = ready
@@ -244,7 +263,7 @@ class WorkerPool(Service):
         ours.close()
         fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CONTROL_FD: theirs.fileno()}
         args = [sys.executable, "-m", "lightmail.workers.worker",
-                "--config", str(self.config.path), "--index", str(index),
+                "--config", str(self.config.path), "--config-stdin", "--index", str(index),
                 "--control", str(CONTROL_FD)]
         writer_socket = self.services.storage.writer_socket
         if writer_socket is not None:
@@ -258,6 +277,9 @@ class WorkerPool(Service):
         self.transports[index] = reactor.spawnProcess(  # type: ignore[attr-defined]
             process, sys.executable, args, env=dict(os.environ), childFDs=fds)
         theirs.close()
+        texts = {"started": self.started_text, "current": self.services.config.text}
+        self.transports[index].writeToChild(0, json.dumps(texts).encode())
+        self.transports[index].closeChildFD(0)
         self.log.info("worker {index} started (pid {pid})", index=index,
                       pid=self.transports[index].pid)
 
@@ -330,6 +352,60 @@ class WorkerPool(Service):
         for link in list(self.links):
             if link is not origin:
                 control.notify(link, control.Changed, change=data)
+
+    # -- reloading -----------------------------------------------------------------
+
+    def prepare(self, config: Config) -> defer.Deferred[Switch]:
+        """Every worker reads ``config``'s text and gets ready (IReloadable)."""
+        self.generation += 1
+        generation = self.generation
+        links = [link for link in self.links if link.transport is not None]
+        d = defer.gatherResults([self._send(link, generation, config.text)
+                                 for link in links], consumeErrors=True)
+        d.addErrback(_first_error)
+        return d.addCallback(lambda ready: lambda: self._switch(
+            config, generation, {link for link, ok in zip(links, ready, strict=True) if ok}))
+
+    @defer.inlineCallbacks
+    def _send(self, link: WorkerLink, generation: int, text: str) -> Any:
+        """Send the text; True once the worker is ready, False when it is gone (it is
+        started again with the texts of the moment); fails when it refuses."""
+        data = text.encode()
+        size = control.RELOAD_PART
+        parts = [data[start:start + size] for start in range(0, len(data), size)] or [b""]
+        try:
+            for number, part in enumerate(parts, start=1):
+                answer = yield control.ask(link, control.Reload, generation=generation,
+                                           text=part, last=number == len(parts))
+        except Exception as exc:
+            self.log.info("worker {index} was not asked to reload: {error}",
+                          index=link.index, error=str(exc))
+            return False
+        if answer["error"]:
+            raise ReloadRefused(f"worker {link.index}: {answer['error']}")
+        return True
+
+    @defer.inlineCallbacks
+    def _switch(self, config: Config, generation: int, ready: set[WorkerLink]) -> Any:
+        by_name = {listener.name: listener for listener in config.listeners}
+        for name, limits in self.limits.items():
+            limits.follow(by_name[name])
+        commits = []
+        for link in list(self.links):
+            if link in ready:
+                commits.append(control.ask(link, control.Commit, generation=generation))
+            elif link.transport is not None:
+                # Started while the others got ready, with the texts of then.
+                commits.append(self._send_and_commit(link, generation, config.text))
+        for ok, result in (yield defer.DeferredList(commits, consumeErrors=True)):
+            if not ok:
+                self.log.warn("a worker did not switch to the reloaded configuration: "
+                              "{error}", error=result.getErrorMessage())
+
+    @defer.inlineCallbacks
+    def _send_and_commit(self, link: WorkerLink, generation: int, text: str) -> Any:
+        if (yield self._send(link, generation, text)):
+            yield control.ask(link, control.Commit, generation=generation)
 
     # -- stopping ------------------------------------------------------------------
 

@@ -1,18 +1,23 @@
 """A worker process: ``python -m lightmail.workers.worker`` (started by WorkerPool).
 
-It reads the same config file as the main process, opens storage without migrating
-it (the main process did), takes over the listening sockets it inherited and serves
-their sessions.  It stops on SIGTERM (draining its sessions as the main process
-would) and when its control connection closes (the main process is gone).
+It runs the configuration the main process runs (the texts it started with and runs
+now come on standard input: lightmail.reload.settle makes one config of them), opens
+storage without migrating it (the main process did), takes over the listening
+sockets it inherited and serves their sessions.  A reload comes from the main
+process (Reload, then Commit); SIGHUP is for the main process and is ignored here.
+It stops on SIGTERM (draining its sessions as the main process would) and when its
+control connection closes (the main process is gone).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
 import socket
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -22,9 +27,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from lightmail.config import Config, ListenerConfig, load_config
+from lightmail.config import Config, ListenerConfig, load_config, parse_config
 from lightmail.listeners import TrackingFactory, builder_for, describe_address
 from lightmail.metrics.interfaces import IMetrics
+from lightmail.reload.interfaces import IReloadable
+from lightmail.reload.parts import ServicesPart, listener_part
+from lightmail.reload.reloader import Reloader
+from lightmail.reload.settle import settle
 from lightmail.workers import control
 from lightmail.workers.remote import AdmittingFactory, ChangePublisher, WorkerHub
 
@@ -38,7 +47,9 @@ class MainLink(control.Link):
         super().__init__()
         self.hub: WorkerHub | None = None
         self.metrics: IMetrics | None = None
+        self.reloader: Reloader | None = None
         self._snapshot = b""
+        self._reload_text = (0, b"")        # (generation, the parts received)
 
     @control.Scrape.responder
     def scrape(self, part: int) -> dict[str, Any]:
@@ -47,6 +58,25 @@ class MainLink(control.Link):
         size = control.SCRAPE_PART
         parts = max(1, -(-len(self._snapshot) // size))
         return {"data": self._snapshot[part * size:(part + 1) * size], "parts": parts}
+
+    @control.Reload.responder
+    def reload(self, generation: int, text: bytes, last: bool) -> Any:
+        received = self._reload_text[1] if self._reload_text[0] == generation else b""
+        self._reload_text = (generation, received + text)
+        if not last:
+            return {"error": ""}
+        self._reload_text = (0, b"")
+        assert self.reloader is not None        # set by build(), before any command
+        d = defer.ensureDeferred(self.reloader.prepare_text(
+            generation, (received + text).decode("utf-8")))
+        return d.addCallbacks(lambda _: {"error": ""},
+                              lambda failure: {"error": failure.getErrorMessage()})
+
+    @control.Commit.responder
+    def commit(self, generation: int) -> Any:
+        assert self.reloader is not None
+        d = defer.ensureDeferred(self.reloader.commit(generation))
+        return d.addCallback(lambda _: {})
 
     @control.Changed.responder
     def changed(self, change: bytes) -> dict[str, Any]:
@@ -107,9 +137,12 @@ class AdoptedListener(Service):
 
 
 def build(config: Config, link: MainLink, listeners: dict[str, int],
-          writer_socket: str | None = None) -> MultiService:
+          writer_socket: str | None = None, started: Config | None = None) -> MultiService:
     """The worker's service tree: storage, directory, and the adopted listeners;
-    writes go to the main process's writer process at ``writer_socket``."""
+    writes go to the main process's writer process at ``writer_socket``.  ``config``
+    is the one to run, ``started`` the one the main process started with (reloads
+    are measured against it; the same when there was no reload)."""
+    from lightmail.service import validate
     from lightmail.wiring import Role, wire
     services = wire(config, Role.WORKER, link=link, writer_socket=writer_socket)
     storage = services.storage
@@ -121,15 +154,21 @@ def build(config: Config, link: MainLink, listeners: dict[str, int],
     root = _WorkerRoot()
     storage.setServiceParent(root)
     by_name = {listener.name: listener for listener in config.listeners}
+    parts: list[IReloadable] = [ServicesPart(services)]
     for name, fd in listeners.items():
         listener = by_name[name]
         factory = builder_for(listener.protocol)(listener, services)
         wrapped: Any = AdmittingFactory(name, factory, link)  # type: ignore[arg-type]
+        tls = None
         if listener.tls == "implicit":
             from lightmail.tls import server_context
-            wrapped = TLSMemoryBIOFactory(server_context(listener), False, wrapped)
+            tls = server_context(listener)
+            wrapped = TLSMemoryBIOFactory(tls, False, wrapped)
         AdoptedListener(listener, fd, factory, wrapped,  # type: ignore[arg-type]
                         storage.ready, config.server.shutdown_timeout).setServiceParent(root)
+        # The main process keeps the connection limits of every worker.
+        parts.append(listener_part(name, factory, tls, own_limits=False))
+    link.reloader = Reloader(started or config, parts, validators=validate, current=config)
     return root
 
 
@@ -151,6 +190,9 @@ class _WorkerRoot(MultiService):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightmail-worker")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--config-stdin", action="store_true",
+                        help="the texts of the config (JSON: started, current) come on "
+                             "standard input; --config is the file they were read from")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--control", type=int, required=True)
     parser.add_argument("--writer", help="the writer process's socket")
@@ -159,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lightmail.logs import make_outputs, reopen_on_sigusr1
     from lightmail.service import validate
-    config = load_config(args.config, validators=validate)
+    started = config = None
+    if args.config_stdin:
+        # Checked by the main process already: only parsed here.
+        texts = json.loads(sys.stdin.buffer.read())
+        started = parse_config(texts["started"], args.config)
+        config = settle(started, parse_config(texts["current"], args.config)).config
+    else:
+        config = load_config(args.config, validators=validate)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     outputs = make_outputs(config.logging)
     observer = outputs.observer
 
@@ -182,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.listener:
         name, _, fd = item.rpartition("=")
         listeners[name] = int(fd)
-    root = build(config, link, listeners, args.writer)
+    root = build(config, link, listeners, args.writer, started)
     reactor.adoptStreamConnection(  # type: ignore[attr-defined]
         args.control, socket.AF_UNIX, control.OneProtocol(link))
     os.close(args.control)

@@ -20,6 +20,9 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="LightMail's writer process")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--config-stdin", action="store_true",
+                        help="the config's text comes on standard input; --config is "
+                             "the file it was read from")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--listen", help="a Unix socket for the workers to connect to")
     args = parser.parse_args(argv)
@@ -30,14 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     # Nor is SIGUSR1 (logrotate, sent to the group by some set-ups): this process has
     # no log file of its own to reopen, and SIGUSR1's default would end it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # a reload is for the server
     # What goes wrong here (an operation that fails for an undeclared reason, say)
     # reaches the main process's standard error, which this process shares.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
                                      redirectStandardIO=False)
-    from lightmail.config import load_config
+    from lightmail.config import load_config, parse_config
     from lightmail.storage.writer import serve
     from lightmail.wiring import Role, wire
-    config = load_config(args.config)
+    if args.config_stdin:
+        config = parse_config(sys.stdin.buffer.read().decode("utf-8"), args.config)
+    else:
+        config = load_config(args.config)
     sock = socket.socket(fileno=args.fd)
     listener = None
     if args.listen:

@@ -37,9 +37,14 @@ class LightMailServiceMaker:
     options = Options
 
     def makeService(self, options: Any) -> Any:
+        from lightmail.reload.sighup import SignalReload
         from lightmail.service import makeService
-        service = makeService(options["loaded"])
+        config = options["loaded"]
+        service = makeService(config)
         service.exit_on_failure = True
+        # SIGHUP reloads the configuration; `lightmail reload` finds this process by
+        # the pid file it writes.  (Added last, it is the first to stop.)
+        SignalReload(service.reloader, config.server.state_dir).setServiceParent(service)
         return service
 
 
