@@ -816,7 +816,7 @@ def auth_user_option(target: str) -> Any:
 def auth_password_file_option() -> Any:
     return option(None, parse_optional_path,
                   "File holding the SMTP AUTH password (its first line), read at "
-                  "start-up; needed with auth_user.")
+                  "start-up and by a reload; needed with auth_user.")
 
 
 def auth_password_field() -> Any:
@@ -906,7 +906,8 @@ class DKIMConfig:
         "once per key of that domain (an RSA and an Ed25519 key: two signatures, the "
         "first listed on top).  KEYFILE is a PEM private key, RSA (at least 1024 bits) "
         "or Ed25519, unencrypted, readable by LightMail; the algorithm follows from "
-        "the key.  The keys are read at start-up: one that cannot be used stops it.",
+        "the key.  The keys are read at start-up and by a reload: one that cannot be "
+        "used stops the start, or has the reload refused.",
         shown_default="(none: nothing is signed)")
     sources: tuple[str, ...] = option(
         ("submission", "local"), parse_choices("submission", "local", "mx"),

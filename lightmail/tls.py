@@ -42,11 +42,16 @@ def _context(cert: Path, key: Path) -> SSL.Context:
     try:
         ctx.use_certificate_chain_file(str(cert))
     except SSL.Error as exc:
-        raise CertificateProblem(cert, "certificate", f"not a PEM certificate chain ({_why(exc)})") from None
+        raise CertificateProblem(cert, "certificate",
+                                 f"not a PEM certificate chain ({_why(exc)})") from None
     try:
         ctx.use_privatekey_file(str(key))
     except SSL.Error as exc:
-        raise CertificateProblem(key, "key", f"not a PEM private key ({_why(exc)})") from None
+        why = _why(exc)
+        if "values mismatch" in why:     # OpenSSL compares it with the certificate
+            raise CertificateProblem(key, "key", f"not the key of the certificate "
+                                                 f"{cert}") from None
+        raise CertificateProblem(key, "key", f"not a PEM private key ({why})") from None
     try:
         ctx.check_privatekey()
     except SSL.Error:
@@ -65,7 +70,8 @@ def _names(cert: Path) -> list[str]:
     try:
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
     except (OSError, ValueError) as exc:
-        raise CertificateProblem(cert, "certificate", f"cannot read the certificate ({exc})") from None
+        raise CertificateProblem(cert, "certificate",
+                                 f"cannot read the certificate ({exc})") from None
     try:
         san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = [str(name) for name in san.value.get_values_for_type(x509.DNSName)]
