@@ -222,14 +222,18 @@ def test_smtp_source_sees_no_failed_session_while_sighup_reloads(server: Server)
         raise AssertionError("smtp-source is missing: install Debian's postfix package "
                              "(scripts/test-peers.sh, part of `make test`)")
     messages = 3000
-    load = subprocess.Popen(
-        [SMTP_SOURCE, "-s", "10", "-m", str(messages), "-l", "2000", "-f",
-         "sender@client.test", "-t", RCPT, f"127.0.0.1:{server.mx}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors = server.base / "smtp-source.err"
+    with errors.open("w") as stderr:
+        load = subprocess.Popen(
+            [SMTP_SOURCE, "-s", "10", "-m", str(messages), "-l", "2000", "-f",
+             "sender@client.test", "-t", RCPT, f"127.0.0.1:{server.mx}"],
+            stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         reloads = 0
         sizes = ["200k", "100k"]
+        deadline = time.monotonic() + 900
         while load.poll() is None:
+            assert time.monotonic() < deadline, "smtp-source did not finish"
             # Every reload changes something: a limit, and the certificate (in place).
             server.smtp["max_message_size"] = sizes[reloads % 2]
             server.write()
@@ -240,11 +244,12 @@ def test_smtp_source_sees_no_failed_session_while_sighup_reloads(server: Server)
                                     count=before + 1)
             if load.poll() is None:
                 reloads += 1
-        _, err = load.communicate(timeout=600)
+        load.wait(timeout=600)
     finally:
         if load.poll() is None:
             load.kill()
             load.wait()
+    err = errors.read_text()
     assert load.returncode == 0, f"smtp-source failed: {err}\n{server.process.output}"
     assert err == "", err
     assert REFUSED not in server.process.output
