@@ -8,6 +8,6 @@
   outbound side), chosen where the process is built (service.py, workers/worker.py).
 - ``reloader.py``: ``Reloader``, the one owner of a process's running config: reads
   the file off the reactor, refuses what fails validation, switches every part at once.
-- ``signal.py``: under twistd, SIGHUP, the pid file and the status file that
+- ``sighup.py``: under twistd, SIGHUP, the pid file and the status file that
   ``lightmail reload`` reads (``command.py``).
 """
