@@ -156,10 +156,7 @@ class DatagramSyslog:
                 return
             if self.dropped:
                 lost, self.dropped = self.dropped, 0
-                note = {"log_level": LogLevel.warn, "log_namespace": "lightmail.syslog",
-                        "log_time": time.time(),
-                        "log_format": f"{lost} log messages were dropped: the syslog "
-                                      "receiver was absent or full"}
+                note = dropped_note(lost, "absent or full")
                 if not self._send(self.format(note, DATAGRAM_MAX)):
                     self.dropped = lost
 
@@ -263,11 +260,7 @@ class StreamSyslog:
             return
         if self.dropped:
             lost, self.dropped = self.dropped, 0
-            note = {"log_level": LogLevel.warn, "log_namespace": "lightmail.syslog",
-                    "log_time": time.time(),
-                    "log_format": f"{lost} log messages were dropped: the syslog "
-                                  "receiver was absent or slow"}
-            message = self.format(note, FRAME_MAX)
+            message = self.format(dropped_note(lost, "absent or slow"), FRAME_MAX)
             self.pending.appendleft(b"%d %s" % (len(message), message))
             self.pending_size += len(self.pending[0])
         while self.pending and not self.paused:
@@ -296,3 +289,11 @@ def syslog_observer(target: Target, facility: str, app_name: str,
     if target.kind == "tcp":
         return StreamSyslog(target, format)
     return DatagramSyslog(target, format)
+
+
+def dropped_note(lost: int, why: str) -> dict[str, Any]:
+    """The log event that says how many messages the receiver did not get."""
+    return {"log_level": LogLevel.warn, "log_namespace": "lightmail.syslog",
+            "log_time": time.time(),
+            "log_format": f"{lost} log messages were dropped: the syslog receiver was "
+                          f"{why}"}

@@ -540,13 +540,8 @@ class FilesystemBlobStore:
     @staticmethod
     def _hash_file(path: str) -> str | None:
         """The SHA-256 of a file's content, or None for an empty file."""
-        digest = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-        return digest.hexdigest() if size else None
+        digest, size = file_digest(path)
+        return digest if size else None
 
     def _syncfs_now(self) -> None:
         assert self._syncfs is not None
@@ -1009,3 +1004,14 @@ def _outcome(fn: Callable[..., Any], *args: Any) -> BaseException | None:
     except Exception as exc:
         return exc
     return None
+
+
+def file_digest(path: str) -> tuple[str, int]:
+    """The hex SHA-256 of a file's content and its size, read a MiB at a time."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

@@ -45,7 +45,6 @@ agree with the mail files; here the files' content is the truth too):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -57,7 +56,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from lightmail.storage import schema as s
-from lightmail.storage.blobs import FilesystemBlobStore, is_blob_id
+from lightmail.storage.blobs import FilesystemBlobStore, file_digest, is_blob_id
 from lightmail.storage.database import Database, now_ms
 from lightmail.storage.sqlwrites import SQLWrites
 
@@ -282,14 +281,9 @@ class StoreCheck:
             items.append(item)
 
     def _hash(self, path: str) -> tuple[str, int]:
-        digest = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
+        digest, size = file_digest(path)
         self.report.bytes_hashed += size
-        return digest.hexdigest(), size
+        return digest, size
 
     def _orphan_file(self, name: str, path: str) -> None:
         detail = "a blob file no row refers to (older than the GC grace period)"
