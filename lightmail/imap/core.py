@@ -10,10 +10,10 @@ import calendar
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -37,7 +37,7 @@ from lightmail.imap.parser import (
     tag_of,
 )
 from lightmail.imap.search import MAX_NUMBER64
-from lightmail.imap.selected import SelectedMailbox, Updates
+from lightmail.imap.selected import STEP, SelectedMailbox, Steps, Updates
 from lightmail.imap.sequence import format_sequence
 from lightmail.imap.tokens import (
     ParseError,
@@ -76,6 +76,25 @@ def breathe() -> defer.Deferred[None]:
 
 
 flags_of = attrgetter("flags")
+
+T = TypeVar("T")
+
+
+async def sliced(steps: Generator[None, None, T]) -> T:
+    """Run ``steps`` (a generator whose every step is a few milliseconds of work over
+    messages: selected.STEP) to its end, handing the reactor back each time it has had
+    it for INPUT_SLICE, as input does (listeners.INPUT_SLICE).  Work in proportion
+    to a mailbox (taking in a COPY of 300,000 messages, telling their EXPUNGEs)
+    held it for seconds in one go."""
+    end = time.monotonic() + INPUT_SLICE
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        if time.monotonic() > end:
+            await breathe()
+            end = time.monotonic() + INPUT_SLICE
 
 # Output collected before a transport write (see SessionCore.write).
 OUTPUT_CHUNK = 64 * 1024
@@ -538,26 +557,36 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
                 else self.hub.claim_recent(selected.id, uidnext))
             if self.selected is not selected:
                 return
-            updates = selected.apply(changes, allow_expunge)
+            await sliced(selected.applying(changes, allow_expunge, updates))
         elif allow_expunge:
-            selected.release_expunges(updates)
-        self.send_updates(updates)
+            await sliced(selected.releasing(updates))
+        if self.selected is selected:
+            await sliced(self.sending_updates(updates))
 
-    def send_updates(self, updates: Updates) -> None:
+    def sending_updates(self, updates: Updates) -> Steps:
+        """Tell the client ``updates``, in steps (``sliced``): after a big COPY or
+        STORE, 300,000 responses."""
         selected = self.selected
         assert selected is not None
         if updates.expunged:
             if "QRESYNC" in self.enabled:
+                yield
                 self.untagged(f"VANISHED {format_sequence(updates.expunged)}")
             else:
-                for number in updates.expunged_numbers:
-                    self.untagged(f"{number} EXPUNGE")
+                numbers = updates.expunged_numbers
+                for start in range(0, len(numbers), STEP):
+                    self.write(b"".join([b"* %d EXPUNGE\r\n" % number
+                                         for number in numbers[start:start + STEP]]))
+                    yield
         if updates.new_keywords:
             self.tell_flags()
-        for info in updates.flags:
-            number = selected.number_of(info.uid)
-            if number:
-                self.untagged(self._flags_fetch(number, info))
+        flags = updates.flags
+        for start in range(0, len(flags), STEP):
+            for info in flags[start:start + STEP]:
+                number = selected.number_of(info.uid)
+                if number:
+                    self.untagged(self._flags_fetch(number, info))
+            yield
         if updates.exists is not None:
             self.untagged(f"{updates.exists} EXISTS")
             if not self.rev2:

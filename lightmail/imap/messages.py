@@ -3,8 +3,11 @@ EXPUNGE, FETCH, STORE, COPY and MOVE, SEARCH, SORT and THREAD."""
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable
+from itertools import filterfalse
+from operator import attrgetter
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -20,8 +23,10 @@ from lightmail.imap.core import (
     No,
     Reply,
     breathe,
+    flags_of,
     ok,
     parse_number,
+    sliced,
 )
 from lightmail.imap.headcache import HEADERS
 from lightmail.imap.mailboxes import MailboxCommands
@@ -29,8 +34,8 @@ from lightmail.imap.message import ParsedMessage
 from lightmail.imap.parser import (
     Command,
 )
-from lightmail.imap.selected import SelectedMailbox
-from lightmail.imap.sequence import format_sequence, parse_sequence_set
+from lightmail.imap.selected import STEP, SelectedMailbox, Steps
+from lightmail.imap.sequence import format_copyuid, format_sequence, parse_sequence_set
 from lightmail.imap.tokens import (
     Atom,
     astring,
@@ -47,6 +52,9 @@ READ_AHEAD = 16
 # Header blocks asked of the store (IMailStore.headers_for) in one query.
 HEADERS_BATCH = 500
 
+
+_uid_of, _seq_of, _modseq_of, _size_of = (
+    attrgetter(name) for name in ("uid", "seq", "modseq", "size"))
 
 # Blobs read in one thread hop (small ones: up to READ_BATCH_OCTETS together).
 READ_BATCH = 16
@@ -131,7 +139,7 @@ class MessageCommands(MailboxCommands):
         seqset = parse_sequence_set(text)
         if seqset.saved:
             saved = set(self.saved_search or ())
-            return [u for u in selected.uids if u in saved]
+            return list(filter(saved.__contains__, selected.uids))
         if uid:
             largest = selected.largest_uid
             return seqset.select_sorted(selected.uids, largest) if largest else []
@@ -159,7 +167,7 @@ class MessageCommands(MailboxCommands):
         self._no_args(cmd)
         selected = self._sel()
         if not selected.readonly:
-            deleted = [u for u in selected.uids if "\\Deleted" in selected.info[u].flags]
+            deleted = selected.with_flag(selected.uids, "\\Deleted")
             if deleted:
                 await self.store.expunge(selected.id, deleted)
         self._unselect()
@@ -186,8 +194,9 @@ class MessageCommands(MailboxCommands):
         if selected.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
         await self.catch_up(allow_expunge=True)
-        deleted = [u for u in selected.uids if "\\Deleted" in selected.info[u].flags
-                   and (only is None or u in only)]
+        deleted = selected.with_flag(selected.uids, "\\Deleted")
+        if only is not None:
+            deleted = list(filter(only.__contains__, deleted))
         if deleted:
             await self.store.expunge(selected.id, deleted)
         return ok("EXPUNGE completed")
@@ -217,16 +226,18 @@ class MessageCommands(MailboxCommands):
         if changed_since is not None:
             if vanished:
                 changes = await self.store.changes_since(selected.id, changed_since)
-                gone = [u for u in changes.expunged if uids and uids[0] <= u <= uids[-1]]
+                expunged = changes.expunged         # ascending, as the store gives them
+                gone = expunged[bisect.bisect_left(expunged, uids[0]):
+                                bisect.bisect_right(expunged, uids[-1])] if uids else []
                 if gone:
                     self.untagged(f"VANISHED (EARLIER) {format_sequence(gone)}")
-            uids = [u for u in uids if selected.info[u].modseq > changed_since]
+            uids = selected.changed_since(uids, changed_since)
         seen = fetching.sets_seen(items) and not selected.readonly
         if seen:
-            unseen = [u for u in uids if "\\Seen" not in selected.info[u].flags]
+            unseen = selected.with_flag(uids, "\\Seen", present=False)
             if unseen:
                 changed = await self.store.set_flags(selected.id, unseen, ["\\Seen"], "add")
-                selected.update_flags(changed)
+                await sliced(selected.updating_flags(changed))
                 if not any(item.name == "FLAGS" for item in items):
                     items.append(fetching.FetchItem("FLAGS"))
                 if self._condstore:
@@ -396,36 +407,44 @@ class MessageCommands(MailboxCommands):
             # Checked against this session's view after a catch-up; a concurrent
             # change in the same instant may slip through (not atomic in the store).
             await self.catch_up(allow_expunge=False)
-            modified = [u for u in uids if selected.info[u].modseq > unchanged_since]
-            uids = [u for u in uids if u not in modified]
-        uids = [u for u in uids if u not in selected.gone]
+            modified = selected.changed_since(uids, unchanged_since)
+            if modified:
+                uids = list(filterfalse(set(modified).__contains__, uids))
+        uids = selected.present(uids)
         changed = await self.store.set_flags(selected.id, uids, flags, mode) if uids else []
-        selected.update_flags(changed)
-        if selected.tell_flags_of(info.flags for info in changed):
+        await sliced(selected.updating_flags(changed))
+        if selected.tell_flags_of(map(flags_of, changed)):
             self.tell_flags()
         silent = match.group(2) is not None
-        changed_uids = {info.uid for info in changed}
-        for message_uid in uids:
-            if silent and not (self._condstore and message_uid in changed_uids):
-                continue
-            info = selected.info[message_uid]
-            number = selected.number_of(message_uid)
-            parts = [b"FLAGS " + selected.flag_list(message_uid)]
-            if silent:
-                parts = []
-            # RFC 7162 §3.2.4: with CONDSTORE on, every untagged FETCH a STORE causes
-            # carries both UID and MODSEQ.
-            if uid or self._condstore:
-                parts.insert(0, b"UID %d" % message_uid)
-            if self._condstore:
-                parts.append(b"MODSEQ (%d)" % info.modseq)
-            if parts:
-                self.untagged(b"%d FETCH (" % number + b" ".join(parts) + b")")
+        if not silent or self._condstore:
+            await sliced(self._storing(selected, uids, changed, silent, uid))
         if modified:
             numbers = modified if uid else [selected.number_of(u) for u in modified]
             return ok(f"[MODIFIED {format_sequence(numbers)}] Conditional STORE failed "
                        "for some messages")
         return ok(f"{cmd.name} completed")
+
+    def _storing(self, selected: SelectedMailbox, uids: list[int],
+                 changed: list[MessageInfo], silent: bool, uid: bool) -> Steps:
+        """STORE's untagged FETCH responses, in steps (``sliced``): STORE 1:* names
+        every message of the mailbox."""
+        changed_uids = set(map(_uid_of, changed)) if silent else set()
+        for start in range(0, len(uids), STEP):
+            for message_uid in uids[start:start + STEP]:
+                if silent and message_uid not in changed_uids:
+                    continue
+                info = selected.info[message_uid]
+                number = selected.number_of(message_uid)
+                parts = [] if silent else [b"FLAGS " + selected.flag_list(message_uid)]
+                # RFC 7162 §3.2.4: with CONDSTORE on, every untagged FETCH a STORE
+                # causes carries both UID and MODSEQ.
+                if uid or self._condstore:
+                    parts.insert(0, b"UID %d" % message_uid)
+                if self._condstore:
+                    parts.append(b"MODSEQ (%d)" % info.modseq)
+                if parts:
+                    self.untagged(b"%d FETCH (" % number + b" ".join(parts) + b")")
+            yield
 
     async def do_COPY(self, cmd: Command) -> Reply:
         return await self._copy(cmd, uid=False, move=False)
@@ -443,7 +462,7 @@ class MessageCommands(MailboxCommands):
         if len(cmd.args) != 2:
             raise Bad(f"{cmd.name} needs a sequence set and a mailbox name")
         selected = self._sel()
-        uids = [u for u in self._resolve(cmd.args[0], uid) if u not in selected.gone]
+        uids = selected.present(self._resolve(cmd.args[0], uid))
         target = await self.store.get_mailbox(self.user.id, self._name(cmd.args[1]))
         if target is None:
             raise No("[TRYCREATE] No such mailbox")
@@ -451,15 +470,14 @@ class MessageCommands(MailboxCommands):
             raise No("[READ-ONLY] Mailbox is read-only")
         if self.user.quota_bytes and uids and not move:
             used = await self.store.usage(self.user.id)
-            size = sum(selected.info[u].size for u in uids)
+            size = sum(map(_size_of, map(selected.info.__getitem__, uids)))
             if used + size > self.user.quota_bytes:
                 raise No("[OVERQUOTA] Quota exceeded")
         copied = await self.store.copy(selected.id, uids, target.id, move=move)
         code = ""
-        if copied.pairs:
+        if copied.source:
             code = (f"[COPYUID {copied.uidvalidity} "
-                    f"{','.join(str(p[0]) for p in copied.pairs)} "
-                    f"{','.join(str(p[1]) for p in copied.pairs)}] ")
+                    f"{format_copyuid(copied.source, copied.target)}] ")
         if move:
             if code:
                 self.untagged(f"OK {code}Moved")
@@ -497,6 +515,10 @@ class MessageCommands(MailboxCommands):
                 selected.recent, selected.gone
             decided: tuple[dict[frozenset[str], bool], dict[frozenset[str], bool]] = ({}, {})
             for number, message_uid in enumerate(selected.uids, 1):
+                if number % BATCH == 0:
+                    await breathe()
+                    if self.selected is not selected:
+                        break
                 m = infos[message_uid]
                 is_recent = message_uid in recent
                 hit = decided[is_recent].get(m.flags)
@@ -552,7 +574,7 @@ class MessageCommands(MailboxCommands):
             # §6.4.4).
             returns = ["ALL"]
         found, key, _ = await self._matching(args)
-        numbers = [view.uid if uid else view.seq for view in found]
+        numbers = list(map(_uid_of if uid else _seq_of, found))
         modseq = None
         if searching.uses_modseq(key):
             self.enable_condstore()
@@ -562,12 +584,9 @@ class MessageCommands(MailboxCommands):
             if returns is not None and not {"ALL", "COUNT"} & set(returns):
                 named = (found[:1] if "MIN" in returns else []) + \
                     (found[-1:] if "MAX" in returns else [])
-            modseq = max((view.modseq for view in named), default=0)
+            modseq = max(map(_modseq_of, named), default=0)
         if returns is None:
-            text = "SEARCH" + "".join(f" {n}" for n in numbers)
-            if modseq and numbers:
-                text += f" (MODSEQ {modseq})"
-            self.untagged(text)
+            await sliced(self._writing_search(numbers, modseq))
             return ok(f"{cmd.name} completed")
         if "SAVE" in returns:
             saved = found
@@ -576,7 +595,7 @@ class MessageCommands(MailboxCommands):
                 if picks and "ALL" not in picks:
                     saved = [v for v in (found[:1] if "MIN" in picks else []) +
                              (found[-1:] if "MAX" in picks else [])]
-            self.saved_search = [v.uid for v in saved]
+            self.saved_search = list(map(_uid_of, saved))
             if set(returns) == {"SAVE"}:
                 return ok(f"{cmd.name} completed")
         parts = [f'(TAG "{cmd.tag}")']
@@ -595,6 +614,17 @@ class MessageCommands(MailboxCommands):
             parts.append(f"MODSEQ {modseq}")
         self.untagged("ESEARCH " + " ".join(parts))
         return ok(f"{cmd.name} completed")
+
+    def _writing_search(self, numbers: list[int], modseq: Optional[int]) -> Steps:
+        """The SEARCH response, one line written in pieces (``sliced``): SEARCH ALL
+        in a mailbox of 300,000 messages is 2 MB of numbers."""
+        self.write(b"* SEARCH")
+        for start in range(0, len(numbers), STEP):
+            self.write(b"".join([b" %d" % n for n in numbers[start:start + STEP]]))
+            yield
+        if modseq and numbers:
+            self.write(b" (MODSEQ %d)" % modseq)
+        self.write(b"\r\n")
 
     async def do_SORT(self, cmd: Command) -> Reply:
         return await self._sort(cmd, uid=False)

@@ -94,10 +94,42 @@ class MailboxChanges:
 
 @dataclass(frozen=True, slots=True)
 class Copied:
-    """Where COPY/MOVE put messages: (source UID, new UID) pairs (RFC 4315 COPYUID)."""
+    """Where COPY/MOVE put messages (RFC 4315 COPYUID): the source UIDs and their new
+    UIDs, each as ascending runs (low, high); the n-th source UID went to the n-th new
+    UID.  Runs, not pairs: a COPY of 300,000 messages is a few runs to carry between
+    processes and to format, where pairs took megabytes and 0.3 s of the reactor."""
 
     uidvalidity: int
-    pairs: tuple[tuple[int, int], ...]
+    source: tuple[tuple[int, int], ...] = ()
+    target: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, uidvalidity: int, source_uids: Sequence[int], first_new: int) -> Copied:
+        """``source_uids`` (ascending) copied to consecutive UIDs from ``first_new``."""
+        if not source_uids:
+            return cls(uidvalidity)
+        return cls(uidvalidity, ascending_runs(source_uids),
+                   ((first_new, first_new + len(source_uids) - 1),))
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """(source UID, new UID) for each message (for tests and small copies)."""
+        new = [uid for low, high in self.target for uid in range(low, high + 1)]
+        old = [uid for low, high in self.source for uid in range(low, high + 1)]
+        return tuple(zip(old, new, strict=True))
+
+
+def ascending_runs(numbers: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """The runs of consecutive numbers in ``numbers`` (ascending, no repeats)."""
+    runs = []
+    start = prev = numbers[0]
+    for number in numbers[1:]:
+        if number != prev + 1:
+            runs.append((start, prev))
+            start = number
+        prev = number
+    runs.append((start, prev))
+    return tuple(runs)
 
 
 @dataclass(frozen=True, slots=True)

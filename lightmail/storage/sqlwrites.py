@@ -36,7 +36,6 @@ from lightmail.storage.interfaces import (
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import (
     _BUMP_BY_NAME,
-    _DELETE_MESSAGES,
     _EARLIER_DELIVERY,
     _FILED_WITH,
     _INSERT_EXPUNGED,
@@ -51,7 +50,9 @@ from lightmail.storage.sqlstore import (
     _flags_text,
     _lock_mailbox,
     _messages_by_uid,
+    add_blob_refs,
     create_mailbox_now,
+    delete_messages,
     release_blob_refs,
     upsert_blob_ref,
 )
@@ -290,7 +291,7 @@ class SQLWrites:
             run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
             return changed, [MailboxChange(box.user_id, mailbox_id, "flags",
                                            tuple(m.uid for m in changed), modseq,
-                                           tuple(changed))]
+                                           _announced(changed))]
         return changed, []
 
     def expunge_now(self, conn: Connection, mailbox_id: int,
@@ -301,7 +302,7 @@ class SQLWrites:
         if not rows:
             return [], []
         modseq = box.highestmodseq + 1
-        conn.execute(_DELETE_MESSAGES, {"b_ids": [row.id for row in rows]})
+        delete_messages(conn, [row.id for row in rows])
         run_direct(conn, _INSERT_EXPUNGED, [
             {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": modseq} for row in rows])
         release_blob_refs(conn, Counter(row.blob_id for row in rows))
@@ -313,48 +314,58 @@ class SQLWrites:
     def copy_now(self, conn: Connection, source_id: int, uids: Sequence[int],
                  target_id: int, move: bool = False) -> Outcome:
         """COPY/MOVE inside the caller's transaction: one new MODSEQ for the target
-        (and one for the source's expunges), new UIDs in source UID order."""
+        (and one for the source's expunges), new UIDs in source UID order.  One
+        statement per kind of row, not one per message (a COPY of 1:* in a mailbox
+        of 300,000 messages spent minutes in per-message statements)."""
         # Lock in id order, so that two opposite moves cannot deadlock.
         boxes = {box_id: _lock_mailbox(conn, box_id)
                  for box_id in sorted({source_id, target_id})}
         source, target = boxes[source_id], boxes[target_id]
         rows = _messages_by_uid(conn, source_id, uids)
         if not rows:
-            return Copied(target.uidvalidity, ()), []
-        uid, modseq = target.uidnext, target.highestmodseq + 1
-        pairs = []
-        copies = []
-        for row in rows:
-            copies.append(MessageInfo(target_id, uid, modseq, row.blob_id, row.size,
-                                      row.internal_date, _flag_sets[row.flags]))
-            conn.execute(_INSERT_MESSAGE, {
-                "mailbox_id": target_id, "uid": uid, "modseq": modseq,
-                "blob_id": row.blob_id, "size": row.size, "internal_date": row.internal_date,
-                "flags": row.flags, "envelope": row.envelope,
-                "bodystructure": row.bodystructure, "headers": row.headers,
-                "delivery_id": None})
-            pairs.append((row.uid, uid))
-            uid += 1
-        conn.execute(_UPDATE_UIDNEXT, {"b_id": target_id, "b_uidnext": uid,
-                                       "b_modseq": modseq})
+            return Copied(target.uidvalidity), []
+        first, modseq = target.uidnext, target.highestmodseq + 1
+        run_direct(conn, _INSERT_MESSAGE, [{
+            "mailbox_id": target_id, "uid": uid, "modseq": modseq,
+            "blob_id": row.blob_id, "size": row.size, "internal_date": row.internal_date,
+            "flags": row.flags, "envelope": row.envelope,
+            "bodystructure": row.bodystructure, "headers": row.headers,
+            "delivery_id": None} for uid, row in enumerate(rows, first)])
+        uidnext = first + len(rows)
+        run_direct(conn, _UPDATE_UIDNEXT, {"b_id": target_id, "b_uidnext": uidnext,
+                                           "b_modseq": modseq})
+        copies = () if len(rows) > ANNOUNCE_MESSAGES else tuple(
+            MessageInfo(target_id, uid, modseq, row.blob_id, row.size,
+                        row.internal_date, _flag_sets[row.flags])
+            for uid, row in enumerate(rows, first))
+        source_uids = [row.uid for row in rows]
         changes = [MailboxChange(target.user_id, target_id, "appended",
-                                 tuple(p[1] for p in pairs), modseq, tuple(copies))]
+                                 tuple(range(first, uidnext)), modseq, copies)]
         if move:
             # The blobs change hands: their reference counts stay as they are.
             gone_modseq = (modseq if source_id == target_id else source.highestmodseq) + 1
-            conn.execute(s.messages.delete().where(
-                s.messages.c.id.in_([row.id for row in rows])))
-            conn.execute(s.expunged.insert(), [
-                {"mailbox_id": source_id, "uid": row.uid, "modseq": gone_modseq}
-                for row in rows])
-            conn.execute(s.mailboxes.update().where(s.mailboxes.c.id == source_id)
-                         .values(highestmodseq=gone_modseq))
+            delete_messages(conn, [row.id for row in rows])
+            run_direct(conn, _INSERT_EXPUNGED, [
+                {"mailbox_id": source_id, "uid": uid, "modseq": gone_modseq}
+                for uid in source_uids])
+            run_direct(conn, _SET_HIGHESTMODSEQ, {"b_id": source_id,
+                                                  "b_modseq": gone_modseq})
             changes.append(MailboxChange(source.user_id, source_id, "expunged",
-                                         tuple(row.uid for row in rows), gone_modseq))
+                                         tuple(source_uids), gone_modseq))
         else:
-            for row in rows:
-                upsert_blob_ref(conn, self.blobs, BlobRef(row.blob_id, row.size))
-        return Copied(target.uidvalidity, tuple(pairs)), changes
+            add_blob_refs(conn, Counter(row.blob_id for row in rows))
+        return Copied.of(target.uidvalidity, source_uids, first), changes
+
+
+#: The most messages a change is announced with (MailboxChange.messages).  A bigger
+#: one goes with its UIDs only, and the sessions that hear of it read the store, in a
+#: thread: 300,000 records took 0.5 s of the reactor to come out of pickle (the writer
+#: process's answer, a worker's relay), and as long again through the sessions.
+ANNOUNCE_MESSAGES = 1000
+
+
+def _announced(messages: list[MessageInfo]) -> tuple[MessageInfo, ...]:
+    return tuple(messages) if len(messages) <= ANNOUNCE_MESSAGES else ()
 
 
 #: The operations of the write port, by the names the engines send.
