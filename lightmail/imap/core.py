@@ -659,9 +659,12 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
 
 
     def _unselect(self) -> None:
-        if self.selected is not None:
-            self.hub.unwatch(self.selected.id, self)
+        selected = self.selected
+        if selected is not None:
+            self.hub.unwatch(selected.id, self)
             self.selected = None
+            if selected.exists > STEP:
+                defer.ensureDeferred(sliced(selected.dismantling()))
 
 
 def _discard(streamed: list[StreamedLiteral]) -> None:

@@ -13,9 +13,9 @@ import bisect
 from collections import deque
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field, replace
-from itertools import compress, filterfalse
-from operator import attrgetter, itemgetter
-from typing import Optional
+from itertools import compress, filterfalse, islice, repeat
+from operator import attrgetter, itemgetter, lt
+from typing import Any, Optional
 
 from lightmail.imap.fetch import SYSTEM_FLAGS, flag_list
 from lightmail.storage.interfaces import Mailbox, MailboxChange, MailboxChanges, MessageInfo
@@ -194,11 +194,13 @@ class SelectedMailbox:
     def applying(self, changes: MailboxChanges, allow_expunge: bool,
                  updates: Updates) -> Steps:
         """:meth:`apply` in steps of STEP messages (a generator: the session runs
-        it a slice of the reactor's time at a time), filling ``updates``."""
+        it a slice of the reactor's time at a time), filling ``updates``.  It
+        consumes ``changes.changed``: each step lets go of the records it is done
+        with, so that 300,000 of them are not freed in one go at the end (30 ms)."""
         self.uidnext = max(self.uidnext, changes.mailbox.uidnext)
         updates.new_keywords = self.tell_flags_of(map(_flags_of, changes.changed))
         uids, info, recent, gone = self.uids, self.info, self.recent, self.gone
-        changed = changes.changed
+        changed: list[Any] = changes.changed
         for start in range(0, len(changed), STEP):
             for message in changed[start:start + STEP]:
                 uid = message.uid
@@ -217,6 +219,7 @@ class SelectedMailbox:
                     # CONDSTORE clients want to hear of that too.
                     info[uid] = message
                     updates.flags.append(message)
+            changed[start:start + STEP] = repeat(None, len(changed[start:start + STEP]))
             yield
         expunged = changes.expunged
         for start in range(0, len(expunged), STEP):
@@ -245,9 +248,11 @@ class SelectedMailbox:
         """:meth:`release_expunges` in steps.  Each message's number is found by
         bisection and the view is rebuilt once: deleting from the list one message
         at a time cost a pass over it each, minutes for 200,000 expunges."""
-        held = sorted(set(self.held_expunges))
-        self.held_expunges.clear()
-        uids = self.uids
+        held = self.held_expunges
+        if not all(map(lt, held, islice(held, 1, None))):   # (ascending, as a rule)
+            held = sorted(set(held))
+        self.held_expunges = []
+        uids, info, recent = self.uids, self.info, self.recent
         leaving: list[int] = []
         for start in range(0, len(held), STEP):
             for uid in held[start:start + STEP]:
@@ -258,15 +263,36 @@ class SelectedMailbox:
                     leaving.append(uid)
             yield
         updates.expunged.extend(leaving)
+        for start in range(0, len(leaving), STEP):
+            chunk = leaving[start:start + STEP]
+            deque(map(info.__delitem__, chunk), maxlen=0)   # (in C)
+            if recent:
+                recent.difference_update(chunk)
+            yield
         if len(leaving) < 64:
             for uid in reversed(leaving):
                 del uids[bisect.bisect_left(uids, uid)]
         else:
-            gone = set(leaving)
-            uids[:] = filterfalse(gone.__contains__, uids)
+            # Every UID held is in ``gone`` (apply), and nothing else is.
+            kept: list[int] = []
+            for start in range(0, len(uids), 4 * STEP):
+                kept.extend(filterfalse(self.gone.__contains__, uids[start:start + 4 * STEP]))
+                yield
+            uids[:] = kept
+        self.gone.clear()
+
+    def dismantling(self) -> Steps:
+        """Let go of the view in steps (the session has unselected it): freeing
+        300,000 records in one go held the reactor for 20 to 30 ms."""
+        info, uids = self.info, self.uids
+        while info:
+            for _ in range(min(STEP, len(info))):
+                info.popitem()
             yield
-        deque(map(self.info.__delitem__, leaving), maxlen=0)   # (in C)
-        self.recent.difference_update(leaving)
+        while uids:
+            del uids[-4 * STEP:]
+            yield
+        self.recent.clear()
         self.gone.clear()
 
     def update_flags(self, changed: list[MessageInfo]) -> None:
