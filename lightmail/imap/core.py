@@ -38,7 +38,7 @@ from lightmail.imap.parser import (
 )
 from lightmail.imap.search import MAX_NUMBER64
 from lightmail.imap.selected import STEP, SelectedMailbox, Steps, Updates
-from lightmail.imap.sequence import format_sequence
+from lightmail.imap.sequence import formatting_sequence
 from lightmail.imap.tokens import (
     ParseError,
     astring,
@@ -95,6 +95,15 @@ async def sliced(steps: Generator[None, None, T]) -> T:
         if time.monotonic() > end:
             await breathe()
             end = time.monotonic() + INPUT_SLICE
+
+
+def mapping(fn: Callable[[Any], T], items: list[Any]) -> Generator[None, None, list[T]]:
+    """``list(map(fn, items))`` in steps (``sliced``)."""
+    out: list[T] = []
+    for start in range(0, len(items), 4 * STEP):
+        out.extend(map(fn, items[start:start + 4 * STEP]))
+        yield
+    return out
 
 # Output collected before a transport write (see SessionCore.write).
 OUTPUT_CHUNK = 64 * 1024
@@ -570,8 +579,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         assert selected is not None
         if updates.expunged:
             if "QRESYNC" in self.enabled:
-                yield
-                self.untagged(f"VANISHED {format_sequence(updates.expunged)}")
+                text = yield from formatting_sequence(updates.expunged, 4 * STEP)
+                self.untagged(f"VANISHED {text}")
             else:
                 numbers = updates.expunged_numbers
                 for start in range(0, len(numbers), STEP):

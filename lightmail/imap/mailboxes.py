@@ -38,7 +38,7 @@ from lightmail.imap.parser import (
     StreamedLiteral,
 )
 from lightmail.imap.selected import STEP, SelectedMailbox, Steps
-from lightmail.imap.sequence import SequenceSet, format_sequence, parse_sequence_set
+from lightmail.imap.sequence import SequenceSet, formatting_sequence, parse_sequence_set
 from lightmail.imap.tokens import (
     Atom,
     astring,
@@ -176,7 +176,8 @@ class MailboxCommands(SessionCore):
         if known is not None:
             gone = known.select_sorted(gone, selected.largest_uid or 1)
         if gone:
-            self.untagged(f"VANISHED (EARLIER) {format_sequence(gone)}")
+            text = await sliced(formatting_sequence(gone, 4 * STEP))
+            self.untagged(f"VANISHED (EARLIER) {text}")
         await sliced(self._telling_flags(selected, changes.changed))
 
     def _telling_flags(self, selected: SelectedMailbox, changed: list[Any]) -> Steps:

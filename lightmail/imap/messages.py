@@ -24,6 +24,7 @@ from lightmail.imap.core import (
     Reply,
     breathe,
     flags_of,
+    mapping,
     ok,
     parse_number,
     sliced,
@@ -35,7 +36,12 @@ from lightmail.imap.parser import (
     Command,
 )
 from lightmail.imap.selected import STEP, SelectedMailbox, Steps
-from lightmail.imap.sequence import format_copyuid, format_sequence, parse_sequence_set
+from lightmail.imap.sequence import (
+    format_copyuid,
+    format_sequence,
+    formatting_sequence,
+    parse_sequence_set,
+)
 from lightmail.imap.tokens import (
     Atom,
     astring,
@@ -192,7 +198,7 @@ class MessageCommands(MailboxCommands):
         self._no_args(cmd)
         selected = self._sel()
         if not selected.readonly:
-            deleted = selected.with_flag(selected.uids, "\\Deleted")
+            deleted = await sliced(selected.with_flag(selected.uids, "\\Deleted"))
             if deleted:
                 await self.store.expunge(selected.id, deleted)
         self._unselect()
@@ -219,7 +225,7 @@ class MessageCommands(MailboxCommands):
         if selected.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
         await self.catch_up(allow_expunge=True)
-        deleted = selected.with_flag(selected.uids, "\\Deleted")
+        deleted = await sliced(selected.with_flag(selected.uids, "\\Deleted"))
         if only is not None:
             deleted = list(filter(only.__contains__, deleted))
         if deleted:
@@ -255,11 +261,12 @@ class MessageCommands(MailboxCommands):
                 gone = expunged[bisect.bisect_left(expunged, uids[0]):
                                 bisect.bisect_right(expunged, uids[-1])] if uids else []
                 if gone:
-                    self.untagged(f"VANISHED (EARLIER) {format_sequence(gone)}")
-            uids = selected.changed_since(uids, changed_since)
+                    text = await sliced(formatting_sequence(gone, 4 * STEP))
+                    self.untagged(f"VANISHED (EARLIER) {text}")
+            uids = await sliced(selected.changed_since(uids, changed_since))
         seen = fetching.sets_seen(items) and not selected.readonly
         if seen:
-            unseen = selected.with_flag(uids, "\\Seen", present=False)
+            unseen = await sliced(selected.with_flag(uids, "\\Seen", present=False))
             if unseen:
                 changed = await self.store.set_flags(selected.id, unseen, ["\\Seen"], "add")
                 await sliced(selected.updating_flags(changed))
@@ -432,7 +439,7 @@ class MessageCommands(MailboxCommands):
             # Checked against this session's view after a catch-up; a concurrent
             # change in the same instant may slip through (not atomic in the store).
             await self.catch_up(allow_expunge=False)
-            modified = selected.changed_since(uids, unchanged_since)
+            modified = await sliced(selected.changed_since(uids, unchanged_since))
             if modified:
                 uids = list(filterfalse(set(modified).__contains__, uids))
         uids = selected.present(uids)
@@ -595,8 +602,8 @@ class MessageCommands(MailboxCommands):
             returns = ["ALL"]
         found, key, _ = await self._matching(args)
         selected = self._sel()
-        uids = list(map(selected.uids.__getitem__, found))
-        numbers = uids if uid else list(map((1).__add__, found))
+        uids = await sliced(mapping(selected.uids.__getitem__, found))
+        numbers = uids if uid else await sliced(mapping((1).__add__, found))
         modseq = None
         if searching.uses_modseq(key):
             self.enable_condstore()
@@ -629,7 +636,7 @@ class MessageCommands(MailboxCommands):
             if "MAX" in returns:
                 parts.append(f"MAX {numbers[-1]}")
             if "ALL" in returns:
-                parts.append(f"ALL {format_sequence(numbers)}")
+                parts.append(f"ALL {await sliced(formatting_sequence(numbers, 4 * STEP))}")
         if "COUNT" in returns:
             parts.append(f"COUNT {len(numbers)}")
         if modseq and numbers:

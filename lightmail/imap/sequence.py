@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from lightmail.imap.tokens import ParseError
@@ -124,3 +124,17 @@ def format_copyuid(source: Sequence[tuple[int, int]],
     each compressed on its own keeps that pairing (``1:3,7 10:13``, as Dovecot
     says it), where a list of every UID took megabytes for a big COPY."""
     return f"{format_ranges(source)} {format_ranges(target)}"
+
+
+def formatting_sequence(numbers: Sequence[int], step: int) -> Generator[None, None, str]:
+    """:func:`format_sequence` in steps of ``step`` numbers (a generator whose value
+    is the text), for the reactor: VANISHED or ESEARCH ALL of 300,000 UIDs.  Made for
+    ascending numbers; others give a set that is right but less compact."""
+    ranges: list[tuple[int, int]] = []
+    for start in range(0, len(numbers), step):
+        part = number_ranges(numbers[start:start + step])
+        if ranges and part and part[0][0] == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], part.pop(0)[1])
+        ranges += part
+        yield
+    return format_ranges(ranges)

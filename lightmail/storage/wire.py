@@ -122,33 +122,48 @@ _LENGTH = struct.Struct("!H")
 
 def read_boxes(buf: bytearray) -> list[dict[bytes, bytes]]:
     """The complete AMP boxes at the start of ``buf``, which loses them: each box is
-    key, value, ..., each with its 2-octet length, ended by an empty key."""
+    key, value, ..., each with its 2-octet length, ended by an empty key.
+
+    A box's end is found (lengths only) before anything is copied out of it: an
+    answer of megabytes arrives in many reads, and parsing and copying it again at
+    each one cost the reactor time in the square of its size."""
     boxes = []
     view = memoryview(buf)
-    offset = consumed = 0
-    box: dict[bytes, bytes] = {}
-    size = len(buf)
+    consumed = 0
     try:
-        while offset + 2 <= size:
-            (length,) = _LENGTH.unpack_from(view, offset)
-            if length == 0:
-                offset += 2
-                boxes.append(box)
-                box, consumed = {}, offset
-                continue
-            key_end = offset + 2 + length
-            if key_end + 2 > size:
-                break
-            (value_length,) = _LENGTH.unpack_from(view, key_end)
-            value_end = key_end + 2 + value_length
-            if value_end > size:
-                break
-            box[bytes(view[offset + 2:key_end])] = bytes(view[key_end + 2:value_end])
-            offset = value_end
+        while (end := _box_end(view, consumed)) is not None:
+            box: dict[bytes, bytes] = {}
+            offset = consumed
+            while True:
+                (length,) = _LENGTH.unpack_from(view, offset)
+                if length == 0:
+                    break
+                key_end = offset + 2 + length
+                (value_length,) = _LENGTH.unpack_from(view, key_end)
+                value_end = key_end + 2 + value_length
+                box[bytes(view[offset + 2:key_end])] = bytes(view[key_end + 2:value_end])
+                offset = value_end
+            boxes.append(box)
+            consumed = end
     finally:
         view.release()
     del buf[:consumed]
     return boxes
+
+
+def _box_end(view: memoryview, offset: int) -> int | None:
+    """Where the box that starts at ``offset`` ends, if all of it is there."""
+    size = len(view)
+    while offset + 2 <= size:
+        (length,) = _LENGTH.unpack_from(view, offset)
+        if length == 0:
+            return offset + 2
+        key_end = offset + 2 + length
+        if key_end + 2 > size:
+            return None
+        (value_length,) = _LENGTH.unpack_from(view, key_end)
+        offset = key_end + 2 + value_length
+    return None
 
 
 def box_bytes(box: dict[bytes, bytes]) -> bytes:
