@@ -82,19 +82,40 @@ T = TypeVar("T")
 
 async def sliced(steps: Generator[None, None, T]) -> T:
     """Run ``steps`` (a generator whose every step is a few milliseconds of work over
-    messages: selected.STEP) to its end, handing the reactor back each time it has had
-    it for INPUT_SLICE, as input does (listeners.INPUT_SLICE).  Work in proportion
-    to a mailbox (taking in a COPY of 300,000 messages, telling their EXPUNGEs)
-    held it for seconds in one go."""
-    end = time.monotonic() + INPUT_SLICE
+    messages: selected.STEP) to its end, handing the reactor back once the reactor's
+    turn has run for INPUT_SLICE, as input does (listeners.INPUT_SLICE).  Work in
+    proportion to a mailbox (taking in a COPY of 300,000 messages, telling their
+    EXPUNGEs) held it for seconds in one go."""
     while True:
         try:
             next(steps)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        if time.monotonic() > end:
+        if time.monotonic() > _Turn.deadline():
             await breathe()
-            end = time.monotonic() + INPUT_SLICE
+
+
+class _Turn:
+    """When this reactor turn's share of stepped work ends: one deadline for every
+    ``sliced`` of the turn (a command runs several one after another, and each with
+    a slice of its own held the reactor for several slices), forgotten at the next
+    turn."""
+
+    end = 0.0
+    marked = False
+
+    @classmethod
+    def deadline(cls) -> float:
+        if not cls.marked:
+            from twisted.internet import reactor
+            cls.marked = True
+            cls.end = time.monotonic() + INPUT_SLICE
+            reactor.callLater(0, cls.over)  # type: ignore[attr-defined]
+        return cls.end
+
+    @classmethod
+    def over(cls) -> None:
+        cls.marked = False
 
 
 def mapping(fn: Callable[[Any], T], items: list[Any]) -> Generator[None, None, list[T]]:

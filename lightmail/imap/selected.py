@@ -277,23 +277,25 @@ class SelectedMailbox:
                     leaving.append(uid)
             yield
         updates.expunged.extend(leaving)
+        gone = self.gone            # every UID held is in it (apply), and nothing else
+        if len(leaving) < 64:
+            for uid in reversed(leaving):
+                del uids[bisect.bisect_left(uids, uid)]
+        else:
+            kept: list[int] = []
+            for start in range(0, len(uids), 4 * STEP):
+                kept.extend(filterfalse(gone.__contains__, uids[start:start + 4 * STEP]))
+                yield
+            uids[:] = kept
+            yield
         for start in range(0, len(leaving), STEP):
             chunk = leaving[start:start + STEP]
             deque(map(info.__delitem__, chunk), maxlen=0)   # (in C)
             if recent:
                 recent.difference_update(chunk)
+            gone.difference_update(chunk)
             yield
-        if len(leaving) < 64:
-            for uid in reversed(leaving):
-                del uids[bisect.bisect_left(uids, uid)]
-        else:
-            # Every UID held is in ``gone`` (apply), and nothing else is.
-            kept: list[int] = []
-            for start in range(0, len(uids), 4 * STEP):
-                kept.extend(filterfalse(self.gone.__contains__, uids[start:start + 4 * STEP]))
-                yield
-            uids[:] = kept
-        self.gone.clear()
+        self.gone = set()           # (emptied already: freeing it costs nothing)
 
     def dismantling(self) -> Steps:
         """Let go of the view in steps (the session has unselected it): freeing
