@@ -86,6 +86,7 @@ async def sliced(steps: Generator[None, None, T]) -> T:
     turn has run for INPUT_SLICE, as input does (listeners.INPUT_SLICE).  Work in
     proportion to a mailbox (taking in a COPY of 300,000 messages, telling their
     EXPUNGEs) held it for seconds in one go."""
+    _Turn.deadline()            # (the turn's share counts from here, if it is the first)
     while True:
         try:
             next(steps)
