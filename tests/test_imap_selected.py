@@ -84,3 +84,50 @@ def test_sequence_set_selects_sorted_uids_by_bisection() -> None:
     assert parse_sequence_set("12:3,4:5").select_sorted(uids, 40) == [4, 5, 9, 12]
     assert parse_sequence_set("41:*").select_sorted(uids, 40) == [40]
     assert parse_sequence_set("13:39").select_sorted(uids, 40) == []
+
+
+def test_uid_sets_come_in_ranges() -> None:
+    from lightmail.imap.sequence import format_copyuid, format_sequence, formatting_sequence
+    from lightmail.storage.interfaces import Copied
+    assert format_sequence([7, 1, 2, 3, 3, 9, 8]) == "1:3,7:9"
+    assert format_sequence(iter([4, 5, 10])) == "4:5,10" and format_sequence([]) == ""
+    steps = formatting_sequence(list(range(1, 10)) + [12, 13, 15], step=3)
+    assert list(steps) == [None] * 4
+    steps = formatting_sequence(list(range(1, 10)) + [12, 13, 15], step=3)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        assert done.value == "1:9,12:13,15"      # runs joined across steps
+    # RFC 4315 §3: the n-th source UID went to the n-th new one; both ascending.
+    copied = Copied.of(7, [1, 2, 3, 7], first_new=10)
+    assert format_copyuid(copied.source, copied.target) == "1:3,7 10:13"
+    assert copied.pairs == ((1, 10), (2, 11), (3, 12), (7, 13))
+    assert Copied.of(7, [], first_new=10).source == ()
+
+
+def test_many_expunges_are_numbered_as_sent() -> None:
+    # Each EXPUNGE renumbers the messages after it: ascending, each number is its
+    # place less the expunges told before it.  Over 64 the view is rebuilt at once.
+    for count in (5, 300):
+        box = Mailbox(1, 1, "INBOX", 7, uidnext=2 * count + 1, highestmodseq=2 * count)
+        sel = SelectedMailbox(box, [info(uid, uid) for uid in range(1, 2 * count + 1)],
+                              readonly=False, first_recent=1)
+        gone = tuple(range(2, 2 * count + 1, 2))            # every even UID
+        sel.hear(MailboxChange(1, 1, "expunged", gone, 2 * count + 1))
+        updates = sel.apply(sel.take_pending(), allow_expunge=True)
+        assert updates.expunged == list(gone)
+        assert updates.expunged_numbers == list(range(2, count + 2))
+        assert sel.uids == list(range(1, 2 * count + 1, 2)) and set(sel.info) == set(sel.uids)
+        assert sel.recent == set(sel.uids) and not sel.gone
+
+
+def test_a_change_without_its_uids_needs_a_read() -> None:
+    # (A worker relays a change too big for AMP without its UIDs.)
+    from lightmail.workers import control
+    sel = selected()
+    sel.hear(MailboxChange(1, 1, "expunged", (), 6))
+    assert sel.dirty
+    big = MailboxChange(1, 1, "expunged", tuple(range(1, 100_001)), 6)
+    relayed = control.decode_change(control.encode_change(big))
+    assert relayed.uids == () and relayed.modseq == 6 and relayed.kind == "expunged"

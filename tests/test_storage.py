@@ -919,3 +919,30 @@ def test_flag_changes_and_expunges_are_unsynced_unless_configured(stack, monkeyp
     unsynced = ["write_unsynced"] if stack.db.backend == "sqlite" else \
         ["write_unsynced", "write"]
     assert calls == ["write", *unsynced, *unsynced, "write", "write", "write"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_uids_go_in_chunks(stack, monkeypatch) -> None:
+    """STORE, COPY, MOVE and EXPUNGE of more UIDs than one statement may bind (SQLite:
+    32,766 or 250,000; PostgreSQL and MariaDB: 65,535) run in chunks; here chunks of
+    2 stand in for IN_CHUNK's 10,000.  And COPY counts one reference per message."""
+    from lightmail.storage import sqlstore
+    monkeypatch.setattr(sqlstore, "IN_CHUNK", 2)
+    user = yield make_user(stack)
+    inbox = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    archive = yield stack.mailstore.create_mailbox(user.id, "Archive")
+    ref = yield stack.blobs.put(MESSAGE)
+    for _ in range(5):
+        yield stack.mailstore.append(inbox.id, ref)
+    changed = yield stack.mailstore.set_flags(inbox.id, [5, 1, 2, 3, 4], ["\\Seen"], "add")
+    assert [m.uid for m in changed] == [1, 2, 3, 4, 5]
+    copied = yield stack.mailstore.copy(inbox.id, [1, 2, 4, 5], archive.id)
+    assert (copied.source, copied.target) == (((1, 2), (4, 5)), ((1, 4),))
+    assert refcount(stack, ref.id) == 9
+    moved = yield stack.mailstore.copy(inbox.id, [1, 2, 3, 4, 5], archive.id, move=True)
+    assert (moved.source, moved.target) == (((1, 5),), ((5, 9),))
+    assert (yield stack.mailstore.list_messages(inbox.id)) == []
+    gone = yield stack.mailstore.expunge(archive.id, [1, 2, 3, 4, 5, 6, 7])
+    assert gone == [1, 2, 3, 4, 5, 6, 7]
+    assert refcount(stack, ref.id) == 2
+    assert [m.uid for m in (yield stack.mailstore.list_messages(archive.id))] == [8, 9]
