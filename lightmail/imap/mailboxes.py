@@ -111,8 +111,7 @@ class MailboxCommands(SessionCore):
         # indexing 300,000 messages held the reactor for 50 ms.
         selected, flag_sets, unseen = await threads.deferToThread(
             _open_view, box, messages, readonly, first_recent if not self.rev2 else 1 << 62)
-        del messages
-        if self.closing:
+        if self.closing:            # (gone meanwhile: watching would leak the session)
             return ok(f"{cmd.name} completed")
         self.selected, self.state = selected, SELECTED
         self.saved_search = None

@@ -144,9 +144,10 @@ def _flag_hits(selected: SelectedMailbox, key: Any, context: Any
         if recent:
             flag_sets = list(zip(flag_sets, map(recent.__contains__, chunk), strict=True))
         for flags in set(flag_sets).difference(decided):
-            decided[flags] = searching.matches_flags(
-                key, flags[0] | {"\\Recent"} if flags[1] else flags[0], context) \
-                if recent else searching.matches_flags(key, flags, context)
+            # (With \\Recent in the view, each is (flags, whether recent).)
+            effective = (flags[0] | {"\\Recent"} if flags[1] else flags[0]) if recent \
+                else flags
+            decided[flags] = searching.matches_flags(key, effective, context)
         hits.extend(compress(range(start, start + len(chunk)),
                              map(decided.__getitem__, flag_sets)))
         yield
