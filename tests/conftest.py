@@ -8,6 +8,7 @@ a message saying so: nothing is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -38,9 +39,16 @@ def _admin_engine(url: str) -> sa.Engine:
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty database, on each backend in turn."""
-    backend = request.param
+    with empty_database(request.param, tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def empty_database(backend: str, tmp_path: Path, name: str = "lightmail") -> Iterator[str]:
+    """A URL of a new, empty database on ``backend`` (one of BACKENDS), dropped
+    afterwards (on SQLite: ``tmp_path/NAME.db``)."""
     if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lightmail.db'}"
+        yield f"sqlite:///{tmp_path / (name + '.db')}"
         return
     name = f"lm_{uuid.uuid4().hex[:12]}"
     admin_url = PG_ADMIN_URL if backend == "postgresql" else MARIADB_ADMIN_URL

@@ -78,6 +78,16 @@ class ArchivingWritePort:
             return self._archived(appended, blob.ref.id, where)
         return self.inner.append(mailbox_id, blob, flags, internal_date).addCallback(done)
 
+    def append_many(self, mailbox_id: int,
+                    messages: Sequence[tuple[IStagedBlob, Sequence[str], int]]
+                    ) -> Deferred[list[Appended]]:
+        def done(appended: list[Appended]) -> list[Appended]:
+            for (blob, _, _), one in zip(messages, appended, strict=True):
+                self._archived(one, blob.ref.id,
+                               f"appended mailbox={one.mailbox_id} uid={one.uid}")
+            return appended
+        return self.inner.append_many(mailbox_id, messages).addCallback(done)
+
     def set_flags(self, mailbox_id: int, uids: Sequence[int], flags: Sequence[str],
                   mode: str) -> Deferred[list[MessageInfo]]:
         d = self.inner.set_flags(mailbox_id, uids, flags, mode)

@@ -22,6 +22,7 @@
     lightmail api-reference       (the admin API reference, rst, from its OpenAPI)
     lightmail demo-setup          (make run: demo domain, user and certificate)
     lightmail reload [--timeout SECONDS]   (the running server reads its config again)
+    lightmail backup DEST | restore SRC [--replace]       (lightmail/admin/backup.py)
 
 The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
 ``/etc/lightmail/lightmail.conf``.  Passwords are never taken as arguments (they would
@@ -618,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-setup", help="demo domain, user and certificate (make run)")
     p.set_defaults(func=cmd_demo_setup)
+
+    from lightmail.admin import backup
+    backup.register(sub, _load)
     return parser
 
 

@@ -6,6 +6,7 @@ Layout under the store's root::
                             of its content, fanned out by its first byte
     tmp/                    blobs being written (same filesystem as objects/)
     format                  "2": the layout above
+    pins.lock               locked by backups (pin_now) and garbage collection
 
 One level of 256 fan-out directories, as git keeps loose objects: they all exist after
 the first thousand or so messages, where two levels (65,536 directories, the layout
@@ -46,7 +47,9 @@ the ``*_now`` methods are synchronous and meant for code already on a worker thr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
@@ -55,7 +58,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -488,6 +491,34 @@ class FilesystemBlobStore:
         for index in written:
             results[index] = _outcome(pendings[index].rename_now)
         return results
+
+    # Pins (IBlobStore.pin_now): a shared flock on a file in the store, which a
+    # garbage collection's exclusive one excludes, whatever the process; the kernel
+    # lets go of it when its holder dies, so a killed backup holds nothing back.
+    def _pin_file(self) -> int:
+        return os.open(self.root / "pins.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def pin_now(self) -> Iterator[None]:
+        fd = self._pin_file()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def collecting_now(self) -> Iterator[bool]:
+        fd = self._pin_file()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
 
     def recover(self) -> Deferred[int]:
         """:meth:`recover_now` on the pool; logs what it moved."""

@@ -7,6 +7,7 @@ a network returns a Deferred; implementations do that work off the reactor threa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -340,6 +341,15 @@ class IBlobStore(Interface):
     def adopt(handoff: BlobHandoff) -> IStagedBlob:
         """The staged blob that another process handed over (:meth:`IStagedBlob.handoff`)."""
 
+    def pin_now() -> AbstractContextManager[None]:
+        """While the context lasts, garbage collection deletes no blob, in any process
+        (a backup copying the blobs of its snapshot).  Waits for a collection in
+        progress to end first; any thread but the reactor's."""
+
+    def collecting_now() -> AbstractContextManager[bool]:
+        """For garbage collection (worker thread): True, and no pin can start until
+        the context ends; or False at once when a pin is held (collect later)."""
+
 
 class IChangeListener(Interface):
     def mailbox_changed(change: MailboxChange) -> None:
@@ -539,6 +549,14 @@ class IWritePort(Interface):
     def append(mailbox_id: int, blob: IStagedBlob, flags: Sequence[str],
                internal_date: int) -> Deferred[Appended]:
         """IMAP APPEND: the next UID and MODSEQ of the mailbox."""
+
+    def append_many(mailbox_id: int,
+                    messages: Sequence[tuple[IStagedBlob, Sequence[str], int]]
+                    ) -> Deferred[list[Appended]]:
+        """Several APPENDs to one mailbox, in order, in one transaction (RFC 3502's
+        MULTIAPPEND; ``lightmail import``): each message is (blob, flags, internal
+        date).  Consecutive UIDs, one new MODSEQ for them all; their blobs are made
+        durable first, together."""
 
     def set_flags(mailbox_id: int, uids: Sequence[int], flags: Sequence[str],
                   mode: str) -> Deferred[list[MessageInfo]]:

@@ -727,26 +727,34 @@ class SQLMailStore:
             return [blob_id for blob_id in ids if blob_id not in known]
 
         def collect() -> int:
-            # An expunge may have been committed unsynced (write_unsynced): put it
-            # on disk before deleting the files it let go of.
-            self.db.sync_now()
-            removed = 0
-            for blob_id in self.db.read_now(candidates):
-                try:
-                    removed += self.db.write_now(delete_one, blob_id)
-                except _KeepBlob:
-                    pass
-            return removed
+            with self.blobs.collecting_now() as free:
+                if not free:
+                    # A backup is copying the blobs its snapshot refers to.
+                    self.log.info("garbage collection put off: a backup holds the "
+                                  "blob store")
+                    return 0
+                # An expunge may have been committed unsynced (write_unsynced): put it
+                # on disk before deleting the files it let go of.
+                self.db.sync_now()
+                removed = 0
+                for blob_id in self.db.read_now(candidates):
+                    try:
+                        removed += self.db.write_now(delete_one, blob_id)
+                    except _KeepBlob:
+                        pass
+                return removed
 
         def collect_orphans(old_ids: list[str]) -> Deferred[int]:
             # Files with no row at all: left by a crash between the blob write and
             # the transaction that would have referenced it.
             def run() -> int:
                 removed = 0
-                for start in range(0, len(old_ids), 500):
-                    for blob_id in self.db.read_now(orphans, old_ids[start:start + 500]):
-                        removed += self.db.write_now(_delete_orphan, self.blobs, blob_id,
-                                                     cutoff)
+                with self.blobs.collecting_now() as free:
+                    for start in range(0, len(old_ids) if free else 0, 500):
+                        for blob_id in self.db.read_now(orphans,
+                                                        old_ids[start:start + 500]):
+                            removed += self.db.write_now(_delete_orphan, self.blobs,
+                                                         blob_id, cutoff)
                 return removed
             return self.db.run(run)
 

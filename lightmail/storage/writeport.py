@@ -105,6 +105,21 @@ class _Engine:
                internal_date: int) -> Deferred[Appended]:
         return self._do("append", (mailbox_id, blob.ref, list(flags), internal_date), blob)
 
+    def append_many(self, mailbox_id: int,
+                    messages: Sequence[tuple[IStagedBlob, Sequence[str], int]]
+                    ) -> Deferred[list[Appended]]:
+        args = (mailbox_id, [(blob.ref, list(flags), date) for blob, flags, date in messages])
+        staged = [blob for blob, _, _ in messages if not blob.durable]
+        if not staged:
+            return self._do("append_many", args)
+        return self._make_durable(staged).addCallback(
+            lambda _: self._do("append_many", args))
+
+    def _make_durable(self, staged: list[IStagedBlob]) -> Deferred[None]:
+        """Make staged blobs durable together (one flush per store, where the store
+        can), off the reactor thread; fails with the first blob's error."""
+        raise NotImplementedError
+
     def set_flags(self, mailbox_id: int, uids: Sequence[int], flags: Sequence[str],
                   mode: str) -> Deferred[list[MessageInfo]]:
         return self._do("set_flags", (mailbox_id, list(uids), list(flags), mode),
@@ -156,6 +171,9 @@ class GroupedWritePort(_Engine):
             return db.write_grouped(fn, *args)
         return (db.write if durable else db.write_unsynced)(fn, *args)
 
+    def _make_durable(self, staged: list[IStagedBlob]) -> Deferred[None]:
+        return self.db.run(_commit_staged_now, staged)
+
 
 @implementer(IWritePort)
 class WriterProcessPort(_Engine):
@@ -179,6 +197,9 @@ class WriterProcessPort(_Engine):
         if op in ("accept", "file", "enqueue"):
             d.addErrback(self._unless_filed, op, args)
         return d
+
+    def _make_durable(self, staged: list[IStagedBlob]) -> Deferred[None]:
+        return self.local._make_durable(staged)
 
     def _unless_filed(self, failure: Failure, op: str, args: tuple[Any, ...]) -> Any:
         """The writer process went away before it answered (WriterLost): had it
@@ -211,3 +232,14 @@ class WriterProcessPort(_Engine):
                 return failure
             return db.run(db.sync_now).addCallback(lambda _: (result, []))
         return d.addCallback(decide)
+
+
+def _commit_staged_now(staged: list[IStagedBlob]) -> None:
+    """Make staged blobs durable, each store's together (worker thread)."""
+    by_store: dict[Any, list[IStagedBlob]] = {}
+    for blob in staged:
+        by_store.setdefault(blob.store, []).append(blob)
+    errors = [error for store, blobs in by_store.items()
+              for error in store.commit_staged_now(blobs) if error is not None]
+    if errors:
+        raise errors[0]

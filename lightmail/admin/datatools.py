@@ -1,0 +1,183 @@
+"""What the data tools (backup, restore, import, export) share: errors, storage for a
+tool that needs the reactor, and what they show while they work.
+
+A progress bar on standard error when it is a terminal, redrawn at most ten times a
+second; nothing when it is not (a cron job's mail, a log, a pipe get no carriage
+returns).  The summary a tool ends with goes to standard output, as text or, with
+``--json``, as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from lightmail.config import Config
+
+#: Reads the configuration the command line names (lightmail.admin.cli's _load).
+Loader = Callable[[argparse.Namespace], Config]
+
+
+class ToolError(Exception):
+    """The tool could not do what was asked; the message says why, for the
+    administrator (one line on stderr, exit status 1)."""
+
+_REDRAW = 0.1        # seconds between redraws
+_WIDTH = 24          # the bar's cells
+
+
+def _octets(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"        # not reached
+
+
+class Progress:
+    """One tool's progress, in phases: ``start(label, total)``, ``advance(n, octets)``
+    as work is done, ``finish()`` (or the next ``start``).  ``total`` may be unknown
+    (None): a count is shown instead of a bar."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label = ""
+        self.total: int | None = None
+        self.done = 0
+        self.octets = 0
+        self._started = 0.0
+        self._drawn = 0.0
+        self._shown = False
+
+    def start(self, label: str, total: int | None = None) -> None:
+        self.finish()
+        self.label, self.total, self.done, self.octets = label, total, 0, 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def advance(self, count: int = 1, octets: int = 0) -> None:
+        self.done += count
+        self.octets += octets
+        if self.enabled:
+            now = time.monotonic()
+            if now - self._drawn >= _REDRAW:
+                self._drawn = now
+                self._draw(now)
+
+    def finish(self) -> None:
+        if self.enabled and self.label and (self._shown or self.done):
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+        self._shown = False
+        self.label = ""
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-6)
+        rate = f"{self.done / elapsed:,.0f}/s"
+        if self.octets:
+            rate += f", {_octets(self.octets / elapsed)}/s"
+        if self.total:
+            filled = min(_WIDTH, _WIDTH * self.done // self.total)
+            bar = "#" * filled + "." * (_WIDTH - filled)
+            text = (f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
+                    f"{self.done:,}/{self.total:,} ({rate})")
+        else:
+            text = f"{self.label} {self.done:,} ({rate})"
+        self.stream.write("\r" + text + "\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+
+def report(summary: dict[str, Any], as_json: bool, text: str) -> None:
+    """The tool's last word on standard output: ``text``, or ``summary`` as JSON."""
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(text)
+
+
+def command(run: Callable[[argparse.Namespace, Loader], dict[str, Any]],
+            load: Loader) -> Callable[[argparse.Namespace], int]:
+    """An argparse ``func`` for a data tool: ``run(args, load)`` returns its summary
+    (already reported); a ToolError becomes one line on stderr (and, with ``--json``,
+    ``{"ok": false, "error": ...}`` on stdout) and exit status 1."""
+    def func(args: argparse.Namespace) -> int:
+        try:
+            run(args, load)
+        except ToolError as exc:
+            if getattr(args, "json", False):
+                print(json.dumps({"ok": False, "error": str(exc)}))
+            print(f"lightmail: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    return func
+
+
+def with_storage(config: Config, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``await work(services)`` (lightmail.wiring's Services of the command's
+    role) with the reactor and storage running, then stop them; its result, or its
+    ToolError raised again here.  The schema must be this LightMail's."""
+    from twisted.internet import defer, task
+
+    from lightmail.directory.interfaces import DirectoryError
+    from lightmail.storage import migrate
+    from lightmail.wiring import Role, wire
+
+    services = wire(config, Role.COMMAND)
+    storage = services.storage
+    storage.db.start()
+    storage.io_pool.start()
+    outcome: list[Any] = []
+    try:
+        current, head = migrate.current_revision(storage.db.engine), migrate.head_revision()
+        if current != head:
+            raise ToolError(f"the database schema is at {current or 'nothing'}, this "
+                            f"LightMail needs {head}: run 'lightmail db upgrade'")
+
+        async def main() -> None:
+            try:
+                outcome.append(await work(services))
+            except (ToolError, DirectoryError) as exc:
+                outcome.append(ToolError(str(exc)))
+            except Exception as exc:        # a bug or a storage failure: say what
+                outcome.append(ToolError(f"{exc.__class__.__name__}: {exc}"))
+                raise
+        try:
+            task.react(lambda reactor: defer.ensureDeferred(main()))
+        except SystemExit:
+            pass
+    finally:
+        storage.io_pool.stop()
+        storage.db.stop()
+    if not outcome:
+        raise ToolError("interrupted")
+    if isinstance(outcome[0], ToolError):
+        raise outcome[0]
+    return outcome[0]
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written under ``path`` durable (a backup or an export, before
+    it says it is done): syncfs(2) of its filesystem where there is one, else
+    sync(2)."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(path))
+    finally:
+        os.close(fd)
