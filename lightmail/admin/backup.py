@@ -35,7 +35,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -49,7 +48,7 @@ from lightmail.admin.datatools import (
     Loader,
     Progress,
     ToolError,
-    command,
+    remove_partial,
     report,
     sync_filesystem,
 )
@@ -68,21 +67,6 @@ _BLOBS_PER_FLUSH = 256
 _CHUNK = 1 << 20
 #: What a full target looks like; EFBIG is a file over RLIMIT_FSIZE.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def register(sub: Any, load: Loader) -> None:
-    """The ``backup`` and ``restore`` commands (lightmail.admin.cli)."""
-    p = sub.add_parser("backup", help="copy the metadata and blobs while the server runs")
-    p.add_argument("dest", help="a new directory for the backup")
-    p.add_argument("--json", action="store_true", help="the summary as JSON")
-    p.set_defaults(func=command(run_backup, load))
-    p = sub.add_parser("restore", help="put a backup into the configured (empty) "
-                       "database and blob store")
-    p.add_argument("src", help="a directory made by lightmail backup")
-    p.add_argument("--replace", action="store_true",
-                   help="delete whatever the database holds first")
-    p.add_argument("--json", action="store_true", help="the summary as JSON")
-    p.set_defaults(func=command(run_restore, load))
 
 
 def run_backup(args: argparse.Namespace, load: Loader) -> dict[str, Any]:
@@ -167,7 +151,7 @@ def backup(config: Config, dest: Path, progress: Progress) -> dict[str, Any]:
         _write_manifest(dest, manifest)
     except BaseException as exc:
         progress.finish()
-        _remove(dest, made)
+        remove_partial(dest, made)
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             raise ToolError(f"the backup's target ran out of space ({exc.strerror}"
                             f"{': ' + exc.filename if exc.filename else ''}); the "
@@ -286,17 +270,6 @@ def _write_manifest(dest: Path, manifest: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _remove(dest: Path, made: bool) -> None:
-    if made:
-        shutil.rmtree(dest, ignore_errors=True)
-    elif dest.is_dir():
-        for entry in dest.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
 
 
 # --- restore --------------------------------------------------------------------------

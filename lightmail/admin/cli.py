@@ -22,7 +22,8 @@
     lightmail api-reference       (the admin API reference, rst, from its OpenAPI)
     lightmail demo-setup          (make run: demo domain, user and certificate)
     lightmail reload [--timeout SECONDS]   (the running server reads its config again)
-    lightmail backup DEST | restore SRC [--replace]       (lightmail/admin/backup.py)
+    lightmail backup DEST | restore SRC [--replace]      (lightmail/admin/datatools.py)
+    lightmail import ADDRESS MAILDIR|MBOX [--mailbox NAME] | export ADDRESS DEST
 
 The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
 ``/etc/lightmail/lightmail.conf``.  Passwords are never taken as arguments (they would
@@ -620,8 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-setup", help="demo domain, user and certificate (make run)")
     p.set_defaults(func=cmd_demo_setup)
 
-    from lightmail.admin import backup
-    backup.register(sub, _load)
+    from lightmail.admin import datatools
+    datatools.register(sub, _load)
     return parser
 
 

@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -105,12 +106,45 @@ def report(summary: dict[str, Any], as_json: bool, text: str) -> None:
         print(text)
 
 
-def command(run: Callable[[argparse.Namespace, Loader], dict[str, Any]],
-            load: Loader) -> Callable[[argparse.Namespace], int]:
-    """An argparse ``func`` for a data tool: ``run(args, load)`` returns its summary
-    (already reported); a ToolError becomes one line on stderr (and, with ``--json``,
-    ``{"ok": false, "error": ...}`` on stdout) and exit status 1."""
+def register(sub: Any, load: Loader) -> None:
+    """The data tools' commands (for lightmail.admin.cli).  Their modules are imported
+    when one runs, not for every ``lightmail`` command."""
+    p = sub.add_parser("backup", help="copy the metadata and blobs while the server runs")
+    p.add_argument("dest", help="a new directory for the backup")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.set_defaults(func=command("backup", "run_backup", load))
+    p = sub.add_parser("restore", help="put a backup into the configured (empty) "
+                       "database and blob store")
+    p.add_argument("src", help="a directory made by lightmail backup")
+    p.add_argument("--replace", action="store_true",
+                   help="delete whatever the database holds first")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.set_defaults(func=command("backup", "run_restore", load))
+    p = sub.add_parser("import", help="a Maildir (with its folders) or an mbox file into "
+                       "a user's mailboxes")
+    p.add_argument("address", help="the user")
+    p.add_argument("source", help="a Maildir directory or an mbox file")
+    p.add_argument("--mailbox", help="mbox: the mailbox to fill (default INBOX); "
+                   "Maildir: the mailbox its folders go under (default: INBOX to INBOX)")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.set_defaults(func=command("mailimport", "run_import", load))
+    p = sub.add_parser("export", help="a user's mailboxes to a Maildir")
+    p.add_argument("address", help="the user")
+    p.add_argument("dest", help="a new directory for the Maildir")
+    p.add_argument("--mailbox", action="append", metavar="NAME",
+                   help="only this mailbox (more than once for several)")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.set_defaults(func=command("mailimport", "run_export", load))
+
+
+def command(module: str, name: str, load: Loader) -> Callable[[argparse.Namespace], int]:
+    """An argparse ``func`` for a data tool: ``lightmail.admin.MODULE.NAME(args,
+    load)`` returns its summary (already reported); a ToolError becomes one line on
+    stderr (and, with ``--json``, ``{"ok": false, "error": ...}`` on stdout) and exit
+    status 1."""
     def func(args: argparse.Namespace) -> int:
+        import importlib
+        run = getattr(importlib.import_module(f"lightmail.admin.{module}"), name)
         try:
             run(args, load)
         except ToolError as exc:
@@ -181,3 +215,16 @@ def sync_filesystem(path: Path) -> None:
             raise OSError(error, os.strerror(error), str(path))
     finally:
         os.close(fd)
+
+
+def remove_partial(dest: Path, made: bool) -> None:
+    """Take away what a failed backup or export wrote: ``dest`` itself if the tool
+    made it, else what it put in it (it was empty)."""
+    if made:
+        shutil.rmtree(dest, ignore_errors=True)
+    elif dest.is_dir():
+        for entry in dest.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

@@ -173,6 +173,12 @@ def _run(chunk: list[str]) -> IO[str]:
     return run
 
 
+def make_root(root: Path) -> None:
+    """A Maildir's top (INBOX), ready even when INBOX gets no message."""
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+
 class MaildirFolder:
     """One folder being written by export: messages go to ``cur`` (through ``tmp``)
     under unique names, their keywords into ``dovecot-keywords`` (26 at most: Dovecot's

@@ -399,6 +399,11 @@ class IMailStore(Interface):
     def list_messages(mailbox_id: int) -> Deferred[list[MessageInfo]]:
         """The messages of a mailbox in UID order."""
 
+    def messages_page(mailbox_id: int, after_uid: int, limit: int
+                      ) -> Deferred[list[MessageInfo]]:
+        """Up to ``limit`` messages whose UID is above ``after_uid``, in UID order: a
+        large mailbox read a part at a time (``lightmail export``)."""
+
     def select_mailbox(user_id: int, name: str
                        ) -> Deferred[Optional[tuple[Mailbox, list[MessageInfo]]]]:
         """The mailbox called ``name`` (as :meth:`get_mailbox`) and its messages in UID

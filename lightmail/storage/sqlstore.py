@@ -212,6 +212,12 @@ _LIST_MESSAGES = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_d
                                            ).order_by(_m.uid)
 
 
+_MESSAGES_PAGE = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_date,
+                           _m.flags).where(
+    (_m.mailbox_id == sa.bindparam("b_box")) & (_m.uid > sa.bindparam("b_after"))
+).order_by(_m.uid).limit(sa.bindparam("b_limit"))
+
+
 # The same on SQLite, as one row: a JSON array of the rows (see _rows_as_one).
 _LIST_MESSAGES_JSON = (
     "SELECT json_group_array(json_array(uid, modseq, blob_id, size, internal_date, flags))"
@@ -244,6 +250,12 @@ _HEADERS = sa.select(_m.uid, _m.blob_id, s.blobs.c.headers).select_from(
     s.messages.join(s.blobs, s.blobs.c.id == _m.blob_id)).where(
     (_m.mailbox_id == sa.bindparam("b_box"))
     & _m.uid.in_(sa.bindparam("b_uids", expanding=True)))
+_MESSAGES_PAGE = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_date,
+                           _m.flags).where(
+    (_m.mailbox_id == sa.bindparam("b_box")) & (_m.uid > sa.bindparam("b_after"))
+).order_by(_m.uid).limit(sa.bindparam("b_limit"))
+
+
 # The same on SQLite, as one row (see _rows_as_one); the header blocks in hex (and a
 # missing one as null: SQLite's hex(NULL) is '').
 _HEADERS_JSON = (
@@ -503,6 +515,15 @@ class SQLMailStore:
             rows = _all_tuples(run_direct(conn, _LIST_MESSAGES, {"b_box": mailbox_id}))
         return [info(mailbox_id, uid, modseq, blob_id, size, date, flag_sets[flags])
                 for uid, modseq, blob_id, size, date, flags in rows]
+
+    def messages_page(self, mailbox_id: int, after_uid: int, limit: int
+                      ) -> Deferred[list[MessageInfo]]:
+        def page(conn: Connection) -> list[MessageInfo]:
+            rows = conn.execute(_MESSAGES_PAGE, {"b_box": mailbox_id, "b_after": after_uid,
+                                                 "b_limit": limit})
+            return [MessageInfo(mailbox_id, row.uid, row.modseq, row.blob_id, row.size,
+                                row.internal_date, _flag_sets[row.flags]) for row in rows]
+        return self.db.read(page)
 
     def select_mailbox(self, user_id: int, name: str
                        ) -> Deferred[Optional[tuple[Mailbox, list[MessageInfo]]]]:
