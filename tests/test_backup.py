@@ -222,7 +222,7 @@ def test_backup_of_a_running_server_restores_into_another_database(
             # New rows get new ids (PostgreSQL's sequences went on after the restored).
             imap = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=30)
             ok(imap.login(USER, PASSWORD))
-            ok(imap.create("Made after the restore"))
+            ok(imap.create("After-the-restore"))
             count = int(ok(imap.select("INBOX"))[0])
             assert count == len(before[USER]["INBOX"]["messages"]) + 1
             imap.logout()
@@ -521,3 +521,27 @@ def test_a_pin_held_by_another_process_puts_collection_off(tmp_path: Path,
         child.communicate("\n", timeout=30)
     with sqlite_stack.blobs.collecting_now() as free:
         assert free
+
+
+def test_progress_shows_on_a_terminal_only() -> None:
+    import io
+
+    from lightmail.admin.datatools import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        progress = Progress(stream)
+        progress.start("blobs", 4)
+        progress.advance(1, 1000)
+        progress.advance(3, 3000)
+        progress.start("rows")
+        progress.advance(7)
+        progress.finish()
+        text = stream.getvalue()
+        if shown:
+            assert "\rblobs [" in text and "100% 4/4" in text and "\rrows 7 (" in text
+            assert text.endswith("\n") and text.count("\n") == 2
+        else:
+            assert text == ""

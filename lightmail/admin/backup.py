@@ -139,7 +139,8 @@ def backup(config: Config, dest: Path, progress: Progress) -> dict[str, Any]:
     engine = create_engine(config.database_url, pool_size=1)
     made = not dest.exists()
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        # Password hashes and everyone's mail: for LightMail's user only.
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         (dest / "tables").mkdir()
         (dest / "blobs").mkdir()
         store = FilesystemBlobStore(config.blob_dir, None)
@@ -322,6 +323,9 @@ def restore(config: Config, src: Path, progress: Progress,
             migrate.upgrade(engine)
     except OSError as exc:
         raise ToolError(f"restore failed: {exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ToolError(f"the backup at {src} is damaged ({exc.__class__.__name__}: "
+                        f"{exc}): nothing was restored") from None
     except sa.exc.SQLAlchemyError as exc:
         raise ToolError(f"restore failed: the database: {exc.__class__.__name__}: "
                         f"{getattr(exc, 'orig', None) or exc}") from None

@@ -174,7 +174,9 @@ def _run(chunk: list[str]) -> IO[str]:
 
 
 def make_root(root: Path) -> None:
-    """A Maildir's top (INBOX), ready even when INBOX gets no message."""
+    """A Maildir's top (INBOX), ready even when INBOX gets no message; made for its
+    owner only (mode 0700), as Maildirs are."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     for sub in ("cur", "new", "tmp"):
         (root / sub).mkdir(parents=True, exist_ok=True)
 
