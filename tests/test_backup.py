@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 import sqlalchemy as sa
 from conftest import empty_database
 from harness import ServerProcess, free_port, run_cli
@@ -502,6 +503,24 @@ def test_a_pin_puts_garbage_collection_off(sqlite_stack: Any) -> None:
             pass
     with blobs.collecting_now() as free:
         assert free
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_collection_waits_while_the_store_is_pinned(sqlite_stack: Any) -> Any:
+    stack = sqlite_stack
+    user = yield stack.directory.add_domain("example.test").addCallback(
+        lambda _: stack.directory.add_user("bob@example.test", None))
+    box = yield stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    expunged = yield stack.blobs.put(message("expunged"))
+    orphan = yield stack.blobs.put(message("never referenced"))
+    yield stack.mailstore.append(box.id, expunged)
+    yield stack.mailstore.expunge(box.id, [1])
+    time.sleep(0.05)
+    with stack.blobs.pin_now():
+        assert (yield stack.mailstore.collect_garbage(0)) == 0
+        assert stack.blobs.exists_now(expunged.id) and stack.blobs.exists_now(orphan.id)
+    assert (yield stack.mailstore.collect_garbage(0)) == 2
+    assert not stack.blobs.exists_now(expunged.id)
 
 
 def test_a_pin_held_by_another_process_puts_collection_off(tmp_path: Path,
