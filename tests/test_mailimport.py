@@ -441,3 +441,21 @@ def test_maildir_names_flags_and_keywords(tmp_path: Path) -> None:
             .write_bytes(b"x")
     found = [m.path.name.partition(":")[0] for m in maildir.messages(root)]
     assert found == sorted(names) and maildir.SORT_CHUNK < len(names)
+
+
+def test_a_message_a_server_renames_meanwhile_is_found(tmp_path: Path) -> None:
+    from lightmail.admin import maildir
+    root = tmp_path / "Maildir"
+    maildir.make_root(root)
+    for number in range(3):
+        (root / "new" / f"160000000{number}.M1P1.h").write_bytes(b"x")
+    found = maildir.messages(root)
+    first = next(found)
+    # Dovecot moves a message to cur/ when a client sees it, and renames it when its
+    # flags change; another is expunged.
+    (root / "new" / "1600000001.M1P1.h").rename(root / "cur" / "1600000001.M1P1.h:2,S")
+    (root / "new" / "1600000002.M1P1.h").unlink()
+    rest = list(found)
+    assert first.path.name == "1600000000.M1P1.h"
+    assert [(m.path.name, m.flags) for m in rest] == [("1600000001.M1P1.h:2,S",
+                                                       ("\\Seen",))]

@@ -121,14 +121,27 @@ def messages(folder: Path) -> Iterator[MaildirMessage]:
     sorted on disk in pieces of SORT_CHUNK, so memory does not grow with the folder."""
     keywords = read_keywords(folder)
     for line in _sorted_on_disk(_listing(folder)):
-        _, _, relative = line.partition("\t")
+        base, _, relative = line.partition("\t")
         path = folder / relative
         try:
             st = path.stat()
-        except FileNotFoundError:       # moved by a running server meanwhile
-            continue
+        except FileNotFoundError:
+            # A server using the Maildir renamed it since (new flags, or new/ to cur/),
+            # or expunged it.
+            renamed = _renamed(folder, base)
+            if renamed is None:
+                continue
+            path, st = renamed, renamed.stat()
         yield MaildirMessage(path, parse_flags(path.name, keywords),
                              st.st_mtime_ns // 1_000_000, st.st_size)
+
+
+def _renamed(folder: Path, base: str) -> Path | None:
+    with os.scandir(folder / "cur") as entries:
+        for entry in entries:
+            if entry.name.partition(":")[0] == base:
+                return Path(entry.path)
+    return None
 
 
 def _listing(folder: Path) -> Iterator[str]:

@@ -212,17 +212,18 @@ _LIST_MESSAGES = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_d
                                            ).order_by(_m.uid)
 
 
-_MESSAGES_PAGE = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_date,
-                           _m.flags).where(
-    (_m.mailbox_id == sa.bindparam("b_box")) & (_m.uid > sa.bindparam("b_after"))
-).order_by(_m.uid).limit(sa.bindparam("b_limit"))
-
-
 # The same on SQLite, as one row: a JSON array of the rows (see _rows_as_one).
 _LIST_MESSAGES_JSON = (
     "SELECT json_group_array(json_array(uid, modseq, blob_id, size, internal_date, flags))"
     " FROM (SELECT uid, modseq, blob_id, size, internal_date, flags FROM messages"
     " WHERE mailbox_id = ? ORDER BY uid)")
+
+
+# A page of them (lightmail export reads a large mailbox a part at a time).
+_MESSAGES_PAGE = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_date,
+                           _m.flags).where(
+    (_m.mailbox_id == sa.bindparam("b_box")) & (_m.uid > sa.bindparam("b_after"))
+).order_by(_m.uid).limit(sa.bindparam("b_limit"))
 
 
 def _rows_as_one(conn: Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
@@ -250,12 +251,6 @@ _HEADERS = sa.select(_m.uid, _m.blob_id, s.blobs.c.headers).select_from(
     s.messages.join(s.blobs, s.blobs.c.id == _m.blob_id)).where(
     (_m.mailbox_id == sa.bindparam("b_box"))
     & _m.uid.in_(sa.bindparam("b_uids", expanding=True)))
-_MESSAGES_PAGE = sa.select(_m.uid, _m.modseq, _m.blob_id, _m.size, _m.internal_date,
-                           _m.flags).where(
-    (_m.mailbox_id == sa.bindparam("b_box")) & (_m.uid > sa.bindparam("b_after"))
-).order_by(_m.uid).limit(sa.bindparam("b_limit"))
-
-
 # The same on SQLite, as one row (see _rows_as_one); the header blocks in hex (and a
 # missing one as null: SQLite's hex(NULL) is '').
 _HEADERS_JSON = (
