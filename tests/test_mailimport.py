@@ -351,8 +351,9 @@ def peak_of(config: Path, *args: str) -> tuple[int, dict[str, Any]]:
 @pytest.mark.timeout(1200)   # many processes; minutes on a loaded machine
 def test_memory_does_not_grow_with_the_mailbox(tmp_path: Path) -> None:
     """Import and export of 1,000 and of 10,000 messages: the larger takes no more
-    memory than the smaller, give or take a batch in flight (measured: 0.3 MB; a list
-    of the 9,000 more messages' names alone would be 1.3 MB, their index entries 3 MB).
+    memory than the smaller, give or take the batches in flight (measured: 0.3-0.4 MB;
+    a list of the 9,000 more messages' names alone would be 1.3 MB, their index
+    entries 3 MB).
     100,000: bench/datatools.py, docs/benchmarks.rst."""
     peaks = {}
     for count in (1000, 10000):
@@ -369,8 +370,8 @@ def test_memory_does_not_grow_with_the_mailbox(tmp_path: Path) -> None:
     small, large = peaks[1000], peaks[10000]
     print(f"peak Python memory: import {small[0]:,} -> {large[0]:,} octets, "
           f"export {small[1]:,} -> {large[1]:,} octets")
-    assert large[0] - small[0] < 600_000, peaks
-    assert large[1] - small[1] < 600_000, peaks
+    assert large[0] - small[0] < 800_000, peaks
+    assert large[1] - small[1] < 800_000, peaks
 
 
 # --- the storage it goes through ----------------------------------------------------------
@@ -459,3 +460,26 @@ def test_a_message_a_server_renames_meanwhile_is_found(tmp_path: Path) -> None:
     assert first.path.name == "1600000000.M1P1.h"
     assert [(m.path.name, m.flags) for m in rest] == [("1600000001.M1P1.h:2,S",
                                                        ("\\Seen",))]
+
+
+def test_messages_come_in_the_order_they_arrived(tmp_path: Path) -> None:
+    from lightmail.admin import maildir
+    root = tmp_path / "Maildir"
+    maildir.make_root(root)
+    names = ["1600000000.M99999P7.h", "1600000000.M123456P7.h", "1600000001.M5P7.h",
+             "1599999999.M1P7.h", "1600000002.qmail.h"]
+    for name in names:
+        (root / "cur" / (name + ":2,")).write_bytes(b"x")
+    # Without Dovecot's UID list: by the time in the names (microseconds as numbers).
+    assert [m.path.name.partition(":")[0] for m in maildir.messages(root)] == [
+        "1599999999.M1P7.h", "1600000000.M99999P7.h", "1600000000.M123456P7.h",
+        "1600000001.M5P7.h", "1600000002.qmail.h"]
+    # With it: its UIDs first (Dovecot's order), then what it does not list.
+    (root / "dovecot-uidlist").write_text(
+        "3 V1600000000 N4 G0123456789abcdef\n"
+        "1 :1600000001.M5P7.h\n"
+        "2 W1234 :1600000000.M123456P7.h\n"
+        "3 :1600000000.M1P1.gone\n")
+    assert [m.path.name.partition(":")[0] for m in maildir.messages(root)] == [
+        "1600000001.M5P7.h", "1600000000.M123456P7.h", "1599999999.M1P7.h",
+        "1600000000.M99999P7.h", "1600000002.qmail.h"]

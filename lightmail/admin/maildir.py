@@ -116,12 +116,15 @@ def parse_flags(filename: str, keywords: dict[str, str]) -> tuple[str, ...]:
 
 
 def messages(folder: Path) -> Iterator[MaildirMessage]:
-    """The folder's messages (``new`` and ``cur``) in the order of their base names,
-    which begin with the time of delivery: the order they arrived in.  The listing is
+    """The folder's messages (``new`` and ``cur``) in the order they arrived: those
+    that Dovecot's ``dovecot-uidlist`` lists in the order of their UIDs there, then
+    the others by the time of delivery their names begin with.  The listings are
     sorted on disk in pieces of SORT_CHUNK, so memory does not grow with the folder."""
     keywords = read_keywords(folder)
-    for line in _sorted_on_disk(_listing(folder)):
-        base, _, relative = line.partition("\t")
+    arrival = _arrival(_sorted_on_disk(_listing(folder)),
+                       _sorted_on_disk(_uidlist(folder)))
+    for line in _sorted_on_disk(arrival):
+        _, base, relative = line.split("\t", 2)
         path = folder / relative
         try:
             st = path.stat()
@@ -134,6 +137,61 @@ def messages(folder: Path) -> Iterator[MaildirMessage]:
             path, st = renamed, renamed.stat()
         yield MaildirMessage(path, parse_flags(path.name, keywords),
                              st.st_mtime_ns // 1_000_000, st.st_size)
+
+
+def _uidlist(folder: Path) -> Iterator[str]:
+    """``base\tUID`` for each message ``dovecot-uidlist`` names (its versions 1 and
+    3: ``UID BASE`` or ``UID [FIELDS] :BASE`` after a header line)."""
+    try:
+        lines = (folder / "dovecot-uidlist").open(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        return
+    with lines:
+        lines.readline()
+        for line in lines:
+            uid, _, rest = line.rstrip("\n").partition(" ")
+            name = rest.partition(" :")[2] if " :" in rest else \
+                rest[1:] if rest.startswith(":") else rest.rpartition(" ")[2]
+            base = name.partition(":")[0]
+            if uid.isdigit() and base and "\t" not in base:
+                yield f"{base}\t{int(uid)}"
+
+
+def _arrival(listing: Iterator[str], uids: Iterator[str]) -> Iterator[str]:
+    """``key\tbase\trelative path`` for each file: both inputs sorted by base name,
+    joined as they go (a merge join)."""
+    def entry(line: str | None) -> tuple[str, str] | None:
+        if line is None:
+            return None
+        base, _, uid = line.partition("\t")
+        return base, uid
+
+    known = entry(next(uids, None))
+    for line in listing:
+        base, _, relative = line.partition("\t")
+        while known is not None and known[0] < base:
+            known = entry(next(uids, None))
+        if known is not None and known[0] == base:
+            key = f"0{int(known[1]):012d}"
+        else:
+            key = "1" + _time_key(base)
+        yield f"{key}\t{base}\t{relative}"
+
+
+_TIMED = re.compile(r"(\d+)\.(?:M(\d+)P(\d+))?(.*)", re.DOTALL)
+
+
+def _time_key(base: str) -> str:
+    """A base name as a key that sorts by its time: ``secs.M<usec>P<pid>.host``
+    (Dovecot's, Courier's) with the numbers at fixed widths; ``secs.rest`` by its
+    seconds; anything else as it is."""
+    match = _TIMED.fullmatch(base)
+    if match is None:
+        return base
+    seconds, micro, pid, rest = match.groups()
+    if micro is None:
+        return f"{int(seconds):012d}.{rest}"
+    return f"{int(seconds):012d}.{int(micro):06d}.{int(pid):010d}{rest}"
 
 
 def _renamed(folder: Path, base: str) -> Path | None:
