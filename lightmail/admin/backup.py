@@ -237,7 +237,7 @@ def _copy_blobs_out(store: FilesystemBlobStore, dest: Path, manifest: dict[str, 
                             f"hashes to {digest}; lightmail fsck says more)")
         count += 1
         octets += size
-        progress.advance(1, size)
+        progress.advance()
     return {"count": count, "bytes": octets}
 
 

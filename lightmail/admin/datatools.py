@@ -1,8 +1,8 @@
 """What the data tools (backup, restore, import, export) share: errors, storage for a
 tool that needs the reactor, and what they show while they work.
 
-A progress bar on standard error when it is a terminal, redrawn at most ten times a
-second; nothing when it is not (a cron job's mail, a log, a pipe get no carriage
+A progress bar on standard error when it is a terminal (lightmail.admin.progressbar,
+as fsck's); nothing when it is not (a cron job's mail, a log, a pipe get no carriage
 returns).  The summary a tool ends with goes to standard output, as text or, with
 ``--json``, as one JSON object.
 """
@@ -15,11 +15,11 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from lightmail.admin import progressbar
 from lightmail.config import Config
 
 #: Reads the configuration the command line names (lightmail.admin.cli's _load).
@@ -30,72 +30,28 @@ class ToolError(Exception):
     """The tool could not do what was asked; the message says why, for the
     administrator (one line on stderr, exit status 1)."""
 
-_REDRAW = 0.1        # seconds between redraws
-_WIDTH = 24          # the bar's cells
-
-
-def _octets(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"        # not reached
-
 
 class Progress:
-    """One tool's progress, in phases: ``start(label, total)``, ``advance(n, octets)``
-    as work is done, ``finish()`` (or the next ``start``).  ``total`` may be unknown
-    (None): a count is shown instead of a bar."""
+    """One tool's progress in phases (``start(label, total)``, ``advance(count)``,
+    ``finish()`` or the next ``start``), each shown as lightmail.admin.progressbar's
+    line: on a terminal only."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.label = ""
-        self.total: int | None = None
-        self.done = 0
-        self.octets = 0
-        self._started = 0.0
-        self._drawn = 0.0
-        self._shown = False
+        self.stream = stream
+        self._line: progressbar.Progress | None = None
 
     def start(self, label: str, total: int | None = None) -> None:
         self.finish()
-        self.label, self.total, self.done, self.octets = label, total, 0, 0
-        self._started = time.monotonic()
-        self._drawn = 0.0
+        self._line = progressbar.Progress(label, total, self.stream)
 
-    def advance(self, count: int = 1, octets: int = 0) -> None:
-        self.done += count
-        self.octets += octets
-        if self.enabled:
-            now = time.monotonic()
-            if now - self._drawn >= _REDRAW:
-                self._drawn = now
-                self._draw(now)
+    def advance(self, count: int = 1) -> None:
+        if self._line is not None:
+            self._line.advance(count)
 
     def finish(self) -> None:
-        if self.enabled and self.label and (self._shown or self.done):
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-        self._shown = False
-        self.label = ""
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._started, 1e-6)
-        rate = f"{self.done / elapsed:,.0f}/s"
-        if self.octets:
-            rate += f", {_octets(self.octets / elapsed)}/s"
-        if self.total:
-            filled = min(_WIDTH, _WIDTH * self.done // self.total)
-            bar = "#" * filled + "." * (_WIDTH - filled)
-            text = (f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
-                    f"{self.done:,}/{self.total:,} ({rate})")
-        else:
-            text = f"{self.label} {self.done:,} ({rate})"
-        self.stream.write("\r" + text + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
+        if self._line is not None:
+            self._line.close()
+            self._line = None
 
 
 def report(summary: dict[str, Any], as_json: bool, text: str) -> None:

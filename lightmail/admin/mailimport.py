@@ -253,7 +253,7 @@ class Importer:
     def _filed(self, appended: list[Any], name: str, octets: int) -> None:
         self.filed[name] += len(appended)
         self.octets += octets
-        self.progress.advance(len(appended), octets)
+        self.progress.advance(len(appended))
 
     async def _stage(self, batch: list[Incoming]
                      ) -> list[tuple[IStagedBlob, list[str], int]]:
@@ -346,7 +346,7 @@ class Exporter:
                 octets = await self._in_thread(self._write, folder, page)
                 self.written[box.name] += len(page)
                 self.octets += octets
-                self.progress.advance(len(page), octets)
+                self.progress.advance(len(page))
                 after = page[-1].uid
         finally:
             await self._in_thread(folder.close)
