@@ -14,7 +14,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	# twistd finds plugins in twisted/plugins/ under any sys.path entry: put the
 	# source tree there, whatever editable mode setuptools chose.
 	$(BIN)/python -c 'import site, os; open(os.path.join(site.getsitepackages()[0], "lightmail-src.pth"), "w").write(os.getcwd() + "\n")'
-	$(BIN)/twistd --help | grep -q lightmail || { echo "twistd does not see the lightmail plugin" >&2; exit 1; }
+	$(BIN)/twistd --help | grep lightmail >/dev/null || { echo "twistd does not see the lightmail plugin" >&2; exit 1; }
 	touch $@
 
 run: $(BIN)/.installed
