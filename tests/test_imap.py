@@ -65,8 +65,8 @@ def tls_context() -> ssl.SSLContext:
     return ctx
 
 
-def login(port: int) -> imaplib.IMAP4:
-    imap = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+def login(port: int, timeout: float = 20) -> imaplib.IMAP4:
+    imap = imaplib.IMAP4("127.0.0.1", port, timeout=timeout)
     imap.login("bob@example.test", "bob-secret")
     return imap
 

@@ -29,7 +29,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import test_imap
 from inprocess import in_thread, start
+from test_imap import ok
 from twisted.internet import defer
 
 from lightmail.storage import schema as s
@@ -111,15 +113,7 @@ def fill(conn: Any, mailbox_id: int, blob_id: str, count: int) -> None:
 
 
 def login(port: int) -> imaplib.IMAP4:
-    imap = imaplib.IMAP4("127.0.0.1", port, timeout=600)
-    imap.login("bob@example.test", "bob-secret")
-    return imap
-
-
-def ok(result: tuple[str, Any]) -> Any:
-    status, data = result
-    assert status == "OK", data
-    return data
+    return test_imap.login(port, timeout=600)
 
 
 @pytest_twisted.inlineCallbacks
