@@ -930,6 +930,68 @@ class DKIMConfig:
         "Header fields signed once more than the message has them, so that one added "
         "on the way breaks the signature (OpenDKIM's OversignHeaders).",
         shown_default="from")
+    verify_max_signatures: int = option(
+        5, parse_int(1, 50),
+        "Incoming mail (listeners whose checks include dkim): the most DKIM signatures "
+        "verified per message, top first; the others are reported as 'policy' (not "
+        "checked).  Each costs a DNS lookup and a pass over the message.")
+    verify_min_rsa_bits: int = option(
+        1024, parse_int(512, 8192),
+        "Incoming mail: RSA keys shorter than this fail verification as 'policy' "
+        "(RFC 8301 §3.2 asks verifiers to refuse keys under 1024 bits).")
+
+
+@dataclass(frozen=True)
+class SPFConfig:
+    """SPF (RFC 7208) on listeners whose checks include spf: whether the client may
+    send for the HELO name and the MAIL FROM domain, checked at MAIL FROM
+    (authenticated sessions are not checked).  The replies are RFC 7372's."""
+
+    check_helo: bool = option(
+        True, parse_bool,
+        "Check the HELO/EHLO name's policy too (RFC 7208 §2.3); a HELO fail is "
+        "conclusive, otherwise the MAIL FROM result decides.")
+    fail_action: str = option(
+        "reject", parse_choice("reject", "tag"),
+        "On fail: reject (550 5.7.23 with the domain's explanation, as Postfix's "
+        "policyd-spf does), or tag (only record it in Authentication-Results and "
+        "let DMARC decide, as RFC 7489 §10.1 suggests for DMARC-aware receivers).")
+    temperror_action: str = option(
+        "tempfail", parse_choice("tempfail", "tag"),
+        "On a temporary DNS error: tempfail (451 4.7.24: the client tries again "
+        "later) or tag (accept and record it).")
+    permerror_action: str = option(
+        "tag", parse_choice("tag", "reject"),
+        "On a broken SPF record: tag (accept and record it, as policyd-spf does) or "
+        "reject (550 5.7.24).")
+    time_limit: float = option(
+        20.0, parse_duration(minimum=1.0),
+        "Longest a check may take, all its DNS lookups together; beyond it the "
+        "result is temperror.")
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    """The inbound policy chain (the checks each SMTP listener's ``checks`` names) and
+    the Authentication-Results header field (RFC 8601) it writes."""
+
+    authserv_id: str = option(
+        "", parse_str,
+        "The authserv-id of our Authentication-Results fields; fields from outside "
+        "that claim it are removed (RFC 8601 §5).",
+        shown_default="the server's hostname")
+
+
+INBOUND_CHECKS = ("spf", "dkim")
+
+
+def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
+    """"default", "none", or a list of the inbound checks"""
+    if raw.strip().lower() in ("default", ""):
+        return ("default",)
+    if raw.strip().lower() == "none":
+        return ()
+    return parse_choices(*INBOUND_CHECKS)(raw, base)
 
 
 @dataclass(frozen=True)
@@ -957,6 +1019,13 @@ class ListenerConfig:
         1000, parse_int(1), "Most simultaneous connections on this listener.")
     max_connections_per_ip: int = option(
         20, parse_int(1), "Most simultaneous connections from one client address.")
+    checks: tuple[str, ...] = option(
+        ("default",), parse_checks,
+        "The inbound policy checks run on this listener, among spf and dkim "
+        "(see [spf], [dkim] and [inbound]); none: no check.  default: all of them on "
+        "an smtp (MX) listener, none on submission and LMTP, whose clients are "
+        "authenticated or trusted.",
+        shown_default="default")
     max_unauthenticated: int = option(
         0, parse_int(0),
         "Most simultaneous connections that have not logged in (yet): the rest of "
@@ -964,6 +1033,13 @@ class ListenerConfig:
         "nobody logs in on cannot fill the listener for everyone.  0: a quarter of "
         "max_connections on IMAP, POP3 and submission listeners, no separate limit "
         "on others (on SMTP and LMTP nobody logs in).")
+
+    @property
+    def inbound_checks(self) -> tuple[str, ...]:
+        """The checks as they apply (see ``checks``)."""
+        if self.checks == ("default",):
+            return INBOUND_CHECKS if self.protocol == "smtp" else ()
+        return self.checks
 
     @property
     def unauthenticated_limit(self) -> int:
@@ -1168,6 +1244,8 @@ SECTIONS: Mapping[str, type] = {
     "imap": IMAPConfig,
     "outbound": OutboundConfig,
     "dkim": DKIMConfig,
+    "spf": SPFConfig,
+    "inbound": InboundConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1194,6 +1272,8 @@ class Config:
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    spf: SPFConfig = field(default_factory=SPFConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
@@ -1217,6 +1297,10 @@ class Config:
     @property
     def hostname(self) -> str:
         return self.server.hostname or socket.getfqdn()
+
+    @property
+    def authserv_id(self) -> str:
+        return self.inbound.authserv_id or self.hostname
 
     @property
     def node_id(self) -> str:

@@ -333,11 +333,10 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
 def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
     """The queue runner's delivery agents; what a reload changes of them."""
     from lightmail.delivery.smtp import SMTPDeliveryAgent
-    from lightmail.dns import Resolver
     from lightmail.outbound.client import Timeouts
     from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound
-    resolver = Resolver(out.dns_servers, metrics=services.metrics)
+    resolver = services.resolver
     ca_file = str(out.ca_file) if out.ca_file else ""
     mta_sts = None
     if out.mta_sts:

@@ -47,9 +47,12 @@ from lightmail.directory.oauth import BearerChecker, TokenValidator
 from lightmail.directory.passwdfile import PasswdFileBackend
 from lightmail.directory.routing import RoutingDirectory
 from lightmail.directory.sql import SQLDirectory
+from lightmail.dns import IResolver, Resolver
 from lightmail.imap.hub import MailboxHub
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
+from lightmail.policy.dkimverify import DKIMVerifier
+from lightmail.policy.spf import SPFChecker
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
@@ -109,6 +112,12 @@ class Services:
     metrics: IMetrics
     #: The admin API's bearer tokens.
     admin_tokens: AdminTokens
+    #: DNS for everything this process looks up (outbound routing, the inbound
+    #: checks): one cache.  ``[outbound] dns_servers`` says which servers.
+    resolver: IResolver
+    #: The inbound chain's evaluators, shared by every listener's checks.
+    spf: SPFChecker
+    dkim_verifier: DKIMVerifier
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
@@ -189,12 +198,17 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
         if role is Role.SERVER:
             _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
+    resolver = Resolver(config.outbound.dns_servers, metrics=metrics)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
                     account_backends=backends, accounts=sql,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                     local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
                     metrics=metrics, admin_tokens=AdminTokens(storage.db),
-                    transcripts=make_transcripts(config.transcript), telemetry=telemetry)
+                    transcripts=make_transcripts(config.transcript), telemetry=telemetry,
+                    resolver=resolver,
+                    spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
+                                   receiver=config.hostname),
+                    dkim_verifier=DKIMVerifier(resolver))
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

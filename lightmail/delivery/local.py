@@ -14,7 +14,7 @@ one transaction, so a recipient handed over twice after a crash is filed once), 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -59,7 +59,8 @@ class LocalDeliveryAgent:
 
     def deliver(self, item: QueueItem) -> Deferred[DeliveryResult]:
         """A queued recipient; over quota is temporary (the queue tries again)."""
-        d = self._filing(item.recipient.address, delivery_id(item))
+        d = self._filing(item.recipient.address, delivery_id(item),
+                         folder=item.envelope.folder)
 
         def file(filing: Filing | DeliveryResult
                  ) -> Deferred[DeliveryResult] | DeliveryResult:
@@ -70,14 +71,15 @@ class LocalDeliveryAgent:
         result: Deferred[Any] = d.addCallback(file).addErrback(_temporary)
         return result
 
-    def deliver_each(self, deliveries: Sequence[tuple[str, str]], blob: IStagedBlob
-                     ) -> list[Deferred[DeliveryResult]]:
+    def deliver_each(self, deliveries: Sequence[tuple[str, str]], blob: IStagedBlob,
+                     folder: Optional[str] = None) -> list[Deferred[DeliveryResult]]:
         """File ``blob`` for each (address, delivery id) on its own (LMTP): one
         result each, in order.  The delivery ids are new (made for this message).
         Over quota is a permanent failure here (552 5.2.2, as Dovecot's LMTP answers
         by default): the sender keeps the message."""
         resolving = defer.gatherResults(
-            [self._filing(address, delivery, fresh=True) for address, delivery in deliveries],
+            [self._filing(address, delivery, fresh=True, folder=folder)
+             for address, delivery in deliveries],
             consumeErrors=True)
         outs: list[Deferred[Any]] = [Deferred() for _ in deliveries]
 
@@ -102,7 +104,8 @@ class LocalDeliveryAgent:
         return outs
 
     def deliver_at_acceptance(self, addresses: Sequence[str], blob: IStagedBlob,
-                              queue_id: str) -> Deferred[list[DeliveryResult]]:
+                              queue_id: str, folder: Optional[str] = None
+                              ) -> Deferred[list[DeliveryResult]]:
         """File ``blob`` for every address in one transaction, all or nothing (SMTP's
         acceptance: the 250 then means filed).  Fails with
         :class:`~lightmail.storage.interfaces.NotFiled` when any address cannot be
@@ -110,7 +113,8 @@ class LocalDeliveryAgent:
         message instead, with ``DurableBlob(blob.ref)``.  Any other failure may come
         from the commit itself: the caller must not assume that nothing was filed."""
         resolving = defer.gatherResults(
-            [self._filing(address, acceptance_delivery_id(queue_id, index), fresh=True)
+            [self._filing(address, acceptance_delivery_id(queue_id, index), fresh=True,
+                          folder=folder)
              for index, address in enumerate(addresses)], consumeErrors=True)
 
         def file(filings: list[Filing | DeliveryResult]
@@ -128,15 +132,17 @@ class LocalDeliveryAgent:
                                                     for filed in all_filed])
         return resolving.addCallback(file)
 
-    def _filing(self, address: str, delivery: str,
-                fresh: bool = False) -> Deferred[Filing | DeliveryResult]:
+    def _filing(self, address: str, delivery: str, fresh: bool = False,
+                folder: Optional[str] = None) -> Deferred[Filing | DeliveryResult]:
         """Where ``address`` leads, as a Filing; or the result when it leads to no
-        local mailbox (bounced)."""
+        local mailbox (bounced).  ``folder`` (a quarantine: the inbound checks'
+        Findings.folder) replaces the +detail folder."""
         def found(resolution: Resolution) -> Filing | DeliveryResult:
             if not resolution.local:
                 return DeliveryResult.bounced(NO_MAILBOX)
             return Filing(tuple(FilingTarget(target.user.id, target.user.address,
-                                             target.user.quota_bytes, target.detail)
+                                             target.user.quota_bytes,
+                                             folder or target.detail)
                                 for target in resolution.local), delivery, fresh)
         return self.directory.resolve(address).addCallback(found)
 

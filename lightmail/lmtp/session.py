@@ -22,7 +22,7 @@ from lightmail.config import ListenerConfig
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
 from lightmail.smtp.policy import Session, SMTPHandler, Transaction
-from lightmail.smtp.session import SMTPFactory, SMTPServerSession
+from lightmail.smtp.session import SMTPFactory, SMTPServerSession, inbound_policy
 from lightmail.storage.interfaces import IStagedBlob, QueueRecipient
 
 NOT_LOCAL = Reply(550, "5.1.1", "Recipient address rejected: not a local mailbox")
@@ -76,9 +76,10 @@ class LMTPHandler(SMTPHandler):
         return codes.RCPT_OK, [QueueRecipient(address, "local", orcpt, notify)]
 
     @defer.inlineCallbacks
-    def handle_message(self, session: Session, tx: Transaction, blob: IStagedBlob,
-                       queue_id: str) -> Any:
-        """File the message for each accepted RCPT, all at once; a reply for each.
+    def accept(self, session: Session, tx: Transaction, blob: IStagedBlob,
+               queue_id: str) -> Any:
+        """File the message for each accepted RCPT, all at once; a reply for each
+        (after the listener's inbound checks, SMTPHandler.handle_message).
 
         One recipient's delivery makes the staged blob durable in its own
         transaction's worker hop; with several, it is made durable first.
@@ -87,7 +88,8 @@ class LMTPHandler(SMTPHandler):
         # earlier append can carry one.
         deliveries = self.services.local_delivery.deliver_each(
             [(address, f"lmtp/{queue_id}/{index}")
-             for index, (address, _) in enumerate(tx.accepted)], blob)
+             for index, (address, _) in enumerate(tx.accepted)], blob,
+            tx.findings.folder)
         results = yield defer.gatherResults(
             [d.addErrback(self._failed) for d in deliveries], consumeErrors=True)
         return [self._reply(address, result, queue_id, session.conn_id)
@@ -124,4 +126,4 @@ class LMTPFactory(SMTPFactory):
 
 def build_lmtp_factory(listener: ListenerConfig, services: Any) -> LMTPFactory:
     return LMTPFactory(listener, services, submission=False,
-                       handler=LMTPHandler(services))
+                       handler=LMTPHandler(services, inbound_policy(listener, services)))

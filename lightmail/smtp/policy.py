@@ -2,8 +2,11 @@
 
 In the manner of aiosmtpd's ``handle_RCPT``/``handle_DATA``: the protocol parses and
 enforces limits, the handler decides.  An embedding application replaces or subclasses
-:class:`SMTPHandler` to plug in its own policy or delivery; the SPF/DKIM/DMARC policy
-chain will sit here too.  Every hook returns a Deferred (or a plain value).
+:class:`SMTPHandler` to plug in its own policy or delivery.  The handler runs the
+listener's inbound policy chain (lightmail.policy.inbound: SPF at MAIL FROM, DKIM and
+the Authentication-Results field once the content is in), given to it when the
+listener's factory is built; an embedder may give its own chain.  Every hook returns
+a Deferred (or a plain value).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from twisted.logger import Logger
 
 from lightmail.address import AddressError, normalise_address, split_address
 from lightmail.directory.interfaces import DirectoryError
+from lightmail.policy.inbound import Findings, InboundPolicy
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
 from lightmail.storage.interfaces import (
@@ -54,15 +58,29 @@ class Transaction:
     rcpt_count: int = 0                # accepted RCPT commands
     # Each accepted RCPT address with what it expanded to (LMTP answers for each).
     accepted: list[tuple[str, list[QueueRecipient]]] = field(default_factory=list)
+    # What the inbound checks found (SPF, DKIM...), and where they want it filed.
+    findings: Findings = field(default_factory=Findings)
 
 
 class SMTPHandler:
     log = Logger(namespace="lightmail.smtp")
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Any, policy: Optional[InboundPolicy] = None) -> None:
         self.services = services
+        #: The listener's inbound checks (none when not given).
+        self.policy = policy or InboundPolicy((), services.blobs,
+                                              lambda: services.config.authserv_id)
 
+    @defer.inlineCallbacks
     def handle_mail(self, session: Session, tx: Transaction) -> Any:
+        reply = yield self.check_sender(session, tx)
+        if reply.is_error:
+            return reply
+        refused = yield self.policy.mail(session, tx)
+        return refused or reply
+
+    def check_sender(self, session: Session, tx: Transaction) -> Any:
+        """Submission: whether the user may send as MAIL FROM's address."""
         if not session.submission or not tx.mail_from:
             return codes.SENDER_OK
         if not self.services.config.smtp.require_sender_match:
@@ -137,17 +155,37 @@ class SMTPHandler:
     @defer.inlineCallbacks
     def handle_message(self, session: Session, tx: Transaction, blob: IStagedBlob,
                        queue_id: str) -> Any:
-        """Queue the message (or file it, all local), then answer.
+        """Run the content checks, then queue the message (or file it, all local),
+        then answer.
 
         ``blob`` is the content, staged: the write port makes it durable in the
-        transaction that queues or files it.
+        transaction that queues or files it.  The checks may replace it (an
+        Authentication-Results field written on top): what they give back is ours
+        to discard if queueing fails.
         """
+        refused, checked = yield self.policy.content(session, tx, blob)
+        if refused is not None:
+            checked.discard()
+            return refused
+        try:
+            reply = yield self.accept(session, tx, checked, queue_id)
+        except BaseException:
+            checked.discard()         # a no-op once its commit has started
+            raise
+        return reply
+
+    @defer.inlineCallbacks
+    def accept(self, session: Session, tx: Transaction, blob: IStagedBlob,
+               queue_id: str) -> Any:
+        """Queue the message (or file it, all local): the 250 once it is durable."""
+        folder = tx.findings.folder
         envelope = Envelope(
             mail_from=tx.mail_from, recipients=_unique(tx.recipients),
             source="submission" if session.submission else "mx", envid=tx.envid,
             ret=tx.ret, body=tx.body, smtputf8=tx.smtputf8,
             auth_user=session.account.user.address if session.account else None,
-            client_address=session.peer, priority=1 if session.submission else 0)
+            client_address=session.peer, priority=1 if session.submission else 0,
+            folder=folder)
         services = self.services
         if (services.config.smtp.direct_delivery
                 and all(rcpt.transport == "local" for rcpt in envelope.recipients)):
@@ -156,7 +194,7 @@ class SMTPHandler:
             addresses = [rcpt.address for rcpt in envelope.recipients]
             try:
                 results = yield services.local_delivery.deliver_at_acceptance(
-                    addresses, blob, queue_id)
+                    addresses, blob, queue_id, folder)
             except NotFiled as exc:
                 # Nothing was filed (the blob is durable): queue it, the queue runner
                 # retries or bounces.

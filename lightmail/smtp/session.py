@@ -34,6 +34,7 @@ from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.listeners import INPUT_SLICE, Refuser, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger
+from lightmail.policy.inbound import InboundPolicy, build_checks
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
 from lightmail.smtp.lines import LineScan, bare_line_ends, scan_lines, undot
@@ -759,7 +760,7 @@ class SMTPFactory(ServiceFactory):
                  handler: Optional[SMTPHandler] = None) -> None:
         super().__init__(listener, services)
         self.submission = submission
-        self.handler = handler or SMTPHandler(services)
+        self.handler = handler or SMTPHandler(services, inbound_policy(listener, services))
 
     commands = tuple(sorted(name[5:] for name in dir(SMTPServerSession)
                             if name.startswith("smtp_")))
@@ -769,6 +770,12 @@ class SMTPFactory(ServiceFactory):
 
     def refuse(self, addr: Any, reason: str) -> Protocol:
         return Refuser(Reply(421, "4.7.0", f"{self.hostname} {reason}").render())
+
+
+def inbound_policy(listener: ListenerConfig, services: Any) -> InboundPolicy:
+    """The listener's inbound checks ([listener:NAME] checks), built once."""
+    return InboundPolicy(build_checks(listener.inbound_checks, services), services.blobs,
+                         lambda: services.config.authserv_id)
 
 
 def build_mx_factory(listener: ListenerConfig, services: Any) -> SMTPFactory:

@@ -63,7 +63,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -598,6 +598,11 @@ class FilesystemBlobStore:
         _check_id(blob_id)
         return self._defer(self.read_now, blob_id)
 
+    def read_staged(self, staged: IStagedBlob) -> Deferred[bytes]:
+        if not isinstance(staged, PendingBlob):     # finished durable already
+            return self.read(staged.ref.id)
+        return staged.read()
+
     def read_range(self, blob_id: str, offset: int, length: int) -> Deferred[bytes]:
         path = self.path(blob_id)
         if offset < 0 or length < 0:
@@ -1027,6 +1032,18 @@ class PendingBlob:
 
     def commit(self) -> Deferred[BlobRef]:
         return self._store._defer(self.commit_now).addCallback(lambda _: self.ref)
+
+    def read(self) -> Deferred[bytes]:
+        """The content (FilesystemBlobStore.read_staged): from memory when none of
+        it went to the temporary file yet (a small message: no thread hop), else the
+        file on the pool and what is still buffered."""
+        chunks = self._chunks
+        path = self._tmp.path
+        if self._started or self._discarded:
+            return fail(BlobMissing(f"blob {self.ref.id} is no longer staged"))
+        if path is None:
+            return succeed(b"".join(chunks))
+        return self._store._defer(lambda: _read_file(path) + b"".join(chunks))
 
 
 def _outcome(fn: Callable[..., Any], *args: Any) -> BaseException | None:

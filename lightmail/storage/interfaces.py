@@ -170,6 +170,9 @@ class Envelope:
     auth_user: Optional[str] = None
     client_address: Optional[str] = None
     priority: int = 0
+    # Local recipients get it in this folder, not where their address leads (a
+    # quarantine decided by the inbound checks: "Junk"); None: as addressed.
+    folder: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,11 @@ class IBlobStore(Interface):
 
     def read_range(blob_id: str, offset: int, length: int) -> Deferred[bytes]:
         """``length`` octets from ``offset`` (fewer at the end)."""
+
+    def read_staged(staged: IStagedBlob) -> Deferred[bytes]:
+        """The whole content of a blob that one of this store's writers staged and
+        nobody has committed or discarded yet (the policy checks of incoming mail
+        read it before it is queued); the staged blob is left as it was."""
 
     def read_now(blob_id: str, length: int = -1) -> bytes:
         """The blob's content (its first ``length`` octets if not -1); worker threads

@@ -188,6 +188,8 @@ queue_messages = sa.Table(
     sa.Column("client_address", sa.String(64), nullable=True),
     sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
     sa.Column("received", TIMESTAMP, nullable=False),
+    # Local recipients get it in this folder (a quarantine: "Junk"); NULL: as addressed.
+    sa.Column("folder", sa.String(512), nullable=True),
 )
 
 queue_recipients = sa.Table(

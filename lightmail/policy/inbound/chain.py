@@ -1,0 +1,141 @@
+"""The chain itself: runs a listener's checks in order at each step, then writes the
+Authentication-Results header field (see the package's docstring)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from authres import AuthenticationResult
+from twisted.internet import defer
+
+from lightmail.policy.inbound.findings import IInboundCheck, Message
+from lightmail.storage.interfaces import IBlobStore, IStagedBlob
+
+# Which checks there are, in the order they run whatever order a listener lists them:
+# DMARC weighs what SPF, DKIM and ARC found.
+CHECK_ORDER = ("spf", "dkim")
+_FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
+_AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+class InboundPolicy:
+    """One listener's chain.  ``checks`` run in the order given; ``authserv_id``
+    gives the name our Authentication-Results fields carry (a callable: a reload may
+    change it)."""
+
+    def __init__(self, checks: Sequence[IInboundCheck], blobs: IBlobStore,
+                 authserv_id: Callable[[], str]) -> None:
+        self.checks = tuple(checks)
+        self.blobs = blobs
+        self.authserv_id = authserv_id
+
+    @defer.inlineCallbacks
+    def mail(self, session: Any, tx: Any) -> Any:
+        """None, or the Reply of the first check that refuses the transaction."""
+        for check in self.checks:
+            reply = yield check.mail(session, tx, tx.findings)
+            if reply is not None:
+                return reply
+        return None
+
+    @defer.inlineCallbacks
+    def content(self, session: Any, tx: Any, staged: IStagedBlob) -> Any:
+        """(None or the refusing Reply, the staged blob to queue).  The blob is a new
+        one when an Authentication-Results field was written; the one given is then
+        discarded, and when the checks refuse, the caller discards what it gets."""
+        if not self.checks:
+            return None, staged
+        message = Message(self.blobs, staged)
+        for check in self.checks:
+            reply = yield check.content(session, tx, message, tx.findings)
+            if reply is not None:
+                return reply, staged
+        data = yield message.content()
+        results = [entry for check in self.checks for entry in check.results(tx.findings)]
+        rewritten = with_authentication_results(data, self.authserv_id(), results)
+        writer = self.blobs.writer()
+        writer.write(rewritten)
+        fresh = yield writer.stage()
+        staged.discard()
+        return None, fresh
+
+
+def with_authentication_results(message: bytes, authserv_id: str,
+                                results: Sequence[AuthenticationResult]) -> bytes:
+    """The message with one Authentication-Results field on top (RFC 8601), below
+    only the Received field our session wrote (where Postfix puts its milters'),
+    and without the fields already there that claim ``authserv_id`` (§5: only we
+    may speak for it; a field from outside that does is a forgery)."""
+    header = authentication_results(authserv_id, results)
+    message = without_our_fields(message, authserv_id)
+    first = _FIELD_START.match(message)
+    if first is None or first.group(1).lower() != b"received":
+        return header + message
+    second = _FIELD_START.search(message, first.end())
+    end = _header_end(message)
+    at = second.start() if second is not None and second.start() < end else end
+    return message[:at] + header + message[at:]
+
+
+def authentication_results(authserv_id: str,
+                           results: Sequence[AuthenticationResult]) -> bytes:
+    """The field, folded one result a line; ``none`` when there is no result."""
+    entries = [_safe(str(entry)) for entry in results] or ["none"]
+    text = f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(entries)
+    return text.encode("ascii") + b"\r\n"
+
+
+def without_our_fields(message: bytes, authserv_id: str) -> bytes:
+    """Remove the Authentication-Results fields of the header block that name
+    ``authserv_id`` (case-insensitively); the message as it was when there are none."""
+    end = _header_end(message)
+    block = message[:end]
+    starts = [(m.start(), m.group(1).lower()) for m in _FIELD_START.finditer(block)]
+    ours = authserv_id.lower().encode("ascii", "replace")
+    drop = []
+    for index, (start, name) in enumerate(starts):
+        if name != b"authentication-results":
+            continue
+        stop = starts[index + 1][0] if index + 1 < len(starts) else end
+        value = block[start + len(name) + 1:stop]
+        found = _AUTHSERV_ID.match(value.replace(b"\r\n", b" ").replace(b"\n", b" "))
+        if found and found.group(1).lower() == ours:
+            drop.append((start, stop))
+    if not drop:
+        return message
+    parts, position = [], 0
+    for start, stop in drop:
+        parts.append(message[position:start])
+        position = stop
+    parts.append(message[position:])
+    return b"".join(parts)
+
+
+def _header_end(message: bytes) -> int:
+    """Where the header block ends (its blank line's start), or the message's end."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        found = message.find(separator)
+        if found >= 0:
+            return found + len(separator) // 2
+    return len(message)
+
+
+def _safe(text: str) -> str:
+    """A result as header text: printable ASCII only, at most 900 characters (the
+    reasons quote what DNS and dkimpy said, which we do not control)."""
+    return _UNSAFE.sub("?", text)[:900]
+
+
+def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
+    """The checks a listener names, built from the services' evaluators, in
+    CHECK_ORDER."""
+    from lightmail.policy.inbound.checks import DKIMCheck, SPFCheck
+
+    makers: dict[str, Callable[[], IInboundCheck]] = {
+        "spf": lambda: SPFCheck(services.spf, lambda: services.config.spf),
+        "dkim": lambda: DKIMCheck(services.dkim_verifier, lambda: services.config.dkim),
+    }
+    return [makers[name]() for name in CHECK_ORDER if name in names]

@@ -1,0 +1,118 @@
+"""The SPF and DKIM checks of the inbound chain: adapters between the evaluators
+(lightmail.policy.spf, lightmail.policy.dkimverify) and the chain's steps."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from authres import AuthenticationResult, AuthenticationResultProperty
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from lightmail.policy.dkimverify import DKIMVerifier, SignatureResult
+from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
+from lightmail.policy.spf import IdentityResults, SPFChecker, SPFResult
+from lightmail.smtp.codes import Reply
+
+log = Logger(namespace="lightmail.policy")
+
+
+class SPFCheck(InboundCheck):
+    """RFC 7208 at MAIL FROM: the HELO identity (when ``[spf] check_helo``), then
+    MAIL FROM (postmaster@HELO for the null sender).  What a result does is
+    ``[spf]``'s: a fail refuses with 550 5.7.23 and the domain's explanation (or is
+    only recorded), a temperror defers with 451 4.7.24 (or is recorded), a permerror
+    is recorded (or refused with 550 5.7.24) — RFC 7372's codes.  Authenticated
+    sessions are not checked: SPF is about who may send from where, and a user who
+    logged in is known."""
+
+    name = "spf"
+
+    def __init__(self, checker: SPFChecker, settings: Any) -> None:
+        self.checker = checker
+        self.settings = settings      # a callable giving the current [spf] section
+
+    def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
+        if session.account is not None:
+            return defer.succeed(None)
+        cfg = self.settings()
+        d = self.checker.check_identities(session.peer, session.helo or "",
+                                          tx.mail_from, check_helo=cfg.check_helo)
+
+        def act(results: IdentityResults) -> Optional[Reply]:
+            findings.spf = results
+            return _spf_reply(results.verdict, cfg)
+        return d.addCallback(act)
+
+    def results(self, findings: Findings) -> list[AuthenticationResult]:
+        spf: Optional[IdentityResults] = findings.spf
+        if spf is None:
+            return []
+        found = []
+        if spf.helo is not None:
+            found.append(_spf_entry(spf.helo, "helo", spf.helo.helo))
+        found.append(_spf_entry(spf.mail_from, "mailfrom", spf.mail_from.sender))
+        return found
+
+
+def _spf_reply(result: SPFResult, cfg: Any) -> Optional[Reply]:
+    identity = f"{result.identity} {result.domain}"
+    if result.result == "fail" and cfg.fail_action == "reject":
+        text = result.explanation or f"SPF: {result.ip} is not allowed to send for {identity}"
+        return Reply(550, "5.7.23", _one_line(text))
+    if result.result == "temperror" and cfg.temperror_action == "tempfail":
+        return Reply(451, "4.7.24", _one_line(
+            f"SPF: temporary error checking {identity}: {result.reason}; try again later"))
+    if result.result == "permerror" and cfg.permerror_action == "reject":
+        return Reply(550, "5.7.24", _one_line(
+            f"SPF: the SPF record of {result.domain} is broken: {result.reason}"))
+    return None
+
+
+def _spf_entry(result: SPFResult, identity: str, value: str) -> AuthenticationResult:
+    kind = "smtp.helo" if identity == "helo" else "smtp.mailfrom"
+    entry = AuthenticationResult(
+        method="spf", result=result.result, reason=result.reason or None,
+        properties=[AuthenticationResultProperty("smtp", kind.split(".")[1], value)])
+    return entry
+
+
+class DKIMCheck(InboundCheck):
+    """RFC 6376 §6 on the whole message: every signature verified, each result kept
+    for DMARC and Authentication-Results.  A signature that fails never refuses the
+    message by itself (§6.3: it is then as if unsigned)."""
+
+    name = "dkim"
+
+    def __init__(self, verifier: DKIMVerifier, settings: Any) -> None:
+        self.verifier = verifier
+        self.settings = settings      # a callable giving the current [dkim] section
+
+    def content(self, session: Any, tx: Any, message: Message,
+                findings: Findings) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._verify(message, findings))
+
+    async def _verify(self, message: Message, findings: Findings) -> None:
+        cfg = self.settings()
+        data = await message.content()
+        findings.dkim = await self.verifier.verify(
+            data, message.headers, cfg.verify_max_signatures, cfg.verify_min_rsa_bits)
+
+    def results(self, findings: Findings) -> list[AuthenticationResult]:
+        if not findings.dkim:
+            return [AuthenticationResult(method="dkim", result="none")]
+        return [_dkim_entry(one) for one in findings.dkim]
+
+
+def _dkim_entry(one: SignatureResult) -> AuthenticationResult:
+    properties = [AuthenticationResultProperty("header", name, value)
+                  for name, value in (("d", one.domain), ("i", one.identity),
+                                      ("s", one.selector), ("a", one.algorithm),
+                                      ("b", one.b_prefix)) if value]
+    return AuthenticationResult(method="dkim", result=one.result,
+                                reason=one.reason or None, properties=properties)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]

@@ -1,0 +1,108 @@
+"""What the inbound checks share: the interface each implements, the message as they
+see it, and what they found about a transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from authres import AuthenticationResult
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface, implementer
+
+from lightmail.storage.interfaces import IBlobStore, IStagedBlob
+
+
+@dataclass
+class Findings:
+    """What the checks found about one transaction; later checks read earlier ones'
+    (DMARC reads ``spf`` and ``dkim``)."""
+
+    #: lightmail.policy.spf.IdentityResults, when SPF was checked.
+    spf: Any = None
+    #: lightmail.policy.dkimverify.SignatureResult per DKIM-Signature, top first.
+    dkim: list[Any] = field(default_factory=list)
+    #: lightmail.policy.dmarc's result, when DMARC was checked.
+    dmarc: Any = None
+    #: lightmail.policy.arc's result, when ARC was checked.
+    arc: Any = None
+    #: The RFC 5322.From domain, once a check read it (DMARC).
+    header_from: Optional[str] = None
+    #: File the message in this folder of each local recipient (quarantine), not
+    #: where its address leads.
+    folder: Optional[str] = None
+    #: Why it goes there (logged).
+    folder_reason: str = ""
+
+
+class Message:
+    """The staged message as the checks see it: its header block at once, its whole
+    content read once for all the checks that need it."""
+
+    def __init__(self, blobs: IBlobStore, staged: IStagedBlob) -> None:
+        self._blobs = blobs
+        self.staged = staged
+        #: The header block (from the blob writer; b"" for a header block larger
+        #: than the writer keeps, which the checks then read from the content).
+        self.headers: bytes = staged.ref.headers or b""
+        self.size: int = staged.ref.size
+        self._content: Optional[bytes] = None
+
+    def content(self) -> Deferred[bytes]:
+        if self._content is not None:
+            return defer.succeed(self._content)
+
+        def keep(data: bytes) -> bytes:
+            self._content = data
+            if not self.headers:
+                self.headers = header_block(data)
+            return data
+        return self._blobs.read_staged(self.staged).addCallback(keep)
+
+    def header_block(self) -> Deferred[bytes]:
+        if self.headers:
+            return defer.succeed(self.headers)
+        return self.content().addCallback(lambda _: self.headers)
+
+
+def header_block(data: bytes) -> bytes:
+    """The header block of a message, its terminating blank line excluded."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        end = data.find(separator)
+        if end >= 0:
+            return data[:end + len(separator) // 2]
+    return data
+
+
+class IInboundCheck(Interface):
+    """One check of the inbound chain (see lightmail.policy.inbound)."""
+
+    name = Attribute("The check's name in [listener:NAME] checks and in logs.")
+
+    def mail(session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
+        """After MAIL FROM: None to go on, or a Reply refusing the transaction."""
+
+    def content(session: Any, tx: Any, message: Message,
+                findings: Findings) -> Deferred[Any]:
+        """The whole message, staged: None to go on, or a Reply refusing it."""
+
+    def results(findings: Findings) -> list[AuthenticationResult]:
+        """What this check found, for the Authentication-Results header field."""
+
+
+@implementer(IInboundCheck)
+class InboundCheck:
+    """A check that looks at nothing: subclasses override the steps they use."""
+
+    name = "nothing"
+
+    def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
+        return defer.succeed(None)
+
+    def content(self, session: Any, tx: Any, message: Message,
+                findings: Findings) -> Deferred[Any]:
+        return defer.succeed(None)
+
+    def results(self, findings: Findings) -> list[AuthenticationResult]:
+        return []

@@ -1,0 +1,316 @@
+"""The inbound policy chain (lightmail/policy/inbound): DKIM verification through the
+asynchronous resolver (lightmail/policy/dkimverify.py), and SPF, DKIM and the
+Authentication-Results field on a running LightMail, its DNS the test DNS server.
+
+Messages are signed by dkimpy (through LightMail's signer) here; those signed by
+OpenDKIM are in test_dkim_opendkim_signed below."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import authres
+import dkim
+import pytest
+import pytest_twisted
+from dnsserver import DNSServer
+from inprocess import in_thread, start
+from test_dkim import MESSAGE, make_key
+
+from lightmail.dns import Resolver
+from lightmail.policy.dkim import Signer, SigningKey, dns_record, generate_key, signing_key
+from lightmail.policy.dkimverify import DKIMVerifier
+from lightmail.policy.inbound.chain import with_authentication_results, without_our_fields
+
+
+@pytest.fixture
+def dns() -> Iterator[DNSServer]:
+    server = DNSServer({}, ttl=60).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def publish(dns: DNSServer, *keys: SigningKey) -> None:
+    for key in keys:
+        dns.set(f"{key.selector}._domainkey.{key.domain}.", "TXT", [dns_record(key)])
+
+
+def signed(message: bytes, *keys: SigningKey) -> bytes:
+    return Signer(keys).sign(message, list(keys)) + message
+
+
+def verify(dns: DNSServer, message: bytes, **options: Any) -> Any:
+    resolver = Resolver(f"127.0.0.1:{dns.port}", timeout=2)
+    header_end = message.index(b"\r\n\r\n") + 2
+    return DKIMVerifier(resolver).verify(message, message[:header_end], **options)
+
+
+# --- DKIM verification ------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+async def test_good_signatures_pass_with_their_tags(dns: DNSServer, algorithm: str) -> None:
+    key = make_key("example.org", "sel1", algorithm)
+    publish(dns, key)
+    [result] = await verify(dns, signed(MESSAGE, key))
+    assert (result.result, result.domain, result.selector) == ("pass", "example.org", "sel1")
+    assert result.algorithm == ("ed25519-sha256" if algorithm == "ed25519" else "rsa-sha256")
+    assert len(result.b_prefix) == 8
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_signature_gets_its_own_result(dns: DNSServer) -> None:
+    good = make_key("example.org", "good")
+    unpublished = make_key("example.org", "gone", "ed25519")
+    publish(dns, good)
+    dns.fail("broken._domainkey.example.org.")
+    broken = make_key("example.org", "broken")
+    message = signed(MESSAGE, good, unpublished, broken)
+    results = await verify(dns, message)
+    assert [(r.selector, r.result) for r in results] == [
+        ("good", "pass"), ("gone", "permerror"), ("broken", "temperror")]
+    assert "no key" in results[1].reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_changed_body_or_header_fails(dns: DNSServer) -> None:
+    key = make_key("example.org", "sel")
+    publish(dns, key)
+    message = signed(MESSAGE, key)
+    [body] = await verify(dns, message.replace(b"spaced", b"SPACED"))
+    assert body.result == "fail" and "body hash" in body.reason
+    [header] = await verify(dns, message.replace(b"Subject: DKIM test", b"Subject: other"))
+    assert header.result == "fail"
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_on_signatures_and_key_sizes(dns: DNSServer) -> None:
+    keys = [make_key("example.org", f"s{n}", "ed25519") for n in range(4)]
+    publish(dns, *keys)
+    results = await verify(dns, signed(MESSAGE, *keys), max_signatures=2)
+    assert [r.result for r in results] == ["pass", "pass", "policy", "policy"]
+    short = make_key("example.org", "short", bits=1024)
+    publish(dns, short)
+    [result] = await verify(dns, signed(MESSAGE, short), min_rsa_bits=2048)
+    assert result.result == "policy" and "1024-bit" in result.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_signatures_over_fields_the_message_lacks_still_verify(dns: DNSServer) -> None:
+    """h= may name fields the message does not have (they sign their absence)."""
+    pem, private = generate_key("rsa", 2048)
+    publish(dns, signing_key("example.org", "sel", private))
+    header = dkim.sign(MESSAGE, b"sel", b"example.org", pem,
+                       include_headers=[b"from", b"subject", b"x-not-there"])
+    assert b"x-not-there" in header
+    [result] = await verify(dns, header + MESSAGE)
+    assert result.result == "pass"
+    [added] = await verify(dns, header + b"X-Not-There: now it is\r\n" + MESSAGE)
+    assert added.result == "fail"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("field", [
+    b"DKIM-Signature: v=1; a=rsa-sha256; b=\r\n",                     # no d=, no s=
+    b"DKIM-Signature: garbage without tags\r\n",
+    b"DKIM-Signature: v=1; d=example.org; d=example.org; s=x; b=; bh=\r\n",   # d twice
+    b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=nokey; h=from; bh=AA==; b=AA==\r\n",
+    b"DKIM-Signature: v=1; a=rot13; d=example.org; s=sel; h=from; bh=AA==; b=AA==\r\n",
+    b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=!!; b=!!\r\n",
+])
+async def test_malformed_signatures_get_a_result_not_a_crash(dns: DNSServer,
+                                                              field: bytes) -> None:
+    publish(dns, make_key("example.org", "sel"))
+    [result] = await verify(dns, field + MESSAGE)
+    assert result.result in ("neutral", "permerror", "fail")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_giant_or_broken_key_record_is_a_permerror(dns: DNSServer) -> None:
+    dns.set("giant._domainkey.example.org.", "TXT", ["v=DKIM1; p=" + "A" * 6000])
+    dns.set("junk._domainkey.example.org.", "TXT", ["v=DKIM1; k=rsa; p=%%%"])
+    field = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=%s; h=from; "
+             b"bh=AA==; b=AA==\r\n")
+    message = field % b"giant" + field % b"junk" + MESSAGE
+    results = await verify(dns, message)
+    assert [r.result for r in results] == ["permerror", "permerror"]
+
+
+# --- Authentication-Results -----------------------------------------------------------
+
+def test_our_authserv_id_from_outside_is_removed_others_kept() -> None:
+    message = (b"Received: from x by mx.example.test; today\r\n"
+               b"Authentication-Results: MX.example.test; dkim=pass header.d=bank.test\r\n"
+               b"Authentication-Results: (forged) mx.example.test;\r\n\tspf=pass\r\n"
+               b"Authentication-Results: other.example; spf=fail\r\n"
+               b"Subject: hi\r\n\r\n"
+               b"Authentication-Results: mx.example.test; in the body, kept\r\n")
+    kept = without_our_fields(message, "mx.example.test")
+    assert kept == (b"Received: from x by mx.example.test; today\r\n"
+                    b"Authentication-Results: other.example; spf=fail\r\n"
+                    b"Subject: hi\r\n\r\n"
+                    b"Authentication-Results: mx.example.test; in the body, kept\r\n")
+    written = with_authentication_results(message, "mx.example.test", [])
+    assert written.startswith(b"Received: from x by mx.example.test; today\r\n"
+                              b"Authentication-Results: mx.example.test;\r\n\tnone\r\n")
+    assert written.count(b"Authentication-Results: mx.example.test;") == 2  # ours, the body's
+
+
+# --- on a running LightMail -----------------------------------------------------------------
+
+BODY = (b"From: Ann <ann@sender.example>\r\nTo: bob@example.test\r\n"
+        b"Subject: policy\r\nDate: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
+        b"Message-ID: <p1@sender.example>\r\n\r\nHello.\r\n")
+
+
+def server_for(tmp_path: Path, dns: DNSServer, extra: str = "") -> Any:
+    return start(tmp_path, extra=f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n"
+                 "[spf]\ntime_limit = 5s\n" + extra)
+
+
+def send(port: int, sender: str, message: bytes, helo: str = "client.sender.example") -> Any:
+    def go() -> Any:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=30) as smtp:
+            try:
+                return smtp.sendmail(sender, ["bob@example.test"], message)
+            except smtplib.SMTPResponseException as exc:
+                return exc.smtp_code, exc.smtp_error.decode()
+            except smtplib.SMTPRecipientsRefused as exc:
+                code, text = exc.recipients["bob@example.test"]
+                return code, text.decode()
+            except smtplib.SMTPSenderRefused as exc:
+                return exc.smtp_code, exc.smtp_error.decode()
+    return in_thread(go)
+
+
+def results_of(message: bytes) -> authres.AuthenticationResultsHeader:
+    """Our Authentication-Results field, parsed back by authres."""
+    header = message.split(b"\r\n\r\n", 1)[0].decode()
+    fields = [f for f in header.replace("\r\n\t", " ").split("\r\n")
+              if f.lower().startswith("authentication-results: mx.example.test")]
+    assert len(fields) == 1, header
+    return authres.AuthenticationResultsHeader.parse(fields[0])
+
+
+@pytest_twisted.inlineCallbacks
+def test_spf_and_dkim_results_are_written_and_forgeries_removed(tmp_path: Path,
+                                                                  dns: DNSServer) -> Any:
+    key = make_key("sender.example", "mail", "ed25519")
+    publish(dns, key)
+    dns.set("sender.example.", "TXT", ["v=spf1 ip4:127.0.0.0/8 -all"])
+    dns.set("client.sender.example.", "TXT", ["v=spf1 a -all"])
+    dns.set("client.sender.example.", "A", ["127.0.0.1"])
+    forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test\r\n"
+    server = yield server_for(tmp_path, dns)
+    try:
+        assert (yield send(server.ports["mx"], "ann@sender.example",
+                           forged + signed(BODY, key))) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert b"bank.test" not in message
+        assert message.startswith(b"Received: ")
+        parsed = results_of(message)
+        found = {(r.method, r.result) for r in parsed.results}
+        assert found == {("spf", "pass"), ("dkim", "pass")}, str(parsed)
+        spf = [r for r in parsed.results if r.method == "spf"]
+        assert {p.name: p.value for r in spf for p in r.properties} == {
+            "helo": "client.sender.example", "mailfrom": "ann@sender.example"}
+        [dkim_result] = [r for r in parsed.results if r.method == "dkim"]
+        assert {p.name: p.value for p in dkim_result.properties}["d"] == "sender.example"
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_spf_fail_temperror_and_permerror_answers(tmp_path: Path, dns: DNSServer) -> Any:
+    dns.set("forbidden.example.", "TXT", ["v=spf1 -all exp=why.forbidden.example"])
+    dns.set("why.forbidden.example.", "TXT", ["%{i} may not send for %{d}"])
+    dns.fail("flaky.example.")
+    dns.set("loop.example.", "TXT", ["v=spf1 include:loop.example -all"])
+    server = yield server_for(tmp_path, dns)
+    try:
+        port = server.ports["mx"]
+        code, text = yield send(port, "x@forbidden.example", BODY)
+        assert (code, text.split()[0]) == (550, "5.7.23")
+        assert "127.0.0.1 may not send for forbidden.example" in text
+        code, text = yield send(port, "x@flaky.example", BODY)
+        assert (code, text.split()[0]) == (451, "4.7.24")
+        assert (yield send(port, "x@loop.example", BODY)) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        results = {r.method: r.result for r in results_of(message).results
+                   if not any(p.name == "helo" for p in r.properties)}
+        assert results == {"spf": "permerror", "dkim": "none"}
+        # Submission (authenticated) is not checked, nor written up.
+        def submit() -> Any:
+            with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
+                smtp.starttls(context=_unverified())
+                smtp.login("bob@example.test", "bob-secret")
+                return smtp.sendmail("bob@example.test", ["bob@example.test"], BODY)
+        assert (yield in_thread(submit)) == {}
+        messages = yield server.delivered("bob@example.test", 2)
+        assert b"Authentication-Results" not in messages[1]
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_listener_checks_and_actions_follow_the_config(tmp_path: Path,
+                                                       dns: DNSServer) -> Any:
+    """A listener with checks = none checks nothing and writes nothing."""
+    dns.set("forbidden.example.", "TXT", ["v=spf1 -all"])
+    server = yield server_for(
+        tmp_path, dns, "[listener:plain]\nprotocol = smtp\n"
+        "endpoint = tcp:0:interface=127.0.0.1\nchecks = none\n")
+    try:
+        code, _ = yield send(server.ports["mx"], "x@forbidden.example", BODY)
+        assert code == 550
+        assert (yield send(server.ports["plain"], "x@forbidden.example", BODY)) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert b"Authentication-Results" not in message
+    finally:
+        yield server.stop()
+
+
+def _unverified() -> Any:
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@pytest_twisted.inlineCallbacks
+def test_spf_tag_action_records_the_fail(tmp_path: Path, dns: DNSServer) -> Any:
+    dns.set("forbidden.example.", "TXT", ["v=spf1 -all"])
+    server = yield start(tmp_path, extra=f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n"
+                         "[spf]\nfail_action = tag\ncheck_helo = no\n")
+    try:
+        assert (yield send(server.ports["mx"], "x@forbidden.example", BODY)) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        parsed = results_of(message)
+        assert [(r.method, r.result) for r in parsed.results] == [
+            ("spf", "fail"), ("dkim", "none")]
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_too_big_for_memory_buffers_is_checked_from_its_file(
+        tmp_path: Path, dns: DNSServer) -> Any:
+    """A message larger than the blob writer keeps in memory is read back from its
+    temporary file for the checks, and the rewritten one is what is delivered."""
+    key = make_key("sender.example", "mail")
+    publish(dns, key)
+    big = BODY + (b"x" * 998 + b"\r\n") * 3000          # 3 MB
+    server = yield server_for(tmp_path, dns)
+    try:
+        assert (yield send(server.ports["mx"], "ann@sender.example", signed(big, key))) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        assert message.endswith(b"x" * 998 + b"\r\n")
+        assert ("dkim", "pass") in {(r.method, r.result) for r in results_of(message).results}
+    finally:
+        yield server.stop()
