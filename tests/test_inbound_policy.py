@@ -8,6 +8,7 @@ OpenDKIM are in test_dkim_opendkim_signed below."""
 from __future__ import annotations
 
 import smtplib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import pytest_twisted
 from dnsserver import DNSServer
 from inprocess import in_thread, start
-from test_dkim import MESSAGE, make_key
+from test_dkim import MESSAGE, make_key, opendkim_testmsg
 
 from lightmail.dns import Resolver
 from lightmail.policy.dkim import Signer, SigningKey, dns_record, generate_key, signing_key
@@ -69,11 +70,14 @@ async def test_every_signature_gets_its_own_result(dns: DNSServer) -> None:
     unpublished = make_key("example.org", "gone", "ed25519")
     publish(dns, good)
     dns.fail("broken._domainkey.example.org.")
+    dns.drop("silent._domainkey.example.org.")         # the query times out (2 s)
     broken = make_key("example.org", "broken")
-    message = signed(MESSAGE, good, unpublished, broken)
+    silent = make_key("example.org", "silent")
+    message = signed(MESSAGE, good, unpublished, broken, silent)
     results = await verify(dns, message)
     assert [(r.selector, r.result) for r in results] == [
-        ("good", "pass"), ("gone", "permerror"), ("broken", "temperror")]
+        ("good", "pass"), ("gone", "permerror"), ("broken", "temperror"),
+        ("silent", "temperror")]
     assert "no key" in results[1].reason
 
 
@@ -312,5 +316,35 @@ def test_a_message_too_big_for_memory_buffers_is_checked_from_its_file(
         [message] = yield server.delivered("bob@example.test", 1)
         assert message.endswith(b"x" * 998 + b"\r\n")
         assert ("dkim", "pass") in {(r.method, r.result) for r in results_of(message).results}
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_signed_by_opendkim_passes(tmp_path: Path, dns: DNSServer) -> Any:
+    """OpenDKIM (opendkim-testmsg, Debian's opendkim-tools) signs; LightMail verifies
+    on arrival; the body changed on the way fails."""
+    tool = opendkim_testmsg()
+    keyfile = tmp_path / "opendkim.pem"
+    pem, private = generate_key("rsa", 2048)
+    keyfile.write_bytes(pem)
+    publish(dns, signing_key("sender.example", "odkim", private))
+
+    def opendkim_signed(message: bytes) -> bytes:
+        done = subprocess.run([tool, "-C", "-d", "sender.example", "-k", str(keyfile),
+                               "-s", "odkim"], input=message, capture_output=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        assert done.stdout.startswith(b"DKIM-Signature:"), done.stdout[:200]
+        return done.stdout
+    good = opendkim_signed(BODY)
+    server = yield server_for(tmp_path, dns)
+    try:
+        assert (yield send(server.ports["mx"], "ann@sender.example", good)) == {}
+        assert (yield send(server.ports["mx"], "ann@sender.example",
+                           good.replace(b"Hello.", b"Goodbye."))) == {}
+        messages = yield server.delivered("bob@example.test", 2)
+        verdicts = [{(r.method, r.result) for r in results_of(m).results} for m in messages]
+        assert ("dkim", "pass") in verdicts[0] and ("dkim", "fail") in verdicts[1]
     finally:
         yield server.stop()
