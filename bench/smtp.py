@@ -18,6 +18,14 @@ Each load is run ``--repeat`` times per server, the two servers taking turns and
 one that goes first alternating, and each server's median rate is reported: on a
 shared machine one run of a second or two swings by a third either way (the disk's
 fsync latency most of all), and a ratio of two such single runs says little.
+
+``--policy`` measures the inbound policy chain instead of Postfix: two LightMails,
+one whose MX listener runs every inbound check (``checks = default``: SPF, DKIM, and
+the others as they land) and one with ``checks = none``, take turns on the same load.
+Both ask a test DNS server (tests/dnsserver.py) that publishes the sender's SPF
+record and DKIM key (and DMARC policy); smtp-source sends one message, DKIM-signed
+(RSA 2048) by the sender's key, as a file (``-F``), so every check does its whole
+work; DNS answers are cached, as on a busy MX.  The ratio is policy / none.
 """
 
 from __future__ import annotations
@@ -38,12 +46,14 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
+from dnsserver import DNSServer  # noqa: E402
 from dovecot import group_members  # noqa: E402
 from harness import ServerProcess, run_cli  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 RCPT = "rcpt@bench.test"
+SENDER_DOMAIN = "client.test"
 
 
 def free_port() -> int:
@@ -55,7 +65,9 @@ def free_port() -> int:
 class LightMail:
     name = "LightMail"
 
-    def __init__(self, base: Path, workers: int = 0) -> None:
+    def __init__(self, base: Path, workers: int = 0, checks: str = "none",
+                 dns_servers: str = "", name: str = "LightMail") -> None:
+        self.name = name
         base.mkdir(parents=True, exist_ok=True)
         self.state = base / "state"
         config = base / "lightmail.conf"
@@ -63,7 +75,9 @@ class LightMail:
             f"[server]\nstate_dir = {self.state}\nhostname = lightmail.bench.test\n"
             f"workers = {workers}\n"
             "[logging]\nlevel = info\n"
+            f"[outbound]\ndns_servers = {dns_servers}\n"
             "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+            f"checks = {checks}\n"
             "max_connections = 2000\nmax_connections_per_ip = 2000\n")
         run_cli(config, "domain", "add", "bench.test")
         run_cli(config, "user", "add", RCPT, "--no-password")
@@ -115,10 +129,14 @@ class Postfix:
         subprocess.run(["rm", "-rf", str(self.maildirs)], check=False)
 
 
-def run_load(server: LightMail | Postfix, sessions: int, size: int, count: int) -> dict:
+def run_load(server: LightMail | Postfix, sessions: int, size: int, count: int,
+             message: Path | None = None) -> dict:
+    """``message``: a file smtp-source sends as it is (-F), instead of ``size``
+    octets of its own."""
     start_count = server.delivered()
     started = time.monotonic()
-    subprocess.run([SMTP_SOURCE, "-s", str(sessions), "-m", str(count), "-l", str(size),
+    content = ["-F", str(message), "-M", SENDER_DOMAIN] if message else ["-l", str(size)]
+    subprocess.run([SMTP_SOURCE, "-s", str(sessions), "-m", str(count), *content,
                     "-f", "sender@client.test", "-t", RCPT, f"127.0.0.1:{server.port}"],
                    check=True, timeout=600, stdout=subprocess.DEVNULL)
     accepted = time.monotonic() - started
@@ -189,9 +207,14 @@ def main() -> int:
                         help="LightMail's [server] workers (default 0: one process; "
                         "docs/benchmarks.rst has runs with 2, one per core)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--policy", action="store_true",
+                        help="LightMail with every inbound check against LightMail "
+                        "with none, instead of against Postfix")
     args = parser.parse_args()
     sessions = [int(x) for x in args.sessions.split(",")]
     sizes = [int(x) for x in args.sizes.split(",")]
+    if args.policy:
+        return policy_main(args, sessions, sizes)
     base = Path(tempfile.mkdtemp(prefix="lightmail-bench-"))
     results: list[dict] = []
     lightmail = postfix = None
@@ -226,6 +249,100 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": results, "idle_kb": idle}, indent=2))
     return 0
+
+
+def sender_zone() -> tuple[dict, bytes]:
+    """The sender's DNS (SPF for its HELO name and domain, a DKIM key, a DMARC
+    policy) and the PEM of the key."""
+    from lightmail.policy.dkim import dns_record, generate_key, signing_key
+    pem, private = generate_key("rsa", 2048)
+    key = signing_key(SENDER_DOMAIN, "bench", private)
+    return {
+        f"{SENDER_DOMAIN}.": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"], "A": ["127.0.0.1"]},
+        f"bench._domainkey.{SENDER_DOMAIN}.": {"TXT": [dns_record(key)]},
+        f"_dmarc.{SENDER_DOMAIN}.": {"TXT": ["v=DMARC1; p=reject"]},
+    }, pem
+
+
+def signed_message(pem: bytes, size: int) -> bytes:
+    """A message of about ``size`` octets from the sender, signed with its key;
+    LF line ends (smtp-source -F sends each line with CRLF)."""
+    import dkim
+    line = b"The quick brown fox jumps over the lazy dog, again and again. " * 1 + b"\r\n"
+    head = (f"From: Sender <sender@{SENDER_DOMAIN}>\r\nTo: {RCPT}\r\n"
+            "Subject: policy benchmark\r\nDate: Mon, 07 Dec 2026 12:00:00 +0000\r\n"
+            f"Message-ID: <bench@{SENDER_DOMAIN}>\r\n\r\n").encode()
+    body = line * max(1, (size - len(head)) // len(line))
+    message = head + body
+    signature = dkim.sign(message, b"bench", SENDER_DOMAIN.encode(), pem,
+                          include_headers=[b"from", b"to", b"subject", b"date",
+                                           b"message-id"])
+    return (signature + message).replace(b"\r\n", b"\n")
+
+
+def policy_main(args: argparse.Namespace, sessions: list[int], sizes: list[int]) -> int:
+    """--policy: every inbound check against none, same run (see the docstring)."""
+    base = Path(tempfile.mkdtemp(prefix="lightmail-bench-policy-"))
+    zone, pem = sender_zone()
+    dns = DNSServer(zone, ttl=3600).start()
+    servers: list[LightMail] = []
+    results: list[dict] = []
+    try:
+        servers = [LightMail(base / "none", args.workers, "none",
+                             f"127.0.0.1:{dns.port}", name="none"),
+                   LightMail(base / "policy", args.workers, "default",
+                             f"127.0.0.1:{dns.port}", name="policy")]
+        print(f"{'sessions':>8} {'size':>7} | {'no checks acc/s':>15} {'dlv/s':>7} | "
+              f"{'all checks acc/s':>16} {'dlv/s':>7} | {'ratio acc':>9} {'ratio dlv':>9}")
+        for size in sizes:
+            message = base / f"message-{size}.eml"
+            message.write_bytes(signed_message(pem, size))
+            for count_sessions in sessions:
+                count = args.messages or (500 if size <= 8192 else 400)
+                if args.quick:
+                    count = max(count_sessions, count // 10)
+                runs: dict[str, list[dict]] = {server.name: [] for server in servers}
+                for turn in range(max(1, args.repeat)):
+                    order = servers if turn % 2 == 0 else servers[::-1]
+                    for server in order:
+                        runs[server.name].append(
+                            run_load(server, count_sessions, size, count, message))
+                none, full = median_rates(runs["none"]), median_rates(runs["policy"])
+                row = {"sessions": count_sessions, "size": size, "messages": count,
+                       "none": none, "policy": full}
+                results.append(row)
+                print(f"{count_sessions:>8} {size // 1024:>6}K | "
+                      f"{none['accepted_per_s']:>15.0f} {none['delivered_per_s']:>7.0f} | "
+                      f"{full['accepted_per_s']:>16.0f} {full['delivered_per_s']:>7.0f} | "
+                      f"{full['accepted_per_s'] / none['accepted_per_s']:>8.2f}x "
+                      f"{full['delivered_per_s'] / none['delivered_per_s']:>8.2f}x",
+                      flush=True)
+        check_results_written(servers[1])
+    finally:
+        for server in servers:
+            server.stop()
+        dns.stop()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"policy_runs": results}, indent=2))
+    return 0
+
+
+def check_results_written(server: LightMail) -> None:
+    """The checked server wrote what the checks found: a benchmark of checks that
+    did not run would measure nothing."""
+    db = sqlite3.connect(f"file:{server.state / 'lightmail.db'}?mode=ro", uri=True)
+    try:
+        blob_id = db.execute("select blob_id from messages order by id desc limit 1"
+                             ).fetchone()[0]
+    finally:
+        db.close()
+    blob = next(server.state.glob(f"blobs/**/{blob_id}"))
+    head = blob.read_bytes().split(b"\r\n\r\n", 1)[0]
+    for needed in (b"spf=pass", b"dkim=pass"):
+        if needed not in head:
+            raise SystemExit(f"the checked server's message lacks {needed.decode()}: "
+                             f"{head.decode(errors='replace')[:600]}")
 
 
 HEADER = (f"{'sessions':>8} {'size':>7} | {'LightMail acc/s':>15} {'dlv/s':>7} | "
