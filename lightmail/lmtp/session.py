@@ -64,7 +64,7 @@ class LMTPHandler(SMTPHandler):
     log = Logger(namespace="lightmail.lmtp")
 
     @defer.inlineCallbacks
-    def handle_rcpt(self, session: Session, tx: Transaction, address: str,
+    def decide_rcpt(self, session: Session, tx: Transaction, address: str,
                     orcpt: Optional[str], notify: Optional[str]) -> Any:
         resolution = yield self.resolve(address)
         if isinstance(resolution, Reply):

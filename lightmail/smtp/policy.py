@@ -130,7 +130,18 @@ class SMTPHandler:
     @defer.inlineCallbacks
     def handle_rcpt(self, session: Session, tx: Transaction, address: str,
                     orcpt: Optional[str], notify: Optional[str]) -> Any:
-        """Decide on one recipient: (reply, queue recipients it expands to)."""
+        """Decide on one recipient: (reply, queue recipients it expands to); the
+        inbound checks' rcpt step has the last word on one the directory accepts."""
+        reply, recipients = yield self.decide_rcpt(session, tx, address, orcpt, notify)
+        if reply.is_error:
+            return reply, recipients
+        refused = yield self.policy.rcpt(session, tx, address)
+        return (refused, []) if refused is not None else (reply, recipients)
+
+    @defer.inlineCallbacks
+    def decide_rcpt(self, session: Session, tx: Transaction, address: str,
+                    orcpt: Optional[str], notify: Optional[str]) -> Any:
+        """The directory's and the relay rules' answer for one recipient."""
         resolution = yield self.resolve(address)
         if isinstance(resolution, Reply):
             return resolution, []

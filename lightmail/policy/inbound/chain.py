@@ -42,6 +42,15 @@ class InboundPolicy:
         return None
 
     @defer.inlineCallbacks
+    def rcpt(self, session: Any, tx: Any, address: str) -> Any:
+        """None, or the Reply of the first check that refuses this recipient."""
+        for check in self.checks:
+            reply = yield check.rcpt(session, tx, address, tx.findings)
+            if reply is not None:
+                return reply
+        return None
+
+    @defer.inlineCallbacks
     def content(self, session: Any, tx: Any, staged: IStagedBlob) -> Any:
         """(None or the refusing Reply, the staged blob to queue).  The blob is a new
         one when an Authentication-Results field was written; the one given is then
@@ -55,7 +64,8 @@ class InboundPolicy:
                 return reply, staged
         data = yield message.content()
         results = [entry for check in self.checks for entry in check.results(tx.findings)]
-        rewritten = with_authentication_results(data, self.authserv_id(), results)
+        rewritten = with_authentication_results(data, self.authserv_id(), results,
+                                                tx.findings.added_headers)
         writer = self.blobs.writer()
         writer.write(rewritten)
         fresh = yield writer.stage()
@@ -64,12 +74,15 @@ class InboundPolicy:
 
 
 def with_authentication_results(message: bytes, authserv_id: str,
-                                results: Sequence[AuthenticationResult]) -> bytes:
+                                results: Sequence[AuthenticationResult],
+                                added: Sequence[str] = ()) -> bytes:
     """The message with one Authentication-Results field on top (RFC 8601), below
     only the Received field our session wrote (where Postfix puts its milters'),
     and without the fields already there that claim ``authserv_id`` (§5: only we
-    may speak for it; a field from outside that does is a forgery)."""
+    may speak for it; a field from outside that does is a forgery); the checks'
+    ``added`` fields follow it."""
     header = authentication_results(authserv_id, results)
+    header += b"".join(field.encode("ascii", "replace") + b"\r\n" for field in added)
     message = without_our_fields(message, authserv_id)
     first = _FIELD_START.match(message)
     if first is None or first.group(1).lower() != b"received":

@@ -34,6 +34,20 @@ class Findings:
     folder: Optional[str] = None
     #: Why it goes there (logged).
     folder_reason: str = ""
+    #: Header fields the checks add (a scanner's X-Spam-Status, say), each a whole
+    #: field without its line end; written below Authentication-Results.
+    added_headers: list[str] = field(default_factory=list)
+
+    def add_header(self, name: str, value: str) -> None:
+        """Add ``name: value`` (printable ASCII only; anything else becomes ``?``)."""
+        text = f"{name}: {value}"
+        self.added_headers.append("".join(c if " " <= c <= "~" else "?" for c in text))
+
+    def quarantine(self, folder: str, reason: str) -> None:
+        """File the message in ``folder`` of each local recipient (the first check to
+        ask decides)."""
+        if self.folder is None:
+            self.folder, self.folder_reason = folder, reason
 
 
 class Message:
@@ -83,6 +97,11 @@ class IInboundCheck(Interface):
     def mail(session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
         """After MAIL FROM: None to go on, or a Reply refusing the transaction."""
 
+    def rcpt(session: Any, tx: Any, address: str, findings: Findings) -> Deferred[Any]:
+        """After the handler accepted RCPT TO ``address``: None to go on, or a Reply
+        refusing this recipient (client checks are best made here, as Postfix's
+        smtpd_delay_reject does: the log then shows who the mail was for)."""
+
     def content(session: Any, tx: Any, message: Message,
                 findings: Findings) -> Deferred[Any]:
         """The whole message, staged: None to go on, or a Reply refusing it."""
@@ -98,6 +117,10 @@ class InboundCheck:
     name = "nothing"
 
     def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
+        return defer.succeed(None)
+
+    def rcpt(self, session: Any, tx: Any, address: str,
+             findings: Findings) -> Deferred[Any]:
         return defer.succeed(None)
 
     def content(self, session: Any, tx: Any, message: Message,
