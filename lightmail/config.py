@@ -715,6 +715,10 @@ class SMTPConfig:
         "On submission: MAIL FROM must be the user's address or one of their aliases.")
     smtputf8: bool = option(
         True, parse_bool, "Offer SMTPUTF8 (RFC 6531): UTF-8 addresses and headers.")
+    requiretls: bool = option(
+        True, parse_bool,
+        "Offer REQUIRETLS (RFC 8689) on TLS sessions: a message sent with it is relayed "
+        "only over verified TLS to servers that offer it too, or bounces.")
     direct_delivery: bool = option(
         True, parse_bool,
         "File a message whose recipients are all local straight into their mailboxes, "

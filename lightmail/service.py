@@ -343,7 +343,9 @@ def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
         from twisted.internet import reactor
 
         from lightmail.outbound.mtasts import MTASTS, https_fetcher
-        mta_sts = MTASTS(resolver, https_fetcher(reactor, resolver, ca_file))
+        from lightmail.storage.mtastsstore import SQLMTASTSPolicyStore
+        mta_sts = MTASTS(resolver, https_fetcher(reactor, resolver, ca_file),
+                         store=SQLMTASTSPolicyStore(services.storage.db))
     signer = None
     dkim_keys = load_signer(services.config)
     if dkim_keys is not None:

@@ -11,6 +11,11 @@ Sessions are reused: after a transaction the connection waits a few seconds
 starts with RSET instead of a new TCP connection, greeting, EHLO and TLS handshake,
 as Postfix's connection cache does.  At most ``destination_concurrency`` deliveries
 go to one domain at once.
+
+What TLS a delivery needs (``TLSNeeds``) comes from the transport's ``tls``, the
+domain's MTA-STS policy and the message: REQUIRETLS (RFC 8689) asks for verified TLS
+to a server that offers it, or a bounce; ``TLS-Required: No`` sets the policies
+aside (lightmail.outbound.requiretls).
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ from lightmail.outbound.client import (
     SessionFailed,
     SMTPClientProtocol,
     Timeouts,
+)
+from lightmail.outbound.requiretls import (
+    HEADER_PEEK,
+    Refusal,
+    TLSNeeds,
+    bounce_detail,
+    session_refusal,
+    tls_optional,
+    unvouched,
 )
 from lightmail.outbound.routing import Destination, Router, RoutingError
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
@@ -264,49 +278,112 @@ class SMTPDeliveryAgent:
             return (DeliveryResult.bounced(detail) if exc.permanent
                     else DeliveryResult.deferred(detail))
         envelope = item.envelope
+        # RFC 8689 §4.2.1 binds messages with a sender (a notice goes as any other);
+        # LMTP is final delivery (§4.4), not relay.
+        requiretls = envelope.requiretls and bool(item.mail_from) and not transport.lmtp
         message = OutboundMessage(
             mail_from=item.mail_from,
             recipients=(OutboundRecipient(address, item.recipient.orcpt,
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
-            smtputf8=envelope.smtputf8, content=item.content)
-        verified_only = False
+            smtputf8=envelope.smtputf8, requiretls=requiretls, content=item.content)
+        policy = None
         if self.mta_sts is not None and transport.router.relay is None:
             policy = await self.mta_sts.policy(domain)
-            if policy is not None and policy.mode != "none":
-                allowed = [d for d in destinations if policy.allows(d.host)]
-                if policy.mode == "enforce":
-                    if not allowed:
-                        return DeliveryResult.deferred(
-                            f"4.7.5 MTA-STS policy of {domain} names none of its MX hosts")
-                    destinations, verified_only = allowed, True
-                elif len(allowed) < len(destinations):
-                    self.log.warn("MTA-STS (testing) of {domain}: MX {hosts} not in the "
-                                  "policy", domain=domain, hosts=",".join(
-                                      d.host for d in destinations if d not in allowed))
+        enforced = policy is not None and policy.mode == "enforce"
+        needs = TLSNeeds(transport.tls)
+        if requiretls:
+            # The host's name must come from the configuration, a DNSSEC-validated
+            # MX answer or an enforced MTA-STS policy (§4.2.1).
+            if transport.router.relay is None and not self._mx_authenticated(domain):
+                destinations = ([d for d in destinations if policy.allows(d.host)]
+                                if policy is not None and enforced else [])
+                if not destinations:
+                    refusal = unvouched(domain)
+                    self.log.info("{rcpt}: {refusal}", rcpt=address, refusal=str(refusal))
+                    return DeliveryResult.bounced(str(refusal))
+            needs = TLSNeeds("encrypt", verified=True, requiretls=True)
+        elif (enforced or transport.tls == "encrypt") and await self._tls_optional(item):
+            # TLS-Required: No (§4.2.2): every MX, TLS when offered, unchecked.
+            needs = TLSNeeds("may" if transport.tls == "encrypt" else transport.tls,
+                             relaxed="MTA-STS (enforce)" if enforced else "tls = encrypt")
+            policy = None
+        if policy is not None and policy.mode != "none":
+            allowed = [d for d in destinations if policy.allows(d.host)]
+            if policy.mode == "enforce":
+                if not allowed:
+                    return DeliveryResult.deferred(
+                        f"4.7.5 MTA-STS policy of {domain} names none of its MX hosts")
+                destinations = allowed
+                needs = TLSNeeds("encrypt", verified=True, requiretls=needs.requiretls)
+            elif len(allowed) < len(destinations):
+                self.log.warn("MTA-STS (testing) of {domain}: MX {hosts} not in the "
+                              "policy", domain=domain, hosts=",".join(
+                                  d.host for d in destinations if d not in allowed))
         prefix = b""
         if self.signer is not None:
             prefix = await self.signer.header_for(item)
         last = "4.4.1 no host could be reached"
+        refusals: list[Refusal] = []
+        tried = 0
         for destination in destinations:
             for ip in destination.addresses:
                 result = await self._try(transport, destination, ip, message, address,
-                                         held, prefix, verified_only)
+                                         held, prefix, needs)
+                tried += 1
                 if isinstance(result, DeliveryResult):
                     return result
-                last = result
+                if isinstance(result, Refusal):
+                    refusals.append(result)
+                    last = str(result)
+                else:
+                    last = result
+        if tried and len(refusals) == tried:
+            # Every host said or showed it cannot carry the message: bounce now
+            # (§4.2.1), rather than wait for a host that is not there.
+            return DeliveryResult.bounced(bounce_detail(refusals))
         return DeliveryResult.deferred(last)
 
+    def _mx_authenticated(self, domain: str) -> bool:
+        """Whether the MX answer for ``domain`` was DNSSEC-validated (REQUIRETLS takes
+        it instead of an MTA-STS policy, RFC 8689 §4.2.1).  The place for the
+        resolver's AD bit, once it reports one (with DANE, RFC 7672): until then,
+        never, and only MTA-STS vouches for an MX host."""
+        return False
+
+    def _certificate_verified(self, session: ClientSession,
+                              destination: Destination) -> bool:
+        """Whether the server's certificate is trusted for ``destination`` (MTA-STS,
+        REQUIRETLS): PKIX, with the system's roots or ``ca_file``.  The place where
+        DANE's verdict (RFC 7672) plugs in: a certificate matching the host's
+        DNSSEC-validated TLSA records is as good."""
+        return session.verified
+
+    async def _tls_optional(self, item: QueueItem) -> bool:
+        """Whether the message has ``TLS-Required: No`` (RFC 8689 §3).  Read only when
+        a policy would require TLS; the content when read ahead, else its start."""
+        head = item.content
+        if head is None:
+            try:
+                head = await self.blobs.read_range(item.blob.id, 0,
+                                                   min(item.blob.size, HEADER_PEEK))
+            except BlobMissing:
+                return False         # the delivery itself reports it
+        return tls_optional(head)
+
     async def _session(self, transport: Transport, key: SessionKey,
-                       destination: Destination, ip: str,
-                       verified_only: bool = False,
-                       fresh: bool = False) -> ClientSession | str:
+                       destination: Destination, ip: str, needs: TLSNeeds,
+                       fresh: bool = False) -> ClientSession | str | Refusal:
         """A reused idle session (after RSET) or a new, negotiated one (``fresh``:
-        always a new one); or why not.  With PIPELINING, the RSET goes out with the
+        always a new one); or why not (a Refusal: a host that cannot carry a
+        REQUIRETLS message).  With PIPELINING, the RSET goes out with the
         next transaction's commands (:meth:`ClientSession.send`) instead of costing
         a round trip of its own."""
         while not fresh and (session := self.sessions.take(key)) is not None:
-            if verified_only and not session.verified:
+            if needs.verified and not self._certificate_verified(session, destination):
+                session.close()
+                continue
+            if needs.requiretls and "REQUIRETLS" not in session.extensions:
                 session.close()
                 continue
             if session.proto.lost is not None:
@@ -333,17 +410,30 @@ class SMTPDeliveryAgent:
                                 self.reactor, transport.lmtp, self.ca_file,
                                 transport.credentials)
         try:
-            await session.open("encrypt" if verified_only else transport.tls)
+            await session.open(needs.policy)
         except SessionFailed as exc:
             said = "said" if exc.remote else "failed"
             if exc.auth:
                 self.log.warn("{where}: {reply}; check auth_user and auth_password_file",
                               where=where, reply=str(exc.reply))
                 return f"{exc.reply.status} {where} {said}: {exc.reply}"
+            if exc.no_tls and needs.requiretls:
+                refusal = session_refusal(where, "", False, session.extensions)
+                assert refusal is not None
+                self.log.info("{where}: {refusal}", where=where, refusal=str(refusal))
+                return refusal
             self.log.info("{where}: {reply}; trying the next host", where=where,
                           reply=str(exc.reply))
             return f"{exc.reply.status} {where} {said}: {exc.reply}"
-        if verified_only and not session.verified:
+        verified = self._certificate_verified(session, destination)
+        if needs.requiretls:
+            refusal = session_refusal(where, session.tls, verified, session.extensions)
+            if refusal is not None:
+                session.close()
+                self.log.info("{where}: {refusal}; trying the next host", where=where,
+                              refusal=str(refusal))
+                return refusal
+        elif needs.verified and not verified:
             session.close()
             self.log.warn("{where}: MTA-STS needs a valid certificate, got {tls}",
                           where=where, tls=session.tls)
@@ -353,18 +443,18 @@ class SMTPDeliveryAgent:
     async def _try(self, transport: Transport, destination: Destination, ip: str,
                    message: OutboundMessage, address: str,
                    held: list[tuple[SessionKey, ClientSession]], prefix: bytes = b"",
-                   verified_only: bool = False) -> DeliveryResult | str:
-        """A result, or the reason to try the next address.  A session that can
-        carry more goes into ``held``: back to the cache when the delivery is over
-        (:meth:`deliver_held`)."""
+                   needs: TLSNeeds = TLSNeeds("may")) -> DeliveryResult | str | Refusal:
+        """A result, or the reason to try the next address (a Refusal: this host
+        cannot carry a REQUIRETLS message).  A session that can carry more goes into
+        ``held``: back to the cache when the delivery is over (:meth:`deliver_held`)."""
         where = f"{destination.host}[{ip}]:{destination.port}"
         key = (ip, destination.port, destination.host, transport.lmtp,
                transport.credentials.user if transport.credentials else "")
         for attempt in (1, 2):
             # The second attempt, after a reused session failed, on a new connection.
-            session = await self._session(transport, key, destination, ip, verified_only,
+            session = await self._session(transport, key, destination, ip, needs,
                                           fresh=attempt == 2)
-            if isinstance(session, str):
+            if not isinstance(session, ClientSession):
                 return session
             reused = session.transactions > 0
             try:
@@ -382,9 +472,21 @@ class SMTPDeliveryAgent:
             held.append((key, session))
             reply = outcome.results[address]
             tls = f" ({outcome.tls})" if outcome.tls else ""
+            if needs.relaxed and reply.code < 300:
+                # RFC 8689 §4.2.2: what the policy would have held back, and how it went.
+                self.log.info("TLS-Required: No: <{rcpt}> sent to {where} {how} although "
+                              "{policy} asks for verified TLS", rcpt=address, where=where,
+                              how=_how(outcome.tls, self._certificate_verified(
+                                  session, destination)), policy=needs.relaxed)
             return _result(reply, f"{reply.status} {where}{tls} said: {reply}",
                            destination.host)
         return f"4.4.2 {where}: no usable session"
+
+
+def _how(tls: str, verified: bool) -> str:
+    if not tls:
+        return "in clear"
+    return f"over TLS ({tls})" if verified else f"over TLS, certificate unverified ({tls})"
 
 
 def _released(outcome: tuple[DeliveryResult, Callable[[], None]]) -> DeliveryResult:

@@ -4,7 +4,8 @@ ESMTP with PIPELINING (RFC 2920: MAIL, every RCPT and DATA in one write), SIZE (
 message over the server's limit is not sent: 5.3.4), 8BITMIME (sent as it is when
 the server does not offer it, as Postfix does), SMTPUTF8 (a message that needs it is
 not sent to a server without it: 5.6.7, RFC 6531 §3.2), CHUNKING (BDAT, no
-dot-stuffing), DSN parameters passed through (RFC 3461) when offered, opportunistic
+dot-stuffing), DSN parameters passed through (RFC 3461) when offered, REQUIRETLS
+(RFC 8689) passed on (only to a server that offers it), opportunistic
 STARTTLS (RFC 3207) with the certificate checked and the outcome logged, SMTP AUTH
 (RFC 4954: PLAIN, or LOGIN when only that is offered) to a relay host that needs it,
 only over TLS unless the transport says ``tls = none``.
@@ -50,6 +51,7 @@ class OutboundMessage:
     ret: Optional[str] = None
     body: Optional[str] = None          # 8BITMIME when the client said so
     smtputf8: bool = False
+    requiretls: bool = False            # MAIL FROM ... REQUIRETLS (RFC 8689)
     # The blob's content when it was read ahead (small messages): sent in one write.
     content: Optional[bytes] = field(default=None, compare=False, repr=False)
 
@@ -88,11 +90,13 @@ class SessionFailed(Exception):
     (``next_host``) or give every recipient ``reply``."""
 
     def __init__(self, reply: Reply, next_host: bool, remote: bool = True,
-                 auth: bool = False) -> None:
+                 auth: bool = False, no_tls: bool = False) -> None:
         super().__init__(str(reply))
         # remote: the server said it (else LightMail decided: timeouts, limits).
         self.reply, self.next_host, self.remote = reply, next_host, remote
         self.auth = auth                # SMTP AUTH failed or could not be attempted
+        # TLS was required and the server offers no STARTTLS, or refused it.
+        self.no_tls = no_tls
 
 
 @dataclass(frozen=True)
@@ -279,9 +283,10 @@ class ClientSession:
             self.proto.send("QUIT")
         self.abort()
 
-    def fail(self, reply: Reply, next_host: bool, remote: bool = True) -> SessionFailed:
+    def fail(self, reply: Reply, next_host: bool, remote: bool = True,
+             no_tls: bool = False) -> SessionFailed:
         self.close()
-        return SessionFailed(reply, next_host, remote)
+        return SessionFailed(reply, next_host, remote, no_tls=no_tls)
 
     async def open(self, tls_policy: str) -> None:
         greeting = await self.reply()
@@ -298,10 +303,11 @@ class ClientSession:
                 self.tls = verify_peer(self.proto.transport, self.server_name,
                                        self.ca_file)
             elif tls_policy == "encrypt":
-                raise self.fail(answer, next_host=True)
+                raise self.fail(answer, next_host=True, no_tls=True)
         if tls_policy == "encrypt" and not self.tls:
             raise self.fail(local_reply(450, "4.7.5", f"{self.server_name} offers no "
-                                        "STARTTLS and TLS is required"), True, False)
+                                        "STARTTLS and TLS is required"), True, False,
+                            no_tls=True)
         if self.credentials is not None:
             await self._authenticate(self.credentials, tls_policy)
 
@@ -387,6 +393,10 @@ class ClientSession:
         if message.smtputf8 and "SMTPUTF8" not in extensions:
             raise self.fail(local_reply(553, "5.6.7", "the message needs SMTPUTF8, which "
                                         "the server does not offer"), False, False)
+        if message.requiretls and "REQUIRETLS" not in extensions:
+            # The agent never gets here (it checks first); the next MX may offer it.
+            raise self.fail(local_reply(450, "4.7.30", "the message needs REQUIRETLS, "
+                                        "which the server does not offer"), True, False)
         dsn = "DSN" in extensions
         mail = f"MAIL FROM:<{message.mail_from}>"
         if size:
@@ -395,6 +405,8 @@ class ClientSession:
             mail += " BODY=8BITMIME"
         if message.smtputf8:
             mail += " SMTPUTF8"
+        if message.requiretls:
+            mail += " REQUIRETLS"           # RFC 8689 §2
         if dsn and message.ret:
             mail += f" RET={message.ret}"
         if dsn and message.envid:

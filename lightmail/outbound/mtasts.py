@@ -7,6 +7,10 @@ policy itself comes over HTTPS (certificate verified) from
 ``max_age``, refetched when the TXT record's id changes.  In ``enforce`` mode mail
 goes only to MX hosts the policy names, over TLS with a certificate valid for the MX
 name; otherwise it waits (4.7.5).  ``testing`` mode only logs what would have failed.
+
+The policies fetched are kept in SQL too (``IMTASTSPolicyStore``), read back the
+first time a policy is asked for after a start: a restart keeps honouring a cached
+``enforce`` policy until it expires, even while the policy server is down (§5).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from lightmail.dns import DNSError, IResolver
+from lightmail.storage.interfaces import IMTASTSPolicyStore, MTASTSPolicyRecord
 
 MAX_POLICY = 64 * 1024
 MAX_AGE_LIMIT = 31557600       # RFC 8461 §3.2: at most one year
@@ -75,14 +81,15 @@ def parse_policy(text: str, policy_id: str, now: float) -> Policy:
 
 
 def policy_id(records: list[str]) -> Optional[str]:
-    """The id of the one ``v=STSv1`` TXT record, or None (RFC 8461 §3.1)."""
+    """The id of the one ``v=STSv1`` TXT record, or None (RFC 8461 §3.1: 1 to 32
+    letters and digits)."""
     found = [r for r in records if r.replace(" ", "").startswith("v=STSv1;")]
     if len(found) != 1:
         return None
     for part in found[0].split(";"):
         key, _, value = part.strip().partition("=")
         if key == "id" and value:
-            return value
+            return value if len(value) <= 32 and value.isascii() and value.isalnum() else None
     return None
 
 
@@ -93,17 +100,68 @@ class MTASTS:
     log = Logger(namespace="lightmail.outbound")
 
     def __init__(self, resolver: IResolver, fetch: Fetch,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 store: Optional[IMTASTSPolicyStore] = None) -> None:
         self.resolver, self.fetch, self.clock = resolver, fetch, clock
         self.cache: dict[str, Policy] = {}
+        self.store = store
+        self.loaded = store is None         # the stored policies are in the cache
+        self.loading: Optional[defer.Deferred[None]] = None
+
+    async def _load(self) -> None:
+        """The stored policies into the cache, once: callers meanwhile wait for the
+        first one's read; one that failed is tried again by the next caller."""
+        if self.loaded:
+            return
+        if self.loading is None:
+            self.loading = defer.ensureDeferred(self._read_store())
+            if self.loading.called:
+                self.loading = None
+                return
+        await self.loading
+
+    async def _read_store(self) -> None:
+        assert self.store is not None
+        try:
+            records = await self.store.load(self.clock())
+        except Exception as exc:
+            self.log.warn("MTA-STS: stored policies not read: {error}",
+                          error=str(exc) or exc.__class__.__name__)
+            return
+        finally:
+            self.loading = None
+        for record in records:
+            self.cache.setdefault(record.domain, Policy(
+                record.policy_id, record.mode, record.mx, record.max_age, record.fetched))
+        self.loaded = True
+        if records:
+            self.log.info("MTA-STS: {count} stored policies read", count=len(records))
+
+    async def _remember(self, domain: str, policy: Optional[Policy]) -> None:
+        """Write the cache's change through to the store; a failure costs only the
+        copy that would survive a restart."""
+        if self.store is None:
+            return
+        try:
+            if policy is None:
+                await self.store.forget(domain)
+            else:
+                await self.store.save(MTASTSPolicyRecord(
+                    domain, policy.id, policy.mode, policy.mx, policy.max_age,
+                    policy.fetched))
+        except Exception as exc:
+            self.log.warn("MTA-STS policy of {domain} not stored: {error}", domain=domain,
+                          error=str(exc) or exc.__class__.__name__)
 
     async def policy(self, domain: str) -> Optional[Policy]:
         """The domain's policy in force, or None (no policy, or none could be had)."""
+        await self._load()
         domain = domain.lower()
         now = self.clock()
         cached = self.cache.get(domain)
         if cached is not None and cached.expired(now):
             del self.cache[domain]
+            await self._remember(domain, None)
             cached = None
         try:
             new_id = policy_id(await self.resolver.txt(f"_mta-sts.{domain}"))
@@ -123,6 +181,7 @@ class MTASTS:
         self.cache[domain] = policy
         self.log.info("MTA-STS policy of {domain}: mode={mode} mx={mx}", domain=domain,
                       mode=policy.mode, mx=",".join(policy.mx))
+        await self._remember(domain, policy)
         return policy
 
 

@@ -66,7 +66,7 @@ class Notifier:
                 diagnostic=result.diagnostic or f"X-LightMail; {text}",
                 orcpt=item.recipient.orcpt, remote_mta=result.remote_mta or None,
                 last_attempt=time.time())],
-            original=original, ret=item.envelope.ret, envid=item.envelope.envid,
+            original=original, ret=_ret(item), envid=item.envelope.envid,
             smtputf8=item.envelope.smtputf8)
         blob = await services.blobs.put(dsn)
         envelope = await self._notice_envelope(item, to, DOUBLE_BOUNCE if double_bounce
@@ -113,7 +113,7 @@ class Notifier:
             dsn = build_dsn(
                 reporting_mta=services.config.hostname, original_sender=item.mail_from,
                 queue_id=item.queue_id, arrival=queue_id_time(item.queue_id) or now,
-                recipients=recipients, original=original, ret=item.envelope.ret,
+                recipients=recipients, original=original, ret=_ret(item),
                 envid=item.envelope.envid, smtputf8=item.envelope.smtputf8)
             blob = await services.blobs.put(dsn)
             queue_id = await services.write_port.warn_delayed(
@@ -136,6 +136,13 @@ class Notifier:
         transport = "local" if resolution.is_local_domain else "smtp"
         return Envelope(mail_from="", recipients=[QueueRecipient(to, transport)],
                         source=source, smtputf8=item.envelope.smtputf8)
+
+
+def _ret(item: QueueItem) -> str | None:
+    """What of the original a notice returns: for a REQUIRETLS message only its
+    header section, whatever RET asked (RFC 8689 §5): the notice, from the null
+    sender, may travel without TLS."""
+    return "HDRS" if item.envelope.requiretls else item.envelope.ret
 
 
 def _status(detail: str, kind: str) -> tuple[str, str]:

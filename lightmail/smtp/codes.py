@@ -62,6 +62,9 @@ PASSWORD_EXPIRED = Reply(535, "5.7.8", "The password has expired: ask for a new 
 AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 TLS_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication "
                                    "mechanism")
+# RFC 8689 §2: REQUIRETLS only over TLS (RFC 3207's 530: STARTTLS first).
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: "
+                                            "issue STARTTLS first")
 NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 SENDER_DENIED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")

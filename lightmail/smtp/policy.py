@@ -50,6 +50,7 @@ class Transaction:
 
     mail_from: str
     smtputf8: bool = False
+    requiretls: bool = False           # MAIL FROM ... REQUIRETLS (RFC 8689)
     body: Optional[str] = None
     envid: Optional[str] = None
     ret: Optional[str] = None
@@ -196,7 +197,7 @@ class SMTPHandler:
             ret=tx.ret, body=tx.body, smtputf8=tx.smtputf8,
             auth_user=session.account.user.address if session.account else None,
             client_address=session.peer, priority=1 if session.submission else 0,
-            folder=folder)
+            folder=folder, requiretls=tx.requiretls)
         services = self.services
         if (services.config.smtp.direct_delivery
                 and all(rcpt.transport == "local" for rcpt in envelope.recipients)):

@@ -273,9 +273,15 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             lines.append("SMTPUTF8")
         if self.factory.listener.tls == "starttls" and not self.session.tls:
             lines.append("STARTTLS")
+        if self._requiretls_offered():
+            lines.append("REQUIRETLS")
         if self._auth_allowed():
             lines.append("AUTH " + " ".join(self._sasl_offer().names(self._sasl_context())))
         return lines
+
+    def _requiretls_offered(self) -> bool:
+        """RFC 8689 §2: REQUIRETLS only on a session that is over TLS already."""
+        return self.cfg.requiretls and bool(self.session.tls)
 
     def _sasl_offer(self) -> sasl.Offer:
         return self.factory.services.sasl
@@ -426,6 +432,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 tx.envid = value
             elif name == "AUTH" and value:
                 pass                        # RFC 4954 §5: accepted, not trusted
+            elif name == "REQUIRETLS" and value is None and self.cfg.requiretls:
+                if not self.session.tls:
+                    return self.reply(codes.REQUIRETLS_NEEDS_TLS)
+                tx.requiretls = True
             else:
                 return self.reply(codes.BAD_PARAM)
         if tx.mail_from:

@@ -173,6 +173,9 @@ class Envelope:
     # Local recipients get it in this folder, not where their address leads (a
     # quarantine decided by the inbound checks: "Junk"); None: as addressed.
     folder: Optional[str] = None
+    # MAIL FROM ... REQUIRETLS (RFC 8689): every relay hop over verified TLS, to a
+    # server that offers REQUIRETLS, or a bounce.
+    requiretls: bool = False
 
 
 @dataclass(frozen=True)
@@ -526,6 +529,33 @@ class IQueueStore(Interface):
         """The recipients of ``queue_id`` that are waiting after a temporary failure
         and whose sender has not been warned of the delay yet (each a dict of ``id``,
         ``recipient``, ``orcpt``, ``notify``, ``last_error``, ``attempts``)."""
+
+
+@dataclass(frozen=True)
+class MTASTSPolicyRecord:
+    """An MTA-STS policy as kept (RFC 8461 §5): ``fetched`` is a Unix time in seconds,
+    ``max_age`` seconds; ``mx`` the policy's patterns, in order."""
+
+    domain: str
+    policy_id: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int
+    fetched: float
+
+
+class IMTASTSPolicyStore(Interface):
+    """The MTA-STS policies fetched, kept across restarts (shared by the nodes of a
+    cluster): what the outbound MTA-STS cache reads at start and writes through."""
+
+    def load(now: float) -> Deferred[list[MTASTSPolicyRecord]]:
+        """The policies not expired at ``now`` (a Unix time)."""
+
+    def save(record: MTASTSPolicyRecord) -> Deferred[None]:
+        """Keep ``record``, in place of the domain's previous one."""
+
+    def forget(domain: str) -> Deferred[None]:
+        """Drop the domain's policy (it expired)."""
 
 
 class IWritePort(Interface):

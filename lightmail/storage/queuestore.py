@@ -76,7 +76,8 @@ _LEASE = _r.update().where(_r.c.id.in_(sa.bindparam("b_ids", expanding=True))).v
     lease_until=sa.bindparam("b_until"))
 _CLAIMED = (sa.select(_r, _m.c.blob_id, _m.c.size, _m.c.mail_from, _m.c.envid, _m.c.ret,
                       _m.c.body, _m.c.smtputf8, _m.c.source, _m.c.auth_user,
-                      _m.c.client_address, _m.c.priority, _m.c.folder)
+                      _m.c.client_address, _m.c.priority, _m.c.folder,
+                      _m.c.requiretls)
             .join(_m, _m.c.id == _r.c.queue_id)
             .where(_r.c.id.in_(sa.bindparam("b_ids", expanding=True)))
             .order_by(_m.c.priority.desc(), _r.c.next_attempt, _r.c.id))
@@ -124,7 +125,8 @@ class SQLQueueStore:
             envid=envelope.envid, ret=envelope.ret, body=envelope.body,
             smtputf8=envelope.smtputf8, source=envelope.source,
             auth_user=envelope.auth_user, client_address=envelope.client_address,
-            priority=envelope.priority, received=now, folder=envelope.folder))
+            priority=envelope.priority, received=now, folder=envelope.folder,
+            requiretls=envelope.requiretls))
         conn.execute(s.queue_recipients.insert(), [
             {"queue_id": queue_id, "recipient": rcpt.address, "orcpt": rcpt.orcpt,
              "notify": rcpt.notify, "state": "queued", "transport": rcpt.transport,
@@ -388,7 +390,7 @@ def _item(row: Any) -> QueueItem:
                         envid=row.envid, ret=row.ret, body=row.body,
                         smtputf8=bool(row.smtputf8), auth_user=row.auth_user,
                         client_address=row.client_address, priority=row.priority,
-                        folder=row.folder)
+                        folder=row.folder, requiretls=bool(row.requiretls))
     return QueueItem(recipient_id=row.id, queue_id=row.queue_id, recipient=recipient,
                      mail_from=row.mail_from, blob=BlobRef(row.blob_id, row.size),
                      attempts=row.attempts, envelope=envelope,

@@ -190,6 +190,8 @@ queue_messages = sa.Table(
     sa.Column("received", TIMESTAMP, nullable=False),
     # Local recipients get it in this folder (a quarantine: "Junk"); NULL: as addressed.
     sa.Column("folder", sa.String(512), nullable=True),
+    # MAIL FROM ... REQUIRETLS (RFC 8689): relayed only over verified TLS.
+    sa.Column("requiretls", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 queue_recipients = sa.Table(
@@ -214,6 +216,19 @@ queue_recipients = sa.Table(
     sa.Column("delay_warned", TIMESTAMP, nullable=True),
     sa.Index(None, "state", "next_attempt"),
     sa.Index(None, "queue_id"),
+)
+
+# MTA-STS policies fetched (RFC 8461 §5): kept across restarts, so that a domain's
+# enforce policy holds while its policy server is down.  ``mx``: the patterns, one a
+# line; ``fetched``: when (ms); the policy is good until fetched + max_age seconds.
+mta_sts_policies = sa.Table(
+    "mta_sts_policies", metadata,
+    sa.Column("domain", NAME, primary_key=True),              # lower-case
+    sa.Column("policy_id", sa.String(64), nullable=False),    # the TXT record's id
+    sa.Column("mode", sa.String(16), nullable=False),         # enforce, testing, none
+    sa.Column("mx", sa.Text, nullable=False),
+    sa.Column("max_age", sa.BigInteger, nullable=False),      # seconds
+    sa.Column("fetched", TIMESTAMP, nullable=False),
 )
 
 QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")
