@@ -96,9 +96,10 @@ class Server:
 
 
 @defer.inlineCallbacks
-def start(tmp: Path, extra: str = "", server: str = "") -> Any:
+def start(tmp: Path, extra: str = "", server: str = "", populate: bool = True) -> Any:
     """The in-process server; ``extra``: more sections, ``server``: more lines of its
-    [server] section."""
+    [server] section; ``populate``: add the demo domain and users (not on a restart
+    over the same state directory)."""
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     if not cert.exists():
         write_self_signed(cert, key, "mx.example.test")
@@ -121,6 +122,8 @@ def start(tmp: Path, extra: str = "", server: str = "") -> Any:
     for listener in config.listeners:
         port = yield root.getServiceNamed(f"listener:{listener.name}").listening
         ports[listener.name] = getattr(port.getHost(), "port", 0)
+    if not populate:
+        return Server(root, ports, tmp)
     d = parts.directory
     yield d.add_domain("example.test")
     yield d.add_user("bob@example.test", "bob-secret")
