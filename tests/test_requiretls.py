@@ -77,6 +77,13 @@ def test_a_session_qualifies_with_verified_tls_and_requiretls_offered() -> None:
     assert str(Refusal("5.7.10", "x")) == "5.7.10 x"
 
 
+def test_the_flag_crosses_to_the_writer_process() -> None:
+    from lightmail.storage.interfaces import Envelope, QueueRecipient
+    from lightmail.storage.wire import decode, encode
+    envelope = Envelope("a@b.test", (QueueRecipient("c@d.test", "smtp"),), requiretls=True)
+    assert decode(encode(envelope)) == envelope and decode(encode(envelope)).requiretls
+
+
 # -- inbound -----------------------------------------------------------------------------
 
 def _queued_requiretls(server: Any) -> Any:
