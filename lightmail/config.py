@@ -986,7 +986,7 @@ class InboundConfig:
         shown_default="the server's hostname")
 
 
-INBOUND_CHECKS = ("spf", "dkim")
+INBOUND_CHECKS = ("access", "spf", "dkim")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1025,8 +1025,9 @@ class ListenerConfig:
         20, parse_int(1), "Most simultaneous connections from one client address.")
     checks: tuple[str, ...] = option(
         ("default",), parse_checks,
-        "The inbound policy checks run on this listener, among spf and dkim "
-        "(see [spf], [dkim] and [inbound]); none: no check.  default: all of them on "
+        "The inbound policy checks run on this listener, among access (the allow- "
+        "and blocklists: [access], 'lightmail access'), spf and dkim (see [spf], "
+        "[dkim] and [inbound]); none: no check.  default: all of them on "
         "an smtp (MX) listener, none on submission and LMTP, whose clients are "
         "authenticated or trusted.",
         shown_default="default")
@@ -1198,6 +1199,25 @@ def parse_networks(raw: str, base: Path) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    """Trusted networks and the allow- and blocklists (lightmail/policy/access.py):
+    the entries are in the database (``lightmail access``); these settings are the
+    file's part."""
+
+    trusted_networks: tuple[str, ...] = option(
+        (), parse_networks,
+        "Clients that may relay through the MX without AUTH and skip the checks meant "
+        "for strangers (Postfix's mynetworks), besides the database's trusted "
+        "entries.  Postfix trusts the host itself by default; LightMail trusts "
+        "nobody until told.",
+        shown_default="(none)")
+    refresh: float = option(
+        5.0, parse_duration(minimum=0.0),
+        "How often each process reads the lists again: a change made with "
+        "'lightmail access' is in force within this time.")
+
+
+@dataclass(frozen=True)
 class TranscriptConfig:
     """Protocol transcripts of chosen sessions, for debugging (lightmail/transcripts/):
     what the client and the server said, with passwords, SASL exchanges and message
@@ -1250,6 +1270,7 @@ SECTIONS: Mapping[str, type] = {
     "dkim": DKIMConfig,
     "spf": SPFConfig,
     "inbound": InboundConfig,
+    "access": AccessConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1278,6 +1299,7 @@ class Config:
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     spf: SPFConfig = field(default_factory=SPFConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)

@@ -51,6 +51,7 @@ from lightmail.dns import IResolver, Resolver
 from lightmail.imap.hub import MailboxHub
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
+from lightmail.policy.access import AccessLists
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.spf import SPFChecker
 from lightmail.pop3.maildrop import Locks
@@ -115,6 +116,8 @@ class Services:
     #: DNS for everything this process looks up (outbound routing, the inbound
     #: checks): one cache.  ``[outbound] dns_servers`` says which servers.
     resolver: IResolver
+    #: Trusted networks, allow- and blocklists (relaying, the access check).
+    access: AccessLists
     #: The inbound chain's evaluators, shared by every listener's checks.
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
@@ -206,6 +209,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     metrics=metrics, admin_tokens=AdminTokens(storage.db),
                     transcripts=make_transcripts(config.transcript), telemetry=telemetry,
                     resolver=resolver,
+                    access=AccessLists(storage.db, config.access.trusted_networks,
+                                       config.access.refresh),
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),
                     dkim_verifier=DKIMVerifier(resolver))

@@ -291,6 +291,28 @@ def test_dkim_keys_are_listed_with_their_records(api: dict[str, Any]) -> None:
     assert keys[0]["record_name"] == "s1._domainkey.example.test"
 
 
+def test_access_entries_are_added_listed_and_removed(api: dict[str, Any]) -> None:
+    made = call(api, "POST", "/api/v1/access", json={
+        "list": "block", "kind": "client", "value": "192.0.2.0/24", "note": "from the API"})
+    assert made.status_code == 201, made.text
+    assert made.json()["value"] == "192.0.2.0/24"
+    again = call(api, "POST", "/api/v1/access", json={
+        "list": "block", "kind": "client", "value": "192.0.2.9/24"})
+    assert again.status_code == 409                        # the same network
+    bad = call(api, "POST", "/api/v1/access", json={
+        "list": "trusted", "kind": "sender", "value": "example.org"})
+    assert bad.status_code == 400 and "only clients" in bad.text
+    listed = call(api, "GET", "/api/v1/access", scope="read").json()
+    assert {"list": "block", "kind": "client", "value": "192.0.2.0/24",
+            "note": "from the API"}.items() <= listed[0].items()
+    assert "192.0.2.0/24" in run_cli(api["config"], "access", "list")
+    gone = call(api, "DELETE", "/api/v1/access/block/client/192.0.2.0%2F24")
+    assert gone.status_code == 204, gone.text
+    assert call(api, "DELETE", "/api/v1/access/block/client/192.0.2.0%2F24"
+                ).status_code == 404
+    assert call(api, "GET", "/api/v1/access", scope="read").json() == []
+
+
 # -- sending and the queue ---------------------------------------------------------------------
 
 def send(api: dict[str, Any], to: list[str], subject: str, **extra: Any) -> httpx.Response:

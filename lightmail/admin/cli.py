@@ -19,6 +19,8 @@
                                  [--out DIR]
     lightmail dkim records        (the DNS records of the configured keys)
     lightmail token add NAME [--scope read|write] [--expires DURATION] | revoke NAME | list
+    lightmail access add trusted|allow|block client|sender|recipient VALUE [--note TEXT]
+                   | remove LIST KIND VALUE | list
     lightmail api-reference       (the admin API reference, rst, from its OpenAPI)
     lightmail demo-setup          (make run: demo domain, user and certificate)
     lightmail reload [--timeout SECONDS]   (the running server reads its config again)
@@ -90,11 +92,13 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
 
         async def main(reactor: Any) -> None:
             from lightmail.directory.interfaces import DirectoryError
+            from lightmail.policy.access import AccessError
             try:
                 result.append(await work(_Context(config, storage, directory,
                                                   services.accounts,
-                                                  services.admin_tokens)))
-            except (CommandError, DirectoryError) as exc:
+                                                  services.admin_tokens,
+                                                  services.access)))
+            except (CommandError, DirectoryError, AccessError) as exc:
                 errors.append(exc)
 
         def run(reactor: Any) -> Any:
@@ -118,12 +122,13 @@ class _ReactFailed(Exception):
 
 class _Context:
     def __init__(self, config: Config, storage: Any, directory: Any, accounts: Any,
-                 tokens: Any) -> None:
+                 tokens: Any, access: Any = None) -> None:
         self.config = config
         self.storage = storage
         self.directory = directory
         self.accounts = accounts        # the SQL side of every user (wiring.Services)
         self.tokens = tokens            # the admin API's (directory/admintokens.py)
+        self.access = access            # allow/block lists (policy/access.py)
 
 
 def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
@@ -361,6 +366,24 @@ def cmd_token(args: argparse.Namespace) -> int:
                 used = _when(token.last_used) if token.last_used else "never used"
                 print(f"{token.name}\t{token.scope}\tcreated {_when(token.created)}\t"
                       f"expires {until}\t{used}")
+    _run(args, work)
+    return 0
+
+
+def cmd_access(args: argparse.Namespace) -> int:
+    async def work(ctx: _Context) -> None:
+        if args.action == "add":
+            entry = await ctx.access.add(args.list, args.kind, args.value, args.note or "")
+            print(f"{entry.kind} {entry.value} added to the {entry.list} list")
+        elif args.action == "remove":
+            await ctx.access.remove(args.list, args.kind, args.value)
+            print(f"{args.kind} {args.value} removed from the {args.list} list")
+        else:
+            for entry in await ctx.access.entries():
+                print(f"{entry.list}\t{entry.kind}\t{entry.value}\t"
+                      f"{_when(entry.created)}\t{entry.note}")
+            for network in ctx.config.access.trusted_networks:
+                print(f"trusted\tclient\t{network}\t(config file)\t")
     _run(args, work)
     return 0
 
@@ -607,6 +630,21 @@ def build_parser() -> argparse.ArgumentParser:
     tsub_.add_parser("revoke").add_argument("name")
     tsub_.add_parser("list")
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("access", help="trusted networks, allow- and blocklists")
+    asub2 = p.add_subparsers(dest="action", required=True)
+    for name, text in (("add", "put an entry on a list"),
+                       ("remove", "take an entry off a list")):
+        a = asub2.add_parser(name, help=text)
+        a.add_argument("list", choices=("trusted", "allow", "block"))
+        a.add_argument("kind", choices=("client", "sender", "recipient"),
+                       help="client: an IP address or network; sender, recipient: an "
+                       "address, a domain or a .parent domain")
+        a.add_argument("value")
+        if name == "add":
+            a.add_argument("--note", help="why (shown by list)")
+    asub2.add_parser("list")
+    p.set_defaults(func=cmd_access)
 
     p = sub.add_parser("api-reference", help="print the admin API reference (rst)")
     p.set_defaults(func=cmd_api_reference)

@@ -62,6 +62,7 @@ class ServicesPart:
         services.accounts.reconfigure(auth.recipient_delimiter, auth.default_quota,
                                       auth.resolve_cache_ttl, "CRAM-MD5" in auth.mechanisms)
         services.sasl = dataclasses.replace(services.sasl, enabled=auth.mechanisms)
+        services.access.configure(config.access.trusted_networks, config.access.refresh)
         guard = services.logins.guard
         guard.settings = dataclasses.replace(
             guard.settings, delay_after=auth.login_delay_after,

@@ -43,6 +43,11 @@ LIVE: Mapping[str, frozenset[str]] = {
         "resolve_cache_ttl", "login_delay_after", "login_max_delay", "lockout_after",
         "account_lockout_after"}),
     "dkim": EVERY,
+    # The inbound checks read these from the services' config at each use.
+    "spf": frozenset({"check_helo", "fail_action", "temperror_action",
+                      "permerror_action"}),
+    "inbound": EVERY,
+    "access": EVERY,            # ServicesPart hands them to the access lists
     "outbound": frozenset({
         "relay_host", "port", "tls", "auth_user", "auth_password_file", "auth_password",
         "concurrency", "destination_concurrency", "connect_timeout", "command_timeout",

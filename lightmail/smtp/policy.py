@@ -149,7 +149,9 @@ class SMTPHandler:
         orcpt = orcpt or f"rfc822;{address}"
         if not resolution.is_local_domain:
             if session.account is None:    # RFC 5321 §3.6.2: no open relay
-                return codes.RELAY_DENIED, []
+                trusted = yield self.services.access.is_trusted(session.peer)
+                if not trusted:            # ([access] trusted networks relay)
+                    return codes.RELAY_DENIED, []
             return codes.RCPT_OK, [QueueRecipient(address, "smtp", orcpt, notify)]
         if not resolution.deliverable:
             return codes.NO_SUCH_USER, []

@@ -231,4 +231,16 @@ mta_sts_policies = sa.Table(
     sa.Column("fetched", TIMESTAMP, nullable=False),
 )
 
+# Access lists (lightmail/policy/access.py): trusted networks, allow- and blocklists.
+access_entries = sa.Table(
+    "access_entries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("list", sa.String(16), nullable=False),        # trusted, allow, block
+    sa.Column("kind", sa.String(16), nullable=False),        # client, sender, recipient
+    sa.Column("value", ADDRESS, nullable=False),             # CIDR, address or domain
+    sa.Column("note", sa.String(255), nullable=False, server_default=""),
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.UniqueConstraint("list", "kind", "value"),
+)
+
 QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from lightmail.admin.api.access import Access
 from lightmail.admin.api.accounts import Accounts
 from lightmail.admin.api.dkim import DkimKeys
 from lightmail.admin.api.openapi import document
@@ -20,7 +21,8 @@ from lightmail.admin.api.send import Send
 
 def api_routes(services: Any, runner: Any) -> list[Route]:
     """Every route; ``runner`` is the main process's queue runner (bounces)."""
-    return [*Accounts(services).routes(), *DkimKeys(services).routes(),
+    return [*Accounts(services).routes(), *Access(services).routes(),
+            *DkimKeys(services).routes(),
             *Queue(services, runner).routes(), *Send(services).routes()]
 
 

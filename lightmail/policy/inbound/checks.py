@@ -1,4 +1,4 @@
-"""The SPF and DKIM checks of the inbound chain: adapters between the evaluators
+"""The access, SPF and DKIM checks of the inbound chain: adapters between the evaluators
 (lightmail.policy.spf, lightmail.policy.dkimverify) and the chain's steps."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lightmail.policy.access import AccessLists, Snapshot
 from lightmail.policy.dkimverify import DKIMVerifier, SignatureResult
 from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
 from lightmail.policy.spf import IdentityResults, SPFChecker, SPFResult
@@ -18,14 +19,55 @@ from lightmail.smtp.codes import Reply
 log = Logger(namespace="lightmail.policy")
 
 
+class AccessCheck(InboundCheck):
+    """The allow- and blocklists (lightmail.policy.access).  At MAIL FROM, an allowed
+    or trusted client, or an allowed sender, marks the transaction allowlisted; at
+    each RCPT TO, a blocked client, sender or recipient is refused with 554 5.7.1
+    (there rather than at connect or MAIL, as Postfix's smtpd_delay_reject: the log
+    then says for whom).  Authenticated sessions are not looked up."""
+
+    name = "access"
+
+    def __init__(self, lists: AccessLists) -> None:
+        self.lists = lists
+
+    def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
+        if session.account is not None:
+            return defer.succeed(None)
+
+        def mark(snap: Snapshot) -> None:
+            sender = snap.address("sender", tx.mail_from) if tx.mail_from else None
+            if snap.client(session.peer) in ("trusted", "allow") or sender == "allow":
+                findings.allowlisted = True
+        return self.lists.snapshot().addCallback(mark)
+
+    def rcpt(self, session: Any, tx: Any, address: str,
+             findings: Findings) -> Deferred[Any]:
+        if session.account is not None:
+            return defer.succeed(None)
+
+        def decide(snap: Snapshot) -> Optional[Reply]:
+            if snap.client(session.peer) == "block":
+                return Reply(554, "5.7.1", f"Client host [{session.peer}] rejected: "
+                             "access denied by local policy")
+            if tx.mail_from and snap.address("sender", tx.mail_from) == "block":
+                return Reply(554, "5.7.1", f"<{tx.mail_from}>: Sender address rejected: "
+                             "access denied by local policy")
+            if snap.address("recipient", address) == "block":
+                return Reply(554, "5.7.1", f"<{address}>: Recipient address rejected: "
+                             "access denied by local policy")
+            return None
+        return self.lists.snapshot().addCallback(decide)
+
+
 class SPFCheck(InboundCheck):
     """RFC 7208 at MAIL FROM: the HELO identity (when ``[spf] check_helo``), then
     MAIL FROM (postmaster@HELO for the null sender).  What a result does is
     ``[spf]``'s: a fail refuses with 550 5.7.23 and the domain's explanation (or is
     only recorded), a temperror defers with 451 4.7.24 (or is recorded), a permerror
     is recorded (or refused with 550 5.7.24) — RFC 7372's codes.  Authenticated
-    sessions are not checked: SPF is about who may send from where, and a user who
-    logged in is known."""
+    sessions are not checked (SPF is about who may send from where, and a user who
+    logged in is known), nor allowlisted or trusted clients."""
 
     name = "spf"
 
@@ -34,7 +76,7 @@ class SPFCheck(InboundCheck):
         self.settings = settings      # a callable giving the current [spf] section
 
     def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
-        if session.account is not None:
+        if session.account is not None or findings.allowlisted:
             return defer.succeed(None)
         cfg = self.settings()
         d = self.checker.check_identities(session.peer, session.helo or "",

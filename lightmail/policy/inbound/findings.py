@@ -27,6 +27,9 @@ class Findings:
     dmarc: Any = None
     #: lightmail.policy.arc's result, when ARC was checked.
     arc: Any = None
+    #: The client or the sender is on an allow list (or the client is trusted): the
+    #: checks meant for strangers (SPF, greylisting, DNSBLs, scanners) let it be.
+    allowlisted: bool = False
     #: The RFC 5322.From domain, once a check read it (DMARC).
     header_from: Optional[str] = None
     #: File the message in this folder of each local recipient (quarantine), not
