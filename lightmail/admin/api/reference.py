@@ -11,7 +11,8 @@ from lightmail.admin.api.openapi import document
 from lightmail.admin.api.routing import __doc__ as ROUTING_DOC
 
 TAGS = {"domains": "Domains", "users": "Users and app passwords", "aliases": "Aliases",
-        "dkim": "DKIM keys", "queue": "The queue", "send": "Sending"}
+        "access": "Access lists", "dkim": "DKIM keys", "queue": "The queue",
+        "send": "Sending"}
 
 
 def openapi() -> dict[str, Any]:
