@@ -986,7 +986,7 @@ class InboundConfig:
         shown_default="the server's hostname")
 
 
-INBOUND_CHECKS = ("access", "spf", "dkim")
+INBOUND_CHECKS = ("access", "limits", "spf", "dkim")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1026,10 +1026,10 @@ class ListenerConfig:
     checks: tuple[str, ...] = option(
         ("default",), parse_checks,
         "The inbound policy checks run on this listener, among access (the allow- "
-        "and blocklists: [access], 'lightmail access'), spf and dkim (see [spf], "
-        "[dkim] and [inbound]); none: no check.  default: all of them on "
-        "an smtp (MX) listener, none on submission and LMTP, whose clients are "
-        "authenticated or trusted.",
+        "and blocklists: [access], 'lightmail access'), limits ([limits]), spf and "
+        "dkim (see [spf], [dkim] and [inbound]); none: no check.  default: all of "
+        "them on an smtp (MX) listener, limits on submission, none on LMTP, whose "
+        "clients are trusted.",
         shown_default="default")
     max_unauthenticated: int = option(
         0, parse_int(0),
@@ -1043,7 +1043,8 @@ class ListenerConfig:
     def inbound_checks(self) -> tuple[str, ...]:
         """The checks as they apply (see ``checks``)."""
         if self.checks == ("default",):
-            return INBOUND_CHECKS if self.protocol == "smtp" else ()
+            return {"smtp": INBOUND_CHECKS, "submission": ("limits",)}.get(
+                self.protocol, ())
         return self.checks
 
     @property
@@ -1198,6 +1199,68 @@ def parse_networks(raw: str, base: Path) -> tuple[str, ...]:
     return items
 
 
+def parse_rate(raw: str, base: Path) -> tuple[int, float] | None:
+    """N/DURATION (100/1h: 100 a hour, in bursts of up to 100), or 0 for no limit"""
+    if raw.strip().lower() in ("0", "none", "no", ""):
+        return None
+    count, slash, period = raw.partition("/")
+    if not slash or not count.strip().isdigit() or int(count) < 1:
+        raise _BadValue(f"expected N/DURATION such as 100/1h, or 0; got {raw!r}")
+    return int(count), parse_duration(minimum=1.0)(period, base)
+
+
+def parse_redis(raw: str, base: Path) -> str:
+    """HOST:PORT[/DB]"""
+    if raw and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}(?:/\d{1,2})?", raw.strip()):
+        raise _BadValue(f"expected HOST:PORT or HOST:PORT/DB, got {raw!r}")
+    return raw.strip()
+
+
+def _rate_option(what: str) -> Any:
+    return option(None, parse_rate, f"At most this many {what} (N/DURATION), or 0 for "
+                  "no limit.", shown_default="0 (no limit)")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Rate limits of the ``limits`` inbound check (token buckets: N/DURATION lets N
+    through at once, then N per DURATION).  Client limits apply to sessions that did
+    not log in, user limits to those that did; trusted and allowlisted clients are not
+    limited.  All are off by default, as Postfix's anvil rates are."""
+
+    client_connections: tuple[int, float] | None = _rate_option(
+        "connections from one client address (refused with 421 4.7.0 at connect)")
+    client_messages: tuple[int, float] | None = _rate_option(
+        "messages (MAIL FROM) from one client address")
+    network_messages: tuple[int, float] | None = _rate_option(
+        "messages from one client network (its /24, or /64 for IPv6)")
+    client_recipients: tuple[int, float] | None = _rate_option(
+        "recipients (RCPT TO) from one client address")
+    user_messages: tuple[int, float] | None = _rate_option(
+        "messages from one authenticated user")
+    user_recipients: tuple[int, float] | None = _rate_option(
+        "recipients from one authenticated user")
+    sender_domain_messages: tuple[int, float] | None = _rate_option(
+        "messages whose MAIL FROM is in one domain")
+    recipient_domain_recipients: tuple[int, float] | None = _rate_option(
+        "recipients in one domain")
+    backend: str = option(
+        "local", parse_choice("local", "redis"),
+        "Where the buckets are: local (in each process) or redis (shared by every "
+        "process and node, at 'redis').")
+    redis: str = option(
+        "127.0.0.1:6379", parse_redis, "The Redis server of backend = redis: HOST:PORT "
+        "or HOST:PORT/DB.")
+    redis_timeout: float = option(
+        0.5, parse_duration(minimum=0.01),
+        "Longest wait for Redis; beyond it (or when it is down) redis_down applies, "
+        "logged once until Redis answers again.")
+    redis_down: str = option(
+        "local", parse_choice("local", "none"),
+        "While Redis does not answer: local (each process counts alone) or none (no "
+        "limits).")
+
+
 @dataclass(frozen=True)
 class AccessConfig:
     """Trusted networks and the allow- and blocklists (lightmail/policy/access.py):
@@ -1271,6 +1334,7 @@ SECTIONS: Mapping[str, type] = {
     "spf": SPFConfig,
     "inbound": InboundConfig,
     "access": AccessConfig,
+    "limits": LimitsConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1300,6 +1364,7 @@ class Config:
     spf: SPFConfig = field(default_factory=SPFConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)

@@ -53,6 +53,13 @@ from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
 from lightmail.policy.access import AccessLists
 from lightmail.policy.dkimverify import DKIMVerifier
+from lightmail.policy.limits import (
+    FallingBackBuckets,
+    IRateLimiter,
+    LazyRedis,
+    LocalBuckets,
+    RedisBuckets,
+)
 from lightmail.policy.spf import SPFChecker
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
@@ -118,6 +125,8 @@ class Services:
     resolver: IResolver
     #: Trusted networks, allow- and blocklists (relaying, the access check).
     access: AccessLists
+    #: The token buckets of rate limits (in this process, or shared in Redis).
+    limiter: IRateLimiter
     #: The inbound chain's evaluators, shared by every listener's checks.
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
@@ -211,9 +220,22 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     resolver=resolver,
                     access=AccessLists(storage.db, config.access.trusted_networks,
                                        config.access.refresh),
+                    limiter=make_limiter(config),
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),
                     dkim_verifier=DKIMVerifier(resolver))
+
+
+def make_limiter(config: Config) -> IRateLimiter:
+    """[limits] backend: buckets in this process, or in Redis with the fallback of
+    redis_down.  The Redis connection is made at the first use (the lightmail command
+    never makes one)."""
+    limits = config.limits
+    if limits.backend == "local":
+        return LocalBuckets()
+    fallback = LocalBuckets() if limits.redis_down == "local" else None
+    return FallingBackBuckets(RedisBuckets(LazyRedis(limits.redis)), fallback,
+                              timeout=limits.redis_timeout)
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

@@ -48,6 +48,10 @@ LIVE: Mapping[str, frozenset[str]] = {
                       "permerror_action"}),
     "inbound": EVERY,
     "access": EVERY,            # ServicesPart hands them to the access lists
+    # The limits check reads the rates at each use; the buckets' backend stays.
+    "limits": frozenset({"client_connections", "client_messages", "network_messages",
+                         "client_recipients", "user_messages", "user_recipients",
+                         "sender_domain_messages", "recipient_domain_recipients"}),
     "outbound": frozenset({
         "relay_host", "port", "tls", "auth_user", "auth_password_file", "auth_password",
         "concurrency", "destination_concurrency", "connect_timeout", "command_timeout",

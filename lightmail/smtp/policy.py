@@ -72,6 +72,10 @@ class SMTPHandler:
         self.policy = policy or InboundPolicy((), services.blobs,
                                               lambda: services.config.authserv_id)
 
+    def handle_connect(self, session: Session) -> Any:
+        """A new connection: None to greet it, or the Reply (421) to close it with."""
+        return self.policy.connect(session)
+
     @defer.inlineCallbacks
     def handle_mail(self, session: Session, tx: Transaction) -> Any:
         reply = yield self.check_sender(session, tx)

@@ -91,7 +91,23 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                                                self._session_expired)
         self.log.info("connect from {peer} to {listener}", peer=self.peer_host,
                       listener=self.factory.listener.name)
-        self.send(Reply(220, "", f"{self.factory.hostname} {self.protocol_name} LightMail"))
+        greeting = Reply(220, "", f"{self.factory.hostname} {self.protocol_name} LightMail")
+        checked = defer.maybeDeferred(self.factory.handler.handle_connect, self.session)
+
+        def greet(refusal: Optional[Reply]) -> None:
+            if refusal is None:
+                self.send(greeting)
+            else:
+                self.log.info("refused connection from {peer}: {code} {status} {text}",
+                              peer=self.peer_host, code=refusal.code,
+                              status=refusal.status, text=refusal.text)
+                self.close_with(refusal)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("the connect checks failed; greeting all the same", failure)
+            self.send(greeting)
+        # Input that comes before the greeting waits for it (busy), as any other.
+        self._wait(checked.addCallbacks(greet, failed))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         # Pipelined commands still buffered (behind a pending reply, or a reactor turn:

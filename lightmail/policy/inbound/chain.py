@@ -10,12 +10,12 @@ from typing import Any
 from authres import AuthenticationResult
 from twisted.internet import defer
 
-from lightmail.policy.inbound.findings import IInboundCheck, Message
+from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
 from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
 # DMARC weighs what SPF, DKIM and ARC found.
-CHECK_ORDER = ("access", "spf", "dkim")
+CHECK_ORDER = ("access", "limits", "spf", "dkim")
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -31,6 +31,17 @@ class InboundPolicy:
         self.checks = tuple(checks)
         self.blobs = blobs
         self.authserv_id = authserv_id
+
+    @defer.inlineCallbacks
+    def connect(self, session: Any) -> Any:
+        """None to greet the client, or the Reply (421) of the first check that
+        refuses the connection."""
+        findings = Findings()
+        for check in self.checks:
+            reply = yield check.connect(session, findings)
+            if reply is not None:
+                return reply
+        return None
 
     @defer.inlineCallbacks
     def mail(self, session: Any, tx: Any) -> Any:
@@ -62,8 +73,10 @@ class InboundPolicy:
             reply = yield check.content(session, tx, message, tx.findings)
             if reply is not None:
                 return reply, staged
-        data = yield message.content()
         results = [entry for check in self.checks for entry in check.results(tx.findings)]
+        if not results and not tx.findings.added_headers:
+            return None, staged           # nothing to say (limits alone, say)
+        data = yield message.content()
         rewritten = with_authentication_results(data, self.authserv_id(), results,
                                                 tx.findings.added_headers)
         writer = self.blobs.writer()
@@ -146,9 +159,11 @@ def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
     """The checks a listener names, built from the services' evaluators, in
     CHECK_ORDER."""
     from lightmail.policy.inbound.checks import AccessCheck, DKIMCheck, SPFCheck
+    from lightmail.policy.limits.check import LimitsCheck
 
     makers: dict[str, Callable[[], IInboundCheck]] = {
         "access": lambda: AccessCheck(services.access),
+        "limits": lambda: LimitsCheck(services.limiter, lambda: services.config.limits),
         "spf": lambda: SPFCheck(services.spf, lambda: services.config.spf),
         "dkim": lambda: DKIMCheck(services.dkim_verifier, lambda: services.config.dkim),
     }

@@ -31,6 +31,12 @@ class AccessCheck(InboundCheck):
     def __init__(self, lists: AccessLists) -> None:
         self.lists = lists
 
+    def connect(self, session: Any, findings: Findings) -> Deferred[Any]:
+        def mark(snap: Snapshot) -> None:
+            if snap.client(session.peer) in ("trusted", "allow"):
+                findings.allowlisted = True
+        return self.lists.snapshot().addCallback(mark)
+
     def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
         if session.account is not None:
             return defer.succeed(None)

@@ -97,6 +97,10 @@ class IInboundCheck(Interface):
 
     name = Attribute("The check's name in [listener:NAME] checks and in logs.")
 
+    def connect(session: Any, findings: Findings) -> Deferred[Any]:
+        """A new connection, before the greeting (``findings`` are the session's, not
+        a transaction's): None to greet, or a Reply (421) to close with."""
+
     def mail(session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
         """After MAIL FROM: None to go on, or a Reply refusing the transaction."""
 
@@ -118,6 +122,9 @@ class InboundCheck:
     """A check that looks at nothing: subclasses override the steps they use."""
 
     name = "nothing"
+
+    def connect(self, session: Any, findings: Findings) -> Deferred[Any]:
+        return defer.succeed(None)
 
     def mail(self, session: Any, tx: Any, findings: Findings) -> Deferred[Any]:
         return defer.succeed(None)

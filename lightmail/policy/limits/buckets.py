@@ -1,0 +1,176 @@
+"""Token buckets behind one interface: in this process, or in Redis so that several
+processes and nodes share them.
+
+A bucket holds up to ``burst`` tokens and gains ``rate`` a second; taking ``cost``
+tokens succeeds when it holds that many.  :meth:`IRateLimiter.take` answers 0.0
+when they were taken, else the seconds until they would be there (the bucket is
+left as it was: a refused client does not dig itself deeper).
+
+* :class:`LocalBuckets`: a dict in this process, bounded (the least recently used
+  buckets go first; a forgotten bucket is a full one, which errs on the side of the
+  client).
+* :class:`RedisBuckets`: one Redis hash a bucket, updated by a Lua script so that
+  concurrent takers never both spend the last token; keys expire once the bucket
+  would be full again.  Redis's clock (``TIME``) is the one used, so nodes with
+  skewed clocks agree.
+* :class:`FallingBackBuckets`: Redis, and while it does not answer (within
+  ``timeout``), the configured fallback (local buckets, or no limit); the switch is
+  logged once each way, not per message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+log = Logger(namespace="lightmail.limits")
+
+
+class IRateLimiter(Interface):
+    def take(key: str, rate: float, burst: float, cost: float = 1.0) -> Deferred[float]:
+        """Take ``cost`` tokens from the bucket ``key`` (``rate`` tokens a second, at
+        most ``burst``): 0.0 when taken, else the seconds to wait.  Never fails."""
+
+
+@implementer(IRateLimiter)
+class LocalBuckets:
+    """Buckets in this process's memory, at most ``max_buckets`` of them."""
+
+    def __init__(self, max_buckets: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_buckets = max_buckets
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, rate: float, burst: float, cost: float = 1.0
+             ) -> Deferred[float]:
+        return defer.succeed(self.take_now(key, rate, burst, cost))
+
+    def take_now(self, key: str, rate: float, burst: float, cost: float = 1.0) -> float:
+        now = self.clock()
+        tokens, then = self._buckets.pop(key, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        wait = 0.0
+        if tokens >= cost:
+            tokens -= cost
+        else:
+            wait = (cost - tokens) / rate if rate > 0 else float("inf")
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_buckets:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+# KEYS[1] the bucket; ARGV rate, burst, cost.  Returns the wait in microseconds as an
+# integer (Lua numbers become Redis integers).
+TAKE_SCRIPT = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]), tonumber(state[2])
+if tokens == nil then tokens, at = burst, t end
+tokens = math.min(burst, tokens + (t - at) * rate)
+local wait = 0
+if tokens >= cost then
+  tokens = tokens - cost
+elseif rate > 0 then
+  wait = (cost - tokens) / rate
+else
+  wait = 86400
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(t))
+local full = 60
+if rate > 0 then full = math.ceil((burst - tokens) / rate) + 1 end
+redis.call('EXPIRE', KEYS[1], full)
+return math.floor(wait * 1000000)
+"""
+
+
+@implementer(IRateLimiter)
+class RedisBuckets:
+    """Buckets in Redis (txredisapi), under ``prefix``."""
+
+    def __init__(self, redis: Any, prefix: str = "lightmail:limit:") -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    def take(self, key: str, rate: float, burst: float, cost: float = 1.0
+             ) -> Deferred[float]:
+        d: Deferred[Any] = self.redis.eval(TAKE_SCRIPT, keys=[self.prefix + key],
+                                           args=[repr(rate), repr(burst), repr(cost)])
+        return d.addCallback(lambda micros: int(micros) / 1_000_000)
+
+
+class LazyRedis:
+    """A txredisapi connection pool to ``HOST:PORT[/DB]``, made at the first call."""
+
+    def __init__(self, address: str) -> None:
+        host_port, _, db = address.partition("/")
+        host, _, port = host_port.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.db = int(db) if db else None
+        self._pool: Any = None
+
+    def eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        if self._pool is None:
+            import txredisapi
+            self._pool = txredisapi.lazyConnectionPool(
+                self.host, self.port, dbid=self.db, poolsize=4, connectTimeout=2,
+                replyTimeout=2)
+        result: Deferred[Any] = self._pool.eval(script, keys=keys, args=args)
+        return result
+
+    def disconnect(self) -> Deferred[Any]:
+        if self._pool is None:
+            return defer.succeed(None)
+        pool, self._pool = self._pool, None
+        result: Deferred[Any] = pool.disconnect()
+        return result
+
+
+@implementer(IRateLimiter)
+class FallingBackBuckets:
+    """``primary`` (Redis), or ``fallback`` (None: no limit) while it fails or takes
+    longer than ``timeout`` seconds."""
+
+    def __init__(self, primary: IRateLimiter, fallback: Optional[IRateLimiter],
+                 timeout: float = 0.5, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+            clock = reactor
+        self.primary = primary
+        self.fallback = fallback
+        self.timeout = timeout
+        self.clock = clock
+        self.down = False
+
+    def take(self, key: str, rate: float, burst: float, cost: float = 1.0
+             ) -> Deferred[float]:
+        d = self.primary.take(key, rate, burst, cost)
+        d.addTimeout(self.timeout, self.clock)
+
+        def answered(wait: float) -> float:
+            if self.down:
+                self.down = False
+                log.info("rate limits: the shared backend answers again")
+            return wait
+
+        def failed(failure: Any) -> Any:
+            if not self.down:
+                self.down = True
+                log.warn("rate limits: the shared backend does not answer ({error}); "
+                         "{fallback} until it does", error=failure.getErrorMessage(),
+                         fallback="limits of this process alone" if self.fallback
+                         else "no limits")
+            if self.fallback is None:
+                return 0.0
+            return self.fallback.take(key, rate, burst, cost)
+        return d.addCallbacks(answered, failed)
