@@ -52,6 +52,7 @@ from lightmail.imap.hub import MailboxHub
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
 from lightmail.policy.access import AccessLists
+from lightmail.policy.arc.verify import ARCVerifier
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.spf import SPFChecker
 from lightmail.pop3.maildrop import Locks
@@ -121,6 +122,7 @@ class Services:
     #: The inbound chain's evaluators, shared by every listener's checks.
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
+    arc_verifier: ARCVerifier
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
@@ -213,7 +215,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                                        config.access.refresh),
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),
-                    dkim_verifier=DKIMVerifier(resolver))
+                    dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver))
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

@@ -15,7 +15,7 @@ from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
 # DMARC weighs what SPF, DKIM and ARC found.
-CHECK_ORDER = ("access", "spf", "dkim")
+CHECK_ORDER = ("access", "spf", "dkim", "arc")
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -145,11 +145,14 @@ def _safe(text: str) -> str:
 def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
     """The checks a listener names, built from the services' evaluators, in
     CHECK_ORDER."""
+    from lightmail.policy.inbound.arc import ARCCheck
     from lightmail.policy.inbound.checks import AccessCheck, DKIMCheck, SPFCheck
 
     makers: dict[str, Callable[[], IInboundCheck]] = {
         "access": lambda: AccessCheck(services.access),
         "spf": lambda: SPFCheck(services.spf, lambda: services.config.spf),
         "dkim": lambda: DKIMCheck(services.dkim_verifier, lambda: services.config.dkim),
+        "arc": lambda: ARCCheck(services.arc_verifier, lambda: services.config.arc,
+                                lambda: services.config.dkim),
     }
     return [makers[name]() for name in CHECK_ORDER if name in names]
