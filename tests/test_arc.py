@@ -26,6 +26,7 @@ from lightmail.delivery.headers import HeaderSources, outbound_headers
 from lightmail.dns import Resolver
 from lightmail.policy.arc import ARCResult, ARCSealer, ARCVerifier, trusted_pass
 from lightmail.policy.arc.seal import load_seal_key
+from lightmail.policy.arc.verify import has_chain
 from lightmail.policy.dkim import SigningKey, dns_record
 from lightmail.policy.inbound import Findings
 from lightmail.storage.interfaces import BlobRef, Envelope, QueueItem, QueueRecipient
@@ -101,6 +102,9 @@ async def test_chains_sealed_by_dkimpy_pass(dns: DNSServer, hops: int) -> None:
 async def test_no_arc_fields_is_none(dns: DNSServer) -> None:
     result = await verify(dns, ORIGINAL)
     assert (result.result, result.instances, result.sealer) == ("none", 0, "")
+    # What the check asks first, so as not to read a message without a chain.
+    assert not has_chain(ORIGINAL.replace(b"Subject:", b"X-Arc-Seal: no\r\nSubject:"))
+    assert has_chain(b"Subject: x\r\narc-seal: i=1\r\n")
 
 
 @pytest_twisted.ensureDeferred

@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred
 from lightmail.dns import IResolver
 from lightmail.policy.dkimverify import FetchedKeys, KeyFetcher, header_fields, signature_fields
 
-__all__ = ["MAX_INSTANCES", "ARCResult", "ARCVerifier", "trusted_pass"]
+__all__ = ["MAX_INSTANCES", "ARCResult", "ARCVerifier", "has_chain", "trusted_pass"]
 
 # RFC 8617 §4.2.1: the instance tag's valid range is 1 to 50.
 MAX_INSTANCES = 50
@@ -48,6 +48,9 @@ _SEAL, _SIGNATURE, _RESULTS = b"arc-seal", b"arc-message-signature", b"arc-authe
 _NAMES = {_SEAL: "ARC-Seal", _SIGNATURE: "ARC-Message-Signature",
           _RESULTS: "ARC-Authentication-Results"}
 _AAR_INSTANCE = re.compile(rb"^\s*i\s*=\s*([0-9]+)\s*;")
+_ANY_ARC_FIELD = re.compile(
+    rb"^arc-(?:seal|message-signature|authentication-results)[ \t]*:",
+    re.IGNORECASE | re.MULTILINE)
 # The logger dkimverify silenced: dkimpy logs every failure at error level.
 _QUIET = logging.getLogger("lightmail.dkimpy")
 
@@ -81,6 +84,12 @@ class ARCResult:
     def passed(self, method: str) -> bool:
         """Whether the newest sealer found ``method`` (spf, dkim, dmarc...) to pass."""
         return any(entry.method == method and entry.result == "pass" for entry in self.aar)
+
+
+def has_chain(header_block: bytes) -> bool:
+    """Whether a header block has any ARC field (most messages have none: their
+    verdict is ``none`` without reading the rest of the message)."""
+    return _ANY_ARC_FIELD.search(header_block) is not None
 
 
 def trusted_pass(findings: Any, trusted_sealers: Iterable[str]) -> Optional[str]:

@@ -11,7 +11,7 @@ from authres import AuthenticationResult
 from authres.arc import ARCAuthenticationResult
 from twisted.internet.defer import Deferred
 
-from lightmail.policy.arc.verify import ARCResult, ARCVerifier
+from lightmail.policy.arc.verify import ARCResult, ARCVerifier, has_chain
 from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
 from lightmail.smtp.codes import Reply
 
@@ -40,9 +40,13 @@ class ARCCheck(InboundCheck):
     async def _verify(self, session: Any, message: Message,
                       findings: Findings) -> Optional[Reply]:
         cfg = self.settings()
-        data = await message.content()
-        result = await self.verifier.verify(data, message.headers, cfg.max_instances,
-                                            self.dkim_settings().verify_min_rsa_bits)
+        headers = await message.header_block()
+        if has_chain(headers):
+            data = await message.content()
+            result = await self.verifier.verify(data, headers, cfg.max_instances,
+                                                self.dkim_settings().verify_min_rsa_bits)
+        else:
+            result = ARCResult("none")
         findings.arc = dataclasses.replace(result, remote_ip=session.peer or "")
         if (result.temporary and cfg.temperror_action == "tempfail"
                 and result.sealer in cfg.trusted_sealers):
