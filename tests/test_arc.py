@@ -433,3 +433,36 @@ def test_a_chain_survives_a_postfix_hop(tmp_path: Path, dns: DNSServer) -> Any:
         if postfix is not None:
             postfix.stop()
         yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reload_turns_sealing_on_and_off(tmp_path: Path) -> Any:
+    """The outbound part (lightmail/reload/parts.py) reads the sealing key in a thread
+    and gives the SMTP agent the header sources the new config asks for."""
+    from lightmail.policy.dkim import DKIMSigner
+    from lightmail.reload.parts import OutboundPart
+    seal_key = make_key("example.test", "seal", directory=tmp_path)
+    dkim_key = make_key("example.test", "dkim", directory=tmp_path)
+    server = yield start(tmp_path)
+    try:
+        [part] = [p for p in server.root.reloader.parts if isinstance(p, OutboundPart)]
+        assert part.agent.signer is None
+
+        def reload(extra: str) -> Any:
+            text = (f"[server]\nstate_dir = {tmp_path / 'state'}\n"
+                    f"hostname = mx.example.test\n{extra}")
+            return part.prepare(parse_config(text)).addCallback(lambda switch: switch())
+        yield reload(f"[arc]\nseal = yes\nseal_keys = example.test:seal:{seal_key.path}\n")
+        assert isinstance(part.agent.signer, ARCSealer)
+        assert part.agent.signer.authserv_id == "mx.example.test"
+        yield reload(f"[arc]\nseal = yes\nseal_keys = example.test:seal:{seal_key.path}\n"
+                     f"[dkim]\nkeys = example.test:dkim:{dkim_key.path}\n")
+        assert isinstance(part.agent.signer, HeaderSources)
+        assert [type(s) for s in part.agent.signer.sources] == [ARCSealer, DKIMSigner]
+        yield reload(f"[dkim]\nkeys = example.test:dkim:{dkim_key.path}\n")
+        assert isinstance(part.agent.signer, DKIMSigner)
+        with pytest.raises(ConfigError, match="needs the sealing key"):
+            yield reload("[arc]\nseal = yes\n")
+        assert isinstance(part.agent.signer, DKIMSigner)        # the refused one changed nothing
+    finally:
+        yield server.stop()

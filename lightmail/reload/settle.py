@@ -48,6 +48,8 @@ LIVE: Mapping[str, frozenset[str]] = {
                       "permerror_action"}),
     "inbound": EVERY,
     "access": EVERY,            # ServicesPart hands them to the access lists
+    # The arc check reads [arc] at each message; the sealer is made anew.
+    "arc": EVERY,
     "outbound": frozenset({
         "relay_host", "port", "tls", "auth_user", "auth_password_file", "auth_password",
         "concurrency", "destination_concurrency", "connect_timeout", "command_timeout",
