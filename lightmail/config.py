@@ -986,7 +986,46 @@ class InboundConfig:
         shown_default="the server's hostname")
 
 
-INBOUND_CHECKS = ("access", "limits", "spf", "dkim")
+@dataclass(frozen=True)
+class ARCConfig:
+    """ARC (RFC 8617): verifying the chain of ARC sets that forwarders put on a message
+    (listeners whose checks include arc), and sealing what LightMail forwards."""
+
+    trusted_sealers: tuple[str, ...] = option(
+        (), parse_domains,
+        "Domains whose ARC results are trusted for forwarded mail: when the chain "
+        "passes and its newest ARC-Seal is by one of them (d=, exactly), DMARC may "
+        "accept a message whose SPF and DKIM broke on the way (a mailing list, a "
+        "forwarding service) on the strength of what that sealer found.",
+        shown_default="(none)")
+    max_instances: int = option(
+        20, parse_int(1, 50),
+        "The most ARC sets a chain may have; a longer one fails without being "
+        "checked (RFC 8617 allows at most 50).  Each set costs DNS lookups and "
+        "signature checks.")
+    temperror_action: str = option(
+        "tempfail", parse_choice("tempfail", "tag"),
+        "When a key of the chain cannot be looked up for a while (DNS timeout, "
+        "SERVFAIL) and the newest sealer is a trusted one (only then does the "
+        "result change what happens to the message): tempfail (451 4.4.3: the "
+        "client tries again later) or tag (the chain fails, as RFC 8617 §5.2.1 "
+        "has every failure permanent).  With an untrusted sealer the chain fails.")
+    seal: bool = option(
+        False, parse_bool,
+        "Add an ARC set to mail that came in from outside (on the MX or by LMTP) "
+        "and leaves again (aliases to remote addresses): our Authentication-Results "
+        "as ARC-Authentication-Results, an ARC-Message-Signature and an ARC-Seal "
+        "with the chain's result, so that the next receiver can see what we found.")
+    seal_keys: tuple[DKIMKeySpec, ...] = option(
+        (), parse_dkim_keys,
+        "The sealing key, DOMAIN:SELECTOR:KEYFILE as [dkim] keys (one entry: a hop "
+        "adds one ARC set).  KEYFILE is an RSA private key (PEM, at least 1024 "
+        "bits): ARC seals with rsa-sha256.  The same key may serve DKIM; its record "
+        "at SELECTOR._domainkey.DOMAIN is what verifiers look up.",
+        shown_default="(none)")
+
+
+INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1026,10 +1065,10 @@ class ListenerConfig:
     checks: tuple[str, ...] = option(
         ("default",), parse_checks,
         "The inbound policy checks run on this listener, among access (the allow- "
-        "and blocklists: [access], 'lightmail access'), limits ([limits]), spf and "
-        "dkim (see [spf], [dkim] and [inbound]); none: no check.  default: all of "
-        "them on an smtp (MX) listener, limits on submission, none on LMTP, whose "
-        "clients are trusted.",
+        "and blocklists: [access], 'lightmail access'), limits ([limits]), spf, "
+        "dkim and arc (see [spf], [dkim], [arc] and [inbound]); none: no check.  "
+        "default: all of them on an smtp (MX) listener, limits on submission, none "
+        "on LMTP, whose clients are trusted.",
         shown_default="default")
     max_unauthenticated: int = option(
         0, parse_int(0),
@@ -1335,6 +1374,7 @@ SECTIONS: Mapping[str, type] = {
     "inbound": InboundConfig,
     "access": AccessConfig,
     "limits": LimitsConfig,
+    "arc": ARCConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1365,6 +1405,7 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    arc: ARCConfig = field(default_factory=ARCConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)

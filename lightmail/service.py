@@ -92,8 +92,10 @@ def validate(config: Config) -> None:
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"no such file: {ca_file}", config.path,
                           line_of(config, "outbound", "ca_file"), "outbound", "ca_file")
+    from lightmail.policy.arc.seal import load_seal_key
     from lightmail.policy.dkim import load_signer
     load_signer(config)        # reads the DKIM keys: a bad one is a config error
+    load_seal_key(config)      # and the ARC sealing key
     _check_syslog(config)
     _check_telemetry(config)
     unknown = set(config.transcript.listeners) - {lst.name for lst in config.listeners}
@@ -332,8 +334,10 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
 
 def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
     """The queue runner's delivery agents; what a reload changes of them."""
+    from lightmail.delivery.headers import outbound_headers
     from lightmail.delivery.smtp import SMTPDeliveryAgent
     from lightmail.outbound.client import Timeouts
+    from lightmail.policy.arc.seal import load_sealer
     from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound
     resolver = services.resolver
@@ -353,6 +357,11 @@ def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
         for domain_keys in dkim_keys.keys.values():
             for key in domain_keys:
                 LightMailService.log.info("DKIM: signing with {key}", key=key.describe())
+    # ARC sets go on top of DKIM signatures (each covers the stored message alone).
+    sealer = load_sealer(services.config, services.blobs)
+    if sealer is not None:
+        LightMailService.log.info("ARC: sealing forwarded mail with {key}",
+                                  key=sealer.key.describe())
 
     def routes(config: Config) -> Any:
         return _routes(config, resolver)
@@ -363,12 +372,12 @@ def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
                              connect_timeout=out.connect_timeout,
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
-                             ca_file=ca_file, signer=signer,
+                             ca_file=ca_file, signer=outbound_headers(sealer, signer),
                              credentials=default.credentials)
     smtp.transports = transports
     runner.add_agent(services.local_delivery)
     runner.add_agent(smtp)
-    return OutboundPart(runner, smtp, signer, routes, services.blobs)
+    return OutboundPart(runner, smtp, signer, routes, services.blobs, sealer)
 
 
 def _routes(config: Config, resolver: Any) -> Any:

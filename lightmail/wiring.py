@@ -52,6 +52,7 @@ from lightmail.imap.hub import MailboxHub
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
 from lightmail.policy.access import AccessLists
+from lightmail.policy.arc.verify import ARCVerifier
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.limits import (
     FallingBackBuckets,
@@ -130,6 +131,7 @@ class Services:
     #: The inbound chain's evaluators, shared by every listener's checks.
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
+    arc_verifier: ARCVerifier
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
@@ -223,7 +225,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     limiter=make_limiter(config),
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),
-                    dkim_verifier=DKIMVerifier(resolver))
+                    dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver))
 
 
 def make_limiter(config: Config) -> IRateLimiter:

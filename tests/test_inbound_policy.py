@@ -219,7 +219,7 @@ def test_spf_and_dkim_results_are_written_and_forgeries_removed(tmp_path: Path,
         assert message.startswith(b"Received: ")
         parsed = results_of(message)
         found = {(r.method, r.result) for r in parsed.results}
-        assert found == {("spf", "pass"), ("dkim", "pass")}, str(parsed)
+        assert found == {("spf", "pass"), ("dkim", "pass"), ("arc", "none")}, str(parsed)
         spf = [r for r in parsed.results if r.method == "spf"]
         assert {p.name: p.value for r in spf for p in r.properties} == {
             "helo": "client.sender.example", "mailfrom": "ann@sender.example"}
@@ -247,7 +247,7 @@ def test_spf_fail_temperror_and_permerror_answers(tmp_path: Path, dns: DNSServer
         [message] = yield server.delivered("bob@example.test", 1)
         results = {r.method: r.result for r in results_of(message).results
                    if not any(p.name == "helo" for p in r.properties)}
-        assert results == {"spf": "permerror", "dkim": "none"}
+        assert results == {"spf": "permerror", "dkim": "none", "arc": "none"}
         # Submission (authenticated) is not checked, nor written up.
         def submit() -> Any:
             with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
@@ -297,7 +297,7 @@ def test_spf_tag_action_records_the_fail(tmp_path: Path, dns: DNSServer) -> Any:
         [message] = yield server.delivered("bob@example.test", 1)
         parsed = results_of(message)
         assert [(r.method, r.result) for r in parsed.results] == [
-            ("spf", "fail"), ("dkim", "none")]
+            ("spf", "fail"), ("dkim", "none"), ("arc", "none")]
     finally:
         yield server.stop()
 

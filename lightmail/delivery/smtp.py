@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lightmail.delivery.headers import IOutboundHeaders
 from lightmail.outbound.client import (
     ClientSession,
     Credentials,
@@ -132,7 +133,7 @@ class SMTPDeliveryAgent:
 
     def __init__(self, router: Router, blobs: IBlobStore, helo: str, tls_policy: str = "may",
                  timeouts: Optional[Timeouts] = None, connect_timeout: float = 30.0,
-                 reactor: Any = None, signer: Any = None,
+                 reactor: Any = None, signer: Optional[IOutboundHeaders] = None,
                  destination_concurrency: int = 20, session_idle: float = 5.0,
                  lmtp: bool = False, mta_sts: Any = None, ca_file: str = "",
                  credentials: Optional[Credentials] = None) -> None:
@@ -147,8 +148,8 @@ class SMTPDeliveryAgent:
         self.connect_timeout = connect_timeout
         self.reactor = reactor
         self.lmtp = lmtp                   # speak LMTP (RFC 2033) to the destination
-        # Adds header fields on the way out: ``async header_for(item) -> bytes``
-        # (DKIM-Signature; lightmail.policy.dkim).
+        # Adds header fields on the way out (DKIM-Signature, lightmail.policy.dkim;
+        # ARC sets, lightmail.policy.arc.seal): lightmail.delivery.headers.
         self.signer = signer
         self.destination_concurrency = destination_concurrency
         self.limits: dict[str, _DomainLimit] = {}

@@ -41,7 +41,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from lightmail.delivery.headers import IOutboundHeaders
 from lightmail.logs import BoundLogger
 from lightmail.storage.interfaces import IBlobStore, QueueItem
 
@@ -270,6 +272,7 @@ class Signer:
         return b"".join(out)
 
 
+@implementer(IOutboundHeaders)
 class DKIMSigner:
     """The outbound delivery agent's signer: ``await header_for(item)`` gives the
     header fields to send before the stored message.

@@ -9,7 +9,7 @@ the main process, lightmail/workers/worker.py for a worker), once:
 - :class:`ListenerPart`: one listener's connection limits, settings and
   certificates (read in a thread; connections made before keep theirs);
 - :class:`OutboundPart`: the queue runner's schedule, the SMTP agent's routes and
-  timeouts, and the DKIM keys (read in a thread).
+  timeouts, the DKIM keys and the ARC sealing key (read in a thread).
 
 The worker pool is a part too (lightmail/workers/pool.py): it hands the new
 configuration to each worker, which reloads these same parts of its own.
@@ -34,7 +34,8 @@ from lightmail.wiring import Services
 
 if TYPE_CHECKING:
     from lightmail.delivery.smtp import SMTPDeliveryAgent, Transport
-    from lightmail.policy.dkim import DKIMSigner, Signer
+    from lightmail.policy.arc.seal import ARCSealer
+    from lightmail.policy.dkim import DKIMSigner, Signer, SigningKey
     from lightmail.queue.runner import QueueRunner
     from lightmail.storage.interfaces import IBlobStore
 
@@ -133,10 +134,11 @@ class OutboundPart:
 
     def __init__(self, runner: QueueRunner, agent: SMTPDeliveryAgent,
                  dkim: DKIMSigner | None, routes: Callable[[Config], Routes],
-                 blobs: IBlobStore) -> None:
+                 blobs: IBlobStore, arc: ARCSealer | None = None) -> None:
         self.runner = runner
         self.agent = agent
         self.dkim = dkim                # the agent's signer; None while none is made
+        self.arc = arc                  # the agent's ARC sealer; None when it seals not
         self.routes = routes
         self.blobs = blobs
 
@@ -144,14 +146,20 @@ class OutboundPart:
         d = threads.deferToThread(self._read, config)
         return d.addCallback(lambda read: lambda: self._switch(config, *read))
 
-    def _read(self, config: Config) -> tuple[str, Routes, Signer | None]:
-        """In a thread: the server's name, the routes, the DKIM keys (ConfigError)."""
+    def _read(self, config: Config
+              ) -> tuple[str, Routes, Signer | None, SigningKey | None]:
+        """In a thread: the server's name, the routes, the DKIM keys and the ARC
+        sealing key (ConfigError)."""
+        from lightmail.policy.arc.seal import load_seal_key
         from lightmail.policy.dkim import load_signer
-        return config.hostname, self.routes(config), load_signer(config)
+        return (config.hostname, self.routes(config), load_signer(config),
+                load_seal_key(config))
 
     def _switch(self, config: Config, hostname: str, routes: Routes,
-                signer: Signer | None) -> None:
+                signer: Signer | None, seal_key: SigningKey | None) -> None:
+        from lightmail.delivery.headers import outbound_headers
         from lightmail.outbound.client import Timeouts
+        from lightmail.policy.arc.seal import ARCSealer
         from lightmail.policy.dkim import DKIMSigner
         out = config.outbound
         runner = self.runner
@@ -163,14 +171,19 @@ class OutboundPart:
         self.agent.reconfigure(default, transports, hostname,
                                Timeouts(out.command_timeout, out.data_timeout),
                                out.connect_timeout, out.destination_concurrency)
+        self.arc = None
+        if seal_key is not None:
+            # It keeps nothing between messages: a new one costs nothing.
+            self.arc = ARCSealer(seal_key, config.authserv_id, self.blobs)
+            log.info("ARC: sealing forwarded mail with {key}", key=seal_key.describe())
         if signer is None:
-            self.agent.signer = None
+            self.agent.signer = outbound_headers(self.arc)
             return
         if self.dkim is None:
             self.dkim = DKIMSigner(signer, self.blobs, config.dkim.sources)
         else:
             self.dkim.use(signer, config.dkim.sources)
-        self.agent.signer = self.dkim
+        self.agent.signer = outbound_headers(self.arc, self.dkim)
         for domain_keys in signer.keys.values():
             for key in domain_keys:
                 log.info("DKIM: signing with {key}", key=key.describe())

@@ -52,6 +52,8 @@ LIVE: Mapping[str, frozenset[str]] = {
     "limits": frozenset({"client_connections", "client_messages", "network_messages",
                          "client_recipients", "user_messages", "user_recipients",
                          "sender_domain_messages", "recipient_domain_recipients"}),
+    # The arc check reads [arc] at each message; the sealer is made anew.
+    "arc": EVERY,
     "outbound": frozenset({
         "relay_host", "port", "tls", "auth_user", "auth_password_file", "auth_password",
         "concurrency", "destination_concurrency", "connect_timeout", "command_timeout",

@@ -15,7 +15,7 @@ from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
 # DMARC weighs what SPF, DKIM and ARC found.
-CHECK_ORDER = ("access", "limits", "spf", "dkim")
+CHECK_ORDER = ("access", "limits", "spf", "dkim", "arc")
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -158,6 +158,7 @@ def _safe(text: str) -> str:
 def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
     """The checks a listener names, built from the services' evaluators, in
     CHECK_ORDER."""
+    from lightmail.policy.inbound.arc import ARCCheck
     from lightmail.policy.inbound.checks import AccessCheck, DKIMCheck, SPFCheck
     from lightmail.policy.limits.check import LimitsCheck
 
@@ -166,5 +167,7 @@ def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
         "limits": lambda: LimitsCheck(services.limiter, lambda: services.config.limits),
         "spf": lambda: SPFCheck(services.spf, lambda: services.config.spf),
         "dkim": lambda: DKIMCheck(services.dkim_verifier, lambda: services.config.dkim),
+        "arc": lambda: ARCCheck(services.arc_verifier, lambda: services.config.arc,
+                                lambda: services.config.dkim),
     }
     return [makers[name]() for name in CHECK_ORDER if name in names]
