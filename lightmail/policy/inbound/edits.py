@@ -60,8 +60,8 @@ def _apply(fields: list[bytes], edit: HeaderEdit) -> None:
                 if seen == max(edit.index, 1):
                     if edit.value is None:
                         del fields[position]
-                    else:
-                        fields[position] = new
+                    else:             # the field keeps its name as written
+                        fields[position] = field.split(b":", 1)[0] + b":" + edit.value + b"\r\n"
                     return
         if edit.value is not None:
             fields.append(new)
