@@ -5,7 +5,9 @@ real peer, signing and verifying."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import smtplib
 import struct
 import subprocess
@@ -122,8 +124,9 @@ def dns() -> Iterator[DNSServer]:
 def lightmail(tmp_path: Path, dns: DNSServer, *milters: tuple[str, str],
               options: str = "") -> Any:
     """A LightMail whose listener ``milt`` runs only the milter check."""
-    sections = "".join(f"[milter:{name}]\nsocket = {socket}\ncommand_timeout = 2s\n"
-                       f"eom_timeout = 2s\n{options}" for name, socket in milters)
+    options = options or "command_timeout = 2s\neom_timeout = 2s\n"
+    sections = "".join(f"[milter:{name}]\nsocket = {socket}\n{options}"
+                       for name, socket in milters)
     return start(tmp_path, extra=(
         f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n"
         "[listener:milt]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
@@ -204,14 +207,14 @@ async def test_every_step_reaches_the_milter_with_its_macros(tmp_path: Path, dns
         assert milter.commands() == b"OCHMRTLLLLLLLNBE" + b"MRTLLLLLLLNBE" + b"Q"
         connect = dict(milter.received)[b"C"]
         assert connect.startswith(b"[127.0.0.1]\x004") and connect.endswith(b"127.0.0.1\0")
-        mail = [data for command, data in milter.received if command == b"M"][0]
+        mail = next(data for command, data in milter.received if command == b"M")
         assert mail.split(b"\0")[0] == b"<ann@sender.example>"
         assert mail.split(b"\0")[1].startswith(b"SIZE=")
         headers = [data for command, data in milter.received if command == b"L"]
         assert headers[1] == b"From\0Ann <ann@sender.example>\0"     # no leading space
         assert headers[0].startswith(b"Received\0from client.example")
         assert b"\n\tby mx.example.test" in headers[0]                # folds as bare LF
-        body = [data for command, data in milter.received if command == b"B"][0]
+        body = next(data for command, data in milter.received if command == b"B")
         assert body == b"Hello.\r\n"
         seen = macros(milter)
         assert seen["j"] == "mx.example.test" and seen["{daemon_name}"] == "mx"
@@ -357,16 +360,18 @@ async def test_a_failing_milter_gets_its_default_action(
     milter = fake(milters, scripts[case])
     socket = milter.socket + ("-gone" if case == "no-socket" else "")
     server = await lightmail(tmp_path, dns, ("failing", socket),
-                             options=f"default_action = {action}\n")
+                             options=f"default_action = {action}\ncommand_timeout = 2s\n"
+                                     "eom_timeout = 2s\n")
     try:
         started = time.monotonic()
         result = await send(server.ports["milt"], times=2)
         expected = {"accept": {}, "tempfail": (451, "4.7.1 Service unavailable - try "
                                                     "again later"),
                     "reject": (550, "5.7.1 Command rejected")}[action]
-        if case == "hang" and action != "accept":     # refused at RCPT
-            expected = {"bob@example.test": expected}
-        assert result == [expected, expected]
+        first = expected
+        if case == "hang" and action != "accept":     # refused at RCPT, then at MAIL
+            first = {"bob@example.test": expected}
+        assert result == [first, expected]
         assert time.monotonic() - started < 10        # the 2 s timeout, once
         if action == "accept":
             assert len(await server.delivered("bob@example.test", 2)) == 2
@@ -452,8 +457,8 @@ async def test_opendkim_signs_through_the_milter(tmp_path: Path, dns: DNSServer)
     its DKIM-Signature, added at EOB, is in the stored message and verifies."""
     pem, private = generate_key("rsa", 2048)
     key = signing_key("sender.example", "odkim", private)
-    opendkim = OpenDKIMMilter(f"Mode s\nDomain sender.example\nSelector odkim\n"
-                              f"KeyFile KEYFILE\nCanonicalization relaxed/simple\n", pem)
+    opendkim = OpenDKIMMilter("Mode s\nDomain sender.example\nSelector odkim\n"
+                              "KeyFile KEYFILE\nCanonicalization relaxed/simple\n", pem)
     try:
         server = await lightmail(tmp_path, dns, ("opendkim", f"unix:{opendkim.socket}"))
         try:
@@ -498,3 +503,98 @@ async def test_opendkim_verifies_through_the_milter(tmp_path: Path, dns: DNSServ
     assert b"header.d=sender.example" in results[0][0]
     assert len(results[1]) == 1 and b"dkim=fail" in results[1][0], opendkim.output()
     assert all(m.count(b"Authentication-Results: mx.example.test;") == 1 for m in messages)
+
+
+# --- rspamd's proxy in milter mode ----------------------------------------------------------
+
+#: Modules of rspamd's packaged configuration that look things up on the network or
+#: keep state in Redis: off, so that it scans with its local rules only.
+RSPAMD_OFF = ("rbl", "surbl", "emails", "dkim", "dmarc", "spf", "arc", "asn",
+              "fuzzy_check", "phishing", "url_redirector", "dcc", "hfilter", "neural",
+              "ratelimit", "greylist", "replies", "reputation", "history_redis",
+              "mx_check", "once_received", "whitelist", "rspamd_update", "dkim_signing",
+              "elastic", "clickhouse", "metadata_exporter", "p0f", "antivirus",
+              "external_services", "bimi", "classifier-bayes")
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+class RspamdMilter:
+    """Debian's rspamd, the packaged configuration with LOCAL_CONFDIR here: only the
+    proxy worker, in milter mode, scanning itself (self_scan), on a Unix socket;
+    its headers (X-Spamd-Result) added to every message."""
+
+    def __init__(self) -> None:
+        program = shutil.which("rspamd")
+        if program is None:
+            pytest.fail("rspamd is not installed: run scripts/test-peers.sh (it installs "
+                        "Debian's rspamd)", pytrace=False)
+        root = self.root = free_socket_dir()
+        self.socket = root / "milter.sock"
+        for folder in ("override.d", "local.d", "run", "db", "log"):
+            (root / folder).mkdir()
+        override, local = root / "override.d", root / "local.d"
+        (override / "worker-proxy.inc").write_text(
+            f'bind_socket = "{self.socket} mode=0600";\nmilter = yes;\ntimeout = 60s;\n'
+            'count = 1;\nupstream "local" {\n  default = yes;\n  self_scan = yes;\n}\n')
+        for worker in ("normal", "controller", "fuzzy"):
+            (override / f"worker-{worker}.inc").write_text("enabled = false;\n")
+        (override / "logging.inc").write_text(
+            f'type = "file";\nfilename = "{root / "log" / "rspamd.log"}";\n'
+            'level = "info";\n')
+        (local / "options.inc").write_text(
+            'dns { nameserver = ["127.0.0.1:9"]; timeout = 0.3s; retransmits = 1; }\n')
+        (local / "milter_headers.conf").write_text(
+            'use = ["x-spamd-result"];\nskip_local = false;\nskip_authenticated = false;\n')
+        for module in RSPAMD_OFF:
+            (local / f"{module}.conf").write_text("enabled = false;\n")
+        self.process = subprocess.Popen(
+            [program, "-f", "-u", "root", "-g", "root", "-i", "-c",
+             "/etc/rspamd/rspamd.conf", "--var", f"LOCAL_CONFDIR={root}",
+             "--var", f"RUNDIR={root / 'run'}", "--var", f"DBDIR={root / 'db'}",
+             "--var", f"LOGDIR={root / 'log'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 180        # it compiles its rules at start
+        while not self.socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                said = self.log()[-3000:]
+                self.stop()
+                pytest.fail(f"rspamd did not start: {said}", pytrace=False)
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        path = self.root / "log" / "rspamd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # Its workers are in its process group (start_new_session): the main
+            # process stops them on SIGTERM; the group is killed if it does not.
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rspamd_as_a_milter(tmp_path: Path, dns: DNSServer) -> None:
+    """rspamd's milter: its X-Spamd-Result header reaches the stored message; GTUBE
+    is refused with rspamd's own reply."""
+    rspamd = RspamdMilter()
+    try:
+        server = await lightmail(tmp_path, dns, ("rspamd", f"unix:{rspamd.socket}"),
+                                 options="command_timeout = 60s\neom_timeout = 60s\n")
+        try:
+            assert await send(server.ports["milt"]) == {}, rspamd.log()[-2000:]
+            spam = BODY.replace(b"Hello.", b"Buy now.\r\n" + GTUBE)
+            code, text = await send(server.ports["milt"], message=spam)
+            [message] = await server.delivered("bob@example.test", 1)
+        finally:
+            await server.stop()
+    finally:
+        rspamd.stop()
+    head = message.split(b"\r\n\r\n")[0]
+    assert b"\r\nX-Spamd-Result: default: False" in head, head
+    assert code == 554 and text.startswith("5.7.1"), (code, text)
