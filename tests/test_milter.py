@@ -22,12 +22,17 @@ import pytest_twisted
 from dnsserver import DNSServer
 from inprocess import in_thread, start
 from milterpeer import CLOSE, HANG, FakeMilter, free_socket_dir, negotiation, packet
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from lightmail.config import parse_config
 from lightmail.policy.dkim import dns_record, generate_key, signing_key
 from lightmail.policy.inbound.edits import apply_edits
 from lightmail.policy.inbound.findings import HeaderEdit
 from lightmail.policy.milter import wire
+from lightmail.policy.milter.client import MilterClient, MilterProtocol, MilterUnavailable
 from lightmail.policy.milter.wire import ProtocolError
 from lightmail.smtp.codes import Reply
 
@@ -94,6 +99,52 @@ def test_edits_are_made_in_order_on_the_fields_as_seen() -> None:
         b"X-Top: first\r\nReceived: by us\r\nX-A: 1\r\nX-A: two\r\nX-Last: last\r\n"
         b"X-New: made\r\nX-Far: end\r\n\r\nnew\r\n")
     assert apply_edits(message, []) is message
+
+
+def test_the_client_waits_with_a_clock_and_progress_restarts_it() -> None:
+    """The client over an in-memory transport: answers a milter said it would not
+    give are not awaited, PROGRESS restarts the clock, silence is a failure."""
+    clock = task.Clock()
+    protocol = MilterProtocol(clock)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    client = MilterClient(protocol, command_timeout=5, eom_timeout=10)
+    client.negotiated = wire.Negotiated(6, wire.ACT_ADDHDRS, wire.P_NR_HDR | wire.P_NOHELO)
+    assert succeeded(client.command(wire.HELO, b"x\0")) == wire.CONTINUED  # not sent
+    assert succeeded(client.command(wire.HEADER, wire.cstrings("X", "y"),
+                                    [("i", "Q1")])) == wire.CONTINUED      # no answer
+    assert transport.value() == (packet(b"D", b"L" + b"i\0Q1\0")
+                                 + packet(b"L", b"X\0y\0"))
+    eom = Deferred.fromCoroutine(client.end_of_message())
+    clock.advance(9)
+    protocol.dataReceived(packet(b"p"))
+    clock.advance(9)
+    protocol.dataReceived(packet(b"h", b"X-A\0v\0") + packet(b"a"))
+    assert succeeded(eom) == (wire.Verdict("accept"), [wire.Edit(b"h", "X-A", b"v")])
+    mail = Deferred.fromCoroutine(client.command(wire.MAIL, b"<a@b>\0"))
+    clock.advance(5.1)
+    failure = mail.result
+    mail.addErrback(lambda _: None)
+    assert failure.check(MilterUnavailable) and "no answer in 5s" in str(failure.value)
+    assert transport.disconnecting
+    # An edit it did not negotiate is a protocol error.
+    protocol2 = MilterProtocol(clock)
+    protocol2.makeConnection(StringTransport())
+    other = MilterClient(protocol2, 5, 5)
+    other.negotiated = wire.Negotiated(6, wire.ACT_ADDHDRS, 0)
+    eom = Deferred.fromCoroutine(other.end_of_message())
+    protocol2.dataReceived(packet(b"b", b"new body"))
+    assert eom.result.check(ProtocolError)
+    eom.addErrback(lambda _: None)
+
+
+def succeeded(d: Any) -> Any:
+    if not isinstance(d, Deferred):
+        d = Deferred.fromCoroutine(d)
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results and not isinstance(results[0], Failure), results
+    return results[0]
 
 
 def test_milter_sections_in_the_config() -> None:

@@ -107,6 +107,8 @@ class MilterSession:
         self.in_message = False
         #: The transaction the milter is done with (it accepted or discarded it).
         self.done_with: Any = None
+        #: The SMTP session is over (a command still waiting fails quietly).
+        self.ended = False
 
     # -- the chain's steps ------------------------------------------------------------
 
@@ -199,6 +201,7 @@ class MilterSession:
         return self._answer(verdict, tx, findings, "end of message")
 
     def close(self) -> None:
+        self.ended = True
         if self.client is not None:
             try:
                 self.client.quit()
@@ -304,6 +307,8 @@ class MilterSession:
 
     def _fail(self, session: Any, exc: Exception) -> Optional[Reply]:
         self.failed = True
+        if self.ended:                # the client left while the milter was asked
+            return self._default()
         log.warn("milter {milter} ({socket}) failed: {error}; default action {action} "
                  "for the rest of the session", milter=self.cfg.name,
                  socket=self.cfg.socket, error=str(exc), action=self.cfg.default_action,

@@ -129,15 +129,19 @@ class MilterClient:
     @classmethod
     async def open(cls, socket: str, reactor: Any, connect_timeout: float,
                    command_timeout: float, eom_timeout: float) -> MilterClient:
+        """Connect and negotiate, both within ``connect_timeout`` (as Postfix's
+        milter_connect_timeout: a name to resolve is part of it)."""
         endpoint = endpoint_for(socket, reactor, connect_timeout)
+        connecting = connectProtocol(endpoint, MilterProtocol(reactor))
         try:
-            protocol = await connectProtocol(endpoint, MilterProtocol(reactor))
+            protocol = await connecting.addTimeout(connect_timeout, reactor)
         except Exception as exc:
-            raise MilterUnavailable(f"cannot connect to {socket}: {exc}") from None
+            raise MilterUnavailable(f"cannot connect to {socket}: "
+                                    f"{exc or type(exc).__name__}") from None
         client = cls(protocol, command_timeout, eom_timeout)
         try:
             protocol.send(wire.offer())
-            command, data = await protocol.next_packet(command_timeout)
+            command, data = await protocol.next_packet(connect_timeout)
             client.negotiated = wire.read_negotiation(command, data)
         except BaseException:
             protocol.close()
