@@ -36,6 +36,7 @@ __all__ = [
     "DKIMConfig",
     "DKIMKeySpec",
     "ListenerConfig",
+    "MilterConfig",
     "load_config",
     "parse_config",
     "reference_text",
@@ -1025,7 +1026,7 @@ class ARCConfig:
         shown_default="(none)")
 
 
-INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc")
+INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc", "milter")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1035,6 +1036,55 @@ def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
     if raw.strip().lower() == "none":
         return ()
     return parse_choices(*INBOUND_CHECKS)(raw, base)
+
+
+def parse_milter_socket(raw: str, base: Path) -> str:
+    """unix:PATH or inet:HOST:PORT (Sendmail's inet:PORT@HOST and local:PATH too)"""
+    kind, sep, rest = raw.strip().partition(":")
+    kind = kind.lower()
+    if sep and rest and kind in ("unix", "local"):
+        return f"unix:{parse_path(rest, base)}"
+    if sep and rest and kind in ("inet", "inet6"):
+        if "@" in rest:
+            port, _, host = rest.partition("@")
+        else:
+            host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return f"inet:[{host}]:{int(port)}" if ":" in host else f"inet:{host}:{port}"
+    raise _BadValue(f"expected unix:PATH or inet:HOST:PORT, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """``[milter:NAME]``: a mail filter spoken to with the Sendmail milter protocol
+    (version 6; OpenDKIM, rspamd's proxy, ...) by the listeners whose checks include
+    milter, at MAIL FROM, each RCPT TO and the end of the message, one connection per
+    SMTP session.  The milters run in the order of their sections."""
+
+    name: str = ""
+    socket: str = option(
+        "", parse_milter_socket,
+        "Where the milter listens: unix:/run/opendkim/opendkim.sock or "
+        "inet:127.0.0.1:11332 (as Postfix writes it; Sendmail's inet:PORT@HOST is "
+        "read too).")
+    connect_timeout: float = option(
+        30.0, parse_duration(minimum=0.1),
+        "Longest wait to connect and negotiate (Postfix's milter_connect_timeout).")
+    command_timeout: float = option(
+        30.0, parse_duration(minimum=0.1),
+        "Longest wait for the answer to one command (connect, HELO, MAIL, RCPT, a "
+        "header, a body chunk; Postfix's milter_command_timeout).")
+    eom_timeout: float = option(
+        300.0, parse_duration(minimum=0.1),
+        "Longest wait for the answers at the end of the message, where milters do "
+        "their work (Postfix's milter_content_timeout).")
+    default_action: str = option(
+        "tempfail", parse_choice("accept", "tempfail", "reject"),
+        "What happens when the milter cannot be reached, times out or breaks the "
+        "protocol, for the rest of the session (Postfix's milter_default_action): "
+        "accept (go on without it), tempfail (451 4.7.1: the client tries again "
+        "later) or reject (550 5.7.1).")
 
 
 @dataclass(frozen=True)
@@ -1066,9 +1116,10 @@ class ListenerConfig:
         ("default",), parse_checks,
         "The inbound policy checks run on this listener, among access (the allow- "
         "and blocklists: [access], 'lightmail access'), limits ([limits]), spf, "
-        "dkim and arc (see [spf], [dkim], [arc] and [inbound]); none: no check.  "
-        "default: all of them on an smtp (MX) listener, limits on submission, none "
-        "on LMTP, whose clients are trusted.",
+        "dkim, arc (see [spf], [dkim], [arc] and [inbound]) and milter (every "
+        "[milter:NAME], in the file's order); none: no check.  default: all of them "
+        "on an smtp (MX) listener, limits on submission, none on LMTP, whose clients "
+        "are trusted.",
         shown_default="default")
     max_unauthenticated: int = option(
         0, parse_int(0),
@@ -1384,6 +1435,7 @@ SECTIONS: Mapping[str, type] = {
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
 BACKEND_PREFIX = "backend:"
+MILTER_PREFIX = "milter:"
 
 
 @dataclass(frozen=True)
@@ -1414,6 +1466,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
+    milters: tuple[MilterConfig, ...] = ()
     #: The file's text as it was read: a reload (lightmail.reload) hands it to the
     #: worker processes, so that they run what the main process checked.
     text: str = field(default="", repr=False, compare=False)
@@ -1518,6 +1571,7 @@ def parse_config(text: str, path: str = "<config>",
     listeners: list[ListenerConfig] = []
     transports: list[TransportConfig] = []
     backends: list[BackendConfig] = []
+    milters: list[MilterConfig] = []
     for name in parser.sections():
         items = dict(parser.items(name))
         if name in SECTIONS:
@@ -1538,9 +1592,16 @@ def parse_config(text: str, path: str = "<config>",
             backend = _build_section(BackendConfig, items, name, path, lines, base,
                                      extra={"name": name[len(BACKEND_PREFIX):].strip()})
             backends.append(_check_backend(backend, backends, path, lines))
+        elif name.startswith(MILTER_PREFIX) and name[len(MILTER_PREFIX):].strip():
+            milter = _build_section(MilterConfig, items, name, path, lines, base,
+                                    extra={"name": name[len(MILTER_PREFIX):].strip()})
+            if not milter.socket:
+                raise ConfigError("every milter needs 'socket'", path,
+                                  lines.get((name, None)), name, "socket")
+            milters.append(milter)
         else:
             known = list(SECTIONS) + [LISTENER_PREFIX + "NAME", TRANSPORT_PREFIX + "DOMAIN",
-                                      BACKEND_PREFIX + "NAME"]
+                                      BACKEND_PREFIX + "NAME", MILTER_PREFIX + "NAME"]
             raise ConfigError(f"unknown section; known sections are {', '.join(known)}",
                               path, lines.get((name, None)), name)
     if "outbound" in sections:
@@ -1554,7 +1615,8 @@ def parse_config(text: str, path: str = "<config>",
     _check_oauth(sections.get("oauth", OAuthConfig()), sections.get("directory"), path,
                  lines)
     config = Config(path=path, listeners=tuple(listeners), transports=tuple(transports),
-                    backends=tuple(backends), text=text, **sections)
+                    backends=tuple(backends), milters=tuple(milters), text=text,
+                    **sections)
     if validators is not None:
         validators(config)
     return config
@@ -1786,6 +1848,7 @@ def reference_text() -> str:
     blocks.append((LISTENER_PREFIX + "NAME", ListenerConfig))
     blocks.append((TRANSPORT_PREFIX + "DOMAIN", TransportConfig))
     blocks.append((BACKEND_PREFIX + "NAME", BackendConfig))
+    blocks.append((MILTER_PREFIX + "NAME", MilterConfig))
     for name, cls in blocks:
         title = f"[{name}]"
         out += [title, "-" * len(title), ""]

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from lightmail.address import AddressError, normalise_address, split_address
 from lightmail.directory.interfaces import DirectoryError
+from lightmail.logs import BoundLogger
 from lightmail.policy.inbound import Findings, InboundPolicy
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
@@ -38,6 +39,7 @@ class Session:
     conn_id: str
     peer: str
     submission: bool
+    peer_port: int = 0
     helo: Optional[str] = None
     esmtp: bool = False
     tls: Optional[str] = None          # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
@@ -61,6 +63,8 @@ class Transaction:
     accepted: list[tuple[str, list[QueueRecipient]]] = field(default_factory=list)
     # What the inbound checks found (SPF, DKIM...), and where they want it filed.
     findings: Findings = field(default_factory=Findings)
+    # Once the content is in: the id it is queued under (milters see it as "i").
+    queue_id: Optional[str] = None
 
 
 class SMTPHandler:
@@ -181,16 +185,66 @@ class SMTPHandler:
         Authentication-Results field written on top): what they give back is ours
         to discard if queueing fails.
         """
+        tx.queue_id = queue_id
         refused, checked = yield self.policy.content(session, tx, blob)
         if refused is not None:
             checked.discard()
             return refused
+        try:
+            yield self.change_envelope(session, tx)
+        except BaseException:
+            checked.discard()
+            raise
+        if tx.findings.discarded is not None or not tx.recipients:
+            # A milter's DISCARD (Postfix's "milter-discard"): the client is told the
+            # message was taken, and nothing is queued.
+            checked.discard()
+            self.log.warn("discarded from=<{sender}> nrcpt={nrcpt}: {reason}; accepted "
+                          "and delivered nowhere", sender=tx.mail_from,
+                          nrcpt=len(tx.recipients),
+                          reason=tx.findings.discarded or "every recipient was removed",
+                          conn_id=session.conn_id, msg_id=queue_id)
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         try:
             reply = yield self.accept(session, tx, checked, queue_id)
         except BaseException:
             checked.discard()         # a no-op once its commit has started
             raise
         return reply
+
+    @defer.inlineCallbacks
+    def change_envelope(self, session: Session, tx: Transaction) -> Any:
+        """The checks' changes to the envelope (a milter's CHGFROM, DELRCPT, ADDRCPT):
+        the new sender as given; recipients removed by the address RCPT TO gave;
+        those added through :meth:`decide_rcpt`, as if the client had given them, so
+        that the same rules hold (on an MX listener only local addresses: a milter
+        opens no relay)."""
+        findings = tx.findings
+        log = BoundLogger(namespace=self.log.namespace, conn_id=session.conn_id,
+                          msg_id=tx.queue_id)
+        if findings.new_sender is not None and findings.new_sender != tx.mail_from:
+            log.info("sender changed by a check: <{old}> -> <{new}>", old=tx.mail_from,
+                     new=findings.new_sender)
+            tx.mail_from = findings.new_sender
+        if findings.removed_recipients:
+            gone = {address.lower() for address in findings.removed_recipients}
+            log.info("recipients removed by a check: {rcpts}",
+                     rcpts=", ".join(a for a, _ in tx.accepted if a.lower() in gone))
+            tx.accepted = [(a, r) for a, r in tx.accepted if a.lower() not in gone]
+            tx.recipients = [rcpt for _, expanded in tx.accepted for rcpt in expanded]
+        for address in findings.added_recipients:
+            reply, recipients = yield self.decide_rcpt(session, tx, address, None, None)
+            if reply.is_error:
+                log.warn("recipient <{rcpt}> added by a check refused: {code} {text}",
+                         rcpt=address, code=reply.code, text=reply.text)
+                continue
+            log.info("recipient <{rcpt}> added by a check", rcpt=address)
+            tx.accepted.append((address, recipients))
+            tx.recipients.extend(recipients)
+
+    def session_ended(self, session: Session) -> None:
+        """The connection is gone: the checks let go of what they kept for it."""
+        self.policy.session_ended(session)
 
     @defer.inlineCallbacks
     def accept(self, session: Session, tx: Transaction, blob: IStagedBlob,

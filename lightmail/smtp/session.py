@@ -22,6 +22,7 @@ from email.utils import formatdate
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
@@ -81,8 +82,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             no_delay(True)
         conn_id = self.conn_id
         self.log = BoundLogger(namespace=self.log_namespace, conn_id=conn_id)
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        port = peer.port if isinstance(peer, (IPv4Address, IPv6Address)) else 0
         self.session = Session(conn_id=conn_id, peer=self.peer_host,
-                               submission=self.factory.submission)
+                               submission=self.factory.submission, peer_port=port)
         if self.factory.listener.tls == "implicit":
             self.session.tls = "TLS"
         self.setTimeout(self.cfg.command_timeout)
@@ -117,6 +120,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if self.session_timer.active():
             self.session_timer.cancel()
         self._abort_content()
+        self.factory.handler.session_ended(self.session)
         self.factory.connection_lost(self)
         self.log.info("disconnect from {peer}: {messages} messages, {errors} errors",
                       peer=self.peer_host, messages=self.messages, errors=self.errors)

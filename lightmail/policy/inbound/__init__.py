@@ -10,7 +10,8 @@ transaction:
 * ``mail``: after MAIL FROM (SPF looks at the client, HELO and sender here);
 * ``content``: once the whole message is in, staged but not yet durable (DKIM
   verifies, DMARC weighs SPF and DKIM);
-* ``results``: what it found, as Authentication-Results entries (RFC 8601).
+* ``results``: what it found, as Authentication-Results entries (RFC 8601);
+* ``session_ended``: the SMTP session is over (a milter's connection is closed).
 
 A step answers ``None`` to let the message go on, or a :class:`~lightmail.smtp.codes.Reply`
 that refuses it (the first refusal ends the chain).  What the checks find goes in the
@@ -18,7 +19,11 @@ transaction's :class:`Findings`, which later checks read (DMARC reads SPF's and
 DKIM's) and where a check may ask for the message to be filed in another folder
 (quarantine).  After the content step the chain writes one Authentication-Results
 header field on top of the message and removes those from outside that claim our
-authserv-id (RFC 8601 §5), which makes a new staged blob: blobs are immutable.
+authserv-id (RFC 8601 §5), which makes a new staged blob: blobs are immutable.  The
+header edits and the new body a check asked for (``Findings.header_edits``,
+``Findings.body``: a milter's) are made in that same rewrite; the envelope changes and
+a discard (``Findings.added_recipients``, ``removed_recipients``, ``new_sender``,
+``discarded``) are the SMTP handler's to apply.
 """
 
 from lightmail.policy.inbound.chain import InboundPolicy, build_checks

@@ -10,12 +10,14 @@ from typing import Any
 from authres import AuthenticationResult
 from twisted.internet import defer
 
+from lightmail.policy.inbound.edits import apply_edits
 from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
 from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
-# DMARC weighs what SPF, DKIM and ARC found.
-CHECK_ORDER = ("access", "limits", "spf", "dkim", "arc")
+# DMARC weighs what SPF, DKIM and ARC found; milters come last, as Postfix runs
+# smtpd_milters after its own restrictions.
+CHECK_ORDER = ("access", "limits", "spf", "dkim", "arc", "milter")
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -61,11 +63,17 @@ class InboundPolicy:
                 return reply
         return None
 
+    def session_ended(self, session: Any) -> None:
+        """The SMTP session is over: each check lets go of what it kept for it."""
+        for check in self.checks:
+            check.session_ended(session)
+
     @defer.inlineCallbacks
     def content(self, session: Any, tx: Any, staged: IStagedBlob) -> Any:
         """(None or the refusing Reply, the staged blob to queue).  The blob is a new
-        one when an Authentication-Results field was written; the one given is then
-        discarded, and when the checks refuse, the caller discards what it gets."""
+        one when an Authentication-Results field was written (and the checks' header
+        edits and new body made, in the same copy); the one given is then discarded,
+        and when the checks refuse, the caller discards what it gets."""
         if not self.checks:
             return None, staged
         message = Message(self.blobs, staged)
@@ -74,9 +82,12 @@ class InboundPolicy:
             if reply is not None:
                 return reply, staged
         results = [entry for check in self.checks for entry in check.results(tx.findings)]
-        if not results and not tx.findings.added_headers:
+        findings = tx.findings
+        if (not results and not findings.added_headers and not findings.header_edits
+                and findings.body is None):
             return None, staged           # nothing to say (limits alone, say)
         data = yield message.content()
+        data = apply_edits(data, findings.header_edits, findings.body)
         rewritten = with_authentication_results(data, self.authserv_id(), results,
                                                 tx.findings.added_headers)
         writer = self.blobs.writer()
@@ -161,6 +172,7 @@ def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
     from lightmail.policy.inbound.arc import ARCCheck
     from lightmail.policy.inbound.checks import AccessCheck, DKIMCheck, SPFCheck
     from lightmail.policy.limits.check import LimitsCheck
+    from lightmail.policy.milter.check import MilterCheck
 
     makers: dict[str, Callable[[], IInboundCheck]] = {
         "access": lambda: AccessCheck(services.access),
@@ -169,5 +181,6 @@ def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
         "dkim": lambda: DKIMCheck(services.dkim_verifier, lambda: services.config.dkim),
         "arc": lambda: ARCCheck(services.arc_verifier, lambda: services.config.arc,
                                 lambda: services.config.dkim),
+        "milter": lambda: MilterCheck(lambda: services.config),
     }
     return [makers[name]() for name in CHECK_ORDER if name in names]

@@ -14,6 +14,25 @@ from zope.interface import Attribute, Interface, implementer
 from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 
+@dataclass(frozen=True)
+class HeaderEdit:
+    """One change to the header block, applied in the chain's one rewrite of the
+    message (lightmail.policy.inbound.edits), on the fields as the checks saw them
+    (our Received field first) and after the edits before it.
+
+    ``action``: ``append`` (a field at the end of the header block), ``insert``
+    (before the field at ``index``, 0 being the first; at the end beyond the last)
+    or ``change`` (the ``index``-th field named ``name``, 1 being the first, gets
+    ``value``, or is removed when ``value`` is None; a new field is appended when
+    there are fewer).  ``value`` is all that follows the colon, folded with CR LF and
+    white space."""
+
+    action: str
+    name: str
+    value: Optional[bytes]
+    index: int = 0
+
+
 @dataclass
 class Findings:
     """What the checks found about one transaction; later checks read earlier ones'
@@ -40,11 +59,30 @@ class Findings:
     #: Header fields the checks add (a scanner's X-Spam-Status, say), each a whole
     #: field without its line end; written below Authentication-Results.
     added_headers: list[str] = field(default_factory=list)
+    #: Changes to the header block where a check says (a milter's), in order.
+    header_edits: list[HeaderEdit] = field(default_factory=list)
+    #: A new body (CR LF line ends) in place of the message's, when a check gave one.
+    body: Optional[bytes] = None
+    #: Why the message is to be accepted and then dropped (a milter's DISCARD).
+    discarded: Optional[str] = None
+    #: Changes to the envelope (a milter's): recipients added and removed (as RCPT
+    #: TO named them), a new MAIL FROM; the SMTP handler applies them.
+    added_recipients: list[str] = field(default_factory=list)
+    removed_recipients: list[str] = field(default_factory=list)
+    new_sender: Optional[str] = None
 
     def add_header(self, name: str, value: str) -> None:
         """Add ``name: value`` (printable ASCII only; anything else becomes ``?``)."""
         text = f"{name}: {value}"
         self.added_headers.append("".join(c if " " <= c <= "~" else "?" for c in text))
+
+    def edit_header(self, edit: HeaderEdit) -> None:
+        self.header_edits.append(edit)
+
+    def discard(self, reason: str) -> None:
+        """Accept the message (250) but deliver it nowhere (the first reason stays)."""
+        if self.discarded is None:
+            self.discarded = reason
 
     def quarantine(self, folder: str, reason: str) -> None:
         """File the message in ``folder`` of each local recipient (the first check to
@@ -116,6 +154,10 @@ class IInboundCheck(Interface):
     def results(findings: Findings) -> list[AuthenticationResult]:
         """What this check found, for the Authentication-Results header field."""
 
+    def session_ended(session: Any) -> None:
+        """The SMTP session is over (whatever became of its transactions): let go of
+        what was kept for it (a milter's connection)."""
+
 
 @implementer(IInboundCheck)
 class InboundCheck:
@@ -139,3 +181,6 @@ class InboundCheck:
 
     def results(self, findings: Findings) -> list[AuthenticationResult]:
         return []
+
+    def session_ended(self, session: Any) -> None:
+        pass
