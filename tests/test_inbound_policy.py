@@ -20,10 +20,12 @@ import pytest_twisted
 from dnsserver import DNSServer
 from inprocess import in_thread, start
 from test_dkim import MESSAGE, make_key, opendkim_testmsg
+from twisted.internet import defer
 
 from lightmail.dns import Resolver
 from lightmail.policy.dkim import Signer, SigningKey, dns_record, generate_key, signing_key
 from lightmail.policy.dkimverify import DKIMVerifier
+from lightmail.policy.inbound import InboundCheck
 from lightmail.policy.inbound.chain import with_authentication_results, without_our_fields
 
 
@@ -346,5 +348,43 @@ def test_a_message_signed_by_opendkim_passes(tmp_path: Path, dns: DNSServer) -> 
         messages = yield server.delivered("bob@example.test", 2)
         verdicts = [{(r.method, r.result) for r in results_of(m).results} for m in messages]
         assert ("dkim", "pass") in verdicts[0] and ("dkim", "fail") in verdicts[1]
+    finally:
+        yield server.stop()
+
+
+class Quarantining(InboundCheck):
+    """Files what says "quarantine me" into Junk (as DMARC, a scanner or a milter
+    asks)."""
+
+    name = "quarantining"
+
+    def content(self, session: Any, tx: Any, message: Any, findings: Any) -> Any:
+        if b"quarantine me" in message.headers:
+            findings.quarantine("Junk", "the test said so")
+        return defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+@pytest.mark.parametrize("direct", ["yes", "no"])
+def test_a_quarantined_message_is_filed_in_a_junk_made_for_it(tmp_path: Path,
+                                                              dns: DNSServer,
+                                                              direct: str) -> Any:
+    """Filed at acceptance or through the queue: the folder travels with the
+    envelope, and a user without Junk gets one (\\Junk)."""
+    server = yield server_for(tmp_path, dns, f"[smtp]\ndirect_delivery = {direct}\n")
+    try:
+        handler = server.root.getServiceNamed("listener:mx").factory.handler
+        handler.policy.checks += (Quarantining(),)
+        port = server.ports["mx"]
+        assert (yield send(port, "ann@sender.example",
+                           BODY.replace(b"Subject: policy", b"Subject: quarantine me"))) == {}
+        assert (yield send(port, "ann@sender.example", BODY)) == {}
+        [junk] = yield server.delivered("bob@example.test", 1, mailbox="Junk")
+        assert b"quarantine me" in junk
+        [inbox] = yield server.delivered("bob@example.test", 1)
+        assert b"quarantine me" not in inbox
+        bob = yield server.parts.directory.get_user("bob@example.test")
+        box = yield server.parts.mailstore.get_mailbox(bob.id, "Junk")
+        assert box.special_use == "\\Junk"
     finally:
         yield server.stop()

@@ -142,7 +142,8 @@ class LocalDeliveryAgent:
                 return DeliveryResult.bounced(NO_MAILBOX)
             return Filing(tuple(FilingTarget(target.user.id, target.user.address,
                                              target.user.quota_bytes,
-                                             folder or target.detail)
+                                             folder or target.detail,
+                                             create_folder=folder is not None)
                                 for target in resolution.local), delivery, fresh)
         return self.directory.resolve(address).addCallback(found)
 

@@ -217,6 +217,9 @@ class FilingTarget:
     address: str                # the owner's address, for the result's text
     quota_bytes: int = 0        # 0: no quota
     folder: Optional[str] = None  # +detail: this mailbox if the owner has it, else INBOX
+    # A quarantine's folder: made (as \Junk when it is "Junk") if the owner lacks it,
+    # rather than falling back to INBOX.
+    create_folder: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from lightmail.storage.interfaces import (
     Filing,
     FilingTarget,
     IBlobStore,
+    Mailbox,
     MailboxChange,
     MessageInfo,
     NotFiled,
@@ -160,6 +161,10 @@ class SQLWrites:
         if target.folder:
             box = first_direct(conn, _LOCK_BY_NAME, {"b_user": target.user_id,
                                                      "b_name": target.folder})
+            if box is None and target.create_folder:
+                made = _create_folder(conn, target, changes)
+                box = first_direct(conn, _LOCK_BY_NAME, {"b_user": target.user_id,
+                                                         "b_name": made.name})
         if box is None:
             box = first_direct(conn, _LOCK_BY_NAME, {"b_user": target.user_id,
                                                      "b_name": "INBOX"})
@@ -182,6 +187,10 @@ class SQLWrites:
         if target.folder:
             placed, name = self._append_fresh(conn, user_id, target.folder, blob,
                                               delivery_id), target.folder
+            if placed is None and target.create_folder:
+                _create_folder(conn, target, changes)
+                placed = self._append_fresh(conn, user_id, target.folder, blob,
+                                            delivery_id)
         if placed is None:
             name = "INBOX"
             placed = self._append_fresh(conn, user_id, name, blob, delivery_id)
@@ -420,3 +429,13 @@ def _placed(address: str, mailbox: str, appended: Appended) -> str:
 
 def _who(filing: Filing) -> str:
     return ", ".join(target.address for target in filing.targets) or filing.delivery_id
+
+
+def _create_folder(conn: Connection, target: FilingTarget,
+                   changes: list[MailboxChange]) -> Mailbox:
+    """A quarantine's folder, made for an owner who lacks it (``create_folder``)."""
+    assert target.folder is not None
+    use = "\\Junk" if target.folder.lower() == "junk" else None
+    box = create_mailbox_now(conn, target.user_id, target.folder, use)
+    changes.append(MailboxChange(target.user_id, box.id, "created"))
+    return box
