@@ -1091,7 +1091,8 @@ class SRSConfig:
         (), parse_domains,
         "Senders' domains never rewritten (exactly these names; e.g. domains whose "
         "SPF record lists this server).  Senders in local domains, and at the SRS "
-        "domain itself, are never rewritten anyway.")
+        "domain itself, are never rewritten anyway.",
+        shown_default="(none)")
 
 
 @dataclass(frozen=True)
