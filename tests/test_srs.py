@@ -11,6 +11,7 @@ address at LightMail, and LightMail relays the bounce to the original sender's M
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from inprocess import in_thread, start
 from test_outbound import ReceivingMX, until
 from twisted.internet import defer
 
-from lightmail.config import ConfigError, parse_config
+from lightmail.config import ConfigError, SRSConfig, parse_config
 from lightmail.directory.interfaces import Resolution
 from lightmail.policy.srs import (
     SRS,
@@ -450,3 +451,32 @@ def test_forwarded_mail_leaves_with_srs_and_bounces_come_back(
         yield server.root.stopService()
         if mx is not None:
             mx.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_reads_rotated_secrets_and_turns_srs_off(tmp_path: Path) -> None:
+    from lightmail.reload.parts import ServicesPart
+    server = yield start(tmp_path)
+    try:
+        services = server.parts
+        path = tmp_path / "state" / "srs.secret"
+        [first] = read_secrets(path)
+        assert services.srs.srs is not None and services.srs.srs.secrets == [first]
+        old = services.srs.srs.forward("alice@origin.example")
+        path.write_bytes(b"rotated\n" + first + b"\n")
+        part = ServicesPart(services)
+        switch = yield part.prepare(services.config)
+        switch()
+        assert services.srs.srs.secrets == [b"rotated", first]
+        assert services.srs.resolve(old).remote == ("alice@origin.example",)
+        config = services.config
+        off = dataclasses.replace(config, srs=SRSConfig(enabled=False))
+        switch = yield part.prepare(off)
+        switch()
+        assert services.srs.srs is None and services.srs.resolve(old) is None
+        # A file that cannot be read has the reload refused.
+        path.write_bytes(b"")
+        with pytest.raises(ConfigError, match="no secret"):
+            yield part.prepare(config)
+    finally:
+        yield server.root.stopService()
