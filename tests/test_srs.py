@@ -480,3 +480,15 @@ def test_reload_reads_rotated_secrets_and_turns_srs_off(tmp_path: Path) -> None:
             yield part.prepare(config)
     finally:
         yield server.root.stopService()
+
+
+class BrokenDirectory:
+    def is_local_domain(self, name: str) -> defer.Deferred[bool]:
+        return defer.fail(RuntimeError("database unavailable"))
+
+
+def test_directory_failure_still_rewrites() -> None:
+    srs = scheme(domain="mx.example.test")
+    forwarding = SRSForwarding(srs, BrokenDirectory())
+    assert sent_as(forwarding, queued("alice@origin.example")) == \
+        srs.forward("alice@origin.example")

@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.config import Config, ConfigError, line_of
@@ -203,8 +204,8 @@ def load_or_create_secrets(path: Path) -> list[bytes]:
 
 def load_srs(config: Config, create: bool = False) -> Optional[SRS]:
     """The scheme [srs] asks for (None when it is off), its secrets read from the
-    secret file (made when missing, with ``create``: the main process at start).
-    ConfigError when they cannot be read."""
+    secret file (made when missing, with ``create``).  ConfigError when they cannot
+    be read."""
     settings = config.srs
     if not settings.enabled:
         return None
@@ -277,7 +278,16 @@ class SRSForwarding:
                 or envelope.auth_user or domain == srs.domain or domain in self.exclude):
             return defer.succeed(sender)
         d = defer.maybeDeferred(self.directory.is_local_domain, domain)
+        d.addErrback(self._unknown, domain, item)
         return d.addCallback(lambda ours: sender if ours else self._forward(srs, item))
+
+    def _unknown(self, failure: Failure, domain: str, item: QueueItem) -> bool:
+        """The directory could not say whether ``domain`` is ours: rewrite (harmless
+        for a local sender, whose bounces still come back) rather than hold the mail."""
+        self.log.warn("SRS: could not ask the directory about {domain} ({error}); "
+                      "rewriting the sender", domain=domain,
+                      error=failure.getErrorMessage(), msg_id=item.queue_id)
+        return False
 
     def _forward(self, srs: SRS, item: QueueItem) -> str:
         rewritten = srs.forward(item.mail_from)
