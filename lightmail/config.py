@@ -1065,8 +1065,9 @@ class SRSConfig:
 
     enabled: bool = option(
         True, parse_bool,
-        "Rewrite the MAIL FROM of mail that came in from outside (MX or LMTP, no AUTH) "
-        "and leaves for another domain through an alias, and accept bounces to the "
+        "Rewrite the MAIL FROM of mail that came in from outside (MX or LMTP, no AUTH, "
+        "no trusted network) and leaves for another domain through an alias, and "
+        "accept bounces to the "
         "rewritten addresses.  no: forwarded mail keeps its sender, and fails SPF "
         "wherever the sender's domain publishes a strict policy.")
     domain: str = option(

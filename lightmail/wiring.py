@@ -222,7 +222,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
             _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
     resolver = Resolver(config.outbound.dns_servers, metrics=metrics)
-    srs = SRSForwarding(srs_scheme, directory, config.srs.exclude_domains)
+    access = AccessLists(storage.db, config.access.trusted_networks, config.access.refresh)
+    srs = SRSForwarding(srs_scheme, directory, config.srs.exclude_domains, access)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
                     account_backends=backends, accounts=sql,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
@@ -230,8 +231,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     metrics=metrics, admin_tokens=AdminTokens(storage.db),
                     transcripts=make_transcripts(config.transcript), telemetry=telemetry,
                     resolver=resolver,
-                    access=AccessLists(storage.db, config.access.trusted_networks,
-                                       config.access.refresh),
+                    access=access,
                     limiter=make_limiter(config),
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),

@@ -198,10 +198,20 @@ class LocalDomains:
         return defer.succeed(name.lower() in self.domains)
 
 
-def queued(sender: str, source: str = "mx", auth_user: str | None = None) -> QueueItem:
+class Trusted:
+    def __init__(self, *clients: str) -> None:
+        self.clients = set(clients)
+
+    def is_trusted(self, ip: str) -> defer.Deferred[bool]:
+        return defer.succeed(ip in self.clients)
+
+
+def queued(sender: str, source: str = "mx", auth_user: str | None = None,
+           client: str = "203.0.113.5") -> QueueItem:
     rcpt = QueueRecipient("friend@remote.example", "smtp")
     return QueueItem(1, "Q1", rcpt, sender, BlobRef("b", 1), 0,
-                     envelope=Envelope(sender, (rcpt,), source=source, auth_user=auth_user))
+                     envelope=Envelope(sender, (rcpt,), source=source, auth_user=auth_user,
+                                       client_address=client))
 
 
 def sent_as(forwarding: SRSForwarding, item: QueueItem) -> str:
@@ -212,7 +222,8 @@ def sent_as(forwarding: SRSForwarding, item: QueueItem) -> str:
 
 def test_which_senders_are_rewritten() -> None:
     srs = scheme(domain="mx.example.test")
-    forwarding = SRSForwarding(srs, LocalDomains("example.test"), ["partner.example"])
+    forwarding = SRSForwarding(srs, LocalDomains("example.test"), ["partner.example"],
+                               Trusted("192.0.2.7"))
     rewritten = sent_as(forwarding, queued("alice@origin.example"))
     assert rewritten == srs.forward("alice@origin.example")
     assert sent_as(forwarding, queued("alice@origin.example", source="lmtp")) == rewritten
@@ -222,7 +233,8 @@ def test_which_senders_are_rewritten() -> None:
                  queued(rewritten),                                 # our own SRS domain
                  queued("alice@origin.example", source="submission"),
                  queued("alice@origin.example", source="local"),
-                 queued("alice@origin.example", auth_user="bob@example.test")):
+                 queued("alice@origin.example", auth_user="bob@example.test"),
+                 queued("alice@origin.example", client="192.0.2.7")):   # trusted relay
         assert sent_as(forwarding, item) == item.mail_from
     # An SRS address that could not come back (RFC 5321's 64 octets) is not made.
     long_sender = "list-bounces+someone=example.org@lists.very-long-domain.example"

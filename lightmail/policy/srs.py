@@ -231,10 +231,11 @@ class SRSForwarding:
     """SRS as LightMail applies it ([srs]); ``srs`` None: off.
 
     Outbound (:meth:`envelope_sender`): a recipient that came in from outside (MX or
-    LMTP, no AUTH) and leaves over SMTP is there because an alias leads outside; its
-    MAIL FROM is rewritten unless it is the null sender, in one of our local domains,
-    in ``exclude`` or at the SRS domain itself.  Only the wire's MAIL FROM changes:
-    the queue keeps the original sender, so our own delivery notices go to it.
+    LMTP, no AUTH, not from a trusted network) and leaves over SMTP is there because
+    an alias leads outside; its MAIL FROM is rewritten unless it is the null sender,
+    in one of our local domains, in ``exclude`` or at the SRS domain itself.  Only the
+    wire's MAIL FROM changes: the queue keeps the original sender, so our own delivery
+    notices go to it.
 
     Inbound (:meth:`resolve`): an SRS0/SRS1 address at the SRS domain is accepted
     when its hash (and, for SRS0, its age) checks out, and leads to the address it
@@ -245,8 +246,11 @@ class SRSForwarding:
     log = Logger(namespace="lightmail.srs")
 
     def __init__(self, srs: Optional[SRS] = None, directory: Any = None,
-                 exclude: Iterable[str] = ()) -> None:
+                 exclude: Iterable[str] = (), access: Any = None) -> None:
         self.directory = directory          # IDirectory: which domains are ours
+        # AccessLists: a trusted client ([access] trusted networks) relays as our own
+        # users do, it does not forward.
+        self.access = access
         self.configure(srs, exclude)
 
     def configure(self, srs: Optional[SRS], exclude: Iterable[str] = ()) -> None:
@@ -277,9 +281,18 @@ class SRSForwarding:
         if (srs is None or not at or envelope.source not in FORWARDED_SOURCES
                 or envelope.auth_user or domain == srs.domain or domain in self.exclude):
             return defer.succeed(sender)
-        d = defer.maybeDeferred(self.directory.is_local_domain, domain)
-        d.addErrback(self._unknown, domain, item)
+        d = self._trusted(envelope.client_address)
+        d.addCallback(lambda trusted: trusted or self._local(domain, item))
         return d.addCallback(lambda ours: sender if ours else self._forward(srs, item))
+
+    def _trusted(self, client: Optional[str]) -> defer.Deferred[bool]:
+        if self.access is None or not client:
+            return defer.succeed(False)
+        return defer.maybeDeferred(self.access.is_trusted, client)
+
+    def _local(self, domain: str, item: QueueItem) -> defer.Deferred[bool]:
+        d = defer.maybeDeferred(self.directory.is_local_domain, domain)
+        return d.addErrback(self._unknown, domain, item)
 
     def _unknown(self, failure: Failure, domain: str, item: QueueItem) -> bool:
         """The directory could not say whether ``domain`` is ours: rewrite (harmless
