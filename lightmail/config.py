@@ -1087,6 +1087,65 @@ class MilterConfig:
         "later) or reject (550 5.7.1).")
 
 
+def parse_optional_domain(raw: str, base: Path) -> str:
+    """domain name, or empty"""
+    if not raw:
+        return ""
+    names = parse_domains(raw, base)
+    if len(names) != 1:
+        raise _BadValue(f"expected one domain name, got {raw!r}")
+    return names[0]
+
+
+def parse_srs_age(raw: str, base: Path) -> float:
+    """duration of 1 to 1023 days (d suffix; plain numbers are seconds)"""
+    value = parse_duration(minimum=86400.0)(raw, base)
+    if value >= 1024 * 86400.0:
+        raise _BadValue(f"at most 1023 days (the SRS timestamp counts days modulo "
+                        f"1024), got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SRSConfig:
+    """The Sender Rewriting Scheme for mail that aliases forward to other domains (the
+    libsrs2/postsrsd scheme; see docs/operations.rst): the forwarded copy is sent from
+    SRS0=HASH=TT=origin.example=alice@DOMAIN so that it passes SPF at the destination,
+    and a bounce to that address comes back and goes on to alice@origin.example."""
+
+    enabled: bool = option(
+        True, parse_bool,
+        "Rewrite the MAIL FROM of mail that came in from outside (MX or LMTP, no AUTH, "
+        "no trusted network) and leaves for another domain through an alias, and "
+        "accept bounces to the "
+        "rewritten addresses.  no: forwarded mail keeps its sender, and fails SPF "
+        "wherever the sender's domain publishes a strict policy.")
+    domain: str = option(
+        "", parse_optional_domain,
+        "The domain of the rewritten addresses.  Its MX record must point at this "
+        "server; it needs no entry in the directory (SRS0=/SRS1= addresses at it are "
+        "accepted on their own, other addresses at it only if it is a local domain).",
+        shown_default="[server] hostname")
+    secret_file: Path | None = option(
+        None, parse_optional_path,
+        "The secrets, one a line: the first signs new addresses, every one verifies "
+        "returning bounces (to rotate: put a new line first, reload, and drop the old "
+        "one after max_age).  Made with one random secret, mode 0600, at the first "
+        "start when missing.  The same file works with postsrsd.",
+        shown_default="<state_dir>/srs.secret")
+    max_age: float = option(
+        21 * 86400.0, parse_srs_age,
+        "How long after forwarding a bounce to a rewritten address is accepted "
+        "(counted in whole days).",
+        shown_default="21d")
+    exclude_domains: tuple[str, ...] = option(
+        (), parse_domains,
+        "Senders' domains never rewritten (exactly these names; e.g. domains whose "
+        "SPF record lists this server).  Senders in local domains, and at the SRS "
+        "domain itself, are never rewritten anyway.",
+        shown_default="(none)")
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str = ""
@@ -1426,6 +1485,7 @@ SECTIONS: Mapping[str, type] = {
     "access": AccessConfig,
     "limits": LimitsConfig,
     "arc": ARCConfig,
+    "srs": SRSConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1458,6 +1518,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     arc: ARCConfig = field(default_factory=ARCConfig)
+    srs: SRSConfig = field(default_factory=SRSConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
@@ -1490,6 +1551,14 @@ class Config:
     @property
     def node_id(self) -> str:
         return self.server.node_id or socket.gethostname()
+
+    @property
+    def srs_domain(self) -> str:
+        return (self.srs.domain or self.hostname).lower().rstrip(".")
+
+    @property
+    def srs_secret_file(self) -> Path:
+        return self.srs.secret_file or self.server.state_dir / "srs.secret"
 
     @property
     def manhole_host_key(self) -> Path:

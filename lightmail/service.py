@@ -373,7 +373,8 @@ def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
                              ca_file=ca_file, signer=outbound_headers(sealer, signer),
-                             credentials=default.credentials)
+                             credentials=default.credentials,
+                             sender_rewriter=services.srs)
     smtp.transports = transports
     runner.add_agent(services.local_delivery)
     runner.add_agent(smtp)

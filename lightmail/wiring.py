@@ -62,6 +62,7 @@ from lightmail.policy.limits import (
     RedisBuckets,
 )
 from lightmail.policy.spf import SPFChecker
+from lightmail.policy.srs import SRSForwarding, load_srs
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
@@ -136,6 +137,10 @@ class Services:
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
     telemetry: Telemetry = NO_TELEMETRY
+    #: SRS ([srs]): the MAIL FROM of forwarded mail, and bounces to SRS addresses
+    #: (off in the writer process and the lightmail command, which need neither;
+    #: its settings follow a reload).
+    srs: SRSForwarding = field(default_factory=SRSForwarding)
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -163,6 +168,10 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     worker reaches the main process's writer process; ``write_port``: an embedder's
     write port, given the engine LightMail would run (see docs/embedding.rst).
     """
+    # First, as a config error stops the start.  The SRS secret file is made by
+    # whichever process comes first (the main one, unless it was removed since).
+    srs_scheme = (load_srs(config, create=True)
+                  if role in (Role.SERVER, Role.WORKER) else None)
     metrics = Metrics()
     storage = _storage(config, role, writer_socket, write_port, metrics)
     auth = config.directory
@@ -213,6 +222,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
             _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
     resolver = Resolver(config.outbound.dns_servers, metrics=metrics)
+    access = AccessLists(storage.db, config.access.trusted_networks, config.access.refresh)
+    srs = SRSForwarding(srs_scheme, directory, config.srs.exclude_domains, access)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
                     account_backends=backends, accounts=sql,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
@@ -220,12 +231,12 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     metrics=metrics, admin_tokens=AdminTokens(storage.db),
                     transcripts=make_transcripts(config.transcript), telemetry=telemetry,
                     resolver=resolver,
-                    access=AccessLists(storage.db, config.access.trusted_networks,
-                                       config.access.refresh),
+                    access=access,
                     limiter=make_limiter(config),
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),
-                    dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver))
+                    dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
+                    srs=srs)
 
 
 def make_limiter(config: Config) -> IRateLimiter:

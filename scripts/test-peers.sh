@@ -11,7 +11,7 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools
        gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client
        slapd:slapd ldapadd:ldap-utils slappasswd:slapd logrotate:logrotate
-       systemd-analyze:systemd opendkim:opendkim)
+       systemd-analyze:systemd opendkim:opendkim postsrsd:postsrsd)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;
@@ -60,6 +60,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     installed prometheus && stop_system_service prometheus "" ""
     # OpenDKIM's package starts a system milter where it can: the tests run their own.
     installed opendkim && stop_system_service opendkim "" /run/opendkim/opendkim.pid
+    # postsrsd's package starts a system daemon (ports 10001/10002): the SRS tests
+    # run private ones on free ports.
+    installed postsrsd && stop_system_service postsrsd "" ""
 fi
 for peer in "${PEERS[@]}"; do
     have "${peer%%:*}" || { echo "test-peers: ${peer%%:*} is still missing" >&2; exit 1; }

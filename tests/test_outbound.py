@@ -32,7 +32,8 @@ class ReceivingMX:
     """A Postfix that accepts mail for the test domains into Maildirs."""
 
     def __init__(self, port: int, mailboxes: list[str],
-                 main: dict[str, str] | None = None) -> None:
+                 main: dict[str, str] | None = None,
+                 services: tuple[str, ...] = ()) -> None:
         nobody = pwd.getpwnam("nobody")
         self.maildirs = Path(tempfile.mkdtemp(prefix="lightmail-mx-"))
         os.chmod(self.maildirs, 0o755)
@@ -48,7 +49,7 @@ class ReceivingMX:
             "virtual_gid_maps": f"static:{nobody.pw_gid}",
             "virtual_transport": "virtual",
             **(main or {}),
-        })
+        }, services=services)
         self.postfix.start()
 
     def messages(self, address: str) -> list[bytes]:

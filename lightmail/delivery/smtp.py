@@ -52,7 +52,7 @@ from lightmail.outbound.requiretls import (
     unvouched,
 )
 from lightmail.outbound.routing import Destination, Router, RoutingError
-from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
+from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, ISenderRewriter
 from lightmail.storage.interfaces import BlobMissing, IBlobStore, QueueItem
 
 # (address, port, host name, LMTP?, SMTP AUTH user): an authenticated session serves
@@ -136,7 +136,8 @@ class SMTPDeliveryAgent:
                  reactor: Any = None, signer: Optional[IOutboundHeaders] = None,
                  destination_concurrency: int = 20, session_idle: float = 5.0,
                  lmtp: bool = False, mta_sts: Any = None, ca_file: str = "",
-                 credentials: Optional[Credentials] = None) -> None:
+                 credentials: Optional[Credentials] = None,
+                 sender_rewriter: Optional[ISenderRewriter] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -151,6 +152,9 @@ class SMTPDeliveryAgent:
         # Adds header fields on the way out (DKIM-Signature, lightmail.policy.dkim;
         # ARC sets, lightmail.policy.arc.seal): lightmail.delivery.headers.
         self.signer = signer
+        # The MAIL FROM of forwarded mail (SRS, lightmail.policy.srs); None: the
+        # queue's sender as it is.
+        self.sender_rewriter = sender_rewriter
         self.destination_concurrency = destination_concurrency
         self.limits: dict[str, _DomainLimit] = {}
         self.sessions = SessionCache(reactor, session_idle)
@@ -282,8 +286,13 @@ class SMTPDeliveryAgent:
         # RFC 8689 §4.2.1 binds messages with a sender (a notice goes as any other);
         # LMTP is final delivery (§4.4), not relay.
         requiretls = envelope.requiretls and bool(item.mail_from) and not transport.lmtp
+        mail_from = item.mail_from
+        if self.sender_rewriter is not None:
+            # Decided once per delivery, for every host tried; the queue (and so the
+            # delivery notices) keeps the original sender.
+            mail_from = await self.sender_rewriter.envelope_sender(item)
         message = OutboundMessage(
-            mail_from=item.mail_from,
+            mail_from=mail_from,
             recipients=(OutboundRecipient(address, item.recipient.orcpt,
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,

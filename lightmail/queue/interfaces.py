@@ -70,6 +70,15 @@ class IDeliveryAgent(Interface):
         """Let go of idle connections (at shutdown, once deliveries have finished)."""
 
 
+class ISenderRewriter(Interface):
+    """What the SMTP delivery agent sends as MAIL FROM for a queued recipient: the
+    queue's sender, or another address standing for it (SRS, for mail an alias
+    forwards: lightmail.policy.srs).  The queue keeps its own sender for notices."""
+
+    def envelope_sender(item: QueueItem) -> Deferred[str]:
+        """The reverse-path for ``item``'s delivery (decided once per attempt)."""
+
+
 class IMailboxDelivery(Interface):
     """Files a message straight into local mailboxes, without the queue (LMTP, and
     SMTP's acceptance when every recipient is local)."""

@@ -5,7 +5,7 @@ the main process, lightmail/workers/worker.py for a worker), once:
 
 - :class:`ServicesPart`: the services' config, which every new session reads its
   limits from ([smtp], [imap]...), the SASL offer, the directory's and the login
-  guard's settings;
+  guard's settings, and SRS's settings and secrets (read in a thread);
 - :class:`ListenerPart`: one listener's connection limits, settings and
   certificates (read in a thread; connections made before keep theirs);
 - :class:`OutboundPart`: the queue runner's schedule, the SMTP agent's routes and
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from lightmail.delivery.smtp import SMTPDeliveryAgent, Transport
     from lightmail.policy.arc.seal import ARCSealer
     from lightmail.policy.dkim import DKIMSigner, Signer, SigningKey
+    from lightmail.policy.srs import SRS
     from lightmail.queue.runner import QueueRunner
     from lightmail.storage.interfaces import IBlobStore
 
@@ -54,11 +55,16 @@ class ServicesPart:
         self.services = services
 
     def prepare(self, config: Config) -> defer.Deferred[Switch]:
-        return defer.succeed(lambda: self._switch(config))
+        from lightmail.policy.srs import load_srs
+        # The SRS secrets, read in a thread (made if SRS was off until now; a
+        # ConfigError refuses the reload).
+        d = threads.deferToThread(load_srs, config, True)
+        return d.addCallback(lambda srs: lambda: self._switch(config, srs))
 
-    def _switch(self, config: Config) -> None:
+    def _switch(self, config: Config, srs: SRS | None) -> None:
         services = self.services
         services.config = config
+        services.srs.configure(srs, config.srs.exclude_domains)
         auth = config.directory
         services.accounts.reconfigure(auth.recipient_delimiter, auth.default_quota,
                                       auth.resolve_cache_ttl, "CRAM-MD5" in auth.mechanisms)

@@ -112,6 +112,10 @@ class SMTPHandler:
         RFC 5321 §4.5.1: ``<postmaster>`` and postmaster at every local domain are
         always accepted; where the directory has no postmaster, they lead to
         ``[server] postmaster``."""
+        # A bounce to one of our SRS addresses: on to the sender it stands for.
+        returning = self.services.srs.resolve(address)
+        if returning is not None:
+            return returning
         postmaster = self.services.config.server.postmaster
         bare = address.lower() == "postmaster"
         try:
