@@ -11,6 +11,10 @@ Sessions are reused: after a transaction the connection waits a few seconds
 starts with RSET instead of a new TCP connection, greeting, EHLO and TLS handshake,
 as Postfix's connection cache does.  At most ``destination_concurrency`` deliveries
 go to one domain at once.
+
+TLS: STARTTLS whenever offered; DANE (RFC 7672) and MTA-STS (RFC 8461) make it
+required and authenticated for the hosts they cover (outbound/tlspolicy.py), and each
+negotiation's outcome is counted for TLS-RPT (RFC 8460, lightmail/tlsrpt/).
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from lightmail.outbound.client import (
     SMTPClientProtocol,
     Timeouts,
 )
+from lightmail.outbound.dane import DANE, FAILED, HostDANE
 from lightmail.outbound.routing import Destination, Router, RoutingError
+from lightmail.outbound.tlspolicy import HostTLS, Judgement, failed_negotiation, host_tls, judge
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
 from lightmail.storage.interfaces import BlobMissing, IBlobStore, QueueItem
+from lightmail.tlsrpt.interfaces import ITLSReports, NoTLSReports, TLSResult
 
 # (address, port, host name, LMTP?, SMTP AUTH user): an authenticated session serves
 # only deliveries with the same credentials.
@@ -48,13 +55,18 @@ SessionKey = tuple[str, int, str, bool, str]
 @dataclass(frozen=True)
 class Transport:
     """How mail for some domains leaves: a router (MX or relay host), a STARTTLS
-    policy, SMTP or LMTP, and SMTP AUTH credentials for a relay
+    policy, SMTP or LMTP, SMTP AUTH credentials for a relay, and whether DANE applies
     (``[transport:DOMAIN]`` sections; ``[outbound]``)."""
 
     router: Router
     tls: str = "may"
     lmtp: bool = False
     credentials: Optional[Credentials] = None
+    dane: bool = False
+
+    @property
+    def uses_dane(self) -> bool:
+        return self.dane and self.tls != "none" and not self.lmtp
 
 
 class SessionCache:
@@ -121,7 +133,8 @@ class SMTPDeliveryAgent:
                  reactor: Any = None, signer: Any = None,
                  destination_concurrency: int = 20, session_idle: float = 5.0,
                  lmtp: bool = False, mta_sts: Any = None, ca_file: str = "",
-                 credentials: Optional[Credentials] = None) -> None:
+                 credentials: Optional[Credentials] = None, dane: Optional[DANE] = None,
+                 tls_reports: Optional[ITLSReports] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -140,11 +153,14 @@ class SMTPDeliveryAgent:
         self.limits: dict[str, _DomainLimit] = {}
         self.sessions = SessionCache(reactor, session_idle)
         self.mta_sts = mta_sts             # lightmail.outbound.mtasts.MTASTS, for MX routes
+        self.dane = dane                   # TLSA lookups, for transports with dane
+        # Where TLS outcomes are counted (TLS-RPT), for MX routes.
+        self.tls_reports: ITLSReports = tls_reports or NoTLSReports()
         self.ca_file = ca_file
         # Per-domain overrides: "example.com" for the domain, ".example.com" for its
         # subdomains (as Postfix's transport maps).
         self.transports: dict[str, Transport] = {}
-        self.default = Transport(router, tls_policy, lmtp, credentials)
+        self.default = Transport(router, tls_policy, lmtp, credentials, dane is not None)
 
     def reconfigure(self, default: Transport, transports: dict[str, Transport], helo: str,
                     timeouts: Timeouts, connect_timeout: float,
@@ -270,43 +286,75 @@ class SMTPDeliveryAgent:
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
             smtputf8=envelope.smtputf8, content=item.content)
-        verified_only = False
-        if self.mta_sts is not None and transport.router.relay is None:
+        mx_route = transport.router.relay is None
+        dane: dict[str, HostDANE] = {}
+        if self.dane is not None and transport.uses_dane:
+            name, _, mx_lookup = transport.router.relay or (domain, 0, True)
+            dane = await self.dane.hosts(name, [(d.host, d.port) for d in destinations],
+                                         mx_lookup)
+        policy = None
+        if self.mta_sts is not None and mx_route:
             policy = await self.mta_sts.policy(domain)
             if policy is not None and policy.mode != "none":
-                allowed = [d for d in destinations if policy.allows(d.host)]
+                # A host with DANE is held to its TLSA records, not to the policy.
+                allowed = [d for d in destinations if policy.allows(d.host)
+                           or dane.get(d.host, HostDANE(d.host)).tls_required]
+                refused = [d for d in destinations if d not in allowed]
+                for d in refused:
+                    self._report(host_tls(domain, HostDANE(d.host), policy, mx_route), d,
+                                 "", Judgement("validation-failure",
+                                               "MX host not in the MTA-STS policy"))
                 if policy.mode == "enforce":
                     if not allowed:
                         return DeliveryResult.deferred(
                             f"4.7.5 MTA-STS policy of {domain} names none of its MX hosts")
-                    destinations, verified_only = allowed, True
-                elif len(allowed) < len(destinations):
+                    destinations = allowed
+                elif refused:
                     self.log.warn("MTA-STS (testing) of {domain}: MX {hosts} not in the "
-                                  "policy", domain=domain, hosts=",".join(
-                                      d.host for d in destinations if d not in allowed))
+                                  "policy", domain=domain,
+                                  hosts=",".join(d.host for d in refused))
         prefix = b""
         if self.signer is not None:
             prefix = await self.signer.header_for(item)
         last = "4.4.1 no host could be reached"
         for destination in destinations:
+            tls = host_tls(domain, dane.get(destination.host, HostDANE(destination.host)),
+                           policy, reported=mx_route and transport.tls != "none"
+                           and not transport.lmtp)
+            if tls.dane.state == FAILED:
+                # RFC 7672 §2.2: a signed zone that fails to answer: the host is unusable.
+                self._report(tls, destination, "", Judgement("dnssec-invalid",
+                                                             tls.dane.detail))
+                last = f"4.7.5 {destination.host}: DANE: {tls.dane.detail}"
+                continue
             for ip in destination.addresses:
                 result = await self._try(transport, destination, ip, message, address,
-                                         held, prefix, verified_only)
+                                         held, prefix, tls)
                 if isinstance(result, DeliveryResult):
                     return result
                 last = result
         return DeliveryResult.deferred(last)
 
+    def _report(self, tls: HostTLS, destination: Destination, ip: str,
+                judgement: Judgement, session: Optional[ClientSession] = None) -> None:
+        """Count a TLS outcome for TLS-RPT (when the host's outcomes are reported)."""
+        if tls.report is None:
+            return
+        self.tls_reports.record(TLSResult(
+            tls.policy_domain.lower(), tls.report, judgement.result_type,
+            session.local_address if session is not None else "", destination.host,
+            ip, judgement.reason))
+
     async def _session(self, transport: Transport, key: SessionKey,
-                       destination: Destination, ip: str,
-                       verified_only: bool = False,
+                       destination: Destination, ip: str, tls: HostTLS,
                        fresh: bool = False) -> ClientSession | str:
         """A reused idle session (after RSET) or a new, negotiated one (``fresh``:
         always a new one); or why not.  With PIPELINING, the RSET goes out with the
         next transaction's commands (:meth:`ClientSession.send`) instead of costing
         a round trip of its own."""
         while not fresh and (session := self.sessions.take(key)) is not None:
-            if verified_only and not session.verified:
+            if ((tls.pkix and not session.verified) or (tls.dane.tls_required and not session.tls)
+                    or (tls.dane.records and not session.dane)):
                 session.close()
                 continue
             if session.proto.lost is not None:
@@ -333,8 +381,11 @@ class SMTPDeliveryAgent:
                                 self.reactor, transport.lmtp, self.ca_file,
                                 transport.credentials)
         try:
-            await session.open("encrypt" if verified_only else transport.tls)
+            await session.open("encrypt" if tls.tls_required else transport.tls)
         except SessionFailed as exc:
+            failed = failed_negotiation(session)
+            if failed is not None:
+                self._report(tls, destination, ip, failed, session)
             said = "said" if exc.remote else "failed"
             if exc.auth:
                 self.log.warn("{where}: {reply}; check auth_user and auth_password_file",
@@ -343,7 +394,13 @@ class SMTPDeliveryAgent:
             self.log.info("{where}: {reply}; trying the next host", where=where,
                           reply=str(exc.reply))
             return f"{exc.reply.status} {where} {said}: {exc.reply}"
-        if verified_only and not session.verified:
+        judgement = judge(session, tls)
+        self._report(tls, destination, ip, judgement, session)
+        if judgement.refuse and tls.dane.records:
+            session.close()
+            self.log.warn("{where}: DANE: {reason}", where=where, reason=judgement.reason)
+            return f"4.7.5 {where}: DANE: {judgement.reason}"
+        if judgement.refuse:
             session.close()
             self.log.warn("{where}: MTA-STS needs a valid certificate, got {tls}",
                           where=where, tls=session.tls)
@@ -352,8 +409,8 @@ class SMTPDeliveryAgent:
 
     async def _try(self, transport: Transport, destination: Destination, ip: str,
                    message: OutboundMessage, address: str,
-                   held: list[tuple[SessionKey, ClientSession]], prefix: bytes = b"",
-                   verified_only: bool = False) -> DeliveryResult | str:
+                   held: list[tuple[SessionKey, ClientSession]], prefix: bytes,
+                   tls: HostTLS) -> DeliveryResult | str:
         """A result, or the reason to try the next address.  A session that can
         carry more goes into ``held``: back to the cache when the delivery is over
         (:meth:`deliver_held`)."""
@@ -362,7 +419,7 @@ class SMTPDeliveryAgent:
                transport.credentials.user if transport.credentials else "")
         for attempt in (1, 2):
             # The second attempt, after a reused session failed, on a new connection.
-            session = await self._session(transport, key, destination, ip, verified_only,
+            session = await self._session(transport, key, destination, ip, tls,
                                           fresh=attempt == 2)
             if isinstance(session, str):
                 return session
@@ -381,8 +438,8 @@ class SMTPDeliveryAgent:
                 return _result(exc.reply, detail, destination.host if exc.remote else "")
             held.append((key, session))
             reply = outcome.results[address]
-            tls = f" ({outcome.tls})" if outcome.tls else ""
-            return _result(reply, f"{reply.status} {where}{tls} said: {reply}",
+            used = f" ({outcome.tls})" if outcome.tls else ""
+            return _result(reply, f"{reply.status} {where}{used} said: {reply}",
                            destination.host)
         return f"4.4.2 {where}: no usable session"
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from twisted.logger import Logger
 
 from lightmail.dns import DNSError, IResolver
+from lightmail.tlsrpt.interfaces import STS, ITLSReports, NoTLSReports, ReportPolicy, TLSResult
 
 MAX_POLICY = 64 * 1024
 MAX_AGE_LIMIT = 31557600       # RFC 8461 §3.2: at most one year
@@ -93,8 +94,10 @@ class MTASTS:
     log = Logger(namespace="lightmail.outbound")
 
     def __init__(self, resolver: IResolver, fetch: Fetch,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 reports: Optional[ITLSReports] = None) -> None:
         self.resolver, self.fetch, self.clock = resolver, fetch, clock
+        self.reports: ITLSReports = reports or NoTLSReports()   # TLS-RPT's counts
         self.cache: dict[str, Policy] = {}
 
     async def policy(self, domain: str) -> Optional[Policy]:
@@ -111,19 +114,36 @@ class MTASTS:
             return cached                  # §5.1: keep using what we have
         if new_id is None or (cached is not None and cached.id == new_id):
             return cached
+        fetched = False
         try:
             body = await self.fetch(f"https://mta-sts.{domain}/.well-known/mta-sts.txt")
+            fetched = True
             if len(body) > MAX_POLICY:
                 raise PolicyError("policy too large")
             policy = parse_policy(body.decode("utf-8"), new_id, now)
         except Exception as exc:
+            error = str(exc) or exc.__class__.__name__
             self.log.warn("MTA-STS policy of {domain} not usable: {error}", domain=domain,
-                          error=str(exc) or exc.__class__.__name__)
+                          error=error)
+            self.reports.record(TLSResult(domain, ReportPolicy(STS),
+                                          _failure_type(exc, fetched), reason=error[:255]))
             return cached
         self.cache[domain] = policy
         self.log.info("MTA-STS policy of {domain}: mode={mode} mx={mx}", domain=domain,
                       mode=policy.mode, mx=",".join(policy.mx))
         return policy
+
+
+def _failure_type(exc: Exception, fetched: bool) -> str:
+    """RFC 8460 §4.3.2.3: what became of a policy that could not be had."""
+    if fetched:
+        return "sts-policy-invalid"
+    from OpenSSL import SSL
+    from twisted.web.client import ResponseNeverReceived
+    if isinstance(exc, SSL.Error) or (isinstance(exc, ResponseNeverReceived) and any(
+            reason.check(SSL.Error) for reason in exc.reasons)):
+        return "sts-webpki-invalid"
+    return "sts-policy-fetch-error"
 
 
 def https_fetcher(reactor: Any, resolver: IResolver, ca_file: str = "",

@@ -1,0 +1,106 @@
+"""The TLS one MX host gets, from DANE (outbound/dane.py) and MTA-STS
+(outbound/mtasts.py), and how each session's outcome is judged and reported (TLS-RPT,
+RFC 8460).
+
+DANE wins (RFC 8461 §2: MTA-STS must not override a failing DANE validation): a host
+with usable, authenticated TLSA records is held to them alone, whatever the domain's
+MTA-STS policy says of it; the domain's other hosts keep the MTA-STS policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lightmail.outbound.client import ClientSession
+from lightmail.outbound.dane import ENCRYPT, MATCH, HostDANE, verify
+from lightmail.outbound.mtasts import Policy
+from lightmail.tlsrpt.interfaces import NO_POLICY, STS, SUCCESS, TLSA, ReportPolicy
+
+
+@dataclass(frozen=True)
+class HostTLS:
+    """What TLS a host gets: DANE's demands, MTA-STS's (``pkix``: a certificate the
+    roots trust, valid for the host name; ``sts`` the policy, enforced or testing),
+    and the policy its outcomes are reported under (``report``; None: not reported:
+    relay hosts, LMTP, ``tls = none``)."""
+
+    dane: HostDANE
+    sts: Optional[Policy] = None
+    report: Optional[ReportPolicy] = None
+    policy_domain: str = ""
+
+    @property
+    def pkix(self) -> bool:
+        return (self.sts is not None and self.sts.mode == "enforce"
+                and self.dane.state != MATCH)
+
+    @property
+    def tls_required(self) -> bool:
+        return self.pkix or self.dane.tls_required
+
+
+def host_tls(domain: str, dane: HostDANE, sts: Optional[Policy], reported: bool) -> HostTLS:
+    """The host's TLS and report policy: TLSA when DANE applies to it, else the
+    MTA-STS policy when there is one in force, else none."""
+    if sts is not None and sts.mode == "none":
+        sts = None
+    if dane.state in (MATCH, ENCRYPT):
+        report = ReportPolicy(TLSA, tuple(str(r) for r in dane.published), (dane.host,))
+        sts = None
+    elif sts is not None:
+        report = sts_report_policy(sts)
+    else:
+        report = ReportPolicy(NO_POLICY)
+    return HostTLS(dane, sts, report if reported else None, domain)
+
+
+def sts_report_policy(policy: Policy) -> ReportPolicy:
+    """An MTA-STS policy as a report names it: its lines (RFC 8460 §4.4)."""
+    lines = ("version: STSv1", f"mode: {policy.mode}",
+             *(f"mx: {mx}" for mx in policy.mx), f"max_age: {policy.max_age}")
+    return ReportPolicy(STS, lines, tuple(policy.mx))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A negotiated session's outcome: its result type (SUCCESS or RFC 8460's), why,
+    and whether the mail may go over it (``refuse``: not)."""
+
+    result_type: str = SUCCESS
+    reason: str = ""
+    refuse: bool = False
+    details: dict[str, str] = field(default_factory=dict)
+
+
+def judge(session: ClientSession, tls: HostTLS) -> Judgement:
+    """Hold an opened session to the host's demands; a DANE match is noted on the
+    session (``session.dane``)."""
+    dane = tls.dane
+    if dane.state == MATCH:
+        verdict = verify(session.peer_certificates(), dane.records, (dane.host,))
+        if not verdict.ok:
+            return Judgement(verdict.result_type, verdict.reason, refuse=True)
+        session.dane = verdict.how
+        session.tls = f"{session.tls.split(' (')[0]} ({verdict.how} verified)"
+        return Judgement()
+    if dane.state == ENCRYPT:
+        # §2.2: encrypted, but nothing to authenticate against: the records' fault.
+        return Judgement("tlsa-invalid", dane.detail)
+    if not session.tls:
+        return Judgement("starttls-not-supported", "STARTTLS " + session.starttls)
+    if tls.sts is not None and not session.verified:
+        kind = ("certificate-host-mismatch" if "VerificationError" in session.tls
+                else "certificate-expired" if "expired" in session.tls
+                else "certificate-not-trusted")
+        return Judgement(kind, session.tls, refuse=tls.pkix)
+    return Judgement()
+
+
+def failed_negotiation(session: ClientSession) -> Optional[Judgement]:
+    """Why a session that failed to open failed, when it was TLS's fault."""
+    if session.starttls in ("not offered", "refused"):
+        return Judgement("starttls-not-supported", f"STARTTLS {session.starttls}")
+    if session.starttls == "negotiating":
+        return Judgement("validation-failure", "TLS handshake failed")
+    return None
