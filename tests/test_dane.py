@@ -337,3 +337,19 @@ def test_delivery_follows_the_tlsa_records(dane_world: dict[str, Any]) -> None:
         assert recorded.of("ta.test") == ["success"]
     finally:
         agent.close()
+
+
+def test_dane_per_transport_follows_outbound_unless_told() -> None:
+    from lightmail.config import parse_config
+    from lightmail.service import _routes  # the only builder of Transports (no public way)
+    config = parse_config("[outbound]\ndane = no\n[transport:on.test]\ndane = yes\n"
+                          "[transport:same.test]\ntls = encrypt\n"
+                          "[transport:clear.test]\ndane = yes\ntls = none\n")
+    default, transports = _routes(config, None)
+    assert not default.dane
+    assert transports["on.test"].uses_dane
+    assert not transports["same.test"].dane                  # as [outbound]
+    assert not transports["clear.test"].uses_dane             # never without TLS
+    default, transports = _routes(parse_config("[transport:same.test]\n"
+                                               "tls = encrypt\n"), None)
+    assert default.dane and transports["same.test"].dane     # yes by default

@@ -306,3 +306,35 @@ async def test_send_reports_command_queues_the_report(tmp_path: Path) -> None:
             "starttls-not-supported")
     finally:
         stack.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_sts_policies_that_cannot_be_had_are_reported() -> None:
+    from twisted.internet import defer
+
+    from lightmail.outbound.mtasts import MTASTS, PolicyError
+
+    class Records:
+        def __init__(self) -> None:
+            self.results: list[TLSResult] = []
+
+        def record(self, result: TLSResult) -> None:
+            self.results.append(result)
+
+    class TXT:
+        def txt(self, name: str) -> Any:
+            return defer.succeed(["v=STSv1; id=" + name])
+
+    bodies: list[Any] = [PolicyError("HTTP 404"), b"version: STSv9\n"]
+
+    def fetch(url: str) -> Any:
+        body = bodies.pop(0)
+        return defer.fail(body) if isinstance(body, Exception) else defer.succeed(body)
+    records = Records()
+    sts = MTASTS(TXT(), fetch, reports=records)  # type: ignore[arg-type]
+    assert await sts.policy("a.test") is None
+    assert await sts.policy("b.test") is None
+    assert [(r.policy_domain, r.policy.type, r.result_type, r.reason)
+            for r in records.results] == [
+        ("a.test", "sts", "sts-policy-fetch-error", "HTTP 404"),
+        ("b.test", "sts", "sts-policy-invalid", "not an STSv1 policy")]

@@ -40,9 +40,16 @@ from lightmail.outbound.client import (
     SMTPClientProtocol,
     Timeouts,
 )
-from lightmail.outbound.dane import DANE, FAILED, HostDANE
+from lightmail.outbound.dane import DANE, FAILED, MATCH, HostDANE
 from lightmail.outbound.routing import Destination, Router, RoutingError
-from lightmail.outbound.tlspolicy import HostTLS, Judgement, failed_negotiation, host_tls, judge
+from lightmail.outbound.tlspolicy import (
+    HostTLS,
+    Judgement,
+    failed_negotiation,
+    host_tls,
+    judge,
+    reusable,
+)
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent
 from lightmail.storage.interfaces import BlobMissing, IBlobStore, QueueItem
 from lightmail.tlsrpt.interfaces import ITLSReports, NoTLSReports, TLSResult
@@ -298,7 +305,7 @@ class SMTPDeliveryAgent:
             if policy is not None and policy.mode != "none":
                 # A host with DANE is held to its TLSA records, not to the policy.
                 allowed = [d for d in destinations if policy.allows(d.host)
-                           or dane.get(d.host, HostDANE(d.host)).tls_required]
+                           or dane.get(d.host, HostDANE(d.host)).state == MATCH]
                 refused = [d for d in destinations if d not in allowed]
                 for d in refused:
                     self._report(host_tls(domain, HostDANE(d.host), policy, mx_route), d,
@@ -353,8 +360,7 @@ class SMTPDeliveryAgent:
         next transaction's commands (:meth:`ClientSession.send`) instead of costing
         a round trip of its own."""
         while not fresh and (session := self.sessions.take(key)) is not None:
-            if ((tls.pkix and not session.verified) or (tls.dane.tls_required and not session.tls)
-                    or (tls.dane.records and not session.dane)):
+            if not reusable(session, tls):
                 session.close()
                 continue
             if session.proto.lost is not None:

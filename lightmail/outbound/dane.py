@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -223,7 +222,3 @@ def _is_address(host: str) -> bool:
         return False
     return True
 
-
-def describe(records: tuple[TLSA, ...]) -> Optional[str]:
-    """The records for a log line."""
-    return ", ".join(str(r) for r in records) or None

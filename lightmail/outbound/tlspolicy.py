@@ -4,7 +4,9 @@ RFC 8460).
 
 DANE wins (RFC 8461 §2: MTA-STS must not override a failing DANE validation): a host
 with usable, authenticated TLSA records is held to them alone, whatever the domain's
-MTA-STS policy says of it; the domain's other hosts keep the MTA-STS policy.
+MTA-STS policy says of it; the domain's other hosts keep the MTA-STS policy (those
+whose TLSA records are all unusable too: they have TLS required by DANE, and a valid
+certificate by the policy).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def host_tls(domain: str, dane: HostDANE, sts: Optional[Policy], reported: bool)
         sts = None
     if dane.state in (MATCH, ENCRYPT):
         report = ReportPolicy(TLSA, tuple(str(r) for r in dane.published), (dane.host,))
-        sts = None
+        if dane.state == MATCH:
+            sts = None
     elif sts is not None:
         report = sts_report_policy(sts)
     else:
@@ -84,9 +87,6 @@ def judge(session: ClientSession, tls: HostTLS) -> Judgement:
         session.dane = verdict.how
         session.tls = f"{session.tls.split(' (')[0]} ({verdict.how} verified)"
         return Judgement()
-    if dane.state == ENCRYPT:
-        # §2.2: encrypted, but nothing to authenticate against: the records' fault.
-        return Judgement("tlsa-invalid", dane.detail)
     if not session.tls:
         return Judgement("starttls-not-supported", "STARTTLS " + session.starttls)
     if tls.sts is not None and not session.verified:
@@ -94,7 +94,20 @@ def judge(session: ClientSession, tls: HostTLS) -> Judgement:
                 else "certificate-expired" if "expired" in session.tls
                 else "certificate-not-trusted")
         return Judgement(kind, session.tls, refuse=tls.pkix)
+    if dane.state == ENCRYPT:
+        # §2.2: encrypted, but nothing to authenticate against: the records' fault.
+        return Judgement("tlsa-invalid", dane.detail)
     return Judgement()
+
+
+def reusable(session: ClientSession, tls: HostTLS) -> bool:
+    """Whether an idle session (judged when it was opened, for whatever host policy
+    was in force then) meets the host's demands now."""
+    if tls.dane.records and not session.dane:
+        return False
+    if tls.dane.tls_required and not session.tls:
+        return False
+    return not (tls.pkix and not session.verified)
 
 
 def failed_negotiation(session: ClientSession) -> Optional[Judgement]:
