@@ -1,7 +1,7 @@
 """tlsrpt_results: the outbound MTA's TLS outcomes for TLS-RPT reports (RFC 8460)
 
 Revision ID: 0011
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-10 00:00:00.000000
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 
 revision = '0011'
-down_revision = '0008'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
