@@ -16,6 +16,7 @@ import socketserver
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,20 @@ def test_delivery_follows_the_tlsa_records(dane_world: dict[str, Any]) -> None:
         assert plain.mails == 0
         assert recorded.of("ee.test") == ["success"]
         assert recorded.of("ta.test") == ["success"]
+        # TLS-Required: No (RFC 8689 §4.2.2) sets the TLSA records aside: TLS as
+        # offered, the certificate unchecked; the session is not held to the
+        # domain's policy, so not counted under it.
+        optional = b"TLS-Required: No\r\n" + MESSAGE
+        result = yield agent.deliver(replace(
+            item("rcpt@bad.test"), blob=BlobRef("1" * 64, len(optional)),
+            content=optional))
+        assert result.status == "delivered" and "(untrusted" in result.detail, result
+        assert recorded.of("bad.test") == ["validation-failure"]
+        for _ in range(100):
+            if mx.messages("rcpt@bad.test"):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        assert b"TLS-Required: No" in mx.messages("rcpt@bad.test")[0]
     finally:
         agent.close()
 

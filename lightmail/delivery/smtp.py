@@ -325,6 +325,9 @@ class SMTPDeliveryAgent:
             if policy is not None and policy.mode == "none":
                 policy = None
         enforced = policy is not None and policy.mode == "enforce"
+        # Whether anything would hold the message back that TLS-Required: No sets aside.
+        demanding = (enforced or transport.tls == "encrypt"
+                     or any(h.tls_required or h.state == FAILED for h in dane.values()))
         relaxed = False
         if requiretls:
             # The host's name must come from the configuration, a DNSSEC-validated
@@ -336,9 +339,7 @@ class SMTPDeliveryAgent:
                     refusal = unvouched(domain)
                     self.log.info("{rcpt}: {refusal}", rcpt=address, refusal=str(refusal))
                     return DeliveryResult.bounced(str(refusal))
-        elif (enforced or transport.tls == "encrypt"
-              or any(h.tls_required or h.state == FAILED for h in dane.values())) \
-                and await self._tls_optional(item):
+        elif demanding and await self._tls_optional(item):
             # TLS-Required: No (§4.2.2): every MX, TLS when offered, unchecked.
             relaxed = True
         reported = mx_route and transport.tls != "none" and not transport.lmtp
