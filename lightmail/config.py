@@ -860,10 +860,21 @@ class OutboundConfig:
         True, parse_bool,
         "Honour receiving domains' MTA-STS policies (RFC 8461): verified TLS to the MX "
         "hosts they name.")
+    dane: bool = option(
+        True, parse_bool,
+        "Honour receiving domains' DANE TLSA records (RFC 7672): where an MX host has "
+        "DNSSEC-validated TLSA records, mail goes to it only over TLS with a "
+        "certificate that matches them (and DANE wins over MTA-STS).  Needs a "
+        "validating resolver in dns_servers (unbound, or systemd-resolved with "
+        "DNSSEC=yes, on this host): LightMail trusts its AD bit.  With a resolver "
+        "that does not validate no answer is authenticated and nothing changes (no "
+        "TLSA lookups are even made), hence yes by default.  The same AD bit on a "
+        "domain's MX answer lets a REQUIRETLS message (RFC 8689) go to its MX hosts "
+        "without an MTA-STS policy.")
     ca_file: Path | None = option(
         None, parse_path,
-        "PEM file of the roots trusted for MX certificates and MTA-STS policy servers "
-        "instead of the system's (a private CA, or a test).")
+        "PEM file of the roots trusted for MX certificates, MTA-STS policy servers and "
+        "TLS-RPT report servers instead of the system's (a private CA, or a test).")
     session_idle: float = option(
         5.0, parse_duration(minimum=0.0),
         "How long a finished SMTP session waits for the next message to the same "
@@ -1221,6 +1232,12 @@ class TransportConfig:
     tls: str = option(
         "may", parse_choice("may", "none", "encrypt"),
         "STARTTLS policy for this domain: may, encrypt (required) or none.")
+    dane: str = option(
+        "outbound", parse_choice("outbound", "yes", "no"),
+        "DANE (RFC 7672) for this domain's hosts (the relay's, when there is one: its "
+        "name is trusted as configured, its addresses and TLSA records must be "
+        "DNSSEC-validated): yes, no, or outbound (as [outbound] dane).  Never with "
+        "tls = none.")
     auth_user: str = auth_user_option("this transport's relay")
     auth_password_file: Path | None = auth_password_file_option()
     auth_password: str = auth_password_field()
@@ -1469,6 +1486,53 @@ class TelemetryConfig:
         "follows its session's).")
 
 
+@dataclass(frozen=True)
+class TLSRPTConfig:
+    """SMTP TLS Reporting (RFC 8460, lightmail/tlsrpt/): the outcome of every outbound
+    TLS negotiation (successes; STARTTLS, MTA-STS and DANE failures) counted per
+    receiving domain and day, and a daily report sent to the addresses each domain
+    publishes in its ``_smtp._tls`` TXT record (``lightmail tlsrpt send-reports``
+    sends the complete days' reports at once)."""
+
+    enabled: bool = option(
+        False, parse_bool,
+        "Record outbound TLS outcomes and send the daily reports.  Off by default: "
+        "the reports go to other organisations, in your name.")
+    interval: float = option(
+        3600.0, parse_duration(minimum=60.0),
+        "How often the report job looks for days to report: each UTC day is reported "
+        "once it is over (and every node's counts of it are in: twice flush_interval "
+        "later), at the job's next run.")
+    flush_interval: float = option(
+        60.0, parse_duration(minimum=1.0),
+        "Outcomes are counted in memory and written to the database this often (and "
+        "at shutdown): a crash loses at most that much of the count.")
+    org_name: str = option(
+        "", parse_str, "The organization-name of the reports; empty: the hostname.",
+        shown_default="(the hostname)")
+    from_address: str = option(
+        "", parse_optional_address,
+        "The From: address (and envelope sender) of report mail; its domain is the "
+        "report submitter (TLS-Report-Submitter, RFC 8460 §5.3); empty: "
+        "postmaster@ the hostname.", shown_default="postmaster@(the hostname)")
+    contact: str = option(
+        "", parse_str,
+        "The contact-info of the reports (an address or a URI); empty: from_address.",
+        shown_default="(from_address)")
+    give_up_after: float = option(
+        3 * 86400.0, parse_duration(minimum=3600.0),
+        "A day's report for a domain whose TLS-RPT record cannot be looked up (DNS "
+        "failure) is tried again at each run for this long after the day ended, "
+        "then dropped.")
+    http_timeout: float = option(
+        60.0, parse_duration(minimum=1.0),
+        "Longest wait for a report POSTed to an https: address (RFC 8460 §5.4).")
+
+    def sender(self, hostname: str) -> str:
+        """from_address as it applies."""
+        return self.from_address or f"postmaster@{hostname}"
+
+
 SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
@@ -1491,6 +1555,7 @@ SECTIONS: Mapping[str, type] = {
     "oauth": OAuthConfig,
     "transcript": TranscriptConfig,
     "telemetry": TelemetryConfig,
+    "tlsrpt": TLSRPTConfig,
 }
 LISTENER_PREFIX = "listener:"
 TRANSPORT_PREFIX = "transport:"
@@ -1524,6 +1589,7 @@ class Config:
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     transcript: TranscriptConfig = field(default_factory=TranscriptConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    tlsrpt: TLSRPTConfig = field(default_factory=TLSRPTConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     transports: tuple[TransportConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()

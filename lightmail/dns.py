@@ -10,14 +10,24 @@ checks need said apart: a name that does not exist raises :class:`NoSuchDomain`,
 without records of the type asked answers ``[]``, a server that fails or does not answer
 raises :class:`TemporaryDNSError`.  (``txt`` and ``addresses``, the outbound MTA's,
 predate that and are kept as they were.)
+
+DNSSEC: LightMail does not validate signatures itself.  Every query sets the AD flag
+(RFC 6840 §5.7: "I understand AD"), and a validating resolver (unbound, or
+systemd-resolved with ``DNSSEC=yes``) answers with AD set when it validated the
+answer.  The ``*_authenticated`` lookups and :meth:`IResolver.tlsa` hand that bit on
+with the records (:class:`Authenticated`), for DANE (RFC 7672), which trusts TLSA
+records only when they are authenticated.  The AD bit is only worth the path it comes
+over: the resolver must be on the same host (or a trusted network).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -28,6 +38,31 @@ from zope.interface import Interface, implementer
 
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Authenticated(Generic[T]):
+    """Records, and whether the resolver said it validated them: the AD bit of its
+    answer (RFC 4035 §3.2.3; for two lookups, A and AAAA, both answers')."""
+
+    records: T
+    authenticated: bool
+
+
+@dataclass(frozen=True)
+class TLSA:
+    """A TLSA record (RFC 6698 §2.1): certificate usage, selector, matching type and
+    the certificate association data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
 
 
 class DNSError(Exception):
@@ -67,6 +102,18 @@ class IResolver(Interface):
         """The names of an IP address (PTR records of its in-addr.arpa or ip6.arpa
         name), without the final dot; raises NoSuchDomain."""
 
+    def mx_authenticated(domain: str) -> Deferred[Authenticated[list[tuple[int, str]]]]:
+        """:meth:`mx`, with whether the answer (records, or their absence) was
+        DNSSEC-validated; raises NoSuchDomain."""
+
+    def addresses_authenticated(host: str) -> Deferred[Authenticated[list[str]]]:
+        """:meth:`addresses`, authenticated when both the A and the AAAA answer
+        were; raises NoSuchDomain."""
+
+    def tlsa(name: str) -> Deferred[Authenticated[list[TLSA]]]:
+        """TLSA records of ``name`` (``_25._tcp.mx.example.com``), ``[]`` when the
+        name has none or does not exist, with whether the answer was validated."""
+
 
 @implementer(IResolver)
 class Resolver:
@@ -75,7 +122,7 @@ class Resolver:
         metrics = metrics if metrics is not None else Metrics()
         # Observed in the lookup's thread (the histogram takes its own lock).
         self._seconds = {rdtype: metrics.dns_timer(rdtype)
-                         for rdtype in ("MX", "A", "AAAA", "TXT", "PTR")}
+                         for rdtype in ("MX", "A", "AAAA", "TXT", "PTR", "TLSA")}
         if servers.strip():
             self.resolver = dns.resolver.Resolver(configure=False)
             nameservers, port = [], 53
@@ -91,8 +138,16 @@ class Resolver:
             self.resolver = dns.resolver.Resolver()
         self.resolver.lifetime = timeout
         self.resolver.cache = dns.resolver.Cache()
+        # RFC 6840 §5.7: AD in a query asks a validating resolver to say (AD in its
+        # answer) whether it validated the answer; others ignore it.
+        self.resolver.flags = dns.flags.RD | dns.flags.AD
 
     def _query(self, name: str | dns.name.Name, rdtype: str) -> list[Any]:
+        return self._query_authenticated(name, rdtype)[0]
+
+    def _query_authenticated(self, name: str | dns.name.Name,
+                             rdtype: str) -> tuple[list[Any], bool]:
+        """The records and the AD bit of the answer (cached answers keep theirs)."""
         started = time.perf_counter()
         try:
             answer = self.resolver.resolve(_dns_name(name), rdtype, search=False)
@@ -101,8 +156,8 @@ class Resolver:
             # A name DNS cannot carry (an empty label, a label over 63 octets, no IDNA
             # form) exists nowhere: as good as NXDOMAIN, not a reason to try again.
             raise NoSuchDomain(f"{name}: no such domain") from None
-        except dns.resolver.NoAnswer:
-            return []
+        except dns.resolver.NoAnswer as exc:
+            return [], _ad(exc.kwargs.get("response"))
         except (dns.resolver.NoNameservers, dns.exception.Timeout,
                 dns.resolver.LifetimeTimeout) as exc:
             raise TemporaryDNSError(f"{name} {rdtype}: {exc.__class__.__name__}") from None
@@ -110,7 +165,7 @@ class Resolver:
             raise TemporaryDNSError(f"{name} {rdtype}: {exc}") from None
         finally:
             self._seconds[rdtype](time.perf_counter() - started)
-        return list(answer)
+        return list(answer), _ad(answer.response)
 
     def mx(self, domain: str) -> Deferred[list[tuple[int, str]]]:
         def lookup() -> list[tuple[int, str]]:
@@ -165,6 +220,51 @@ class Resolver:
                 raise NoSuchDomain(f"{address!r} is not an IP address") from None
             return [r.target.to_text(omit_final_dot=True) for r in self._query(name, "PTR")]
         return threads.deferToThread(lookup)
+
+
+    def mx_authenticated(self, domain: str) -> Deferred[Authenticated[list[tuple[int, str]]]]:
+        def lookup() -> Authenticated[list[tuple[int, str]]]:
+            records, ad = self._query_authenticated(domain, "MX")
+            return Authenticated([(r.preference, r.exchange.to_text(omit_final_dot=True))
+                                  for r in records], ad)
+        return threads.deferToThread(lookup)
+
+    def addresses_authenticated(self, host: str) -> Deferred[Authenticated[list[str]]]:
+        def lookup() -> Authenticated[list[str]]:
+            found: list[str] = []
+            authenticated = True
+            error: DNSError | None = None
+            for rdtype in ("A", "AAAA"):
+                try:
+                    records, ad = self._query_authenticated(host, rdtype)
+                except NoSuchDomain:
+                    raise
+                except DNSError as exc:
+                    # As addresses(): one type failing is no failure when the other
+                    # answered; but then nobody vouches for the whole.
+                    error, authenticated = exc, False
+                    continue
+                found += [r.address for r in records]
+                authenticated = authenticated and ad
+            if not found and error is not None:
+                raise error
+            return Authenticated(found, authenticated)
+        return threads.deferToThread(lookup)
+
+    def tlsa(self, name: str) -> Deferred[Authenticated[list[TLSA]]]:
+        def lookup() -> Authenticated[list[TLSA]]:
+            try:
+                records, ad = self._query_authenticated(name, "TLSA")
+            except NoSuchDomain:
+                return Authenticated([], False)
+            return Authenticated([TLSA(r.usage, r.selector, r.mtype, bytes(r.cert))
+                                  for r in records], ad)
+        return threads.deferToThread(lookup)
+
+
+def _ad(response: Any) -> bool:
+    """Whether a resolver's answer has the AD (authenticated data) bit."""
+    return response is not None and bool(response.flags & dns.flags.AD)
 
 
 def _dns_name(name: str | dns.name.Name) -> dns.name.Name:

@@ -18,7 +18,7 @@ import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
@@ -36,7 +36,14 @@ from lightmail.reload.parts import OutboundPart, ServicesPart, listener_part
 from lightmail.reload.reloader import Reloader
 from lightmail.storage.database import DatabaseURLError, check_url
 from lightmail.storage.interfaces import IWritePort
+from lightmail.tlsrpt.interfaces import ITLSReports
 from lightmail.wiring import Role, Services, wire
+
+if TYPE_CHECKING:
+    from lightmail.directory.interfaces import IDirectory
+    from lightmail.storage.service import StorageService
+    from lightmail.tlsrpt.job import ReportJob
+    from lightmail.tlsrpt.store import SQLTLSReports
 
 
 def validate(config: Config) -> None:
@@ -261,7 +268,7 @@ def makeService(config: Config,
     runner = services.queue_runner
     assert isinstance(runner, QueueRunner)      # Role.SERVER runs the queue
     runner.setServiceParent(root)
-    outbound = _outbound(services, runner)
+    outbound = _outbound(services, runner, _tls_reports(root, services))
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
     parts: list[IReloadable] = [ServicesPart(services), outbound]
@@ -332,11 +339,52 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
     return listeners
 
 
-def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
+def _tls_reports(root: LightMailService, services: Services) -> ITLSReports:
+    """Where outbound TLS outcomes are counted, and the service that stores them and
+    sends the daily reports (``[tlsrpt]``; nothing when it is off)."""
+    from lightmail.tlsrpt.interfaces import NoTLSReports
+    config = services.config
+    if not config.tlsrpt.enabled:
+        return NoTLSReports()
+    from lightmail.tlsrpt.service import TLSReportService
+    store, job = tls_report_job(config, services.storage, services.directory,
+                                services.queue_runner.kick)
+    TLSReportService(store, job, config.tlsrpt.interval, config.tlsrpt.flush_interval,
+                     ready=services.storage.ready).setServiceParent(root)
+    return store
+
+
+def tls_report_job(config: Config, storage: StorageService, directory: IDirectory,
+                   kick: Callable[[], None]) -> tuple[SQLTLSReports, ReportJob]:
+    """The TLS-RPT store and report job (the server's, and ``lightmail tlsrpt
+    send-reports``'s): reports go out through the queue, ``kick`` nudges it."""
+    from twisted.internet import reactor
+
+    from lightmail.dns import Resolver
+    from lightmail.tlsrpt.job import ReportJob, https_poster, queue_mailer
+    from lightmail.tlsrpt.report import Reporter
+    from lightmail.tlsrpt.store import SQLTLSReports
+    out, settings = config.outbound, config.tlsrpt
+    resolver = Resolver(out.dns_servers)
+    sender = settings.sender(config.hostname)
+    reporter = Reporter(settings.org_name or config.hostname, settings.contact or sender,
+                        sender)
+    store = SQLTLSReports(storage.db)
+    mailer = queue_mailer(directory, storage.blobs, storage.write_port, sender, kick)
+    job = ReportJob(store, resolver, reporter, mailer,
+                    https_poster(reactor, resolver, str(out.ca_file or ""),
+                                 settings.http_timeout),
+                    grace=2 * settings.flush_interval, give_up_after=settings.give_up_after)
+    return store, job
+
+
+def _outbound(services: Services, runner: QueueRunner,
+              tls_reports: ITLSReports) -> OutboundPart:
     """The queue runner's delivery agents; what a reload changes of them."""
     from lightmail.delivery.headers import outbound_headers
     from lightmail.delivery.smtp import SMTPDeliveryAgent
     from lightmail.outbound.client import Timeouts
+    from lightmail.outbound.dane import DANE
     from lightmail.policy.arc.seal import load_sealer
     from lightmail.policy.dkim import DKIMSigner, load_signer
     out = services.config.outbound
@@ -349,7 +397,8 @@ def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
         from lightmail.outbound.mtasts import MTASTS, https_fetcher
         from lightmail.storage.mtastsstore import SQLMTASTSPolicyStore
         mta_sts = MTASTS(resolver, https_fetcher(reactor, resolver, ca_file),
-                         store=SQLMTASTSPolicyStore(services.storage.db))
+                         store=SQLMTASTSPolicyStore(services.storage.db),
+                         reports=tls_reports)
     signer = None
     dkim_keys = load_signer(services.config)
     if dkim_keys is not None:
@@ -373,8 +422,8 @@ def _outbound(services: Services, runner: QueueRunner) -> OutboundPart:
                              destination_concurrency=out.destination_concurrency,
                              session_idle=out.session_idle, mta_sts=mta_sts,
                              ca_file=ca_file, signer=outbound_headers(sealer, signer),
-                             credentials=default.credentials,
-                             sender_rewriter=services.srs)
+                             credentials=default.credentials, dane=DANE(resolver),
+                             tls_reports=tls_reports, sender_rewriter=services.srs)
     smtp.transports = transports
     runner.add_agent(services.local_delivery)
     runner.add_agent(smtp)
@@ -388,10 +437,11 @@ def _routes(config: Config, resolver: Any) -> Any:
     from lightmail.outbound.routing import Router
     out = config.outbound
     default = Transport(Router(resolver, port=out.port, relay_host=out.relay_host),
-                        out.tls, False, _credentials(out))
+                        out.tls, False, _credentials(out), out.dane)
     transports = {override.domain: Transport(
         Router(resolver, port=out.port, relay_host=override.relay), override.tls,
-        override.protocol == "lmtp", _credentials(override))
+        override.protocol == "lmtp", _credentials(override),
+        out.dane if override.dane == "outbound" else override.dane == "yes")
         for override in config.transports}
     return default, transports
 

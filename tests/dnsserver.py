@@ -39,6 +39,13 @@ zone-file text (``"SRV": ["0 5 25 mx.example.test."]``).  Names may omit the fin
 * ``queries`` lists every question received as ``(name, rtype)``: lower-case absolute
   name, type mnemonic: ``("example.test.", "MX")``.  ``errors`` collects exceptions
   raised while answering (the client gets SERVFAIL).
+* It cannot sign zones.  For DNSSEC, ``authenticated=True`` makes it play the part of
+  the *validating resolver* LightMail trusts (not of an authoritative server): it sets
+  the AD bit (RFC 4035 §3.2.3) in every answer to a query that sets AD or EDNS DO
+  (RFC 6840 §5.7), as unbound does for a zone whose signatures it validated, answers
+  NXDOMAIN and NODATA included; ``insecure(name)`` leaves AD out for questions about
+  that name (an unsigned zone), ``insecure(name, False)`` puts it back.  ``fail``
+  answers stay without AD (a validating resolver's SERVFAIL for a bogus answer).
 * An answer too big for UDP (512 octets, or the client's EDNS size) is sent empty
   with TC set, so the client retries over TCP.
 """
@@ -79,7 +86,7 @@ class DNSServer:
     """An authoritative server for the records given, on 127.0.0.1 (UDP and TCP)."""
 
     def __init__(self, zones: Zones, ttl: int = 300, *, negative_ttl: Optional[int] = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, authenticated: bool = False) -> None:
         self.ttl = ttl
         self.negative_ttl = ttl if negative_ttl is None else negative_ttl
         self.host = host
@@ -91,6 +98,8 @@ class DNSServer:
         self._data: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         self._failures: dict[dns.name.Name, dns.rcode.Rcode] = {}
         self._dropped: set[dns.name.Name] = set()
+        self.authenticated = authenticated
+        self._insecure: set[dns.name.Name] = set()
         self._udp: Optional[_UDPServer] = None
         self._tcp: Optional[_TCPServer] = None
         self._running = False
@@ -194,6 +203,12 @@ class DNSServer:
             else:
                 self._failures[owner] = dns.rcode.Rcode.make(rcode)
 
+    def insecure(self, name: str, insecure: bool = True) -> None:
+        """With ``authenticated``: answer questions about ``name`` without AD (or
+        with it again)."""
+        with self._lock:
+            (self._insecure.add if insecure else self._insecure.discard)(_name(name))
+
     def drop(self, name: str, dropped: bool = True) -> None:
         """Leave questions about ``name`` unanswered (or answer them again)."""
         with self._lock:
@@ -252,6 +267,9 @@ class DNSServer:
                 response.set_rcode(self._failures[qname])
                 return response
             self._resolve(response, qname, qtype)
+            asks_ad = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
+            if self.authenticated and asks_ad and qname not in self._insecure:
+                response.flags |= dns.flags.AD
         return response
 
     def _resolve(self, response: dns.message.Message, qname: dns.name.Name, qtype: int) -> None:

@@ -12,6 +12,7 @@ LightMail stopped and started again while the policy server is down.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import smtplib
@@ -440,3 +441,103 @@ def test_a_restarted_server_honours_its_cached_enforce_policy(
             yield sender.stop()
         if receiver is not None:
             yield receiver.stop()
+
+
+# -- REQUIRETLS with DNSSEC and DANE (RFC 8689 §4.2.1, RFC 7672) ------------------------
+
+class Outcomes:
+    """TLS-RPT's outcomes, kept in a list (the SQL store is tested in test_tlsrpt)."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+
+    def record(self, result: Any) -> None:
+        self.results.append(result)
+
+    def of(self, domain: str) -> list[tuple[str, str]]:
+        return [(r.policy.type, r.result_type) for r in self.results
+                if r.policy_domain == domain]
+
+
+@pytest_twisted.inlineCallbacks
+def test_requiretls_to_a_dnssec_mx_whose_certificate_matches_its_tlsa(
+        tmp_path: Path) -> Any:
+    """No MTA-STS anywhere: the MX answers are DNSSEC-validated (the test DNS server
+    sets AD as a validating resolver would), which vouches for the MX host, and the
+    receiving LightMail's certificate, from a CA the sender does not trust, matches
+    its host's DANE-EE TLSA record: the REQUIRETLS message is delivered with
+    REQUIRETLS.  A host whose TLSA record does not match refuses it: 5.7.10, bounced
+    at once.  An MX answer without AD vouches for nothing: 5.7.30."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    ca = TestCA(Path(tempfile.mkdtemp(prefix="lightmail-dane-ca-")))
+    port = free_port()
+    receiver_dir = tmp_path / "receiver"
+    receiver_dir.mkdir()
+    cert, key = ca.issue("mx.dane.test")
+    shutil.copy(cert, receiver_dir / "cert.pem")
+    shutil.copy(key, receiver_dir / "key.pem")
+    spki = x509.load_pem_x509_certificate(cert.read_bytes()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    dns = DNSServer({
+        "dane.test.": {"MX": [(10, "mx.dane.test.")]},
+        "mx.dane.test.": {"A": ["127.0.0.2"]},
+        f"_{port}._tcp.mx.dane.test.": {"TLSA": [
+            f"3 1 1 {hashlib.sha256(spki).hexdigest()}"]},
+        "wrong.test.": {"MX": [(10, "mx.wrong.test.")]},
+        "mx.wrong.test.": {"A": ["127.0.0.2"]},                 # the same server
+        f"_{port}._tcp.mx.wrong.test.": {"TLSA": [f"3 1 1 {'00' * 32}"]},
+        "unsigned.test.": {"MX": [(10, "mx.dane.test.")]},
+    }, ttl=1, authenticated=True)
+    dns.insecure("unsigned.test.")
+    dns.start()
+    outcomes = Outcomes()
+    receiver = sender = None
+    try:
+        receiver = yield start(receiver_dir, (
+            f"[listener:mx2]\nprotocol = smtp\nendpoint = tcp:{port}:interface=127.0.0.2\n"
+            f"tls = starttls\ntls_cert = {receiver_dir / 'cert.pem'}\n"
+            f"tls_key = {receiver_dir / 'key.pem'}\n"
+            f"[transcript]\nlisteners = mx2\ndirectory = {receiver_dir / 'transcripts'}\n"))
+        for domain in ("dane.test", "wrong.test", "unsigned.test"):
+            yield receiver.parts.directory.add_domain(domain)
+            yield receiver.parts.directory.add_user(f"carol@{domain}", "carol-secret")
+        # No ca_file: the system's roots do not know the test CA, only DANE vouches.
+        sender = yield start(tmp_path / "sender", (
+            f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\nport = {port}\n"
+            "min_backoff = 1h\nsession_idle = 0\n"))
+        sender.parts.queue_runner.poll_interval = 0.5
+        sender.parts.queue_runner.agents["smtp"].tls_reports = outcomes
+        submissions = sender.ports["submissions"]
+        for rcpt in ("carol@dane.test", "carol@wrong.test", "carol@unsigned.test"):
+            yield in_thread(submit, submissions, rcpt, f"to {rcpt}", True)
+
+        [got] = yield receiver.delivered("carol@dane.test", 1)
+        assert b"Subject: to carol@dane.test" in got
+        transcripts = "".join(path.read_text() for path in
+                              (receiver_dir / "transcripts").iterdir())
+        assert "MAIL FROM:<bob@example.test>" in transcripts
+        assert " REQUIRETLS" in transcripts
+        found = yield until(lambda: notices(sender, 2), timeout=60)
+        by_rcpt = {rcpt: notice for notice in found
+                   for rcpt in ("carol@wrong.test", "carol@unsigned.test")
+                   if f"Subject: to {rcpt}".encode() in notice}
+        assert sorted(by_rcpt) == ["carol@unsigned.test", "carol@wrong.test"], found
+        wrong = by_rcpt["carol@wrong.test"].replace(b"\r\n ", b" ")
+        assert b"Status: 5.7.10" in wrong
+        assert b"does not verify (DANE:" in wrong, wrong
+        assert b"Status: 5.7.30" in by_rcpt["carol@unsigned.test"]
+        assert b"vouched" in by_rcpt["carol@unsigned.test"]
+        assert not (yield receiver.inbox("carol@wrong.test"))
+        assert not (yield receiver.inbox("carol@unsigned.test"))
+        # TLS-RPT: both sessions held to the TLSA records; the mismatch a failure.
+        assert outcomes.of("dane.test") == [("tlsa", "success")]
+        assert outcomes.of("wrong.test") == [("tlsa", "validation-failure")]
+        assert outcomes.of("unsigned.test") == []           # no session was tried
+    finally:
+        if sender is not None:
+            yield sender.stop()
+        if receiver is not None:
+            yield receiver.stop()
+        dns.stop()
+        shutil.rmtree(ca.directory, ignore_errors=True)

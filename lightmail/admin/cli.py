@@ -21,6 +21,7 @@
     lightmail token add NAME [--scope read|write] [--expires DURATION] | revoke NAME | list
     lightmail access add trusted|allow|block client|sender|recipient VALUE [--note TEXT]
                    | remove LIST KIND VALUE | list
+    lightmail tlsrpt send-reports (TLS-RPT: the reports of the complete days, now)
     lightmail api-reference       (the admin API reference, rst, from its OpenAPI)
     lightmail demo-setup          (make run: demo domain, user and certificate)
     lightmail reload [--timeout SECONDS]   (the running server reads its config again)
@@ -388,6 +389,30 @@ def cmd_access(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tlsrpt(args: argparse.Namespace) -> int:
+    async def work(ctx: _Context) -> None:
+        if not ctx.config.tlsrpt.enabled:
+            raise CommandError("TLS-RPT is off: [tlsrpt] enabled = no")
+        from lightmail.queue.wake import WAKE_NAME, wake
+        from lightmail.service import tls_report_job
+
+        def kick() -> None:
+            wake(ctx.config.server.state_dir / WAKE_NAME)
+        _, job = tls_report_job(ctx.config, ctx.storage, ctx.directory, kick)
+        sent = await job.run()
+        for day, domain, uri in sent.reports:
+            print(f"{day}\t{domain}\tsent to {uri}")
+        for day, domain, uri, why in sent.failures:
+            print(f"{day}\t{domain}\tNOT sent to {uri}: {why}")
+        for day, domain, why in sent.skipped:
+            print(f"{day}\t{domain}\tnot reported: {why}")
+        print(f"{len(sent.reports)} report{'s' if len(sent.reports) != 1 else ''} sent")
+        if sent.failures:
+            raise CommandError(f"{len(sent.failures)} could not be sent")
+    _run(args, work)
+    return 0
+
+
 def _now_ms() -> int:
     import time
     return int(time.time() * 1000)
@@ -645,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--note", help="why (shown by list)")
     asub2.add_parser("list")
     p.set_defaults(func=cmd_access)
+
+    p = sub.add_parser("tlsrpt", help="SMTP TLS reporting (RFC 8460)")
+    rsub = p.add_subparsers(dest="action", required=True)
+    rsub.add_parser("send-reports", help="send the reports of the complete days now "
+                    "(mail goes through the queue of the running server)")
+    p.set_defaults(func=cmd_tlsrpt)
 
     p = sub.add_parser("api-reference", help="print the admin API reference (rst)")
     p.set_defaults(func=cmd_api_reference)

@@ -12,10 +12,12 @@ starts with RSET instead of a new TCP connection, greeting, EHLO and TLS handsha
 as Postfix's connection cache does.  At most ``destination_concurrency`` deliveries
 go to one domain at once.
 
-What TLS a delivery needs (``TLSNeeds``) comes from the transport's ``tls``, the
-domain's MTA-STS policy and the message: REQUIRETLS (RFC 8689) asks for verified TLS
-to a server that offers it, or a bounce; ``TLS-Required: No`` sets the policies
-aside (lightmail.outbound.requiretls).
+TLS (outbound/tlspolicy.py's ``HostTLS``, one per host): STARTTLS whenever offered;
+DANE (RFC 7672) and MTA-STS (RFC 8461) make it required and authenticated for the
+hosts they cover, the transport's ``tls = encrypt`` required; a REQUIRETLS message
+(RFC 8689) asks for authenticated TLS to a server that offers REQUIRETLS, or a
+bounce, and ``TLS-Required: No`` sets the others aside (outbound/requiretls.py).
+Each negotiation's outcome is counted for TLS-RPT (RFC 8460, lightmail/tlsrpt/).
 """
 
 from __future__ import annotations
@@ -42,18 +44,27 @@ from lightmail.outbound.client import (
     SMTPClientProtocol,
     Timeouts,
 )
+from lightmail.outbound.dane import DANE, FAILED, MATCH, HostDANE
 from lightmail.outbound.requiretls import (
     HEADER_PEEK,
     Refusal,
-    TLSNeeds,
     bounce_detail,
     session_refusal,
     tls_optional,
     unvouched,
 )
 from lightmail.outbound.routing import Destination, Router, RoutingError
+from lightmail.outbound.tlspolicy import (
+    HostTLS,
+    Judgement,
+    failed_negotiation,
+    host_tls,
+    judge,
+    reusable,
+)
 from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, ISenderRewriter
 from lightmail.storage.interfaces import BlobMissing, IBlobStore, QueueItem
+from lightmail.tlsrpt.interfaces import ITLSReports, NoTLSReports, TLSResult
 
 # (address, port, host name, LMTP?, SMTP AUTH user): an authenticated session serves
 # only deliveries with the same credentials.
@@ -63,13 +74,18 @@ SessionKey = tuple[str, int, str, bool, str]
 @dataclass(frozen=True)
 class Transport:
     """How mail for some domains leaves: a router (MX or relay host), a STARTTLS
-    policy, SMTP or LMTP, and SMTP AUTH credentials for a relay
+    policy, SMTP or LMTP, SMTP AUTH credentials for a relay, and whether DANE applies
     (``[transport:DOMAIN]`` sections; ``[outbound]``)."""
 
     router: Router
     tls: str = "may"
     lmtp: bool = False
     credentials: Optional[Credentials] = None
+    dane: bool = False
+
+    @property
+    def uses_dane(self) -> bool:
+        return self.dane and self.tls != "none" and not self.lmtp
 
 
 class SessionCache:
@@ -136,7 +152,8 @@ class SMTPDeliveryAgent:
                  reactor: Any = None, signer: Optional[IOutboundHeaders] = None,
                  destination_concurrency: int = 20, session_idle: float = 5.0,
                  lmtp: bool = False, mta_sts: Any = None, ca_file: str = "",
-                 credentials: Optional[Credentials] = None,
+                 credentials: Optional[Credentials] = None, dane: Optional[DANE] = None,
+                 tls_reports: Optional[ITLSReports] = None,
                  sender_rewriter: Optional[ISenderRewriter] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -159,11 +176,14 @@ class SMTPDeliveryAgent:
         self.limits: dict[str, _DomainLimit] = {}
         self.sessions = SessionCache(reactor, session_idle)
         self.mta_sts = mta_sts             # lightmail.outbound.mtasts.MTASTS, for MX routes
+        self.dane = dane                   # TLSA lookups, for transports with dane
+        # Where TLS outcomes are counted (TLS-RPT), for MX routes.
+        self.tls_reports: ITLSReports = tls_reports or NoTLSReports()
         self.ca_file = ca_file
         # Per-domain overrides: "example.com" for the domain, ".example.com" for its
         # subdomains (as Postfix's transport maps).
         self.transports: dict[str, Transport] = {}
-        self.default = Transport(router, tls_policy, lmtp, credentials)
+        self.default = Transport(router, tls_policy, lmtp, credentials, dane is not None)
 
     def reconfigure(self, default: Transport, transports: dict[str, Transport], helo: str,
                     timeouts: Timeouts, connect_timeout: float,
@@ -297,39 +317,60 @@ class SMTPDeliveryAgent:
                                           item.recipient.notify),),
             blob=item.blob, envid=envelope.envid, ret=envelope.ret, body=envelope.body,
             smtputf8=envelope.smtputf8, requiretls=requiretls, content=item.content)
+        mx_route = transport.router.relay is None
+        # Where DANE applies, the resolver's AD bit is trusted: for the TLSA records
+        # of hosts whose names come from a validated MX answer or the configuration
+        # (RFC 7672 §2.2), and for REQUIRETLS, which takes such an MX answer as
+        # vouching for its hosts (RFC 8689 §4.2.1).
+        mx_secure = False
+        dane: dict[str, HostDANE] = {}
+        if self.dane is not None and transport.uses_dane:
+            name, _, mx_lookup = transport.router.relay or (domain, 0, True)
+            mx_secure = not mx_lookup or await self.dane.mx_authenticated(name)
+            if mx_secure:
+                dane = await self.dane.hosts([(d.host, d.port) for d in destinations])
         policy = None
-        if self.mta_sts is not None and transport.router.relay is None:
+        if self.mta_sts is not None and mx_route:
             policy = await self.mta_sts.policy(domain)
+            if policy is not None and policy.mode == "none":
+                policy = None
         enforced = policy is not None and policy.mode == "enforce"
-        needs = TLSNeeds(transport.tls)
+        # Whether anything would hold the message back that TLS-Required: No sets aside.
+        demanding = (enforced or transport.tls == "encrypt"
+                     or any(h.tls_required or h.state == FAILED for h in dane.values()))
+        relaxed = False
         if requiretls:
             # The host's name must come from the configuration, a DNSSEC-validated
             # MX answer or an enforced MTA-STS policy (§4.2.1).
-            if transport.router.relay is None and not self._mx_authenticated(domain):
+            if mx_route and not mx_secure:
                 destinations = ([d for d in destinations if policy.allows(d.host)]
                                 if policy is not None and enforced else [])
                 if not destinations:
                     refusal = unvouched(domain)
                     self.log.info("{rcpt}: {refusal}", rcpt=address, refusal=str(refusal))
                     return DeliveryResult.bounced(str(refusal))
-            needs = TLSNeeds("encrypt", verified=True, requiretls=True)
-        elif (enforced or transport.tls == "encrypt") and await self._tls_optional(item):
+        elif demanding and await self._tls_optional(item):
             # TLS-Required: No (§4.2.2): every MX, TLS when offered, unchecked.
-            needs = TLSNeeds("may" if transport.tls == "encrypt" else transport.tls,
-                             relaxed="MTA-STS (enforce)" if enforced else "tls = encrypt")
-            policy = None
-        if policy is not None and policy.mode != "none":
-            allowed = [d for d in destinations if policy.allows(d.host)]
-            if policy.mode == "enforce":
+            relaxed = True
+        reported = mx_route and transport.tls != "none" and not transport.lmtp
+        if policy is not None and not relaxed:
+            # A host with DANE is held to its TLSA records, not to the policy.
+            allowed = [d for d in destinations if policy.allows(d.host)
+                       or dane.get(d.host, HostDANE(d.host)).state == MATCH]
+            refused = [d for d in destinations if d not in allowed]
+            for d in refused:
+                self._report(host_tls(domain, HostDANE(d.host), policy, reported), d,
+                             "", Judgement("validation-failure",
+                                           "MX host not in the MTA-STS policy"))
+            if enforced:
                 if not allowed:
                     return DeliveryResult.deferred(
                         f"4.7.5 MTA-STS policy of {domain} names none of its MX hosts")
                 destinations = allowed
-                needs = TLSNeeds("encrypt", verified=True, requiretls=needs.requiretls)
-            elif len(allowed) < len(destinations):
+            elif refused:
                 self.log.warn("MTA-STS (testing) of {domain}: MX {hosts} not in the "
-                              "policy", domain=domain, hosts=",".join(
-                                  d.host for d in destinations if d not in allowed))
+                              "policy", domain=domain,
+                              hosts=",".join(d.host for d in refused))
         prefix = b""
         if self.signer is not None:
             prefix = await self.signer.header_for(item)
@@ -337,9 +378,19 @@ class SMTPDeliveryAgent:
         refusals: list[Refusal] = []
         tried = 0
         for destination in destinations:
+            tls = host_tls(domain, dane.get(destination.host, HostDANE(destination.host)),
+                           policy, reported, transport.tls, requiretls, relaxed)
+            if tls.dane.state == FAILED:
+                # RFC 7672 §2.2: a signed zone that fails to answer: the host is unusable
+                # for now (no lasting refusal: a REQUIRETLS message waits for it too).
+                self._report(tls, destination, "", Judgement("dnssec-invalid",
+                                                             tls.dane.detail))
+                last = f"4.7.5 {destination.host}: DANE: {tls.dane.detail}"
+                tried += 1
+                continue
             for ip in destination.addresses:
                 result = await self._try(transport, destination, ip, message, address,
-                                         held, prefix, needs)
+                                         held, prefix, tls)
                 tried += 1
                 if isinstance(result, DeliveryResult):
                     return result
@@ -354,20 +405,15 @@ class SMTPDeliveryAgent:
             return DeliveryResult.bounced(bounce_detail(refusals))
         return DeliveryResult.deferred(last)
 
-    def _mx_authenticated(self, domain: str) -> bool:
-        """Whether the MX answer for ``domain`` was DNSSEC-validated (REQUIRETLS takes
-        it instead of an MTA-STS policy, RFC 8689 §4.2.1).  The place for the
-        resolver's AD bit, once it reports one (with DANE, RFC 7672): until then,
-        never, and only MTA-STS vouches for an MX host."""
-        return False
-
-    def _certificate_verified(self, session: ClientSession,
-                              destination: Destination) -> bool:
-        """Whether the server's certificate is trusted for ``destination`` (MTA-STS,
-        REQUIRETLS): PKIX, with the system's roots or ``ca_file``.  The place where
-        DANE's verdict (RFC 7672) plugs in: a certificate matching the host's
-        DNSSEC-validated TLSA records is as good."""
-        return session.verified
+    def _report(self, tls: HostTLS, destination: Destination, ip: str,
+                judgement: Judgement, session: Optional[ClientSession] = None) -> None:
+        """Count a TLS outcome for TLS-RPT (when the host's outcomes are reported)."""
+        if tls.report is None:
+            return
+        self.tls_reports.record(TLSResult(
+            tls.policy_domain.lower(), tls.report, judgement.result_type,
+            session.local_address if session is not None else "", destination.host,
+            ip, judgement.reason))
 
     async def _tls_optional(self, item: QueueItem) -> bool:
         """Whether the message has ``TLS-Required: No`` (RFC 8689 §3).  Read only when
@@ -382,7 +428,7 @@ class SMTPDeliveryAgent:
         return tls_optional(head)
 
     async def _session(self, transport: Transport, key: SessionKey,
-                       destination: Destination, ip: str, needs: TLSNeeds,
+                       destination: Destination, ip: str, tls: HostTLS,
                        fresh: bool = False) -> ClientSession | str | Refusal:
         """A reused idle session (after RSET) or a new, negotiated one (``fresh``:
         always a new one); or why not (a Refusal: a host that cannot carry a
@@ -390,10 +436,7 @@ class SMTPDeliveryAgent:
         next transaction's commands (:meth:`ClientSession.send`) instead of costing
         a round trip of its own."""
         while not fresh and (session := self.sessions.take(key)) is not None:
-            if needs.verified and not self._certificate_verified(session, destination):
-                session.close()
-                continue
-            if needs.requiretls and "REQUIRETLS" not in session.extensions:
+            if not reusable(session, tls):
                 session.close()
                 continue
             if session.proto.lost is not None:
@@ -420,14 +463,17 @@ class SMTPDeliveryAgent:
                                 self.reactor, transport.lmtp, self.ca_file,
                                 transport.credentials)
         try:
-            await session.open(needs.policy)
+            await session.open(tls.starttls)
         except SessionFailed as exc:
+            failed = failed_negotiation(session)
+            if failed is not None:
+                self._report(tls, destination, ip, failed, session)
             said = "said" if exc.remote else "failed"
             if exc.auth:
                 self.log.warn("{where}: {reply}; check auth_user and auth_password_file",
                               where=where, reply=str(exc.reply))
                 return f"{exc.reply.status} {where} {said}: {exc.reply}"
-            if exc.no_tls and needs.requiretls:
+            if exc.no_tls and tls.requiretls:
                 refusal = session_refusal(where, "", False, session.extensions)
                 assert refusal is not None
                 self.log.info("{where}: {refusal}", where=where, refusal=str(refusal))
@@ -435,15 +481,24 @@ class SMTPDeliveryAgent:
             self.log.info("{where}: {reply}; trying the next host", where=where,
                           reply=str(exc.reply))
             return f"{exc.reply.status} {where} {said}: {exc.reply}"
-        verified = self._certificate_verified(session, destination)
-        if needs.requiretls:
-            refusal = session_refusal(where, session.tls, verified, session.extensions)
+        judgement = judge(session, tls)
+        self._report(tls, destination, ip, judgement, session)
+        if tls.requiretls:
+            refusal = session_refusal(
+                where, session.tls, session.verified and not judgement.refuse,
+                session.extensions,
+                f"DANE: {judgement.reason}" if judgement.refuse and tls.dane.records
+                else "")
             if refusal is not None:
                 session.close()
                 self.log.info("{where}: {refusal}; trying the next host", where=where,
                               refusal=str(refusal))
                 return refusal
-        elif needs.verified and not verified:
+        elif judgement.refuse and tls.dane.records:
+            session.close()
+            self.log.warn("{where}: DANE: {reason}", where=where, reason=judgement.reason)
+            return f"4.7.5 {where}: DANE: {judgement.reason}"
+        elif judgement.refuse:
             session.close()
             self.log.warn("{where}: MTA-STS needs a valid certificate, got {tls}",
                           where=where, tls=session.tls)
@@ -452,8 +507,8 @@ class SMTPDeliveryAgent:
 
     async def _try(self, transport: Transport, destination: Destination, ip: str,
                    message: OutboundMessage, address: str,
-                   held: list[tuple[SessionKey, ClientSession]], prefix: bytes = b"",
-                   needs: TLSNeeds = TLSNeeds("may")) -> DeliveryResult | str | Refusal:
+                   held: list[tuple[SessionKey, ClientSession]], prefix: bytes,
+                   tls: HostTLS) -> DeliveryResult | str | Refusal:
         """A result, or the reason to try the next address (a Refusal: this host
         cannot carry a REQUIRETLS message).  A session that can carry more goes into
         ``held``: back to the cache when the delivery is over (:meth:`deliver_held`)."""
@@ -462,7 +517,7 @@ class SMTPDeliveryAgent:
                transport.credentials.user if transport.credentials else "")
         for attempt in (1, 2):
             # The second attempt, after a reused session failed, on a new connection.
-            session = await self._session(transport, key, destination, ip, needs,
+            session = await self._session(transport, key, destination, ip, tls,
                                           fresh=attempt == 2)
             if not isinstance(session, ClientSession):
                 return session
@@ -481,14 +536,13 @@ class SMTPDeliveryAgent:
                 return _result(exc.reply, detail, destination.host if exc.remote else "")
             held.append((key, session))
             reply = outcome.results[address]
-            tls = f" ({outcome.tls})" if outcome.tls else ""
-            if needs.relaxed and reply.code < 300:
+            used = f" ({outcome.tls})" if outcome.tls else ""
+            if tls.relaxed and reply.code < 300:
                 # RFC 8689 §4.2.2: what the policy would have held back, and how it went.
                 self.log.info("TLS-Required: No: <{rcpt}> sent to {where} {how} although "
                               "{policy} asks for verified TLS", rcpt=address, where=where,
-                              how=_how(outcome.tls, self._certificate_verified(
-                                  session, destination)), policy=needs.relaxed)
-            return _result(reply, f"{reply.status} {where}{tls} said: {reply}",
+                              how=_how(outcome.tls, session.verified), policy=tls.relaxed)
+            return _result(reply, f"{reply.status} {where}{used} said: {reply}",
                            destination.host)
         return f"4.4.2 {where}: no usable session"
 

@@ -22,6 +22,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
@@ -251,6 +252,13 @@ class ClientSession:
         self.timeouts, self.clock, self.lmtp = timeouts, clock, lmtp
         self.extensions: dict[str, str] = {}
         self.tls = ""
+        # How far STARTTLS got (for TLS-RPT): "" (not tried: tls = none, LMTP, or the
+        # session ended before), "not offered", "refused", "negotiating" (the
+        # handshake or the EHLO after it failed), "done".
+        self.starttls = ""
+        # "DANE-EE" or "DANE-TA" once the delivery agent matched the server's chain
+        # to its TLSA records (outbound/dane.py): verified as much as a valid chain.
+        self.dane = ""
         self.usable = True
         self.transactions = 0
         # A reused session's RSET, to go out with the next transaction's commands.
@@ -293,16 +301,22 @@ class ClientSession:
         if greeting.code != 220:
             raise self.fail(greeting, next_host=True)   # a busy or refusing MX: next
         await self._hello()
+        if tls_policy != "none" and not self.lmtp:
+            self.starttls = "not offered"
         if "STARTTLS" in self.extensions and tls_policy != "none" and not self.lmtp:
             self.send_lines("STARTTLS")
             answer = await self.reply()
             if answer.code == 220:
+                self.starttls = "negotiating"
                 self.proto.transport.startTLS(  # type: ignore[union-attr]
                     ClientTLS(self.server_name))
                 await self._hello()
+                self.starttls = "done"
                 self.tls = verify_peer(self.proto.transport, self.server_name,
                                        self.ca_file)
-            elif tls_policy == "encrypt":
+            else:
+                self.starttls = "refused"
+            if answer.code != 220 and tls_policy == "encrypt":
                 raise self.fail(answer, next_host=True, no_tls=True)
         if tls_policy == "encrypt" and not self.tls:
             raise self.fail(local_reply(450, "4.7.5", f"{self.server_name} offers no "
@@ -366,7 +380,28 @@ class ClientSession:
 
     @property
     def verified(self) -> bool:
-        return self.tls.endswith("(verified)")
+        """A certificate chain the roots trust, valid for the host name; or one that
+        matched the host's DANE TLSA records."""
+        return self.tls.endswith("(verified)") or bool(self.dane)
+
+    def peer_certificates(self) -> list[x509.Certificate]:
+        """The server's certificate chain as it sent it, its own first; ``[]``
+        without TLS."""
+        if not self.tls:
+            return []
+        try:
+            chain = self.proto.transport.getHandle().get_peer_cert_chain()  # type: ignore[union-attr]
+        except Exception:
+            return []
+        return [cert.to_cryptography() for cert in chain or []]
+
+    @property
+    def local_address(self) -> str:
+        """This side's IP address of the connection (TLS-RPT's sending-mta-ip)."""
+        try:
+            return str(self.proto.transport.getHost().host)  # type: ignore[union-attr]
+        except Exception:
+            return ""
 
     async def reset(self) -> bool:
         """Before reusing the session: is it still there and willing?"""

@@ -11,6 +11,8 @@ name; otherwise it waits (4.7.5).  ``testing`` mode only logs what would have fa
 The policies fetched are kept in SQL too (``IMTASTSPolicyStore``), read back the
 first time a policy is asked for after a start: a restart keeps honouring a cached
 ``enforce`` policy until it expires, even while the policy server is down (§5).
+A policy that cannot be fetched or read is counted for TLS-RPT (``reports``,
+RFC 8460 §4.3.2.3).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twisted.logger import Logger
 
 from lightmail.dns import DNSError, IResolver
 from lightmail.storage.interfaces import IMTASTSPolicyStore, MTASTSPolicyRecord
+from lightmail.tlsrpt.interfaces import STS, ITLSReports, NoTLSReports, ReportPolicy, TLSResult
 
 MAX_POLICY = 64 * 1024
 MAX_AGE_LIMIT = 31557600       # RFC 8461 §3.2: at most one year
@@ -101,8 +104,10 @@ class MTASTS:
 
     def __init__(self, resolver: IResolver, fetch: Fetch,
                  clock: Callable[[], float] = time.time,
-                 store: Optional[IMTASTSPolicyStore] = None) -> None:
+                 store: Optional[IMTASTSPolicyStore] = None,
+                 reports: Optional[ITLSReports] = None) -> None:
         self.resolver, self.fetch, self.clock = resolver, fetch, clock
+        self.reports: ITLSReports = reports or NoTLSReports()   # TLS-RPT's counts
         self.cache: dict[str, Policy] = {}
         self.store = store
         self.loaded = store is None         # the stored policies are in the cache
@@ -169,20 +174,37 @@ class MTASTS:
             return cached                  # §5.1: keep using what we have
         if new_id is None or (cached is not None and cached.id == new_id):
             return cached
+        fetched = False
         try:
             body = await self.fetch(f"https://mta-sts.{domain}/.well-known/mta-sts.txt")
+            fetched = True
             if len(body) > MAX_POLICY:
                 raise PolicyError("policy too large")
             policy = parse_policy(body.decode("utf-8"), new_id, now)
         except Exception as exc:
+            error = str(exc) or exc.__class__.__name__
             self.log.warn("MTA-STS policy of {domain} not usable: {error}", domain=domain,
-                          error=str(exc) or exc.__class__.__name__)
+                          error=error)
+            self.reports.record(TLSResult(domain, ReportPolicy(STS),
+                                          _failure_type(exc, fetched), reason=error[:255]))
             return cached
         self.cache[domain] = policy
         self.log.info("MTA-STS policy of {domain}: mode={mode} mx={mx}", domain=domain,
                       mode=policy.mode, mx=",".join(policy.mx))
         await self._remember(domain, policy)
         return policy
+
+
+def _failure_type(exc: Exception, fetched: bool) -> str:
+    """RFC 8460 §4.3.2.3: what became of a policy that could not be had."""
+    if fetched:
+        return "sts-policy-invalid"
+    from OpenSSL import SSL
+    from twisted.web.client import ResponseNeverReceived
+    if isinstance(exc, SSL.Error) or (isinstance(exc, ResponseNeverReceived) and any(
+            reason.check(SSL.Error) for reason in exc.reasons)):
+        return "sts-webpki-invalid"
+    return "sts-policy-fetch-error"
 
 
 def https_fetcher(reactor: Any, resolver: IResolver, ca_file: str = "",

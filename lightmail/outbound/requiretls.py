@@ -2,18 +2,20 @@
 
 A message received with ``MAIL FROM:<...> REQUIRETLS`` (``Envelope.requiretls``) is
 relayed only (§4.2.1) to a host whose name is vouched for - the MX answer was
-DNSSEC-validated, or an MTA-STS policy in ``enforce`` mode names it, or it is a
-relay host from the configuration - over STARTTLS with a certificate that verifies
-(PKIX, or DANE), to a server that offers REQUIRETLS in the EHLO after TLS; the
-parameter then goes on with MAIL FROM.  When no host of the destination qualifies
-the message bounces with the RFC's codes: 5.7.30 (REQUIRETLS support required) or
-5.7.10 (encryption needed).  Notices (the null sender) are not bound (§4.2.1), and
-an LMTP transport is final delivery (§4.4), not relay.
+DNSSEC-validated (the resolver's AD bit, where ``dane`` applies: outbound/dane.py),
+or an MTA-STS policy in ``enforce`` mode names it, or it is a relay host from the
+configuration - over STARTTLS with a certificate that verifies (the host's TLSA
+records where it has usable ones, else PKIX), to a server that offers REQUIRETLS in
+the EHLO after TLS; the parameter then goes on with MAIL FROM.  When no host of the
+destination qualifies the message bounces with the RFC's codes: 5.7.30 (REQUIRETLS
+support required) or 5.7.10 (encryption needed).  Notices (the null sender) are not
+bound (§4.2.1), and an LMTP transport is final delivery (§4.4), not relay.
 
 A message with the header field ``TLS-Required: No`` (§3) and no REQUIRETLS asks the
 opposite: sent even where the receiving domain's policy (MTA-STS, DANE) or
 ``tls = encrypt`` would hold it back - over TLS when offered, its certificate
-unchecked, else in clear (§4.2.2); the delivery logs which.
+unchecked, else in clear (§4.2.2); the delivery logs which.  What one delivery asks
+of each host is outbound/tlspolicy.py's ``HostTLS``.
 """
 
 from __future__ import annotations
@@ -32,18 +34,6 @@ ENCRYPTION_NEEDED = "5.7.10"        # no TLS, or a certificate that does not ver
 HEADER_PEEK = 64 * 1024
 
 _TLS_REQUIRED_NO = re.compile(rb"^tls-required[ \t]*:[ \t]*no[ \t]*$", re.I)
-
-
-@dataclass(frozen=True)
-class TLSNeeds:
-    """What one delivery asks of a session: the STARTTLS policy to open it with
-    (may, encrypt, none), a certificate that verifies, REQUIRETLS offered; and when
-    ``TLS-Required: No`` set aside what the policy asked, what that was (for logs)."""
-
-    policy: str
-    verified: bool = False
-    requiretls: bool = False
-    relaxed: str = ""                   # e.g. "MTA-STS (enforce)", "tls = encrypt"
 
 
 @dataclass(frozen=True)
@@ -75,13 +65,14 @@ def unvouched(domain: str) -> Refusal:
 
 
 def session_refusal(where: str, tls: str, verified: bool,
-                    extensions: Mapping[str, str]) -> Optional[Refusal]:
-    """Why a negotiated session cannot carry a REQUIRETLS message, or None."""
+                    extensions: Mapping[str, str], why: str = "") -> Optional[Refusal]:
+    """Why a negotiated session cannot carry a REQUIRETLS message, or None; ``why``
+    a certificate does not verify, when there is more to say than ``tls`` (DANE)."""
     if not tls:
         return Refusal(ENCRYPTION_NEEDED, f"REQUIRETLS: {where} offers no STARTTLS")
     if not verified:
-        return Refusal(ENCRYPTION_NEEDED,
-                       f"REQUIRETLS: the certificate of {where} does not verify ({tls})")
+        return Refusal(ENCRYPTION_NEEDED, f"REQUIRETLS: the certificate of {where} "
+                       f"does not verify ({why or tls})")
     if "REQUIRETLS" not in extensions:
         return Refusal(REQUIRETLS_NEEDED, f"REQUIRETLS: {where} does not offer REQUIRETLS")
     return None

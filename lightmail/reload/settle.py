@@ -58,7 +58,7 @@ LIVE: Mapping[str, frozenset[str]] = {
         "relay_host", "port", "tls", "auth_user", "auth_password_file", "auth_password",
         "concurrency", "destination_concurrency", "connect_timeout", "command_timeout",
         "data_timeout", "min_backoff", "max_backoff", "max_lifetime",
-        "delay_warning_time"}),
+        "delay_warning_time", "dane"}),
 }
 #: Live keys of a [listener:NAME]; its protocol, endpoint and tls mode are not.
 LISTENER_LIVE = frozenset({"tls_cert", "tls_key", "tls_sni", "max_connections",

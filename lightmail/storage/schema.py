@@ -244,3 +244,26 @@ access_entries = sa.Table(
 )
 
 QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")
+
+# TLS-RPT (RFC 8460, lightmail/tlsrpt/): the outbound MTA's TLS outcomes, one row per
+# day (UTC, YYYY-MM-DD), policy domain, policy, result type, sending address and
+# receiving MX, counted.  ``result_key`` is the SHA-256 of all of those (a unique index
+# over the columns themselves would pass MariaDB's key size); the policy's strings and
+# MX patterns are JSON arrays.  The daily report job deletes a day's rows once reported.
+tlsrpt_results = sa.Table(
+    "tlsrpt_results", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("result_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("day", sa.String(10), nullable=False),
+    sa.Column("policy_domain", NAME, nullable=False),
+    sa.Column("policy_type", sa.String(16), nullable=False),   # sts, tlsa, no-policy-found
+    sa.Column("policy_strings", sa.Text, nullable=False),
+    sa.Column("mx_hosts", sa.Text, nullable=False),
+    sa.Column("result_type", sa.String(40), nullable=False),   # success, or RFC 8460's
+    sa.Column("sending_ip", sa.String(64), nullable=False, server_default=""),
+    sa.Column("receiving_mx", NAME, nullable=False, server_default=""),
+    sa.Column("receiving_ip", sa.String(64), nullable=False, server_default=""),
+    sa.Column("reason", sa.String(255), nullable=False, server_default=""),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Index(None, "day", "policy_domain"),
+)
