@@ -548,3 +548,19 @@ def test_the_dmarc_section(tmp_path: Path) -> None:
                          ("report_from = not an address", "not an email address")]:
         with pytest.raises(ConfigError, match=message):
             parse_config(f"[dmarc]\n{bad}\n", str(tmp_path / "lm.conf"))
+
+
+def test_what_the_chain_gives_is_read_with_care() -> None:
+    # a U-label From: domain, words in capitals, and a word no RFC knows
+    zone: Zone = {"_dmarc.xn--caf-dma.example": [{"TXT": "v=DMARC1; p=reject"}]}
+    outcome = verdict(zone, "Café.example.", ("CAFÉ.example", "PASS"),
+                      [("xn--caf-dma.example", "Invalid", "s1")])
+    assert (outcome.result, outcome.header_from, outcome.spf) == (
+        "pass", "xn--caf-dma.example", ("xn--caf-dma.example", "pass"))
+    assert outcome.dkim[0].result == "permerror"
+    # no domain at all: nothing to look up
+    for bad in ("", "not a domain", "a..b", "x" * 300):
+        checker = checker_for(ZONE)
+        result = fired(checker.check(bad, ("example.com", "pass")))
+        assert result.result == "none"
+        assert checker.resolver.queries == []      # type: ignore[attr-defined]

@@ -426,3 +426,33 @@ async def test_the_send_reports_command(tmp_path: Path, dns_world: DNSServer) ->
     config.write_text(text.replace("reports = yes", "reports = no"))
     off = run("dmarc", "send-reports")
     assert off.returncode == 1 and "[dmarc] reports = no" in off.stderr
+
+
+def test_every_kind_of_row_is_valid_against_the_schema() -> None:
+    """Every override reason, every DKIM and SPF word, addresses of both families
+    (IPv4-mapped IPv6 as IPv4), no envelope_to, no DKIM signature."""
+    from lightmail.policy.dmarc.check import DKIM_RESULTS, OVERRIDE_TYPES, SPF_RESULTS
+    from lightmail.policy.dmarc.store import GroupedRow
+    from lightmail.policy.dmarc.xmlreport import AggregateReport, report_xml
+    rows = [GroupedRow(
+        source_ip=ip, count=n + 1, disposition=("none", "quarantine", "reject")[n % 3],
+        dkim="pass" if n % 2 else "fail", spf="fail",
+        reasons=tuple((kind, f"comment {kind}" if n % 2 else "") for kind in OVERRIDE_TYPES),
+        envelope_to="" if n % 2 else "rcpt.example", envelope_from="",
+        header_from="example.com",
+        dkim_results=tuple((f"d{k}.example", "" if k % 2 else "sel", word)
+                           for k, word in enumerate(DKIM_RESULTS)) if n else (),
+        spf_domain="helo.example", spf_scope=("helo", "mfrom")[n % 2],
+        spf_result=SPF_RESULTS[n % len(SPF_RESULTS)])
+        for n, ip in enumerate(["192.0.2.1", "::ffff:192.0.2.2", "2001:db8::1",
+                                "fe80::1:2:3:4", "198.51.100.255"])]
+    document = report_xml(AggregateReport(
+        org_name="Org & <Co>", email="r@example.net", report_id="id.1@mx", begin=1, end=2,
+        policy_domain="example.com", published={"p": "reject"}, rows=rows))
+    SCHEMA.validate(document)
+    root = ET.fromstring(document)
+    assert [r.findtext("row/source_ip") for r in root.iter("record")] == [
+        "192.0.2.1", "192.0.2.2", "2001:0db8:0000:0000:0000:0000:0000:0001",
+        "fe80:0000:0000:0000:0001:0002:0003:0004", "198.51.100.255"]
+    assert root.findtext("report_metadata/org_name") == "Org & <Co>"
+    assert root.findtext("policy_published/sp") == "reject"

@@ -14,6 +14,7 @@ aggregate report row needs (lightmail/policy/dmarc/reports.py).
 from __future__ import annotations
 
 import random as random_module
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -34,6 +35,10 @@ from lightmail.policy.dmarc.record import DMARCRecord
 log = Logger(namespace="lightmail.dmarc")
 
 RESULTS = ("pass", "fail", "none", "temperror", "permerror")
+#: The words of the results DMARC is given (RFC 7489 Appendix C's SPFResultType and
+#: DKIMResultType); any other word is read as permerror (a result nobody can use).
+SPF_RESULTS = ("none", "neutral", "pass", "fail", "softfail", "temperror", "permerror")
+DKIM_RESULTS = ("none", "pass", "fail", "policy", "neutral", "temperror", "permerror")
 DISPOSITIONS = ("none", "quarantine", "reject")
 #: RFC 7489 Appendix C, PolicyOverrideType.
 OVERRIDE_TYPES = ("forwarded", "sampled_out", "trusted_forwarder", "mailing_list",
@@ -136,6 +141,27 @@ class Enforcement:
         return self.default, "enforce"
 
 
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+
+
+def _a_label(domain: str) -> str:
+    """A domain as DNS knows it: lower case, A-labels, no final dot ('' if it has
+    none)."""
+    domain = domain.strip().lower().rstrip(".")
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return ""
+
+
+def _word(result: str, words: tuple[str, ...]) -> str:
+    result = result.strip().lower()
+    return result if result in words else "permerror"
+
+
 #: What each action lets a disposition be, at most.
 _CAPS = {"reject": "reject", "quarantine": "quarantine", "tag": "none"}
 _MILDER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -190,14 +216,18 @@ class DMARCChecker:
         ``arc_override``: the domain of a trusted ARC sealer that says this forwarded
         message passed before it was forwarded: a failing message is then not acted
         on (disposition none, reason trusted_forwarder, RFC 8617 §7.2.1)."""
-        domain = header_from_domain.lower().rstrip(".")
-        outcomes = tuple(DKIMOutcome(item[0].lower().rstrip("."), item[1].lower(),
+        domain = _a_label(header_from_domain)
+        outcomes = tuple(DKIMOutcome(_a_label(item[0]), _word(item[1], DKIM_RESULTS),
                                      item[2] if len(item) > 2 else "")  # type: ignore[misc]
                          for item in dkim)
-        spf_in = (spf[0].lower().rstrip("."), spf[1].lower())
+        spf_in = (_a_label(spf[0]), _word(spf[1], SPF_RESULTS))
         if not self.enabled:
             return defer.succeed(DMARCResult("none", domain, spf=spf_in, dkim=outcomes,
                                              reason="DMARC is off ([dmarc] enabled = no)"))
+        if not _DOMAIN.fullmatch(domain):
+            return defer.succeed(DMARCResult(
+                "none", domain, spf=spf_in, dkim=outcomes,
+                reason=f"{header_from_domain!r} is not a domain DMARC can judge"))
         checking = Deferred.fromCoroutine(self._check(domain, spf_in, outcomes,
                                                       arc_override))
         checking.addTimeout(self.time_limit, self.clock)

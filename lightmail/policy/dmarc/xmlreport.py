@@ -104,6 +104,8 @@ def _ip(text: str) -> str:
         address = ipaddress.ip_address(text)
     except ValueError:
         return text
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
     return address.exploded if address.version == 6 else str(address)
 
 
