@@ -35,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DKIMConfig",
     "DKIMKeySpec",
+    "DMARCConfig",
     "ListenerConfig",
     "MilterConfig",
     "load_config",
@@ -1037,7 +1038,7 @@ class ARCConfig:
         shown_default="(none)")
 
 
-INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc", "milter")
+INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc", "dmarc", "milter")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1096,6 +1097,93 @@ class MilterConfig:
         "protocol, for the rest of the session (Postfix's milter_default_action): "
         "accept (go on without it), tempfail (451 4.7.1: the client tries again "
         "later) or reject (550 5.7.1).")
+DMARC_ACTIONS = ("reject", "quarantine", "tag")
+
+
+def parse_domain_actions(raw: str, base: Path) -> tuple[tuple[str, str], ...]:
+    """DOMAIN:ACTION entries, separated by commas or line breaks (ACTION: reject,
+    quarantine or tag)"""
+    entries: list[tuple[str, str]] = []
+    for item in (part.strip() for part in re.split(r"[,\n]", raw)):
+        if not item:
+            continue
+        domain, sep, action = item.rpartition(":")
+        domain, action = domain.strip().rstrip(".").lower(), action.strip().lower()
+        if not sep or action not in DMARC_ACTIONS:
+            raise _BadValue(f"expected DOMAIN:ACTION with ACTION one of "
+                            f"{', '.join(DMARC_ACTIONS)}, got {item!r}")
+        try:
+            ascii_domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_domain = ""
+        if not _DOMAIN_RE.fullmatch(ascii_domain):
+            raise _BadValue(f"expected a domain name, got {domain!r} in {item!r}")
+        if any(known == ascii_domain for known, _ in entries):
+            raise _BadValue(f"{domain} is given twice")
+        entries.append((ascii_domain, action))
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
+class DMARCConfig:
+    """DMARC (RFC 7489) for mail that comes in on the MX: the policy of the domain in a
+    message's From: field, checked against its SPF and DKIM results
+    (lightmail/policy/dmarc), what is done with a message that fails it, and the
+    aggregate reports sent to the domains that ask for them (``rua``)."""
+
+    enabled: bool = option(
+        True, parse_bool,
+        "Check DMARC for incoming mail.  no: no policy is looked up, nothing is "
+        "enforced or recorded.")
+    public_suffix_list: Path | None = option(
+        None, parse_optional_path,
+        "The Public Suffix List file (publicsuffix.org's public_suffix_list.dat) that "
+        "gives each domain its organizational domain (RFC 7489 §3.2), read at start-up "
+        "and by each reload, so that a list fetched by cron needs no new release (see "
+        "docs/operations.rst).  Empty: the list shipped with the publicsuffixlist "
+        "package.",
+        shown_default="(empty: the list shipped with the publicsuffixlist package)")
+    enforce: str = option(
+        "reject", parse_choice(*DMARC_ACTIONS),
+        "What is done with a message that fails DMARC when its domain's policy asks for "
+        "more than none: reject, as the policy asks (p=reject: 550 5.7.1 at the end of "
+        "DATA; p=quarantine: filed into the recipient's Junk mailbox); quarantine, into "
+        "Junk even when the policy says reject; tag, nothing but the "
+        "Authentication-Results header.  A message the policy's pct= leaves out gets "
+        "the next milder treatment (RFC 7489 §6.6.4).")
+    domain_actions: tuple[tuple[str, str], ...] = option(
+        (), parse_domain_actions,
+        "Exceptions to enforce, as DOMAIN:ACTION entries (ACTION: reject, quarantine "
+        "or tag), separated by commas or on continuation lines.  DOMAIN is the From: "
+        "domain or the domain whose policy applied (its organizational domain when "
+        "the From: domain has no record of its own); the From: domain's entry wins.",
+        shown_default="(none)")
+    reject_malformed_from: bool = option(
+        False, parse_bool,
+        "Reject (550 5.7.1) a message whose From: field DMARC cannot judge: none, more "
+        "than one, several addresses of different domains, or no domain (RFC 7489 "
+        "§6.6.1), as OpenDMARC's RequiredHeaders and RejectMultiValueFrom.  no "
+        "(OpenDMARC's default too): such a message gets no DMARC verdict (the first "
+        "From: field is used when there are several).")
+    reports: bool = option(
+        False, parse_bool,
+        "Record the result of each message whose domain asks for aggregate reports "
+        "(rua=mailto:...) and send each such domain a daily report (RFC 7489 §7.2), "
+        "through LightMail's own queue.  Off by default: the reports go to other "
+        "organizations.")
+    report_interval: float = option(
+        86400.0, parse_duration(minimum=60.0),
+        "How often the reports are sent; the runs fall on multiples of the interval "
+        "since midnight UTC (daily: at midnight UTC).  ``lightmail dmarc "
+        "send-reports`` sends them at once.",
+        shown_default="1d")
+    report_org_name: str = option(
+        "", parse_str,
+        "The organization named in the reports (org_name).  Empty: [server] hostname.")
+    report_from: str = option(
+        "", parse_optional_address,
+        "The address the reports come from (From: and the envelope sender; bounces "
+        "come back to it).  Empty: postmaster@ [server] hostname.")
 
 
 def parse_optional_domain(raw: str, base: Path) -> str:
@@ -1186,7 +1274,8 @@ class ListenerConfig:
         ("default",), parse_checks,
         "The inbound policy checks run on this listener, among access (the allow- "
         "and blocklists: [access], 'lightmail access'), limits ([limits]), spf, "
-        "dkim, arc (see [spf], [dkim], [arc] and [inbound]) and milter (every "
+        "dkim, arc, dmarc (see [spf], [dkim], [arc], [dmarc] and [inbound]) and "
+        "milter (every "
         "[milter:NAME], in the file's order); none: no check.  default: all of them "
         "on an smtp (MX) listener, limits on submission, none on LMTP, whose clients "
         "are trusted.",
@@ -1550,6 +1639,7 @@ SECTIONS: Mapping[str, type] = {
     "limits": LimitsConfig,
     "arc": ARCConfig,
     "srs": SRSConfig,
+    "dmarc": DMARCConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1584,6 +1674,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     arc: ARCConfig = field(default_factory=ARCConfig)
     srs: SRSConfig = field(default_factory=SRSConfig)
+    dmarc: DMARCConfig = field(default_factory=DMARCConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)

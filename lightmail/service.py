@@ -103,6 +103,7 @@ def validate(config: Config) -> None:
     from lightmail.policy.dkim import load_signer
     load_signer(config)        # reads the DKIM keys: a bad one is a config error
     load_seal_key(config)      # and the ARC sealing key
+    _check_suffix_list(config)
     _check_syslog(config)
     _check_telemetry(config)
     unknown = set(config.transcript.listeners) - {lst.name for lst in config.listeners}
@@ -110,6 +111,21 @@ def validate(config: Config) -> None:
         raise ConfigError(f"no such listener: {', '.join(sorted(unknown))}", config.path,
                           line_of(config, "transcript", "listeners"), "transcript",
                           "listeners")
+
+
+def _check_suffix_list(config: Config) -> None:
+    """[dmarc] public_suffix_list can be read and holds rules (a download that went
+    wrong must not give every domain a wrong organizational domain)."""
+    path = config.dmarc.public_suffix_list
+    if path is None:
+        return
+    from lightmail.policy.dmarc import SuffixListError, read_suffix_list
+    try:
+        read_suffix_list(path)
+    except SuffixListError as exc:
+        raise ConfigError(str(exc), config.path,
+                          line_of(config, "dmarc", "public_suffix_list"), "dmarc",
+                          "public_suffix_list") from None
 
 
 def _check_telemetry(config: Config) -> None:
@@ -268,6 +284,10 @@ def makeService(config: Config,
     runner = services.queue_runner
     assert isinstance(runner, QueueRunner)      # Role.SERVER runs the queue
     runner.setServiceParent(root)
+    from lightmail.policy.dmarc import ReportService
+    # After the runner: stopped before it, so that a report run in progress ends
+    # while the queue still takes its reports.
+    ReportService(services.dmarc_reports, storage.ready).setServiceParent(root)
     outbound = _outbound(services, runner, _tls_reports(root, services))
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)

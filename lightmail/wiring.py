@@ -54,6 +54,7 @@ from lightmail.metrics.registry import Metrics
 from lightmail.policy.access import AccessLists
 from lightmail.policy.arc.verify import ARCVerifier
 from lightmail.policy.dkimverify import DKIMVerifier
+from lightmail.policy.dmarc import DMARCChecker, DMARCReports, ReportSettings, load_suffixes
 from lightmail.policy.limits import (
     FallingBackBuckets,
     IRateLimiter,
@@ -133,6 +134,12 @@ class Services:
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
     arc_verifier: ARCVerifier
+    #: DMARC verdicts for incoming mail ([dmarc]): ``dmarc.header_from(headers)``,
+    #: ``dmarc.check(from_domain, spf, dkim)`` (lightmail/policy/dmarc).
+    dmarc: DMARCChecker
+    #: DMARC aggregate reports: ``dmarc_reports.record(result, ...)`` keeps a
+    #: message's result (IDMARCReports); the main process sends the reports.
+    dmarc_reports: DMARCReports
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
@@ -224,6 +231,11 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     resolver = Resolver(config.outbound.dns_servers, metrics=metrics)
     access = AccessLists(storage.db, config.access.trusted_networks, config.access.refresh)
     srs = SRSForwarding(srs_scheme, directory, config.srs.exclude_domains, access)
+    # The list was checked by the configuration's validation (service.validate).
+    suffixes = load_suffixes(config.dmarc.public_suffix_list)
+    dmarc_reports = DMARCReports(storage.db, storage.blobs, storage.write_port, directory,
+                                 resolver, suffixes, ReportSettings.from_config(config),
+                                 kick=runner.kick)
     return Services(config=config, storage=storage, directory=directory, portal=portal,
                     account_backends=backends, accounts=sql,
                     logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
@@ -236,7 +248,9 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                     spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                    receiver=config.hostname),
                     dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
-                    srs=srs)
+                    srs=srs,
+                    dmarc=DMARCChecker(resolver, suffixes, config.dmarc),
+                    dmarc_reports=dmarc_reports)
 
 
 def make_limiter(config: Config) -> IRateLimiter:

@@ -221,7 +221,8 @@ def test_spf_and_dkim_results_are_written_and_forgeries_removed(tmp_path: Path,
         assert message.startswith(b"Received: ")
         parsed = results_of(message)
         found = {(r.method, r.result) for r in parsed.results}
-        assert found == {("spf", "pass"), ("dkim", "pass"), ("arc", "none")}, str(parsed)
+        assert found == {("spf", "pass"), ("dkim", "pass"), ("arc", "none"),
+                         ("dmarc", "none")}, str(parsed)
         spf = [r for r in parsed.results if r.method == "spf"]
         assert {p.name: p.value for r in spf for p in r.properties} == {
             "helo": "client.sender.example", "mailfrom": "ann@sender.example"}
@@ -249,7 +250,8 @@ def test_spf_fail_temperror_and_permerror_answers(tmp_path: Path, dns: DNSServer
         [message] = yield server.delivered("bob@example.test", 1)
         results = {r.method: r.result for r in results_of(message).results
                    if not any(p.name == "helo" for p in r.properties)}
-        assert results == {"spf": "permerror", "dkim": "none", "arc": "none"}
+        assert results == {"spf": "permerror", "dkim": "none", "arc": "none",
+                           "dmarc": "none"}
         # Submission (authenticated) is not checked, nor written up.
         def submit() -> Any:
             with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
@@ -299,7 +301,7 @@ def test_spf_tag_action_records_the_fail(tmp_path: Path, dns: DNSServer) -> Any:
         [message] = yield server.delivered("bob@example.test", 1)
         parsed = results_of(message)
         assert [(r.method, r.result) for r in parsed.results] == [
-            ("spf", "fail"), ("dkim", "none"), ("arc", "none")]
+            ("spf", "fail"), ("dkim", "none"), ("arc", "none"), ("dmarc", "none")]
     finally:
         yield server.stop()
 
@@ -386,5 +388,86 @@ def test_a_quarantined_message_is_filed_in_a_junk_made_for_it(tmp_path: Path,
         bob = yield server.parts.directory.get_user("bob@example.test")
         box = yield server.parts.mailstore.get_mailbox(bob.id, "Junk")
         assert box.special_use == "\\Junk"
+    finally:
+        yield server.stop()
+
+
+# --- DMARC on a running LightMail -------------------------------------------------------
+
+def dmarc_zone(dns: DNSServer, policy: str, domain: str = "sender.example") -> None:
+    """``domain``: SPF neutral for everyone (so SPF refuses nothing at MAIL FROM and
+    aligns with nothing), and the DMARC record ``policy``.  (Each policy its own
+    domain: the server's resolver caches what it was told.)"""
+    dns.set(f"{domain}.", "TXT", ["v=spf1 ?all"])
+    dns.set(f"_dmarc.{domain}.", "TXT", [policy])
+
+
+def from_(domain: str, subject: str = "policy") -> bytes:
+    return BODY.replace(b"sender.example", domain.encode()).replace(
+        b"Subject: policy", f"Subject: {subject}".encode())
+
+
+@pytest_twisted.inlineCallbacks
+def test_dmarc_rejects_quarantines_tags_and_defers(tmp_path: Path, dns: DNSServer) -> Any:
+    key = make_key("sender.example", "mail")
+    publish(dns, key)
+    dmarc_zone(dns, "v=DMARC1; p=reject")
+    dmarc_zone(dns, "v=DMARC1; p=quarantine", "junk.example")
+    dmarc_zone(dns, "v=DMARC1; p=none", "lax.example")
+    dns.set("flaky.example.", "TXT", ["v=spf1 ?all"])
+    dns.fail("_dmarc.flaky.example.")
+    server = yield server_for(tmp_path, dns)
+    try:
+        port = server.ports["mx"]
+        code, text = yield send(port, "ann@sender.example", BODY)
+        assert (code, text.split()[0]) == (550, "5.7.1") and "DMARC" in text
+        # An aligned DKIM signature passes.
+        assert (yield send(port, "ann@sender.example", signed(BODY, key))) == {}
+        [passed] = yield server.delivered("bob@example.test", 1)
+        assert ("dmarc", "pass") in {(r.method, r.result) for r in results_of(passed).results}
+        assert (yield send(port, "ann@junk.example", from_("junk.example", "to junk"))) == {}
+        [junk] = yield server.delivered("bob@example.test", 1, mailbox="Junk")
+        assert ("dmarc", "fail") in {(r.method, r.result) for r in results_of(junk).results}
+        assert b"to junk" in junk
+        assert (yield send(port, "ann@lax.example", from_("lax.example", "lax"))) == {}
+        messages = yield server.delivered("bob@example.test", 2)
+        assert ("dmarc", "fail") in {(r.method, r.result)
+                                     for r in results_of(messages[1]).results}
+        code, text = yield send(port, "ann@flaky.example", from_("flaky.example"))
+        assert (code, text.split()[0]) == (451, "4.7.1")
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_dmarc_tag_only_and_the_aggregate_report_of_what_came(tmp_path: Path,
+                                                               dns: DNSServer) -> Any:
+    """[dmarc] enforce = tag lets a failing message in, marked; its verdict goes into
+    the daily report, which reaches the rua address (a local mailbox here, allowed
+    by the report domain's record, RFC 7489 §7.1) with our client's address in it."""
+    dmarc_zone(dns, "v=DMARC1; p=reject; rua=mailto:bob@example.test")
+    dns.set("sender.example._report._dmarc.example.test.", "TXT", ["v=DMARC1"])
+    server = yield server_for(tmp_path, dns, "[dmarc]\nenforce = tag\nreports = yes\n")
+    try:
+        assert (yield send(server.ports["mx"], "ann@sender.example", BODY)) == {}
+        [tagged] = yield server.delivered("bob@example.test", 1)
+        [dmarc_result] = [r for r in results_of(tagged).results if r.method == "dmarc"]
+        assert dmarc_result.result == "fail"
+        assert {p.name: p.value for p in dmarc_result.properties} == {
+            "from": "sender.example"}
+        yield server.parts.dmarc_reports.send_reports()
+        messages = yield server.delivered("bob@example.test", 2)
+        report = messages[1]
+        assert b"Report Domain: sender.example" in report or b"sender.example" in report
+        import email
+        import gzip
+        import xml.etree.ElementTree as ET
+        parsed = email.message_from_bytes(report)
+        [part] = [p for p in parsed.walk() if p.get_filename()]
+        root = ET.fromstring(gzip.decompress(part.get_payload(decode=True)))
+        assert root.findtext("policy_published/domain") == "sender.example"
+        assert root.findtext("record/row/source_ip") == "127.0.0.1"
+        assert root.findtext("record/row/policy_evaluated/disposition") == "none"
+        assert root.findtext("record/identifiers/header_from") == "sender.example"
     finally:
         yield server.stop()

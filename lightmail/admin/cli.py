@@ -18,6 +18,7 @@
     lightmail dkim genkey DOMAIN [--selector S] [--algorithm rsa|ed25519] [--bits N]
                                  [--out DIR]
     lightmail dkim records        (the DNS records of the configured keys)
+    lightmail dmarc send-reports  (the DMARC aggregate reports, queued now)
     lightmail token add NAME [--scope read|write] [--expires DURATION] | revoke NAME | list
     lightmail access add trusted|allow|block client|sender|recipient VALUE [--note TEXT]
                    | remove LIST KIND VALUE | list
@@ -98,7 +99,7 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
                 result.append(await work(_Context(config, storage, directory,
                                                   services.accounts,
                                                   services.admin_tokens,
-                                                  services.access)))
+                                                  services.access, services)))
             except (CommandError, DirectoryError, AccessError) as exc:
                 errors.append(exc)
 
@@ -123,13 +124,14 @@ class _ReactFailed(Exception):
 
 class _Context:
     def __init__(self, config: Config, storage: Any, directory: Any, accounts: Any,
-                 tokens: Any, access: Any = None) -> None:
+                 tokens: Any, access: Any = None, services: Any = None) -> None:
         self.config = config
         self.storage = storage
         self.directory = directory
         self.accounts = accounts        # the SQL side of every user (wiring.Services)
         self.tokens = tokens            # the admin API's (directory/admintokens.py)
         self.access = access            # allow/block lists (policy/access.py)
+        self.services = services        # the whole of wiring.Services
 
 
 def _read_password(args: argparse.Namespace, prompt: str = "Password: ") -> str:
@@ -494,6 +496,29 @@ def cmd_dkim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dmarc(args: argparse.Namespace) -> int:
+    """``lightmail dmarc send-reports``: the aggregate reports of every result kept so
+    far, queued now (the running server's queue runner is woken to send them)."""
+    async def work(ctx: _Context) -> None:
+        if not ctx.config.dmarc.reports:
+            raise CommandError("DMARC reports are off ([dmarc] reports = no)")
+        run = await ctx.services.dmarc_reports.send_reports()
+        for report in run.reports:
+            queued = ", ".join(f"<{address}> as {queue_id}"
+                               for address, queue_id in report.queued) or "nobody"
+            print(f"{report.policy_domain}\t{report.report_id}\t{report.messages} "
+                  f"message{'s' if report.messages != 1 else ''}\t{report.size}B\t"
+                  f"queued for {queued}")
+            for uri, why in report.skipped:
+                print(f"{report.policy_domain}\tnot sent to {uri}: {why}")
+        print(f"{len(run.reports)} report{'s' if len(run.reports) != 1 else ''}")
+        if any(report.queued for report in run.reports):
+            from lightmail.queue.wake import WAKE_NAME, wake
+            wake(ctx.config.server.state_dir / WAKE_NAME)
+    _run(args, work)
+    return 0
+
+
 def cmd_demo_setup(args: argparse.Namespace) -> int:
     """Idempotent set-up for `make run`: demo domain, user and TLS certificate."""
     from lightmail.admin.certs import write_self_signed
@@ -644,6 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "DOMAIN.SELECTOR.pem (default: the current directory)")
     ksub.add_parser("records", help="print the DNS records of the configured keys")
     p.set_defaults(func=cmd_dkim)
+
+    p = sub.add_parser("dmarc", help="DMARC aggregate reports")
+    dsub_ = p.add_subparsers(dest="action", required=True)
+    dsub_.add_parser("send-reports", help="build and queue the aggregate reports now")
+    p.set_defaults(func=cmd_dmarc)
 
     p = sub.add_parser("token", help="bearer tokens of the admin API")
     tsub_ = p.add_subparsers(dest="action", required=True)

@@ -5,7 +5,8 @@ the main process, lightmail/workers/worker.py for a worker), once:
 
 - :class:`ServicesPart`: the services' config, which every new session reads its
   limits from ([smtp], [imap]...), the SASL offer, the directory's and the login
-  guard's settings, and SRS's settings and secrets (read in a thread);
+  guard's settings, SRS's settings and secrets, DMARC's settings and Public Suffix
+  List (read in a thread);
 - :class:`ListenerPart`: one listener's connection limits, settings and
   certificates (read in a thread; connections made before keep theirs);
 - :class:`OutboundPart`: the queue runner's schedule, the SMTP agent's routes and
@@ -28,6 +29,7 @@ from zope.interface import implementer
 
 from lightmail.config import LISTENER_PREFIX, Config, ConfigError, ListenerConfig, line_of
 from lightmail.listeners import ConnectionLimits, ServiceFactory
+from lightmail.policy.dmarc import PublicSuffixes, ReportSettings
 from lightmail.reload.interfaces import IReloadable, Switch
 from lightmail.tls import CertificateProblem, Certificates, ServerTLS, certificate_pairs
 from lightmail.wiring import Services
@@ -55,16 +57,32 @@ class ServicesPart:
         self.services = services
 
     def prepare(self, config: Config) -> defer.Deferred[Switch]:
-        from lightmail.policy.srs import load_srs
-        # The SRS secrets, read in a thread (made if SRS was off until now; a
-        # ConfigError refuses the reload).
-        d = threads.deferToThread(load_srs, config, True)
-        return d.addCallback(lambda srs: lambda: self._switch(config, srs))
+        d = threads.deferToThread(self._read, config)
+        return d.addCallback(lambda read: lambda: self._switch(config, *read))
 
-    def _switch(self, config: Config, srs: SRS | None) -> None:
+    def _read(self, config: Config) -> tuple[SRS | None, PublicSuffixes, ReportSettings]:
+        """In a thread: the SRS secrets (made if SRS was off until now; a ConfigError
+        refuses the reload), the Public Suffix List (70 ms to parse; a cron job may
+        have fetched a new one) and the DMARC report settings (the server's name may
+        ask the resolver)."""
+        from lightmail.policy.dmarc import SuffixListError, load_suffixes
+        from lightmail.policy.srs import load_srs
+        srs = load_srs(config, True)
+        try:
+            suffixes = load_suffixes(config.dmarc.public_suffix_list)
+        except SuffixListError as exc:
+            raise ConfigError(str(exc), config.path,
+                              line_of(config, "dmarc", "public_suffix_list"), "dmarc",
+                              "public_suffix_list") from None
+        return srs, suffixes, ReportSettings.from_config(config)
+
+    def _switch(self, config: Config, srs: SRS | None, suffixes: PublicSuffixes,
+                report_settings: ReportSettings) -> None:
         services = self.services
         services.config = config
         services.srs.configure(srs, config.srs.exclude_domains)
+        services.dmarc.use(config.dmarc, suffixes)
+        services.dmarc_reports.use(report_settings, suffixes)
         auth = config.directory
         services.accounts.reconfigure(auth.recipient_delimiter, auth.default_quota,
                                       auth.resolve_cache_ttl, "CRAM-MD5" in auth.mechanisms)

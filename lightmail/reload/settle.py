@@ -54,6 +54,9 @@ LIVE: Mapping[str, frozenset[str]] = {
                          "sender_domain_messages", "recipient_domain_recipients"}),
     # The arc check reads [arc] at each message; the sealer is made anew.
     "arc": EVERY,
+    # The checker and the reports take the section (and the suffix list, read
+    # again) from ServicesPart; a new report_interval counts from the next run.
+    "dmarc": EVERY,
     "outbound": frozenset({
         "relay_host", "port", "tls", "auth_user", "auth_password_file", "auth_password",
         "concurrency", "destination_concurrency", "connect_timeout", "command_timeout",

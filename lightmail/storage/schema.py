@@ -267,3 +267,34 @@ tlsrpt_results = sa.Table(
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Index(None, "day", "policy_domain"),
 )
+
+# DMARC aggregate reports (RFC 7489 §7.2): one row per message whose policy domain
+# asks for reports (lightmail/policy/dmarc/reports.py), kept until the next report
+# run sends it (then deleted).  A run claims its rows first (report_id, claimed), so
+# that two nodes sharing the database never report a message twice; a claim older
+# than an hour (a run that died) may be taken again.
+dmarc_results = sa.Table(
+    "dmarc_results", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("arrived", TIMESTAMP, nullable=False),
+    sa.Column("policy_domain", NAME, nullable=False),
+    sa.Column("source_ip", sa.String(64), nullable=False),
+    sa.Column("header_from", NAME, nullable=False),
+    sa.Column("envelope_from", NAME, nullable=False),        # domain; '' null sender
+    sa.Column("envelope_to", NAME, nullable=False),          # domain; '' unknown
+    # policy_evaluated: disposition (none, quarantine, reject); dkim, spf (pass, fail)
+    sa.Column("disposition", sa.String(16), nullable=False),
+    sa.Column("dkim", sa.String(8), nullable=False),
+    sa.Column("spf", sa.String(8), nullable=False),
+    sa.Column("reasons", sa.Text, nullable=False),            # JSON [[type, comment]]
+    sa.Column("dkim_results", sa.Text, nullable=False),       # JSON [[d, s, result]]
+    sa.Column("spf_domain", NAME, nullable=False),
+    sa.Column("spf_scope", sa.String(8), nullable=False),     # mfrom, helo
+    sa.Column("spf_result", sa.String(16), nullable=False),
+    # JSON: the policy_published of the record that applied, and its rua URIs
+    sa.Column("published", sa.Text, nullable=False),
+    sa.Column("report_id", sa.String(64), nullable=True),
+    sa.Column("claimed", TIMESTAMP, nullable=True),
+    sa.Index(None, "report_id"),
+    sa.Index(None, "arrived"),
+)
