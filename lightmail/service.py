@@ -261,6 +261,7 @@ def makeService(config: Config,
     runner = services.queue_runner
     assert isinstance(runner, QueueRunner)      # Role.SERVER runs the queue
     runner.setServiceParent(root)
+    _add_training(services, root)
     outbound = _outbound(services, runner)
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
@@ -286,6 +287,20 @@ def makeService(config: Config,
     root.reloader = Reloader(config, parts, validators=validate)
     _add_operations(root, services, runner, listeners)
     return root
+
+
+def _add_training(services: Services, root: LightMailService) -> None:
+    """Junk training's runner, which sends the queued lessons (this process only: the
+    workers' sessions queue theirs in the database, where it finds them)."""
+    from lightmail.policy.training import JunkTrainer, LessonRunner, training_on
+    if not training_on(services.config):
+        return
+    lessons = LessonRunner(services.lessons, services.spam_scanner, services.blobs,
+                           services.storage.ready, lambda: services.config.spam)
+    lessons.setServiceParent(root)
+    trainer = services.trainer
+    assert isinstance(trainer, JunkTrainer)     # training_on: wired as one
+    trainer.kick = lessons.kick
 
 
 def _add_operations(root: LightMailService, services: Services, runner: QueueRunner,

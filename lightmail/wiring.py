@@ -53,7 +53,9 @@ from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
 from lightmail.policy.access import AccessLists
 from lightmail.policy.arc.verify import ARCVerifier
+from lightmail.policy.clamav import ClamdScanner
 from lightmail.policy.dkimverify import DKIMVerifier
+from lightmail.policy.interfaces import IContentScanner, ISpamScanner, ITrainer
 from lightmail.policy.limits import (
     FallingBackBuckets,
     IRateLimiter,
@@ -61,7 +63,10 @@ from lightmail.policy.limits import (
     LocalBuckets,
     RedisBuckets,
 )
+from lightmail.policy.rspamd import RspamdClient
+from lightmail.policy.spamd import SpamdClient
 from lightmail.policy.spf import SPFChecker
+from lightmail.policy.training import NO_TRAINER, JunkTrainer, LessonQueue, training_on
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
@@ -132,6 +137,13 @@ class Services:
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
     arc_verifier: ARCVerifier
+    #: The content scanners ([antivirus], [spam]; each listener's checks say where
+    #: they run) and Junk training (NO_TRAINER when off).
+    antivirus: IContentScanner
+    spam_scanner: ISpamScanner
+    trainer: ITrainer
+    #: Junk training's queued lessons (the main process's LessonRunner sends them).
+    lessons: LessonQueue
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
@@ -213,19 +225,44 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
             _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
     resolver = Resolver(config.outbound.dns_servers, metrics=metrics)
-    return Services(config=config, storage=storage, directory=directory, portal=portal,
-                    account_backends=backends, accounts=sql,
-                    logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
-                    local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
-                    metrics=metrics, admin_tokens=AdminTokens(storage.db),
-                    transcripts=make_transcripts(config.transcript), telemetry=telemetry,
-                    resolver=resolver,
-                    access=AccessLists(storage.db, config.access.trusted_networks,
-                                       config.access.refresh),
-                    limiter=make_limiter(config),
-                    spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
-                                   receiver=config.hostname),
-                    dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver))
+    lessons = LessonQueue(storage.db)
+    services: Services | None = None
+
+    def config_now() -> Config:
+        """The running configuration: a reload replaces services.config."""
+        return services.config if services is not None else config
+    services = Services(config=config, storage=storage, directory=directory, portal=portal,
+                        account_backends=backends, accounts=sql,
+                        logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
+                        local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
+                        metrics=metrics, admin_tokens=AdminTokens(storage.db),
+                        transcripts=make_transcripts(config.transcript), telemetry=telemetry,
+                        resolver=resolver,
+                        spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
+                                       receiver=config.hostname),
+                        access=AccessLists(storage.db, config.access.trusted_networks,
+                                           config.access.refresh),
+                        limiter=make_limiter(config),
+                        dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
+                        antivirus=ClamdScanner(reactor, lambda: config_now().antivirus),
+                        spam_scanner=_spam_scanner(config, config_now),
+                        trainer=_trainer(config, lessons, config_now), lessons=lessons)
+    return services
+
+
+def _spam_scanner(config: Config, config_now: Callable[[], Config]) -> ISpamScanner:
+    """[spam] backend, chosen once (a reload cannot change it)."""
+    if config.spam.backend == "spamd":
+        return SpamdClient(reactor, lambda: config_now().spam)
+    return RspamdClient(reactor, lambda: config_now().spam)
+
+
+def _trainer(config: Config, lessons: LessonQueue,
+             config_now: Callable[[], Config]) -> ITrainer:
+    """Junk training: on where [spam] learn is and some listener scores spam."""
+    if not training_on(config):
+        return NO_TRAINER
+    return JunkTrainer(lessons, lambda: config_now().spam.junk_name)
 
 
 def make_limiter(config: Config) -> IRateLimiter:
