@@ -286,6 +286,13 @@ class IMAPFactory(ServiceFactory):
         HEADERS.resize(self.services.config.imap.header_cache)      # reloaded already
         self.append_check = append_check(listener, self.services)
 
+    def make_protocol(self, addr: Any) -> IMAPSession:
+        return IMAPSession(self)
+
+
+def build_imap_factory(listener: ListenerConfig, services: Any) -> IMAPFactory:
+    return IMAPFactory(listener, services)
+
 
 def append_check(listener: ListenerConfig, services: Any) -> IAppendCheck:
     """What APPEND asks before filing: the virus scanner where the listener's checks
@@ -294,10 +301,3 @@ def append_check(listener: ListenerConfig, services: Any) -> IAppendCheck:
         return AppendAntivirus(services.antivirus, services.blobs,
                                lambda: services.config.antivirus)
     return NO_APPEND_CHECK
-
-    def make_protocol(self, addr: Any) -> IMAPSession:
-        return IMAPSession(self)
-
-
-def build_imap_factory(listener: ListenerConfig, services: Any) -> IMAPFactory:
-    return IMAPFactory(listener, services)

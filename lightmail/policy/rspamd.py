@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -116,14 +117,14 @@ class RspamdClient:
         d.addCallback(read)
         d.addTimeout(timeout, self.reactor)
 
-        def unreachable(failure: Any) -> None:
-            if failure.check(ScannerError):
-                failure.raiseException()
+        def unreachable(failure: Failure) -> tuple[int, bytes]:
+            if isinstance(failure.value, ScannerError):
+                raise failure.value
             if failure.check(TimeoutError):
                 raise ScannerError(f"rspamd at {url} did not answer within "
                                    f"{timeout:g} s")
             raise ScannerError(f"cannot reach rspamd at {url}: "
-                               f"{failure.getErrorMessage() or failure.type.__name__}")
+                               f"{failure.getErrorMessage() or type(failure.value).__name__}")
         return d.addErrback(unreachable)
 
 
