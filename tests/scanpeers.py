@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -227,27 +228,26 @@ class Rspamd(_Process):
 
 class Spamd(_Process):
     def __init__(self, root: Path) -> None:
-        self.root = root
+        # Its own site configuration: the packaged plugin list (.pre files) and ours,
+        # in a directory the user spamd becomes (nobody, when run as root) can reach
+        # and write: pytest's temporary directories are private to their owner.
+        root = self.root = Path(tempfile.mkdtemp(prefix="lightmail-spamd-"))
         [self.port] = free_ports(1)
         self.address = f"tcp:127.0.0.1:{self.port}"
-        (root / "sa").mkdir(parents=True, exist_ok=True)
+        for pre in Path("/etc/spamassassin").glob("*.pre"):
+            shutil.copy(pre, root / pre.name)
         (root / "local.cf").write_text(
-            "use_bayes 1\nbayes_auto_learn 0\nbayes_min_spam_num 1\n"
-            "bayes_min_ham_num 1\nskip_rbl_checks 1\ndns_available no\n"
-            f"bayes_path {root / 'sa' / 'bayes'}\n")
+            "use_bayes 1\nbayes_auto_learn 0\nskip_rbl_checks 1\ndns_available no\n"
+            f"bayes_path {root / 'bayes'}\nbayes_file_mode 0666\n")
+        root.chmod(0o777)
 
     def start(self) -> Spamd:
+        user = ["-u", "nobody"] if os.getuid() == 0 else []
         self._start([_program("spamd"), "--listen", f"127.0.0.1:{self.port}",
                      "--allowed-ips", "127.0.0.1", "--allow-tell", "--max-children", "1",
                      "--min-children", "1", "--siteconfigpath", str(self.root),
                      "--nouser-config", "--syslog", "stderr", "--local",
-                     "--pidfile", str(self.root / "spamd.pid"),
-                     "-u", _user()] if os.getuid() == 0 else
-                    [_program("spamd"), "--listen", f"127.0.0.1:{self.port}",
-                     "--allowed-ips", "127.0.0.1", "--allow-tell", "--max-children", "1",
-                     "--min-children", "1", "--siteconfigpath", str(self.root),
-                     "--nouser-config", "--syslog", "stderr", "--local",
-                     "--pidfile", str(self.root / "spamd.pid")],
+                     "--pidfile", str(self.root / "spamd.pid"), *user],
                     self.root / "spamd.out")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -262,6 +262,22 @@ class Spamd(_Process):
             time.sleep(0.3)
         self.stop()
         raise AssertionError("spamd did not start within 120 s")
+
+    def learned(self) -> dict[str, int]:
+        """nspam and nham of its Bayes database (sa-learn --dump magic)."""
+        done = subprocess.run([_program("sa-learn"), "--siteconfigpath", str(self.root),
+                               "--dump", "magic"], capture_output=True, text=True,
+                              timeout=60)
+        counts = {}
+        for line in done.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[-1] in ("nspam", "nham"):
+                counts[parts[-1]] = int(parts[2])
+        return counts
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # --- fakes ----------------------------------------------------------------------------

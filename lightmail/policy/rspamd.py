@@ -18,9 +18,10 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -31,6 +32,7 @@ log = Logger(namespace="lightmail.policy")
 
 ACTIONS = ("reject", "soft reject", "rewrite subject", "add header", "greylist",
            "no action")
+MAX_BODY = 1024 * 1024
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -98,7 +100,7 @@ class RspamdClient:
             code, body = answer
             if code == 208:         # already learned as that: nothing to do
                 return
-            if code != 200:
+            if code != 200 or not _succeeded(body):
                 raise ScannerError(f"rspamd did not learn {kind}: {code} "
                                    f"{body[:200].decode('utf-8', 'replace')}")
         return d.addCallback(taken)
@@ -110,7 +112,8 @@ class RspamdClient:
 
         def read(response: Any) -> Deferred[tuple[int, bytes]]:
             code = response.code
-            reading = readBody(response)
+            reading: Deferred[bytes] = Deferred()
+            response.deliverBody(_Body(reading))
             if code not in (200, 208) and not url.endswith(("/learnspam", "/learnham")):
                 return reading.addCallback(lambda text: _failed(url, code, text))
             return reading.addCallback(lambda text: (code, text))
@@ -126,6 +129,43 @@ class RspamdClient:
             raise ScannerError(f"cannot reach rspamd at {url}: "
                                f"{failure.getErrorMessage() or type(failure.value).__name__}")
         return d.addErrback(unreachable)
+
+
+def _succeeded(body: bytes) -> bool:
+    """Whether a learning answer says {"success": true}."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("success") is True
+
+
+class _Body(Protocol):
+    """Collects a response's body, at most MAX_BODY octets (rspamd's answers are a
+    few kilobytes: more is not rspamd)."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            if not self.done.called:
+                self.done.errback(ScannerError(f"rspamd's answer is over {MAX_BODY} octets"))
+            self.transport.stopProducing()      # type: ignore[union-attr]
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:   # type: ignore[assignment]
+        if self.done.called:
+            return
+        if reason is not None and not reason.check(ResponseDone):
+            self.done.errback(ScannerError(
+                f"rspamd's answer was cut short: {reason.getErrorMessage()}"))
+        else:
+            self.done.callback(b"".join(self.parts))
 
 
 def _failed(url: str, code: int, text: bytes) -> tuple[int, bytes]:
