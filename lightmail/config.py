@@ -146,6 +146,20 @@ def parse_duration(minimum: float = 0.0) -> Callable[[str, Path], float]:
     return parse
 
 
+def parse_float(minimum: float = 0.0) -> Callable[[str, Path], float]:
+    def parse(raw: str, base: Path) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _BadValue(f"expected a number, got {raw!r}") from None
+        if value < minimum:
+            raise _BadValue(f"must be at least {minimum:g}, got {raw!r}")
+        return value
+
+    parse.__doc__ = f"number, at least {minimum:g}"
+    return parse
+
+
 def parse_ratio(raw: str, base: Path) -> float:
     """a number from 0 to 1"""
     try:
@@ -326,6 +340,49 @@ def parse_choices(*choices: str) -> Callable[[str, Path], tuple[str, ...]]:
 
     parse.__doc__ = "some of: " + ", ".join(choices)
     return parse
+
+
+def parse_scanner_address(raw: str, base: Path) -> str:
+    """unix:/PATH or tcp:HOST:PORT"""
+    from lightmail.policy.scanclient import parse_address
+    try:
+        parse_address(raw)
+    except ValueError as exc:
+        raise _BadValue(str(exc)) from None
+    return raw.strip()
+
+
+def parse_http_url(raw: str, base: Path) -> str:
+    """an http:// or https:// URL"""
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", raw.strip()):
+        raise _BadValue(f"expected an http:// or https:// URL, got {raw!r}")
+    return raw.strip().rstrip("/")
+
+
+SPAM_ACTIONS = ("reject", "soft reject", "rewrite subject", "add header", "greylist",
+                "no action")
+SPAM_RESULTS = ("reject", "tempfail", "junk", "tag")
+
+
+def parse_spam_actions(raw: str, base: Path) -> tuple[tuple[str, str], ...]:
+    """ACTION:RESULT pairs separated by commas (ACTION one of the scanner's: reject, soft
+    reject, rewrite subject, add header, greylist, no action; RESULT one of reject,
+    tempfail, junk, tag); actions not named keep their default"""
+    mapping = dict(SpamConfig.DEFAULT_ACTIONS)
+    for item in raw.replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        action, sep, result = item.rpartition(":")
+        action = " ".join(action.lower().split())
+        result = result.strip().lower()
+        if not sep or action not in SPAM_ACTIONS:
+            raise _BadValue(f"expected ACTION:RESULT with ACTION one of "
+                            f"{', '.join(SPAM_ACTIONS)}; got {item.strip()!r}")
+        if result not in SPAM_RESULTS:
+            raise _BadValue(f"expected a result among {', '.join(SPAM_RESULTS)}; "
+                            f"got {result!r}")
+        mapping[action] = result
+    return tuple(mapping.items())
 
 
 SASL_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1",
@@ -988,6 +1045,120 @@ class SPFConfig:
 
 
 @dataclass(frozen=True)
+class AntivirusConfig:
+    """ClamAV on the listeners whose checks include antivirus: each message is sent
+    to clamd (its INSTREAM command) at the end of DATA on SMTP and LMTP, and as it
+    is uploaded by IMAP APPEND (an infected one gets NO there)."""
+
+    socket: str = option(
+        "unix:/run/clamav/clamd.ctl", parse_scanner_address,
+        "Where clamd listens: unix:/PATH (its LocalSocket; Debian's is "
+        "/run/clamav/clamd.ctl) or tcp:HOST:PORT (its TCPSocket, usually 3310).")
+    timeout: float = option(
+        30.0, parse_duration(minimum=0.1),
+        "Longest a scan may take, connecting included; beyond it the scanner counts "
+        "as not available (see on_error).")
+    action: str = option(
+        "reject", parse_choice("reject", "quarantine"),
+        "An infected message: reject (554 5.7.1 with the virus's name: the sender's "
+        "server bounces it) or quarantine (accept it and file it in quarantine_folder "
+        "of each local recipient, with X-Virus-Status: Infected).")
+    quarantine_folder: str = option(
+        "Quarantine", parse_str,
+        "The folder quarantined messages go to (action = quarantine).")
+    on_error: str = option(
+        "tempfail", parse_choice("tempfail", "accept"),
+        "When clamd cannot be reached, is too slow or answers something that is not "
+        "a verdict: tempfail (451 4.7.1 over SMTP and LMTP, NO [UNAVAILABLE] to IMAP "
+        "APPEND: the client tries again later, nothing is lost) or accept (deliver "
+        "it with X-Virus-Status: Unscanned).  Either way a warning is logged.")
+    max_size: int = option(
+        25 * 1024 * 1024, parse_size(minimum=1),
+        "Larger messages are not scanned but delivered with X-Virus-Status: Unscanned "
+        "(keep it at most clamd's StreamMaxLength, 25 MB by default: a message over "
+        "that limit is treated the same way).",
+        shown_default="25M")
+
+
+@dataclass(frozen=True)
+class SpamConfig:
+    """Spam scoring on the listeners whose checks include spam (rspamd, or
+    SpamAssassin's spamd), and Junk training: a message a user moves into the Junk
+    mailbox over IMAP is learnt as spam, one moved out of it (not to Trash) as ham."""
+
+    DEFAULT_ACTIONS = (("reject", "reject"), ("soft reject", "tempfail"),
+                       ("greylist", "tempfail"), ("rewrite subject", "junk"),
+                       ("add header", "junk"), ("no action", "tag"))
+
+    backend: str = option(
+        "rspamd", parse_choice("rspamd", "spamd"),
+        "The scanner: rspamd (its HTTP protocol) or spamd (SpamAssassin's SPAMC "
+        "protocol).")
+    url: str = option(
+        "http://127.0.0.1:11333", parse_http_url,
+        "rspamd's normal worker, where messages are scored (POST /checkv2).")
+    controller_url: str = option(
+        "http://127.0.0.1:11334", parse_http_url,
+        "rspamd's controller worker, where Junk training sends lessons "
+        "(/learnspam, /learnham).")
+    password: str = option(
+        "", parse_str,
+        "The controller's password (its enable_password or password), when it asks "
+        "for one; none is needed from the addresses in its secure_ip.")
+    socket: str = option(
+        "tcp:127.0.0.1:783", parse_scanner_address,
+        "spamd's address (backend = spamd): tcp:HOST:PORT or unix:/PATH.  Junk training "
+        "needs spamd to run with --allow-tell.")
+    reject_score: float = option(
+        15.0, parse_float(),
+        "backend = spamd: a spam with at least this score counts as rspamd's reject "
+        "action, any other spam as add header (spamd has no actions of its own).")
+    timeout: float = option(
+        20.0, parse_duration(minimum=0.1),
+        "Longest a scan or a lesson may take; beyond it the scanner counts as not "
+        "available (see on_error).")
+    actions: tuple[tuple[str, str], ...] = option(
+        DEFAULT_ACTIONS, parse_spam_actions,
+        "What each of the scanner's actions does: reject (550 5.7.1), tempfail "
+        "(451 4.7.1: the client tries again, as greylisting asks), junk (accept, add "
+        "the X-Spam-* header fields and file it in the Junk mailbox) or tag (accept "
+        "and add the fields).  Pairs ACTION:RESULT, for rspamd's actions: reject, "
+        "soft reject, rewrite subject, add header, greylist, no action.  The subject "
+        "is never rewritten.",
+        shown_default="reject:reject, soft reject:tempfail, greylist:tempfail, "
+                      "rewrite subject:junk, add header:junk, no action:tag")
+    on_error: str = option(
+        "accept", parse_choice("accept", "tempfail"),
+        "When the scanner cannot be reached, is too slow or answers garbage: accept "
+        "(deliver with X-Spam-Status: Unscanned) or tempfail (451 4.7.1).  Either way "
+        "a warning is logged.")
+    max_size: int = option(
+        10 * 1024 * 1024, parse_size(minimum=1),
+        "Larger messages are not scored (X-Spam-Status: Unscanned): spam is small, "
+        "and scoring a large message costs the scanner most.", shown_default="10M")
+    learn: bool = option(
+        True, parse_bool,
+        "Junk training: queue a lesson for the scanner when a user copies or moves "
+        "a message into Junk (spam) or out of it into a mailbox other than Trash "
+        "(ham).  Only where some listener's checks include spam.  The lessons wait "
+        "in the database and are retried until the scanner takes them.")
+    junk_folder: str = option(
+        "", parse_str,
+        "The Junk mailbox's name: where junk-rated mail is filed, and what training "
+        "watches (besides any mailbox with the \\Junk special use).",
+        shown_default="Junk")
+    learn_retry_limit: float = option(
+        2 * 86400.0, parse_duration(minimum=60.0),
+        "A lesson the scanner has not taken after this long is dropped (logged); "
+        "until then it is retried, at growing intervals up to an hour.",
+        shown_default="2d")
+
+    @property
+    def junk_name(self) -> str:
+        return self.junk_folder or "Junk"
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     """The inbound policy chain (the checks each SMTP listener's ``checks`` names) and
     the Authentication-Results header field (RFC 8601) it writes."""
@@ -1038,7 +1209,10 @@ class ARCConfig:
         shown_default="(none)")
 
 
-INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc", "dmarc", "milter")
+INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc", "dmarc", "antivirus",
+                  "spam", "milter")
+#: Checks that need a scanner the admin runs: only where a listener names them.
+SCANNER_CHECKS = ("antivirus", "spam")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1274,11 +1448,12 @@ class ListenerConfig:
         ("default",), parse_checks,
         "The inbound policy checks run on this listener, among access (the allow- "
         "and blocklists: [access], 'lightmail access'), limits ([limits]), spf, "
-        "dkim, arc, dmarc (see [spf], [dkim], [arc], [dmarc] and [inbound]) and "
-        "milter (every "
-        "[milter:NAME], in the file's order); none: no check.  default: all of them "
-        "on an smtp (MX) listener, limits on submission, none on LMTP, whose clients "
-        "are trusted.",
+        "dkim, arc, dmarc (see [spf], [dkim], [arc], [dmarc] and [inbound]), "
+        "antivirus and spam (see [antivirus] and [spam]: scanners you run) and "
+        "milter (every [milter:NAME], in the file's order); none: no check.  "
+        "default: all of them but the scanners on an smtp (MX) listener, limits on "
+        "submission, none on LMTP, whose clients are trusted.  On an imap listener "
+        "only antivirus applies (to APPEND).",
         shown_default="default")
     max_unauthenticated: int = option(
         0, parse_int(0),
@@ -1292,8 +1467,9 @@ class ListenerConfig:
     def inbound_checks(self) -> tuple[str, ...]:
         """The checks as they apply (see ``checks``)."""
         if self.checks == ("default",):
-            return {"smtp": INBOUND_CHECKS, "submission": ("limits",)}.get(
-                self.protocol, ())
+            return {"smtp": tuple(check for check in INBOUND_CHECKS
+                                  if check not in SCANNER_CHECKS),
+                    "submission": ("limits",)}.get(self.protocol, ())
         return self.checks
 
     @property
@@ -1640,6 +1816,8 @@ SECTIONS: Mapping[str, type] = {
     "arc": ARCConfig,
     "srs": SRSConfig,
     "dmarc": DMARCConfig,
+    "antivirus": AntivirusConfig,
+    "spam": SpamConfig,
     "admin": AdminConfig,
     "manhole": ManholeConfig,
     "oauth": OAuthConfig,
@@ -1675,6 +1853,8 @@ class Config:
     arc: ARCConfig = field(default_factory=ARCConfig)
     srs: SRSConfig = field(default_factory=SRSConfig)
     dmarc: DMARCConfig = field(default_factory=DMARCConfig)
+    antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
+    spam: SpamConfig = field(default_factory=SpamConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)

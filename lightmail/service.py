@@ -288,6 +288,7 @@ def makeService(config: Config,
     # After the runner: stopped before it, so that a report run in progress ends
     # while the queue still takes its reports.
     ReportService(services.dmarc_reports, storage.ready).setServiceParent(root)
+    _add_training(services, root)
     outbound = _outbound(services, runner, _tls_reports(root, services))
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
@@ -313,6 +314,20 @@ def makeService(config: Config,
     root.reloader = Reloader(config, parts, validators=validate)
     _add_operations(root, services, runner, listeners)
     return root
+
+
+def _add_training(services: Services, root: LightMailService) -> None:
+    """Junk training's runner, which sends the queued lessons (this process only: the
+    workers' sessions queue theirs in the database, where it finds them)."""
+    from lightmail.policy.training import JunkTrainer, LessonRunner, training_on
+    if not training_on(services.config):
+        return
+    lessons = LessonRunner(services.lessons, services.spam_scanner, services.blobs,
+                           services.storage.ready, lambda: services.config.spam)
+    lessons.setServiceParent(root)
+    trainer = services.trainer
+    assert isinstance(trainer, JunkTrainer)     # training_on: wired as one
+    trainer.kick = lessons.kick
 
 
 def _add_operations(root: LightMailService, services: Services, runner: QueueRunner,

@@ -53,8 +53,10 @@ from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
 from lightmail.policy.access import AccessLists
 from lightmail.policy.arc.verify import ARCVerifier
+from lightmail.policy.clamav import ClamdScanner
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.dmarc import DMARCChecker, DMARCReports, ReportSettings, load_suffixes
+from lightmail.policy.interfaces import IContentScanner, ISpamScanner, ITrainer
 from lightmail.policy.limits import (
     FallingBackBuckets,
     IRateLimiter,
@@ -62,8 +64,11 @@ from lightmail.policy.limits import (
     LocalBuckets,
     RedisBuckets,
 )
+from lightmail.policy.rspamd import RspamdClient
+from lightmail.policy.spamd import SpamdClient
 from lightmail.policy.spf import SPFChecker
 from lightmail.policy.srs import SRSForwarding, load_srs
+from lightmail.policy.training import NO_TRAINER, JunkTrainer, LessonQueue, training_on
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
@@ -140,6 +145,13 @@ class Services:
     #: DMARC aggregate reports: ``dmarc_reports.record(result, ...)`` keeps a
     #: message's result (IDMARCReports); the main process sends the reports.
     dmarc_reports: DMARCReports
+    #: The content scanners ([antivirus], [spam]; each listener's checks say where
+    #: they run) and Junk training (NO_TRAINER when off).
+    antivirus: IContentScanner
+    spam_scanner: ISpamScanner
+    trainer: ITrainer
+    #: Junk training's queued lessons (the main process's LessonRunner sends them).
+    lessons: LessonQueue
     #: Which sessions get a protocol transcript ([transcript]), and where it goes.
     transcripts: Transcripts | NoTranscripts = field(default_factory=NoTranscripts)
     #: Spans of sessions, messages and deliveries ([telemetry]; NO_TELEMETRY: none).
@@ -236,21 +248,45 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     dmarc_reports = DMARCReports(storage.db, storage.blobs, storage.write_port, directory,
                                  resolver, suffixes, ReportSettings.from_config(config),
                                  kick=runner.kick)
-    return Services(config=config, storage=storage, directory=directory, portal=portal,
-                    account_backends=backends, accounts=sql,
-                    logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
-                    local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
-                    metrics=metrics, admin_tokens=AdminTokens(storage.db),
-                    transcripts=make_transcripts(config.transcript), telemetry=telemetry,
-                    resolver=resolver,
-                    access=access,
-                    limiter=make_limiter(config),
-                    spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
-                                   receiver=config.hostname),
-                    dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
-                    srs=srs,
-                    dmarc=DMARCChecker(resolver, suffixes, config.dmarc),
-                    dmarc_reports=dmarc_reports)
+    lessons = LessonQueue(storage.db)
+    services: Services | None = None
+
+    def config_now() -> Config:
+        return services.config if services is not None else config
+    services = Services(config=config, storage=storage, directory=directory, portal=portal,
+                        account_backends=backends, accounts=sql,
+                        logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
+                        local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
+                        metrics=metrics, admin_tokens=AdminTokens(storage.db),
+                        transcripts=make_transcripts(config.transcript), telemetry=telemetry,
+                        resolver=resolver,
+                        access=access,
+                        limiter=make_limiter(config),
+                        spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
+                                       receiver=config.hostname),
+                        dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
+                        srs=srs,
+                        dmarc=DMARCChecker(resolver, suffixes, config.dmarc),
+                        dmarc_reports=dmarc_reports,
+                        antivirus=ClamdScanner(reactor, lambda: config_now().antivirus),
+                        spam_scanner=_spam_scanner(config, config_now),
+                        trainer=_trainer(config, lessons, config_now), lessons=lessons)
+    return services
+
+
+def _spam_scanner(config: Config, config_now: Callable[[], Config]) -> ISpamScanner:
+    """[spam] backend, chosen once (a reload cannot change it)."""
+    if config.spam.backend == "spamd":
+        return SpamdClient(reactor, lambda: config_now().spam)
+    return RspamdClient(reactor, lambda: config_now().spam)
+
+
+def _trainer(config: Config, lessons: LessonQueue,
+             config_now: Callable[[], Config]) -> ITrainer:
+    """Junk training: on where [spam] learn is and some listener scores spam."""
+    if not training_on(config):
+        return NO_TRAINER
+    return JunkTrainer(lessons, lambda: config_now().spam.junk_name)
 
 
 def make_limiter(config: Config) -> IRateLimiter:

@@ -11,7 +11,9 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        getmail:getmail6 fetchmail:fetchmail mbsync:isync mutt:mutt tmux:tmux opendkim-testmsg:opendkim-tools
        gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client
        slapd:slapd ldapadd:ldap-utils slappasswd:slapd logrotate:logrotate
-       systemd-analyze:systemd opendkim:opendkim postsrsd:postsrsd)
+       systemd-analyze:systemd opendkim:opendkim
+       clamd:clamav-daemon rspamd:rspamd redis-server:redis-server
+       spamd:spamd sa-learn:spamassassin postsrsd:postsrsd)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;
@@ -63,6 +65,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     # postsrsd's package starts a system daemon (ports 10001/10002): the SRS tests
     # run private ones on free ports.
     installed postsrsd && stop_system_service postsrsd "" ""
+    # The scanners' packages start system daemons too (clamd and freshclam, which
+    # would download signatures; rspamd; spamd): the tests run private ones.
+    installed clamav-daemon && stop_system_service clamav-daemon "" "" \
+        && stop_system_service clamav-freshclam "" ""
+    installed rspamd && stop_system_service rspamd "" ""
+    installed spamd && stop_system_service spamd "" ""
 fi
 for peer in "${PEERS[@]}"; do
     have "${peer%%:*}" || { echo "test-peers: ${peer%%:*} is still missing" >&2; exit 1; }

@@ -470,6 +470,9 @@ class MailboxCommands(SessionCore):
         staged = None
         try:
             staged = await staging
+            refused = await self.factory.append_check.check(staged, self.conn_id)
+            if refused is not None:
+                raise No(refused)
             appended = await self.store.append(box.id, staged, flags, date)
         except BaseException:
             if staged is None:

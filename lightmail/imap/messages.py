@@ -506,7 +506,9 @@ class MessageCommands(MailboxCommands):
             size = sum(map(_size_of, map(selected.info.__getitem__, uids)))
             if used + size > self.user.quota_bytes:
                 raise No("[OVERQUOTA] Quota exceeded")
+        blob_ids = [selected.info[one].blob_id for one in uids]
         copied = await self.store.copy(selected.id, uids, target.id, move=move)
+        self.factory.trainer.filed(self.user.address, selected.mailbox, target, blob_ids)
         code = ""
         if copied.source:
             code = (f"[COPYUID {copied.uidvalidity} "

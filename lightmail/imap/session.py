@@ -61,6 +61,8 @@ from lightmail.imap.tokens import (
     quote,
 )
 from lightmail.listeners import ServiceFactory
+from lightmail.policy.clamav import NO_APPEND_CHECK, AppendAntivirus
+from lightmail.policy.interfaces import IAppendCheck, ITrainer
 from lightmail.storage.interfaces import (
     MailboxExists,
 )
@@ -275,10 +277,14 @@ class IMAPFactory(ServiceFactory):
         super().__init__(listener, services)
         self.hub = services.imap_hub
         HEADERS.resize(services.config.imap.header_cache)
+        self.append_check = append_check(listener, services)
+        #: Told of COPY and MOVE (Junk training; a no-op when it is off).
+        self.trainer: ITrainer = services.trainer
 
     def reconfigure(self, listener: ListenerConfig, hostname: str) -> None:
         super().reconfigure(listener, hostname)
         HEADERS.resize(self.services.config.imap.header_cache)      # reloaded already
+        self.append_check = append_check(listener, self.services)
 
     def make_protocol(self, addr: Any) -> IMAPSession:
         return IMAPSession(self)
@@ -286,3 +292,12 @@ class IMAPFactory(ServiceFactory):
 
 def build_imap_factory(listener: ListenerConfig, services: Any) -> IMAPFactory:
     return IMAPFactory(listener, services)
+
+
+def append_check(listener: ListenerConfig, services: Any) -> IAppendCheck:
+    """What APPEND asks before filing: the virus scanner where the listener's checks
+    include antivirus ([listener:NAME] checks), nothing otherwise."""
+    if "antivirus" in listener.inbound_checks:
+        return AppendAntivirus(services.antivirus, services.blobs,
+                               lambda: services.config.antivirus)
+    return NO_APPEND_CHECK

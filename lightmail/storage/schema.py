@@ -243,6 +243,23 @@ access_entries = sa.Table(
     sa.UniqueConstraint("list", "kind", "value"),
 )
 
+# Junk training (lightmail.policy.training): a message a user filed into Junk (spam)
+# or out of it (ham) over IMAP, to be taught to the spam scanner; deleted once taught.
+# No foreign key to blobs: the message may be expunged and its blob collected before
+# the lesson is sent (it is then dropped).
+spam_lessons = sa.Table(
+    "spam_lessons", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("user_address", ADDRESS, nullable=False),
+    sa.Column("blob_id", BLOB_ID, nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),         # spam or ham
+    sa.Column("created", TIMESTAMP, nullable=False),
+    sa.Column("next_attempt", TIMESTAMP, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Index(None, "next_attempt"),
+)
+
 QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")
 
 # TLS-RPT (RFC 8460, lightmail/tlsrpt/): the outbound MTA's TLS outcomes, one row per

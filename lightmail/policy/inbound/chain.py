@@ -15,9 +15,11 @@ from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
 from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
-# DMARC weighs what SPF, DKIM and ARC found; milters come last, as Postfix runs
-# smtpd_milters after its own restrictions.
-CHECK_ORDER = ("access", "limits", "spf", "dkim", "arc", "dmarc", "milter")
+# DMARC weighs what SPF, DKIM and ARC found; the content scanners come after the
+# cheaper checks (each is a round trip to a scanner they may spare); milters come
+# last, as Postfix runs smtpd_milters after its own restrictions.
+CHECK_ORDER = ("access", "limits", "spf", "dkim", "arc", "dmarc", "antivirus", "spam",
+               "milter")
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -172,6 +174,7 @@ def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
     from lightmail.policy.inbound.arc import ARCCheck
     from lightmail.policy.inbound.checks import AccessCheck, DKIMCheck, SPFCheck
     from lightmail.policy.inbound.dmarc import DMARCCheck
+    from lightmail.policy.inbound.scanners import AntivirusCheck, SpamCheck
     from lightmail.policy.limits.check import LimitsCheck
     from lightmail.policy.milter.check import MilterCheck
 
@@ -184,6 +187,9 @@ def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
                                 lambda: services.config.dkim),
         "dmarc": lambda: DMARCCheck(services.dmarc, services.dmarc_reports,
                                     lambda: services.config.arc),
+        "antivirus": lambda: AntivirusCheck(services.antivirus,
+                                            lambda: services.config.antivirus),
+        "spam": lambda: SpamCheck(services.spam_scanner, lambda: services.config.spam),
         "milter": lambda: MilterCheck(lambda: services.config),
     }
     return [makers[name]() for name in CHECK_ORDER if name in names]
