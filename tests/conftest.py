@@ -130,3 +130,14 @@ def write_config(tmp_path: Path) -> Any:
         path.write_text(text)
         return path
     return write
+
+
+@pytest.fixture
+def dns() -> Iterator[Any]:
+    """An empty test DNS server (tests/dnsserver.py; records added with ``set``)."""
+    from dnsserver import DNSServer
+    server = DNSServer({}, ttl=60).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -18,6 +18,7 @@ from harness import free_port
 from inprocess import in_thread, start
 from postfix import PostfixInstance
 from test_dkim import dnsfunc, make_key, records_of
+from test_inbound_policy import publish
 from test_outbound import ReceivingMX, until
 from twisted.internet import defer
 
@@ -27,27 +28,13 @@ from lightmail.dns import Resolver
 from lightmail.policy.arc import ARCResult, ARCSealer, ARCVerifier, trusted_pass
 from lightmail.policy.arc.seal import load_seal_key
 from lightmail.policy.arc.verify import has_chain
-from lightmail.policy.dkim import SigningKey, dns_record
+from lightmail.policy.dkim import SigningKey
 from lightmail.policy.inbound import Findings
 from lightmail.storage.interfaces import BlobRef, Envelope, QueueItem, QueueRecipient
 
 ORIGINAL = (b"From: Ann <ann@sender.example>\r\nTo: list@lists.example\r\n"
             b"Subject: ARC test\r\nDate: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
             b"Message-ID: <arc-1@sender.example>\r\n\r\nHello over several hops.\r\n")
-
-
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
-    server = DNSServer({}, ttl=60).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def publish(dns: DNSServer, *keys: SigningKey) -> None:
-    for key in keys:
-        dns.set(f"{key.selector}._domainkey.{key.domain}.", "TXT", [dns_record(key)])
 
 
 def hop(message: bytes, key: SigningKey, keys: list[SigningKey], cv: str | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import smtplib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ from lightmail.policy.dkim import Signer, SigningKey, dns_record, generate_key, 
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.inbound import InboundCheck
 from lightmail.policy.inbound.chain import with_authentication_results, without_our_fields
-
-
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
-    server = DNSServer({}, ttl=60).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def publish(dns: DNSServer, *keys: SigningKey) -> None:

@@ -163,15 +163,6 @@ def test_milter_sections_in_the_config() -> None:
 
 # --- a scripted milter, on a running LightMail ----------------------------------------------
 
-@pytest.fixture
-def dns() -> Iterator[DNSServer]:
-    server = DNSServer({}, ttl=60).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def lightmail(tmp_path: Path, dns: DNSServer, *milters: tuple[str, str],
               options: str = "") -> Any:
     """A LightMail whose listener ``milt`` runs only the milter check."""
