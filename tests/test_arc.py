@@ -453,3 +453,32 @@ def test_a_reload_turns_sealing_on_and_off(tmp_path: Path) -> Any:
         assert isinstance(part.agent.signer, DKIMSigner)        # the refused one changed nothing
     finally:
         yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_dmarc_takes_a_trusted_sealers_word_for_forwarded_mail(tmp_path: Path,
+                                                               dns: DNSServer) -> Any:
+    """A list forwards Ann's message: SPF and DKIM no longer align for her domain,
+    whose DMARC policy says reject.  Refused, unless the list's sealer is trusted
+    and its chain passes (RFC 7489 §7.2.2's trusted_forwarder)."""
+    message, keys = chain(1)
+    publish(dns, *keys)
+    dns.set("sender.example.", "TXT", ["v=spf1 ?all"])
+    dns.set("_dmarc.sender.example.", "TXT", ["v=DMARC1; p=reject"])
+    refusing = tmp_path / "refusing"
+    refusing.mkdir()
+    server = yield server_for(refusing, dns)
+    try:
+        code, text = yield send(server.ports["mx"], message)
+        assert code == 550 and "DMARC" in text
+    finally:
+        yield server.stop()
+    trusting = tmp_path / "trusting"
+    trusting.mkdir()
+    server = yield server_for(trusting, dns, "[arc]\ntrusted_sealers = fwd1.example\n")
+    try:
+        assert (yield send(server.ports["mx"], message)) == {}
+        [arrived] = yield server.delivered("bob@example.test", 1)
+        assert b"arc=pass" in arrived and b"dmarc=" in arrived
+    finally:
+        yield server.stop()
