@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lightmail.address import AddressError, normalise_address
 
@@ -169,6 +169,37 @@ def parse_ratio(raw: str, base: Path) -> float:
     if not 0.0 <= value <= 1.0:
         raise _BadValue(f"expected a number from 0 to 1, got {raw!r}")
     return value
+
+
+def parse_percentage(raw: str, base: Path) -> float:
+    """a percentage (90%) or a number from 0 to 1"""
+    text = raw.strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise _BadValue(f"expected a percentage such as 90%, got {raw!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise _BadValue(f"expected a percentage from 1% to 100%, got {raw!r}")
+    return value
+
+
+class MemoryLimit(NamedTuple):
+    """``[server] memory_limit``: ``kind`` none, size (``amount`` in bytes) or share
+    (``amount`` a fraction of the cgroup's limit or the machine's memory)."""
+
+    kind: str
+    amount: float
+
+
+def parse_memory_limit(raw: str, base: Path) -> MemoryLimit:
+    """a size (700M, 2G), a percentage (80%) of the cgroup's limit or the machine's
+    memory, or 0 for none"""
+    text = raw.strip()
+    if text in ("0", "none", "no", ""):
+        return MemoryLimit("none", 0.0)
+    if text.endswith("%"):
+        return MemoryLimit("share", parse_percentage(text, base))
+    return MemoryLimit("size", float(parse_size(minimum=1)(text, base)))
 
 
 def parse_choice(*choices: str) -> Callable[[str, Path], str]:
@@ -466,6 +497,27 @@ class ServerConfig:
         "LMTP, IMAP, POP3), so that sessions use every core; 0 serves them in the main "
         "process.  The main process keeps the queue, delivery and the limits that span "
         "processes (see docs/architecture.rst).  Needs a config file (twistd).")
+    memory_limit: MemoryLimit = option(
+        MemoryLimit("share", 0.8), parse_memory_limit,
+        "The ceiling of the server's memory (the resident size of its processes, "
+        "workers and writer included): above it new connections are refused (SMTP "
+        "421 4.3.2, IMAP * BYE [UNAVAILABLE], POP3 -ERR [SYS/TEMP]) while the sessions "
+        "open go on.  A size (700M, 2G), a percentage of the memory the server may use "
+        "(its cgroup's memory.max or memory.limit_in_bytes when it has one, else the "
+        "machine's MemTotal), or 0 for none.",
+        shown_default="80%")
+    memory_resume: float = option(
+        0.9, parse_percentage,
+        "Connections are accepted again once the memory in use is below this share "
+        "of memory_limit (so that the server does not flap at the ceiling).",
+        shown_default="90%")
+    memory_check_interval: float = option(
+        2.0, parse_duration(minimum=0.1),
+        "How often the memory in use is measured (/proc/PID/statm of each process).")
+    memory_log_interval: float = option(
+        600.0, parse_duration(minimum=0.0),
+        "How often the memory in use is logged besides each change of state; 0: "
+        "only the changes.")
 
 
 @dataclass(frozen=True)
@@ -1675,6 +1727,21 @@ class LimitsConfig:
         "messages whose MAIL FROM is in one domain")
     recipient_domain_recipients: tuple[int, float] | None = _rate_option(
         "recipients in one domain")
+    imap_commands: tuple[int, float] | None = _rate_option(
+        "commands in one IMAP session: a session over it is slowed (its input waits "
+        "until the rate allows the next command), not refused")
+    pop3_commands: tuple[int, float] | None = _rate_option(
+        "commands in one POP3 session, slowed as imap_commands")
+    command_overrun: int = option(
+        10, parse_int(2, 1000),
+        "A session that keeps asking for this many times its command rate (longer "
+        "than a burst of this many times the rate's N allows) is closed: * BYE or "
+        "-ERR.")
+    client_errors: tuple[int, float] | None = _rate_option(
+        "failed commands from one client address, across its sessions (SMTP 5xx and "
+        "421 replies, IMAP BAD, POP3 -ERR for a bad command; failed logins are the "
+        "login guard's, [directory]): at the limit the session is closed and new "
+        "connections from the address are refused until the bucket refills")
     backend: str = option(
         "local", parse_choice("local", "redis"),
         "Where the buckets are: local (in each process) or redis (shared by every "

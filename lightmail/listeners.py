@@ -15,7 +15,7 @@ import importlib
 import os
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.config import ListenerConfig
@@ -53,6 +54,22 @@ _BUILDERS: dict[str, str | ProtocolBuilder] = {}
 #: of them held the reactor for 50 to 80 ms, and under IMAP's COMPRESS one read can
 #: inflate to megabytes (found by tests/fuzzing; issue 17's bound is 50 ms).
 INPUT_SLICE = 0.010
+
+
+#: Why a connection is refused (``kind``, and the label of the metric).
+CONNECTIONS, SHUTTING_DOWN, MEMORY, CLIENT_ERRORS = (
+    "connections", "shutting_down", "memory", "client_errors")
+
+
+class Refusal(NamedTuple):
+    """Why a connection is refused: the sentence, and its kind."""
+
+    text: str
+    kind: str
+
+
+#: What :meth:`TrackingFactory.screen` answers.
+Screened = Union[Refusal, None, "defer.Deferred[Optional[Refusal]]"]
 
 
 def register_protocol(name: str, builder: str | ProtocolBuilder) -> None:
@@ -205,11 +222,22 @@ class TrackingFactory(Factory):
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         host = getattr(addr, "host", "") or "local"
         if self.draining:
-            return self.refuse(addr, "shutting down")
+            return self.refuse(addr, "shutting down", SHUTTING_DOWN)
         refusal = self.limits.check(host)
         if refusal is not None:
             return self.refuse(addr, refusal)
+        screened = self.screen(host)
+        if isinstance(screened, defer.Deferred):
+            return Screening(self, addr, host, screened)
+        if screened is not None:
+            return self.refuse(addr, screened.text, screened.kind)
         return self.tap(self.admitted(addr, host))
+
+    def screen(self, host: str) -> Screened:
+        """Why a connection from ``host`` is refused beyond the connection counts (the
+        server is short of memory, the address has failed too many commands), or
+        None; a Deferred when the answer must be asked for (shared buckets)."""
+        return None
 
     def admitted(self, addr: Any, host: str) -> TrackedProtocol:
         """The protocol of a connection within the limits (counted once it is made)."""
@@ -226,8 +254,10 @@ class TrackingFactory(Factory):
         of it (ServiceFactory; the one place a session's octets can be seen)."""
         return proto
 
-    def refuse(self, addr: Any, reason: str) -> Optional[Protocol]:
-        """A protocol that tells the client ``reason`` and hangs up; None just closes."""
+    def refuse(self, addr: Any, reason: str, kind: str = CONNECTIONS) -> Optional[Protocol]:
+        """A protocol that tells the client ``reason`` and hangs up; None just closes.
+        ``kind``: why (CONNECTIONS, SHUTTING_DOWN, MEMORY, CLIENT_ERRORS)."""
+        self.meters.connection_refused(kind)
         return None
 
     def connection_made(self, proto: TrackedProtocol) -> None:
@@ -281,6 +311,89 @@ class TrackingFactory(Factory):
         return d
 
 
+@implementer(IHandshakeListener)
+class Handover(Protocol):
+    """Holds a new connection until it is known who serves it; then that protocol (a
+    session, or a refusal) takes the transport over, with what the client sent
+    meanwhile."""
+
+    def __init__(self) -> None:
+        self.inner: Optional[Protocol] = None
+        self.early: list[bytes] = []
+        self.lost = False
+        # Implicit TLS: the handshake may end before the answer.
+        self.handshake_done = False
+
+    def take_over(self, inner: Optional[Protocol]) -> None:
+        assert self.transport is not None
+        if inner is None:
+            self.transport.loseConnection()
+            return
+        self.inner = inner
+        inner.makeConnection(self.transport)
+        if self.handshake_done:
+            self.handshakeCompleted()
+        early, self.early = self.early, []
+        for data in early:
+            inner.dataReceived(data)
+
+    def handshakeCompleted(self) -> None:
+        """Passed on to the session (it counts TLS versions), once there is one."""
+        self.handshake_done = True
+        if self.inner is not None and IHandshakeListener.providedBy(self.inner):
+            self.inner.handshakeCompleted()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(data)
+        else:
+            self.early.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost = True
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+        self.ended()
+
+    def ended(self) -> None:
+        """The connection is gone (after the protocol that took it over was told)."""
+
+
+class Screening(Handover):
+    """A connection waiting for :meth:`TrackingFactory.screen`'s answer (a bucket in
+    Redis); then its session, or its refusal."""
+
+    log = Logger()
+
+    def __init__(self, factory: TrackingFactory, addr: Any, host: str,
+                 answer: defer.Deferred[Optional[Refusal]]) -> None:
+        super().__init__()
+        self.screening = factory
+        self.addr = addr
+        self.host = host
+        self.answer = answer
+
+    def connectionMade(self) -> None:
+        self.answer.addErrback(self._failed).addCallback(self._answered)
+
+    def _failed(self, failure: Failure) -> None:
+        # A screen that cannot answer lets the client in (as a limit backend that
+        # is down does): the connection counts still hold.
+        self.log.failure("screening a connection from {host} failed", failure,
+                         host=self.host)
+
+    def _answered(self, refusal: Optional[Refusal]) -> None:
+        if self.lost or self.transport is None:
+            return
+        factory = self.screening
+        if refusal is not None:
+            self.take_over(factory.refuse(self.addr, refusal.text, refusal.kind))
+        elif factory.draining:
+            self.take_over(factory.refuse(self.addr, "shutting down", SHUTTING_DOWN))
+        else:
+            self.take_over(factory.tap(factory.admitted(self.addr, self.host)))
+
+
 class Refuser(Protocol):
     """Says one line (an SMTP 421, a POP3 -ERR, an IMAP BYE) and hangs up."""
 
@@ -315,8 +428,39 @@ class ServiceFactory(TrackingFactory):
             from lightmail.tls import server_context
             self.tls_context = server_context(listener)
 
-    def refuse(self, addr: Any, reason: str) -> Optional[Protocol]:
-        return Refuser(self.refusal) if self.refusal else None
+    #: Whether its sessions' failed commands count against [limits] client_errors
+    #: (not LMTP's: its client is the server's own MTA).
+    counts_client_errors = True
+
+    def refuse(self, addr: Any, reason: str, kind: str = CONNECTIONS) -> Optional[Protocol]:
+        super().refuse(addr, reason, kind)
+        line = self.refusal_line(reason, kind)
+        return Refuser(line) if line else None
+
+    def refusal_line(self, reason: str, kind: str) -> bytes:
+        """The line a client refused for ``reason`` gets (``kind``: why): the
+        protocol's own words; ``refusal`` for the connection counts."""
+        return self.refusal
+
+    def screen(self, host: str) -> Screened:
+        memory = self.services.memory.refusal()
+        if memory is not None:
+            return Refusal(memory, MEMORY)
+        if not self.counts_client_errors:
+            return None
+        errors = self.services.client_errors.screen(host)
+        if isinstance(errors, defer.Deferred):
+            return errors.addCallback(
+                lambda text: Refusal(text, CLIENT_ERRORS) if text else None)
+        return Refusal(errors, CLIENT_ERRORS) if errors else None
+
+    def failed_command(self, proto: TrackedProtocol) -> defer.Deferred[Optional[str]]:
+        """A command of ``proto``'s failed (an error reply the protocol counts): None,
+        or the sentence to close it with, the client's address having failed too
+        many ([limits] client_errors)."""
+        if not self.counts_client_errors:
+            return defer.succeed(None)
+        return self.services.client_errors.failed(proto.peer_host, proto.conn_id)
 
     def tap(self, proto: TrackedProtocol) -> Protocol:
         return self.services.transcripts.wrap(proto, self.listener)  # type: ignore[no-any-return]

@@ -34,6 +34,7 @@ from lightmail.queue.runner import QueueRunner
 from lightmail.reload.interfaces import IReloadable
 from lightmail.reload.parts import OutboundPart, ServicesPart, listener_part
 from lightmail.reload.reloader import Reloader
+from lightmail.resources import MemoryWatchdog
 from lightmail.storage.database import DatabaseURLError, check_url
 from lightmail.storage.interfaces import IWritePort
 from lightmail.tlsrpt.interfaces import ITLSReports
@@ -289,6 +290,12 @@ def makeService(config: Config,
     # while the queue still takes its reports.
     ReportService(services.dmarc_reports, storage.ready).setServiceParent(root)
     _add_training(services, root)
+    watchdog = services.memory
+    assert isinstance(watchdog, MemoryWatchdog)  # and measures the server's memory
+    watchdog.setServiceParent(root)
+    writer = storage.writer
+    if writer is not None:
+        watchdog.watch(lambda: {"writer": writer.pid} if writer.pid else {})
     outbound = _outbound(services, runner, _tls_reports(root, services))
     from lightmail.outbound.notices import Notifier
     runner.notifier = Notifier(services)
@@ -371,6 +378,8 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
                       config.server.shutdown_timeout, on_failure=root.fatal)
     pool.setServiceParent(root)
     root.workers = pool
+    assert isinstance(services.memory, MemoryWatchdog)
+    services.memory.watch(pool.pids)
     return listeners
 
 

@@ -64,6 +64,7 @@ from lightmail.policy.limits import (
     LocalBuckets,
     RedisBuckets,
 )
+from lightmail.policy.limits.errors import ClientErrors
 from lightmail.policy.rspamd import RspamdClient
 from lightmail.policy.spamd import SpamdClient
 from lightmail.policy.spf import SPFChecker
@@ -73,6 +74,7 @@ from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
 from lightmail.queue.wake import WAKE_NAME
+from lightmail.resources import IMemoryGuard, MemoryWatchdog, NoMemoryGuard
 from lightmail.storage.blobs import FilesystemBlobStore
 from lightmail.storage.interfaces import IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
@@ -135,6 +137,8 @@ class Services:
     access: AccessLists
     #: The token buckets of rate limits (in this process, or shared in Redis).
     limiter: IRateLimiter
+    #: Failed commands per client address ([limits] client_errors), in ``limiter``.
+    client_errors: ClientErrors
     #: The inbound chain's evaluators, shared by every listener's checks.
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
@@ -160,6 +164,10 @@ class Services:
     #: (off in the writer process and the lightmail command, which need neither;
     #: its settings follow a reload).
     srs: SRSForwarding = field(default_factory=SRSForwarding)
+    #: Whether new connections are refused for memory ([server] memory_limit): the
+    #: server's MemoryWatchdog (started by makeService), NoMemoryGuard elsewhere (a
+    #: worker's connections are admitted by the main process, which measures it).
+    memory: IMemoryGuard = field(default_factory=NoMemoryGuard)
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -249,6 +257,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                                  resolver, suffixes, ReportSettings.from_config(config),
                                  kick=runner.kick)
     lessons = LessonQueue(storage.db)
+    limiter = make_limiter(config)
     services: Services | None = None
 
     def config_now() -> Config:
@@ -261,7 +270,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                         transcripts=make_transcripts(config.transcript), telemetry=telemetry,
                         resolver=resolver,
                         access=access,
-                        limiter=make_limiter(config),
+                        limiter=limiter,
+                        client_errors=ClientErrors(limiter, lambda: config_now().limits),
                         spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                        receiver=config.hostname),
                         dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
@@ -271,6 +281,8 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                         antivirus=ClamdScanner(reactor, lambda: config_now().antivirus),
                         spam_scanner=_spam_scanner(config, config_now),
                         trainer=_trainer(config, lessons, config_now), lessons=lessons)
+    if role is Role.SERVER:
+        services.memory = MemoryWatchdog(lambda: config_now().server, metrics)
     return services
 
 

@@ -45,6 +45,7 @@ from lightmail.imap.tokens import (
 )
 from lightmail.listeners import INPUT_SLICE, TrackedProtocol
 from lightmail.logs import BoundLogger
+from lightmail.policy.limits.throttle import command_rate
 from lightmail.storage.interfaces import (
     MessageInfo,
     NoSuchMailbox,
@@ -184,6 +185,11 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self._out: Optional[list[bytes]] = None     # collecting a command's output
         self._out_size = 0
         self._logged_in = False
+        limits = factory.services.config.limits
+        # [limits] imap_commands: the command waiting for its turn (see _at_rate).
+        self.rate = command_rate("imap_commands", limits.imap_commands,
+                                 limits.command_overrun)
+        self._rate_wait: Any = None
 
     @property
     def hub(self) -> MailboxHub:
@@ -218,6 +224,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
+        self._stop_rate_wait()
         self._logged_in_now()
         self.closing = True
         self.reader.reset()         # a literal half streamed leaves no temporary blob
@@ -258,7 +265,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         self.reader.stream_appends(self.store.blobs)
 
     def drain(self) -> None:
-        if not self.busy:
+        if not self.busy or self._stop_rate_wait():
             self.close_with("* BYE Server shutting down")
         else:
             self.closing_after = True
@@ -354,7 +361,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             self._waiting_for_blobs = True
             self.reader.caught_up().addBoth(self._blobs_caught_up)
         compressed = self.inflater.pending() if self.inflater is not None else 0
-        full = behind or self.reader.room() <= 0 or compressed > Inflater.STEP
+        full = (behind or self.reader.room() <= 0 or compressed > Inflater.STEP
+                or self._rate_wait is not None)
         if full != self._input_paused:
             self._input_paused = full
             if full:
@@ -418,7 +426,52 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             if kind == "continue":
                 self.write(b"+ Ready for literal data\r\n")
                 continue
+            if self.rate is not None and not self._at_rate(value):
+                return
             self._dispatch(value)
+
+    # -- [limits] imap_commands -------------------------------------------------------
+
+    def _at_rate(self, parts: list[Part]) -> bool:
+        """True: the command runs now.  False: it waits for its turn (the connection
+        is not read meanwhile: _regulate_input), or the session, far over its rate,
+        is closed (lightmail/policy/limits/throttle.py)."""
+        assert self.rate is not None
+        wait = self.rate.delay()
+        if self.rate.far_over():
+            self.rate.tell(self.log, self.peer_host, closing=True)
+            _discard(streamed_literals(parts))
+            self.close_with(f"* BYE [LIMIT] {self.rate.sentence()}")
+            return False
+        if wait <= 0:
+            return True
+        self.rate.tell(self.log, self.peer_host, closing=False)
+        self.busy = True
+        self._rate_wait = self.callLater(wait, lambda: self._rate_allows(parts))
+        return False
+
+    def _rate_allows(self, parts: list[Part]) -> None:
+        self._rate_wait = None
+        self.busy = False
+        if self.closing_after:
+            _discard(streamed_literals(parts))
+            self.close_with("* BYE Server shutting down")
+            return
+        self._dispatch(parts)
+        if self.busy:
+            self._regulate_input()
+        else:
+            self.take_input()
+
+    def _stop_rate_wait(self) -> bool:
+        """Forget the command waiting for its turn (the session ends): True if one
+        was."""
+        waiting, self._rate_wait = self._rate_wait, None
+        if waiting is None:
+            return False
+        if waiting.active():
+            waiting.cancel()
+        return True
 
     def _literal_too_big(self, exc: LiteralTooBig) -> None:
         tag = tag_of([exc.first_line]) if exc.first_line else "*"
@@ -430,10 +483,17 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
                     + ("" if self.state != NOT_AUTHENTICATED else " before login"))
 
     def _error(self) -> None:
+        """A command answered BAD: it counts against the session's max_errors, and
+        against the address's [limits] client_errors."""
         self.errors += 1
+        self.factory.failed_command(self).addCallback(self._too_many_failed)
         if self.errors > self.cfg.max_errors and not self.closing:
             self.log.warn("too many errors from {peer}", peer=self.peer_host)
             self.close_with("* BYE Too many invalid commands")
+
+    def _too_many_failed(self, sentence: Optional[str]) -> None:
+        if sentence is not None and not self.closing:
+            self.close_with(f"* BYE [LIMIT] {sentence}")
 
     # Lines that arrive while a command waits for them, routed by process():
     def _idle_line(self, line: bytes) -> None:

@@ -60,7 +60,7 @@ from lightmail.imap.tokens import (
     plist,
     quote,
 )
-from lightmail.listeners import ServiceFactory
+from lightmail.listeners import CLIENT_ERRORS, MEMORY, ServiceFactory
 from lightmail.policy.clamav import NO_APPEND_CHECK, AppendAntivirus
 from lightmail.policy.interfaces import IAppendCheck, ITrainer
 from lightmail.storage.interfaces import (
@@ -272,6 +272,11 @@ _register()
 class IMAPFactory(ServiceFactory):
     refusal = b"* BYE [UNAVAILABLE] Too many connections, try later\r\n"
     commands = tuple(sorted(COMMANDS))
+
+    def refusal_line(self, reason: str, kind: str) -> bytes:
+        if kind in (MEMORY, CLIENT_ERRORS):         # RFC 5530 §3
+            return f"* BYE [UNAVAILABLE] {reason}\r\n".encode()
+        return self.refusal
 
     def __init__(self, listener: ListenerConfig, services: Any) -> None:
         super().__init__(listener, services)

@@ -117,6 +117,8 @@ class LMTPHandler(SMTPHandler):
 
 
 class LMTPFactory(SMTPFactory):
+    # Its client is the server's own MTA: an unknown recipient is no abuse.
+    counts_client_errors = False
     commands = tuple(sorted(name[5:] for name in dir(LMTPServerSession)
                             if name.startswith("smtp_")))
 

@@ -42,6 +42,11 @@ class IProtocolMeters(Interface):
     def tls(version: str) -> None:
         """A TLS handshake ended with ``version`` (``TLSv1.3``...)."""
 
+    def connection_refused(reason: str) -> None:
+        """A connection was refused before its session began: ``reason`` is
+        connections (the listener's connection limits), memory (the memory ceiling),
+        client_errors (the address's failed commands) or shutting_down."""
+
 
 class IMetrics(Interface):
     """A process's metrics: recording, and the exposition of ``/metrics``."""
@@ -74,6 +79,10 @@ class IMetrics(Interface):
 
     def writer_restarted() -> None:
         """The writer process ended and is started again."""
+
+    def memory(used: int, ceiling: int, refusing: bool) -> None:
+        """The server's memory now (bytes; ceiling 0: none) and whether new
+        connections are refused for it (lightmail/resources.py)."""
 
     def set_ready(ready: bool) -> None:
         """The outcome of the last readiness check."""

@@ -33,7 +33,8 @@ _GROUPS = (1, 2, 4, 8, 16, 32, 64, 128, 200)
 _MAIN_PROCESS_ONLY = frozenset((
     "lightmail_build_info", "lightmail_ready", "lightmail_queue_recipients",
     "lightmail_queue_oldest_seconds", "lightmail_worker_restarts",
-    "lightmail_writer_restarts"))
+    "lightmail_writer_restarts", "lightmail_memory_used_bytes",
+    "lightmail_memory_ceiling_bytes", "lightmail_memory_refusing"))
 
 #: How long an exposition waits for one sampler (another process, say).
 SAMPLE_TIMEOUT = 5.0
@@ -58,6 +59,7 @@ class ProtocolMeters:
         self._messages: dict[tuple[int, str], Any] = {}
         self._refused: dict[tuple[str, int, str], Any] = {}
         self._tls: dict[str, Any] = {}
+        self._refused_connections: dict[str, Any] = {}
 
     def connection_opened(self) -> None:
         self._open.inc()
@@ -104,6 +106,13 @@ class ProtocolMeters:
             child = self._tls[version] = self._family.tls.labels(self._name, version)
         child.inc()
 
+    def connection_refused(self, reason: str) -> None:
+        child = self._refused_connections.get(reason)
+        if child is None:
+            child = self._refused_connections[reason] = \
+                self._family.connections_refused.labels(self._name, reason)
+        child.inc()
+
 
 @implementer(IProtocolMeters)
 class Uncounted:
@@ -118,6 +127,7 @@ class Uncounted:
     def message(self, code: int, status: str) -> None: ...
     def refused(self, stage: str, code: int, status: str) -> None: ...
     def tls(self, version: str) -> None: ...
+    def connection_refused(self, reason: str) -> None: ...
 
 
 UNCOUNTED = Uncounted()
@@ -141,6 +151,11 @@ class Metrics:
             registry=reg)
         self.connections = Counter(
             "lightmail_connections", "Connections admitted.", by_protocol, registry=reg)
+        self.connections_refused = Counter(
+            "lightmail_connections_refused",
+            "Connections refused before their session began, by reason (connections, "
+            "memory, client_errors, shutting_down).", ["protocol", "reason"],
+            registry=reg)
         self.sessions_open = Gauge(
             "lightmail_sessions_open", "Logged-in sessions open now.", by_protocol,
             registry=reg)
@@ -198,6 +213,16 @@ class Metrics:
         self.writer_restarts = Counter(
             "lightmail_writer_restarts", "Writer processes started again after they "
             "ended.", registry=reg)
+        self.memory_used = Gauge(
+            "lightmail_memory_used_bytes",
+            "Resident size of the server's processes (main, workers, writer).",
+            registry=reg)
+        self.memory_ceiling = Gauge(
+            "lightmail_memory_ceiling_bytes",
+            "[server] memory_limit in bytes (0: none).", registry=reg)
+        self.memory_refusing = Gauge(
+            "lightmail_memory_refusing",
+            "1 while new connections are refused for memory.", registry=reg)
         self.ready = Gauge(
             "lightmail_ready", "1 when the last readiness check passed (see /readyz).",
             registry=reg)
@@ -242,6 +267,11 @@ class Metrics:
 
     def writer_restarted(self) -> None:
         self.writer_restarts.inc()
+
+    def memory(self, used: int, ceiling: int, refusing: bool) -> None:
+        self.memory_used.set(used)
+        self.memory_ceiling.set(ceiling)
+        self.memory_refusing.set(1 if refusing else 0)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

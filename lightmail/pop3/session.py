@@ -25,8 +25,15 @@ from zope.interface import implementer
 from lightmail import sasl
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
-from lightmail.listeners import INPUT_SLICE, ServiceFactory, TrackedProtocol
+from lightmail.listeners import (
+    CLIENT_ERRORS,
+    INPUT_SLICE,
+    MEMORY,
+    ServiceFactory,
+    TrackedProtocol,
+)
 from lightmail.logs import BoundLogger
+from lightmail.policy.limits.throttle import command_rate
 from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
 from lightmail.streams import DotStuffer, PushProducer, dot_stuffed
@@ -60,6 +67,11 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.account: Any = None
         self.maildrop: Optional[Maildrop] = None
         self._login_deadline: Any = None
+        limits = factory.services.config.limits
+        # [limits] pop3_commands: the command waiting for its turn (see _at_rate).
+        self.rate = command_rate("pop3_commands", limits.pop3_commands,
+                                 limits.command_overrun)
+        self._rate_wait: Any = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -78,6 +90,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
         self._cancel_login_deadline()
+        self._stop_rate_wait()
         self.closing = True
         self.fail_paused(reason)
         if self.maildrop is not None:
@@ -110,7 +123,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     def drain(self) -> None:
         """Server shutdown: no UPDATE state, so nothing is deleted (RFC 1939 §6)."""
         self.draining = True
-        if not self.busy:
+        if not self.busy or self._stop_rate_wait():
             self.close_with("-ERR [SYS/TEMP] Server shutting down")
 
     # -- output ---------------------------------------------------------------------
@@ -122,12 +135,21 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
     def ok(self, text: str = "") -> None:
         self.write(b"+OK" + (b" " + text.encode() if text else b"") + b"\r\n")
 
-    def err(self, text: str) -> None:
+    def err(self, text: str, counts: bool = True) -> None:
+        """Answer -ERR: an error of the session's (max_errors), and, when ``counts``
+        (the client's mistake: not a failed login, which the login guard counts, nor
+        the server's own trouble), of its address's ([limits] client_errors)."""
         self.write(f"-ERR {text}\r\n".encode())
         self.errors += 1
+        if counts:
+            self.factory.failed_command(self).addCallback(self._too_many_failed)
         if self.errors > self.cfg.max_errors and not self.closing:
             self.log.warn("too many errors from {peer}", peer=self.peer_host)
             self.close_with("-ERR Too many errors, closing")
+
+    def _too_many_failed(self, sentence: Optional[str]) -> None:
+        if sentence is not None and not self.closing:
+            self.close_with(f"-ERR [SYS/TEMP] {sentence}")
 
     def multiline(self, first: str, lines: list[str]) -> None:
         body = "".join(f"{line}\r\n" for line in lines)
@@ -174,6 +196,8 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             text = line.rstrip(b"\r\n")
             if self.sasl is not None:
                 self._auth_response(text)
+            elif self.rate is not None:
+                self._at_rate(text)
             else:
                 self._command(text)
 
@@ -198,28 +222,70 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         d.addErrback(failed).addBoth(done)
 
     def _command(self, raw: bytes) -> None:
+        result = self._run_command(raw)
+        if result is not None:
+            self._wait(result)
+
+    def _run_command(self, raw: bytes) -> Optional[defer.Deferred[Any]]:
+        """Run one command: None when it is answered, else a Deferred of its answer."""
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             self.err("Command is not UTF-8")
-            return
+            return None
         verb, _, arg = line.strip().partition(" ")
         verb = verb.upper()
         handler = getattr(self, f"pop3_{verb}", None) if verb.isalpha() else None
         self.factory.meters.command(verb)       # unknown verbs count as "other"
         if handler is None:
             self.err("Unknown command")
-            return
+            return None
         if verb not in COMMANDS[self.state]:
             self.err(f"{verb} is not allowed in the {self.state.upper()} state")
-            return
+            return None
         try:
             result = handler(arg.strip())
         except Exception:
-            self._wait(defer.fail(Failure()))
+            return defer.fail(Failure())
+        return result if isinstance(result, defer.Deferred) else None
+
+    # -- [limits] pop3_commands -------------------------------------------------------
+
+    def _at_rate(self, raw: bytes) -> None:
+        """Run the command now, or when the session's rate allows it (the connection
+        is not read meanwhile); or close the session, far over its rate
+        (lightmail/policy/limits/throttle.py)."""
+        assert self.rate is not None
+        wait = self.rate.delay()
+        if self.rate.far_over():
+            self.rate.tell(self.log, self.peer_host, closing=True)
+            self.close_with(f"-ERR [SYS/TEMP] {self.rate.sentence()}")
             return
-        if isinstance(result, defer.Deferred):
-            self._wait(result)
+        if wait <= 0:
+            self._command(raw)
+            return
+        self.rate.tell(self.log, self.peer_host, closing=False)
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        turn: defer.Deferred[None] = defer.Deferred()
+        self._rate_wait = self.callLater(wait, lambda: turn.callback(None))
+        self._wait(turn.addCallback(self._rate_allows, raw))
+
+    def _rate_allows(self, _: None, raw: bytes) -> Optional[defer.Deferred[Any]]:
+        self._rate_wait = None
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        return self._run_command(raw)
+
+    def _stop_rate_wait(self) -> bool:
+        """Forget the command waiting for its turn (the session ends): True if one
+        was."""
+        waiting, self._rate_wait = self._rate_wait, None
+        if waiting is None:
+            return False
+        if waiting.active():
+            waiting.cancel()
+        return True
 
     # -- commands in any state ------------------------------------------------------
 
@@ -340,7 +406,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
         def error(failure: Failure) -> None:
             if failure.check(sasl.Cancelled):
-                self.err("Authentication cancelled")
+                self.err("Authentication cancelled", counts=False)
             else:
                 failure.trap(sasl.SASLError)
                 self.err("[AUTH] Malformed authentication exchange")
@@ -353,10 +419,11 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         except LoginFailed as failed:
             self.factory.meters.auth(attempt.mechanism.lower(), False)
             self.err("[AUTH] The password has expired: ask for a new one"
-                     if isinstance(failed, PasswordExpired) else "[AUTH] Authentication failed")
+                     if isinstance(failed, PasswordExpired) else "[AUTH] Authentication failed",
+                     counts=False)
             return
         except LoginUnavailable:            # RFC 3206 §4
-            self.err("[SYS/TEMP] Authentication temporarily unavailable")
+            self.err("[SYS/TEMP] Authentication temporarily unavailable", counts=False)
             return
         self.factory.meters.auth(attempt.mechanism.lower(), True)
         user = account.user
@@ -365,10 +432,11 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
                 user.id, account.mailstore, self.factory.services.blobs,
                 self.factory.services.pop3_locks, self.cfg.login_delay)
         except MaildropLocked:
-            self.err("[IN-USE] Mailbox is locked by another POP3 session")
+            self.err("[IN-USE] Mailbox is locked by another POP3 session", counts=False)
             return
         except LoginTooSoon:
-            self.err(f"[LOGIN-DELAY] Wait {int(self.cfg.login_delay)}s between logins")
+            self.err(f"[LOGIN-DELAY] Wait {int(self.cfg.login_delay)}s between logins",
+                     counts=False)
             return
         self.account, self.state = account, TRANSACTION
         self._cancel_login_deadline()
@@ -538,6 +606,11 @@ class _TopCut:
 
 class POP3Factory(ServiceFactory):
     refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+
+    def refusal_line(self, reason: str, kind: str) -> bytes:
+        if kind in (MEMORY, CLIENT_ERRORS):         # RFC 3206 §4
+            return f"-ERR [SYS/TEMP] {reason}\r\n".encode()
+        return self.refusal
     commands = tuple(sorted(set().union(*COMMANDS.values())))
 
     def make_protocol(self, addr: Any) -> POP3Session:

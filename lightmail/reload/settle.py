@@ -32,7 +32,9 @@ EVERY = frozenset({"*"})
 
 #: Live keys by section; a section not named here waits for a restart whole.
 LIVE: Mapping[str, frozenset[str]] = {
-    "server": frozenset({"hostname", "postmaster"}),
+    # The memory watchdog reads its settings at each measurement.
+    "server": frozenset({"hostname", "postmaster", "memory_limit", "memory_resume",
+                         "memory_check_interval", "memory_log_interval"}),
     # Read by each new session (SMTP, LMTP, POP3, IMAP) from the services' config.
     "smtp": EVERY,
     "lmtp": EVERY,
@@ -51,7 +53,10 @@ LIVE: Mapping[str, frozenset[str]] = {
     # The limits check reads the rates at each use; the buckets' backend stays.
     "limits": frozenset({"client_connections", "client_messages", "network_messages",
                          "client_recipients", "user_messages", "user_recipients",
-                         "sender_domain_messages", "recipient_domain_recipients"}),
+                         "sender_domain_messages", "recipient_domain_recipients",
+                         # read by each new session, and at each failed command
+                         "imap_commands", "pop3_commands", "command_overrun",
+                         "client_errors"}),
     # The arc check reads [arc] at each message; the sealer is made anew.
     "arc": EVERY,
     # The checker and the reports take the section (and the suffix list, read

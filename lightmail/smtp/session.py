@@ -25,7 +25,6 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
@@ -33,7 +32,7 @@ from lightmail import sasl
 from lightmail.address import AddressError, split_address
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
-from lightmail.listeners import INPUT_SLICE, Refuser, ServiceFactory, TrackedProtocol
+from lightmail.listeners import INPUT_SLICE, MEMORY, ServiceFactory, TrackedProtocol
 from lightmail.logs import BoundLogger
 from lightmail.policy.inbound import InboundPolicy, build_checks
 from lightmail.smtp import codes
@@ -158,15 +157,24 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def reply(self, reply: Reply) -> None:
-        """Answer a command; errors count towards the session's error limit."""
-        if reply.code >= 500 or reply.code in (421,):
+    def reply(self, reply: Reply, login: bool = False) -> None:
+        """Answer a command; errors count towards the session's error limit, and
+        (unless ``login``: a failed AUTH, which the login guard counts) towards its
+        address's [limits] client_errors."""
+        error = reply.code >= 500 or reply.code in (421,)
+        if error:
             self.errors += 1
         self.send(reply)
+        if error and not login:
+            self.factory.failed_command(self).addCallback(self._too_many_failed)
         if self.errors > self.cfg.max_errors and not self.closing:
             self.log.warn("too many errors ({errors}) from {peer}", errors=self.errors,
                           peer=self.peer_host)
             self.close_with(codes.TOO_MANY_ERRORS)
+
+    def _too_many_failed(self, sentence: Optional[str]) -> None:
+        if sentence is not None and not self.closing:
+            self.close_with(Reply(421, "4.7.0", sentence))
 
     # -- input ----------------------------------------------------------------------
 
@@ -389,7 +397,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
     def _auth_error(self, failure: Failure) -> None:
         self.sasl = None
         if failure.check(sasl.Cancelled):
-            self.reply(codes.AUTH_CANCELLED)
+            self.reply(codes.AUTH_CANCELLED, login=True)
         elif failure.check(sasl.SASLError):
             self.reply(codes.BAD_SYNTAX)
         else:
@@ -421,7 +429,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 return
             meters.auth(attempt.mechanism.lower(), False)
             self.reply(codes.PASSWORD_EXPIRED if failure.check(PasswordExpired)
-                       else codes.AUTH_FAILED)
+                       else codes.AUTH_FAILED, login=True)
         return d.addCallbacks(ok, failed)
 
     # -- the transaction --------------------------------------------------------------
@@ -798,8 +806,11 @@ class SMTPFactory(ServiceFactory):
     def make_protocol(self, addr: Any) -> SMTPServerSession:
         return SMTPServerSession(self)
 
-    def refuse(self, addr: Any, reason: str) -> Protocol:
-        return Refuser(Reply(421, "4.7.0", f"{self.hostname} {reason}").render())
+    def refusal_line(self, reason: str, kind: str) -> bytes:
+        # RFC 3463: 4.3.2 "system not accepting network messages"; 4.7.0 for the
+        # limits (of connections, of failed commands).
+        status = "4.3.2" if kind == MEMORY else "4.7.0"
+        return Reply(421, status, f"{self.hostname} {reason}").render()
 
 
 def inbound_policy(listener: ListenerConfig, services: Any) -> InboundPolicy:

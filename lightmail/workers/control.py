@@ -59,7 +59,8 @@ class Ready(amp.Command):
 
 class Admit(amp.Command):
     arguments = [(b"listener", amp.Unicode()), (b"host", amp.Unicode())]
-    response = [(b"refusal", amp.Unicode())]        # "" when admitted
+    # "" when admitted; kind: why not (listeners.CONNECTIONS, MEMORY...).
+    response = [(b"refusal", amp.Unicode()), (b"kind", amp.Unicode(optional=True))]
 
 
 class Release(amp.Command):

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from lightmail.config import Config
 from lightmail.imap.hub import MailboxHub
-from lightmail.listeners import ConnectionLimits, ListenerService
+from lightmail.listeners import MEMORY, SHUTTING_DOWN, ConnectionLimits, ListenerService
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.pop3.maildrop import Locks
 from lightmail.reload.interfaces import IReloadable, ReloadRefused, Switch
@@ -71,7 +71,11 @@ class WorkerLink(control.Link):
         if limits is None:
             return {"refusal": "no such listener"}
         if self.pool.draining:
-            return {"refusal": "shutting down"}
+            return {"refusal": "shutting down", "kind": SHUTTING_DOWN}
+        # The memory of every process is measured here: refused for all of them.
+        memory = self.pool.services.memory.refusal()
+        if memory is not None:
+            return {"refusal": memory, "kind": MEMORY}
         refusal = limits.admit(host)
         if refusal is None:
             self.connections[(listener, host)] += 1
@@ -282,6 +286,12 @@ class WorkerPool(Service):
         self.transports[index].closeChildFD(0)
         self.log.info("worker {index} started (pid {pid})", index=index,
                       pid=self.transports[index].pid)
+
+    def pids(self) -> dict[str, int]:
+        """The running workers' process ids, by name (the memory watchdog measures
+        each: lightmail/resources.py)."""
+        return {f"worker {index}": transport.pid
+                for index, transport in self.transports.items() if transport.pid}
 
     def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:
         index = process.index

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -20,7 +20,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.imap.hub import MailboxHub
-from lightmail.listeners import ConnectionLimits, TrackedProtocol, TrackingFactory
+from lightmail.listeners import (
+    CONNECTIONS,
+    SHUTTING_DOWN,
+    ConnectionLimits,
+    Handover,
+    Refusal,
+    TrackedProtocol,
+    TrackingFactory,
+)
 from lightmail.pop3.maildrop import Locks
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
@@ -93,33 +101,39 @@ class RemoteKick:
         control.notify(self.link, control.Kick)
 
 
-@implementer(IHandshakeListener)
-class Admission(Protocol):
+class Admission(Handover):
     """A connection waiting for the main process to admit it under the listener's
-    limits; then the real protocol (or the listener's refusal) takes over, and what
-    the client sent meanwhile is passed on."""
+    limits (after this worker's own screen: the address's failed commands); then the
+    real protocol (or the listener's refusal) takes over, and what the client sent
+    meanwhile is passed on."""
 
     log = Logger()
 
     def __init__(self, factory: AdmittingFactory, addr: Any) -> None:
+        super().__init__()
         self.admitting = factory
         self.addr = addr
         self.host = getattr(addr, "host", "") or "local"
-        self.inner: Optional[Protocol] = None
         self.session: Optional[TrackedProtocol] = None    # the admitted one
-        self.early: list[bytes] = []
         self.admitted = False
-        self.lost = False
-        # Implicit TLS: the handshake may end before the main process answers.
-        self.handshake_done = False
 
     def connectionMade(self) -> None:
         inner = self.admitting.inner
         if inner.draining:
-            self._take_over(inner.refuse(self.addr, "shutting down"))
+            self.take_over(inner.refuse(self.addr, "shutting down", SHUTTING_DOWN))
+            return
+        d = defer.maybeDeferred(inner.screen, self.host)
+        d.addCallbacks(self._screened, self._failed)
+
+    def _screened(self, refusal: Optional[Refusal]) -> None:
+        if self.lost:
+            return
+        if refusal is not None:
+            self.take_over(self.admitting.inner.refuse(self.addr, refusal.text,
+                                                       refusal.kind))
             return
         d = control.ask(self.admitting.link, control.Admit, listener=self.admitting.name,
-                                           host=self.host)
+                        host=self.host)
         d.addCallbacks(self._answered, self._failed)
 
     def _answered(self, answer: dict[str, Any]) -> None:
@@ -131,46 +145,20 @@ class Admission(Protocol):
             return
         inner = self.admitting.inner
         if refusal:
-            self._take_over(inner.refuse(self.addr, refusal))
+            self.take_over(inner.refuse(self.addr, refusal,
+                                        answer.get("kind") or CONNECTIONS))
         else:
             self.session = inner.admitted(self.addr, self.host)
-            self._take_over(inner.tap(self.session))
+            self.take_over(inner.tap(self.session))
 
     def _failed(self, failure: Failure) -> None:
         self.log.warn("no admission from the main process: {error}",
                       error=failure.getErrorMessage())
         if not self.lost and self.transport is not None:
-            self._take_over(self.admitting.inner.refuse(self.addr, "shutting down"))
+            self.take_over(self.admitting.inner.refuse(self.addr, "shutting down",
+                                                       SHUTTING_DOWN))
 
-    def _take_over(self, inner: Optional[Protocol]) -> None:
-        assert self.transport is not None
-        if inner is None:
-            self.transport.loseConnection()
-            return
-        self.inner = inner
-        inner.makeConnection(self.transport)
-        if self.handshake_done:
-            self.handshakeCompleted()
-        early, self.early = self.early, []
-        for data in early:
-            inner.dataReceived(data)
-
-    def handshakeCompleted(self) -> None:
-        """Passed on to the session (it counts TLS versions), once there is one."""
-        self.handshake_done = True
-        if self.inner is not None and IHandshakeListener.providedBy(self.inner):
-            self.inner.handshakeCompleted()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.dataReceived(data)
-        else:
-            self.early.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self.lost = True
-        if self.inner is not None:
-            self.inner.connectionLost(reason)
+    def ended(self) -> None:
         self._release()
 
     def _release(self) -> None:

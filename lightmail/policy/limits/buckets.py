@@ -4,7 +4,9 @@ processes and nodes share them.
 A bucket holds up to ``burst`` tokens and gains ``rate`` a second; taking ``cost``
 tokens succeeds when it holds that many.  :meth:`IRateLimiter.take` answers 0.0
 when they were taken, else the seconds until they would be there (the bucket is
-left as it was: a refused client does not dig itself deeper).
+left as it was: a refused client does not dig itself deeper).  :meth:`IRateLimiter.peek`
+answers the same question without taking anything (a client refused at connect for its
+failed commands does not spend a token by asking again).
 
 * :class:`LocalBuckets`: a dict in this process, bounded (the least recently used
   buckets go first; a forgotten bucket is a full one, which errs on the side of the
@@ -38,6 +40,9 @@ class IRateLimiter(Interface):
         """Take ``cost`` tokens from the bucket ``key`` (``rate`` tokens a second, at
         most ``burst``): 0.0 when taken, else the seconds to wait.  Never fails."""
 
+    def peek(key: str, rate: float, burst: float, cost: float = 1.0) -> Deferred[float]:
+        """What :meth:`take` would answer, taking nothing.  Never fails."""
+
 
 @implementer(IRateLimiter)
 class LocalBuckets:
@@ -67,6 +72,20 @@ class LocalBuckets:
             self._buckets.popitem(last=False)
         return wait
 
+    def peek(self, key: str, rate: float, burst: float, cost: float = 1.0
+             ) -> Deferred[float]:
+        return defer.succeed(self.peek_now(key, rate, burst, cost))
+
+    def peek_now(self, key: str, rate: float, burst: float, cost: float = 1.0) -> float:
+        state = self._buckets.get(key)
+        if state is None:
+            return 0.0              # a bucket never used (or forgotten) is full
+        tokens, then = state
+        tokens = min(burst, tokens + (self.clock() - then) * rate)
+        if tokens >= cost:
+            return 0.0
+        return (cost - tokens) / rate if rate > 0 else float("inf")
+
 
 # KEYS[1] the bucket; ARGV rate, burst, cost.  Returns the wait in microseconds as an
 # integer (Lua numbers become Redis integers).
@@ -93,6 +112,20 @@ redis.call('EXPIRE', KEYS[1], full)
 return math.floor(wait * 1000000)
 """
 
+# The same reckoning, read-only (a bucket that is not there is full).
+PEEK_SCRIPT = """
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]), tonumber(state[2])
+if tokens == nil then return 0 end
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+tokens = math.min(burst, tokens + (t - at) * rate)
+if tokens >= cost then return 0 end
+if rate > 0 then return math.floor((cost - tokens) / rate * 1000000) end
+return 86400000000
+"""
+
 
 @implementer(IRateLimiter)
 class RedisBuckets:
@@ -104,7 +137,15 @@ class RedisBuckets:
 
     def take(self, key: str, rate: float, burst: float, cost: float = 1.0
              ) -> Deferred[float]:
-        d: Deferred[Any] = self.redis.eval(TAKE_SCRIPT, keys=[self.prefix + key],
+        return self._run(TAKE_SCRIPT, key, rate, burst, cost)
+
+    def peek(self, key: str, rate: float, burst: float, cost: float = 1.0
+             ) -> Deferred[float]:
+        return self._run(PEEK_SCRIPT, key, rate, burst, cost)
+
+    def _run(self, script: str, key: str, rate: float, burst: float, cost: float
+             ) -> Deferred[float]:
+        d: Deferred[Any] = self.redis.eval(script, keys=[self.prefix + key],
                                            args=[repr(rate), repr(burst), repr(cost)])
         return d.addCallback(lambda micros: int(micros) / 1_000_000)
 
@@ -154,7 +195,16 @@ class FallingBackBuckets:
 
     def take(self, key: str, rate: float, burst: float, cost: float = 1.0
              ) -> Deferred[float]:
-        d = self.primary.take(key, rate, burst, cost)
+        return self._ask("take", key, rate, burst, cost)
+
+    def peek(self, key: str, rate: float, burst: float, cost: float = 1.0
+             ) -> Deferred[float]:
+        return self._ask("peek", key, rate, burst, cost)
+
+    def _ask(self, what: str, key: str, rate: float, burst: float, cost: float
+             ) -> Deferred[float]:
+        primary = self.primary.take if what == "take" else self.primary.peek
+        d = primary(key, rate, burst, cost)
         d.addTimeout(self.timeout, self.clock)
 
         def answered(wait: float) -> float:
@@ -172,5 +222,6 @@ class FallingBackBuckets:
                          else "no limits")
             if self.fallback is None:
                 return 0.0
-            return self.fallback.take(key, rate, burst, cost)
+            fallback = self.fallback.take if what == "take" else self.fallback.peek
+            return fallback(key, rate, burst, cost)
         return d.addCallbacks(answered, failed)

@@ -107,14 +107,14 @@ class LimitsCheck(InboundCheck):
                          subject=subject, peer=session.peer, wait=wait,
                          conn_id=session.conn_id)
                 text = (f"Rate limit reached: at most {count} {what} per "
-                        f"{_period(period)} {whose.format(subject)}; try again in "
+                        f"{period_words(period)} {whose.format(subject)}; try again in "
                         f"{max(1, round(wait))} s")
                 return Reply(421 if connect else 450, "4.7.0" if connect else "4.7.1",
                              text)
         return None
 
 
-def _period(seconds: float) -> str:
+def period_words(seconds: float) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds % size == 0:
             count = int(seconds // size)
