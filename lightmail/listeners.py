@@ -113,6 +113,36 @@ class TrackedProtocol(Protocol):
             self._conn_id = new_id()
         return self._conn_id
 
+    #: Error replies whose spending ([limits] client_errors) is not answered yet (the
+    #: bucket is in Redis): the session runs no further command until it is, so that
+    #: it closes at the error that empties the bucket, however fast the client.
+    errors_pending: int = 0
+    _errors_held: bool = False
+
+    def spend_error(self) -> None:
+        """An error reply this protocol counts against its address's failed commands
+        ([limits] client_errors)."""
+        self.errors_pending += 1
+        self.factory.failed_command(self).addCallback(self._error_spent)
+        if self.errors_pending:
+            self._errors_held = True            # answered later: input waits
+
+    def _error_spent(self, sentence: Optional[str]) -> None:
+        self.errors_pending -= 1
+        if sentence is not None:
+            self.close_for_errors(sentence)
+        elif not self.errors_pending and self._errors_held:
+            self._errors_held = False
+            self.resume_input()
+
+    def close_for_errors(self, sentence: str) -> None:
+        """The address has failed too many commands: say ``sentence`` and close."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def resume_input(self) -> None:
+        """Run the commands that waited for the error's spending."""
+
     def handshakeCompleted(self) -> None:
         # ISSLTransport's getHandle: pyOpenSSL's Connection, handshake done.
         transport: Any = ISSLTransport(self.transport)
@@ -253,6 +283,12 @@ class TrackingFactory(Factory):
         """What the transport talks to: ``proto``, or its transcript's tap in front
         of it (ServiceFactory; the one place a session's octets can be seen)."""
         return proto
+
+    def failed_command(self, proto: TrackedProtocol) -> defer.Deferred[Optional[str]]:
+        """A command of ``proto``'s failed (an error reply the protocol counts): None,
+        or the sentence to close it with, the client's address having failed too
+        many ([limits] client_errors)."""
+        return defer.succeed(None)
 
     def refuse(self, addr: Any, reason: str, kind: str = CONNECTIONS) -> Optional[Protocol]:
         """A protocol that tells the client ``reason`` and hangs up; None just closes.
@@ -455,9 +491,6 @@ class ServiceFactory(TrackingFactory):
         return Refusal(errors, CLIENT_ERRORS) if errors else None
 
     def failed_command(self, proto: TrackedProtocol) -> defer.Deferred[Optional[str]]:
-        """A command of ``proto``'s failed (an error reply the protocol counts): None,
-        or the sentence to close it with, the client's address having failed too
-        many ([limits] client_errors)."""
         if not self.counts_client_errors:
             return defer.succeed(None)
         return self.services.client_errors.failed(proto.peer_host, proto.conn_id)

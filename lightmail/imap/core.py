@@ -387,7 +387,8 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         and go on: a deflate bomb is refused by the line and literal limits without
         ever being held inflated.  While a command is busy the rest waits compressed
         (``_done`` comes back to it)."""
-        while self.inflater is not None and not self.busy and not self.closing:
+        while (self.inflater is not None and not self.busy and not self.closing
+               and not self.errors_pending):
             try:
                 data = self.inflater.inflate(self.reader.room())
             except zlib.error:
@@ -399,7 +400,7 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
             self.process()
 
     def process(self) -> None:
-        while not self.busy and not self.closing:
+        while not self.busy and not self.closing and not self.errors_pending:
             if time.monotonic() > self._slice_end:
                 self._take_turn()
                 return
@@ -486,14 +487,18 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         """A command answered BAD: it counts against the session's max_errors, and
         against the address's [limits] client_errors."""
         self.errors += 1
-        self.factory.failed_command(self).addCallback(self._too_many_failed)
+        self.spend_error()
         if self.errors > self.cfg.max_errors and not self.closing:
             self.log.warn("too many errors from {peer}", peer=self.peer_host)
             self.close_with("* BYE Too many invalid commands")
 
-    def _too_many_failed(self, sentence: Optional[str]) -> None:
-        if sentence is not None and not self.closing:
+    def close_for_errors(self, sentence: str) -> None:
+        if not self.closing:
             self.close_with(f"* BYE [LIMIT] {sentence}")
+
+    def resume_input(self) -> None:
+        if not self.busy and not self.closing:
+            self.take_input()
 
     # Lines that arrive while a command waits for them, routed by process():
     def _idle_line(self, line: bytes) -> None:

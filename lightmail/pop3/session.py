@@ -142,14 +142,18 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
         self.write(f"-ERR {text}\r\n".encode())
         self.errors += 1
         if counts:
-            self.factory.failed_command(self).addCallback(self._too_many_failed)
+            self.spend_error()
         if self.errors > self.cfg.max_errors and not self.closing:
             self.log.warn("too many errors from {peer}", peer=self.peer_host)
             self.close_with("-ERR Too many errors, closing")
 
-    def _too_many_failed(self, sentence: Optional[str]) -> None:
-        if sentence is not None and not self.closing:
+    def close_for_errors(self, sentence: str) -> None:
+        if not self.closing:
             self.close_with(f"-ERR [SYS/TEMP] {sentence}")
+
+    def resume_input(self) -> None:
+        if self.buffer and not self.busy and not self.closing:
+            self.process()
 
     def multiline(self, first: str, lines: list[str]) -> None:
         body = "".join(f"{line}\r\n" for line in lines)
@@ -172,7 +176,7 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
 
     def process(self) -> None:
         turn_ends = time.monotonic() + INPUT_SLICE
-        while self.buffer and not self.busy and not self.closing:
+        while self.buffer and not self.busy and not self.closing and not self.errors_pending:
             if time.monotonic() > turn_ends:
                 # The rest waits for the next reactor turn (listeners.INPUT_SLICE).
                 from twisted.internet import reactor, task

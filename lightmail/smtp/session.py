@@ -166,15 +166,19 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             self.errors += 1
         self.send(reply)
         if error and not login:
-            self.factory.failed_command(self).addCallback(self._too_many_failed)
+            self.spend_error()
         if self.errors > self.cfg.max_errors and not self.closing:
             self.log.warn("too many errors ({errors}) from {peer}", errors=self.errors,
                           peer=self.peer_host)
             self.close_with(codes.TOO_MANY_ERRORS)
 
-    def _too_many_failed(self, sentence: Optional[str]) -> None:
-        if sentence is not None and not self.closing:
+    def close_for_errors(self, sentence: str) -> None:
+        if not self.closing:
             self.close_with(Reply(421, "4.7.0", sentence))
+
+    def resume_input(self) -> None:
+        if self.buffer and not self.busy and not self.closing:
+            self.process()
 
     # -- input ----------------------------------------------------------------------
 
@@ -187,7 +191,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
     def process(self) -> None:
         turn_ends = time.monotonic() + INPUT_SLICE
-        while self.buffer and not self.busy and not self.closing:
+        while self.buffer and not self.busy and not self.closing and not self.errors_pending:
             if time.monotonic() > turn_ends:
                 # The rest waits for the next reactor turn (listeners.INPUT_SLICE).
                 from twisted.internet import reactor, task

@@ -115,7 +115,8 @@ class LimitsCheck(InboundCheck):
 
 
 def period_words(seconds: float) -> str:
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+    """"hour", "10 minutes", "second", "1.5 seconds": the DURATION of N/DURATION."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         if seconds % size == 0:
             count = int(seconds // size)
             return unit if count == 1 else f"{count} {unit}s"
