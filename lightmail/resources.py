@@ -42,6 +42,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _NO_V1_LIMIT = 1 << 60
 MB = 1024 * 1024
 
+log = Logger(namespace="lightmail.resources")
+
 
 class IMemoryGuard(Interface):
     def refusal() -> Optional[str]:
@@ -171,7 +173,6 @@ class MemoryWatchdog(Service):
     changes the ceiling); :meth:`watch` adds the other processes to measure."""
 
     name = "memory"
-    log = Logger(namespace="lightmail.resources")
 
     def __init__(self, settings: Callable[[], ServerConfig], metrics: IMetrics,
                  clock: Any = None) -> None:
@@ -214,7 +215,7 @@ class MemoryWatchdog(Service):
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self._interval, now=True).addErrback(
-            lambda f: self.log.failure("memory watchdog stopped", f))
+            lambda f: log.failure("memory watchdog stopped", f))
 
     def _tick(self) -> None:
         self.check()
@@ -251,18 +252,18 @@ class MemoryWatchdog(Service):
             self.refusing = over
             self._logged_at = now
             if over:
-                self.log.warn("memory: {reading}: refusing new connections",
+                log.warn("memory: {reading}: refusing new connections",
                               reading=reading.describe(), event="memory_pressure",
                               state="refusing", used=used, ceiling=ceiling)
             else:
-                self.log.info("memory: {reading}: accepting new connections again",
+                log.info("memory: {reading}: accepting new connections again",
                               reading=reading.describe(), event="memory_pressure",
                               state="accepting", used=used, ceiling=ceiling)
         elif self._logged_at is None or (
                 server.memory_log_interval
                 and now - self._logged_at >= server.memory_log_interval):
             self._logged_at = now
-            self.log.info("memory: {reading}", reading=reading.describe(), used=used,
+            log.info("memory: {reading}", reading=reading.describe(), used=used,
                           ceiling=ceiling)
         self.metrics.memory(used, ceiling or 0, self.refusing)
         return reading
