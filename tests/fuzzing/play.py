@@ -209,12 +209,12 @@ class POP3Adapter(Adapter):
         super().instrument(proto, dispatched)
         err = proto.err
 
-        def answered(text: str) -> None:
+        def answered(text: str, counts: bool = True) -> None:
             # A line too long is answered without being taken as a command: it still
             # has its place among the replies the oracle reads in order.
             if text == "Line too long":
                 dispatched.append(b"")
-            err(text)
+            err(text, counts)
         proto.err = answered
 
     def resync(self, proto: Any) -> bytes | None:
