@@ -74,7 +74,7 @@ class Zone:
         if self.pattern:
             octets = address.packed
             return all(allowed is None or octet in allowed
-                       for octet, allowed in zip(octets, self.pattern))
+                       for octet, allowed in zip(octets, self.pattern, strict=True))
         return address in _LOOPBACK and address not in _REFUSED
 
 
@@ -102,7 +102,9 @@ def parse_zone(text: str) -> Zone:
 
 
 def _pattern(raw: str, text: str) -> tuple[Optional[frozenset[int]], ...]:
-    octets = raw.split(".")
+    octet_re = r"(\d+|\[[\d.;]+\])"
+    found = re.fullmatch(r"\.".join([octet_re] * 4), raw)
+    octets = list(found.groups()) if found else []
     if len(octets) != 4:
         raise ZoneError(f"expected four octets such as 127.0.0.[2..11], got {raw!r} "
                         f"in {text!r}")
@@ -213,7 +215,7 @@ class Lookups:
         def failed(failure: Any) -> None:
             if failure.check(NoSuchDomain):
                 return None
-            error = ("no answer within {:g} s".format(timeout)
+            error = (f"no answer within {timeout:g} s"
                      if failure.check(defer.TimeoutError, defer.CancelledError)
                      else failure.getErrorMessage())
             if not failure.check(DNSError, defer.TimeoutError, defer.CancelledError):

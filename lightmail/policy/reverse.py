@@ -90,7 +90,7 @@ class ReverseLookup:
         answers = await defer.gatherResults(
             [self._addresses(forward(name), timeout) for name in names])
         errors = []
-        for name, found in zip(names, answers):
+        for name, found in zip(names, answers, strict=True):
             if isinstance(found, str):
                 errors.append(f"{name}: {found}")
             elif address in found:

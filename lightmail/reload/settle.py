@@ -52,6 +52,12 @@ LIVE: Mapping[str, frozenset[str]] = {
     "limits": frozenset({"client_connections", "client_messages", "network_messages",
                          "client_recipients", "user_messages", "user_recipients",
                          "sender_domain_messages", "recipient_domain_recipients"}),
+    # The greylist check reads its rules at each recipient; the store stays.
+    "greylist": frozenset({"delay", "unconfirmed_expiry", "confirmed_expiry",
+                           "auto_allow", "spf_pass_domains"}),
+    # The dnsbl and reverse checks read theirs at each session and recipient.
+    "dnsbl": EVERY,
+    "reverse": EVERY,
     # The arc check reads [arc] at each message; the sealer is made anew.
     "arc": EVERY,
     # The checker and the reports take the section (and the suffix list, read
