@@ -83,7 +83,8 @@ class ReverseLookup:
         except Exception:
             log.failure("the PTR lookup of {ip} failed", ip=ip)
             return ReverseResult("temperror", ip, reason="PTR lookup failed")
-        names = list(dict.fromkeys(name.lower() for name in names))[:MAX_NAMES]
+        # Sorted: DNS gives a set in any order, and the log should not change.
+        names = sorted({name.lower() for name in names})[:MAX_NAMES]
         if not names:
             return ReverseResult("none", ip, reason="no PTR record")
         forward = self.resolver.a if address.version == 4 else self.resolver.aaaa
