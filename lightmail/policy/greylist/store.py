@@ -96,11 +96,13 @@ class IGreylistStore(Interface):
 @implementer(IGreylistStore)
 class SQLGreylist:
     """Triplets in the database (every process and node shares them); expired
-    entries are deleted at most once an hour, after an attempt."""
+    entries are deleted every ``clean_every`` seconds (of the caller's clock), after
+    an attempt."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clean_every: float = CLEANUP_EVERY) -> None:
         self.db = db
-        self._cleaned_at = 0.0
+        self.clean_every = clean_every
+        self._cleaned_at = float("-inf")
 
     def attempt(self, triplet: Triplet, now: float, rules: Rules) -> Deferred[Verdict]:
         # A lost greylist entry costs a client one more retry: no need to wait for
@@ -113,7 +115,7 @@ class SQLGreylist:
             failure.trap(sa.exc.IntegrityError)
             return self.db.write_unsynced(_attempt, triplet, int(now * 1000), rules)
         d.addErrback(again)
-        if now - self._cleaned_at >= CLEANUP_EVERY:
+        if now - self._cleaned_at >= self.clean_every:
             self._cleaned_at = now
             cleaned = self.db.write_unsynced(_clean, int(now * 1000), rules)
             cleaned.addErrback(lambda failure: log.failure(
