@@ -1719,8 +1719,7 @@ class AccessConfig:
 
 
 def parse_zones(raw: str, base: Path) -> tuple[Zone, ...]:
-    """DNS list zones, comma-separated: ZONE[=PATTERN|&MASK][*WEIGHT] as Postfix's
-    postscreen_dnsbl_sites (zen.spamhaus.org=127.0.0.[2..11]*3)"""
+    """DNS list zones, ZONE[=PATTERN|&MASK][*WEIGHT], comma-separated"""
     from lightmail.policy.dnsbl import ZoneError, parse_zone
     zones = []
     for item in parse_list(raw, base):
@@ -1741,15 +1740,15 @@ class GreylistConfig:
     delay: float = option(
         300.0, parse_duration(minimum=0.0),
         "How long a new triplet waits: a retry before then is refused again (the "
-        "wait does not start over).")
+        "wait does not start over).", shown_default="5m")
     unconfirmed_expiry: float = option(
         86400.0, parse_duration(minimum=1.0),
         "How long a triplet that was refused waits for its retry: one that comes "
-        "later is new again.")
+        "later is new again.", shown_default="1d")
     confirmed_expiry: float = option(
         35 * 86400.0, parse_duration(minimum=1.0),
         "How long a triplet that passed (and a client network that was auto-allowed) "
-        "is remembered after it was last seen.")
+        "is remembered after it was last seen.", shown_default="35d")
     auto_allow: int = option(
         5, parse_int(0),
         "After this many retries that passed, the client's network (its /24 or /64) "
