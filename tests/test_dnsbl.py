@@ -7,6 +7,7 @@ LightMail hit by smtplib (from 127.0.0.1 and ::1)."""
 
 from __future__ import annotations
 
+import gc
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from twisted.logger import globalLogPublisher
 from lightmail.config import ConfigError, parse_config
 from lightmail.dns import Resolver
 from lightmail.policy.dnsbl import Lookups, ZoneError, address_query, domain_query, parse_zone
+from lightmail.policy.inbound.memo import SessionMemo
 from lightmail.policy.inbound.reverse import refusal
 from lightmail.policy.reverse import ReverseLookup, ReverseResult
 
@@ -338,3 +340,17 @@ def test_the_client_name_is_logged_and_required(tmp_path: Path, dns: DNSServer,
                                 "hostname, [::1]; try again later")
     finally:
         yield server.stop()
+
+
+def test_what_a_check_keeps_goes_with_the_session() -> None:
+    class Session:
+        pass
+    memo: SessionMemo[str] = SessionMemo()
+    one, two = Session(), Session()
+    memo.set(one, "a")
+    memo.set(one, "b")
+    memo.set(two, "c")
+    assert (memo.get(one), memo.get(two), len(memo)) == ("b", "c", 2)
+    del one
+    gc.collect()
+    assert len(memo) == 1 and memo.get(two) == "c"

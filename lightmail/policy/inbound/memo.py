@@ -6,7 +6,8 @@ starts something at connect and decides later (a DNS lookup started before the
 greeting, looked at by RCPT TO, as Postfix's smtpd_delay_reject does) keeps it in a
 :class:`SessionMemo`, which forgets it when the session object goes away: no step
 says when a session ends, and a memo that waited for one would grow with every
-client that vanished.
+client that vanished.  :class:`Shared` is what such a check keeps: the result of a
+lookup that several steps may wait for.
 """
 
 from __future__ import annotations
