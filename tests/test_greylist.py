@@ -345,3 +345,19 @@ def test_redis_down_lets_mail_through(tmp_path: Path, dns: DNSServer) -> Any:
         assert (yield send(server.ports["grey"])) == (250, "")
     finally:
         yield server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_fails_lets_mail_through_and_says_so_once(
+        events: list[dict[str, Any]]) -> None:
+    class Broken:
+        def attempt(self, triplet: Triplet, now: float, rules: Rules) -> Any:
+            return defer.fail(sa.exc.OperationalError("select", {}, Exception("gone")))
+    config = parse_config("")
+    check = GreylistCheck(Greylist(Broken()), lambda: config.greylist)
+    session = SimpleNamespace(peer="192.0.2.7", account=None, conn_id="c1")
+    for _ in range(3):
+        assert await check.rcpt(session, SimpleNamespace(mail_from="a@b.test"),
+                                "bob@example.test", Findings()) is None
+    said = [e for e in events if "greylisting failed" in str(e.get("log_format"))]
+    assert len(said) == 1

@@ -43,6 +43,7 @@ class GreylistCheck(InboundCheck):
     def __init__(self, greylist: Greylist, settings: Callable[[], Any]) -> None:
         self.greylist = greylist
         self.settings = settings        # the current [greylist] section
+        self.failing = False            # said once, until an attempt succeeds
 
     def rcpt(self, session: Any, tx: Any, address: str,
              findings: Findings) -> Deferred[Any]:
@@ -59,6 +60,9 @@ class GreylistCheck(InboundCheck):
         d = self.greylist.attempt(triplet, rules)
 
         def decide(verdict: Verdict) -> Optional[Reply]:
+            if self.failing:
+                self.failing = False
+                log.info("greylisting works again")
             fields = dict(peer=session.peer, network=triplet.network,
                           sender=tx.mail_from, rcpt=address, why=verdict.why,
                           conn_id=session.conn_id)
@@ -74,10 +78,13 @@ class GreylistCheck(InboundCheck):
             return Reply(451, "4.7.1", f"Greylisted: try again in {wait} seconds")
 
         def failed(failure: Any) -> None:
-            # The stores fall back by themselves; anything else is a bug, and a bug
-            # lets mail in rather than holding it forever.
-            log.failure("greylisting failed; letting the recipient pass", failure,
-                        conn_id=session.conn_id)
+            # The Redis store falls back by itself; this is the database away (or a
+            # bug), which lets mail in rather than holding it: said once, not per
+            # recipient.
+            if not self.failing:
+                self.failing = True
+                log.failure("greylisting failed; letting recipients pass until it "
+                            "works again", failure, conn_id=session.conn_id)
             return None
         return d.addCallbacks(decide, failed)
 
