@@ -56,7 +56,6 @@ from lightmail.policy.arc.verify import ARCVerifier
 from lightmail.policy.clamav import ClamdScanner
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.dmarc import DMARCChecker, DMARCReports, ReportSettings, load_suffixes
-from lightmail.policy.interfaces import IContentScanner, ISpamScanner, ITrainer
 from lightmail.policy.greylist import (
     FallingBackGreylist,
     Greylist,
@@ -64,6 +63,7 @@ from lightmail.policy.greylist import (
     RedisGreylist,
     SQLGreylist,
 )
+from lightmail.policy.interfaces import IContentScanner, ISpamScanner, ITrainer
 from lightmail.policy.limits import (
     FallingBackBuckets,
     IRateLimiter,
