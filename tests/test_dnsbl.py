@@ -354,3 +354,5 @@ def test_what_a_check_keeps_goes_with_the_session() -> None:
     del one
     gc.collect()
     assert len(memo) == 1 and memo.get(two) == "c"
+    memo.forget(two)                                  # the chain's session_ended
+    assert memo.get(two) is None and len(memo) == 0

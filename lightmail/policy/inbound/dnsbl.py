@@ -74,10 +74,12 @@ class DNSBLCheck(InboundCheck):
             return defer.succeed(None)
         cfg = self.settings()
         asked = self._ask_client(session, cfg)
+        asked.sender = None                 # (the last transaction's)
+        if not cfg.rhsbl_zones or not cfg.check_helo:
+            asked.helo = None               # (a reload took them away)
         if not cfg.rhsbl_zones:
             return defer.succeed(None)
         domain = tx.mail_from.rpartition("@")[2].lower() if tx.mail_from else ""
-        asked.sender = None
         if domain:
             asked.sender = (domain, Shared(self.lookups.domain(
                 "sender", domain, cfg.rhsbl_zones, cfg.timeout, session.conn_id)))
@@ -126,6 +128,9 @@ class DNSBLCheck(InboundCheck):
         if result is not None and result.listings:
             findings.add_header("X-DNSBL", header_value(result))
         return defer.succeed(None)
+
+    def session_ended(self, session: Any) -> None:
+        self.asked.forget(session)
 
     def _ask_client(self, session: Any, cfg: Any) -> Asked:
         """The session's lookups, the client's started if it was not (a reload may

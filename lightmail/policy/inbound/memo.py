@@ -4,10 +4,12 @@ A transaction's :class:`~lightmail.policy.inbound.findings.Findings` live from M
 FROM to the end of its content; the connect step's only for that step.  A check that
 starts something at connect and decides later (a DNS lookup started before the
 greeting, looked at by RCPT TO, as Postfix's smtpd_delay_reject does) keeps it in a
-:class:`SessionMemo`, which forgets it when the session object goes away: no step
-says when a session ends, and a memo that waited for one would grow with every
-client that vanished.  :class:`Shared` is what such a check keeps: the result of a
-lookup that several steps may wait for.
+:class:`SessionMemo`, and lets go of it at the chain's ``session_ended`` step.  The
+memo also forgets a session when the session object goes away: a connect step still
+running when its client vanished (session_ended came first), or an embedder's
+handler that never says a session ended, does not leave an entry behind for good.
+:class:`Shared` is what such a check keeps: the result of a lookup that several
+steps may wait for.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class SessionMemo(Generic[T]):
             weakref.finalize(session, self._values.pop, key, None)
         self._values[key] = value
         return value
+
+    def forget(self, session: Any) -> None:
+        self._values.pop(id(session), None)
 
     def __len__(self) -> int:
         return len(self._values)

@@ -63,6 +63,9 @@ class ReverseCheck(InboundCheck):
             result_comment=result.name if result.result == "pass" else None,
             properties=[AuthenticationResultProperty("policy", "iprev", result.ip)])]
 
+    def session_ended(self, session: Any) -> None:
+        self.pending.forget(session)
+
     def _pending(self, session: Any) -> Shared[ReverseResult]:
         pending = self.pending.get(session)
         if pending is None:
