@@ -25,9 +25,12 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lightmail.address import AddressError, normalise_address
+
+if TYPE_CHECKING:
+    from lightmail.policy.dnsbl import Zone
 
 __all__ = [
     "BackendConfig",
@@ -1261,10 +1264,13 @@ class ARCConfig:
         shown_default="(none)")
 
 
-INBOUND_CHECKS = ("access", "limits", "spf", "dkim", "arc", "dmarc", "antivirus",
-                  "spam", "milter")
+INBOUND_CHECKS = ("access", "limits", "spf", "reverse", "dnsbl", "greylist", "dkim", "arc",
+                  "dmarc", "antivirus", "spam", "milter")
 #: Checks that need a scanner the admin runs: only where a listener names them.
 SCANNER_CHECKS = ("antivirus", "spam")
+#: Checks that change what a sender meets (refusing clients without a name, asking
+#: every new one to come back): only where a listener names them, as in Postfix.
+OPT_IN_CHECKS = ("reverse", "greylist")
 
 
 def parse_checks(raw: str, base: Path) -> tuple[str, ...]:
@@ -1500,12 +1506,13 @@ class ListenerConfig:
         ("default",), parse_checks,
         "The inbound policy checks run on this listener, among access (the allow- "
         "and blocklists: [access], 'lightmail access'), limits ([limits]), spf, "
-        "dkim, arc, dmarc (see [spf], [dkim], [arc], [dmarc] and [inbound]), "
+        "reverse ([reverse]), dnsbl ([dnsbl]), greylist ([greylist]), dkim, arc, "
+        "dmarc (see [spf], [dkim], [arc], [dmarc] and [inbound]), "
         "antivirus and spam (see [antivirus] and [spam]: scanners you run) and "
         "milter (every [milter:NAME], in the file's order); none: no check.  "
-        "default: all of them but the scanners on an smtp (MX) listener, limits on "
-        "submission, none on LMTP, whose clients are trusted.  On an imap listener "
-        "only antivirus applies (to APPEND).",
+        "default: all of them but the scanners, reverse and greylist on an smtp "
+        "(MX) listener, limits on submission, none on LMTP, whose clients are "
+        "trusted.  On an imap listener only antivirus applies (to APPEND).",
         shown_default="default")
     max_unauthenticated: int = option(
         0, parse_int(0),
@@ -1520,7 +1527,7 @@ class ListenerConfig:
         """The checks as they apply (see ``checks``)."""
         if self.checks == ("default",):
             return {"smtp": tuple(check for check in INBOUND_CHECKS
-                                  if check not in SCANNER_CHECKS),
+                                  if check not in SCANNER_CHECKS + OPT_IN_CHECKS),
                     "submission": ("limits",)}.get(self.protocol, ())
         return self.checks
 
@@ -1778,6 +1785,122 @@ class AccessConfig:
         "'lightmail access' is in force within this time.")
 
 
+def parse_zones(raw: str, base: Path) -> tuple[Zone, ...]:
+    """DNS list zones, ZONE[=PATTERN|&MASK][*WEIGHT], comma-separated"""
+    from lightmail.policy.dnsbl import ZoneError, parse_zone
+    zones = []
+    for item in parse_list(raw, base):
+        try:
+            zones.append(parse_zone(item))
+        except ZoneError as exc:
+            raise _BadValue(str(exc)) from None
+    return tuple(zones)
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    """Greylisting, on listeners whose checks name greylist (it is not among the
+    default ones): the first attempt of a (client /24 or /64, sender, recipient)
+    triplet gets 451 4.7.1, a retry after the delay passes.  Authenticated
+    sessions, trusted and allowlisted clients and senders are not greylisted."""
+
+    delay: float = option(
+        300.0, parse_duration(minimum=0.0),
+        "How long a new triplet waits: a retry before then is refused again (the "
+        "wait does not start over).", shown_default="5m")
+    unconfirmed_expiry: float = option(
+        86400.0, parse_duration(minimum=1.0),
+        "How long a triplet that was refused waits for its retry: one that comes "
+        "later is new again.", shown_default="1d")
+    confirmed_expiry: float = option(
+        35 * 86400.0, parse_duration(minimum=1.0),
+        "How long a triplet that passed (and a client network that was auto-allowed) "
+        "is remembered after it was last seen.", shown_default="35d")
+    auto_allow: int = option(
+        5, parse_int(0),
+        "After this many retries that passed, the client's network (its /24 or /64) "
+        "is not greylisted any more (until it is unseen for confirmed_expiry); 0: "
+        "never.")
+    spf_pass_domains: tuple[str, ...] = option(
+        (), parse_domains,
+        "Sender domains (and their subdomains) that are not greylisted when SPF "
+        "passed for them (the listener needs the spf check): large senders that "
+        "retry from another address each time.",
+        shown_default="(none)")
+    store: str = option(
+        "sql", parse_choice("sql", "redis"),
+        "Where triplets are kept: sql (the database) or redis (at 'redis', keys "
+        "expiring by themselves).")
+    redis: str = option(
+        "127.0.0.1:6379", parse_redis,
+        "The Redis server of store = redis: HOST:PORT or HOST:PORT/DB.")
+    redis_timeout: float = option(
+        0.5, parse_duration(minimum=0.01),
+        "Longest wait for Redis; beyond it (or when it is down) redis_down applies, "
+        "logged once until Redis answers again.")
+    redis_down: str = option(
+        "accept", parse_choice("accept", "sql"),
+        "While Redis does not answer: accept (no greylisting: the mail is not held "
+        "up by our outage) or sql (the SQL store, whose triplets are not Redis's: "
+        "every sender is new there).")
+
+
+@dataclass(frozen=True)
+class DNSBLConfig:
+    """DNS blocklists (RFC 5782) of the dnsbl check: the client's address is looked up
+    at connect, the sender's domain (and the HELO name) at MAIL FROM, in parallel
+    and through the cached resolver; at RCPT TO the weights of the zones that list
+    something are added up, and a score that reaches the threshold refuses each
+    recipient with 550 5.7.1 naming the lists.  A lookup that times out or fails
+    never refuses mail.  With no zones the check does nothing."""
+
+    zones: tuple[Zone, ...] = option(
+        (), parse_zones,
+        "Zones listing client addresses (IPv4 reversed, IPv6 in nibbles): "
+        "ZONE[=PATTERN|&MASK][*WEIGHT], e.g. zen.spamhaus.org=127.0.0.[2..11]*3, "
+        "bl.spamcop.net*2, list.dnswl.org=127.0.[0..255].[1..3]*-5 (postscreen's "
+        "syntax; a negative weight allowlists).  Without a pattern, any answer in "
+        "127.0.0.0/8 counts except 127.255.255.x (a list refusing our queries).",
+        shown_default="(none)")
+    rhsbl_zones: tuple[Zone, ...] = option(
+        (), parse_zones,
+        "Zones listing domain names (RHSBL), asked about the MAIL FROM domain, in the "
+        "same syntax: dbl.spamhaus.org=127.0.1.[2..99]*3.",
+        shown_default="(none)")
+    check_helo: bool = option(
+        False, parse_bool, "Ask the rhsbl_zones about the HELO/EHLO name too.")
+    threshold: int = option(
+        1, parse_int(1),
+        "The score (the sum of the weights of the zones that list the client, its "
+        "HELO name or the sender's domain) that refuses the mail.")
+    timeout: float = option(
+        5.0, parse_duration(minimum=0.1),
+        "Longest wait for a zone's answer; a zone that does not answer in time does "
+        "not list anything (logged).")
+
+
+@dataclass(frozen=True)
+class ReverseConfig:
+    """The reverse check: the client's name from its address's PTR records,
+    forward-confirmed (one of those names has the address among its A or AAAA
+    records).  Logged for every session (client=NAME[IP] fcrdns=pass|fail|none|
+    temperror) and written as iprev in Authentication-Results; refused only when
+    required.  Authenticated sessions, trusted and allowlisted clients are never
+    refused."""
+
+    require: str = option(
+        "no", parse_choice("no", "ptr", "yes"),
+        "no: only log; ptr: refuse clients without a PTR record (550 5.7.25, as "
+        "Postfix's reject_unknown_reverse_client_hostname); yes: refuse those whose "
+        "name does not resolve back to their address too (reject_unknown_client_"
+        "hostname).  A DNS failure is a 450 4.7.25 (RFC 7372).  The refusal comes "
+        "at RCPT TO.")
+    timeout: float = option(
+        5.0, parse_duration(minimum=0.1),
+        "Longest wait for each lookup (the PTR, then the names' addresses); beyond "
+        "it the result is temperror.")
+
+
 @dataclass(frozen=True)
 class TranscriptConfig:
     """Protocol transcripts of chosen sessions, for debugging (lightmail/transcripts/):
@@ -1880,6 +2003,9 @@ SECTIONS: Mapping[str, type] = {
     "inbound": InboundConfig,
     "access": AccessConfig,
     "limits": LimitsConfig,
+    "greylist": GreylistConfig,
+    "dnsbl": DNSBLConfig,
+    "reverse": ReverseConfig,
     "arc": ARCConfig,
     "srs": SRSConfig,
     "dmarc": DMARCConfig,
@@ -1917,6 +2043,9 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
+    reverse: ReverseConfig = field(default_factory=ReverseConfig)
     arc: ARCConfig = field(default_factory=ARCConfig)
     srs: SRSConfig = field(default_factory=SRSConfig)
     dmarc: DMARCConfig = field(default_factory=DMARCConfig)

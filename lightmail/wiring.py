@@ -56,6 +56,13 @@ from lightmail.policy.arc.verify import ARCVerifier
 from lightmail.policy.clamav import ClamdScanner
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.dmarc import DMARCChecker, DMARCReports, ReportSettings, load_suffixes
+from lightmail.policy.greylist import (
+    FallingBackGreylist,
+    Greylist,
+    IGreylistStore,
+    RedisGreylist,
+    SQLGreylist,
+)
 from lightmail.policy.interfaces import IContentScanner, ISpamScanner, ITrainer
 from lightmail.policy.limits import (
     FallingBackBuckets,
@@ -76,6 +83,7 @@ from lightmail.queue.runner import QueueRunner
 from lightmail.queue.wake import WAKE_NAME
 from lightmail.resources import IMemoryGuard, MemoryWatchdog, NoMemoryGuard
 from lightmail.storage.blobs import FilesystemBlobStore
+from lightmail.storage.database import Database
 from lightmail.storage.interfaces import IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.service import StorageService
@@ -139,6 +147,8 @@ class Services:
     limiter: IRateLimiter
     #: Failed commands per client address ([limits] client_errors), in ``limiter``.
     client_errors: ClientErrors
+    #: Greylisting's triplets (in SQL or Redis) and its clock.
+    greylist: Greylist
     #: The inbound chain's evaluators, shared by every listener's checks.
     spf: SPFChecker
     dkim_verifier: DKIMVerifier
@@ -272,6 +282,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                         access=access,
                         limiter=limiter,
                         client_errors=ClientErrors(limiter, lambda: config_now().limits),
+                        greylist=Greylist(make_greylist_store(config, storage.db)),
                         spf=SPFChecker(resolver, time_limit=config.spf.time_limit,
                                        receiver=config.hostname),
                         dkim_verifier=DKIMVerifier(resolver), arc_verifier=ARCVerifier(resolver),
@@ -311,6 +322,17 @@ def make_limiter(config: Config) -> IRateLimiter:
     fallback = LocalBuckets() if limits.redis_down == "local" else None
     return FallingBackBuckets(RedisBuckets(LazyRedis(limits.redis)), fallback,
                               timeout=limits.redis_timeout)
+
+
+def make_greylist_store(config: Config, db: Database) -> IGreylistStore:
+    """[greylist] store: SQL, or Redis with the fallback of redis_down (accept: no
+    greylisting while it is away).  The Redis connection is made at the first use."""
+    cfg = config.greylist
+    if cfg.store == "sql":
+        return SQLGreylist(db)
+    fallback = SQLGreylist(db) if cfg.redis_down == "sql" else None
+    return FallingBackGreylist(RedisGreylist(LazyRedis(cfg.redis)), fallback,
+                               timeout=cfg.redis_timeout)
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

@@ -57,6 +57,12 @@ LIVE: Mapping[str, frozenset[str]] = {
                          # read by each new session, and at each failed command
                          "imap_commands", "pop3_commands", "command_overrun",
                          "client_errors"}),
+    # The greylist check reads its rules at each recipient; the store stays.
+    "greylist": frozenset({"delay", "unconfirmed_expiry", "confirmed_expiry",
+                           "auto_allow", "spf_pass_domains"}),
+    # The dnsbl and reverse checks read theirs at each session and recipient.
+    "dnsbl": EVERY,
+    "reverse": EVERY,
     # The arc check reads [arc] at each message; the sealer is made anew.
     "arc": EVERY,
     # The checker and the reports take the section (and the suffix list, read

@@ -260,6 +260,30 @@ spam_lessons = sa.Table(
     sa.Index(None, "next_attempt"),
 )
 
+# Greylisting (lightmail/policy/greylist): one row per (client network, sender,
+# recipient) triplet, keyed by the SHA-256 of the three (MariaDB cannot index two
+# 320-character addresses in one key); and the count of retries that passed per
+# client network, for auto-allowing it.
+greylist_triplets = sa.Table(
+    "greylist_triplets", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),       # hex SHA-256
+    sa.Column("network", sa.String(64), nullable=False),     # the client's /24 or /64
+    sa.Column("sender", ADDRESS, nullable=False),            # "" for the null sender
+    sa.Column("recipient", ADDRESS, nullable=False),
+    sa.Column("first_seen", TIMESTAMP, nullable=False),
+    sa.Column("last_seen", TIMESTAMP, nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index(None, "last_seen"),
+)
+
+greylist_networks = sa.Table(
+    "greylist_networks", metadata,
+    sa.Column("network", sa.String(64), primary_key=True),
+    sa.Column("passes", sa.Integer, nullable=False),
+    sa.Column("last_seen", TIMESTAMP, nullable=False),
+    sa.Index(None, "last_seen"),
+)
+
 QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")
 
 # TLS-RPT (RFC 8460, lightmail/tlsrpt/): the outbound MTA's TLS outcomes, one row per

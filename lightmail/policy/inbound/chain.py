@@ -15,11 +15,13 @@ from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
 from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
-# DMARC weighs what SPF, DKIM and ARC found; the content scanners come after the
-# cheaper checks (each is a round trip to a scanner they may spare); milters come
-# last, as Postfix runs smtpd_milters after its own restrictions.
-CHECK_ORDER = ("access", "limits", "spf", "dkim", "arc", "dmarc", "antivirus", "spam",
-               "milter")
+# DMARC weighs what SPF, DKIM and ARC found; at RCPT TO, a client refused for good
+# (reverse, dnsbl: 5xx) is told so before greylisting asks it to come back (4xx);
+# the content scanners come after the cheaper checks (each is a round trip to a
+# scanner they may spare); milters come last, as Postfix runs smtpd_milters after
+# its own restrictions.
+CHECK_ORDER = ("access", "limits", "spf", "reverse", "dnsbl", "greylist", "dkim", "arc",
+               "dmarc", "antivirus", "spam", "milter")
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -171,17 +173,28 @@ def _safe(text: str) -> str:
 def build_checks(names: Sequence[str], services: Any) -> list[IInboundCheck]:
     """The checks a listener names, built from the services' evaluators, in
     CHECK_ORDER."""
+    from lightmail.policy.dnsbl import Lookups
+    from lightmail.policy.greylist.check import GreylistCheck
     from lightmail.policy.inbound.arc import ARCCheck
     from lightmail.policy.inbound.checks import AccessCheck, DKIMCheck, SPFCheck
     from lightmail.policy.inbound.dmarc import DMARCCheck
+    from lightmail.policy.inbound.dnsbl import DNSBLCheck
+    from lightmail.policy.inbound.reverse import ReverseCheck
     from lightmail.policy.inbound.scanners import AntivirusCheck, SpamCheck
     from lightmail.policy.limits.check import LimitsCheck
     from lightmail.policy.milter.check import MilterCheck
+    from lightmail.policy.reverse import ReverseLookup
 
     makers: dict[str, Callable[[], IInboundCheck]] = {
         "access": lambda: AccessCheck(services.access),
         "limits": lambda: LimitsCheck(services.limiter, lambda: services.config.limits),
         "spf": lambda: SPFCheck(services.spf, lambda: services.config.spf),
+        "reverse": lambda: ReverseCheck(ReverseLookup(services.resolver),
+                                        lambda: services.config.reverse),
+        "dnsbl": lambda: DNSBLCheck(Lookups(services.resolver),
+                                    lambda: services.config.dnsbl),
+        "greylist": lambda: GreylistCheck(services.greylist,
+                                          lambda: services.config.greylist),
         "dkim": lambda: DKIMCheck(services.dkim_verifier, lambda: services.config.dkim),
         "arc": lambda: ARCCheck(services.arc_verifier, lambda: services.config.arc,
                                 lambda: services.config.dkim),

@@ -46,6 +46,11 @@ class Findings:
     dmarc: Any = None
     #: lightmail.policy.arc's result, when ARC was checked.
     arc: Any = None
+    #: lightmail.policy.inbound.dnsbl's DNSBLResult, once weighed (at RCPT TO).
+    dnsbl: Any = None
+    #: lightmail.policy.reverse's ReverseResult (the client's FCrDNS name), when the
+    #: reverse check ran.
+    iprev: Any = None
     #: The client or the sender is on an allow list (or the client is trusted): the
     #: checks meant for strangers (SPF, greylisting, DNSBLs, scanners) let it be.
     allowlisted: bool = False
