@@ -1079,8 +1079,9 @@ def test_header_cache_size_comes_from_the_configuration(tmp_path: Path) -> None:
     config = load_config(config_file)
     from lightmail.imap.hub import MailboxHub
     from lightmail.metrics.registry import Metrics
+    from lightmail.policy.training import NO_TRAINER
     services = type("Services", (), {"config": config, "imap_hub": MailboxHub(),
-                                     "metrics": Metrics()})()
+                                     "metrics": Metrics(), "trainer": NO_TRAINER})()
     try:
         build_imap_factory(config.listeners[0], services)
         assert HEADERS.budget == 3 * 1024**2
