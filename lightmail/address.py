@@ -6,7 +6,9 @@ compared lower-case, and internationalised domains as A-labels (RFC 5890).
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from typing import Optional, Union
 
 
 class AddressError(ValueError):
@@ -51,3 +53,19 @@ def split_address(address: str) -> tuple[str, str]:
 def normalise_address(address: str) -> str:
     local, domain = split_address(address)
     return f"{local}@{domain}"
+
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def client_ip(text: str) -> Optional[IPAddress]:
+    """The IP address a client connected from, or None for text that is not one.  An
+    IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, a dual-stack socket's way of
+    showing an IPv4 client) is its IPv4 address: every check keys on that one."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address

@@ -97,6 +97,20 @@ class TrackedProtocol(Protocol):
     ``handshakeCompleted``, called by Twisted's TLS layer)."""
 
     factory: TrackingFactory
+    #: A command waiting for its turn under a per-session command rate (IMAP, POP3:
+    #: lightmail.policy.limits.throttle), or None.
+    _rate_wait: Any = None
+
+    def _stop_rate_wait(self) -> bool:
+        """Forget the command waiting for its turn (the session ends): True if one
+        was."""
+        waiting, self._rate_wait = self._rate_wait, None
+        if waiting is None:
+            return False
+        if waiting.active():
+            waiting.cancel()
+        return True
+
     peer_host: str = ""
     #: The session has logged in (TrackingFactory.logged_in).
     logged_in: bool = False

@@ -141,3 +141,28 @@ def dns() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+#: The Redis of the tests: this machine's, its database 9 (emptied by the fixture).
+REDIS = "127.0.0.1:6379/9"
+
+
+@pytest.fixture
+def redis() -> Iterator[Any]:
+    """A connection to REDIS, whose database is emptied first; the test fails (never
+    skips) when Redis is not running."""
+    import socket
+    import subprocess
+
+    import pytest_twisted
+
+    from lightmail.policy.limits import LazyRedis
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
+    except OSError:
+        pytest.fail("Redis is not running on 127.0.0.1:6379: `make test` starts it "
+                    "(scripts/test-services.sh)", pytrace=False)
+    subprocess.run(["redis-cli", "-n", "9", "flushdb"], check=True, capture_output=True)
+    connection = LazyRedis(REDIS)
+    yield connection
+    pytest_twisted.blockon(connection.disconnect())

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import sqlalchemy as sa
+from conftest import REDIS
 from dnsserver import DNSServer
 from inprocess import in_thread, start
 from twisted.internet import defer, reactor, task
@@ -42,27 +43,9 @@ from lightmail.storage import schema
 from lightmail.wiring import make_greylist_store
 from tests.conftest import StorageStack
 
-REDIS = "127.0.0.1:6379/9"
 T0 = 1_800_000_000.0
 RULES = Rules(delay=300, unconfirmed_expiry=86400, confirmed_expiry=35 * 86400,
               auto_allow=2)
-
-
-def redis_available() -> None:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
-    except OSError:
-        pytest.fail("Redis is not running on 127.0.0.1:6379: `make test` starts it "
-                    "(scripts/test-services.sh)", pytrace=False)
-
-
-@pytest.fixture
-def redis() -> Iterator[LazyRedis]:
-    redis_available()
-    subprocess.run(["redis-cli", "-n", "9", "flushdb"], check=True, capture_output=True)
-    connection = LazyRedis(REDIS)
-    yield connection
-    pytest_twisted.blockon(connection.disconnect())
 
 
 @pytest.fixture
@@ -187,7 +170,7 @@ async def test_redis_down_accepts_or_uses_sql_and_says_so_once(
         await accepting.primary.redis.disconnect()        # type: ignore[attr-defined]
     assert verdicts == [Verdict(0.0, "store down")] * 3
     said = [e for e in events if "does not answer" in str(e.get("log_format", ""))]
-    assert len(said) == 1 and said[0]["fallback"] == "no greylisting"
+    assert len(said) == 1 and said[0]["meanwhile"] == "no greylisting"
     to_sql = FallingBackGreylist(RedisGreylist(LazyRedis(f"127.0.0.1:{port}")),
                                  SQLGreylist(sqlite_stack.db), timeout=0.3)
     try:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import smtplib
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import REDIS
 from inprocess import in_thread, start
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
@@ -22,25 +22,6 @@ from lightmail.config import parse_config
 from lightmail.policy.limits import FallingBackBuckets, LazyRedis, LocalBuckets, RedisBuckets
 from lightmail.policy.limits.check import network_of
 from lightmail.wiring import make_limiter
-
-REDIS = "127.0.0.1:6379/9"
-
-
-def redis_available() -> None:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
-    except OSError:
-        pytest.fail("Redis is not running on 127.0.0.1:6379: `make test` starts it "
-                    "(scripts/test-services.sh)", pytrace=False)
-
-
-@pytest.fixture
-def redis() -> Iterator[LazyRedis]:
-    redis_available()
-    subprocess.run(["redis-cli", "-n", "9", "flushdb"], check=True, capture_output=True)
-    connection = LazyRedis(REDIS)
-    yield connection
-    pytest_twisted.blockon(connection.disconnect())
 
 
 def test_local_buckets_allow_a_burst_then_the_rate() -> None:

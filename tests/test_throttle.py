@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import REDIS
 from inprocess import in_thread, start
-from test_limits import REDIS, redis  # noqa: F401  (the fixture)
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
@@ -260,7 +260,7 @@ def test_failed_commands_across_sessions_and_protocols(tmp_path: Path) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_failed_commands_are_shared_through_redis(tmp_path: Path,
-                                                  redis: LazyRedis) -> Any:  # noqa: F811
+                                                  redis: LazyRedis) -> Any:
     extra = (LISTENERS + f"[limits]\nclient_errors = 3/1h\nbackend = redis\n"
              f"redis = {REDIS}\n")
     first_dir, second_dir = tmp_path / "one", tmp_path / "two"

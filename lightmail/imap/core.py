@@ -464,16 +464,6 @@ class SessionCore(TrackedProtocol, TimeoutMixin, PushProducer):
         else:
             self.take_input()
 
-    def _stop_rate_wait(self) -> bool:
-        """Forget the command waiting for its turn (the session ends): True if one
-        was."""
-        waiting, self._rate_wait = self._rate_wait, None
-        if waiting is None:
-            return False
-        if waiting.active():
-            waiting.cancel()
-        return True
-
     def _literal_too_big(self, exc: LiteralTooBig) -> None:
         tag = tag_of([exc.first_line]) if exc.first_line else "*"
         # RFC 7889: too big for APPEND is NO [TOOBIG]; a synchronising literal is

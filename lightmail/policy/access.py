@@ -36,6 +36,7 @@ from sqlalchemy.engine import Connection
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from lightmail.address import client_ip
 from lightmail.storage import schema as s
 from lightmail.storage.database import Database, now_ms
 
@@ -105,12 +106,9 @@ class Snapshot:
         self.networks.sort(key=lambda item: (-item[0].prefixlen, _rank(item[1])))
 
     def client(self, ip: str) -> Optional[str]:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
+        address = client_ip(ip)
+        if address is None:
             return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         for network, name in self.networks:
             if address.version == network.version and address in network:
                 return name

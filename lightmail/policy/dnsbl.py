@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lightmail.address import client_ip
 from lightmail.dns import DNSError, IResolver, NoSuchDomain
 
 log = Logger(namespace="lightmail.dnsbl")
@@ -132,12 +133,9 @@ def _pattern(raw: str, text: str) -> tuple[Optional[frozenset[int]], ...]:
 def address_query(ip: str, zone: str) -> Optional[str]:
     """The name that lists ``ip`` under ``zone`` (an IPv4-mapped IPv6 address is its
     IPv4 one), or None for what is not an IP address."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = client_ip(ip)
+    if address is None:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
     if address.version == 4:
         labels = reversed(str(address).split("."))
     else:

@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lightmail.address import client_ip
 from lightmail.dns import DNSError, IResolver, NoSuchDomain
 
 log = Logger(namespace="lightmail.reverse")
@@ -67,12 +68,9 @@ class ReverseLookup:
         return Deferred.fromCoroutine(self._check(ip, timeout))
 
     async def _check(self, ip: str, timeout: float) -> ReverseResult:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
+        address = client_ip(ip)
+        if address is None:
             return ReverseResult("none", ip, reason="not an IP address")
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         ip = str(address)
         try:
             names = await self._bounded(self.resolver.ptr(ip), timeout)

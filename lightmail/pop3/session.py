@@ -281,16 +281,6 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         return self._run_command(raw)
 
-    def _stop_rate_wait(self) -> bool:
-        """Forget the command waiting for its turn (the session ends): True if one
-        was."""
-        waiting, self._rate_wait = self._rate_wait, None
-        if waiting is None:
-            return False
-        if waiting.active():
-            waiting.cancel()
-        return True
-
     # -- commands in any state ------------------------------------------------------
 
     def pop3_CAPA(self, arg: str) -> None:

@@ -14,12 +14,12 @@ and ``fo`` (the schema requires them), with the defaults when the record has non
 from __future__ import annotations
 
 import gzip
-import ipaddress
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightmail.address import client_ip
 from lightmail.policy.dmarc.store import GroupedRow
 
 VERSION = "1.0"
@@ -100,12 +100,9 @@ def _text(parent: ET.Element, name: str, text: str) -> None:
 
 
 def _ip(text: str) -> str:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
+    address = client_ip(text)
+    if address is None:
         return text
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
     return address.exploded if address.version == 6 else str(address)
 
 

@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from lightmail.policy.limits.buckets import SharedBackend
 from lightmail.storage import schema as s
 from lightmail.storage.database import Database
 
@@ -185,36 +186,18 @@ class FallingBackGreylist:
 
     def __init__(self, primary: IGreylistStore, fallback: Optional[IGreylistStore],
                  timeout: float = 0.5, clock: Any = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor
-            clock = reactor
         self.primary = primary
         self.fallback = fallback
-        self.timeout = timeout
-        self.clock = clock
-        self.down = False
+        self.backend = SharedBackend(
+            "greylisting", "the SQL store" if fallback else "no greylisting", timeout,
+            clock)
 
     def attempt(self, triplet: Triplet, now: float, rules: Rules) -> Deferred[Verdict]:
-        d = self.primary.attempt(triplet, now, rules)
-        d.addTimeout(self.timeout, self.clock)
-
-        def answered(verdict: Verdict) -> Verdict:
-            if self.down:
-                self.down = False
-                log.info("greylisting: the shared store answers again")
-            return verdict
-
-        def failed(failure: Any) -> Any:
-            if not self.down:
-                self.down = True
-                log.warn("greylisting: the shared store does not answer ({error}); "
-                         "{fallback} until it does", error=failure.getErrorMessage(),
-                         fallback="the SQL store" if self.fallback
-                         else "no greylisting")
+        def fallback() -> Any:
             if self.fallback is None:
                 return Verdict(0.0, "store down")
             return self.fallback.attempt(triplet, now, rules)
-        return d.addCallbacks(answered, failed)
+        return self.backend.ask(self.primary.attempt(triplet, now, rules), fallback)
 
 
 class Greylist:

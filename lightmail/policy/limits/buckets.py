@@ -177,6 +177,43 @@ class LazyRedis:
         return result
 
 
+class SharedBackend:
+    """What a process knows of a shared backend (Redis) it falls back from: each
+    question gets ``timeout`` seconds, and the log says once that the backend
+    stopped answering (and what is done meanwhile) and once that it is back, not
+    once per message."""
+
+    def __init__(self, what: str, meanwhile: str, timeout: float = 0.5,
+                 clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+            clock = reactor
+        self.what = what                # "rate limits", for the log
+        self.meanwhile = meanwhile      # what is done while it is down, for the log
+        self.timeout = timeout
+        self.clock = clock
+        self.down = False
+
+    def ask(self, question: Deferred[Any], fallback: Callable[[], Any]) -> Deferred[Any]:
+        """``question``'s answer, or ``fallback()``'s when it fails or is late."""
+        question.addTimeout(self.timeout, self.clock)
+
+        def answered(value: Any) -> Any:
+            if self.down:
+                self.down = False
+                log.info("{what}: the shared backend answers again", what=self.what)
+            return value
+
+        def failed(failure: Any) -> Any:
+            if not self.down:
+                self.down = True
+                log.warn("{what}: the shared backend does not answer ({error}); "
+                         "{meanwhile} until it does", what=self.what,
+                         error=failure.getErrorMessage(), meanwhile=self.meanwhile)
+            return fallback()
+        return question.addCallbacks(answered, failed)
+
+
 @implementer(IRateLimiter)
 class FallingBackBuckets:
     """``primary`` (Redis), or ``fallback`` (None: no limit) while it fails or takes
@@ -184,14 +221,11 @@ class FallingBackBuckets:
 
     def __init__(self, primary: IRateLimiter, fallback: Optional[IRateLimiter],
                  timeout: float = 0.5, clock: Any = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor
-            clock = reactor
         self.primary = primary
         self.fallback = fallback
-        self.timeout = timeout
-        self.clock = clock
-        self.down = False
+        self.backend = SharedBackend(
+            "rate limits", "limits of this process alone" if fallback else "no limits",
+            timeout, clock)
 
     def take(self, key: str, rate: float, burst: float, cost: float = 1.0
              ) -> Deferred[float]:
@@ -204,24 +238,10 @@ class FallingBackBuckets:
     def _ask(self, what: str, key: str, rate: float, burst: float, cost: float
              ) -> Deferred[float]:
         primary = self.primary.take if what == "take" else self.primary.peek
-        d = primary(key, rate, burst, cost)
-        d.addTimeout(self.timeout, self.clock)
 
-        def answered(wait: float) -> float:
-            if self.down:
-                self.down = False
-                log.info("rate limits: the shared backend answers again")
-            return wait
-
-        def failed(failure: Any) -> Any:
-            if not self.down:
-                self.down = True
-                log.warn("rate limits: the shared backend does not answer ({error}); "
-                         "{fallback} until it does", error=failure.getErrorMessage(),
-                         fallback="limits of this process alone" if self.fallback
-                         else "no limits")
+        def fallback() -> Any:
             if self.fallback is None:
                 return 0.0
-            fallback = self.fallback.take if what == "take" else self.fallback.peek
-            return fallback(key, rate, burst, cost)
-        return d.addCallbacks(answered, failed)
+            ask = self.fallback.take if what == "take" else self.fallback.peek
+            return ask(key, rate, burst, cost)
+        return self.backend.ask(primary(key, rate, burst, cost), fallback)

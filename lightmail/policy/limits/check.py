@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lightmail.address import client_ip
 from lightmail.policy.inbound.findings import Findings, InboundCheck
 from lightmail.policy.limits.buckets import IRateLimiter
 from lightmail.smtp.codes import Reply
@@ -45,12 +46,9 @@ WHAT = {"client_connections": ("connections", "from client {}"),
 def network_of(ip: str) -> str:
     """The /24 of an IPv4 address, the /64 of an IPv6 one (one customer's usual
     allocation): the key of network limits."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = client_ip(ip)
+    if address is None:
         return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
     prefix = 24 if address.version == 4 else 64
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
