@@ -12,7 +12,7 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        gsasl:gsasl promtool:prometheus ssh:openssh-client ssh-keygen:openssh-client
        slapd:slapd ldapadd:ldap-utils slappasswd:slapd logrotate:logrotate
        systemd-analyze:systemd opendkim:opendkim
-       clamd:clamav-daemon rspamd:rspamd redis-server:redis-server
+       clamd:clamav-daemon clamav-milter:clamav-milter rspamd:rspamd redis-server:redis-server
        spamd:spamd sa-learn:spamassassin postsrsd:postsrsd)
 have() {
     case "$1" in
@@ -69,6 +69,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     # would download signatures; rspamd; spamd): the tests run private ones.
     installed clamav-daemon && stop_system_service clamav-daemon "" "" \
         && stop_system_service clamav-freshclam "" ""
+    # (clamav-milter: bench/smtp.py --scanners runs a private one for Postfix.)
+    installed clamav-milter && stop_system_service clamav-milter "" ""
     installed rspamd && stop_system_service rspamd "" ""
     installed spamd && stop_system_service spamd "" ""
 fi
