@@ -11,8 +11,10 @@ virtual Maildir delivery.  Both keep their durability defaults (LightMail fsyncs
 and commit; Postfix fsyncs queue file and Maildir file).
 
 Reported per server: messages per second *accepted* (smtp-source's wall time) and
-*delivered* (until the last message is filed in the mailbox), and their ratios; then
-LightMail's resident memory per idle connection.  A run that loses a message fails.
+*delivered* (until the last message is filed in the mailbox), and their ratios; the
+CPU time a message costs the server's processes (user and system, from /proc: a
+figure the machine's other load moves far less than the rates); then LightMail's
+resident memory per idle connection.  A run that loses a message fails.
 
 Each load is run ``--repeat`` times per server, the two servers taking turns and the
 one that goes first alternating, and each server's median rate is reported: on a
@@ -130,6 +132,8 @@ class LightMail:
     def pid(self) -> int:
         return self.server.proc.pid
 
+    pgid = pid
+
     def stop(self) -> None:
         self.server.kill()
 
@@ -165,6 +169,11 @@ class Postfix:
     def delivered(self) -> int:
         return len(self._files())
 
+    @property
+    def pgid(self) -> int:
+        """Postfix's master makes a process group of its own (setsid)."""
+        return int((self.instance.base / "spool" / "pid" / "master.pid").read_text())
+
     def last_header(self) -> bytes:
         newest = max(self._files(), key=lambda path: path.stat().st_mtime_ns)
         return newest.read_bytes().replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
@@ -182,6 +191,7 @@ def run_load(server: Server, sessions: int, size: int, count: int,
     """``message``: a file smtp-source sends as it is (-F), instead of ``size``
     octets of its own."""
     start_count = server.delivered()
+    cpu_before = cpu_seconds(server.pgid)
     started = time.monotonic()
     content = ["-F", str(message), "-M", SENDER_DOMAIN] if message else ["-l", str(size)]
     subprocess.run([SMTP_SOURCE, "-s", str(sessions), "-m", str(count), *content,
@@ -198,13 +208,28 @@ def run_load(server: Server, sessions: int, size: int, count: int,
     got = server.delivered() - start_count
     if got != count:
         raise SystemExit(f"{server.name}: {got} messages delivered for {count} sent")
-    return {"accepted_per_s": count / accepted, "delivered_per_s": count / delivered}
+    return {"accepted_per_s": count / accepted, "delivered_per_s": count / delivered,
+            "cpu_ms": 1000 * (cpu_seconds(server.pgid) - cpu_before) / count}
+
+
+def cpu_seconds(pgid: int) -> float:
+    """User and system CPU time of a server's process group, its reaped children's
+    included: what a message costs the server, whatever else loads the machine
+    (the scanners' time is their own)."""
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                        # gone since it was listed
+        total += sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def median_rates(runs: list[dict]) -> dict:
     """Each rate's median over the runs, and the runs themselves."""
     out: dict = {key: statistics.median(run[key] for run in runs)
-                 for key in ("accepted_per_s", "delivered_per_s")}
+                 for key in ("accepted_per_s", "delivered_per_s", "cpu_ms")}
     out["runs"] = runs
     return out
 
@@ -536,6 +561,8 @@ def print_row(row: dict, first: str, second: str) -> None:
             f"{name} " + " ".join(f"{run['accepted_per_s']:.0f}" for run in row[name]["runs"])
             for name in (first, second))
         print(f"{'':>17}   (accepted/s of each run: {spread})", flush=True)
+    print(f"{'':>17}   (CPU ms a message, median: {first} {one['cpu_ms']:.2f}, "
+          f"{second} {two['cpu_ms']:.2f})", flush=True)
 
 
 if __name__ == "__main__":
