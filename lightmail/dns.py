@@ -23,16 +23,18 @@ over: the resolver must be on the same host (or a trusted network).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import dns.exception
 import dns.flags
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from zope.interface import Interface, implementer
 
@@ -145,6 +147,30 @@ class Resolver:
     def _query(self, name: str | dns.name.Name, rdtype: str) -> list[Any]:
         return self._query_authenticated(name, rdtype)[0]
 
+    def _answer(self, name: str, rdtype: str,
+                transform: Callable[[list[Any]], T]) -> Deferred[T]:
+        """``transform(records)`` of the answer: at once, on the calling thread, when
+        the cache holds a positive answer (a busy MX asks the same names again and
+        again, and a hop to the thread pool costs far more than reading the cache);
+        from a lookup in a thread otherwise (a miss, a negative answer, an error)."""
+        records = self._cached(name, rdtype)
+        if records is not None:
+            return defer.succeed(transform(records))
+        return threads.deferToThread(lambda: transform(self._query(name, rdtype)))
+
+    def _cached(self, name: str, rdtype: str) -> list[Any] | None:
+        """The records of an unexpired positive answer in the cache, or None.
+        dnspython's cache takes its own lock, so this thread may read it."""
+        try:
+            qname = _dns_name(name)
+        except dns.exception.DNSException:
+            return None               # a name DNS cannot carry: the lookup says so
+        answer = self.resolver.cache.get(
+            (qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN))
+        if answer is None or answer.rrset is None:
+            return None
+        return list(answer)
+
     def _query_authenticated(self, name: str | dns.name.Name,
                              rdtype: str) -> tuple[list[Any], bool]:
         """The records and the AD bit of the answer (cached answers keep theirs)."""
@@ -168,11 +194,8 @@ class Resolver:
         return list(answer), _ad(answer.response)
 
     def mx(self, domain: str) -> Deferred[list[tuple[int, str]]]:
-        def lookup() -> list[tuple[int, str]]:
-            records = self._query(domain, "MX")
-            return [(r.preference, r.exchange.to_text(omit_final_dot=True))
-                    for r in records]
-        return threads.deferToThread(lookup)
+        return self._answer(domain, "MX", lambda records: [
+            (r.preference, r.exchange.to_text(omit_final_dot=True)) for r in records])
 
     def txt(self, name: str) -> Deferred[list[str]]:
         def lookup() -> list[str]:
@@ -200,17 +223,14 @@ class Resolver:
         return threads.deferToThread(lookup)
 
     def txt_records(self, name: str) -> Deferred[list[bytes]]:
-        def lookup() -> list[bytes]:
-            return [b"".join(r.strings) for r in self._query(name, "TXT")]
-        return threads.deferToThread(lookup)
+        return self._answer(name, "TXT",
+                            lambda records: [b"".join(r.strings) for r in records])
 
     def a(self, host: str) -> Deferred[list[str]]:
-        return threads.deferToThread(
-            lambda: [r.address for r in self._query(host, "A")])
+        return self._answer(host, "A", lambda records: [r.address for r in records])
 
     def aaaa(self, host: str) -> Deferred[list[str]]:
-        return threads.deferToThread(
-            lambda: [r.address for r in self._query(host, "AAAA")])
+        return self._answer(host, "AAAA", lambda records: [r.address for r in records])
 
     def ptr(self, address: str) -> Deferred[list[str]]:
         def lookup() -> list[str]:

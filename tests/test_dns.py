@@ -103,3 +103,31 @@ async def test_a_giant_txt_record_comes_whole_over_tcp(resolver: Resolver,
     assert len(GIANT) > 30000
     records = await resolver.txt_records("giant.test")
     assert sorted(records) == sorted([GIANT, b"unrelated"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_positive_answers_come_back_at_once_until_their_ttl_ends() -> None:
+    """A cached answer needs no hop to the thread pool (the Deferred has fired when
+    it is returned); a negative answer, or one whose TTL has run out, is looked up
+    again in a thread."""
+    import time
+
+    with DNSServer({"cached.test.": {"TXT": ["v=spf1 -all"], "A": ["192.0.2.1"]}},
+                   ttl=1) as server:
+        resolver = Resolver(f"127.0.0.1:{server.port}", timeout=2)
+        first = resolver.txt_records("cached.test")
+        assert not first.called                       # a miss: looked up in a thread
+        assert await first == [b"v=spf1 -all"]
+        again = resolver.txt_records("cached.test")
+        assert again.called and await again == [b"v=spf1 -all"]
+        assert await resolver.a("cached.test") == ["192.0.2.1"]
+        assert resolver.a("cached.test").called
+        missing = resolver.txt_records("nowhere.test")
+        assert not missing.called
+        with pytest.raises(NoSuchDomain):
+            await missing
+        server.set("cached.test.", "TXT", ["v=spf1 +all"])
+        time.sleep(1.2)                               # the TTL of 1 s runs out
+        later = resolver.txt_records("cached.test")
+        assert not later.called
+        assert await later == [b"v=spf1 +all"]
