@@ -564,3 +564,23 @@ def test_what_the_chain_gives_is_read_with_care() -> None:
         result = fired(checker.check(bad, ("example.com", "pass")))
         assert result.result == "none"
         assert checker.resolver.queries == []      # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", [
+    "Sender <sender@client.test>", "ann@sender.example", "  Ann Example <ann@Sender.Example>  ",
+    "=?utf-8?q?J=C3=B6rg?= <j@example.org>", "a.b+c@x-y.example", "<ann@example.com>",
+    "Ann <ann@Sender.Example.>", "Bob <bob@[192.0.2.1]>", '"Quoted, Name" <q@example.com>',
+    "a@b.com, c@d.com", "Ann (comment) <ann@example.com>", "ann@example.com (Ann)",
+    "no at sign", "Ann <ann@example.com", "x@y@z.com", "Über <u@exämple.com>",
+    "a..b@example.com", "Ann <ann@example.com> extra", "a@-bad-.example", "a@b..example"])
+def test_the_plain_from_forms_read_as_the_full_parser_reads_them(value: str) -> None:
+    """The fast path for plain From: values gives what email.headerregistry gives."""
+    from email.policy import default
+
+    from lightmail.policy.dmarc.headerfrom import _domain, _domains
+    try:
+        addresses = default.header_factory("from", value).addresses
+        expected = [_domain(address.domain) for address in addresses] or [""]
+    except Exception:
+        expected = [""]
+    assert _domains(value) == expected

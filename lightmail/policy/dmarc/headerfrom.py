@@ -104,11 +104,23 @@ def _from_fields(block: bytes) -> list[str]:
     return [b"".join(parts).decode("utf-8", "replace").strip() for parts in fields]
 
 
+# The common forms, read without email.headerregistry's parser (0.4 ms a message):
+# local@domain, or a display name without quotes, comments, commas or brackets before
+# <local@domain>.  Anything else takes the full parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_NAME = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN = re.compile(rf"\s*(?:[^<>@,;:\"()\\\[\]]*<{_ATOM}(?:\.{_ATOM})*@({_NAME})>"
+                    rf"|{_ATOM}(?:\.{_ATOM})*@({_NAME}))\s*")
+
+
 def _domains(value: str) -> list[str]:
     """The domain of each address of a From: field's value ('' for an address that
     has none, or none DMARC can judge)."""
     if len(value) > MAX_FROM_LENGTH:
         return [""]
+    plain = _PLAIN.fullmatch(value)
+    if plain is not None:
+        return [_domain(plain.group(1) or plain.group(2))]
     try:
         header = default_policy.header_factory("from", value)
     except (HeaderParseError, IndexError, ValueError, TypeError):
