@@ -106,6 +106,15 @@ class SQLGreylist:
         self._cleaned_at = float("-inf")
 
     def attempt(self, triplet: Triplet, now: float, rules: Rules) -> Deferred[Verdict]:
+        # Most attempts are by known networks or triplets whose rows need no change:
+        # a read answers them, without a write transaction.
+        known = self.db.read(_known, triplet, int(now * 1000), rules)
+
+        def decide(verdict: Optional[Verdict]) -> Any:
+            return verdict if verdict is not None else self._write(triplet, now, rules)
+        return known.addCallback(decide)
+
+    def _write(self, triplet: Triplet, now: float, rules: Rules) -> Deferred[Verdict]:
         # A lost greylist entry costs a client one more retry: no need to wait for
         # the disk (write_unsynced).
         d = self.db.write_unsynced(_attempt, triplet, int(now * 1000), rules)
@@ -122,6 +131,30 @@ class SQLGreylist:
             cleaned.addErrback(lambda failure: log.failure(
                 "deleting expired greylist entries failed", failure))
         return d
+
+
+def _known(conn: Connection, triplet: Triplet, now: int, rules: Rules
+           ) -> Optional[Verdict]:
+    """The verdict of an attempt that changes no row (an allowed network or a known
+    triplet seen lately, a retry still too early), or None: _attempt decides."""
+    t, n = s.greylist_triplets, s.greylist_networks
+    confirmed, refresh = rules.confirmed_expiry * 1000, REFRESH * 1000
+    if rules.auto_allow:
+        net = conn.execute(sa.select(n.c.passes, n.c.last_seen).where(
+            n.c.network == triplet.network)).first()
+        if net is not None and net.passes >= rules.auto_allow and \
+                now - net.last_seen <= min(confirmed, refresh):
+            return Verdict(0.0, "auto-allowed")
+    row = conn.execute(sa.select(t.c.first_seen, t.c.last_seen, t.c.passed).where(
+        t.c.key == triplet.key)).first()
+    if row is None:
+        return None
+    if row.passed and now - row.last_seen <= min(confirmed, refresh):
+        return Verdict(0.0, "known")
+    elapsed = (now - row.first_seen) / 1000
+    if not row.passed and elapsed <= rules.unconfirmed_expiry and elapsed < rules.delay:
+        return Verdict(rules.delay - elapsed, "early")
+    return None
 
 
 def _attempt(conn: Connection, triplet: Triplet, now: int, rules: Rules) -> Verdict:
