@@ -3,7 +3,9 @@ dnspython's resolver, off the reactor thread, cached.
 
 dnspython's stub resolver is synchronous; each query runs in the reactor's thread
 pool so the reactor never waits on the network.  Answers are cached for their TTL
-(dnspython's thread-safe ``Cache``), negative answers too.
+(dnspython's thread-safe ``Cache``), negative answers too; a positive answer the cache
+holds is given back at once, without the hop to the pool (the inbound checks ask the
+same few names for every message of a busy sender).
 
 The lookups of the interface say apart what SPF (RFC 7208 §4.6.4) and the other policy
 checks need said apart: a name that does not exist raises :class:`NoSuchDomain`, a name
