@@ -461,3 +461,19 @@ def test_dmarc_tag_only_and_the_aggregate_report_of_what_came(tmp_path: Path,
         assert root.findtext("record/identifiers/header_from") == "sender.example"
     finally:
         yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_trusted_clients_skip_spf_and_dmarc(tmp_path: Path, dns: DNSServer) -> Any:
+    """Mail from a trusted network (an internal relay) is not judged by SPF or DMARC,
+    as OpenDMARC's IgnoreHosts and policyd-spf's skip_addresses leave localhost."""
+    dns.set("sender.example.", "TXT", ["v=spf1 -all"])
+    dns.set("_dmarc.sender.example.", "TXT", ["v=DMARC1; p=reject"])
+    server = yield server_for(tmp_path, dns, "[access]\ntrusted_networks = 127.0.0.0/8\n")
+    try:
+        assert (yield send(server.ports["mx"], "ann@sender.example", BODY)) == {}
+        [message] = yield server.delivered("bob@example.test", 1)
+        methods = {r.method for r in results_of(message).results}
+        assert "spf" not in methods and "dmarc" not in methods
+    finally:
+        yield server.stop()

@@ -26,7 +26,8 @@ class DMARCCheck(InboundCheck):
     What the verdict does is ``[dmarc]``'s: reject (550 5.7.1), quarantine (filed in
     Junk), or tag only; a temporary DNS error defers the message (451 4.7.1) rather
     than let it in unjudged.  Every verdict whose policy asks for reports is kept for
-    the aggregate report (``[dmarc] reports``)."""
+    the aggregate report (``[dmarc] reports``).  Authenticated sessions and trusted or
+    allowlisted clients are not judged."""
 
     name = "dmarc"
 
@@ -42,8 +43,9 @@ class DMARCCheck(InboundCheck):
 
     async def _judge(self, session: Any, tx: Any, message: Message,
                      findings: Findings) -> Optional[Reply]:
-        if session.account is not None or not self.checker.enabled:
-            return None
+        if session.account is not None or findings.allowlisted or \
+                not self.checker.enabled:
+            return None              # (trusted clients: as OpenDMARC's IgnoreHosts)
         headers = await message.header_block()
         author = self.checker.header_from(headers)
         if author.reply is not None:
