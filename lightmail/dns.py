@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 import dns.exception
 import dns.flags
 import dns.name
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
@@ -152,26 +153,34 @@ class Resolver:
     def _answer(self, name: str, rdtype: str,
                 transform: Callable[[list[Any]], T]) -> Deferred[T]:
         """``transform(records)`` of the answer: at once, on the calling thread, when
-        the cache holds a positive answer (a busy MX asks the same names again and
-        again, and a hop to the thread pool costs far more than reading the cache);
-        from a lookup in a thread otherwise (a miss, a negative answer, an error)."""
-        records = self._cached(name, rdtype)
+        the cache holds one (records, none of the type, or no such name: a busy MX
+        asks the same names again and again, and a hop to the thread pool costs far
+        more than reading the cache); from a lookup in a thread otherwise."""
+        try:
+            records = self._cached(name, rdtype)
+        except NoSuchDomain as exc:
+            return defer.fail(exc)
         if records is not None:
             return defer.succeed(transform(records))
         return threads.deferToThread(lambda: transform(self._query(name, rdtype)))
 
     def _cached(self, name: str, rdtype: str) -> list[Any] | None:
-        """The records of an unexpired positive answer in the cache, or None.
-        dnspython's cache takes its own lock, so this thread may read it."""
+        """What the cache says, as dnspython's resolve() would read it: the records
+        of an unexpired answer ([] for one without records of the type), NoSuchDomain
+        for a cached NXDOMAIN, or None (not cached).  dnspython's cache takes its
+        own lock, so this thread may read it."""
         try:
             qname = _dns_name(name)
         except dns.exception.DNSException:
             return None               # a name DNS cannot carry: the lookup says so
-        answer = self.resolver.cache.get(
-            (qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN))
-        if answer is None or answer.rrset is None:
-            return None
-        return list(answer)
+        cache = self.resolver.cache
+        answer = cache.get((qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN))
+        if answer is not None:
+            return list(answer) if answer.rrset is not None else []
+        nxdomain = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if nxdomain is not None and nxdomain.response.rcode() == dns.rcode.NXDOMAIN:
+            raise NoSuchDomain(f"{name}: no such domain")
+        return None
 
     def _query_authenticated(self, name: str | dns.name.Name,
                              rdtype: str) -> tuple[list[Any], bool]:

@@ -108,8 +108,8 @@ async def test_a_giant_txt_record_comes_whole_over_tcp(resolver: Resolver,
 @pytest_twisted.ensureDeferred
 async def test_cached_positive_answers_come_back_at_once_until_their_ttl_ends() -> None:
     """A cached answer needs no hop to the thread pool (the Deferred has fired when
-    it is returned); a negative answer, or one whose TTL has run out, is looked up
-    again in a thread."""
+    it is returned), a negative one (NXDOMAIN, NODATA) neither; one whose TTL has run
+    out is looked up again in a thread."""
     import time
 
     with DNSServer({"cached.test.": {"TXT": ["v=spf1 -all"], "A": ["192.0.2.1"]}},
@@ -126,6 +126,14 @@ async def test_cached_positive_answers_come_back_at_once_until_their_ttl_ends() 
         assert not missing.called
         with pytest.raises(NoSuchDomain):
             await missing
+        # Negative answers are cached too, and come back at once the same way.
+        again_missing = resolver.txt_records("nowhere.test")
+        assert again_missing.called
+        with pytest.raises(NoSuchDomain):
+            await again_missing
+        assert await resolver.aaaa("cached.test") == []          # NODATA
+        nodata = resolver.aaaa("cached.test")
+        assert nodata.called and await nodata == []
         server.set("cached.test.", "TXT", ["v=spf1 +all"])
         time.sleep(1.2)                               # the TTL of 1 s runs out
         later = resolver.txt_records("cached.test")
