@@ -477,3 +477,28 @@ def test_trusted_clients_skip_spf_and_dmarc(tmp_path: Path, dns: DNSServer) -> A
         assert "spf" not in methods and "dmarc" not in methods
     finally:
         yield server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_rewrite_reaches_the_writer_a_slice_a_turn() -> None:
+    """The blob writer hashes on the reactor thread: a rewritten 3.5 MiB message is
+    handed over in 1 MiB slices, not at once (and not before a reactor turn)."""
+    from lightmail.policy.inbound.chain import REWRITE_SLICE, write_in_slices
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+    data = bytes(range(256)) * (14 * 1024)                  # 3.5 MiB
+    writer = Recording()
+    done = write_in_slices(writer, data)  # type: ignore[arg-type]
+    assert len(writer.writes) < 4                           # the rest waits its turns
+    await done
+    assert [len(w) for w in writer.writes] == [REWRITE_SLICE] * 3 + [REWRITE_SLICE // 2]
+    assert b"".join(writer.writes) == data
+    small = Recording()
+    await write_in_slices(small, b"short")  # type: ignore[arg-type]
+    assert small.writes == [b"short"]

@@ -4,15 +4,16 @@ Authentication-Results header field (see the package's docstring)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from authres import AuthenticationResult
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
 
 from lightmail.policy.inbound.edits import apply_edits
 from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
-from lightmail.storage.interfaces import IBlobStore, IStagedBlob
+from lightmail.storage.interfaces import IBlobStore, IBlobWriter, IStagedBlob
 
 # Which checks there are, in the order they run whatever order a listener lists them:
 # DMARC weighs what SPF, DKIM and ARC found; at RCPT TO, a client refused for good
@@ -95,10 +96,35 @@ class InboundPolicy:
         rewritten = with_authentication_results(data, self.authserv_id(), results,
                                                 tx.findings.added_headers)
         writer = self.blobs.writer()
-        writer.write(rewritten)
-        fresh = yield writer.stage()
+        try:
+            yield write_in_slices(writer, rewritten)
+            fresh = yield writer.stage()
+        except BaseException:
+            writer.abort()        # its temporary file; the caller discards ``staged``
+            raise
         staged.discard()
         return None, fresh
+
+
+# The blob writer hashes what it is given on the reactor thread: a large rewritten
+# message goes to it a slice at a time, a reactor turn apart (50 MB at once would
+# hold the reactor for about 100 ms).
+REWRITE_SLICE = 1 << 20
+
+
+def write_in_slices(writer: IBlobWriter, data: bytes) -> Deferred[Any]:
+    """Give ``data`` to ``writer``, REWRITE_SLICE octets a reactor turn."""
+    if len(data) <= REWRITE_SLICE:
+        writer.write(data)
+        return defer.succeed(None)
+    view = memoryview(data)
+
+    def slices() -> Iterator[None]:
+        for start in range(0, len(data), REWRITE_SLICE):
+            writer.write(bytes(view[start:start + REWRITE_SLICE]))
+            yield None
+    done: Deferred[Any] = task.cooperate(slices()).whenDone()
+    return done
 
 
 def with_authentication_results(message: bytes, authserv_id: str,
