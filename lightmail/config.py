@@ -1068,6 +1068,11 @@ class DKIMConfig:
         1024, parse_int(512, 8192),
         "Incoming mail: RSA keys shorter than this fail verification as 'policy' "
         "(RFC 8301 §3.2 asks verifiers to refuse keys under 1024 bits).")
+    verify_rsa_sha1: bool = option(
+        False, parse_bool,
+        "Incoming mail: accept rsa-sha1 signatures.  RFC 8301 §3.1 says verifiers must "
+        "not consider them valid, so by default they are reported as 'policy' (not a "
+        "pass); OpenDKIM and rspamd still accept them, and so does this with yes.")
 
 
 @dataclass(frozen=True)

@@ -316,8 +316,10 @@ def test_a_message_too_big_for_memory_buffers_is_checked_from_its_file(
 
 @pytest_twisted.inlineCallbacks
 def test_a_message_signed_by_opendkim_passes(tmp_path: Path, dns: DNSServer) -> Any:
-    """OpenDKIM (opendkim-testmsg, Debian's opendkim-tools) signs; LightMail verifies
-    on arrival; the body changed on the way fails."""
+    """OpenDKIM (opendkim-testmsg, Debian's opendkim-tools) signs, with rsa-sha1 (which
+    opendkim-testmsg cannot change); LightMail verifies on arrival when told to accept
+    rsa-sha1 (``[dkim] verify_rsa_sha1``), and the body changed on the way fails.
+    Without it the signature is refused as 'policy' (RFC 8301 §3.1)."""
     tool = opendkim_testmsg()
     keyfile = tmp_path / "opendkim.pem"
     pem, private = generate_key("rsa", 2048)
@@ -332,7 +334,8 @@ def test_a_message_signed_by_opendkim_passes(tmp_path: Path, dns: DNSServer) -> 
         assert done.stdout.startswith(b"DKIM-Signature:"), done.stdout[:200]
         return done.stdout
     good = opendkim_signed(BODY)
-    server = yield server_for(tmp_path, dns)
+    assert b"a=rsa-sha1;" in good
+    server = yield server_for(tmp_path, dns, "[dkim]\nverify_rsa_sha1 = yes\n")
     try:
         assert (yield send(server.ports["mx"], "ann@sender.example", good)) == {}
         assert (yield send(server.ports["mx"], "ann@sender.example",
@@ -342,6 +345,10 @@ def test_a_message_signed_by_opendkim_passes(tmp_path: Path, dns: DNSServer) -> 
         assert ("dkim", "pass") in verdicts[0] and ("dkim", "fail") in verdicts[1]
     finally:
         yield server.stop()
+    refused = verify(dns, good)
+    [result] = yield refused
+    assert (result.result, result.reason) == (
+        "policy", "rsa-sha1 signatures are not accepted (RFC 8301)")
 
 
 class Quarantining(InboundCheck):

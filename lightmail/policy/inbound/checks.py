@@ -145,7 +145,8 @@ class DKIMCheck(InboundCheck):
         cfg = self.settings()
         data = await message.content()
         findings.dkim = await self.verifier.verify(
-            data, message.headers, cfg.verify_max_signatures, cfg.verify_min_rsa_bits)
+            data, message.headers, cfg.verify_max_signatures, cfg.verify_min_rsa_bits,
+            cfg.verify_rsa_sha1)
 
     def results(self, findings: Findings) -> list[AuthenticationResult]:
         if not findings.dkim:
