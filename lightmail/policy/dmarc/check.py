@@ -230,7 +230,8 @@ class DMARCChecker:
                 reason=f"{header_from_domain!r} is not a domain DMARC can judge"))
         checking = Deferred.fromCoroutine(self._check(domain, spf_in, outcomes,
                                                       arc_override))
-        checking.addTimeout(self.time_limit, self.clock)
+        if not checking.called:     # answered from the DNS cache: no timer to set and cancel
+            checking.addTimeout(self.time_limit, self.clock)
 
         def failed(failure: Failure) -> DMARCResult:
             if failure.check(defer.TimeoutError):

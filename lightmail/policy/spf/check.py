@@ -129,7 +129,8 @@ class SPFChecker:
         evaluation = _Evaluation(self.resolver, subject, int(self.clock.seconds()),
                                  self.default_explanation)
         checking = Deferred.fromCoroutine(evaluation.outcome(domain))
-        checking.addTimeout(self.time_limit, self.clock)
+        if not checking.called:     # answered from the DNS cache: no timer to set and cancel
+            checking.addTimeout(self.time_limit, self.clock)
 
         def report(outcome: _Outcome) -> SPFResult:
             return SPFResult(outcome.result, identity, domain, str(address), subject.sender,
