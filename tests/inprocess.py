@@ -6,6 +6,8 @@ port 0 and a demo directory; clients run in threads so the reactor keeps serving
 
 from __future__ import annotations
 
+import atexit
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -96,10 +98,29 @@ class Server:
 
 
 @defer.inlineCallbacks
+_QUIET_DNS: list[Any] = []
+
+
+def quiet_dns_port() -> int:
+    """The port of an empty test DNS server (tests/dnsserver.py: NXDOMAIN for every
+    name), shared by the in-process servers whose configuration has no [outbound]
+    section: the MX listener's default checks (SPF, DKIM, DMARC, ARC) look names up,
+    and a test must not ask this machine's resolver (or wait for its timeouts)."""
+    if not _QUIET_DNS:
+        from dnsserver import DNSServer
+        server = DNSServer({}, ttl=60).start()
+        atexit.register(server.stop)
+        _QUIET_DNS.append(server)
+    return int(_QUIET_DNS[0].port)
+
+
 def start(tmp: Path, extra: str = "", server: str = "", populate: bool = True) -> Any:
     """The in-process server; ``extra``: more sections, ``server``: more lines of its
     [server] section; ``populate``: add the demo domain and users (not on a restart
-    over the same state directory)."""
+    over the same state directory).  Without an [outbound] section in ``extra`` its
+    DNS is :func:`quiet_dns_port`'s server."""
+    if not re.search(r"^\[outbound\]", extra, re.MULTILINE):
+        extra = f"[outbound]\ndns_servers = 127.0.0.1:{quiet_dns_port()}\n" + extra
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     if not cert.exists():
         write_self_signed(cert, key, "mx.example.test")
