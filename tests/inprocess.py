@@ -97,7 +97,6 @@ class Server:
         raise AssertionError(f"{count} messages never reached {address}/{mailbox}")
 
 
-@defer.inlineCallbacks
 _QUIET_DNS: list[Any] = []
 
 
@@ -114,6 +113,7 @@ def quiet_dns_port() -> int:
     return int(_QUIET_DNS[0].port)
 
 
+@defer.inlineCallbacks
 def start(tmp: Path, extra: str = "", server: str = "", populate: bool = True) -> Any:
     """The in-process server; ``extra``: more sections, ``server``: more lines of its
     [server] section; ``populate``: add the demo domain and users (not on a restart

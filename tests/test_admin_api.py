@@ -169,6 +169,15 @@ def test_bad_requests_get_clear_4xx_answers(api: dict[str, Any]) -> None:
     response = call(api, "POST", "/api/v1/users", json={"adress": "a@example.test"})
     assert response.status_code == 400
     assert "address" in error(response)["message"]
+    # Bodies over 64 KiB are parsed and checked in a thread: the same answers.
+    padding = " " * 100_000
+    response = call(api, "POST", "/api/v1/users", content=b'{"address": ' + padding.encode(),
+                    **post)
+    assert response.status_code == 400
+    assert error(response)["message"].startswith("malformed JSON: ")
+    response = call(api, "POST", "/api/v1/users", content=(
+        '{"address": "a@example.test",' + padding + '"quota": "lots"}').encode(), **post)
+    assert (response.status_code, error(response)["field"]) == (400, "quota")
     response = call(api, "POST", "/api/v1/send", json={
         "user": "bob@example.test", "to": ["x@y.test", 5], "message": "From: b\r\n\r\nx"})
     assert (response.status_code, error(response)["field"]) == (400, "to[1]")

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -42,6 +42,8 @@ from lightmail.directory.interfaces import (
 #: Bodies larger than this are refused unread (413): the largest is a message to
 #: send, bounded by [smtp] max_message_size, checked again once parsed.
 MAX_BODY = 64 * 1024 * 1024
+#: Bodies up to this size are parsed on the reactor; larger ones in a thread.
+INLINE_BODY = 64 * 1024
 
 
 class ApiError(Exception):
@@ -148,8 +150,9 @@ class Api(Resource):
         params = dict(found)
         params.update(_query(request, route))
         try:
-            call = Call(params=_checked_params(route, params), body=self._body(request, route),
-                        token=token, request=request)
+            call = Call(params=_checked_params(route, params),
+                        body=await self._body(request, route), token=token,
+                        request=request)
             result = await route.handler(call)
         except NotFound as exc:
             raise ApiError(404, str(exc)) from None
@@ -193,17 +196,31 @@ class Api(Resource):
                            f"{route.method} needs a write token")
         return token
 
-    def _body(self, request: Request, route: Route) -> Any:
+    async def _body(self, request: Request, route: Route) -> Any:
         if route.body is None:
             return None
         kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if kind != b"application/json":
             raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
-        content = request.content.read(MAX_BODY + 1) if request.content else b""
-        if len(content) > MAX_BODY:
+        content = request.content
+        if content is None:
+            return self._decoded(None, route)
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        if size > MAX_BODY:
             raise ApiError(413, f"the body is larger than {MAX_BODY} octets")
+        if size <= INLINE_BODY:
+            return self._decoded(content, route)
+        # twisted.web keeps a large body in a temporary file; reading, parsing and
+        # validating up to MAX_BODY octets would hold the reactor for seconds.
+        return await threads.deferToThread(self._decoded, content, route)
+
+    def _decoded(self, content: Any, route: Route) -> Any:
+        """The body read, parsed and checked against the route's schema (on the
+        reactor for a small one, in a thread for a large one)."""
         try:
-            body = json.loads(content)
+            body = json.loads(content.read() if content is not None else b"")
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"malformed JSON: {exc}") from None
         error = best_match(self.validators[id(route)].iter_errors(body))
