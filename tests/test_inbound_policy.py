@@ -20,12 +20,15 @@ from dnsserver import DNSServer
 from inprocess import in_thread, start
 from test_dkim import MESSAGE, make_key, opendkim_testmsg
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 
 from lightmail.dns import Resolver
 from lightmail.policy.dkim import Signer, SigningKey, dns_record, generate_key, signing_key
 from lightmail.policy.dkimverify import DKIMVerifier
 from lightmail.policy.inbound import InboundCheck
 from lightmail.policy.inbound.chain import with_authentication_results, without_our_fields
+from lightmail.policy.inbound.edits import apply_edits, has_fields
+from lightmail.policy.inbound.findings import HeaderEdit
 
 
 def publish(dns: DNSServer, *keys: SigningKey) -> None:
@@ -157,6 +160,29 @@ def test_our_authserv_id_from_outside_is_removed_others_kept() -> None:
     assert written.count(b"Authentication-Results: mx.example.test;") == 2  # ours, the body's
 
 
+def test_verdict_fields_from_outside_go_a_milters_stay() -> None:
+    """apply_edits(remove=...): the named fields the message came with go, folds and
+    any case of the name included; a field an edit added or changed stays (a milter
+    is one of our checks), and so do fields of other names."""
+    message = (b"Received: by us\r\nX-Spam-Flag: NO\r\nx-spam-status: No, score=-9\r\n"
+               b"\trequired=5\r\nX-Spam-Level: \r\nX-Spam-Score: -9\r\nSubject: hi\r\n"
+               b"\r\nX-Spam-Flag: NO (in the body: kept)\r\n")
+    ours = frozenset({b"x-spam-flag", b"x-spam-status", b"x-spam-score"})
+    assert has_fields(message.split(b"\r\n\r\n")[0] + b"\r\n", ours)
+    assert not has_fields(b"Subject: hi\r\nX-Spam-Level: ***\r\n", ours)
+    assert not has_fields(message, frozenset())
+    edits = [HeaderEdit("append", "X-Spam-Flag", b" YES"),
+             HeaderEdit("change", "X-Spam-Score", b" 7.5", 1)]
+    assert apply_edits(message, edits, remove=ours) == (
+        b"Received: by us\r\nX-Spam-Level: \r\nX-Spam-Score: 7.5\r\nSubject: hi\r\n"
+        b"X-Spam-Flag: YES\r\n\r\nX-Spam-Flag: NO (in the body: kept)\r\n")
+    assert apply_edits(message, [], remove=ours) == (
+        b"Received: by us\r\nX-Spam-Level: \r\nSubject: hi\r\n"
+        b"\r\nX-Spam-Flag: NO (in the body: kept)\r\n")
+    clean = b"Subject: hi\r\n\r\nbody\r\n"
+    assert apply_edits(clean, [], remove=ours) is clean
+
+
 # --- on a running LightMail -----------------------------------------------------------------
 
 BODY = (b"From: Ann <ann@sender.example>\r\nTo: bob@example.test\r\n"
@@ -270,6 +296,53 @@ def test_listener_checks_and_actions_follow_the_config(tmp_path: Path,
         [message] = yield server.delivered("bob@example.test", 1)
         assert b"Authentication-Results" not in message
     finally:
+        yield server.stop()
+
+
+FORGED = (b"X-Spam-Flag: NO\r\nx-spam-score: -20\r\nX-Spam-Status: No, score=-20\r\n"
+          b"\trequired=5 scanner=rspamd\r\nX-Spam-Symbols: ALL_CLEAN\r\n"
+          b"X-Spam-Level: \r\nX-Virus-Status: Clean\r\n"
+          b"X-DNSBL: score=0 threshold=1\r\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_fields_claiming_our_verdicts_are_removed_where_their_check_runs(
+        tmp_path: Path, dns: DNSServer) -> Any:
+    """A sender's own X-Spam-*, X-Virus-Status and X-DNSBL fields: a listener whose
+    checks write them keeps only its own (X-Spam-Status alone here: the message is
+    over max_size, so the other three are not written, and go all the same); fields
+    of checks a listener does not run, and of names no check writes, are left."""
+    events: list[dict[str, Any]] = []
+    server = yield server_for(
+        tmp_path, dns, "[spam]\nmax_size = 1\n"
+        "[listener:scored]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "checks = spam\n")
+    globalLogPublisher.addObserver(events.append)
+    try:
+        forged = FORGED + BODY
+        assert (yield send(server.ports["scored"], "ann@sender.example", forged)) == {}
+        [scored] = yield server.delivered("bob@example.test", 1)
+        head = scored.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.count(b"x-spam-status:") == 1
+        assert b"\r\nx-spam-status: unscanned (too large)\r\n" in head
+        for gone in (b"x-spam-flag", b"x-spam-score", b"x-spam-symbols", b"scanner=rspamd"):
+            assert gone not in head, gone
+        for kept in (b"x-spam-level: \r\n", b"x-virus-status: clean\r\n",
+                     b"x-dnsbl: score=0 threshold=1\r\n"):
+            assert kept in head, kept
+        assert scored.endswith(b"\r\n\r\nHello.\r\n")
+        [said] = [e for e in events if "claim our verdicts" in e.get("log_format", "")]
+        assert said["fields"] == "x-spam-flag, x-spam-score, x-spam-status, x-spam-symbols"
+        assert said["msg_id"] and said["conn_id"]
+        # The MX (dnsbl among its default checks, no scanner): X-DNSBL goes, though no
+        # zone is configured; the scanners' fields stay.
+        assert (yield send(server.ports["mx"], "ann@sender.example", forged)) == {}
+        messages = yield server.delivered("bob@example.test", 2)
+        head = messages[1].split(b"\r\n\r\n", 1)[0]
+        assert b"X-DNSBL" not in head
+        assert FORGED.replace(b"X-DNSBL: score=0 threshold=1\r\n", b"") in head
+    finally:
+        globalLogPublisher.removeObserver(events.append)
         yield server.stop()
 
 

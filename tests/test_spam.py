@@ -30,6 +30,10 @@ HAM = (b"From: Ann <ann@sender.example>\r\nTo: Bob <bob@example.test>\r\n"
        b"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\n\r\n" + WORDS.encode() + b"\r\n")
 SPAM = HAM.replace(b"the quarterly report", b"cheap offer").replace(b"<h1@", b"<s1@") \
     .replace(b"\r\n\r\n", b"\r\n\r\n" + GTUBE + b"\r\n", 1)
+#: What a spammer may write to pass its mail off as scored clean.
+PRE_MARKED = (b"X-Spam-Flag: NO\r\nX-Spam-Score: -50\r\n"
+              b"X-Spam-Status: No, score=-50\r\n\trequired=15 action=no_action\r\n"
+              b"X-Spam-Symbols: NONE\r\n")
 REQUEST = SpamRequest(client_address="192.0.2.7", helo="client.sender.example",
                       mail_from="ann@sender.example", recipients=["bob@example.test"],
                       queue_id="Q1")
@@ -174,11 +178,15 @@ def test_rspamd_actions_reject_tag_and_junk(tmp_path: Path, rspamd: Rspamd) -> A
     try:
         code, text = yield send(server.ports["filtered"], SPAM)
         assert (code, text.split()[0]) == (550, "5.7.1"), text
-        assert (yield send(server.ports["filtered"], HAM)) == {}
+        assert (yield send(server.ports["filtered"], PRE_MARKED + HAM)) == {}
         [delivered] = yield server.delivered("bob@example.test", 1)
         assert header(delivered, b"X-Spam-Flag") == [b"NO"]
         [status] = header(delivered, b"X-Spam-Status")
         assert status.startswith(b"No, score=") and b"action=no_action" in status
+        # The fields the message came with are gone: only rspamd's verdict is left.
+        [score] = header(delivered, b"X-Spam-Score")
+        assert score != b"-50" and b"score=-50" not in delivered
+        assert b"NONE" not in delivered and b"\trequired=15" not in delivered
     finally:
         yield server.stop()
     # "no action" mapped to junk: filed in Junk, made when missing.
@@ -199,9 +207,12 @@ def test_spamd_backend_rejects_gtube(tmp_path: Path, spamd: Spamd) -> Any:
     try:
         code, text = yield send(server.ports["filtered"], SPAM)
         assert (code, text.split()[0]) == (550, "5.7.1"), text
-        assert (yield send(server.ports["filtered"], HAM)) == {}
+        assert (yield send(server.ports["filtered"], PRE_MARKED + HAM)) == {}
         [delivered] = yield server.delivered("bob@example.test", 1)
-        assert b"scanner=spamd" in header(delivered, b"X-Spam-Status")[0]
+        [status] = header(delivered, b"X-Spam-Status")
+        assert b"scanner=spamd" in status
+        assert header(delivered, b"X-Spam-Score") != [b"-50"]
+        assert len(header(delivered, b"X-Spam-Flag")) == 1
     finally:
         yield server.stop()
 

@@ -19,7 +19,10 @@ transaction's :class:`Findings`, which later checks read (DMARC reads SPF's and
 DKIM's) and where a check may ask for the message to be filed in another folder
 (quarantine).  After the content step the chain writes one Authentication-Results
 header field on top of the message and removes those from outside that claim our
-authserv-id (RFC 8601 §5), which makes a new staged blob: blobs are immutable.  The
+authserv-id (RFC 8601 §5), which makes a new staged blob: blobs are immutable.  In
+the same rewrite go the fields from outside named as a check's verdict
+(``IInboundCheck.verdict_fields``: X-Spam-Status, X-Virus-Status, X-DNSBL...), for
+each check the listener runs, so that a sender cannot pre-mark its mail clean.  The
 header edits and the new body a check asked for (``Findings.header_edits``,
 ``Findings.body``: a milter's) are made in that same rewrite; the envelope changes and
 a discard (``Findings.added_recipients``, ``removed_recipients``, ``new_sender``,

@@ -10,8 +10,9 @@ from typing import Any
 from authres import AuthenticationResult
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
-from lightmail.policy.inbound.edits import apply_edits
+from lightmail.policy.inbound.edits import apply_edits, field_name, has_fields, header_fields
 from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
 from lightmail.storage.interfaces import IBlobStore, IBlobWriter, IStagedBlob
 
@@ -26,6 +27,7 @@ CHECK_ORDER = ("access", "limits", "spf", "reverse", "dnsbl", "greylist", "dkim"
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _AUTHSERV_ID = re.compile(rb"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
+log = Logger(namespace="lightmail.policy")
 
 
 class InboundPolicy:
@@ -38,6 +40,14 @@ class InboundPolicy:
         self.checks = tuple(checks)
         self.blobs = blobs
         self.authserv_id = authserv_id
+
+    def verdict_fields(self, findings: Findings) -> frozenset[bytes]:
+        """The names (lower-case) of the fields that say what our checks found: those
+        the listener's checks declare, and any a check wrote this time."""
+        names = {name for check in self.checks for name in check.verdict_fields}
+        names.update(field.split(":", 1)[0] for field in findings.added_headers)
+        return frozenset(name.strip().lower().encode("ascii", "replace")
+                         for name in names)
 
     @defer.inlineCallbacks
     def connect(self, session: Any) -> Any:
@@ -88,11 +98,18 @@ class InboundPolicy:
                 return reply, staged
         results = [entry for check in self.checks for entry in check.results(tx.findings)]
         findings = tx.findings
+        # Fields from outside that claim our checks' verdicts (a spammer's own
+        # "X-Spam-Flag: NO") go, as the Authentication-Results fields that claim our
+        # authserv-id do; those of checks this listener does not run stay.
+        ours = self.verdict_fields(findings)
+        forged = has_fields((yield message.header_block()), ours)
         if (not results and not findings.added_headers and not findings.header_edits
-                and findings.body is None):
+                and findings.body is None and not forged):
             return None, staged           # nothing to say (limits alone, say)
         data = yield message.content()
-        data = apply_edits(data, findings.header_edits, findings.body)
+        if forged:
+            _log_forged(session, tx, message.headers, ours)
+        data = apply_edits(data, findings.header_edits, findings.body, remove=ours)
         rewritten = with_authentication_results(data, self.authserv_id(), results,
                                                 tx.findings.added_headers)
         writer = self.blobs.writer()
@@ -104,6 +121,13 @@ class InboundPolicy:
             raise
         staged.discard()
         return None, fresh
+
+
+def _log_forged(session: Any, tx: Any, headers: bytes, ours: frozenset[bytes]) -> None:
+    names = sorted({field_name(field).decode("ascii", "replace")
+                    for field in header_fields(headers) if field_name(field) in ours})
+    log.info("removed header fields from outside that claim our verdicts: {fields}",
+             fields=", ".join(names), conn_id=session.conn_id, msg_id=tx.queue_id)
 
 
 # The blob writer hashes what it is given on the reactor thread: a large rewritten

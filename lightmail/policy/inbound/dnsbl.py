@@ -12,9 +12,9 @@ sender through and puts the recipient in the log; a client that waits for a 554
 greeting would only try again.
 
 What the lists said goes in an ``X-DNSBL`` header field of accepted mail (there is
-no Authentication-Results method for it), and in one log event a transaction
-(``event=dnsbl``).  Authenticated sessions and trusted or allowlisted clients and
-senders are never looked up, or never refused.
+no Authentication-Results method for it; one the message came with is removed), and
+in one log event a transaction (``event=dnsbl``).  Authenticated sessions and
+trusted or allowlisted clients and senders are never looked up, or never refused.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from lightmail.policy.inbound.memo import SessionMemo, Shared
 from lightmail.smtp.codes import Reply
 
 log = Logger(namespace="lightmail.dnsbl")
+DNSBL_FIELD = "X-DNSBL"
 _WHO = {"client": "client [{}]", "helo": "HELO name {}", "sender": "sender domain {}"}
 
 
@@ -58,6 +59,7 @@ class DNSBLResult:
 
 class DNSBLCheck(InboundCheck):
     name = "dnsbl"
+    verdict_fields = (DNSBL_FIELD,)
 
     def __init__(self, lookups: Lookups, settings: Callable[[], Any]) -> None:
         self.lookups = lookups
@@ -126,7 +128,7 @@ class DNSBLCheck(InboundCheck):
                 findings: Findings) -> Deferred[Any]:
         result: Optional[DNSBLResult] = findings.dnsbl
         if result is not None and result.listings:
-            findings.add_header("X-DNSBL", header_value(result))
+            findings.add_header(DNSBL_FIELD, header_value(result))
         return defer.succeed(None)
 
     def session_ended(self, session: Any) -> None:

@@ -139,6 +139,11 @@ class IInboundCheck(Interface):
     """One check of the inbound chain (see lightmail.policy.inbound)."""
 
     name = Attribute("The check's name in [listener:NAME] checks and in logs.")
+    verdict_fields = Attribute(
+        "The names of the header fields in which this check writes its verdict "
+        "(X-Spam-Status...), whichever it writes this time: fields of these names "
+        "that came with the message are removed in the chain's rewrite, so that "
+        "nobody outside can pre-mark mail (a tuple; empty for none).")
 
     def connect(session: Any, findings: Findings) -> Deferred[Any]:
         """A new connection, before the greeting (``findings`` are the session's, not
@@ -169,6 +174,7 @@ class InboundCheck:
     """A check that looks at nothing: subclasses override the steps they use."""
 
     name = "nothing"
+    verdict_fields: tuple[str, ...] = ()
 
     def connect(self, session: Any, findings: Findings) -> Deferred[Any]:
         return defer.succeed(None)

@@ -29,6 +29,9 @@ from lightmail.smtp.codes import Reply
 log = Logger(namespace="lightmail.policy")
 
 VIRUS_STATUS = "X-Virus-Status"
+#: The fields the spam check writes (_tag, and X-Spam-Status alone when unscanned).
+SPAM_FIELDS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status", "X-Spam-Symbols")
+SPAM_STATUS = SPAM_FIELDS[2]
 UNAVAILABLE = "try again later"
 
 
@@ -39,9 +42,11 @@ def _ids(session: Any, tx: Any) -> dict[str, str]:
 class AntivirusCheck(InboundCheck):
     """ClamAV on the whole message: an infected one is refused with 554 5.7.1 and
     the virus's name (``[antivirus] action = reject``) or filed in the quarantine
-    folder (``quarantine``); every scanned message gets X-Virus-Status."""
+    folder (``quarantine``); every scanned message gets X-Virus-Status, and loses
+    the one it came with (clamav-milter's ``AddHeader Replace``)."""
 
     name = "antivirus"
+    verdict_fields = (VIRUS_STATUS,)
 
     def __init__(self, scanner: IContentScanner, settings: Any) -> None:
         self.scanner = scanner
@@ -98,9 +103,12 @@ class SpamCheck(InboundCheck):
     """Spam scoring of the whole message: the scanner's action (rspamd's, or
     spamd's mapped onto them) does what ``[spam] actions`` says: reject (550
     5.7.1), tempfail (451 4.7.1: rspamd's greylist and soft reject), junk (filed in
-    the Junk folder, with the X-Spam-* fields) or tag (the fields only)."""
+    the Junk folder, with the X-Spam-* fields) or tag (the fields only).  The
+    X-Spam-* fields a message came with are removed, all four whichever are written
+    (rspamd's milter_headers ``remove``)."""
 
     name = "spam"
+    verdict_fields = SPAM_FIELDS
 
     def __init__(self, scanner: ISpamScanner, settings: Any) -> None:
         self.scanner = scanner
@@ -117,7 +125,7 @@ class SpamCheck(InboundCheck):
         if message.size > cfg.max_size:
             log.info("spam: not scanned: larger than {max_size} octets",
                      max_size=cfg.max_size, verdict="unscanned", **ids)
-            findings.add_header("X-Spam-Status", "Unscanned (too large)")
+            findings.add_header(SPAM_STATUS, "Unscanned (too large)")
             return None
         data = await message.content()
         request = SpamRequest(
@@ -133,7 +141,7 @@ class SpamCheck(InboundCheck):
                      verdict="error", **ids)
             if cfg.on_error == "tempfail":
                 return Reply(451, "4.7.1", f"The spam scanner is not available, {UNAVAILABLE}")
-            findings.add_header("X-Spam-Status", "Unscanned (scanner not available)")
+            findings.add_header(SPAM_STATUS, "Unscanned (scanner not available)")
             return None
         result = dict(cfg.actions).get(verdict.action, "tag")
         log.info("spam: {action} (score {score} of {required}): {result}",
@@ -155,15 +163,16 @@ class SpamCheck(InboundCheck):
 
 def _tag(findings: Findings, verdict: SpamVerdict, backend: str, flagged: bool) -> None:
     """The X-Spam-* fields, in SpamAssassin's and rspamd's milter's manner."""
-    findings.add_header("X-Spam-Flag", "YES" if flagged else "NO")
-    findings.add_header("X-Spam-Score", f"{verdict.score:g}")
+    flag, score, status, symbols = SPAM_FIELDS
+    findings.add_header(flag, "YES" if flagged else "NO")
+    findings.add_header(score, f"{verdict.score:g}")
     findings.add_header(
-        "X-Spam-Status",
+        status,
         f"{'Yes' if flagged else 'No'}, score={verdict.score:g} "
         f"required={verdict.required_score:g} action={verdict.action.replace(' ', '_')} "
         f"scanner={backend}")
     if verdict.symbols:
-        findings.add_header("X-Spam-Symbols", _one_line(", ".join(verdict.symbols))[:900])
+        findings.add_header(symbols, _one_line(", ".join(verdict.symbols))[:900])
 
 
 def _one_line(text: str) -> str:
