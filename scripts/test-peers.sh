@@ -43,6 +43,9 @@ for peer in "${PEERS[@]}"; do
 done
 # swaks speaks TLS only with Perl's Net::SSLeay (a Debian "recommends").
 perl -MNet::SSLeay -e1 2>/dev/null || missing+=(libnet-ssleay-perl)
+# A milter on Sendmail's libmilter (tests/libmilter_edits.py): pymilter for Debian's
+# python3, a module rather than a command.
+/usr/bin/python3 -c "import Milter" 2>/dev/null || missing+=(python3-milter)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test-peers: installing ${missing[*]} from Debian"
     # Postfix without a system mail set-up: the tests run private instances.
@@ -79,6 +82,8 @@ for peer in "${PEERS[@]}"; do
 done
 perl -MNet::SSLeay -e1 2>/dev/null \
     || { echo "test-peers: Perl's Net::SSLeay (for swaks --tls) is still missing" >&2; exit 1; }
+/usr/bin/python3 -c "import Milter" 2>/dev/null \
+    || { echo "test-peers: python3-milter (libmilter for Debian's python3) is still missing" >&2; exit 1; }
 echo "test-peers: ${PEERS[*]%%:*} ready"
 # Test data fetched rather than installed: the RFC 7208 (SPF) test suite.
 "$(dirname "$0")/fetch-spf-suite.sh"

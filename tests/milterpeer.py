@@ -1,16 +1,23 @@
-"""A scripted milter for the tests: speaks the milter protocol's filter side over a
+"""Milters for the tests.
+
+:class:`FakeMilter`, a scripted one: speaks the milter protocol's filter side over a
 Unix socket, in a thread, answers each command as the test says, and records what it
-was sent.  (The real milters are OpenDKIM and rspamd, in test_milter.py.)"""
+was sent.  :class:`LibMilter`: a milter on Sendmail's own libmilter (Debian's
+python3-milter) that makes the envelope changes a test lists.  (The real filters are
+OpenDKIM and rspamd, in test_milter.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import socketserver
 import struct
+import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,3 +121,50 @@ def free_socket_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="lm-"))
     os.chmod(path, 0o755)
     return path
+
+
+#: Debian's interpreter, where python3-milter (scripts/test-peers.sh) is installed.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+class LibMilter:
+    """tests/libmilter_edits.py under Debian's python3: ``edits`` are
+    ``(kind, address, args)``, kind ``chgfrom`` or ``addrcpt``, made at end of
+    message by libmilter's smfi_chgfrom and smfi_addrcpt_par."""
+
+    def __init__(self, edits: list[tuple[str, str, str | None]]) -> None:
+        found = subprocess.run([SYSTEM_PYTHON, "-c", "import Milter"], capture_output=True)
+        if found.returncode != 0:
+            raise AssertionError("python3-milter is not installed: run "
+                                 "scripts/test-peers.sh (part of `make test`)")
+        self.dir = free_socket_dir()
+        self.path = self.dir / "libmilter.sock"
+        self.log = open(self.dir / "log", "wb")
+        self.process = subprocess.Popen(
+            [SYSTEM_PYTHON, str(Path(__file__).with_name("libmilter_edits.py")),
+             str(self.path), json.dumps(edits)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self.path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                said = self.output()
+                self.stop()
+                raise AssertionError(f"the libmilter milter did not start: {said}")
+            time.sleep(0.05)
+
+    @property
+    def socket(self) -> str:
+        return f"unix:{self.path}"
+
+    def output(self) -> str:
+        return (self.dir / "log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -21,10 +21,11 @@ import pytest
 import pytest_twisted
 from dnsserver import DNSServer
 from inprocess import in_thread, start
-from milterpeer import CLOSE, HANG, FakeMilter, free_socket_dir, negotiation, packet
+from milterpeer import CLOSE, HANG, FakeMilter, LibMilter, free_socket_dir, negotiation, packet
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from lightmail.config import parse_config
@@ -32,6 +33,11 @@ from lightmail.policy.dkim import dns_record, generate_key, signing_key
 from lightmail.policy.inbound.edits import apply_edits
 from lightmail.policy.inbound.findings import HeaderEdit
 from lightmail.policy.milter import wire
+from lightmail.policy.milter.check import (
+    RECIPIENT_ARGUMENTS,
+    SENDER_ARGUMENTS,
+    envelope_arguments,
+)
 from lightmail.policy.milter.client import MilterClient, MilterProtocol, MilterUnavailable
 from lightmail.policy.milter.wire import ProtocolError
 from lightmail.smtp.codes import Reply
@@ -164,13 +170,13 @@ def test_milter_sections_in_the_config() -> None:
 # --- a scripted milter, on a running LightMail ----------------------------------------------
 
 def lightmail(tmp_path: Path, dns: DNSServer, *milters: tuple[str, str],
-              options: str = "") -> Any:
+              options: str = "", extra: str = "") -> Any:
     """A LightMail whose listener ``milt`` runs only the milter check."""
     options = options or "command_timeout = 2s\neom_timeout = 2s\n"
     sections = "".join(f"[milter:{name}]\nsocket = {socket}\n{options}"
                        for name, socket in milters)
     return start(tmp_path, extra=(
-        f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n"
+        f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n{extra}"
         "[listener:milt]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
         "checks = milter\n" + sections))
 
@@ -385,6 +391,115 @@ async def test_envelope_changes_go_through_recipient_rules(
         assert [r for r in await server.queued()] == []
     finally:
         await server.stop()
+
+
+def test_esmtp_arguments_of_envelope_changes() -> None:
+    """What a milter may give with an added recipient (NOTIFY, ORCPT) and a new sender
+    (RET, ENVID), by the rules RCPT TO's and MAIL FROM's are held to; the rest is
+    ignored, each with the reason the log gives, and garbage never raises."""
+    taken, ignored = envelope_arguments(
+        b"notify=success,delay ORCPT=rfc822;a+2Bb@x.example SIZE=10 NOTIFY=NEVER",
+        RECIPIENT_ARGUMENTS)
+    assert taken == {"NOTIFY": "success,delay", "ORCPT": "rfc822;a+2Bb@x.example"}
+    assert ignored == ["SIZE=10 (not one we honour)", "NOTIFY=NEVER (given twice)"]
+    taken, ignored = envelope_arguments(
+        b"NOTIFY=NEVER,SUCCESS ORCPT=no-type NOTIFY= ORCPT NOTIFY=FAILURE", RECIPIENT_ARGUMENTS)
+    assert taken == {"NOTIFY": "FAILURE"}
+    assert [why.rsplit(" (", 1)[1] for why in ignored] == ["malformed)"] * 4
+    taken, ignored = envelope_arguments(b"RET=hdrs ENVID=q+2B1 BODY=8BITMIME AUTH=<>",
+                                        SENDER_ARGUMENTS)
+    assert taken == {"RET": "hdrs", "ENVID": "q+2B1"}
+    assert len(ignored) == 2
+    taken, ignored = envelope_arguments(b"RET=NONE ENVID=" + b"x" * 101, SENDER_ARGUMENTS)
+    assert taken == {} and len(ignored) == 2
+    for garbage in (b"\xff\xfe\x00\x01", b"ORCPT=rfc822;a\x07b", b"NOTIFY=\xc3\xa9",
+                    b"=" * 5000, b"\t\r\n", b""):
+        taken, ignored = envelope_arguments(garbage, RECIPIENT_ARGUMENTS)
+        assert taken == {}
+        assert all(len(why) < 140 and "\x07" not in why for why in ignored)
+
+
+def queue_rows(server: Any) -> list[tuple[Any, ...]]:
+    with server.parts.storage.db.engine.connect() as conn:
+        return [tuple(row) for row in conn.exec_driver_sql(
+            "select r.recipient, r.transport, r.notify, r.orcpt, m.mail_from, m.ret, "
+            "m.envid from queue_recipients r join queue_messages m on m.id = r.queue_id "
+            "order by r.id").all()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_libmilter_envelope_changes_keep_their_dsn_arguments(
+        tmp_path: Path, dns: DNSServer) -> None:
+    """Sendmail's libmilter (smfi_addrcpt_par, smfi_chgfrom) adds recipients with
+    NOTIFY and ORCPT, and changes the sender with RET and ENVID: they reach the
+    queue as if the client had given them; what is malformed or not ours to take
+    is ignored with a warning, and the change itself stands."""
+    milter = LibMilter([
+        ("chgfrom", "<changed@sender.example>", "RET=HDRS ENVID=new+2Benv SIZE=99"),
+        ("addrcpt", "<carol@example.test>",
+         "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;carol+orig@example.test"),
+        ("addrcpt", "<outside@example.test>", "NOTIFY=never XTRA=1"),
+        ("addrcpt", "<dave@example.test>", "NOTIFY=SOMETIMES ORCPT=no-type"),
+        ("addrcpt", "<erin@example.test>", None)])
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        server = await lightmail(tmp_path, dns, ("lib", milter.socket),
+                                 extra="[smtp]\ndirect_delivery = no\n")
+        server.parts.queue_runner.stopService()    # the rows stay to be looked at
+        try:
+            for user in ("carol", "dave", "erin"):
+                await server.parts.directory.add_user(f"{user}@example.test", None)
+            assert await send(server.ports["milt"]) == {}, milter.output()
+            rows = queue_rows(server)
+        finally:
+            await server.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        milter.stop()
+    sender = ("changed@sender.example", "HDRS", "new+2Benv")
+    assert rows == [
+        ("bob@example.test", "local", None, "rfc822;bob@example.test", *sender),
+        ("carol@example.test", "local", "SUCCESS,FAILURE", "rfc822;carol+orig@example.test",
+         *sender),
+        ("friend@remote.example", "smtp", "NEVER", "rfc822;outside@example.test", *sender),
+        ("dave@example.test", "local", None, "rfc822;dave@example.test", *sender),
+        ("erin@example.test", "local", None, "rfc822;erin@example.test", *sender)]
+    warned = {e["address"]: e["ignored"] for e in events
+              if "ignoring ESMTP arguments" in e.get("log_format", "")}
+    assert warned == {"changed@sender.example": "SIZE=99 (not one we honour)",
+                      "outside@example.test": "XTRA=1 (not one we honour)",
+                      "dave@example.test": "NOTIFY=SOMETIMES (malformed); "
+                                           "ORCPT=no-type (malformed)"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_arguments_of_envelope_changes_are_ignored(
+        tmp_path: Path, dns: DNSServer, milters: list[FakeMilter]) -> None:
+    """Raw packets a libmilter would not send: arguments in several strings, control
+    characters, bytes that are not UTF-8.  The recipient is added and the sender
+    changed all the same; the milter is not counted as failed."""
+    milter = fake(milters, eob_edits(
+        packet(b"2", b"<carol@example.test>\0NOTIFY=\x01\xff\0ORCPT=rfc822;x\x07y\0"),
+        packet(b"2", b"<dave@example.test>\0\0"),
+        packet(b"e", b"<changed@sender.example>\0RET=FULL\0ENVID=\xc3\xa9\0")))
+    server = await lightmail(tmp_path, dns, ("fake", milter.socket),
+                             extra="[smtp]\ndirect_delivery = no\n")
+    server.parts.queue_runner.stopService()
+    try:
+        for user in ("carol", "dave"):
+            await server.parts.directory.add_user(f"{user}@example.test", None)
+        assert await send(server.ports["milt"], times=2) == [{}, {}]
+        rows = queue_rows(server)
+    finally:
+        await server.stop()
+    assert len(rows) == 6 and milter.connections == 1
+    for row in rows[:3]:
+        assert row[4:] == ("changed@sender.example", "FULL", None)
+    assert [row[:4] for row in rows[:3]] == [
+        ("bob@example.test", "local", None, "rfc822;bob@example.test"),
+        ("carol@example.test", "local", None, "rfc822;carol@example.test"),
+        ("dave@example.test", "local", None, "rfc822;dave@example.test")]
 
 
 # --- a milter that fails ------------------------------------------------------------------

@@ -219,30 +219,41 @@ class SMTPHandler:
     @defer.inlineCallbacks
     def change_envelope(self, session: Session, tx: Transaction) -> Any:
         """The checks' changes to the envelope (a milter's CHGFROM, DELRCPT, ADDRCPT):
-        the new sender as given; recipients removed by the address RCPT TO gave;
-        those added through :meth:`decide_rcpt`, as if the client had given them, so
-        that the same rules hold (on an MX listener only local addresses: a milter
-        opens no relay)."""
+        the new sender as given, with the RET and ENVID given with it; recipients
+        removed by the address RCPT TO gave; those added through
+        :meth:`decide_rcpt` with their NOTIFY and ORCPT, as if the client had given
+        them, so that the same rules hold (on an MX listener only local addresses: a
+        milter opens no relay)."""
         findings = tx.findings
         log = BoundLogger(namespace=self.log.namespace, conn_id=session.conn_id,
                           msg_id=tx.queue_id)
-        if findings.new_sender is not None and findings.new_sender != tx.mail_from:
+        change = findings.new_sender
+        if change is not None and change.address != tx.mail_from:
             log.info("sender changed by a check: <{old}> -> <{new}>", old=tx.mail_from,
-                     new=findings.new_sender)
-            tx.mail_from = findings.new_sender
+                     new=change.address)
+            tx.mail_from = change.address
+        if change is not None and (change.ret or change.envid):
+            log.info("DSN parameters changed by a check: RET={ret} ENVID={envid}",
+                     ret=change.ret or tx.ret, envid=change.envid or tx.envid)
+            tx.ret = change.ret or tx.ret
+            tx.envid = change.envid or tx.envid
         if findings.removed_recipients:
             gone = {address.lower() for address in findings.removed_recipients}
             log.info("recipients removed by a check: {rcpts}",
                      rcpts=", ".join(a for a, _ in tx.accepted if a.lower() in gone))
             tx.accepted = [(a, r) for a, r in tx.accepted if a.lower() not in gone]
             tx.recipients = [rcpt for _, expanded in tx.accepted for rcpt in expanded]
-        for address in findings.added_recipients:
-            reply, recipients = yield self.decide_rcpt(session, tx, address, None, None)
+        for added in findings.added_recipients:
+            address = added.address
+            reply, recipients = yield self.decide_rcpt(session, tx, address, added.orcpt,
+                                                       added.notify)
             if reply.is_error:
                 log.warn("recipient <{rcpt}> added by a check refused: {code} {text}",
                          rcpt=address, code=reply.code, text=reply.text)
                 continue
-            log.info("recipient <{rcpt}> added by a check", rcpt=address)
+            log.info("recipient <{rcpt}> added by a check{notify}{orcpt}", rcpt=address,
+                     notify=f" NOTIFY={added.notify}" if added.notify else "",
+                     orcpt=f" ORCPT={added.orcpt}" if added.orcpt else "")
             tx.accepted.append((address, recipients))
             tx.recipients.extend(recipients)
 

@@ -38,6 +38,13 @@ from lightmail.policy.inbound import InboundPolicy, build_checks
 from lightmail.smtp import codes
 from lightmail.smtp.codes import Reply
 from lightmail.smtp.lines import LineScan, bare_line_ends, scan_lines, undot
+from lightmail.smtp.params import (
+    parse_params,
+    valid_envid,
+    valid_notify,
+    valid_orcpt,
+    valid_ret,
+)
 from lightmail.smtp.policy import Session, SMTPHandler, Transaction
 from lightmail.storage.interfaces import IBlobWriter
 from lightmail.storage.queuestore import new_queue_id
@@ -45,7 +52,6 @@ from lightmail.transport import write_at_once
 
 COMMAND, DATA, BDAT, AUTH = "command", "data", "bdat", "auth"
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>]*)>(?P<params>.*)$", re.I)
-_XTEXT = re.compile(r"^[\x21-\x2a\x2c-\x3c\x3e-\x7e]*$|^(?:[^+]|\+[0-9A-F]{2})*$")
 
 
 class SMTPServerSession(TrackedProtocol, TimeoutMixin):
@@ -449,7 +455,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if not match or match.group("kw").upper() != "FROM":
             return self.reply(codes.BAD_SYNTAX)
         tx = Transaction(mail_from=match.group("addr"))
-        for name, value in _params(match.group("params")):
+        for name, value in parse_params(match.group("params")):
             if name == "SIZE" and value and _is_number(value):
                 tx.declared_size = int(value)
                 if tx.declared_size > self.cfg.max_message_size:
@@ -458,9 +464,9 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
                 tx.body = value.upper()
             elif name == "SMTPUTF8" and value is None and self.cfg.smtputf8:
                 tx.smtputf8 = True
-            elif name == "RET" and value and value.upper() in ("FULL", "HDRS"):
+            elif name == "RET" and value and valid_ret(value):
                 tx.ret = value.upper()
-            elif name == "ENVID" and value and len(value) <= 100 and _XTEXT.match(value):
+            elif name == "ENVID" and value and valid_envid(value):
                 tx.envid = value
             elif name == "AUTH" and value:
                 pass                        # RFC 4954 §5: accepted, not trusted
@@ -508,10 +514,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if self.tx.rcpt_count >= self.cfg.max_recipients:
             return self.send(codes.TOO_MANY_RCPTS)    # 4xx: not counted as an error
         address, notify, orcpt = match.group("addr"), None, None
-        for name, value in _params(match.group("params")):
-            if name == "NOTIFY" and value and _valid_notify(value):
+        for name, value in parse_params(match.group("params")):
+            if name == "NOTIFY" and value and valid_notify(value):
                 notify = value.upper()
-            elif name == "ORCPT" and value and ";" in value and len(value) <= 500:
+            elif name == "ORCPT" and value and valid_orcpt(value):
                 orcpt = value
             else:
                 return self.reply(codes.BAD_PARAM)
@@ -778,23 +784,6 @@ def _first_line_error(lines: bytes, limit: int) -> Optional[Reply]:
 def _is_number(text: str) -> bool:
     """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
     return text.isascii() and text.isdigit()
-
-
-def _params(text: str) -> list[tuple[str, Optional[str]]]:
-    """ESMTP parameters: ``NAME`` or ``NAME=VALUE``, space separated (RFC 5321 §4.1.2)."""
-    out: list[tuple[str, Optional[str]]] = []
-    for item in text.split():
-        name, eq, value = item.partition("=")
-        out.append((name.upper(), value if eq else None))
-    return out
-
-
-def _valid_notify(value: str) -> bool:
-    # RFC 3461 §4.1: NEVER alone, or any of SUCCESS, FAILURE, DELAY.
-    items = value.upper().split(",")
-    if items == ["NEVER"]:
-        return True
-    return len(set(items)) == len(items) and set(items) <= {"SUCCESS", "FAILURE", "DELAY"}
 
 
 class SMTPFactory(ServiceFactory):

@@ -33,6 +33,28 @@ class HeaderEdit:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class AddedRecipient:
+    """A recipient a check adds (a milter's ADDRCPT), with the DSN parameters RCPT TO
+    would have given it (RFC 3461 §4.1, §4.2: NOTIFY upper-cased, ORCPT as written),
+    already checked by the rules RCPT TO's are."""
+
+    address: str
+    notify: Optional[str] = None
+    orcpt: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class NewSender:
+    """A new MAIL FROM a check gives (a milter's CHGFROM), with the DSN parameters it
+    changes (RFC 3461 §4.3, §4.4: RET upper-cased, ENVID as written); None keeps the
+    transaction's."""
+
+    address: str
+    ret: Optional[str] = None
+    envid: Optional[str] = None
+
+
 @dataclass
 class Findings:
     """What the checks found about one transaction; later checks read earlier ones'
@@ -70,11 +92,12 @@ class Findings:
     body: Optional[bytes] = None
     #: Why the message is to be accepted and then dropped (a milter's DISCARD).
     discarded: Optional[str] = None
-    #: Changes to the envelope (a milter's): recipients added and removed (as RCPT
-    #: TO named them), a new MAIL FROM; the SMTP handler applies them.
-    added_recipients: list[str] = field(default_factory=list)
+    #: Changes to the envelope (a milter's): recipients added (with their DSN
+    #: parameters) and removed (as RCPT TO named them), a new MAIL FROM (with its);
+    #: the SMTP handler applies them.
+    added_recipients: list[AddedRecipient] = field(default_factory=list)
     removed_recipients: list[str] = field(default_factory=list)
-    new_sender: Optional[str] = None
+    new_sender: Optional[NewSender] = None
 
     def add_header(self, name: str, value: str) -> None:
         """Add ``name: value`` (printable ASCII only; anything else becomes ``?``)."""

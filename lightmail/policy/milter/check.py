@@ -7,7 +7,10 @@ transactions, QUIT when the session ends.
 * rcpt step: RCPT (a refusal refuses that recipient only);
 * content step: DATA, each header field, EOH, the body in chunks, EOB; the edits
   asked for at EOB go into the transaction's Findings, for the chain's one rewrite
-  (header fields, body) and the SMTP handler (recipients, sender, discard).
+  (header fields, body) and the SMTP handler (recipients, sender, discard).  The
+  ESMTP arguments of an added recipient (NOTIFY, ORCPT) and of a new sender (RET,
+  ENVID) go with them, checked as RCPT TO's and MAIL FROM's are; others are logged
+  and ignored, the change itself made (as Postfix 3.7's cleanup does).
 
 What an answer does: reject is 550 5.7.1, tempfail 451 4.7.1, a reply code the
 milter's own (sanitised, lightmail.policy.milter.wire.smtp_reply); discard accepts
@@ -29,10 +32,18 @@ from twisted.logger import Logger
 
 from lightmail.config import Config, MilterConfig
 from lightmail.policy.inbound.edits import header_end, header_fields
-from lightmail.policy.inbound.findings import Findings, HeaderEdit, InboundCheck, Message
+from lightmail.policy.inbound.findings import (
+    AddedRecipient,
+    Findings,
+    HeaderEdit,
+    InboundCheck,
+    Message,
+    NewSender,
+)
 from lightmail.policy.milter import wire
 from lightmail.policy.milter.client import MilterClient, MilterUnavailable
 from lightmail.policy.milter.wire import Edit, ProtocolError, Verdict
+from lightmail.smtp import params
 from lightmail.smtp.codes import Reply
 
 log = Logger(namespace="lightmail.policy.milter")
@@ -162,11 +173,11 @@ class MilterSession:
         if self.client is None or self.session_verdict or self.done_with is tx:
             return None
         try:
-            return await self._content(tx, message, findings)
+            return await self._content(session, tx, message, findings)
         except (MilterUnavailable, ProtocolError) as exc:
             return self._fail(session, exc)
 
-    async def _content(self, tx: Any, message: Message,
+    async def _content(self, session: Any, tx: Any, message: Message,
                        findings: Findings) -> Optional[Reply]:
         client = self.client
         assert client is not None
@@ -197,7 +208,8 @@ class MilterSession:
         verdict, edits = await client.end_of_message(queue_id)
         self.in_message = False
         if verdict.kind in ("continue", "accept"):
-            self._take(edits, findings, leading_space)
+            self._take(edits, findings, leading_space,
+                       {"conn_id": session.conn_id, "msg_id": tx.queue_id})
         return self._answer(verdict, tx, findings, "end of message")
 
     def close(self) -> None:
@@ -271,8 +283,10 @@ class MilterSession:
                  status=reply.status, text=reply.text)
         return reply
 
-    def _take(self, edits: Sequence[Edit], findings: Findings, leading_space: bool) -> None:
-        """The end-of-message edits into the transaction's findings."""
+    def _take(self, edits: Sequence[Edit], findings: Findings, leading_space: bool,
+              ids: dict[str, Any]) -> None:
+        """The end-of-message edits into the transaction's findings (``ids``: the
+        connection's and the message's, for the log)."""
         body: list[bytes] = []
         for edit in edits:
             command = edit.command
@@ -288,11 +302,15 @@ class MilterSession:
             elif command == wire.REPLBODY:
                 body.append(edit.value)
             elif command in (wire.ADDRCPT, wire.ADDRCPT_PAR):
-                findings.added_recipients.append(edit.name)
+                given = self._arguments(edit, RECIPIENT_ARGUMENTS, "added recipient", ids)
+                findings.added_recipients.append(AddedRecipient(
+                    edit.name, _upper(given.get("NOTIFY")), given.get("ORCPT")))
             elif command == wire.DELRCPT:
                 findings.removed_recipients.append(edit.name)
             elif command == wire.CHGFROM:
-                findings.new_sender = edit.name
+                given = self._arguments(edit, SENDER_ARGUMENTS, "new sender", ids)
+                findings.new_sender = NewSender(edit.name, _upper(given.get("RET")),
+                                                given.get("ENVID"))
             elif command == wire.QUARANTINE:
                 reason = _CONTROL.sub("?", edit.value.decode("utf-8", "replace"))
                 findings.quarantine("Junk", f"milter {self.cfg.name}: {reason[:200]}")
@@ -302,6 +320,18 @@ class MilterSession:
                 raise ProtocolError(f"a new body of {len(new)} octets, beyond "
                                     f"[smtp] max_message_size")
             findings.body = _crlf(new)
+
+    def _arguments(self, edit: Edit, known: dict[str, Callable[[str], bool]], what: str,
+                   ids: dict[str, Any]) -> dict[str, str]:
+        """The ESMTP arguments of an envelope change that we honour; the others are
+        logged and ignored (the change itself stands), as Postfix's cleanup does with
+        a bad NOTIFY or ORCPT."""
+        taken, ignored = envelope_arguments(edit.value, known)
+        if ignored:
+            log.warn("milter {milter}: ignoring ESMTP arguments of the {what} <{address}>:"
+                     " {ignored}", milter=self.cfg.name, what=what, address=edit.name,
+                     ignored="; ".join(ignored[:10]), **ids)
+        return taken
 
     # -- failure --------------------------------------------------------------------------
 
@@ -348,6 +378,46 @@ def _mail_arguments(tx: Any) -> list[str]:
     if tx.envid:
         args.append(f"ENVID={tx.envid}")
     return args
+
+
+#: The ESMTP arguments honoured on a milter's envelope changes, and their checks:
+#: the DSN parameters (RFC 3461) our envelope keeps, by the rules of RCPT TO and MAIL
+#: FROM.  (SIZE, BODY and the like describe a message already received; AUTH and
+#: REQUIRETLS are the client's to give, not a filter's.)
+RECIPIENT_ARGUMENTS: dict[str, Callable[[str], bool]] = {
+    "NOTIFY": params.valid_notify, "ORCPT": params.valid_orcpt}
+SENDER_ARGUMENTS: dict[str, Callable[[str], bool]] = {
+    "RET": params.valid_ret, "ENVID": params.valid_envid}
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def envelope_arguments(raw: bytes, known: dict[str, Callable[[str], bool]]
+                       ) -> tuple[dict[str, str], list[str]]:
+    """(name: value for the arguments of ``raw`` that ``known`` names and whose value
+    passes its check, the first of each name; why each other one is ignored).
+    Anything but printable ASCII is ignored: a filter's garbage never reaches the
+    queue or a DSN."""
+    taken: dict[str, str] = {}
+    ignored: list[str] = []
+    for item in raw.decode("utf-8", "replace").split():
+        shown = _CONTROL.sub("?", item)[:100]
+        name, eq, value = item.partition("=")
+        name = name.upper()
+        if not _PRINTABLE.match(item):
+            ignored.append(f"{shown} (not printable ASCII)")
+        elif name not in known:
+            ignored.append(f"{shown} (not one we honour)")
+        elif name in taken:
+            ignored.append(f"{shown} (given twice)")
+        elif not eq or not value or not known[name](value):
+            ignored.append(f"{shown} (malformed)")
+        else:
+            taken[name] = value
+    return taken, ignored
+
+
+def _upper(value: Optional[str]) -> Optional[str]:
+    return value.upper() if value is not None else None
 
 
 def _field_for_milter(field: bytes, leading_space: bool) -> tuple[Optional[bytes], bytes]:
