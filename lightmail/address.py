@@ -16,6 +16,11 @@ class AddressError(ValueError):
 
 
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+#: RFC 5321 §4.5.3.1.1: the longest local part every server must take.
+MAX_LOCAL_PART = 64
+#: RFC 5321 §4.5.3.1.3: the longest reverse- or forward-path, its angle brackets
+#: included.
+MAX_PATH = 256
 
 
 def normalise_domain(domain: str) -> str:
@@ -35,16 +40,19 @@ def normalise_domain(domain: str) -> str:
     return ascii_domain
 
 
-def split_address(address: str) -> tuple[str, str]:
-    """(local part, domain) of ``address``, both normalised for lookups."""
+def split_address(address: str, max_local: Optional[int] = MAX_LOCAL_PART
+                  ) -> tuple[str, str]:
+    """(local part, domain) of ``address``, both normalised for lookups; a local part
+    longer than ``max_local`` octets is refused (None: any length)."""
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
     local, at, domain = address.rpartition("@")
     if not at or not local:
         raise AddressError(f"{address!r} is not of the form local-part@domain")
-    if len(local.encode("utf-8")) > 64:
-        raise AddressError("the local part is longer than 64 octets (RFC 5321 §4.5.3.1.1)")
+    if max_local is not None and len(local.encode("utf-8")) > max_local:
+        raise AddressError(f"the local part is longer than {max_local} octets "
+                           "(RFC 5321 §4.5.3.1.1)")
     if any(ch.isspace() or ord(ch) < 32 for ch in local):
         raise AddressError(f"{address!r} has spaces or control characters")
     return local.lower(), normalise_domain(domain)

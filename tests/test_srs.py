@@ -236,9 +236,17 @@ def test_which_senders_are_rewritten() -> None:
                  queued("alice@origin.example", auth_user="bob@example.test"),
                  queued("alice@origin.example", client="192.0.2.7")):   # trusted relay
         assert sent_as(forwarding, item) == item.mail_from
-    # An SRS address that could not come back (RFC 5321's 64 octets) is not made.
+    # A local part longer than RFC 5321's 64 octets is made, as libsrs2 makes it ...
     long_sender = "list-bounces+someone=example.org@lists.very-long-domain.example"
-    assert sent_as(forwarding, queued(long_sender)) == long_sender
+    rewritten = sent_as(forwarding, queued(long_sender))
+    assert rewritten == srs.forward(long_sender)
+    assert len(rewritten.rpartition("@")[0]) > 64 and len(rewritten) + 2 <= 256
+    # ... but not a path longer than 256 octets: the sender is sent as it is.
+    near = f"{'v' * 60}@{'d' * 63}.{'e' * 63}.{'f' * 29}.example"
+    assert len(srs.forward(near)) + 2 == 257
+    assert sent_as(forwarding, queued(near)) == near
+    shorter = near.replace("v" * 60, "v" * 59)
+    assert sent_as(forwarding, queued(shorter)) == srs.forward(shorter)
     forwarding.configure(None)                                       # [srs] enabled = no
     assert sent_as(forwarding, queued("alice@origin.example")) == "alice@origin.example"
 
@@ -341,7 +349,11 @@ def test_lightmail_and_postsrsd_read_each_other(postsrsd: Postsrsd) -> None:
     senders = ["alice@origin.example", "Alice.Smith@Origin.Example",
                "a=b+c@sub.origin.example", "SRS0=abcd=AB=orig.test=alice@hop1.test",
                "SRS0+xyzw=CD=orig.test=bob@hop1.test",
-               "SRS1=qkOF=hop1.test==abcd=AB=orig.test=alice@hop2.test"]
+               "SRS1=qkOF=hop1.test==abcd=AB=orig.test=alice@hop2.test",
+               # Local parts over 64 octets once rewritten: postsrsd makes them too.
+               "list-bounces+someone=example.org@lists.very-long-domain.example",
+               f"{'b' * 64}@{'sub.' * 40}origin.example",
+               f"SRS0=abcd=AB={'l' * 60}.test={'m' * 60}@hop1.test"]
     for sender in senders:
         theirs = postsrsd.forward(sender)
         mine = ours.forward(sender)
@@ -352,6 +364,14 @@ def test_lightmail_and_postsrsd_read_each_other(postsrsd: Postsrsd) -> None:
             code, text = postsrsd.reverse(address)
             assert code == 200, (address, text)
             assert ours.reverse(address).lower() == text.lower()
+    # A sender whose SRS form is a path over 256 octets: postsrsd still rewrites it,
+    # LightMail sends it as it is (see lightmail/policy/srs.py); what postsrsd made
+    # reverses on both all the same.
+    huge = f"{'h' * 64}@{'d' * 63}.{'e' * 63}.{'f' * 63}.example"
+    theirs = postsrsd.forward(huge)
+    assert len(theirs) + 2 > 256 and ours.reverse(theirs).lower() == huge.lower()
+    forwarding = SRSForwarding(ours, LocalDomains())
+    assert sent_as(forwarding, queued(huge)) == huge
     # Key rotation: an address signed with the old secret still comes back on both.
     old = SRS("srs.example", [b"old-secret"]).forward("alice@origin.example")
     assert postsrsd.reverse(old) == (200, "alice@origin.example")
@@ -385,9 +405,15 @@ def dns() -> Iterator[DNSServer]:
         server.stop()
 
 
-def send_from_outside(port: int, rcpts: list[str]) -> None:
+#: A sender (a list's bounce address) whose SRS form has a local part of 75 octets
+#: (no "=": the receiving Postfix's inline map would cut its key there).
+LONG_SENDER = "list-bounces-" + "y" * 37 + "@origin.test"
+
+
+def send_from_outside(port: int, rcpts: list[str],
+                      sender: str = "sender@origin.test") -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
-        smtp.sendmail("sender@origin.test", rcpts,
+        smtp.sendmail(sender, rcpts,
                       b"From: sender@origin.test\r\nTo: forwarded@example.test\r\n"
                       b"Subject: via an alias\r\n\r\nHello from outside\r\n")
 
@@ -417,7 +443,8 @@ def test_forwarded_mail_leaves_with_srs_and_bounces_come_back(
         # (a pipe that fails), to the SRS address, at LightMail (the SRS domain's MX:
         # here a transport map, as Postfix looks up no DNS).
         mx = yield in_thread(ReceivingMX, postfix_port, [
-            "alice@remote.test", "gone@remote.test", "sender@origin.test"], main={
+            "alice@remote.test", "gone@remote.test", "sender@origin.test", LONG_SENDER],
+            main={
                 "transport_maps": f"inline:{{ gone@remote.test=failing:, "
                                   f"mx.example.test=smtp:[127.0.0.1]:{lm_port} }}"},
             services=("failing unix - n n - - pipe user=nobody argv=/bin/false",))
@@ -459,6 +486,29 @@ def test_forwarded_mail_leaves_with_srs_and_bounces_come_back(
         fresh = srs.forward("sender@origin.test")
         code, _ = yield in_thread(rcpt_reply, lm_port, fresh.lower())
         assert code == 250
+        # 5. A sender whose SRS form has a local part over RFC 5321's 64 octets is
+        # rewritten all the same: Postfix takes it, and its bounce comes back through
+        # our MX (which takes our own long SRS addresses) to the sender.
+        yield in_thread(send_from_outside, lm_port,
+                        ["forwarded@example.test", "lost@example.test"], LONG_SENDER)
+        copies = yield until(lambda: len(mx.messages("alice@remote.test")) >= 2
+                             and mx.messages("alice@remote.test"))
+        [long_copy] = [m for m in copies if b"=origin.test=list-bounces-" in m]
+        match = re.search(rb"^Return-Path: <(SRS0=[^>]+)>", long_copy, re.M)
+        assert match, long_copy[:500]
+        long_srs = match.group(1).decode()
+        assert len(long_srs.rpartition("@")[0]) == 75
+        assert srs.reverse(long_srs) == LONG_SENDER
+        [bounce] = yield until(lambda: mx.messages(LONG_SENDER), timeout=90)
+        assert b"gone@remote.test" in bounce and b"Return-Path: <>" in bounce
+        assert re.search(rf"to=<{re.escape(long_srs)}>.*status=sent", mx.postfix.logtext())
+        # Other recipients are still held to the 64 octets, and every path to 256.
+        code, text = yield in_thread(rcpt_reply, lm_port, "z" * 65 + "@example.test")
+        assert (code, text[:5]) == (553, b"5.1.3")
+        too_long = srs.forward(f"{'w' * 64}@{'d' * 63}.{'e' * 63}.{'f' * 40}.test")
+        assert len(too_long) + 2 > 256
+        code, text = yield in_thread(rcpt_reply, lm_port, too_long)
+        assert (code, text[:5]) == (553, b"5.1.3")
     finally:
         yield server.root.stopService()
         if mx is not None:

@@ -24,6 +24,20 @@ postsrsd with the same secret read each other's addresses:
 :class:`SRS` is the scheme; :class:`SRSForwarding` is what LightMail does with it:
 the SMTP delivery agent asks it for the MAIL FROM of each forwarded recipient, and
 the SMTP handler asks it about each RCPT TO at the SRS domain.
+
+Long addresses.  The SRS form adds about 30 octets and the sender's domain to the
+local part, so a long sender (a mailing list's VERP bounce address) gets a local
+part longer than RFC 5321 §4.5.3.1.1's 64 octets.  The RFC lets a client send
+longer ones (servers "MUST be prepared" to refuse them, §4.5.3.1) and asks servers
+to impose no limits they can avoid; Postfix takes them (the tests forward through
+one), as do most servers in practice, and libsrs2 (postsrsd 1.10) rewrites whatever
+the length.  So LightMail rewrites such senders too, giving the address postsrsd
+gives, and its MX takes RCPT TO for its own SRS addresses however long their local
+part (every other recipient is still held to the 64).  What it keeps is
+§4.5.3.1.3's limit on the whole path, 256 octets with the angle brackets
+(lightmail.address.MAX_PATH): a sender whose SRS form would be longer is sent as it
+is, with a warning (postsrsd would rewrite it; a server may well refuse such a path,
+and our MX would refuse the bounce).
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lightmail.address import MAX_PATH
 from lightmail.config import Config, ConfigError, line_of
 from lightmail.directory.interfaces import Resolution
 from lightmail.queue.interfaces import ISenderRewriter
@@ -54,8 +69,6 @@ _STAMP_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _DAY = 86400
 _SLOTS = 1024                         # two base32 characters of days
 _SEPARATORS = "=-+"                   # after SRS0/SRS1; inside, always "="
-#: RFC 5321 §4.5.3.1.1: an SRS address longer than this could not come back to us.
-MAX_LOCAL_PART = 64
 
 
 class SRSError(ValueError):
@@ -163,6 +176,12 @@ class SRS:
         data = b"".join(field.encode("utf-8").lower() for field in fields)
         digest = hmac.new(secret, data, hashlib.sha1).digest()
         return base64.b64encode(digest).decode("ascii")[:_HASH_LENGTH]
+
+
+def fits_a_path(address: str) -> bool:
+    """Whether ``<address>`` is within RFC 5321 §4.5.3.1.3's 256 octets (its local
+    part may be longer than §4.5.3.1.1's 64: see the module's docstring)."""
+    return len(address.encode("utf-8")) + 2 <= MAX_PATH
 
 
 # --- the secrets file --------------------------------------------------------------
@@ -304,10 +323,10 @@ class SRSForwarding:
 
     def _forward(self, srs: SRS, item: QueueItem) -> str:
         rewritten = srs.forward(item.mail_from)
-        if len(rewritten.rpartition("@")[0].encode("utf-8")) > MAX_LOCAL_PART:
-            self.log.warn("SRS: <{sender}> sent as it is: its SRS form is longer than "
-                          "64 octets, so a bounce could not come back",
-                          sender=item.mail_from, msg_id=item.queue_id)
+        if not fits_a_path(rewritten):
+            self.log.warn("SRS: <{sender}> sent as it is: its SRS form would be longer "
+                          "than RFC 5321's 256-octet path, so a bounce could not come "
+                          "back", sender=item.mail_from, msg_id=item.queue_id)
             return item.mail_from
         self.log.info("SRS: MAIL FROM:<{sender}> sent as <{rewritten}> to <{rcpt}>",
                       sender=item.mail_from, rewritten=rewritten,
