@@ -109,6 +109,26 @@ def test_smtputf8_addresses_need_the_parameter(tmp_path: Path) -> None:
 
 
 @pytest_twisted.inlineCallbacks
+def test_address_lengths_are_held_to_the_path_limit(tmp_path: Path) -> None:
+    """A sender's local part over RFC 5321's 64 octets is taken (as Postfix takes
+    it: VERP and SRS addresses of lists and forwarders run longer); a local
+    recipient's is not (no such user can exist); any path over 256 octets is
+    refused with 553 5.1.3."""
+    server = yield start(tmp_path)
+    try:
+        long_sender = "list-bounces+" + "v" * 120 + "@lists.example.org"
+        replies = yield in_thread(session, server.ports["mx"], "EHLO c",
+                                  f"MAIL FROM:<{long_sender}>", "RCPT TO:<bob@example.test>",
+                                  "RSET", f"MAIL FROM:<{'w' * 250}@example.org>",
+                                  "MAIL FROM:<a@example.org>",
+                                  f"RCPT TO:<{'z' * 65}@example.test>")
+        assert [reply[:9] for reply in replies[1:]] == [
+            "250 2.1.0", "250 2.1.5", "250 2.0.0", "553 5.1.3", "250 2.1.0", "553 5.1.3"]
+    finally:
+        yield server.root.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_bdat_chunks_and_pipelining(tmp_path: Path) -> None:
     server = yield start(tmp_path)
     try:

@@ -29,7 +29,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from lightmail import sasl
-from lightmail.address import MAX_LOCAL_PART, MAX_PATH, AddressError, split_address
+from lightmail.address import MAX_PATH, AddressError, split_address
 from lightmail.config import ListenerConfig
 from lightmail.directory.logins import Attempt, LoginFailed, LoginUnavailable, PasswordExpired
 from lightmail.listeners import INPUT_SLICE, MEMORY, ServiceFactory, TrackedProtocol
@@ -499,14 +499,16 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             return codes.UTF8_NEEDS_PARAM
         if rcpt and address.lower() == "postmaster":
             return None             # RFC 5321 §4.1.1.3: <Postmaster>, with no domain
-        # A recipient's local part may be longer than RFC 5321's 64 octets when it
-        # is one of our SRS addresses (lightmail.policy.srs): the handler, which
-        # knows them, holds the others to that limit; the path's (§4.5.3.1.3) is
-        # held here.
-        if rcpt and len(address.encode("utf-8")) + 2 > MAX_PATH:
+        # Only the path's limit (§4.5.3.1.3) is held here.  A sender's local part
+        # may be longer than §4.5.3.1.1's 64 octets, as Postfix accepts it (other
+        # forwarders' SRS addresses, mailing lists' VERP bounce addresses; §4.5.3.1
+        # asks for no limits where possible); a recipient's may be when it is one of
+        # our SRS addresses (lightmail.policy.srs): the handler, which knows them,
+        # holds the others to 64.
+        if len(address.encode("utf-8")) + 2 > MAX_PATH:
             return codes.BAD_ADDRESS
         try:
-            split_address(address, max_local=None if rcpt else MAX_LOCAL_PART)
+            split_address(address, max_local=None)
         except AddressError:
             return codes.BAD_ADDRESS
         return None
