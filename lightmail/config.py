@@ -376,6 +376,18 @@ def parse_choices(*choices: str) -> Callable[[str, Path], tuple[str, ...]]:
     return parse
 
 
+def parse_networks(raw: str, base: Path) -> tuple[str, ...]:
+    """IP addresses and networks (192.0.2.7, 2001:db8::/32), comma-separated"""
+    import ipaddress
+    items = parse_list(raw, base)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _BadValue(f"not an IP address or network: {item!r}") from None
+    return items
+
+
 def parse_scanner_address(raw: str, base: Path) -> str:
     """unix:/PATH or tcp:HOST:PORT"""
     from lightmail.policy.scanclient import parse_address
@@ -1526,6 +1538,26 @@ class ListenerConfig:
         "nobody logs in on cannot fill the listener for everyone.  0: a quarter of "
         "max_connections on IMAP, POP3 and submission listeners, no separate limit "
         "on others (on SMTP and LMTP nobody logs in).")
+    proxy_protocol: str = option(
+        "no", parse_choice("no", "v1", "v2", "any"),
+        "The PROXY protocol (HAProxy's send-proxy and send-proxy-v2, as other TCP load "
+        "balancers send it): connections from proxy_from (the balancers) begin with a "
+        "header that names the client, and the session, the logs, the connection "
+        "limits, the access lists, SPF, Received: and Authentication-Results see that "
+        "client.  v1, v2: that version; any: either; no: none.  A connection from "
+        "proxy_from without a header of that version (or whose header is malformed, "
+        "or late: proxy_timeout) is closed; one from anywhere else is served as it is, "
+        "and closed if it sends a header.  With tls = implicit the header comes "
+        "before the TLS handshake.  A version 2 LOCAL header (a health check) or "
+        "version 1 UNKNOWN leaves the connection's own address.  Needs a restart.")
+    proxy_from: tuple[str, ...] = option(
+        (), parse_networks,
+        "The addresses or networks of the load balancers that send the PROXY header "
+        "(needed with proxy_protocol; nobody else is believed).")
+    proxy_timeout: float = option(
+        5.0, parse_duration(0.001),
+        "How long a connection from proxy_from may take to send its whole PROXY "
+        "header before it is closed.")
 
     @property
     def inbound_checks(self) -> tuple[str, ...]:
@@ -1680,18 +1712,6 @@ class ManholeConfig:
         "", parse_endpoint,
         "Also a telnet listener (users of passwords_file; passwords cross in the "
         "clear), on loopback or a Unix socket only.  Empty: none.")
-
-
-def parse_networks(raw: str, base: Path) -> tuple[str, ...]:
-    """IP addresses and networks (192.0.2.7, 2001:db8::/32), comma-separated"""
-    import ipaddress
-    items = parse_list(raw, base)
-    for item in items:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise _BadValue(f"not an IP address or network: {item!r}") from None
-    return items
 
 
 def parse_rate(raw: str, base: Path) -> tuple[int, float] | None:
@@ -2405,6 +2425,20 @@ def _check_listener(listener: ListenerConfig, path: str,
             if getattr(listener, key) is None:
                 raise ConfigError(f"tls = {listener.tls} needs '{key}'", path,
                                   lines.get((section, "tls")), section, key)
+    if listener.proxy_protocol != "no" and not listener.proxy_from:
+        raise ConfigError(f"proxy_protocol = {listener.proxy_protocol} needs 'proxy_from' "
+                          "(the load balancers' addresses: nobody else is believed)",
+                          path, lines.get((section, "proxy_protocol")), section,
+                          "proxy_from")
+    if listener.proxy_from and listener.proxy_protocol == "no":
+        raise ConfigError("proxy_from is set but proxy_protocol = no: say which header "
+                          "the load balancers send (v1, v2 or any)", path,
+                          lines.get((section, "proxy_from")), section, "proxy_protocol")
+    if listener.proxy_protocol != "no" and listener.endpoint.startswith("unix:"):
+        raise ConfigError("proxy_protocol on a Unix socket: its clients have no address "
+                          "to check against proxy_from (listen on TCP)", path,
+                          lines.get((section, "proxy_protocol")), section,
+                          "proxy_protocol")
 
 
 def load_config(path: str | Path,

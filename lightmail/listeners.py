@@ -2,8 +2,9 @@
 
 A protocol package registers a builder under its protocol name (``smtp``, ``lmtp``,
 ``imap``...).  :class:`ListenerService` turns a ``[listener:NAME]`` section into a
-listening endpoint once storage is ready, wraps it in TLS for ``tls = implicit``, and
-on shutdown stops accepting, lets sessions finish their transaction, then closes them.
+listening endpoint once storage is ready, wraps it in TLS for ``tls = implicit`` and
+behind a PROXY header for ``proxy_protocol`` (:func:`accepting_factory`), and on
+shutdown stops accepting, lets sessions finish their transaction, then closes them.
 
 :class:`TrackingFactory` counts connections in total and per client address, refuses
 those over the configured limits with a protocol-specific reply, and drains.
@@ -35,6 +36,7 @@ from lightmail.config import ListenerConfig
 from lightmail.logs import new_id
 from lightmail.metrics.interfaces import IProtocolMeters
 from lightmail.metrics.registry import UNCOUNTED
+from lightmail.proxyproto.listener import ProxyHeaderFactory, ProxyTrust, proxy_trust
 from lightmail.telemetry import NO_SESSION, SessionTrace
 from lightmail.transcripts import NO_TRANSCRIPT, SessionTranscript
 
@@ -548,6 +550,8 @@ class ListenerService(Service):
         self.ready = ready
         self.tls_context = tls_context
         self.shutdown_timeout = shutdown_timeout
+        #: Whom it takes a PROXY header from (a reload changes them: ListenerPart).
+        self.proxy: ProxyTrust | None = proxy_trust(config) if accept else None
         self.port: IListeningPort | None = None
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
@@ -563,8 +567,10 @@ class ListenerService(Service):
         from twisted.internet import reactor
         endpoint = endpoints.serverFromString(reactor, self.listener.endpoint)
         factory = self.factory
-        if self.listener.tls == "implicit" and self.accept:
-            factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
+        if self.accept:
+            meters = factory.meters if isinstance(factory, TrackingFactory) else UNCOUNTED
+            factory = accepting_factory(self.listener, factory, self.tls_context,
+                                        self.proxy, meters)
         d = endpoint.listen(factory)
         d.addCallback(self._listened)
         d.addErrback(self._not_listening)
@@ -574,11 +580,12 @@ class ListenerService(Service):
         self.port = port
         if not self.accept:
             port.stopReading()  # type: ignore[attr-defined]
-        self.log.info("listening: {name} speaks {protocol}{tls} on {address}{who}",
+        self.log.info("listening: {name} speaks {protocol}{tls} on {address}{who}{proxy}",
                       name=self.listener.name, protocol=self.listener.protocol,
                       tls=" over TLS" if self.listener.tls == "implicit" else "",
                       address=describe_address(port),
-                      who="" if self.accept else " (accepted by the workers)")
+                      who="" if self.accept else " (accepted by the workers)",
+                      proxy=describe_proxy(self.listener))
         self.listening.callback(port)
         return port
 
@@ -601,6 +608,28 @@ class ListenerService(Service):
             self.port = None
         if isinstance(self.factory, TrackingFactory):
             yield self.factory.drain(self.shutdown_timeout)
+
+
+def accepting_factory(listener: ListenerConfig, factory: IProtocolFactory,
+                      implicit_tls: ServerTLS | None, proxy: ProxyTrust | None,
+                      meters: IProtocolMeters) -> IProtocolFactory:
+    """What the listening port of ``listener`` is handed: ``factory``, behind TLS for
+    ``tls = implicit``, and behind the PROXY header's reader for ``proxy_protocol``
+    (outermost: the header comes before the TLS handshake).  ``meters`` count the
+    connections refused for their header."""
+    if listener.tls == "implicit":
+        factory = TLSMemoryBIOFactory(implicit_tls, False, factory)  # type: ignore[arg-type]
+    if proxy is not None:
+        factory = ProxyHeaderFactory(factory, proxy, meters)
+    return factory
+
+
+def describe_proxy(listener: ListenerConfig) -> str:
+    """`` (PROXY v2 from 192.0.2.1)`` for the listening line, or nothing."""
+    if listener.proxy_protocol == "no":
+        return ""
+    return (f" (PROXY {listener.proxy_protocol} from "
+            f"{', '.join(listener.proxy_from)})")
 
 
 def describe_address(port: IListeningPort) -> str:

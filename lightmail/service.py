@@ -317,7 +317,7 @@ def makeService(config: Config,
                                       on_failure=root.fatal)
             service.setServiceParent(root)
             listeners.append(service)
-            parts.append(listener_part(listener.name, factory, tls))
+            parts.append(listener_part(listener.name, factory, tls, proxy=service.proxy))
     root.reloader = Reloader(config, parts, validators=validate)
     _add_operations(root, services, runner, listeners)
     return root

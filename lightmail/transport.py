@@ -18,11 +18,16 @@ from typing import Any
 
 from twisted.internet import tcp, unix
 
+from lightmail.proxyproto.listener import ProxiedConnection
+
 _DIRECT = (tcp.Server, unix.Server)
 
 
 def write_at_once(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, sent straight to the socket where that is safe."""
+    if type(transport) is ProxiedConnection:
+        # Behind a PROXY header: its write is the socket's.
+        transport = transport.transport
     if (type(transport) in _DIRECT and not transport.TLS and transport.connected
             and not transport.disconnecting and not transport._writeDisconnected
             and not transport._tempDataLen and not transport.dataBuffer):

@@ -13,7 +13,7 @@ PEERS=(swaks:swaks postconf:postfix smtp-source:postfix
        slapd:slapd ldapadd:ldap-utils slappasswd:slapd logrotate:logrotate
        systemd-analyze:systemd opendkim:opendkim
        clamd:clamav-daemon clamav-milter:clamav-milter rspamd:rspamd redis-server:redis-server
-       spamd:spamd sa-learn:spamassassin postsrsd:postsrsd)
+       spamd:spamd sa-learn:spamassassin postsrsd:postsrsd haproxy:haproxy)
 have() {
     case "$1" in
         /*) [ -x "$1" ] ;;
@@ -76,6 +76,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     installed clamav-milter && stop_system_service clamav-milter "" ""
     installed rspamd && stop_system_service rspamd "" ""
     installed spamd && stop_system_service spamd "" ""
+    # HAProxy's package starts a system proxy: the PROXY protocol tests run private
+    # ones with generated configs on free ports.
+    installed haproxy && stop_system_service haproxy "" /run/haproxy.pid
 fi
 for peer in "${PEERS[@]}"; do
     have "${peer%%:*}" || { echo "test-peers: ${peer%%:*} is still missing" >&2; exit 1; }

@@ -123,3 +123,29 @@ def test_other_transports_get_a_plain_write() -> None:
     transport = Recorder()
     write_at_once(transport, b"+OK\r\n")
     assert transport.written == [b"+OK\r\n"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_behind_a_proxy_header_a_reply_still_goes_straight_out() -> None:
+    from lightmail.config import ListenerConfig
+    from lightmail.metrics.registry import UNCOUNTED
+    from lightmail.proxyproto.header import V2_SIGNATURE
+    from lightmail.proxyproto.listener import ProxiedConnection, ProxyHeaderFactory, ProxyTrust
+    inner = Factory.forProtocol(Held)
+    inner.connected = defer.Deferred()  # type: ignore[attr-defined]
+    trust = ProxyTrust(ListenerConfig(name="t", proxy_protocol="v2",
+                                      proxy_from=("127.0.0.1",)))
+    port = reactor.listenTCP(0, ProxyHeaderFactory(inner, trust, UNCOUNTED),  # type: ignore[attr-defined]
+                             interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    client.sendall(V2_SIGNATURE + b"\x20\x00\x00\x00")        # LOCAL
+    proto = yield inner.connected
+    try:
+        assert type(proto.transport) is ProxiedConnection
+        socket_transport = proto.transport.transport
+        write_at_once(proto.transport, b"220 ready\r\n")
+        assert socket_transport.dataBuffer == b"" and socket_transport._tempDataLen == 0
+        assert socket_transport not in reactor.getWriters()  # type: ignore[attr-defined]
+        assert _read_exactly(client, 11) == b"220 ready\r\n"
+    finally:
+        yield _close(port, client, proto)

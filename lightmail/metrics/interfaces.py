@@ -45,7 +45,9 @@ class IProtocolMeters(Interface):
     def connection_refused(reason: str) -> None:
         """A connection was refused before its session began: ``reason`` is
         connections (the listener's connection limits), memory (the memory ceiling),
-        client_errors (the address's failed commands) or shutting_down."""
+        client_errors (the address's failed commands), shutting_down or proxy_header
+        (a PROXY header missing, malformed, late, or from an address not in
+        proxy_from)."""
 
 
 class IMetrics(Interface):

@@ -154,8 +154,8 @@ class Metrics:
         self.connections_refused = Counter(
             "lightmail_connections_refused",
             "Connections refused before their session began, by reason (connections, "
-            "memory, client_errors, shutting_down).", ["protocol", "reason"],
-            registry=reg)
+            "memory, client_errors, shutting_down, proxy_header).",
+            ["protocol", "reason"], registry=reg)
         self.sessions_open = Gauge(
             "lightmail_sessions_open", "Logged-in sessions open now.", by_protocol,
             registry=reg)

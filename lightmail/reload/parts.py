@@ -7,8 +7,9 @@ the main process, lightmail/workers/worker.py for a worker), once:
   limits from ([smtp], [imap]...), the SASL offer, the directory's and the login
   guard's settings, SRS's settings and secrets, DMARC's settings and Public Suffix
   List (read in a thread);
-- :class:`ListenerPart`: one listener's connection limits, settings and
-  certificates (read in a thread; connections made before keep theirs);
+- :class:`ListenerPart`: one listener's connection limits, settings, certificates
+  (read in a thread) and load balancers (PROXY protocol); connections made before
+  keep theirs;
 - :class:`OutboundPart`: the queue runner's schedule, the SMTP agent's routes and
   timeouts, the DKIM keys and the ARC sealing key (read in a thread).
 
@@ -30,6 +31,7 @@ from zope.interface import implementer
 from lightmail.config import LISTENER_PREFIX, Config, ConfigError, ListenerConfig, line_of
 from lightmail.listeners import ConnectionLimits, ServiceFactory
 from lightmail.policy.dmarc import PublicSuffixes, ReportSettings
+from lightmail.proxyproto.listener import ProxyTrust
 from lightmail.reload.interfaces import IReloadable, Switch
 from lightmail.tls import CertificateProblem, Certificates, ServerTLS, certificate_pairs
 from lightmail.wiring import Services
@@ -98,15 +100,18 @@ class ServicesPart:
 @implementer(IReloadable)
 class ListenerPart:
     """One listener: its settings for new sessions (``factory``), its certificates
-    (``tls``, implicit or STARTTLS) and its connection limits (``limits``: the
-    factory's, or with workers the main process's)."""
+    (``tls``, implicit or STARTTLS), its connection limits (``limits``: the
+    factory's, or with workers the main process's) and whom it takes a PROXY header
+    from (``proxy``, where it reads them)."""
 
     def __init__(self, name: str, factory: ServiceFactory | None = None,
-                 tls: ServerTLS | None = None, limits: ConnectionLimits | None = None) -> None:
+                 tls: ServerTLS | None = None, limits: ConnectionLimits | None = None,
+                 proxy: ProxyTrust | None = None) -> None:
         self.name = name
         self.factory = factory
         self.tls = tls
         self.limits = limits
+        self.proxy = proxy
 
     def prepare(self, config: Config) -> defer.Deferred[Switch]:
         listener = next(x for x in config.listeners if x.name == self.name)
@@ -132,6 +137,8 @@ class ListenerPart:
                 certificates: Certificates | None) -> None:
         if self.limits is not None:
             self.limits.follow(listener)
+        if self.proxy is not None:
+            self.proxy.follow(listener)
         if self.factory is not None:
             self.factory.reconfigure(listener, hostname)
         if self.tls is not None and certificates is not None:
@@ -139,16 +146,17 @@ class ListenerPart:
 
 
 def listener_part(name: str, factory: IProtocolFactory, implicit_tls: ServerTLS | None,
-                  own_limits: bool = True) -> ListenerPart:
+                  own_limits: bool = True, proxy: ProxyTrust | None = None) -> ListenerPart:
     """The part of a listener whose sessions run in this process: with one of
     LightMail's factories, its settings, its STARTTLS certificates and, when it keeps
     its limits itself (``own_limits``: not in a worker, whose limits the main process
-    keeps), its connection limits."""
+    keeps), its connection limits; and its PROXY settings (``proxy``)."""
     if not isinstance(factory, ServiceFactory):
-        # A protocol an embedder registered: only the implicit TLS is LightMail's.
-        return ListenerPart(name, tls=implicit_tls)
+        # A protocol an embedder registered: its implicit TLS and PROXY header are
+        # LightMail's.
+        return ListenerPart(name, tls=implicit_tls, proxy=proxy)
     return ListenerPart(name, factory, implicit_tls or factory.tls_context,
-                        factory.limits if own_limits else None)
+                        factory.limits if own_limits else None, proxy)
 
 
 @implementer(IReloadable)

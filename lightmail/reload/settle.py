@@ -74,9 +74,11 @@ LIVE: Mapping[str, frozenset[str]] = {
         "data_timeout", "min_backoff", "max_backoff", "max_lifetime",
         "delay_warning_time", "dane"}),
 }
-#: Live keys of a [listener:NAME]; its protocol, endpoint and tls mode are not.
+#: Live keys of a [listener:NAME]; its protocol, endpoint, tls and proxy_protocol
+#: modes are not (they decide what the listening port is handed).
 LISTENER_LIVE = frozenset({"tls_cert", "tls_key", "tls_sni", "max_connections",
-                           "max_connections_per_ip", "max_unauthenticated"})
+                           "max_connections_per_ip", "max_unauthenticated",
+                           "proxy_from", "proxy_timeout"})
 #: Fields filled from a file a key names: a change is that key's.
 _FROM_FILE = {"token": "token_file", "auth_password": "auth_password_file",
               "bind_password": "bind_password_file"}

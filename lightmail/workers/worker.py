@@ -23,13 +23,18 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, tcp
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import provider
 
 from lightmail.config import Config, ListenerConfig, load_config, parse_config
-from lightmail.listeners import TrackingFactory, builder_for, describe_address
+from lightmail.listeners import (
+    TrackingFactory,
+    accepting_factory,
+    builder_for,
+    describe_address,
+)
 from lightmail.metrics.interfaces import IMetrics
+from lightmail.proxyproto.listener import proxy_trust
 from lightmail.reload.interfaces import IReloadable
 from lightmail.reload.parts import ServicesPart, listener_part
 from lightmail.reload.reloader import Reloader
@@ -158,16 +163,19 @@ def build(config: Config, link: MainLink, listeners: dict[str, int],
     for name, fd in listeners.items():
         listener = by_name[name]
         factory = builder_for(listener.protocol)(listener, services)
-        wrapped: Any = AdmittingFactory(name, factory, link)  # type: ignore[arg-type]
         tls = None
         if listener.tls == "implicit":
             from lightmail.tls import server_context
             tls = server_context(listener)
-            wrapped = TLSMemoryBIOFactory(tls, False, wrapped)
+        proxy = proxy_trust(listener)
+        # Admitted by the main process for the client the PROXY header names.
+        admitting = AdmittingFactory(name, factory, link)  # type: ignore[arg-type]
+        wrapped = accepting_factory(listener, admitting, tls, proxy,
+                                    admitting.inner.meters)
         AdoptedListener(listener, fd, factory, wrapped,  # type: ignore[arg-type]
                         storage.ready, config.server.shutdown_timeout).setServiceParent(root)
         # The main process keeps the connection limits of every worker.
-        parts.append(listener_part(name, factory, tls, own_limits=False))
+        parts.append(listener_part(name, factory, tls, own_limits=False, proxy=proxy))
     link.reloader = Reloader(started or config, parts, validators=validate, current=config)
     return root
 
