@@ -287,7 +287,9 @@ class ProxiedConnection(Protocol):
 
 
 def _host(addr: IAddress) -> str:
-    return str(getattr(addr, "host", "") or "local")
+    """The address ``addr`` names, or "local" (a Unix socket's client), as
+    lightmail.listeners.TrackingFactory has it."""
+    return addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else "local"
 
 
 def _address(host: str, port: int) -> Union[IPv4Address, IPv6Address]:
