@@ -434,6 +434,9 @@ def test_a_reload_changes_the_balancers_and_the_timeout_not_the_version(
 def test_the_settings_are_checked(lines: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config("[listener:mx]\nprotocol = smtp\nendpoint = tcp:25\n" + lines)
+
+
+def test_the_settings_are_read_and_not_for_a_unix_socket() -> None:
     with pytest.raises(ConfigError, match="Unix socket"):
         parse_config("[listener:lmtp]\nprotocol = lmtp\nendpoint = unix:/run/l.sock\n"
                      "proxy_protocol = v1\nproxy_from = 127.0.0.1\n")
