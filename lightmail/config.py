@@ -41,6 +41,7 @@ __all__ = [
     "DMARCConfig",
     "ListenerConfig",
     "MilterConfig",
+    "S3Config",
     "load_config",
     "parse_config",
     "reference_text",
@@ -555,6 +556,11 @@ class StorageConfig:
     io_threads: int = option(
         4, parse_int(1, 64),
         "Size of the thread pool for blob file writes, fsyncs and reads.")
+    blob_backend: str = option(
+        "filesystem", parse_choice("filesystem", "s3"),
+        "Where message blobs are kept: filesystem (blob_dir) or s3 (a bucket of any "
+        "S3-compatible service, the [s3] section).  Chosen at start; 'lightmail blobs "
+        "migrate' moves the blobs from one to the other.")
     blob_sync: str = option(
         "auto", parse_choice("auto", "fsync"),
         "How blobs are made durable.  auto: the blobs of one grouped SQL transaction "
@@ -589,6 +595,85 @@ class StorageConfig:
         " LMTP, APPEND, COPY, MOVE) is always on disk before it is answered.  PostgreSQL "
         "and MariaDB: always on disk (their own settings, such as synchronous_commit, "
         "decide).")
+
+
+def parse_s3_endpoint(raw: str, base: Path) -> str:
+    """http:// or https:// URL, or empty"""
+    if raw and not re.fullmatch(r"https?://[^/\s]+/?", raw):
+        raise _BadValue(f"expected http://HOST[:PORT] or https://HOST[:PORT], got {raw!r}")
+    return raw.rstrip("/")
+
+
+def parse_s3_prefix(raw: str, base: Path) -> str:
+    """key prefix: empty, or ending in /"""
+    if raw and (not raw.endswith("/") or raw.startswith("/")):
+        raise _BadValue(f"expected a prefix such as lightmail/ (ending in /, not starting "
+                        f"with one), got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """The blob store on S3 ([storage] blob_backend = s3): any S3-compatible service
+    (AWS S3, MinIO, Garage, Ceph's RADOS Gateway).  Blobs are objects named by the
+    SHA-256 of their content, uploaded with that checksum for the server to verify."""
+
+    endpoint: str = option(
+        "", parse_s3_endpoint,
+        "The service's URL (https://s3.example.net or http://127.0.0.1:9000); empty: "
+        "AWS S3 of 'region'.")
+    bucket: str = option("", parse_str, "The bucket (it must exist).")
+    region: str = option("us-east-1", parse_str, "The region requests are signed for.")
+    prefix: str = option(
+        "", parse_s3_prefix,
+        "Prepended to every key (lightmail/: the blobs are lightmail/ab/abcd...), so "
+        "that one bucket can hold the blobs of several installations.")
+    access_key: str = option("", parse_str, "The access key id.")
+    secret_key_file: Path | None = option(
+        None, parse_optional_path,
+        "File holding the secret access key (its first line), read at start-up; the "
+        "key is never logged.")
+    secret_key: str = field(default="", repr=False, compare=False)  # never shown
+    addressing: str = option(
+        "path", parse_choice("path", "virtual"),
+        "How the bucket is named in requests: path (http://HOST/BUCKET/KEY, what "
+        "MinIO and most S3-compatible services expect) or virtual "
+        "(http://BUCKET.HOST/KEY).")
+    tls_verify: bool = option(
+        True, parse_bool,
+        "Check the service's TLS certificate (an https:// endpoint).")
+    ca_file: Path | None = option(
+        None, parse_optional_path,
+        "CA certificates (PEM) to check the service's certificate against, instead of "
+        "the system's.")
+    timeout: float = option(
+        10.0, parse_duration(minimum=0.1),
+        "Longest wait to connect, and for each answer: a request that takes longer "
+        "fails (and is tried again, see retries).")
+    retries: int = option(
+        2, parse_int(0, 10),
+        "How many times a failed request is tried again before the operation fails "
+        "(the message is then refused with 451 4.3.0, for its sender to retry).")
+    threads: int = option(
+        8, parse_int(1, 64),
+        "Size of the bounded thread pool that makes the requests (uploads of a group "
+        "go in parallel).")
+    multipart_threshold: int = option(
+        16 * 1024 * 1024, parse_size(minimum=5 * 1024 * 1024),
+        "Blobs of this size or more are uploaded in parts (multipart upload, each part "
+        "checked by the server), others with one PUT.", shown_default="16M")
+    part_size: int = option(
+        8 * 1024 * 1024, parse_size(minimum=5 * 1024 * 1024, maximum=5 * 1024 ** 3),
+        "Size of the parts of a multipart upload (S3 asks at least 5M).",
+        shown_default="8M")
+    read_cache_size: int = option(
+        64 * 1024 * 1024, parse_size(),
+        "Memory for a cache of blobs read (least recently used ones go first; blobs "
+        "over an eighth of it are not kept); 0: none.", shown_default="64M")
+    spool_dir: Path | None = option(
+        None, parse_optional_path,
+        "Where a message larger than a few hundred KiB waits, on local disk, for its "
+        "upload.", shown_default="STATE_DIR/s3-spool")
 
 
 @dataclass(frozen=True)
@@ -2016,6 +2101,7 @@ class TLSRPTConfig:
 SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
+    "s3": S3Config,
     "directory": DirectoryConfig,
     "logging": LoggingConfig,
     "smtp": SMTPConfig,
@@ -2056,6 +2142,7 @@ class Config:
     path: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    s3: S3Config = field(default_factory=S3Config)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
@@ -2097,6 +2184,10 @@ class Config:
     @property
     def blob_dir(self) -> Path:
         return self.storage.blob_dir or self.server.state_dir / "blobs"
+
+    @property
+    def s3_spool_dir(self) -> Path:
+        return self.s3.spool_dir or self.server.state_dir / "s3-spool"
 
     @property
     def hostname(self) -> str:
@@ -2237,6 +2328,8 @@ def parse_config(text: str, path: str = "<config>",
                   for t in transports]
     if "admin" in sections:
         sections["admin"] = _check_admin(sections["admin"], path, lines)
+    sections["s3"] = _check_s3(sections.get("s3", S3Config()), sections.get("storage"),
+                               path, lines)
     if "manhole" in sections:
         _check_manhole(sections["manhole"], path, lines)
     _check_oauth(sections.get("oauth", OAuthConfig()), sections.get("directory"), path,
@@ -2307,6 +2400,31 @@ def _check_admin(admin: AdminConfig, path: str,
                           lines.get(("admin", "endpoint"), lines.get(("admin", None))),
                           "admin", "endpoint")
     return admin
+
+
+def _check_s3(s3: S3Config, storage: StorageConfig | None, path: str,
+              lines: Mapping[tuple[str, str | None], int]) -> S3Config:
+    """What blob_backend = s3 needs: a bucket and credentials (its secret read)."""
+    if storage is None or storage.blob_backend != "s3":
+        return s3
+
+    def fail(message: str, key: str) -> ConfigError:
+        line = lines.get(("s3", key), lines.get(("s3", None),
+                                                 lines.get(("storage", "blob_backend"))))
+        return ConfigError(message, path, line, "s3", key)
+    if not s3.bucket:
+        raise fail("blob_backend = s3 needs [s3] bucket", "bucket")
+    if not s3.access_key or s3.secret_key_file is None:
+        raise fail("blob_backend = s3 needs [s3] access_key and secret_key_file (the "
+                   "credentials come from the configuration, nowhere else)",
+                   "access_key" if not s3.access_key else "secret_key_file")
+    if s3.part_size > s3.multipart_threshold:
+        raise fail("part_size is larger than multipart_threshold", "part_size")
+    if s3.ca_file is not None and not s3.ca_file.is_file():
+        raise fail(f"no such file: {s3.ca_file}", "ca_file")
+    secret = _first_line(s3.secret_key_file, path, lines.get(("s3", "secret_key_file")),
+                         "s3", "secret_key_file")
+    return dataclasses.replace(s3, secret_key=secret)
 
 
 BEARER_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")

@@ -107,6 +107,7 @@ def validate(config: Config) -> None:
     _check_suffix_list(config)
     _check_syslog(config)
     _check_telemetry(config)
+    _check_s3(config)
     unknown = set(config.transcript.listeners) - {lst.name for lst in config.listeners}
     if unknown:
         raise ConfigError(f"no such listener: {', '.join(sorted(unknown))}", config.path,
@@ -143,6 +144,17 @@ def _check_telemetry(config: Config) -> None:
     except ImportError:
         raise ConfigError("OpenTelemetry is not installed: pip install "
                           "'lightmail[telemetry]'", *where) from None
+
+
+def _check_s3(config: Config) -> None:
+    if config.storage.blob_backend != "s3":
+        return
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        raise ConfigError("blob_backend = s3 needs boto3: pip install 'lightmail[s3]'",
+                          config.path, line_of(config, "storage", "blob_backend"),
+                          "storage", "blob_backend") from None
 
 
 def _check_syslog(config: Config) -> None:

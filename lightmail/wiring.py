@@ -82,9 +82,8 @@ from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
 from lightmail.queue.wake import WAKE_NAME
 from lightmail.resources import IMemoryGuard, MemoryWatchdog, NoMemoryGuard
-from lightmail.storage.blobs import FilesystemBlobStore
 from lightmail.storage.database import Database
-from lightmail.storage.interfaces import IWritePort
+from lightmail.storage.interfaces import IBlobStore, IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.service import StorageService
 from lightmail.storage.sqlstore import SQLMailStore
@@ -188,7 +187,7 @@ class Services:
         return self.storage.queue
 
     @property
-    def blobs(self) -> FilesystemBlobStore:
+    def blobs(self) -> IBlobStore:
         return self.storage.blobs
 
     @property

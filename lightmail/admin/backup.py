@@ -54,9 +54,16 @@ from lightmail.admin.datatools import (
 )
 from lightmail.config import Config
 from lightmail.storage import migrate
-from lightmail.storage.blobs import FilesystemBlobStore, is_blob_id
+from lightmail.storage.blobs import is_blob_id
+from lightmail.storage.blobstores import blob_store
 from lightmail.storage.database import create_engine
-from lightmail.storage.interfaces import BlobHandoff, BlobRef, IStagedBlob
+from lightmail.storage.interfaces import (
+    BlobDamaged,
+    BlobMissing,
+    BlobRef,
+    IBlobStore,
+    IStagedBlob,
+)
 
 FORMAT = "lightmail-backup"
 FORMAT_VERSION = 1
@@ -143,11 +150,14 @@ def backup(config: Config, dest: Path, progress: Progress) -> dict[str, Any]:
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         (dest / "tables").mkdir()
         (dest / "blobs").mkdir()
-        store = FilesystemBlobStore(config.blob_dir, None)
-        with store.pin_now():
-            with snapshot(engine) as conn:
-                manifest = _dump_tables(conn, dest, progress)
-            manifest["blobs"] = _copy_blobs_out(store, dest, manifest, progress)
+        store = blob_store(config, config.storage.blob_backend)
+        try:
+            with store.pin_now():
+                with snapshot(engine) as conn:
+                    manifest = _dump_tables(conn, dest, progress)
+                manifest["blobs"] = _copy_blobs_out(store, dest, manifest, progress)
+        finally:
+            store.close()
         sync_filesystem(dest)
         _write_manifest(dest, manifest)
     except BaseException as exc:
@@ -202,7 +212,7 @@ def _dump_tables(conn: Connection, dest: Path, progress: Progress) -> dict[str, 
     return manifest
 
 
-def _copy_blobs_out(store: FilesystemBlobStore, dest: Path, manifest: dict[str, Any],
+def _copy_blobs_out(store: IBlobStore, dest: Path, manifest: dict[str, Any],
                     progress: Progress) -> dict[str, int]:
     """Copy the blobs the snapshot's ``blobs`` rows name (checking each one's hash).
     A row with no references whose file is gone is garbage that collection took: it
@@ -218,8 +228,8 @@ def _copy_blobs_out(store: FilesystemBlobStore, dest: Path, manifest: dict[str, 
     for row in _rows(dest / "tables" / "blobs.jsonl"):
         blob_id, refcount = row[id_at], row[refs_at]
         try:
-            source = store.path(blob_id).open("rb")
-        except FileNotFoundError:
+            source = store.open_now(blob_id)
+        except BlobMissing:
             if refcount > 0:
                 raise ToolError(f"blob {blob_id}, which the database refers to, is "
                                 "missing from the blob store (lightmail fsck says more)"
@@ -316,8 +326,11 @@ def restore(config: Config, src: Path, progress: Progress,
     engine = create_engine(config.database_url, pool_size=1)
     try:
         _prepare_schema(engine, revision, manifest, replace)
-        store = FilesystemBlobStore(config.blob_dir, None)
-        blobs, present = _copy_blobs_in(store, src, manifest, progress)
+        store = blob_store(config, config.storage.blob_backend)
+        try:
+            blobs, present = _copy_blobs_in(store, src, manifest, progress)
+        finally:
+            store.close()
         rows = _load_tables(engine, src, manifest, replace, progress)
         if revision != head:
             migrate.upgrade(engine)
@@ -369,7 +382,7 @@ def _prepare_schema(engine: Engine, revision: str, manifest: dict[str, Any],
                         "one, or give --replace to delete what it holds")
 
 
-def _copy_blobs_in(store: FilesystemBlobStore, src: Path, manifest: dict[str, Any],
+def _copy_blobs_in(store: IBlobStore, src: Path, manifest: dict[str, Any],
                    progress: Progress) -> tuple[int, int]:
     """Every blob the backup's rows name, checked and made durable before any row that
     refers to it is committed; (copied, already there)."""
@@ -406,24 +419,17 @@ def _copy_blobs_in(store: FilesystemBlobStore, src: Path, manifest: dict[str, An
     return copied, present
 
 
-def _stage(store: FilesystemBlobStore, source: IO[bytes], blob_id: str,
+def _stage(store: IBlobStore, source: IO[bytes], blob_id: str,
            size: int) -> IStagedBlob:
-    """The blob copied into a temporary file of the store, checked, not yet durable."""
-    fd, path = store.new_tmp_file()
-    with source, os.fdopen(fd, "wb") as out:
+    """The blob copied into the store, checked, not yet durable."""
+    with source:
         try:
-            digest, written = _copy(source, out)
-        except BaseException:
-            os.unlink(path)
-            raise
-    if digest != blob_id or written != size:
-        os.unlink(path)
-        raise ToolError(f"blob {blob_id} in the backup is damaged (its content hashes to "
-                        f"{digest}, {written} octets)")
-    return store.adopt(BlobHandoff(path, b"", BlobRef(blob_id, size)))
+            return store.stage_now(source, BlobRef(blob_id, size))
+        except BlobDamaged as exc:
+            raise ToolError(f"blob {blob_id} in the backup is damaged: {exc}") from None
 
 
-def _commit(store: FilesystemBlobStore, batch: list[IStagedBlob]) -> None:
+def _commit(store: IBlobStore, batch: list[IStagedBlob]) -> None:
     errors = [error for error in store.commit_staged_now(batch) if error is not None]
     batch.clear()
     if errors:

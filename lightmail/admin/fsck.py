@@ -46,7 +46,11 @@ def fsck_command(args: argparse.Namespace,
             return (f"a LightMail server is running on {state_dir}: stop it before "
                     "--repair (the check alone may run beside it)")
         storage = ctx.storage
-        check = StoreCheck(storage.db, storage.blobs, storage.writes,
+        if storage.filesystem_blobs is None:
+            return ("fsck checks the blob files of the filesystem store; this one is on "
+                    "S3 ([storage] blob_backend = s3), where the service checks each "
+                    "object's SHA-256 as it is stored")
+        check = StoreCheck(storage.db, storage.filesystem_blobs, storage.writes,
                            ctx.config.storage.blob_gc_grace, repair=args.repair,
                            expunge_missing=args.expunge_missing, found=found,
                            progress=progress)

@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -71,6 +71,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.storage.interfaces import (
+    BlobDamaged,
     BlobHandoff,
     BlobMissing,
     BlobRef,
@@ -115,6 +116,40 @@ def header_block(data: bytes) -> bytes:
     if end < 0:
         end = len(data)
     return data[:end] if end <= HEADER_CAP else b""
+
+class HeadCollector:
+    """The header block of a message being written, taken from its first writes (a
+    bounded copy): ``headers`` once known (see :func:`header_block`), else None."""
+
+    __slots__ = ("_head", "headers")
+
+    def __init__(self) -> None:
+        # The message's start, until its header block is complete (then None).
+        self._head: bytearray | None = bytearray()
+        self.headers: bytes | None = None
+
+    def take(self, data: bytes) -> None:
+        head = self._head
+        if head is None:
+            return
+        start = max(0, len(head) - 3)
+        head += data[:HEADER_CAP + 2 - len(head)]
+        end = 2 if head[:2] == b"\r\n" else 1 if head[:1] == b"\n" else \
+            _header_end(head, start)
+        if end >= 0:
+            self.headers = bytes(head[:end]) if end <= HEADER_CAP else b""
+            self._head = None
+        elif len(head) > HEADER_CAP:
+            self.headers = b""
+            self._head = None
+
+    def end(self) -> bytes | None:
+        """The message is complete: without a blank line, it is all header block."""
+        if self._head is not None:
+            self.headers = bytes(self._head) if self._head else b""
+            self._head = None
+        return self.headers
+
 
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
@@ -374,6 +409,14 @@ class FilesystemBlobStore:
             with self._spare_lock:
                 self._spares.extend(made)
                 self._spares_coming -= count
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def close(self) -> None:
+        """IBlobStore: the spare temporary files go (the pool is the caller's)."""
+        self.close_spares()
 
     def close_spares(self) -> None:
         """Remove the spare temporary files (at shutdown; any thread)."""
@@ -639,6 +682,29 @@ class FilesystemBlobStore:
     def exists_now(self, blob_id: str) -> bool:
         return os.path.isfile(self._path_str(blob_id))
 
+    def open_now(self, blob_id: str) -> IO[bytes]:
+        try:
+            return open(self._path_str(blob_id), "rb")
+        except FileNotFoundError:
+            raise BlobMissing(f"blob {blob_id} is missing") from None
+
+    def stage_now(self, source: IO[bytes], ref: BlobRef) -> IStagedBlob:
+        """IBlobStore: copied into a temporary file of the store and checked; its
+        flush and rename are :meth:`commit_pending_many`'s (one syncfs a group)."""
+        _check_id(ref.id)
+        fd, path = self.new_tmp_file()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                digest, size = copy_digest(source, out)
+        except BaseException:
+            os.unlink(path)
+            raise
+        if digest != ref.id or size != ref.size:
+            os.unlink(path)
+            raise BlobDamaged(f"what came for blob {ref.id} hashes to {digest} "
+                              f"({size} octets)")
+        return self.adopt(BlobHandoff(path, b"", ref))
+
     def delete_now(self, blob_id: str, older_than: float) -> bool:
         path = self.path(blob_id)
         with self._gc_lock:
@@ -780,9 +846,7 @@ class _BlobWriter:
         self._finished: Deferred[BlobRef] | None = None
         self._flying = 0            # octets in the pool call in flight
         self._drain_waiters: list[Deferred[None]] = []
-        # The message's start, until its header block is complete (then None).
-        self._head: bytearray | None = bytearray()
-        self._headers: bytes | None = None
+        self._head = HeadCollector()
 
     def write(self, data: bytes) -> None:
         if self._state is not _State.OPEN:
@@ -790,28 +854,12 @@ class _BlobWriter:
         if not data or self._error is not None:
             return
         data = bytes(data)
-        if self._head is not None:
-            self._take_head(data)
+        self._head.take(data)
         self._hash.update(data)
         self._size += len(data)
         self._buf.append(data)
         self._buflen += len(data)
         self._advance()
-
-    def _take_head(self, data: bytes) -> None:
-        """Collect the header block from the first writes (a bounded copy)."""
-        head = self._head
-        assert head is not None
-        start = max(0, len(head) - 3)
-        head += data[:HEADER_CAP + 2 - len(head)]
-        end = 2 if head[:2] == b"\r\n" else 1 if head[:1] == b"\n" else \
-            _header_end(head, start)
-        if end >= 0:
-            self._headers = bytes(head[:end]) if end <= HEADER_CAP else b""
-            self._head = None
-        elif len(head) > HEADER_CAP:
-            self._headers = b""
-            self._head = None
 
     def backlog(self) -> int:
         return self._buflen + self._flying
@@ -828,7 +876,7 @@ class _BlobWriter:
     def finish(self) -> Deferred[BlobRef]:
         if self._state is not _State.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
-        self._end_head()
+        self._head.end()
         self._state = _State.FINISHING
         d: Deferred[BlobRef] = Deferred()
         self._finished = d
@@ -845,18 +893,12 @@ class _BlobWriter:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
         if self._busy or self._error is not None:
             return self.finish().addCallback(DurableBlob)
-        self._end_head()
+        self._head.end()
         self._state = _State.FINISHED
-        ref = BlobRef(self._hash.hexdigest(), self._size, self._headers)
+        ref = BlobRef(self._hash.hexdigest(), self._size, self._head.headers)
         pending = PendingBlob(self._store, self._tmp, self._take(), ref)
         self._wake_drained()        # what was buffered is the staged blob's now
         return succeed(pending)
-
-    def _end_head(self) -> None:
-        if self._head is not None:
-            # No blank line: the whole message is its header block.
-            self._headers = bytes(self._head) if self._head else b""
-            self._head = None
 
     def abort(self) -> None:
         """Drop the partial blob.  A no-op once finish() has been called."""
@@ -890,7 +932,7 @@ class _BlobWriter:
             self._state = _State.FINISHED
             d, self._finished = self._finished, None
             assert d is not None
-            d.callback(BlobRef(self._hash.hexdigest(), self._size, self._headers))
+            d.callback(BlobRef(self._hash.hexdigest(), self._size, self._head.headers))
             self._wake_drained()
             return
         self._advance()
@@ -1052,6 +1094,18 @@ def _outcome(fn: Callable[..., Any], *args: Any) -> BaseException | None:
     except Exception as exc:
         return exc
     return None
+
+
+def copy_digest(source: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
+    """Copy ``source`` to ``out`` a MiB at a time; the hex SHA-256 and the size of
+    what was copied."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := source.read(1 << 20):
+        digest.update(chunk)
+        out.write(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def file_digest(path: str) -> tuple[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import IO, Any, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
@@ -306,6 +306,10 @@ class IStagedBlob(Interface):
 class IBlobStore(Interface):
     """Immutable, content-addressed message blobs."""
 
+    location = Attribute(
+        "Where the blobs are, for people (logs, the lightmail command): a directory, "
+        "or s3://BUCKET/PREFIX.")
+
     def writer() -> IBlobWriter:
         """A writer for a new blob."""
 
@@ -331,6 +335,17 @@ class IBlobStore(Interface):
         """The contents of several blobs, in order, read in one worker-thread call
         (cheaper than one :meth:`read` each for small blobs); a missing blob's place
         holds a BlobMissing, and the others are read all the same."""
+
+    def open_now(blob_id: str) -> IO[bytes]:
+        """The blob's content as a stream to read and close (a backup's or a
+        migration's copy, whatever the blob's size); worker threads only.
+        BlobMissing if it is not there."""
+
+    def stage_now(source: IO[bytes], ref: BlobRef) -> IStagedBlob:
+        """A staged blob of this store holding what ``source`` gives (read to its end,
+        not closed), checked against ``ref`` (BlobDamaged if its SHA-256 or size
+        differs); made durable by :meth:`commit_staged_now`, with others.  Worker
+        threads only (a restore, a migration)."""
 
     def exists_now(blob_id: str) -> bool:
         """Whether the blob is present; called from worker threads only."""
@@ -363,6 +378,14 @@ class IBlobStore(Interface):
     def collecting_now() -> AbstractContextManager[bool]:
         """For garbage collection (worker thread): True, and no pin can start until
         the context ends; or False at once when a pin is held (collect later)."""
+
+    def recover() -> Deferred[int]:
+        """Put right what a crash left (at start, in the process that owns the store,
+        before anything is served); fires with how many blobs it moved."""
+
+    def close() -> None:
+        """Let go of what the store holds (spare files, threads), once nothing uses
+        it any more."""
 
 
 class IChangeListener(Interface):
@@ -637,6 +660,10 @@ class NoSuchMailbox(StorageError):
 
 class BlobMissing(StorageError):
     """A blob that metadata refers to is not in the blob store."""
+
+
+class BlobDamaged(StorageError):
+    """A blob's content does not match its id (its SHA-256) or its size."""
 
 
 class AlreadyWarned(StorageError):

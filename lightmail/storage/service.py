@@ -15,9 +15,10 @@ from lightmail.config import Config
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.storage import migrate
 from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
+from lightmail.storage.blobstores import s3_blob_store
 from lightmail.storage.changes import ChangeFeed
 from lightmail.storage.database import Database
-from lightmail.storage.interfaces import IWritePort
+from lightmail.storage.interfaces import IBlobStore, IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
 from lightmail.storage.sqlwrites import SQLWrites
@@ -62,9 +63,17 @@ class StorageService(Service):
         # Spare temporary files only where GC's grace period leaves them time.
         spares = (SPARE_FILES if spare_files and
                   config.storage.blob_gc_grace >= 10 * SPARE_MAX_AGE else 0)
-        self.blobs = FilesystemBlobStore(config.blob_dir, self.io_pool,
-                                         sync=config.storage.blob_sync,
-                                         spare_files=spares)
+        #: The blob store ([storage] blob_backend), and the same store typed as the
+        #: filesystem's when it is that one (None on S3): ``lightmail fsck`` checks
+        #: files, and works only there.
+        self.blobs: IBlobStore
+        self.filesystem_blobs: FilesystemBlobStore | None = None
+        if config.storage.blob_backend == "s3":
+            self.blobs = s3_blob_store(config)
+        else:
+            self.blobs = self.filesystem_blobs = FilesystemBlobStore(
+                config.blob_dir, self.io_pool, sync=config.storage.blob_sync,
+                spare_files=spares)
         self.feed = ChangeFeed()
         self.queue = SQLQueueStore(self.db, self.blobs)
         self.writes = SQLWrites(self.blobs, self.queue)
@@ -145,7 +154,7 @@ class StorageService(Service):
 
     def _started(self, _: Any) -> None:
         self.log.info("storage ready: {backend} database, blobs in {blob_dir}",
-                      backend=self.db.backend, blob_dir=str(self.config.blob_dir))
+                      backend=self.db.backend, blob_dir=self.blobs.location)
         if self.primary:
             self._gc = task.LoopingCall(self.collect_garbage)
             self._gc.start(GC_INTERVAL, now=False).addErrback(
@@ -180,5 +189,5 @@ class StorageService(Service):
             shutil.rmtree(self._writer_dir, ignore_errors=True)
         # Waits for in-flight SQL and blob writes, then closes the connections.
         self.io_pool.stop()
-        self.blobs.close_spares()
+        self.blobs.close()
         self.db.stop()
