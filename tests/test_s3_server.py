@@ -3,10 +3,15 @@ server of tests/s3server.py: mail over SMTP, and what happens while S3 is away."
 
 from __future__ import annotations
 
+import hashlib
+import imaplib
+import os
+import smtplib
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from harness import ServerProcess, free_port, run_cli
 from inprocess import in_thread, session, start
 
 from tests.s3server import S3Server
@@ -51,4 +56,81 @@ def test_smtp_answers_451_while_s3_is_away_and_loses_nothing(tmp_path: Path) -> 
     finally:
         if server is not None:
             yield server.stop()
+        s3.stop()
+
+
+def server_config(tmp: Path, s3: S3Server, **more: Any) -> Path:
+    """A server started from a file (so with its writer process), blobs on ``s3``."""
+    state = tmp / "state"
+    state.mkdir(exist_ok=True)
+    path = tmp / "lightmail.conf"
+    path.write_text(
+        f"[server]\nstate_dir = {state}\nhostname = mx.s3.test\nshutdown_timeout = 5s\n"
+        "[storage]\nblob_backend = s3\n[directory]\nauth_over_plaintext = yes\n"
+        f"[outbound]\nrelay_host = [127.0.0.1]:{free_port()}\nmin_backoff = 1h\n"
+        "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
+        "[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
+        + s3.config(tmp, **more))
+    return path
+
+
+def rfc822(subject: str, body: bytes) -> bytes:
+    return (f"From: <alice@remote.example>\r\nTo: <bob@s3.test>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@remote.example>\r\n\r\n").encode() + body
+
+
+def test_a_server_with_blobs_on_s3_takes_mail_over_smtp_and_serves_it_over_imap(
+        tmp_path: Path) -> None:
+    s3 = S3Server()
+    try:
+        config = server_config(tmp_path, s3, multipart_threshold="5M", part_size="5M")
+        run_cli(config, "domain", "add", "s3.test")
+        run_cli(config, "user", "add", "bob@s3.test", "--password-stdin",
+                stdin="bob-secret\n")
+        line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
+        sent = {"small": rfc822("small", line),
+                "spooled": rfc822("spooled", line * 20_000),      # 1.3 MB
+                "parts": rfc822("parts", line * 100_000)}         # 6.4 MB: multipart
+        server = ServerProcess(config)
+        try:
+            ports = server.ports(expected=2)
+            server.wait_for(r"writer process started")
+            server.wait_for(r"blobs in s3://lightmail-test/")
+            with smtplib.SMTP("127.0.0.1", ports["mx"], timeout=60) as smtp:
+                for content in sent.values():
+                    assert smtp.sendmail("alice@remote.example", ["bob@s3.test"],
+                                         content) == {}
+            imap = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=60)
+            try:
+                assert imap.login("bob@s3.test", "bob-secret")[0] == "OK"
+                status, count = imap.select("INBOX", readonly=True)
+                assert (status, count) == ("OK", [b"3"])
+                fetched = {}
+                for number in (1, 2, 3):
+                    status, data = imap.fetch(str(number), "(BODY.PEEK[])")
+                    assert status == "OK", data
+                    content = data[0][1]
+                    subject = content.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
+                    fetched[subject.decode()] = content
+                    status, data = imap.fetch(str(number), "(BODY.PEEK[TEXT]<0.63>)")
+                    assert data[0][1] == line
+            finally:
+                imap.logout()
+        finally:
+            assert server.terminate() in (0, -15), server.output
+        # As sent, after the Received: field the server put on top.
+        assert set(fetched) == set(sent)
+        for subject, content in sent.items():
+            assert fetched[subject].endswith(content)
+        # In the bucket, under their SHA-256, the large one uploaded in parts.
+        client = s3.client()
+        objects = client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+        assert {item["Key"] for item in objects} == {
+            f"{digest[:2]}/{digest}" for digest in
+            (hashlib.sha256(content).hexdigest() for content in fetched.values())}
+        assert [item["ETag"].strip('"')[-2:] for item in objects
+                if item["Size"] > 5 * 1024 * 1024] == ["-2"]
+        assert not any(name.endswith(".tmp") for name in
+                       os.listdir(tmp_path / "state" / "s3-spool"))
+    finally:
         s3.stop()
