@@ -2404,9 +2404,15 @@ def _check_admin(admin: AdminConfig, path: str,
 
 def _check_s3(s3: S3Config, storage: StorageConfig | None, path: str,
               lines: Mapping[tuple[str, str | None], int]) -> S3Config:
-    """What blob_backend = s3 needs: a bucket and credentials (its secret read)."""
+    """What blob_backend = s3 needs: a bucket and credentials.  The secret is read
+    whenever the file is named (``lightmail blobs migrate --to s3`` uses the section
+    before blob_backend says s3)."""
     if storage is None or storage.blob_backend != "s3":
-        return s3
+        if s3.secret_key_file is None:
+            return s3
+        return dataclasses.replace(s3, secret_key=_first_line(
+            s3.secret_key_file, path, lines.get(("s3", "secret_key_file")), "s3",
+            "secret_key_file"))
 
     def fail(message: str, key: str) -> ConfigError:
         line = lines.get(("s3", key), lines.get(("s3", None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import imaplib
+import json
 import os
 import smtplib
 from pathlib import Path
@@ -59,14 +60,15 @@ def test_smtp_answers_451_while_s3_is_away_and_loses_nothing(tmp_path: Path) -> 
         s3.stop()
 
 
-def server_config(tmp: Path, s3: S3Server, **more: Any) -> Path:
-    """A server started from a file (so with its writer process), blobs on ``s3``."""
+def server_config(tmp: Path, s3: S3Server, backend: str = "s3", **more: Any) -> Path:
+    """A server started from a file (so with its writer process), blobs on ``s3``
+    (or, with ``backend`` filesystem, where [s3] names them for a migration)."""
     state = tmp / "state"
     state.mkdir(exist_ok=True)
     path = tmp / "lightmail.conf"
     path.write_text(
         f"[server]\nstate_dir = {state}\nhostname = mx.s3.test\nshutdown_timeout = 5s\n"
-        "[storage]\nblob_backend = s3\n[directory]\nauth_over_plaintext = yes\n"
+        f"[storage]\nblob_backend = {backend}\n[directory]\nauth_over_plaintext = yes\n"
         f"[outbound]\nrelay_host = [127.0.0.1]:{free_port()}\nmin_backoff = 1h\n"
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
         "[listener:imap]\nprotocol = imap\nendpoint = tcp:0:interface=127.0.0.1\n"
@@ -132,5 +134,97 @@ def test_a_server_with_blobs_on_s3_takes_mail_over_smtp_and_serves_it_over_imap(
                 if item["Size"] > 5 * 1024 * 1024] == ["-2"]
         assert not any(name.endswith(".tmp") for name in
                        os.listdir(tmp_path / "state" / "s3-spool"))
+    finally:
+        s3.stop()
+
+
+def imap_messages(port: int) -> list[bytes]:
+    """Bob's INBOX, each message whole, in UID order."""
+    imap = imaplib.IMAP4("127.0.0.1", port, timeout=60)
+    try:
+        assert imap.login("bob@s3.test", "bob-secret")[0] == "OK"
+        status, count = imap.select("INBOX", readonly=True)
+        assert status == "OK", count
+        found = []
+        for number in range(1, int(count[0]) + 1):
+            status, data = imap.fetch(str(number), "(BODY.PEEK[])")
+            assert status == "OK", data
+            found.append(data[0][1])
+        return found
+    finally:
+        imap.logout()
+
+
+def send(port: int, *contents: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        for content in contents:
+            assert smtp.sendmail("alice@remote.example", ["bob@s3.test"], content) == {}
+
+
+def test_blobs_migrate_to_s3_and_back_with_progress(tmp_path: Path) -> None:
+    import io
+
+    from lightmail.admin.blobmigrate import migrate
+    from lightmail.admin.datatools import Progress
+    from lightmail.config import load_config
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    s3 = S3Server()
+    try:
+        config = server_config(tmp_path, s3, backend="filesystem")
+        run_cli(config, "domain", "add", "s3.test")
+        run_cli(config, "user", "add", "bob@s3.test", "--password-stdin",
+                stdin="bob-secret\n")
+        line = b"Some text to move from one store to the other and back again.\r\n"
+        server = ServerProcess(config)
+        try:
+            ports = server.ports(expected=2)
+            send(ports["mx"], rfc822("one", line), rfc822("two", line * 20_000),
+                 rfc822("three", line * 5000))
+            on_disk = imap_messages(ports["imap"])
+        finally:
+            assert server.terminate() in (0, -15), server.output
+        assert len(on_disk) == 3
+        # To S3: each blob checked and uploaded; a progress line on a terminal.
+        terminal = Terminal()
+        summary = migrate(load_config(config), "s3", Progress(terminal))
+        assert (summary["copied"], summary["present"], summary["gone"]) == (3, 0, 0)
+        assert summary["target"].startswith("s3://lightmail-test/")
+        assert "\rblobs to s3: 3/3 [" in terminal.getvalue()
+        assert "100%" in terminal.getvalue()
+        # Again: nothing to copy (it may run beside the server, then once more).
+        again = json.loads(run_cli(config, "blobs", "migrate", "--to", "s3", "--json"))
+        assert (again["copied"], again["present"]) == (0, 3)
+        # The server on S3, with the files out of the way: the same mail, and more.
+        config.write_text(config.read_text().replace("blob_backend = filesystem",
+                                                     "blob_backend = s3"))
+        (tmp_path / "state" / "blobs").rename(tmp_path / "state" / "blobs.before")
+        server = ServerProcess(config)
+        try:
+            ports = server.ports(expected=2)
+            assert imap_messages(ports["imap"]) == on_disk
+            send(ports["mx"], rfc822("four", line * 3))
+            on_s3 = imap_messages(ports["imap"])
+        finally:
+            assert server.terminate() in (0, -15), server.output
+        assert len(on_s3) == 4 and on_s3[:3] == on_disk
+        # And back to a filesystem store (a new one): all four.
+        back = json.loads(run_cli(config, "blobs", "migrate", "--to", "filesystem",
+                                  "--json"))
+        assert (back["copied"], back["present"], back["gone"]) == (4, 0, 0)
+        config.write_text(config.read_text().replace("blob_backend = s3",
+                                                     "blob_backend = filesystem"))
+        s3.pause()          # S3 is not asked any more
+        try:
+            server = ServerProcess(config)
+            try:
+                ports = server.ports(expected=2)
+                assert imap_messages(ports["imap"]) == on_s3
+            finally:
+                assert server.terminate() in (0, -15), server.output
+        finally:
+            s3.resume()
     finally:
         s3.stop()

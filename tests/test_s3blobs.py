@@ -120,6 +120,7 @@ def test_staged_blobs_are_uploaded_only_by_their_commit(store, s3server):
     assert (yield store.read_staged(staged[1])) == second
     outcomes = yield threads.deferToThread(store.commit_staged_now, staged)
     assert outcomes == [None, None]
+    assert (yield threads.deferToThread(store.commit_staged_now, [])) == []
     assert [blob.durable for blob in staged] == [True, True]
     assert in_bucket(s3server, store, staged[0].ref.id) == first
     assert in_bucket(s3server, store, staged[1].ref.id) == second

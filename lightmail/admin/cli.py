@@ -28,6 +28,7 @@
     lightmail reload [--timeout SECONDS]   (the running server reads its config again)
     lightmail backup DEST | restore SRC [--replace]      (lightmail/admin/datatools.py)
     lightmail import ADDRESS MAILDIR|MBOX [--mailbox NAME] | export ADDRESS DEST
+    lightmail blobs migrate --to s3|filesystem [--json]  (lightmail/admin/blobmigrate.py)
 
 The config file comes from ``--config``, else ``$LIGHTMAIL_CONFIG``, else
 ``/etc/lightmail/lightmail.conf``.  Passwords are never taken as arguments (they would

@@ -91,6 +91,14 @@ def register(sub: Any, load: Loader) -> None:
                    help="only this mailbox (more than once for several)")
     p.add_argument("--json", action="store_true", help="the summary as JSON")
     p.set_defaults(func=command("mailimport", "run_export", load))
+    p = sub.add_parser("blobs", help="the blob store")
+    bsub = p.add_subparsers(dest="action", required=True)
+    p = bsub.add_parser("migrate", help="copy every blob into the filesystem or the S3 "
+                        "store, from the other one")
+    p.add_argument("--to", required=True, choices=("s3", "filesystem"),
+                   help="the store to fill")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.set_defaults(func=command("blobmigrate", "run_migrate", load))
 
 
 def command(module: str, name: str, load: Loader) -> Callable[[argparse.Namespace], int]:

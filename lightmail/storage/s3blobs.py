@@ -177,6 +177,8 @@ class S3BlobStore:
     def _each_now(self, calls: Sequence[Callable[[], Any]]) -> list[BaseException | None]:
         """Run ``calls`` on the pool at once and wait for them all (a worker thread
         that is not the pool's); None for each that returned, else its exception."""
+        if not calls:
+            return []
         if len(calls) == 1:
             try:
                 calls[0]()
