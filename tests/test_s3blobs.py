@@ -299,3 +299,27 @@ def test_garbage_collection_deletes_unreferenced_objects(s3server, tmp_path):
         assert not old_spool.exists()
     finally:
         yield storage.stopService()
+
+
+def test_the_s3_section_is_checked_and_its_secret_never_shown(tmp_path):
+    from lightmail.config import ConfigError
+    secret = tmp_path / "s3.secret"
+    secret.write_text("very-secret-key\n")
+    base = f"[server]\nstate_dir = {tmp_path}\n[storage]\nblob_backend = s3\n"
+    with pytest.raises(ConfigError, match=r"\[s3\] bucket: blob_backend = s3 needs"):
+        parse_config(base + "[s3]\naccess_key = k\n", "lm.conf")
+    with pytest.raises(ConfigError, match="secret_key_file"):
+        parse_config(base + "[s3]\nbucket = b\naccess_key = k\n", "lm.conf")
+    with pytest.raises(ConfigError, match="expected a prefix"):
+        parse_config(base + "[s3]\nprefix = /mail\n", "lm.conf")
+    with pytest.raises(ConfigError, match="at least 5242880"):
+        parse_config(base + "[s3]\npart_size = 1M\n", "lm.conf")
+    config = parse_config(base + f"[s3]\nbucket = b\naccess_key = k\n"
+                          f"secret_key_file = {secret}\n", "lm.conf")
+    assert config.s3.secret_key == "very-secret-key"
+    assert "very-secret-key" not in repr(config) and "very-secret-key" not in config.text
+    assert config.s3_spool_dir == tmp_path / "s3-spool"
+    # Named for a migration while the blobs are still on the filesystem: read too.
+    config = parse_config(base.replace("= s3", "= filesystem") + f"[s3]\nbucket = b\n"
+                          f"secret_key_file = {secret}\n", "lm.conf")
+    assert config.s3.secret_key == "very-secret-key"
