@@ -11,6 +11,7 @@ import smtplib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from harness import ServerProcess, free_port, run_cli
 from inprocess import in_thread, session, start
@@ -102,6 +103,15 @@ def test_a_server_with_blobs_on_s3_takes_mail_over_smtp_and_serves_it_over_imap(
                 for content in sent.values():
                     assert smtp.sendmail("alice@remote.example", ["bob@s3.test"],
                                          content) == {}
+                # S3 away: the writer process's upload fails, and so does the DATA.
+                s3.pause()
+                try:
+                    with pytest.raises(smtplib.SMTPDataError) as refused:
+                        smtp.sendmail("alice@remote.example", ["bob@s3.test"],
+                                      rfc822("refused", line))
+                finally:
+                    s3.resume()
+                assert refused.value.smtp_code == 451
             imap = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=60)
             try:
                 assert imap.login("bob@s3.test", "bob-secret")[0] == "OK"
