@@ -61,6 +61,7 @@ from lightmail.policy.greylist import (
     Greylist,
     IGreylistStore,
     RedisGreylist,
+    RememberedPasses,
     SQLGreylist,
 )
 from lightmail.policy.interfaces import IContentScanner, ISpamScanner, ITrainer
@@ -325,13 +326,18 @@ def make_limiter(config: Config) -> IRateLimiter:
 
 def make_greylist_store(config: Config, db: Database) -> IGreylistStore:
     """[greylist] store: SQL, or Redis with the fallback of redis_down (accept: no
-    greylisting while it is away).  The Redis connection is made at the first use."""
+    greylisting while it is away), behind this process's memory of the passes it
+    gave (most attempts are known clients').  The Redis connection is made at the
+    first use."""
     cfg = config.greylist
+    store: IGreylistStore
     if cfg.store == "sql":
-        return SQLGreylist(db)
-    fallback = SQLGreylist(db) if cfg.redis_down == "sql" else None
-    return FallingBackGreylist(RedisGreylist(LazyRedis(cfg.redis)), fallback,
-                               timeout=cfg.redis_timeout)
+        store = SQLGreylist(db)
+    else:
+        fallback = SQLGreylist(db) if cfg.redis_down == "sql" else None
+        store = FallingBackGreylist(RedisGreylist(LazyRedis(cfg.redis)), fallback,
+                                    timeout=cfg.redis_timeout)
+    return RememberedPasses(store)
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

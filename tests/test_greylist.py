@@ -3,7 +3,10 @@ PostgreSQL, MariaDB) and on the Redis at 127.0.0.1:6379 (database 9, emptied by 
 tests) with a clock the tests move; Redis down (no greylisting, or the SQL store;
 said once); the exemptions; and the greylist check on a running LightMail: a first
 attempt refused with 451 4.7.1, the retry after the delay accepted and delivered,
-auto-allowed networks, trusted clients, SPF-pass domains, two servers sharing Redis."""
+auto-allowed networks, trusted clients, SPF-pass domains, two servers sharing Redis.
+The memory of passes in front of the stores (memory.py): the rules still hold
+through it, it spares the store the known clients' attempts but not the refresh of
+last_seen, nor an expiry, and it stays within its size."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dnsserver import DNSServer
 from inprocess import in_thread, start
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from lightmail.config import parse_config
 from lightmail.policy.greylist import (
@@ -30,13 +34,14 @@ from lightmail.policy.greylist import (
     Greylist,
     IGreylistStore,
     RedisGreylist,
+    RememberedPasses,
     Rules,
     SQLGreylist,
     Triplet,
     Verdict,
 )
 from lightmail.policy.greylist.check import GreylistCheck, spf_passed_for
-from lightmail.policy.greylist.store import normalise_sender
+from lightmail.policy.greylist.store import REFRESH, normalise_sender
 from lightmail.policy.inbound.findings import Findings
 from lightmail.policy.limits import LazyRedis
 from lightmail.storage import schema
@@ -141,6 +146,129 @@ async def test_the_rules_on_redis(redis: LazyRedis) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_rules_hold_through_the_memory(sqlite_stack: StorageStack,
+                                                 redis: LazyRedis) -> None:
+    await the_rules_hold(RememberedPasses(SQLGreylist(sqlite_stack.db,
+                                                      clean_every=float("inf"))))
+    await the_rules_hold(RememberedPasses(RedisGreylist(redis)))
+
+
+@implementer(IGreylistStore)
+class Counting:
+    """A store that counts the attempts that reach it, and hands them on."""
+
+    def __init__(self, store: IGreylistStore) -> None:
+        self.store = store
+        self.asked: list[tuple[Triplet, float]] = []
+
+    def attempt(self, triplet: Triplet, now: float, rules: Rules) -> Any:
+        self.asked.append((triplet, now))
+        return self.store.attempt(triplet, now, rules)
+
+
+def last_seen(stack: StorageStack, table: sa.Table) -> Any:
+    return stack.db.read(lambda conn: conn.execute(
+        sa.select(table.c.last_seen)).scalar_one())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_memory_spares_the_store_until_it_would_refresh(
+        sqlite_stack: StorageStack) -> None:
+    counting = Counting(SQLGreylist(sqlite_stack.db, clean_every=float("inf")))
+    memory = RememberedPasses(counting)
+    rules = Rules(delay=300, unconfirmed_expiry=86400, confirmed_expiry=35 * 86400,
+                  auto_allow=0)
+    triplet = Triplet("192.0.2.0/24", "ann@sender.test", "bob@example.test")
+
+    async def at(offset: float) -> str:
+        return (await memory.attempt(triplet, T0 + offset, rules)).why
+    assert [await at(0), await at(100), await at(300)] == ["new", "early", "retried"]
+    assert len(counting.asked) == 3                    # refusals are never remembered
+    assert [await at(301), await at(300 + REFRESH)] == ["known", "known"]
+    assert len(counting.asked) == 3                    # from memory: no store asked
+    table = schema.greylist_triplets
+    assert await last_seen(sqlite_stack, table) == int((T0 + 300) * 1000)
+    # Past REFRESH the store is asked again, and writes last_seen anew...
+    assert await at(301 + REFRESH) == "known"
+    assert counting.asked[-1] == (triplet, T0 + 301 + REFRESH)
+    assert await last_seen(sqlite_stack, table) == int((T0 + 301 + REFRESH) * 1000)
+    assert await at(302 + REFRESH) == "known"
+    assert len(counting.asked) == 4                    # ...and it is remembered again
+    # 35 days unseen: the store is asked, and greylists anew.
+    assert await at(302 + REFRESH + 36 * 86400) == "new"
+    assert len(counting.asked) == 5
+    assert await at(303 + REFRESH + 36 * 86400) == "early"
+    assert len(counting.asked) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_memory_keeps_allowed_networks_and_stays_bounded(
+        sqlite_stack: StorageStack) -> None:
+    counting = Counting(SQLGreylist(sqlite_stack.db, clean_every=float("inf")))
+    memory = RememberedPasses(counting, size=3)
+    rules = Rules(delay=300, unconfirmed_expiry=86400, confirmed_expiry=35 * 86400,
+                  auto_allow=1)
+    first = Triplet("198.51.100.0/24", "ann@sender.test", "bob@example.test")
+    assert (await memory.attempt(first, T0, rules)).why == "new"
+    assert (await memory.attempt(first, T0 + 300, rules)).why == "retried"
+    asked = len(counting.asked)
+    for n in range(3):                  # the network is allowed: no store asked
+        other = Triplet("198.51.100.0/24", f"s{n}@sender.test", "bob@example.test")
+        assert (await memory.attempt(other, T0 + 400, rules)).why == "auto-allowed"
+    assert len(counting.asked) == asked + 1
+    # The network's last_seen is the retry's: the store refreshes it past REFRESH.
+    later = T0 + 301 + REFRESH
+    assert (await memory.attempt(first, later, rules)).why == "auto-allowed"
+    assert counting.asked[-1] == (first, later)
+    assert await last_seen(sqlite_stack, schema.greylist_networks) == int(later * 1000)
+    # More passes than the memory holds: the least recently used go first.
+    def one(n: int) -> Triplet:
+        return Triplet(f"203.0.{n}.0/24", "ann@sender.test", "bob@example.test")
+    for n in range(5):
+        assert (await memory.attempt(one(n), T0, rules)).why == "new"
+        assert (await memory.attempt(one(n), T0 + 300, rules)).why == "retried"
+        assert len(memory) <= 3
+    assert len(memory) == 3
+    asked = len(counting.asked)
+    assert (await memory.attempt(one(4), T0 + 400, rules)).why == "known"
+    assert len(counting.asked) == asked                # the latest is remembered
+    assert (await memory.attempt(one(0), T0 + 400, rules)).why == "auto-allowed"
+    assert len(counting.asked) == asked + 1            # the first was forgotten
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_memory_forgets_when_the_rules_change(sqlite_stack: StorageStack) -> None:
+    counting = Counting(SQLGreylist(sqlite_stack.db, clean_every=float("inf")))
+    memory = RememberedPasses(counting)
+    allowing = Rules(delay=0, auto_allow=1)
+    one = Triplet("198.51.100.0/24", "ann@sender.test", "bob@example.test")
+    two = Triplet("198.51.100.0/24", "carl@sender.test", "bob@example.test")
+    assert [(await memory.attempt(t, T0 + n, allowing)).why
+            for n, t in enumerate((one, one, two))] == ["new", "retried", "auto-allowed"]
+    # A reload turns auto-allowing off: the network's pass is no longer remembered.
+    strict = Rules(delay=0, auto_allow=0)
+    assert (await memory.attempt(two, T0 + 5, strict)).why == "new"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_memory_does_not_keep_the_fallbacks_pass() -> None:
+    @implementer(IGreylistStore)
+    class Down:
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def attempt(self, triplet: Triplet, now: float, rules: Rules) -> Any:
+            self.asked += 1
+            return defer.succeed(Verdict(0.0, "store down"))
+    down = Down()
+    memory = RememberedPasses(down)
+    triplet = Triplet("192.0.2.0/24", "ann@sender.test", "bob@example.test")
+    for _ in range(3):
+        assert (await memory.attempt(triplet, T0, RULES)).why == "store down"
+    assert down.asked == 3 and len(memory) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_concurrent_first_attempts_on_sql(stack: StorageStack) -> None:
     store = SQLGreylist(stack.db)
     triplet = Triplet("192.0.2.0/24", "ann@sender.test", "bob@example.test")
@@ -181,11 +309,13 @@ async def test_redis_down_accepts_or_uses_sql_and_says_so_once(
 
 
 def test_the_store_is_chosen_from_the_config(sqlite_stack: StorageStack) -> None:
-    assert isinstance(make_greylist_store(parse_config(""), sqlite_stack.db), SQLGreylist)
+    sql = make_greylist_store(parse_config(""), sqlite_stack.db)
+    assert isinstance(sql, RememberedPasses) and isinstance(sql.store, SQLGreylist)
     chosen = make_greylist_store(parse_config(
         f"[greylist]\nstore = redis\nredis = {REDIS}\nredis_down = sql\n"), sqlite_stack.db)
-    assert isinstance(chosen, FallingBackGreylist)
-    assert isinstance(chosen.fallback, SQLGreylist)
+    assert isinstance(chosen, RememberedPasses)
+    assert isinstance(chosen.store, FallingBackGreylist)
+    assert isinstance(chosen.store.fallback, SQLGreylist)
 
 
 class Remembering:

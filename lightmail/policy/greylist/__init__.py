@@ -2,10 +2,12 @@
 is deferred, a retry after a delay passes (as Postgrey and milter-greylist do).
 
 ``store.py`` holds the rules, the interface of the stores and the SQL store (and the
-fallback while Redis is away); ``redisstore.py`` the Redis store; ``check.py`` the
-inbound chain's ``greylist`` check.
+fallback while Redis is away); ``redisstore.py`` the Redis store; ``memory.py`` the
+process's memory of the passes, in front of either; ``check.py`` the inbound
+chain's ``greylist`` check.
 """
 
+from lightmail.policy.greylist.memory import RememberedPasses
 from lightmail.policy.greylist.redisstore import RedisGreylist
 from lightmail.policy.greylist.store import (
     FallingBackGreylist,
@@ -17,5 +19,5 @@ from lightmail.policy.greylist.store import (
     Verdict,
 )
 
-__all__ = ["FallingBackGreylist", "Greylist", "IGreylistStore", "RedisGreylist", "Rules",
-           "SQLGreylist", "Triplet", "Verdict"]
+__all__ = ["FallingBackGreylist", "Greylist", "IGreylistStore", "RedisGreylist",
+           "RememberedPasses", "Rules", "SQLGreylist", "Triplet", "Verdict"]

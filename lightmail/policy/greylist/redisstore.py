@@ -16,10 +16,18 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from lightmail.policy.greylist.store import REFRESH, IGreylistStore, Rules, Triplet, Verdict
+from lightmail.policy.greylist.store import (
+    REFRESH,
+    IGreylistStore,
+    Rules,
+    Triplet,
+    Verdict,
+    fresh_until,
+)
 
 # KEYS[1] the triplet, KEYS[2] the network; ARGV now (ms), delay, unconfirmed and
-# confirmed expiry (s), auto_allow, refresh (s).  Returns {wait in ms, why}.
+# confirmed expiry (s), auto_allow, refresh (s).  Returns {wait in ms, why}, and for
+# a pass the entry's last_seen (ms) as it stands after the attempt.
 ATTEMPT_SCRIPT = """
 local now = tonumber(ARGV[1])
 local delay, unconfirmed, confirmed = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -34,8 +42,9 @@ if auto > 0 then
     if now - seen > refresh then
       redis.call('HSET', KEYS[2], 'seen', ARGV[1])
       keep(KEYS[2], confirmed)
+      seen = now
     end
-    return {0, 'auto-allowed'}
+    return {0, 'auto-allowed', seen}
   end
 end
 local row = redis.call('HMGET', KEYS[1], 'first', 'seen', 'passed')
@@ -44,8 +53,9 @@ if first and passed and now - seen <= confirmed * 1000 then
   if now - seen > refresh then
     redis.call('HSET', KEYS[1], 'seen', ARGV[1])
     keep(KEYS[1], confirmed)
+    seen = now
   end
-  return {0, 'known'}
+  return {0, 'known', seen}
 end
 if first == nil or passed or (now - first) / 1000 > unconfirmed then
   redis.call('HSET', KEYS[1], 'first', ARGV[1], 'seen', ARGV[1], 'passed', '0')
@@ -63,7 +73,7 @@ if auto > 0 then
   redis.call('HSET', KEYS[2], 'seen', ARGV[1])
   keep(KEYS[2], confirmed)
 end
-return {0, 'retried'}
+return {0, 'retried', now}
 """
 
 
@@ -83,7 +93,8 @@ class RedisGreylist:
                   repr(rules.confirmed_expiry), str(rules.auto_allow), repr(REFRESH)])
 
         def verdict(reply: Any) -> Verdict:
-            wait, why = reply
+            wait, why, *seen = reply
             why = why.decode() if isinstance(why, bytes) else str(why)
-            return Verdict(int(wait) / 1000, why)
+            return Verdict(int(wait) / 1000, why,
+                           fresh_until(int(seen[0]), rules) if seen else 0.0)
         return d.addCallback(verdict)

@@ -15,7 +15,9 @@ from the times the caller gives (so that tests can move the clock):
 5. a retry after it passes (``retried``), and counts for its network.
 
 ``last_seen`` of a triplet or a network that passes is written again at most once
-an hour: a busy sender does not cost a write a message.
+an hour: a busy sender does not cost a write a message.  A pass says until when the
+store would give it again without writing anything (``Verdict.fresh_until``), so
+that memory.py may answer the attempts until then without asking.
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ class Verdict:
     #: new, early, retried, known, auto-allowed (see the module's docstring), or
     #: "store down" (the fallback let it pass).
     why: str
+    #: A pass from the store: until when (seconds since the epoch) it would answer
+    #: the same without a write (see fresh_until); 0.0 for a refusal, or a pass that
+    #: is not the store's ("store down"), which nothing may remember.
+    fresh_until: float = 0.0
+
+
+def fresh_until(last_seen_ms: float, rules: Rules) -> float:
+    """Until when an entry (a triplet that passed, an allowed network) last written
+    at ``last_seen_ms`` passes without a write: its ``last_seen`` goes stale after
+    REFRESH, and the entry expires after ``confirmed_expiry``."""
+    return last_seen_ms / 1000 + min(REFRESH, rules.confirmed_expiry)
 
 
 def normalise_sender(sender: str) -> str:
@@ -144,13 +157,13 @@ def _known(conn: Connection, triplet: Triplet, now: int, rules: Rules
             n.c.network == triplet.network)).first()
         if net is not None and net.passes >= rules.auto_allow and \
                 now - net.last_seen <= min(confirmed, refresh):
-            return Verdict(0.0, "auto-allowed")
+            return Verdict(0.0, "auto-allowed", fresh_until(net.last_seen, rules))
     row = conn.execute(sa.select(t.c.first_seen, t.c.last_seen, t.c.passed).where(
         t.c.key == triplet.key)).first()
     if row is None:
         return None
     if row.passed and now - row.last_seen <= min(confirmed, refresh):
-        return Verdict(0.0, "known")
+        return Verdict(0.0, "known", fresh_until(row.last_seen, rules))
     elapsed = (now - row.first_seen) / 1000
     if not row.passed and elapsed <= rules.unconfirmed_expiry and elapsed < rules.delay:
         return Verdict(rules.delay - elapsed, "early")
@@ -165,17 +178,21 @@ def _attempt(conn: Connection, triplet: Triplet, now: int, rules: Rules) -> Verd
             n.c.network == triplet.network)).first()
         if net is not None and net.passes >= rules.auto_allow and \
                 now - net.last_seen <= confirmed:
-            if now - net.last_seen > refresh:
+            seen = net.last_seen
+            if now - seen > refresh:
                 conn.execute(n.update().where(n.c.network == triplet.network).values(
                     last_seen=now))
-            return Verdict(0.0, "auto-allowed")
+                seen = now
+            return Verdict(0.0, "auto-allowed", fresh_until(seen, rules))
     key = triplet.key
     row = conn.execute(sa.select(t.c.first_seen, t.c.last_seen, t.c.passed).where(
         t.c.key == key)).first()
     if row is not None and row.passed and now - row.last_seen <= confirmed:
-        if now - row.last_seen > refresh:
+        seen = row.last_seen
+        if now - seen > refresh:
             conn.execute(t.update().where(t.c.key == key).values(last_seen=now))
-        return Verdict(0.0, "known")
+            seen = now
+        return Verdict(0.0, "known", fresh_until(seen, rules))
     if row is None:
         conn.execute(t.insert().values(key=key, network=triplet.network,
                                        sender=triplet.sender[:320],
@@ -196,7 +213,7 @@ def _attempt(conn: Connection, triplet: Triplet, now: int, rules: Rules) -> Verd
         if not counted.rowcount:
             conn.execute(n.insert().values(network=triplet.network, passes=1,
                                            last_seen=now))
-    return Verdict(0.0, "retried")
+    return Verdict(0.0, "retried", fresh_until(now, rules))
 
 
 def _clean(conn: Connection, now: int, rules: Rules) -> None:
