@@ -10,18 +10,23 @@ from __future__ import annotations
 import gc
 import smtplib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_twisted
 from dnsserver import DNSServer
 from inprocess import in_thread, start
+from twisted.internet import task
 from twisted.logger import globalLogPublisher
 
 from lightmail.config import ConfigError, parse_config
 from lightmail.dns import Resolver
 from lightmail.policy.dnsbl import Lookups, ZoneError, address_query, domain_query, parse_zone
+from lightmail.policy.inbound.dnsbl import DNSBLCheck
+from lightmail.policy.inbound.findings import Findings
 from lightmail.policy.inbound.memo import SessionMemo
 from lightmail.policy.inbound.reverse import refusal
 from lightmail.policy.reverse import ReverseLookup, ReverseResult
@@ -151,6 +156,51 @@ async def test_lookups_through_the_resolver(dns: DNSServer,
     said = [e for e in events if e.get("event") == "dnsbl_error"]
     assert {e["zone"] for e in said} == {"silent.test", "broken.test"}
     assert any("no answer within 0.5 s" in e["error"] for e in said)
+
+
+@dataclass
+class Session:
+    """What the dnsbl check reads of an SMTP session."""
+
+    peer: str
+    helo: str = "client.sender.test"
+    account: Any = None
+    conn_id: str = "c1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_answers_are_weighed_at_once(dns: DNSServer) -> None:
+    """With the answers cached, as a busy MX has them: no timer for a lookup, and
+    the check weighs them at RCPT TO without waiting, to the same verdict."""
+    clock = task.Clock()
+    lookups = Lookups(Resolver(f"127.0.0.1:{dns.port}", timeout=3), clock)
+    both = zones("bl.test=127.0.0.[2..11]*2, weak.test")
+    first = lookups.client("192.0.2.2", both, 1.0)
+    assert not first.called and len(clock.getDelayedCalls()) == 2   # under timeouts
+    found = await first
+    assert len(found) == 2 and not clock.getDelayedCalls()
+    again = lookups.client("192.0.2.2", both, 1.0)
+    assert again.called and not clock.getDelayedCalls()
+    assert await again == found
+    config = parse_config("[dnsbl]\nzones = bl.test=127.0.0.[2..11]*2, weak.test\n"
+                          "rhsbl_zones = dbl.test\nthreshold = 4\n")
+    check = DNSBLCheck(lookups, lambda: config.dnsbl)
+
+    async def session(sender: str) -> tuple[Any, Any]:
+        one = Session("192.0.2.2")
+        assert await check.connect(one, Findings()) is None
+        tx, findings = SimpleNamespace(mail_from=sender), Findings()
+        assert await check.mail(one, tx, findings) is None
+        reply = check.rcpt(one, tx, "bob@example.test", findings)
+        at_once = reply.called
+        refused = await reply
+        check.session_ended(one)
+        return at_once, refused and (refused.code, findings.dnsbl.score)
+    # The sender's domain is asked at MAIL FROM: not cached yet, RCPT TO waits.
+    assert await session("ann@spam.example") == (False, (550, 4))
+    assert await session("ann@spam.example") == (True, (550, 4))
+    assert await session("ann@spam.example") == (True, (550, 4))
+    assert len(check.asked) == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -30,7 +30,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -40,6 +40,7 @@ from lightmail.address import client_ip
 from lightmail.dns import DNSError, IResolver, NoSuchDomain
 
 log = Logger(namespace="lightmail.dnsbl")
+T = TypeVar("T")
 
 _ZONE = re.compile(r"(?P<zone>[^=&*\s]+?)(?:(?P<op>[=&])(?P<filter>[^*\s]+))?"
                    r"(?:\*(?P<weight>[+-]?\d+))?")
@@ -191,13 +192,14 @@ class Lookups:
              timeout: float, conn_id: str) -> Deferred[list[Listing]]:
         asked = [self._one(zone, name, what, subject, timeout, conn_id)
                  for zone, name in queries if name is not None]
-        gathered: Deferred[list[Optional[Listing]]] = defer.gatherResults(asked)
-        return gathered.addCallback(lambda found: [one for one in found if one is not None])
+        return _gathered(asked).addCallback(
+            lambda found: [one for one in found if one is not None])
 
     def _one(self, zone: Zone, name: str, what: str, subject: str, timeout: float,
              conn_id: str) -> Deferred[Optional[Listing]]:
         d = self.resolver.a(name)
-        d.addTimeout(timeout, self.clock)
+        if not d.called:            # a cached answer is there already: no timer
+            d.addTimeout(timeout, self.clock)
 
         def answered(answers: list[str]) -> Optional[Listing]:
             counted = tuple(answer for answer in answers if zone.counts(answer))
@@ -223,6 +225,26 @@ class Lookups:
                      error=error, event="dnsbl_error", conn_id=conn_id)
             return None
         return d.addCallbacks(answered, failed)
+
+
+_PENDING = object()
+
+
+def _gathered(asked: list[Deferred[T]]) -> Deferred[list[T]]:
+    """The results of Deferreds that never fail, in their order: gatherResults, but
+    without its DeferredList when all of them have fired (cached answers, as a busy
+    MX mostly has)."""
+    results: list[Any] = [_PENDING] * len(asked)
+    for index, d in enumerate(asked):
+        d.addCallback(_keep, results, index)
+    if any(result is _PENDING for result in results):
+        return defer.gatherResults(asked)
+    return defer.succeed(results)
+
+
+def _keep(result: T, results: list[Any], index: int) -> T:
+    results[index] = result
+    return result
 
 
 def score(listings: Sequence[Listing]) -> int:

@@ -95,34 +95,45 @@ class DNSBLCheck(InboundCheck):
              findings: Findings) -> Deferred[Any]:
         if session.account is not None or findings.allowlisted:
             return defer.succeed(None)
-        return Deferred.fromCoroutine(self._decide(session, address, findings))
-
-    async def _decide(self, session: Any, address: str,
-                      findings: Findings) -> Optional[Reply]:
-        result: Optional[DNSBLResult] = findings.dnsbl
-        if result is None:
+        if findings.dnsbl is None:
             cfg = self.settings()
             asked = self._ask_client(session, cfg)
-            listings: list[Listing] = []
-            for shared in (asked.client, asked.helo and asked.helo[1],
-                           asked.sender and asked.sender[1]):
-                if shared:
-                    listings += await shared.wait()
-            total = score(listings)
-            result = DNSBLResult(tuple(listings), total, cfg.threshold,
-                                 refused=bool(listings) and total >= cfg.threshold)
-            findings.dnsbl = result
-            if listings:
-                log.info("{subjects} listed: score {score} of {threshold}{refusing}",
-                         subjects=_listed(listings), score=total,
-                         threshold=cfg.threshold,
-                         refusing=", refused" if result.refused else "",
-                         event="dnsbl", peer=session.peer, rcpt=address,
-                         zones=[one.zone.name for one in listings],
-                         conn_id=session.conn_id)
-        if not result.refused:
-            return None
-        return Reply(550, "5.7.1", "Service unavailable; " + _blocked(result.listings))
+            lookups = [one for one in (asked.client, asked.helo and asked.helo[1],
+                                       asked.sender and asked.sender[1]) if one]
+            if not all(one.done for one in lookups):
+                return Deferred.fromCoroutine(
+                    self._weigh_later(session, address, findings, cfg, lookups))
+            # The answers are there (cached, as on a busy MX): weighed at once,
+            # without a coroutine.
+            self._weigh(session, address, findings, cfg,
+                        [listing for one in lookups for listing in one.result])
+        return defer.succeed(_refusal(findings.dnsbl))
+
+    async def _weigh_later(self, session: Any, address: str, findings: Findings, cfg: Any,
+                           lookups: list[Shared[list[Listing]]]) -> Optional[Reply]:
+        listings: list[Listing] = []
+        for shared in lookups:
+            listings += await shared.wait()
+        if findings.dnsbl is None:
+            self._weigh(session, address, findings, cfg, listings)
+        return _refusal(findings.dnsbl)
+
+    def _weigh(self, session: Any, address: str, findings: Findings, cfg: Any,
+               listings: list[Listing]) -> None:
+        """What the lists said, in ``findings.dnsbl`` (and the log when something is
+        listed)."""
+        total = score(listings)
+        result = DNSBLResult(tuple(listings), total, cfg.threshold,
+                             refused=bool(listings) and total >= cfg.threshold)
+        findings.dnsbl = result
+        if listings:
+            log.info("{subjects} listed: score {score} of {threshold}{refusing}",
+                     subjects=_listed(listings), score=total,
+                     threshold=cfg.threshold,
+                     refusing=", refused" if result.refused else "",
+                     event="dnsbl", peer=session.peer, rcpt=address,
+                     zones=[one.zone.name for one in listings],
+                     conn_id=session.conn_id)
 
     def content(self, session: Any, tx: Any, message: Message,
                 findings: Findings) -> Deferred[Any]:
@@ -142,6 +153,12 @@ class DNSBLCheck(InboundCheck):
             asked.client = Shared(self.lookups.client(session.peer, cfg.zones,
                                                       cfg.timeout, session.conn_id))
         return asked
+
+
+def _refusal(result: DNSBLResult) -> Optional[Reply]:
+    if not result.refused:
+        return None
+    return Reply(550, "5.7.1", "Service unavailable; " + _blocked(result.listings))
 
 
 def header_value(result: DNSBLResult) -> str:

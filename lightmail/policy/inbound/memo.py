@@ -15,6 +15,7 @@ steps may wait for.
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Any, Generic, Optional, TypeVar
 
 from twisted.internet import defer
@@ -28,18 +29,26 @@ class SessionMemo(Generic[T]):
     mutable dataclasses, hence not hashable)."""
 
     def __init__(self) -> None:
-        self._values: dict[int, T] = {}
+        # By the session's id: the value, and a weak reference to the session whose
+        # callback drops the entry when the session goes away (an id is reused only
+        # after that).  A weak reference costs a quarter of a weakref.finalize (whose
+        # registry outlives the entry), and dies with the entry that holds it.
+        self._values: dict[int, tuple[weakref.ref[Any], T]] = {}
 
     def get(self, session: Any) -> Optional[T]:
-        return self._values.get(id(session))
+        kept = self._values.get(id(session))
+        return kept[1] if kept is not None else None
 
     def set(self, session: Any, value: T) -> T:
         key = id(session)
-        if key not in self._values:
-            # The entry goes with the session; an id is reused only after that.
-            weakref.finalize(session, self._values.pop, key, None)
-        self._values[key] = value
+        kept = self._values.get(key)
+        gone = kept[0] if kept is not None else weakref.ref(session,
+                                                            partial(self._drop, key))
+        self._values[key] = (gone, value)
         return value
+
+    def _drop(self, key: int, _gone: Any) -> None:
+        self._values.pop(key, None)
 
     def forget(self, session: Any) -> None:
         self._values.pop(id(session), None)
