@@ -6,6 +6,7 @@ compared lower-case, and internationalised domains as A-labels (RFC 5890).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Optional, Union
@@ -66,6 +67,10 @@ def normalise_address(address: str) -> str:
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
+# The inbound checks read a client's address half a dozen times a message (access
+# lists, limits, DNSBL queries, greylisting's network), and ipaddress parses in Python:
+# the same few clients' addresses are kept parsed (the objects are immutable).
+@functools.lru_cache(maxsize=4096)
 def client_ip(text: str) -> Optional[IPAddress]:
     """The IP address a client connected from, or None for text that is not one.  An
     IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, a dual-stack socket's way of

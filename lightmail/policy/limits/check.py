@@ -17,6 +17,7 @@ log event (``event=rate_limited``).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from typing import Any, Optional
@@ -43,6 +44,7 @@ WHAT = {"client_connections": ("connections", "from client {}"),
         "recipient_domain_recipients": ("recipients", "to {}")}
 
 
+@functools.lru_cache(maxsize=4096)      # twice a message: limits and greylisting
 def network_of(ip: str) -> str:
     """The /24 of an IPv4 address, the /64 of an IPv6 one (one customer's usual
     allocation): the key of network limits."""
