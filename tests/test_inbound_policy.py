@@ -582,3 +582,50 @@ async def test_a_large_rewrite_reaches_the_writer_a_slice_a_turn() -> None:
     small = Recording()
     await write_in_slices(small, b"short")  # type: ignore[arg-type]
     assert small.writes == [b"short"]
+
+
+def test_the_chain_stops_at_the_first_refusal_and_waits_for_a_check_at_work() -> None:
+    """Checks that answer at once are taken in one go; one still at work holds the
+    rest back until it answers; the first Reply ends the step, and a check that
+    fails fails it."""
+    from types import SimpleNamespace
+
+    from lightmail.policy.inbound.chain import InboundPolicy
+    from lightmail.policy.inbound.findings import Findings
+    from lightmail.smtp.codes import Reply
+
+    asked: list[str] = []
+
+    class Answering(InboundCheck):
+        def __init__(self, name: str, answer: Any) -> None:
+            self.name, self.answer = name, answer
+
+        def rcpt(self, session: Any, tx: Any, address: str, findings: Any) -> Any:
+            asked.append(self.name)
+            return self.answer()
+
+    refused = Reply(550, "5.7.1", "refused")
+    at_work: defer.Deferred[Any] = defer.Deferred()
+    chain = InboundPolicy([Answering("memory", lambda: defer.succeed(None)),
+                           Answering("remote", lambda: at_work),
+                           Answering("refusing", lambda: defer.succeed(refused)),
+                           Answering("never", lambda: defer.succeed(None))],
+                          None, lambda: "mx.test")  # type: ignore[arg-type]
+    tx = SimpleNamespace(findings=Findings())
+    answers: list[Any] = []
+    chain.rcpt(None, tx, "bob@example.test").addCallback(answers.append)
+    assert asked == ["memory", "remote"] and answers == []
+    at_work.callback(None)
+    assert asked == ["memory", "remote", "refusing"] and answers == [refused]
+    asked.clear()
+    passing = InboundPolicy([Answering("one", lambda: defer.succeed(None)),
+                             Answering("two", lambda: defer.succeed(None))],
+                            None, lambda: "mx.test")  # type: ignore[arg-type]
+    passing.rcpt(None, tx, "bob@example.test").addCallback(answers.append)
+    assert asked == ["one", "two"] and answers == [refused, None]
+    broken = InboundPolicy([Answering("broken", lambda: defer.fail(RuntimeError("bug"))),
+                            Answering("after", lambda: defer.succeed(None))],
+                           None, lambda: "mx.test")  # type: ignore[arg-type]
+    failures: list[Any] = []
+    broken.rcpt(None, tx, "bob@example.test").addErrback(failures.append)
+    assert [f.type for f in failures] == [RuntimeError] and "after" not in asked

@@ -49,34 +49,42 @@ class InboundPolicy:
         return frozenset(name.strip().lower().encode("ascii", "replace")
                          for name in names)
 
-    @defer.inlineCallbacks
-    def connect(self, session: Any) -> Any:
+    def connect(self, session: Any) -> Deferred[Any]:
         """None to greet the client, or the Reply (421) of the first check that
         refuses the connection."""
         findings = Findings()
-        for check in self.checks:
-            reply = yield check.connect(session, findings)
-            if reply is not None:
-                return reply
-        return None
+        return self._first_refusal(lambda check: check.connect(session, findings))
 
-    @defer.inlineCallbacks
-    def mail(self, session: Any, tx: Any) -> Any:
+    def mail(self, session: Any, tx: Any) -> Deferred[Any]:
         """None, or the Reply of the first check that refuses the transaction."""
-        for check in self.checks:
-            reply = yield check.mail(session, tx, tx.findings)
-            if reply is not None:
-                return reply
-        return None
+        return self._first_refusal(lambda check: check.mail(session, tx, tx.findings))
 
-    @defer.inlineCallbacks
-    def rcpt(self, session: Any, tx: Any, address: str) -> Any:
+    def rcpt(self, session: Any, tx: Any, address: str) -> Deferred[Any]:
         """None, or the Reply of the first check that refuses this recipient."""
-        for check in self.checks:
-            reply = yield check.rcpt(session, tx, address, tx.findings)
-            if reply is not None:
-                return reply
-        return None
+        return self._first_refusal(
+            lambda check: check.rcpt(session, tx, address, tx.findings))
+
+    def _first_refusal(self, step: Callable[[IInboundCheck], Deferred[Any]],
+                       start: int = 0) -> Deferred[Any]:
+        """``step`` of each check from ``start`` on, one after the other, until one
+        answers with a Reply.  Most answer at once (lists and buckets in memory,
+        cached DNS answers): those are taken in this loop, and only a check still
+        at work makes the rest wait for it (an inlineCallbacks generator costs
+        more than the abuse checks' own work)."""
+        for index in range(start, len(self.checks)):
+            answer = step(self.checks[index])
+            got: list[Any] = []
+            answer.addCallback(got.append)      # at once when it has answered
+            if not got:
+                return answer.addCallback(self._after, got, step, index + 1)
+            if got[0] is not None:
+                return defer.succeed(got[0])
+        return defer.succeed(None)
+
+    def _after(self, _: None, got: list[Any],
+               step: Callable[[IInboundCheck], Deferred[Any]], start: int) -> Any:
+        """A check that was at work has answered (``got[0]``): its Reply, or on."""
+        return got[0] if got[0] is not None else self._first_refusal(step, start)
 
     def session_ended(self, session: Any) -> None:
         """The SMTP session is over: each check lets go of what it kept for it."""
