@@ -9,6 +9,7 @@ import smtplib
 import socket
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,10 +18,18 @@ from conftest import REDIS
 from inprocess import in_thread, start
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from lightmail.config import parse_config
-from lightmail.policy.limits import FallingBackBuckets, LazyRedis, LocalBuckets, RedisBuckets
-from lightmail.policy.limits.check import network_of
+from lightmail.policy.inbound.findings import Findings
+from lightmail.policy.limits import (
+    FallingBackBuckets,
+    IRateLimiter,
+    LazyRedis,
+    LocalBuckets,
+    RedisBuckets,
+)
+from lightmail.policy.limits.check import LimitsCheck, network_of
 from lightmail.wiring import make_limiter
 
 
@@ -86,6 +95,48 @@ async def test_redis_down_falls_back_and_says_so_once() -> None:
                                    timeout=0.3)
     assert [await unlimited.take("k", 0.01, 1) for _ in range(3)] == [0.0] * 3
     await unlimited.primary.redis.disconnect()           # type: ignore[attr-defined]
+
+
+def test_the_check_waits_for_a_shared_backend_and_stops_at_the_first_limit() -> None:
+    """Buckets in memory answer at once; a shared backend's answer is waited for,
+    one limit after the other, and the first limit reached refuses."""
+    @implementer(IRateLimiter)
+    class Later:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+            self.answers: list[defer.Deferred[float]] = []
+
+        def take(self, key: str, rate: float, burst: float, cost: float = 1.0) -> Any:
+            self.asked.append(key)
+            self.answers.append(defer.Deferred())
+            return self.answers[-1]
+
+        def peek(self, key: str, rate: float, burst: float, cost: float = 1.0) -> Any:
+            return defer.succeed(0.0)
+    config = parse_config("[limits]\nclient_messages = 10/1h\nnetwork_messages = 10/1h\n"
+                          "sender_domain_messages = 10/1h\n")
+    later = Later()
+    check = LimitsCheck(later, lambda: config.limits)
+    session = SimpleNamespace(peer="192.0.2.7", account=None, conn_id="c1")
+    tx = SimpleNamespace(mail_from="ann@sender.test")
+    replies: list[Any] = []
+    check.mail(session, tx, Findings()).addCallback(replies.append)
+    assert later.asked == ["client_messages:192.0.2.7"] and replies == []
+    later.answers[0].callback(0.0)
+    assert later.asked[-1] == "network_messages:192.0.2.0/24" and replies == []
+    later.answers[1].callback(120.0)                        # that one is reached
+    assert len(later.asked) == 2
+    [reply] = replies
+    assert (reply.code, reply.status) == (450, "4.7.1")
+    assert reply.text == ("Rate limit reached: at most 10 messages per hour from network "
+                          "192.0.2.0/24; try again in 120 s")
+    # In memory: all three at once, and on.
+    at_once = LimitsCheck(LocalBuckets(), lambda: config.limits)
+    answered = at_once.mail(session, tx, Findings())
+    assert answered.called
+    replies.clear()
+    answered.addCallback(replies.append)
+    assert replies == [None]
 
 
 def test_the_backend_is_chosen_from_the_config() -> None:

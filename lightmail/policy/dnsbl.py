@@ -213,7 +213,7 @@ class Lookups:
             return Listing(zone, what, subject, counted)
 
         def failed(failure: Any) -> None:
-            if failure.check(NoSuchDomain):
+            if isinstance(failure.value, NoSuchDomain):   # (check() walks the MRO)
                 return None
             error = (f"no answer within {timeout:g} s"
                      if failure.check(defer.TimeoutError, defer.CancelledError)

@@ -81,7 +81,7 @@ class InboundPolicy:
                 return defer.succeed(got[0])
         return defer.succeed(None)
 
-    def _after(self, _: None, got: list[Any],
+    def _after(self, _: object, got: list[Any],
                step: Callable[[IInboundCheck], Deferred[Any]], start: int) -> Any:
         """A check that was at work has answered (``got[0]``): its Reply, or on."""
         return got[0] if got[0] is not None else self._first_refusal(step, start)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -89,29 +89,50 @@ class LimitsCheck(InboundCheck):
                connect: bool = False) -> Deferred[Any]:
         if findings.allowlisted:
             return defer.succeed(None)
-        cfg = self.settings()
-        return Deferred.fromCoroutine(self._spend_all(session, cfg, wanted, connect))
+        return self._spend_from(session, self.settings(), wanted, 0, connect)
 
-    async def _spend_all(self, session: Any, cfg: Any, wanted: list[tuple[str, str]],
-                         connect: bool) -> Optional[Reply]:
-        for limit, subject in wanted:
+    def _spend_from(self, session: Any, cfg: Any, wanted: list[tuple[str, str]],
+                    start: int, connect: bool) -> Deferred[Any]:
+        """Take a token for each limit of ``wanted`` from ``start`` on, until one is
+        reached (its Reply).  This process's buckets answer at once, and are taken
+        in this loop; a shared backend's answer (Redis) is waited for."""
+        for index in range(start, len(wanted)):
+            limit, subject = wanted[index]
             rate = getattr(cfg, limit)
             if rate is None:
                 continue
             count, period = rate
-            wait = await self.limiter.take(f"{limit}:{subject}", count / period, count)
-            if wait > 0:
-                what, whose = WHAT[limit]
-                log.info("rate limit {limit} reached by {subject}: try again in "
-                         "{wait:.0f} s", event="rate_limited", limit=limit,
-                         subject=subject, peer=session.peer, wait=wait,
-                         conn_id=session.conn_id)
-                text = (f"Rate limit reached: at most {count} {what} per "
-                        f"{period_words(period)} {whose.format(subject)}; try again in "
-                        f"{max(1, round(wait))} s")
-                return Reply(421 if connect else 450, "4.7.0" if connect else "4.7.1",
-                             text)
-        return None
+            taken = self.limiter.take(f"{limit}:{subject}", count / period, count)
+            waits: list[float] = []
+            taken.addCallback(waits.append)     # at once when it has answered
+            if not waits:
+                return taken.addCallback(self._after, waits, session, cfg, wanted, index,
+                                         connect)
+            if waits[0] > 0:
+                return defer.succeed(self._reached(session, cfg, limit, subject, waits[0],
+                                                   connect))
+        return defer.succeed(None)
+
+    def _after(self, _: object, waits: list[float], session: Any, cfg: Any,
+               wanted: list[tuple[str, str]], index: int, connect: bool) -> Any:
+        """The shared backend answered for ``wanted[index]``: its Reply, or on."""
+        if waits[0] > 0:
+            limit, subject = wanted[index]
+            return self._reached(session, cfg, limit, subject, waits[0], connect)
+        return self._spend_from(session, cfg, wanted, index + 1, connect)
+
+    def _reached(self, session: Any, cfg: Any, limit: str, subject: str, wait: float,
+                 connect: bool) -> Reply:
+        count, period = getattr(cfg, limit)
+        what, whose = WHAT[limit]
+        log.info("rate limit {limit} reached by {subject}: try again in "
+                 "{wait:.0f} s", event="rate_limited", limit=limit,
+                 subject=subject, peer=session.peer, wait=wait,
+                 conn_id=session.conn_id)
+        text = (f"Rate limit reached: at most {count} {what} per "
+                f"{period_words(period)} {whose.format(subject)}; try again in "
+                f"{max(1, round(wait))} s")
+        return Reply(421 if connect else 450, "4.7.0" if connect else "4.7.1", text)
 
 
 def period_words(seconds: float) -> str:
