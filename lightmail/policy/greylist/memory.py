@@ -17,7 +17,10 @@ passed stays passed, a network's count of retries only grows, and the cleaning
 deletes only expired entries), and no memory keeps a pass past the expiry the store
 itself would apply.  What one process remembers, the store would answer everywhere.
 The rules a pass was given under are part of it: when a reload changes them
-(``auto_allow``, ``confirmed_expiry``), the memory starts empty.
+(``auto_allow``, ``confirmed_expiry``), the memory starts empty.  In front of Redis
+with the SQL fallback, a pass the fallback gave while Redis was away is remembered
+as any other (for at most REFRESH), though Redis may not know the triplet: that errs
+the way the fallback itself does, towards letting mail in.
 
 The memory is bounded: at most ``size`` entries (a triplet or a network each), the
 least recently used going first.  A forgotten pass costs one question to the store.
