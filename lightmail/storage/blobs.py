@@ -816,40 +816,37 @@ class _TmpFile:
                 pass
 
 
-class _State(Enum):
+class WriterState(Enum):
     OPEN = "open"
-    FINISHING = "finishing"
+    FINISHING = "finishing"         # FilesystemBlobStore's finish(): the commit runs
+    STAGING = "staging"             # S3BlobStore's stage(): waits for an append
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"
 
 
-@implementer(IBlobWriter)
-class _BlobWriter:
-    """Hashes and buffers on the reactor thread; the pool appends, fsyncs and renames.
 
-    At most one pool call per writer is in flight, so appends stay in order; data that
-    arrives meanwhile is buffered and goes in the next call.
-    """
+class BufferedBlobWriter:
+    """What every store's blob writer does on the reactor thread: hash what it is
+    given, collect the header block, buffer it until the store's next pool call
+    takes it, and wake ``drained()``'s waiters once nothing is held.  A subclass
+    decides which pool call runs when (:meth:`_advance`); at most one is in flight
+    (``_busy``), so that appends stay in order."""
 
-    def __init__(self, store: FilesystemBlobStore) -> None:
-        self._store = store
+    def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._size = 0
         self._buf: list[bytes] = []
         self._buflen = 0
-        self._tmp = _TmpFile(store)
-        self._state = _State.OPEN
+        self._state = WriterState.OPEN
         self._busy = False
-        self._committing = False
-        self._error: Failure | None = None
-        self._finished: Deferred[BlobRef] | None = None
         self._flying = 0            # octets in the pool call in flight
+        self._error: Failure | None = None
         self._drain_waiters: list[Deferred[None]] = []
         self._head = HeadCollector()
 
     def write(self, data: bytes) -> None:
-        if self._state is not _State.OPEN:
+        if self._state is not WriterState.OPEN:
             raise RuntimeError(f"write to a blob writer that is {self._state.value}")
         if not data or self._error is not None:
             return
@@ -873,11 +870,47 @@ class _BlobWriter:
         self._advance()
         return d
 
+    def abort(self) -> None:
+        """Drop the partial blob.  A no-op once it is finishing or staged."""
+        if self._state is not WriterState.OPEN:
+            return
+        self._state = WriterState.ABORTED
+        self._advance()
+
+    def _take(self) -> list[bytes]:
+        chunks, self._buf, self._buflen = self._buf, [], 0
+        return chunks
+
+    def _advance(self) -> None:
+        raise NotImplementedError
+
+    def _wake_drained(self) -> None:
+        if self._drain_waiters and not self.backlog():
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+
+@implementer(IBlobWriter)
+class _BlobWriter(BufferedBlobWriter):
+    """Hashes and buffers on the reactor thread; the pool appends, fsyncs and renames.
+
+    At most one pool call per writer is in flight, so appends stay in order; data that
+    arrives meanwhile is buffered and goes in the next call.
+    """
+
+    def __init__(self, store: FilesystemBlobStore) -> None:
+        super().__init__()
+        self._store = store
+        self._tmp = _TmpFile(store)
+        self._committing = False
+        self._finished: Deferred[BlobRef] | None = None
+
     def finish(self) -> Deferred[BlobRef]:
-        if self._state is not _State.OPEN:
+        if self._state is not WriterState.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
         self._head.end()
-        self._state = _State.FINISHING
+        self._state = WriterState.FINISHING
         d: Deferred[BlobRef] = Deferred()
         self._finished = d
         self._advance()
@@ -889,29 +922,18 @@ class _BlobWriter:
         worker hop of the transaction that refers to the blob.  While a pool call of
         this writer is in flight (or after one failed), the blob is finished as
         :meth:`finish` does instead, and fires as durable."""
-        if self._state is not _State.OPEN:
+        if self._state is not WriterState.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
         if self._busy or self._error is not None:
             return self.finish().addCallback(DurableBlob)
         self._head.end()
-        self._state = _State.FINISHED
+        self._state = WriterState.FINISHED
         ref = BlobRef(self._hash.hexdigest(), self._size, self._head.headers)
         pending = PendingBlob(self._store, self._tmp, self._take(), ref)
         self._wake_drained()        # what was buffered is the staged blob's now
         return succeed(pending)
 
-    def abort(self) -> None:
-        """Drop the partial blob.  A no-op once finish() has been called."""
-        if self._state is not _State.OPEN:
-            return
-        self._state = _State.ABORTED
-        self._advance()
-
     # -- the sequencer (reactor thread) ---------------------------------------------------
-
-    def _take(self) -> list[bytes]:
-        chunks, self._buf, self._buflen = self._buf, [], 0
-        return chunks
 
     def _take_to_write(self) -> list[bytes]:
         """The buffered chunks, for a pool call that writes them (in flight until it
@@ -929,7 +951,7 @@ class _BlobWriter:
         self._flying = 0
         if self._committing:
             self._committing = False
-            self._state = _State.FINISHED
+            self._state = WriterState.FINISHED
             d, self._finished = self._finished, None
             assert d is not None
             d.callback(BlobRef(self._hash.hexdigest(), self._size, self._head.headers))
@@ -951,32 +973,24 @@ class _BlobWriter:
         """Start the next pool call this writer needs, if any and none is running."""
         if self._busy:
             return
-        if self._error is not None or self._state is _State.ABORTED:
+        if self._error is not None or self._state is WriterState.ABORTED:
             self._take()
             if self._tmp.active:
                 self._submit(self._tmp.discard)
-            elif self._state is _State.FINISHING:
-                self._state = _State.FAILED
+            elif self._state is WriterState.FINISHING:
+                self._state = WriterState.FAILED
                 d, self._finished = self._finished, None
                 assert d is not None and self._error is not None
                 d.errback(self._error)
             self._wake_drained()
             return
-        if self._state is _State.FINISHING:
+        if self._state is WriterState.FINISHING:
             self._committing = True
             self._submit(self._tmp.commit, self._take_to_write(), self._hash.hexdigest())
         elif self._buflen >= self._store.flush_threshold or (
                 self._drain_waiters and self._buflen):
             self._submit(self._tmp.append, self._take_to_write())
         self._wake_drained()
-
-    def _wake_drained(self) -> None:
-        if self._drain_waiters and not self.backlog():
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-
 @implementer(IStagedBlob)
 class PendingBlob:
     """A blob whose content is complete but not yet durable (``_BlobWriter.stage``).

@@ -53,7 +53,6 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from enum import Enum
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
@@ -65,7 +64,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lightmail.config import S3Config
-from lightmail.storage.blobs import FLUSH_THRESHOLD, HeadCollector, copy_digest, is_blob_id
+from lightmail.storage.blobs import (
+    FLUSH_THRESHOLD,
+    BufferedBlobWriter,
+    WriterState,
+    copy_digest,
+    is_blob_id,
+)
 from lightmail.storage.interfaces import (
     BlobDamaged,
     BlobHandoff,
@@ -415,58 +420,17 @@ class S3BlobStore:
         self.pool.stop()
 
 
-class _State(Enum):
-    OPEN = "open"
-    STAGING = "staging"
-    FINISHED = "finished"
-    ABORTED = "aborted"
-    FAILED = "failed"
-
-
 @implementer(IBlobWriter)
-class _S3Writer:
+class _S3Writer(BufferedBlobWriter):
     """Hashes and buffers on the reactor thread; past FLUSH_THRESHOLD buffered, the
     pool appends to the writer's spool file.  At most one pool call per writer is in
     flight, so that appends stay in order."""
 
     def __init__(self, store: S3BlobStore) -> None:
+        super().__init__()
         self._store = store
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._buf: list[bytes] = []
-        self._buflen = 0
         self._path: str | None = None       # the spool file, from the first append
-        self._state = _State.OPEN
-        self._busy = False
-        self._flying = 0
-        self._error: Failure | None = None
         self._staging: Deferred[IStagedBlob] | None = None
-        self._drain_waiters: list[Deferred[None]] = []
-        self._head = HeadCollector()
-
-    def write(self, data: bytes) -> None:
-        if self._state is not _State.OPEN:
-            raise RuntimeError(f"write to a blob writer that is {self._state.value}")
-        if not data or self._error is not None:
-            return
-        data = bytes(data)
-        self._head.take(data)
-        self._hash.update(data)
-        self._size += len(data)
-        self._buf.append(data)
-        self._buflen += len(data)
-        self._advance()
-
-    def backlog(self) -> int:
-        return self._buflen + self._flying
-
-    def drained(self) -> Deferred[None]:
-        if not self.backlog():
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drain_waiters.append(d)
-        self._advance()
-        return d
 
     def finish(self) -> Deferred[BlobRef]:
         return self.stage().addCallback(lambda staged: staged.commit())
@@ -474,39 +438,29 @@ class _S3Writer:
     def stage(self) -> Deferred[IStagedBlob]:
         """IBlobWriter: an :class:`_S3Staged` (at once, or once an append in flight
         is done), uploaded by the write port."""
-        if self._state is not _State.OPEN:
+        if self._state is not WriterState.OPEN:
             raise RuntimeError(f"finish of a blob writer that is {self._state.value}")
-        self._state = _State.STAGING
+        self._state = WriterState.STAGING
         d: Deferred[IStagedBlob] = Deferred()
         self._staging = d
         self._advance()
         return d
 
-    def abort(self) -> None:
-        if self._state is not _State.OPEN:
-            return
-        self._state = _State.ABORTED
-        self._advance()
-
-    def _take(self) -> list[bytes]:
-        chunks, self._buf, self._buflen = self._buf, [], 0
-        return chunks
-
     def _advance(self) -> None:
         if self._busy:
             return
-        if self._error is not None or self._state is _State.ABORTED:
+        if self._error is not None or self._state is WriterState.ABORTED:
             self._take()
             path, self._path = self._path, None
             if path is not None:
                 self._store.pool.callInThreadWithCallback(None, _unlink_quietly, path)
-            if self._state is _State.STAGING:
-                self._state = _State.FAILED
+            if self._state is WriterState.STAGING:
+                self._state = WriterState.FAILED
                 d, self._staging = self._staging, None
                 assert d is not None and self._error is not None
                 d.errback(self._error)
-        elif self._state is _State.STAGING:
-            self._state = _State.FINISHED
+        elif self._state is WriterState.STAGING:
+            self._state = WriterState.FINISHED
             ref = BlobRef(self._hash.hexdigest(), self._size, self._head.end())
             staged = _S3Staged(self._store, ref, self._path, self._take())
             self._path = None
@@ -550,11 +504,6 @@ class _S3Writer:
         self._error = failure
         self._advance()
 
-    def _wake_drained(self) -> None:
-        if self._drain_waiters and not self.backlog():
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for d in waiters:
-                d.callback(None)
 
 
 @implementer(IStagedBlob)
