@@ -1816,6 +1816,49 @@ def parse_redis(raw: str, base: Path) -> str:
     return raw.strip()
 
 
+def parse_prefix(raw: str, base: Path) -> str:
+    """letters, digits and : . _ - (a Redis key prefix)"""
+    if not re.fullmatch(r"[\w:.\-]{1,64}", raw):
+        raise _BadValue(f"expected letters, digits and ':._-' (at most 64), got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes on one database (PostgreSQL or MariaDB, and one blob store): what
+    they share besides it is in Redis, which holds only what may be lost.  Through
+    it an IMAP session hears of the changes made on every node (IDLE, NOOP, the
+    untagged EXISTS, EXPUNGE and FETCH), \\Recent is given to one session of all,
+    [imap] max_connections_per_user and the POP3 maildrop lock hold across the
+    nodes, and the login guard's failure counts ([directory]) are shared.  Rate
+    limits and greylisting have their own Redis settings ([limits], [greylist]).
+    See "Several nodes" in docs/operations.rst."""
+
+    redis: str = option(
+        "", parse_redis,
+        "The Redis server of the nodes: HOST:PORT or HOST:PORT/DB.  Empty: this node "
+        "is alone (its state is in its memory).", shown_default="(empty: one node)")
+    redis_password_file: Path | None = option(
+        None, parse_optional_path,
+        "File holding the password of Redis (its first line; Redis's AUTH), read at "
+        "start-up.  Empty: no AUTH.")
+    prefix: str = option(
+        "lightmail:", parse_prefix,
+        "Start of every key and of the change channel's name: several clusters on one "
+        "Redis each need their own (pub/sub channels are not per database).")
+    redis_timeout: float = option(
+        1.0, parse_duration(minimum=0.01),
+        "Longest wait for an answer of Redis; past it Redis counts as down for that "
+        "question (see docs/operations.rst for what is refused and what goes on).")
+    lease: float = option(
+        30.0, parse_duration(minimum=3.0),
+        "How long a node's POP3 maildrop locks and IMAP session marks outlive it: the "
+        "node renews them every third of this; a node that dies (kill -9, power) "
+        "frees them after this long.")
+    #: Read from redis_password_file by parse_config; never shown or logged.
+    redis_password: str = field(default="", repr=False, compare=False)
+
+
 def _rate_option(what: str) -> Any:
     return option(None, parse_rate, f"At most this many {what} (N/DURATION), or 0 for "
                   "no limit.", shown_default="0 (no limit)")
@@ -2102,6 +2145,7 @@ SECTIONS: Mapping[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
     "s3": S3Config,
+    "cluster": ClusterConfig,
     "directory": DirectoryConfig,
     "logging": LoggingConfig,
     "smtp": SMTPConfig,
@@ -2143,6 +2187,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     s3: S3Config = field(default_factory=S3Config)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
@@ -2326,6 +2371,8 @@ def parse_config(text: str, path: str = "<config>",
         sections["outbound"] = _load_password(sections["outbound"], "outbound", path, lines)
     transports = [_load_password(t, TRANSPORT_PREFIX + t.domain, path, lines)
                   for t in transports]
+    if "cluster" in sections:
+        sections["cluster"] = _check_cluster(sections["cluster"], path, lines)
     if "admin" in sections:
         sections["admin"] = _check_admin(sections["admin"], path, lines)
     sections["s3"] = _check_s3(sections.get("s3", S3Config()), sections.get("storage"),
@@ -2386,6 +2433,19 @@ def _first_line(secret: Path, path: str, line: int | None, section: str,
         raise ConfigError(f"{secret} holds nothing (an empty first line)", path, line,
                           section, key)
     return first
+
+
+def _check_cluster(cluster: ClusterConfig, path: str,
+                   lines: Mapping[tuple[str, str | None], int]) -> ClusterConfig:
+    if cluster.redis_password_file is None:
+        return cluster
+    line = lines.get(("cluster", "redis_password_file"))
+    if not cluster.redis:
+        raise ConfigError("redis_password_file without 'redis'", path, line, "cluster",
+                          "redis_password_file")
+    password = _first_line(cluster.redis_password_file, path, line, "cluster",
+                           "redis_password_file")
+    return dataclasses.replace(cluster, redis_password=password)
 
 
 def _check_admin(admin: AdminConfig, path: str,

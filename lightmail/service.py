@@ -292,6 +292,10 @@ def makeService(config: Config,
     root = LightMailService(services)
     storage.ready.addErrback(lambda f: root.fatal(f"storage failed: {f.getErrorMessage()}"))
     storage.setServiceParent(root)
+    if services.cluster is not None:
+        # Before the listeners and workers, after storage: stopped after the sessions
+        # let go of their locks, and before the database closes.
+        services.cluster.setServiceParent(root)
     DirectoryService(services.directory, config.directory.backend,
                      storage.ready, services.account_backends).setServiceParent(root)
     runner = services.queue_runner

@@ -8,9 +8,9 @@ differs between them is decided here, once, from the role and the configuration:
 =========  =====================================  ===============================
 role       write port engine                      shared state (hub, POP3 locks)
 =========  =====================================  ===============================
-SERVER     the writer process's when the config   this process's
-           file asks for it (and there is one);
-           else grouped in this process
+SERVER     the writer process's when the config   this process's; with [cluster]
+           file asks for it (and there is one);   redis, the nodes' in Redis
+           else grouped in this process           (lightmail.cluster)
 WORKER     the main process's writer process      the main process's, over the
            (when it has one); else grouped here   control link
 WRITER     grouped, here (it is the writer)       none used
@@ -36,6 +36,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from lightmail import sasl
+from lightmail.cluster.hub import ClusterHub
+from lightmail.cluster.locks import ClusterLocks
+from lightmail.cluster.node import Node
 from lightmail.config import BackendConfig, Config
 from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.admintokens import AdminTokens
@@ -178,6 +181,10 @@ class Services:
     #: server's MemoryWatchdog (started by makeService), NoMemoryGuard elsewhere (a
     #: worker's connections are admitted by the main process, which measures it).
     memory: IMemoryGuard = field(default_factory=NoMemoryGuard)
+    #: This node's part in a cluster ([cluster] redis), in the server's main process
+    #: (a service to start): the Redis that ``imap_hub`` and ``pop3_locks`` use.
+    #: None for a node alone, and in the other processes.
+    cluster: Node | None = None
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -240,6 +247,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     telemetry = make_telemetry(config.telemetry,
                                serves_sessions=role in (Role.SERVER, Role.WORKER))
     runner: IQueueKick
+    cluster: Node | None = None
     if role is Role.WORKER:
         from lightmail.workers.remote import RemoteKick, RemoteLocks, WorkerHub
         assert link is not None, "a worker is wired with its link to the main process"
@@ -254,7 +262,11 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                              delay_warning_time=out.delay_warning_time,
                              wake_path=config.server.state_dir / WAKE_NAME,
                              metrics=metrics, telemetry=telemetry)
-        locks, hub = Locks(), MailboxHub()
+        if role is Role.SERVER and config.cluster.redis:
+            cluster = Node(config.cluster, config.node_id)
+            locks, hub = ClusterLocks(cluster), ClusterHub(cluster)
+        else:
+            locks, hub = Locks(), MailboxHub()
         if role is Role.SERVER:
             _sample_server(metrics, storage)
     storage.mailstore.add_listener(hub)
@@ -276,6 +288,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                         account_backends=backends, accounts=sql,
                         logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                         local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
+                        cluster=cluster,
                         metrics=metrics, admin_tokens=AdminTokens(storage.db),
                         transcripts=make_transcripts(config.transcript), telemetry=telemetry,
                         resolver=resolver,

@@ -2,7 +2,8 @@
 
 Alive: the process answers HTTP at all.  Ready: the database answers a trivial read
 within ``[admin] readiness_timeout``, the queue runner runs, every configured listener
-listens, and (with ``[server] workers``) every worker process is up.  A load balancer
+listens, (with ``[server] workers``) every worker process is up, and (with ``[cluster]
+redis``) Redis answers and the node listens on the change channel.  A load balancer
 or an orchestrator sends traffic only to a ready server, and restarts one that is not
 alive.
 """
@@ -70,5 +71,7 @@ class Readiness:
             verdict.checks["workers"] = ("ok" if self.workers.ready.called
                                          and running == count
                                          else f"{running} of {count} running")
+        if self.services.cluster is not None:
+            verdict.checks["redis"] = yield self.services.cluster.check()
         self.services.metrics.set_ready(verdict.ready)
         return verdict

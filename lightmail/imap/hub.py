@@ -2,8 +2,8 @@
 
 The mail store announces every committed change (IChangeListener); the hub passes it
 to the sessions that have that mailbox selected, which then catch up from the store
-(by MODSEQ) and tell their clients.  A later networked notifier (Redis pub/sub, see
-the roadmap) only has to call :meth:`MailboxHub.mailbox_changed` on each node.
+(by MODSEQ) and tell their clients.  Several nodes ([cluster] redis) hear of each
+other's changes through lightmail.cluster.hub, which passes them here too.
 
 It also keeps how many sessions each user has open, and which messages are \\Recent
 (RFC 3501 §2.3.2: recent in exactly one session; IMAP4rev2 dropped the flag).  With
@@ -15,12 +15,13 @@ restart the messages that arrived before it are no longer recent.
 from __future__ import annotations
 
 from collections import Counter, deque
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from lightmail.storage.interfaces import IChangeListener, MailboxChange
+from lightmail.storage.interfaces import ANY_MAILBOX, IChangeListener, MailboxChange
 
 # Announcements remembered for SELECT (see MailboxHub.missed_since).
 RECENT_CHANGES = 1024
@@ -44,10 +45,23 @@ class MailboxHub:
         # Users whose INBOX and special-use mailboxes were made sure of since start-up:
         # a login costs no mailbox listing after the first.
         self.provisioned: set[int] = set()
+        # Who else hears of the changes committed on other nodes (add_relay).
+        self.relays: list[IChangeListener] = []
+
+    def add_relay(self, listener: IChangeListener) -> None:
+        """Pass the changes committed on other nodes to ``listener`` too (the main
+        process's WorkerPool, for its workers' sessions).  Those of this node reach
+        it from the store; a hub without other nodes has nothing to pass on."""
+        self.relays.append(listener)
 
     def mailbox_changed(self, change: MailboxChange) -> None:
         self.announced += 1
         self.recent_changes.append((change.mailbox_id, change.modseq))
+        if change.mailbox_id == ANY_MAILBOX:
+            # Any mailbox may have changed unheard: every selected one is read again.
+            for mailbox_id in list(self.watchers):
+                self._tell(replace(change, mailbox_id=mailbox_id))
+            return
         if change.kind == "created":
             # Everything that arrives in a new mailbox is new.  (Set, not defaulted:
             # SQLite gives a deleted mailbox's id to the next one made.)
@@ -57,6 +71,9 @@ class MailboxHub:
         elif change.kind == "appended" and change.uids:
             # First sight of a mailbox: what arrives from now on is recent.
             self.recent_from.setdefault(change.mailbox_id, min(change.uids))
+        self._tell(change)
+
+    def _tell(self, change: MailboxChange) -> None:
         for watcher in list(self.watchers.get(change.mailbox_id, ())):
             watcher.mailbox_changed(change)
 
@@ -68,7 +85,7 @@ class MailboxHub:
             return False
         if count > len(self.recent_changes):
             return True
-        return any(box == mailbox_id and (seq > modseq or not seq)
+        return any(box in (mailbox_id, ANY_MAILBOX) and (seq > modseq or not seq)
                    for box, seq in list(self.recent_changes)[-count:])
 
     def watch(self, mailbox_id: int, watcher: Any) -> None:

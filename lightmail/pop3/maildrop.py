@@ -43,13 +43,17 @@ class LoginTooSoon(Exception):
     """The user logged in less than LOGIN-DELAY ago (RFC 2449 [LOGIN-DELAY])."""
 
 
+class LockUnavailable(Exception):
+    """Whether the maildrop is free cannot be told now (the nodes' Redis does not
+    answer): a temporary failure ([SYS/TEMP])."""
+
+
 class Locks:
     """Which users have a POP3 session open, and when each last logged in.
 
     In-process: one LightMail process, or the main process for its workers, which
-    ask it over their control connection (lightmail.workers).  (Several nodes sharing
-    one database would keep this in Redis or the database; the interface stays the
-    same.)
+    ask it over their control connection (lightmail.workers).  Several nodes keep
+    them in Redis (lightmail.cluster.locks); the interface stays the same.
     """
 
     def __init__(self) -> None:
@@ -57,7 +61,8 @@ class Locks:
         self.last_login: dict[int, float] = {}
 
     def acquire(self, user_id: int, login_delay: float) -> defer.Deferred[None]:
-        """Fires when the lock is taken; fails MaildropLocked or LoginTooSoon."""
+        """Fires when the lock is taken; fails MaildropLocked, LoginTooSoon or
+        LockUnavailable."""
         return defer.maybeDeferred(self.acquire_now, user_id, login_delay)
 
     def acquire_now(self, user_id: int, login_delay: float) -> None:

@@ -34,7 +34,7 @@ from lightmail.listeners import (
 )
 from lightmail.logs import BoundLogger
 from lightmail.policy.limits.throttle import command_rate
-from lightmail.pop3.maildrop import LoginTooSoon, Maildrop, MaildropLocked
+from lightmail.pop3.maildrop import LockUnavailable, LoginTooSoon, Maildrop, MaildropLocked
 from lightmail.storage.interfaces import MessageInfo
 from lightmail.streams import DotStuffer, PushProducer, dot_stuffed
 from lightmail.transport import write_at_once
@@ -427,6 +427,10 @@ class POP3Session(TrackedProtocol, TimeoutMixin, PushProducer):
                 self.factory.services.pop3_locks, self.cfg.login_delay)
         except MaildropLocked:
             self.err("[IN-USE] Mailbox is locked by another POP3 session", counts=False)
+            return
+        except LockUnavailable:
+            self.err("[SYS/TEMP] Cannot lock the maildrop now; try again later",
+                     counts=False)
             return
         except LoginTooSoon:
             self.err(f"[LOGIN-DELAY] Wait {int(self.cfg.login_delay)}s between logins",

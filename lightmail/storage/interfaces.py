@@ -133,13 +133,20 @@ def ascending_runs(numbers: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple(runs)
 
 
+#: The kind of a MailboxChange that says changes may have gone unheard (the link to the
+#: other nodes was down): sessions read the mailbox again.  With ANY_MAILBOX as its
+#: mailbox id, every mailbox.
+MISSED = "missed"
+ANY_MAILBOX = 0
+
+
 @dataclass(frozen=True, slots=True)
 class MailboxChange:
     """Emitted after every committed change to a mailbox (see IChangeListener)."""
 
     user_id: int
     mailbox_id: int
-    kind: str                   # appended, flags, expunged, created, deleted
+    kind: str                   # appended, flags, expunged, created, deleted; MISSED
     uids: tuple[int, ...] = ()
     modseq: int = 0
     # The appended or re-flagged messages as committed, when the store has them at

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
-from lightmail.pop3.maildrop import LoginTooSoon, MaildropLocked
+from lightmail.pop3.maildrop import LockUnavailable, LoginTooSoon, MaildropLocked
 from lightmail.storage import wire
 from lightmail.storage.interfaces import MailboxChange
 
@@ -96,7 +96,8 @@ class ClaimRecent(amp.Command):
 class Lock(amp.Command):
     arguments = [(b"user", amp.Integer()), (b"login_delay", amp.Float())]
     response = []  # type: ignore[var-annotated]
-    errors = {MaildropLocked: b"LOCKED", LoginTooSoon: b"TOO_SOON"}
+    errors = {MaildropLocked: b"LOCKED", LoginTooSoon: b"TOO_SOON",
+              LockUnavailable: b"UNAVAILABLE"}
 
 
 class Unlock(amp.Command):

@@ -100,12 +100,19 @@ class WorkerLink(control.Link):
             self.pool.limits[listener].release(host, logged_in)
         return {}
 
+    # The hub and the locks answer with Deferreds: at once in a node alone, after
+    # Redis's answer in a cluster.
+
     @control.Login.responder
-    def login(self, user: int, limit: int) -> dict[str, Any]:
-        ok = self.pool.hub.login_now(user, limit)
-        if ok:
-            self.sessions[user] += 1
-        return {"ok": ok}
+    def login(self, user: int, limit: int) -> defer.Deferred[dict[str, Any]]:
+        def counted(ok: bool) -> dict[str, Any]:
+            if ok:
+                if self.transport is None:      # the worker went meanwhile
+                    self.pool.hub.logout(user)
+                else:
+                    self.sessions[user] += 1
+            return {"ok": ok}
+        return self.pool.hub.login(user, limit).addCallback(counted)
 
     @control.Logout.responder
     def logout(self, user: int) -> dict[str, Any]:
@@ -113,28 +120,33 @@ class WorkerLink(control.Link):
             self.sessions[user] -= 1
             if not self.sessions[user]:
                 del self.sessions[user]
-            self.pool.hub.logout_now(user)
+            self.pool.hub.logout(user)
         return {}
 
     @control.ClaimRecent.responder
-    def claim_recent(self, mailbox: int, uidnext: int, claim: bool) -> dict[str, Any]:
+    def claim_recent(self, mailbox: int, uidnext: int, claim: bool
+                     ) -> defer.Deferred[dict[str, Any]]:
         hub = self.pool.hub
-        first = (hub.claim_recent_now(mailbox, uidnext) if claim
-                 else hub.peek_recent_now(mailbox, uidnext))
-        return {"first": first}
+        d = hub.claim_recent(mailbox, uidnext) if claim else hub.peek_recent(mailbox, uidnext)
+        return d.addCallback(lambda first: {"first": first})
 
     @control.Lock.responder
-    def lock(self, user: int, login_delay: float) -> dict[str, Any]:
-        self.pool.locks.acquire_now(user, login_delay)   # raises what AMP passes on
-        self.locked.add(user)
-        return {}
+    def lock(self, user: int, login_delay: float) -> defer.Deferred[dict[str, Any]]:
+        def locked(_: None) -> dict[str, Any]:
+            if self.transport is None:          # the worker went meanwhile
+                self.pool.locks.release(user)
+            else:
+                self.locked.add(user)
+            return {}
+        # Fails with what AMP passes on (MaildropLocked, LoginTooSoon, LockUnavailable).
+        return self.pool.locks.acquire(user, login_delay).addCallback(locked)
 
     @control.Unlock.responder
-    def unlock(self, user: int) -> dict[str, Any]:
-        if user in self.locked:
-            self.locked.discard(user)
-            self.pool.locks.release(user)
-        return {}
+    def unlock(self, user: int) -> defer.Deferred[dict[str, Any]]:
+        if user not in self.locked:
+            return defer.succeed({})
+        self.locked.discard(user)
+        return self.pool.locks.release(user).addCallback(lambda _: {})
 
     @control.Kick.responder
     def kick(self) -> dict[str, Any]:
@@ -160,7 +172,7 @@ class WorkerLink(control.Link):
         self.logged_in.clear()
         for user, count in self.sessions.items():
             for _ in range(count):
-                self.pool.hub.logout_now(user)
+                self.pool.hub.logout(user)
         self.sessions.clear()
         for user in self.locked:
             self.pool.locks.release(user)
@@ -236,8 +248,10 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        # Changes committed in this process (deliveries, the queue) go to the workers.
+        # Changes committed in this process (deliveries, the queue) go to the workers,
+        # and so do those of other nodes.
         self.services.mailstore.add_listener(self)
+        self.hub.add_relay(self)
         waits = [self.storage_ready] + [s.listening for s in self.listeners]
         d = defer.gatherResults(waits, consumeErrors=True)
         d.addCallback(lambda _: self._start_all())

@@ -32,6 +32,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+# The Redis connection and the fallback's log are shared with the other users of Redis.
+from lightmail.cluster.redis import LazyRedis, SharedBackend
+
+__all__ = ["FallingBackBuckets", "IRateLimiter", "LazyRedis", "LocalBuckets",
+           "RedisBuckets", "SharedBackend"]
+
 log = Logger(namespace="lightmail.limits")
 
 
@@ -148,70 +154,6 @@ class RedisBuckets:
         d: Deferred[Any] = self.redis.eval(script, keys=[self.prefix + key],
                                            args=[repr(rate), repr(burst), repr(cost)])
         return d.addCallback(lambda micros: int(micros) / 1_000_000)
-
-
-class LazyRedis:
-    """A txredisapi connection pool to ``HOST:PORT[/DB]``, made at the first call."""
-
-    def __init__(self, address: str) -> None:
-        host_port, _, db = address.partition("/")
-        host, _, port = host_port.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
-        self.db = int(db) if db else None
-        self._pool: Any = None
-
-    def eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
-        if self._pool is None:
-            import txredisapi
-            self._pool = txredisapi.lazyConnectionPool(
-                self.host, self.port, dbid=self.db, poolsize=4, connectTimeout=2,
-                replyTimeout=2)
-        result: Deferred[Any] = self._pool.eval(script, keys=keys, args=args)
-        return result
-
-    def disconnect(self) -> Deferred[Any]:
-        if self._pool is None:
-            return defer.succeed(None)
-        pool, self._pool = self._pool, None
-        result: Deferred[Any] = pool.disconnect()
-        return result
-
-
-class SharedBackend:
-    """What a process knows of a shared backend (Redis) it falls back from: each
-    question gets ``timeout`` seconds, and the log says once that the backend
-    stopped answering (and what is done meanwhile) and once that it is back, not
-    once per message."""
-
-    def __init__(self, what: str, meanwhile: str, timeout: float = 0.5,
-                 clock: Any = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor
-            clock = reactor
-        self.what = what                # "rate limits", for the log
-        self.meanwhile = meanwhile      # what is done while it is down, for the log
-        self.timeout = timeout
-        self.clock = clock
-        self.down = False
-
-    def ask(self, question: Deferred[Any], fallback: Callable[[], Any]) -> Deferred[Any]:
-        """``question``'s answer, or ``fallback()``'s when it fails or is late."""
-        question.addTimeout(self.timeout, self.clock)
-
-        def answered(value: Any) -> Any:
-            if self.down:
-                self.down = False
-                log.info("{what}: the shared backend answers again", what=self.what)
-            return value
-
-        def failed(failure: Any) -> Any:
-            if not self.down:
-                self.down = True
-                log.warn("{what}: the shared backend does not answer ({error}); "
-                         "{meanwhile} until it does", what=self.what,
-                         error=failure.getErrorMessage(), meanwhile=self.meanwhile)
-            return fallback()
-        return question.addCallbacks(answered, failed)
 
 
 @implementer(IRateLimiter)
