@@ -45,10 +45,17 @@ from lightmail.directory.admintokens import AdminTokens
 from lightmail.directory.cred import make_portal, stand_in_secret
 from lightmail.directory.interfaces import IAccountBackend
 from lightmail.directory.ldap import LDAPBackend
-from lightmail.directory.logins import GuardSettings, LocalFailureCounts, LoginGuard, Logins
+from lightmail.directory.logins import (
+    GuardSettings,
+    IFailureCounts,
+    LocalFailureCounts,
+    LoginGuard,
+    Logins,
+)
 from lightmail.directory.oauth import BearerChecker, TokenValidator
 from lightmail.directory.passwdfile import PasswdFileBackend
 from lightmail.directory.routing import RoutingDirectory
+from lightmail.directory.sharedfailures import SharedFailureCounts
 from lightmail.directory.sql import SQLDirectory
 from lightmail.dns import IResolver, Resolver
 from lightmail.imap.hub import MailboxHub
@@ -237,7 +244,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
         GuardSettings(window=auth.login_failure_window, delay_after=auth.login_delay_after,
                       max_delay=auth.login_max_delay, lockout_after=auth.lockout_after,
                       account_lockout_after=auth.account_lockout_after),
-        LocalFailureCounts(auth.login_failure_window, reactor.seconds))  # type: ignore[attr-defined]
+        make_failure_counts(config, role))
     tokens = TokenValidator(config.oauth) if config.oauth.jwks else None
     if tokens is not None:
         portal.registerChecker(BearerChecker(tokens, directory))
@@ -335,6 +342,19 @@ def make_limiter(config: Config) -> IRateLimiter:
     fallback = LocalBuckets() if limits.redis_down == "local" else None
     return FallingBackBuckets(RedisBuckets(LazyRedis(limits.redis)), fallback,
                               timeout=limits.redis_timeout)
+
+
+def make_failure_counts(config: Config, role: Role) -> IFailureCounts:
+    """The login guard's counts: this process's, or with [cluster] redis every node's
+    (in the processes that serve logins), each process counting alone while Redis
+    does not answer.  The Redis connection is made at the first failure."""
+    window = config.directory.login_failure_window
+    local = LocalFailureCounts(window, reactor.seconds)  # type: ignore[attr-defined]
+    cluster = config.cluster
+    if not cluster.redis or role not in (Role.SERVER, Role.WORKER):
+        return local
+    return SharedFailureCounts(LazyRedis(cluster.redis, cluster.redis_password, poolsize=2),
+                               cluster.prefix, window, local, cluster.redis_timeout)
 
 
 def make_greylist_store(config: Config, db: Database) -> IGreylistStore:

@@ -6,6 +6,7 @@ separate servers are in test_cluster_nodes.py."""
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,14 +15,18 @@ import pytest
 import pytest_twisted
 from conftest import REDIS
 from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
 
 from lightmail.cluster.hub import ClusterHub
 from lightmail.cluster.locks import ClusterLocks
 from lightmail.cluster.node import Node
 from lightmail.cluster.redis import LazyRedis
 from lightmail.config import ClusterConfig, ConfigError, parse_config
+from lightmail.directory.logins import LocalFailureCounts
+from lightmail.directory.sharedfailures import SharedFailureCounts
 from lightmail.pop3.maildrop import LockUnavailable, LoginTooSoon, MaildropLocked
 from lightmail.storage.interfaces import MISSED, MailboxChange
+from lightmail.wiring import Role, make_failure_counts
 
 
 class Watcher:
@@ -329,3 +334,63 @@ def test_the_cluster_section(tmp_path: Any) -> None:
                          (f"redis_password_file = {secret}", "without 'redis'")):
         with pytest.raises(ConfigError, match=message):
             parse_config(f"[cluster]\n{bad}\n")
+
+
+# --- the login guard's failure counts --------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_login_failures_are_counted_across_processes(redis: LazyRedis) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    local_one = LocalFailureCounts(0.8, lambda: 0.0)
+    one = SharedFailureCounts(LazyRedis(REDIS), prefix, 0.8, local_one)
+    two = SharedFailureCounts(LazyRedis(REDIS), prefix, 0.8, LocalFailureCounts(0.8, time.time))
+    try:
+        assert [await one.add("net:192.0.2.1"), await two.add("net:192.0.2.1"),
+                await one.add("net:192.0.2.1")] == [1, 2, 3]
+        assert await two.count("net:192.0.2.1") == 3
+        assert await two.count("user:ann@example.test") == 0
+        await task.deferLater(reactor, 1.0, lambda: None)
+        assert await one.count("net:192.0.2.1") == 0           # out of the window
+        assert await one.add("net:192.0.2.1") == 1
+        two.clear("net:192.0.2.1")
+        await wait_until_deferred(lambda: one.count("net:192.0.2.1"), 0)
+        assert local_one.times == {}                 # Redis counted, not the process
+    finally:
+        await one.redis.disconnect()
+        await two.redis.disconnect()
+
+
+async def wait_until_deferred(ask: Callable[[], defer.Deferred[Any]], value: Any) -> None:
+    for _ in range(100):
+        if await ask() == value:
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"never {value!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_failures_are_counted_by_the_process_while_redis_is_away() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    counts = SharedFailureCounts(LazyRedis(f"127.0.0.1:{closed_port()}"), "x:", 60,
+                                 LocalFailureCounts(60, time.time), timeout=0.2)
+    try:
+        assert [await counts.add("k") for _ in range(3)] == [1, 2, 3]
+        assert await counts.count("k") == 3
+        counts.clear("k")
+        assert await counts.count("k") == 0
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await counts.redis.disconnect()
+    said = [e for e in events if "does not answer" in str(e.get("log_format", ""))]
+    assert len(said) == 1
+
+
+def test_the_login_guard_counts_in_redis_where_logins_are_served() -> None:
+    alone = parse_config("")
+    shared = parse_config(f"[cluster]\nredis = {REDIS}\n")
+    assert isinstance(make_failure_counts(alone, Role.SERVER), LocalFailureCounts)
+    for role in (Role.SERVER, Role.WORKER):
+        assert isinstance(make_failure_counts(shared, role), SharedFailureCounts)
+    for role in (Role.WRITER, Role.COMMAND):
+        assert isinstance(make_failure_counts(shared, role), LocalFailureCounts)

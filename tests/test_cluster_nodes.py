@@ -73,7 +73,8 @@ class Nodes:
             f"[cluster]\nredis = {redis}\nprefix = {self.prefix}\nlease = 3s\n"
             "redis_timeout = 0.5s\n"
             "[logging]\nlevel = info\n"
-            "[directory]\nauth_over_plaintext = yes\n"
+            "[directory]\nauth_over_plaintext = yes\naccount_lockout_after = 3\n"
+            "lockout_after = 50\n"
             "[imap]\nmax_connections_per_user = 4\n"
             "[admin]\nenabled = yes\nendpoint = tcp:0:interface=127.0.0.1\n"
             "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n"
@@ -106,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nodes, d
             running = {"a": nodes.start("a")}
             config = running["a"].proc.config
             run_cli(config, "domain", "add", "cluster.test")
-            for user in (USER, "bob@cluster.test", "carl@cluster.test"):
+            for user in (USER, "bob@cluster.test", "carl@cluster.test", "dave@cluster.test"):
                 run_cli(config, "user", "add", user, "--password-stdin",
                         stdin=PASSWORD + "\n")
             running["b"] = nodes.start("b", storage="writer_process = no\n")
@@ -254,6 +255,21 @@ def test_sessions_per_user_are_limited_across_nodes(
     finally:
         for imap in opened:
             imap.shutdown()
+
+
+def test_failed_logins_on_every_node_lock_the_account_on_all(
+        cluster: tuple[Nodes, dict[str, Node]]) -> None:
+    _, nodes = cluster
+    for name in ("a", "b", "c"):             # one guess on each node
+        imap = imaplib.IMAP4("127.0.0.1", nodes[name].ports["imap"], timeout=20)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            imap.login("dave@cluster.test", "guess")
+        imap.shutdown()
+    imap = imaplib.IMAP4("127.0.0.1", nodes["a"].ports["imap"], timeout=20)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imap.login("dave@cluster.test", PASSWORD)      # the right one: locked out
+    imap.shutdown()
+    imap_login(nodes["a"], "carl@cluster.test").logout()   # another account logs in
 
 
 def test_the_pop3_lock_holds_across_nodes_and_dies_with_its_node(

@@ -10,9 +10,9 @@ same answer and about the same wait as a wrong password, so that neither a locko
 nor a user's existence shows.  Every failure is logged with address, protocol and
 mechanism, never the secret.
 
-The counts are this process's (with worker processes, each counts its own); the
-shared Redis counters of the abuse-defence work plug in as another
-:class:`IFailureCounts`.
+The counts are this process's (with worker processes, each counts its own), or with
+``[cluster] redis`` those of every process of every node, in Redis
+(lightmail.directory.sharedfailures).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from twisted.cred import error
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -88,11 +88,11 @@ class GuardSettings:
 class IFailureCounts(Interface):
     """Failed logins by key within a window (in this process, or shared)."""
 
-    def count(key: str) -> int:
-        """Failures of ``key`` within the window."""
+    def count(key: str) -> Deferred[int]:
+        """Failures of ``key`` within the window.  Never fails."""
 
-    def add(key: str) -> int:
-        """Count one more; the count after it."""
+    def add(key: str) -> Deferred[int]:
+        """Count one more; the count after it.  Never fails."""
 
     def clear(key: str) -> None:
         """Forget the failures of ``key`` (after a successful login)."""
@@ -107,7 +107,13 @@ class LocalFailureCounts:
         self.window, self.clock, self.keys, self.per_key = window, clock, keys, per_key
         self.times: dict[str, deque[float]] = {}
 
-    def count(self, key: str) -> int:
+    def count(self, key: str) -> Deferred[int]:
+        return succeed(self.count_now(key))
+
+    def add(self, key: str) -> Deferred[int]:
+        return succeed(self.add_now(key))
+
+    def count_now(self, key: str) -> int:
         times = self.times.get(key)
         if times is None:
             return 0
@@ -119,13 +125,13 @@ class LocalFailureCounts:
             return 0
         return len(times)
 
-    def add(self, key: str) -> int:
+    def add_now(self, key: str) -> int:
         times = self.times.pop(key, None) or deque(maxlen=self.per_key)
         times.append(self.clock())
         self.times[key] = times                     # now the newest key
         while len(self.times) > self.keys:
             del self.times[next(iter(self.times))]
-        return self.count(key)
+        return self.count_now(key)
 
     def clear(self, key: str) -> None:
         self.times.pop(key, None)
@@ -150,17 +156,24 @@ class LoginGuard:
     def _keys(self, attempt: Attempt) -> tuple[str, str]:
         return "net:" + network_of(attempt.peer), "user:" + attempt.username.lower()
 
-    def locked(self, attempt: Attempt) -> bool:
+    def locked(self, attempt: Attempt) -> Deferred[bool]:
         net, user = self._keys(attempt)
         s = self.settings
-        return (s.lockout_after > 0 and self.counts.count(net) >= s.lockout_after) or \
-            (s.account_lockout_after > 0
-             and self.counts.count(user) >= s.account_lockout_after)
+        asked = []
+        if s.lockout_after > 0:
+            asked.append(self.counts.count(net).addCallback(
+                lambda count: count >= s.lockout_after))
+        if s.account_lockout_after > 0:
+            asked.append(self.counts.count(user).addCallback(
+                lambda count: count >= s.account_lockout_after))
+        if not asked:
+            return succeed(False)
+        return gatherResults(asked).addCallback(any)
 
-    def failed(self, attempt: Attempt) -> int:
+    def failed(self, attempt: Attempt) -> Deferred[int]:
         """Count a failure; the larger of the two counts after it."""
         net, user = self._keys(attempt)
-        return max(self.counts.add(net), self.counts.add(user))
+        return gatherResults([self.counts.add(net), self.counts.add(user)]).addCallback(max)
 
     def succeeded(self, attempt: Attempt) -> None:
         net, user = self._keys(attempt)
@@ -191,13 +204,16 @@ class Logins:
 
     def login(self, creds: Any, attempt: Attempt) -> Deferred[Any]:
         """The IMailAccount of ``creds``, or a LoginFailed failure."""
-        if self.guard.locked(attempt):
-            d: Deferred[Any] = fail(LoginFailed("locked out"))
-        else:
+        def check(locked: bool) -> Deferred[Any]:
+            if locked:
+                return fail(LoginFailed("locked out"))
             if IUsernamePassword.providedBy(creds):
                 # The protocol goes with a password: app passwords are scoped by it.
-                creds = ProtocolPassword(creds.username, creds.password, attempt.protocol)
-            d = self.portal.login(creds, None, IMailAccount)
+                return self.portal.login(
+                    ProtocolPassword(creds.username, creds.password, attempt.protocol),
+                    None, IMailAccount)
+            return self.portal.login(creds, None, IMailAccount)
+        d = self.guard.locked(attempt).addCallback(check)
         return d.addCallbacks(self._succeeded, self._failed,
                               callbackArgs=(attempt,), errbackArgs=(attempt,))
 
@@ -224,7 +240,9 @@ class Logins:
                           user=attempt.username, protocol=attempt.protocol,
                           peer=attempt.peer)
             return fail(failure)
-        failures = self.guard.failed(attempt)
+        return self.guard.failed(attempt).addCallback(self._refuse, attempt)
+
+    def _refuse(self, failures: int, attempt: Attempt) -> Deferred[Any]:
         wait = self.guard.delay(failures)
         self.log.warn("authentication failed for {user} from {peer} ({protocol} "
                       "{mechanism}; {failures} failures lately{held})",
