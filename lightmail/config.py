@@ -1841,7 +1841,8 @@ class ClusterConfig:
     redis_password_file: Path | None = option(
         None, parse_optional_path,
         "File holding the password of Redis (its first line; Redis's AUTH), read at "
-        "start-up.  Empty: no AUTH.")
+        "start-up; also used by [limits] and [greylist] when their redis is the same "
+        "HOST:PORT.  Empty: no AUTH.")
     prefix: str = option(
         "lightmail:", parse_prefix,
         "Start of every key and of the change channel's name: several clusters on one "

@@ -39,6 +39,7 @@ from lightmail import sasl
 from lightmail.cluster.hub import ClusterHub
 from lightmail.cluster.locks import ClusterLocks
 from lightmail.cluster.node import Node
+from lightmail.cluster.redis import parse_address
 from lightmail.config import BackendConfig, Config
 from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.admintokens import AdminTokens
@@ -340,7 +341,7 @@ def make_limiter(config: Config) -> IRateLimiter:
     if limits.backend == "local":
         return LocalBuckets()
     fallback = LocalBuckets() if limits.redis_down == "local" else None
-    return FallingBackBuckets(RedisBuckets(LazyRedis(limits.redis)), fallback,
+    return FallingBackBuckets(RedisBuckets(shared_redis(config, limits.redis)), fallback,
                               timeout=limits.redis_timeout)
 
 
@@ -368,9 +369,17 @@ def make_greylist_store(config: Config, db: Database) -> IGreylistStore:
         store = SQLGreylist(db)
     else:
         fallback = SQLGreylist(db) if cfg.redis_down == "sql" else None
-        store = FallingBackGreylist(RedisGreylist(LazyRedis(cfg.redis)), fallback,
-                                    timeout=cfg.redis_timeout)
+        store = FallingBackGreylist(RedisGreylist(shared_redis(config, cfg.redis)),
+                                    fallback, timeout=cfg.redis_timeout)
     return RememberedPasses(store)
+
+
+def shared_redis(config: Config, address: str) -> LazyRedis:
+    """A connection to the Redis at ``address``, with [cluster]'s password when it is
+    the cluster's server (HOST:PORT; whatever the database)."""
+    cluster = config.cluster
+    same = bool(cluster.redis) and parse_address(address)[:2] == parse_address(cluster.redis)[:2]
+    return LazyRedis(address, cluster.redis_password if same else None)
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

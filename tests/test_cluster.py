@@ -6,9 +6,11 @@ separate servers are in test_cluster_nodes.py."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +26,10 @@ from lightmail.cluster.redis import LazyRedis
 from lightmail.config import ClusterConfig, ConfigError, parse_config
 from lightmail.directory.logins import LocalFailureCounts
 from lightmail.directory.sharedfailures import SharedFailureCounts
+from lightmail.policy.limits import FallingBackBuckets
 from lightmail.pop3.maildrop import LockUnavailable, LoginTooSoon, MaildropLocked
 from lightmail.storage.interfaces import MISSED, MailboxChange
-from lightmail.wiring import Role, make_failure_counts
+from lightmail.wiring import Role, make_failure_counts, make_limiter
 
 
 class Watcher:
@@ -319,7 +322,7 @@ async def test_the_readiness_check_says_ok(cluster: Cluster) -> None:
 
 # --- configuration --------------------------------------------------------------------------
 
-def test_the_cluster_section(tmp_path: Any) -> None:
+def test_the_cluster_section(tmp_path: Path) -> None:
     assert parse_config("").cluster.redis == ""
     secret = tmp_path / "redis.secret"
     secret.write_text("s3cret\n")
@@ -394,3 +397,46 @@ def test_the_login_guard_counts_in_redis_where_logins_are_served() -> None:
         assert isinstance(make_failure_counts(shared, role), SharedFailureCounts)
     for role in (Role.WRITER, Role.COMMAND):
         assert isinstance(make_failure_counts(shared, role), LocalFailureCounts)
+
+
+# --- a Redis that wants a password ------------------------------------------------------------
+
+@pytest.fixture
+def locked_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of this test's own, with ``requirepass``: its HOST:PORT."""
+    port = closed_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--requirepass", "s3cret", "--save", "", "--appendonly",
+                               "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_password_file_opens_redis_to_the_node_and_the_limits(
+        locked_redis: str, tmp_path: Path) -> None:
+    secret = tmp_path / "redis.secret"
+    secret.write_text("s3cret\n")
+    config = parse_config(f"[cluster]\nredis = {locked_redis}/3\nredis_password_file = "
+                          f"{secret}\nredis_timeout = 0.5s\n"
+                          f"[limits]\nbackend = redis\nredis = {locked_redis}\n")
+    node = Node(config.cluster, "a")
+    limiter = make_limiter(config)
+    assert isinstance(limiter, FallingBackBuckets)
+    try:
+        assert await node.check() == "ok"
+        assert [await limiter.take("k", 0.01, 1) for _ in range(2)][1] > 0
+        assert not limiter.backend.down                      # Redis's buckets, not local
+    finally:
+        await node.redis.disconnect()
+        await limiter.primary.redis.disconnect()             # type: ignore[attr-defined]
