@@ -18,6 +18,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from lightmail.cluster.redis import LazyRedis, SharedBackend, Subscription
 from lightmail.config import ClusterConfig
@@ -96,6 +97,7 @@ class Node(Service):
             "cluster leases", f"this node's locks and session marks expire after "
             f"{config.lease:g}s", self.timeout, clock)
         self._loop: task.LoopingCall | None = None
+        self._silence_said = False
 
     # -- names ---------------------------------------------------------------------
 
@@ -121,8 +123,13 @@ class Node(Service):
     def listen(self, heard: Callable[[bytes], None], subscribed: Callable[[], None]) -> None:
         """Messages on the change channel go to ``heard``; ``subscribed`` is called
         each time the subscription is in place (again).  Once, before the start."""
+        # Pinged as often as the leases are renewed; a silent link is dropped after
+        # at least two seconds (a PING waits behind the messages on their way).
         self.subscription = Subscription(self.config.redis, self.config.redis_password,
-                                          self.channel, heard, subscribed)
+                                          self.channel, heard, subscribed,
+                                          keepalive=self.config.lease / 3,
+                                          timeout=max(2.0, 2 * self.timeout),
+                                          clock=self.clock)
 
     def hold(self, kind: str, key: str, value: str) -> None:
         """Renew this lease until :meth:`drop`."""
@@ -135,6 +142,9 @@ class Node(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.log.info("cluster: this node is {instance} on the Redis at {redis} (keys "
+                      "{prefix}*)", instance=self.instance, redis=self.config.redis,
+                      prefix=self.prefix)
         if self.subscription is not None:
             self.subscription.start()
         self._loop = task.LoopingCall(self.renew)
@@ -168,8 +178,14 @@ class Node(Service):
         return [items[start:start + RENEW_BATCH] for start in range(0, len(items), RENEW_BATCH)]
 
     def renew(self) -> Deferred[Any]:
-        """Renew every lease of this node (every third of the lease)."""
-        asked = []
+        """Renew every lease of this node (every third of the lease), after a PING:
+        a connection that does not answer it is dropped, and the next question
+        makes a new one.  (A question given up is cancelled, and with it
+        txredisapi's own deadline, which would have dropped it.)"""
+        ping = self.ask("return redis.call('PING')", [], [])
+        ping.addTimeout(self.timeout, self.clock)
+        ping.addCallbacks(self._answered, self._silent)
+        asked = [ping]
         for batch in self._batches():
             d = self._renewals.ask(
                 self.ask(RENEW_SCRIPT, [key for key, _, _ in batch],
@@ -179,6 +195,18 @@ class Node(Service):
             d.addCallback(self._lost)
             asked.append(d)
         return defer.gatherResults(asked, consumeErrors=True)
+
+    def _answered(self, _: Any) -> None:
+        self._silence_said = False
+
+    def _silent(self, failure: Failure) -> None:
+        if not self._silence_said:
+            self._silence_said = True
+            error = (f"no answer within {self.timeout:g}s"
+                     if failure.check(defer.TimeoutError) else failure.getErrorMessage())
+            self.log.warn("Redis: no answer to PING ({error}); connecting again until it "
+                          "answers", error=error)
+        self.redis.disconnect().addErrback(lambda _: None)
 
     def _lost(self, keys: Any) -> None:
         for key in keys or ():

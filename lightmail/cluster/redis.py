@@ -8,8 +8,10 @@ greylisting's triplets and the login guard's failure counts.
 * :class:`SharedBackend`: each question gets a deadline, and the log says once that
   Redis stopped answering (and what is done meanwhile), then once that it is back.
 * :class:`Subscription`: one connection that listens on a pub/sub channel, connected
-  again (with back-off) whenever it is lost; each time it is subscribed again the
-  owner is told, so that it can read what it may have missed.
+  again (with back-off) whenever it is lost, or silent (it is PINGed regularly: a
+  Redis gone without a word, or a network that drops everything, is noticed); each
+  time it is subscribed again the owner is told, so that it can read what it may
+  have missed.
 
 While Redis is down a txredisapi question waits for the connection to come back rather
 than fail: whoever asks must give it a deadline (SharedBackend does).
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -46,6 +48,7 @@ class LazyRedis:
         self.password = password or None
         self.poolsize = poolsize
         self._pool: Any = None
+        self._said = ""
 
     def eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         if self._pool is None:
@@ -53,10 +56,23 @@ class LazyRedis:
             self._pool = txredisapi.lazyConnectionPool(
                 self.host, self.port, dbid=self.db, poolsize=self.poolsize,
                 password=self.password, connectTimeout=2, replyTimeout=2)
+            # A lazy pool tells of a refused AUTH or SELECT (after which it stops
+            # connecting: the next disconnect() lets a new pool try) on a Deferred
+            # nobody holds; said here rather than as an unhandled error.
+            self._pool._connected.addErrback(self._refused)
         result: Deferred[Any] = self._pool.eval(script, keys=keys, args=args)
         return result
 
+    def _refused(self, failure: Any) -> None:
+        error = failure.getErrorMessage()
+        if error != self._said:                 # not again for each new pool
+            self._said = error
+            log.warn("Redis at {host}:{port}: {error}", host=self.host, port=self.port,
+                     error=error)
+
     def disconnect(self) -> Deferred[Any]:
+        """Close the pool; the next question makes a new one (a pool whose connection
+        stopped answering is dropped so)."""
         if self._pool is None:
             return defer.succeed(None)
         pool, self._pool = self._pool, None
@@ -94,9 +110,11 @@ class SharedBackend:
         def failed(failure: Any) -> Any:
             if not self.down:
                 self.down = True
+                error = (f"no answer within {self.timeout:g}s"
+                         if failure.check(defer.TimeoutError) else failure.getErrorMessage())
                 log.warn("{what}: the shared backend does not answer ({error}); "
-                         "{meanwhile} until it does", what=self.what,
-                         error=failure.getErrorMessage(), meanwhile=self.meanwhile)
+                         "{meanwhile} until it does", what=self.what, error=error,
+                         meanwhile=self.meanwhile)
             return fallback()
         return question.addCallbacks(answered, failed)
 
@@ -104,17 +122,30 @@ class SharedBackend:
 class Subscription:
     """Listens on ``channel`` of the Redis at ``address``: each message's payload goes
     to ``heard``; ``subscribed`` is called each time the subscription is (again) in
-    place, after the first time too.  Started by :meth:`start`, ended by :meth:`stop`."""
+    place, after the first time too.  Started by :meth:`start`, ended by :meth:`stop`.
+
+    Every ``keepalive`` seconds the connection is PINGed; one that does not answer
+    within ``timeout`` seconds (nor to SUBSCRIBE) is dropped and made again."""
 
     def __init__(self, address: str, password: Optional[str], channel: str,
-                 heard: Callable[[bytes], None], subscribed: Callable[[], None]) -> None:
+                 heard: Callable[[bytes], None], subscribed: Callable[[], None],
+                 keepalive: float = 10.0, timeout: float = 2.0, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+            clock = reactor
         self.host, self.port, _ = parse_address(address)    # channels know no db
         self.password = password or None
         self.channel = channel
         self.heard = heard
         self.subscribed = subscribed
+        self.keepalive = keepalive
+        self.timeout = timeout
+        self.clock = clock
         self.listening = False
         self._factory: Any = None
+        self._conn: Any = None
+        self._pings: Any = None
+        self._pinging = False
 
     def start(self) -> None:
         import txredisapi
@@ -130,6 +161,8 @@ class Subscription:
                                 channel=subscription.channel)
 
             def connectionLost(self, why: Any) -> None:
+                if subscription._conn is self:
+                    subscription._conn = None
                 if subscription.listening:
                     subscription.listening = False
                     log.warn("Redis: the subscription to {channel} is lost; connecting "
@@ -144,15 +177,20 @@ class Subscription:
                 if conn.connected:
                     subscription._listen(conn)
 
-        from twisted.internet import reactor
         from twisted.internet.endpoints import HostnameEndpoint
         factory = Factory(isLazy=True)
         factory.password = self.password
-        factory.startConnecting(HostnameEndpoint(reactor, self.host, self.port, timeout=2))
+        factory.startConnecting(HostnameEndpoint(self.clock, self.host, self.port,
+                                                 timeout=self.timeout))
         self._factory = factory
+        self._pings = task.LoopingCall(self._ping)
+        self._pings.clock = self.clock
+        self._pings.start(self.keepalive, now=False)
 
     def _listen(self, conn: Any) -> None:
+        self._conn = conn
         d = conn.subscribe(self.channel)
+        d.addTimeout(self.timeout, self.clock)
 
         def done(_: Any) -> None:
             self.listening = True
@@ -160,13 +198,39 @@ class Subscription:
             self.subscribed()
 
         def failed(failure: Any) -> None:
-            log.warn("Redis: could not subscribe to {channel}: {error}",
-                     channel=self.channel, error=failure.getErrorMessage())
-            conn.transport.loseConnection()         # and the factory connects again
+            self._drop(conn, "could not subscribe", failure)
         d.addCallbacks(done, failed)
+
+    def _ping(self) -> None:
+        conn = self._conn
+        if conn is None or not self.listening or self._pinging:
+            return
+        self._pinging = True
+        d = conn.ping()
+        d.addTimeout(self.timeout, self.clock)
+
+        def answered(_: Any) -> None:
+            self._pinging = False
+
+        def failed(failure: Any) -> None:
+            self._pinging = False
+            self._drop(conn, "no answer to PING", failure)
+        d.addCallbacks(answered, failed)
+
+    def _drop(self, conn: Any, why: str, failure: Any) -> None:
+        if conn is not self._conn or conn.transport is None:
+            return                                  # that connection is gone already
+        self._conn = None
+        error = (f"no answer within {self.timeout:g}s"
+                 if failure.check(defer.TimeoutError) else failure.getErrorMessage())
+        log.warn("Redis: {why} on {channel} ({error}); connecting again", why=why,
+                 channel=self.channel, error=error)
+        conn.transport.abortConnection()            # and the factory connects again
 
     def stop(self) -> Deferred[Any]:
         self.listening = False
+        if self._pings is not None and self._pings.running:
+            self._pings.stop()
         factory, self._factory = self._factory, None
         if factory is None:
             return defer.succeed(None)
