@@ -1,10 +1,13 @@
 """Several LightMail nodes (``twistd lightmail`` each) on one PostgreSQL database, one
 blob directory and the Redis of this machine (database 9, a key prefix per test run):
 mail submitted to node A is read over IMAP on node B, an IDLE client on node C (whose
-sessions are in a worker process) hears of it within a second, the POP3 maildrop lock
-holds across nodes and is freed by a node's death, and a node whose Redis is away says
-so in /readyz, refuses POP3 logins, serves the rest, and when Redis is back reads
-again what its IDLE sessions may have missed.
+sessions are in a worker process) hears of it within a second, a flag set on B reaches
+an IDLE client on A, \\Recent goes to one session of three, the per-user session limit
+and the login guard count across nodes, the POP3 maildrop lock holds across nodes and
+is freed by a node's death (kill -9) within its lease, a node whose Redis is away says
+so in /readyz, refuses POP3 logins and serves the rest, and a node whose Redis link
+goes silent notices it and, when Redis is back, reads again what its IDLE sessions
+missed.  Each node's log is kept as server.log in its state directory.
 """
 
 from __future__ import annotations
