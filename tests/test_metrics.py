@@ -91,10 +91,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             smtp.sendmail("bob@example.test", ["friend@far.example"],
                          b"Subject: two\r\n\r\nhello\r\n")
         base = f"http://127.0.0.1:{admin}"
-        # The deferred delivery is recorded shortly after the queue runner tries it.
+        # The deferred delivery is recorded shortly after the queue runner tries it,
+        # and the queue's gauges, read from the database, a little after that.
         for _ in range(100):
             status, text = get(base + "/metrics")
-            if sample(text, "lightmail_deliveries_total", status="deferred"):
+            if sample(text, "lightmail_deliveries_total", status="deferred") and sample(
+                    text, "lightmail_queue_recipients", state="deferred"):
                 break
             time.sleep(0.2)
         yield {"base": base, "metrics": text, "status": status, "proc": proc}
