@@ -513,6 +513,13 @@ class ServerConfig:
         "LMTP, IMAP, POP3), so that sessions use every core; 0 serves them in the main "
         "process.  The main process keeps the queue, delivery and the limits that span "
         "processes (see docs/architecture.rst).  Needs a config file (twistd).")
+    prefork: bool = option(
+        True, parse_bool,
+        "Under twistd, fork the worker processes and the writer process from the main "
+        "process as it starts, before its reactor and threads, so that they share the "
+        "memory of the code they all load (some 60 MB a process; lightmail/workers/"
+        "prefork.py).  A process restarted after it ended is a new interpreter "
+        "either way.  no: each starts as a new Python interpreter.")
     memory_limit: MemoryLimit = option(
         MemoryLimit("share", 0.8), parse_memory_limit,
         "The ceiling of the server's memory (the resident size of its processes, "

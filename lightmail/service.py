@@ -30,6 +30,7 @@ from lightmail.config import Config, ConfigError, line_of
 from lightmail.directory.service import DirectoryService
 from lightmail.listeners import ListenerService, available_protocols, builder_for
 from lightmail.logs import LogOutputs, make_outputs, reopen_on_sigusr1
+from lightmail.processes import ExecStarter, IProcessStarter
 from lightmail.queue.runner import QueueRunner
 from lightmail.reload.interfaces import IReloadable
 from lightmail.reload.parts import OutboundPart, ServicesPart, listener_part
@@ -55,7 +56,11 @@ def validate(config: Config) -> None:
         except DatabaseURLError as exc:
             raise ConfigError(str(exc), config.path, line_of(config, "storage", "url"),
                               "storage", "url") from None
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import endpoints
+    # The descriptions are parsed, never listened on: no reactor is needed, and
+    # importing one would install it before the main process forks its workers
+    # (lightmail.workers.prefork), which must come first.
+    reactor = None
     names = set()
     for listener in config.listeners:
         section = f"listener:{listener.name}"
@@ -273,13 +278,15 @@ class LightMailService(MultiService):
 
 
 def makeService(config: Config,
-                write_port: Callable[[IWritePort], IWritePort] | None = None
-                ) -> LightMailService:
+                write_port: Callable[[IWritePort], IWritePort] | None = None,
+                starter: IProcessStarter | None = None) -> LightMailService:
     """Build LightMail's service tree from a validated configuration.
 
     ``write_port``: an embedding application's own write port; it is given the engine
     LightMail would run, and returns the port every protocol will use (see
-    docs/embedding.rst).
+    docs/embedding.rst).  ``starter``: how the worker and writer processes are
+    started (the twistd plugin's forks them as it starts: lightmail.workers.prefork;
+    new interpreters unless said).
     """
     validate(config)
     if write_port is not None and config.server.workers:
@@ -287,7 +294,8 @@ def makeService(config: Config,
         # application's cannot reach them, and their writes would go past it.
         raise ValueError("an application's own write port serves this process only: "
                          "set [server] workers = 0")
-    services = wire(config, Role.SERVER, write_port=write_port)
+    starter = starter or ExecStarter()
+    services = wire(config, Role.SERVER, write_port=write_port, starter=starter)
     storage = services.storage
     root = LightMailService(services)
     storage.ready.addErrback(lambda f: root.fatal(f"storage failed: {f.getErrorMessage()}"))
@@ -317,7 +325,7 @@ def makeService(config: Config,
     runner.notifier = Notifier(services)
     parts: list[IReloadable] = [ServicesPart(services), outbound]
     if config.server.workers:
-        listeners = _add_workers(root, services)
+        listeners = _add_workers(root, services, starter)
         parts.append(root.workers)
     else:
         listeners = []
@@ -373,7 +381,8 @@ def _add_operations(root: LightMailService, services: Services, runner: QueueRun
                        on_failure=root.fatal).setServiceParent(root)
 
 
-def _add_workers(root: LightMailService, services: Services) -> list[ListenerService]:
+def _add_workers(root: LightMailService, services: Services,
+                 starter: IProcessStarter) -> list[ListenerService]:
     """``[server] workers``: this process listens, worker processes accept and serve
     (lightmail.workers); it keeps the limits, locks and \\Recent claims for all."""
     from twisted.internet.protocol import Factory
@@ -391,7 +400,8 @@ def _add_workers(root: LightMailService, services: Services) -> list[ListenerSer
         service.setServiceParent(root)
         listeners.append(service)
     pool = WorkerPool(services, listeners, config.server.workers, storage.ready,
-                      config.server.shutdown_timeout, on_failure=root.fatal)
+                      config.server.shutdown_timeout, on_failure=root.fatal,
+                      starter=starter)
     pool.setServiceParent(root)
     root.workers = pool
     assert isinstance(services.memory, MemoryWatchdog)

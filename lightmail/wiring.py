@@ -1,9 +1,10 @@
 """The one place LightMail's object graph is built: :func:`wire`.
 
 Every process calls it, with its role: the server's main process (``makeService``),
-a worker process (lightmail.workers.worker), the writer process
-(lightmail.workers.writer) and the ``lightmail`` command (lightmail.admin.cli).  What
-differs between them is decided here, once, from the role and the configuration:
+a worker process (lightmail.workers.worker) and the ``lightmail`` command
+(lightmail.admin.cli); the writer process (lightmail.workers.writer) builds its
+storage alone (:func:`wire_writer`).  What differs between them is decided here, once,
+from the role and the configuration:
 
 =========  =====================================  ===============================
 role       write port engine                      shared state (hub, POP3 locks)
@@ -24,7 +25,6 @@ asks which implementation it got.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +32,6 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.portal import Portal
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from lightmail import sasl
@@ -45,7 +44,6 @@ from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.admintokens import AdminTokens
 from lightmail.directory.cred import make_portal, stand_in_secret
 from lightmail.directory.interfaces import IAccountBackend
-from lightmail.directory.ldap import LDAPBackend
 from lightmail.directory.logins import (
     GuardSettings,
     IFailureCounts,
@@ -54,7 +52,6 @@ from lightmail.directory.logins import (
     Logins,
 )
 from lightmail.directory.oauth import BearerChecker, TokenValidator
-from lightmail.directory.passwdfile import PasswdFileBackend
 from lightmail.directory.routing import RoutingDirectory
 from lightmail.directory.sharedfailures import SharedFailureCounts
 from lightmail.directory.sql import SQLDirectory
@@ -90,6 +87,7 @@ from lightmail.policy.spf import SPFChecker
 from lightmail.policy.srs import SRSForwarding, load_srs
 from lightmail.policy.training import NO_TRAINER, JunkTrainer, LessonQueue, training_on
 from lightmail.pop3.maildrop import Locks
+from lightmail.processes import ExecStarter, IProcessStarter
 from lightmail.queue.interfaces import IQueueKick
 from lightmail.queue.runner import QueueRunner
 from lightmail.queue.wake import WAKE_NAME
@@ -213,19 +211,26 @@ class Services:
 
 def wire(config: Config, role: Role, *, link: MainLink | None = None,
          writer_socket: str | None = None,
-         write_port: Callable[[IWritePort], IWritePort] | None = None) -> Services:
+         write_port: Callable[[IWritePort], IWritePort] | None = None,
+         starter: IProcessStarter | None = None) -> Services:
     """Build the object graph of one process (nothing is started).
 
     ``link``: a worker's control link to the main process; ``writer_socket``: where a
     worker reaches the main process's writer process; ``write_port``: an embedder's
-    write port, given the engine LightMail would run (see docs/embedding.rst).
+    write port, given the engine LightMail would run (see docs/embedding.rst);
+    ``starter``: how the server's main process starts its writer process (a new
+    interpreter unless said).
     """
+    # Not at the top: a module that imports the reactor installs the default one,
+    # which the main process forks its workers before (lightmail.workers.prefork).
+    from twisted.internet import reactor
     # First, as a config error stops the start.  The SRS secret file is made by
     # whichever process comes first (the main one, unless it was removed since).
     srs_scheme = (load_srs(config, create=True)
                   if role in (Role.SERVER, Role.WORKER) else None)
     metrics = Metrics()
-    storage = _storage(config, role, writer_socket, write_port, metrics)
+    storage = _storage(config, role, writer_socket, write_port, metrics,
+                       starter or ExecStarter())
     auth = config.directory
     backends = [_backend(backend) for backend in config.backends]
     sql = SQLDirectory(storage.db,
@@ -318,8 +323,16 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
     return services
 
 
+def wire_writer(config: Config) -> StorageService:
+    """The writer process's graph: its storage alone.  It runs storage operations
+    only (lightmail.storage.writer), and the rest of a process's graph (directory,
+    checks, DNS, the Public Suffix List) would cost it some 4 MB for nothing."""
+    return _storage(config, Role.WRITER, None, None, Metrics(), ExecStarter())
+
+
 def _spam_scanner(config: Config, config_now: Callable[[], Config]) -> ISpamScanner:
     """[spam] backend, chosen once (a reload cannot change it)."""
+    from twisted.internet import reactor
     if config.spam.backend == "spamd":
         return SpamdClient(reactor, lambda: config_now().spam)
     return RspamdClient(reactor, lambda: config_now().spam)
@@ -349,6 +362,7 @@ def make_failure_counts(config: Config, role: Role) -> IFailureCounts:
     """The login guard's counts: this process's, or with [cluster] redis every node's
     (in the processes that serve logins), each process counting alone while Redis
     does not answer.  The Redis connection is made at the first failure."""
+    from twisted.internet import reactor
     window = config.directory.login_failure_window
     local = LocalFailureCounts(window, reactor.seconds)  # type: ignore[attr-defined]
     cluster = config.cluster
@@ -400,15 +414,24 @@ def _sample_server(metrics: IMetrics, storage: StorageService) -> None:
 
 
 def _backend(config: BackendConfig) -> IAccountBackend:
-    """The account backend of one [backend:NAME] section."""
+    """The account backend of one [backend:NAME] section.  Imported here, where one is
+    configured: ldap3 and pyasn1 weigh some 5 MB in every process, passlib less."""
     if config.type == "ldap":
+        from lightmail.directory.ldap import LDAPBackend
         return LDAPBackend(config)
+    from lightmail.directory.passwdfile import PasswdFileBackend
     return PasswdFileBackend(config)
+
+
+def runs_writer_process(config: Config) -> bool:
+    """Whether the server's main process runs a writer process: when it asks for one
+    and runs from a configuration file (the writer process reads it)."""
+    return config.storage.writer_process and os.path.isfile(config.path)
 
 
 def _storage(config: Config, role: Role, writer_socket: str | None,
              write_port: Callable[[IWritePort], IWritePort] | None,
-             metrics: IMetrics) -> StorageService:
+             metrics: IMetrics, starter: IProcessStarter) -> StorageService:
     if role is Role.WRITER:
         # One connection, and no pools: the writer runs its groups in its one thread.
         return StorageService(config, primary=False, sql_threads=1, one_writer=True,
@@ -421,22 +444,22 @@ def _storage(config: Config, role: Role, writer_socket: str | None,
                               metrics=metrics)
     # The server: the writer process, when it runs from a configuration file (the
     # writer process reads it) and asks for one.
-    if not (config.storage.writer_process and os.path.isfile(config.path)):
+    if not runs_writer_process(config):
         return StorageService(config, write_port=write_port, metrics=metrics)
     writer_dir = listen = None
     if config.server.workers:
         listen, writer_dir = _writer_socket(config)
     # The configuration's text comes on its standard input: started again after a
     # crash, it runs what this process runs, whatever the file holds since.
-    command = [sys.executable, "-m", "lightmail.workers.writer", "--config",
-               str(config.path), "--config-stdin"]
+    command = ["--config", str(config.path), "--config-stdin"]
 
     def restarted() -> None:
         metrics.writer_restarted()
         metrics.retire_source("writer")
     return StorageService(config, writer=WriterLink(command, listen=listen,
                                                     restarted=restarted,
-                                                    stdin=config.text.encode()),
+                                                    stdin=config.text.encode(),
+                                                    starter=starter),
                           writer_dir=writer_dir, write_port=write_port, metrics=metrics)
 
 

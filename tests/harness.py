@@ -127,6 +127,29 @@ class ServerProcess:
         self._reader.join(5)
 
 
+def started_as(pid: int, timeout: float = 10.0) -> tuple[str, str]:
+    """How LightMail's child process ``pid`` started, and what it is: ("forked",
+    "worker") for one forked from the main process as it started
+    (lightmail/workers/prefork.py names it lm-worker or lm-writer), ("exec", "writer")
+    for a new interpreter (``python -m lightmail.workers.writer``).  Waits for a fork
+    or an exec just made to show: the log line that names the pid may come first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            comm, args = "", []
+        if comm in ("lm-worker", "lm-writer"):
+            return "forked", comm[3:]
+        for kind in ("worker", "writer"):
+            if f"lightmail.workers.{kind}".encode() in args:
+                return "exec", kind
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} is no LightMail child: {comm} {args}")
+        time.sleep(0.05)
+
+
 def run_cli(config: Path, *args: str, stdin: str | None = None) -> str:
     """Run the `lightmail` admin command against ``config``; fail on a non-zero exit."""
     result = subprocess.run([sys.executable, "-m", "lightmail.admin.cli", "--config",

@@ -33,6 +33,12 @@ FIXTURES = schemafixtures.available()
 LIGHTMAIL = [sys.executable, "-m", "lightmail.admin.cli"]
 
 
+def test_the_head_known_without_alembic_is_alembics() -> None:
+    """migrate.HEAD spares a process whose schema is current the import of Alembic:
+    a new migration must move it."""
+    assert migrate.HEAD == migrate.head_revision() == REVISIONS[-1]
+
+
 def test_upgrade_matches_schema_and_downgrades_cleanly(db_url: str) -> None:
     engine = create_engine(db_url, pool_size=1)
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ServerProcess, run_cli
+from tests.harness import ServerProcess, run_cli, started_as
 
 PASSWORD = "worker-secret"
 USER = "ann@workers.test"
@@ -289,9 +289,13 @@ def test_a_killed_worker_is_restarted_and_what_it_held_is_released(
     victim_pop, victim = conns[0]
     victim_pop.user(USER)
     victim_pop.pass_(PASSWORD)            # holds the maildrop lock in the victim
+    # Forked as the server started ([server] prefork); started again, a new
+    # interpreter (the main process has threads by then).
+    assert started_as(victim) == ("forked", "worker")
     os.kill(victim, signal.SIGKILL)
     server.wait_for(r"worker \d+ ended: .*starting it again")
-    server.wait_for(r"worker (\d+) started \(pid (\d+)\)", count=3)
+    restarted = server.wait_for(r"worker (\d+) started \(pid (\d+)\)", count=3)[-1]
+    assert started_as(int(restarted.group(2))) == ("exec", "worker")
     server.wait_for(r"worker \d+: pop3 on", count=3)
     # The lock and the connection count the dead worker held are released: four
     # connections (the limit) and a login as the same user all work.
@@ -336,7 +340,8 @@ def test_workers_need_a_config_file() -> None:
 def test_a_worker_that_cannot_start_stops_start_up(write_config: Any, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """No restart loop: the main process says which worker failed and exits 1."""
-    # A sitecustomize that fails the worker's interpreter only (not twistd's).
+    # A sitecustomize that fails the worker's interpreter only (not twistd's): a new
+    # interpreter (prefork = no), as a forked worker has no start-up to break.
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "sitecustomize.py").write_text(
@@ -347,6 +352,7 @@ def test_a_worker_that_cannot_start_stops_start_up(write_config: Any, tmp_path: 
         [str(broken)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     config = write_config(
         "[server]\nstate_dir = state\nhostname = mx.workers.test\nworkers = 1\n"
+        "prefork = no\n"
         "[listener:mx]\nprotocol = smtp\nendpoint = tcp:0:interface=127.0.0.1\n")
     proc = ServerProcess(config)
     try:

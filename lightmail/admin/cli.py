@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
     result: list[Any] = []
     errors: list[Exception] = []
     try:
-        if migrate.current_revision(storage.db.engine) != migrate.head_revision():
+        if migrate.current_revision(storage.db.engine) != migrate.HEAD:
             migrate.upgrade(storage.db.engine)
         directory = services.directory
 

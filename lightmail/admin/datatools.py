@@ -136,7 +136,7 @@ def with_storage(config: Config, work: Callable[[Any], Awaitable[Any]]) -> Any:
     storage.io_pool.start()
     outcome: list[Any] = []
     try:
-        current, head = migrate.current_revision(storage.db.engine), migrate.head_revision()
+        current, head = migrate.current_revision(storage.db.engine), migrate.HEAD
         if current != head:
             raise ToolError(f"the database schema is at {current or 'nothing'}, this "
                             f"LightMail needs {head}: run 'lightmail db upgrade'")

@@ -27,7 +27,6 @@ from typing import Any, Optional
 from twisted.cred import error
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -200,7 +199,9 @@ class Logins:
         self.portal = portal
         self.guard = guard
         self.recorder = recorder
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
 
     def login(self, creds: Any, attempt: Attempt) -> Deferred[Any]:
         """The IMailAccount of ``creds``, or a LoginFailed failure."""

@@ -12,8 +12,13 @@ from one comparison per byte and a few on the line ends (about 40 us).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+# numpy's BLAS (OpenBLAS), which nothing here calls, would otherwise start a thread per
+# core in every process as numpy is imported, and the main process must have no
+# thread when it forks its workers (lightmail.workers.prefork).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 _LF, _CR, _DOT = 10, 13, 46

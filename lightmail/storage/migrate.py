@@ -13,17 +13,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+#: The newest revision (tests/test_migrations.py checks that it is Alembic's head).
+#: Known here so that a process whose schema is current never imports Alembic: with
+#: Mako and Pygments, which it brings, some 15 MB in every process that checks.
+HEAD = "0015"
+
 
 def _alembic_config(connection: object) -> AlembicConfig:
+    # Alembic is imported only where a migration runs (see HEAD).
+    from alembic.config import Config as AlembicConfig
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -31,6 +39,8 @@ def _alembic_config(connection: object) -> AlembicConfig:
 
 
 def head_revision() -> str:
+    """The head of the migration scripts, as Alembic finds it (:data:`HEAD`)."""
+    from alembic.script import ScriptDirectory
     script = ScriptDirectory.from_config(_alembic_config(None))
     head = script.get_current_head()
     assert head is not None
@@ -38,18 +48,29 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The database's revision (None: no LightMail schema), read from Alembic's
+    version table as Alembic does, without Alembic."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        found = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(found) > 1:          # LightMail's history has no branches
+        raise RuntimeError(f"the database has several schema revisions: {found}")
+    return found[0] if found else None
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database schema up to ``revision``; call before the reactor runs
     or from a worker thread."""
+    if revision == "head" and current_revision(engine) == HEAD:
+        return          # current: no need for Alembic
+    from alembic import command
     with engine.begin() as conn:
         command.upgrade(_alembic_config(conn), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
     with engine.begin() as conn:
         command.downgrade(_alembic_config(conn), revision)
 
@@ -68,6 +89,7 @@ class Step:
 
 def revisions() -> list[Step]:
     """Every revision this LightMail knows, oldest first."""
+    from alembic.script import ScriptDirectory
     script = ScriptDirectory.from_config(_alembic_config(None))
     return [Step(s.revision, (s.doc or "").strip().splitlines()[0] if s.doc else "")
             for s in reversed(list(script.walk_revisions()))]
@@ -109,5 +131,6 @@ def plan_downgrade(current: str | None, to: str | None = None) -> tuple[str, lis
 
 def revision(engine: Engine, message: str) -> None:
     """Write a draft migration by comparing the database with ``schema.py``."""
+    from alembic import command
     with engine.begin() as conn:
         command.revision(_alembic_config(conn), message=message, autogenerate=True)

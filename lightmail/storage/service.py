@@ -147,10 +147,10 @@ class StorageService(Service):
         d.addErrback(self._failed)
 
     def _check_schema(self) -> None:
-        current, head = migrate.current_revision(self.db.engine), migrate.head_revision()
-        if current != head:
+        current = migrate.current_revision(self.db.engine)
+        if current != migrate.HEAD:
             raise RuntimeError(f"the database schema is at {current or 'nothing'}, this "
-                               f"LightMail needs {head}: run 'lightmail db upgrade'")
+                               f"LightMail needs {migrate.HEAD}: run 'lightmail db upgrade'")
 
     def _started(self, _: Any) -> None:
         self.log.info("storage ready: {backend} database, blobs in {blob_dir}",

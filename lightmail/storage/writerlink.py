@@ -13,7 +13,6 @@ own process otherwise).
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from lightmail.processes import ExecStarter, IProcessStarter
 from lightmail.storage import wire
 from lightmail.storage.interfaces import BlobHandoff
 from lightmail.storage.sqlwrites import Outcome
@@ -159,13 +159,16 @@ class WriterLink:
     def __init__(self, command: list[str] | None = None, *, listen: str | None = None,
                  connect: str | None = None,
                  restarted: Callable[[], None] | None = None,
-                 stdin: bytes | None = None) -> None:
+                 stdin: bytes | None = None,
+                 starter: IProcessStarter | None = None) -> None:
         if (command is None) == (connect is None):
             raise ValueError("a WriterLink starts a writer (command) or "
                              "connects to one (connect)")
-        #: The writer process's command line, to which ``--fd N`` (its end of the
-        #: socket pair) and ``--listen PATH`` are added.
+        #: The arguments of the writer process (lightmail.workers.writer), to which
+        #: ``--fd N`` (its end of the socket pair) and ``--listen PATH`` are added.
         self.command = command
+        #: What starts it (lightmail.processes): a new interpreter unless said.
+        self.starter: IProcessStarter = starter or ExecStarter()
         self.listen = listen
         self.connect = connect
         #: Told each time the writer process ended and is started again (metrics).
@@ -205,13 +208,10 @@ class WriterLink:
         if self.listen is not None:
             args += ["--listen", self.listen]
         self._ended = defer.Deferred()
-        self._process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            _WriterProcess(self, self._ended), args[0], args,
-            env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2, fd: theirs.fileno()})
+        self._process = self.starter.start(
+            _WriterProcess(self, self._ended), "lightmail.workers.writer", args,
+            {fd: theirs.fileno()}, self.stdin or b"")
         theirs.close()
-        if self.stdin is not None:
-            self._process.writeToChild(0, self.stdin)
-        self._process.closeChildFD(0)
         self.log.info("writer process started (pid {pid})", pid=self._process.pid)
 
     def stop(self) -> defer.Deferred[None]:

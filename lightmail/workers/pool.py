@@ -12,10 +12,7 @@ POP3 locks), so that all of it is released when the worker goes.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Optional
@@ -32,6 +29,7 @@ from lightmail.imap.hub import MailboxHub
 from lightmail.listeners import MEMORY, SHUTTING_DOWN, ConnectionLimits, ListenerService
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.pop3.maildrop import Locks
+from lightmail.processes import ChildProcess, ExecStarter, IProcessStarter
 from lightmail.reload.interfaces import IReloadable, ReloadRefused, Switch
 from lightmail.storage.interfaces import IChangeListener, MailboxChange
 from lightmail.workers import control
@@ -218,8 +216,11 @@ class WorkerPool(Service):
 
     def __init__(self, services: Any, listeners: list[ListenerService], count: int,
                  ready: defer.Deferred[Any], shutdown_timeout: float = 30.0,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None,
+                 starter: IProcessStarter | None = None) -> None:
         self.on_failure = on_failure
+        #: What starts the workers (lightmail.processes): new interpreters unless said.
+        self.starter: IProcessStarter = starter or ExecStarter()
         self.services = services
         self.config = services.config
         #: The configuration text this process started with (lightmail.reload.settle
@@ -237,7 +238,7 @@ class WorkerPool(Service):
             s.listener.unauthenticated_limit) for s in listeners}
         self.links: set[WorkerLink] = set()
         self.processes: dict[int, WorkerProcess] = {}
-        self.transports: dict[int, Any] = {}
+        self.transports: dict[int, ChildProcess] = {}
         self.draining = False
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.metrics: IMetrics = services.metrics
@@ -279,9 +280,8 @@ class WorkerPool(Service):
         reactor.adoptStreamConnection(  # type: ignore[attr-defined]
             ours.fileno(), socket.AF_UNIX, control.OneProtocol(link))
         ours.close()
-        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CONTROL_FD: theirs.fileno()}
-        args = [sys.executable, "-m", "lightmail.workers.worker",
-                "--config", str(self.config.path), "--config-stdin", "--index", str(index),
+        fds = {CONTROL_FD: theirs.fileno()}
+        args = ["--config", str(self.config.path), "--config-stdin", "--index", str(index),
                 "--control", str(CONTROL_FD)]
         writer_socket = self.services.storage.writer_socket
         if writer_socket is not None:
@@ -292,12 +292,10 @@ class WorkerPool(Service):
             args += ["--listener", f"{service.listener.name}={offset}"]
         process = WorkerProcess(self, index)
         self.processes[index] = process
-        self.transports[index] = reactor.spawnProcess(  # type: ignore[attr-defined]
-            process, sys.executable, args, env=dict(os.environ), childFDs=fds)
-        theirs.close()
         texts = {"started": self.started_text, "current": self.services.config.text}
-        self.transports[index].writeToChild(0, json.dumps(texts).encode())
-        self.transports[index].closeChildFD(0)
+        self.transports[index] = self.starter.start(
+            process, "lightmail.workers.worker", args, fds, json.dumps(texts).encode())
+        theirs.close()
         self.log.info("worker {index} started (pid {pid})", index=index,
                       pid=self.transports[index].pid)
 
@@ -453,6 +451,6 @@ class WorkerPool(Service):
     def _kill_all(self) -> None:
         for transport in list(self.transports.values()):
             try:
-                os.kill(transport.pid, signal.SIGKILL)
-            except (OSError, TypeError):
+                transport.signalProcess("KILL")
+            except (OSError, error.ProcessExitedAlready):
                 pass

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                                      redirectStandardIO=False)
     from lightmail.config import load_config, parse_config
     from lightmail.storage.writer import serve
-    from lightmail.wiring import Role, wire
+    from lightmail.wiring import wire_writer
     if args.config_stdin:
         config = parse_config(sys.stdin.buffer.read().decode("utf-8"), args.config)
     else:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         listener.bind(args.listen)
         os.chmod(args.listen, 0o600)
         listener.listen(64)
-    storage = wire(config, Role.WRITER).storage
+    storage = wire_writer(config)
     try:
         serve(sock, storage.db, storage.blobs, storage.writes, listener)
     finally:

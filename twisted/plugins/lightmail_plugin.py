@@ -37,10 +37,14 @@ class LightMailServiceMaker:
     options = Options
 
     def makeService(self, options: Any) -> Any:
+        config = options["loaded"]
+        # First, before anything installs the reactor or starts a thread: the worker
+        # and writer processes are forked now (lightmail/workers/prefork.py).
+        from lightmail.workers.prefork import prefork
+        starter = prefork(config)
         from lightmail.reload.sighup import SignalReload
         from lightmail.service import makeService
-        config = options["loaded"]
-        service = makeService(config)
+        service = makeService(config, starter=starter)
         service.exit_on_failure = True
         # SIGHUP reloads the configuration; `lightmail reload` finds this process by
         # the pid file it writes.  (Added last, it is the first to stop.)

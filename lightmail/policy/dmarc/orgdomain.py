@@ -17,6 +17,7 @@ itself a public suffix is its own organizational domain.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -77,5 +78,13 @@ def load_suffixes(path: Optional[Path] = None) -> PublicSuffixes:
     """The list in ``path`` (None: the package's own), parsed (some 70 ms).  Raises
     :class:`SuffixListError` as :func:`read_suffix_list`."""
     if path is None:
-        return PublicSuffixes(PublicSuffixList(), "the publicsuffixlist package")
+        return _package_list()
     return PublicSuffixes(PublicSuffixList(read_suffix_list(path)), str(path))
+
+
+@functools.cache
+def _package_list() -> PublicSuffixes:
+    """The package's list, parsed once per process (it never changes while LightMail
+    runs): some 2 MB, and the worker processes forked from the main one share its
+    copy (lightmail.workers.prefork)."""
+    return PublicSuffixes(PublicSuffixList(), "the publicsuffixlist package")
