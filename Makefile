@@ -53,7 +53,7 @@ bench: $(BIN)/.installed
 	scripts/test-peers.sh
 	$(BIN)/python bench/smtp.py --idle 1000
 
-.PHONY: bench-lmtp bench-pop3 bench-outbound bench-imap
+.PHONY: bench-lmtp bench-pop3 bench-outbound bench-imap bench-memory
 
 bench-lmtp: $(BIN)/.installed
 	scripts/test-peers.sh
@@ -70,6 +70,10 @@ bench-outbound: $(BIN)/.installed
 bench-imap: $(BIN)/.installed
 	scripts/test-peers.sh
 	$(BIN)/python bench/imap.py --big 100000
+
+bench-memory: $(BIN)/.installed
+	scripts/test-peers.sh
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -64,14 +64,24 @@ LIMIT = 10000              # connections per listener, address and user
 
 # --- measuring -------------------------------------------------------------------------
 
-def pss_kb(pid: int) -> int:
+def pss_kb(pid: int, field: str = "Pss") -> int:
+    """``Pss`` (or ``Pss_Anon``, ``Pss_File``) of ``/proc/PID/smaps_rollup``, in KB."""
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError):
         pass        # gone meanwhile
     return 0
+
+
+def split_pss(pids: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Each process's Pss in KB, and its anonymous and file-backed parts: the files'
+    pages (Python's library, the extension modules) are shared out with every process
+    of the machine that maps them, this run's others included, so that part moves
+    with what else runs; the anonymous part is the server's own."""
+    return {label: {"pss": pss_kb(pid), "anon": pss_kb(pid, "Pss_Anon"),
+                    "file": pss_kb(pid, "Pss_File")} for label, pid in pids.items()}
 
 
 def settle(measure: Callable[[], dict[str, int]], rounds: int = 40) -> dict[str, int]:
@@ -192,9 +202,12 @@ def deliver(port: int, rcpt: str, count: int) -> None:
 
 # --- LightMail -------------------------------------------------------------------------
 
-def demo_config(text: str) -> str:
-    """The demo config, fit for this run: TCP ports 0, limits and logins as above."""
+def demo_config(text: str, prefork: str = "") -> str:
+    """The demo config, fit for this run: TCP ports 0, limits and logins as above;
+    ``[server] prefork`` as given (the file's otherwise)."""
     text = re.sub(r"tcp:\d+:", "tcp:0:", text)
+    if prefork:
+        text = text.replace("[server]\n", f"[server]\nprefork = {prefork}\n", 1)
     text = text.replace("auth_over_plaintext = no", "auth_over_plaintext = yes")
     more = f"max_connections = {LIMIT}\nmax_connections_per_ip = {LIMIT}\n"
     text = re.sub(r"^(\[listener:[^\]]+\]\n)", lambda m: m.group(1) + more, text,
@@ -206,11 +219,11 @@ class LightMailDemo:
     PID = re.compile(r"(?P<what>worker \d+|writer process|fork server) started \(pid "
                      r"(?P<pid>\d+)\)")
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, prefork: str = "") -> None:
         self.base = Path(tempfile.mkdtemp(prefix="lightmail-bench-memory-"))
         (self.base / "etc").mkdir()
         self.config = self.base / "etc" / "lightmail.conf"
-        self.config.write_text(demo_config(config.read_text()))
+        self.config.write_text(demo_config(config.read_text(), prefork))
         run_cli(self.config, "demo-setup")
         self.server = ServerProcess(self.config)
         self.ports = self.server.ports(expected=8)      # lmtp's Unix socket has none
@@ -223,10 +236,12 @@ class LightMailDemo:
                 found[int(match.group("pid"))] = match.group("what").replace(" process", "")
         return found
 
-    def measure(self) -> dict[str, int]:
+    def pids(self) -> dict[str, int]:
         labels = self.labels()
-        return {labels.get(pid, f"pid {pid}"): pss_kb(pid)
-                for pid in group_members(self.pgid)}
+        return {labels.get(pid, f"pid {pid}"): pid for pid in group_members(self.pgid)}
+
+    def measure(self) -> dict[str, int]:
+        return {label: pss_kb(pid) for label, pid in self.pids().items()}
 
     def stop(self) -> None:
         self.server.terminate()
@@ -234,11 +249,13 @@ class LightMailDemo:
 
 
 def run_lightmail(args: argparse.Namespace) -> dict[str, Any]:
-    demo = LightMailDemo(Path(args.config))
+    demo = LightMailDemo(Path(args.config), args.prefork)
     try:
-        idle = settle(demo.measure)
-        row: dict[str, Any] = {"processes_kb": idle, "total_kb": sum(idle.values())}
-        print_processes("LightMail, idle", idle)
+        settle(demo.measure)
+        processes = split_pss(demo.pids())
+        row: dict[str, Any] = {"processes_kb": processes,
+                               "total_kb": sum(p["pss"] for p in processes.values())}
+        print_processes("LightMail, idle", processes)
         if args.smtp:
             row["smtp_idle"] = per_connection(
                 demo.measure, lambda n: smtp_idle(demo.ports["mx"], n), args.smtp)
@@ -252,8 +269,10 @@ def run_lightmail(args: argparse.Namespace) -> dict[str, Any]:
             smtp.sendmail("sender@bench.test", [DEMO_USER],
                           f"From: sender@bench.test\r\nTo: {DEMO_USER}\r\n"
                           "Subject: one\r\n\r\nbody\r\n")
-        used = settle(demo.measure)
-        row["after_use_kb"], row["after_use_total_kb"] = used, sum(used.values())
+        settle(demo.measure)
+        used = split_pss(demo.pids())
+        row["after_use_kb"] = used
+        row["after_use_total_kb"] = sum(p["pss"] for p in used.values())
         print_processes("LightMail, after use (connections closed, one message taken)",
                         used)
         return row
@@ -271,8 +290,7 @@ def run_postfix(args: argparse.Namespace) -> dict[str, Any]:
         pgid = int((postfix.base / "spool" / "pid" / "master.pid").read_text())
         measure = group_pss(pgid)
         idle = settle(measure)
-        row: dict[str, Any] = {"total_kb": sum(idle.values()), "processes": len(idle)}
-        print(f"Postfix, idle: {len(idle)} processes, {row['total_kb'] / 1024:.1f} MB")
+        row = reference_row("Postfix", idle)
         if args.smtp:
             # Once: each connection gets an smtpd process, and the first round's
             # would stay (max_idle) to take the next round's connections.
@@ -296,8 +314,7 @@ def run_dovecot(args: argparse.Namespace) -> dict[str, Any]:
         assert dovecot.proc is not None
         measure = group_pss(dovecot.proc.pid)
         idle = settle(measure)
-        row: dict[str, Any] = {"total_kb": sum(idle.values()), "processes": len(idle)}
-        print(f"Dovecot, idle: {len(idle)} processes, {row['total_kb'] / 1024:.1f} MB")
+        row = reference_row("Dovecot", idle)
         if args.imap:
             deliver(dovecot.lmtp_port, DOVECOT_USER, args.messages)
             row["imap_selected"] = per_connection(measure, lambda n: imap_selected(
@@ -309,11 +326,26 @@ def run_dovecot(args: argparse.Namespace) -> dict[str, Any]:
         dovecot.stop()
 
 
-def print_processes(title: str, processes: dict[str, int]) -> None:
-    total = sum(processes.values())
-    print(f"{title}: {len(processes)} processes, {total / 1024:.1f} MB")
-    for label, kb in sorted(processes.items()):
-        print(f"  {label:<12} {kb / 1024:6.1f} MB")
+def reference_row(name: str, idle: dict[str, int]) -> dict[str, Any]:
+    processes = split_pss({pid: int(pid) for pid in idle})
+    row: dict[str, Any] = {"total_kb": sum(p["pss"] for p in processes.values()),
+                           "anon_kb": sum(p["anon"] for p in processes.values()),
+                           "file_kb": sum(p["file"] for p in processes.values()),
+                           "processes": len(processes)}
+    print(f"{name}, idle: {len(processes)} processes, Pss {row['total_kb'] / 1024:.1f} MiB "
+          f"(anonymous {row['anon_kb'] / 1024:.1f}, files {row['file_kb'] / 1024:.1f})")
+    return row
+
+
+def print_processes(title: str, processes: dict[str, dict[str, int]]) -> None:
+    def mib(key: str, figures: dict[str, int]) -> str:
+        return f"{figures[key] / 1024:6.1f}"
+    total = {key: sum(p[key] for p in processes.values()) for key in ("pss", "anon", "file")}
+    print(f"{title}: {len(processes)} processes, Pss {total['pss'] / 1024:.1f} MiB "
+          f"(anonymous {total['anon'] / 1024:.1f}, files {total['file'] / 1024:.1f})")
+    for label, figures in sorted(processes.items()):
+        print(f"  {label:<12} {mib('pss', figures)} MiB  "
+              f"({mib('anon', figures)} + {mib('file', figures)})")
 
 
 def main() -> int:
@@ -324,6 +356,8 @@ def main() -> int:
     parser.add_argument("--imap", type=int, default=200, help="IMAP sessions")
     parser.add_argument("--messages", type=int, default=20, help="in INBOX")
     parser.add_argument("--only", default="lightmail,postfix,dovecot")
+    parser.add_argument("--prefork", choices=("yes", "no"),
+                        help="LightMail's [server] prefork (default: the config's)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     runs = {"lightmail": run_lightmail, "postfix": run_postfix, "dovecot": run_dovecot}
@@ -332,8 +366,8 @@ def main() -> int:
         results[name] = runs[name](args)
     if {"lightmail", "postfix", "dovecot"} <= results.keys():
         lm, pf, dc = results["lightmail"], results["postfix"], results["dovecot"]
-        print(f"idle: LightMail {lm['total_kb'] / 1024:.1f} MB, Postfix "
-              f"{pf['total_kb'] / 1024:.1f} MB, Dovecot {dc['total_kb'] / 1024:.1f} MB")
+        print(f"idle Pss: LightMail {lm['total_kb'] / 1024:.1f} MiB, Postfix "
+              f"{pf['total_kb'] / 1024:.1f} MiB, Dovecot {dc['total_kb'] / 1024:.1f} MiB")
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -3,7 +3,7 @@
 Why: each LightMail process is a Python interpreter that has imported Twisted,
 SQLAlchemy, cryptography, numpy, dnspython and LightMail itself, some 70 MB of
 objects before it serves anyone; started as new interpreters, the demo's main
-process, two workers and writer process held 330 MB between them (issue 22).
+process, two workers and writer process held 331 MiB of Pss between them (issue 22).
 Forked from one process that has imported all of it, they share those pages
 (copy-on-write) until one of them writes to one.
 
