@@ -84,11 +84,13 @@ def prefork(config: Config, fallback: IProcessStarter | None = None) -> IProcess
     if not modules:
         return fallback
     why_not = _cannot_fork(config)
+    if not why_not:
+        _preload(config)
+        why_not = _cannot_fork(config)      # (an import could have started a thread)
     if why_not:
         log.info("worker and writer processes start as new interpreters: {why}",
                  why=why_not)
         return fallback
-    _preload(config)
     gc.collect()
     gc.freeze()
     sys.stdout.flush()
