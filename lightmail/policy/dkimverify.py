@@ -156,7 +156,9 @@ class DKIMVerifier:
 
     async def _verify(self, message: bytes, header_block: bytes, max_signatures: int,
                       min_rsa_bits: int, accept_rsa_sha1: bool) -> list[SignatureResult]:
-        fields = dkim_fields(header_fields_of(normalised(header_block)))
+        block = normalised(header_block)
+        all_fields = header_fields_of(block)
+        fields = dkim_fields(all_fields)
         if not fields:
             return []
         signatures = [tag_list(field.raw.split(b":", 1)[1]) or {} for field in fields]
@@ -164,7 +166,7 @@ class DKIMVerifier:
         names = [_key_name(tags) for tags in checked if tags.get(b"s") and tags.get(b"d")]
         keys = await self.keys.fetch(names)
         verify = _Verification(self.parsed_keys, checked, keys, min_rsa_bits,
-                               accept_rsa_sha1)
+                               accept_rsa_sha1, (block, all_fields))
         if len(message) <= INLINE_LIMIT:
             results = verify(message)
         else:
@@ -186,7 +188,9 @@ class _Verification:
     """Checks the signatures fetched for (on the reactor, or in a thread)."""
 
     def __init__(self, parsed_keys: KeyCache, signatures: Sequence[dict[bytes, bytes]],
-                 keys: Mapping[str, Any], min_rsa_bits: int, accept_rsa_sha1: bool) -> None:
+                 keys: Mapping[str, Any], min_rsa_bits: int, accept_rsa_sha1: bool,
+                 parsed: tuple[bytes, list[HeaderField]]) -> None:
+        self.parsed = parsed        # the header block read already, and its fields
         self.parsed_keys = parsed_keys
         self.accept_rsa_sha1 = accept_rsa_sha1
         self.signatures = signatures
@@ -195,7 +199,9 @@ class _Verification:
 
     def __call__(self, message: bytes) -> list[SignatureResult]:
         block, body = split_message(normalised(message))
-        fields = header_fields_of(block)
+        # The header block given with the message is the message's own (the blob
+        # writer's copy): its fields need not be read again.
+        fields = self.parsed[1] if block == self.parsed[0] else header_fields_of(block)
         positions = [index for index, field in enumerate(fields)
                      if field.name.lower() == b"dkim-signature"]
         return [self._one(fields, body, position, tags)

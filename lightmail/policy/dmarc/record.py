@@ -17,6 +17,7 @@ leniency §6.6.3 asks of a receiver.
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -100,6 +101,9 @@ def is_dmarc_record(text: str) -> bool:
     return _VERSION.match(text) is not None
 
 
+# A busy MX reads the same few records again and again (the answers are cached by
+# the resolver): a record is parsed once (DMARCRecord is frozen, so it may be shared).
+@functools.lru_cache(maxsize=1024)
 def parse_record(text: str) -> DMARCRecord:
     """The record ``text`` says; raises :class:`DMARCSyntaxError` when it is none."""
     if not is_dmarc_record(text):

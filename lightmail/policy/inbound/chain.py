@@ -192,6 +192,8 @@ def without_our_fields(message: bytes, authserv_id: str) -> bytes:
     ``authserv_id`` (case-insensitively); the message as it was when there are none."""
     end = _header_end(message)
     block = message[:end]
+    if b"authentication-results" not in block.lower():
+        return message              # most messages: no need to split the block
     starts = [(m.start(), m.group(1).lower()) for m in _FIELD_START.finditer(block)]
     ours = authserv_id.lower().encode("ascii", "replace")
     drop = []

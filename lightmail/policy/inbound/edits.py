@@ -30,9 +30,9 @@ def apply_edits(message: bytes, edits: Sequence[HeaderEdit],
     milter's, one of our own checks, and stay.  The message itself when there is
     nothing to do."""
     end = header_end(message)
-    received = header_fields(message[:end])
-    if not edits and body is None and not any(field_name(f) in remove for f in received):
+    if not edits and body is None and not has_fields(message[:end], remove):
         return message
+    received = header_fields(message[:end])
     fields = [_Field(data, received=True) for data in received]
     for edit in edits:
         _apply(fields, edit)
