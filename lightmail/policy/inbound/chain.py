@@ -91,19 +91,28 @@ class InboundPolicy:
         for check in self.checks:
             check.session_ended(session)
 
-    @defer.inlineCallbacks
-    def content(self, session: Any, tx: Any, staged: IStagedBlob) -> Any:
+    def content(self, session: Any, tx: Any, staged: IStagedBlob) -> Deferred[Any]:
         """(None or the refusing Reply, the staged blob to queue).  The blob is a new
         one when an Authentication-Results field was written (and the checks' header
         edits and new body made, in the same copy); the one given is then discarded,
         and when the checks refuse, the caller discards what it gets."""
         if not self.checks:
-            return None, staged
+            return defer.succeed((None, staged))
         message = Message(self.blobs, staged)
-        for check in self.checks:
-            reply = yield check.content(session, tx, message, tx.findings)
+        checked = self._first_refusal(
+            lambda check: check.content(session, tx, message, tx.findings))
+
+        def then(reply: Any) -> Any:
             if reply is not None:
                 return reply, staged
+            return self._rewritten(session, tx, message, staged)
+        return checked.addCallback(then)
+
+    @defer.inlineCallbacks
+    def _rewritten(self, session: Any, tx: Any, message: Message,
+                   staged: IStagedBlob) -> Any:
+        """(None, the blob to queue): the message with the checks' results and edits,
+        or ``staged`` itself when there is nothing to add or remove."""
         results = [entry for check in self.checks for entry in check.results(tx.findings)]
         findings = tx.findings
         # Fields from outside that claim our checks' verdicts (a spammer's own
