@@ -59,6 +59,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -261,6 +262,41 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class PinLock:
+    """IBlobStore's pins: a shared flock on a file in the store (``pins.lock``),
+    which a garbage collection's exclusive one excludes, whatever the process; the
+    kernel lets go of it when its holder dies, so a killed backup holds nothing
+    back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def pin_now(self) -> Iterator[None]:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def collecting_now(self) -> Iterator[bool]:
+        fd = self._open()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
+
 @implementer(IBlobStore)
 class FilesystemBlobStore:
     """Blobs as files under ``root``; see the module docstring for layout and guarantees.
@@ -283,6 +319,7 @@ class FilesystemBlobStore:
             from twisted.internet import reactor as default_reactor
             reactor = cast(IReactorFromThreads, default_reactor)
         self.root = Path(root)
+        self._pins = PinLock(self.root / "pins.lock")
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         # Plain strings for the per-message path work (pathlib costs more CPU).
@@ -535,33 +572,11 @@ class FilesystemBlobStore:
             results[index] = _outcome(pendings[index].rename_now)
         return results
 
-    # Pins (IBlobStore.pin_now): a shared flock on a file in the store, which a
-    # garbage collection's exclusive one excludes, whatever the process; the kernel
-    # lets go of it when its holder dies, so a killed backup holds nothing back.
-    def _pin_file(self) -> int:
-        return os.open(self.root / "pins.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def pin_now(self) -> AbstractContextManager[None]:
+        return self._pins.pin_now()
 
-    @contextlib.contextmanager
-    def pin_now(self) -> Iterator[None]:
-        fd = self._pin_file()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def collecting_now(self) -> Iterator[bool]:
-        fd = self._pin_file()
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-            else:
-                yield True
-        finally:
-            os.close(fd)
+    def collecting_now(self) -> AbstractContextManager[bool]:
+        return self._pins.collecting_now()
 
     def recover(self) -> Deferred[int]:
         """:meth:`recover_now` on the pool; logs what it moved."""

@@ -45,7 +45,6 @@ Every request is made by a bounded pool of threads of the store's own
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -53,6 +52,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
@@ -67,6 +67,7 @@ from lightmail.config import S3Config
 from lightmail.storage.blobs import (
     FLUSH_THRESHOLD,
     BufferedBlobWriter,
+    PinLock,
     WriterState,
     copy_digest,
     is_blob_id,
@@ -163,6 +164,8 @@ class S3BlobStore:
         self.flush_threshold = FLUSH_THRESHOLD
         self.cache = ReadCache(config.read_cache_size)
         self.spool_dir = Path(spool_dir)
+        # A backup's pin holds collections back on this machine only (operations.rst).
+        self._pins = PinLock(self.spool_dir / "pins.lock")
         # Messages wait here: for LightMail's user only (as the filesystem store's).
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._spool = str(self.spool_dir)
@@ -385,31 +388,11 @@ class S3BlobStore:
 
     # Pins (IBlobStore.pin_now): as the filesystem store's, a shared flock on a file
     # that a collection's exclusive one excludes (the processes of this machine).
-    def _pin_file(self) -> int:
-        return os.open(self.spool_dir / "pins.lock",
-                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def pin_now(self) -> AbstractContextManager[None]:
+        return self._pins.pin_now()
 
-    @contextlib.contextmanager
-    def pin_now(self) -> Iterator[None]:
-        fd = self._pin_file()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def collecting_now(self) -> Iterator[bool]:
-        fd = self._pin_file()
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-            else:
-                yield True
-        finally:
-            os.close(fd)
+    def collecting_now(self) -> AbstractContextManager[bool]:
+        return self._pins.collecting_now()
 
     def recover(self) -> Deferred[int]:
         """IBlobStore: nothing to put right (an object exists only once whole); the
