@@ -1006,6 +1006,35 @@ class _BlobWriter(BufferedBlobWriter):
                 self._drain_waiters and self._buflen):
             self._submit(self._tmp.append, self._take_to_write())
         self._wake_drained()
+class CommitOnce:
+    """A staged blob's guard (any thread): committed at most once, and never after
+    it was discarded; discarded only while no commit has started."""
+
+    def __init__(self, blob_id: str) -> None:
+        self.blob_id = blob_id
+        self._lock = threading.Lock()
+        self.started = False
+        self.discarded = False
+
+    def start(self) -> None:
+        """Before a commit (or handoff): raises when it may not begin."""
+        with self._lock:
+            if self.discarded:
+                raise BlobMissing(f"blob {self.blob_id} was discarded before its commit")
+            if self.started:
+                # Its temporary file is another's now, or gone: never commit that.
+                raise RuntimeError(f"blob {self.blob_id} was committed once already")
+            self.started = True
+
+    def discard(self) -> bool:
+        """Whether the caller may drop the blob now (then never committed)."""
+        with self._lock:
+            if self.started or self.discarded:
+                return False
+            self.discarded = True
+            return True
+
+
 @implementer(IStagedBlob)
 class PendingBlob:
     """A blob whose content is complete but not yet durable (``_BlobWriter.stage``).
@@ -1024,9 +1053,7 @@ class PendingBlob:
         self._tmp = tmp
         self._chunks = chunks
         self.ref = ref
-        self._lock = threading.Lock()
-        self._started = False
-        self._discarded = False
+        self._once = CommitOnce(ref.id)
         self._fresh = False
         #: IStagedBlob: set once the commit has succeeded here.
         self.durable = False
@@ -1046,13 +1073,7 @@ class PendingBlob:
         self.durable = True
 
     def _start(self) -> None:
-        with self._lock:
-            if self._discarded:
-                raise BlobMissing(f"blob {self.ref.id} was discarded before its commit")
-            if self._started:
-                # Its temporary file is another's now, or gone: never commit that.
-                raise RuntimeError(f"blob {self.ref.id} was committed once already")
-            self._started = True
+        self._once.start()
 
     # commit_pending_many's steps: write_now, then (after a syncfs) rename_now, or
     # discard_now when the syncfs failed.
@@ -1094,10 +1115,8 @@ class PendingBlob:
     def discard(self) -> None:
         """Close and remove the temporary file, unless a commit has started (any
         thread; a no-op then)."""
-        with self._lock:
-            if self._started or self._discarded:
-                return
-            self._discarded = True
+        if not self._once.discard():
+            return
         self._chunks = []
         self._tmp.discard()
 
@@ -1110,7 +1129,7 @@ class PendingBlob:
         file on the pool and what is still buffered."""
         chunks = self._chunks
         path = self._tmp.path
-        if self._started or self._discarded:
+        if self._once.started or self._once.discarded:
             return fail(BlobMissing(f"blob {self.ref.id} is no longer staged"))
         if path is None:
             return succeed(b"".join(chunks))

@@ -67,6 +67,7 @@ from lightmail.config import S3Config
 from lightmail.storage.blobs import (
     FLUSH_THRESHOLD,
     BufferedBlobWriter,
+    CommitOnce,
     PinLock,
     WriterState,
     copy_digest,
@@ -503,9 +504,7 @@ class _S3Staged:
         self.ref = ref
         self._path = path
         self._chunks = chunks
-        self._lock = threading.Lock()
-        self._started = False
-        self._discarded = False
+        self._once = CommitOnce(ref.id)
         #: IStagedBlob: set once the upload has succeeded.
         self.durable = False
 
@@ -514,12 +513,7 @@ class _S3Staged:
         return self._store
 
     def _start(self) -> None:
-        with self._lock:
-            if self._discarded:
-                raise BlobMissing(f"blob {self.ref.id} was discarded before its commit")
-            if self._started:
-                raise RuntimeError(f"blob {self.ref.id} was committed once already")
-            self._started = True
+        self._once.start()
 
     def commit_now(self) -> None:
         self._start()
@@ -536,10 +530,8 @@ class _S3Staged:
         return self._store._defer(self.commit_now).addCallback(lambda _: self.ref)
 
     def discard(self) -> None:
-        with self._lock:
-            if self._started or self._discarded:
-                return
-            self._discarded = True
+        if not self._once.discard():
+            return
         self._chunks = []
         path, self._path = self._path, None
         if path is not None:
@@ -553,7 +545,7 @@ class _S3Staged:
         return BlobHandoff(path, b"".join(chunks), self.ref)
 
     def read(self) -> Deferred[bytes]:
-        if self._started or self._discarded:
+        if self._once.started or self._once.discarded:
             return fail(BlobMissing(f"blob {self.ref.id} is no longer staged"))
         path, chunks = self._path, self._chunks
         if path is None:
