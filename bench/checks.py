@@ -3,6 +3,7 @@ connect, MAIL, RCPT and end-of-session steps, without SMTP, sockets or the store
 
     PYTHONPATH=. .venv/bin/python bench/checks.py [--messages 5000] [--profile]
                                                   [--checks "access, limits, dnsbl, greylist"]
+    PYTHONPATH=. .venv/bin/python bench/checks.py --policy [--messages 5000] [--profile]
 
 The chain, the checks and their configuration are ``bench/smtp.py --abuse``'s (the
 same access entries, limits, DNSBL zones answered NXDOMAIN by the test DNS server and
@@ -13,6 +14,13 @@ FROM, one RCPT TO, session end.  Printed: CPU µs a message (all the process's
 threads: a check that hops to the thread pool pays for it here), for the checks
 given and for ``checks = none``, so the difference is the checks' own.  ``--profile``
 adds cProfile's table of the checked run.  Results in docs/benchmarks.rst.
+
+``--policy``: ``bench/smtp.py --policy``'s checks instead (``spf, dkim, arc, dmarc``,
+the test DNS server publishing the sender's SPF record, DKIM key and DMARC policy),
+wired as the server wires them (``lightmail.wiring``, the DMARC report rows
+included), and each message also goes through the content step: its 4 KB message,
+DKIM-signed by the sender, staged in the blob store as the SMTP session stages it,
+then checked and rewritten with its Authentication-Results field.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT)]
 
 from dnsserver import DNSServer  # noqa: E402
-from smtp import ABUSE, sender_zone  # noqa: E402
+from smtp import ABUSE, AUTHENTICATION, sender_zone, signed_message  # noqa: E402
 from twisted.internet import defer, reactor  # noqa: E402
+from twisted.internet.threads import deferToThread  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
 from lightmail.config import parse_config  # noqa: E402
@@ -42,34 +51,45 @@ from lightmail.policy.access import AccessLists  # noqa: E402
 from lightmail.policy.greylist import Greylist  # noqa: E402
 from lightmail.policy.inbound.chain import InboundPolicy, build_checks  # noqa: E402
 from lightmail.smtp.policy import Session, Transaction  # noqa: E402
-from lightmail.wiring import make_greylist_store, make_limiter  # noqa: E402
+from lightmail.storage import migrate  # noqa: E402
+from lightmail.wiring import Role, make_greylist_store, make_limiter, wire  # noqa: E402
 from tests.conftest import StorageStack  # noqa: E402
 
 
 @defer.inlineCallbacks
-def one_session(chain: InboundPolicy, number: int) -> Any:
+def one_session(chain: InboundPolicy, number: int, message: bytes = b"") -> Any:
+    """One session; with ``message``, its content step too (staged, checked, the
+    blob queued discarded)."""
     session = Session(conn_id=f"c{number}", peer="127.0.0.1", submission=False)
     refused = yield chain.connect(session)
     session.helo = "client.test"
     tx = Transaction(mail_from="sender@client.test")
     refused = refused or (yield chain.mail(session, tx))
     refused = refused or (yield chain.rcpt(session, tx, "rcpt@bench.test"))
+    if message and refused is None:
+        writer = chain.blobs.writer()
+        writer.write(message)
+        staged = yield writer.stage()
+        tx.queue_id = f"q{number}"
+        refused, blob = yield chain.content(session, tx, staged)
+        blob.discard()
     chain.session_ended(session)
     if refused is not None:
         raise SystemExit(f"refused: {refused}")     # a benchmark of refusals measures nothing
 
 
 @defer.inlineCallbacks
-def measure(chain: InboundPolicy, messages: int, profile: bool) -> Any:
+def measure(chain: InboundPolicy, messages: int, profile: bool,
+            message: bytes = b"") -> Any:
     """CPU µs a message (after 20 not measured), and the profile when asked."""
     for number in range(20):
-        yield one_session(chain, number)
+        yield one_session(chain, number, message)
     profiler = cProfile.Profile() if profile else None
     started = time.process_time()
     if profiler:
         profiler.enable()
     for number in range(messages):
-        yield one_session(chain, number)
+        yield one_session(chain, number, message)
     if profiler:
         profiler.disable()
     return 1e6 * (time.process_time() - started) / messages, profiler
@@ -95,9 +115,38 @@ def run(args: argparse.Namespace, base: Path, dns: DNSServer) -> Any:
                                            args.profile and names != "none")
             print(f"checks = {names}: {cost:.1f} µs of CPU a message")
             if profiler:
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+                pstats.Stats(profiler).sort_stats(args.sort).print_stats(40)
     finally:
         stack.close()
+
+
+@defer.inlineCallbacks
+def run_policy(args: argparse.Namespace, base: Path, dns: DNSServer, pem: bytes) -> Any:
+    checks, extra, _, _ = AUTHENTICATION
+    (base / "state").mkdir()
+    config = parse_config(f"[server]\nstate_dir = {base / 'state'}\n"
+                          f"[outbound]\ndns_servers = 127.0.0.1:{dns.port}\n" + extra)
+    services = wire(config, Role.COMMAND)
+    storage = services.storage
+    storage.db.start()
+    storage.io_pool.start()
+    try:
+        yield deferToThread(migrate.upgrade, storage.db.engine)
+        # As the SMTP session stages it: CRLF, our Received field on top.
+        message = (b"Received: from client.test (127.0.0.1) by bench.test with ESMTP "
+                   b"id q1; Mon, 07 Dec 2026 12:00:00 +0000\r\n"
+                   + signed_message(pem, 4096).replace(b"\n", b"\r\n"))
+        for names in (checks, "none"):
+            chain = InboundPolicy(build_checks([name.strip() for name in names.split(",")],
+                                               services), storage.blobs, lambda: "bench.test")
+            cost, profiler = yield measure(chain, args.messages,
+                                           args.profile and names != "none", message)
+            print(f"checks = {names}: {cost:.1f} µs of CPU a message")
+            if profiler:
+                pstats.Stats(profiler).sort_stats(args.sort).print_stats(50)
+    finally:
+        storage.io_pool.stop()
+        storage.db.stop()
 
 
 def main() -> int:
@@ -105,9 +154,13 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--checks", default="access, limits, dnsbl, greylist")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="cumulative", choices=("cumulative", "tottime"),
+                        help="the order of --profile's table")
+    parser.add_argument("--policy", action="store_true",
+                        help="the authentication checks and the content step")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lightmail-bench-checks-"))
-    zone, _ = sender_zone()
+    zone, pem = sender_zone()
     dns = DNSServer(zone, ttl=3600).start()
     failed: list[Failure] = []
 
@@ -115,7 +168,9 @@ def main() -> int:
         if isinstance(result, Failure):
             failed.append(result)
         reactor.stop()
-    reactor.callWhenRunning(lambda: run(args, base, dns).addBoth(done))
+    work = (lambda: run_policy(args, base, dns, pem)) if args.policy else (
+        lambda: run(args, base, dns))
+    reactor.callWhenRunning(lambda: work().addBoth(done))
     try:
         reactor.run()
     finally:

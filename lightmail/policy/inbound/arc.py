@@ -7,11 +7,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Optional
 
-from authres import AuthenticationResult
-from authres.arc import ARCAuthenticationResult
 from twisted.internet.defer import Deferred
 
 from lightmail.policy.arc.verify import ARCResult, ARCVerifier, has_chain
+from lightmail.policy.inbound.authresults import ResultClause
 from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
 from lightmail.smtp.codes import Reply
 
@@ -54,16 +53,19 @@ class ARCCheck(InboundCheck):
                 f"ARC: {result.reason}; try again later"))
         return None
 
-    def results(self, findings: Findings) -> list[AuthenticationResult]:
+    def results(self, findings: Findings) -> list[ResultClause]:
         arc: Optional[ARCResult] = findings.arc
         if arc is None:
             return []
-        oldest = str(arc.oldest_pass) if arc.result == "pass" else None
+        properties = []
+        if arc.result == "pass":
+            properties.append(("header.oldest-pass", str(arc.oldest_pass)))
+        if arc.remote_ip:
+            properties.append(("smtp.remote-ip", arc.remote_ip))
         # The reason quotes dkimpy, whose texts hold quotes: not in a quoted-string.
-        reason = arc.reason.replace('"', "'").replace("\\", "/") or None
-        return [ARCAuthenticationResult(result=arc.result, reason=reason,
-                                        header_oldest_pass=oldest,
-                                        smtp_remote_ip=arc.remote_ip or None)]
+        reason = arc.reason.replace('"', "'").replace("\\", "/")
+        return [ResultClause("arc", arc.result, reason=reason,
+                             properties=tuple(properties))]
 
 
 def _one_line(text: str) -> str:

@@ -4,14 +4,15 @@ Authentication-Results header field (see the package's docstring)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from authres import AuthenticationResult
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from lightmail.policy.inbound.authresults import ResultClause
 from lightmail.policy.inbound.edits import apply_edits, field_name, has_fields, header_fields
 from lightmail.policy.inbound.findings import Findings, IInboundCheck, Message
 from lightmail.storage.interfaces import IBlobStore, IBlobWriter, IStagedBlob
@@ -40,14 +41,16 @@ class InboundPolicy:
         self.checks = tuple(checks)
         self.blobs = blobs
         self.authserv_id = authserv_id
+        self._declared_verdicts = _field_names(
+            name for check in self.checks for name in check.verdict_fields)
 
     def verdict_fields(self, findings: Findings) -> frozenset[bytes]:
         """The names (lower-case) of the fields that say what our checks found: those
         the listener's checks declare, and any a check wrote this time."""
-        names = {name for check in self.checks for name in check.verdict_fields}
-        names.update(field.split(":", 1)[0] for field in findings.added_headers)
-        return frozenset(name.strip().lower().encode("ascii", "replace")
-                         for name in names)
+        if not findings.added_headers:
+            return self._declared_verdicts
+        return self._declared_verdicts | _field_names(
+            field.split(":", 1)[0] for field in findings.added_headers)
 
     def connect(self, session: Any) -> Deferred[Any]:
         """None to greet the client, or the Reply (421) of the first check that
@@ -108,36 +111,53 @@ class InboundPolicy:
             return self._rewritten(session, tx, message, staged)
         return checked.addCallback(then)
 
-    @defer.inlineCallbacks
     def _rewritten(self, session: Any, tx: Any, message: Message,
-                   staged: IStagedBlob) -> Any:
+                   staged: IStagedBlob) -> Deferred[Any]:
         """(None, the blob to queue): the message with the checks' results and edits,
-        or ``staged`` itself when there is nothing to add or remove."""
-        results = [entry for check in self.checks for entry in check.results(tx.findings)]
+        or ``staged`` itself when there is nothing to add or remove.  Callbacks
+        rather than a generator: a small message's content is at hand, and so is
+        each step's answer until the new blob is staged."""
         findings = tx.findings
+        results = [entry for check in self.checks for entry in check.results(findings)]
         # Fields from outside that claim our checks' verdicts (a spammer's own
         # "X-Spam-Flag: NO") go, as the Authentication-Results fields that claim our
         # authserv-id do; those of checks this listener does not run stay.
         ours = self.verdict_fields(findings)
-        forged = has_fields((yield message.header_block()), ours)
-        if (not results and not findings.added_headers and not findings.header_edits
-                and findings.body is None and not forged):
-            return None, staged           # nothing to say (limits alone, say)
-        data = yield message.content()
-        if forged:
-            _log_forged(session, tx, message.headers, ours)
-        data = apply_edits(data, findings.header_edits, findings.body, remove=ours)
-        rewritten = with_authentication_results(data, self.authserv_id(), results,
-                                                tx.findings.added_headers)
-        writer = self.blobs.writer()
-        try:
-            yield write_in_slices(writer, rewritten)
-            fresh = yield writer.stage()
-        except BaseException:
-            writer.abort()        # its temporary file; the caller discards ``staged``
-            raise
-        staged.discard()
-        return None, fresh
+
+        def decide(headers: bytes) -> Any:
+            forged = has_fields(headers, ours)
+            if (not results and not findings.added_headers and not findings.header_edits
+                    and findings.body is None and not forged):
+                return None, staged           # nothing to say (limits alone, say)
+            return message.content().addCallback(rewrite, forged)
+
+        def rewrite(data: bytes, forged: bool) -> Deferred[Any]:
+            if forged:
+                _log_forged(session, tx, message.headers, ours)
+            data = apply_edits(data, findings.header_edits, findings.body, remove=ours)
+            rewritten = with_authentication_results(data, self.authserv_id(), results,
+                                                    findings.added_headers)
+            writer = self.blobs.writer()
+            try:
+                written = write_in_slices(writer, rewritten)
+            except BaseException:
+                writer.abort()    # its temporary file; the caller discards ``staged``
+                raise
+
+            def failed(failure: Failure) -> Failure:
+                writer.abort()
+                return failure
+            return written.addCallback(lambda _: writer.stage()).addCallbacks(
+                replaced, failed)
+
+        def replaced(fresh: IStagedBlob) -> tuple[None, IStagedBlob]:
+            staged.discard()
+            return None, fresh
+        return message.header_block().addCallback(decide)
+
+
+def _field_names(names: Iterable[str]) -> frozenset[bytes]:
+    return frozenset(name.strip().lower().encode("ascii", "replace") for name in names)
 
 
 def _log_forged(session: Any, tx: Any, headers: bytes, ours: frozenset[bytes]) -> None:
@@ -169,7 +189,7 @@ def write_in_slices(writer: IBlobWriter, data: bytes) -> Deferred[Any]:
 
 
 def with_authentication_results(message: bytes, authserv_id: str,
-                                results: Sequence[AuthenticationResult],
+                                results: Sequence[ResultClause],
                                 added: Sequence[str] = ()) -> bytes:
     """The message with one Authentication-Results field on top (RFC 8601), below
     only the Received field our session wrote (where Postfix puts its milters'),
@@ -189,7 +209,7 @@ def with_authentication_results(message: bytes, authserv_id: str,
 
 
 def authentication_results(authserv_id: str,
-                           results: Sequence[AuthenticationResult]) -> bytes:
+                           results: Sequence[ResultClause]) -> bytes:
     """The field, folded one result a line; ``none`` when there is no result."""
     entries = [_safe(str(entry)) for entry in results] or ["none"]
     text = f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(entries)

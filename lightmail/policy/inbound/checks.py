@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from authres import AuthenticationResult, AuthenticationResultProperty
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from lightmail.policy.access import AccessLists, Snapshot
 from lightmail.policy.dkimverify import DKIMVerifier, SignatureResult
+from lightmail.policy.inbound.authresults import ResultClause
 from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
 from lightmail.policy.spf import IdentityResults, SPFChecker, SPFResult
 from lightmail.smtp.codes import Reply
@@ -93,7 +93,7 @@ class SPFCheck(InboundCheck):
             return _spf_reply(results.verdict, cfg)
         return d.addCallback(act)
 
-    def results(self, findings: Findings) -> list[AuthenticationResult]:
+    def results(self, findings: Findings) -> list[ResultClause]:
         spf: Optional[IdentityResults] = findings.spf
         if spf is None:
             return []
@@ -118,12 +118,10 @@ def _spf_reply(result: SPFResult, cfg: Any) -> Optional[Reply]:
     return None
 
 
-def _spf_entry(result: SPFResult, identity: str, value: str) -> AuthenticationResult:
+def _spf_entry(result: SPFResult, identity: str, value: str) -> ResultClause:
     kind = "smtp.helo" if identity == "helo" else "smtp.mailfrom"
-    entry = AuthenticationResult(
-        method="spf", result=result.result, reason=result.reason or None,
-        properties=[AuthenticationResultProperty("smtp", kind.split(".")[1], value)])
-    return entry
+    return ResultClause("spf", result.result, reason=result.reason,
+                        properties=((kind, value),))
 
 
 class DKIMCheck(InboundCheck):
@@ -139,28 +137,27 @@ class DKIMCheck(InboundCheck):
 
     def content(self, session: Any, tx: Any, message: Message,
                 findings: Findings) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._verify(message, findings))
-
-    async def _verify(self, message: Message, findings: Findings) -> None:
         cfg = self.settings()
-        data = await message.content()
-        findings.dkim = await self.verifier.verify(
-            data, message.headers, cfg.verify_max_signatures, cfg.verify_min_rsa_bits,
-            cfg.verify_rsa_sha1)
 
-    def results(self, findings: Findings) -> list[AuthenticationResult]:
+        def verify(data: bytes) -> Deferred[Any]:
+            return self.verifier.verify(data, message.headers, cfg.verify_max_signatures,
+                                        cfg.verify_min_rsa_bits, cfg.verify_rsa_sha1)
+
+        def keep(results: list[SignatureResult]) -> None:
+            findings.dkim = results
+        return message.content().addCallback(verify).addCallback(keep)
+
+    def results(self, findings: Findings) -> list[ResultClause]:
         if not findings.dkim:
-            return [AuthenticationResult(method="dkim", result="none")]
+            return [ResultClause("dkim", "none")]
         return [_dkim_entry(one) for one in findings.dkim]
 
 
-def _dkim_entry(one: SignatureResult) -> AuthenticationResult:
-    properties = [AuthenticationResultProperty("header", name, value)
-                  for name, value in (("d", one.domain), ("i", one.identity),
-                                      ("s", one.selector), ("a", one.algorithm),
-                                      ("b", one.b_prefix)) if value]
-    return AuthenticationResult(method="dkim", result=one.result,
-                                reason=one.reason or None, properties=properties)
+def _dkim_entry(one: SignatureResult) -> ResultClause:
+    properties = tuple((name, value) for name, value in (
+        ("header.d", one.domain), ("header.i", one.identity), ("header.s", one.selector),
+        ("header.a", one.algorithm), ("header.b", one.b_prefix)) if value)
+    return ResultClause("dkim", one.result, reason=one.reason, properties=properties)
 
 
 def _one_line(text: str) -> str:

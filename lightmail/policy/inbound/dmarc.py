@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from authres import AuthenticationResult, AuthenticationResultProperty
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from lightmail.policy.arc import trusted_pass
 from lightmail.policy.dmarc import DMARCChecker, DMARCResult, IDMARCReports
+from lightmail.policy.inbound.authresults import ResultClause
 from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
 from lightmail.smtp.codes import Reply
 
@@ -39,14 +40,15 @@ class DMARCCheck(InboundCheck):
 
     def content(self, session: Any, tx: Any, message: Message,
                 findings: Findings) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._judge(session, tx, message, findings))
-
-    async def _judge(self, session: Any, tx: Any, message: Message,
-                     findings: Findings) -> Optional[Reply]:
         if session.account is not None or findings.allowlisted or \
                 not self.checker.enabled:
-            return None              # (trusted clients: as OpenDMARC's IgnoreHosts)
-        headers = await message.header_block()
+            return defer.succeed(None)   # (trusted clients: as OpenDMARC's IgnoreHosts)
+        # Callbacks rather than a coroutine: with the sender's policy in the DNS
+        # cache, each step's answer is at hand.
+        return message.header_block().addCallback(self._judge, session, tx, findings)
+
+    def _judge(self, headers: bytes, session: Any, tx: Any,
+               findings: Findings) -> Any:
         author = self.checker.header_from(headers)
         if author.reply is not None:
             return Reply(*author.reply)
@@ -59,8 +61,11 @@ class DMARCCheck(InboundCheck):
             spf = (checked.domain, checked.result)
         dkim = [(one.domain, one.result, one.selector) for one in findings.dkim]
         sealer = trusted_pass(findings, self.arc_settings().trusted_sealers)
-        result: DMARCResult = await self.checker.check(author.domain, spf, dkim,
-                                                      arc_override=sealer)
+        checked_now = self.checker.check(author.domain, spf, dkim, arc_override=sealer)
+        return checked_now.addCallback(self._act, author.domain, session, tx, findings)
+
+    def _act(self, result: DMARCResult, domain: str, session: Any, tx: Any,
+             findings: Findings) -> Optional[Reply]:
         findings.dmarc = result
         recipient = tx.recipients[0].address if tx.recipients else ""
         self.reports.record(result, session.peer, tx.mail_from,
@@ -70,17 +75,14 @@ class DMARCCheck(InboundCheck):
         reply = result.reply
         if reply is not None:
             log.info("DMARC {result} for {domain}: {code} {text}", result=result.result,
-                     domain=author.domain, code=reply[0], text=reply[2],
+                     domain=domain, code=reply[0], text=reply[2],
                      conn_id=session.conn_id)
             return Reply(*reply)
         return None
 
-    def results(self, findings: Findings) -> list[AuthenticationResult]:
+    def results(self, findings: Findings) -> list[ResultClause]:
         result: Optional[DMARCResult] = findings.dmarc
         if result is None:
             return []
-        return [AuthenticationResult(
-            method="dmarc", result=result.result,
-            result_comment=result.ar_comment or None,
-            properties=[AuthenticationResultProperty("header", "from",
-                                                     result.header_from)])]
+        return [ResultClause("dmarc", result.result, comment=result.ar_comment,
+                             properties=(("header.from", result.header_from),))]

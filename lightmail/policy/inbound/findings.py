@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from authres import AuthenticationResult
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
+from lightmail.policy.inbound.authresults import ResultClause
 from lightmail.storage.interfaces import IBlobStore, IStagedBlob
 
 
@@ -184,7 +184,7 @@ class IInboundCheck(Interface):
                 findings: Findings) -> Deferred[Any]:
         """The whole message, staged: None to go on, or a Reply refusing it."""
 
-    def results(findings: Findings) -> list[AuthenticationResult]:
+    def results(findings: Findings) -> list[ResultClause]:
         """What this check found, for the Authentication-Results header field."""
 
     def session_ended(session: Any) -> None:
@@ -213,7 +213,7 @@ class InboundCheck:
                 findings: Findings) -> Deferred[Any]:
         return defer.succeed(None)
 
-    def results(self, findings: Findings) -> list[AuthenticationResult]:
+    def results(self, findings: Findings) -> list[ResultClause]:
         return []
 
     def session_ended(self, session: Any) -> None:

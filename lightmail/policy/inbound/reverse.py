@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from authres import AuthenticationResult, AuthenticationResultProperty
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lightmail.policy.inbound.authresults import ResultClause
 from lightmail.policy.inbound.findings import Findings, InboundCheck, Message
 from lightmail.policy.inbound.memo import SessionMemo, Shared
 from lightmail.policy.reverse import ReverseLookup, ReverseResult
@@ -54,14 +54,14 @@ class ReverseCheck(InboundCheck):
             findings.iprev = result
         return self._pending(session).wait().addCallback(keep)
 
-    def results(self, findings: Findings) -> list[AuthenticationResult]:
+    def results(self, findings: Findings) -> list[ResultClause]:
         result: Optional[ReverseResult] = findings.iprev
         if result is None:
             return []
-        return [AuthenticationResult(
-            method="iprev", result=result.iprev,
-            result_comment=result.name if result.result == "pass" else None,
-            properties=[AuthenticationResultProperty("policy", "iprev", result.ip)])]
+        return [ResultClause(
+            "iprev", result.iprev,
+            comment=result.name if result.result == "pass" else "",
+            properties=(("policy.iprev", result.ip),))]
 
     def session_ended(self, session: Any) -> None:
         self.pending.forget(session)
