@@ -522,8 +522,9 @@ class ServerConfig:
         "either way.  no: each starts as a new Python interpreter.")
     memory_limit: MemoryLimit = option(
         MemoryLimit("share", 0.8), parse_memory_limit,
-        "The ceiling of the server's memory (the resident size of its processes, "
-        "workers and writer included): above it new connections are refused (SMTP "
+        "The ceiling of the server's memory (the proportional size, Pss, of its "
+        "processes, workers and writer included: a page they share counts once): "
+        "above it new connections are refused (SMTP "
         "421 4.3.2, IMAP * BYE [UNAVAILABLE], POP3 -ERR [SYS/TEMP]) while the sessions "
         "open go on.  A size (700M, 2G), a percentage of the memory the server may use "
         "(its cgroup's memory.max or memory.limit_in_bytes when it has one, else the "
@@ -536,7 +537,8 @@ class ServerConfig:
         shown_default="90%")
     memory_check_interval: float = option(
         2.0, parse_duration(minimum=0.1),
-        "How often the memory in use is measured (/proc/PID/statm of each process).")
+        "How often the memory in use is measured (/proc/PID/smaps_rollup of each "
+        "process).")
     memory_log_interval: float = option(
         600.0, parse_duration(minimum=0.0),
         "How often the memory in use is logged besides each change of state; 0: "

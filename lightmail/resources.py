@@ -3,8 +3,11 @@ refused while the server's memory is above its ceiling, rather than the process
 growing until the kernel's OOM killer ends it and every session with it.
 
 :class:`MemoryWatchdog` (a service of the main process) measures, every
-``memory_check_interval``, the resident size of the server's processes: its own, each
-worker's and the writer process's (``/proc/PID/statm``).  The ceiling is
+``memory_check_interval``, the memory of the server's processes: its own, each worker's
+and the writer process's, each one's proportional share (``Pss`` of
+``/proc/PID/smaps_rollup``: a page the processes share counts once among them, as
+the kernel and a cgroup count it; the forked workers share most of theirs with the
+main process, and their resident sizes added up would count it once each).  The ceiling is
 ``memory_limit``: a size, or a share of what the server may use, which is its cgroup's
 limit when it has one (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and
 the machine's ``MemTotal`` otherwise.  Above the ceiling :meth:`MemoryWatchdog.refusal`
@@ -71,6 +74,22 @@ def resident_size(pid: int | str = "self", proc: Path = Path("/proc")) -> Option
         return None
 
 
+def proportional_size(pid: int | str = "self", proc: Path = Path("/proc")) -> Optional[int]:
+    """The proportional set size of process ``pid`` in bytes: its resident pages,
+    each shared one divided by the number of processes that map it (Linux 4.14's
+    ``smaps_rollup``; the resident size where there is none).  None: it is gone."""
+    try:
+        with open(proc / str(pid) / "smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass                    # no such process, or a kernel without smaps_rollup
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_size(pid, proc)
+
+
 def cgroup_limit(proc: Path = Path("/proc"),
                  cgroups: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
     """The memory limit of this process's cgroup (the lowest on its way to the
@@ -122,7 +141,7 @@ def memory_info(proc: Path = Path("/proc")) -> dict[str, int]:
 
 @dataclass
 class MemoryReading:
-    """One measurement: the resident size of each process, and the ceiling."""
+    """One measurement: the proportional size of each process, and the ceiling."""
 
     processes: dict[str, int]
     #: None: no ceiling (memory_limit = 0).
@@ -225,10 +244,10 @@ class MemoryWatchdog(Service):
             self._start_loop()
 
     def _sample(self) -> dict[str, int]:
-        sizes = {"main": resident_size() or 0}
+        sizes = {"main": proportional_size() or 0}
         for source in self._sources:
             for name, pid in source().items():
-                size = resident_size(pid)
+                size = proportional_size(pid)
                 if size is not None:
                     sizes[name] = size
         return sizes

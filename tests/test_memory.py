@@ -262,3 +262,30 @@ def test_with_workers_the_main_process_measures_and_refuses(write_config: Any) -
         check_accepted(answers(ports))
     finally:
         server.kill()
+
+
+def test_proportional_size_counts_pages_shared_with_a_child_once() -> None:
+    """The watchdog's measure: a forked child shares its parent's pages, and Pss
+    splits them between the two, where resident sizes count them in both."""
+    from lightmail.resources import proportional_size
+    ballast = bytearray(64 * MB)            # touched: resident in the parent
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:                          # holds the shared pages until told
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        alone = resident_size() or 0
+        both = (proportional_size() or 0) + (proportional_size(child) or 0)
+        rss_both = alone + (resident_size(child) or 0)
+        # The 64 MB are counted once in the Pss sum and twice in the RSS sum.
+        assert rss_both - both > 48 * MB
+        assert proportional_size(2 ** 22 + 1) is None              # no such process
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.waitpid(child, 0)
+    del ballast

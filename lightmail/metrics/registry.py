@@ -215,7 +215,7 @@ class Metrics:
             "ended.", registry=reg)
         self.memory_used = Gauge(
             "lightmail_memory_used_bytes",
-            "Resident size of the server's processes (main, workers, writer).",
+            "Proportional size (Pss) of the server's processes (main, workers, writer).",
             registry=reg)
         self.memory_ceiling = Gauge(
             "lightmail_memory_ceiling_bytes",
