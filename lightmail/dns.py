@@ -105,6 +105,11 @@ class IResolver(Interface):
     def aaaa(host: str) -> Deferred[list[str]]:
         """IPv6 addresses of ``host``; raises NoSuchDomain."""
 
+    def list_entry(name: str) -> Deferred[list[str]]:
+        """The A records of a DNS list's entry (``2.0.0.127.zen.example``): ``[]``
+        when the name does not exist, which is how a list says "not listed" (most
+        answers an MX gets: no failure is made of them)."""
+
     def ptr(address: str) -> Deferred[list[str]]:
         """The names of an IP address (PTR records of its in-addr.arpa or ip6.arpa
         name), without the final dot; raises NoSuchDomain."""
@@ -269,6 +274,17 @@ class Resolver:
 
     def aaaa(self, host: str) -> Deferred[list[str]]:
         return self._answer(host, "AAAA", lambda records: [r.address for r in records])
+
+    def list_entry(self, name: str) -> Deferred[list[str]]:
+        try:
+            records = self._cached(name, "A")
+        except NoSuchDomain:
+            return defer.succeed([])
+        if records is not None:
+            return defer.succeed([r.address for r in records])
+        d = self.a(name)
+        d.addErrback(lambda failure: failure.trap(NoSuchDomain) and [])
+        return d
 
     def ptr(self, address: str) -> Deferred[list[str]]:
         def lookup() -> list[str]:

@@ -90,6 +90,11 @@ class ZoneResolver:
     def aaaa(self, host: str) -> Deferred[list[str]]:
         return _answer(lambda: [_address(v) for v in self.records(host, "AAAA")])
 
+    def list_entry(self, name: str) -> Deferred[list[str]]:
+        d = self.a(name)
+        d.addErrback(lambda failure: failure.trap(NoSuchDomain) and [])
+        return d
+
     def addresses(self, host: str) -> Deferred[list[str]]:
         return _answer(lambda: [_address(v) for rtype in ("A", "AAAA")
                                 for v in self.records(host, rtype)])

@@ -89,6 +89,22 @@ async def test_no_such_name_is_told_from_no_records(resolver: Resolver,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_list_entry_that_does_not_exist_is_not_listed(resolver: Resolver,
+                                                              server: DNSServer) -> None:
+    """list_entry (the DNSBL lookups): NXDOMAIN is [] (asked, then from the cache, at
+    once), an entry its addresses; a failure of the server stays a failure."""
+    assert sorted(await resolver.list_entry("host.test")) == ["192.0.2.1", "192.0.2.2"]
+    assert await resolver.list_entry("missing.test") == []
+    asked = len(server.queries)
+    again = resolver.list_entry("missing.test")
+    assert again.called and again.result == []         # the cached NXDOMAIN, no failure
+    again.addCallback(lambda _: None)
+    assert len(server.queries) == asked
+    assert isinstance(await _failure(resolver.list_entry("servfail.test")),
+                      TemporaryDNSError)
+
+
+@pytest_twisted.ensureDeferred
 async def test_failures_and_timeouts_are_temporary(resolver: Resolver) -> None:
     for lookup in (resolver.a, resolver.txt_records):
         error = await _failure(lookup("servfail.test"))

@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from lightmail.address import client_ip
-from lightmail.dns import DNSError, IResolver, NoSuchDomain
+from lightmail.dns import DNSError, IResolver
 
 log = Logger(namespace="lightmail.dnsbl")
 T = TypeVar("T")
@@ -197,7 +197,7 @@ class Lookups:
 
     def _one(self, zone: Zone, name: str, what: str, subject: str, timeout: float,
              conn_id: str) -> Deferred[Optional[Listing]]:
-        d = self.resolver.a(name)
+        d = self.resolver.list_entry(name)
         if not d.called:            # a cached answer is there already: no timer
             d.addTimeout(timeout, self.clock)
 
@@ -213,8 +213,6 @@ class Lookups:
             return Listing(zone, what, subject, counted)
 
         def failed(failure: Any) -> None:
-            if isinstance(failure.value, NoSuchDomain):   # (check() walks the MRO)
-                return None
             error = (f"no answer within {timeout:g} s"
                      if failure.check(defer.TimeoutError, defer.CancelledError)
                      else failure.getErrorMessage())
