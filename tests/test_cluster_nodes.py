@@ -658,6 +658,7 @@ def test_kill_9_mid_delivery_loses_nothing_and_files_nothing_twice(
                    for took in re.finditer(r"took back (\d+) deliveries", proc.output)]
     print(f"{len(ledger.sent)} messages sent, {len(accepted)} (message, recipient) "
           f"accepted; deliveries interrupted by the kills: {interrupted}")
+    assert sum(interrupted) > 0, "no kill fell in the middle of a delivery"
 
     # The S3 store's contract: an object comes into being whole, at the key its
     # content names; an upload the kill cut short is no object (at most a multipart
