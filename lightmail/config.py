@@ -1825,6 +1825,13 @@ def parse_redis(raw: str, base: Path) -> str:
     return raw.strip()
 
 
+def parse_redis_user(raw: str, base: Path) -> str:
+    """a Redis ACL user name (no spaces)"""
+    if raw and not re.fullmatch(r"[^\s]{1,128}", raw):
+        raise _BadValue(f"expected a user name without spaces, got {raw!r}")
+    return raw
+
+
 def parse_prefix(raw: str, base: Path) -> str:
     """letters, digits and : . _ - (a Redis key prefix)"""
     if not re.fullmatch(r"[\w:.\-]{1,64}", raw):
@@ -1840,18 +1847,45 @@ class ClusterConfig:
     untagged EXISTS, EXPUNGE and FETCH), \\Recent is given to one session of all,
     [imap] max_connections_per_user and the POP3 maildrop lock hold across the
     nodes, and the login guard's failure counts ([directory]) are shared.  Rate
-    limits and greylisting have their own Redis settings ([limits], [greylist]).
-    See "Several nodes" in docs/operations.rst."""
+    limits and greylisting have their own Redis addresses ([limits], [greylist]).
+    The redis_user ... redis_server_name keys say how LightMail reaches every Redis
+    it uses (these three): as which user, and over TLS or not.  See "Several nodes"
+    and "Links between nodes" in docs/operations.rst."""
 
     redis: str = option(
         "", parse_redis,
         "The Redis server of the nodes: HOST:PORT or HOST:PORT/DB.  Empty: this node "
         "is alone (its state is in its memory).", shown_default="(empty: one node)")
+    redis_user: str = option(
+        "", parse_redis_user,
+        "The Redis ACL user LightMail logs in as (Redis 6 and later: AUTH USER "
+        "PASSWORD), with the password of redis_password_file.  Empty: Redis's "
+        "default user (AUTH PASSWORD).")
     redis_password_file: Path | None = option(
         None, parse_optional_path,
         "File holding the password of Redis (its first line; Redis's AUTH), read at "
-        "start-up; also used by [limits] and [greylist] when their redis is the same "
-        "HOST:PORT.  Empty: no AUTH.")
+        "start-up and never logged; used for every Redis LightMail uses ([cluster], "
+        "[limits] and [greylist]).  Empty: no AUTH.")
+    redis_tls: bool = option(
+        False, parse_bool,
+        "Speak TLS to Redis (its tls-port): the server's certificate is checked "
+        "against redis_ca_file and must name redis_server_name.  For every Redis "
+        "LightMail uses.")
+    redis_ca_file: Path | None = option(
+        None, parse_optional_path,
+        "CA certificates (PEM) that Redis's certificate must chain to; empty: the "
+        "system's.  With redis_tls.")
+    redis_cert_file: Path | None = option(
+        None, parse_optional_path,
+        "A client certificate (PEM) to show Redis (its tls-auth-clients), with "
+        "redis_key_file.  With redis_tls; empty: none.")
+    redis_key_file: Path | None = option(
+        None, parse_optional_path,
+        "The private key (PEM) of redis_cert_file.")
+    redis_server_name: str = option(
+        "", parse_str,
+        "The name Redis's certificate must carry (a DNS name or an IP address); "
+        "empty: the HOST of each redis address.  With redis_tls.")
     prefix: str = option(
         "lightmail:", parse_prefix,
         "Start of every key and of the change channel's name: several clusters on one "
@@ -2382,7 +2416,10 @@ def parse_config(text: str, path: str = "<config>",
     transports = [_load_password(t, TRANSPORT_PREFIX + t.domain, path, lines)
                   for t in transports]
     if "cluster" in sections:
-        sections["cluster"] = _check_cluster(sections["cluster"], path, lines)
+        sections["cluster"] = _check_cluster(sections["cluster"],
+                                             sections.get("limits", LimitsConfig()),
+                                             sections.get("greylist", GreylistConfig()),
+                                             path, lines)
     if "admin" in sections:
         sections["admin"] = _check_admin(sections["admin"], path, lines)
     sections["s3"] = _check_s3(sections.get("s3", S3Config()), sections.get("storage"),
@@ -2445,17 +2482,83 @@ def _first_line(secret: Path, path: str, line: int | None, section: str,
     return first
 
 
-def _check_cluster(cluster: ClusterConfig, path: str,
-                   lines: Mapping[tuple[str, str | None], int]) -> ClusterConfig:
+#: The [cluster] keys that say how every Redis is reached (none is used alone).
+REDIS_LINK_KEYS = ("redis_user", "redis_password_file", "redis_tls", "redis_ca_file",
+                   "redis_cert_file", "redis_key_file", "redis_server_name")
+
+
+def _check_cluster(cluster: ClusterConfig, limits: LimitsConfig, greylist: GreylistConfig,
+                   path: str, lines: Mapping[tuple[str, str | None], int]) -> ClusterConfig:
+    """The Redis link's keys: each given one is used (a Redis is), the files are read
+    (the password, at start-up) or checked (TLS: certificates and key parse, and the
+    key is the certificate's)."""
+    def fail(message: str, key: str) -> ConfigError:
+        return ConfigError(message, path, lines.get(("cluster", key)), "cluster", key)
+    given = [key for key in REDIS_LINK_KEYS if getattr(cluster, key)]
+    used = cluster.redis or limits.backend == "redis" or greylist.store == "redis"
+    if given and not used:
+        raise fail("applies to no Redis: none is used ([cluster] redis, [limits] backend "
+                   "= redis or [greylist] store = redis)", given[0])
+    if cluster.redis_user and cluster.redis_password_file is None:
+        raise fail("needs redis_password_file (the user's password)", "redis_user")
+    if not cluster.redis_tls:
+        for key in ("redis_ca_file", "redis_cert_file", "redis_key_file",
+                    "redis_server_name"):
+            if key in given:
+                raise fail("a TLS setting: it needs redis_tls = yes", key)
+    _check_tls_files("cluster", "redis_", cluster.redis_ca_file, cluster.redis_cert_file,
+                     cluster.redis_key_file, path, lines)
     if cluster.redis_password_file is None:
         return cluster
-    line = lines.get(("cluster", "redis_password_file"))
-    if not cluster.redis:
-        raise ConfigError("redis_password_file without 'redis'", path, line, "cluster",
-                          "redis_password_file")
-    password = _first_line(cluster.redis_password_file, path, line, "cluster",
+    password = _first_line(cluster.redis_password_file, path,
+                           lines.get(("cluster", "redis_password_file")), "cluster",
                            "redis_password_file")
     return dataclasses.replace(cluster, redis_password=password)
+
+
+def _check_tls_files(section: str, prefix: str, ca_file: Path | None,
+                     cert_file: Path | None, key_file: Path | None, path: str,
+                     lines: Mapping[tuple[str, str | None], int]) -> None:
+    """A link's TLS files, checked at start-up: PREFIXca_file holds PEM certificates,
+    PREFIXcert_file and PREFIXkey_file come together, and the key is the
+    certificate's (a mistake said here, with its line, rather than at the first
+    connection)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def fail(message: str, key: str) -> ConfigError:
+        key = prefix + key
+        return ConfigError(message, path, lines.get((section, key)), section, key)
+
+    def read(file: Path, key: str) -> bytes:
+        try:
+            return file.read_bytes()
+        except OSError as exc:
+            raise fail(f"cannot read {file}: {exc.strerror}", key) from None
+    if ca_file is not None:
+        try:
+            x509.load_pem_x509_certificates(read(ca_file, "ca_file"))
+        except ValueError:
+            raise fail(f"{ca_file} holds no PEM certificate", "ca_file") from None
+    if (cert_file is None) != (key_file is None):
+        missing = "key_file" if key_file is None else "cert_file"
+        raise fail(f"{prefix}cert_file and {prefix}key_file go together", missing)
+    if cert_file is None or key_file is None:
+        return
+    try:
+        cert = x509.load_pem_x509_certificates(read(cert_file, "cert_file"))[0]
+    except ValueError:
+        raise fail(f"{cert_file} holds no PEM certificate", "cert_file") from None
+    try:
+        key = serialization.load_pem_private_key(read(key_file, "key_file"), None)
+    except (ValueError, TypeError):
+        raise fail(f"{key_file} holds no PEM private key (without a passphrase)",
+                   "key_file") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, public)
+            != cert.public_key().public_bytes(serialization.Encoding.DER, public)):
+        raise fail(f"{key_file} is not the key of the certificate {cert_file}",
+                   "key_file")
 
 
 def _check_admin(admin: AdminConfig, path: str,

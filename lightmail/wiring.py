@@ -38,7 +38,7 @@ from lightmail import sasl
 from lightmail.cluster.hub import ClusterHub
 from lightmail.cluster.locks import ClusterLocks
 from lightmail.cluster.node import Node
-from lightmail.cluster.redis import parse_address
+from lightmail.cluster.redislink import redis_link
 from lightmail.config import BackendConfig, Config
 from lightmail.delivery.local import LocalDeliveryAgent
 from lightmail.directory.admintokens import AdminTokens
@@ -368,7 +368,7 @@ def make_failure_counts(config: Config, role: Role) -> IFailureCounts:
     cluster = config.cluster
     if not cluster.redis or role not in (Role.SERVER, Role.WORKER):
         return local
-    return SharedFailureCounts(LazyRedis(cluster.redis, cluster.redis_password, poolsize=2),
+    return SharedFailureCounts(LazyRedis(redis_link(cluster, cluster.redis), poolsize=2),
                                cluster.prefix, window, local, cluster.redis_timeout)
 
 
@@ -389,11 +389,9 @@ def make_greylist_store(config: Config, db: Database) -> IGreylistStore:
 
 
 def shared_redis(config: Config, address: str) -> LazyRedis:
-    """A connection to the Redis at ``address``, with [cluster]'s password when it is
-    the cluster's server (HOST:PORT; whatever the database)."""
-    cluster = config.cluster
-    same = bool(cluster.redis) and parse_address(address)[:2] == parse_address(cluster.redis)[:2]
-    return LazyRedis(address, cluster.redis_password if same else None)
+    """A connection to the Redis at ``address``, reached as [cluster]'s link keys say
+    (user, password, TLS: every Redis's)."""
+    return LazyRedis(redis_link(config.cluster, address))
 
 
 def _sample_server(metrics: IMetrics, storage: StorageService) -> None:

@@ -156,13 +156,13 @@ def redis() -> Iterator[Any]:
 
     import pytest_twisted
 
-    from lightmail.policy.limits import LazyRedis
+    from lightmail.cluster.redis import LazyRedis, RedisLink
     try:
         socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
     except OSError:
         pytest.fail("Redis is not running on 127.0.0.1:6379: `make test` starts it "
                     "(scripts/test-services.sh)", pytrace=False)
     subprocess.run(["redis-cli", "-n", "9", "flushdb"], check=True, capture_output=True)
-    connection = LazyRedis(REDIS)
+    connection = LazyRedis(RedisLink(REDIS))
     yield connection
     pytest_twisted.blockon(connection.disconnect())

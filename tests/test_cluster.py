@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher
 from lightmail.cluster.hub import ClusterHub
 from lightmail.cluster.locks import ClusterLocks
 from lightmail.cluster.node import Node
-from lightmail.cluster.redis import LazyRedis
+from lightmail.cluster.redis import LazyRedis, RedisLink
 from lightmail.config import ClusterConfig, ConfigError, parse_config
 from lightmail.directory.logins import LocalFailureCounts
 from lightmail.directory.sharedfailures import SharedFailureCounts
@@ -309,7 +309,8 @@ async def test_without_redis_pop3_is_refused_and_imap_counts_alone() -> None:
         hub.mailbox_changed(appended(5, 9, 3))         # its sessions hear it all the same
         assert watcher.heard == [appended(5, 9, 3)]
         assert await hub.claim_recent(5, 10) == 9
-        assert await node.check() == "no answer within 0.5s"
+        assert await node.check() == ("no answer within 0.5s (cannot connect: Connection "
+                                      "was refused by other side: 111: Connection refused.)")
     finally:
         await cluster.stop()
 
@@ -334,7 +335,9 @@ def test_the_cluster_section(tmp_path: Path) -> None:
     for bad, message in (("redis = nowhere", "expected HOST:PORT"),
                          ("prefix = a b", "expected letters"),
                          ("lease = 1s", "at least"),
-                         (f"redis_password_file = {secret}", "without 'redis'")):
+                         (f"redis_password_file = {secret}", "applies to no Redis"),
+                         ("redis = a:1\nredis_user = lm", "needs redis_password_file"),
+                         ("redis = a:1\nredis_ca_file = x.pem", "needs redis_tls = yes")):
         with pytest.raises(ConfigError, match=message):
             parse_config(f"[cluster]\n{bad}\n")
 
@@ -345,8 +348,9 @@ def test_the_cluster_section(tmp_path: Path) -> None:
 async def test_login_failures_are_counted_across_processes(redis: LazyRedis) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     local_one = LocalFailureCounts(0.8, lambda: 0.0)
-    one = SharedFailureCounts(LazyRedis(REDIS), prefix, 0.8, local_one)
-    two = SharedFailureCounts(LazyRedis(REDIS), prefix, 0.8, LocalFailureCounts(0.8, time.time))
+    one = SharedFailureCounts(LazyRedis(RedisLink(REDIS)), prefix, 0.8, local_one)
+    two = SharedFailureCounts(LazyRedis(RedisLink(REDIS)), prefix, 0.8,
+                              LocalFailureCounts(0.8, time.time))
     try:
         assert [await one.add("net:192.0.2.1"), await two.add("net:192.0.2.1"),
                 await one.add("net:192.0.2.1")] == [1, 2, 3]
@@ -375,7 +379,7 @@ async def wait_until_deferred(ask: Callable[[], defer.Deferred[Any]], value: Any
 async def test_login_failures_are_counted_by_the_process_while_redis_is_away() -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    counts = SharedFailureCounts(LazyRedis(f"127.0.0.1:{closed_port()}"), "x:", 60,
+    counts = SharedFailureCounts(LazyRedis(RedisLink(f"127.0.0.1:{closed_port()}")), "x:", 60,
                                  LocalFailureCounts(60, time.time), timeout=0.2)
     try:
         assert [await counts.add("k") for _ in range(3)] == [1, 2, 3]

@@ -358,7 +358,7 @@ def test_a_node_without_redis_says_so_and_serves_what_does_not_need_it(
     alone = nodes_.start("d", redis=f"127.0.0.1:{free_port()}")     # nobody there
     status, verdict = alone.readyz()
     assert status == 503
-    assert verdict["checks"]["redis"] == "no answer within 0.5s"
+    assert verdict["checks"]["redis"].startswith("no answer within 0.5s (cannot connect: ")
     assert verdict["checks"]["storage"] == "ok"
     assert nodes["b"].readyz() == (200, {"ready": True, "checks": {
         "storage": "ok", "queue": "ok", "redis": "ok", "listener:mx": "ok",

@@ -28,6 +28,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
+from lightmail.cluster.redis import RedisLink
 from lightmail.config import parse_config
 from lightmail.policy.greylist import (
     FallingBackGreylist,
@@ -290,7 +291,7 @@ async def test_redis_down_accepts_or_uses_sql_and_says_so_once(
         sqlite_stack: StorageStack, events: list[dict[str, Any]]) -> None:
     port = closed_port()
     triplet = Triplet("192.0.2.0/24", "ann@sender.test", "bob@example.test")
-    accepting = FallingBackGreylist(RedisGreylist(LazyRedis(f"127.0.0.1:{port}")), None,
+    accepting = FallingBackGreylist(RedisGreylist(LazyRedis(RedisLink(f"127.0.0.1:{port}"))), None,
                                     timeout=0.3)
     try:
         verdicts = [await accepting.attempt(triplet, T0, RULES) for _ in range(3)]
@@ -299,7 +300,7 @@ async def test_redis_down_accepts_or_uses_sql_and_says_so_once(
     assert verdicts == [Verdict(0.0, "store down")] * 3
     said = [e for e in events if "does not answer" in str(e.get("log_format", ""))]
     assert len(said) == 1 and said[0]["meanwhile"] == "no greylisting"
-    to_sql = FallingBackGreylist(RedisGreylist(LazyRedis(f"127.0.0.1:{port}")),
+    to_sql = FallingBackGreylist(RedisGreylist(LazyRedis(RedisLink(f"127.0.0.1:{port}"))),
                                  SQLGreylist(sqlite_stack.db), timeout=0.3)
     try:
         assert (await to_sql.attempt(triplet, T0, RULES)).why == "new"

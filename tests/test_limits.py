@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
+from lightmail.cluster.redis import RedisLink
 from lightmail.config import parse_config
 from lightmail.policy.inbound.findings import Findings
 from lightmail.policy.limits import (
@@ -62,7 +63,7 @@ def test_networks_are_the_24_or_the_64() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_redis_buckets_are_shared_and_never_overspent(redis: LazyRedis) -> None:
-    one, two = RedisBuckets(redis), RedisBuckets(LazyRedis(REDIS))
+    one, two = RedisBuckets(redis), RedisBuckets(LazyRedis(RedisLink(REDIS)))
     try:
         waits = await defer.gatherResults(
             [(one if n % 2 else two).take("shared", 0.01, 5) for n in range(20)])
@@ -81,7 +82,7 @@ async def test_redis_down_falls_back_and_says_so_once() -> None:
     closed.close()                                       # nobody listens there
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    limiter = FallingBackBuckets(RedisBuckets(LazyRedis(f"127.0.0.1:{port}")),
+    limiter = FallingBackBuckets(RedisBuckets(LazyRedis(RedisLink(f"127.0.0.1:{port}"))),
                                  LocalBuckets(), timeout=0.3)
     try:
         waits = [await limiter.take("k", 0.01, 2) for _ in range(4)]
@@ -91,7 +92,7 @@ async def test_redis_down_falls_back_and_says_so_once() -> None:
     assert waits[:2] == [0.0, 0.0] and waits[2] > 0      # the local buckets counted
     said = [e for e in events if "does not answer" in str(e.get("log_format", ""))]
     assert len(said) == 1
-    unlimited = FallingBackBuckets(RedisBuckets(LazyRedis(f"127.0.0.1:{port}")), None,
+    unlimited = FallingBackBuckets(RedisBuckets(LazyRedis(RedisLink(f"127.0.0.1:{port}"))), None,
                                    timeout=0.3)
     assert [await unlimited.take("k", 0.01, 1) for _ in range(3)] == [0.0] * 3
     await unlimited.primary.redis.disconnect()           # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from pathlib import Path
 
 from cryptography import x509
@@ -36,8 +37,9 @@ class TestCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str) -> tuple[Path, Path]:
-        """A certificate for ``name`` signed by this CA: (cert path, key path)."""
+    def issue(self, name: str, ips: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        """A certificate for ``name`` (and the IP addresses ``ips``) signed by this CA:
+        (cert path, key path)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder()
@@ -46,7 +48,9 @@ class TestCA:
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]),
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName(name),
+                     *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]),
                                critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                critical=True)

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lightmail.cluster.redis import LazyRedis, SharedBackend, Subscription
+from lightmail.cluster.redislink import redis_link
 from lightmail.config import ClusterConfig
 
 # KEYS: the leases; ARGV[1] the lease (ms), then for each key its kind ('z': a member of
@@ -83,7 +84,7 @@ class Node(Service):
             clock = reactor
         self.clock = clock
         self.config = config
-        self.redis = LazyRedis(config.redis, config.redis_password, poolsize=1)
+        self.redis = LazyRedis(redis_link(config, config.redis), poolsize=1, reactor=clock)
         self.prefix = config.prefix
         #: This run of this node: marks, lock tokens and the changes it publishes are
         #: its (a node started again is another instance; its old leases expire).
@@ -125,11 +126,10 @@ class Node(Service):
         each time the subscription is in place (again).  Once, before the start."""
         # Pinged as often as the leases are renewed; a silent link is dropped after
         # at least two seconds (a PING waits behind the messages on their way).
-        self.subscription = Subscription(self.config.redis, self.config.redis_password,
-                                          self.channel, heard, subscribed,
-                                          keepalive=self.config.lease / 3,
-                                          timeout=max(2.0, 2 * self.timeout),
-                                          clock=self.clock)
+        self.subscription = Subscription(self.redis.link, self.channel, heard, subscribed,
+                                         keepalive=self.config.lease / 3,
+                                         timeout=max(2.0, 2 * self.timeout),
+                                         clock=self.clock)
 
     def hold(self, kind: str, key: str, value: str) -> None:
         """Renew this lease until :meth:`drop`."""
@@ -222,9 +222,15 @@ class Node(Service):
         try:
             yield d
         except defer.TimeoutError:
-            return f"no answer within {self.timeout:g}s"
+            # Why it does not answer, when a connection said it (a certificate not
+            # trusted, a refused password, a refused connection).
+            trouble = self.redis.trouble
+            return f"no answer within {self.timeout:g}s" + (f" ({trouble})" if trouble
+                                                            else "")
         except Exception as exc:
             return f"failed: {str(exc) or type(exc).__name__}"
         if self.subscription is not None and not self.subscription.listening:
-            return "not subscribed to the change channel"
+            trouble = self.subscription.watch.trouble
+            return "not subscribed to the change channel" + (f" ({trouble})" if trouble
+                                                              else "")
         return "ok"

@@ -3,7 +3,8 @@ the cluster's IMAP hub and POP3 locks (lightmail.cluster), the rate limits' buck
 greylisting's triplets and the login guard's failure counts.
 
 * :class:`LazyRedis`: a connection pool made at the first question (the ``lightmail``
-  command, which asks nothing, never connects).  Every question is a Lua script
+  command, which asks nothing, never connects), over the link (user, password, TLS)
+  lightmail.cluster.redislink makes.  Every question is a Lua script
   (``eval``): what must be atomic is, and a node's view is never half-updated.
 * :class:`SharedBackend`: each question gets a deadline, and the log says once that
   Redis stopped answering (and what is done meanwhile), then once that it is back.
@@ -20,55 +21,55 @@ than fail: whoever asks must give it a deadline (SharedBackend does).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lightmail.cluster.redislink import (
+    LinkStart,
+    LinkWatch,
+    RedisLink,
+    WatchedFactory,
+    connection_pool,
+)
+
+__all__ = ["LazyRedis", "RedisLink", "SharedBackend", "Subscription"]
+
 log = Logger(namespace="lightmail.redis")
 
 
-def parse_address(address: str) -> tuple[str, int, Optional[int]]:
-    """HOST:PORT[/DB] (as the configuration checked it): host, port and db."""
-    host_port, _, db = address.partition("/")
-    host, _, port = host_port.rpartition(":")
-    return host.strip("[]"), int(port), int(db) if db else None
-
-
 class LazyRedis:
-    """A txredisapi connection pool to ``HOST:PORT[/DB]``, made at the first call.
+    """A txredisapi connection pool to one Redis (:class:`RedisLink`: where, as whom,
+    over TLS or not), made at the first call.
 
     ``poolsize`` 1 keeps the questions in the order they were asked (txredisapi sends
     each on any free connection of a pool)."""
 
-    def __init__(self, address: str, password: Optional[str] = None,
-                 poolsize: int = 4) -> None:
-        self.host, self.port, self.db = parse_address(address)
-        self.password = password or None
+    def __init__(self, link: RedisLink, poolsize: int = 4, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.link = link
         self.poolsize = poolsize
+        self.reactor = reactor
+        #: Why the connections fail, said once (and kept: see :attr:`trouble`).
+        self.watch = LinkWatch(link)
         self._pool: Any = None
-        self._said = ""
+
+    @property
+    def trouble(self) -> str:
+        """Why the last connection failed ("" when it worked): a TLS handshake's
+        reason, a refused AUTH, a refused connection."""
+        return self.watch.trouble
 
     def eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         if self._pool is None:
-            import txredisapi
-            self._pool = txredisapi.lazyConnectionPool(
-                self.host, self.port, dbid=self.db, poolsize=self.poolsize,
-                password=self.password, connectTimeout=2, replyTimeout=2)
-            # A lazy pool tells of a refused AUTH or SELECT (after which it stops
-            # connecting: the next disconnect() lets a new pool try) on a Deferred
-            # nobody holds; said here rather than as an unhandled error.
-            self._pool._connected.addErrback(self._refused)
+            # A refused AUTH or SELECT stops the pool's connecting: the next
+            # disconnect() lets a new pool try.
+            self._pool = connection_pool(self.link, self.poolsize, self.watch, self.reactor)
         result: Deferred[Any] = self._pool.eval(script, keys=keys, args=args)
         return result
-
-    def _refused(self, failure: Any) -> None:
-        error = failure.getErrorMessage()
-        if error != self._said:                 # not again for each new pool
-            self._said = error
-            log.warn("Redis at {host}:{port}: {error}", host=self.host, port=self.port,
-                     error=error)
 
     def disconnect(self) -> Deferred[Any]:
         """Close the pool; the next question makes a new one (a pool whose connection
@@ -127,14 +128,14 @@ class Subscription:
     Every ``keepalive`` seconds the connection is PINGed; one that does not answer
     within ``timeout`` seconds (nor to SUBSCRIBE) is dropped and made again."""
 
-    def __init__(self, address: str, password: Optional[str], channel: str,
+    def __init__(self, link: RedisLink, channel: str,
                  heard: Callable[[bytes], None], subscribed: Callable[[], None],
                  keepalive: float = 10.0, timeout: float = 2.0, clock: Any = None) -> None:
         if clock is None:
             from twisted.internet import reactor
             clock = reactor
-        self.host, self.port, _ = parse_address(address)    # channels know no db
-        self.password = password or None
+        self.link = link                # its db is not used: channels know none
+        self.watch = LinkWatch(link)
         self.channel = channel
         self.heard = heard
         self.subscribed = subscribed
@@ -151,7 +152,7 @@ class Subscription:
         import txredisapi
         subscription = self
 
-        class Listener(txredisapi.SubscriberProtocol):     # type: ignore[misc]
+        class Listener(LinkStart, txredisapi.SubscriberProtocol):     # type: ignore[misc]
             def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
                 payload = message.encode() if isinstance(message, str) else message
                 try:
@@ -169,7 +170,7 @@ class Subscription:
                              "again", channel=subscription.channel)
                 super().connectionLost(why)
 
-        class Factory(txredisapi.SubscriberFactory):       # type: ignore[misc]
+        class Factory(WatchedFactory, txredisapi.SubscriberFactory):  # type: ignore[misc]
             protocol = Listener
 
             def addConnection(self, conn: Any) -> None:
@@ -177,11 +178,12 @@ class Subscription:
                 if conn.connected:
                     subscription._listen(conn)
 
-        from twisted.internet.endpoints import HostnameEndpoint
         factory = Factory(isLazy=True)
-        factory.password = self.password
-        factory.startConnecting(HostnameEndpoint(self.clock, self.host, self.port,
-                                                 timeout=self.timeout))
+        factory.link_watch = self.watch
+        factory.password = self.link.password or None
+        factory.username = self.link.user or None
+        factory.deferred.addErrback(lambda _: None)     # a refused AUTH: the watch said it
+        factory.startConnecting(self.link.endpoint(self.clock, self.timeout, self.watch))
         self._factory = factory
         self._pings = task.LoopingCall(self._ping)
         self._pings.clock = self.clock
