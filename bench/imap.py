@@ -511,7 +511,7 @@ def add_lightmail_users(server: LightMail, addresses: list[str]) -> None:
     from lightmail.config import load_config
     from lightmail.storage import schema as s
     from lightmail.storage.database import Database, now_ms
-    db = Database(load_config(server.config).database_url, threads=1)
+    db = Database(load_config(server.config).database, threads=1)
     first = addresses[0].partition("@")[0]
 
     def copy(conn: Any) -> None:
@@ -597,7 +597,7 @@ def fill_lightmail_big(server: LightMail, address: str, count: int, size: int) -
 
     started = time.monotonic()
     config = load_config(server.config)
-    db = Database(config.database_url, threads=1)
+    db = Database(config.database, threads=1)
     blobs = FilesystemBlobStore(config.blob_dir, ThreadPool(0, 1))   # never started
     writes = SQLWrites(blobs, SQLQueueStore(db, blobs))
     local, _, domain = address.partition("@")

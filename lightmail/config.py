@@ -39,6 +39,7 @@ __all__ = [
     "DKIMConfig",
     "DKIMKeySpec",
     "DMARCConfig",
+    "DatabaseLink",
     "ListenerConfig",
     "MilterConfig",
     "S3Config",
@@ -550,8 +551,34 @@ class StorageConfig:
     url: str = option(
         "", parse_str,
         "SQLAlchemy URL of the metadata database: sqlite:///PATH, "
-        "postgresql+psycopg://USER@HOST/DB or mysql+pymysql://USER@HOST/DB.",
+        "postgresql+psycopg://USER@HOST[:PORT]/DB or mysql+pymysql://USER@HOST[:PORT]/DB "
+        "(the password in password_file, not here).",
         shown_default="sqlite:///STATE_DIR/lightmail.db")
+    password_file: Path | None = option(
+        None, parse_optional_path,
+        "File holding the password of the URL's user (its first line), read at "
+        "start-up and never logged nor shown; PostgreSQL and MariaDB.  Empty: none "
+        "(peer or certificate authentication, or a password in the URL, which is "
+        "masked wherever LightMail shows the URL).")
+    tls: bool = option(
+        False, parse_bool,
+        "Speak TLS to PostgreSQL or MariaDB, checking the server's certificate "
+        "against ca_file and for the URL's host (PostgreSQL: sslmode=verify-full; "
+        "MariaDB: ssl_verify_cert and ssl_verify_identity); a server without TLS is "
+        "refused.  no: the drivers' defaults (psycopg: TLS when the server offers it, "
+        "its certificate unchecked; PyMySQL: the same).")
+    ca_file: Path | None = option(
+        None, parse_optional_path,
+        "CA certificates (PEM) the database server's certificate must chain to; "
+        "empty: the system's.  With tls.")
+    cert_file: Path | None = option(
+        None, parse_optional_path,
+        "A client certificate (PEM) to show the database server (PostgreSQL's "
+        "clientcert, MariaDB's REQUIRE X509), with key_file.  With tls; empty: none.")
+    key_file: Path | None = option(
+        None, parse_optional_path,
+        "The private key (PEM) of cert_file; libpq wants it readable by its owner "
+        "alone (mode 0600).")
     blob_dir: Path | None = option(
         None, parse_optional_path,
         "Directory of the content-addressed message blob store.",
@@ -604,6 +631,8 @@ class StorageConfig:
         " LMTP, APPEND, COPY, MOVE) is always on disk before it is answered.  PostgreSQL "
         "and MariaDB: always on disk (their own settings, such as synchronous_commit, "
         "decide).")
+    #: Read from password_file by parse_config; never shown or logged.
+    password: str = field(default="", repr=False, compare=False)
 
 
 def parse_s3_endpoint(raw: str, base: Path) -> str:
@@ -2224,6 +2253,20 @@ MILTER_PREFIX = "milter:"
 
 
 @dataclass(frozen=True)
+class DatabaseLink:
+    """The metadata database: its SQLAlchemy URL, and from [storage] the password of
+    its user (kept out of the URL) and TLS: the CA its certificate must chain to and a
+    client certificate to show."""
+
+    url: str
+    password: str = field(default="", repr=False)
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -2269,6 +2312,15 @@ class Config:
     @property
     def database_url(self) -> str:
         return self.storage.url or f"sqlite:///{self.server.state_dir / 'lightmail.db'}"
+
+    @property
+    def database(self) -> DatabaseLink:
+        """The metadata database and how it is reached ([storage]): what every engine
+        is made from (lightmail.storage.database.create_engine)."""
+        storage = self.storage
+        return DatabaseLink(self.database_url, password=storage.password, tls=storage.tls,
+                            ca_file=storage.ca_file, cert_file=storage.cert_file,
+                            key_file=storage.key_file)
 
     @property
     def blob_dir(self) -> Path:
@@ -2422,6 +2474,8 @@ def parse_config(text: str, path: str = "<config>",
                                              path, lines)
     if "admin" in sections:
         sections["admin"] = _check_admin(sections["admin"], path, lines)
+    if "storage" in sections:
+        sections["storage"] = _check_storage(sections["storage"], path, lines)
     sections["s3"] = _check_s3(sections.get("s3", S3Config()), sections.get("storage"),
                                path, lines)
     if "manhole" in sections:
@@ -2480,6 +2534,31 @@ def _first_line(secret: Path, path: str, line: int | None, section: str,
         raise ConfigError(f"{secret} holds nothing (an empty first line)", path, line,
                           section, key)
     return first
+
+
+def _check_storage(storage: StorageConfig, path: str,
+                   lines: Mapping[tuple[str, str | None], int]) -> StorageConfig:
+    """The database link's keys: for a server (not SQLite's file); the TLS files
+    checked, the password read (at start-up)."""
+    def fail(message: str, key: str) -> ConfigError:
+        return ConfigError(message, path, lines.get(("storage", key)), "storage", key)
+    given = [key for key in ("password_file", "tls", "ca_file", "cert_file", "key_file")
+             if getattr(storage, key)]
+    if given and (not storage.url or storage.url.startswith("sqlite")):
+        raise fail("for PostgreSQL and MariaDB: SQLite is a file, reached by no link",
+                   given[0])
+    if not storage.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            if key in given:
+                raise fail("a TLS setting: it needs tls = yes", key)
+    _check_tls_files("storage", "", storage.ca_file, storage.cert_file, storage.key_file,
+                     path, lines)
+    if storage.password_file is None:
+        return storage
+    password = _first_line(storage.password_file, path,
+                           lines.get(("storage", "password_file")), "storage",
+                           "password_file")
+    return dataclasses.replace(storage, password=password)
 
 
 #: The [cluster] keys that say how every Redis is reached (none is used alone).

@@ -52,10 +52,14 @@ def validate(config: Config) -> None:
     """Checks that need more than one key, or code beyond the config module."""
     if config.storage.url:
         try:
-            check_url(config.storage.url)
+            url = check_url(config.storage.url)
         except DatabaseURLError as exc:
             raise ConfigError(str(exc), config.path, line_of(config, "storage", "url"),
                               "storage", "url") from None
+        if url.password is not None and config.storage.password_file is not None:
+            raise ConfigError("the URL holds a password and password_file names one: "
+                              "keep it in password_file alone", config.path,
+                              line_of(config, "storage", "url"), "storage", "url")
     from twisted.internet import endpoints
     # The descriptions are parsed, never listened on: no reactor is needed, and
     # importing one would install it before the main process forks its workers

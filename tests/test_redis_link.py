@@ -95,7 +95,7 @@ async def refused(config_text: str) -> tuple[str, Node]:
 @pytest_twisted.ensureDeferred
 async def test_a_certificate_from_another_ca_is_refused_and_said_once(
         redis: TLSRedis, tmp_path: Path) -> None:
-    other = TestCA(tmp_path / "other")
+    other = TestCA(tmp_path / "other", "Another CA")
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     node = Node(parse_config(redis.cluster_section(tmp_path, ca_file=other.ca_file)).cluster,
@@ -154,7 +154,7 @@ async def test_a_wrong_password_is_refused_and_never_shown(redis: TLSRedis,
 
 
 def test_the_link_keys_are_checked_at_start_up(redis: TLSRedis, tmp_path: Path) -> None:
-    other = TestCA(tmp_path / "other")
+    other = TestCA(tmp_path / "other", "Another CA")
     _, other_key = other.issue("x")
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
@@ -180,7 +180,7 @@ def test_readyz_of_a_server_says_redis_is_down_and_why(redis: TLSRedis,
     import json
     import urllib.error
     import urllib.request
-    other = TestCA(tmp_path / "other")
+    other = TestCA(tmp_path / "other", "Another CA")
     results = {}
     for name, ca in (("good", redis.ca.ca_file), ("bad", other.ca_file)):
         state = tmp_path / name

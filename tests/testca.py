@@ -14,11 +14,11 @@ from cryptography.x509.oid import NameOID
 
 class TestCA:
     __test__ = False          # a helper, not a test class
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str = "LightMail Test CA") -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LightMail Test CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = datetime.datetime.now(datetime.UTC)
         self.cert = (x509.CertificateBuilder()
                      .subject_name(name).issuer_name(name)

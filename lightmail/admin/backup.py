@@ -143,7 +143,7 @@ def backup(config: Config, dest: Path, progress: Progress) -> dict[str, Any]:
     dest = dest.absolute()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ToolError(f"{dest} exists already: give a new directory")
-    engine = create_engine(config.database_url, pool_size=1)
+    engine = create_engine(config.database, pool_size=1)
     made = not dest.exists()
     try:
         # Password hashes and everyone's mail: for LightMail's user only.
@@ -323,7 +323,7 @@ def restore(config: Config, src: Path, progress: Progress,
         raise ToolError(f"the backup's schema revision {revision} is unknown to this "
                         f"LightMail (whose newest is {head}): restore it with the "
                         "LightMail that made it, or a newer one")
-    engine = create_engine(config.database_url, pool_size=1)
+    engine = create_engine(config.database, pool_size=1)
     try:
         _prepare_schema(engine, revision, manifest, replace)
         store = blob_store(config, config.storage.blob_backend)

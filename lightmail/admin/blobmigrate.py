@@ -62,7 +62,7 @@ def migrate(config: Config, to: str, progress: Progress) -> dict[str, Any]:
     if to not in BACKENDS:
         raise ToolError(f"--to is one of {', '.join(BACKENDS)}")
     source_name = next(name for name in BACKENDS if name != to)
-    engine = create_engine(config.database_url, pool_size=1)
+    engine = create_engine(config.database, pool_size=1)
     source = _open(config, source_name)
     try:
         target = _open(config, to)

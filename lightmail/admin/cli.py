@@ -189,7 +189,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.action == "downgrade":
         from lightmail.admin.downgrade import downgrade_command
         return downgrade_command(config, args.to)
-    engine = create_engine(config.database_url, pool_size=1)
+    engine = create_engine(config.database, pool_size=1)
     try:
         if args.action == "upgrade":
             before = migrate.current_revision(engine)

@@ -27,7 +27,7 @@ def downgrade_command(config: Config, to: str | None) -> int:
     if listening(config.server.state_dir / WAKE_NAME):
         return refused(f"a LightMail server is running on {config.server.state_dir}: "
                        "stop it first (it expects the schema it has)")
-    engine = create_engine(config.database_url, pool_size=1)
+    engine = create_engine(config.database, pool_size=1)
     try:
         current = migrate.current_revision(engine)
         try:

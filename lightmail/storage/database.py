@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lightmail.config import DatabaseLink
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
 from lightmail.storage.interfaces import IStagedBlob
@@ -42,9 +44,20 @@ class DatabaseURLError(ValueError):
     """The database URL names no backend LightMail supports."""
 
 
+class DatabaseUnreachable(Exception):
+    """No connection to the database could be made; the message says where (the URL
+    without its password) and the driver's reason, in one line."""
+
+
 def now_ms() -> int:
     """Current time as stored in TIMESTAMP columns."""
     return int(time.time() * 1000)
+
+
+def masked(url: str) -> str:
+    """``url`` with any password in it replaced by ``***``: what may be shown."""
+    # USER:PASSWORD@, with or without a scheme before it (an unparsable URL too).
+    return re.sub(r"([^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def check_url(url: str) -> sa.URL:
@@ -52,7 +65,7 @@ def check_url(url: str) -> sa.URL:
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
-        raise DatabaseURLError(f"not a database URL: {url!r}") from None
+        raise DatabaseURLError(f"not a database URL: {masked(url)!r}") from None
     if parsed.drivername not in SUPPORTED_DRIVERS:
         raise DatabaseURLError(
             f"unsupported database driver {parsed.drivername!r}; use sqlite:///PATH, "
@@ -60,12 +73,42 @@ def check_url(url: str) -> sa.URL:
     return parsed
 
 
-def create_engine(url: str, pool_size: int = 8, writer: bool = False) -> Engine:
-    """An Engine configured for LightMail's durability and concurrency needs.
+def link_arguments(link: DatabaseLink, backend: str) -> dict[str, Any]:
+    """What the driver is given besides the URL: the password (never in the URL, so
+    never in a message that shows it) and TLS.  PostgreSQL: libpq's sslmode
+    verify-full (a server without TLS, a certificate from another CA or for another
+    host is refused), its root certificates the CA file or the system's; MariaDB:
+    PyMySQL's ssl_* (TLS required once any is given)."""
+    args: dict[str, Any] = {}
+    if link.password:
+        args["password"] = link.password
+    if not link.tls:
+        return args
+    if backend == "postgresql":
+        args.update(sslmode="verify-full",
+                    sslrootcert=str(link.ca_file) if link.ca_file else "system")
+        if link.cert_file is not None and link.key_file is not None:
+            args.update(sslcert=str(link.cert_file), sslkey=str(link.key_file))
+    elif backend == "mysql":
+        args.update(ssl_verify_cert=True, ssl_verify_identity=True)
+        if link.ca_file is not None:
+            args["ssl_ca"] = str(link.ca_file)
+        if link.cert_file is not None and link.key_file is not None:
+            args.update(ssl_cert=str(link.cert_file), ssl_key=str(link.key_file))
+    return args
+
+
+def create_engine(link: DatabaseLink | str, pool_size: int = 8,
+                  writer: bool = False) -> Engine:
+    """An Engine configured for LightMail's durability and concurrency needs, on
+    ``link`` (``Config.database``; a URL alone: no password nor TLS besides it).
 
     ``writer`` (SQLite): connections only for write transactions, which never wait in
     SQLite's busy handler (see _begin_immediate)."""
-    parsed = check_url(url)
+    if isinstance(link, str):
+        link = DatabaseLink(link)
+    parsed = check_url(link.url)
+    linked = link_arguments(link, parsed.get_backend_name())
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +123,10 @@ def create_engine(url: str, pool_size: int = 8, writer: bool = False) -> Engine:
         return sa.create_engine(
             parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
             pool_recycle=3600, isolation_level="READ COMMITTED",
-            connect_args={"charset": "utf8mb4"})
+            connect_args={"charset": "utf8mb4", **linked})
     return sa.create_engine(parsed, pool_size=pool_size, max_overflow=0,
-                            pool_pre_ping=True, isolation_level="READ COMMITTED")
+                            pool_pre_ping=True, isolation_level="READ COMMITTED",
+                            connect_args=linked)
 
 
 def _configure_sqlite(engine: Engine, writer: bool = False) -> None:
@@ -286,27 +330,28 @@ class Database:
 
     log = Logger()
 
-    def __init__(self, url: str, threads: int = 0, one_writer: bool = False,
+    def __init__(self, link: DatabaseLink | str, threads: int = 0, one_writer: bool = False,
                  metrics: IMetrics | None = None) -> None:
-        """``one_writer``: groups are committed by one thread only (the writer
-        process's, calling commit_group_now), which keeps its connection rather than
-        taking one from the pool for each group (a checkout and return cost 50 us of
+        """``link``: ``Config.database`` (or a URL alone).  ``one_writer``: groups are
+        committed by one thread only (the writer process's, calling
+        commit_group_now), which keeps its connection rather than taking one from
+        the pool for each group (a checkout and return cost 50 us of
         Python a group).  ``metrics``: where SQL latency and group sizes are recorded
         (the process's, from lightmail.wiring; a private one if not given)."""
-        self.url = url
+        self.link = link if isinstance(link, DatabaseLink) else DatabaseLink(link)
         self.metrics: IMetrics = metrics if metrics is not None else Metrics()
         self._read_seconds = self.metrics.sql_timer("read")
         self._write_seconds = self.metrics.sql_timer("write")
         self.one_writer = one_writer
         self._kept: Connection | None = None
-        backend = check_url(url).get_backend_name()
+        backend = check_url(self.link.url).get_backend_name()
         if not threads:         # see [storage] sql_threads
             threads = 2 if backend == "sqlite" else 8
         self.threads = threads
-        self.engine = create_engine(url, pool_size=threads)
+        self.engine = create_engine(self.link, pool_size=threads)
         self.backend = self.engine.dialect.name  # sqlite, postgresql, mysql
         # SQLite: the group commit and write_now have connections of their own.
-        self.write_engine = (create_engine(url, pool_size=threads, writer=True)
+        self.write_engine = (create_engine(self.link, pool_size=threads, writer=True)
                              if self.backend == "sqlite" else self.engine)
         self.pool = WorkerThreads(threads, "lightmail-sql")
         self._started = False
@@ -314,6 +359,21 @@ class Database:
         self._groups_running: set[defer.Deferred[Any]] = set()
         # SQLite has one writer at a time anyway; servers can commit groups in parallel.
         self._max_groups = 1 if self.backend == "sqlite" else max(1, threads // 2)
+
+    def reach(self) -> None:
+        """Open a connection (blocking: at start-up, on a thread or before the reactor
+        runs).  One that cannot be made (down, TLS refused either way, a wrong
+        password) raises :class:`DatabaseUnreachable`."""
+        try:
+            with self.engine.connect():
+                pass
+        except sa.exc.DBAPIError as exc:
+            # The driver's own words (psycopg: "connection failed: connection to
+            # server at ... failed: SSL error: certificate verify failed"), on one line.
+            why = " ".join(str(exc.orig).split())
+            raise DatabaseUnreachable(
+                f"cannot connect to the {self.backend} database at "
+                f"{masked(self.link.url)}: {why}") from None
 
     def start(self) -> None:
         if not self._started:

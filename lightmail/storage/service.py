@@ -17,7 +17,7 @@ from lightmail.storage import migrate
 from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
 from lightmail.storage.blobstores import s3_blob_store
 from lightmail.storage.changes import ChangeFeed
-from lightmail.storage.database import Database
+from lightmail.storage.database import Database, DatabaseUnreachable
 from lightmail.storage.interfaces import IBlobStore, IWritePort
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
@@ -56,7 +56,7 @@ class StorageService(Service):
         process's: SQL latency, group commit sizes)."""
         self.config = config
         self.primary = primary
-        self.db = Database(config.database_url,
+        self.db = Database(config.database,
                            threads=sql_threads or config.storage.sql_threads,
                            one_writer=one_writer, metrics=metrics)
         self.io_pool = WorkerThreads(config.storage.io_threads, "lightmail-io")
@@ -127,11 +127,11 @@ class StorageService(Service):
         from twisted.internet import reactor
         if self.config.storage.auto_upgrade and self.primary:
             if reactor.running:  # type: ignore[attr-defined]
-                d = self.db.run(migrate.upgrade, self.db.engine)
+                d = self.db.run(self._upgrade)
             else:
-                # Before the reactor runs (twistd start-up): fail loudly right here.
-                migrate.upgrade(self.db.engine)
-                d = defer.succeed(None)
+                # Before the reactor runs (twistd start-up): right here, before the
+                # rest starts; a failure ends the start (LightMailService.fatal).
+                d = defer.maybeDeferred(self._upgrade)
         else:
             d = self.db.run(self._check_schema)
         if self.primary:
@@ -146,7 +146,12 @@ class StorageService(Service):
         d.addCallback(self._started)
         d.addErrback(self._failed)
 
+    def _upgrade(self) -> None:
+        self.db.reach()
+        migrate.upgrade(self.db.engine)
+
     def _check_schema(self) -> None:
+        self.db.reach()
         current = migrate.current_revision(self.db.engine)
         if current != migrate.HEAD:
             raise RuntimeError(f"the database schema is at {current or 'nothing'}, this "
@@ -162,7 +167,11 @@ class StorageService(Service):
         self._settle(True)
 
     def _failed(self, failure: Any) -> None:
-        self.log.failure("storage failed to start", failure)
+        if failure.check(DatabaseUnreachable):       # said in full by its message
+            self.log.error("storage failed to start: {error}",
+                           error=failure.getErrorMessage())
+        else:
+            self.log.failure("storage failed to start", failure)
         self._settle(failure)
 
     def collect_garbage(self) -> defer.Deferred[int]:
