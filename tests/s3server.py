@@ -26,7 +26,8 @@ moto does that, as S3 documents it, so that the store's handling of the refusal 
 tested; it checks nothing else.
 
 Run as a program: starts moto, prints ``PORT ACCESS_KEY SECRET_KEY`` on its first line
-once it serves, and serves until killed.
+once it serves, and serves until killed; given a certificate and key file, it serves
+HTTPS with them (werkzeug's own TLS: no terminator in front).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def main() -> None:
     s3_backends[ACCOUNT]["aws"].create_bucket(BUCKET, "us-east-1")
     access, secret = _credentials()
     app = ChecksumCheck(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    tls = tuple(sys.argv[1:3]) if len(sys.argv) == 3 else None
+    server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=tls)
     print(server.server_port, access, secret, flush=True)
     server.serve_forever()
 
@@ -141,15 +143,16 @@ class S3Service:
 class S3Server(S3Service):
     """A private moto server (this module, run as a program) for one test."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) files to serve HTTPS with."""
         try:
             import moto.server  # noqa: F401
         except ImportError:
             raise AssertionError("moto[server] is missing: pip install -e '.[test]'"
                                  ) from None
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve())], stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
+            [sys.executable, str(Path(__file__).resolve()), *map(str, tls or ())],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None
         first = self.process.stdout.readline().split()
         if len(first) != 3:
@@ -157,7 +160,7 @@ class S3Server(S3Service):
             raise AssertionError("the test S3 server (moto) did not start")
         port, self.access_key, self.secret_key = first
         self.port = int(port)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.bucket = BUCKET
 
     def pause(self) -> None:
