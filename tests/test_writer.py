@@ -8,6 +8,7 @@ killed, nothing that got a 250 is lost or filed twice and the server starts anot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
@@ -252,6 +253,24 @@ def _wchar(pid: int) -> int:
     raise AssertionError("no wchar")
 
 
+def _tcp_listeners(pid: int) -> list[str]:
+    """The TCP sockets the process ``pid`` listens on (local addresses, as the
+    kernel's /proc/net/tcp and tcp6 write them)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    listening = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:         # 0A: LISTEN
+                listening.append(fields[1])
+    return listening
+
+
 def _writer_pids(server: ServerProcess, count: int = 1) -> list[int]:
     found = server.wait_for(r"writer process started \(pid (\d+)\)", count=count)
     return [int(m.group(1)) for m in found]
@@ -310,7 +329,12 @@ def test_workers_write_through_the_main_process_writer(write_config: Any,
         server.wait_for(r"worker=\d\] connected to the writer process", count=2)
         (pid,) = _writer_pids(server)
         socket_path = tmp_path / "state" / "run" / "writer.sock"
-        assert socket_path.is_socket() and (socket_path.parent.stat().st_mode & 0o777) == 0o700
+        # Private to this host and user: a Unix socket (no TCP port), 0600, in a
+        # directory of this user's that only it can open (0700).
+        assert socket_path.is_socket() and (socket_path.stat().st_mode & 0o777) == 0o600
+        assert (socket_path.parent.stat().st_mode & 0o777) == 0o700
+        assert socket_path.stat().st_uid == socket_path.parent.stat().st_uid == os.getuid()
+        assert _tcp_listeners(pid) == []
         written = _wchar(pid)
         body = b"hello through a worker\r\n" * 100
         for number in range(6):         # over both workers

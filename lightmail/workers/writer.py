@@ -49,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     listener = None
     if args.listen:
         # In a directory of the main process's own (mode 0700): only this user's
-        # processes can reach it, as with the socket pair.
+        # processes can reach it, as with the socket pair.  The socket itself is
+        # 0600 from its making (the umask of the bind), not from a chmod after it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.listen)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(args.listen)
+        umask = os.umask(0o177)
+        try:
+            listener.bind(args.listen)
+        finally:
+            os.umask(umask)
         os.chmod(args.listen, 0o600)
         listener.listen(64)
     storage = wire_writer(config)
