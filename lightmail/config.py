@@ -565,8 +565,8 @@ class StorageConfig:
         "Speak TLS to PostgreSQL or MariaDB, checking the server's certificate "
         "against ca_file and for the URL's host (PostgreSQL: sslmode=verify-full; "
         "MariaDB: ssl_verify_cert and ssl_verify_identity); a server without TLS is "
-        "refused.  no: the drivers' defaults (psycopg: TLS when the server offers it, "
-        "its certificate unchecked; PyMySQL: the same).")
+        "refused.  no: the drivers' defaults (psycopg, and PyMySQL from 1.2: TLS when "
+        "the server offers it, its certificate unchecked).")
     ca_file: Path | None = option(
         None, parse_optional_path,
         "CA certificates (PEM) the database server's certificate must chain to; "

@@ -2,7 +2,8 @@
 TLS only (``tls-port`` on a free loopback port, no plain port), a server certificate
 of a test CA for 127.0.0.1, client certificates required (of the same CA), the
 default user off and one ACL user with a password.  It runs in the foreground as a
-child process with its own directory, and is killed by :meth:`stop`.
+child process with its own directory, and is killed by :meth:`stop`.  The ACL user
+may touch only keys and channels under ``lightmail:`` (the tests' prefixes start so).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from tests.testca import TestCA
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 USER = "lightmail"
 PASSWORD = "redis-link-secret"
+#: What docs/operations.rst advises ("Links between nodes"): LightMail's keys and
+#: channels (under the default prefixes), every command but the dangerous ones.
+ACL = "~lightmail:* &lightmail:* +@all -@dangerous"
 
 
 class TLSRedis:
@@ -44,7 +48,7 @@ class TLSRedis:
             "tls-auth-clients yes\nsave \"\"\nappendonly no\n"
             f"dir {directory}\nlogfile {directory / 'redis.log'}\n"
             "user default off\n"
-            f"user {USER} on >{PASSWORD} ~* &* +@all\n")
+            f"user {USER} on >{PASSWORD} {ACL}\n")
         self.process = subprocess.Popen([REDIS_SERVER, str(conf)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
