@@ -129,7 +129,7 @@ class Node(Service):
         self.subscription = Subscription(self.redis.link, self.channel, heard, subscribed,
                                          keepalive=self.config.lease / 3,
                                          timeout=max(2.0, 2 * self.timeout),
-                                         clock=self.clock)
+                                         clock=self.clock, watch=self.redis.watch)
 
     def hold(self, kind: str, key: str, value: str) -> None:
         """Renew this lease until :meth:`drop`."""
@@ -230,7 +230,7 @@ class Node(Service):
         except Exception as exc:
             return f"failed: {str(exc) or type(exc).__name__}"
         if self.subscription is not None and not self.subscription.listening:
-            trouble = self.subscription.watch.trouble
+            trouble = self.redis.trouble
             return "not subscribed to the change channel" + (f" ({trouble})" if trouble
                                                               else "")
         return "ok"

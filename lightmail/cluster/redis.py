@@ -130,12 +130,15 @@ class Subscription:
 
     def __init__(self, link: RedisLink, channel: str,
                  heard: Callable[[bytes], None], subscribed: Callable[[], None],
-                 keepalive: float = 10.0, timeout: float = 2.0, clock: Any = None) -> None:
+                 keepalive: float = 10.0, timeout: float = 2.0, clock: Any = None,
+                 watch: LinkWatch | None = None) -> None:
+        """``watch``: the LinkWatch of the pool to the same Redis, for its failures
+        to be said once for both (a new one without it)."""
         if clock is None:
             from twisted.internet import reactor
             clock = reactor
         self.link = link                # its db is not used: channels know none
-        self.watch = LinkWatch(link)
+        self.watch = watch if watch is not None else LinkWatch(link)
         self.channel = channel
         self.heard = heard
         self.subscribed = subscribed

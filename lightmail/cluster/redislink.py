@@ -98,6 +98,7 @@ class RedisLink:
         return ssl.optionsForClientTLS(self.name, trustRoot=trust,
                                        clientCertificate=client)
 
+
 def redis_link(cluster: ClusterConfig, address: str) -> RedisLink:
     """The link to the Redis at ``address`` (``[cluster]``'s, ``[limits]``' or
     ``[greylist]``'s): with ``[cluster]``'s user, password and TLS, which are every
@@ -150,7 +151,9 @@ class _WatchedEndpoint:
 
 
 def tls_failure(link: RedisLink, why: Failure) -> str:
-    """What a connection lost before its TLS handshake completed says, for a person."""
+    """Why a TLS connection was lost before it could be used (its handshake failed,
+    the certificate's name did not match, or the server refused ours), for a
+    person."""
     from OpenSSL import SSL
     if why.check(SSL.Error):
         # pyOpenSSL's errors: [(library, function, reason), ...], the last one
