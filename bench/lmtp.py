@@ -276,8 +276,10 @@ def expect(reader: Reader, code: int, what: str) -> None:
 
 
 def lmtp_client(port: int, rcpt: str, size: int, per_connection: int, count: int,
-                seconds: float, tag: str) -> dict:
-    """Deliver ``count`` messages (or for ``seconds`` when count is 0) to ``rcpt``."""
+                seconds: float, tag: str, hello: str = "LHLO") -> dict:
+    """Deliver ``count`` messages (or for ``seconds`` when count is 0) to ``rcpt``.
+    With ``hello`` EHLO it speaks SMTP instead (bench/scaling.py): with one
+    recipient a message, the two differ only in that word."""
     deadline = time.monotonic() + seconds
     sent = accepted = 0
     failures: list[str] = []
@@ -290,10 +292,10 @@ def lmtp_client(port: int, rcpt: str, size: int, per_connection: int, count: int
         sock, reader = connect(port)
         with sock:
             expect(reader, 220, "greeting")
-            sock.sendall(b"LHLO client.test\r\n")
+            sock.sendall(f"{hello} client.test\r\n".encode())
             code, lines = reader.reply()
             if code != 250:
-                raise RuntimeError(f"LHLO: {lines!r}")
+                raise RuntimeError(f"{hello}: {lines!r}")
             pipelining = any(line[4:].upper().startswith(b"PIPELINING") for line in lines)
             for _ in range(per_connection):
                 if not more():

@@ -23,7 +23,11 @@ ranges, listings), and the store's tests were written against it.  What moto doe
 do, S3 does: refuse a PUT whose body does not match the ``x-amz-checksum-sha256`` it
 declares (S3 answers 400 BadDigest).  The :class:`ChecksumCheck` layer in front of
 moto does that, as S3 documents it, so that the store's handling of the refusal is
-tested; it checks nothing else.
+tested; it checks nothing else.  The :class:`RequestCount` layer, in front of that,
+counts the requests that reach moto by kind (PUT, GET, HEAD, DELETE, POST, and LIST
+for a GET of the bucket itself), and answers ``GET /_requests`` with the counts in
+JSON (a name no bucket can have): bench/scaling.py counts what a message costs in S3
+requests.
 
 Run as a program: starts moto, prints ``PORT ACCESS_KEY SECRET_KEY`` on its first line
 once it serves, and serves until killed; given a certificate and key file, it serves
@@ -43,7 +47,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +86,35 @@ class ChecksumCheck:
         return self.app(environ, start_response)
 
 
+COUNTS_PATH = "/_requests"
+
+
+class RequestCount:
+    """WSGI: counts each request by kind before passing it on; ``GET /_requests``
+    (not counted) answers the counts so far as a JSON object."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()        # the server runs a thread per request
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "")
+        if path == COUNTS_PATH:
+            with self.lock:
+                body = json.dumps(dict(self.counts)).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        # Path-style addressing: /BUCKET is the bucket (a GET lists it), /BUCKET/KEY
+        # an object.
+        kind = "LIST" if method == "GET" and "/" not in path.strip("/") else method
+        with self.lock:
+            self.counts[kind] += 1
+        return self.app(environ, start_response)
+
+
 def _credentials() -> tuple[str, str]:
     """An IAM user allowed everything, and its access key: made in moto's IAM before
     the server serves, after which every request must be signed with that key."""
@@ -101,7 +137,7 @@ def main() -> None:
     from werkzeug.serving import make_server
     s3_backends[ACCOUNT]["aws"].create_bucket(BUCKET, "us-east-1")
     access, secret = _credentials()
-    app = ChecksumCheck(DomainDispatcherApplication(create_backend_app))
+    app = RequestCount(ChecksumCheck(DomainDispatcherApplication(create_backend_app)))
     tls = tuple(sys.argv[1:3]) if len(sys.argv) == 3 else None
     server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=tls)
     print(server.server_port, access, secret, flush=True)
@@ -162,6 +198,11 @@ class S3Server(S3Service):
         self.port = int(port)
         self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.bucket = BUCKET
+
+    def requests(self) -> Counter[str]:
+        """The requests the server has had so far, by kind (see RequestCount)."""
+        with urllib.request.urlopen(self.endpoint + COUNTS_PATH, timeout=30) as answer:
+            return Counter(json.loads(answer.read()))
 
     def pause(self) -> None:
         """Stop answering (the process is stopped: connections hang, then time out)."""
