@@ -47,10 +47,11 @@ from pathlib import Path
 from typing import Any
 
 SETTLE = 10.5           # s: PostgreSQL's idle backends report their last counts by then
-# Processes whose threads last (so that their per-thread times add up to the whole):
-# measured to the nanosecond; the others (LightMail's, the S3 server's thread per
-# connection) in ticks, which over a run of hundreds of messages is precise enough.
-PRECISE = frozenset({"redis-server", "postgres backends"})
+# Processes whose threads come and go (the S3 server's, one a connection): measured
+# in ticks, which over a run of hundreds of messages is precise enough.  The others'
+# threads last as long as they do (Twisted's pools, a backend's one thread), so the
+# sum of their threads' times is the whole, to the nanosecond.
+TICKS_ONLY = frozenset({"S3 server (moto)"})
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PG_FIELDS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")
@@ -71,8 +72,8 @@ def cpu_seconds(pid: int) -> float | None:
 def thread_cpu_seconds(pid: int) -> float | None:
     """CPU seconds of the threads a process has now, to the nanosecond
     (/proc/PID/task/*/schedstat): for a process whose threads live as long as it
-    does (a PostgreSQL backend, Redis), where one transaction or command is far less
-    than a tick; falls back to :func:`cpu_seconds`."""
+    does (a PostgreSQL backend, Redis, LightMail's), where one transaction or command
+    is far less than a tick; falls back to :func:`cpu_seconds`."""
     try:
         return sum(int((task / "schedstat").read_text().split()[0])
                    for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
@@ -287,7 +288,7 @@ class Watch:
         cpu = {}
         labelled = {**self.processes(), "postgres backends": self.backends()}
         for label, pids in labelled.items():
-            measure = thread_cpu_seconds if label in PRECISE else cpu_seconds
+            measure = cpu_seconds if label in TICKS_ONLY else thread_cpu_seconds
             for pid in pids:
                 seconds = measure(pid)
                 if seconds is not None:

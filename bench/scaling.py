@@ -93,7 +93,6 @@ PASSWORD = "scaling-bench"
 SIZE = 4096
 PER_CONNECTION = 50
 IMAP_ROUNDS = 5
-IMAP_COMMANDS = 8 + 4 * IMAP_ROUNDS         # a mix session (bench/imap.py), LOGOUT too
 ADMIN = re.compile(r"admin listener on [^\s:]+:(?P<port>\d+)")
 ROLES = {"twistd": "main", "lm-writer": "writer", "lm-worker": "worker"}
 
@@ -304,7 +303,28 @@ def one_run(cluster: Cluster, nodes: int, args: argparse.Namespace) -> dict:
     if args.imap_sessions:
         run["imap"], _ = imap_load(cluster, users, args.imap_sessions, before, args.settle,
                                    idle)
+    if nodes > 1:
+        run["hearing"] = hearing(cluster, users[0], args.messages // 3, idle)
     return run
+
+
+def hearing(cluster: Cluster, users: list[str], count: int, idle: Costs) -> dict:
+    """What another node's change costs a node that only hears of it: SMTP to the
+    first node alone, and the CPU of the others' main processes a message.  Every node
+    subscribes to the one change channel, so every change costs every node this."""
+    first = cluster.nodes[0]
+    clients = [(first.ports["mx"], address, SIZE, PER_CONNECTION, count // len(users), 0,
+                f"{address}.heard.", "EHLO") for address in users]
+    before = cluster.watch.snapshot(1.0)
+    outs, _, _ = run_clients(lmtp_client, clients, timeout=900)
+    costs = difference(before, cluster.watch.snapshot(1.0)).less_idle_cpu(idle)
+    messages = sum(out["accepted"] for out in outs)
+    per = costs.per(messages).cpu
+    others = [per.get(f"{node.name} main", 0.0) for node in cluster.nodes[1:]]
+    return {"messages": messages,
+            "handling_main_ms": round(1000 * per.get(f"{first.name} main", 0.0), 3),
+            "hearing_main_ms": round(1000 * sum(others) / len(others), 3),
+            "redis_ms": round(1000 * per.get("redis-server", 0.0), 3)}
 
 
 # --- reporting -------------------------------------------------------------------------
@@ -354,8 +374,8 @@ def cpu_lines(costs: Costs) -> list[str]:
 
 def report_run(run: dict, first_rate: float | None) -> None:
     smtp, nodes = run["smtp"], run["nodes"]
-    efficiency = smtp["per_s"] / (nodes * first_rate) if first_rate else 1.0
-    run["smtp"]["efficiency"] = round(efficiency, 3)
+    efficiency = round(smtp["per_s"] / (nodes * first_rate) if first_rate else 1.0, 3)
+    run["smtp"]["efficiency"] = efficiency
     per = smtp["costs"].per(smtp["messages"])
     print(f"\n== {nodes} node{'s' if nodes > 1 else ''}: SMTP, {smtp['messages']} messages "
           f"of 4 KB in {smtp['seconds']:.2f} s: {smtp['per_s']:.0f} messages/s "
@@ -377,6 +397,12 @@ def report_run(run: dict, first_rate: float | None) -> None:
         print("\n".join(count_lines(per_session)))
         print("  CPU a session, by process (less what each uses idle):")
         print("\n".join(cpu_lines(per_session)))
+    heard = run.get("hearing")
+    if heard:
+        print(f"  {heard['messages']} messages to n1 alone: its "
+              f"main process {heard['handling_main_ms']:.3f} ms a message; each other "
+              f"node's, which only hears of them, {heard['hearing_main_ms']:.3f} ms; "
+              f"Redis {heard['redis_ms']:.3f} ms")
 
 
 def role_cpu(costs: Costs, role: str) -> float:

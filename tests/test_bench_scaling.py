@@ -98,6 +98,7 @@ def test_the_benchmark_runs_two_nodes_and_counts_what_a_message_costs(
         assert run["imap"]["sessions"] == run["nodes"] * found["args"]["clients"]
         assert run["smtp"]["ceilings"] and run["imap"]["ceilings"]
     assert runs[1]["smtp"]["costs"]["cpu_s"]["n2 writer"] > 0
+    assert runs[1]["hearing"]["messages"] > 0 and runs[1]["hearing"]["hearing_main_ms"] >= 0
     assert found["units"]["pg filing transaction ms"] > 0
     assert found["units"]["s3 PUT ms"] > 0
     assert "== summary" in result.stdout
