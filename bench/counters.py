@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 SETTLE = 10.5           # s: PostgreSQL's idle backends report their last counts by then
-# Processes whose threads come and go (the S3 server's, one a connection): measured
+# Processes whose threads come and go (moto's, one a connection): measured
 # in ticks, which over a run of hundreds of messages is precise enough.  The others'
 # threads last as long as they do (Twisted's pools, a backend's one thread), so the
 # sum of their threads' times is the whole, to the nanosecond.
-TICKS_ONLY = frozenset({"S3 server (moto)"})
+S3_SERVER = "S3 server"     # the label of the S3 server's process
+TICKS_ONLY = frozenset({S3_SERVER})
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PG_FIELDS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")

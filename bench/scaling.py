@@ -10,8 +10,10 @@ writer process, ``[server] workers = 0`` unless ``--workers``), ``[storage]
 blob_backend = s3`` and ``[cluster] redis``, as docs/operations.rst "Several nodes"
 sets them up.  The peers: a new database on the machine's PostgreSQL (dropped at the
 end), a redis-server of the benchmark's own (so that its counts and CPU are the
-nodes' alone) and the tests' S3 server (tests/s3server.py, moto), which counts the
-requests it gets.  A node joins before each run; the nodes of the earlier runs stay
+nodes' alone) and one of the tests' S3 servers (tests/s3server.py), which counts the
+requests it gets: moto (``--s3 moto``, the default: Python, 3-6 ms of CPU a request,
+HEAD counted apart from GET) or SeaweedFS (``--s3 seaweedfs``: Go, a real S3 server;
+it counts a HEAD as a GET).  A node joins before each run; the nodes of the earlier runs stay
 up.  Each run has mailboxes of its own: 20 messages and one IMAP session each first,
 not counted (the node verifies each password once, argon2id, then caches it).
 
@@ -64,6 +66,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(BENCH), str(ROOT)]
 
 from conftest import PG_ADMIN_URL, empty_database  # noqa: E402
 from counters import (  # noqa: E402
+    S3_SERVER,
     SETTLE,
     Costs,
     PrivateRedis,
@@ -86,7 +89,7 @@ from unitcosts import (  # noqa: E402
     s3_costs,
 )
 
-from tests.s3server import S3Server  # noqa: E402
+from tests.s3server import S3Server, SeaweedFS  # noqa: E402
 
 DOMAIN = "scaling.test"
 PASSWORD = "scaling-bench"
@@ -105,8 +108,8 @@ def libpq(url: str) -> str:
 class Node:
     """One ``twistd lightmail`` of the cluster, with SMTP, IMAP and admin listeners."""
 
-    def __init__(self, name: str, root: Path, database: str, redis: str, s3: S3Server,
-                 workers: int) -> None:
+    def __init__(self, name: str, root: Path, database: str, redis: str,
+                 s3: S3Server | SeaweedFS, workers: int) -> None:
         self.name = name
         state = root / name
         state.mkdir()
@@ -150,11 +153,13 @@ class Node:
 class Cluster:
     """The peers and the nodes started so far."""
 
-    def __init__(self, root: Path, database: str, workers: int, stack: ExitStack) -> None:
+    def __init__(self, root: Path, database: str, workers: int, s3: str,
+                 stack: ExitStack) -> None:
         self.root = root
         self.database = database
         self.workers = workers
-        self.s3 = S3Server()
+        self.s3: S3Server | SeaweedFS = (
+            SeaweedFS(root / "seaweedfs", metrics=True) if s3 == "seaweedfs" else S3Server())
         stack.callback(self.s3.stop)
         self.redis = PrivateRedis(free_port())
         stack.callback(self.redis.stop)
@@ -175,7 +180,7 @@ class Cluster:
         return node
 
     def processes(self) -> dict[str, list[int]]:
-        found = {"redis-server": [self.redis.proc.pid], "S3 server (moto)": [self.s3.process.pid]}
+        found = {"redis-server": [self.redis.proc.pid], S3_SERVER: [self.s3.process.pid]}
         for node in self.nodes:
             found.update(node.processes())
         return found
@@ -409,7 +414,7 @@ def role_cpu(costs: Costs, role: str) -> float:
     return sum(seconds for label, seconds in costs.cpu.items() if label.endswith(" " + role))
 
 
-OUTSIDE = ("clients", "S3 server (moto)")    # stand-ins for the world outside
+OUTSIDE = ("clients", S3_SERVER)    # stand-ins for the world outside
 
 
 def ceilings(per: Costs, nodes: int, units: dict[str, float], cores: int) -> dict[str, float]:
@@ -438,7 +443,7 @@ def ceilings(per: Costs, nodes: int, units: dict[str, float], cores: int) -> dic
     redis = cpu.get("redis-server", 0.0) - monitor * per.counts.get(
         "redis commands, scripts' included", 0.0)
     limit("Redis, its one thread", max(0.0, redis))
-    limit("the S3 server here (moto, not S3)", cpu.get("S3 server (moto)", 0.0))
+    limit("the S3 server here (a stand-in, not S3)", cpu.get(S3_SERVER, 0.0))
     limit("S3 at 3,500 PUT/s (AWS, a prefix partition)", per.counts.get("s3 PUT", 0.0) / 3500)
     limit("S3 at 5,500 GET+HEAD/s (AWS, a prefix partition)",
           (per.counts.get("s3 GET", 0.0) + per.counts.get("s3 HEAD", 0.0)) / 5500)
@@ -510,6 +515,9 @@ def main() -> int:
     parser.add_argument("--unit-count", type=int, default=200,
                         help="operations of each kind measured alone (default 200)")
     parser.add_argument("--workers", type=int, default=0, help="[server] workers a node")
+    parser.add_argument("--s3", choices=("moto", "seaweedfs"), default="moto",
+                        help="the S3 server: moto (Python; counts HEAD apart from GET) or "
+                        "SeaweedFS (Go, a real S3 server; counts a HEAD as a GET)")
     parser.add_argument("--idle", type=float, default=3.0,
                         help="seconds without load before each run: what the nodes do "
                         "anyway, printed (default 3)")
@@ -533,13 +541,14 @@ def main() -> int:
         parser.error("--nodes: increasing numbers from 1, like 1,2,3")
     cores = os.cpu_count() or 1
     print(f"{cores} cores, load average {os.getloadavg()[0]:.1f} at the start; "
-          f"{args.clients} clients a node, {args.messages} messages a node per run")
+          f"{args.clients} clients a node, {args.messages} messages a node per run; "
+          f"S3 server: {args.s3}")
     results: dict[str, Any] = {"cores": cores, "args": vars(args), "runs": []}
     root = Path(tempfile.mkdtemp(prefix="lightmail-bench-scaling-"))
     try:
         with ExitStack() as stack:
             url = stack.enter_context(empty_database("postgresql", root))
-            cluster = Cluster(root, url, args.workers, stack)
+            cluster = Cluster(root, url, args.workers, args.s3, stack)
             first_rate = None
             for nodes in counts:
                 while len(cluster.nodes) < nodes:

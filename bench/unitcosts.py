@@ -164,7 +164,7 @@ def redis_costs(redis: PrivateRedis, count: int) -> dict[str, float]:
 
 def s3_costs(s3: Any, count: int, size: int = 4096) -> dict[str, float]:
     """PUT, HEAD and GET of ``size`` octets through LightMail's S3 client against
-    ``s3`` (tests/s3server.py's S3Server)."""
+    ``s3`` (tests/s3server.py's S3Server or SeaweedFS)."""
     from lightmail.config import parse_config
     from lightmail.storage.s3client import S3Client
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +185,7 @@ def s3_costs(s3: Any, count: int, size: int = 4096) -> dict[str, float]:
         times = timed(step, count)
         out[f"s3 {name} ms"] = ms(statistics.median(times))
         out[f"s3 client CPU ms a {name}"] = ms((time.thread_time() - mine) / count)
-        out[f"s3 server (moto) CPU ms a {name}"] = ms(
+        out[f"s3 server CPU ms a {name}"] = ms(
             ((cpu_seconds(s3.process.pid) or 0.0) - server) / count)
     for key in keys:
         client.delete(key)

@@ -271,7 +271,8 @@ class SeaweedFS(S3Service):
     LISTENERS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                  "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
 
-    def __init__(self, root: Path, timeout: float = 30.0) -> None:
+    def __init__(self, root: Path, timeout: float = 30.0, metrics: bool = False) -> None:
+        """``metrics``: serve Prometheus metrics too (:meth:`requests` reads them)."""
         program = _weed()
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -283,8 +284,9 @@ class SeaweedFS(S3Service):
             "name": "lightmail",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        admin, admin_grpc, *ports = _free_ports(len(self.LISTENERS))
-        self.ports = dict(zip(self.LISTENERS, ports, strict=True))
+        listeners = self.LISTENERS + (("metricsPort",) if metrics else ())
+        admin, admin_grpc, *ports = _free_ports(len(listeners))
+        self.ports = dict(zip(listeners, ports, strict=True))
         self.ports.update({"admin.port": admin, "admin.port.grpc": admin_grpc})
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         data = root / "data"
@@ -295,7 +297,8 @@ class SeaweedFS(S3Service):
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-filer.localSocket={root / 'filer.sock'}",
             f"-s3.localSocket={root / 's3.sock'}",
-            f"-s3.config={identities}", f"-bucket={self.bucket}"]
+            f"-s3.config={identities}", f"-bucket={self.bucket}"] + (
+            ["-metricsIp=127.0.0.1"] if metrics else [])
         self.log = root / "weed.log"
         with self.log.open("wb") as log:
             # TMPDIR: its own logs (glog) go there, not to /tmp.
@@ -324,6 +327,21 @@ class SeaweedFS(S3Service):
                         f"SeaweedFS did not serve the bucket ({error}):\n"
                         + self.log.read_text(errors="replace")[-3000:]) from None
             time.sleep(0.1)
+
+    def requests(self) -> Counter[str]:
+        """The S3 requests answered so far by kind, from SeaweedFS's own count
+        (``SeaweedFS_s3_request_total``; started with ``metrics``).  It counts a HEAD as
+        a GET."""
+        port = self.ports["metricsPort"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+        counts: Counter[str] = Counter()
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{"):
+                labels, _, value = line.partition("} ")
+                kind = labels.partition('type="')[2].partition('"')[0]
+                counts[kind] += int(float(value))
+        return counts
 
     def pause(self) -> None:
         """Stop answering (the process is stopped: connections hang, then time out)."""
