@@ -497,8 +497,10 @@ class ServerConfig:
         "How long a SIGTERM waits for in-flight transactions before closing them.")
     node_id: str = option(
         "", parse_str,
-        "Name of this node in the shared queue's leases; unique per running process. "
-        "A node that restarts takes back the deliveries its crashed run had leased.",
+        "Name of this node in the shared queue's leases and in the database's nodes "
+        "table (at most 64 characters); unique per running process: a node refuses to "
+        "start while another process with its name beats ([cluster] heartbeat).  A "
+        "node that restarts takes back the deliveries its crashed run had leased.",
         shown_default="the machine's host name")
     postmaster: str = option(
         "", parse_optional_address,
@@ -959,6 +961,13 @@ class SMTPConfig:
     session_timeout: float = option(
         1800.0, parse_duration(minimum=1.0),
         "Longest a session may last, busy or not; a transaction in progress is let finish.")
+    drain_idle_timeout: float = option(
+        1.0, parse_duration(minimum=0.0),
+        "While the server drains (SIGTERM, lightmail node drain), a session that says "
+        "nothing this long between transactions is closed with 421 4.3.2: time enough "
+        "for a client that just connected, or just got its answer, to send its next "
+        "command.  (A session may still make its first transaction while the server "
+        "drains; after one, its next MAIL is answered 421 4.3.2.)")
     require_sender_match: bool = option(
         True, parse_bool,
         "On submission: MAIL FROM must be the user's address or one of their aliases.")
@@ -1878,8 +1887,10 @@ class ClusterConfig:
     nodes, and the login guard's failure counts ([directory]) are shared.  Rate
     limits and greylisting have their own Redis addresses ([limits], [greylist]).
     The redis_user ... redis_server_name keys say how LightMail reaches every Redis
-    it uses (these three): as which user, and over TLS or not.  See "Several nodes"
-    and "Links between nodes" in docs/operations.rst."""
+    it uses (these three): as which user, and over TLS or not.  heartbeat,
+    dead_after and drain_notice concern the database's nodes table and apply with or
+    without Redis.  See "Several nodes" and "Links between nodes" in
+    docs/operations.rst."""
 
     redis: str = option(
         "", parse_redis,
@@ -1928,8 +1939,31 @@ class ClusterConfig:
         "How long a node's POP3 maildrop locks and IMAP session marks outlive it: the "
         "node renews them every third of this; a node that dies (kill -9, power) "
         "frees them after this long.")
+    heartbeat: float = option(
+        10.0, parse_duration(minimum=0.1),
+        "How often this node writes its heartbeat into the database's nodes table "
+        "(lightmail node list), and looks there for dead nodes whose queue leases it "
+        "hands back.  Every node has its row, on every database (alone: harmless).")
+    dead_after: float = option(
+        0.0, parse_duration(minimum=0.0),
+        "A node whose heartbeat is older than this is dead: another node hands its queue "
+        "leases back (they are delivered at once rather than after the lease runs out), "
+        "and its node_id may start elsewhere.  Longer than heartbeat.",
+        shown_default="3 x heartbeat")
+    drain_notice: float = option(
+        0.0, parse_duration(minimum=0.0),
+        "A draining node (SIGTERM, lightmail node drain) answers /readyz with 503 and "
+        '"draining": true this long before it closes its listeners, so that a load '
+        "balancer stops sending it connections first: set it to the balancer's check "
+        "interval times its fall count (and a little more).  0: close at once (a node "
+        "alone).")
     #: Read from redis_password_file by parse_config; never shown or logged.
     redis_password: str = field(default="", repr=False, compare=False)
+
+    @property
+    def node_dead_after(self) -> float:
+        """``dead_after``, or three heartbeats when it is not set."""
+        return self.dead_after or 3 * self.heartbeat
 
 
 def _rate_option(what: str) -> Any:
@@ -2472,6 +2506,7 @@ def parse_config(text: str, path: str = "<config>",
                                              sections.get("limits", LimitsConfig()),
                                              sections.get("greylist", GreylistConfig()),
                                              path, lines)
+        _check_heartbeat(sections["cluster"], path, lines)
     if "admin" in sections:
         sections["admin"] = _check_admin(sections["admin"], path, lines)
     if "storage" in sections:
@@ -2638,6 +2673,16 @@ def _check_tls_files(section: str, prefix: str, ca_file: Path | None,
             != cert.public_key().public_bytes(serialization.Encoding.DER, public)):
         raise fail(f"{key_file} is not the key of the certificate {cert_file}",
                    "key_file")
+
+
+def _check_heartbeat(cluster: ClusterConfig, path: str,
+                     lines: Mapping[tuple[str, str | None], int]) -> None:
+    if cluster.node_dead_after <= cluster.heartbeat:
+        key = "dead_after" if ("cluster", "dead_after") in lines else "heartbeat"
+        raise ConfigError(
+            f"dead_after ({cluster.node_dead_after:g}s) must be longer than heartbeat "
+            f"({cluster.heartbeat:g}s): a live node would be taken for dead between two "
+            "of its heartbeats", path, lines.get(("cluster", key)), "cluster", key)
 
 
 def _check_admin(admin: AdminConfig, path: str,

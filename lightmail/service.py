@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
@@ -101,6 +101,10 @@ def validate(config: Config) -> None:
         except Exception as exc:
             raise ConfigError(f"not a usable endpoint description: {exc}", config.path,
                               line_of(config, section, key), section, key) from None
+    if len(config.node_id) > 64:
+        raise ConfigError("a node id is at most 64 characters (it names the node's "
+                          "queue leases)", config.path, line_of(config, "server", "node_id"),
+                          "server", "node_id")
     if config.server.workers and not Path(config.path).is_file():
         raise ConfigError("worker processes read the config file, and there is none "
                           "(set workers = 0 when embedding)", config.path,
@@ -203,6 +207,9 @@ class LightMailService(MultiService):
         #: Owns the running configuration: ``reloader.reload()`` reads the file again
         #: (SIGHUP under twistd; lightmail.reload).
         self.reloader = Reloader(parts.config, [])
+        #: Stopped after the listeners and the queue, just before the node's row is
+        #: marked stopped: the admin listener answers /readyz through the drain.
+        self.stopped_late: list[IService] = []
 
     def fatal(self, reason: str) -> None:
         """A part could not start: report it, and under twistd stop with status 1."""
@@ -268,17 +275,50 @@ class LightMailService(MultiService):
                 self.log.info("LightMail ready: {count} listeners", count=count)
         reactor.callWhenRunning(say)  # type: ignore[attr-defined]
 
+    def stop_requested(self, why: str) -> None:
+        """The database asked this node to stop (lightmail node drain): under twistd
+        the process drains and exits as on SIGTERM; embedded, this service stops
+        and the application's process goes on."""
+        self.log.info("{why}: draining and stopping", why=why)
+        if not self.exit_on_failure:
+            self.stopService()
+            return
+        from twisted.internet import reactor
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         self.log.info("LightMail stopping: draining connections and deliveries")
+        self.running = 0
+        # /readyz answers 503 with "draining": true from here, and the node's row
+        # says draining; a load balancer stops sending before the listeners close.
+        membership = self.parts.membership
+        if membership is not None:
+            yield membership.drain()
+        notice = self.parts.config.cluster.drain_notice
+        if notice > 0:
+            from twisted.internet import reactor
+            self.log.info("draining: the listeners close in {notice:g}s ([cluster] "
+                          "drain_notice), once the load balancer has seen /readyz",
+                          notice=notice)
+            yield task.deferLater(reactor, notice, lambda: None)
         # Stop children one by one, last added first: listeners, queue, storage.
         # (MultiService would stop them all at once, closing the database under
         # sessions that are still finishing their transaction.)
-        self.running = 0
-        for child in reversed(list(self)):
+        for child in self._stop_order():
             if child.running:
                 yield defer.maybeDeferred(child.stopService)
         self.log.info("LightMail stopped")
+
+    def _stop_order(self) -> list[IService]:
+        """Last added first, but ``stopped_late`` (the admin listener) just before
+        the node's row and storage: after the listeners and the queue."""
+        order = [child for child in reversed(list(self)) if child not in self.stopped_late]
+        membership = self.parts.membership
+        at = order.index(membership) if membership in order else len(order)
+        return order[:at] + [child for child in reversed(list(self))
+                             if child in self.stopped_late] + order[at:]
 
 
 def makeService(config: Config,
@@ -308,6 +348,14 @@ def makeService(config: Config,
         # Before the listeners and workers, after storage: stopped after the sessions
         # let go of their locks, and before the database closes.
         services.cluster.setServiceParent(root)
+    membership = services.membership
+    assert membership is not None               # Role.SERVER has its row
+    # Beats until the rest has stopped; the listeners, the workers and the queue
+    # wait for its row (a node id another process holds stops the start).
+    membership.setServiceParent(root)
+    membership.on_stop_request = root.stop_requested
+    ready = membership.ready
+    ready.addErrback(lambda f: root.fatal(f.getErrorMessage()))
     DirectoryService(services.directory, config.directory.backend,
                      storage.ready, services.account_backends).setServiceParent(root)
     runner = services.queue_runner
@@ -339,7 +387,7 @@ def makeService(config: Config,
             if listener.tls == "implicit":
                 from lightmail.tls import server_context
                 tls = server_context(listener)
-            service = ListenerService(listener, factory, ready=storage.ready,
+            service = ListenerService(listener, factory, ready=membership.ready,
                                       tls_context=tls,
                                       shutdown_timeout=config.server.shutdown_timeout,
                                       on_failure=root.fatal)
@@ -372,17 +420,22 @@ def _add_operations(root: LightMailService, services: Services, runner: QueueRun
     if config.admin.enabled:
         from lightmail.admin.health import Readiness
         from lightmail.admin.http import AdminService, admin_root
-        readiness = Readiness(services, runner, listeners, root.workers)
+        readiness = Readiness(services, runner, listeners, root.workers,
+                              services.membership)
         # Each scrape checks readiness too: lightmail_ready follows it.
         services.metrics.add_sampler(readiness.check)
         from lightmail.admin.api import mount
         site_root = admin_root(services.metrics, readiness, config.admin.token)
         mount(site_root, services, runner)
-        AdminService(config.admin, site_root, on_failure=root.fatal).setServiceParent(root)
+        admin = AdminService(config.admin, site_root, on_failure=root.fatal)
+        admin.setServiceParent(root)
+        root.stopped_late.append(admin)
     if config.manhole.enabled:
         from lightmail.admin.manhole import ManholeService
-        ManholeService(config, root, services, runner, root.workers,
-                       on_failure=root.fatal).setServiceParent(root)
+        manhole = ManholeService(config, root, services, runner, root.workers,
+                                 on_failure=root.fatal)
+        manhole.setServiceParent(root)
+        root.stopped_late.append(manhole)
 
 
 def _add_workers(root: LightMailService, services: Services,
@@ -393,17 +446,18 @@ def _add_workers(root: LightMailService, services: Services,
 
     from lightmail.workers.pool import WorkerPool
     config = services.config
-    storage = services.storage
     listeners = []
+    membership = services.membership
+    assert membership is not None
     for listener in config.listeners:
         quiet = Factory()
         quiet.noisy = False      # never accepts: nothing to say
-        service = ListenerService(listener, quiet, ready=storage.ready,
+        service = ListenerService(listener, quiet, ready=membership.ready,
                                   shutdown_timeout=config.server.shutdown_timeout,
                                   on_failure=root.fatal, accept=False)
         service.setServiceParent(root)
         listeners.append(service)
-    pool = WorkerPool(services, listeners, config.server.workers, storage.ready,
+    pool = WorkerPool(services, listeners, config.server.workers, membership.ready,
                       config.server.shutdown_timeout, on_failure=root.fatal,
                       starter=starter)
     pool.setServiceParent(root)

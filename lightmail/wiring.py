@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred
 from lightmail import sasl
 from lightmail.cluster.hub import ClusterHub
 from lightmail.cluster.locks import ClusterLocks
+from lightmail.cluster.membership import Membership
 from lightmail.cluster.node import Node
 from lightmail.cluster.redislink import redis_link
 from lightmail.config import BackendConfig, Config
@@ -191,6 +192,10 @@ class Services:
     #: (a service to start): the Redis that ``imap_hub`` and ``pop3_locks`` use.
     #: None for a node alone, and in the other processes.
     cluster: Node | None = None
+    #: This node's row in the database's nodes table (heartbeats, dead nodes'
+    #: leases, drains), in the server's main process (a service to start).  None in
+    #: the other processes.
+    membership: Membership | None = None
 
     @property
     def mailstore(self) -> SQLMailStore:
@@ -261,6 +266,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                                serves_sessions=role in (Role.SERVER, Role.WORKER))
     runner: IQueueKick
     cluster: Node | None = None
+    membership: Membership | None = None
     if role is Role.WORKER:
         from lightmail.workers.remote import RemoteKick, RemoteLocks, WorkerHub
         assert link is not None, "a worker is wired with its link to the main process"
@@ -269,12 +275,20 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
         hub: MailboxHub = WorkerHub(link)
     else:
         out = config.outbound
-        runner = QueueRunner(storage.queue, ready=storage.ready, owner=config.node_id,
+        if role is Role.SERVER:
+            # The runner takes its leases back once the node id is this process's.
+            membership = Membership(storage.nodes, config.cluster, config.node_id,
+                                    lambda: storage.ready)
+        runner = QueueRunner(storage.queue,
+                             ready=storage.ready if membership is None else membership.ready,
+                             owner=config.node_id,
                              concurrency=out.concurrency, min_backoff=out.min_backoff,
                              max_backoff=out.max_backoff, max_lifetime=out.max_lifetime,
                              delay_warning_time=out.delay_warning_time,
                              wake_path=config.server.state_dir / WAKE_NAME,
                              metrics=metrics, telemetry=telemetry)
+        if membership is not None:
+            membership.kick = runner.kick
         if role is Role.SERVER and config.cluster.redis:
             cluster = Node(config.cluster, config.node_id)
             locks, hub = ClusterLocks(cluster), ClusterHub(cluster)
@@ -301,7 +315,7 @@ def wire(config: Config, role: Role, *, link: MainLink | None = None,
                         account_backends=backends, accounts=sql,
                         logins=Logins(portal, guard, sql), sasl=offer, queue_runner=runner,
                         local_delivery=local_delivery, pop3_locks=locks, imap_hub=hub,
-                        cluster=cluster,
+                        cluster=cluster, membership=membership,
                         metrics=metrics, admin_tokens=AdminTokens(storage.db),
                         transcripts=make_transcripts(config.transcript), telemetry=telemetry,
                         resolver=resolver,

@@ -12,6 +12,7 @@
     lightmail user app-password list ADDRESS | revoke ADDRESS NAME
     lightmail alias add SOURCE DESTINATION | remove SOURCE [DESTINATION] | list [DOMAIN]
     lightmail queue list [--state STATE]
+    lightmail node list | drain NODE_ID [--wait [--timeout SECONDS]]
     lightmail fsck [--repair [--expunge-missing]] [--json]
     lightmail queue hold|release|requeue|delete (QUEUE_ID... | --all)
     lightmail tls selfsigned --cert PATH --key PATH [--name NAME]
@@ -346,6 +347,54 @@ def cmd_queue_manage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    """The nodes sharing the database (lightmail.cluster.membership)."""
+    async def work(ctx: _Context) -> None:
+        nodes = ctx.storage.nodes
+        if args.action == "list":
+            now = _now_ms()
+            for node in await nodes.nodes():
+                age = max(0, now - node.heartbeat) / 1000
+                drain = "\tdrain requested" if (node.drain_requested and node.state
+                                                in ("running", "draining")) else ""
+                print(f"{node.node_id}\t{node.host}\tpid {node.pid}\t{node.state}\t"
+                      f"heartbeat {age:.1f}s ago\tleases={node.leases}\t"
+                      f"{node.version}{drain}")
+            return
+        node = await nodes.request_drain(args.node_id, _now_ms())
+        if node is None:
+            raise CommandError(f"no node {args.node_id} (see lightmail node list)")
+        if node.state not in ("running", "draining"):
+            raise CommandError(f"node {args.node_id} is {node.state}: nothing to drain")
+        beat = ctx.config.cluster.heartbeat
+        print(f"asked node {args.node_id} (pid {node.pid} on {node.host}) to drain; it "
+              f"notices within {beat:g}s ([cluster] heartbeat of this config)")
+        if args.wait:
+            await _wait_stopped(nodes, args.node_id, args.timeout)
+    _run(args, work)
+    return 0
+
+
+async def _wait_stopped(nodes: Any, node_id: str, timeout: float) -> None:
+    """Until the node's row says stopped (or dead), asking twice a second."""
+    import time
+
+    from twisted.internet import reactor, task
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        found = [node for node in await nodes.nodes() if node.node_id == node_id]
+        if not found:
+            raise CommandError(f"node {node_id}'s row is gone")
+        if found[0].state != state:
+            state = found[0].state
+            print(f"{node_id}: {state}", flush=True)
+        if state in ("stopped", "dead"):
+            return
+        await task.deferLater(reactor, 0.5, lambda: None)
+    raise CommandError(f"node {node_id} is still {state} after {timeout:g}s")
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from lightmail.config import parse_duration
     lifetime = None
@@ -641,6 +690,18 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
         a.add_argument("--all", action="store_true", help="every queued message")
     p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("node", help="the nodes sharing the database")
+    nsub = p.add_subparsers(dest="action", required=True)
+    nsub.add_parser("list", help="each node: host, pid, state, heartbeat age, queue "
+                    "leases held, version")
+    a = nsub.add_parser("drain", help="ask a node to drain and stop, as SIGTERM does "
+                        "(it notices at its next heartbeat)")
+    a.add_argument("node_id", metavar="NODE_ID")
+    a.add_argument("--wait", action="store_true", help="until its row says stopped")
+    a.add_argument("--timeout", type=float, default=600.0,
+                   help="longest wait with --wait, in seconds (600)")
+    p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("fsck", help="check the store (blobs, counts, UIDs); --repair")
     p.add_argument("--repair", action="store_true", help="fix what can be fixed safely "

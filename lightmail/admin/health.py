@@ -5,7 +5,9 @@ within ``[admin] readiness_timeout``, the queue runner runs, every configured li
 listens, (with ``[server] workers``) every worker process is up, and (with ``[cluster]
 redis``) Redis answers and the node listens on the change channel.  A load balancer
 or an orchestrator sends traffic only to a ready server, and restarts one that is not
-alive.
+alive.  A node that drains (SIGTERM, ``lightmail node drain``) is not ready, whatever
+its checks: it says ``"draining": true`` from the start of the drain, ``[cluster]
+drain_notice`` before it closes its listeners.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ import sqlalchemy as sa
 from twisted.application.service import IService
 from twisted.internet import defer
 
+from lightmail.cluster.membership import Membership
 from lightmail.listeners import ListenerService
 from lightmail.wiring import Services
 
 
 @dataclass
 class Verdict:
-    """The checks, each ``ok`` or what is wrong."""
+    """The checks, each ``ok`` or what is wrong; a draining node is never ready."""
 
     checks: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
 
     @property
     def ready(self) -> bool:
-        return all(value == "ok" for value in self.checks.values())
+        return not self.draining and all(value == "ok" for value in self.checks.values())
 
 
 def _select_one(conn: Any) -> Any:
@@ -41,17 +45,21 @@ class Readiness:
     """Runs the checks of ``/readyz`` for the main process's parts."""
 
     def __init__(self, services: Services, queue_runner: IService,
-                 listeners: Sequence[ListenerService], workers: Any = None) -> None:
+                 listeners: Sequence[ListenerService], workers: Any = None,
+                 membership: Membership | None = None) -> None:
         self.services = services
         self.queue_runner = queue_runner
         self.listeners = listeners
         #: The WorkerPool, with [server] workers (ready once all workers said so).
         self.workers = workers
+        #: This node's row: a node that drains is not ready.
+        self.membership = membership
 
     @defer.inlineCallbacks
     def check(self) -> Any:
         from twisted.internet import reactor
-        verdict = Verdict()
+        verdict = Verdict(draining=self.membership is not None
+                          and self.membership.draining)
         timeout = self.services.config.admin.readiness_timeout
         try:
             d = self.services.storage.db.read(_select_one)

@@ -81,7 +81,9 @@ class Ready(Resource):
         def send(verdict: Verdict) -> None:
             request.setResponseCode(200 if verdict.ready else 503)
             request.setHeader(b"content-type", b"application/json")
-            body = {"ready": verdict.ready, "checks": verdict.checks}
+            body: dict[str, Any] = {"ready": verdict.ready, "checks": verdict.checks}
+            if verdict.draining:
+                body["draining"] = True
             request.write(json.dumps(body, sort_keys=True).encode() + b"\n")
             request.finish()
         self.readiness.check().addCallback(send)

@@ -54,6 +54,9 @@ class LocalDeliveryAgent:
                      ) -> Deferred[tuple[DeliveryResult, Callable[[], None]]]:
         return self.deliver(item).addCallback(lambda result: (result, _nothing))
 
+    def stop_waiting(self) -> None:
+        pass                            # a delivery starts at once: none waits
+
     def close(self) -> None:
         pass                            # no connections
 

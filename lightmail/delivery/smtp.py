@@ -174,6 +174,9 @@ class SMTPDeliveryAgent:
         self.sender_rewriter = sender_rewriter
         self.destination_concurrency = destination_concurrency
         self.limits: dict[str, _DomainLimit] = {}
+        # Deliveries waiting for their turn in their domain's limits (stop_waiting),
+        # with their state.
+        self._waiting: dict[defer.Deferred[Any], dict[str, bool]] = {}
         self.sessions = SessionCache(reactor, session_idle)
         self.mta_sts = mta_sts             # lightmail.outbound.mtasts.MTASTS, for MX routes
         self.dane = dane                   # TLSA lookups, for transports with dane
@@ -209,6 +212,14 @@ class SMTPDeliveryAgent:
             if parent in self.transports:
                 return self.transports[parent]
         return self.default
+
+    def stop_waiting(self) -> None:
+        """A drain: the deliveries still waiting for a place in their domain's limits
+        are given back unstarted (their wait is cancelled)."""
+        for d, state in list(self._waiting.items()):
+            state["given_back"] = True
+            d.cancel()
+        self._waiting.clear()
 
     def close(self) -> None:
         """Hang up idle sessions (at shutdown)."""
@@ -253,7 +264,7 @@ class SMTPDeliveryAgent:
         if limit is None:
             limit = self.limits[domain] = _DomainLimit(self.destination_concurrency)
         held: list[tuple[SessionKey, ClientSession]] = []
-        state = {"open": False, "sending": False}
+        state = {"open": False, "sending": False, "given_back": False}
 
         def sent() -> None:
             """The transaction is over: the session may carry another message."""
@@ -276,6 +287,7 @@ class SMTPDeliveryAgent:
             return limit.sending.acquire()
 
         def sending(_: Any) -> defer.Deferred[DeliveryResult]:
+            self._waiting.pop(d, None)      # started: no longer given back
             state["sending"] = True
             return defer.ensureDeferred(self._deliver(item, held))
 
@@ -283,10 +295,14 @@ class SMTPDeliveryAgent:
             sent()
             return result, release
 
-        def failed(failure: Failure) -> Failure:
+        def failed(failure: Failure) -> Any:
+            self._waiting.pop(d, None)
             release()
+            if state["given_back"] and failure.check(defer.CancelledError):
+                return DeliveryResult.unstarted(), _nothing
             return failure
         d = limit.open.acquire()
+        self._waiting[d] = state
         d.addCallback(opened)
         d.addCallback(sending)
         return d.addCallbacks(done, failed)
@@ -551,6 +567,10 @@ def _how(tls: str, verified: bool) -> str:
     if not tls:
         return "in clear"
     return f"over TLS ({tls})" if verified else f"over TLS, certificate unverified ({tls})"
+
+
+def _nothing() -> None:
+    pass
 
 
 def _released(outcome: tuple[DeliveryResult, Callable[[], None]]) -> DeliveryResult:

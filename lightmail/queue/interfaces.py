@@ -10,10 +10,14 @@ from zope.interface import Attribute, Interface
 
 from lightmail.storage.interfaces import IStagedBlob, QueueItem
 
+#: The status of a delivery given back before it started (IDeliveryAgent.stop_waiting).
+UNSTARTED = "unstarted"
+
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """What became of one recipient: delivered, deferred (try again) or bounced."""
+    """What became of one recipient: delivered, deferred (try again) or bounced; or
+    unstarted (given back untried at a drain: nothing to record)."""
 
     status: str
     detail: str = ""
@@ -35,6 +39,10 @@ class DeliveryResult:
     @classmethod
     def bounced(cls, detail: str) -> DeliveryResult:
         return cls("bounced", detail)
+
+    @classmethod
+    def unstarted(cls) -> DeliveryResult:
+        return cls(UNSTARTED, "given back before it started (a drain)")
 
 
 class IQueueKick(Interface):
@@ -65,6 +73,12 @@ class IDeliveryAgent(Interface):
         count against the destination's limits) until the queue runner calls the
         function given with the result, once the outcome is recorded.  An agent
         that holds nothing gives a function that does nothing."""
+
+    def stop_waiting() -> None:
+        """The queue runner stops (a drain): the deliveries that wait for their turn
+        and have not started fire now with ``DeliveryResult.unstarted()``, their
+        item untouched, and the runner hands their leases back; those started go
+        on.  An agent whose deliveries start at once does nothing."""
 
     def close() -> None:
         """Let go of idle connections (at shutdown, once deliveries have finished)."""

@@ -31,7 +31,7 @@ from zope.interface import implementer
 from lightmail.logs import BoundLogger, new_id
 from lightmail.metrics.interfaces import IMetrics
 from lightmail.metrics.registry import Metrics
-from lightmail.queue.interfaces import DeliveryResult, IDeliveryAgent, IQueueKick
+from lightmail.queue.interfaces import UNSTARTED, DeliveryResult, IDeliveryAgent, IQueueKick
 from lightmail.queue.wake import WakeFIFO
 from lightmail.storage.interfaces import IQueueStore, QueueItem
 from lightmail.storage.queuestore import queue_id_time
@@ -80,6 +80,7 @@ class QueueRunner(Service):
         self._drained = False    # the last claim got all that was due
         self._poll: task.LoopingCall | None = None
         self._idle_waiters: list[defer.Deferred[None]] = []
+        self._polling = False    # started: its leases were taken back
         # The FIFO through which ``lightmail queue`` wakes the runner (queue/wake.py).
         self.wake_path = wake_path
         self._wake: WakeFIFO | None = None
@@ -99,6 +100,7 @@ class QueueRunner(Service):
     def _start_polling(self) -> Any:
         if not self.running:
             return
+        self._polling = True
         released = yield self.queue.release_leases(self.owner)
         if released:
             self.log.info("took back {count} deliveries interrupted by a crash",
@@ -112,23 +114,34 @@ class QueueRunner(Service):
             self._poll.clock = self.clock
         self._poll.start(self.poll_interval, now=True)
 
-    def stopService(self) -> defer.Deferred[Any]:
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """The drain: no more claims; deliveries that wait for their turn come back
+        unstarted, those started finish (a half-done one would be redone, which is
+        safe but slower); then the agents' idle sessions are hung up and every lease
+        still held (the unstarted, a claim that came in meanwhile) is handed back,
+        due now, for the other nodes (or this one's next run)."""
         super().stopService()
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         if self._wake is not None:
             self._wake.stop()
             self._wake = None
-        # Let deliveries in progress finish: a half-done delivery would be redone
-        # after the lease expires, which is safe but slower.  Then hang up the
-        # agents' idle sessions.
-        d = defer.DeferredList(list(self._in_flight), consumeErrors=True)
-
-        def close_agents(result: Any) -> Any:
-            for agent in self.agents.values():
-                agent.close()
-            return result
-        return d.addBoth(close_agents)
+        for agent in self.agents.values():
+            agent.stop_waiting()
+        yield self.idle()
+        for agent in self.agents.values():
+            agent.close()
+        if not self._polling:
+            return              # never started: it holds nothing
+        try:
+            handed = yield self.queue.release_leases(self.owner)
+        except Exception:
+            self.log.failure("could not hand back the deliveries not started; they "
+                             "are taken again when their lease runs out")
+            return
+        if handed:
+            self.log.info("handed back {count} deliveries not started", count=handed)
 
     def kick(self) -> None:
         """Look for due work now (called after an enqueue, by the poll timer, and when
@@ -166,7 +179,7 @@ class QueueRunner(Service):
         self._claiming = False
         if self._again:
             self._kick(self._again)
-        elif not self._in_flight:
+        if not self._in_flight and not self._claiming:
             self._notify_idle()
 
     @defer.inlineCallbacks
@@ -188,6 +201,8 @@ class QueueRunner(Service):
         return items
 
     def _dispatch(self, items: list[QueueItem], asked: int) -> None:
+        if not self.running:
+            return      # stopping: their leases are handed back (stopService)
         if len(items) >= asked:
             # There may be more: look again when there is room for a batch.
             self._again = min(self._again or self.claim_batch, self.claim_batch)
@@ -222,6 +237,12 @@ class QueueRunner(Service):
         except Exception as exc:
             log.failure("delivery to {rcpt} failed unexpectedly", rcpt=item.recipient.address)
             result = DeliveryResult.deferred(f"4.3.0 internal error: {exc.__class__.__name__}")
+        if result.status == UNSTARTED:
+            # Given back by the agent (a drain): no attempt, the lease is handed back.
+            if release is not None:
+                release()
+            span.end(UNSTARTED)
+            return
         attempt = time.perf_counter() - started
         try:
             final = yield self._record(item, result, agent.transport, log)

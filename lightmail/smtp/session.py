@@ -67,8 +67,14 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.buffer = b""
         self.busy = False
         self.discarding = False       # inside an over-long command line
+        # The server drains (drain): the first transaction may still be made, the
+        # next MAIL is answered 421, and silence between transactions ends it.
         self.draining = False
+        # The session time limit passed: the transaction in progress ends it.
+        self.expired = False
         self.closing = False
+        self.idle_since = time.monotonic()      # the last input, or answer to it
+        self.drain_timer: Any = None
         self.tx: Optional[Transaction] = None
         self.writer: Optional[IBlobWriter] = None
         self.errors = 0
@@ -124,6 +130,8 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         self.setTimeout(None)
         if self.session_timer.active():
             self.session_timer.cancel()
+        if self.drain_timer is not None and self.drain_timer.active():
+            self.drain_timer.cancel()
         self._abort_content()
         self.factory.handler.session_ended(self.session)
         self.factory.connection_lost(self)
@@ -142,15 +150,33 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
     def _session_expired(self) -> None:
         self.log.info("session time limit of {limit:g}s reached",
                       limit=self.cfg.session_timeout)
-        self.draining = True     # as at shutdown: finish the transaction, then 421
-        if not self.busy and self.mode == COMMAND and self.tx is None:
+        self.expired = True      # finish the transaction, then 421
+        if self._between_transactions():
             self.close_with(codes.TIMEOUT)
 
     def drain(self) -> None:
-        """Server shutdown: finish the transaction in progress, then say 421."""
+        """The server drains: the transaction in progress finishes, and a session
+        that has made none may still make one (a client that has just connected
+        is not turned away); after one, its next MAIL is answered 421 4.3.2.
+        Between transactions, ``[smtp] drain_idle_timeout`` of silence closes it
+        with 421 4.3.2 (RFC 5321 §3.8)."""
         self.draining = True
-        if not self.busy and self.mode == COMMAND and self.tx is None:
+        self._drain_check()
+
+    def _between_transactions(self) -> bool:
+        return not self.busy and self.mode == COMMAND and self.tx is None
+
+    def _drain_check(self) -> None:
+        if self.closing:
+            return
+        grace = self.cfg.drain_idle_timeout
+        silent = time.monotonic() - self.idle_since
+        if self._between_transactions() and silent >= grace:
             self.close_with(codes.SHUTTING_DOWN)
+            return
+        from twisted.internet import reactor
+        wait = grace - silent if self._between_transactions() else grace
+        self.drain_timer = reactor.callLater(max(wait, 0.05), self._drain_check)
 
     def send(self, reply: Reply) -> None:
         if self.transport is not None and not self.closing:
@@ -192,6 +218,7 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
         if self.closing:
             return
         self.resetTimeout()
+        self.idle_since = time.monotonic()
         self.buffer += data
         self.process()
 
@@ -239,9 +266,10 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
 
         def done(_: Any) -> None:
             self.busy = False
+            self.idle_since = time.monotonic()
             if not self.closing:
                 self.resetTimeout()        # the client's idle time starts at the answer
-            if self.draining and self.mode == COMMAND and self.tx is None:
+            if self.expired and self.mode == COMMAND and self.tx is None:
                 self.close_with(codes.SHUTTING_DOWN)
             elif self.buffer:
                 self.process()
@@ -264,7 +292,8 @@ class SMTPServerSession(TrackedProtocol, TimeoutMixin):
             return
         verb, _, arg = line.strip().partition(" ")
         verb = verb.upper()
-        if self.draining and self.tx is None:
+        if self.tx is None and (self.expired or (
+                self.draining and verb == "MAIL" and self.messages)):
             self.close_with(codes.SHUTTING_DOWN)
             return
         if self.session.submission and self.session.account is None:

@@ -565,6 +565,73 @@ class IQueueStore(Interface):
 
 
 @dataclass(frozen=True)
+class NodeRun:
+    """One run of a node: what its row says of it."""
+
+    node_id: str
+    host: str
+    pid: int
+    started: int            # ms
+    version: str
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A row of the nodes table, with the queue leases its node holds."""
+
+    node_id: str
+    host: str
+    pid: int
+    started: int
+    heartbeat: int
+    state: str                          # running, draining, stopped, dead
+    version: str
+    drain_requested: int | None = None
+    leases: int = 0
+
+    def holds(self, run: NodeRun) -> bool:
+        return (self.host, self.pid) == (run.host, run.pid)
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a beat found: ``outcome`` is ``ok``; ``drain`` (a drain was requested);
+    ``revived`` (the run had been taken for dead, its leases handed back: it is
+    running again); or ``taken`` (another process holds the node id now:
+    ``holder``).  ``taken_over``: the dead nodes this beat marked, each with the
+    number of queue leases handed back."""
+
+    outcome: str
+    taken_over: tuple[tuple[str, int], ...] = ()
+    holder: NodeRecord | None = None
+
+
+class INodeStore(Interface):
+    """The nodes sharing the database (the ``nodes`` table): each node's row, its
+    heartbeat and state, drain requests, and the hand-back of a dead node's queue
+    leases.  Times are the caller's, in ms since the epoch."""
+
+    def register(run: NodeRun, now: int, dead_after_ms: int,
+                 pid_alive: Any) -> Deferred[Optional[NodeRecord]]:
+        """Make the node's row ``run``'s, running; None when done, or the row of the
+        live process that holds the node id (its heartbeat younger than
+        ``dead_after_ms``; on ``run``'s host, only when ``pid_alive(pid)``)."""
+
+    def beat(run: NodeRun, now: int, dead_after_ms: int, draining: bool) -> Deferred[Beat]:
+        """The heartbeat of ``run``, and the hand-back of the nodes found dead."""
+
+    def set_state(run: NodeRun, state: str, now: int) -> Deferred[bool]:
+        """Mark ``run``'s row draining or stopped; False when it is not its own."""
+
+    def nodes() -> Deferred[list[NodeRecord]]:
+        """Every node's row, by id, with the queue leases it holds."""
+
+    def request_drain(node_id: str, now: int) -> Deferred[Optional[NodeRecord]]:
+        """Ask a running node to drain (it notices at its next beat); its row, or
+        None when there is no such node."""
+
+
+@dataclass(frozen=True)
 class MTASTSPolicyRecord:
     """An MTA-STS policy as kept (RFC 8461 §5): ``fetched`` is a Unix time in seconds,
     ``max_age`` seconds; ``mx`` the policy's patterns, in order."""

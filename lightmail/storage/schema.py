@@ -286,6 +286,24 @@ greylist_networks = sa.Table(
 
 QUEUE_STATES = ("queued", "active", "deferred", "delivered", "bounced", "held")
 
+# The nodes sharing this database (lightmail/cluster/membership.py): one row per node
+# id, written by the run of it that holds the id (host and pid), its heartbeat every
+# [cluster] heartbeat.  ``id`` is what the queue's lease_owner holds.
+# ``drain_requested``: when `lightmail node drain` asked it to drain (NULL: never).
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("host", NAME, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started", TIMESTAMP, nullable=False),
+    sa.Column("heartbeat", TIMESTAMP, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),     # NODE_STATES
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("drain_requested", TIMESTAMP, nullable=True),
+)
+
+NODE_STATES = ("running", "draining", "stopped", "dead")
+
 # TLS-RPT (RFC 8460, lightmail/tlsrpt/): the outbound MTA's TLS outcomes, one row per
 # day (UTC, YYYY-MM-DD), policy domain, policy, result type, sending address and
 # receiving MX, counted.  ``result_key`` is the SHA-256 of all of those (a unique index

@@ -18,7 +18,8 @@ from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
 from lightmail.storage.blobstores import s3_blob_store
 from lightmail.storage.changes import ChangeFeed
 from lightmail.storage.database import Database, DatabaseUnreachable
-from lightmail.storage.interfaces import IBlobStore, IWritePort
+from lightmail.storage.interfaces import IBlobStore, INodeStore, IWritePort
+from lightmail.storage.nodestore import SQLNodeStore
 from lightmail.storage.queuestore import SQLQueueStore
 from lightmail.storage.sqlstore import SQLMailStore
 from lightmail.storage.sqlwrites import SQLWrites
@@ -76,6 +77,8 @@ class StorageService(Service):
                 spare_files=spares)
         self.feed = ChangeFeed()
         self.queue = SQLQueueStore(self.db, self.blobs)
+        #: The nodes sharing the database (lightmail.cluster.membership).
+        self.nodes: INodeStore = SQLNodeStore(self.db)
         self.writes = SQLWrites(self.blobs, self.queue)
         local = GroupedWritePort(self.db, self.writes, self.feed,
                                  config.storage.sync_flag_changes)

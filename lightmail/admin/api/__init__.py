@@ -13,6 +13,7 @@ from twisted.web.server import Request
 from lightmail.admin.api.access import Access
 from lightmail.admin.api.accounts import Accounts
 from lightmail.admin.api.dkim import DkimKeys
+from lightmail.admin.api.nodes import Nodes
 from lightmail.admin.api.openapi import document
 from lightmail.admin.api.queue import Queue
 from lightmail.admin.api.routing import Api, Route
@@ -23,7 +24,8 @@ def api_routes(services: Any, runner: Any) -> list[Route]:
     """Every route; ``runner`` is the main process's queue runner (bounces)."""
     return [*Accounts(services).routes(), *Access(services).routes(),
             *DkimKeys(services).routes(),
-            *Queue(services, runner).routes(), *Send(services).routes()]
+            *Queue(services, runner).routes(), *Send(services).routes(),
+            *Nodes(services).routes()]
 
 
 class OpenApiDocument(Resource):

@@ -12,7 +12,8 @@ from lightmail.admin.api.routing import Route
 
 REASONS = {400: "Malformed: the message and field say what", 401: "No token, or an "
            "unknown, revoked or expired one", 403: "A read token on a write",
-           404: "No such thing", 409: "It exists already", 413: "Too large",
+           404: "No such thing", 409: "It exists already (a node: it is not running)",
+           413: "Too large",
            415: "Not JSON", 422: "Refused by policy", 503: "The directory cannot be "
            "reached"}
 
@@ -25,9 +26,10 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "LightMail admin API", "version": __version__,
                  "description": "Domains, users, aliases, app passwords, DKIM keys, the "
-                 "queue, and sending as a user.  Every request needs "
-                 "`Authorization: Bearer TOKEN` (`lightmail token add`); GET needs a "
-                 "read or write token, every other method a write token."},
+                 "queue, sending as a user, and the nodes sharing the database.  "
+                 "Every request needs `Authorization: Bearer TOKEN` (`lightmail token "
+                 "add`); GET needs a read or write token, every other method a write "
+                 "token."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "components": {

@@ -12,7 +12,7 @@ from lightmail.admin.api.routing import __doc__ as ROUTING_DOC
 
 TAGS = {"domains": "Domains", "users": "Users and app passwords", "aliases": "Aliases",
         "access": "Access lists", "dkim": "DKIM keys", "queue": "The queue",
-        "send": "Sending"}
+        "send": "Sending", "nodes": "Nodes"}
 
 
 def openapi() -> dict[str, Any]:

@@ -138,6 +138,22 @@ QUEUE_DETAIL = obj({
 QUEUE_CHANGED = obj({"recipients": {"type": "integer", "description": "how many "
                                     "recipients changed state"}}, ("recipients",))
 
+NODE = obj({
+    "node_id": {"type": "string", "description": "its [server] node_id"},
+    "host": {"type": "string"},
+    "pid": {"type": "integer"},
+    "state": {"type": "string", "enum": ["running", "draining", "stopped", "dead"]},
+    "version": {"type": "string", "description": "its LightMail version"},
+    "started": MILLIS,
+    "heartbeat": MILLIS,
+    "heartbeat_age": {"type": "number", "description": "seconds since its heartbeat"},
+    "drain_requested": nullable({**MILLIS, "description": "when a drain was asked of "
+                                 "it; null: never"}),
+    "leases": {"type": "integer", "description": "queue recipients it is delivering "
+               "(leased)"},
+}, ("node_id", "host", "pid", "state", "version", "started", "heartbeat",
+    "heartbeat_age", "drain_requested", "leases"))
+
 SEND_IN = obj({
     "user": {**ADDRESS, "description": "the user it is sent as (as if authenticated "
              "on submission)"},
