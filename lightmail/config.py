@@ -2677,12 +2677,13 @@ def _check_tls_files(section: str, prefix: str, ca_file: Path | None,
 
 def _check_heartbeat(cluster: ClusterConfig, path: str,
                      lines: Mapping[tuple[str, str | None], int]) -> None:
+    # Unset, dead_after is three heartbeats: only a dead_after given can be too short.
     if cluster.node_dead_after <= cluster.heartbeat:
-        key = "dead_after" if ("cluster", "dead_after") in lines else "heartbeat"
         raise ConfigError(
-            f"dead_after ({cluster.node_dead_after:g}s) must be longer than heartbeat "
-            f"({cluster.heartbeat:g}s): a live node would be taken for dead between two "
-            "of its heartbeats", path, lines.get(("cluster", key)), "cluster", key)
+            f"must be longer than heartbeat ({cluster.heartbeat:g}s), got "
+            f"{cluster.dead_after:g}s: a live node would be taken for dead between two "
+            "of its heartbeats", path, lines.get(("cluster", "dead_after")), "cluster",
+            "dead_after")
 
 
 def _check_admin(admin: AdminConfig, path: str,

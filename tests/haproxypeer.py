@@ -2,7 +2,8 @@
 
 Each instance has its own generated configuration under a temporary directory: one
 frontend per route on a free loopback port, to a LightMail port with the server
-options the test gives (``send-proxy-v2``, ``send-proxy``, ``check``...), and a stats
+options the test gives (``send-proxy-v2``, ``send-proxy``, ``check``...) or to several
+(a Pool: one backend, a server per LightMail node), and a stats
 socket to ask for its servers' health.  It runs in the foreground (``haproxy -db``)
 as a child process in a session of its own, and is killed when the test leaves the
 ``with`` block.
@@ -35,6 +36,22 @@ class Route:
         self.server = server
         self.backend = backend
 
+    def server_lines(self) -> list[str]:
+        return [f"server lightmail 127.0.0.1:{self.target} {self.server}"]
+
+
+class Pool(Route):
+    """One frontend to several LightMail nodes: ``servers`` maps each server's name
+    to its port and ``server`` options (``check port ADMIN``...)."""
+
+    def __init__(self, servers: dict[str, tuple[int, str]], backend: str = "") -> None:
+        super().__init__(0, "", backend)
+        self.servers = servers
+
+    def server_lines(self) -> list[str]:
+        return [f"server {name} 127.0.0.1:{port} {options}"
+                for name, (port, options) in self.servers.items()]
+
 
 class HAProxy:
     """``routes``: name -> Route; ``ports``: name -> the frontend's port (once
@@ -62,7 +79,7 @@ class HAProxy:
                       # Its own address towards LightMail: the one proxy_from names.
                       "    source 127.0.0.1",
                       *(f"    {line}" for line in route.backend.splitlines() if line),
-                      f"    server lightmail 127.0.0.1:{route.target} {route.server}"]
+                      *(f"    {line}" for line in route.server_lines())]
         self.config = self.base / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n")
         self.log = self.base / "haproxy.log"
@@ -124,9 +141,9 @@ class HAProxy:
             found[fields["pxname"], fields["svname"]] = fields
         return found
 
-    def server(self, route: str) -> dict[str, str]:
-        """The stats row of ``route``'s LightMail server."""
-        return self.stats()[f"be_{route}", "lightmail"]
+    def server(self, route: str, name: str = "lightmail") -> dict[str, str]:
+        """The stats row of ``route``'s LightMail server (a Pool's: ``name``)."""
+        return self.stats()[f"be_{route}", name]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -37,6 +37,11 @@ a committed SQL row refers to is, after any crash and that start, at its final p
 ``syncfs`` reports write-back errors from Linux 5.8 on; before that, and elsewhere,
 each blob is fsynced alone, rename and directory included.
 
+Several nodes may share one store (a cluster's blob directory): each names its
+temporary files after its node id (``blob-TAG-*.tmp``, TAG the start of the id's
+SHA-256), and a node's start-up recovery moves its own and untagged ones (an older
+LightMail's), never what another node is writing at that moment.
+
 Content that is already stored is not written again: the temporary file is dropped and
 the existing file's mtime is refreshed, because garbage collection uses mtimes as the
 grace period that protects blobs not yet referenced from SQL.
@@ -154,6 +159,8 @@ class HeadCollector:
 
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
+# A node's temporary file: its tag, then tempfile's 8 characters.
+_TAGGED = re.compile(r"blob-[0-9a-f]{8}-[a-z0-9_]{8}\.tmp")
 
 _T = TypeVar("_T")
 
@@ -314,7 +321,11 @@ class FilesystemBlobStore:
         flush_threshold: int = FLUSH_THRESHOLD,
         sync: str = "auto",
         spare_files: int = 0,
+        owner: str = "",
     ) -> None:
+        """``owner``: the node whose processes write through this store (``[server]
+        node_id``); its temporary files carry its tag, and recover_now moves only
+        those.  Empty: one node alone, which recovers every temporary file."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = cast(IReactorFromThreads, default_reactor)
@@ -325,6 +336,9 @@ class FilesystemBlobStore:
         # Plain strings for the per-message path work (pathlib costs more CPU).
         self._objects = str(self.objects)
         self._tmp = str(self.tmp)
+        self._tmp_prefix = (f"blob-{hashlib.sha256(owner.encode()).hexdigest()[:8]}-"
+                            if owner else "blob-")
+        self._owner = owner
         self.pool = pool
         self.reactor = reactor
         self.flush_threshold = flush_threshold
@@ -426,7 +440,14 @@ class FilesystemBlobStore:
         return self._make_tmp_file()
 
     def _make_tmp_file(self) -> tuple[int, str]:
-        return tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self._tmp)
+        return tempfile.mkstemp(prefix=self._tmp_prefix, suffix=".tmp", dir=self._tmp)
+
+    def _recoverable(self, name: str) -> bool:
+        """Whether the temporary file ``name`` is this node's to recover: its own, or
+        none of another node's (an older LightMail's names had no tag)."""
+        if not self._owner:
+            return True
+        return name.startswith(self._tmp_prefix) or _TAGGED.fullmatch(name) is None
 
     def _want_spares(self) -> None:
         with self._spare_lock:
@@ -603,7 +624,8 @@ class FilesystemBlobStore:
         moved = 0
         with os.scandir(self._tmp) as entries:
             names = [entry.path for entry in entries
-                     if entry.is_file(follow_symlinks=False)]
+                     if entry.is_file(follow_symlinks=False)
+                     and self._recoverable(entry.name)]
         for path in names:
             try:
                 blob_id = self._hash_file(path)

@@ -74,7 +74,7 @@ class StorageService(Service):
         else:
             self.blobs = self.filesystem_blobs = FilesystemBlobStore(
                 config.blob_dir, self.io_pool, sync=config.storage.blob_sync,
-                spare_files=spares)
+                spare_files=spares, owner=config.node_id)
         self.feed = ChangeFeed()
         self.queue = SQLQueueStore(self.db, self.blobs)
         #: The nodes sharing the database (lightmail.cluster.membership).
