@@ -297,7 +297,7 @@ class LightMailService(MultiService):
         if membership is not None:
             yield membership.drain()
         notice = self.parts.config.cluster.drain_notice
-        if notice > 0:
+        if notice > 0 and membership is not None and membership.registered:
             from twisted.internet import reactor
             self.log.info("draining: the listeners close in {notice:g}s ([cluster] "
                           "drain_notice), once the load balancer has seen /readyz",

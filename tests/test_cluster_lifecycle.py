@@ -543,7 +543,8 @@ class Cluster:
         self.ports: dict[str, dict[str, int]] = {}
         self.started: list[ServerProcess] = []
 
-    def config(self, name: str) -> Path:
+    def config(self, name: str, node_id: str = "") -> Path:
+        """Node ``name``'s configuration (made once); ``node_id``: another node's."""
         state = self.root / name
         path = state / "lightmail.conf"
         if path.exists():
@@ -553,7 +554,7 @@ class Cluster:
                                             strict=True))
         path.write_text(
             f"[server]\nstate_dir = {state}\nhostname = {name}.lifecycle.test\n"
-            f"node_id = {name}\nshutdown_timeout = 10s\n"
+            f"node_id = {node_id or name}\nshutdown_timeout = 10s\n"
             f"[storage]\nurl = {self.database}\nblob_dir = {self.root / 'blobs'}\n"
             f"[cluster]\nredis = {REDIS}\nprefix = {self.prefix}\nlease = 3s\n"
             f"heartbeat = {HEARTBEAT}s\ndead_after = {DEAD_AFTER}s\n"
@@ -644,6 +645,14 @@ def test_a_killed_nodes_leases_go_to_another_after_dead_after_and_nothing_twice(
                    and mx.held == 2, 30)
         b = cluster.start("b")
         assert queue_rows(engine) == [("active", "a")] * 6    # leased for 600s: not b's
+        # A second process as node a is refused while a beats (it would take a's
+        # leases back at its start).
+        twin = ServerProcess(cluster.config("a-twin", node_id="a"))
+        cluster.started.append(twin)
+        assert twin.proc.wait(60) == 1
+        assert re.search(rf"LightMail cannot run: node id 'a' is in use: process "
+                         rf"{a.proc.pid} on \S+ beat [\d.]+s ago \(running\)", twin.output)
+        assert queue_rows(engine) == [("active", "a")] * 6
         a.kill()                                # kill -9: it lets go of nothing
         mx.gate.set()
         took = wait_until("the six delivered", lambda: len(mx.received) == 6, 30)

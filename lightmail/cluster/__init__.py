@@ -1,10 +1,15 @@
-"""Several LightMail nodes on one database: what they share besides it, in Redis.
+"""Several LightMail nodes on one database: who they are, in its nodes table, and what
+they share besides it, in Redis.
 
 No replication, consensus or membership protocol of LightMail's own: PostgreSQL (or
 MariaDB) is the source of truth, and Redis carries only what may be lost, each key
 expiring or being rebuilt by itself.  The node's main process holds the connection
 (its worker processes ask it, as they do for a node alone: lightmail.workers).
 
+``membership.py``
+    This node's row in the database's nodes table (every node, Redis or not): its
+    heartbeat, the refusal of a node id another process holds, the hand-back of a
+    dead node's queue leases, and the marks of a drain.
 ``node.py``
     This node: its Redis connection, its name there, the leases it renews and
     ``/readyz``'s check.

@@ -96,6 +96,11 @@ class Membership(Service):
         self._failing = False
         self._stop_asked = False
 
+    @property
+    def registered(self) -> bool:
+        """The node's row is this process's (it may have served)."""
+        return self._registered
+
     def _now(self) -> int:
         return int(self.clock.seconds() * 1000)
 
