@@ -946,3 +946,70 @@ def test_many_uids_go_in_chunks(stack, monkeypatch) -> None:
     assert gone == [1, 2, 3, 4, 5, 6, 7]
     assert refcount(stack, ref.id) == 2
     assert [m.uid for m in (yield stack.mailstore.list_messages(archive.id))] == [8, 9]
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "again"])
+@pytest_twisted.inlineCallbacks
+def test_two_writers_filing_a_first_message_make_one_inbox(stack, fresh: bool) -> None:
+    """Two nodes' writers file a user's first messages at once: both find no INBOX,
+    and the second one's INSERT meets the first's once it commits.  The second files
+    into the INBOX the first made (one "created" change, UIDs 1 and 2), instead of
+    failing its delivery for a retry minutes later.  The same content both times:
+    the blob's reference row is made by both as well."""
+    import threading
+
+    from twisted.internet import reactor, task
+    user = yield make_user(stack)
+    ref = yield stack.blobs.put(MESSAGE)
+    target = (FilingTarget(user.id, user.address),)
+    first_filed, let_go = threading.Event(), threading.Event()
+
+    def node(conn: Any, delivery_id: str, first: bool) -> Any:
+        outcome = stack.writes.file_now(conn, Filing(target, delivery_id, fresh), ref)
+        if first:
+            first_filed.set()
+            let_go.wait(10)             # the other's transaction runs into ours
+        return outcome
+    # Each a write transaction of the database's pool, as a writer runs them (SQLite
+    # queues its writes behind each other: one writer, no race there).
+    a = stack.db.write(node, "qa", True)
+    yield threads.deferToThread(first_filed.wait, 10)
+    b = stack.db.write(node, "qb", False)
+    yield task.deferLater(reactor, 0.5, lambda: None)
+    let_go.set()
+    (filed_a, changes_a), (filed_b, changes_b) = yield defer.gatherResults([a, b])
+    assert filed_a.placed == (f"{user.address}/INBOX uid=1",)
+    assert filed_b.placed == (f"{user.address}/INBOX uid=2",)
+    created = [c for c in changes_a + changes_b if c.kind == "created"]
+    assert len(created) == 1
+    boxes = yield stack.mailstore.list_mailboxes(user.id)
+    assert [box.name for box in boxes] == ["INBOX"]
+    assert len((yield stack.mailstore.list_messages(boxes[0].id))) == 2
+    assert refcount(stack, ref.id) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_first_logins_at_once_make_one_inbox(stack) -> None:
+    """A first IMAP or POP3 login on two nodes at once: each asks for the user's
+    INBOX, made if missing; the second gets the one the first made, not an error."""
+    import threading
+
+    from twisted.internet import reactor, task
+
+    from lightmail.storage.sqlstore import create_mailbox_now
+    user = yield make_user(stack)
+    made, let_go = threading.Event(), threading.Event()
+
+    def first_login(conn: Any) -> Any:
+        box = create_mailbox_now(conn, user.id, "INBOX")
+        made.set()
+        let_go.wait(10)                 # the other's transaction runs into ours
+        return box
+    first = stack.db.write(first_login)
+    yield threads.deferToThread(made.wait, 10)
+    second = stack.mailstore.get_or_create_mailbox(user.id, "INBOX")
+    yield task.deferLater(reactor, 0.5, lambda: None)
+    let_go.set()
+    box_a, box_b = yield defer.gatherResults([first, second])
+    assert box_a.id == box_b.id
+    assert [box.name for box in (yield stack.mailstore.list_mailboxes(user.id))] == ["INBOX"]

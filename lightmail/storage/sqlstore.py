@@ -407,6 +407,23 @@ def create_mailbox_now(conn: Connection, user_id: int, name: str,
     return _mailbox(row)
 
 
+def create_mailbox_unless_made_now(conn: Connection, user_id: int, name: str,
+                                   special_use: Optional[str] = None
+                                   ) -> Optional[Mailbox]:
+    """Create a mailbox that was found missing, or None when another transaction made
+    it meanwhile.  One process's writes make mailboxes one transaction at a time,
+    but two nodes can both find a user's INBOX missing (a first delivery, or a first
+    login, on each at once): the second INSERT then meets the unique (user, name) key
+    once the first commits.  In a savepoint, so that only the INSERT is undone; the
+    caller then reads the other's mailbox with a locking read (``_LOCK_BY_NAME``),
+    which sees its commit whatever the isolation level."""
+    try:
+        with conn.begin_nested():
+            return create_mailbox_now(conn, user_id, name, special_use)
+    except (sa.exc.IntegrityError, MailboxExists):
+        return None
+
+
 def take_subscription_now(conn: Connection, user_id: int, name: str) -> bool:
     """Take a subscription to ``name`` out of ``subscriptions`` (a mailbox of that
     name is being made); whether there was one."""
@@ -475,7 +492,12 @@ class SQLMailStore:
             found = self._get_mailbox(conn, user_id, name)
             if found is not None:
                 return found, False
-            return self.create_mailbox_now(conn, user_id, name), True
+            made = create_mailbox_unless_made_now(conn, user_id, name)
+            if made is not None:
+                return made, True
+            # Made by another node meanwhile (two first logins at once).
+            row = first_direct(conn, _LOCK_BY_NAME, {"b_user": user_id, "b_name": name})
+            return _mailbox(row), False
 
         d = self.db.write(get_or_create)
         d = self._announcing(d, lambda res: [MailboxChange(user_id, res[0].id, "created")]

@@ -50,9 +50,10 @@ from lightmail.storage.sqlstore import (
     _flags_set,
     _flags_text,
     _lock_mailbox,
+    _mailbox,
     _messages_by_uid,
     add_blob_refs,
-    create_mailbox_now,
+    create_mailbox_unless_made_now,
     delete_messages,
     release_blob_refs,
     upsert_blob_ref,
@@ -170,8 +171,10 @@ class SQLWrites:
                                                      "b_name": "INBOX"})
         locked = box
         if box is None:
-            box = create_mailbox_now(conn, target.user_id, "INBOX")
-            changes.append(MailboxChange(target.user_id, box.id, "created"))
+            box = _made_for_filing(conn, target.user_id, "INBOX", changes)
+            if box is None:              # another node's writer made it meanwhile
+                box = locked = first_direct(conn, _LOCK_BY_NAME, {
+                    "b_user": target.user_id, "b_name": "INBOX"})
         user_id, appended = self._append(conn, box.id, blob, (), None, delivery_id,
                                          locked)
         if not appended.duplicate:
@@ -195,8 +198,8 @@ class SQLWrites:
             name = "INBOX"
             placed = self._append_fresh(conn, user_id, name, blob, delivery_id)
         if placed is None:
-            box = create_mailbox_now(conn, user_id, name)
-            changes.append(MailboxChange(user_id, box.id, "created"))
+            # Made here, or by another node's writer meanwhile: there now either way.
+            _made_for_filing(conn, user_id, name, changes)
             placed = self._append_fresh(conn, user_id, name, blob, delivery_id)
             assert placed is not None
         _, appended = placed
@@ -433,9 +436,26 @@ def _who(filing: Filing) -> str:
 
 def _create_folder(conn: Connection, target: FilingTarget,
                    changes: list[MailboxChange]) -> Mailbox:
-    """A quarantine's folder, made for an owner who lacks it (``create_folder``)."""
+    """A quarantine's folder, made for an owner who lacks it (``create_folder``), or
+    found made by another node's writer meanwhile."""
     assert target.folder is not None
     use = "\\Junk" if target.folder.lower() == "junk" else None
-    box = create_mailbox_now(conn, target.user_id, target.folder, use)
-    changes.append(MailboxChange(target.user_id, box.id, "created"))
+    box = _made_for_filing(conn, target.user_id, target.folder, changes, use)
+    if box is None:
+        row = first_direct(conn, _LOCK_BY_NAME, {"b_user": target.user_id,
+                                                 "b_name": target.folder})
+        assert row is not None
+        box = _mailbox(row)
+    return box
+
+
+def _made_for_filing(conn: Connection, user_id: int, name: str,
+                     changes: list[MailboxChange],
+                     special_use: Optional[str] = None) -> Optional[Mailbox]:
+    """Create mailbox ``name`` for a delivery (its change added to ``changes``), or
+    None when another node's writer made it meanwhile (then the filing goes on into
+    that one, rather than failing for a retry minutes later)."""
+    box = create_mailbox_unless_made_now(conn, user_id, name, special_use)
+    if box is not None:
+        changes.append(MailboxChange(user_id, box.id, "created"))
     return box
