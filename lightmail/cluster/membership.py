@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from lightmail import __version__
 from lightmail.config import ClusterConfig
+from lightmail.readiness import Readiness
 from lightmail.storage.interfaces import Beat, INodeStore, NodeRecord, NodeRun
 
 
@@ -90,8 +91,7 @@ class Membership(Service):
         #: its id taken by another process): the server drains as on SIGTERM.
         self.on_stop_request: Callable[[str], None] = lambda why: None
         self._registered = False
-        self._outcome: Any = None        # True once registered, or a Failure
-        self._waiters: list[Deferred[None]] = []
+        self._readiness = Readiness()
         self._loop: task.LoopingCall | None = None
         self._failing = False
         self._stop_asked = False
@@ -112,23 +112,7 @@ class Membership(Service):
     def ready(self) -> Deferred[None]:
         """A new Deferred for each caller, fired once the node's row is its own (or
         failed: NodeIdInUse, or storage's failure)."""
-        d: Deferred[None] = Deferred()
-        if self._outcome is None:
-            self._waiters.append(d)
-        elif self._outcome is True:
-            d.callback(None)
-        else:
-            d.errback(self._outcome)
-        return d
-
-    def _settle(self, outcome: Any) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if outcome is True:
-                d.callback(None)
-            else:
-                d.errback(outcome)
+        return self._readiness.wait()
 
     # -- the service ---------------------------------------------------------------
 
@@ -136,7 +120,7 @@ class Membership(Service):
         super().startService()
         d = self.storage_ready()
         d.addCallback(lambda _: self.register())
-        d.addCallbacks(lambda _: self._settle(True), self._settle)
+        d.addCallbacks(lambda _: self._readiness.settle(True), self._readiness.settle)
 
     @defer.inlineCallbacks
     def register(self) -> Any:

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from lightmail.config import Config
 from lightmail.metrics.interfaces import IMetrics
+from lightmail.readiness import Readiness
 from lightmail.storage import migrate
 from lightmail.storage.blobs import SPARE_MAX_AGE, FilesystemBlobStore
 from lightmail.storage.blobstores import s3_blob_store
@@ -89,8 +90,7 @@ class StorageService(Service):
         self._writer_dir = writer_dir
         self.mailstore = SQLMailStore(self.db, self.blobs, self.feed, self.write_port,
                                       self.writes)
-        self._outcome: Any = None          # None until started: then True or a Failure
-        self._waiters: list[defer.Deferred[None]] = []
+        self._readiness = Readiness()
         self._gc: task.LoopingCall | None = None
 
     @property
@@ -100,28 +100,8 @@ class StorageService(Service):
 
     @property
     def ready(self) -> defer.Deferred[None]:
-        """A new Deferred for each caller, fired once the schema is current (or failed).
-
-        Each caller gets its own so that one caller's callbacks - an errback that
-        handles the failure, say - never change what the next caller sees.
-        """
-        d: defer.Deferred[None] = defer.Deferred()
-        if self._outcome is None:
-            self._waiters.append(d)
-        elif self._outcome is True:
-            d.callback(None)
-        else:
-            d.errback(self._outcome)
-        return d
-
-    def _settle(self, outcome: Any) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if outcome is True:
-                d.callback(None)
-            else:
-                d.errback(outcome)
+        """A new Deferred for each caller, fired once the schema is current (or failed)."""
+        return self._readiness.wait()
 
     def startService(self) -> None:
         super().startService()
@@ -167,7 +147,7 @@ class StorageService(Service):
             self._gc = task.LoopingCall(self.collect_garbage)
             self._gc.start(GC_INTERVAL, now=False).addErrback(
                 lambda f: self.log.failure("blob garbage collection stopped", f))
-        self._settle(True)
+        self._readiness.settle(True)
 
     def _failed(self, failure: Any) -> None:
         if failure.check(DatabaseUnreachable):       # said in full by its message
@@ -175,7 +155,7 @@ class StorageService(Service):
                            error=failure.getErrorMessage())
         else:
             self.log.failure("storage failed to start", failure)
-        self._settle(failure)
+        self._readiness.settle(failure)
 
     def collect_garbage(self) -> defer.Deferred[int]:
         d = self.mailstore.collect_garbage(self.config.storage.blob_gc_grace)
