@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -181,3 +182,14 @@ def inbox_subjects(state: Path) -> dict[str, list[str]]:
         assert match, content[:200]
         found.setdefault(match.group(1).decode(), []).append(f"{user}/{mailbox}")
     return found
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """(In a test running on the reactor.)  Until ``condition()`` holds, looking
+    every 20 ms; fails after ``timeout`` seconds."""
+    from twisted.internet import reactor, task
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("not within the time")

@@ -30,6 +30,7 @@ from lightmail.policy.limits import FallingBackBuckets
 from lightmail.pop3.maildrop import LockUnavailable, LoginTooSoon, MaildropLocked
 from lightmail.storage.interfaces import MISSED, MailboxChange
 from lightmail.wiring import Role, make_failure_counts, make_limiter
+from tests.harness import wait_until
 
 
 class Watcher:
@@ -83,14 +84,6 @@ def cluster(redis: LazyRedis) -> Iterator[Cluster]:
     nodes = Cluster()
     yield nodes
     pytest_twisted.blockon(defer.ensureDeferred(nodes.stop()))
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("not within the time")
 
 
 def closed_port() -> int:

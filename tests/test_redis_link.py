@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 from twisted.logger import globalLogPublisher
 
 from lightmail.cluster.node import Node
 from lightmail.config import ConfigError, parse_config
 from lightmail.policy.limits import FallingBackBuckets
 from lightmail.wiring import Role, make_failure_counts, make_limiter, shared_redis
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, wait_until
 from tests.redispeer import PASSWORD, TLSRedis
 from tests.testca import TestCA
 
@@ -40,14 +39,6 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
 def texts_of(events: list[dict[str, Any]]) -> list[str]:
     from twisted.logger import formatEvent
     return [formatEvent(e) for e in events]
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("not within the time")
 
 
 def prefix() -> str:
